@@ -1,0 +1,299 @@
+// pybind11 bindings: fastserve._core. Every call that can block or touches
+// more than a handful of bytes releases the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <limits>
+
+#include "fastserve/device.h"
+#include "fastserve/errors.h"
+#include "fastserve/scheduler.h"
+
+namespace py = pybind11;
+using namespace fastserve;
+
+namespace {
+
+PyObject* g_base_error = nullptr;
+PyObject* g_queue_full = nullptr;
+PyObject* g_closed = nullptr;
+
+PyObject* new_exception(py::module_& m, const char* name, PyObject* bases, const char* doc) {
+  std::string qual = std::string("fastserve.") + name;
+  PyObject* cls = PyErr_NewExceptionWithDoc(qual.c_str(), doc, bases, nullptr);
+  if (!cls) throw py::error_already_set();
+  m.add_object(name, py::handle(cls));  // the module keeps a reference; so do we (never freed)
+  Py_INCREF(cls);
+  return cls;
+}
+
+// Zero-copy numpy view of a vector owned by `owner` (a Batch), which the
+// array keeps alive through its base.
+template <class T>
+py::array view(const std::vector<T>& v, std::vector<py::ssize_t> shape, py::handle owner) {
+  return py::array_t<T>(std::move(shape), const_cast<T*>(v.data()), owner);
+}
+
+// Build a config struct from keyword arguments naming its fields; unknown
+// names are a TypeError rather than silently ignored.
+template <class Config>
+Config config_from_kwargs(const py::kwargs& kw) {
+  Config c;
+  py::object o = py::cast(&c, py::return_value_policy::reference);
+  for (auto item : kw) {
+    auto key = item.first.cast<std::string>();
+    if (!py::hasattr(o, key.c_str()))
+      throw py::type_error("unknown option '" + key + "' for " +
+                           py::str(py::type::of(o).attr("__name__")).cast<std::string>());
+    py::setattr(o, key.c_str(), item.second);
+  }
+  return c;
+}
+
+std::vector<int32_t> tokens_from(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& a) {
+  if (a.ndim() != 1) throw InvalidArgument("tokens must be one-dimensional, got " + std::to_string(a.ndim()) + " dimensions");
+  std::vector<int32_t> out(static_cast<size_t>(a.shape(0)));
+  const int64_t* p = a.data();
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (p[i] < 0 || p[i] > std::numeric_limits<int32_t>::max())
+      throw InvalidArgument("token id " + std::to_string(p[i]) + " at position " + std::to_string(i) + " is out of range [0, 2^31)");
+    out[i] = static_cast<int32_t>(p[i]);
+  }
+  return out;
+}
+
+py::dict summary(const LogHistogram& h) {
+  py::dict d;
+  d["count"] = h.count();
+  d["mean"] = h.mean();
+  d["p50"] = h.percentile(0.50);
+  d["p95"] = h.percentile(0.95);
+  d["p99"] = h.percentile(0.99);
+  d["max"] = h.max();
+  return d;
+}
+
+py::dict stats_dict(const Scheduler::Snapshot& s) {
+  const Stats& st = s.stats;
+  py::dict d;
+  d["submitted"] = st.submitted;
+  d["rejected"] = st.rejected;
+  d["completed"] = st.completed;
+  d["failed"] = st.failed;
+  d["expired"] = st.expired;
+  d["cancelled"] = st.cancelled;
+  d["closed_unserved"] = st.closed_unserved;
+  d["batches"] = st.batches;
+  d["failed_batches"] = st.failed_batches;
+  d["queue_depth"] = s.depth;
+  d["queued_tokens"] = s.queued_tokens;
+  d["latency_s"] = summary(st.latency_s);
+  d["queue_s"] = summary(st.queue_s);
+  d["batch_compute_s"] = summary(st.batch_compute_s);
+  d["batch_size"] = summary(st.batch_size);
+  d["batch_tokens"] = summary(st.batch_tokens);
+  d["real_tokens"] = st.real_tokens;
+  d["padded_tokens"] = st.padded_tokens;
+  d["padding_ratio"] =
+      st.padded_tokens ? 1.0 - static_cast<double>(st.real_tokens) / st.padded_tokens : 0.0;
+  const double span = st.last_complete_at - st.first_submit_at;
+  d["throughput_rps"] = span > 0 ? st.completed / span : 0.0;
+  d["throughput_tokens_per_s"] = span > 0 ? st.real_tokens / span : 0.0;
+  py::dict ctl;
+  ctl["policy"] = s.policy;
+  ctl["budget_tokens"] = s.budget;
+  for (const auto& [k, v] : s.controller) ctl[k.c_str()] = v;
+  d["controller"] = ctl;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastserve's C++ core: request queue, batch assembly, adaptive controller.";
+
+  g_base_error = new_exception(m, "FastServeError", PyExc_Exception, "Base of fastserve's errors.");
+  g_queue_full = new_exception(m, "QueueFullError", g_base_error,
+                               "The engine's queue is at capacity (requests or tokens); retry later.");
+  {
+    py::tuple bases = py::make_tuple(py::handle(g_base_error), py::handle(PyExc_RuntimeError));
+    g_closed = new_exception(m, "EngineClosedError", bases.ptr(),
+                             "The engine was closed before the request could be served.");
+  }
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const QueueFull& e) {
+      PyErr_SetString(g_queue_full, e.what());
+    } catch (const SchedulerClosed& e) {
+      PyErr_SetString(g_closed, e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("cuda_compiled", &cuda_compiled, "True when the extension was built with CUDA.");
+  m.def("cuda_device_count", &cuda_device_count, py::call_guard<py::gil_scoped_release>(),
+        "Visible CUDA devices (0 without a driver or GPU, or without CUDA compiled in).");
+  m.def("cuda_runtime_version", &cuda_runtime_version);
+
+  py::class_<ManualClock, std::shared_ptr<ManualClock>>(m, "ManualClock",
+                                                        "A clock that moves only when told to (tests, simulations).")
+      .def(py::init<double>(), py::arg("start") = 0.0)
+      .def("now", &ManualClock::now)
+      .def("set", &ManualClock::set, py::arg("t"))
+      .def("advance", &ManualClock::advance, py::arg("dt"));
+
+  py::class_<ControllerConfig>(m, "ControllerConfig")
+      .def(py::init(&config_from_kwargs<ControllerConfig>))
+      .def_readwrite("policy", &ControllerConfig::policy)
+      .def_readwrite("target_latency_s", &ControllerConfig::target_latency_s)
+      .def_readwrite("min_tokens", &ControllerConfig::min_tokens)
+      .def_readwrite("max_tokens", &ControllerConfig::max_tokens)
+      .def_readwrite("initial_tokens", &ControllerConfig::initial_tokens)
+      .def_readwrite("aimd_step_tokens", &ControllerConfig::aimd_step_tokens)
+      .def_readwrite("aimd_backoff", &ControllerConfig::aimd_backoff)
+      .def_readwrite("seed_lambda", &ControllerConfig::seed_lambda)
+      .def_readwrite("seed_smoothing", &ControllerConfig::seed_smoothing)
+      .def_readwrite("max_step", &ControllerConfig::max_step)
+      .def_readwrite("model_headroom", &ControllerConfig::model_headroom)
+      .def_readwrite("fit_forgetting", &ControllerConfig::fit_forgetting)
+      .def("validate", &ControllerConfig::validate);
+
+  py::class_<SchedulerConfig>(m, "SchedulerConfig")
+      .def(py::init(&config_from_kwargs<SchedulerConfig>))
+      .def_readwrite("max_queue_requests", &SchedulerConfig::max_queue_requests)
+      .def_readwrite("max_queue_tokens", &SchedulerConfig::max_queue_tokens)
+      .def_readwrite("max_batch_size", &SchedulerConfig::max_batch_size)
+      .def_readwrite("max_request_tokens", &SchedulerConfig::max_request_tokens)
+      .def_readwrite("pad_token_id", &SchedulerConfig::pad_token_id)
+      .def_readwrite("aging_s", &SchedulerConfig::aging_s)
+      .def_readwrite("lookahead", &SchedulerConfig::lookahead)
+      .def_property(
+          "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },
+          [](SchedulerConfig& c, const std::string& s) { c.cost = cost_from_string(s); })
+      .def("validate", &SchedulerConfig::validate);
+
+  py::class_<Controller>(m, "Controller", "A batch-size controller on its own (simulations, tests).")
+      .def(py::init([](const ControllerConfig& c) { return make_controller(c); }), py::arg("config"))
+      .def_property_readonly("policy", [](const Controller& c) { return std::string(c.name()); })
+      .def_property_readonly("budget", &Controller::budget)
+      .def(
+          "observe",
+          [](Controller& c, int64_t tokens, double latency_s, int64_t budget, int64_t batch_size,
+             double now, int64_t queue_depth) {
+            Observation o;
+            o.tokens = tokens;
+            o.latency_s = latency_s;
+            o.budget = budget > 0 ? budget : c.budget();
+            o.batch_size = batch_size;
+            o.now = now;
+            o.queue_depth = queue_depth;
+            c.observe(o);
+          },
+          py::arg("tokens"), py::arg("latency_s"), py::arg("budget") = 0, py::arg("batch_size") = 1,
+          py::arg("now") = 0.0, py::arg("queue_depth") = 0)
+      .def("state", &Controller::state);
+
+  py::class_<Batch, std::shared_ptr<Batch>>(m, "Batch", "Requests assembled for one model call.")
+      .def_property_readonly("seq", &Batch::seq)
+      .def_property_readonly("size", &Batch::size)
+      .def("__len__", &Batch::size)
+      .def_property_readonly("ids", [](py::object self) { return view(self.cast<Batch&>().ids(), {self.cast<Batch&>().size()}, self); })
+      .def_property_readonly("lengths", [](py::object self) { return view(self.cast<Batch&>().lengths(), {self.cast<Batch&>().size()}, self); })
+      .def_property_readonly("expired", [](const Batch& b) { return b.expired; })
+      .def_property_readonly("total_tokens", &Batch::total_tokens)
+      .def_property_readonly("padded_tokens", &Batch::padded_tokens)
+      .def_property_readonly("max_seqlen", &Batch::max_len)
+      .def_property_readonly("padding_ratio", &Batch::padding_ratio)
+      .def_property_readonly("budget", &Batch::budget)
+      .def_property_readonly("assembled_at", &Batch::assembled_at)
+      .def_property_readonly("input_ids", [](py::object self) {
+        auto& b = self.cast<Batch&>();
+        const PaddedLayout* p;
+        { py::gil_scoped_release r; p = &b.padded(); }
+        return view(p->input_ids, {p->batch, p->max_len}, self);
+      }, "Padded token ids [B, L] int64 (zero-copy).")
+      .def_property_readonly("attention_mask", [](py::object self) {
+        auto& b = self.cast<Batch&>();
+        const PaddedLayout* p;
+        { py::gil_scoped_release r; p = &b.padded(); }
+        return view(p->attention_mask, {p->batch, p->max_len}, self);
+      }, "Padded attention mask [B, L] int64 (zero-copy).")
+      .def_property_readonly("packed_input_ids", [](py::object self) {
+        auto& b = self.cast<Batch&>();
+        const PackedLayout* p;
+        { py::gil_scoped_release r; p = &b.packed(); }
+        return view(p->input_ids, {p->total_tokens}, self);
+      }, "Packed token ids [T] int64 (zero-copy).")
+      .def_property_readonly("position_ids", [](py::object self) {
+        auto& b = self.cast<Batch&>();
+        const PackedLayout* p;
+        { py::gil_scoped_release r; p = &b.packed(); }
+        return view(p->position_ids, {p->total_tokens}, self);
+      }, "Packed position ids [T] int64, restarting at 0 per sequence (zero-copy).")
+      .def_property_readonly("cu_seqlens", [](py::object self) {
+        auto& b = self.cast<Batch&>();
+        const PackedLayout* p;
+        { py::gil_scoped_release r; p = &b.packed(); }
+        return view(p->cu_seqlens, {b.size() + 1}, self);
+      }, "Cumulative sequence lengths [B + 1] int32 (zero-copy).");
+
+  py::class_<Scheduler>(m, "Scheduler", "Thread-safe request queue with adaptive batch assembly.")
+      .def(py::init([](const SchedulerConfig& s, const ControllerConfig& c,
+                       std::shared_ptr<ManualClock> clock) {
+             std::shared_ptr<Clock> clk = clock ? std::shared_ptr<Clock>(clock) : steady_clock();
+             return std::make_unique<Scheduler>(s, c, clk);
+           }),
+           py::arg("config") = SchedulerConfig(), py::arg("controller") = ControllerConfig(),
+           py::arg("clock") = nullptr)
+      .def(
+          "submit",
+          [](Scheduler& s, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& tokens,
+             int priority, std::optional<double> timeout, std::optional<double> deadline) {
+            std::vector<int32_t> t = tokens_from(tokens);
+            double d = Scheduler::kNoDeadline;
+            if (timeout && deadline) throw InvalidArgument("pass timeout or deadline, not both");
+            if (timeout) {
+              if (std::isnan(*timeout) || *timeout < 0) throw InvalidArgument("timeout must be >= 0");
+              d = s.clock().now() + *timeout;
+            } else if (deadline) {
+              d = *deadline;
+            }
+            py::gil_scoped_release r;
+            return s.submit(std::move(t), priority, d);
+          },
+          py::arg("tokens"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
+          py::arg("deadline") = py::none())
+      .def("cancel", &Scheduler::cancel, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "next_batch",
+          [](Scheduler& s, double timeout) -> std::shared_ptr<Batch> {
+            std::optional<std::shared_ptr<Batch>> b;
+            {
+              py::gil_scoped_release r;
+              b = s.next_batch(timeout);
+            }
+            return b ? *b : nullptr;
+          },
+          py::arg("timeout"))
+      .def("complete", &Scheduler::complete, py::arg("batch"), py::arg("compute_seconds"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("fail", &Scheduler::fail, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
+      .def("close", &Scheduler::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &Scheduler::closed)
+      .def_property_readonly("depth", &Scheduler::depth)
+      .def_property_readonly("queued_tokens", &Scheduler::queued_tokens)
+      .def_property_readonly("budget", &Scheduler::budget)
+      .def("now", [](const Scheduler& s) { return s.clock().now(); })
+      .def("stats", [](const Scheduler& s) {
+        Scheduler::Snapshot snap;
+        {
+          py::gil_scoped_release r;
+          snap = s.snapshot();
+        }
+        return stats_dict(snap);
+      });
+}

@@ -1,0 +1,275 @@
+#include "fastserve/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "fastserve/errors.h"
+
+namespace fastserve {
+
+const char* to_string(Cost cost) { return cost == Cost::Padded ? "padded" : "packed"; }
+
+Cost cost_from_string(const std::string& name) {
+  if (name == "padded") return Cost::Padded;
+  if (name == "packed") return Cost::Packed;
+  throw InvalidArgument("scheduler: unknown cost '" + name + "' (expected padded or packed)");
+}
+
+void SchedulerConfig::validate() const {
+  auto fail = [](const std::string& m) { throw InvalidArgument("scheduler: " + m); };
+  if (max_queue_requests < 1) fail("max_queue_requests must be >= 1");
+  if (max_queue_tokens < 1) fail("max_queue_tokens must be >= 1");
+  if (max_batch_size < 1) fail("max_batch_size must be >= 1");
+  if (max_request_tokens < 1 || max_request_tokens > (int64_t{1} << 30))
+    fail("max_request_tokens must be in [1, 2^30]");
+  if (!(aging_s > 0)) fail("aging_s must be positive (use a large value to disable aging)");
+  if (lookahead < 1) fail("lookahead must be >= 1");
+}
+
+Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
+                     std::shared_ptr<Clock> clock)
+    : config_(std::move(config)), clock_(clock ? std::move(clock) : steady_clock()) {
+  config_.validate();
+  controller_ = make_controller(controller);
+}
+
+Scheduler::~Scheduler() { close(); }
+
+double Scheduler::rank_of(int priority, double arrival) const {
+  return static_cast<double>(priority) * config_.aging_s - arrival;
+}
+
+uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double deadline) {
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (n == 0) throw InvalidArgument("empty request: at least one token is required");
+  if (n > config_.max_request_tokens)
+    throw InvalidArgument("request of " + std::to_string(n) + " tokens exceeds max_request_tokens=" +
+                          std::to_string(config_.max_request_tokens));
+  if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
+  const double now = clock_->now();
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) throw SchedulerClosed("scheduler is closed");
+    const auto depth = static_cast<int64_t>(requests_.size());
+    if (depth + 1 > config_.max_queue_requests || queued_tokens_ + n > config_.max_queue_tokens) {
+      ++stats_.rejected;
+      throw QueueFull("queue full: " + std::to_string(depth) + " requests / " +
+                      std::to_string(queued_tokens_) + " tokens queued (limits " +
+                      std::to_string(config_.max_queue_requests) + " / " +
+                      std::to_string(config_.max_queue_tokens) + ")");
+    }
+    id = next_id_++;
+    order_.insert(Key{rank_of(priority, now), id});
+    if (std::isfinite(deadline)) deadlines_.insert({deadline, id});
+    requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
+    queued_tokens_ += n;
+    ++stats_.submitted;
+    if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
+  }
+  cv_.notify_one();
+  return id;
+}
+
+void Scheduler::erase_locked(std::unordered_map<uint64_t, Request>::iterator it) {
+  const Request& r = it->second;
+  order_.erase(Key{rank_of(r.priority, r.arrival), r.id});
+  if (std::isfinite(r.deadline)) deadlines_.erase({r.deadline, r.id});
+  queued_tokens_ -= static_cast<int64_t>(r.tokens.size());
+  requests_.erase(it);
+}
+
+bool Scheduler::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return false;
+  erase_locked(it);
+  ++stats_.cancelled;
+  return true;
+}
+
+std::vector<uint64_t> Scheduler::drop_expired_locked(double now) {
+  std::vector<uint64_t> out;
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    const uint64_t id = deadlines_.begin()->second;
+    out.push_back(id);
+    erase_locked(requests_.find(id));
+  }
+  stats_.expired += static_cast<int64_t>(out.size());
+  return out;
+}
+
+int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) const {
+  return config_.cost == Cost::Padded ? count * max_len : sum_len;
+}
+
+std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
+  const int64_t budget = controller_->budget();
+  auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
+  if (order_.empty()) return batch;
+
+  // Eligible: the head and the next lookahead - 1 requests in queue order.
+  struct Cand {
+    int32_t len;
+    uint64_t id;
+  };
+  std::vector<Cand> cands;
+  const auto window = static_cast<size_t>(std::min<int64_t>(config_.lookahead, order_.size()));
+  cands.reserve(window);
+  for (auto it = order_.begin(); cands.size() < window; ++it) {
+    cands.push_back({static_cast<int32_t>(requests_.at(it->id).tokens.size()), it->id});
+  }
+  const uint64_t head_id = cands.front().id;
+  std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
+    return x.len < y.len || (x.len == y.len && x.id < y.id);
+  });
+  size_t h = 0;
+  while (cands[h].id != head_id) ++h;
+
+  // Grow [lo, hi] around the head, one neighbour in length order at a time,
+  // taking the side that adds less padding (ties: the shorter, cheaper one).
+  size_t lo = h, hi = h;
+  int64_t count = 1, sum = cands[h].len;
+  while (count < config_.max_batch_size) {
+    const int64_t max_len = cands[hi].len;
+    bool can_lo = false, can_hi = false;
+    int64_t pad_lo = 0, pad_hi = 0;
+    if (lo > 0) {
+      const int64_t l = cands[lo - 1].len;
+      can_lo = cost_of(count + 1, max_len, sum + l) <= budget;
+      pad_lo = max_len - l;
+    }
+    if (hi + 1 < cands.size()) {
+      const int64_t l = cands[hi + 1].len;
+      can_hi = cost_of(count + 1, l, sum + l) <= budget;
+      pad_hi = count * (l - max_len);
+    }
+    if (!can_lo && !can_hi) break;
+    if (can_lo && (!can_hi || pad_lo <= pad_hi)) {
+      sum += cands[--lo].len;
+    } else {
+      sum += cands[++hi].len;
+    }
+    ++count;
+  }
+
+  // Batch rows in queue order of the chosen requests is not needed by any
+  // consumer; keep length order, which makes padded rows contiguous by size.
+  for (size_t i = lo; i <= hi; ++i) {
+    auto it = requests_.find(cands[i].id);
+    Request& r = it->second;
+    stats_.queue_s.add(now - r.arrival);
+    batch->add(r.id, std::move(r.tokens), r.arrival);
+    r.tokens.clear();
+    order_.erase(Key{rank_of(r.priority, r.arrival), r.id});
+    if (std::isfinite(r.deadline)) deadlines_.erase({r.deadline, r.id});
+    queued_tokens_ -= cands[i].len;
+    requests_.erase(it);
+  }
+  return batch;
+}
+
+std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto until = std::chrono::steady_clock::now() +
+                     std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                         std::chrono::duration<double>(std::max(0.0, timeout_s)));
+  // Expired requests are reported even if nothing else is queued; the wait
+  // ends on work, close, or timeout.
+  cv_.wait_until(lock, until, [&] { return closed_ || !requests_.empty(); });
+  if (requests_.empty()) return std::nullopt;
+  const double now = clock_->now();
+  std::vector<uint64_t> expired = drop_expired_locked(now);
+  std::shared_ptr<Batch> batch = assemble_locked(now);
+  batch->expired = std::move(expired);
+  if (batch->size() == 0 && batch->expired.empty()) return std::nullopt;
+  if (!requests_.empty()) {
+    lock.unlock();
+    cv_.notify_one();  // more work for another worker
+  }
+  return batch;
+}
+
+void Scheduler::complete(const Batch& batch, double compute_seconds) {
+  const double now = clock_->now();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (double arrival : batch.arrivals()) stats_.latency_s.add(now - arrival);
+  stats_.completed += batch.size();
+  stats_.batches += 1;
+  stats_.batch_compute_s.add(compute_seconds);
+  stats_.batch_size.add(static_cast<double>(batch.size()));
+  stats_.batch_tokens.add(static_cast<double>(batch.total_tokens()));
+  stats_.real_tokens += batch.total_tokens();
+  stats_.padded_tokens += batch.padded_tokens();
+  stats_.last_complete_at = now;
+  Observation o;
+  o.now = now;
+  o.tokens = cost_of(batch.size(), batch.max_len(), batch.total_tokens());
+  o.budget = batch.budget();
+  o.batch_size = batch.size();
+  o.latency_s = compute_seconds;
+  o.queue_depth = static_cast<int64_t>(requests_.size());
+  controller_->observe(o);
+}
+
+void Scheduler::fail(const Batch& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.failed += batch.size();
+  stats_.failed_batches += 1;
+}
+
+std::vector<uint64_t> Scheduler::close() {
+  std::vector<uint64_t> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!closed_) {
+      closed_ = true;
+      // Hand back in queue order so callers fail them oldest first.
+      left.reserve(order_.size());
+      for (const Key& k : order_) left.push_back(k.id);
+      stats_.closed_unserved += static_cast<int64_t>(left.size());
+      requests_.clear();
+      order_.clear();
+      deadlines_.clear();
+      queued_tokens_ = 0;
+    }
+  }
+  cv_.notify_all();
+  return left;
+}
+
+bool Scheduler::closed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_;
+}
+
+int64_t Scheduler::depth() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(requests_.size());
+}
+
+int64_t Scheduler::queued_tokens() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queued_tokens_;
+}
+
+int64_t Scheduler::budget() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return controller_->budget();
+}
+
+Scheduler::Snapshot Scheduler::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Snapshot s;
+  s.stats = stats_;
+  s.depth = static_cast<int64_t>(requests_.size());
+  s.queued_tokens = queued_tokens_;
+  s.budget = controller_->budget();
+  s.policy = controller_->name();
+  s.controller = controller_->state();
+  s.now = clock_->now();
+  return s;
+}
+
+}  // namespace fastserve

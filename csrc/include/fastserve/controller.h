@@ -1,0 +1,100 @@
+// Adaptive batch-size controllers. A controller sizes the scheduler's token
+// budget (the most tokens one batch may cost) from the measured compute
+// latency of past batches. All policies share one interface and are driven
+// only by observations, so they are deterministic under a simulated clock.
+//
+// Policies (see docs/design.md, "Controllers", for the derivations):
+//   static  fixed budget.
+//   aimd    additive increase while a budget-bound batch meets the latency
+//           target, multiplicative decrease when one misses it (Clipper).
+//   seed    the FastServe objective J(B), made coherent, minimised by
+//           (Newton-scaled) gradient steps on log B with dL/dB and dT/dB
+//           taken from an online latency model.
+//   model   fits latency = a + b * tokens online and sets the budget to the
+//           largest B whose predicted latency meets the target.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+namespace fastserve {
+
+struct ControllerConfig {
+  std::string policy = "model";
+  double target_latency_s = 0.05;  // D: compute latency target of one batch
+  int64_t min_tokens = 32;         // bounds the budget never leaves
+  int64_t max_tokens = 16384;
+  int64_t initial_tokens = 0;      // 0: geometric mean of the bounds
+  // aimd
+  int64_t aimd_step_tokens = 64;
+  double aimd_backoff = 0.9;
+  // seed: J(B) = lambda * softplus_s((L - D) / D) + (1 - lambda) * (Tmax - T) / Tmax
+  double seed_lambda = 0.6;
+  double seed_smoothing = 0.02;  // s, width of the smoothed hinge
+  // seed and model: largest change of log(budget) in one step
+  double max_step = 0.4;
+  // model: aim predicted latency at headroom * D, leaving room for noise
+  double model_headroom = 0.95;
+  // forgetting factor of the latency fit (effective window 1 / (1 - f))
+  double fit_forgetting = 0.9;
+
+  void validate() const;  // throws InvalidArgument
+};
+
+// One finished batch, as the controller sees it.
+struct Observation {
+  double now = 0;          // clock time at completion
+  int64_t tokens = 0;      // cost of the batch in the scheduler's measure
+  int64_t budget = 0;      // the budget in force when it was assembled
+  int64_t batch_size = 0;  // requests in the batch
+  double latency_s = 0;    // compute time of the batch
+  int64_t queue_depth = 0; // requests left waiting
+};
+
+// Weighted least-squares fit of latency = a + b * tokens with exponential
+// forgetting. When the recent tokens barely vary (a static budget) the slope
+// is not identifiable; the fit then keeps the last intercept and scales the
+// slope so the line passes through the recent mean.
+class LatencyModel {
+ public:
+  explicit LatencyModel(double forgetting = 0.9) : f_(forgetting) {}
+  void add(double tokens, double latency);
+  bool ready() const { return n_ >= 2; }
+  double intercept() const { return a_; }
+  double slope() const { return b_; }
+  double predict(double tokens) const { return a_ + b_ * tokens; }
+  // Largest tokens seen within the effective window (decays slowly).
+  double recent_max_tokens() const { return xmax_; }
+  int64_t count() const { return n_; }
+
+ private:
+  double f_;
+  double sw_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;
+  double a_ = 0, b_ = 0, xmax_ = 0;
+  int64_t n_ = 0;
+};
+
+class Controller {
+ public:
+  virtual ~Controller() = default;
+  virtual const char* name() const = 0;
+  virtual int64_t budget() const = 0;
+  virtual void observe(const Observation& obs) = 0;
+  // Policy-specific numbers for stats (fit parameters, objective, ...).
+  virtual std::map<std::string, double> state() const = 0;
+};
+
+std::unique_ptr<Controller> make_controller(const ControllerConfig& config);
+
+// The coherent FastServe objective and its derivative in log B on a linear
+// latency model L(B) = a + b B, throughput T(B) = B / L(B), Tmax = 1 / b.
+// Exposed for tests and for the design notes' worked example.
+struct SeedObjective {
+  double lambda, target, smoothing, a, b;
+  double J(double B) const;
+  double dJ_dB(double B) const;
+};
+
+}  // namespace fastserve

@@ -1,0 +1,149 @@
+// The request queue and batch assembly. Thread-safe: any number of threads
+// submit and cancel, any number of workers pull batches.
+//
+// Ordering. Each request has an effective priority
+//     priority + (now - arrival) / aging_s,
+// so waiting raises it and low priority cannot starve. Because every
+// request ages at the same rate, comparing two effective priorities reduces
+// to comparing priority * aging_s - arrival, a key that never changes: the
+// queue is an ordered set on it, with no re-sorting as time passes.
+//
+// Batch selection. The head (highest effective priority, oldest first)
+// always goes. The next `lookahead` requests in queue order are eligible to
+// join it; among them the batch grows around the head's length, one
+// neighbour in length order at a time, taking whichever adds the least
+// padding, until the controller's token budget or max_batch_size stops it.
+// A head longer than the budget runs alone.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fastserve/batch.h"
+#include "fastserve/clock.h"
+#include "fastserve/controller.h"
+#include "fastserve/stats.h"
+
+namespace fastserve {
+
+// What a batch costs against the token budget.
+enum class Cost {
+  Padded,  // batch size * longest length (what a padded model computes)
+  Packed,  // sum of lengths (what a padding-free model computes)
+};
+
+struct SchedulerConfig {
+  int64_t max_queue_requests = 65536;
+  int64_t max_queue_tokens = 1 << 24;
+  int64_t max_batch_size = 256;
+  int64_t max_request_tokens = 1 << 20;  // a longer submit is invalid
+  int64_t pad_token_id = 0;
+  double aging_s = 0.5;  // one priority level per aging_s of waiting
+  int64_t lookahead = 1024;
+  Cost cost = Cost::Padded;
+
+  void validate() const;  // throws InvalidArgument
+};
+
+class Scheduler {
+ public:
+  static constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
+
+  Scheduler(SchedulerConfig config, ControllerConfig controller,
+            std::shared_ptr<Clock> clock = steady_clock());
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Enqueue one request; returns its id (never 0). Throws QueueFull past
+  // capacity, SchedulerClosed after close(), InvalidArgument for an empty
+  // or over-long request. `deadline` is absolute, on this scheduler's clock.
+  uint64_t submit(std::vector<int32_t> tokens, int priority = 0,
+                  double deadline = kNoDeadline);
+
+  // Remove a queued request. False when it is unknown, already in a batch,
+  // or already finished.
+  bool cancel(uint64_t id);
+
+  // Wait up to timeout_s (real time) for work. Returns a batch, possibly
+  // with no requests but with expired ids to fail; nullopt when the timeout
+  // passed with nothing to do or the scheduler is closed and empty.
+  std::optional<std::shared_ptr<Batch>> next_batch(double timeout_s);
+
+  // Report a batch's outcome. complete() records latencies and feeds the
+  // controller; fail() counts its requests as failed (no controller update:
+  // a raising model says nothing about batch cost).
+  void complete(const Batch& batch, double compute_seconds);
+  void fail(const Batch& batch);
+
+  // Refuse new work, wake every waiting worker, and hand back the ids still
+  // queued so the caller can fail them. Idempotent.
+  std::vector<uint64_t> close();
+  bool closed() const;
+
+  int64_t depth() const;
+  int64_t queued_tokens() const;
+  int64_t budget() const;
+  const SchedulerConfig& config() const { return config_; }
+  Clock& clock() const { return *clock_; }
+
+  // A consistent snapshot of the statistics and controller state.
+  struct Snapshot {
+    Stats stats;
+    int64_t depth = 0, queued_tokens = 0, budget = 0;
+    std::string policy;
+    std::map<std::string, double> controller;
+    double now = 0;
+  };
+  Snapshot snapshot() const;
+
+ private:
+  struct Request {
+    uint64_t id;
+    int priority;
+    double arrival, deadline;
+    std::vector<int32_t> tokens;
+  };
+  // Order key: larger priority * aging_s - arrival first, then smaller id.
+  struct Key {
+    double rank;
+    uint64_t id;
+    bool operator<(const Key& o) const { return rank > o.rank || (rank == o.rank && id < o.id); }
+  };
+  using DeadlineKey = std::pair<double, uint64_t>;
+
+  double rank_of(int priority, double arrival) const;
+  void erase_locked(std::unordered_map<uint64_t, Request>::iterator it);
+  std::vector<uint64_t> drop_expired_locked(double now);
+  std::shared_ptr<Batch> assemble_locked(double now);
+  int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;
+
+  const SchedulerConfig config_;
+  const std::shared_ptr<Clock> clock_;
+  std::unique_ptr<Controller> controller_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::unordered_map<uint64_t, Request> requests_;
+  std::set<Key> order_;
+  std::set<DeadlineKey> deadlines_;  // only requests with a finite deadline
+  int64_t queued_tokens_ = 0;
+  uint64_t next_id_ = 1;
+  uint64_t next_batch_seq_ = 1;
+  bool closed_ = false;
+  Stats stats_;
+};
+
+const char* to_string(Cost cost);
+Cost cost_from_string(const std::string& name);
+
+}  // namespace fastserve
