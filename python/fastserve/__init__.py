@@ -1,6 +1,8 @@
 """fastserve: low-latency serving of transformer encoders inside Python services."""
 
 from . import _core
+from .engine import Classification, Engine, InferenceError
+from .models import ModelLoadError
 from .errors import (
     EngineClosedError,
     FastServeError,
@@ -12,6 +14,10 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Classification",
+    "Engine",
+    "InferenceError",
+    "ModelLoadError",
     "EngineClosedError",
     "FastServeError",
     "InvalidInputError",

@@ -1,0 +1,156 @@
+"""The `fastserve` command: embed texts, or run a short load benchmark, on the
+embedded default model (all-MiniLM-L6-v2) or any model path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model path or hub id (default: embedded all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "max"])
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
+    p.add_argument("--policy", default="model", choices=["model", "aimd", "seed", "static"])
+    p.add_argument("--target-latency-ms", type=float, default=50.0)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--torch-threads", type=int, default=None)
+
+
+def _make_engine(args: argparse.Namespace):
+    from .engine import Engine
+
+    return Engine(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        pooling=args.pooling,
+        normalize=not args.no_normalize,
+        policy=args.policy,
+        target_latency_ms=args.target_latency_ms,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        torch_threads=args.torch_threads,
+    )
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with _make_engine(args) as engine:
+        vectors = engine.embed(texts)
+    if args.format == "json":
+        out = [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(texts, vectors)]
+        json.dump(out if len(out) != 1 else out[0], sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for v in vectors:
+            print(" ".join(f"{x:.6f}" for x in v))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .corpus import texts as corpus
+
+    texts = corpus()
+    engine = _make_engine(args)
+    engine.embed(list(texts[:32]))  # warm up: first calls pay one-off costs
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(args.requests))
+    bar = tqdm(total=args.requests, desc="fastserve bench", unit="req", file=sys.stderr)
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            text = texts[int(rng.integers(len(texts)))]
+            t0 = time.perf_counter()
+            engine.embed(text)
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                bar.update(1)
+
+    before = engine.stats()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    bar.close()
+    s = engine.stats()
+    engine.close()
+    lat = np.array(latencies) * 1000
+    batches = s["batches"] - before["batches"]
+    report = {
+        "model": s["model"],
+        "device": s["device"],
+        "dtype": s["dtype"],
+        "policy": s["controller"]["policy"],
+        "requests": len(latencies),
+        "concurrency": args.concurrency,
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "latency_ms": {q: round(float(np.percentile(lat, int(q[1:]))), 2) for q in ("p50", "p95", "p99")},
+        "batches": batches,
+        "mean_batch_size": round((s["completed"] - before["completed"]) / max(batches, 1), 1),
+        "padding_ratio": round(s["padding_ratio"], 3),
+        "controller_budget_tokens": s["controller"]["budget_tokens"],
+        "torch_threads": s["torch_threads"],
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:>26}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("embed", help="embed texts (arguments, or one per line on stdin)")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--format", choices=["json", "text"], default="json")
+    _engine_args(p)
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("bench", help="a short closed-loop load run on the shipped corpus")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32, help="client threads, one request in flight each")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    _engine_args(p)
+    p.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    _quiet_transformers()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

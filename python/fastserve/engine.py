@@ -1,0 +1,404 @@
+"""fastserve.Engine: dynamic batching of single-text requests from many
+callers onto one transformer encoder, through the C++ scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import _core
+from .errors import EngineClosedError, FastServeError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
+from .models import resolve_device, resolve_dtype
+from .runners import PaddedRunner
+
+POLICIES = ("model", "aimd", "seed", "static")
+
+
+class InferenceError(FastServeError, RuntimeError):
+    """The model raised while computing the batch holding this request; the
+    model's exception is chained as __cause__."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class _Timer:
+    """Running count / total / max of a duration, thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        with self._lock:
+            self.count += n
+            self.total += seconds
+            self.max = max(self.max, seconds)
+
+    def summary(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "count": self.count,
+                "total": self.total,
+                "mean_per_text": self.total / self.count if self.count else 0.0,
+                "max_call": self.max,
+            }
+
+
+class Engine:
+    """Serve a Hugging Face encoder to many concurrent callers.
+
+    Callers' threads tokenize and submit single texts; one worker thread per
+    engine pulls batches assembled by the C++ scheduler, runs the model under
+    torch.inference_mode(), and resolves each caller's future exactly once.
+
+    target_latency_ms is the latency a request should see under load. The
+    controller aims each batch's compute time at half of it: a request that
+    arrives while a batch runs waits for that batch, then runs in the next.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        task: str = "embed",
+        pooling: str = "auto",
+        normalize: bool = True,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_length: int | None = None,
+        truncate: bool = True,
+        target_latency_ms: float = 50.0,
+        policy: str = "model",
+        max_batch_tokens: int = 8192,
+        min_batch_tokens: int = 32,
+        max_batch_size: int = 256,
+        max_queue: int = 65536,
+        max_queue_tokens: int | None = None,
+        torch_threads: int | None = None,
+        clock: _core.ManualClock | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if pooling != "auto" and pooling not in POOLINGS:
+            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not target_latency_ms > 0:
+            raise ValueError("target_latency_ms must be positive")
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if torch_threads is None and self.device.type == "cpu":
+            # One intra-op thread per core the process may use: the worker is
+            # the only heavy compute; tokenization in callers' threads is
+            # short (measured in benchmarks/README.md).
+            torch_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+
+        loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
+        self.model_name = loaded.name
+        self.task = task
+        self.tokenizer = loaded.tokenizer
+        net = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = net
+        self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
+        self.normalize = normalize
+        limit = model_max_length(net, self.tokenizer, loaded.st)
+        if max_length is not None and (max_length < 1 or max_length > limit):
+            raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
+        self.max_length = max_length or limit
+        self.truncate = truncate
+        if task == "classify":
+            id2label = getattr(net.config, "id2label", None) or {}
+            n = net.config.num_labels
+            self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+        else:
+            self.labels = []
+
+        self.runner = PaddedRunner(
+            net, task=task, pooling=self.pooling, normalize=normalize, device=self.device
+        )
+        pad = self.tokenizer.pad_token_id
+        sched_cfg = _core.SchedulerConfig(
+            max_queue_requests=max_queue,
+            max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
+            max_batch_size=max_batch_size,
+            max_request_tokens=self.max_length if truncate else 1 << 30,
+            pad_token_id=pad if pad is not None else 0,
+            cost="padded",
+        )
+        ctl_cfg = _core.ControllerConfig(
+            policy=policy,
+            target_latency_s=target_latency_ms / 2000.0,
+            min_tokens=min(min_batch_tokens, max_batch_tokens),
+            max_tokens=max_batch_tokens,
+        )
+        self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
+        self._pending: dict[int, cf.Future] = {}
+        self._lock = threading.Lock()  # guards _pending and the submit/register pair
+        self._closing = False
+        self._worker_error: BaseException | None = None
+        self._tokenize = _Timer()
+        self._worker = threading.Thread(target=self._work, name="fastserve-worker", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ calls
+
+    def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+        """[dim] float32 for one text, [n, dim] for a list."""
+        self._require_task("embed")
+        if isinstance(texts, str):
+            return self.submit(texts, priority=priority, timeout=timeout).result()
+        futures = self._submit_many(texts, priority, timeout)
+        return self._stack([f.result() for f in futures])
+
+    def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
+        """A Classification for one text, a list of them for a list."""
+        self._require_task("classify")
+        if isinstance(texts, str):
+            return self.submit(texts, priority=priority, timeout=timeout).result()
+        return [f.result() for f in self._submit_many(texts, priority, timeout)]
+
+    async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+        self._require_task("embed")
+        if isinstance(texts, str):
+            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
+        futures = self._submit_many(texts, priority, timeout)
+        return self._stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
+        self._require_task("classify")
+        if isinstance(texts, str):
+            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
+        futures = self._submit_many(texts, priority, timeout)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
+        """Queue one text; the future yields what embed/classify would return
+        for it. Raises QueueFullError at once when the queue is full."""
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        ids = self._tokens([text])[0]
+        return self._submit_tokens(ids, priority, timeout)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def close(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine. The batch running now completes. Queued requests
+        fail with EngineClosedError, or with drain=True are served first.
+        Idempotent; new submissions raise EngineClosedError."""
+        with self._lock:
+            already = self._closing
+            self._closing = True
+        if drain and not already:
+            with self._lock:
+                outstanding = list(self._pending.values())
+            cf.wait(outstanding, timeout=timeout)
+        for rid in self._scheduler.close():
+            self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
+        # Anything still registered (a batch's futures if the worker died).
+        with self._lock:
+            left = list(self._pending)
+        for rid in left:
+            self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        alive = self._worker.is_alive()
+        return {
+            "healthy": alive and not self._closing and self._worker_error is None,
+            "worker_alive": alive,
+            "closed": self._closing,
+            "error": repr(self._worker_error) if self._worker_error else None,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        s = self._scheduler.stats()
+        s["tokenize_s"] = self._tokenize.summary()
+        s["model"] = self.model_name
+        s["task"] = self.task
+        s["device"] = str(self.device)
+        s["dtype"] = str(self.dtype).removeprefix("torch.")
+        s["execution"] = self.runner.name
+        s["pooling"] = self.pooling
+        s["max_length"] = self.max_length
+        s["torch_threads"] = torch.get_num_threads()
+        s["health"] = self.health()
+        return s
+
+    @property
+    def dim(self) -> int:
+        return len(self.labels) if self.task == "classify" else int(self.model.config.hidden_size)
+
+    # -------------------------------------------------------------- internals
+
+    def _require_task(self, task: str) -> None:
+        if self.task != task:
+            raise InvalidInputError(f"this engine was built with task={self.task!r}; use Engine(task={task!r})")
+
+    def _stack(self, rows: list) -> np.ndarray:
+        if not rows:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.stack(rows)
+
+    def _tokens(self, texts: Sequence[Any]) -> list[list[int]]:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                where = "" if len(texts) == 1 else f" at index {i}"
+                raise InvalidInputError(f"text{where} must be a str, got {type(t).__name__}")
+        if not texts:
+            return []
+        t0 = time.perf_counter()
+        try:
+            enc = self.tokenizer(
+                list(texts),
+                add_special_tokens=True,
+                truncation=self.truncate,
+                max_length=self.max_length if self.truncate else None,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+        except (UnicodeError, TypeError, ValueError) as e:
+            raise InvalidInputError(f"text could not be tokenized: {e}") from e
+        self._tokenize.add(time.perf_counter() - t0, len(texts))
+        if not self.truncate:
+            for i, ids in enumerate(enc):
+                if len(ids) > self.max_length:
+                    raise InvalidInputError(
+                        f"text at index {i} is {len(ids)} tokens long; the model's limit is "
+                        f"{self.max_length} (pass truncate=True to cut it)"
+                    )
+        return enc
+
+    def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            rid = self._scheduler.submit(ids, priority, timeout)
+            self._pending[rid] = fut
+        fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
+        return fut
+
+    def _submit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
+        """Submit a list as separate requests. When the queue fills, wait for
+        this call's oldest outstanding request instead of failing the list."""
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+            raise InvalidInputError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+        all_ids = self._tokens(texts)
+        futures: list[cf.Future] = []
+        oldest = 0
+        try:
+            for ids in all_ids:
+                while True:
+                    try:
+                        futures.append(self._submit_tokens(ids, priority, timeout))
+                        break
+                    except QueueFullError:
+                        if oldest == len(futures):
+                            raise
+                        cf.wait([futures[oldest]])
+                        oldest += 1
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return futures
+
+    def _on_done(self, rid: int, fut: cf.Future) -> None:
+        if fut.cancelled():
+            self._scheduler.cancel(rid)
+            with self._lock:
+                self._pending.pop(rid, None)
+
+    def _take(self, rid: int) -> cf.Future | None:
+        """The future of a request leaving the queue, if its caller still wants it."""
+        with self._lock:
+            fut = self._pending.pop(rid, None)
+        if fut is None or not fut.set_running_or_notify_cancel():
+            return None
+        return fut
+
+    def _fail(self, rid: int, error: BaseException) -> None:
+        fut = self._take(rid)
+        if fut is not None:
+            fut.set_exception(error)
+
+    def _work(self) -> None:
+        sched = self._scheduler
+        try:
+            with torch.inference_mode():
+                while True:
+                    batch = sched.next_batch(0.1)
+                    if batch is None:
+                        if sched.closed:
+                            return
+                        continue
+                    for rid in batch.expired:
+                        self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+                    if batch.size:
+                        self._run(batch)
+        except BaseException as e:  # the worker must never die silently
+            self._worker_error = e
+            with self._lock:
+                self._closing = True
+            for rid in sched.close():
+                self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
+            with self._lock:
+                left = list(self._pending)
+            for rid in left:
+                self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
+            raise
+
+    def _run(self, batch) -> None:
+        futures = [self._take(int(rid)) for rid in batch.ids]
+        t0 = time.perf_counter()
+        try:
+            rows = self.runner.run(batch)
+        except Exception as e:
+            self._scheduler.fail(batch)
+            for fut in futures:
+                if fut is not None:
+                    err = InferenceError(f"the model raised on this request's batch: {e!r}")
+                    err.__cause__ = e
+                    fut.set_exception(err)
+            return
+        self._scheduler.complete(batch, time.perf_counter() - t0)
+        for fut, row in zip(futures, rows):
+            if fut is not None:
+                fut.set_result(self._result(row))
+
+    def _result(self, row: np.ndarray):
+        if self.task == "classify":
+            best = int(row.argmax())
+            return Classification(
+                label=self.labels[best],
+                score=float(row[best]),
+                scores={label: float(p) for label, p in zip(self.labels, row)},
+            )
+        return row.copy()

