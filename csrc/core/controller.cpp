@@ -86,7 +86,11 @@ class FittedController : public Controller {
     // budgets; over target always counts.
     if (!budget_bound(o) && o.latency_s <= c_.target_latency_s) return;
     double cur = static_cast<double>(budget_);
-    double step = clampd(log_step(cur), -c_.max_step, c_.max_step);
+    // Until latency is seen to grow with tokens the model has nothing to say
+    // about B: explore up while under target, back off on a miss.
+    double step = fit_.slope() > 0 ? clampd(log_step(cur), -c_.max_step, c_.max_step)
+                  : o.latency_s > c_.target_latency_s ? -c_.max_step
+                                                      : c_.max_step;
     double next = cur * std::exp(step);
     // Explore at most one trust step past the largest batch measured.
     double ceiling = std::max(fit_.recent_max_tokens(), static_cast<double>(c_.min_tokens)) *
@@ -144,18 +148,17 @@ class SeedController final : public FittedController {
     return {c_.seed_lambda, c_.target_latency_s, c_.seed_smoothing, fit_.intercept(),
             fit_.slope()};
   }
-  // Gradient descent on u = log B, with the step scaled by the local
-  // curvature (a Newton step) so that one step size suits every model and
-  // machine; the trust region in observe() bounds it.
+  // J is convex in B on the linear model (dJ/dB rises with B: the hinge's
+  // slope grows and the throughput gain a b / L^2 shrinks), so its minimiser
+  // is the root of dJ/dB, found by bisection on log B. The step then goes half
+  // way there in log space, like the model policy, which damps the fit's
+  // noise. A plain Newton step on J does not work here: away from the hinge
+  // (|L - D| > s D) the curvature is nearly zero, so -grad / curv is huge and
+  // the budget bang-banged between +-max_step (measured: 0.82..1.23 B*
+  // without noise).
   double log_step(double budget) const override {
     SeedObjective J = objective();
-    if (J.b <= 0) return c_.max_step;  // latency does not grow with B: grow
-    auto g = [&](double u) { double B = std::exp(u); return B * J.dJ_dB(B); };
-    double u = std::log(budget), eps = 0.01;
-    double grad = g(u);
-    double curv = (g(u + eps) - g(u - eps)) / (2 * eps);
-    if (curv > 1e-12) return -grad / curv;
-    return grad > 0 ? -c_.max_step : c_.max_step;
+    return 0.5 * std::log(J.minimiser(c_.min_tokens, c_.max_tokens) / budget);
   }
   std::map<std::string, double> extra_state() const override {
     SeedObjective J = objective();
@@ -186,30 +189,48 @@ void ControllerConfig::validate() const {
 
 void LatencyModel::add(double x, double y) {
   sw_ = f_ * sw_ + 1;
+  sww_ = f_ * f_ * sww_ + 1;
   sx_ = f_ * sx_ + x;
   sy_ = f_ * sy_ + y;
   sxx_ = f_ * sxx_ + x * x;
   sxy_ = f_ * sxy_ + x * y;
+  syy_ = f_ * syy_ + y * y;
   xmax_ = std::max(x, xmax_ * f_ + (1 - f_) * x);
   ++n_;
-  double mx = sx_ / sw_, my = sy_ / sw_;
-  double vx = sxx_ / sw_ - mx * mx;
-  if (n_ >= 2 && vx > 1e-4 * mx * mx) {
-    double b = (sxy_ / sw_ - mx * my) / vx;
-    double a = my - b * mx;
-    // Latency cannot fall with tokens nor be negative at zero tokens.
-    if (b <= 0) {
-      b = 0;
-      a = my;
-    } else if (a < 0) {
-      a = 0;
-      b = mx > 0 ? my / mx : 0;
+  const double mx = sx_ / sw_, my = sy_ / sw_;
+  const double vx = sxx_ / sw_ - mx * mx, vy = std::max(0.0, syy_ / sw_ - my * my);
+  const double cov = sxy_ / sw_ - mx * my;
+  // Trust the regression only when its slope is clearly positive: its
+  // standard error (residual variance over the weighted spread of x, with
+  // the effective sample size of the forgetting weights) under a quarter of
+  // the slope. A steady budget gives a narrow x range, and a slope fitted to
+  // noise there swings to 0 or to huge values; the budget step of the model
+  // policy divides by the slope, so such a fit once moved the budget by the
+  // whole trust region (+49%) under 5% latency noise.
+  bool identified = false;
+  if (n_ >= 2 && vx > 1e-9 * mx * mx) {
+    const double b = cov / vx;
+    const double n_eff = sw_ * sw_ / sww_;
+    const double resid = std::max(0.0, vy - b * cov);
+    const double se2 = n_eff > 2 ? resid / (vx * (n_eff - 2)) : INFINITY;
+    const double a = my - b * mx;
+    // Latency cannot be negative at zero tokens: a negative intercept is a
+    // fit to curvature or noise, not a measurement of a. (Clamping it to 0
+    // made the seed objective, which sees no throughput gain without an
+    // intercept, drop the budget by the whole trust region.)
+    if (b > 0 && a >= 0 && se2 <= 0.0625 * b * b) {
+      a_ = a;
+      b_ = b;
+      identified = true;
     }
-    a_ = a;
-    b_ = b;
-  } else {
+  }
+  if (!identified) {
     // Not identifiable: keep the intercept, fit the slope through the mean.
-    a_ = std::min(a_, my);
+    // Before any identified fit the intercept is the lowest mean seen, not 0:
+    // a zero intercept claims batching gains no throughput, and the seed
+    // objective then drives the budget to min_tokens (measured on a cheap
+    // model whose slope stayed inside the noise).
+    a_ = n_ == 1 ? my : std::min(a_, my);
     b_ = mx > 0 ? (my - a_) / mx : 0;
   }
 }
@@ -230,6 +251,17 @@ double SeedObjective::dJ_dB(double B) const {
   double sigma = 1 / (1 + std::exp(-t));
   // dT/dB = a / L^2 and Tmax = 1 / b, so dT/dB / Tmax = a b / L^2.
   return lambda * sigma * b / target - (1 - lambda) * a * b / (L * L);
+}
+
+double SeedObjective::minimiser(double lo, double hi) const {
+  if (dJ_dB(lo) >= 0) return lo;
+  if (dJ_dB(hi) <= 0) return hi;
+  double ulo = std::log(lo), uhi = std::log(hi);
+  for (int i = 0; i < 60 && uhi - ulo > 1e-6; ++i) {
+    const double mid = 0.5 * (ulo + uhi);
+    (dJ_dB(std::exp(mid)) > 0 ? uhi : ulo) = mid;
+  }
+  return std::exp(0.5 * (ulo + uhi));
 }
 
 std::unique_ptr<Controller> make_controller(const ControllerConfig& c) {

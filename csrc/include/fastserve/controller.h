@@ -7,9 +7,9 @@
 //   static  fixed budget.
 //   aimd    additive increase while a budget-bound batch meets the latency
 //           target, multiplicative decrease when one misses it (Clipper).
-//   seed    the FastServe objective J(B), made coherent, minimised by
-//           (Newton-scaled) gradient steps on log B with dL/dB and dT/dB
-//           taken from an online latency model.
+//   seed    the FastServe objective J(B), made coherent, on an online
+//           latency model; each step moves log B half way to J's minimiser
+//           (the root of dJ/dB, which rises with B).
 //   model   fits latency = a + b * tokens online and sets the budget to the
 //           largest B whose predicted latency meets the target.
 #pragma once
@@ -29,14 +29,19 @@ struct ControllerConfig {
   int64_t initial_tokens = 0;      // 0: geometric mean of the bounds
   // aimd
   int64_t aimd_step_tokens = 64;
-  double aimd_backoff = 0.9;
+  // 0.9 (Clipper's) cannot hold the budget within 10% of B*: each miss
+  // alone drops it 10%, and with noise misses come before B* is reached.
+  double aimd_backoff = 0.95;
   // seed: J(B) = lambda * softplus_s((L - D) / D) + (1 - lambda) * (Tmax - T) / Tmax
   double seed_lambda = 0.6;
-  double seed_smoothing = 0.02;  // s, width of the smoothed hinge
+  // s, width of the smoothed hinge; the minimiser sits about s * D * |logit|
+  // below the target, so 0.02 left seed 5-8% under B*.
+  double seed_smoothing = 0.01;
   // seed and model: largest change of log(budget) in one step
   double max_step = 0.4;
   // model: aim predicted latency at headroom * D, leaving room for noise
-  double model_headroom = 0.95;
+  // (budget bias (1 - h) D / (D - a): 0.95 put it 6-10% under B*)
+  double model_headroom = 0.98;
   // forgetting factor of the latency fit (effective window 1 / (1 - f))
   double fit_forgetting = 0.9;
 
@@ -71,7 +76,7 @@ class LatencyModel {
 
  private:
   double f_;
-  double sw_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;
+  double sw_ = 0, sww_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0, syy_ = 0;
   double a_ = 0, b_ = 0, xmax_ = 0;
   int64_t n_ = 0;
 };
@@ -95,6 +100,8 @@ struct SeedObjective {
   double lambda, target, smoothing, a, b;
   double J(double B) const;
   double dJ_dB(double B) const;
+  // argmin of J over [lo, hi] (J is convex in B for a, b > 0).
+  double minimiser(double lo, double hi) const;
 };
 
 }  // namespace fastserve

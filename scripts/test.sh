@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command: C++ unit tests (Release, then ThreadSanitizer
+# and AddressSanitizer+UBSan builds) through ctest, then the Python tests.
+# Expects the package installed (pip install ".[test]") and GoogleTest.
+# FASTSERVE_NO_SANITIZERS=1 skips the sanitizer builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${FASTSERVE_NO_SANITIZERS:-0}" == 1 ]]; then
+  bash scripts/cpp_tests.sh --no-sanitizers
+else
+  bash scripts/cpp_tests.sh
+fi
+python -m pytest tests/python -q -m "not slow" "$@"

@@ -1,0 +1,446 @@
+// Scheduler behaviour on a simulated clock: ordering, aging, deadlines,
+// cancellation, capacity, closing, and length-grouped batch assembly.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <future>
+#include <map>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "fastserve/errors.h"
+#include "fastserve/scheduler.h"
+
+namespace fastserve {
+namespace {
+
+std::vector<int32_t> toks(int n, int32_t first = 1) {
+  std::vector<int32_t> t(n);
+  for (int i = 0; i < n; ++i) t[i] = first + i;
+  return t;
+}
+
+ControllerConfig fixed_budget(int64_t tokens) {
+  ControllerConfig c;
+  c.policy = "static";
+  c.min_tokens = 1;
+  c.max_tokens = tokens;
+  c.initial_tokens = tokens;
+  return c;
+}
+
+struct Fixture {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s;
+  explicit Fixture(SchedulerConfig sc = {}, ControllerConfig cc = fixed_budget(4096))
+      : s(sc, cc, clock) {}
+  std::shared_ptr<Batch> next() {
+    auto b = s.next_batch(0);
+    return b ? *b : nullptr;
+  }
+  // Ids in the order one-request batches come out.
+  std::vector<uint64_t> drain_one_by_one() {
+    std::vector<uint64_t> out;
+    while (auto b = next()) {
+      for (uint64_t id : b->ids()) out.push_back(id);
+      s.complete(*b, 0.001);
+    }
+    return out;
+  }
+};
+
+SchedulerConfig one_per_batch() {
+  SchedulerConfig c;
+  c.max_batch_size = 1;
+  return c;
+}
+
+TEST(SchedulerOrder, HigherPriorityGoesFirstThenOlder) {
+  Fixture f(one_per_batch());
+  const uint64_t low = f.s.submit(toks(3), 0);
+  f.clock->advance(0.01);
+  const uint64_t high_old = f.s.submit(toks(3), 2);
+  f.clock->advance(0.01);
+  const uint64_t mid = f.s.submit(toks(3), 1);
+  f.clock->advance(0.01);
+  const uint64_t high_new = f.s.submit(toks(3), 2);
+  EXPECT_EQ(f.drain_one_by_one(), (std::vector<uint64_t>{high_old, high_new, mid, low}));
+}
+
+TEST(SchedulerOrder, SameTimeSamePriorityIsFirstComeFirstServed) {
+  Fixture f(one_per_batch());
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(f.s.submit(toks(2)));
+  EXPECT_EQ(f.drain_one_by_one(), ids);
+}
+
+// Effective priority is priority + wait / aging_s: a request of priority p
+// arriving at t overtakes one of priority 0 that arrived at 0 exactly when
+// t < p * aging_s; at t == p * aging_s they tie and the older goes first.
+TEST(SchedulerAging, LowPriorityGoesBeforeHighPriorityThatArrivesMoreThanAgingLater) {
+  SchedulerConfig sc = one_per_batch();
+  sc.aging_s = 0.5;
+  for (int p : {1, 2, 3}) {
+    const double crossover = p * sc.aging_s;
+    for (double dt : {-0.125, 0.0, 0.125}) {
+      Fixture f(sc);
+      const uint64_t low = f.s.submit(toks(4), 0);
+      f.clock->set(crossover + dt);
+      const uint64_t high = f.s.submit(toks(4), p);
+      const auto order = f.drain_one_by_one();
+      const std::vector<uint64_t> high_first{high, low}, low_first{low, high};
+      EXPECT_EQ(order, dt < 0 ? high_first : low_first) << "p=" << p << " dt=" << dt;
+    }
+  }
+}
+
+TEST(SchedulerAging, AgedLowPriorityStillWaitsBehindOlderHighPriority) {
+  SchedulerConfig sc = one_per_batch();
+  sc.aging_s = 1.0;
+  Fixture f(sc);
+  const uint64_t high = f.s.submit(toks(2), 5);
+  f.clock->set(0.5);
+  const uint64_t low = f.s.submit(toks(2), 0);
+  f.clock->set(100.0);  // both aged 100 levels: the gap never closes
+  EXPECT_EQ(f.drain_one_by_one(), (std::vector<uint64_t>{high, low}));
+}
+
+TEST(SchedulerDeadlines, ExpiredRequestsComeBackInExpiredNeverInABatch) {
+  Fixture f;
+  const uint64_t soon = f.s.submit(toks(3), 0, 1.0);
+  const uint64_t later = f.s.submit(toks(3), 0, 2.0);
+  const uint64_t never = f.s.submit(toks(3));
+  f.clock->set(1.0);  // a deadline equal to now has passed
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->expired, std::vector<uint64_t>{soon});
+  std::vector<uint64_t> ids = b->ids();
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(ids, (std::vector<uint64_t>{later, never}));
+  auto snap = f.s.snapshot();
+  EXPECT_EQ(snap.stats.expired, 1);
+  EXPECT_EQ(snap.depth, 0);
+}
+
+TEST(SchedulerDeadlines, OnlyExpiredWorkGivesAnEmptyBatchWithTheExpiredIds) {
+  Fixture f;
+  const uint64_t a = f.s.submit(toks(3), 0, 0.5);
+  const uint64_t b = f.s.submit(toks(3), 0, 0.25);
+  f.clock->set(3.0);
+  auto batch = f.next();
+  ASSERT_TRUE(batch);
+  EXPECT_EQ(batch->size(), 0);
+  EXPECT_EQ(batch->expired, (std::vector<uint64_t>{b, a}));  // deadline order
+  EXPECT_FALSE(f.next());
+  EXPECT_EQ(f.s.snapshot().stats.expired, 2);
+  EXPECT_EQ(f.s.queued_tokens(), 0);
+}
+
+TEST(SchedulerDeadlines, RequestsBeforeTheirDeadlineAreServed) {
+  Fixture f;
+  const uint64_t id = f.s.submit(toks(3), 0, 1.0);
+  f.clock->set(0.999);
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->ids(), std::vector<uint64_t>{id});
+  EXPECT_TRUE(b->expired.empty());
+}
+
+TEST(SchedulerCancel, CancelsQueuedRequestsOnlyAndTheyNeverAppearInABatch) {
+  Fixture f;
+  const uint64_t a = f.s.submit(toks(3));
+  const uint64_t b = f.s.submit(toks(5));
+  const uint64_t c = f.s.submit(toks(7));
+  EXPECT_TRUE(f.s.cancel(b));
+  EXPECT_FALSE(f.s.cancel(b));       // already cancelled
+  EXPECT_FALSE(f.s.cancel(999999));  // unknown
+  EXPECT_EQ(f.s.depth(), 2);
+  EXPECT_EQ(f.s.queued_tokens(), 10);
+  auto batch = f.next();
+  ASSERT_TRUE(batch);
+  std::vector<uint64_t> ids = batch->ids();
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(ids, (std::vector<uint64_t>{a, c}));
+  EXPECT_FALSE(f.s.cancel(a));  // batched
+  f.s.complete(*batch, 0.01);
+  EXPECT_FALSE(f.s.cancel(c));  // finished
+  EXPECT_EQ(f.s.snapshot().stats.cancelled, 1);
+}
+
+TEST(SchedulerCapacity, RequestLimitRejectsAtOnceAndTheQueueStaysUsable) {
+  SchedulerConfig sc;
+  sc.max_queue_requests = 3;
+  Fixture f(sc);
+  for (int i = 0; i < 3; ++i) f.s.submit(toks(2));
+  EXPECT_THROW(f.s.submit(toks(2)), QueueFull);
+  EXPECT_THROW(f.s.submit(toks(2)), QueueFull);
+  EXPECT_EQ(f.s.depth(), 3);
+  EXPECT_EQ(f.s.snapshot().stats.rejected, 2);
+  EXPECT_EQ(f.s.snapshot().stats.submitted, 3);
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->size(), 3);
+  EXPECT_NO_THROW(f.s.submit(toks(2)));
+  EXPECT_EQ(f.s.depth(), 1);
+}
+
+TEST(SchedulerCapacity, TokenLimitRejectsAtOnceAndTheQueueStaysUsable) {
+  SchedulerConfig sc;
+  sc.max_queue_tokens = 10;
+  Fixture f(sc);
+  const uint64_t six = f.s.submit(toks(6));
+  EXPECT_THROW(f.s.submit(toks(5)), QueueFull);
+  EXPECT_EQ(f.s.snapshot().stats.rejected, 1);
+  EXPECT_NO_THROW(f.s.submit(toks(4)));  // exactly at the limit
+  EXPECT_EQ(f.s.queued_tokens(), 10);
+  EXPECT_THROW(f.s.submit(toks(1)), QueueFull);
+  EXPECT_TRUE(f.s.cancel(six));
+  EXPECT_NO_THROW(f.s.submit(toks(5)));
+  EXPECT_EQ(f.s.queued_tokens(), 9);
+}
+
+TEST(SchedulerValidation, RejectsEmptyOverlongAndNanDeadlineRequests) {
+  SchedulerConfig sc;
+  sc.max_request_tokens = 8;
+  Fixture f(sc);
+  EXPECT_THROW(f.s.submit({}), InvalidArgument);
+  EXPECT_THROW(f.s.submit(toks(9)), InvalidArgument);
+  EXPECT_THROW(f.s.submit(toks(2), 0, std::nan("")), InvalidArgument);
+  EXPECT_NO_THROW(f.s.submit(toks(8)));
+  EXPECT_EQ(f.s.depth(), 1);
+  EXPECT_EQ(f.s.snapshot().stats.rejected, 0);
+}
+
+TEST(SchedulerValidation, RejectsBadConfigs) {
+  auto bad = [](auto mutate) {
+    SchedulerConfig c;
+    mutate(c);
+    EXPECT_THROW(Scheduler(c, ControllerConfig{}), InvalidArgument);
+  };
+  bad([](SchedulerConfig& c) { c.max_queue_requests = 0; });
+  bad([](SchedulerConfig& c) { c.max_queue_tokens = 0; });
+  bad([](SchedulerConfig& c) { c.max_batch_size = 0; });
+  bad([](SchedulerConfig& c) { c.max_request_tokens = 0; });
+  bad([](SchedulerConfig& c) { c.max_request_tokens = (int64_t{1} << 30) + 1; });
+  bad([](SchedulerConfig& c) { c.aging_s = 0; });
+  bad([](SchedulerConfig& c) { c.lookahead = 0; });
+  ControllerConfig cc;
+  cc.policy = "nope";
+  EXPECT_THROW(Scheduler(SchedulerConfig{}, cc), InvalidArgument);
+  EXPECT_THROW(cost_from_string("dense"), InvalidArgument);
+  EXPECT_EQ(cost_from_string("packed"), Cost::Packed);
+  EXPECT_STREQ(to_string(Cost::Padded), "padded");
+}
+
+TEST(SchedulerClose, WakesABlockedWorkerInAnotherThread) {
+  Fixture f;
+  std::promise<void> started;
+  auto waiter = std::async(std::launch::async, [&] {
+    started.set_value();
+    return f.s.next_batch(3600.0);  // would block for an hour
+  });
+  started.get_future().wait();
+  f.s.close();
+  // Generous bound, not a timing assertion: without the wake-up it would
+  // take an hour.
+  ASSERT_EQ(waiter.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+  EXPECT_FALSE(waiter.get().has_value());
+}
+
+TEST(SchedulerClose, ReturnsQueuedIdsInQueueOrderAndRefusesNewWork) {
+  Fixture f;
+  const uint64_t low = f.s.submit(toks(2), 0);
+  f.clock->advance(0.1);
+  const uint64_t high = f.s.submit(toks(2), 3);
+  f.clock->advance(0.1);
+  const uint64_t mid = f.s.submit(toks(2), 1);
+  EXPECT_EQ(f.s.close(), (std::vector<uint64_t>{high, mid, low}));
+  EXPECT_TRUE(f.s.closed());
+  EXPECT_TRUE(f.s.close().empty());  // idempotent
+  EXPECT_THROW(f.s.submit(toks(2)), SchedulerClosed);
+  EXPECT_FALSE(f.s.cancel(low));
+  EXPECT_FALSE(f.s.next_batch(0).has_value());
+  EXPECT_EQ(f.s.depth(), 0);
+  EXPECT_EQ(f.s.snapshot().stats.closed_unserved, 3);
+}
+
+TEST(SchedulerBatches, TimeoutWithAnEmptyQueueGivesNothing) {
+  Fixture f;
+  EXPECT_FALSE(f.s.next_batch(0).has_value());
+  EXPECT_FALSE(f.s.next_batch(0.001).has_value());
+}
+
+TEST(SchedulerBatches, CarryTheSubmittedTokensOfEachId) {
+  Fixture f;
+  std::map<uint64_t, std::vector<int32_t>> sent;
+  std::mt19937 rng(4);
+  for (int i = 0; i < 40; ++i) {
+    auto t = toks(1 + int(rng() % 30), int32_t(rng() % 1000));
+    sent[f.s.submit(t)] = t;
+  }
+  std::map<uint64_t, std::vector<int32_t>> got;
+  while (auto b = f.next()) {
+    for (int64_t i = 0; i < b->size(); ++i) got[b->ids()[i]] = b->tokens()[i];
+    f.s.complete(*b, 0.001);
+  }
+  EXPECT_EQ(got, sent);
+}
+
+// Arrival order cut greedily into batches under the same padded budget and
+// batch size: the baseline that length grouping has to beat.
+int64_t arrival_order_padding(const std::vector<int>& lens, int64_t budget, int64_t max_bs) {
+  int64_t padding = 0, count = 0, max_len = 0, sum = 0;
+  auto flush = [&] { padding += count * max_len - sum; count = max_len = sum = 0; };
+  for (int l : lens) {
+    const int64_t m = std::max<int64_t>(max_len, l);
+    if (count > 0 && ((count + 1) * m > budget || count + 1 > max_bs)) flush();
+    ++count;
+    max_len = std::max<int64_t>(max_len, l);
+    sum += l;
+  }
+  flush();
+  return padding;
+}
+
+TEST(SchedulerGrouping, MixedLengthsGiveLessPaddingThanArrivalOrder) {
+  SchedulerConfig sc;
+  sc.max_batch_size = 32;
+  Fixture f(sc, fixed_budget(2048));
+  std::mt19937 rng(5);
+  const int mix[] = {4, 12, 30, 64, 120, 250};
+  std::vector<int> lens;
+  for (int i = 0; i < 600; ++i) {
+    lens.push_back(mix[rng() % 6] + int(rng() % 5));
+    f.s.submit(toks(lens.back()));
+  }
+  int64_t padding = 0, real = 0;
+  while (auto b = f.next()) {
+    padding += b->padded_tokens() - b->total_tokens();
+    real += b->total_tokens();
+    f.s.complete(*b, 0.001);
+  }
+  const int64_t baseline = arrival_order_padding(lens, 2048, 32);
+  EXPECT_GT(real, 0);
+  EXPECT_LT(padding * 4, baseline) << "grouped " << padding << " vs arrival order " << baseline;
+  auto snap = f.s.snapshot();
+  EXPECT_EQ(snap.stats.padded_tokens - snap.stats.real_tokens, padding);
+}
+
+class SchedulerBudget : public ::testing::TestWithParam<Cost> {};
+
+TEST_P(SchedulerBudget, EveryMultiRequestBatchFitsTheTokenBudgetAndBatchSize) {
+  SchedulerConfig sc;
+  sc.cost = GetParam();
+  sc.max_batch_size = 16;
+  const int64_t budget = 512;
+  Fixture f(sc, fixed_budget(budget));
+  std::mt19937 rng(6);
+  int n = 0;
+  for (int i = 0; i < 500; ++i) {
+    f.s.submit(toks(1 + int(rng() % 200)));
+    ++n;
+  }
+  int seen = 0, full_size = 0;
+  while (auto b = f.next()) {
+    ASSERT_GE(b->size(), 1);
+    ASSERT_LE(b->size(), sc.max_batch_size);
+    full_size += b->size() == sc.max_batch_size;
+    const int64_t cost = GetParam() == Cost::Padded ? b->padded_tokens() : b->total_tokens();
+    if (b->size() > 1) ASSERT_LE(cost, budget);
+    EXPECT_EQ(b->budget(), budget);
+    seen += int(b->size());
+    f.s.complete(*b, 0.001);
+  }
+  EXPECT_EQ(seen, n);
+  EXPECT_GT(full_size, 0);  // the size limit was actually reached
+}
+
+TEST_P(SchedulerBudget, ARequestLongerThanTheBudgetRunsAlone) {
+  SchedulerConfig sc;
+  sc.cost = GetParam();
+  Fixture f(sc, fixed_budget(64));
+  const uint64_t big = f.s.submit(toks(100));
+  const uint64_t s1 = f.s.submit(toks(3));
+  const uint64_t s2 = f.s.submit(toks(3));
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->ids(), std::vector<uint64_t>{big});
+  auto rest = f.next();
+  ASSERT_TRUE(rest);
+  EXPECT_EQ(rest->ids(), (std::vector<uint64_t>{s1, s2}));
+}
+
+INSTANTIATE_TEST_SUITE_P(Costs, SchedulerBudget, ::testing::Values(Cost::Padded, Cost::Packed),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
+
+TEST(SchedulerBatches, PackedCostFitsMoreRequestsThanPaddedForSkewedLengths) {
+  SchedulerConfig padded_cfg, packed_cfg;
+  packed_cfg.cost = Cost::Packed;
+  Fixture padded(padded_cfg, fixed_budget(256)), packed(packed_cfg, fixed_budget(256));
+  for (Fixture* f : {&padded, &packed}) {
+    f->s.submit(toks(64));
+    for (int i = 0; i < 20; ++i) f->s.submit(toks(8));
+  }
+  // Padded: 4 x 64 = 256 at most. Packed: 64 + 24 x 8 fits all 21.
+  EXPECT_EQ(padded.next()->size(), 4);
+  EXPECT_EQ(packed.next()->size(), 21);
+}
+
+TEST(SchedulerStats, CountsOutcomesTokensAndLatencies) {
+  Fixture f;
+  for (int i = 0; i < 4; ++i) f.s.submit(toks(i + 1));  // 1+2+3+4 = 10 tokens
+  const uint64_t gone = f.s.submit(toks(2));
+  f.s.cancel(gone);
+  f.clock->advance(0.25);
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->size(), 4);
+  f.clock->advance(0.5);
+  f.s.complete(*b, 0.5);
+  f.s.submit(toks(3));
+  auto b2 = f.next();
+  f.s.fail(*b2);
+  const auto snap = f.s.snapshot();
+  const Stats& s = snap.stats;
+  EXPECT_EQ(s.submitted, 6);
+  EXPECT_EQ(s.cancelled, 1);
+  EXPECT_EQ(s.completed, 4);
+  EXPECT_EQ(s.failed, 1);
+  EXPECT_EQ(s.failed_batches, 1);
+  EXPECT_EQ(s.batches, 1);
+  EXPECT_EQ(s.real_tokens, 10);
+  EXPECT_EQ(s.padded_tokens, 16);
+  EXPECT_EQ(s.latency_s.count(), 4);
+  EXPECT_NEAR(s.latency_s.percentile(0.5), 0.75, 0.75 * 0.02);
+  EXPECT_NEAR(s.queue_s.percentile(0.5), 0.25, 0.25 * 0.02);
+  EXPECT_EQ(s.batch_compute_s.count(), 1);
+  EXPECT_NEAR(s.batch_size.percentile(0.5), 4, 4 * 0.05);
+  EXPECT_DOUBLE_EQ(s.first_submit_at, 0.0);
+  EXPECT_DOUBLE_EQ(s.last_complete_at, 0.75);
+  EXPECT_EQ(snap.policy, "static");
+  EXPECT_EQ(snap.budget, 4096);
+  EXPECT_DOUBLE_EQ(snap.now, 0.75);
+}
+
+TEST(SchedulerController, CompletedBatchesDriveTheAdaptiveBudget) {
+  ControllerConfig cc;
+  cc.policy = "aimd";
+  cc.min_tokens = 16;
+  cc.max_tokens = 4096;
+  cc.initial_tokens = 64;
+  cc.target_latency_s = 0.05;
+  Fixture f(SchedulerConfig{}, cc);
+  for (int i = 0; i < 64; ++i) f.s.submit(toks(8));
+  auto b = f.next();
+  ASSERT_EQ(b->padded_tokens(), 64);  // budget-bound
+  f.s.complete(*b, 0.01);           // under target: additive increase
+  EXPECT_EQ(f.s.budget(), 64 + cc.aimd_step_tokens);
+  b = f.next();
+  f.s.complete(*b, 0.2);  // a miss: multiplicative decrease
+  EXPECT_LT(f.s.budget(), 64 + cc.aimd_step_tokens);
+}
+
+}  // namespace
+}  // namespace fastserve
