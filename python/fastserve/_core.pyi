@@ -1,0 +1,261 @@
+"""Type stubs for fastserve._core, the pybind11 extension (csrc/bindings/module.cpp)."""
+
+from typing import TypedDict
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+# ----------------------------------------------------------------- errors
+
+class FastServeError(Exception):
+    """Base of fastserve's errors."""
+
+class QueueFullError(FastServeError):
+    """The engine's queue is at capacity (requests or tokens); retry later."""
+
+class EngineClosedError(FastServeError, RuntimeError):
+    """The engine was closed before the request could be served."""
+
+# ------------------------------------------------------------ build/device
+
+def cuda_compiled() -> bool:
+    """True when the extension was built with CUDA."""
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices (0 without a driver or GPU, or without CUDA compiled in)."""
+
+def cuda_runtime_version() -> str:
+    """The CUDA runtime's version, e.g. '13.0'; the empty string without CUDA compiled in."""
+
+# ------------------------------------------------------------------ clock
+
+class ManualClock:
+    """A clock that moves only when told to (tests, simulations)."""
+
+    def __init__(self, start: float = 0.0) -> None: ...
+    def now(self) -> float: ...
+    def set(self, t: float) -> None: ...
+    def advance(self, dt: float) -> None: ...
+
+# ---------------------------------------------------------------- configs
+
+class ControllerConfig:
+    policy: str
+    """One of "static", "aimd", "seed", "model" (validated by Controller/Scheduler)."""
+    target_latency_s: float
+    min_tokens: int
+    max_tokens: int
+    initial_tokens: int
+    aimd_step_tokens: int
+    aimd_backoff: float
+    seed_lambda: float
+    seed_smoothing: float
+    max_step: float
+    model_headroom: float
+    fit_forgetting: float
+
+    def __init__(
+        self,
+        *,
+        policy: str = "model",
+        target_latency_s: float = 0.05,
+        min_tokens: int = 32,
+        max_tokens: int = 16384,
+        initial_tokens: int = 0,
+        aimd_step_tokens: int = 64,
+        aimd_backoff: float = 0.95,
+        seed_lambda: float = 0.6,
+        seed_smoothing: float = 0.01,
+        max_step: float = 0.4,
+        model_headroom: float = 0.98,
+        fit_forgetting: float = 0.9,
+    ) -> None:
+        """Fields by keyword; an unknown keyword raises TypeError."""
+
+    def validate(self) -> None:
+        """Raise ValueError when a field is out of range."""
+
+class SchedulerConfig:
+    max_queue_requests: int
+    max_queue_tokens: int
+    max_batch_size: int
+    max_request_tokens: int
+    pad_token_id: int
+    aging_s: float
+    lookahead: int
+    cost: str
+    """Either 'padded' or 'packed'; setting any other value raises ValueError."""
+
+    def __init__(
+        self,
+        *,
+        max_queue_requests: int = 65536,
+        max_queue_tokens: int = 16777216,
+        max_batch_size: int = 256,
+        max_request_tokens: int = 1048576,
+        pad_token_id: int = 0,
+        aging_s: float = 0.5,
+        lookahead: int = 1024,
+        cost: str = "padded",
+    ) -> None:
+        """Fields by keyword; an unknown keyword raises TypeError."""
+
+    def validate(self) -> None:
+        """Raise ValueError when a field is out of range."""
+
+# ------------------------------------------------------------- controller
+
+class Controller:
+    """A batch-size controller on its own (simulations, tests)."""
+
+    def __init__(self, config: ControllerConfig) -> None: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def budget(self) -> int: ...
+    def observe(
+        self,
+        tokens: int,
+        latency_s: float,
+        budget: int = 0,
+        batch_size: int = 1,
+        now: float = 0.0,
+        queue_depth: int = 0,
+    ) -> None:
+        """Feed one finished batch; budget=0 means the controller's current budget."""
+
+    def state(self) -> dict[str, float]: ...
+
+# ------------------------------------------------------------------ batch
+
+class Batch:
+    """Requests assembled for one model call. Array properties are zero-copy
+    views whose base keeps the batch alive."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def ids(self) -> NDArray[np.uint64]:
+        """Request ids [B] uint64."""
+
+    @property
+    def lengths(self) -> NDArray[np.int32]:
+        """Request lengths [B] int32."""
+
+    @property
+    def expired(self) -> list[int]:
+        """Ids dropped (deadline passed) while this batch was assembled."""
+
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def padded_tokens(self) -> int: ...
+    @property
+    def max_seqlen(self) -> int: ...
+    @property
+    def padding_ratio(self) -> float: ...
+    @property
+    def budget(self) -> int: ...
+    @property
+    def assembled_at(self) -> float: ...
+    @property
+    def input_ids(self) -> NDArray[np.int64]:
+        """Padded token ids [B, L] int64 (zero-copy)."""
+
+    @property
+    def attention_mask(self) -> NDArray[np.int64]:
+        """Padded attention mask [B, L] int64 (zero-copy)."""
+
+    @property
+    def packed_input_ids(self) -> NDArray[np.int64]:
+        """Packed token ids [T] int64 (zero-copy)."""
+
+    @property
+    def position_ids(self) -> NDArray[np.int64]:
+        """Packed position ids [T] int64, restarting at 0 per sequence (zero-copy)."""
+
+    @property
+    def cu_seqlens(self) -> NDArray[np.int32]:
+        """Cumulative sequence lengths [B + 1] int32 (zero-copy)."""
+
+# -------------------------------------------------------------- scheduler
+
+class _Summary(TypedDict):
+    count: int
+    mean: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+class _Stats(TypedDict):
+    submitted: int
+    rejected: int
+    completed: int
+    failed: int
+    expired: int
+    cancelled: int
+    closed_unserved: int
+    batches: int
+    failed_batches: int
+    queue_depth: int
+    queued_tokens: int
+    latency_s: _Summary
+    queue_s: _Summary
+    batch_compute_s: _Summary
+    batch_size: _Summary
+    batch_tokens: _Summary
+    real_tokens: int
+    padded_tokens: int
+    padding_ratio: float
+    throughput_rps: float
+    throughput_tokens_per_s: float
+    controller: dict[str, str | float]
+    """Keys 'policy' (str), 'budget_tokens' (int) and the policy's own state (float)."""
+
+class Scheduler:
+    """Thread-safe request queue with adaptive batch assembly."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig = ...,
+        controller: ControllerConfig = ...,
+        clock: ManualClock | None = None,
+    ) -> None:
+        """Raise ValueError for an invalid configuration; clock=None: the steady clock."""
+
+    def submit(
+        self,
+        tokens: ArrayLike,
+        priority: int = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> int:
+        """Enqueue a 1-D sequence of token ids in [0, 2**31); return its id (never 0).
+
+        Raises ValueError (bad tokens, both timeout and deadline, negative
+        timeout), QueueFullError, EngineClosedError.
+        """
+
+    def cancel(self, id: int) -> bool: ...
+    def next_batch(self, timeout: float) -> Batch | None:
+        """Wait up to timeout seconds (real time, GIL released) for a batch."""
+
+    def complete(self, batch: Batch, compute_seconds: float) -> None: ...
+    def fail(self, batch: Batch) -> None: ...
+    def close(self) -> list[int]:
+        """Refuse new work, wake waiting workers, return the ids still queued."""
+
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def queued_tokens(self) -> int: ...
+    @property
+    def budget(self) -> int: ...
+    def now(self) -> float: ...
+    def stats(self) -> _Stats: ...
