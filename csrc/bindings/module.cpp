@@ -52,13 +52,26 @@ Config config_from_kwargs(const py::kwargs& kw) {
   return c;
 }
 
-std::vector<int32_t> tokens_from(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& a) {
-  if (a.ndim() != 1) throw InvalidArgument("tokens must be one-dimensional, got " + std::to_string(a.ndim()) + " dimensions");
+// Token ids: a 1-D sequence or array of integers in [0, 2^31). Floats are
+// refused rather than truncated; a uint64 past int64 wraps negative and an
+// int past uint64 makes an object array: both are refused.
+std::vector<int32_t> tokens_from(const py::object& obj) {
+  py::array raw = py::array::ensure(obj);
+  if (!raw) throw InvalidArgument("tokens must be a one-dimensional sequence of integers");
+  if (raw.ndim() != 1)
+    throw InvalidArgument("tokens must be one-dimensional, got " + std::to_string(raw.ndim()) + " dimensions");
+  const char kind = raw.dtype().kind();
+  if (raw.size() > 0 && kind != 'i' && kind != 'u')
+    throw InvalidArgument("token ids must be integers in [0, 2^31), got dtype " +
+                          py::str(raw.dtype()).cast<std::string>());
+  auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(raw);
+  if (!a) throw InvalidArgument("tokens must be a one-dimensional sequence of integers");
   std::vector<int32_t> out(static_cast<size_t>(a.shape(0)));
   const int64_t* p = a.data();
   for (size_t i = 0; i < out.size(); ++i) {
     if (p[i] < 0 || p[i] > std::numeric_limits<int32_t>::max())
-      throw InvalidArgument("token id " + std::to_string(p[i]) + " at position " + std::to_string(i) + " is out of range [0, 2^31)");
+      throw InvalidArgument("token id " + std::to_string(p[i]) + " at position " + std::to_string(i) +
+                            " is out of range [0, 2^31)");
     out[i] = static_cast<int32_t>(p[i]);
   }
   return out;
@@ -251,8 +264,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("clock") = nullptr)
       .def(
           "submit",
-          [](Scheduler& s, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& tokens,
-             int priority, std::optional<double> timeout, std::optional<double> deadline) {
+          [](Scheduler& s, const py::object& tokens, int priority, std::optional<double> timeout, std::optional<double> deadline) {
             std::vector<int32_t> t = tokens_from(tokens);
             double d = Scheduler::kNoDeadline;
             if (timeout && deadline) throw InvalidArgument("pass timeout or deadline, not both");

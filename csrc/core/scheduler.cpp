@@ -46,6 +46,9 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
   if (n > config_.max_request_tokens)
     throw InvalidArgument("request of " + std::to_string(n) + " tokens exceeds max_request_tokens=" +
                           std::to_string(config_.max_request_tokens));
+  if (n > config_.max_queue_tokens)
+    throw InvalidArgument("request of " + std::to_string(n) + " tokens can never fit max_queue_tokens=" +
+                          std::to_string(config_.max_queue_tokens));
   if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
   const double now = clock_->now();
   uint64_t id;
@@ -172,12 +175,17 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
 
 std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
-  const auto until = std::chrono::steady_clock::now() +
-                     std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                         std::chrono::duration<double>(std::max(0.0, timeout_s)));
-  // Expired requests are reported even if nothing else is queued; the wait
-  // ends on work, close, or timeout.
-  cv_.wait_until(lock, until, [&] { return closed_ || !requests_.empty(); });
+  // The wait ends on work, close, or timeout. Past ~300 years a timeout
+  // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
+  auto ready = [&] { return closed_ || !requests_.empty(); };
+  if (timeout_s < 1e10) {
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                           std::chrono::duration<double>(std::max(0.0, timeout_s)));
+    cv_.wait_until(lock, until, ready);
+  } else {
+    cv_.wait(lock, ready);
+  }
   if (requests_.empty()) return std::nullopt;
   const double now = clock_->now();
   std::vector<uint64_t> expired = drop_expired_locked(now);
