@@ -209,7 +209,8 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   stats_.batch_size.add(static_cast<double>(batch.size()));
   stats_.batch_tokens.add(static_cast<double>(batch.total_tokens()));
   stats_.real_tokens += batch.total_tokens();
-  stats_.padded_tokens += batch.padded_tokens();
+  // Tokens the model computed: padding counts only in padded execution.
+  stats_.padded_tokens += cost_of(batch.size(), batch.max_len(), batch.total_tokens());
   stats_.last_complete_at = now;
   Observation o;
   o.now = now;
