@@ -14,6 +14,10 @@
 namespace py = pybind11;
 using namespace fastserve;
 
+namespace fastserve {
+void register_kernels(py::module_& m);  // csrc/bindings/kernels.cpp
+}
+
 namespace {
 
 PyObject* g_base_error = nullptr;
@@ -151,6 +155,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_device_count", &cuda_device_count, py::call_guard<py::gil_scoped_release>(),
         "Visible CUDA devices (0 without a driver or GPU, or without CUDA compiled in).");
   m.def("cuda_runtime_version", &cuda_runtime_version);
+  register_kernels(m);
 
   py::class_<ManualClock, std::shared_ptr<ManualClock>>(m, "ManualClock",
                                                         "A clock that moves only when told to (tests, simulations).")
@@ -216,6 +221,8 @@ PYBIND11_MODULE(_core, m) {
       .def("__len__", &Batch::size)
       .def_property_readonly("ids", [](py::object self) { return view(self.cast<Batch&>().ids(), {self.cast<Batch&>().size()}, self); })
       .def_property_readonly("lengths", [](py::object self) { return view(self.cast<Batch&>().lengths(), {self.cast<Batch&>().size()}, self); })
+      .def_property_readonly("arrivals", [](py::object self) { return view(self.cast<Batch&>().arrivals(), {self.cast<Batch&>().size()}, self); },
+                             "Arrival time of each request [B] float64, on the scheduler's clock.")
       .def_property_readonly("expired", [](const Batch& b) { return b.expired; })
       .def_property_readonly("total_tokens", &Batch::total_tokens)
       .def_property_readonly("padded_tokens", &Batch::padded_tokens)

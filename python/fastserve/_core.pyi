@@ -146,6 +146,10 @@ class Batch:
         """Request lengths [B] int32."""
 
     @property
+    def arrivals(self) -> NDArray[np.float64]:
+        """Arrival time of each request [B] float64, on the scheduler's clock."""
+
+    @property
     def expired(self) -> list[int]:
         """Ids dropped (deadline passed) while this batch was assembled."""
 

@@ -1,0 +1,62 @@
+// Bindings of the packing kernels: fastserve._core._kernels (private; the
+// public API is python/fastserve/kernels.py, which takes torch tensors,
+// allocates outputs and passes raw pointers here). Every kernel releases the
+// GIL: validation may read offsets from the device and the CPU kernels touch
+// megabytes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "fastserve/errors.h"
+#include "fastserve/kernels.h"
+
+namespace py = pybind11;
+
+namespace fastserve {
+
+void register_kernels(py::module_& m) {
+  using namespace kernels;
+  py::module_ k = m.def_submodule("_kernels", "Packing kernels on raw tensors (see fastserve.kernels).");
+
+  py::class_<TensorArg>(k, "TensorArg", "A tensor as pointer + shape + strides + dtype + device; memory not owned.")
+      .def(py::init([](uintptr_t data, std::vector<int64_t> shape, std::vector<int64_t> strides,
+                       const std::string& dtype, const std::string& device, int device_index) {
+             TensorArg t;
+             t.data = reinterpret_cast<void*>(data);
+             t.shape = std::move(shape);
+             t.strides = std::move(strides);
+             t.dtype = dtype_from_string(dtype);
+             t.dtype_name = dtype;
+             if (device == "cpu") t.device = DeviceType::kCPU;
+             else if (device == "cuda") t.device = DeviceType::kCUDA;
+             else throw InvalidArgument("device must be 'cpu' or 'cuda', got '" + device + "'");
+             t.device_index = device_index;
+             return t;
+           }),
+           py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("dtype"), py::arg("device"),
+           py::arg("device_index") = 0)
+      .def_readonly("shape", &TensorArg::shape)
+      .def_readonly("strides", &TensorArg::strides)
+      .def_readonly("dtype", &TensorArg::dtype_name)
+      .def_readonly("device_index", &TensorArg::device_index);
+
+  k.def("pack", &pack, py::arg("x"), py::arg("seqlens"), py::arg("out"), py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  k.def("unpack", &unpack, py::arg("x"), py::arg("cu_seqlens"), py::arg("out"), py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  k.def(
+      "segment_pool",
+      [](const TensorArg& x, const TensorArg& cu, const TensorArg& out, const std::string& mode, bool normalize,
+         uintptr_t stream) {
+        const PoolMode m = pool_mode_from_string(mode);
+        py::gil_scoped_release r;
+        segment_pool(x, cu, out, m, normalize, stream);
+      },
+      py::arg("x"), py::arg("cu_seqlens"), py::arg("out"), py::arg("mode"), py::arg("normalize"),
+      py::arg("stream") = 0);
+  k.def("gather", &gather, py::arg("x"), py::arg("index"), py::arg("out"), py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  k.def("cpu_threads_for", &cpu::threads_for, py::arg("bytes"),
+        "Threads the CPU kernels use for this many bytes of traffic.");
+}
+
+}  // namespace fastserve

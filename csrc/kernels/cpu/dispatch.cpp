@@ -1,0 +1,299 @@
+// Validation and device dispatch of the packing kernels (device-neutral; it
+// lives beside the CPU kernels because it is always built). Every check runs
+// before any kernel writes, and every failure is an InvalidArgument naming the
+// argument, so Python sees a ValueError with a useful message.
+#include <sstream>
+
+#include "fastserve/device.h"
+#include "fastserve/errors.h"
+#include "fastserve/kernels.h"
+
+namespace fastserve {
+namespace kernels {
+
+DType dtype_from_string(const std::string& n) {
+  if (n == "float32") return DType::kFloat32;
+  if (n == "float16") return DType::kFloat16;
+  if (n == "bfloat16") return DType::kBFloat16;
+  if (n == "int32") return DType::kInt32;
+  if (n == "int64") return DType::kInt64;
+  return DType::kOther;
+}
+
+const char* to_string(DType d) {
+  switch (d) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
+    default: return "unsupported";
+  }
+}
+
+size_t element_size(DType d) {
+  switch (d) {
+    case DType::kFloat32: case DType::kInt32: return 4;
+    case DType::kFloat16: case DType::kBFloat16: return 2;
+    case DType::kInt64: return 8;
+    default: return 0;
+  }
+}
+
+PoolMode pool_mode_from_string(const std::string& n) {
+  if (n == "mean") return PoolMode::kMean;
+  if (n == "cls") return PoolMode::kCls;
+  if (n == "max") return PoolMode::kMax;
+  throw InvalidArgument("mode must be 'mean', 'cls' or 'max', got '" + n + "'");
+}
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw InvalidArgument(msg); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+std::string dtype_name(const TensorArg& t) {
+  return t.dtype == DType::kOther ? (t.dtype_name.empty() ? "unsupported" : t.dtype_name) : to_string(t.dtype);
+}
+
+std::string device_str(const TensorArg& t) {
+  return t.device == DeviceType::kCPU ? "cpu" : "cuda:" + std::to_string(t.device_index);
+}
+
+// Shape, size and layout of one tensor: ndim, non-negative dims, element and
+// byte counts within int64, row-major contiguity (size-1 dims have any stride),
+// and a pointer unless empty. Returns the element count.
+int64_t check_tensor(const TensorArg& t, const char* name, size_t ndim) {
+  if (t.shape.size() != ndim)
+    fail(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " + shape_str(t.shape));
+  int64_t n = 1;
+  for (int64_t d : t.shape) {
+    if (d < 0) fail(std::string(name) + " has a negative dimension: " + shape_str(t.shape));
+    if (__builtin_mul_overflow(n, d, &n)) fail(std::string(name) + " has too many elements: " + shape_str(t.shape));
+  }
+  int64_t bytes;
+  const size_t es = element_size(t.dtype) ? element_size(t.dtype) : 1;
+  if (__builtin_mul_overflow(n, int64_t(es), &bytes))
+    fail(std::string(name) + " is too large: " + shape_str(t.shape));
+  if (!t.strides.empty() && n > 0) {
+    if (t.strides.size() != t.shape.size())
+      fail(std::string(name) + " has " + std::to_string(t.strides.size()) + " strides for " +
+           std::to_string(t.shape.size()) + " dimensions");
+    int64_t expect = 1;
+    for (size_t i = t.shape.size(); i-- > 0;) {
+      if (t.shape[i] != 1 && t.strides[i] != expect)
+        fail(std::string(name) + " must be contiguous (row-major), got shape " + shape_str(t.shape) +
+             " with strides " + shape_str(t.strides) + "; call .contiguous() first");
+      expect *= t.shape[i];
+    }
+  }
+  if (n > 0 && t.data == nullptr) fail(std::string(name) + " has a null data pointer");
+  return n;
+}
+
+void check_float(const TensorArg& t, const char* name) {
+  if (t.dtype != DType::kFloat32 && t.dtype != DType::kFloat16 && t.dtype != DType::kBFloat16)
+    fail(std::string(name) + " must be float32, float16 or bfloat16, got " + dtype_name(t));
+}
+
+void check_same_dtype(const TensorArg& a, const char* an, const TensorArg& b, const char* bn) {
+  if (a.dtype != b.dtype)
+    fail(std::string(bn) + " must have the dtype of " + an + " (" + dtype_name(a) + "), got " + dtype_name(b));
+}
+
+// All tensors on one device, and that device usable by this build.
+void check_devices(std::initializer_list<std::pair<const TensorArg*, const char*>> ts) {
+  const TensorArg& first = *ts.begin()->first;
+  for (const auto& [t, name] : ts) {
+    if (t->device != first.device || (t->device == DeviceType::kCUDA && t->device_index != first.device_index))
+      fail(std::string("all tensors must be on one device: ") + ts.begin()->second + " is on " + device_str(first) +
+           ", " + name + " is on " + device_str(*t));
+  }
+  if (first.device == DeviceType::kCUDA) {
+    if (!cuda_compiled())
+      fail("CUDA tensors need fastserve built with CUDA (this build is CPU-only); move the tensors to the CPU");
+    const int n = cuda_device_count();
+    if (n == 0) fail("CUDA tensors given but no CUDA device is visible");
+    if (first.device_index < 0 || first.device_index >= n)
+      fail("CUDA device index " + std::to_string(first.device_index) + " out of range (" + std::to_string(n) +
+           " visible)");
+  }
+}
+
+// An int32 / int64 vector read into host int64 (a device copy for CUDA).
+std::vector<int64_t> read_ints(const TensorArg& t, const char* name, int64_t n, uintptr_t stream) {
+  if (t.dtype != DType::kInt32 && t.dtype != DType::kInt64)
+    fail(std::string(name) + " must be int32 or int64, got " + dtype_name(t));
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  if (t.dtype == DType::kInt64) {
+    if (t.device == DeviceType::kCUDA) {
+#ifdef FASTSERVE_WITH_CUDA
+      cuda::copy_to_host(out.data(), t.data, n * sizeof(int64_t), t.device_index, stream);
+#endif
+    } else {
+      std::memcpy(out.data(), t.data, n * sizeof(int64_t));
+    }
+  } else {
+    std::vector<int32_t> tmp(static_cast<size_t>(n));
+    if (t.device == DeviceType::kCUDA) {
+#ifdef FASTSERVE_WITH_CUDA
+      cuda::copy_to_host(tmp.data(), t.data, n * sizeof(int32_t), t.device_index, stream);
+#endif
+    } else {
+      std::memcpy(tmp.data(), t.data, n * sizeof(int32_t));
+    }
+    for (int64_t i = 0; i < n; ++i) out[i] = tmp[i];
+  }
+  return out;
+}
+
+// cu_seqlens of B sequences over T rows, each at most L long (L < 0: no bound).
+void check_cu(const std::vector<int64_t>& cu, const char* name, int64_t T, int64_t L) {
+  if (cu[0] != 0) fail(std::string(name) + "[0] must be 0, got " + std::to_string(cu[0]));
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    if (cu[b + 1] < cu[b])
+      fail(std::string(name) + " must be non-decreasing, but " + name + "[" + std::to_string(b + 1) + "] = " +
+           std::to_string(cu[b + 1]) + " < " + name + "[" + std::to_string(b) + "] = " + std::to_string(cu[b]));
+    if (L >= 0 && cu[b + 1] - cu[b] > L)
+      fail("sequence " + std::to_string(b) + " has length " + std::to_string(cu[b + 1] - cu[b]) +
+           " > max length " + std::to_string(L));
+  }
+  if (T >= 0 && cu.back() != T)
+    fail(std::string(name) + "[-1] must equal the number of packed rows " + std::to_string(T) + ", got " +
+         std::to_string(cu.back()));
+}
+
+void check_shape(const TensorArg& t, const char* name, const std::vector<int64_t>& want) {
+  if (t.shape != want) fail(std::string(name) + " must have shape " + shape_str(want) + ", got " + shape_str(t.shape));
+}
+
+bool on_cuda(const TensorArg& t) { return t.device == DeviceType::kCUDA; }
+
+}  // namespace
+
+void pack(const TensorArg& x, const TensorArg& seqlens, const TensorArg& out, uintptr_t stream) {
+  check_tensor(x, "x", 3);
+  check_float(x, "x");
+  check_tensor(seqlens, "lengths", 1);
+  check_tensor(out, "out", 2);
+  check_same_dtype(x, "x", out, "out");
+  check_devices({{&x, "x"}, {&seqlens, "lengths"}, {&out, "out"}});
+  const int64_t B = x.shape[0], L = x.shape[1], H = x.shape[2];
+  std::vector<int64_t> cu;
+  if (seqlens.shape[0] == B) {
+    const auto len = read_ints(seqlens, "lengths", B, stream);
+    cu.assign(size_t(B) + 1, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      if (len[b] < 0 || len[b] > L)
+        fail("lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) + " is outside [0, L = " +
+             std::to_string(L) + "]");
+      cu[b + 1] = cu[b] + len[b];
+    }
+  } else if (seqlens.shape[0] == B + 1) {
+    cu = read_ints(seqlens, "cu_seqlens", B + 1, stream);
+    check_cu(cu, "cu_seqlens", -1, L);
+  } else {
+    fail("lengths must have B = " + std::to_string(B) + " entries (lengths) or B + 1 (cu_seqlens), got " +
+         std::to_string(seqlens.shape[0]));
+  }
+  check_shape(out, "out", {cu.back(), H});
+  const size_t row_bytes = size_t(H) * element_size(x.dtype);
+  if (cu.back() == 0 || H == 0) return;
+  if (on_cuda(x)) {
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::pack(x.data, B, L, cu, row_bytes, out.data, x.device_index, stream);
+#endif
+  } else {
+    cpu::pack(x.data, B, L, cu.data(), row_bytes, out.data);
+  }
+}
+
+void unpack(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out, uintptr_t stream) {
+  check_tensor(x, "packed", 2);
+  check_float(x, "packed");
+  check_tensor(cu_seqlens, "cu_seqlens", 1);
+  check_tensor(out, "out", 3);
+  check_same_dtype(x, "packed", out, "out");
+  check_devices({{&x, "packed"}, {&cu_seqlens, "cu_seqlens"}, {&out, "out"}});
+  const int64_t T = x.shape[0], H = x.shape[1];
+  if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
+  const int64_t B = cu_seqlens.shape[0] - 1, L = out.shape[1];
+  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, stream);
+  check_cu(cu, "cu_seqlens", T, L);
+  check_shape(out, "out", {B, L, H});
+  const size_t row_bytes = size_t(H) * element_size(x.dtype);
+  if (B * L == 0 || H == 0) return;
+  if (on_cuda(x)) {
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::unpack(x.data, cu, L, row_bytes, out.data, x.device_index, stream);
+#endif
+  } else {
+    cpu::unpack(x.data, cu.data(), B, L, row_bytes, out.data);
+  }
+}
+
+void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out, PoolMode mode,
+                  bool normalize, uintptr_t stream) {
+  check_tensor(x, "x", 2);
+  check_float(x, "x");
+  check_tensor(cu_seqlens, "cu_seqlens", 1);
+  check_tensor(out, "out", 2);
+  if (out.dtype != DType::kFloat32) fail("out must be float32, got " + dtype_name(out));
+  check_devices({{&x, "x"}, {&cu_seqlens, "cu_seqlens"}, {&out, "out"}});
+  const int64_t T = x.shape[0], H = x.shape[1];
+  if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
+  const int64_t B = cu_seqlens.shape[0] - 1;
+  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, stream);
+  check_cu(cu, "cu_seqlens", T, -1);
+  check_shape(out, "out", {B, H});
+  if (B == 0 || H == 0) return;
+  if (on_cuda(x)) {
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::segment_pool(x.data, x.dtype, cu, H, mode, normalize, static_cast<float*>(out.data), x.device_index,
+                       stream);
+#endif
+  } else {
+    cpu::segment_pool(x.data, x.dtype, cu.data(), B, H, mode, normalize, static_cast<float*>(out.data));
+  }
+}
+
+void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, uintptr_t stream) {
+  if (x.shape.empty()) fail("x must have at least 1 dimension, got shape []");
+  check_tensor(x, "x", x.shape.size());
+  if (element_size(x.dtype) == 0)
+    fail("x must be float32, float16, bfloat16, int32 or int64, got " + dtype_name(x));
+  check_tensor(index, "index", 1);
+  check_tensor(out, "out", out.shape.size());
+  check_same_dtype(x, "x", out, "out");
+  check_devices({{&x, "x"}, {&index, "index"}, {&out, "out"}});
+  const int64_t N = x.shape[0], M = index.shape[0];
+  std::vector<int64_t> want = x.shape;
+  want[0] = M;
+  check_shape(out, "out", want);
+  const auto idx = read_ints(index, "index", M, stream);
+  for (int64_t i = 0; i < M; ++i)
+    if (idx[i] < 0 || idx[i] >= N)
+      fail("index[" + std::to_string(i) + "] = " + std::to_string(idx[i]) + " is out of range for " +
+           std::to_string(N) + " rows");
+  size_t row_bytes = element_size(x.dtype);
+  for (size_t d = 1; d < x.shape.size(); ++d) row_bytes *= size_t(x.shape[d]);
+  if (M == 0 || row_bytes == 0) return;
+  if (on_cuda(x)) {
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::gather(x.data, idx, row_bytes, out.data, x.device_index, stream);
+#endif
+  } else {
+    cpu::gather(x.data, idx.data(), M, row_bytes, out.data);
+  }
+}
+
+}  // namespace kernels
+}  // namespace fastserve

@@ -1,0 +1,179 @@
+// CPU packing kernels: the reference implementation and the oracle the CUDA
+// per-thread functions are tested against. Rows are moved with memcpy; pooling
+// converts and accumulates in float32 with loops over H that the compiler
+// vectorises. Large inputs are split over rows across threads.
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+#include "fastserve/kernels.h"
+
+namespace fastserve {
+namespace kernels {
+namespace cpu {
+namespace {
+
+constexpr size_t kDefaultMinBytesPerThread = size_t(4) << 20;
+
+// Threads pay only when each has enough bytes to move to amortise starting
+// it (~20-50 us) and the work is memory-bound past the last-level caches;
+// measured with benchmarks/python/bench_kernels.py (see the kernels notes).
+// FASTSERVE_KERNEL_THREAD_BYTES overrides it, for measuring.
+size_t min_bytes_per_thread() {
+  static const size_t v = [] {
+    const char* e = std::getenv("FASTSERVE_KERNEL_THREAD_BYTES");
+    return e ? size_t(std::strtoull(e, nullptr, 10)) : size_t(kDefaultMinBytesPerThread);
+  }();
+  return v ? v : 1;
+}
+
+// Run fn(begin, end) over [0, n) split into `threads` contiguous ranges.
+template <class Fn>
+void parallel_for(int64_t n, int threads, Fn fn) {
+  if (threads <= 1 || n < 2) {
+    fn(int64_t(0), n);
+    return;
+  }
+  threads = int(std::min<int64_t>(threads, n));
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  const int64_t chunk = (n + threads - 1) / threads;
+  for (int i = 1; i < threads; ++i) {
+    const int64_t b = i * chunk, e = std::min(n, b + chunk);
+    if (b < e) pool.emplace_back([=] { fn(b, e); });
+  }
+  fn(int64_t(0), std::min(n, chunk));
+  for (auto& t : pool) t.join();
+}
+
+// Columns pooled at a time: a chunk's float32 accumulators stay in vector
+// registers across all of a segment's rows instead of being loaded and stored
+// once per row (measured 2-3x on fp32).
+constexpr int64_t kChunk = 64;
+
+template <class Load, class S>
+inline void pool_chunk(const S* x, int64_t begin, int64_t end, int64_t H, int64_t c, int64_t w, PoolMode mode,
+                       float* o, Load load) {
+  float acc[kChunk];
+  const S* row = x + begin * H + c;
+  for (int64_t i = 0; i < kChunk; ++i) acc[i] = i < w ? load(row[i]) : 0.f;
+  if (mode == PoolMode::kCls) {
+  } else if (w == kChunk) {  // full chunk: fixed trip count, vectorised
+    for (int64_t r = begin + 1; r < end; ++r) {
+      row = x + r * H + c;
+      if (mode == PoolMode::kMax) {
+        for (int64_t i = 0; i < kChunk; ++i) {
+          const float v = load(row[i]);
+          acc[i] = v > acc[i] ? v : acc[i];
+        }
+      } else {
+        for (int64_t i = 0; i < kChunk; ++i) acc[i] += load(row[i]);
+      }
+    }
+  } else {  // the tail of H
+    for (int64_t r = begin + 1; r < end; ++r) {
+      row = x + r * H + c;
+      for (int64_t i = 0; i < w; ++i) {
+        const float v = load(row[i]);
+        acc[i] = mode == PoolMode::kMax ? (v > acc[i] ? v : acc[i]) : acc[i] + v;
+      }
+    }
+  }
+  const float scale = mode == PoolMode::kMean ? 1.f / float(end - begin) : 1.f;
+  for (int64_t i = 0; i < w; ++i) o[c + i] = acc[i] * scale;
+}
+
+template <class Load>
+void pool_rows(const void* x, const int64_t* cu, int64_t b0, int64_t b1, int64_t H, PoolMode mode,
+               bool normalize, float* out, Load load) {
+  using S = decltype(load.storage());
+  const S* base = static_cast<const S*>(x);
+  for (int64_t b = b0; b < b1; ++b) {
+    float* o = out + b * H;
+    const int64_t begin = cu[b], end = cu[b + 1];
+    if (end == begin) {
+      std::fill(o, o + H, 0.f);
+      continue;
+    }
+    for (int64_t c = 0; c < H; c += kChunk)
+      pool_chunk(base, begin, end, H, c, std::min(kChunk, H - c), mode, o, load);
+    if (normalize) {
+      float sq = 0.f;
+      for (int64_t h = 0; h < H; ++h) sq += o[h] * o[h];
+      const float n = std::sqrt(sq);
+      const float scale = 1.f / (n > 1e-12f ? n : 1e-12f);
+      for (int64_t h = 0; h < H; ++h) o[h] *= scale;
+    }
+  }
+}
+
+struct LoadF32 {
+  static float storage();
+  float operator()(float v) const { return v; }
+};
+struct LoadF16 {
+  static uint16_t storage();
+  float operator()(uint16_t v) const { return fp16_to_float(v); }
+};
+struct LoadBF16 {
+  static uint16_t storage();
+  float operator()(uint16_t v) const { return bf16_to_float(v); }
+};
+
+}  // namespace
+
+int threads_for(size_t bytes) {
+  static const int hw = std::max(1u, std::thread::hardware_concurrency());
+  return int(std::max<size_t>(1, std::min<size_t>(hw, bytes / min_bytes_per_thread())));
+}
+
+void pack(const void* x, int64_t B, int64_t L, const int64_t* cu, size_t row_bytes, void* out) {
+  const auto* src = static_cast<const char*>(x);
+  auto* dst = static_cast<char*>(out);
+  // A sequence's rows are contiguous in both layouts: one memcpy each.
+  parallel_for(B, threads_for(2 * size_t(cu[B]) * row_bytes), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      if (cu[b + 1] > cu[b])
+        std::memcpy(dst + cu[b] * row_bytes, src + b * L * row_bytes, (cu[b + 1] - cu[b]) * row_bytes);
+  });
+}
+
+void unpack(const void* x, const int64_t* cu, int64_t B, int64_t L, size_t row_bytes, void* out) {
+  const auto* src = static_cast<const char*>(x);
+  auto* dst = static_cast<char*>(out);
+  parallel_for(B, threads_for(size_t(cu[B] + B * L) * row_bytes), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = cu[b + 1] - cu[b];
+      char* d = dst + b * L * row_bytes;
+      if (n > 0) std::memcpy(d, src + cu[b] * row_bytes, n * row_bytes);
+      if (n < L) std::memset(d + n * row_bytes, 0, (L - n) * row_bytes);
+    }
+  });
+}
+
+void segment_pool(const void* x, DType dtype, const int64_t* cu, int64_t B, int64_t H, PoolMode mode,
+                  bool normalize, float* out) {
+  const size_t bytes = size_t(cu[B]) * H * element_size(dtype) + size_t(B) * H * sizeof(float);
+  parallel_for(B, threads_for(bytes), [&](int64_t b0, int64_t b1) {
+    switch (dtype) {
+      case DType::kFloat32: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadF32{}); break;
+      case DType::kFloat16: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadF16{}); break;
+      case DType::kBFloat16: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadBF16{}); break;
+      default: break;  // rejected by validation
+    }
+  });
+}
+
+void gather(const void* x, const int64_t* index, int64_t M, size_t row_bytes, void* out) {
+  const auto* src = static_cast<const char*>(x);
+  auto* dst = static_cast<char*>(out);
+  parallel_for(M, threads_for(2 * size_t(M) * row_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + i * row_bytes, src + index[i] * row_bytes, row_bytes);
+  });
+}
+
+}  // namespace cpu
+}  // namespace kernels
+}  // namespace fastserve

@@ -1,0 +1,298 @@
+// Packing kernels: the CUDA per-thread functions (kernel_threads.cuh), run on
+// the CPU over every (block, thread) of the grid the CUDA launcher would use,
+// against the CPU kernels; the CPU kernels against naive loops; validation.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../../csrc/kernels/cuda/kernel_threads.cuh"
+#include "fastserve/errors.h"
+#include "fastserve/kernels.h"
+
+namespace fastserve {
+namespace kernels {
+namespace {
+
+using namespace threads;
+
+// Random cu_seqlens of B sequences of length 0..L, with length-1 and
+// length-L sequences mixed in.
+std::vector<int64_t> random_cu(std::mt19937& rng, int64_t B, int64_t L, bool allow_empty) {
+  std::uniform_int_distribution<int64_t> len(allow_empty ? 0 : 1, L);
+  std::vector<int64_t> cu(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = len(rng);
+    if (b % 5 == 1) n = 1;
+    if (b % 7 == 2) n = L;
+    cu[b + 1] = cu[b] + n;
+  }
+  return cu;
+}
+
+// Random row data as raw bytes; 16-bit types get finite values of moderate size.
+std::vector<uint8_t> random_bytes(std::mt19937& rng, DType dt, int64_t n) {
+  std::vector<uint8_t> out(n * element_size(dt) + 16);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = nd(rng);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (dt == DType::kFloat32) {
+      std::memcpy(out.data() + 4 * i, &f, 4);
+    } else if (dt == DType::kBFloat16) {
+      const uint16_t h = uint16_t(u >> 16);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    } else {
+      // fp16: sign, exponent 5..20 (values 2^-10 .. 2^5), random mantissa.
+      const uint16_t h = uint16_t((u & 0x80000000u) >> 16 | (5 + rng() % 16) << 10 | (rng() & 0x3ff));
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+template <class U, class Fn>
+void run_copy_grid(CopyParams p, size_t row_bytes, Fn fn) {
+  p.row_units = int64_t(row_bytes / sizeof(U));
+  const CopyShape c = copy_shape(p.rows, p.row_units);
+  ASSERT_EQ(c.bdx * c.bdy, 256);
+  ASSERT_GE(c.blocks * c.bdy, p.rows);
+  for (int64_t blk = 0; blk < c.blocks; ++blk)
+    for (int ty = 0; ty < c.bdy; ++ty)
+      for (int tx = 0; tx < c.bdx; ++tx) fn(p, blk, tx, ty, c.bdx, c.bdy);
+}
+
+// Runs one copy op's per-thread function with each copy unit the row allows.
+enum class Op { kPack, kUnpack, kGather };
+template <class U>
+void run_op(Op op, const CopyParams& p, size_t row_bytes) {
+  if (row_bytes % sizeof(U)) return;
+  switch (op) {
+    case Op::kPack: run_copy_grid<U>(p, row_bytes, pack_thread<U>); break;
+    case Op::kUnpack: run_copy_grid<U>(p, row_bytes, unpack_thread<U>); break;
+    case Op::kGather: run_copy_grid<U>(p, row_bytes, gather_thread<U>); break;
+  }
+}
+
+const DType kFloatTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+
+TEST(KernelConversions, Fp16AndBf16BitPatternsConvertExactly) {
+  EXPECT_EQ(fp16_to_float(0x3c00), 1.0f);
+  EXPECT_EQ(fp16_to_float(0xc000), -2.0f);
+  EXPECT_EQ(fp16_to_float(0x7bff), 65504.0f);
+  EXPECT_EQ(fp16_to_float(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
+  EXPECT_EQ(fp16_to_float(0x03ff), std::ldexp(1023.0f, -24));  // largest subnormal
+  EXPECT_EQ(fp16_to_float(0x8000), -0.0f);
+  EXPECT_TRUE(std::signbit(fp16_to_float(0x8000)));
+  EXPECT_EQ(fp16_to_float(0x7c00), INFINITY);
+  EXPECT_EQ(fp16_to_float(0xfc00), -INFINITY);
+  EXPECT_TRUE(std::isnan(fp16_to_float(0x7e00)));
+  EXPECT_EQ(bf16_to_float(0x3f80), 1.0f);
+  EXPECT_EQ(bf16_to_float(0xc2f7), -123.5f);
+  // Every fp16 finite value against a double-precision decode.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 31) continue;
+    double v = e ? std::ldexp(1024.0 + m, e - 25) : std::ldexp(double(m), -24);
+    if (h & 0x8000) v = -v;
+    ASSERT_EQ(fp16_to_float(uint16_t(h)), float(v)) << std::hex << h;
+  }
+}
+
+TEST(KernelThreads, CopyGridsMatchCpuKernelsForEveryUnitAndShape) {
+  std::mt19937 rng(7);
+  const int64_t Hs[] = {1, 3, 8, 13, 64, 384, 1000};
+  for (DType dt : kFloatTypes) {
+    for (int64_t H : Hs) {
+      for (int trial = 0; trial < 4; ++trial) {
+        const int64_t B = 1 + rng() % 9, L = 1 + rng() % 40;
+        const auto cu = random_cu(rng, B, L, trial % 2 == 0);
+        const int64_t T = cu[B];
+        const size_t es = element_size(dt), row_bytes = H * es;
+        auto padded = random_bytes(rng, dt, B * L * H);
+        auto packed = random_bytes(rng, dt, T * H);
+        std::vector<int64_t> index(T + 3);
+        for (auto& i : index) i = rng() % (T ? T : 1);
+
+        // pack
+        std::vector<uint8_t> want(T * row_bytes + 1, 0xAB), got;
+        cpu::pack(padded.data(), B, L, cu.data(), row_bytes, want.data());
+        for (int unit : {16, 4, 2}) {
+          got.assign(want.size(), 0xCD);
+          const CopyParams p{padded.data(), got.data(), cu.data(), B, L, T, 0};
+          if (unit == 16) run_op<Vec16>(Op::kPack, p, row_bytes);
+          if (unit == 4) run_op<uint32_t>(Op::kPack, p, row_bytes);
+          if (unit == 2) run_op<uint16_t>(Op::kPack, p, row_bytes);
+          if (row_bytes % unit) continue;
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), T * row_bytes)) << "pack unit " << unit << " H " << H;
+        }
+        // unpack (destination pre-filled with garbage: padding must be zeroed)
+        want.assign(B * L * row_bytes, 0xAB);
+        cpu::unpack(packed.data(), cu.data(), B, L, row_bytes, want.data());
+        for (int unit : {16, 4, 2}) {
+          if (row_bytes % unit) continue;
+          got.assign(want.size(), 0xCD);
+          const CopyParams p{packed.data(), got.data(), cu.data(), B, L, B * L, 0};
+          if (unit == 16) run_op<Vec16>(Op::kUnpack, p, row_bytes);
+          if (unit == 4) run_op<uint32_t>(Op::kUnpack, p, row_bytes);
+          if (unit == 2) run_op<uint16_t>(Op::kUnpack, p, row_bytes);
+          ASSERT_EQ(want, got) << "unpack unit " << unit << " H " << H;
+        }
+        // gather
+        if (T == 0) continue;
+        const int64_t M = int64_t(index.size());
+        want.assign(M * row_bytes, 0xAB);
+        cpu::gather(packed.data(), index.data(), M, row_bytes, want.data());
+        for (int unit : {16, 4, 2}) {
+          if (row_bytes % unit) continue;
+          got.assign(want.size(), 0xCD);
+          const CopyParams p{packed.data(), got.data(), index.data(), 0, 0, M, 0};
+          if (unit == 16) run_op<Vec16>(Op::kGather, p, row_bytes);
+          if (unit == 4) run_op<uint32_t>(Op::kGather, p, row_bytes);
+          if (unit == 2) run_op<uint16_t>(Op::kGather, p, row_bytes);
+          ASSERT_EQ(want, got) << "gather unit " << unit << " H " << H;
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelThreads, CopyUnitIsTheLargestThatDividesRowAndPointers) {
+  alignas(16) static uint8_t buf[64];
+  EXPECT_EQ(copy_unit(768, buf, buf + 16), 16);
+  EXPECT_EQ(copy_unit(770, buf, buf + 16), 2);
+  EXPECT_EQ(copy_unit(768, buf + 4, buf), 4);
+  EXPECT_EQ(copy_unit(26, buf, buf), 2);
+  const CopyShape s = copy_shape(1000, 48);
+  EXPECT_EQ(s.bdx, 64);
+  EXPECT_EQ(s.bdy, 4);
+  EXPECT_EQ(s.blocks, 250);
+}
+
+// Pool per-thread functions over the full grid: phase 1 per thread, the
+// block's squared-norm reduction as the wrapper does it, phase 2.
+template <class E, int V>
+std::vector<float> pool_grid(const void* x, const std::vector<int64_t>& cu, int64_t H, PoolMode mode, bool normalize) {
+  const int64_t B = int64_t(cu.size()) - 1;
+  std::vector<float> out(B * H, -777.f);
+  const PoolParams p{x, cu.data(), out.data(), B, H, mode};
+  const int bdx = pool_threads(H / V);
+  for (int64_t b = 0; b < B; ++b) {
+    float sq = 0.f;
+    for (int tx = 0; tx < bdx; ++tx) sq += pool_thread<E, V>(p, b, tx, bdx);
+    if (!normalize) continue;
+    const float scale = inv_norm(sq);
+    for (int tx = 0; tx < bdx; ++tx) scale_thread<V>(p, b, tx, bdx, scale);
+  }
+  return out;
+}
+
+template <class E>
+void check_pool(std::mt19937& rng, DType dt) {
+  constexpr int V = 16 / sizeof(typename E::Storage);
+  const int64_t Hs[] = {1, 5, 8, 16, 100, 384, 768};
+  for (int64_t H : Hs) {
+    for (int trial = 0; trial < 3; ++trial) {
+      const int64_t B = 1 + rng() % 7, L = 1 + rng() % 50;
+      const auto cu = random_cu(rng, B, L, trial == 0);
+      const auto x = random_bytes(rng, dt, cu[B] * H);
+      for (PoolMode mode : {PoolMode::kMean, PoolMode::kCls, PoolMode::kMax}) {
+        for (bool norm : {false, true}) {
+          std::vector<float> want(B * H, -999.f);
+          cpu::segment_pool(x.data(), dt, cu.data(), B, H, mode, norm, want.data());
+          std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, H, mode, norm)};
+          if (H % V == 0) gots.push_back(pool_grid<E, V>(x.data(), cu, H, mode, norm));
+          for (const auto& got : gots)
+            for (int64_t i = 0; i < B * H; ++i)
+              ASSERT_NEAR(got[i], want[i], 1e-5f * (1.f + std::fabs(want[i])))
+                  << "dtype " << to_string(dt) << " H " << H << " mode " << int(mode) << " norm " << norm << " i " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelThreads, PoolGridsMatchCpuKernelForEveryDtypeModeAndWidth) {
+  std::mt19937 rng(11);
+  check_pool<F32>(rng, DType::kFloat32);
+  check_pool<F16>(rng, DType::kFloat16);
+  check_pool<BF16>(rng, DType::kBFloat16);
+}
+
+TEST(KernelCpu, PoolMatchesNaiveLoopsIncludingEmptySegments) {
+  const int64_t H = 3;
+  const std::vector<float> x = {1, 2, 3, -4, 5, 0, 7, -8, 9};
+  const std::vector<int64_t> cu = {0, 2, 2, 3};
+  std::vector<float> out(3 * H);
+  cpu::segment_pool(x.data(), DType::kFloat32, cu.data(), 3, H, PoolMode::kMean, false, out.data());
+  EXPECT_EQ(out, (std::vector<float>{-1.5f, 3.5f, 1.5f, 0, 0, 0, 7, -8, 9}));
+  cpu::segment_pool(x.data(), DType::kFloat32, cu.data(), 3, H, PoolMode::kMax, false, out.data());
+  EXPECT_EQ(out, (std::vector<float>{1, 5, 3, 0, 0, 0, 7, -8, 9}));
+  cpu::segment_pool(x.data(), DType::kFloat32, cu.data(), 3, H, PoolMode::kCls, true, out.data());
+  const float n = std::sqrt(14.f), m = std::sqrt(194.f);
+  const std::vector<float> want = {1 / n, 2 / n, 3 / n, 0, 0, 0, 7 / m, -8 / m, 9 / m};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-6f);
+}
+
+TEST(KernelCpu, MultiThreadedPackAndUnpackMatchNaiveLoopsOnLargeInputs) {
+  // Large enough that threads_for() picks more than one thread where cores allow.
+  std::mt19937 rng(3);
+  const int64_t B = 64, L = 256, H = 384;
+  const auto cu = random_cu(rng, B, L, true);
+  std::vector<float> x(B * L * H);
+  for (auto& v : x) v = float(rng() % 1000);
+  std::vector<float> packed(cu[B] * H), back(B * L * H, 5.f);
+  cpu::pack(x.data(), B, L, cu.data(), H * 4, packed.data());
+  cpu::unpack(packed.data(), cu.data(), B, L, H * 4, back.data());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t h = 0; h < H; h += 37) {
+        const float want = t < cu[b + 1] - cu[b] ? x[(b * L + t) * H + h] : 0.f;
+        ASSERT_EQ(back[(b * L + t) * H + h], want) << b << "," << t << "," << h;
+        if (t < cu[b + 1] - cu[b]) ASSERT_EQ(packed[(cu[b] + t) * H + h], want);
+      }
+}
+
+TensorArg cpu_tensor(void* p, std::vector<int64_t> shape, DType dt) {
+  TensorArg t;
+  t.data = p;
+  t.shape = std::move(shape);
+  t.dtype = dt;
+  return t;
+}
+
+TEST(KernelDispatch, RejectsBadArgumentsBeforeWriting) {
+  std::vector<float> x(2 * 3 * 4, 1.f), out(5 * 4, -1.f);
+  std::vector<int32_t> len = {2, 3};
+  const auto X = cpu_tensor(x.data(), {2, 3, 4}, DType::kFloat32);
+  const auto O = cpu_tensor(out.data(), {5, 4}, DType::kFloat32);
+  const auto Lg = cpu_tensor(len.data(), {2}, DType::kInt32);
+  pack(X, Lg, O);
+  EXPECT_EQ(out[0], 1.f);
+  std::fill(out.begin(), out.end(), -1.f);
+  len[1] = 4;  // > L
+  EXPECT_THROW(pack(X, Lg, O), InvalidArgument);
+  len[1] = -1;
+  EXPECT_THROW(pack(X, Lg, O), InvalidArgument);
+  len[1] = 3;
+  auto bad = X;
+  bad.strides = {12, 1, 3};
+  EXPECT_THROW(pack(bad, Lg, O), InvalidArgument);
+  bad = X;
+  bad.dtype = DType::kFloat16;
+  EXPECT_THROW(pack(bad, Lg, O), InvalidArgument);  // dtype mismatch with out
+  bad = X;
+  bad.device = DeviceType::kCUDA;
+  EXPECT_THROW(pack(bad, Lg, O), InvalidArgument);  // device mismatch
+  bad = X;
+  bad.shape = {int64_t(1) << 40, int64_t(1) << 40, 4};
+  EXPECT_THROW(pack(bad, Lg, O), InvalidArgument);  // overflow
+  EXPECT_EQ(out[0], -1.f);
+}
+
+}  // namespace
+}  // namespace kernels
+}  // namespace fastserve

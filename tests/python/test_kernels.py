@@ -1,0 +1,407 @@
+"""Packing kernels (fastserve.kernels) against naive torch references.
+
+CPU kernels are checked on seeded random shapes for every dtype, with the
+edge cases called out (length-1 and empty sequences, one sequence, B=1,
+L=4096, H not a multiple of 8); every validation error is checked to be a
+ValueError naming the problem. CUDA tests (marked gpu) compare the CUDA
+kernels with the CPU kernels, the oracle.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastserve import _core
+from fastserve import kernels as K
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_k = _core._kernels
+
+
+# ------------------------------------------------------------------ references
+
+
+def ref_pack(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x[b, : int(n)] for b, n in enumerate(lengths)] + [x.new_zeros((0, x.shape[2]))])
+
+
+def ref_unpack(packed: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    out = packed.new_zeros((cu.numel() - 1, max_len, packed.shape[1]))
+    for b in range(cu.numel() - 1):
+        s, e = int(cu[b]), int(cu[b + 1])
+        out[b, : e - s] = packed[s:e]
+    return out
+
+
+def ref_pool(x: torch.Tensor, cu: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
+    rows = []
+    for b in range(cu.numel() - 1):
+        seg = x[int(cu[b]) : int(cu[b + 1])].float()
+        if seg.shape[0] == 0:
+            rows.append(torch.zeros(x.shape[1]))
+        elif mode == "mean":
+            rows.append(seg.double().mean(0).float())
+        elif mode == "cls":
+            rows.append(seg[0])
+        else:
+            rows.append(seg.amax(0))
+    out = torch.stack(rows) if rows else torch.zeros((0, x.shape[1]))
+    return F.normalize(out, dim=1, eps=1e-12) if normalize else out
+
+
+def random_lengths(gen: torch.Generator, b: int, max_len: int, allow_empty: bool = False) -> torch.Tensor:
+    lo = 0 if allow_empty else 1
+    lengths = torch.randint(lo, max_len + 1, (b,), generator=gen)
+    # A mixed distribution: some length-1 and some full-length sequences.
+    lengths[::5] = 1
+    lengths[2::7] = max_len
+    return lengths
+
+
+def randn(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+# Shapes (B, L, H): random ones plus the edge cases named in the issue.
+SHAPES = [
+    (1, 1, 1),  # one sequence of length 1
+    (1, 17, 384),  # B = 1
+    (5, 1, 64),  # every sequence has length 1
+    (3, 4096, 8),  # very long sequences
+    (7, 33, 13),  # H not a multiple of 8 (scalar tail)
+    (9, 20, 771),
+    (64, 128, 384),
+] + [(1 + s * 3, 2 + s * 11, 1 + s * 37) for s in range(6)]
+
+
+# ----------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_pack_matches_torch_reference(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(hash(shape) % 2**31)
+    b, L, h = shape
+    x = randn(gen, shape, dtype)
+    lengths = random_lengths(gen, b, L, allow_empty=True).to(torch.int32)
+    got = K.pack(x, lengths)
+    assert got.dtype == dtype and got.shape == (int(lengths.sum()), h)
+    assert torch.equal(got, ref_pack(x, lengths))
+    # cu_seqlens instead of lengths, int64 instead of int32: same result.
+    assert torch.equal(K.pack(x, K.cu_seqlens_from_lengths(lengths).long()), got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_unpack_inverts_pack_and_zero_fills_padding(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(1 + hash(shape) % 2**31)
+    b, L, h = shape
+    lengths = random_lengths(gen, b, L, allow_empty=True)
+    cu = K.cu_seqlens_from_lengths(lengths)
+    packed = randn(gen, (int(lengths.sum()), h), dtype)
+    got = K.unpack(packed, cu, L)
+    assert got.shape == (b, L, h) and got.dtype == dtype
+    assert torch.equal(got, ref_unpack(packed, cu, L))
+    assert torch.equal(K.pack(got, lengths), packed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unpack_defaults_max_len_to_the_longest_sequence(dtype: torch.dtype) -> None:
+    packed = torch.arange(12, dtype=dtype).reshape(6, 2)
+    cu = torch.tensor([0, 1, 5, 6], dtype=torch.int32)
+    got = K.unpack(packed, cu)
+    assert got.shape == (3, 4, 2)
+    assert torch.equal(got, ref_unpack(packed, cu, 4))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_segment_pool_matches_torch_reference(
+    dtype: torch.dtype, shape: tuple[int, int, int], mode: str, normalize: bool
+) -> None:
+    gen = torch.Generator().manual_seed(2 + hash(shape) % 2**31)
+    b, L, h = shape
+    lengths = random_lengths(gen, b, L, allow_empty=True)
+    cu = K.cu_seqlens_from_lengths(lengths)
+    x = randn(gen, (int(lengths.sum()), h), dtype)
+    got = K.segment_pool(x, cu, mode=mode, normalize=normalize)
+    assert got.dtype == torch.float32 and got.shape == (b, h)
+    torch.testing.assert_close(got, ref_pool(x, cu, mode, normalize), rtol=2e-5, atol=2e-6)
+
+
+def test_segment_pool_of_an_empty_sequence_is_zero_even_normalized() -> None:
+    x = torch.ones((2, 3))
+    cu = torch.tensor([0, 2, 2], dtype=torch.int32)
+    got = K.segment_pool(x, cu, "max", normalize=True)
+    assert torch.equal(got[1], torch.zeros(3))
+    torch.testing.assert_close(got[0], torch.full((3,), 3**-0.5))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int32, torch.int64], ids=str)
+def test_gather_matches_torch_indexing(dtype: torch.dtype, index_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, h in [(1, 1), (10, 13), (300, 384), (50, 7)]:
+        x = (torch.randn((n, h), generator=gen) * 100).to(dtype)
+        idx = torch.randint(0, n, (2 * n + 1,), generator=gen).to(index_dtype)
+        assert torch.equal(K.gather(x, idx), x[idx.long()])
+    x3 = torch.randn((6, 2, 5), generator=gen).to(dtype)
+    idx = torch.tensor([5, 0, 0], dtype=index_dtype)
+    assert torch.equal(K.gather(x3, idx), x3[idx.long()])
+    assert K.gather(x3, idx[:0]).shape == (0, 2, 5)
+
+
+def test_empty_batches_give_empty_outputs() -> None:
+    x = torch.zeros((0, 4, 8))
+    assert K.pack(x, torch.zeros(0, dtype=torch.int32)).shape == (0, 8)
+    cu = torch.zeros(1, dtype=torch.int32)
+    assert K.unpack(torch.zeros((0, 8)), cu, 4).shape == (0, 4, 8)
+    assert K.segment_pool(torch.zeros((0, 8)), cu).shape == (0, 8)
+
+
+def test_unaligned_views_use_the_narrow_copy_path() -> None:
+    # A view starting one element in is contiguous but not 16-byte aligned.
+    base = torch.randn(1 + 4 * 5 * 8).to(torch.float16)
+    x = base[1:].view(4, 5, 8)
+    lengths = torch.tensor([5, 1, 3, 2], dtype=torch.int32)
+    assert torch.equal(K.pack(x, lengths), ref_pack(x, lengths))
+
+
+def test_cuda_kernels_are_compiled_whenever_nvcc_is_present() -> None:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    assert _core.cuda_compiled() is True
+
+
+def test_large_inputs_use_several_threads_where_cores_allow() -> None:
+    assert _k.cpu_threads_for(1 << 10) == 1
+    assert _k.cpu_threads_for(1 << 30) >= 1
+    # Multi-threaded path (size far above the threshold) still matches.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn((64, 512, 768), generator=gen)
+    lengths = random_lengths(gen, 64, 512)
+    packed = K.pack(x, lengths)
+    assert torch.equal(packed, ref_pack(x, lengths))
+    cu = K.cu_seqlens_from_lengths(lengths)
+    assert torch.equal(K.unpack(packed, cu, 512), ref_unpack(packed, cu, 512))
+    torch.testing.assert_close(K.segment_pool(packed, cu), ref_pool(packed, cu, "mean", False), rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def arg(t: torch.Tensor, device: str | None = None, dtype: str | None = None, shape: list[int] | None = None) -> object:
+    """A raw TensorArg, to reach errors the torch-level API cannot produce."""
+    return _k.TensorArg(
+        t.data_ptr(),
+        list(t.shape) if shape is None else shape,
+        list(t.stride()) if shape is None else [],
+        dtype or str(t.dtype).removeprefix("torch."),
+        device or "cpu",
+        0,
+    )
+
+
+X = torch.zeros((2, 3, 4))
+LENGTHS = torch.tensor([2, 3], dtype=torch.int32)
+
+
+def test_non_contiguous_input_is_rejected() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        K.pack(torch.zeros((3, 2, 4)).transpose(0, 1), LENGTHS)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.segment_pool(torch.zeros((4, 6))[:, ::2], torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gather(torch.zeros((4, 6)).t(), torch.tensor([0]))
+
+
+def test_wrong_dtypes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16, got float64"):
+        K.pack(X.double(), LENGTHS)
+    with pytest.raises(ValueError, match="lengths must be int32 or int64, got float32"):
+        K.pack(X, LENGTHS.float())
+    with pytest.raises(ValueError, match="cu_seqlens must be int32 or int64"):
+        K.segment_pool(torch.zeros((3, 4)), torch.tensor([0.0, 3.0]))
+    with pytest.raises(ValueError, match="index must be int32 or int64, got int16"):
+        K.gather(torch.zeros((3, 4)), torch.tensor([0], dtype=torch.int16))
+    with pytest.raises(ValueError, match="got uint8"):
+        K.gather(torch.zeros((3, 4), dtype=torch.uint8), torch.tensor([0]))
+
+
+def test_dtype_mismatch_between_input_and_output_is_rejected() -> None:
+    out = torch.zeros((5, 4), dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"out must have the dtype of x \(float32\), got float16"):
+        _k.pack(arg(X), arg(LENGTHS), arg(out))
+    with pytest.raises(ValueError, match="out must be float32, got float16"):
+        _k.segment_pool(arg(torch.zeros((3, 4))), arg(torch.tensor([0, 3])), arg(torch.zeros((1, 4)).half()), "mean", False)
+
+
+def test_tensors_on_different_devices_are_rejected() -> None:
+    out = torch.zeros((5, 4))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        _k.pack(arg(X), arg(LENGTHS, device="cuda"), arg(out))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a usable GPU")
+def test_cuda_tensors_without_a_gpu_or_cuda_build_are_rejected() -> None:
+    out = torch.zeros((5, 4))
+    expected = "no CUDA device is visible" if _core.cuda_compiled() else "built with CUDA"
+    with pytest.raises(ValueError, match=expected):
+        _k.pack(arg(X, "cuda"), arg(LENGTHS, "cuda"), arg(out, "cuda"))
+
+
+def test_lengths_outside_zero_to_max_len_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"lengths\[1\] = -1 is outside \[0, L = 3\]"):
+        K.pack(X, torch.tensor([2, -1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 4 is outside \[0, L = 3\]"):
+        K.pack(X, torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="B = 2 entries"):
+        K.pack(X, torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="sequence 1 has length 4 > max length 3"):
+        K.pack(X, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="sequence 0 has length 4 > max length 3"):
+        K.unpack(torch.zeros((4, 4)), torch.tensor([0, 4], dtype=torch.int32), 3)
+
+
+@pytest.mark.parametrize(
+    ("cu", "message"),
+    [
+        ([1, 2, 4], r"cu_seqlens\[0\] must be 0, got 1"),
+        ([0, 3, 2, 4], r"non-decreasing, but cu_seqlens\[2\] = 2 < cu_seqlens\[1\] = 3"),
+        ([0, 2, 3], r"cu_seqlens\[-1\] must equal the number of packed rows 4, got 3"),
+        ([0, 2, 5], r"cu_seqlens\[-1\] must equal the number of packed rows 4, got 5"),
+    ],
+)
+def test_malformed_cu_seqlens_are_rejected(cu: list[int], message: str) -> None:
+    packed = torch.zeros((4, 8))
+    for dt in (torch.int32, torch.int64):
+        c = torch.tensor(cu, dtype=dt)
+        with pytest.raises(ValueError, match=message):
+            K.unpack(packed, c, 8)
+        with pytest.raises(ValueError, match=message):
+            K.segment_pool(packed, c)
+    with pytest.raises(ValueError, match="B \\+ 1 >= 1 entries"):
+        K.segment_pool(packed, torch.zeros(0, dtype=torch.int32))
+
+
+def test_out_of_range_indices_are_rejected() -> None:
+    x = torch.zeros((3, 4))
+    for dt in (torch.int32, torch.int64):
+        with pytest.raises(ValueError, match=r"index\[1\] = 3 is out of range for 3 rows"):
+            K.gather(x, torch.tensor([0, 3], dtype=dt))
+        with pytest.raises(ValueError, match=r"index\[0\] = -1 is out of range"):
+            K.gather(x, torch.tensor([-1], dtype=dt))
+
+
+def test_wrong_output_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"out must have shape \[5, 4\], got \[4, 4\]"):
+        _k.pack(arg(X), arg(LENGTHS), arg(torch.zeros((4, 4))))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"out must have shape \[2, 3, 4\], got \[2, 3, 5\]"):
+        _k.unpack(arg(torch.zeros((5, 4))), arg(cu), arg(torch.zeros((2, 3, 5))))
+    with pytest.raises(ValueError, match=r"out must have shape \[2, 4\]"):
+        _k.segment_pool(arg(torch.zeros((5, 4))), arg(cu), arg(torch.zeros((3, 4))), "mean", False)
+    with pytest.raises(ValueError, match=r"out must have shape \[1, 4\]"):
+        _k.gather(arg(torch.zeros((5, 4))), arg(torch.tensor([0])), arg(torch.zeros((1, 5))))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        K.pack(torch.zeros((2, 3)), LENGTHS)
+
+
+def test_sizes_that_overflow_are_rejected() -> None:
+    t = torch.zeros(4)
+    with pytest.raises(ValueError, match="too many elements"):
+        _k.pack(arg(t, shape=[2**40, 2**40, 4]), arg(LENGTHS), arg(t, shape=[5, 4]))
+    with pytest.raises(ValueError, match="too large"):
+        _k.gather(arg(t, shape=[2**62, 1]), arg(torch.tensor([0])), arg(t, shape=[1, 1]))
+    with pytest.raises(ValueError, match="negative dimension"):
+        _k.gather(arg(t, shape=[-1, 4]), arg(torch.tensor([0])), arg(t, shape=[1, 4]))
+
+
+def test_unknown_pool_mode_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mode must be 'mean', 'cls' or 'max', got 'sum'"):
+        K.segment_pool(torch.zeros((2, 4)), torch.tensor([0, 2]), mode="sum")  # type: ignore[arg-type]
+
+
+def test_validation_failures_write_nothing() -> None:
+    out = torch.full((5, 4), 7.0)
+    with pytest.raises(ValueError):
+        _k.pack(arg(torch.ones((2, 3, 4))), arg(torch.tensor([2, 4], dtype=torch.int32)), arg(out))
+    assert torch.equal(out, torch.full((5, 4), 7.0))
+
+
+# --------------------------------------------------------------- CUDA vs CPU
+
+
+GPU_SHAPES = [(1, 1, 1), (1, 17, 384), (7, 33, 13), (3, 4096, 8), (64, 128, 768), (9, 20, 771)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_cuda_pack_and_unpack_match_cpu_kernels(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    b, L, h = shape
+    x = randn(gen, shape, dtype)
+    lengths = random_lengths(gen, b, L, allow_empty=True).to(torch.int32)
+    cu = K.cu_seqlens_from_lengths(lengths)
+    want = K.pack(x, lengths)
+    got = K.pack(x.cuda(), lengths.cuda())
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(K.unpack(got, cu.cuda(), L).cpu(), K.unpack(want, cu, L))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_cuda_segment_pool_matches_cpu_kernel(
+    dtype: torch.dtype, shape: tuple[int, int, int], mode: str, normalize: bool
+) -> None:
+    gen = torch.Generator().manual_seed(6)
+    b, L, h = shape
+    lengths = random_lengths(gen, b, L, allow_empty=True)
+    cu = K.cu_seqlens_from_lengths(lengths)
+    x = randn(gen, (int(lengths.sum()), h), dtype)
+    want = K.segment_pool(x, cu, mode, normalize)
+    got = K.segment_pool(x.cuda(), cu.cuda(), mode, normalize)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_gather_matches_cpu_kernel_and_checks_bounds(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for n, h in [(1, 1), (10, 13), (300, 384), (50, 7)]:
+        x = randn(gen, (n, h), dtype)
+        idx = torch.randint(0, n, (2 * n + 1,), generator=gen)
+        assert torch.equal(K.gather(x.cuda(), idx.cuda()).cpu(), K.gather(x, idx))
+    with pytest.raises(ValueError, match="out of range"):
+        K.gather(torch.zeros((3, 4), device="cuda"), torch.tensor([3], device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_run_on_the_current_stream_and_on_unaligned_views() -> None:
+    gen = torch.Generator().manual_seed(8)
+    base = randn(gen, (1 + 4 * 5 * 8,), torch.float16)
+    x = base[1:].view(4, 5, 8)  # contiguous, not 16-byte aligned
+    lengths = torch.tensor([5, 1, 3, 2], dtype=torch.int32)
+    want = K.pack(x, lengths)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        xc = base.cuda()[1:].view(4, 5, 8)
+        got = K.pack(xc, lengths.cuda())
+    s.synchronize()
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_tensors_on_different_devices() -> None:
+    with pytest.raises(ValueError, match="one device"):
+        K.pack(torch.zeros((2, 3, 4), device="cuda"), LENGTHS)
