@@ -18,9 +18,10 @@ from . import _core
 from .errors import EngineClosedError, FastServeError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import resolve_device, resolve_dtype
-from .runners import PaddedRunner
+from .runners import PackedRunner, PaddedRunner, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
+EXECUTIONS = ("auto", "packed", "padded")
 
 
 class InferenceError(FastServeError, RuntimeError):
@@ -86,6 +87,7 @@ class Engine:
         truncate: bool = True,
         target_latency_ms: float = 50.0,
         policy: str = "model",
+        execution: str = "auto",
         max_batch_tokens: int = 8192,
         min_batch_tokens: int = 32,
         max_batch_size: int = 256,
@@ -100,6 +102,8 @@ class Engine:
             raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
 
@@ -133,9 +137,14 @@ class Engine:
         else:
             self.labels = []
 
-        self.runner = PaddedRunner(
-            net, task=task, pooling=self.pooling, normalize=normalize, device=self.device
-        )
+        if execution == "packed" and not packed_supported(net):
+            raise ValueError(
+                f"execution='packed' supports BERT-family encoders; this is {net.config.model_type!r} "
+                "(use 'auto' or 'padded')"
+            )
+        packed = execution == "packed" or (execution == "auto" and packed_supported(net))
+        runner_cls = PackedRunner if packed else PaddedRunner
+        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -143,7 +152,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_request_tokens=self.max_length if truncate else 1 << 30,
             pad_token_id=pad if pad is not None else 0,
-            cost="padded",
+            cost=self.runner.name,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
@@ -193,11 +202,43 @@ class Engine:
 
     def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
-        for it. Raises QueueFullError at once when the queue is full."""
+        for it, and once done carries `future.timing` = {"queue_s",
+        "inference_s"}. Raises QueueFullError at once when the queue is full."""
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
         ids = self._tokens([text])[0]
         return self._submit_tokens(ids, priority, timeout)
+
+    def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
+        """Queue one already tokenized input (ids of this engine's tokenizer,
+        special tokens included). Longer than max_length: cut to it with
+        truncate=True, else InvalidInputError."""
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+            raise InvalidInputError(f"token ids must be a sequence of int, got {type(token_ids).__name__}")
+        if not token_ids:
+            raise InvalidInputError("token ids must not be empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise InvalidInputError("token ids must all be int")
+        vocab = self.vocab_size
+        bad = next((t for t in token_ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.max_length:
+            if not self.truncate:
+                raise InvalidInputError(
+                    f"input is {len(token_ids)} tokens long; the model's limit is {self.max_length}"
+                )
+            token_ids = token_ids[: self.max_length]
+        return self._submit_tokens(token_ids, priority, timeout)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, as the engine would submit them (special
+        tokens added, truncated to max_length when truncate=True)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("tokenize takes a list of texts")
+        return self._tokens(texts)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -250,6 +291,10 @@ class Engine:
         s["torch_threads"] = torch.get_num_threads()
         s["health"] = self.health()
         return s
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     @property
     def dim(self) -> int:
@@ -388,9 +433,21 @@ class Engine:
                     err.__cause__ = e
                     fut.set_exception(err)
             return
-        self._scheduler.complete(batch, time.perf_counter() - t0)
-        for fut, row in zip(futures, rows):
+        except BaseException as e:  # the worker is dying: its batch must not hang
+            self._scheduler.fail(batch)
+            for fut in futures:
+                if fut is not None:
+                    err = EngineClosedError(f"the engine's worker died: {e!r}")
+                    err.__cause__ = e
+                    fut.set_exception(err)
+            raise
+        compute = time.perf_counter() - t0
+        self._scheduler.complete(batch, compute)
+        queued = batch.assembled_at - batch.arrivals
+        for fut, row, q in zip(futures, rows, queued):
             if fut is not None:
+                # Per-request timing for callers that report it (HTTP headers).
+                fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
 
     def _result(self, row: np.ndarray):

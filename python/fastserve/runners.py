@@ -55,3 +55,147 @@ class PaddedRunner:
             if self.normalize:
                 rows = F.normalize(rows, p=2, dim=-1)
         return rows.cpu().numpy()
+
+
+# Architectures whose layers the packed runner drives directly. BERT-like
+# models share BertLayer's structure; DistilBERT has its own block.
+_BERT_LIKE = {"bert": 0, "roberta": 1, "xlm-roberta": 1, "camembert": 1}  # value: position offset kind
+_DISTIL = {"distilbert"}
+
+
+def packed_supported(model: torch.nn.Module) -> bool:
+    """True when PackedRunner can run `model` exactly: a BERT-family encoder
+    with absolute position embeddings and no cross-attention."""
+    cfg = model.config
+    if cfg.model_type not in _BERT_LIKE and cfg.model_type not in _DISTIL:
+        return False
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return False
+    return getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
+
+
+def _equal_length_runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first token, sequences, length) of each run of consecutive sequences
+    with the same length. The scheduler emits rows sorted by length, so a
+    batch usually has one run per distinct length; any order stays exact."""
+    runs = []
+    n = len(lengths)
+    i = tok = 0
+    while i < n:
+        j = i
+        while j + 1 < n and lengths[j + 1] == lengths[i]:
+            j += 1
+        count, length = j - i + 1, int(lengths[i])
+        runs.append((tok, count, length))
+        tok += count * length
+        i = j + 1
+    return runs
+
+
+class _PackedAttention:
+    """Self-attention over packed tokens [T, H], one SDPA call per run of
+    equal-length sequences: no padding, no mask, exact."""
+
+    def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
+        # One GEMM for Q, K and V instead of three (same weights, concatenated once).
+        self.weight = torch.cat([q.weight, k.weight, v.weight]).detach()
+        self.bias = torch.cat([q.bias, k.bias, v.bias]).detach()
+        self.heads = heads
+
+    def __call__(self, h: torch.Tensor, runs, varlen) -> torch.Tensor:
+        T, H = h.shape
+        nh, hd = self.heads, H // self.heads
+        qkv = F.linear(h, self.weight, self.bias).view(T, 3, nh, hd)
+        if varlen is not None:
+            return varlen(qkv).reshape(T, H)
+        out = torch.empty(T, nh, hd, dtype=h.dtype, device=h.device)
+        for start, n, length in runs:
+            g = qkv[start : start + n * length].view(n, length, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(g[0], g[1], g[2])  # [n, nh, length, hd]
+            out[start : start + n * length] = o.transpose(1, 2).reshape(n * length, nh, hd)
+        return out.view(T, H)
+
+
+class PackedRunner:
+    """Runs BERT-family models on packed tokens [T, H] with the model's own
+    modules: embeddings with per-sequence position ids, Q/K/V and feed-forward
+    on all real tokens at once, attention per run of equal-length sequences,
+    pooling by segment. No compute is spent on padding."""
+
+    name = "packed"
+
+    def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device) -> None:
+        if not packed_supported(model):
+            raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
+        cfg = model.config
+        self.model = model
+        self.task = task
+        self.pooling = pooling
+        self.normalize = normalize
+        self.device = device
+        self.base = model.base_model
+        self.distil = cfg.model_type in _DISTIL
+        # RoBERTa-family position ids start after padding_idx.
+        self.position_offset = cfg.pad_token_id + 1 if _BERT_LIKE.get(cfg.model_type) == 1 else 0
+        if self.distil:
+            self.blocks = list(self.base.transformer.layer)
+            self.attn = [_PackedAttention(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, cfg.n_heads)
+                         for b in self.blocks]
+        else:
+            self.blocks = list(self.base.encoder.layer)
+            self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
+                                          cfg.num_attention_heads) for b in self.blocks]
+        self._flash = _flash_varlen() if device.type == "cuda" else None
+
+    def hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the device."""
+        dev = self.device
+        ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
+        pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
+        cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
+        if self.position_offset:
+            pos = pos + self.position_offset
+        h = self.base.embeddings(input_ids=ids[None], position_ids=pos[None])[0]
+        runs = _equal_length_runs(batch.lengths)
+        varlen = None
+        if self._flash is not None and h.dtype in (torch.float16, torch.bfloat16):
+            maxlen = int(batch.max_seqlen)
+            varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
+        for block, attn in zip(self.blocks, self.attn):
+            ctx = attn(h, runs, varlen)
+            if self.distil:
+                a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
+                h = block.output_layer_norm(block.ffn(a) + a)
+            else:
+                a = block.attention.output(ctx, h)
+                h = block.output(block.intermediate(a), a)
+        return h, cu
+
+    def run(self, batch) -> np.ndarray:
+        from . import kernels
+
+        h, cu = self.hidden(batch)
+        if self.task == "classify":
+            cls = h[cu[:-1].long()]
+            rows = torch.softmax(self._classify(cls).float(), dim=-1)
+        else:
+            rows = kernels.segment_pool(h, cu, mode=self.pooling, normalize=self.normalize)
+        return rows.cpu().numpy()
+
+    def _classify(self, cls: torch.Tensor) -> torch.Tensor:
+        """The model's own classification head on the first token of each sequence."""
+        m = self.model
+        if self.distil:
+            x = torch.relu(m.pre_classifier(cls))
+            return m.classifier(m.dropout(x))
+        if self.model.config.model_type == "bert":
+            return m.classifier(m.dropout(self.base.pooler(cls[:, None, :])))
+        return m.classifier(cls[:, None, :])  # RoBERTa head reads features[:, 0]
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func

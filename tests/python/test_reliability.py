@@ -1,0 +1,380 @@
+"""Reliability: bad input, backpressure, deadlines, cancellation, faults,
+shutdown, and exactly-once resolution under randomised stress. Time-dependent
+behaviour runs on the engine's ManualClock; the worker is held inside a batch
+with an Event where a test needs requests to stay queued. No sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import random
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine, _core
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tm.model("bert")
+
+
+class Gate:
+    """Wraps a runner: records every request id that reaches the model and
+    holds the worker inside the first batch until released."""
+
+    def __init__(self, engine: Engine, hold_first: bool = True) -> None:
+        self.engine = engine
+        self.inner = engine.runner.run
+        self.seen: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.hold = hold_first
+        engine.runner.run = self
+
+    def __call__(self, batch):
+        self.seen.extend(int(i) for i in batch.ids)
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            assert self.release.wait(60), "test never released the worker"
+        return self.inner(batch)
+
+
+def _wait_queued(engine: Engine, n: int) -> None:
+    # Submission is synchronous: once submit() returned, the request is queued.
+    assert engine.stats()["queue_depth"] == n
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_empty_and_whitespace_texts_embed_like_the_model_does(bert):
+    with Engine(bert, tm.tokenizer()) as engine:
+        for text in ("", "   ", "\n\t"):
+            np.testing.assert_allclose(engine.embed(text), tm.reference(bert, text), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, 42, 3.5, b"bytes are not text", bytearray(b"x"), ["nested"], {"a": 1}],
+    ids=["None", "int", "float", "bytes", "bytearray", "list-as-text", "dict"],
+)
+def test_non_string_inputs_raise_invalid_input_and_the_engine_keeps_serving(bert, bad):
+    with Engine(bert, tm.tokenizer()) as engine:
+        with pytest.raises(fastserve.InvalidInputError):
+            engine.submit(bad)
+        with pytest.raises(fastserve.InvalidInputError):
+            engine.embed([bad]) if not isinstance(bad, (bytes, bytearray)) else engine.embed(bad)
+        assert engine.embed("still fine").shape == (32,)
+        assert engine.stats()["submitted"] == 1
+
+
+def test_a_list_mixing_types_is_refused_whole_naming_the_index(bert):
+    with Engine(bert, tm.tokenizer()) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="index 2"):
+            engine.embed(["a", "b", None, "d"])
+        assert engine.stats()["submitted"] == 0  # nothing half-submitted
+
+
+def test_a_100000_character_text_is_truncated_to_the_model_limit(bert):
+    text = "lorem ipsum dolor " * 5600
+    assert len(text) > 100_000
+    with Engine(bert, tm.tokenizer()) as engine:
+        np.testing.assert_allclose(engine.embed(text), tm.reference(bert, text), atol=1e-5)
+        assert engine.stats()["batch_tokens"]["max"] <= 128
+
+
+def test_lone_surrogates_are_a_defined_result_or_a_typed_error(bert):
+    # A lone surrogate cannot be encoded as UTF-8: the engine refuses it with
+    # InvalidInputError rather than crashing the tokenizer or the worker.
+    with Engine(bert, tm.tokenizer()) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="tokenized"):
+            engine.embed("half a pair: \ud800 here")
+        assert engine.embed("after the surrogate").shape == (32,)
+
+
+def test_an_empty_list_returns_an_empty_matrix(bert):
+    with Engine(bert, tm.tokenizer()) as engine:
+        assert engine.embed([]).shape == (0, 32)
+        assert asyncio.run(engine.aembed([])).shape == (0, 32)
+
+
+# -------------------------------------------------------------- backpressure
+
+
+def test_flooding_100000_submissions_is_bounded_and_every_accepted_request_completes(bert):
+    n_threads, per_thread = 8, 12_500
+    with Engine(bert, tm.tokenizer(), max_queue=256) as engine:
+        accepted: list[list[cf.Future]] = [[] for _ in range(n_threads)]
+        rejected = [0] * n_threads
+
+        def flood(k: int) -> None:
+            for i in range(per_thread):
+                try:
+                    accepted[k].append(engine.submit(f"request {k} {i % 50}"))
+                except fastserve.QueueFullError:
+                    rejected[k] += 1
+                if i % 1000 == 999:  # keep memory bounded on the caller's side too
+                    accepted[k] = [f for f in accepted[k] if not f.done() or f.exception() is not None]
+
+        tracemalloc.start()
+        threads = [threading.Thread(target=flood, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        pending = [f for fs in accepted for f in fs]
+        done, not_done = cf.wait(pending, timeout=120)
+        s = engine.stats()
+    assert not not_done
+    assert all(f.exception() is None for f in done)
+    assert s["submitted"] + s["rejected"] == n_threads * per_thread
+    assert s["rejected"] == sum(rejected) > 0  # the bound was hit
+    assert s["completed"] == s["submitted"]  # every accepted request completed
+    assert s["queue_depth"] == 0
+    # At most 256 queued requests plus the callers' bookkeeping: far below
+    # what 100,000 queued requests and futures would take.
+    assert peak < 64 * 1024 * 1024
+
+
+def test_the_token_bound_rejects_at_once(bert):
+    with Engine(bert, tm.tokenizer(), max_queue=1000, max_queue_tokens=64) as engine:
+        gate = Gate(engine)
+        first = engine.submit("hold the worker")
+        assert gate.entered.wait(30)
+        queued = [engine.submit("word " * 20)]  # 22 tokens
+        queued.append(engine.submit("word " * 20))
+        with pytest.raises(fastserve.QueueFullError):
+            engine.submit("word " * 30)
+        gate.release.set()
+        for f in [first, *queued]:
+            assert f.result(timeout=30).shape == (32,)
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_a_request_past_its_deadline_fails_with_timeout_and_never_reaches_the_model(bert):
+    clock = _core.ManualClock(0.0)
+    with Engine(bert, tm.tokenizer(), clock=clock) as engine:
+        gate = Gate(engine)
+        first = engine.submit("keeps the worker busy")
+        assert gate.entered.wait(30)
+        late = engine.submit("has a deadline", timeout=0.5)
+        patient = engine.submit("has none")
+        clock.advance(1.0)
+        gate.release.set()
+        with pytest.raises(fastserve.RequestTimeoutError) as info:
+            late.result(timeout=30)
+        assert isinstance(info.value, TimeoutError)
+        assert patient.result(timeout=30).shape == (32,)
+        first.result(timeout=30)
+        s = engine.stats()
+    assert s["expired"] == 1 and s["completed"] == 2
+    assert len(gate.seen) == 2  # the expired request used no compute
+
+
+# --------------------------------------------------------------- cancellation
+
+
+def test_future_cancel_removes_a_queued_request(bert):
+    with Engine(bert, tm.tokenizer()) as engine:
+        gate = Gate(engine)
+        first = engine.submit("busy")
+        assert gate.entered.wait(30)
+        doomed = engine.submit("cancel me")
+        kept = engine.submit("keep me")
+        _wait_queued(engine, 2)
+        assert doomed.cancel()
+        _wait_queued(engine, 1)
+        gate.release.set()
+        assert kept.result(timeout=30).shape == (32,)
+        first.result(timeout=30)
+        s = engine.stats()
+    assert doomed.cancelled()
+    assert s["cancelled"] == 1 and s["completed"] == 2 and len(gate.seen) == 2
+
+
+def test_cancelling_an_asyncio_task_removes_its_request(bert):
+    with Engine(bert, tm.tokenizer()) as engine:
+        gate = Gate(engine)
+        first = engine.submit("busy")
+        assert gate.entered.wait(30)
+
+        async def main():
+            task = asyncio.ensure_future(engine.aembed("cancel this coroutine"))
+            other = asyncio.ensure_future(engine.aembed("this one runs"))
+            await asyncio.sleep(0)  # let both submit
+            _wait_queued(engine, 2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            _wait_queued(engine, 1)
+            gate.release.set()
+            return await other
+
+        assert asyncio.run(main()).shape == (32,)
+        first.result(timeout=30)
+        s = engine.stats()
+    assert s["cancelled"] == 1 and len(gate.seen) == 2
+
+
+# ------------------------------------------------------------ fault isolation
+
+
+class WorkerKiller(BaseException):
+    """Escapes `except Exception`: kills the worker thread."""
+
+
+def test_a_dead_worker_makes_the_engine_unhealthy_and_fails_pending_requests(bert):
+    engine = Engine(bert, tm.tokenizer())
+    gate = Gate(engine)
+    first = engine.submit("the batch that kills the worker")
+    assert gate.entered.wait(30)
+    queued = [engine.submit(f"queued {i}") for i in range(5)]
+
+    def killer(batch):
+        raise WorkerKiller("boom")
+
+    gate.inner = killer
+    hook = threading.excepthook
+    threading.excepthook = lambda args: None  # the thread's death is expected here
+    try:
+        gate.release.set()
+        with pytest.raises(fastserve.EngineClosedError, match="worker died"):
+            first.result(timeout=30)
+        for f in queued:
+            with pytest.raises(fastserve.EngineClosedError):
+                f.result(timeout=30)
+        engine._worker.join(30)
+    finally:
+        threading.excepthook = hook
+    h = engine.health()
+    assert not h["healthy"] and not h["worker_alive"] and "boom" in h["error"]
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.submit("after death")
+    engine.close()
+
+
+# ------------------------------------------------------------------- shutdown
+
+
+@pytest.mark.parametrize("drain", [False, True])
+def test_close_completes_the_running_batch_and_fails_or_drains_the_queue(bert, drain):
+    before = {t.ident for t in threading.enumerate()}
+    engine = Engine(bert, tm.tokenizer())
+    gate = Gate(engine)
+    running = engine.submit("running")
+    assert gate.entered.wait(30)
+    queued = [engine.submit(f"queued {i}") for i in range(4)]
+    closer = threading.Thread(target=engine.close, kwargs={"drain": drain})
+    closer.start()
+    gate.release.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert running.result(timeout=1).shape == (32,)
+    for f in queued:
+        if drain:
+            assert f.result(timeout=1).shape == (32,)
+        else:
+            with pytest.raises(fastserve.EngineClosedError):
+                f.result(timeout=1)
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.submit("after close")
+    assert {t.ident for t in threading.enumerate()} <= before  # no thread leaked
+
+
+# --------------------------------------------------- exactly once, randomised
+
+
+def _stress(bert, seed: int, operations: int) -> dict[str, int]:
+    """Random mixes of submit, cancel, timeouts, injected faults and close;
+    every submitted request must resolve exactly once."""
+    rng = random.Random(seed)
+    clock = _core.ManualClock(0.0)
+    engine = Engine(bert, tm.tokenizer(), clock=clock, max_queue=64)
+    inner = engine.runner.run
+    resolutions: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def faulty(batch):
+        if rng.random() < 0.15:
+            raise RuntimeError("injected fault")
+        clock.advance(rng.random() * 0.02)  # batches take simulated time
+        return inner(batch)
+
+    engine.runner.run = faulty
+    futures: list[cf.Future] = []
+
+    def track(f: cf.Future) -> None:
+        with lock:
+            resolutions[id(f)] = resolutions.get(id(f), 0) + 1
+
+    close_at = rng.randrange(operations // 2, operations)
+    for op in range(operations):
+        r = rng.random()
+        try:
+            if r < 0.6:
+                timeout = rng.choice([None, None, 0.0, 0.005, 0.05])
+                f = engine.submit(rng.choice(["short", "a bit longer text", "word " * 40]), timeout=timeout)
+                f.add_done_callback(track)
+                futures.append(f)
+            elif r < 0.8 and futures:
+                rng.choice(futures).cancel()
+            elif r < 0.9:
+                clock.advance(rng.random() * 0.01)
+            elif op >= close_at:
+                engine.close(drain=rng.random() < 0.5)
+        except fastserve.QueueFullError:
+            pass
+        except fastserve.EngineClosedError:
+            break
+    engine.close()
+    outcomes = {"result": 0, "timeout": 0, "fault": 0, "closed": 0, "cancelled": 0}
+    for f in futures:
+        assert f.done(), "a request was left hanging"
+        if f.cancelled():
+            outcomes["cancelled"] += 1
+            continue
+        e = f.exception()
+        if e is None:
+            outcomes["result"] += 1
+        elif isinstance(e, fastserve.RequestTimeoutError):
+            outcomes["timeout"] += 1
+        elif isinstance(e, fastserve.InferenceError):
+            outcomes["fault"] += 1
+        elif isinstance(e, fastserve.EngineClosedError):
+            outcomes["closed"] += 1
+        else:
+            raise AssertionError(f"unexpected outcome {e!r}")
+    assert len(resolutions) == len(futures)
+    assert set(resolutions.values()) == {1}  # each resolved exactly once
+    assert engine.health()["worker_alive"] is False
+    return outcomes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_request_resolves_exactly_once_under_random_stress(bert, seed):
+    outcomes = _stress(bert, seed, operations=400)
+    assert sum(outcomes.values()) > 0
+
+
+@pytest.mark.slow
+def test_long_random_stress():
+    bert = tm.model("bert")
+    n = int(os.environ.get("FASTSERVE_STRESS_SEEDS", "200"))
+    totals: dict[str, int] = {}
+    for seed in range(n):
+        for k, v in _stress(bert, 1000 + seed, operations=2000).items():
+            totals[k] = totals.get(k, 0) + v
+    print("long stress outcomes:", totals)
+    assert totals["result"] > 0 and totals["fault"] > 0 and totals["cancelled"] > 0
