@@ -58,6 +58,16 @@ def _stream(t: torch.Tensor) -> int:
     return 0
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, with an allocation failure raised as MemoryError."""
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if "alloc" in str(e).lower() or isinstance(e, torch.OutOfMemoryError):
+            raise MemoryError(f"cannot allocate an output of shape {list(shape)} ({dtype}): {e}") from None
+        raise
+
+
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """cu_seqlens [B + 1] int32 (0, l0, l0 + l1, ...) on lengths' device."""
     out = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
@@ -77,7 +87,9 @@ def pack(x: torch.Tensor, lengths: torch.Tensor, *, total: int | None = None) ->
         else:
             total = int(lengths.sum()) if lengths.numel() else 0
     h = x.shape[2] if x.dim() == 3 else 0
-    out = torch.empty((max(total, 0), h), dtype=x.dtype, device=x.device)
+    if x.dim() == 3 and total > x.shape[0] * x.shape[1]:
+        raise ValueError(f"total={total} exceeds the {x.shape[0] * x.shape[1]} tokens x [B, L, H] can hold")
+    out = _empty((max(total, 0), h), x.dtype, x.device)
     _k.pack(_arg(x, "x"), _arg(lengths, "lengths"), _arg(out, "out"), _stream(x))
     return out
 
@@ -93,7 +105,7 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None =
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
     h = packed.shape[1] if packed.dim() == 2 else 0
-    out = torch.empty((b, max_len, h), dtype=packed.dtype, device=packed.device)
+    out = _empty((b, max_len, h), packed.dtype, packed.device)
     _k.unpack(_arg(packed, "packed"), _arg(cu_seqlens, "cu_seqlens"), _arg(out, "out"), _stream(packed))
     return out
 
@@ -109,7 +121,7 @@ def segment_pool(
     """
     b = max(cu_seqlens.shape[0] - 1, 0) if cu_seqlens.dim() == 1 else 0
     h = x.shape[1] if x.dim() == 2 else 0
-    out = torch.empty((b, h), dtype=torch.float32, device=x.device)
+    out = _empty((b, h), torch.float32, x.device)
     _k.segment_pool(_arg(x, "x"), _arg(cu_seqlens, "cu_seqlens"), _arg(out, "out"), mode, bool(normalize), _stream(x))
     return out
 
@@ -117,6 +129,6 @@ def segment_pool(
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, ...] by index [M]: out[i] = x[index[i]], with 0 <= index < N."""
     m = index.shape[0] if index.dim() == 1 else 0
-    out = torch.empty((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _empty((m, *x.shape[1:]), x.dtype, x.device)
     _k.gather(_arg(x, "x"), _arg(index, "index"), _arg(out, "out"), _stream(x))
     return out
