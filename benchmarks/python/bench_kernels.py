@@ -1,14 +1,19 @@
 """CPU packing kernels: GB/s against a plain memory copy of the same bytes.
 
     python benchmarks/python/bench_kernels.py [--batch 64] [--max-len 128] [--hidden 384 768] [--rounds 3]
+    python benchmarks/python/bench_kernels.py --large   # also B=256, L=256, H=768 (tens of MB)
 
 For each kernel and dtype, bytes moved = bytes read + bytes written (index
 arrays excluded: they are < 0.1% here). The baseline copies a tensor of half
 that many bytes with torch's copy_ (so it also reads and writes the same
 total) in the same run; "ratio" is kernel GB/s over copy GB/s. Lengths are
 drawn from a mixed distribution (half short, a third medium, the rest up to
-max_len), as in a serving batch. Each figure is the median of many calls,
-and the best of --rounds rounds (the machine may be busy).
+max_len), as in a serving batch. Each figure is the fastest of many calls,
+and the best of --rounds rounds (the machine may be busy). The default size
+(a few MB) is cache-resident; --large adds one past the last-level cache,
+where memory bandwidth rules. FASTSERVE_KERNEL_THREAD_BYTES and
+FASTSERVE_KERNEL_NO_SIMD (see csrc/kernels/cpu/kernels_cpu.cpp) change the
+kernels' threading and SIMD path, for comparing.
 """
 
 from __future__ import annotations
@@ -117,24 +122,34 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[384, 768])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--large", action="store_true", help="also run B=256, L=256, H=768")
     args = ap.parse_args()
 
+    configs = [(args.batch, args.max_len, args.hidden)]
+    if args.large:
+        configs.append((256, 256, [768]))
+    for batch, max_len, hiddens in configs:
+        report(batch, max_len, hiddens, args.rounds, args.seed)
+
+
+def report(batch: int, max_len: int, hiddens: list[int], rounds: int, seed: int) -> None:
     best: dict[tuple[str, str, int], tuple[float, float, int]] = {}
-    for _ in range(args.rounds):
-        for key, (gbps, base, moved) in run_round(args.batch, args.max_len, args.hidden, args.seed).items():
+    for _ in range(rounds):
+        for key, (gbps, base, moved) in run_round(batch, max_len, hiddens, seed).items():
             old = best.get(key)
             best[key] = (max(gbps, old[0]) if old else gbps, max(base, old[1]) if old else base, moved)
 
-    lengths = mixed_lengths(torch.Generator().manual_seed(args.seed), args.batch, args.max_len)
+    lengths = mixed_lengths(torch.Generator().manual_seed(seed), batch, max_len)
     print(
-        f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads; B={args.batch}, L={args.max_len}, "
-        f"T={int(lengths.sum())} (mixed lengths, mean {lengths.float().mean():.1f}); "
-        f"best of {args.rounds} rounds\n"
+        f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads, {_k.cpu_threads_for(1 << 30)} kernel threads "
+        f"at most; B={batch}, L={max_len}, T={int(lengths.sum())} (mixed lengths, mean {lengths.float().mean():.1f}); "
+        f"best of {rounds} rounds\n"
     )
     print("| kernel | dtype | H | MB moved | kernel GB/s | copy GB/s | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (op, name, h), (gbps, base, moved) in best.items():
         print(f"| {op} | {name} | {h} | {moved / 1e6:.1f} | {gbps:.1f} | {base:.1f} | {gbps / base:.0%} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("pad_token_id", &SchedulerConfig::pad_token_id)
       .def_readwrite("aging_s", &SchedulerConfig::aging_s)
       .def_readwrite("lookahead", &SchedulerConfig::lookahead)
+      .def_readwrite("min_fill", &SchedulerConfig::min_fill)
       .def_property(
           "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },
           [](SchedulerConfig& c, const std::string& s) { c.cost = cost_from_string(s); })

@@ -125,16 +125,24 @@ class ModelController final : public FittedController {
 
  protected:
   double log_step(double budget) const override {
-    double b = fit_.slope(), a = fit_.intercept();
-    double goal = c_.model_headroom * c_.target_latency_s;
-    double want = b > 0 ? (goal - a) / b : static_cast<double>(c_.max_tokens);
-    want = clampd(want, c_.min_tokens, c_.max_tokens);
+    double want = clampd(goal_tokens(), c_.min_tokens, c_.max_tokens);
     // Move half way (in log space) each step: damps the fit's noise.
     return 0.5 * std::log(want / budget);
   }
+  // The largest budget whose predicted latency meets the target. When not
+  // even the smallest batch can meet it (an overloaded or slower machine),
+  // shrinking would only cut throughput, grow the queue and miss by more:
+  // aim instead at 4a/b, where throughput B / (a + bB) reaches 80% of its
+  // asymptote 1/b, and let the queue drain.
+  double goal_tokens() const {
+    const double b = fit_.slope(), a = fit_.intercept();
+    const double goal = c_.model_headroom * c_.target_latency_s;
+    if (b <= 0) return static_cast<double>(c_.max_tokens);
+    if (goal <= a + b * static_cast<double>(c_.min_tokens)) return 4 * a / b;
+    return (goal - a) / b;
+  }
   std::map<std::string, double> extra_state() const override {
-    double b = fit_.slope(), a = fit_.intercept();
-    return {{"model_goal_tokens", b > 0 ? (c_.model_headroom * c_.target_latency_s - a) / b : 0}};
+    return {{"model_goal_tokens", goal_tokens()}};
   }
 };
 

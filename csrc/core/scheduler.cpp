@@ -25,6 +25,7 @@ void SchedulerConfig::validate() const {
     fail("max_request_tokens must be in [1, 2^30]");
   if (!(aging_s > 0)) fail("aging_s must be positive (use a large value to disable aging)");
   if (lookahead < 1) fail("lookahead must be >= 1");
+  if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -130,26 +131,39 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
   size_t h = 0;
   while (cands[h].id != head_id) ++h;
 
-  // Grow [lo, hi] around the head, one neighbour in length order at a time,
-  // taking the side that adds less padding (ties: the shorter, cheaper one).
+  // Grow [lo, hi] around the head, one neighbour in length order at a time.
+  // Each step takes the side whose marginal fill (real tokens added per unit
+  // of cost added) is higher, ties going to the side adding less padding,
+  // then the shorter one; it stops at the budget, at max_batch_size, or when
+  // the best marginal fill falls below min_fill. Without that floor a padded
+  // batch fills its budget with ever shorter requests: on the shipped corpus
+  // with a 4096-token budget that gave 30% padding overall.
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len;
   while (count < config_.max_batch_size) {
     const int64_t max_len = cands[hi].len;
     bool can_lo = false, can_hi = false;
+    double fill_lo = 0, fill_hi = 0;
     int64_t pad_lo = 0, pad_hi = 0;
+    const int64_t cost = cost_of(count, max_len, sum);
     if (lo > 0) {
-      const int64_t l = cands[lo - 1].len;
-      can_lo = cost_of(count + 1, max_len, sum + l) <= budget;
+      const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
+      can_lo = c <= budget;
+      fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
     }
     if (hi + 1 < cands.size()) {
-      const int64_t l = cands[hi + 1].len;
-      can_hi = cost_of(count + 1, l, sum + l) <= budget;
+      const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
+      can_hi = c <= budget;
+      fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
     }
+    can_lo = can_lo && fill_lo >= config_.min_fill;
+    can_hi = can_hi && fill_hi >= config_.min_fill;
     if (!can_lo && !can_hi) break;
-    if (can_lo && (!can_hi || pad_lo <= pad_hi)) {
+    const bool take_lo =
+        can_lo && (!can_hi || fill_lo > fill_hi || (fill_lo == fill_hi && pad_lo <= pad_hi));
+    if (take_lo) {
       sum += cands[--lo].len;
     } else {
       sum += cands[++hi].len;

@@ -1,6 +1,6 @@
 """fastserve: low-latency serving of transformer encoders inside Python services."""
 
-from . import _core
+from . import _core, corpus
 from .engine import Classification, Engine, InferenceError
 from .models import ModelLoadError
 from .errors import (

@@ -83,6 +83,7 @@ class SchedulerConfig:
     pad_token_id: int
     aging_s: float
     lookahead: int
+    min_fill: float
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -96,6 +97,7 @@ class SchedulerConfig:
         pad_token_id: int = 0,
         aging_s: float = 0.5,
         lookahead: int = 1024,
+        min_fill: float = 0.8,
         cost: str = "padded",
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""

@@ -38,11 +38,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None)
 
 
-def _make_engine(args: argparse.Namespace):
+def _make_engine(args: argparse.Namespace, **extra):
+    """An Engine from the common options; `extra` adds or overrides keywords."""
     from .engine import Engine
 
-    return Engine(
-        args.model,
+    kwargs = dict(
         device=args.device,
         dtype=args.dtype,
         pooling=args.pooling,
@@ -53,6 +53,8 @@ def _make_engine(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         torch_threads=args.torch_threads,
     )
+    kwargs.update(extra)
+    return Engine(kwargs.pop("model", args.model), **kwargs)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -133,6 +135,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        print(f"fastserve serve: {e}", file=sys.stderr)
+        return 2
+    from .models import ModelLoadError
+
+    try:
+        engine = _make_engine(
+            args,
+            model=args.model_path or args.model,
+            task=args.task,
+            max_length=args.max_length,
+            max_queue=args.max_queue,
+            max_queue_tokens=args.max_queue_tokens,
+        )
+    except (ModelLoadError, ValueError) as e:
+        print(f"fastserve serve: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
+        f"{str(engine.dtype).removeprefix('torch.')}) on http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(
+        engine,
+        args.host,
+        args.port,
+        api_key=args.api_key or None,
+        max_payload_bytes=args.max_payload_bytes,
+        max_inputs=args.max_inputs_per_request,
+        request_timeout=args.request_timeout,
+        model_name=args.served_model_name,
+        graceful_timeout=args.graceful_timeout,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +191,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     _engine_args(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/embeddings, /metrics)")
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="model path or hub id (same as --model)")
+    _engine_args(p)
+    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the model's limit)")
+    p.add_argument("--max-queue", type=int, default=65536, help="queued requests before 429")
+    p.add_argument("--max-queue-tokens", type=int, default=None, help="queued tokens before 429")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTSERVE_API_KEY)")
+    p.add_argument("--max-payload-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
+    p.add_argument("--max-inputs-per-request", type=int, default=2048, help="more inputs in one request get 413")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds; a request not served by then gets 504 (default: none)")
+    p.add_argument("--served-model-name", default=None, help="model id in responses (default: the model's name)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     _quiet_transformers()
     return args.func(args)

@@ -4,10 +4,12 @@ callers onto one transformer encoder, through the C++ scheduler."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures as cf
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,6 +24,47 @@ from .runners import PackedRunner, PaddedRunner, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the kernel.
+
+    Each layer allocates and frees activations of tens of MB; glibc serves
+    those with mmap and unmaps them on free, so the next batch page-faults
+    every page back in. Measured (MiniLM, packed, 1 thread, 400 texts):
+    131,000 minor faults per pass and 94.7 texts per CPU-second, against
+    4,600 faults and 101.6 with these settings. Process-wide, like jemalloc or
+    tcmalloc, which PyTorch's CPU inference guides recommend for the same
+    reason; the cost is that the process keeps its peak heap. Engine(tune_malloc=False)
+    leaves malloc alone. No-op where glibc's mallopt is missing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mallopt(m_mmap_threshold, 1 << 30)
+        mallopt(m_trim_threshold, 1 << 30)
+
+
+# Engines not yet closed. Each is closed at interpreter exit, while threads
+# can still run: a worker blocked in the C++ scheduler when the interpreter
+# finalises would be killed mid-call (pthread_exit unwinding through a
+# noexcept frame aborts the process with "terminate called without an active
+# exception").
+_open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        engine.close()
 
 
 class InferenceError(FastServeError, RuntimeError):
@@ -94,6 +137,7 @@ class Engine:
         max_queue: int = 65536,
         max_queue_tokens: int | None = None,
         torch_threads: int | None = None,
+        tune_malloc: bool = True,
         clock: _core.ManualClock | None = None,
     ) -> None:
         if task not in TASKS:
@@ -116,6 +160,8 @@ class Engine:
             torch_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
+        if tune_malloc and self.device.type == "cpu":
+            _keep_freed_memory()
 
         loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
         self.model_name = loaded.name
@@ -168,6 +214,7 @@ class Engine:
         self._tokenize = _Timer()
         self._worker = threading.Thread(target=self._work, name="fastserve-worker", daemon=True)
         self._worker.start()
+        _open_engines.add(self)
 
     # ------------------------------------------------------------------ calls
 
@@ -262,6 +309,7 @@ class Engine:
             left = list(self._pending)
         for rid in left:
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
+        _open_engines.discard(self)
 
     def __enter__(self) -> "Engine":
         return self

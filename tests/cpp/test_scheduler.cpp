@@ -31,10 +31,18 @@ ControllerConfig fixed_budget(int64_t tokens) {
   return c;
 }
 
+// Most tests here are about ordering, budgets and bookkeeping, not about
+// how much padding a batch may carry: they turn the min_fill floor off.
+SchedulerConfig any_fill() {
+  SchedulerConfig c;
+  c.min_fill = 0;
+  return c;
+}
+
 struct Fixture {
   std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
   Scheduler s;
-  explicit Fixture(SchedulerConfig sc = {}, ControllerConfig cc = fixed_budget(4096))
+  explicit Fixture(SchedulerConfig sc = any_fill(), ControllerConfig cc = fixed_budget(4096))
       : s(sc, cc, clock) {}
   std::shared_ptr<Batch> next() {
     auto b = s.next_batch(0);
@@ -331,7 +339,7 @@ TEST(SchedulerGrouping, MixedLengthsGiveLessPaddingThanArrivalOrder) {
 class SchedulerBudget : public ::testing::TestWithParam<Cost> {};
 
 TEST_P(SchedulerBudget, EveryMultiRequestBatchFitsTheTokenBudgetAndBatchSize) {
-  SchedulerConfig sc;
+  SchedulerConfig sc = any_fill();
   sc.cost = GetParam();
   sc.max_batch_size = 16;
   const int64_t budget = 512;
@@ -372,11 +380,51 @@ TEST_P(SchedulerBudget, ARequestLongerThanTheBudgetRunsAlone) {
   EXPECT_EQ(rest->ids(), (std::vector<uint64_t>{s1, s2}));
 }
 
+TEST(SchedulerBatches, MinFillKeepsPaddingUnderItsFloorAndPackedCostIgnoresIt) {
+  // One 64-token request and twenty 8-token ones, budget 4096.
+  for (double min_fill : {0.0, 0.5, 0.8}) {
+    SchedulerConfig sc;
+    sc.min_fill = min_fill;
+    Fixture f(sc, fixed_budget(4096));
+    f.s.submit(toks(64));  // the head
+    for (int i = 0; i < 20; ++i) f.s.submit(toks(8));
+    auto b = f.next();
+    ASSERT_TRUE(b);
+    if (min_fill == 0.0) {
+      EXPECT_EQ(b->size(), 21);  // fills the budget whatever the padding
+    } else {
+      // An 8-token row in a 64-wide batch adds 8 real tokens per 64 of cost.
+      EXPECT_EQ(b->size(), 1);
+      auto rest = f.next();
+      ASSERT_TRUE(rest);
+      EXPECT_EQ(rest->size(), 20);
+      EXPECT_EQ(rest->padding_ratio(), 0.0);
+    }
+  }
+  SchedulerConfig packed;
+  packed.cost = Cost::Packed;
+  Fixture p(packed, fixed_budget(4096));
+  p.s.submit(toks(64));
+  for (int i = 0; i < 20; ++i) p.s.submit(toks(8));
+  EXPECT_EQ(p.next()->size(), 21);  // no padding in packed execution: the floor never binds
+}
+
+TEST(SchedulerBatches, EveryBatchRespectsTheFillFloor) {
+  SchedulerConfig sc;  // default min_fill
+  Fixture f(sc, fixed_budget(2048));
+  std::mt19937 rng(11);
+  for (int i = 0; i < 400; ++i) f.s.submit(toks(1 + int(rng() % 120)));
+  while (auto b = f.next()) {
+    if (b->size() > 1) EXPECT_LE(b->padding_ratio(), 1.0 - sc.min_fill + 1e-9);
+    f.s.complete(*b, 0.001);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Costs, SchedulerBudget, ::testing::Values(Cost::Padded, Cost::Packed),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 TEST(SchedulerBatches, PackedCostFitsMoreRequestsThanPaddedForSkewedLengths) {
-  SchedulerConfig padded_cfg, packed_cfg;
+  SchedulerConfig padded_cfg = any_fill(), packed_cfg = any_fill();
   packed_cfg.cost = Cost::Packed;
   Fixture padded(padded_cfg, fixed_budget(256)), packed(packed_cfg, fixed_budget(256));
   for (Fixture* f : {&padded, &packed}) {

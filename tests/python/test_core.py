@@ -39,6 +39,9 @@ def make_scheduler(
     ctl = _core.ControllerConfig(
         policy=policy, min_tokens=1, max_tokens=max(budget, 1), initial_tokens=budget
     )
+    # These tests are about ordering and bookkeeping: no padding floor
+    # unless a test sets one.
+    scheduler_kwargs.setdefault("min_fill", 0.0)
     sched = _core.Scheduler(_core.SchedulerConfig(**scheduler_kwargs), ctl, clock)
     return sched, clock
 
@@ -826,12 +829,17 @@ def test_adaptive_controller_backs_off_when_far_over_target(policy):
     budgets = []
     for i in range(200):
         b = ctl.budget
-        # Latency 10x-20x the target, growing with the batch.
-        ctl.observe(tokens=b, latency_s=0.5 + 2e-4 * b, batch_size=max(1, b // 64), now=0.1 * i)
+        # 20 ms + 1 ms per token: over the 50 ms target at any budget, even the floor's.
+        ctl.observe(tokens=b, latency_s=0.02 + 1e-3 * b, batch_size=max(1, b // 64), now=0.1 * i)
         budgets.append(ctl.budget)
         assert cfg.min_tokens <= ctl.budget <= cfg.max_tokens
     assert budgets[-1] < start / 4
-    assert budgets[-1] == cfg.min_tokens  # nothing ever meets the target: the floor
+    if policy == "model":
+        # Nothing meets the target: model aims at the throughput knee 4a/b = 80
+        # tokens rather than starving throughput at the floor.
+        assert 40 <= budgets[-1] <= 160
+    else:
+        assert budgets[-1] == cfg.min_tokens  # nothing ever meets the target: the floor
     assert budgets[2] < start  # it reacts within a few misses (the fits need two points)
     state = ctl.state()
     assert all(isinstance(k, str) and isinstance(v, float) for k, v in state.items())

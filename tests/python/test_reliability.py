@@ -378,3 +378,23 @@ def test_long_random_stress():
             totals[k] = totals.get(k, 0) + v
     print("long stress outcomes:", totals)
     assert totals["result"] > 0 and totals["fault"] > 0 and totals["cancelled"] > 0
+
+
+def test_an_engine_left_open_at_exit_does_not_abort_the_process(tmp_path):
+    # The worker must be stopped before the interpreter finalises, or it is
+    # killed inside the C++ scheduler and the process aborts.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tm.save("bert", tmp_path / "m")
+    code = (
+        "import fastserve\n"
+        f"e = fastserve.Engine({str(folder)!r})\n"
+        "e.embed('left open')\n"
+        "f = e.submit('still queued at exit')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr

@@ -11,8 +11,9 @@
 // Batch selection. The head (highest effective priority, oldest first)
 // always goes. The next `lookahead` requests in queue order are eligible to
 // join it; among them the batch grows around the head's length, one
-// neighbour in length order at a time, taking whichever adds the least
-// padding, until the controller's token budget or max_batch_size stops it.
+// neighbour in length order at a time, taking the side that adds the most
+// real tokens per token of cost, until the controller's token budget,
+// max_batch_size, or the min_fill floor on that ratio stops it.
 // A head longer than the budget runs alone.
 #pragma once
 
@@ -49,6 +50,12 @@ struct SchedulerConfig {
   int64_t pad_token_id = 0;
   double aging_s = 0.5;  // one priority level per aging_s of waiting
   int64_t lookahead = 1024;
+  // A request joins a batch only if it adds at least this many real tokens
+  // per token of cost, so a padded batch stays under 1 - min_fill padding.
+  // On the CPU padding is pure waste and a batch's fixed cost is small:
+  // MiniLM, 400 corpus texts, 4096-token budget, 1 thread: min_fill 0 / 0.5 /
+  // 0.7 / 0.85 gave 66 / 72 / 87 / 90 texts per CPU-second.
+  double min_fill = 0.8;
   Cost cost = Cost::Padded;
 
   void validate() const;  // throws InvalidArgument

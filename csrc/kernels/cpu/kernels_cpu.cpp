@@ -1,14 +1,20 @@
 // CPU packing kernels: the reference implementation and the oracle the CUDA
 // per-thread functions are tested against. Rows are moved with memcpy; pooling
-// converts and accumulates in float32 with loops over H that the compiler
-// vectorises. Large inputs are split over rows across threads.
+// converts and accumulates in float32, through AVX2/F16C where the CPU has it
+// (kernels_cpu_avx2.cpp) and otherwise with loops over H that the compiler
+// vectorises. Large inputs are split over rows across a persistent pool.
+#include <unistd.h>
+
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "fastserve/kernels.h"
+#include "simd.h"
 
 namespace fastserve {
 namespace kernels {
@@ -17,9 +23,11 @@ namespace {
 
 constexpr size_t kDefaultMinBytesPerThread = size_t(4) << 20;
 
-// Threads pay only when each has enough bytes to move to amortise starting
-// it (~20-50 us) and the work is memory-bound past the last-level caches;
-// measured with benchmarks/python/bench_kernels.py (see the kernels notes).
+// Threads pay only when each has enough bytes to amortise waking a pooled
+// worker (a futex wake; a thread started per call cost ~20-50 us, which held
+// pack at 40-60% of a copy) and the other core is free: on this 2-core shared
+// machine a second thread measured no faster on 2-8 MB (the OS rarely runs it
+// at once; the caller then takes its chunks). See bench_kernels.py.
 // FASTSERVE_KERNEL_THREAD_BYTES overrides it, for measuring.
 size_t min_bytes_per_thread() {
   static const size_t v = [] {
@@ -29,23 +37,108 @@ size_t min_bytes_per_thread() {
   return v ? v : 1;
 }
 
-// Run fn(begin, end) over [0, n) split into `threads` contiguous ranges.
+// A pool of hardware_concurrency - 1 workers, started on first use and kept:
+// starting a std::thread per call cost 20-50 us, a third of a 2.7k-row pack.
+// The caller runs chunks too and takes any chunk no worker has started, so a
+// worker that the OS does not schedule (a busy machine) delays nothing.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
+  }
+
+  // Runs task(ctx, i) for every i in [0, n), on the caller and the workers.
+  void run(int n, void (*task)(void*, int), void* ctx) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      task_ = task;
+      ctx_ = ctx;
+      n_ = n;
+      next_ = 0;
+      left_ = n;
+      ++gen_;
+    }
+    wake_.notify_all();
+    std::unique_lock<std::mutex> lk(m_);
+    while (next_ < n_) {
+      const int i = next_++;
+      lk.unlock();
+      task(ctx, i);
+      lk.lock();
+      --left_;
+    }
+    done_.wait(lk, [this] { return left_ == 0; });
+  }
+
+ private:
+  void work() {
+    std::unique_lock<std::mutex> lk(m_);
+    uint64_t seen = 0;
+    for (;;) {
+      wake_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      while (next_ < n_) {
+        const int i = next_++;
+        lk.unlock();
+        task_(ctx_, i);
+        lk.lock();
+        if (--left_ == 0) done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  void (*task_)(void*, int) = nullptr;
+  void* ctx_ = nullptr;
+  int n_ = 0, next_ = 0, left_ = 0;
+  uint64_t gen_ = 0;
+  std::vector<std::thread> threads_;
+};
+
+int hardware_threads() {
+  static const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  return hw;
+}
+
+// The process's pool, or null in a forked child (the workers stayed in the
+// parent). Never destroyed: workers may still wait on it at exit.
+Pool* pool() {
+  static const pid_t owner = getpid();
+  static Pool* const p = new Pool(hardware_threads() - 1);
+  return getpid() == owner ? p : nullptr;
+}
+
+// One call at a time uses the pool; a concurrent call runs on its caller.
+std::mutex& pool_user() {
+  static std::mutex m;
+  return m;
+}
+
+// Run fn(begin, end) over [0, n) in contiguous chunks on up to `threads`
+// threads; more chunks than threads so a slow thread leaves its share to the
+// others.
 template <class Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
-  if (threads <= 1 || n < 2) {
+  Pool* p = threads > 1 && n >= 2 ? pool() : nullptr;
+  std::unique_lock<std::mutex> lk(pool_user(), std::defer_lock);
+  if (p == nullptr || !lk.try_lock()) {
     fn(int64_t(0), n);
     return;
   }
-  threads = int(std::min<int64_t>(threads, n));
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int i = 1; i < threads; ++i) {
-    const int64_t b = i * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([=] { fn(b, e); });
-  }
-  fn(int64_t(0), std::min(n, chunk));
-  for (auto& t : pool) t.join();
+  const int chunks = int(std::min<int64_t>(n, 4 * int64_t(threads)));
+  struct Ctx {
+    Fn* fn;
+    int64_t n;
+    int chunks;
+  } ctx{&fn, n, chunks};
+  p->run(
+      chunks,
+      [](void* c, int i) {
+        const Ctx& x = *static_cast<Ctx*>(c);
+        (*x.fn)(x.n * i / x.chunks, x.n * (i + 1) / x.chunks);
+      },
+      &ctx);
 }
 
 // Columns pooled at a time: a chunk's float32 accumulators stay in vector
@@ -122,11 +215,17 @@ struct LoadBF16 {
   float operator()(uint16_t v) const { return bf16_to_float(v); }
 };
 
+// The AVX2 pooling path where the CPU has it; FASTSERVE_KERNEL_NO_SIMD set
+// forces the portable one, for measuring.
+bool use_avx2() {
+  static const bool v = simd::have_avx2() && !std::getenv("FASTSERVE_KERNEL_NO_SIMD");
+  return v;
+}
+
 }  // namespace
 
 int threads_for(size_t bytes) {
-  static const int hw = std::max(1u, std::thread::hardware_concurrency());
-  return int(std::max<size_t>(1, std::min<size_t>(hw, bytes / min_bytes_per_thread())));
+  return int(std::max<size_t>(1, std::min<size_t>(hardware_threads(), bytes / min_bytes_per_thread())));
 }
 
 void pack(const void* x, int64_t B, int64_t L, const int64_t* cu, size_t row_bytes, void* out) {
@@ -157,6 +256,9 @@ void segment_pool(const void* x, DType dtype, const int64_t* cu, int64_t B, int6
                   bool normalize, float* out) {
   const size_t bytes = size_t(cu[B]) * H * element_size(dtype) + size_t(B) * H * sizeof(float);
   parallel_for(B, threads_for(bytes), [&](int64_t b0, int64_t b1) {
+#if defined(FASTSERVE_CPU_AVX2)
+    if (use_avx2()) return simd::pool_rows_avx2(x, dtype, cu, b0, b1, H, mode, normalize, out);
+#endif
     switch (dtype) {
       case DType::kFloat32: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadF32{}); break;
       case DType::kFloat16: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadF16{}); break;

