@@ -69,6 +69,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
     if (std::isfinite(deadline)) deadlines_.insert({deadline, id});
     requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
     queued_tokens_ += n;
+    submitted_tokens_ += n;
     ++stats_.submitted;
     if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
   }
@@ -233,6 +234,18 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   o.batch_size = batch.size();
   o.latency_s = compute_seconds;
   o.queue_depth = static_cast<int64_t>(requests_.size());
+  // Arrival rate: submitted tokens per second since the last completion,
+  // smoothed over ~0.5 s, in the batch's cost measure (x its padding factor).
+  if (last_observed_at_ >= 0 && now > last_observed_at_) {
+    const double dt = now - last_observed_at_;
+    const double rate = static_cast<double>(submitted_tokens_ - submitted_at_last_) / dt;
+    arrival_rate_ += (1 - std::exp(-dt / 0.5)) * (rate - arrival_rate_);
+  }
+  last_observed_at_ = now;
+  submitted_at_last_ = submitted_tokens_;
+  const double cost_factor =
+      batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
+  o.arrival_tokens_per_s = arrival_rate_ * cost_factor;
   controller_->observe(o);
 }
 

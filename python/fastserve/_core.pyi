@@ -52,6 +52,7 @@ class ControllerConfig:
     seed_smoothing: float
     max_step: float
     model_headroom: float
+    model_load_margin: float
     fit_forgetting: float
 
     def __init__(
@@ -68,6 +69,7 @@ class ControllerConfig:
         seed_smoothing: float = 0.01,
         max_step: float = 0.4,
         model_headroom: float = 0.98,
+        model_load_margin: float = 1.25,
         fit_forgetting: float = 0.9,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
@@ -123,6 +125,7 @@ class Controller:
         batch_size: int = 1,
         now: float = 0.0,
         queue_depth: int = 0,
+        arrival_tokens_per_s: float = 0.0,
     ) -> None:
         """Feed one finished batch; budget=0 means the controller's current budget."""
 

@@ -242,6 +242,39 @@ TEST(ModelPolicy, InfeasibleTargetAimsAtTheThroughputKneeNotTheFloor) {
   EXPECT_NEAR(b, best, 0.15 * best);
 }
 
+TEST(ModelPolicy, GrowsPastTheLatencyBudgetWhenArrivalsNeedMoreThroughput) {
+  // a = 5 ms, b = 0.15 ms/token, D = 25 ms: latency alone allows ~130 tokens,
+  // whose throughput (~5,200 tokens/s) cannot carry 5,000 tokens/s with a
+  // margin. The load term asks B = m r a / (1 - m r b) = 500 tokens; with no
+  // arrivals reported the latency budget stands.
+  const double a = 0.005, b = 1.5e-4;
+  auto run = [&](double arrival) {
+    ControllerConfig cfg = config_for("model");
+    cfg.target_latency_s = 0.025;
+    auto c = make_controller(cfg);
+    std::mt19937 rng(5);
+    std::lognormal_distribution<double> noise(0.0, 0.02);
+    for (int i = 0; i < 400; ++i) {
+      Observation o;
+      o.budget = c->budget();
+      o.tokens = o.budget;
+      o.latency_s = (a + b * o.tokens) * noise(rng);
+      o.arrival_tokens_per_s = arrival;
+      c->observe(o);
+    }
+    return static_cast<double>(c->budget());
+  };
+  const double latency_only = (0.98 * 0.025 - a) / b;
+  EXPECT_NEAR(run(0), latency_only, 0.15 * latency_only);
+  const double mr = 1.25 * 5000;
+  const double load = mr * a / (1 - mr * b);
+  const double got = run(5000);
+  EXPECT_NEAR(got, load, 0.15 * load);
+  EXPECT_GE(got / (a + b * got), 5000);  // its throughput carries the arrivals
+  // Arrivals no batch can carry (r b >= 1): take the most there is.
+  EXPECT_GE(run(1e5), 0.99 * config_for("model").max_tokens);
+}
+
 TEST(StaticController, KeepsItsBudgetWhateverItObserves) {
   ControllerConfig cfg = config_for("static");
   cfg.initial_tokens = 1000;

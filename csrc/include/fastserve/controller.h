@@ -11,7 +11,8 @@
 //           latency model; each step moves log B half way to J's minimiser
 //           (the root of dJ/dB, which rises with B).
 //   model   fits latency = a + b * tokens online and sets the budget to the
-//           largest B whose predicted latency meets the target.
+//           largest B whose predicted latency meets the target, or, when the
+//           arrival rate needs more, the smallest B whose throughput keeps up.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,9 @@ struct ControllerConfig {
   // model: aim predicted latency at headroom * D, leaving room for noise
   // (budget bias (1 - h) D / (D - a): 0.95 put it 6-10% under B*)
   double model_headroom = 0.98;
+  // model: a batch must carry this multiple of the arrival rate, so a queue
+  // that built up drains instead of growing
+  double model_load_margin = 1.25;
   // forgetting factor of the latency fit (effective window 1 / (1 - f))
   double fit_forgetting = 0.9;
 
@@ -56,6 +60,9 @@ struct Observation {
   int64_t batch_size = 0;  // requests in the batch
   double latency_s = 0;    // compute time of the batch
   int64_t queue_depth = 0; // requests left waiting
+  // Recent arrival rate, in the same token measure as `tokens` (an EWMA over
+  // about half a second, kept by the scheduler); 0 when unknown.
+  double arrival_tokens_per_s = 0;
 };
 
 // Weighted least-squares fit of latency = a + b * tokens with exponential

@@ -144,6 +144,8 @@ class Scheduler {
   std::set<Key> order_;
   std::set<DeadlineKey> deadlines_;  // only requests with a finite deadline
   int64_t queued_tokens_ = 0;
+  int64_t submitted_tokens_ = 0, submitted_at_last_ = 0;  // for the arrival rate
+  double last_observed_at_ = -1, arrival_rate_ = 0;
   uint64_t next_id_ = 1;
   uint64_t next_batch_seq_ = 1;
   bool closed_ = false;
