@@ -203,7 +203,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "observe",
           [](Controller& c, int64_t tokens, double latency_s, int64_t budget, int64_t batch_size,
-             double now, int64_t queue_depth, double arrival_tokens_per_s) {
+             double now, int64_t queue_depth, double arrival_tokens_per_s, double queued_tokens) {
             Observation o;
             o.tokens = tokens;
             o.latency_s = latency_s;
@@ -212,10 +212,12 @@ PYBIND11_MODULE(_core, m) {
             o.now = now;
             o.queue_depth = queue_depth;
             o.arrival_tokens_per_s = arrival_tokens_per_s;
+            o.queued_tokens = queued_tokens;
             c.observe(o);
           },
           py::arg("tokens"), py::arg("latency_s"), py::arg("budget") = 0, py::arg("batch_size") = 1,
-          py::arg("now") = 0.0, py::arg("queue_depth") = 0, py::arg("arrival_tokens_per_s") = 0.0)
+          py::arg("now") = 0.0, py::arg("queue_depth") = 0, py::arg("arrival_tokens_per_s") = 0.0,
+          py::arg("queued_tokens") = 0.0)
       .def("state", &Controller::state);
 
   py::class_<Batch, std::shared_ptr<Batch>>(m, "Batch", "Requests assembled for one model call.")

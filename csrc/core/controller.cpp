@@ -130,7 +130,9 @@ class ModelController final : public FittedController {
     return 0.5 * std::log(want / budget);
   }
   void observe(const Observation& o) override {
-    arrival_ = o.arrival_tokens_per_s;
+    // A backlog is work that must also be carried: drain it within one
+    // request-latency target (2 D), on top of the arrivals.
+    arrival_ = o.arrival_tokens_per_s + o.queued_tokens / (2 * c_.target_latency_s);
     FittedController::observe(o);
   }
   // The larger of two budgets:
@@ -140,8 +142,8 @@ class ModelController final : public FittedController {
   //   aim instead at 4a/b, where throughput B / (a + bB) reaches 80% of its
   //   asymptote 1/b.
   // - load: the smallest B whose throughput B / (a + bB) carries the arrival
-  //   rate r with a margin m: B = m r a / (1 - m r b); max_tokens when no
-  //   batch can. Batches sized for latency alone let a queue grow without
+  //   rate r (plus the queued backlog, drained within 2 D) with a margin m:
+  //   B = m r a / (1 - m r b); max_tokens when no batch can. Batches sized for latency alone let a queue grow without
   //   bound once arrivals outrun them (measured: at 1.1x capacity the budget
   //   sat at 90 tokens, throughput 71 of 91 req/s offered, p99 near 1 s).
   double goal_tokens() const {

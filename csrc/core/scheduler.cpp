@@ -246,6 +246,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
   o.arrival_tokens_per_s = arrival_rate_ * cost_factor;
+  o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor;
   controller_->observe(o);
 }
 

@@ -126,6 +126,7 @@ class Controller:
         now: float = 0.0,
         queue_depth: int = 0,
         arrival_tokens_per_s: float = 0.0,
+        queued_tokens: float = 0.0,
     ) -> None:
         """Feed one finished batch; budget=0 means the controller's current budget."""
 

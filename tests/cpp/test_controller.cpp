@@ -271,6 +271,24 @@ TEST(ModelPolicy, GrowsPastTheLatencyBudgetWhenArrivalsNeedMoreThroughput) {
   const double got = run(5000);
   EXPECT_NEAR(got, load, 0.15 * load);
   EXPECT_GE(got / (a + b * got), 5000);  // its throughput carries the arrivals
+  // A backlog counts as arrivals to drain within 2 D: 250 queued tokens with a
+  // 25 ms target are 5,000 tokens/s more, as above.
+  {
+    ControllerConfig cfg = config_for("model");
+    cfg.target_latency_s = 0.025;
+    auto c = make_controller(cfg);
+    std::mt19937 rng(6);
+    std::lognormal_distribution<double> noise(0.0, 0.02);
+    for (int i = 0; i < 400; ++i) {
+      Observation o;
+      o.budget = c->budget();
+      o.tokens = o.budget;
+      o.latency_s = (a + b * o.tokens) * noise(rng);
+      o.queued_tokens = 250;
+      c->observe(o);
+    }
+    EXPECT_NEAR(c->budget(), load, 0.15 * load);
+  }
   // Arrivals no batch can carry (r b >= 1): take the most there is.
   EXPECT_GE(run(1e5), 0.99 * config_for("model").max_tokens);
 }

@@ -63,6 +63,8 @@ struct Observation {
   // Recent arrival rate, in the same token measure as `tokens` (an EWMA over
   // about half a second, kept by the scheduler); 0 when unknown.
   double arrival_tokens_per_s = 0;
+  // Work still queued when the batch completed, in the same token measure.
+  double queued_tokens = 0;
 };
 
 // Weighted least-squares fit of latency = a + b * tokens with exponential
