@@ -429,13 +429,15 @@ class Engine:
             with self._lock:
                 self._pending.pop(rid, None)
 
-    def _take(self, rid: int) -> cf.Future | None:
-        """The future of a request leaving the queue, if its caller still wants it."""
+    def _take_all(self, rids) -> list[cf.Future | None]:
+        """The futures of requests leaving the queue (one lock for the whole
+        batch), None where the caller no longer wants the result."""
         with self._lock:
-            fut = self._pending.pop(rid, None)
-        if fut is None or not fut.set_running_or_notify_cancel():
-            return None
-        return fut
+            futs = [self._pending.pop(int(rid), None) for rid in rids]
+        return [f if f is not None and f.set_running_or_notify_cancel() else None for f in futs]
+
+    def _take(self, rid: int) -> cf.Future | None:
+        return self._take_all((rid,))[0]
 
     def _fail(self, rid: int, error: BaseException) -> None:
         fut = self._take(rid)
@@ -469,7 +471,7 @@ class Engine:
             raise
 
     def _run(self, batch) -> None:
-        futures = [self._take(int(rid)) for rid in batch.ids]
+        futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
             rows = self.runner.run(batch)

@@ -112,6 +112,9 @@ def test_an_empty_list_returns_an_empty_matrix(bert):
 def test_flooding_100000_submissions_is_bounded_and_every_accepted_request_completes(bert):
     n_threads, per_thread = 8, 12_500
     with Engine(bert, tm.tokenizer(), max_queue=256) as engine:
+        # Hold the worker in its first batch until the bound is hit, so the
+        # flood overruns the queue whatever the machine's speed.
+        gate = Gate(engine)
         accepted: list[list[cf.Future]] = [[] for _ in range(n_threads)]
         rejected = [0] * n_threads
 
@@ -121,6 +124,7 @@ def test_flooding_100000_submissions_is_bounded_and_every_accepted_request_compl
                     accepted[k].append(engine.submit(f"request {k} {i % 50}"))
                 except fastserve.QueueFullError:
                     rejected[k] += 1
+                    gate.release.set()
                 if i % 1000 == 999:  # keep memory bounded on the caller's side too
                     accepted[k] = [f for f in accepted[k] if not f.done() or f.exception() is not None]
 
