@@ -413,8 +413,13 @@ class Engine:
                         futures.append(self._submit_tokens(ids, priority, timeout))
                         break
                     except QueueFullError:
+                        if not futures:
+                            raise  # nothing accepted yet: refuse the call whole
                         if oldest == len(futures):
-                            raise
+                            # Its own requests are done and others' fill the
+                            # queue: it has made progress, so it waits its turn.
+                            time.sleep(0.002)
+                            continue
                         cf.wait([futures[oldest]])
                         oldest += 1
         except BaseException:

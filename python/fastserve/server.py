@@ -535,8 +535,8 @@ class _Api:
     async def _run(self, req: _Request, token_lists: list[list[int]]) -> list:
         """Queue every input, then wait for all. When the queue is full, wait
         for this request's own oldest input before queueing more (as
-        Engine.embed does for a list); only a request with nothing of its own
-        queued is refused with 429."""
+        Engine.embed does for a list); only a request with nothing accepted
+        yet is refused with 429."""
         oldest = 0
         for ids in token_lists:
             while True:
@@ -544,8 +544,14 @@ class _Api:
                     req.futures.append(self.engine.submit_tokens(ids, timeout=req.remaining()))
                     break
                 except QueueFullError:
+                    if not req.futures:
+                        raise  # nothing accepted yet: refuse the request whole
                     if oldest == len(req.futures):
-                        raise
+                        # All of its inputs so far are done and others' fill
+                        # the queue: it has made progress, so it waits its
+                        # turn rather than failing half served.
+                        await req.wait(asyncio.sleep(0.002))
+                        continue
                     await req.wait(asyncio.wrap_future(req.futures[oldest]))
                     oldest += 1
         return await req.wait(asyncio.gather(*(asyncio.wrap_future(f) for f in req.futures)))
