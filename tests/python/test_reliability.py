@@ -25,28 +25,6 @@ def bert():
     return tm.model("bert")
 
 
-class Gate:
-    """Wraps a runner: records every request id that reaches the model and
-    holds the worker inside the first batch until released."""
-
-    def __init__(self, engine: Engine, hold_first: bool = True) -> None:
-        self.engine = engine
-        self.inner = engine.runner.run
-        self.seen: list[int] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.hold = hold_first
-        engine.runner.run = self
-
-    def __call__(self, batch):
-        self.seen.extend(int(i) for i in batch.ids)
-        if self.hold:
-            self.hold = False
-            self.entered.set()
-            assert self.release.wait(60), "test never released the worker"
-        return self.inner(batch)
-
-
 def _wait_queued(engine: Engine, n: int) -> None:
     # Submission is synchronous: once submit() returned, the request is queued.
     assert engine.stats()["queue_depth"] == n
@@ -114,7 +92,7 @@ def test_flooding_100000_submissions_is_bounded_and_every_accepted_request_compl
     with Engine(bert, tm.tokenizer(), max_queue=256) as engine:
         # Hold the worker in its first batch until the bound is hit, so the
         # flood overruns the queue whatever the machine's speed.
-        gate = Gate(engine)
+        gate = tm.Gate(engine)
         accepted: list[list[cf.Future]] = [[] for _ in range(n_threads)]
         rejected = [0] * n_threads
 
@@ -152,7 +130,7 @@ def test_flooding_100000_submissions_is_bounded_and_every_accepted_request_compl
 
 def test_the_token_bound_rejects_at_once(bert):
     with Engine(bert, tm.tokenizer(), max_queue=1000, max_queue_tokens=64) as engine:
-        gate = Gate(engine)
+        gate = tm.Gate(engine)
         first = engine.submit("hold the worker")
         assert gate.entered.wait(30)
         queued = [engine.submit("word " * 20)]  # 22 tokens
@@ -170,7 +148,7 @@ def test_the_token_bound_rejects_at_once(bert):
 def test_a_request_past_its_deadline_fails_with_timeout_and_never_reaches_the_model(bert):
     clock = _core.ManualClock(0.0)
     with Engine(bert, tm.tokenizer(), clock=clock) as engine:
-        gate = Gate(engine)
+        gate = tm.Gate(engine)
         first = engine.submit("keeps the worker busy")
         assert gate.entered.wait(30)
         late = engine.submit("has a deadline", timeout=0.5)
@@ -192,7 +170,7 @@ def test_a_request_past_its_deadline_fails_with_timeout_and_never_reaches_the_mo
 
 def test_future_cancel_removes_a_queued_request(bert):
     with Engine(bert, tm.tokenizer()) as engine:
-        gate = Gate(engine)
+        gate = tm.Gate(engine)
         first = engine.submit("busy")
         assert gate.entered.wait(30)
         doomed = engine.submit("cancel me")
@@ -210,7 +188,7 @@ def test_future_cancel_removes_a_queued_request(bert):
 
 def test_cancelling_an_asyncio_task_removes_its_request(bert):
     with Engine(bert, tm.tokenizer()) as engine:
-        gate = Gate(engine)
+        gate = tm.Gate(engine)
         first = engine.submit("busy")
         assert gate.entered.wait(30)
 
@@ -241,7 +219,7 @@ class WorkerKiller(BaseException):
 
 def test_a_dead_worker_makes_the_engine_unhealthy_and_fails_pending_requests(bert):
     engine = Engine(bert, tm.tokenizer())
-    gate = Gate(engine)
+    gate = tm.Gate(engine)
     first = engine.submit("the batch that kills the worker")
     assert gate.entered.wait(30)
     queued = [engine.submit(f"queued {i}") for i in range(5)]
@@ -276,7 +254,7 @@ def test_a_dead_worker_makes_the_engine_unhealthy_and_fails_pending_requests(ber
 def test_close_completes_the_running_batch_and_fails_or_drains_the_queue(bert, drain):
     before = {t.ident for t in threading.enumerate()}
     engine = Engine(bert, tm.tokenizer())
-    gate = Gate(engine)
+    gate = tm.Gate(engine)
     running = engine.submit("running")
     assert gate.entered.wait(30)
     queued = [engine.submit(f"queued {i}") for i in range(4)]

@@ -314,36 +314,75 @@ def test_unknown_route_and_method_answer_in_the_error_shape(server):
     _assert_openai_error(httpx.get(server.url + "/v1/embeddings", headers=AUTH), 405)
 
 
-def test_full_queue_gets_429_with_retry_after(servers):
-    busy = servers["busy"]
+class InThreadServer:
+    """uvicorn serving `app` on a free loopback port from a thread of this
+    process, so a test can hold the engine's worker (tm.Gate) while real HTTP
+    requests arrive."""
 
-    async def queue_depth(c) -> float:
-        text = (await c.get("/metrics")).text
-        return next(s.value for f in prom_parser.text_string_to_metric_families(text)
-                    for s in f.samples if s.name == "fastserve_engine_queue_depth")
+    def __init__(self, app) -> None:
+        import uvicorn
 
-    async def flood():
-        async with httpx.AsyncClient(base_url=busy.url, timeout=60) as c:
-            # The big request keeps the 4-slot queue full: it queues a new
-            # input of its own whenever one finishes.
-            big = asyncio.create_task(c.post("/v1/embeddings", json={"input": [LONG] * 100}))
-            statuses, refused = set(), []
-            while not big.done() and not refused:
-                if await queue_depth(c) < 4:
-                    await asyncio.sleep(0.005)
-                    continue
-                singles = await asyncio.gather(*(c.post("/v1/embeddings", json={"input": LONG}) for _ in range(10)))
-                statuses |= {r.status_code for r in singles}
-                refused = [r for r in singles if r.status_code == 429]
-            return await big, statuses, refused
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="off",
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    big, statuses, refused = asyncio.run(flood())
-    assert big.status_code == 200 and len(big.json()["data"]) == 100  # its own inputs wait, never 429
-    assert statuses <= {200, 429}
-    assert refused, "no request was refused with 429 while the queue was full"
-    err = _assert_openai_error(refused[0], 429)
+    def __enter__(self) -> "InThreadServer":
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < end and self.thread.is_alive(), "in-thread server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_folder):
+    from fastserve.server import create_app
+
+    # The worker is held inside its first batch, so the queue of 4 stays full
+    # for as long as the test needs: no race with the model's speed.
+    with fastserve.Engine(str(tiny_folder), max_batch_size=1, max_queue=4) as engine, \
+            InThreadServer(create_app(engine)) as srv:
+        gate = tm.Gate(engine)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                # A first request holds the worker; then a list of 10 inputs:
+                # 4 fill the queue, the other 6 wait their turn.
+                end = time.monotonic() + 30
+                first = asyncio.create_task(c.post("/v1/embeddings", json={"input": "first"}))
+                while not gate.entered.is_set():
+                    assert time.monotonic() < end, "the worker never took the first request"
+                    await asyncio.sleep(0.01)
+                big = asyncio.create_task(c.post("/v1/embeddings", json={"input": [LONG] * 10}))
+                while engine.stats()["queue_depth"] < 4:
+                    assert time.monotonic() < end and not big.done(), "the queue never filled"
+                    await asyncio.sleep(0.01)
+                refused = await c.post("/v1/embeddings", json={"input": LONG})
+                depth_after = engine.stats()["queue_depth"]
+                gate.release.set()
+                big = await big
+                assert (await first).status_code == 200
+                after = await c.post("/v1/embeddings", json={"input": LONG})
+                return big, refused, depth_after, after
+
+        try:
+            big, refused, depth_after, after = asyncio.run(scenario())
+        finally:
+            gate.release.set()  # a failed assertion must not leave the worker held
+    err = _assert_openai_error(refused, 429)
     assert err["type"] == "rate_limit_error"
-    assert int(refused[0].headers["Retry-After"]) >= 1
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert depth_after == 4  # the refused request took no slot
+    # The list that had made progress waited instead of failing half served.
+    assert big.status_code == 200 and len(big.json()["data"]) == 10
+    assert after.status_code == 200  # and the engine serves normally again
+    assert len(gate.seen) == 12
 
 
 def test_request_past_its_deadline_gets_504(servers):

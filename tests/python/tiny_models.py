@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,25 @@ def mixed_texts(n: int, seed: int = 0) -> list[str]:
             t = " ".join([t] * 6)
         out.append(t)
     return out
+
+
+class Gate:
+    """Wraps a runner: records every request id that reaches the model and
+    holds the worker inside the first batch until released."""
+
+    def __init__(self, engine, hold_first: bool = True) -> None:
+        self.engine = engine
+        self.inner = engine.runner.run
+        self.seen: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.hold = hold_first
+        engine.runner.run = self
+
+    def __call__(self, batch):
+        self.seen.extend(int(i) for i in batch.ids)
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            assert self.release.wait(60), "test never released the worker"
+        return self.inner(batch)
