@@ -175,31 +175,32 @@ class HFModel:
     mean pooling over real tokens, L2 normalisation (what
     sentence-transformers computes for all-MiniLM-L6-v2)."""
 
-    def __init__(self, path: Path, max_length: int) -> None:
+    def __init__(self, path: Path, max_length: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.model = AutoModel.from_pretrained(str(path), dtype=dtype).to(device).eval()
         self.max_length = max_length
+        self.device = device
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():
             x = self.tokenizer(
                 list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
+            ).to(self.device)
             h = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state
             m = x["attention_mask"].unsqueeze(-1).to(h.dtype)
             v = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-            return F.normalize(v, p=2, dim=-1).numpy()
+            return F.normalize(v.float(), p=2, dim=-1).cpu().numpy()
 
 
 class STModel:
     """The sentence-transformers baseline."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(path), device="cpu")
+        self.model = SentenceTransformer(str(path), device=device).to(dtype)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         return self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)

@@ -334,6 +334,7 @@ class Engine:
         s["device"] = str(self.device)
         s["dtype"] = str(self.dtype).removeprefix("torch.")
         s["execution"] = self.runner.name
+        s["attention"] = getattr(self.runner, "attention", None)  # packed: runs / nested / flash
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()

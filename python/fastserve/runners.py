@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Callable, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -145,7 +148,8 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        self._flash = _flash_varlen() if device.type == "cuda" else None
+        self.attention = _attention_method(device)
+        self._flash = _flash_varlen() if self.attention == "flash" else None
 
     def hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the device."""
@@ -157,10 +161,13 @@ class PackedRunner:
             pos = pos + self.position_offset
         h = self.base.embeddings(input_ids=ids[None], position_ids=pos[None])[0]
         runs = _equal_length_runs(batch.lengths)
-        varlen = None
-        if self._flash is not None and h.dtype in (torch.float16, torch.bfloat16):
-            maxlen = int(batch.max_seqlen)
+        varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        maxlen = int(batch.max_seqlen)
+        if self.attention == "flash" and h.dtype in (torch.float16, torch.bfloat16):
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
+        elif self.attention == "nested" and len(runs) > 1:
+            offsets = cu.long()
+            varlen = lambda qkv: _nested_attention(qkv, offsets, maxlen)  # noqa: E731
         for block, attn in zip(self.blocks, self.attn):
             ctx = attn(h, runs, varlen)
             if self.distil:
@@ -191,6 +198,37 @@ class PackedRunner:
         if self.model.config.model_type == "bert":
             return m.classifier(m.dropout(self.base.pooler(cls[:, None, :])))
         return m.classifier(cls[:, None, :])  # RoBERTa head reads features[:, 0]
+
+
+ATTENTION_METHODS = ("runs", "nested", "flash")
+
+
+def _attention_method(device: torch.device) -> str:
+    """How packed attention runs. CPU: one SDPA call per run of equal
+    lengths (exact; the batch is sorted by length, so runs are few and each
+    call is a dense GEMM). CUDA: flash-attn's varlen kernel when installed,
+    else SDPA on a jagged nested tensor (one call for the whole batch: a
+    per-run loop would launch one kernel per distinct length per layer).
+    FASTSERVE_PACKED_ATTENTION overrides the choice (for benchmarks)."""
+    forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
+    if forced:
+        if forced not in ATTENTION_METHODS:
+            raise ValueError(f"FASTSERVE_PACKED_ATTENTION must be one of {ATTENTION_METHODS}, got {forced!r}")
+        if forced == "flash" and _flash_varlen() is None:
+            raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package")
+        return forced
+    if device.type != "cuda":
+        return "runs"
+    return "flash" if _flash_varlen() is not None else "nested"
+
+
+def _nested_attention(qkv: torch.Tensor, offsets: torch.Tensor, maxlen: int) -> torch.Tensor:
+    """Exact attention per sequence of packed qkv [T, 3, heads, d] through
+    SDPA on jagged nested tensors (flash / memory-efficient varlen kernels on
+    CUDA); returns [T, heads, d]."""
+    q, k, v = (torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets, max_seqlen=maxlen).transpose(1, 2)
+               for x in qkv.unbind(1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()
 
 
 def _flash_varlen():

@@ -37,6 +37,24 @@ def test_engine_outputs_equal_the_unbatched_model_for_every_architecture(arch_mo
         assert stats["padded_tokens"] == stats["real_tokens"] and stats["padding_ratio"] == 0
 
 
+def test_nested_tensor_attention_is_exact_too(arch_model, monkeypatch):
+    # The GPU default without flash-attn (SDPA on jagged nested tensors); on
+    # the CPU it runs through SDPA's math path: same results as per-run SDPA.
+    arch, m = arch_model
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "nested")
+    texts = tm.mixed_texts(30, seed=7)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        assert engine.stats()["attention"] == "nested"
+        got = engine.embed(texts)
+    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+
+
+def test_an_unknown_packed_attention_override_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "magic")
+    with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION"):
+        Engine(tm.model("bert"), tm.tokenizer(), execution="packed")
+
+
 def test_auto_execution_is_packed_for_bert_family_and_padded_otherwise():
     from transformers import AutoConfig, AutoModel
 

@@ -1,0 +1,325 @@
+"""GPU benchmark, side by side in one run on one CUDA device:
+
+1. Kernels: pack / unpack / segment_pool / gather against a device-to-device
+   copy of the same bytes (bench_kernels.py on CUDA).
+2. Offline: embed N corpus texts as fast as possible. Plain transformers
+   (padded batches of 64, in arrival order and sorted by length),
+   sentence-transformers `encode(batch_size=64)`, and fastserve
+   `engine.embed(list)`: the default engine, and static token budgets with
+   packed execution (each attention method) and padded execution.
+3. Online, closed loop: C client threads each send one text at a time (C = 1
+   is the low-load latency); plain transformers one request at a time behind a
+   lock against the default fastserve engine. Latency from submit to result.
+
+Models: `bert-base` is BERT-base's architecture (12 layers, 768 wide) with
+random weights (seeded) and the bert-base-uncased vocabulary that
+all-MiniLM-L6-v2 ships: the speed of BERT-base without a download. `minilm`
+is the real all-MiniLM-L6-v2. Every backend runs the same dtype (default
+float16) and truncates at the same length.
+
+    python benchmarks/python/gpu_bench.py [--models bert-base minilm] [--dtype float16] [--n 4096]
+                                          [--seconds 3] [--concurrency 1 16 64] [--out benchmarks/results]
+
+Writes gpu.md and gpu.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import bench_kernels
+import common
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BATCH = 64
+
+
+DEVICE = "cuda"  # --device cpu: a dry run of the script on a machine without a GPU
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
+def gpu_info() -> dict[str, Any]:
+    if DEVICE == "cpu":
+        return {"gpu": "none (dry run on the CPU)", "torch": torch.__version__, "cpu_cores": os.cpu_count()}
+    p = torch.cuda.get_device_properties(0)
+    info = {
+        "gpu": p.name,
+        "gpu_memory_gb": round(p.total_memory / 2**30, 1),
+        "multiprocessors": p.multi_processor_count,
+        "capability": f"{p.major}.{p.minor}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_cores": os.cpu_count(),
+    }
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        import flash_attn  # noqa: F401
+
+        info["flash_attn"] = True
+    except ImportError:
+        info["flash_attn"] = False
+    return info
+
+
+def bert_base_folder(root: Path) -> Path:
+    """BERT-base's architecture with seeded random weights, the MiniLM
+    tokenizer (bert-base-uncased's vocabulary), and a sentence-transformers
+    mean-pooling config so every backend loads the same folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = root / "bert-base-random"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(common.model_path())).save_pretrained(folder)
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 768, "pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def _sync_call(fn: Callable[[], Any]) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def offline(path: Path, dtype: torch.dtype, n: int, repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    import fastserve
+
+    max_len = common.max_seq_length(path)
+    texts = common.sample_texts(n, seed=1)
+    hf = common.HFModel(path, max_len, DEVICE, dtype)
+    lengths = [len(x) for x in hf.tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
+    order = np.argsort(lengths)
+
+    def hf_batches(ts: Sequence[str]) -> None:
+        for i in range(0, len(ts), BATCH):
+            hf.encode(ts[i : i + BATCH])
+
+    methods: dict[str, Callable[[], Any]] = {
+        "transformers padded, arrival order": lambda: hf_batches(texts),
+        "transformers padded, sorted by length": lambda: hf_batches([texts[i] for i in order]),
+    }
+    st = common.STModel(path, DEVICE, dtype)
+    methods["sentence-transformers encode"] = lambda: st.encode(texts, batch_size=BATCH)
+    engines: dict[str, Any] = {}
+
+    def engine(name: str, attention: str | None, **kw: Any) -> None:
+        old = os.environ.pop("FASTSERVE_PACKED_ATTENTION", None)
+        if attention:
+            os.environ["FASTSERVE_PACKED_ATTENTION"] = attention
+        try:
+            engines[name] = fastserve.Engine(str(path), device=DEVICE, dtype=str(dtype).removeprefix("torch."),
+                                             max_length=max_len, **kw)
+        finally:
+            os.environ.pop("FASTSERVE_PACKED_ATTENTION", None)
+            if old is not None:
+                os.environ["FASTSERVE_PACKED_ATTENTION"] = old
+        methods[name] = lambda e=engines[name]: e.embed(texts)
+
+    static = dict(policy="static", max_batch_tokens=16384, max_batch_size=256)
+    engine("fastserve default (adaptive, packed)", None)
+    engine("fastserve static 16k, packed, nested attention", "nested", **static)
+    engine("fastserve static 16k, packed, per-length attention", "runs", **static)
+    engine("fastserve static 16k, padded", None, execution="padded", **static)
+
+    best: dict[str, float] = {}
+    for name, fn in methods.items():  # warm-up: kernels, allocator, autotuning
+        fn()
+    for _ in range(repeats):  # interleaved: a drift hits every method alike
+        for name, fn in methods.items():
+            best[name] = min(best.get(name, float("inf")), _sync_call(fn))
+    rows = []
+    base = best["transformers padded, arrival order"]
+    for name, seconds in best.items():
+        rows.append({"method": name, "seconds": seconds, "texts_per_s": n / seconds, "vs_transformers": base / seconds})
+        log(f"  {name}: {n / seconds:.0f} texts/s ({base / seconds:.2f}x)")
+    for e in engines.values():
+        e.close()
+    del hf, st
+    if DEVICE != "cpu":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def closed_loop(submit: Callable[[str], cf.Future], texts: Sequence[str], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` threads, each submitting one text and waiting for it, for `seconds`."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            submit(texts[i % len(texts)]).result()
+            lat[k].append(time.perf_counter() - t0)
+            i += clients
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    a = np.array([x for v in lat for x in v])
+    return {"clients": clients, "requests": len(a), "req_per_s": len(a) / wall,
+            "p50_ms": float(np.percentile(a, 50) * 1e3), "p99_ms": float(np.percentile(a, 99) * 1e3)}
+
+
+def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: float,
+           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    import fastserve
+
+    max_len = common.max_seq_length(path)
+    texts = common.sample_texts(4096, seed=2)
+    hf = common.HFModel(path, max_len, DEVICE, dtype)
+    serial = common.SerialBackend("transformers", hf.encode)
+    eng = fastserve.Engine(str(path), device=DEVICE, dtype=str(dtype).removeprefix("torch."), max_length=max_len)
+    backends = {"transformers (one at a time)": serial.submit, "fastserve default": eng.submit}
+    for submit in backends.values():
+        for t in texts[:20]:
+            submit(t).result()
+    rows = []
+    for c in concurrency:
+        for name, submit in backends.items():
+            r = closed_loop(submit, texts, c, seconds)
+            r["backend"] = name
+            rows.append(r)
+            log(f"  C={c} {name}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+    s = eng.stats()
+    log(f"  fastserve: {s['batches']} batches, attention {s['attention']}")
+    eng.close()
+    serial.close()
+    del hf
+    if DEVICE != "cpu":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    info = result["machine"]
+    out = [f"# GPU benchmark: {info['gpu']}", "",
+           f"`{result['command']}`", "",
+           "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+    for model, parts in result["models"].items():
+        out += [f"## {model} ({result['dtype']})", ""]
+        if "offline" in parts:
+            out += [f"Offline, {result['n']} corpus texts (best of {result['repeats']}):", "",
+                    "| method | texts/s | vs transformers arrival order |", "|---|---:|---:|"]
+            out += [f"| {r['method']} | {r['texts_per_s']:.0f} | {r['vs_transformers']:.2f}x |" for r in parts["offline"]]
+            out.append("")
+        if "online" in parts:
+            out += [f"Online, closed loop ({result['seconds']} s per point):", "",
+                    "| clients | backend | req/s | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]
+            out += [f"| {r['clients']} | {r['backend']} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+                    for r in parts["online"]]
+            out.append("")
+        for k, v in parts.items():
+            if k.endswith("error"):
+                out += [f"{k}: `{v}`", ""]
+    if result.get("kernels"):
+        out += ["## Kernels vs device copy", "", "| kernel | dtype | B x L x H | MB | kernel GB/s | copy GB/s | ratio |",
+                "|---|---|---|---:|---:|---:|---:|"]
+        out += [f"| {r['kernel']} | {r['dtype']} | {r['B']}x{r['L']}x{r['H']} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['kernel_gbps']:.0f} | {r['copy_gbps']:.0f} | {r['kernel_gbps'] / r['copy_gbps']:.0%} |"
+                for r in result["kernels"]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["bert-base", "minilm"], choices=["bert-base", "minilm"])
+    ap.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    ap.add_argument("--n", type=int, default=4096, help="texts in the offline run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per closed-loop point")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "offline", "online"])
+    ap.add_argument("--out", type=Path, default=common.RESULTS)
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device visible", file=sys.stderr)
+        return 2
+    common.quiet()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    dtype = DTYPES[args.dtype]
+    result: dict[str, Any] = {"command": "python benchmarks/python/gpu_bench.py " + " ".join(sys.argv[1:]),
+                              "machine": gpu_info(), "dtype": args.dtype, "n": args.n, "repeats": args.repeats,
+                              "seconds": args.seconds, "models": {}}
+    log(json.dumps(result["machine"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
+        (args.out / "gpu.md").write_text(markdown(result))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            path = bert_base_folder(Path(tmp)) if model == "bert-base" else common.model_path()
+            parts: dict[str, Any] = result["models"].setdefault(model, {})
+            for part, fn in (("offline", lambda: offline(path, dtype, args.n, args.repeats, log)),
+                             ("online", lambda: online(path, dtype, args.concurrency, args.seconds, log))):
+                if part in args.skip:
+                    continue
+                log(f"{model}: {part}")
+                try:
+                    parts[part] = fn()
+                except Exception as e:  # keep the other parts' figures
+                    traceback.print_exc()
+                    parts[f"{part} error"] = repr(e)
+                save()
+    if "kernels" not in args.skip:
+        log("kernels")
+        try:
+            result["kernels"] = bench_kernels.report(256, 256, [768], 3, 0, DEVICE)
+        except Exception as e:
+            traceback.print_exc()
+            result["kernels error"] = repr(e)
+    save()
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
