@@ -81,6 +81,17 @@ std::vector<int32_t> tokens_from(const py::object& obj) {
   return out;
 }
 
+// Absolute deadline on the scheduler's clock from a relative timeout or an
+// absolute deadline (at most one of them).
+double deadline_from(const Scheduler& s, std::optional<double> timeout, std::optional<double> deadline) {
+  if (timeout && deadline) throw InvalidArgument("pass timeout or deadline, not both");
+  if (timeout) {
+    if (std::isnan(*timeout) || *timeout < 0) throw InvalidArgument("timeout must be >= 0");
+    return s.clock().now() + *timeout;
+  }
+  return deadline ? *deadline : Scheduler::kNoDeadline;
+}
+
 py::dict summary(const LogHistogram& h) {
   py::dict d;
   d["count"] = h.count();
@@ -278,19 +289,34 @@ PYBIND11_MODULE(_core, m) {
           "submit",
           [](Scheduler& s, const py::object& tokens, int priority, std::optional<double> timeout, std::optional<double> deadline) {
             std::vector<int32_t> t = tokens_from(tokens);
-            double d = Scheduler::kNoDeadline;
-            if (timeout && deadline) throw InvalidArgument("pass timeout or deadline, not both");
-            if (timeout) {
-              if (std::isnan(*timeout) || *timeout < 0) throw InvalidArgument("timeout must be >= 0");
-              d = s.clock().now() + *timeout;
-            } else if (deadline) {
-              d = *deadline;
-            }
+            const double d = deadline_from(s, timeout, deadline);
             py::gil_scoped_release r;
             return s.submit(std::move(t), priority, d);
           },
           py::arg("tokens"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
           py::arg("deadline") = py::none())
+      .def(
+          "submit_many",
+          [](Scheduler& s, const py::iterable& requests, int priority, std::optional<double> timeout,
+             std::optional<double> deadline) {
+            std::vector<std::vector<int32_t>> all;
+            size_t i = 0;
+            for (const py::handle& tokens : requests) {
+              try {
+                all.push_back(tokens_from(py::reinterpret_borrow<py::object>(tokens)));
+              } catch (const InvalidArgument& e) {
+                throw InvalidArgument("request " + std::to_string(i) + ": " + e.what());
+              }
+              ++i;
+            }
+            const double d = deadline_from(s, timeout, deadline);
+            py::gil_scoped_release r;
+            return s.submit_many(std::move(all), priority, d);
+          },
+          py::arg("requests"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
+          py::arg("deadline") = py::none(),
+          "Queue several requests under one lock, as many as fit, in order; returns the accepted "
+          "prefix's ids. Raises QueueFullError when not even the first fits.")
       .def("cancel", &Scheduler::cancel, py::arg("id"), py::call_guard<py::gil_scoped_release>())
       .def(
           "next_batch",

@@ -41,8 +41,7 @@ double Scheduler::rank_of(int priority, double arrival) const {
   return static_cast<double>(priority) * config_.aging_s - arrival;
 }
 
-uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double deadline) {
-  const auto n = static_cast<int64_t>(tokens.size());
+void Scheduler::check_request(int64_t n) const {
   if (n == 0) throw InvalidArgument("empty request: at least one token is required");
   if (n > config_.max_request_tokens)
     throw InvalidArgument("request of " + std::to_string(n) + " tokens exceeds max_request_tokens=" +
@@ -50,31 +49,75 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
   if (n > config_.max_queue_tokens)
     throw InvalidArgument("request of " + std::to_string(n) + " tokens can never fit max_queue_tokens=" +
                           std::to_string(config_.max_queue_tokens));
+}
+
+bool Scheduler::fits_locked(int64_t n) const {
+  return static_cast<int64_t>(requests_.size()) + 1 <= config_.max_queue_requests &&
+         queued_tokens_ + n <= config_.max_queue_tokens;
+}
+
+[[noreturn]] void Scheduler::throw_full_locked() {
+  ++stats_.rejected;
+  throw QueueFull("queue full: " + std::to_string(requests_.size()) + " requests / " +
+                  std::to_string(queued_tokens_) + " tokens queued (limits " +
+                  std::to_string(config_.max_queue_requests) + " / " +
+                  std::to_string(config_.max_queue_tokens) + ")");
+}
+
+uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline) {
+  const auto n = static_cast<int64_t>(tokens.size());
+  const uint64_t id = next_id_++;
+  order_.insert(Key{rank_of(priority, now), id});
+  if (std::isfinite(deadline)) deadlines_.insert({deadline, id});
+  requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
+  queued_tokens_ += n;
+  submitted_tokens_ += n;
+  ++stats_.submitted;
+  if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
+  return id;
+}
+
+uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double deadline) {
+  const auto n = static_cast<int64_t>(tokens.size());
+  check_request(n);
   if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
   const double now = clock_->now();
   uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw SchedulerClosed("scheduler is closed");
-    const auto depth = static_cast<int64_t>(requests_.size());
-    if (depth + 1 > config_.max_queue_requests || queued_tokens_ + n > config_.max_queue_tokens) {
-      ++stats_.rejected;
-      throw QueueFull("queue full: " + std::to_string(depth) + " requests / " +
-                      std::to_string(queued_tokens_) + " tokens queued (limits " +
-                      std::to_string(config_.max_queue_requests) + " / " +
-                      std::to_string(config_.max_queue_tokens) + ")");
-    }
-    id = next_id_++;
-    order_.insert(Key{rank_of(priority, now), id});
-    if (std::isfinite(deadline)) deadlines_.insert({deadline, id});
-    requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
-    queued_tokens_ += n;
-    submitted_tokens_ += n;
-    ++stats_.submitted;
-    if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
+    if (!fits_locked(n)) throw_full_locked();
+    id = enqueue_locked(std::move(tokens), priority, now, deadline);
   }
   cv_.notify_one();
   return id;
+}
+
+std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> requests, int priority,
+                                             double deadline) {
+  for (size_t i = 0; i < requests.size(); ++i) {
+    try {
+      check_request(static_cast<int64_t>(requests[i].size()));
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument("request " + std::to_string(i) + ": " + e.what());
+    }
+  }
+  if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
+  std::vector<uint64_t> ids;
+  if (requests.empty()) return ids;
+  ids.reserve(requests.size());
+  const double now = clock_->now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) throw SchedulerClosed("scheduler is closed");
+    for (auto& tokens : requests) {
+      if (!fits_locked(static_cast<int64_t>(tokens.size()))) break;
+      ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
+    }
+    if (ids.empty()) throw_full_locked();
+  }
+  cv_.notify_all();
+  return ids;
 }
 
 void Scheduler::erase_locked(std::unordered_map<uint64_t, Request>::iterator it) {

@@ -1,6 +1,6 @@
 """Type stubs for fastserve._core, the pybind11 extension (csrc/bindings/module.cpp)."""
 
-from typing import TypedDict
+from typing import Iterable, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -248,6 +248,19 @@ class Scheduler:
 
         Raises ValueError (bad tokens, both timeout and deadline, negative
         timeout), QueueFullError, EngineClosedError.
+        """
+
+    def submit_many(
+        self,
+        requests: Iterable[ArrayLike],
+        priority: int = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> list[int]:
+        """Enqueue several requests under one lock, in order, as many as fit;
+        return the accepted prefix's ids. Every request is validated first (a
+        bad one raises ValueError naming its index and nothing is queued).
+        Raises QueueFullError when not even the first fits, EngineClosedError.
         """
 
     def cancel(self, id: int) -> bool: ...

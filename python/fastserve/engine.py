@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import functools
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from .runners import PackedRunner, PaddedRunner, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
+ADMIT_CHUNK = 4096  # a list's inputs queued per scheduler call
+ADMIT_PAUSE_S = 0.002  # a list waiting its turn behind other callers polls this often
 
 
 def _keep_freed_memory() -> None:
@@ -205,6 +208,9 @@ class Engine:
             target_latency_s=target_latency_ms / 2000.0,
             min_tokens=min(min_batch_tokens, max_batch_tokens),
             max_tokens=max_batch_tokens,
+            # static: every batch may carry max_batch_tokens (adaptive policies
+            # start between the bounds and move)
+            initial_tokens=max_batch_tokens if policy == "static" else 0,
         )
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
         self._pending: dict[int, cf.Future] = {}
@@ -237,14 +243,14 @@ class Engine:
         self._require_task("embed")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        futures = self._submit_many(texts, priority, timeout)
+        futures = await self._asubmit_many(texts, priority, timeout)
         return self._stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         self._require_task("classify")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        futures = self._submit_many(texts, priority, timeout)
+        futures = await self._asubmit_many(texts, priority, timeout)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
@@ -334,7 +340,7 @@ class Engine:
         s["device"] = str(self.device)
         s["dtype"] = str(self.dtype).removeprefix("torch.")
         s["execution"] = self.runner.name
-        s["attention"] = getattr(self.runner, "attention", None)  # packed: runs / nested / flash
+        s["attention"] = getattr(self.runner, "attention", None)  # packed: runs / pad / flash
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()
@@ -399,35 +405,76 @@ class Engine:
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
         return fut
 
+    def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
+                       timeout: float | None) -> list[cf.Future]:
+        """Queue as many of token_lists as fit, in order, under one lock (the
+        worker sees them at once, not one by one): their futures."""
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            rids = self._scheduler.submit_many(token_lists, priority, timeout)
+            futures = [cf.Future() for _ in rids]
+            self._pending.update(zip(rids, futures))
+        for rid, fut in zip(rids, futures):
+            fut.add_done_callback(functools.partial(self._on_done, rid))
+        return futures
+
+    def _admit(self, token_lists: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
+               timeout: Callable[[], float | None]) -> Iterator[cf.Future | None]:
+        """Queue a list's inputs in order, appending each one's future to
+        `futures`, up to ADMIT_CHUNK per scheduler call. When the queue is
+        full and nothing was accepted yet: QueueFullError (the call is refused
+        whole). Once something was, the call has made progress and waits its
+        turn instead of failing half served: the caller waits for the yielded
+        future (its own oldest outstanding input; its failure fails the call)
+        or, when None is yielded (its inputs so far are done and others' fill
+        the queue), pauses briefly; then iterates on."""
+        oldest = pos = 0
+        while pos < len(token_lists):
+            try:
+                new = self._submit_prefix(token_lists[pos : pos + ADMIT_CHUNK], priority, timeout())
+            except QueueFullError:
+                if not futures:
+                    raise
+                if oldest == len(futures):
+                    yield None
+                else:
+                    oldest += 1
+                    yield futures[oldest - 1]
+                continue
+            futures.extend(new)
+            pos += len(new)
+
     def _submit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
-        """Submit a list as separate requests. When the queue fills, wait for
-        this call's oldest outstanding request instead of failing the list."""
-        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
-            raise InvalidInputError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
-        all_ids = self._tokens(texts)
         futures: list[cf.Future] = []
-        oldest = 0
         try:
-            for ids in all_ids:
-                while True:
-                    try:
-                        futures.append(self._submit_tokens(ids, priority, timeout))
-                        break
-                    except QueueFullError:
-                        if not futures:
-                            raise  # nothing accepted yet: refuse the call whole
-                        if oldest == len(futures):
-                            # Its own requests are done and others' fill the
-                            # queue: it has made progress, so it waits its turn.
-                            time.sleep(0.002)
-                            continue
-                        cf.wait([futures[oldest]])
-                        oldest += 1
+            for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
+                if wait is None:
+                    time.sleep(ADMIT_PAUSE_S)
+                else:
+                    wait.result()
         except BaseException:
             for f in futures:
                 f.cancel()
             raise
         return futures
+
+    async def _asubmit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
+        """_submit_many without blocking the event loop while it waits its turn."""
+        futures: list[cf.Future] = []
+        try:
+            for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
+                await (asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return futures
+
+    def _list_tokens(self, texts: Sequence[str]) -> list[list[int]]:
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+            raise InvalidInputError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+        return self._tokens(texts)
 
     def _on_done(self, rid: int, fut: cf.Future) -> None:
         if fut.cancelled():

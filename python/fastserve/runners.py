@@ -165,9 +165,8 @@ class PackedRunner:
         maxlen = int(batch.max_seqlen)
         if self.attention == "flash" and h.dtype in (torch.float16, torch.bfloat16):
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
-        elif self.attention == "nested" and len(runs) > 1:
-            offsets = cu.long()
-            varlen = lambda qkv: _nested_attention(qkv, offsets, maxlen)  # noqa: E731
+        elif self.attention == "pad" and len(runs) > 1:
+            varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
         for block, attn in zip(self.blocks, self.attn):
             ctx = attn(h, runs, varlen)
             if self.distil:
@@ -200,16 +199,18 @@ class PackedRunner:
         return m.classifier(cls[:, None, :])  # RoBERTa head reads features[:, 0]
 
 
-ATTENTION_METHODS = ("runs", "nested", "flash")
+ATTENTION_METHODS = ("runs", "pad", "flash")
 
 
 def _attention_method(device: torch.device) -> str:
     """How packed attention runs. CPU: one SDPA call per run of equal
-    lengths (exact; the batch is sorted by length, so runs are few and each
-    call is a dense GEMM). CUDA: flash-attn's varlen kernel when installed,
-    else SDPA on a jagged nested tensor (one call for the whole batch: a
-    per-run loop would launch one kernel per distinct length per layer).
-    FASTSERVE_PACKED_ATTENTION overrides the choice (for benchmarks)."""
+    lengths (exact, no padding; the batch is sorted by length, so runs are
+    few and each call is a dense GEMM). CUDA: flash-attn's varlen kernel when
+    installed, else "pad": attention alone on a padded copy with a key mask,
+    one SDPA call per layer (a per-run loop would launch kernels per distinct
+    length per layer: measured on an H200, 7x slower than plain transformers
+    on BERT-base). FASTSERVE_PACKED_ATTENTION overrides the choice (for
+    benchmarks and tests)."""
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
     if forced:
         if forced not in ATTENTION_METHODS:
@@ -219,16 +220,29 @@ def _attention_method(device: torch.device) -> str:
         return forced
     if device.type != "cuda":
         return "runs"
-    return "flash" if _flash_varlen() is not None else "nested"
+    return "flash" if _flash_varlen() is not None else "pad"
 
 
-def _nested_attention(qkv: torch.Tensor, offsets: torch.Tensor, maxlen: int) -> torch.Tensor:
-    """Exact attention per sequence of packed qkv [T, 3, heads, d] through
-    SDPA on jagged nested tensors (flash / memory-efficient varlen kernels on
-    CUDA); returns [T, heads, d]."""
-    q, k, v = (torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets, max_seqlen=maxlen).transpose(1, 2)
-               for x in qkv.unbind(1))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()
+class _PaddedAttention:
+    """Exact attention per sequence for one packed batch through a padded
+    copy: qkv rows are scattered into [B * L] slots (zeros elsewhere), SDPA
+    runs once with a key-padding mask, and the real rows are gathered back.
+    The index and mask are built once per batch and serve every layer."""
+
+    def __init__(self, lengths: np.ndarray, positions: np.ndarray, device: torch.device) -> None:
+        self.B, self.L = len(lengths), int(lengths.max())
+        rows = np.repeat(np.arange(self.B, dtype=np.int64) * self.L, lengths) + positions
+        self.index = torch.from_numpy(rows).to(device)
+        keep = np.arange(self.L)[None, :] < lengths[:, None]  # [B, L]: real tokens
+        self.mask = torch.from_numpy(keep).to(device)[:, None, None, :]
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        _, three, nh, hd = qkv.shape
+        padded = qkv.new_zeros(self.B * self.L, three, nh, hd)
+        padded.index_copy_(0, self.index, qkv)
+        q, k, v = padded.view(self.B, self.L, three, nh, hd).permute(2, 0, 3, 1, 4)  # each [B, nh, L, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return out.transpose(1, 2).reshape(self.B * self.L, nh, hd).index_select(0, self.index)
 
 
 def _flash_varlen():

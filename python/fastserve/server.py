@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'fastserve[serve]'"
     ) from e
 
-from .engine import Engine, InferenceError
+from .engine import ADMIT_PAUSE_S, Engine, InferenceError
 from .errors import EngineClosedError, InvalidInputError, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger("fastserve.server")
@@ -533,27 +533,12 @@ class _Api:
         return await req.wait(asyncio.to_thread(self.engine.tokenize, texts))
 
     async def _run(self, req: _Request, token_lists: list[list[int]]) -> list:
-        """Queue every input, then wait for all. When the queue is full, wait
-        for this request's own oldest input before queueing more (as
-        Engine.embed does for a list); only a request with nothing accepted
-        yet is refused with 429."""
-        oldest = 0
-        for ids in token_lists:
-            while True:
-                try:
-                    req.futures.append(self.engine.submit_tokens(ids, timeout=req.remaining()))
-                    break
-                except QueueFullError:
-                    if not req.futures:
-                        raise  # nothing accepted yet: refuse the request whole
-                    if oldest == len(req.futures):
-                        # All of its inputs so far are done and others' fill
-                        # the queue: it has made progress, so it waits its
-                        # turn rather than failing half served.
-                        await req.wait(asyncio.sleep(0.002))
-                        continue
-                    await req.wait(asyncio.wrap_future(req.futures[oldest]))
-                    oldest += 1
+        """Queue every input (Engine._admit: as many at a time as the queue
+        takes; once something is accepted, a full queue means waiting its
+        turn; only a request with nothing accepted yet is refused with 429),
+        then wait for all."""
+        for wait in self.engine._admit(token_lists, req.futures, 0, req.remaining):
+            await req.wait(asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
         return await req.wait(asyncio.gather(*(asyncio.wrap_future(f) for f in req.futures)))
 
     async def _serve(self, request: Request, route: str, texts: Optional[list[str]],

@@ -209,6 +209,53 @@ TEST(SchedulerCapacity, TokenLimitRejectsAtOnceAndTheQueueStaysUsable) {
   EXPECT_EQ(f.s.queued_tokens(), 9);
 }
 
+TEST(SchedulerSubmitMany, QueuesTheLongestPrefixThatFitsAndOneBatchSeesItWhole) {
+  SchedulerConfig sc;
+  sc.max_queue_requests = 5;
+  Fixture f(sc);
+  const std::vector<uint64_t> ids = f.s.submit_many({toks(3), toks(3), toks(3)});
+  ASSERT_EQ(ids.size(), 3u);
+  EXPECT_LT(ids[0], ids[1]);
+  EXPECT_LT(ids[1], ids[2]);
+  // Four more offered, two fit: the accepted prefix, in order.
+  const std::vector<uint64_t> more = f.s.submit_many({toks(3), toks(3), toks(3), toks(3)});
+  ASSERT_EQ(more.size(), 2u);
+  EXPECT_EQ(f.s.depth(), 5);
+  EXPECT_EQ(f.s.queued_tokens(), 15);
+  EXPECT_THROW(f.s.submit_many({toks(1)}), QueueFull);  // nothing fits: typed error
+  EXPECT_EQ(f.s.snapshot().stats.rejected, 1);
+  EXPECT_EQ(f.s.snapshot().stats.submitted, 5);
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->size(), 5);
+  EXPECT_TRUE(f.s.submit_many({}).empty());
+}
+
+TEST(SchedulerSubmitMany, StopsAtTheTokenLimit) {
+  SchedulerConfig sc;
+  sc.max_queue_tokens = 10;
+  Fixture f(sc);
+  EXPECT_EQ(f.s.submit_many({toks(4), toks(4), toks(4), toks(1)}).size(), 2u);  // a prefix: the 1 waits behind the 4
+  EXPECT_EQ(f.s.queued_tokens(), 8);
+}
+
+TEST(SchedulerSubmitMany, AnInvalidRequestQueuesNothingAndNamesItsIndex) {
+  SchedulerConfig sc;
+  sc.max_request_tokens = 8;
+  Fixture f(sc);
+  try {
+    f.s.submit_many({toks(2), toks(9), toks(2)});
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("request 1"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(f.s.submit_many({toks(2), toks(0)}), InvalidArgument);
+  EXPECT_THROW(f.s.submit_many({toks(2)}, 0, std::nan("")), InvalidArgument);
+  EXPECT_EQ(f.s.depth(), 0);
+  f.s.close();
+  EXPECT_THROW(f.s.submit_many({toks(2)}), SchedulerClosed);
+}
+
 TEST(SchedulerValidation, RejectsEmptyOverlongAndNanDeadlineRequests) {
   SchedulerConfig sc;
   sc.max_request_tokens = 8;

@@ -16,7 +16,7 @@ from fastserve import Engine
 
 pytestmark = pytest.mark.gpu
 
-EXECUTIONS = [("packed", "runs"), ("packed", "nested"), ("padded", None)]
+EXECUTIONS = [("packed", "runs"), ("packed", "pad"), ("padded", None)]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -77,6 +77,14 @@ class Scheduler {
   uint64_t submit(std::vector<int32_t> tokens, int priority = 0,
                   double deadline = kNoDeadline);
 
+  // Enqueue several requests under one lock, in order, as many as fit: the
+  // ids of the accepted prefix (a worker sees them all at once, so a list
+  // is not cut into small batches while it is being queued). Every request
+  // is validated first: an invalid one throws InvalidArgument and nothing is
+  // queued. Throws QueueFull when not even the first fits.
+  std::vector<uint64_t> submit_many(std::vector<std::vector<int32_t>> requests, int priority = 0,
+                                    double deadline = kNoDeadline);
+
   // Remove a queued request. False when it is unknown, already in a batch,
   // or already finished.
   bool cancel(uint64_t id);
@@ -130,6 +138,10 @@ class Scheduler {
 
   double rank_of(int priority, double arrival) const;
   void erase_locked(std::unordered_map<uint64_t, Request>::iterator it);
+  void check_request(int64_t n) const;  // throws InvalidArgument
+  bool fits_locked(int64_t n) const;
+  [[noreturn]] void throw_full_locked();
+  uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
   std::vector<uint64_t> drop_expired_locked(double now);
   std::shared_ptr<Batch> assemble_locked(double now);
   int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;
