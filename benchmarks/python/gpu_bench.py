@@ -215,9 +215,21 @@ def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: 
         for t in texts[:300]:
             submit(t).result()
         closed_loop(submit, texts, max(concurrency), 1.0)
+    runner_s: list[float] = []  # the worker's time inside the model, per batch
+    run = eng.runner.run
+
+    def timed_run(batch: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return run(batch)
+        finally:
+            runner_s.append(time.perf_counter() - t0)
+
+    eng.runner.run = timed_run
     rows = []
     for c in concurrency:
         for name, submit in backends.items():
+            runner_s.clear()
             before = eng.stats()
             r = closed_loop(submit, texts, c, seconds)
             r["backend"] = name
@@ -226,8 +238,10 @@ def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: 
                 r["batches"] = after["batches"] - before["batches"]
                 r["mean_batch"] = (after["completed"] - before["completed"]) / max(r["batches"], 1)
                 r["attention"] = after["attention"]
+                r["runner_ms_per_batch"] = float(np.mean(runner_s) * 1e3) if runner_s else None
             rows.append(r)
-            extra = f", {r['batches']} batches of {r['mean_batch']:.1f}" if "batches" in r else ""
+            extra = (f", {r['batches']} batches of {r['mean_batch']:.1f}, {r['runner_ms_per_batch']:.2f} ms each in "
+                     "the model" if r.get("runner_ms_per_batch") else "")
             log(f"  C={c} {name}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms{extra}")
     eng.close()
     serial.close()
@@ -251,9 +265,11 @@ def markdown(result: dict[str, Any]) -> str:
             out.append("")
         if "online" in parts:
             out += [f"Online, closed loop ({result['seconds']} s per point):", "",
-                    "| clients | backend | req/s | p50 ms | p99 ms | mean batch |", "|---:|---|---:|---:|---:|---:|"]
+                    "| clients | backend | req/s | p50 ms | p99 ms | mean batch | model ms per batch |",
+                    "|---:|---|---:|---:|---:|---:|---:|"]
             out += [f"| {r['clients']} | {r['backend']} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                    + (f"{r['mean_batch']:.1f} |" if "mean_batch" in r else "1 |") for r in parts["online"]]
+                    + (f"{r['mean_batch']:.1f} | {r['runner_ms_per_batch'] or float('nan'):.2f} |" if "mean_batch" in r
+                       else "1 | - |") for r in parts["online"]]
             out.append("")
         for k, v in parts.items():
             if k.endswith("error"):

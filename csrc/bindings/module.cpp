@@ -290,7 +290,10 @@ PYBIND11_MODULE(_core, m) {
           [](Scheduler& s, const py::object& tokens, int priority, std::optional<double> timeout, std::optional<double> deadline) {
             std::vector<int32_t> t = tokens_from(tokens);
             const double d = deadline_from(s, timeout, deadline);
-            py::gil_scoped_release r;
+            // The GIL stays held: the call takes about a microsecond, and a
+            // release would make the caller queue for the GIL again while it
+            // holds the engine's submit lock, which the worker waits on.
+            // (Safe: no thread holding the scheduler's mutex waits for the GIL.)
             return s.submit(std::move(t), priority, d);
           },
           py::arg("tokens"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
@@ -310,14 +313,13 @@ PYBIND11_MODULE(_core, m) {
               ++i;
             }
             const double d = deadline_from(s, timeout, deadline);
-            py::gil_scoped_release r;
-            return s.submit_many(std::move(all), priority, d);
+            return s.submit_many(std::move(all), priority, d);  // GIL held, as in submit
           },
           py::arg("requests"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
           py::arg("deadline") = py::none(),
           "Queue several requests under one lock, as many as fit, in order; returns the accepted "
           "prefix's ids. Raises QueueFullError when not even the first fits.")
-      .def("cancel", &Scheduler::cancel, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &Scheduler::cancel, py::arg("id"))  // GIL held, as in submit
       .def(
           "next_batch",
           [](Scheduler& s, double timeout) -> std::shared_ptr<Batch> {

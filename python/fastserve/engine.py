@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import contextlib
 import functools
 import os
 import threading
@@ -80,6 +81,23 @@ class Classification:
     label: str
     score: float
     scores: dict[str, float]
+
+
+def _sdpa_backends_for(device: torch.device) -> Callable[[], Any]:
+    """The attention backends a batch runs with. On CUDA, SDPA's cuDNN
+    backend is left out (flash, memory-efficient and math remain): it builds
+    an execution plan for every new shape, and serving batches change shape
+    all the time. Suspected, not yet confirmed, as the cause of online GPU
+    batches measured 10-30x slower than the same batches offline (H200,
+    benchmarks/README.md); FASTSERVE_CUDNN_ATTENTION=1 keeps cuDNN, for
+    comparing. torch's backend switches are process-wide: they are set only
+    while a batch runs."""
+    if device.type != "cuda" or os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return functools.partial(sdpa_kernel, backends)
 
 
 class _Timer:
@@ -194,6 +212,7 @@ class Engine:
         packed = execution == "packed" or (execution == "auto" and packed_supported(net))
         runner_cls = PackedRunner if packed else PaddedRunner
         self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device)
+        self._sdpa_backends = _sdpa_backends_for(self.device)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -527,7 +546,8 @@ class Engine:
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            rows = self.runner.run(batch)
+            with self._sdpa_backends():
+                rows = self.runner.run(batch)
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:

@@ -280,3 +280,19 @@ def test_real_minilm_matches_sentence_transformers_encode():
         got = engine.embed(sentences)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999
+
+
+def test_cuda_batches_run_without_cudnn_attention_unless_asked(monkeypatch):
+    import torch
+
+    from fastserve.engine import _sdpa_backends_for
+
+    with _sdpa_backends_for(torch.device("cpu"))():
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the CPU path changes nothing
+    with _sdpa_backends_for(torch.device("cuda"))():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the batch
+    monkeypatch.setenv("FASTSERVE_CUDNN_ATTENTION", "1")
+    with _sdpa_backends_for(torch.device("cuda"))():
+        assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -512,7 +512,7 @@ def test_unexpected_errors_become_a_generic_500_without_details(tiny_folder, mon
         def broken(*a, **k):
             raise RuntimeError("secret internal detail")
 
-        monkeypatch.setattr(e, "submit_tokens", broken)
+        monkeypatch.setattr(e, "_submit_prefix", broken)
         r = _asgi_post(create_app(e), "/v1/embeddings", {"input": "x"})
     err = _assert_openai_error(r, 500)
     assert "secret" not in r.text and err["type"] == "server_error"
