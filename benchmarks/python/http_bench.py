@@ -4,9 +4,11 @@ The same default engine (all-MiniLM-L6-v2, policy "model") is driven two
 ways with the same seeded open-loop arrivals and texts:
 - in-process: `engine.submit(text)`;
 - HTTP: `POST /v1/embeddings {"input": text}` to `fastserve serve` in its own
-  process on 127.0.0.1, from an asyncio httpx client with keep-alive
-  connections (no thread per request); latency includes JSON encoding and
-  decoding of the 384 floats.
+  process on 127.0.0.1, from a lean asyncio HTTP/1.1 client with keep-alive
+  connections (no thread per request; `--client httpx` uses httpx instead,
+  which costs about 0.8 ms of CPU per request on this 2-core machine, CPU
+  taken from the server and the model); latency includes JSON encoding and
+  decoding (orjson) of the 384 floats.
 Only one of the two is driven at a time; the idle one waits in the C++
 scheduler and uses no CPU.
 
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -46,19 +49,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RawClient:
+    """A minimal HTTP/1.1 client for the load generator: a pool of keep-alive
+    connections (asyncio streams), one request in flight per connection, a
+    request written as one buffer, the response read by its Content-Length.
+    Enough for this server's JSON answers, and cheap enough not to compete
+    with the server and the model for the machine's two cores."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        while self.idle:  # a kept-alive connection the server may have closed meanwhile
+            reader, writer = self.idle.pop()
+            try:
+                return await self._exchange(reader, writer, path, body)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await self._exchange(reader, writer, path, body)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                        body: bytes) -> bytes:
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        payload = await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+        return payload
+
+    async def aclose(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 class HttpBackend(common.Backend):
-    """`fastserve serve` in a subprocess, driven by an asyncio httpx client."""
+    """`fastserve serve` in a subprocess, driven from an asyncio loop thread by
+    RawClient (or httpx)."""
 
     kind = "http"
 
-    def __init__(self, name: str = "fastserve/http") -> None:
+    def __init__(self, name: str = "fastserve/http", client: str = "raw", server_args: tuple[str, ...] = ()) -> None:
         import httpx
 
         self.name = name
         self.port = _free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastserve.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "fastserve.cli", "serve", "--port", str(self.port), "--log-level", "warning",
+             *server_args],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         base = f"http://127.0.0.1:{self.port}"
@@ -75,17 +125,23 @@ class HttpBackend(common.Backend):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.client_kind = client
+        if client == "httpx":
+            async def make() -> Any:
+                limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+                return httpx.AsyncClient(base_url=base, limits=limits, timeout=60)
 
-        async def make() -> Any:
-            limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-            return httpx.AsyncClient(base_url=base, limits=limits, timeout=60)
-
-        self.client = asyncio.run_coroutine_threadsafe(make(), self.loop).result()
+            self.client = asyncio.run_coroutine_threadsafe(make(), self.loop).result()
+        else:
+            self.client = RawClient("127.0.0.1", self.port)
 
     async def _post(self, text: str) -> list[float]:
-        r = await self.client.post("/v1/embeddings", json={"input": text})
-        r.raise_for_status()
-        return r.json()["data"][0]["embedding"]
+        if self.client_kind == "httpx":
+            r = await self.client.post("/v1/embeddings", json={"input": text})
+            r.raise_for_status()
+            return r.json()["data"][0]["embedding"]
+        return orjson.loads(await self.client.post("/v1/embeddings", orjson.dumps({"input": text})))["data"][0][
+            "embedding"]
 
     def submit(self, text: str) -> cf.Future:
         return asyncio.run_coroutine_threadsafe(self._post(text), self.loop)
@@ -94,7 +150,7 @@ class HttpBackend(common.Backend):
         return None
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result()
+        asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.proc.send_signal(signal.SIGTERM)
@@ -110,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain", type=float, default=1.5)
     p.add_argument("--idle-calls", type=int, default=60)
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="the load generator's HTTP client")
+    p.add_argument("--server-args", default="", help="extra `fastserve serve` options, e.g. '--torch-threads 1'")
     p.add_argument("--out", default=str(common.RESULTS))
     args = p.parse_args(argv)
     common.quiet()
@@ -118,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     up0 = common.uptime()
 
     inproc = common.FastServeBackend(common.fastserve_variants([], "auto", 50.0)[0])
-    http = HttpBackend()
+    http = HttpBackend(client=args.client, server_args=tuple(args.server_args.split()))
     backends: dict[str, common.Backend] = {"in-process": inproc, "http": http}
     try:
         idle = common.idle_latency(backends, common.sample_texts(args.idle_calls, args.seed + 1))
@@ -154,12 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     added_ms = (p50["http"] - p50["in-process"]) * 1000
     idle_added_ms = (idle["http"]["median_s"] - idle["in-process"]["median_s"]) * 1000
     ratio = best_goodput("http") / best_goodput("in-process") if best_goodput("in-process") else float("nan")
+
+    def max_goodput(name: str) -> float:  # requests within the SLO per second, at any load level
+        return max(r["goodput_rps"] for r in rows if r["backend"] == name)
+
+    any_ratio = max_goodput("http") / max_goodput("in-process")
     targets = [
         f"{'PASS' if added_ms <= 1.0 else 'FAIL'} added p50 at {low:.1f}x load: {added_ms:+.2f} ms "
         f"(HTTP {p50['http'] * 1000:.1f} ms, in-process {p50['in-process'] * 1000:.1f} ms; target <= 1 ms); "
         f"idle single request: {idle_added_ms:+.2f} ms",
         f"{'PASS' if ratio >= 0.9 else 'FAIL'} best goodput within {args.slo_ms:.0f} ms p99: HTTP "
         f"{best_goodput('http'):.1f} req/s = {ratio:.2f}x in-process ({best_goodput('in-process'):.1f}; target >= 0.90x)",
+        f"{'PASS' if any_ratio >= 0.9 else 'FAIL'} highest goodput (requests done within {args.slo_ms:.0f} ms per "
+        f"second, any load level, whatever the p99): HTTP {max_goodput('http'):.1f} req/s = {any_ratio:.2f}x "
+        f"in-process ({max_goodput('in-process'):.1f})",
     ]
     for t in targets:
         print(t)
@@ -176,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Same default engine (all-MiniLM-L6-v2, policy `model`, 50 ms target), same seeded Poisson arrivals "
         "and corpus texts; HTTP is `fastserve serve` in its own process on 127.0.0.1, driven by an asyncio "
-        "httpx client (keep-alive), latency from scheduled arrival to the decoded JSON response. Capacity "
+        f"{'lean HTTP/1.1' if args.client == 'raw' else 'httpx'} client (keep-alive), latency from scheduled arrival "
+        "to the decoded JSON response. Capacity "
         f"(in-process, standing backlog): {capacity:.1f} req/s.",
         "",
         "```", *targets, "```",

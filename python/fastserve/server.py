@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 try:
+    import orjson
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -309,8 +310,10 @@ class _Edge:
     before any parsing). Anything a route lets escape becomes a generic 500:
     no stack trace reaches a client."""
 
-    def __init__(self, app, *, metrics: _Metrics, api_key: Optional[str], max_payload_bytes: int) -> None:
+    def __init__(self, app, *, metrics: _Metrics, api_key: Optional[str], max_payload_bytes: int,
+                 api: Optional["_Api"] = None) -> None:
         self.app = app
+        self.api = api
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_payload_bytes = max_payload_bytes
@@ -340,7 +343,7 @@ class _Edge:
                 status[0] = _CLIENT_CLOSED
             elif error is not None:
                 await error.response()(scope, receive, send_recording)
-            else:
+            elif not await self._fast_embeddings(scope, receive, send_recording):
                 await self.app(scope, receive, send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
@@ -352,6 +355,35 @@ class _Edge:
             method = scope.get("method", "")
             method = method if method in _METHODS else "other"
             self.metrics.requests.labels(route, method, str(status[0] or 500)).inc()
+
+    async def _fast_embeddings(self, scope, receive, send) -> bool:
+        """POST /v1/embeddings with a valid body, straight to the route:
+        pydantic's (compiled) JSON validation without FastAPI's routing and
+        dependency machinery (about 0.2 ms a request). Anything else,
+        including every invalid body, goes through the app (False), so errors
+        and the OpenAPI document are FastAPI's."""
+        if self.api is None or scope["path"] != "/v1/embeddings" or scope.get("method") != "POST":
+            return False
+        message = await receive()  # the buffered body, replayed by _read_body
+        replay = {"sent": False}
+
+        async def again():
+            if not replay["sent"]:
+                replay["sent"] = True
+                return message
+            return await receive()
+
+        try:
+            body = EmbeddingRequest.model_validate_json(message.get("body", b""))
+        except ValueError:  # pydantic's ValidationError, or a body that is not JSON
+            await self.app(scope, again, send)
+            return True
+        try:
+            response = await self.api.embeddings(body, Request(scope, receive))
+        except ApiError as exc:  # what the app's exception handler would answer
+            response = exc.response()
+        await response(scope, receive, send)
+        return True
 
     def _check_key(self, scope) -> Optional[ApiError]:
         if self.api_key is None:
@@ -599,7 +631,7 @@ class _Api:
                 if b64:
                     emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                 else:
-                    emb = v.tolist()
+                    emb = v if v.flags.c_contiguous else np.ascontiguousarray(v)
                 data.append({"object": "embedding", "index": i, "embedding": emb})
             return _dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
@@ -634,7 +666,9 @@ class _Api:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON; numpy float32 arrays are written directly (float32's
+    shortest round-trip form), about 30x faster than json.dumps of a list."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 # ---------------------------------------------------------------------- app
@@ -697,7 +731,8 @@ def create_app(
         err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
         return err.response()
 
-    app.add_middleware(_Edge, metrics=metrics, api_key=api_key, max_payload_bytes=max_payload_bytes)
+    app.add_middleware(_Edge, metrics=metrics, api_key=api_key, max_payload_bytes=max_payload_bytes,
+                       api=api if engine.task == "embed" else None)
     return app
 
 
