@@ -100,6 +100,17 @@ def _sdpa_backends_for(device: torch.device) -> Callable[[], Any]:
     return functools.partial(sdpa_kernel, backends)
 
 
+@contextlib.contextmanager
+def _cancelled_on_error(futures: list[cf.Future]) -> Iterator[None]:
+    """A call that fails part way cancels what it had queued."""
+    try:
+        yield
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
 class _Timer:
     """Running count / total / max of a duration, thread-safe."""
 
@@ -466,28 +477,20 @@ class Engine:
 
     def _submit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
         futures: list[cf.Future] = []
-        try:
+        with _cancelled_on_error(futures):
             for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
                 if wait is None:
                     time.sleep(ADMIT_PAUSE_S)
                 else:
                     wait.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
         return futures
 
     async def _asubmit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
         """_submit_many without blocking the event loop while it waits its turn."""
         futures: list[cf.Future] = []
-        try:
+        with _cancelled_on_error(futures):
             for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
                 await (asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
         return futures
 
     def _list_tokens(self, texts: Sequence[str]) -> list[list[int]]:

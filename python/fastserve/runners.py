@@ -162,8 +162,8 @@ class PackedRunner:
         h = self.base.embeddings(input_ids=ids[None], position_ids=pos[None])[0]
         runs = _equal_length_runs(batch.lengths)
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        maxlen = int(batch.max_seqlen)
         if self.attention == "flash" and h.dtype in (torch.float16, torch.bfloat16):
+            maxlen = int(batch.max_seqlen)
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)

@@ -335,15 +335,16 @@ class _Edge:
         self.metrics.in_progress.inc()
         try:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
+            body = b""
             if error is None:
-                receive, error = await self._read_body(scope, receive)
-            if error is None and scope.get("method") == "POST" and path.startswith("/v1/"):
-                scope = _as_json(scope)
+                receive, error, body = await self._read_body(scope, receive)
             if receive is None:  # the client left while sending its body
                 status[0] = _CLIENT_CLOSED
             elif error is not None:
                 await error.response()(scope, receive, send_recording)
-            elif not await self._fast_embeddings(scope, receive, send_recording):
+            elif not await self._fast_embeddings(scope, body, receive, send_recording):
+                if scope.get("method") == "POST" and path.startswith("/v1/"):
+                    scope = _as_json(scope)
                 await self.app(scope, receive, send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
@@ -356,30 +357,20 @@ class _Edge:
             method = method if method in _METHODS else "other"
             self.metrics.requests.labels(route, method, str(status[0] or 500)).inc()
 
-    async def _fast_embeddings(self, scope, receive, send) -> bool:
+    async def _fast_embeddings(self, scope, body: bytes, receive, send) -> bool:
         """POST /v1/embeddings with a valid body, straight to the route:
         pydantic's (compiled) JSON validation without FastAPI's routing and
         dependency machinery (about 0.2 ms a request). Anything else,
-        including every invalid body, goes through the app (False), so errors
+        including every invalid body, is left to the app (False), so errors
         and the OpenAPI document are FastAPI's."""
         if self.api is None or scope["path"] != "/v1/embeddings" or scope.get("method") != "POST":
             return False
-        message = await receive()  # the buffered body, replayed by _read_body
-        replay = {"sent": False}
-
-        async def again():
-            if not replay["sent"]:
-                replay["sent"] = True
-                return message
-            return await receive()
-
         try:
-            body = EmbeddingRequest.model_validate_json(message.get("body", b""))
+            request = EmbeddingRequest.model_validate_json(body)
         except ValueError:  # pydantic's ValidationError, or a body that is not JSON
-            await self.app(scope, again, send)
-            return True
+            return False
         try:
-            response = await self.api.embeddings(body, Request(scope, receive))
+            response = await self.api.embeddings(request, Request(scope, receive))
         except ApiError as exc:  # what the app's exception handler would answer
             response = exc.response()
         await response(scope, receive, send)
@@ -401,23 +392,24 @@ class _Edge:
         return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_body(self, scope, receive):
-        """(receive, error): a receive replaying the buffered body, or None if
-        the client disconnected; an ApiError if the body is too large."""
+        """(receive, error, body): a receive replaying the buffered body, or
+        None if the client disconnected; an ApiError if the body is too large;
+        the body itself."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return receive, None
+            return receive, None, b""
         limit = self.max_payload_bytes
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return receive, _too_large(int(value), limit)
+                return receive, _too_large(int(value), limit), b""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None, None
+                return None, None, b""
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return receive, _too_large(size, limit, at_least=True)
+                return receive, _too_large(size, limit, at_least=True), b""
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -430,7 +422,7 @@ class _Edge:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: blocks until the client disconnects
 
-        return replay, None
+        return replay, None, body
 
 
 def _as_json(scope):
