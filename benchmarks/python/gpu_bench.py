@@ -215,21 +215,24 @@ def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: 
         for t in texts[:300]:
             submit(t).result()
         closed_loop(submit, texts, max(concurrency), 1.0)
-    runner_s: list[float] = []  # the worker's time inside the model, per batch
+    runner_s: list[float] = []  # the worker's time inside the model, per batch: wall clock
+    runner_cpu_s: list[float] = []  # and the worker thread's own CPU time (wall - CPU = waiting: GPU or GIL)
     run = eng.runner.run
 
     def timed_run(batch: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return run(batch)
         finally:
             runner_s.append(time.perf_counter() - t0)
+            runner_cpu_s.append(time.thread_time() - c0)
 
     eng.runner.run = timed_run
     rows = []
     for c in concurrency:
         for name, submit in backends.items():
             runner_s.clear()
+            runner_cpu_s.clear()
             before = eng.stats()
             r = closed_loop(submit, texts, c, seconds)
             r["backend"] = name
@@ -239,9 +242,11 @@ def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: 
                 r["mean_batch"] = (after["completed"] - before["completed"]) / max(r["batches"], 1)
                 r["attention"] = after["attention"]
                 r["runner_ms_per_batch"] = float(np.mean(runner_s) * 1e3) if runner_s else None
+                r["runner_cpu_ms_per_batch"] = float(np.mean(runner_cpu_s) * 1e3) if runner_cpu_s else None
             rows.append(r)
             extra = (f", {r['batches']} batches of {r['mean_batch']:.1f}, {r['runner_ms_per_batch']:.2f} ms each in "
-                     "the model" if r.get("runner_ms_per_batch") else "")
+                     f"the model ({r['runner_cpu_ms_per_batch']:.2f} ms of it on the worker's CPU)"
+                     if r.get("runner_ms_per_batch") else "")
             log(f"  C={c} {name}: {r['req_per_s']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms{extra}")
     eng.close()
     serial.close()
@@ -294,7 +299,11 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "offline", "online"])
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for this process, in seconds (Python's default: 0.005)")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     global DEVICE
     DEVICE = args.device
     if DEVICE != "cpu" and not torch.cuda.is_available():
@@ -308,7 +317,8 @@ def main() -> int:
     dtype = DTYPES[args.dtype]
     result: dict[str, Any] = {"command": "python benchmarks/python/gpu_bench.py " + " ".join(sys.argv[1:]),
                               "machine": gpu_info(), "dtype": args.dtype, "n": args.n, "repeats": args.repeats,
-                              "seconds": args.seconds, "models": {}}
+                              "seconds": args.seconds, "switch_interval_s": sys.getswitchinterval(),
+                              "cudnn_attention": os.environ.get("FASTSERVE_CUDNN_ATTENTION", ""), "models": {}}
     log(json.dumps(result["machine"]))
     args.out.mkdir(parents=True, exist_ok=True)
 
