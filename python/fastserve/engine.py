@@ -21,7 +21,7 @@ import torch
 from . import _core
 from .errors import EngineClosedError, FastServeError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
-from .models import resolve_device, resolve_dtype
+from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import PackedRunner, PaddedRunner, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -208,6 +208,7 @@ class Engine:
             raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
         self.max_length = max_length or limit
         self.truncate = truncate
+        self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
         if task == "classify":
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
@@ -405,14 +406,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         try:
-            enc = self.tokenizer(
-                list(texts),
-                add_special_tokens=True,
-                truncation=self.truncate,
-                max_length=self.max_length if self.truncate else None,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
+            enc = self._encode(list(texts))
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))

@@ -186,3 +186,84 @@ def model_max_length(model: torch.nn.Module, tokenizer: Any, st: SentenceTransfo
     if st.max_seq_length:
         limits.append(st.max_seq_length)
     return min(limits) if limits else 512
+
+
+# The probe texts a direct fast-tokenizer call must tokenize exactly as
+# transformers does before it is trusted: plain, cased, accented, CJK, emoji,
+# whitespace runs, special-token look-alikes, and one past any length limit.
+_PROBES = (
+    "Hello, world!",
+    "  Leading and trailing spaces  ",
+    "Mixed CASE with numbers 12345 and punctuation: a-b_c.d",
+    "Café naïve façade résumé — déjà vu",
+    "日本語のテキストと中文文本",
+    "emoji 🙂🚀 and tabs\tand\nnewlines",
+    "[CLS] <s> </s> [SEP] <pad> [MASK] <unk>",
+    "x",
+    " ".join(["token"] * 600),
+)
+
+
+class TextEncoder:
+    """Texts -> token ids as the model's tokenizer makes them: special tokens
+    added, cut at max_length when truncate, no padding.
+
+    A fast (Rust) tokenizer is called directly, through a private copy of its
+    `tokenizers.Tokenizer` configured once for this engine's truncation: the
+    per-call Python of transformers' `tokenizer(...)` (argument handling,
+    BatchEncoding) costs about a third of a short text's tokenization, paid
+    in the caller's thread or the HTTP server's event loop for every request.
+    The copy is used only if it gives exactly transformers' ids on the probe
+    texts above; any other tokenizer goes through `tokenizer(...)`.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, truncate: bool) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncate = truncate
+        self.backend = self._direct_backend()
+
+    @property
+    def direct(self) -> bool:
+        return self.backend is not None
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            if len(texts) == 1:
+                return [self.backend.encode(texts[0], add_special_tokens=True).ids]
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+        return self._via_transformers(texts)
+
+    def _via_transformers(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(
+            texts,
+            add_special_tokens=True,
+            truncation=self.truncate,
+            max_length=self.max_length if self.truncate else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+
+    def _direct_backend(self) -> Any:
+        source = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if source is None:
+            return None
+        try:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(source.to_str())
+            backend.no_padding()
+            if self.truncate:
+                side = getattr(self.tokenizer, "truncation_side", "right")
+                backend.enable_truncation(self.max_length, direction=side)
+            else:
+                backend.no_truncation()
+            # Past the model's limit transformers warns on every such text when
+            # not truncating: the long probe checks truncation only.
+            probes = list(_PROBES) if self.truncate else [p for p in _PROBES if len(p) < 100]
+            expected = self._via_transformers(probes)
+            got = [e.ids for e in backend.encode_batch(probes, add_special_tokens=True)]
+            single = [backend.encode(p, add_special_tokens=True).ids for p in probes]
+        except Exception:  # an unusual tokenizer: keep transformers' path
+            return None
+        return backend if got == expected and single == expected else None
