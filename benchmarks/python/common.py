@@ -212,8 +212,21 @@ class Backend:
     name: str
     kind: str  # "baseline" or "fastserve"
 
+    # True: the backend schedules arrivals itself (submit_at), in its own
+    # event loop, rather than from the load generator's dispatcher thread.
+    own_dispatch = False
+
     def submit(self, text: str) -> cf.Future:
         raise NotImplementedError
+
+    def submit_at(self, when: float, text: str) -> cf.Future:
+        """Submit `text` when time.perf_counter() reaches `when` (own_dispatch backends)."""
+        raise NotImplementedError
+
+    def call(self, text: str) -> Any:
+        """One request from the caller's thread, waiting for the answer: what a
+        synchronous client does."""
+        return self.submit(text).result()
 
     def stats(self) -> dict[str, Any] | None:
         return None
@@ -291,18 +304,22 @@ class FastServeBackend(Backend):
 
 
 def idle_latency(backends: dict[str, Backend], texts: Sequence[str], warm: int = 5) -> dict[str, dict[str, float]]:
-    """Single-text latency with nothing else queued: each text is submitted
-    after the previous one finished, from submit to result. The backends take
-    turns text by text, so a drift in the machine's load hits them alike.
-    Returns median, mean and p90 in seconds per backend."""
+    """Single-text latency with nothing else queued: each text is sent after
+    the previous one finished (Backend.call, from the caller's thread), from
+    call to result. The backends take turns text by text, in the opposite
+    order every other text, so neither a drift in the machine's load nor
+    what the previous call left behind (another engine's threads still
+    spinning) favours one. Returns median, mean and p90 in seconds per
+    backend."""
     for t in texts[:warm]:
         for b in backends.values():
-            b.submit(t).result()
+            b.call(t)
     lat: dict[str, list[float]] = {name: [] for name in backends}
-    for t in texts:
-        for name, b in backends.items():
+    order = list(backends.items())
+    for i, t in enumerate(texts):
+        for name, b in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            b.submit(t).result()
+            b.call(t)
             lat[name].append(time.perf_counter() - t0)
     out = {}
     for name, v in lat.items():

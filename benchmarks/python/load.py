@@ -143,15 +143,17 @@ def run_open_loop(
     late = 0.0
     for i in range(n):
         target = t0 + offsets[i]
-        now = time.perf_counter()
-        if target > now:
-            time.sleep(target - now)
-        else:
-            late = max(late, now - target)
+        if not backend.own_dispatch:
+            now = time.perf_counter()
+            if target > now:
+                time.sleep(target - now)
+            else:
+                late = max(late, now - target)
         if i == first:
             before = backend.stats()
         try:
-            f = backend.submit(texts[i % len(texts)])
+            text = texts[i % len(texts)]
+            f = backend.submit_at(target, text) if backend.own_dispatch else backend.submit(text)
         except Exception:  # a refusal (QueueFullError) is a miss
             failed[i] = True
             continue
@@ -203,7 +205,7 @@ def run_open_loop(
             "p99": _percentile(lat_all, 99),
             "max_finished": float(np.max(lat[completed_mask])) if completed else float("nan"),
         },
-        "dispatcher_max_late_s": late,
+        "dispatcher_max_late_s": getattr(backend, "max_late_s", late) if backend.own_dispatch else late,
     }
     if before is not None and after is not None:
         d = {k: after[k] - before[k] for k in ("batches", "completed", "real_tokens", "padded_tokens")}

@@ -2,8 +2,10 @@
 classification route, health and readiness probes and Prometheus metrics.
 
 FastAPI (on Starlette) builds the app and its OpenAPI document; uvicorn runs
-it. Every route is async down to the engine's futures (asyncio.wrap_future):
-no thread waits per request. `create_app(engine)` returns the ASGI app for any
+it. Every route is async down to the engine's futures (one event-loop wake-up
+per request when its last input is done): no thread waits per request.
+POST /v1/embeddings with a valid body takes a fast path past Starlette and
+FastAPI (_Edge._fast_embeddings). `create_app(engine)` returns the ASGI app for any
 ASGI server; `serve(engine)` runs it under uvicorn and closes the engine after
 a graceful shutdown.
 """
@@ -12,13 +14,13 @@ import asyncio
 import base64
 import concurrent.futures as cf
 import contextlib
+import functools
 import hmac
-import json
 import logging
 import signal
 import threading
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -157,10 +159,31 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def response(self) -> Response:
+    def reply(self) -> "_Reply":
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return Response(json.dumps(body), status_code=self.status, media_type="application/json",
-                        headers=self.headers)
+        return _Reply(self.status, _dumps(body), self.headers)
+
+    def response(self) -> Response:
+        return self.reply().response()
+
+
+class _Reply(NamedTuple):
+    """A JSON answer: what a route computes, sent either as a Starlette
+    Response (FastAPI's routes) or as the two raw ASGI messages (the
+    embeddings fast path, which skips building Response objects)."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, media_type="application/json", headers=self.headers)
+
+    async def send(self, send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _ClientGone(Exception):
@@ -296,6 +319,11 @@ class _Metrics:
         self.prompt_tokens = Counter("fastserve_http_prompt_tokens", "Tokens of the inputs served, by route",
                                      ["route"], registry=self.registry)
         self.registry.register(_EngineCollector(engine))
+        # The children of each label set, looked up once (bounded label sets).
+        self.requests_for = functools.lru_cache(maxsize=None)(self.requests.labels)
+        self.latency_for = functools.lru_cache(maxsize=None)(self.latency.labels)
+        self.inputs_for = functools.lru_cache(maxsize=None)(self.inputs.labels)
+        self.prompt_tokens_for = functools.lru_cache(maxsize=None)(self.prompt_tokens.labels)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -336,33 +364,37 @@ class _Edge:
         try:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
             body = b""
+            replay = receive
             if error is None:
-                receive, error, body = await self._read_body(scope, receive)
-            if receive is None:  # the client left while sending its body
+                replay, error, body = await self._read_body(scope, receive)
+            if replay is None:  # the client left while sending its body
                 status[0] = _CLIENT_CLOSED
             elif error is not None:
-                await error.response()(scope, receive, send_recording)
+                await error.reply().send(send_recording)
             elif not await self._fast_embeddings(scope, body, receive, send_recording):
                 if scope.get("method") == "POST" and path.startswith("/v1/"):
                     scope = _as_json(scope)
-                await self.app(scope, receive, send_recording)
+                await self.app(scope, replay, send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
             if status[0] is None:
-                await _internal_error().response()(scope, receive, send_recording)
+                await _internal_error().reply().send(send_recording)
         finally:
             self.metrics.in_progress.dec()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.latency_for(route).observe(time.perf_counter() - t0)
             method = scope.get("method", "")
             method = method if method in _METHODS else "other"
-            self.metrics.requests.labels(route, method, str(status[0] or 500)).inc()
+            self.metrics.requests_for(route, method, str(status[0] or 500)).inc()
 
     async def _fast_embeddings(self, scope, body: bytes, receive, send) -> bool:
         """POST /v1/embeddings with a valid body, straight to the route:
-        pydantic's (compiled) JSON validation without FastAPI's routing and
-        dependency machinery (about 0.2 ms a request). Anything else,
+        pydantic's (compiled) JSON validation, then the two ASGI messages of
+        the answer, without Starlette's middleware, FastAPI's routing and
+        dependency machinery, or Request and Response objects. Anything else,
         including every invalid body, is left to the app (False), so errors
-        and the OpenAPI document are FastAPI's."""
+        and the OpenAPI document are FastAPI's. `receive` is the server's
+        own (the body has been read): the route watches it for the client
+        leaving."""
         if self.api is None or scope["path"] != "/v1/embeddings" or scope.get("method") != "POST":
             return False
         try:
@@ -370,10 +402,10 @@ class _Edge:
         except ValueError:  # pydantic's ValidationError, or a body that is not JSON
             return False
         try:
-            response = await self.api.embeddings(request, Request(scope, receive))
+            reply = await self.api.embeddings(request, receive)
         except ApiError as exc:  # what the app's exception handler would answer
-            response = exc.response()
-        await response(scope, receive, send)
+            reply = exc.reply()
+        await reply.send(send)
         return True
 
     def _check_key(self, scope) -> Optional[ApiError]:
@@ -444,20 +476,44 @@ def _too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
 class _Request:
     """One API request in flight: its deadline, and a watch on the client's
     connection. Every wait goes through wait(), which gives up when the
-    client leaves or the deadline passes; close() then cancels whatever the
-    request still has queued in the engine."""
+    client leaves (_ClientGone) or the deadline passes (RequestTimeoutError);
+    close() then cancels whatever the request still has queued in the engine.
 
-    def __init__(self, request: Request, timeout: Optional[float]) -> None:
+    Kept lean, since it runs on the event loop for every request: the watch is
+    one pending receive() (re-armed if a message other than http.disconnect
+    comes), the deadline one timer armed only while waiting, and a wait
+    cancels the awaited future directly instead of racing it in
+    asyncio.wait()."""
+
+    def __init__(self, receive, timeout: Optional[float]) -> None:
         self.start = time.perf_counter()
         self.deadline = None if timeout is None else self.start + timeout
         self.futures: list[cf.Future] = []
-        self._watch = asyncio.ensure_future(self._disconnected(request))
+        self._receive = receive
+        self._gone = False
+        self._expired = False
+        self._waiting: Optional[asyncio.Future] = None
+        self._watch: Optional[asyncio.Future] = None
+        self._arm()
 
-    @staticmethod
-    async def _disconnected(request: Request) -> None:
-        # The body has been read: the next message the server sends is http.disconnect.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    def _arm(self) -> None:
+        self._watch = asyncio.ensure_future(self._receive())
+        self._watch.add_done_callback(self._on_message)
+
+    def _on_message(self, watch: asyncio.Future) -> None:
+        if watch.cancelled():
+            return
+        if watch.exception() is not None or watch.result().get("type") == "http.disconnect":
+            self._gone = True
+            if self._waiting is not None:
+                self._waiting.cancel()
+        else:  # the body was replayed to a route; the next message is the disconnect
+            self._arm()
+
+    def _on_deadline(self) -> None:
+        self._expired = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     def remaining(self) -> Optional[float]:
         if self.deadline is None:
@@ -468,31 +524,67 @@ class _Request:
         return left
 
     async def wait(self, awaitable):
-        task = asyncio.ensure_future(awaitable)
-        try:
-            done, _ = await asyncio.wait({task, self._watch}, timeout=self.remaining(),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            _abandon(task)
-            raise
-        if task in done:
-            return task.result()
-        _abandon(task)
-        if self._watch in done:
+        if self._gone:
+            _abandon(asyncio.ensure_future(awaitable))
             raise _ClientGone()
-        raise RequestTimeoutError("the request's deadline passed before it could be served")
+        left = self.remaining()  # raises once the deadline has passed
+        fut = asyncio.ensure_future(awaitable)
+        timer = None if left is None else asyncio.get_running_loop().call_later(left, self._on_deadline)
+        self._waiting = fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._gone:
+                raise _ClientGone() from None
+            if self._expired:
+                raise RequestTimeoutError("the request's deadline passed before it could be served") from None
+            raise  # the task itself was cancelled (server shutdown)
+        finally:
+            self._waiting = None
+            if timer is not None:
+                timer.cancel()
+
+    def done(self) -> asyncio.Future:
+        """An asyncio future that completes once every queued input has (one
+        wake-up of the event loop for the whole request, from whichever
+        thread completes the last; the results are read from self.futures)."""
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+        left = [len(self.futures)]
+        lock = threading.Lock()
+
+        def settle() -> None:
+            if not settled.done():
+                settled.set_result(None)
+
+        def on_done(_: cf.Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and not loop.is_closed():
+                loop.call_soon_threadsafe(settle)
+
+        if not self.futures:
+            settle()
+        for f in self.futures:
+            f.add_done_callback(on_done)
+        return settled
 
     def close(self) -> None:
-        self._watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         for f in self.futures:
             f.cancel()  # a no-op for done or running ones; a queued one leaves the queue
 
     def timing_headers(self, tokenize_s: float) -> dict[str, str]:
         """text-embeddings-inference's timing headers, in ms; for several
         inputs, the largest queue and inference time among them."""
-        timings = [getattr(f, "timing", None) or {} for f in self.futures]
-        queue = max((t.get("queue_s", 0.0) for t in timings), default=0.0)
-        inference = max((t.get("inference_s", 0.0) for t in timings), default=0.0)
+        queue = inference = 0.0
+        for f in self.futures:
+            t = getattr(f, "timing", None)
+            if t:
+                queue = max(queue, t.get("queue_s", 0.0))
+                inference = max(inference, t.get("inference_s", 0.0))
         return {
             "x-total-time": _ms(time.perf_counter() - self.start),
             "x-tokenization-time": _ms(tokenize_s),
@@ -563,13 +655,14 @@ class _Api:
         then wait for all."""
         for wait in self.engine._admit(token_lists, req.futures, 0, req.remaining):
             await req.wait(asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
-        return await req.wait(asyncio.gather(*(asyncio.wrap_future(f) for f in req.futures)))
+        await req.wait(req.done())
+        return [f.result() for f in req.futures]
 
-    async def _serve(self, request: Request, route: str, texts: Optional[list[str]],
-                     token_lists: Optional[list[list[int]]], answer) -> Response:
+    async def _serve(self, receive, route: str, texts: Optional[list[str]],
+                     token_lists: Optional[list[list[int]]], answer) -> _Reply:
         """Tokenize, run and answer one request; every failure becomes an
         OpenAI-shaped error."""
-        req = _Request(request, self.request_timeout)
+        req = _Request(receive, self.request_timeout)
         try:
             t0 = time.perf_counter()
             if texts is not None:
@@ -577,20 +670,22 @@ class _Api:
             tokenize_s = time.perf_counter() - t0
             results = await self._run(req, token_lists)
             n_tokens = sum(len(ids) for ids in token_lists)
-            self.metrics.inputs.labels(route).inc(len(token_lists))
-            self.metrics.prompt_tokens.labels(route).inc(n_tokens)
+            self.metrics.inputs_for(route).inc(len(token_lists))
+            self.metrics.prompt_tokens_for(route).inc(n_tokens)
             body = answer(results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens})
-            return Response(body, media_type="application/json", headers=req.timing_headers(tokenize_s))
+            return _Reply(200, body, req.timing_headers(tokenize_s))
         except _ClientGone:
-            return Response(status_code=_CLIENT_CLOSED)  # never reaches the client; counted in metrics
+            return _Reply(_CLIENT_CLOSED, b"", {})  # never reaches the client; counted in metrics
         except Exception as exc:
-            return _api_error(exc).response()
+            return _api_error(exc).reply()
         finally:
             req.close()
 
     # ---------------------------------------------------------------- routes
 
-    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+    async def embeddings(self, body: EmbeddingRequest, receive) -> _Reply:
+        """POST /v1/embeddings. `receive` is the request's ASGI receive, its
+        body already read (the watch on the client's connection)."""
         raw = body.input
         if isinstance(raw, str):
             texts, token_lists = [raw], None
@@ -627,9 +722,9 @@ class _Api:
                 data.append({"object": "embedding", "index": i, "embedding": emb})
             return _dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
-        return await self._serve(request, "/v1/embeddings", texts, token_lists, answer)
+        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer)
 
-    async def classify(self, body: ClassifyRequest, request: Request) -> Response:
+    async def classify(self, body: ClassifyRequest, receive) -> _Reply:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         self._check_count(len(texts))
 
@@ -638,7 +733,7 @@ class _Api:
                     for i, c in enumerate(results)]
             return _dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
-        return await self._serve(request, "/v1/classify", texts, None, answer)
+        return await self._serve(receive, "/v1/classify", texts, None, answer)
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -692,17 +787,21 @@ def create_app(
     metrics = _Metrics(engine)
     api = _Api(engine, metrics, model_name=model_name or engine.model_name, max_inputs=max_inputs,
                request_timeout=request_timeout)
-    app = FastAPI(title="fastserve", version=_version(),
-                  description="OpenAI-compatible embeddings (and classification) served by fastserve.")
+    app = _App(title="fastserve", version=_version(),
+               description="OpenAI-compatible embeddings (and classification) served by fastserve.")
     app.state.engine = engine
     app.state.metrics = metrics
 
     if engine.task == "embed":
-        app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERROR_RESPONSES,
-                 summary="Create embeddings (OpenAI-compatible)")(api.embeddings)
+        @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERROR_RESPONSES,
+                  summary="Create embeddings (OpenAI-compatible)")
+        async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+            return (await api.embeddings(body, request.receive)).response()
     else:
-        app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERROR_RESPONSES,
-                 summary="Classify texts")(api.classify)
+        @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERROR_RESPONSES,
+                  summary="Classify texts")
+        async def classify(body: ClassifyRequest, request: Request) -> Response:
+            return (await api.classify(body, request.receive)).response()
     app.get("/v1/models", summary="The served model")(api.models)
     app.get("/health", summary="Liveness: the process answers")(api.health)
     app.get("/ready", summary="Readiness: the engine is loaded and its worker alive",
@@ -723,9 +822,25 @@ def create_app(
         err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
         return err.response()
 
-    app.add_middleware(_Edge, metrics=metrics, api_key=api_key, max_payload_bytes=max_payload_bytes,
-                       api=api if engine.task == "embed" else None)
+    @app.exception_handler(Exception)
+    async def _on_unhandled(request: Request, exc: Exception) -> Response:
+        # Starlette's last resort (it re-raises after answering, and _Edge logs it).
+        return _internal_error().response()
+
+    app.edge = _Edge(functools.partial(FastAPI.__call__, app), metrics=metrics, api_key=api_key,
+                     max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with fastserve's edge (_Edge: metrics, API key, payload limit,
+    the embeddings fast path) outside all of Starlette's middleware, so a
+    request the fast path serves pays for none of it."""
+
+    edge: "_Edge"
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.edge(scope, receive, send)
 
 
 def _version() -> str:
@@ -773,8 +888,10 @@ def serve(
     seconds), then close the engine (unless close_engine=False)."""
     app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
                      request_timeout=request_timeout, model_name=model_name)
+    # Proxy headers (X-Forwarded-For) only matter for the client addresses of
+    # the access log; without it uvicorn's proxy middleware is skipped.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=graceful_timeout, lifespan="off")
+                            proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="off")
     try:
         _Server(config).run()
     finally:

@@ -9,6 +9,7 @@ the same model folder.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import base64
 import json
 import os
@@ -516,6 +517,103 @@ def test_unexpected_errors_become_a_generic_500_without_details(tiny_folder, mon
         r = _asgi_post(create_app(e), "/v1/embeddings", {"input": "x"})
     err = _assert_openai_error(r, 500)
     assert "secret" not in r.text and err["type"] == "server_error"
+
+
+def test_an_error_escaping_a_fastapi_route_is_a_generic_json_500(tiny_folder, monkeypatch):
+    """Routes other than the embeddings fast path run inside FastAPI: an
+    exception there is answered in the error shape too, without details."""
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder)) as e:
+        app = create_app(e)
+
+        def broken(self):
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(type(e), "dim", property(broken))
+
+        async def models():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+                return await c.get("/v1/models")
+
+        r = asyncio.run(models())
+    err = _assert_openai_error(r, 500)
+    assert "secret" not in r.text and err["type"] == "server_error"
+
+
+def _messages(*messages):
+    """An ASGI receive giving these messages, then waiting forever."""
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        await asyncio.Event().wait()
+
+    return receive
+
+
+def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
+    from fastserve.server import _ClientGone, _Request
+
+    async def go():
+        gone = asyncio.Event()
+        msgs = [{"type": "http.request", "body": b"", "more_body": False}]  # a replayed body: re-armed
+
+        async def receive():
+            if msgs:
+                return msgs.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        req = _Request(receive, None)
+        queued = cf.Future()
+        req.futures.append(queued)
+        waiting = asyncio.ensure_future(req.wait(req.done()))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        gone.set()
+        with pytest.raises(_ClientGone):
+            await waiting
+        req.close()
+        assert queued.cancelled()
+
+    asyncio.run(go())
+
+
+def test_request_wait_ends_at_the_deadline():
+    from fastserve.server import _Request
+
+    async def go():
+        req = _Request(_messages(), 0.01)
+        with pytest.raises(fastserve.RequestTimeoutError):
+            await req.wait(asyncio.get_running_loop().create_future())  # never completes
+        req.close()
+
+    asyncio.run(go())
+
+
+def test_request_done_completes_once_every_input_has_from_any_thread():
+    from fastserve.server import _Request
+
+    async def go():
+        req = _Request(_messages(), None)
+        req.futures += [cf.Future() for _ in range(3)]
+        done = req.done()
+        threads = [threading.Thread(target=f.set_result, args=(i,)) for i, f in enumerate(req.futures)]
+        for t in threads[:2]:
+            t.start()
+            t.join()
+        for _ in range(3):  # anything the two completions scheduled on the loop has run
+            await asyncio.sleep(0)
+        assert not done.done()
+        threads[2].start()
+        threads[2].join()
+        await req.wait(done)
+        assert [f.result() for f in req.futures] == [0, 1, 2]
+        req.close()
+
+    asyncio.run(go())
 
 
 # ------------------------------------------------ lifecycle and fuzzing
