@@ -100,6 +100,40 @@ def _sdpa_backends_for(device: torch.device) -> Callable[[], Any]:
     return functools.partial(sdpa_kernel, backends)
 
 
+def all_done(futures: Sequence[cf.Future]) -> asyncio.Future:
+    """An asyncio future (of the running loop) for a group of the engine's
+    futures: done when all of them are, or failed with the first failure,
+    settled by whichever thread completes it. One event-loop wake-up for the
+    whole group, not one per future as with gather(wrap_future(...)); the
+    results are read from the futures themselves."""
+    loop = asyncio.get_running_loop()
+    settled = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def settle(error: BaseException | None) -> None:
+        if settled.done():
+            return
+        if error is None:
+            settled.set_result(None)
+        else:
+            settled.set_exception(error)
+
+    def on_done(f: cf.Future) -> None:
+        error = None if f.cancelled() else f.exception()
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if (last or error is not None) and not loop.is_closed():
+            loop.call_soon_threadsafe(settle, error)
+
+    if not futures:
+        settle(None)
+    for f in futures:
+        f.add_done_callback(on_done)
+    return settled
+
+
 @contextlib.contextmanager
 def _cancelled_on_error(futures: list[cf.Future]) -> Iterator[None]:
     """A call that fails part way cancels what it had queued."""
@@ -274,15 +308,13 @@ class Engine:
         self._require_task("embed")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        futures = await self._asubmit_many(texts, priority, timeout)
-        return self._stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        return self._stack(await self._results(await self._asubmit_many(texts, priority, timeout)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         self._require_task("classify")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        futures = await self._asubmit_many(texts, priority, timeout)
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        return await self._results(await self._asubmit_many(texts, priority, timeout))
 
     def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
@@ -486,6 +518,18 @@ class Engine:
             for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
                 await (asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
         return futures
+
+    @staticmethod
+    async def _results(futures: list[cf.Future]) -> list:
+        """The futures' results in order, the first failure raised as it
+        happens; cancelling the awaiting task cancels the requests."""
+        try:
+            await all_done(futures)
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()
+            raise
+        return [f.result() for f in futures]
 
     def _list_tokens(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):

@@ -2,8 +2,8 @@
 classification route, health and readiness probes and Prometheus metrics.
 
 FastAPI (on Starlette) builds the app and its OpenAPI document; uvicorn runs
-it. Every route is async down to the engine's futures (one event-loop wake-up
-per request when its last input is done): no thread waits per request.
+it. Every route is async down to the engine's futures (engine.all_done: one
+event-loop wake-up per request): no thread waits per request.
 POST /v1/embeddings with a valid body takes a fast path past Starlette and
 FastAPI (_Edge._fast_embeddings). `create_app(engine)` returns the ASGI app for any
 ASGI server; `serve(engine)` runs it under uvicorn and closes the engine after
@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'fastserve[serve]'"
     ) from e
 
-from .engine import ADMIT_PAUSE_S, Engine, InferenceError
+from .engine import ADMIT_PAUSE_S, Engine, InferenceError, all_done
 from .errors import EngineClosedError, InvalidInputError, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger("fastserve.server")
@@ -544,32 +544,6 @@ class _Request:
             if timer is not None:
                 timer.cancel()
 
-    def done(self) -> asyncio.Future:
-        """An asyncio future that completes once every queued input has (one
-        wake-up of the event loop for the whole request, from whichever
-        thread completes the last; the results are read from self.futures)."""
-        loop = asyncio.get_running_loop()
-        settled = loop.create_future()
-        left = [len(self.futures)]
-        lock = threading.Lock()
-
-        def settle() -> None:
-            if not settled.done():
-                settled.set_result(None)
-
-        def on_done(_: cf.Future) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last and not loop.is_closed():
-                loop.call_soon_threadsafe(settle)
-
-        if not self.futures:
-            settle()
-        for f in self.futures:
-            f.add_done_callback(on_done)
-        return settled
-
     def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
@@ -655,7 +629,7 @@ class _Api:
         then wait for all."""
         for wait in self.engine._admit(token_lists, req.futures, 0, req.remaining):
             await req.wait(asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
-        await req.wait(req.done())
+        await req.wait(all_done(req.futures))
         return [f.result() for f in req.futures]
 
     async def _serve(self, receive, route: str, texts: Optional[list[str]],

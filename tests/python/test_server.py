@@ -554,6 +554,7 @@ def _messages(*messages):
 
 
 def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
+    from fastserve.engine import all_done
     from fastserve.server import _ClientGone, _Request
 
     async def go():
@@ -569,7 +570,7 @@ def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
         req = _Request(receive, None)
         queued = cf.Future()
         req.futures.append(queued)
-        waiting = asyncio.ensure_future(req.wait(req.done()))
+        waiting = asyncio.ensure_future(req.wait(all_done(req.futures)))
         await asyncio.sleep(0)
         assert not waiting.done()
         gone.set()
@@ -594,12 +595,13 @@ def test_request_wait_ends_at_the_deadline():
 
 
 def test_request_done_completes_once_every_input_has_from_any_thread():
+    from fastserve.engine import all_done
     from fastserve.server import _Request
 
     async def go():
         req = _Request(_messages(), None)
         req.futures += [cf.Future() for _ in range(3)]
-        done = req.done()
+        done = all_done(req.futures)
         threads = [threading.Thread(target=f.set_result, args=(i,)) for i, f in enumerate(req.futures)]
         for t in threads[:2]:
             t.start()
