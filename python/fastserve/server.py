@@ -59,6 +59,7 @@ ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/models", "/health", "
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    30.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose body the edge does not read
 _CLIENT_CLOSED = 499  # nginx's status for "client closed the request": recorded, never sent
 
 
@@ -364,17 +365,17 @@ class _Edge:
         try:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
             body = b""
-            replay = receive
             if error is None:
-                replay, error, body = await self._read_body(scope, receive)
-            if replay is None:  # the client left while sending its body
+                body, error = await self._read_body(scope, receive)
+            if body is None:  # the client left while sending its body
                 status[0] = _CLIENT_CLOSED
             elif error is not None:
                 await error.reply().send(send_recording)
             elif not await self._fast_embeddings(scope, body, receive, send_recording):
-                if scope.get("method") == "POST" and path.startswith("/v1/"):
+                method = scope.get("method")
+                if method == "POST" and path.startswith("/v1/"):
                     scope = _as_json(scope)
-                await self.app(scope, replay, send_recording)
+                await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
             if status[0] is None:
@@ -424,37 +425,42 @@ class _Edge:
         return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_body(self, scope, receive):
-        """(receive, error, body): a receive replaying the buffered body, or
-        None if the client disconnected; an ApiError if the body is too large;
-        the body itself."""
-        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return receive, None, b""
+        """(body, error): the whole body (b"" for GET, HEAD and OPTIONS, None
+        if the client disconnected while sending it); an ApiError if it is
+        too large."""
+        if scope.get("method") in _BODILESS:
+            return b"", None
         limit = self.max_payload_bytes
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return receive, _too_large(int(value), limit), b""
+                return b"", _too_large(int(value), limit)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None, None, b""
+                return None, None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return receive, _too_large(size, limit, at_least=True), b""
+                return b"", _too_large(size, limit, at_least=True)
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
+        return b"".join(chunks), None
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: blocks until the client disconnects
 
-        return replay, None, body
+def _replaying(body: bytes, receive):
+    """A receive that gives the app the body already read, then the server's
+    own messages (after the body: the disconnect)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _as_json(scope):
