@@ -970,8 +970,9 @@ def test_stub_config_defaults_match_runtime(cls):
 
 
 
-@pytest.mark.slow
 def test_type_stubs_match_the_extension(tmp_path):
+    # mypy's stubtest imports the built extension and checks every name,
+    # signature and default in _core.pyi against it (about 30 s).
     pytest.importorskip("mypy.stubtest")
     allowlist = Path(__file__).with_name("stubtest_allowlist.txt")
     env = dict(os.environ, MYPY_CACHE_DIR=str(tmp_path / "mypy_cache"))

@@ -9,6 +9,7 @@ kernels with the CPU kernels, the oracle.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -179,9 +180,15 @@ def test_cuda_kernels_are_compiled_whenever_nvcc_is_present() -> None:
     assert _core.cuda_compiled() is True
 
 
-def test_large_inputs_use_several_threads_where_cores_allow() -> None:
+def test_large_inputs_use_one_thread_per_4_mib_up_to_the_cores() -> None:
+    # The kernels' pool has one thread per online CPU (hardware_concurrency,
+    # which os.cpu_count() also reports); each thread takes at least 4 MiB.
+    cores = os.cpu_count() or 1
+    mib = 1 << 20
     assert _k.cpu_threads_for(1 << 10) == 1
-    assert _k.cpu_threads_for(1 << 30) >= 1
+    assert _k.cpu_threads_for(8 * mib - 1) == 1
+    assert _k.cpu_threads_for(8 * mib) == min(2, cores)
+    assert _k.cpu_threads_for(1 << 30) == min(256, cores)
     # Multi-threaded path (size far above the threshold) still matches.
     gen = torch.Generator().manual_seed(4)
     x = torch.randn((64, 512, 768), generator=gen)
