@@ -1,0 +1,140 @@
+"""What an Engine changes outside itself: a few process-wide settings and,
+only when asked, a model object the caller passed in. Each effect is checked,
+reported in `Engine.stats()["process"]`, and possible to turn off.
+
+- torch's intra-op thread count (`torch.set_num_threads`): one thread per
+  core the process may use, since the worker is the only heavy compute.
+  torch's own default counts the machine's cores, not the process's CPU
+  affinity. `Engine(torch_threads=0)` leaves it alone.
+- glibc's malloc thresholds (`mallopt`), CPU only: each layer allocates and
+  frees activations of tens of MB, which glibc serves with mmap and returns
+  to the kernel on free, so the next batch page-faults them back in. Raising
+  the mmap and trim thresholds keeps that memory in the heap; the cost is that
+  the process keeps its peak heap. `Engine(tune_malloc=False)` opts out.
+  Measured in benchmarks/README.md ("Process-wide settings").
+- SDPA's backend switches, CUDA only: while a batch runs, cuDNN attention is
+  off (it plans anew for every new shape, and serving batches change shape
+  all the time; benchmarks/README.md, "GPU"). torch's switches are
+  process-wide, so another thread's attention running at the same moment
+  runs without cuDNN too. `Engine(cudnn_attention=True)` leaves them alone.
+- A model object the caller passed in is never changed behind their back:
+  when serving needs it on another device or dtype, or in eval mode, the
+  engine works on a copy. `Engine(copy_model=False)` changes it in place
+  instead (no second copy in memory), and stats() says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import functools
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Larger than any activation of a batch of a few thousand tokens of a
+# base-size model. glibc refuses values it finds too large (mallopt returns
+# 0), which keep_freed_memory checks.
+MALLOC_THRESHOLD_BYTES = 1 << 30
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_torch_threads(requested: int | None) -> dict[str, Any]:
+    """Set torch's intra-op threads: `requested`, or one per usable core when
+    None; 0 leaves torch's setting alone. Reports what was there before and
+    what torch now uses (read back, not assumed)."""
+    if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 0):
+        raise ValueError(f"torch_threads must be None, 0 (leave torch's setting) or a positive int, got {requested!r}")
+    before = torch.get_num_threads()
+    if requested == 0:
+        return {"changed": False, "before": before, "now": before}
+    n = usable_cores() if requested is None else requested
+    torch.set_num_threads(n)
+    now = torch.get_num_threads()
+    if now != n:
+        warnings.warn(f"fastserve: asked torch for {n} threads, it uses {now}", RuntimeWarning, stacklevel=3)
+    return {"changed": now != before, "before": before, "now": now}
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        fn = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def keep_freed_memory() -> dict[str, Any]:
+    """Raise glibc's mmap and trim thresholds to MALLOC_THRESHOLD_BYTES, so
+    freed activations stay in the heap for the next batch. mallopt returns 0
+    when glibc refuses a value: that is reported and warned about, never
+    assumed to have worked. Where there is no glibc mallopt, nothing changes."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return {"tuned": False, "reason": "no glibc mallopt in this process"}
+    accepted = {
+        "mmap_threshold": bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_THRESHOLD_BYTES)),
+        "trim_threshold": bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD_BYTES)),
+    }
+    refused = [k for k, ok in accepted.items() if not ok]
+    if refused:
+        warnings.warn(
+            f"fastserve: glibc refused mallopt for {', '.join(refused)} = {MALLOC_THRESHOLD_BYTES} bytes; "
+            "freed activations may be returned to the kernel after each batch",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {"tuned": not refused, "threshold_bytes": MALLOC_THRESHOLD_BYTES, "accepted": accepted}
+
+
+def sdpa_backends_for(device: torch.device, cudnn_attention: bool) -> tuple[Callable[[], Any], bool]:
+    """The context a batch runs in and whether it switches SDPA's backends:
+    on CUDA without cudnn_attention, flash, memory-efficient and math only."""
+    if device.type != "cuda" or cudnn_attention:
+        return contextlib.nullcontext, False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return functools.partial(sdpa_kernel, backends), True
+
+
+def _needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    if model.training:
+        return True
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            return True
+        if t.is_floating_point() and t.dtype != dtype:
+            return True
+    return False
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *,
+                  callers: bool, copy_model: bool) -> tuple[torch.nn.Module, str]:
+    """The model on `device` in `dtype` and eval mode, and what became of the
+    object: "loaded" (the engine's own), "shared" (the caller's, unchanged),
+    "copied" (the caller's left as it was) or "changed in place"."""
+    if not callers:
+        return model.to(device=device, dtype=dtype).eval(), "loaded"
+    if not _needs_change(model, device, dtype):
+        return model, "shared"
+    if copy_model:
+        return copy.deepcopy(model).to(device=device, dtype=dtype).eval(), "copied"
+    return model.to(device=device, dtype=dtype).eval(), "changed in place"

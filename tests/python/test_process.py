@@ -1,0 +1,145 @@
+"""What an Engine changes outside itself (fastserve/process.py): torch's
+thread count, glibc's malloc thresholds, SDPA's backend switches on CUDA, and
+a model object the caller passed in. Each is reported in stats()["process"],
+checked, and can be turned off."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from fastserve import Engine, process
+
+
+@pytest.fixture
+def restore_torch_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------ the caller's model
+
+
+def test_a_ready_model_is_shared_not_copied():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer()) as engine:
+        assert engine.model is m
+        assert engine.stats()["process"]["model"] == "shared"
+
+
+def test_a_model_in_training_mode_is_served_from_a_copy_and_left_training():
+    m = tm.model("bert").train()
+    with Engine(m, tm.tokenizer()) as engine:
+        assert engine.stats()["process"]["model"] == "copied"
+        assert engine.model is not m and not engine.model.training
+        assert m.training
+        got = engine.embed("the same weights")
+    np.testing.assert_allclose(got, tm.reference(m.eval(), "the same weights"), atol=1e-5)
+
+
+def test_a_cast_for_serving_never_changes_the_callers_model():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), dtype="bfloat16") as engine:
+        assert engine.stats()["process"]["model"] == "copied"
+        assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+        engine.embed("runs in bf16")
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+def test_copy_model_false_casts_in_place_and_says_so():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), dtype="bfloat16", copy_model=False) as engine:
+        assert engine.model is m
+        assert engine.stats()["process"]["model"] == "changed in place"
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_a_model_the_engine_loads_itself_is_its_own(tmp_path):
+    folder = tm.save("bert", tmp_path / "m")
+    with Engine(str(folder)) as engine:
+        assert engine.stats()["process"]["model"] == "loaded"
+
+
+# --------------------------------------------------------------- torch threads
+
+
+def test_torch_threads_default_is_one_per_usable_core_and_reported(restore_torch_threads):
+    torch.set_num_threads(1)
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        report = engine.stats()["process"]["torch_threads"]
+    assert report["before"] == 1
+    assert report["now"] == process.usable_cores() == torch.get_num_threads()
+    assert report["changed"] == (process.usable_cores() != 1)
+
+
+def test_torch_threads_zero_leaves_torchs_setting_alone(restore_torch_threads):
+    torch.set_num_threads(1)
+    with Engine(tm.model("bert"), tm.tokenizer(), torch_threads=0) as engine:
+        report = engine.stats()["process"]["torch_threads"]
+    assert report == {"changed": False, "before": 1, "now": 1}
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_invalid_torch_threads_are_refused(bad):
+    with pytest.raises(ValueError, match="torch_threads"):
+        Engine(tm.model("bert"), tm.tokenizer(), torch_threads=bad)
+
+
+# ---------------------------------------------------------------------- malloc
+
+
+def test_glibc_accepts_the_malloc_thresholds_and_the_engine_reports_it():
+    if process._mallopt() is None:
+        pytest.skip("no glibc mallopt in this process")
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        report = engine.stats()["process"]["malloc"]
+    assert report == {"tuned": True, "threshold_bytes": process.MALLOC_THRESHOLD_BYTES,
+                      "accepted": {"mmap_threshold": True, "trim_threshold": True}}
+
+
+def test_a_threshold_glibc_refuses_is_reported_and_warned_about(monkeypatch):
+    seen = []
+
+    def refusing(param, value):
+        seen.append((param, value))
+        return 0 if param == process._M_MMAP_THRESHOLD else 1
+
+    monkeypatch.setattr(process, "_mallopt", lambda: refusing)
+    with pytest.warns(RuntimeWarning, match="glibc refused mallopt for mmap_threshold"):
+        report = process.keep_freed_memory()
+    assert report["tuned"] is False
+    assert report["accepted"] == {"mmap_threshold": False, "trim_threshold": True}
+    assert seen == [(process._M_MMAP_THRESHOLD, process.MALLOC_THRESHOLD_BYTES),
+                    (process._M_TRIM_THRESHOLD, process.MALLOC_THRESHOLD_BYTES)]
+
+
+def test_tune_malloc_false_never_calls_mallopt(monkeypatch):
+    def fail(*_):
+        raise AssertionError("mallopt was called")
+
+    monkeypatch.setattr(process, "_mallopt", lambda: fail)
+    with Engine(tm.model("bert"), tm.tokenizer(), tune_malloc=False) as engine:
+        assert engine.stats()["process"]["malloc"] == {"tuned": False}
+
+
+# ------------------------------------------------------------------------ SDPA
+
+
+def test_sdpa_backends_are_switched_only_on_cuda_and_only_when_asked():
+    cpu, switched = process.sdpa_backends_for(torch.device("cpu"), cudnn_attention=False)
+    assert cpu is contextlib.nullcontext and switched is False
+    keep, switched = process.sdpa_backends_for(torch.device("cuda"), cudnn_attention=True)
+    assert keep is contextlib.nullcontext and switched is False
+    ctx, switched = process.sdpa_backends_for(torch.device("cuda"), cudnn_attention=False)
+    assert switched is True and ctx is not contextlib.nullcontext
+
+
+def test_a_cpu_engine_reports_no_backend_switch():
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        assert engine.stats()["process"]["sdpa_backends_switched_per_batch"] is False
