@@ -1,4 +1,4 @@
-"""HTTP against in-process, side by side in one run (issue "HTTP serving").
+"""HTTP against in-process, side by side in one run.
 
 The same default engine (all-MiniLM-L6-v2, policy "model") is driven three
 ways with the same seeded open-loop arrivals and texts:

@@ -1,5 +1,5 @@
 """Offline throughput: embed N corpus texts as fast as possible, side by side
-in one run (issue 4):
+in one run:
 
 - fastserve packed: `engine.embed(list)` with execution="packed" (no compute
   on padding);

@@ -1,4 +1,4 @@
-"""The load and offline report (issues 4 and 5): one command, `bash
+"""The load and offline report: one command, `bash
 benchmarks/run_all.sh`, runs
 
 1. idle single-text latency of each baseline and of the default engine;
@@ -11,7 +11,7 @@ benchmarks/run_all.sh`, runs
 5. the offline comparison (benchmarks/python/offline.py);
 
 and writes benchmarks/results/{results.md, results.json, *.png}, printing the
-issues' targets as PASS/FAIL lines.
+targets (benchmarks/README.md) as PASS/FAIL lines.
 """
 
 from __future__ import annotations

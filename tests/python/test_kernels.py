@@ -67,7 +67,7 @@ def randn(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> t
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-# Shapes (B, L, H): random ones plus the edge cases named in the issue.
+# Shapes (B, L, H): random ones plus edge cases: B=1, L=1, very long rows, H off the SIMD width.
 SHAPES = [
     (1, 1, 1),  # one sequence of length 1
     (1, 17, 384),  # B = 1
