@@ -290,10 +290,11 @@ PYBIND11_MODULE(_core, m) {
           [](Scheduler& s, const py::object& tokens, int priority, std::optional<double> timeout, std::optional<double> deadline) {
             std::vector<int32_t> t = tokens_from(tokens);
             const double d = deadline_from(s, timeout, deadline);
-            // The GIL stays held: the call takes about a microsecond, and a
-            // release would make the caller queue for the GIL again while it
-            // holds the engine's submit lock, which the worker waits on.
-            // (Safe: no thread holding the scheduler's mutex waits for the GIL.)
+            // The GIL stays held: the call is a short critical section
+            // (docs/design.md, "GIL"), and a release would make the caller
+            // queue for the GIL again while it holds the engine's submit lock,
+            // which the worker waits on. (Safe: no thread holding the
+            // scheduler's mutex waits for the GIL.)
             return s.submit(std::move(t), priority, d);
           },
           py::arg("tokens"), py::arg("priority") = 0, py::arg("timeout") = py::none(),

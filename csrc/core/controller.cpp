@@ -143,9 +143,9 @@ class ModelController final : public FittedController {
   //   asymptote 1/b.
   // - load: the smallest B whose throughput B / (a + bB) carries the arrival
   //   rate r (plus the queued backlog, drained within 2 D) with a margin m:
-  //   B = m r a / (1 - m r b); max_tokens when no batch can. Batches sized for latency alone let a queue grow without
-  //   bound once arrivals outrun them (measured: at 1.1x capacity the budget
-  //   sat at 90 tokens, throughput 71 of 91 req/s offered, p99 near 1 s).
+  //   B = m r a / (1 - m r b); max_tokens when no batch can. Batches sized
+  //   for latency alone let a queue grow without bound once arrivals outrun
+  //   them (docs/design.md, "Controllers").
   double goal_tokens() const {
     const double b = fit_.slope(), a = fit_.intercept();
     const double goal = c_.model_headroom * c_.target_latency_s;
@@ -179,8 +179,7 @@ class SeedController final : public FittedController {
   // way there in log space, like the model policy, which damps the fit's
   // noise. A plain Newton step on J does not work here: away from the hinge
   // (|L - D| > s D) the curvature is nearly zero, so -grad / curv is huge and
-  // the budget bang-banged between +-max_step (measured: 0.82..1.23 B*
-  // without noise).
+  // the budget swings between +-max_step even without noise.
   double log_step(double budget) const override {
     SeedObjective J = objective();
     return 0.5 * std::log(J.minimiser(c_.min_tokens, c_.max_tokens) / budget);
@@ -230,9 +229,9 @@ void LatencyModel::add(double x, double y) {
   // standard error (residual variance over the weighted spread of x, with
   // the effective sample size of the forgetting weights) under a quarter of
   // the slope. A steady budget gives a narrow x range, and a slope fitted to
-  // noise there swings to 0 or to huge values; the budget step of the model
-  // policy divides by the slope, so such a fit once moved the budget by the
-  // whole trust region (+49%) under 5% latency noise.
+  // noise there swings to 0 or to huge values; the model policy's goal
+  // divides by the slope, so trusting such a fit can move the budget by a
+  // whole trust-region step (figures: benchmarks/README.md).
   bool identified = false;
   if (n_ >= 2 && vx > 1e-9 * mx * mx) {
     const double b = cov / vx;
@@ -241,9 +240,9 @@ void LatencyModel::add(double x, double y) {
     const double se2 = n_eff > 2 ? resid / (vx * (n_eff - 2)) : INFINITY;
     const double a = my - b * mx;
     // Latency cannot be negative at zero tokens: a negative intercept is a
-    // fit to curvature or noise, not a measurement of a. (Clamping it to 0
-    // made the seed objective, which sees no throughput gain without an
-    // intercept, drop the budget by the whole trust region.)
+    // fit to curvature or noise, not a measurement of a. It is rejected
+    // rather than clamped to 0: with a = 0 the seed objective sees no
+    // throughput gain from batching and drives the budget down.
     if (b > 0 && a >= 0 && se2 <= 0.0625 * b * b) {
       a_ = a;
       b_ = b;
@@ -254,8 +253,8 @@ void LatencyModel::add(double x, double y) {
     // Not identifiable: keep the intercept, fit the slope through the mean.
     // Before any identified fit the intercept is the lowest mean seen, not 0:
     // a zero intercept claims batching gains no throughput, and the seed
-    // objective then drives the budget to min_tokens (measured on a cheap
-    // model whose slope stayed inside the noise).
+    // objective then drives the budget to min_tokens (as on a cheap model
+    // whose slope stays inside the noise).
     a_ = n_ == 1 ? my : std::min(a_, my);
     b_ = mx > 0 ? (my - a_) / mx : 0;
   }

@@ -180,8 +180,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
   // of cost added) is higher, ties going to the side adding less padding,
   // then the shorter one; it stops at the budget, at max_batch_size, or when
   // the best marginal fill falls below min_fill. Without that floor a padded
-  // batch fills its budget with ever shorter requests: on the shipped corpus
-  // with a 4096-token budget that gave 30% padding overall.
+  // batch fills its budget with ever shorter requests, and padding grows.
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len;
   while (count < config_.max_batch_size) {
@@ -215,8 +214,8 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
     ++count;
   }
 
-  // Batch rows in queue order of the chosen requests is not needed by any
-  // consumer; keep length order, which makes padded rows contiguous by size.
+  // Rows stay in length order, so rows of similar length sit together; no
+  // consumer needs queue order.
   for (size_t i = lo; i <= hi; ++i) {
     auto it = requests_.find(cands[i].id);
     Request& r = it->second;

@@ -30,18 +30,20 @@ struct ControllerConfig {
   int64_t initial_tokens = 0;      // 0: geometric mean of the bounds
   // aimd
   int64_t aimd_step_tokens = 64;
-  // 0.9 (Clipper's) cannot hold the budget within 10% of B*: each miss
-  // alone drops it 10%, and with noise misses come before B* is reached.
+  // Not Clipper's 0.9: one miss alone would then drop the budget 10%, and
+  // with latency noise misses come before B* is reached, so it could not
+  // stay within 10% of B*.
   double aimd_backoff = 0.95;
   // seed: J(B) = lambda * softplus_s((L - D) / D) + (1 - lambda) * (Tmax - T) / Tmax
   double seed_lambda = 0.6;
-  // s, width of the smoothed hinge; the minimiser sits about s * D * |logit|
-  // below the target, so 0.02 left seed 5-8% under B*.
+  // s, width of the smoothed hinge. J's minimiser sits about s * D * |logit|
+  // below the target, so s is kept small (figures: benchmarks/README.md).
   double seed_smoothing = 0.01;
   // seed and model: largest change of log(budget) in one step
   double max_step = 0.4;
-  // model: aim predicted latency at headroom * D, leaving room for noise
-  // (budget bias (1 - h) D / (D - a): 0.95 put it 6-10% under B*)
+  // model: aim predicted latency at headroom * D, leaving room for noise.
+  // The budget then sits (1 - h) D / (D - a) below B*, so h stays close to 1
+  // (figures: benchmarks/README.md).
   double model_headroom = 0.98;
   // model: a batch must carry this multiple of the arrival rate, so a queue
   // that built up drains instead of growing

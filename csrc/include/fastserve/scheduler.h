@@ -52,9 +52,8 @@ struct SchedulerConfig {
   int64_t lookahead = 1024;
   // A request joins a batch only if it adds at least this many real tokens
   // per token of cost, so a padded batch stays under 1 - min_fill padding.
-  // On the CPU padding is pure waste and a batch's fixed cost is small:
-  // MiniLM, 400 corpus texts, 4096-token budget, 1 thread: min_fill 0 / 0.5 /
-  // 0.7 / 0.85 gave 66 / 72 / 87 / 90 texts per CPU-second.
+  // The default is high because on the CPU padding is pure waste and a
+  // batch's fixed cost is small (figures: docs/design.md, benchmarks/README.md).
   double min_fill = 0.8;
   Cost cost = Cost::Padded;
 

@@ -23,12 +23,13 @@ namespace {
 
 constexpr size_t kDefaultMinBytesPerThread = size_t(4) << 20;
 
+// Bytes of traffic each thread must have before a kernel uses another one.
 // Threads pay only when each has enough bytes to amortise waking a pooled
-// worker (a futex wake; a thread started per call cost ~20-50 us, which held
-// pack at 40-60% of a copy) and the other core is free: on this 2-core shared
-// machine a second thread measured no faster on 2-8 MB (the OS rarely runs it
-// at once; the caller then takes its chunks). See bench_kernels.py.
-// FASTSERVE_KERNEL_THREAD_BYTES overrides it, for measuring.
+// worker (a futex wake) and another core is actually free; on a busy machine
+// the OS rarely runs the second thread at once and the caller takes its
+// chunks anyway. The default comes from bench_kernels.py (figures:
+// benchmarks/README.md); FASTSERVE_KERNEL_THREAD_BYTES overrides it, for
+// measuring.
 size_t min_bytes_per_thread() {
   static const size_t v = [] {
     const char* e = std::getenv("FASTSERVE_KERNEL_THREAD_BYTES");
@@ -38,9 +39,10 @@ size_t min_bytes_per_thread() {
 }
 
 // A pool of hardware_concurrency - 1 workers, started on first use and kept:
-// starting a std::thread per call cost 20-50 us, a third of a 2.7k-row pack.
-// The caller runs chunks too and takes any chunk no worker has started, so a
-// worker that the OS does not schedule (a busy machine) delays nothing.
+// starting a std::thread per call costs a large share of a typical batch's
+// pack (figures: benchmarks/README.md). The caller runs chunks too and takes
+// any chunk no worker has started, so a worker that the OS does not schedule
+// (a busy machine) delays nothing.
 class Pool {
  public:
   explicit Pool(int workers) {
@@ -143,7 +145,7 @@ void parallel_for(int64_t n, int threads, Fn fn) {
 
 // Columns pooled at a time: a chunk's float32 accumulators stay in vector
 // registers across all of a segment's rows instead of being loaded and stored
-// once per row (measured 2-3x on fp32).
+// once per row.
 constexpr int64_t kChunk = 64;
 
 template <class Load, class S>

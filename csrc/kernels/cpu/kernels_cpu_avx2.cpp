@@ -4,10 +4,10 @@
 // code can leak into functions shared with the portable path.
 //
 // Why: built for baseline x86-64 (SSE2), the portable fp16 -> float
-// conversion is ~10 scalar-ish instructions per element and pooled fp16 at
-// 6 GB/s (bf16 19, fp32 44) against a 100 GB/s copy (B=64, L=128, H=384/768;
-// benchmarks/python/bench_kernels.py). vcvtph2ps converts 8 halves in one
-// instruction; bf16 is a zero-extend and a shift.
+// conversion is ~10 scalar-ish instructions per element, which makes pooling
+// compute-bound far below memory speed. vcvtph2ps converts 8 halves in one
+// instruction; bf16 is a zero-extend and a shift (figures:
+// benchmarks/README.md).
 #include "simd.h"
 
 #if defined(FASTSERVE_CPU_AVX2)
@@ -79,8 +79,8 @@ FS_AVX2_INLINE void pool_block(const typename Ld::S* p, int64_t rows, int64_t H,
 // bf16 blocks without a widening shuffle: one 32-byte load holds 16 bf16;
 // w << 16 is the even columns as floats, w & 0xffff0000 the odd ones, so the
 // accumulators hold even and odd columns apart and are interleaved once at
-// the end. Two plain ALU ops per 16 columns instead of vpmovzxwd (one per
-// cycle, the limit: measured 42 GB/s, as slow as fp16 through vcvtph2ps).
+// the end. Two plain ALU ops per 16 columns instead of vpmovzxwd, which
+// issues one per cycle and so limits the loop (figures: benchmarks/README.md).
 template <bool kMax>
 FS_AVX2_INLINE void pool_block_bf16(const uint16_t* p, int64_t rows, int64_t H, __m256 vs, float* o) {
   const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
