@@ -22,7 +22,7 @@ from . import _core
 from .errors import EngineClosedError, FastServeError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
-from .runners import PackedRunner, PaddedRunner, packed_supported
+from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
@@ -78,6 +78,11 @@ class InferenceError(FastServeError, RuntimeError):
 
 @dataclass(frozen=True)
 class Classification:
+    """The top label and every label's score. Scores are the classifier's
+    logits after the engine's activation: softmax probabilities (single-label
+    heads), independent sigmoid probabilities (multi-label and one-logit
+    heads) or the raw logits (activation="none", regression heads)."""
+
     label: str
     score: float
     scores: dict[str, float]
@@ -197,6 +202,7 @@ class Engine:
         target_latency_ms: float = 50.0,
         policy: str = "model",
         execution: str = "auto",
+        activation: str = "auto",
         max_batch_tokens: int = 8192,
         min_batch_tokens: int = 32,
         max_batch_size: int = 256,
@@ -216,6 +222,8 @@ class Engine:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -247,8 +255,11 @@ class Engine:
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
             self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline.
+            self.activation: str | None = classification_activation(net.config, activation)
         else:
             self.labels = []
+            self.activation = None
 
         if execution == "packed" and not packed_supported(net):
             raise ValueError(
@@ -257,7 +268,8 @@ class Engine:
             )
         packed = execution == "packed" or (execution == "auto" and packed_supported(net))
         runner_cls = PackedRunner if packed else PaddedRunner
-        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device)
+        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
+                                 activation=self.activation or "none")
         self._sdpa_backends = _sdpa_backends_for(self.device)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
@@ -403,7 +415,15 @@ class Engine:
         s["device"] = str(self.device)
         s["dtype"] = str(self.dtype).removeprefix("torch.")
         s["execution"] = self.runner.name
-        s["attention"] = getattr(self.runner, "attention", None)  # packed: runs / pad / flash
+        # Packed execution only (None when padded): the packing kernels'
+        # implementation (cpu / cuda: the extension's; torch: the fallback),
+        # the attention method, and batches by the attention that actually ran.
+        kernels = getattr(self.runner, "kernels", None)
+        s["kernels"] = kernels.name if kernels is not None else None
+        s["attention"] = getattr(self.runner, "attention", None)
+        ran = getattr(self.runner, "attention_batches", None)
+        s["attention_batches"] = dict(ran) if ran is not None else None
+        s["activation"] = self.activation
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()

@@ -19,17 +19,31 @@ CPU tensors run the C++ kernels with the GIL released. CUDA tensors run the
 CUDA kernels on torch's current stream when the extension was built with
 CUDA; offsets and indices are validated on the host, which costs one small
 device-to-host copy and a stream synchronisation per call.
+
+torch_pack, torch_unpack, torch_segment_pool and torch_gather compute the
+same results with torch operations, on any device. They stand in where the
+extension has no kernels for a device (a CPU-only build on a CUDA machine)
+and serve as the tests' oracle. for_device(device) picks the implementation
+the engine uses: the extension's where it was built for the device, else
+torch; FASTSERVE_KERNELS=torch forces torch everywhere (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Callable, Literal, NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fastserve import _core
 
-__all__ = ["pack", "unpack", "segment_pool", "gather", "cu_seqlens_from_lengths"]
+__all__ = [
+    "pack", "unpack", "segment_pool", "gather", "cu_seqlens_from_lengths",
+    "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather",
+    "Kernels", "for_device", "fallback_reason",
+]
 
 _k = _core._kernels  # type: ignore[attr-defined]  # private submodule, see csrc/bindings/kernels.cpp
 
@@ -132,3 +146,200 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = _empty((m, *x.shape[1:]), x.dtype, x.device)
     _k.gather(_arg(x, "x"), _arg(index, "index"), _arg(out, "out"), _stream(x))
     return out
+
+
+# ------------------------------------------------------ torch implementations
+#
+# The same contracts with torch operations on any device. Arguments are
+# checked like the extension checks them (same messages), offsets and indices
+# on the host: one small device-to-host copy per call, as on the CUDA path.
+# Inputs need not be contiguous.
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+
+
+def _name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check(t: torch.Tensor, name: str, dim: int, dtypes: tuple[torch.dtype, ...], what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {what}, got {_name(t)}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+
+
+def _check_float(t: torch.Tensor, name: str, dim: int) -> None:
+    _check(t, name, dim, _FLOATS, "float32, float16 or bfloat16")
+
+
+def _host_ints(t: torch.Tensor, name: str, x: torch.Tensor, x_name: str) -> np.ndarray:
+    """A 1-D int32/int64 tensor on x's device, read into host int64."""
+    _check(t, name, 1, _INTS, "int32 or int64")
+    if t.device != x.device:
+        raise ValueError(f"all tensors must be on one device: {x_name} is on {x.device}, {name} on {t.device}")
+    return t.cpu().numpy().astype(np.int64, copy=False)
+
+
+def _check_cu(cu: np.ndarray, name: str, rows: int | None, max_len: int | None) -> np.ndarray:
+    """Validate cu_seqlens (the extension's messages); the lengths [B]."""
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have B + 1 >= 1 entries, got 0")
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
+    lengths = np.diff(cu)
+    if (lengths < 0).any():
+        b = int(np.argmax(lengths < 0))
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{b + 1}] = {cu[b + 1]} < {name}[{b}] = {cu[b]}")
+    if max_len is not None and (lengths > max_len).any():
+        b = int(np.argmax(lengths > max_len))
+        raise ValueError(f"sequence {b} has length {lengths[b]} > max length {max_len}")
+    if rows is not None and cu[-1] != rows:
+        raise ValueError(f"{name}[-1] must equal the number of packed rows {rows}, got {cu[-1]}")
+    return lengths
+
+
+def _padded_rows(lengths: np.ndarray, max_len: int, device: torch.device) -> torch.Tensor:
+    """For each packed row, its row in the padded [B * max_len] layout."""
+    starts = np.arange(lengths.shape[0], dtype=np.int64) * max_len
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
+    rows = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    return torch.from_numpy(rows).to(device)
+
+
+def torch_pack(x: torch.Tensor, lengths: torch.Tensor, *, total: int | None = None) -> torch.Tensor:
+    """pack() with torch operations."""
+    _check_float(x, "x", 3)
+    B, L, H = x.shape
+    seq = _host_ints(lengths, "lengths", x, "x")
+    if seq.shape[0] == B:
+        bad = np.flatnonzero((seq < 0) | (seq > L))
+        if bad.size:
+            raise ValueError(f"lengths[{bad[0]}] = {seq[bad[0]]} is outside [0, L = {L}]")
+    elif seq.shape[0] == B + 1:
+        seq = _check_cu(seq, "cu_seqlens", None, L)
+    else:
+        raise ValueError(f"lengths must have B = {B} entries (lengths) or B + 1 (cu_seqlens), got {seq.shape[0]}")
+    T = int(seq.sum())
+    if total is not None and total != T:
+        raise ValueError(f"out must have shape [{T}, {H}], got [{total}, {H}]")
+    return x.reshape(B * L, H).index_select(0, _padded_rows(seq, L, x.device))
+
+
+def torch_unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """unpack() with torch operations."""
+    _check_float(packed, "packed", 2)
+    T, H = packed.shape
+    if max_len is not None and max_len < 0:
+        raise ValueError(f"max_len must be >= 0, got {max_len}")
+    cu = _host_ints(cu_seqlens, "cu_seqlens", packed, "packed")
+    lengths = _check_cu(cu, "cu_seqlens", T, max_len)
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.size else 0
+    out = packed.new_zeros((lengths.shape[0] * max_len, H))
+    out.index_copy_(0, _padded_rows(lengths, max_len, packed.device), packed)
+    return out.view(lengths.shape[0], max_len, H)
+
+
+def torch_segment_pool(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, mode: PoolMode = "mean", normalize: bool = False
+) -> torch.Tensor:
+    """segment_pool() with torch operations. Sums and maxima run over a
+    zero-padded float32 copy [B, longest, H] (deterministic reductions, no
+    atomics), so the results may differ from the extension's in the last bits."""
+    _check_float(x, "x", 2)
+    if mode not in ("mean", "cls", "max"):
+        raise ValueError(f"mode must be 'mean', 'cls' or 'max', got '{mode}'")
+    T, H = x.shape
+    cu = _host_ints(cu_seqlens, "cu_seqlens", x, "x")
+    lengths = _check_cu(cu, "cu_seqlens", T, None)
+    B = lengths.shape[0]
+    if B == 0 or T == 0:
+        return torch.zeros((B, H), dtype=torch.float32, device=x.device)
+    n = torch.from_numpy(lengths).to(x.device)
+    if mode == "cls":
+        first = torch.from_numpy(np.minimum(cu[:-1], T - 1)).to(x.device)
+        out = x.index_select(0, first).float().masked_fill((n == 0)[:, None], 0.0)
+    else:
+        longest = int(lengths.max())
+        padded = torch_unpack(x.float(), cu_seqlens, longest)
+        if mode == "mean":
+            out = padded.sum(1) / n.clamp_min(1)[:, None].float()
+        else:
+            keep = torch.arange(longest, device=x.device)[None, :] < n[:, None]
+            out = padded.masked_fill(~keep[..., None], float("-inf")).amax(1).masked_fill((n == 0)[:, None], 0.0)
+    return F.normalize(out, p=2.0, dim=1, eps=1e-12) if normalize else out
+
+
+def torch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """gather() with torch operations."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension, got shape []")
+    if x.dtype not in _FLOATS + _INTS:
+        raise ValueError(f"x must be float32, float16, bfloat16, int32 or int64, got {_name(x)}")
+    idx = _host_ints(index, "index", x, "x")
+    bad = np.flatnonzero((idx < 0) | (idx >= x.shape[0]))
+    if bad.size:
+        raise ValueError(f"index[{bad[0]}] = {idx[bad[0]]} is out of range for {x.shape[0]} rows")
+    return x.index_select(0, index)
+
+
+# -------------------------------------------------------------- per device
+
+
+class Kernels(NamedTuple):
+    """One implementation of the four kernels; name is "cpu" or "cuda" (the
+    extension's) or "torch"."""
+
+    name: str
+    pack: Callable[..., torch.Tensor]
+    unpack: Callable[..., torch.Tensor]
+    segment_pool: Callable[..., torch.Tensor]
+    gather: Callable[..., torch.Tensor]
+
+
+_TORCH = Kernels("torch", torch_pack, torch_unpack, torch_segment_pool, torch_gather)
+IMPLEMENTATIONS = ("cpu", "cuda", "torch")
+
+
+def _compiled_for(device_type: str) -> bool:
+    """Whether the extension has kernels for this device type."""
+    return device_type == "cpu" or (device_type == "cuda" and bool(_core.cuda_compiled()))
+
+
+def _forced_torch() -> bool:
+    forced = os.environ.get("FASTSERVE_KERNELS", "auto") or "auto"
+    if forced not in ("auto", "torch"):
+        raise ValueError(f"FASTSERVE_KERNELS must be 'auto' or 'torch', got {forced!r}")
+    return forced == "torch"
+
+
+def for_device(device: torch.device | str) -> Kernels:
+    """The kernels for tensors on `device`: the extension's where it was built
+    for the device type, else the torch implementations."""
+    device = torch.device(device)
+    if _forced_torch() or not _compiled_for(device.type):
+        return _TORCH
+    return Kernels(device.type, pack, unpack, segment_pool, gather)
+
+
+def fallback_reason(device: torch.device | str) -> str | None:
+    """Why for_device(device) falls back to torch, and the fix; None when it
+    does not, or does because FASTSERVE_KERNELS=torch asked for it."""
+    device = torch.device(device)
+    if _forced_torch() or _compiled_for(device.type):
+        return None
+    if device.type == "cuda":
+        why = "fastserve's C++ extension was built without CUDA (nvcc was not found when it was installed)"
+        fix = ("reinstall fastserve with the CUDA toolkit's nvcc on PATH; pass "
+               "-C cmake.define.FASTSERVE_CUDA=ON to pip to make a missing nvcc a build error")
+    else:
+        why = f"fastserve's C++ extension has no {device.type} kernels"
+        fix = "reinstall fastserve from source on this machine"
+    return (f"{why}, so its packing kernels run as torch operations on {device} (correct, but slower). "
+            f"To fix: {fix}.")

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import kernels
+
+ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
+
+
+def classification_activation(config, activation: str = "auto") -> str:
+    """The function applied to a classifier's logits: `activation` unless
+    "auto", else what transformers' text-classification pipeline applies:
+    none for regression, sigmoid for multi-label or one-logit heads, softmax
+    for single-label or several-logit heads, else config.function_to_apply
+    when set, else none."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation != "auto":
+        return activation
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression":
+        return "none"
+    if problem == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    if problem == "single_label_classification" or config.num_labels > 1:
+        return "softmax"
+    fallback = str(getattr(config, "function_to_apply", "none")).lower()
+    return fallback if fallback in ACTIVATIONS[1:] else "none"
+
+
+def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """[B, labels] float32 scores from a classifier's logits."""
+    logits = logits.float()
+    if activation == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
 
 
 def pool_padded(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -36,6 +72,7 @@ class PaddedRunner:
         pooling: str,
         normalize: bool,
         device: torch.device,
+        activation: str = "softmax",
     ) -> None:
         self.model = model
         # Encoder-decoder models (T5) are served by their encoder alone.
@@ -45,14 +82,15 @@ class PaddedRunner:
         self.pooling = pooling
         self.normalize = normalize
         self.device = device
+        self.activation = activation
 
     def run(self, batch) -> np.ndarray:
-        """[B, dim] float32: pooled embeddings, or class probabilities for classify."""
+        """[B, dim] float32: pooled embeddings, or class scores for classify."""
         ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
         mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
         out = self.encoder(input_ids=ids, attention_mask=mask)
         if self.task == "classify":
-            rows = torch.softmax(out.logits.float(), dim=-1)
+            rows = activate(out.logits, self.activation)
         else:
             rows = pool_padded(out.last_hidden_state, mask, self.pooling)
             if self.normalize:
@@ -127,7 +165,8 @@ class PackedRunner:
 
     name = "packed"
 
-    def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
+                 activation: str = "softmax") -> None:
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -136,6 +175,11 @@ class PackedRunner:
         self.pooling = pooling
         self.normalize = normalize
         self.device = device
+        self.activation = activation
+        self.kernels = kernels.for_device(device)
+        reason = kernels.fallback_reason(device)
+        if reason:
+            warnings.warn(reason, RuntimeWarning, stacklevel=3)  # points at Engine(...)
         self.base = model.base_model
         self.distil = cfg.model_type in _DISTIL
         # RoBERTa-family position ids start after padding_idx.
@@ -148,8 +192,11 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        self.attention = _attention_method(device)
+        self.attention = _attention_method(device, getattr(model, "dtype", torch.float32))
         self._flash = _flash_varlen() if self.attention == "flash" else None
+        # Batches by the attention that actually ran: with one length in the
+        # batch, "pad" runs as "runs" (one dense call needs no mask).
+        self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
 
     def hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the device."""
@@ -162,11 +209,12 @@ class PackedRunner:
         h = self.base.embeddings(input_ids=ids[None], position_ids=pos[None])[0]
         runs = _equal_length_runs(batch.lengths)
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        if self.attention == "flash" and h.dtype in (torch.float16, torch.bfloat16):
+        if self.attention == "flash":
             maxlen = int(batch.max_seqlen)
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
+        self.attention_batches[self.attention if varlen is not None else "runs"] += 1
         for block, attn in zip(self.blocks, self.attn):
             ctx = attn(h, runs, varlen)
             if self.distil:
@@ -178,14 +226,12 @@ class PackedRunner:
         return h, cu
 
     def run(self, batch) -> np.ndarray:
-        from . import kernels
-
         h, cu = self.hidden(batch)
         if self.task == "classify":
             cls = h[cu[:-1].long()]
-            rows = torch.softmax(self._classify(cls).float(), dim=-1)
+            rows = activate(self._classify(cls), self.activation)
         else:
-            rows = kernels.segment_pool(h, cu, mode=self.pooling, normalize=self.normalize)
+            rows = self.kernels.segment_pool(h, cu, mode=self.pooling, normalize=self.normalize)
         return rows.cpu().numpy()
 
     def _classify(self, cls: torch.Tensor) -> torch.Tensor:
@@ -202,25 +248,27 @@ class PackedRunner:
 ATTENTION_METHODS = ("runs", "pad", "flash")
 
 
-def _attention_method(device: torch.device) -> str:
-    """How packed attention runs. CPU: one SDPA call per run of equal
-    lengths (exact, no padding; the batch is sorted by length, so runs are
-    few and each call is a dense GEMM). CUDA: flash-attn's varlen kernel when
-    installed, else "pad": attention alone on a padded copy with a key mask,
-    one SDPA call per layer (a per-run loop would launch kernels per distinct
-    length per layer: measured on an H200, 7x slower than plain transformers
-    on BERT-base). FASTSERVE_PACKED_ATTENTION overrides the choice (for
-    benchmarks and tests)."""
+def _attention_method(device: torch.device, dtype: torch.dtype) -> str:
+    """How packed attention runs. CPU: "runs", one SDPA call per run of
+    equal lengths (exact, no padding; the batch is sorted by length, so runs
+    are few and each call is a dense GEMM). CUDA: flash-attn's varlen kernel
+    when installed and the model is float16 or bfloat16 (flash-attn has no
+    float32 kernels), else "pad": attention alone on a padded copy with a key
+    mask, one SDPA call per layer, since a per-run loop launches kernels per
+    distinct length per layer (benchmarks/README.md, "GPU").
+    FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
+    flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
     if forced:
         if forced not in ATTENTION_METHODS:
             raise ValueError(f"FASTSERVE_PACKED_ATTENTION must be one of {ATTENTION_METHODS}, got {forced!r}")
-        if forced == "flash" and _flash_varlen() is None:
-            raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package")
+        if forced == "flash" and not flash_ok:
+            raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package, a CUDA device "
+                             "and a float16 or bfloat16 model")
         return forced
     if device.type != "cuda":
         return "runs"
-    return "flash" if _flash_varlen() is not None else "pad"
+    return "flash" if flash_ok else "pad"
 
 
 class _PaddedAttention:

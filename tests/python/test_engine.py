@@ -38,8 +38,8 @@ def test_engine_outputs_equal_the_unbatched_model_for_every_architecture(arch_mo
 
 
 def test_padded_copy_attention_is_exact_too(arch_model, monkeypatch):
-    # The GPU default without flash-attn (attention alone on a padded copy
-    # with a key mask); on the CPU too it equals the unbatched model.
+    # The CUDA default without flash-attn or in float32 (attention alone on a
+    # padded copy with a key mask); on the CPU too it equals the unbatched model.
     arch, m = arch_model
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
     texts = tm.mixed_texts(30, seed=7)
@@ -53,6 +53,38 @@ def test_an_unknown_packed_attention_override_is_refused(monkeypatch):
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "magic")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed")
+
+
+def test_stats_count_batches_by_the_attention_that_actually_ran(monkeypatch):
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed") as engine:
+        engine.embed(["one length only"])  # one length: one dense call, no padded copy
+        assert engine.stats()["attention_batches"] == {"runs": 1, "pad": 0, "flash": 0}
+        engine.embed(["a short one", "and a rather longer sentence than that"])
+        s = engine.stats()
+    assert s["attention"] == "pad" and s["batches"] == 2
+    assert s["attention_batches"] == {"runs": 1, "pad": 1, "flash": 0}
+
+
+def test_flash_attention_is_chosen_only_where_it_runs(monkeypatch):
+    import torch
+
+    from fastserve import runners
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(runners, "_flash_varlen", lambda: object())  # as if flash-attn were installed
+    assert runners._attention_method(cuda, torch.float16) == "flash"
+    assert runners._attention_method(cuda, torch.bfloat16) == "flash"
+    assert runners._attention_method(cuda, torch.float32) == "pad"  # flash-attn has no fp32 kernels
+    assert runners._attention_method(cpu, torch.float32) == "runs"
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "flash")
+    assert runners._attention_method(cuda, torch.float16) == "flash"
+    for device, dtype in ((cuda, torch.float32), (cpu, torch.bfloat16)):
+        with pytest.raises(ValueError, match="flash needs .* a CUDA device and a float16 or bfloat16 model"):
+            runners._attention_method(device, dtype)
+    monkeypatch.setattr(runners, "_flash_varlen", lambda: None)
+    monkeypatch.delenv("FASTSERVE_PACKED_ATTENTION")
+    assert runners._attention_method(cuda, torch.float16) == "pad"
 
 
 def test_auto_execution_is_packed_for_bert_family_and_padded_otherwise():
@@ -129,7 +161,16 @@ def test_classify_returns_labels_and_probabilities(arch, execution):
         assert r.score == pytest.approx(float(probs.max()), abs=1e-5)
         assert list(r.scores) == ["negative", "neutral", "positive"]
         np.testing.assert_allclose(list(r.scores.values()), probs, atol=1e-5)
-    assert single == results[0] or single.label == results[0].label
+    # Alone or in a batch, the same answer (up to float rounding: the batch's shape differs).
+    _assert_same_classifications([single], results[:1])
+
+
+def _assert_same_classifications(got, want, atol=1e-6):
+    assert [g.label for g in got] == [w.label for w in want]
+    for g, w in zip(got, want):
+        assert list(g.scores) == list(w.scores)
+        np.testing.assert_allclose(list(g.scores.values()), list(w.scores.values()), rtol=0, atol=atol)
+        assert g.score == g.scores[g.label] and g.score == max(g.scores.values())
 
 
 def test_aclassify_matches_classify():
@@ -137,7 +178,87 @@ def test_aclassify_matches_classify():
     with Engine(m, tm.tokenizer(), task="classify") as engine:
         sync = engine.classify(["good", "bad"])
         got = asyncio.run(engine.aclassify(["good", "bad"]))
-    assert [r.label for r in got] == [r.label for r in sync]
+    _assert_same_classifications(got, sync)
+
+
+CLASSIFIERS = [  # (num_labels, problem_type, the activation transformers' pipeline applies)
+    (3, None, "softmax"),
+    (3, "single_label_classification", "softmax"),
+    (3, "multi_label_classification", "sigmoid"),
+    (1, None, "sigmoid"),
+    (1, "regression", "none"),
+]
+
+
+def _pipeline_scores(m, texts, **kwargs) -> list[dict[str, float]]:
+    """transformers' text-classification pipeline: every label's score per text."""
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=m, tokenizer=tm.tokenizer(), top_k=None, device="cpu")
+    return [{d["label"]: d["score"] for d in out} for out in pipe(texts, truncation=True, max_length=128, **kwargs)]
+
+
+def _logits(m, text: str) -> np.ndarray:
+    """The classifier's raw logits for one text alone."""
+    import torch
+
+    with torch.inference_mode():
+        return m(**tm.tokenizer()(text, truncation=True, max_length=128, return_tensors="pt")).logits[0].numpy()
+
+
+def _assert_scores_equal(got, want: list[dict[str, float]], labels: list[str]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert list(g.scores) == labels
+        np.testing.assert_allclose([g.scores[k] for k in labels], [w[k] for k in labels], rtol=0, atol=1e-5)
+        assert g.label == labels[int(np.argmax([g.scores[k] for k in labels]))]
+        assert g.score == g.scores[g.label]
+
+
+@pytest.mark.parametrize("num_labels,problem_type,activation", CLASSIFIERS)
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_classification_scores_follow_the_head_like_transformers_pipeline(arch, num_labels, problem_type, activation):
+    m = tm.model(arch, classify=True, num_labels=num_labels, problem_type=problem_type)
+    texts = tm.mixed_texts(16, seed=8)
+    want = _pipeline_scores(m, texts)
+    got = {}
+    for execution in ("packed", "padded"):
+        with Engine(m, tm.tokenizer(), task="classify", execution=execution) as engine:
+            assert engine.activation == activation and engine.stats()["activation"] == activation
+            got[execution] = engine.classify(texts)
+        _assert_scores_equal(got[execution], want, list(m.config.id2label.values()))
+    _assert_same_classifications(got["packed"], got["padded"], atol=1e-5)
+
+
+def test_a_one_logit_head_scores_its_label_with_a_sigmoid_not_always_one():
+    m = tm.model("roberta", classify=True, num_labels=1)
+    texts = tm.mixed_texts(10, seed=9)
+    with Engine(m, tm.tokenizer(), task="classify") as engine:
+        got = engine.classify(texts)
+    for g, t in zip(got, texts):
+        assert g.label == "tag0" and list(g.scores) == ["tag0"]
+        assert g.score == pytest.approx(1 / (1 + np.exp(-_logits(m, t)[0])), abs=1e-6)
+    assert len({round(g.score, 6) for g in got}) > 1  # not a constant 1.0
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_an_explicit_activation_overrides_the_head(activation, execution):
+    m = tm.model("bert", classify=True, num_labels=4, problem_type="multi_label_classification")
+    texts = tm.mixed_texts(12, seed=10)
+    with Engine(m, tm.tokenizer(), task="classify", execution=execution, activation=activation) as engine:
+        assert engine.stats()["activation"] == activation
+        got = engine.classify(texts)
+    want = _pipeline_scores(m, texts, function_to_apply=activation)
+    _assert_scores_equal(got, want, list(m.config.id2label.values()))
+    if activation == "none":  # the raw logits
+        for g, t in zip(got, texts):
+            np.testing.assert_allclose(list(g.scores.values()), _logits(m, t), rtol=0, atol=1e-5)
+
+
+def test_an_unknown_activation_is_refused_at_construction():
+    message = r"activation must be one of \('auto', 'softmax', 'sigmoid', 'none'\), got 'relu'"
+    with pytest.raises(ValueError, match=message):
+        Engine(tm.model("bert", classify=True), tm.tokenizer(), task="classify", activation="relu")
 
 
 def test_long_inputs_are_truncated_by_default_and_rejected_when_asked():
@@ -168,6 +289,8 @@ def test_stats_report_core_counters_tokenization_and_model():
     assert s["completed"] == 10 and s["submitted"] == 10
     assert s["tokenize_s"]["count"] == 10 and s["tokenize_s"]["total"] > 0
     assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "packed"
+    assert s["kernels"] == "cpu" and s["attention"] == "runs" and s["activation"] is None
+    assert s["attention_batches"] == {"runs": s["batches"], "pad": 0, "flash": 0}
     assert s["controller"]["policy"] == "model"
     assert s["latency_s"]["p50"] > 0 and s["health"]["healthy"]
 

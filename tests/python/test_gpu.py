@@ -1,7 +1,8 @@
 """The engine on a CUDA device: fp32 results equal the CPU reference, mixed
 precision stays close to it, and every execution path (packed with each
-attention method, padded, classification, many threads) runs on the GPU.
-Marked gpu: skipped where torch sees no CUDA device (conftest.py)."""
+attention method and each kernel implementation, padded, classification,
+many threads) runs on the GPU. Marked gpu: skipped where torch sees no CUDA
+device (conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from fastserve import Engine
+from fastserve import Engine, _core
+from fastserve import kernels as K
 
 pytestmark = pytest.mark.gpu
 
@@ -107,3 +109,52 @@ def test_real_minilm_fp16_on_cuda_matches_sentence_transformers():
     with Engine(path, device="cuda", dtype="float16") as engine:
         got = engine.embed(sentences)
     assert _cosine(got, want).min() >= 0.999
+
+
+def test_stats_report_the_kernels_and_an_fp32_batch_never_counts_as_flash():
+    with Engine(tm.model("bert"), tm.tokenizer(), device="cuda", dtype="float32", execution="packed") as engine:
+        engine.embed(tm.mixed_texts(40, seed=6))
+        s = engine.stats()
+    assert s["kernels"] == ("cuda" if _core.cuda_compiled() else "torch")
+    assert s["attention"] == "pad"  # flash-attn has no float32 kernels, installed or not
+    assert s["attention_batches"]["flash"] == 0 and sum(s["attention_batches"].values()) == s["batches"]
+
+
+@pytest.mark.parametrize("arch", tm.ARCHS)
+@pytest.mark.parametrize("task", ["embed", "classify"])
+def test_a_build_without_cuda_kernels_serves_cuda_through_torch_and_says_so(monkeypatch, arch, task):
+    # A CPU-only build on a GPU machine, simulated by the capability check.
+    monkeypatch.setattr(K, "_compiled_for", lambda device_type: device_type == "cpu")
+    texts = tm.mixed_texts(40, seed=8)
+    m = tm.model(arch, classify=task == "classify")
+    want = np.stack([tm.reference(m, t) for t in texts])
+    with pytest.warns(RuntimeWarning, match="built without CUDA.*To fix: reinstall fastserve") as caught:
+        engine = Engine(tm.model(arch, classify=task == "classify"), tm.tokenizer(), task=task, device="cuda",
+                        dtype="float32", execution="packed")
+    assert len(caught) == 1
+    with engine:
+        if task == "embed":
+            got = engine.embed(texts)
+        else:
+            got = np.array([list(c.scores.values()) for c in engine.classify(texts)])
+        s = engine.stats()
+    assert s["kernels"] == "torch" and s["health"]["healthy"] and s["failed_batches"] == 0
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_kernels_on_cuda_equal_the_cpu_kernels(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((12, 40, 64), generator=gen).to(dtype)
+    lengths = torch.randint(0, 41, (12,), generator=gen)
+    cu = K.cu_seqlens_from_lengths(lengths)
+    packed = K.pack(x, lengths)
+    assert torch.equal(K.torch_pack(x.cuda(), lengths.cuda()).cpu(), packed)
+    assert torch.equal(K.torch_unpack(packed.cuda(), cu.cuda(), 40).cpu(), K.unpack(packed, cu, 40))
+    for mode in ("mean", "cls", "max"):
+        got = K.torch_segment_pool(packed.cuda(), cu.cuda(), mode, True).cpu()
+        torch.testing.assert_close(got, K.segment_pool(packed, cu, mode, True), rtol=1e-5, atol=1e-6)
+    index = torch.tensor([3, 0, 11, 11])
+    assert torch.equal(K.torch_gather(x.cuda(), index.cuda()).cpu(), x[index])
+    with pytest.raises(ValueError, match=r"index\[0\] = 12 is out of range for 12 rows"):
+        K.torch_gather(x.cuda(), torch.tensor([12], device="cuda"))

