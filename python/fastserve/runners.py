@@ -133,6 +133,21 @@ def _equal_length_runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, distil: bool) -> torch.Tensor:
+    """The model's embeddings of packed tokens: ids and per-sequence position
+    ids [T] -> [T, H], with T free to exceed max_position_embeddings, in a form
+    every supported transformers version (4.40 to 5.x) accepts. Unless given
+    them, 4.x BERT/RoBERTa embeddings slice a max_position_embeddings-long
+    buffer of zero token types to T; DistilBERT's take no position ids before
+    5.0 and slice their own buffer, so its forward's steps (the same in 4.x and
+    5.x) run here from its modules."""
+    if distil:
+        h = emb.word_embeddings(ids) + emb.position_embeddings(pos)
+        return emb.dropout(emb.LayerNorm(h))
+    types = torch.zeros_like(ids)[None]
+    return emb(input_ids=ids[None], token_type_ids=types, position_ids=pos[None])[0]
+
+
 class _PackedAttention:
     """Self-attention over packed tokens [T, H], one SDPA call per run of
     equal-length sequences: no padding, no mask, exact."""
@@ -206,7 +221,7 @@ class PackedRunner:
         cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         if self.position_offset:
             pos = pos + self.position_offset
-        h = self.base.embeddings(input_ids=ids[None], position_ids=pos[None])[0]
+        h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil)
         runs = _equal_length_runs(batch.lengths)
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if self.attention == "flash":

@@ -217,6 +217,11 @@ def _assert_scores_equal(got, want: list[dict[str, float]], labels: list[str]) -
 @pytest.mark.parametrize("num_labels,problem_type,activation", CLASSIFIERS)
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_classification_scores_follow_the_head_like_transformers_pipeline(arch, num_labels, problem_type, activation):
+    from transformers import __version__ as transformers_version
+
+    if int(transformers_version.split(".")[0]) < 5 and (arch == "distilbert" or problem_type == "regression"):
+        pytest.skip("needs transformers 5: the reference is its pipeline; 4.x's applies a sigmoid to regression "
+                    "heads and passes token_type_ids to DistilBERT, which refuses them")
     m = tm.model(arch, classify=True, num_labels=num_labels, problem_type=problem_type)
     texts = tm.mixed_texts(16, seed=8)
     want = _pipeline_scores(m, texts)
