@@ -1,12 +1,14 @@
 """fastserve: low-latency serving of transformer encoders inside Python services."""
 
 from . import _core, corpus
-from .engine import Classification, Engine, InferenceError
-from .models import ModelLoadError
+from .admission import wait_all
+from .engine import Classification, Engine
 from .errors import (
     EngineClosedError,
     FastServeError,
+    InferenceError,
     InvalidInputError,
+    ModelLoadError,
     QueueFullError,
     RequestTimeoutError,
 )
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Classification",
     "Engine",
+    "wait_all",
     "InferenceError",
     "ModelLoadError",
     "EngineClosedError",

@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
-    from .models import ModelLoadError
+    from .errors import ModelLoadError
 
     try:
         engine = _make_engine(

@@ -13,21 +13,20 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import _core
-from .errors import EngineClosedError, FastServeError, InvalidInputError, QueueFullError, RequestTimeoutError
+from . import _core, admission
+from .admission import Timeout, wait_all
+from .errors import EngineClosedError, InferenceError, InvalidInputError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
-ADMIT_CHUNK = 4096  # a list's inputs queued per scheduler call
-ADMIT_PAUSE_S = 0.002  # a list waiting its turn behind other callers polls this often
 
 
 def _keep_freed_memory() -> None:
@@ -71,11 +70,6 @@ def _close_open_engines() -> None:
         engine.close()
 
 
-class InferenceError(FastServeError, RuntimeError):
-    """The model raised while computing the batch holding this request; the
-    model's exception is chained as __cause__."""
-
-
 @dataclass(frozen=True)
 class Classification:
     """The top label and every label's score. Scores are the classifier's
@@ -103,51 +97,6 @@ def _sdpa_backends_for(device: torch.device) -> Callable[[], Any]:
 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return functools.partial(sdpa_kernel, backends)
-
-
-def all_done(futures: Sequence[cf.Future]) -> asyncio.Future:
-    """An asyncio future (of the running loop) for a group of the engine's
-    futures: done when all of them are, or failed with the first failure,
-    settled by whichever thread completes it. One event-loop wake-up for the
-    whole group, not one per future as with gather(wrap_future(...)); the
-    results are read from the futures themselves."""
-    loop = asyncio.get_running_loop()
-    settled = loop.create_future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def settle(error: BaseException | None) -> None:
-        if settled.done():
-            return
-        if error is None:
-            settled.set_result(None)
-        else:
-            settled.set_exception(error)
-
-    def on_done(f: cf.Future) -> None:
-        error = None if f.cancelled() else f.exception()
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if (last or error is not None) and not loop.is_closed():
-            loop.call_soon_threadsafe(settle, error)
-
-    if not futures:
-        settle(None)
-    for f in futures:
-        f.add_done_callback(on_done)
-    return settled
-
-
-@contextlib.contextmanager
-def _cancelled_on_error(futures: list[cf.Future]) -> Iterator[None]:
-    """A call that fails part way cancels what it had queued."""
-    try:
-        yield
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
 
 
 class _Timer:
@@ -302,64 +251,92 @@ class Engine:
     # ------------------------------------------------------------------ calls
 
     def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
-        """[dim] float32 for one text, [n, dim] for a list."""
+        """[dim] float32 for one text, [n, dim] for a list (of texts, or of
+        token-id lists: see submit_many, which queues it)."""
         self._require_task("embed")
         if isinstance(texts, str):
             return self.submit(texts, priority=priority, timeout=timeout).result()
-        futures = self._submit_many(texts, priority, timeout)
-        return self._stack([f.result() for f in futures])
+        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)])
 
     def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """A Classification for one text, a list of them for a list."""
         self._require_task("classify")
         if isinstance(texts, str):
             return self.submit(texts, priority=priority, timeout=timeout).result()
-        return [f.result() for f in self._submit_many(texts, priority, timeout)]
+        return [f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)]
 
     async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+        """embed, awaited: no thread waits, and cancelling the task cancels the requests."""
         self._require_task("embed")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        return self._stack(await self._results(await self._asubmit_many(texts, priority, timeout)))
+        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
+        """classify, awaited (as aembed)."""
         self._require_task("classify")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        return await self._results(await self._asubmit_many(texts, priority, timeout))
+        return await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout))
 
     def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
         for it, and once done carries `future.timing` = {"queue_s",
         "inference_s"}. Raises QueueFullError at once when the queue is full."""
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        timeout = admission.check_timeout(timeout)
         ids = self._tokens([text])[0]
         return self._submit_tokens(ids, priority, timeout)
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
-        special tokens included). Longer than max_length: cut to it with
-        truncate=True, else InvalidInputError."""
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
-            raise InvalidInputError(f"token ids must be a sequence of int, got {type(token_ids).__name__}")
-        if not token_ids:
-            raise InvalidInputError("token ids must not be empty")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise InvalidInputError("token ids must all be int")
-        vocab = self.vocab_size
-        bad = next((t for t in token_ids if t < 0 or t >= vocab), None)
-        if bad is not None:
-            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(token_ids) > self.max_length:
-            if not self.truncate:
-                raise InvalidInputError(
-                    f"input is {len(token_ids)} tokens long; the model's limit is {self.max_length}"
-                )
-            token_ids = token_ids[: self.max_length]
-        return self._submit_tokens(token_ids, priority, timeout)
+        special tokens included), checked as validate_token_ids does."""
+        timeout = admission.check_timeout(timeout)
+        return self._submit_tokens(self.validate_token_ids([token_ids])[0], priority, timeout)
+
+    def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
+                    timeout: Timeout = None) -> list[cf.Future]:
+        """Queue a list of inputs, each its own request (so they batch with
+        other callers' inputs), and return their futures in order (each as
+        submit's).
+
+        inputs: texts, or token-id lists (checked as validate_token_ids does);
+        the first input says which. Every input is checked before any is
+        queued: InvalidInputError names the first bad one's index.
+        timeout: seconds each input may wait in the queue (RequestTimeoutError
+        after), or a callable giving the seconds left (None: no limit), asked
+        as each chunk is queued; what it raises fails the call.
+
+        Backpressure: when the queue is full and nothing of this call is
+        queued yet, QueueFullError (the call is refused whole). Once part of
+        it is queued, the call blocks until there is room for the rest
+        rather than fail half served. A call that fails part way cancels what
+        it had queued."""
+        return admission.submit_all(self._submit_prefix, self._requests(inputs), priority,
+                                    admission.timeout_callable(timeout))
+
+    async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
+                           timeout: Timeout = None,
+                           wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None) -> list[cf.Future]:
+        """submit_many for the event loop: waiting for room in the queue is
+        awaited, never blocking the loop; a call the queue takes at once does
+        not suspend at all. Texts are tokenized in the calling thread (for a
+        very large list, tokenize() it in a worker thread and pass the token
+        lists). Cancelling the call cancels what it had queued.
+
+        wait: when given, each wait for room goes through it (`await
+        wait(awaitable)`), so a caller can end it early (the HTTP server ends
+        it when the client leaves or its deadline passes); what it raises
+        fails the call. `await fastserve.wait_all(futures)` gives the results."""
+        return await admission.asubmit_all(self._submit_prefix, self._requests(inputs), priority,
+                                           admission.timeout_callable(timeout), wait)
+
+    def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+        """Token-id lists as the engine would queue them: each must be a
+        non-empty sequence of int in [0, vocab_size); longer than max_length,
+        it is cut to it with truncate=True, else refused. InvalidInputError
+        names the first bad list's index (when there are several)."""
+        return admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
+                                            truncate=self.truncate)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, as the engine would submit them (special
@@ -430,9 +407,13 @@ class Engine:
         s["health"] = self.health()
         return s
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
+        # Cached: every token-id list is checked against it, and a
+        # transformers config's attribute lookup is slow.
         return int(self.model.config.vocab_size)
+
+
 
     @property
     def dim(self) -> int:
@@ -495,66 +476,9 @@ class Engine:
             fut.add_done_callback(functools.partial(self._on_done, rid))
         return futures
 
-    def _admit(self, token_lists: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
-               timeout: Callable[[], float | None]) -> Iterator[cf.Future | None]:
-        """Queue a list's inputs in order, appending each one's future to
-        `futures`, up to ADMIT_CHUNK per scheduler call. When the queue is
-        full and nothing was accepted yet: QueueFullError (the call is refused
-        whole). Once something was, the call has made progress and waits its
-        turn instead of failing half served: the caller waits for the yielded
-        future (its own oldest outstanding input; its failure fails the call)
-        or, when None is yielded (its inputs so far are done and others' fill
-        the queue), pauses briefly; then iterates on."""
-        oldest = pos = 0
-        while pos < len(token_lists):
-            try:
-                new = self._submit_prefix(token_lists[pos : pos + ADMIT_CHUNK], priority, timeout())
-            except QueueFullError:
-                if not futures:
-                    raise
-                if oldest == len(futures):
-                    yield None
-                else:
-                    oldest += 1
-                    yield futures[oldest - 1]
-                continue
-            futures.extend(new)
-            pos += len(new)
-
-    def _submit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
-        futures: list[cf.Future] = []
-        with _cancelled_on_error(futures):
-            for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
-                if wait is None:
-                    time.sleep(ADMIT_PAUSE_S)
-                else:
-                    wait.result()
-        return futures
-
-    async def _asubmit_many(self, texts: Sequence[str], priority: int, timeout: float | None) -> list[cf.Future]:
-        """_submit_many without blocking the event loop while it waits its turn."""
-        futures: list[cf.Future] = []
-        with _cancelled_on_error(futures):
-            for wait in self._admit(self._list_tokens(texts), futures, priority, lambda: timeout):
-                await (asyncio.sleep(ADMIT_PAUSE_S) if wait is None else asyncio.wrap_future(wait))
-        return futures
-
-    @staticmethod
-    async def _results(futures: list[cf.Future]) -> list:
-        """The futures' results in order, the first failure raised as it
-        happens; cancelling the awaiting task cancels the requests."""
-        try:
-            await all_done(futures)
-        except asyncio.CancelledError:
-            for f in futures:
-                f.cancel()
-            raise
-        return [f.result() for f in futures]
-
-    def _list_tokens(self, texts: Sequence[str]) -> list[list[int]]:
-        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
-            raise InvalidInputError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
-        return self._tokens(texts)
+    def _requests(self, inputs: Sequence[Any]) -> list[Sequence[int]]:
+        """A list of inputs as the token lists submit_many queues."""
+        return admission.token_lists(inputs, self._tokens, self.validate_token_ids)
 
     def _on_done(self, rid: int, fut: cf.Future) -> None:
         if fut.cancelled():

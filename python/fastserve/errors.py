@@ -1,5 +1,6 @@
-"""fastserve's exceptions. Each subclasses FastServeError and, where one fits,
-the builtin a caller would naturally catch."""
+"""fastserve's exceptions, in one place (the two the C++ core raises are
+re-exported from it). Each subclasses FastServeError and, where one fits, the
+builtin a caller would naturally catch."""
 
 from ._core import EngineClosedError, FastServeError, QueueFullError
 
@@ -12,10 +13,21 @@ class InvalidInputError(FastServeError, ValueError):
     """The input cannot be served as given (wrong type, empty, too long, ...)."""
 
 
+class InferenceError(FastServeError, RuntimeError):
+    """The model raised while computing the batch holding this request; the
+    model's exception is chained as __cause__."""
+
+
+class ModelLoadError(FastServeError, OSError):
+    """The model or its tokenizer could not be loaded."""
+
+
 __all__ = [
     "EngineClosedError",
     "FastServeError",
+    "InferenceError",
     "InvalidInputError",
+    "ModelLoadError",
     "QueueFullError",
     "RequestTimeoutError",
 ]

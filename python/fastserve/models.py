@@ -12,15 +12,11 @@ from typing import Any
 
 import torch
 
-from .errors import FastServeError
+from .errors import ModelLoadError
 
 POOLINGS = ("mean", "cls", "max")
 TASKS = ("embed", "classify")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelLoadError(FastServeError, OSError):
-    """The model or its tokenizer could not be loaded."""
 
 
 @dataclass

@@ -3,14 +3,19 @@
 Servers run a tiny random BERT saved to a temporary folder (fast to load); one
 test serves the real default MiniLM. Each server is stopped with SIGTERM and
 must exit with status 0. Embeddings are compared with an in-process Engine on
-the same model folder.
+the same model folder. Tests that need the model busy (a full queue, a
+deadline, a client leaving, SIGTERM mid-request) hold the engine's worker with
+tm.Gate instead of racing the model, so no outcome depends on the machine's
+speed: in-thread servers (InThreadServer), or a server process whose gate the
+test opens through a file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 import base64
+import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -49,17 +54,19 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m fastserve.cli serve ...` on a free loopback port."""
+    """`python -m fastserve.cli serve ...` on a free loopback port, or with
+    `script`, `python script ... --port N` (a script that calls serve())."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, script: Path | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         env = {**os.environ, "FASTSERVE_API_KEY": ""}
         self._log = open(log, "wb")
         self._signalled = False
+        command = [str(script)] if script is not None else ["-m", "fastserve.cli", "serve"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastserve.cli", "serve", *args, "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, *command, *args, "--port", str(self.port), "--log-level", "warning"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
 
@@ -101,16 +108,25 @@ class Server:
         return self.proc.returncode
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """Every sample of /metrics, keyed by (name, sorted labels)."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        out = {}
-        for family in prom_parser.text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return _scrape(self.url)
 
     def engine_count(self, outcome: str) -> float:
         return self.metrics()[("fastserve_engine_requests_total", (("outcome", outcome),))]
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for family in prom_parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _status_key(status: str) -> tuple[str, tuple]:
+    """The metrics key of POST /v1/embeddings requests answered with `status`."""
+    return ("fastserve_http_requests_total", (("method", "POST"), ("route", "/v1/embeddings"), ("status", status)))
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +147,6 @@ def servers(tiny_folder, tiny_classifier_folder, tmp_path_factory):
     specs = {
         # API key, small limits: the functional and error tests.
         "main": [tiny, "--api-key", API_KEY, "--max-payload-bytes", "100000", "--max-inputs-per-request", "64"],
-        # One request per batch and a queue of 4: easy to fill.
-        "busy": [tiny, "--max-batch-size", "1", "--max-queue", "4"],
-        "deadline": [tiny, "--max-batch-size", "1", "--request-timeout", "0.1"],
         "classify": [str(tiny_classifier_folder), "--task", "classify"],
     }
     started = {name: Server(args, logs / f"{name}.log") for name, args in specs.items()}
@@ -331,10 +344,8 @@ class InThreadServer:
 
     def __enter__(self) -> "InThreadServer":
         self.thread.start()
-        end = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < end and self.thread.is_alive(), "in-thread server did not start"
-            time.sleep(0.01)
+        _until(lambda: self.server.started or not self.thread.is_alive(), "the in-thread server to start")
+        assert self.thread.is_alive(), "the in-thread server stopped at start"
         return self
 
     def __exit__(self, *exc) -> None:
@@ -342,15 +353,41 @@ class InThreadServer:
         self.thread.join(30)
 
 
-def test_full_queue_gets_429_with_retry_after(tiny_folder):
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll until `condition()` holds. Only a bound on waiting for something
+    certain to happen: no outcome depends on how soon it does."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _held_server(folder: Path, *, request_timeout: float | None = None, **engine_kwargs):
+    """(engine, gate, server): an engine running one request per batch,
+    served in-thread, whose worker tm.Gate holds inside its first batch until
+    the test sets gate.release. While it is held nothing completes, so what
+    a test sees does not depend on how fast the machine runs the model."""
     from fastserve.server import create_app
 
-    # The worker is held inside its first batch, so the queue of 4 stays full
-    # for as long as the test needs: no race with the model's speed.
-    with fastserve.Engine(str(tiny_folder), max_batch_size=1, max_queue=4) as engine, \
-            InThreadServer(create_app(engine)) as srv:
+    with fastserve.Engine(str(folder), max_batch_size=1, **engine_kwargs) as engine, \
+            InThreadServer(create_app(engine, request_timeout=request_timeout)) as srv:
         gate = tm.Gate(engine)
+        try:
+            yield engine, gate, srv
+        finally:
+            gate.release.set()  # a failed assertion must not leave the worker held
 
+
+def _hold_worker(engine, gate) -> "cf.Future":
+    """Hold the worker with an in-process request; its future."""
+    holder = engine.submit("holds the worker")
+    assert gate.entered.wait(30), "the worker never took the holding request"
+    return holder
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_folder):
+    with _held_server(tiny_folder, max_queue=4) as (engine, gate, srv):
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
                 # A first request holds the worker; then a list of 10 inputs:
@@ -372,10 +409,7 @@ def test_full_queue_gets_429_with_retry_after(tiny_folder):
                 after = await c.post("/v1/embeddings", json={"input": LONG})
                 return big, refused, depth_after, after
 
-        try:
-            big, refused, depth_after, after = asyncio.run(scenario())
-        finally:
-            gate.release.set()  # a failed assertion must not leave the worker held
+        big, refused, depth_after, after = asyncio.run(scenario())
     err = _assert_openai_error(refused, 429)
     assert err["type"] == "rate_limit_error"
     assert int(refused.headers["Retry-After"]) >= 1
@@ -386,44 +420,41 @@ def test_full_queue_gets_429_with_retry_after(tiny_folder):
     assert len(gate.seen) == 12
 
 
-def test_request_past_its_deadline_gets_504(servers):
-    deadline = servers["deadline"]
-    before = deadline.engine_count("completed")
-    # 1000 batches of one long input: far more than 0.1 s on any machine.
-    r = httpx.post(deadline.url + "/v1/embeddings", json={"input": [LONG] * 1000}, timeout=60)
+def test_request_past_its_deadline_gets_504(tiny_folder):
+    # The worker is held all along, so none of the request's inputs can run
+    # before its deadline, whatever the machine.
+    with _held_server(tiny_folder, request_timeout=0.2) as (engine, gate, srv):
+        holder = _hold_worker(engine, gate)
+        r = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * 5}, timeout=60)
+        depth = engine.stats()["queue_depth"]
+        gate.release.set()
+        holder.result(timeout=30)
+        engine.embed("after")  # the worker has passed anything left behind
     err = _assert_openai_error(r, 504)
     assert err["type"] == "timeout_error"
-    time.sleep(0.5)
-    # What was still queued at the deadline never reached the model.
-    assert deadline.engine_count("completed") - before < 1000
+    assert depth == 0  # its inputs left the queue when the deadline passed
+    assert len(gate.seen) == 2  # and never reached the model: only the holder and "after" did
 
 
-def test_client_disconnect_cancels_its_queued_requests(servers):
-    busy = servers["busy"]
-    before = {k: busy.engine_count(k) for k in ("submitted", "completed", "cancelled")}
-    n = 1000  # batches of one: seconds of work, the client leaves long before
-    body = json.dumps({"input": [LONG] * n}).encode()
-    sock = socket.create_connection(("127.0.0.1", busy.port))
-    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    end = time.monotonic() + 30
-    while busy.engine_count("submitted") - before["submitted"] < 6 and time.monotonic() < end:
-        time.sleep(0.05)
-    sock.close()
-    # Wait until nothing is queued or running.
-    while time.monotonic() < end:
-        m = busy.metrics()
-        if m[("fastserve_engine_queue_depth", ())] == 0 and m[("fastserve_http_requests_in_progress", ())] <= 1:
-            break
-        time.sleep(0.05)
-    m = busy.metrics()
-    cancelled = m[("fastserve_engine_requests_total", (("outcome", "cancelled"),))] - before["cancelled"]
-    completed = m[("fastserve_engine_requests_total", (("outcome", "completed"),))] - before["completed"]
-    assert cancelled >= 1
-    assert completed < n
-    closed = m.get(("fastserve_http_requests_total",
-                    (("method", "POST"), ("route", "/v1/embeddings"), ("status", "499"))), 0)
-    assert closed >= 1
+def test_client_disconnect_cancels_its_queued_requests(tiny_folder):
+    n = 20
+    with _held_server(tiny_folder) as (engine, gate, srv):
+        holder = _hold_worker(engine, gate)
+        before = engine.stats()
+        body = json.dumps({"input": [LONG] * n}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            _until(lambda: engine.stats()["queue_depth"] == n, "the request's inputs to be queued")
+        _until(lambda: engine.stats()["queue_depth"] == 0, "the inputs to leave the queue after the client left")
+        _until(lambda: _scrape(srv.url).get(_status_key("499"), 0) >= 1, "the closed request to be counted")
+        gate.release.set()
+        holder.result(timeout=30)
+        engine.embed("after")
+        after = engine.stats()
+    assert after["cancelled"] - before["cancelled"] == n
+    assert after["completed"] - before["completed"] == 2  # the holder and "after"
+    assert len(gate.seen) == 2
 
 
 # ------------------------------------------------------- other routes
@@ -445,8 +476,7 @@ def test_metrics_parse_and_count_requests_by_route_and_status(server):
     m = server.metrics()
 
     def requests(status: str) -> float:
-        return m.get(("fastserve_http_requests_total",
-                      (("method", "POST"), ("route", "/v1/embeddings"), ("status", status))), 0)
+        return m.get(_status_key(status), 0)
 
     assert requests("200") >= 1 and requests("400") >= 1
     assert m[("fastserve_http_request_duration_seconds_count", (("route", "/v1/embeddings"),))] >= 2
@@ -554,8 +584,8 @@ def _messages(*messages):
 
 
 def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
-    from fastserve.engine import all_done
-    from fastserve.server import _ClientGone, _Request
+    from fastserve.server.errors import ClientGone
+    from fastserve.server.lifecycle import InFlight
 
     async def go():
         gone = asyncio.Event()
@@ -567,14 +597,14 @@ def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
             await gone.wait()
             return {"type": "http.disconnect"}
 
-        req = _Request(receive, None)
+        req = InFlight(receive, None)
         queued = cf.Future()
         req.futures.append(queued)
-        waiting = asyncio.ensure_future(req.wait(all_done(req.futures)))
+        waiting = asyncio.ensure_future(req.wait(fastserve.wait_all(req.futures)))
         await asyncio.sleep(0)
         assert not waiting.done()
         gone.set()
-        with pytest.raises(_ClientGone):
+        with pytest.raises(ClientGone):
             await waiting
         req.close()
         assert queued.cancelled()
@@ -583,10 +613,10 @@ def test_request_wait_ends_when_the_client_leaves_and_cancels_its_inputs():
 
 
 def test_request_wait_ends_at_the_deadline():
-    from fastserve.server import _Request
+    from fastserve.server.lifecycle import InFlight
 
     async def go():
-        req = _Request(_messages(), 0.01)
+        req = InFlight(_messages(), 0.01)
         with pytest.raises(fastserve.RequestTimeoutError):
             await req.wait(asyncio.get_running_loop().create_future())  # never completes
         req.close()
@@ -595,13 +625,12 @@ def test_request_wait_ends_at_the_deadline():
 
 
 def test_request_done_completes_once_every_input_has_from_any_thread():
-    from fastserve.engine import all_done
-    from fastserve.server import _Request
+    from fastserve.server.lifecycle import InFlight
 
     async def go():
-        req = _Request(_messages(), None)
+        req = InFlight(_messages(), None)
         req.futures += [cf.Future() for _ in range(3)]
-        done = all_done(req.futures)
+        done = fastserve.wait_all(req.futures)
         threads = [threading.Thread(target=f.set_result, args=(i,)) for i, f in enumerate(req.futures)]
         for t in threads[:2]:
             t.start()
@@ -611,8 +640,7 @@ def test_request_done_completes_once_every_input_has_from_any_thread():
         assert not done.done()
         threads[2].start()
         threads[2].join()
-        await req.wait(done)
-        assert [f.result() for f in req.futures] == [0, 1, 2]
+        assert await req.wait(done) == [0, 1, 2]
         req.close()
 
     asyncio.run(go())
@@ -621,30 +649,71 @@ def test_request_done_completes_once_every_input_has_from_any_thread():
 # ------------------------------------------------ lifecycle and fuzzing
 
 
+# `fastserve serve` with the worker held (tm.Gate) until the test says: the
+# gate's two events cross the process boundary as two files.
+HELD_SERVE = """
+import pathlib, sys, threading, time
+sys.path.insert(0, {tests!r})
+import fastserve, tiny_models as tm
+from fastserve.server import serve
+
+folder, entered, release = sys.argv[1:4]
+port = int(sys.argv[sys.argv.index("--port") + 1])
+engine = fastserve.Engine(folder, max_batch_size=1)
+gate = tm.Gate(engine)
+
+def relay():
+    gate.entered.wait()
+    pathlib.Path(entered).touch()
+    while not pathlib.Path(release).exists():
+        time.sleep(0.01)
+    gate.release.set()
+
+threading.Thread(target=relay, daemon=True).start()
+serve(engine, "127.0.0.1", port, log_level="warning")
+"""
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tiny_folder, tmp_path):
-    srv = Server([str(tiny_folder), "--max-batch-size", "1"], tmp_path / "sigterm.log").wait_ready()
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    script = tmp_path / "held_serve.py"
+    script.write_text(HELD_SERVE.format(tests=str(Path(__file__).parent)))
+    srv = Server([str(tiny_folder), str(entered), str(release)], tmp_path / "sigterm.log", script=script)
+    srv.wait_ready()
+    n = 50
     result: dict = {}
 
     def call():
         try:
-            result["r"] = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * 300}, timeout=60)
+            result["r"] = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * n}, timeout=60)
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 
     t = threading.Thread(target=call)
     try:
         t.start()
-        end = time.monotonic() + 30
-        while srv.engine_count("submitted") < 1 and time.monotonic() < end:
-            time.sleep(0.02)
+        # The request is in flight (its first input holds the worker) when
+        # SIGTERM arrives, and stays so until the server has stopped accepting.
+        _until(entered.exists, "the worker to take the request's first input")
         srv.terminate()
+        _until(lambda: not _accepting(srv.port), "the server to stop accepting after SIGTERM")
+        release.touch()
         t.join(60)
         code = srv.proc.wait(30)
     finally:
+        release.touch()
         srv.stop()
     assert "error" not in result, result.get("error")
     assert result["r"].status_code == 200
-    assert len(result["r"].json()["data"]) == 300
+    assert len(result["r"].json()["data"]) == n
     assert code == 0, srv.log()
     assert "Traceback" not in srv.log(), srv.log()
 

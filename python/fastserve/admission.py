@@ -1,0 +1,231 @@
+"""Admission: how a call's inputs become queued requests.
+
+Inputs are texts (tokenized by the engine) or token-id lists (checked by
+validate_token_ids, the one validator for them). A list of inputs is queued in
+order, many per scheduler call; when the queue is full, a call that has made
+progress waits its turn instead of failing half served, and only a call with
+nothing accepted yet is refused (QueueFullError).
+
+Callers use Engine.submit_many / Engine.asubmit_many / Engine.validate_token_ids
+and wait_all (exported as fastserve.wait_all); the functions below that take a
+`submit` are the engine's plumbing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Union
+
+from .errors import InvalidInputError, QueueFullError
+
+CHUNK = 4096  # a list's inputs queued per scheduler call (one lock: the worker sees them together)
+PAUSE_S = 0.002  # a list waiting its turn behind other callers' inputs polls this often
+
+# Seconds each input may wait in the queue: a number, None (no limit), or a
+# callable returning either, asked as each chunk is queued (it may raise, e.g.
+# RequestTimeoutError once a caller's own deadline has passed).
+Timeout = Union[float, None, Callable[[], Union[float, None]]]
+# Queues a prefix of token lists (as many as fit), returning their futures;
+# QueueFullError when not even the first fits.
+Submit = Callable[[Sequence[Sequence[int]], int, Union[float, None]], list[cf.Future]]
+
+_INT = frozenset((int,))
+
+
+def validate_token_ids(token_lists: Sequence[Any], *, vocab_size: int, max_length: int,
+                       truncate: bool) -> list[Sequence[int]]:
+    """Each token-id list checked (a sequence of int, not empty, every id in
+    [0, vocab_size)) and cut to max_length (or, with truncate=False, refused
+    when longer): InvalidInputError naming the first bad list's index. All are
+    checked before any is queued, so a bad list late in a call never leaves
+    earlier ones running for nothing."""
+    out = []
+    for i, ids in enumerate(token_lists):
+        # The common case (a list of plain ints in range) in C loops; anything
+        # else gets the full check, which names what is wrong.
+        if not (type(ids) is list and ids and _INT.issuperset(map(type, ids))
+                and min(ids) >= 0 and max(ids) < vocab_size):
+            _check_token_ids(ids, _at(i, len(token_lists)), vocab_size)
+        if len(ids) > max_length:
+            if not truncate:
+                raise InvalidInputError(f"input{_at(i, len(token_lists))} is {len(ids)} tokens long; "
+                                        f"the model's limit is {max_length}")
+            ids = ids[:max_length]
+        out.append(ids)
+    return out
+
+
+def _at(i: int, n: int) -> str:
+    """Where an input is, in an error message (nothing when it is alone)."""
+    return "" if n == 1 else f" at index {i}"
+
+
+def _check_token_ids(ids: Any, at: str, vocab_size: int) -> None:
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+        raise InvalidInputError(f"token ids{at} must be a sequence of int, got {type(ids).__name__}")
+    if not ids:
+        raise InvalidInputError(f"token ids{at} must not be empty")
+    if not all(t is not bool and issubclass(t, int) for t in set(map(type, ids))):  # bool: an int, refused
+        raise InvalidInputError(f"token ids{at} must all be int")
+    bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidInputError(f"token id {bad}{at} is outside the vocabulary [0, {vocab_size})")
+
+
+def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[list[int]]],
+                validate: Callable[[Sequence[Any]], list[Sequence[int]]]) -> list[Sequence[int]]:
+    """What a list of inputs queues: texts through `tokenize`, token-id lists
+    through `validate`. The first input says which the list holds; an input of
+    the other kind is refused with its index."""
+    if type(inputs) is not list:
+        if isinstance(inputs, str):
+            raise InvalidInputError("expected a list of inputs, got one str (submit() queues a single text)")
+        if isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Sequence):
+            raise InvalidInputError(
+                f"inputs must be a str, a list of str or a list of token-id lists, got {type(inputs).__name__}")
+    if not inputs:
+        return []
+    first = inputs[0]
+    if isinstance(first, str):
+        return tokenize(inputs)
+    if type(first) is not list and (isinstance(first, (bytes, bytearray)) or not isinstance(first, Sequence)):
+        raise InvalidInputError(
+            f"input{_at(0, len(inputs))} must be a str or a sequence of int (token ids), got {type(first).__name__}")
+    return validate(inputs)
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A request's timeout in seconds: None (no limit) or >= 0 (else ValueError)."""
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return timeout
+
+
+def timeout_callable(timeout: Timeout) -> Callable[[], float | None]:
+    """`timeout` as a callable (a number is checked once, then returned each time)."""
+    if callable(timeout):
+        return timeout
+    seconds = check_timeout(timeout)
+    return lambda: seconds
+
+
+def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
+           timeout: Callable[[], float | None]) -> Iterator[cf.Future | None]:
+    """Queue `requests` in order, appending each one's future to `futures`,
+    up to CHUNK per scheduler call. When the queue is full and nothing was
+    accepted yet: QueueFullError (the call is refused whole). Once something
+    was, the caller waits its turn: for the yielded future (its own oldest
+    outstanding input; its failure fails the call) or, when None is yielded
+    (its inputs so far are done and others' fill the queue), for PAUSE_S;
+    then iterates on."""
+    oldest = pos = 0
+    while pos < len(requests):
+        try:
+            new = submit(requests[pos : pos + CHUNK], priority, timeout())
+        except QueueFullError:
+            if not futures:
+                raise
+            if oldest == len(futures):
+                yield None
+            else:
+                oldest += 1
+                yield futures[oldest - 1]
+            continue
+        futures.extend(new)
+        pos += len(new)
+
+
+def _cancel(futures: list[cf.Future]) -> None:
+    for f in futures:
+        f.cancel()  # a no-op for a done or running one; a queued one leaves the queue
+
+
+def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
+               timeout: Callable[[], float | None]) -> list[cf.Future]:
+    """Queue every request, blocking while the call waits its turn; a call
+    that fails part way cancels what it had queued."""
+    futures: list[cf.Future] = []
+    try:
+        for turn in _admit(submit, requests, futures, priority, timeout):
+            if turn is None:
+                time.sleep(PAUSE_S)
+            else:
+                turn.result()  # its failure fails the call
+    except BaseException:
+        _cancel(futures)
+        raise
+    return futures
+
+
+async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
+                      timeout: Callable[[], float | None],
+                      wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None) -> list[cf.Future]:
+    """submit_all awaiting its turn instead of blocking (through `wait` when
+    given); a call that fails part way, or is cancelled, cancels what it had
+    queued. A call the queue takes at once never suspends."""
+    futures: list[cf.Future] = []
+    try:
+        for turn in _admit(submit, requests, futures, priority, timeout):
+            aw = asyncio.sleep(PAUSE_S) if turn is None else asyncio.wrap_future(turn)
+            await (aw if wait is None else wait(aw))
+    except BaseException:
+        _cancel(futures)
+        raise
+    return futures
+
+
+def wait_all(futures: Sequence[cf.Future]) -> asyncio.Future:
+    """An asyncio future (of the running loop) for a group of the engine's
+    futures: it resolves to their results, in order, once all are done, or
+    fails with the first failure as soon as it happens (cancelled if one of
+    them is). Cancelling it cancels those not yet done.
+
+    It is settled by whichever thread completes the group: one event-loop
+    wake-up for the whole group, not one per future as with
+    gather(wrap_future(...))."""
+    loop = asyncio.get_running_loop()
+    group = loop.create_future()
+    futures = list(futures)
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def settle(error: BaseException | None) -> None:
+        if group.done():
+            return
+        if error is None:  # the last one is done (a failure just before it may not have settled yet)
+            try:
+                results = [f.result() for f in futures]
+            except BaseException as e:  # noqa: BLE001 - becomes the group's outcome
+                error = e
+        if isinstance(error, cf.CancelledError):
+            group.cancel()  # on_cancel cancels the rest
+            return
+        # on_cancel is for a cancelled group only: removed, it is not scheduled for nothing.
+        group.remove_done_callback(on_cancel)
+        if error is None:
+            group.set_result(results)
+        else:
+            group.set_exception(error)
+
+    def on_done(f: cf.Future) -> None:
+        error = cf.CancelledError() if f.cancelled() else f.exception()
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if (last or error is not None) and not loop.is_closed():
+            loop.call_soon_threadsafe(settle, error)
+
+    def on_cancel(g: asyncio.Future) -> None:
+        if g.cancelled():
+            _cancel(futures)
+
+    group.add_done_callback(on_cancel)
+    if not futures:
+        settle(None)
+    for f in futures:
+        f.add_done_callback(on_done)
+    return group

@@ -1,0 +1,161 @@
+"""The app: the routes wired into FastAPI behind the edge (create_app), and
+uvicorn running it with a graceful shutdown (serve)."""
+
+import contextlib
+import functools
+import signal
+import threading
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from ..engine import Engine
+from .edge import Edge
+from .errors import ApiError, internal_error, validation_error
+from .metrics import Metrics
+from .routes import DEFAULT_MAX_INPUTS, Api
+from .schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse, EmbeddingRequest, EmbeddingResponse
+
+DEFAULT_MAX_PAYLOAD_BYTES = 2_000_000  # text-embeddings-inference's default payload limit
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: Optional[str] = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_inputs: int = DEFAULT_MAX_INPUTS,
+    request_timeout: Optional[float] = None,
+    model_name: Optional[str] = None,
+) -> FastAPI:
+    """The ASGI app serving `engine`. The caller keeps ownership of the engine.
+
+    api_key: when set, /v1/* and the docs need `Authorization: Bearer <key>`
+    (/health, /ready and /metrics stay open for probes and scrapers).
+    max_payload_bytes, max_inputs: larger requests get 413.
+    request_timeout: seconds from arrival; a request not served by then gets
+    504 (its queued inputs never reach the model).
+    model_name: the id reported in responses and /v1/models (default: the
+    engine's model name).
+    """
+    if max_payload_bytes < 1 or max_inputs < 1:
+        raise ValueError("max_payload_bytes and max_inputs must be positive")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError("request_timeout must be positive seconds or None")
+    metrics = Metrics(engine)
+    api = Api(engine, metrics, model_name=model_name or engine.model_name, max_inputs=max_inputs,
+              request_timeout=request_timeout)
+    app = App(title="fastserve", version=_version(),
+              description="OpenAI-compatible embeddings (and classification) served by fastserve.")
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    if engine.task == "embed":
+        @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
+                  summary="Create embeddings (OpenAI-compatible)")
+        async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+            return (await api.embeddings(body, request.receive)).response()
+    else:
+        @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+                  summary="Classify texts")
+        async def classify(body: ClassifyRequest, request: Request) -> Response:
+            return (await api.classify(body, request.receive)).response()
+    app.get("/v1/models", summary="The served model")(api.models)
+    app.get("/health", summary="Liveness: the process answers")(api.health)
+    app.get("/ready", summary="Readiness: the engine is loaded and its worker alive",
+            responses={503: {"description": "the engine is not serving"}})(api.ready)
+    app.get("/metrics", summary="Prometheus metrics", response_class=Response)(api.metrics_text)
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        return validation_error(exc, request.url.path).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _on_unhandled(request: Request, exc: Exception) -> Response:
+        # Starlette's last resort (it re-raises after answering, and the edge logs it).
+        return internal_error().response()
+
+    app.edge = Edge(functools.partial(FastAPI.__call__, app), metrics=metrics, api_key=api_key,
+                    max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None)
+    return app
+
+
+class App(FastAPI):
+    """FastAPI with fastserve's edge (Edge: metrics, API key, payload limit,
+    the embeddings fast path) outside all of Starlette's middleware, so a
+    request the fast path serves pays for none of it."""
+
+    edge: Edge
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.edge(scope, receive, send)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising the caught SIGTERM/SIGINT after
+    shutdown (uvicorn does, which would kill the process before serve() could
+    close the engine): a signalled shutdown ends serve() normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    api_key: Optional[str] = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_inputs: int = DEFAULT_MAX_INPUTS,
+    request_timeout: Optional[float] = None,
+    model_name: Optional[str] = None,
+    graceful_timeout: Optional[float] = 30.0,
+    log_level: str = "info",
+    access_log: bool = False,
+    close_engine: bool = True,
+) -> None:
+    """Serve `engine` over HTTP until SIGTERM/SIGINT. Shutdown is graceful:
+    stop accepting, let in-flight requests finish (at most graceful_timeout
+    seconds), then close the engine (unless close_engine=False)."""
+    app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
+                     request_timeout=request_timeout, model_name=model_name)
+    # Proxy headers (X-Forwarded-For) only matter for the client addresses of
+    # the access log; without it uvicorn's proxy middleware is skipped.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="off")
+    try:
+        Server(config).run()
+    finally:
+        if close_engine:
+            engine.close()

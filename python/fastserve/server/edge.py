@@ -1,0 +1,160 @@
+"""The ASGI layer every HTTP request passes first, outside all of Starlette's
+middleware: metrics, the API key, the payload limit, and the embeddings fast
+path that answers a valid POST /v1/embeddings without Starlette or FastAPI."""
+
+import hmac
+import time
+from typing import TYPE_CHECKING, Optional
+
+from .errors import CLIENT_CLOSED, ApiError, internal_error, log, too_large
+from .metrics import Metrics
+from .schemas import EmbeddingRequest
+
+if TYPE_CHECKING:
+    from .routes import Api
+
+# Paths a probe or scraper reaches without the API key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# The route label of the metrics: a fixed set, whatever paths clients send.
+ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/models", "/health", "/ready", "/metrics",
+                    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose body the edge does not read
+
+
+class Edge:
+    """The outer layer of every HTTP request: metrics, the API key, and the
+    payload limit (the body is read here, at most max_payload_bytes of it,
+    before any parsing). Anything a route lets escape becomes a generic 500:
+    no stack trace reaches a client."""
+
+    def __init__(self, app, *, metrics: Metrics, api_key: Optional[str], max_payload_bytes: int,
+                 api: Optional["Api"] = None) -> None:
+        self.app = app
+        self.api = api
+        self.metrics = metrics
+        self.api_key = api_key.encode() if api_key else None
+        self.max_payload_bytes = max_payload_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in ROUTES else "other"  # bounded label set, whatever clients send
+        status: list[Optional[int]] = [None]
+
+        async def send_recording(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        self.metrics.in_progress.inc()
+        try:
+            error = self._check_key(scope) if path not in OPEN_PATHS else None
+            body = b""
+            if error is None:
+                body, error = await self._read_body(scope, receive)
+            if body is None:  # the client left while sending its body
+                status[0] = CLIENT_CLOSED
+            elif error is not None:
+                await error.reply().send(send_recording)
+            elif not await self._fast_embeddings(scope, body, receive, send_recording):
+                method = scope.get("method")
+                if method == "POST" and path.startswith("/v1/"):
+                    scope = _as_json(scope)
+                await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
+        except Exception as exc:
+            log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
+            if status[0] is None:
+                await internal_error().reply().send(send_recording)
+        finally:
+            self.metrics.in_progress.dec()
+            self.metrics.latency_for(route).observe(time.perf_counter() - t0)
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "other"
+            self.metrics.requests_for(route, method, str(status[0] or 500)).inc()
+
+    async def _fast_embeddings(self, scope, body: bytes, receive, send) -> bool:
+        """POST /v1/embeddings with a valid body, straight to the route:
+        pydantic's (compiled) JSON validation, then the two ASGI messages of
+        the answer, without Starlette's middleware, FastAPI's routing and
+        dependency machinery, or Request and Response objects. Anything else,
+        including every invalid body, is left to the app (False), so errors
+        and the OpenAPI document are FastAPI's. `receive` is the server's
+        own (the body has been read): the route watches it for the client
+        leaving."""
+        if self.api is None or scope["path"] != "/v1/embeddings" or scope.get("method") != "POST":
+            return False
+        try:
+            request = EmbeddingRequest.model_validate_json(body)
+        except ValueError:  # pydantic's ValidationError, or a body that is not JSON
+            return False
+        try:
+            reply = await self.api.embeddings(request, receive)
+        except ApiError as exc:  # what the app's exception handler would answer
+            reply = exc.reply()
+        await reply.send(send)
+        return True
+
+    def _check_key(self, scope) -> Optional[ApiError]:
+        if self.api_key is None:
+            return None
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+                break
+        if hmac.compare_digest(given, self.api_key):
+            return None
+        message = "missing API key (send 'Authorization: Bearer <key>')" if not given else "invalid API key"
+        return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope, receive):
+        """(body, error): the whole body (b"" for GET, HEAD and OPTIONS, None
+        if the client disconnected while sending it); an ApiError if it is
+        too large."""
+        if scope.get("method") in _BODILESS:
+            return b"", None
+        limit = self.max_payload_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return b"", too_large(int(value), limit)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_large(size, limit, at_least=True)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+
+def _replaying(body: bytes, receive):
+    """A receive that gives the app the body already read, then the server's
+    own messages (after the body: the disconnect)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _as_json(scope):
+    """The API's bodies are always JSON: parse them as such whatever the
+    client's Content-Type says (curl -d sends a form type)."""
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}

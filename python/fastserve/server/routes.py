@@ -1,0 +1,150 @@
+"""What each route does with the engine: inputs in (through the engine's
+admission API), answers out. Every failure becomes an OpenAI-shaped error."""
+
+import asyncio
+import base64
+import time
+from typing import Any, Optional
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from ..admission import wait_all
+from ..engine import Engine
+from .errors import CLIENT_CLOSED, ApiError, ClientGone, api_error
+from .lifecycle import InFlight
+from .metrics import Metrics
+from .replies import Reply, dumps
+from .schemas import ClassifyRequest, EmbeddingRequest
+
+DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
+# Texts are tokenized on the event loop up to this many characters in one
+# request; longer requests are tokenized in a worker thread, so one large
+# request cannot stall the loop.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+class Api:
+    """The routes of one app, over one engine."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, *, model_name: str, max_inputs: int,
+                 request_timeout: Optional[float]) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_inputs = max_inputs
+        self.request_timeout = request_timeout
+        self.created = int(time.time())
+
+    # ---------------------------------------------------------------- inputs
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise ApiError(400, "input must not be empty", param="input", code="invalid_input")
+        if n > self.max_inputs:
+            raise ApiError(413, f"{n} inputs in one request; the limit is {self.max_inputs}", param="input",
+                           code="too_many_inputs")
+
+    async def _tokenize(self, req: InFlight, texts: list[str]) -> list[list[int]]:
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            return self.engine.tokenize(texts)
+        return await req.wait(asyncio.to_thread(self.engine.tokenize, texts))
+
+    async def _serve(self, receive, route: str, texts: Optional[list[str]],
+                     token_lists: Optional[list[list[int]]], answer) -> Reply:
+        """Tokenize (or validate the token ids), queue, run and answer one
+        request. The inputs go in through engine.asubmit_many: as many at a
+        time as the queue takes; once some are queued, a full queue means
+        waiting its turn (through req.wait, so the client leaving or the
+        deadline ends it); only a request with nothing queued yet gets 429."""
+        req = InFlight(receive, self.request_timeout)
+        try:
+            tokenize_s = 0.0
+            if texts is not None:
+                t0 = time.perf_counter()
+                token_lists = await self._tokenize(req, texts)
+                tokenize_s = time.perf_counter() - t0
+            else:  # checked before any is queued; the usage counts them as truncated
+                token_lists = self.engine.validate_token_ids(token_lists)
+            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait)
+            results = await req.wait(wait_all(req.futures))
+            n_tokens = sum(len(ids) for ids in token_lists)
+            self.metrics.inputs_for(route).inc(len(token_lists))
+            self.metrics.prompt_tokens_for(route).inc(n_tokens)
+            body = answer(results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens})
+            return Reply(200, body, req.timing_headers(tokenize_s))
+        except ClientGone:
+            return Reply(CLIENT_CLOSED, b"", {})  # never reaches the client; counted in metrics
+        except Exception as exc:
+            return api_error(exc).reply()
+        finally:
+            req.close()
+
+    # ---------------------------------------------------------------- routes
+
+    async def embeddings(self, body: EmbeddingRequest, receive) -> Reply:
+        """POST /v1/embeddings. `receive` is the request's ASGI receive, its
+        body already read (the watch on the client's connection)."""
+        raw = body.input
+        if isinstance(raw, str):
+            texts, token_lists = [raw], None
+        elif raw and isinstance(raw[0], str):
+            texts, token_lists = list(raw), None
+        elif raw and isinstance(raw[0], int):
+            texts, token_lists = None, [list(raw)]
+        else:
+            texts, token_lists = None, [list(x) for x in raw]
+        self._check_count(len(texts if texts is not None else token_lists))
+        dim = self.engine.dim
+        dims = body.dimensions
+        if dims is not None and not 1 <= dims <= dim:
+            raise ApiError(400, f"dimensions must be in [1, {dim}] for this model, got {dims}", param="dimensions",
+                           code="invalid_dimensions")
+        b64 = body.encoding_format == "base64"
+        renormalize = self.engine.normalize
+
+        def answer(vectors: list[np.ndarray], usage: dict[str, int]) -> bytes:
+            data = []
+            for i, v in enumerate(vectors):
+                v = np.asarray(v, dtype=np.float32)
+                if dims is not None and dims < dim:
+                    v = v[:dims]
+                    if renormalize:  # Matryoshka: truncate, then back to unit length
+                        norm = float(np.linalg.norm(v))
+                        v = v / norm if norm > 0 else v
+                if b64:
+                    emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                else:
+                    emb = v if v.flags.c_contiguous else np.ascontiguousarray(v)
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
+
+        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer)
+
+    async def classify(self, body: ClassifyRequest, receive) -> Reply:
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        self._check_count(len(texts))
+
+        def answer(results: list, usage: dict[str, int]) -> bytes:
+            data = [{"object": "classification", "index": i, "label": c.label, "score": c.score, "scores": c.scores}
+                    for i, c in enumerate(results)]
+            return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
+
+        return await self._serve(receive, "/v1/classify", texts, None, answer)
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                             "owned_by": "fastserve", "task": self.engine.task,
+                                             "dimensions": self.engine.dim, "max_length": self.engine.max_length}]}
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def ready(self) -> Response:
+        h = self.engine.health()
+        body = {"status": "ready" if h["healthy"] else "unavailable", **h}
+        return Response(dumps(body), status_code=200 if h["healthy"] else 503, media_type="application/json")
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,292 @@
+"""The public admission API: Engine.submit_many / asubmit_many /
+validate_token_ids and fastserve.wait_all. Tests that need a full queue hold
+the worker inside its first batch (tm.Gate), so nothing completes until the
+test says: no outcome depends on the machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+
+TEXTS = ["a first text", "and a second, somewhat longer one", "third"]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tm.model("bert")
+
+
+@pytest.fixture(scope="module")
+def engine(bert):
+    with Engine(bert, tm.tokenizer()) as e:
+        yield e
+
+
+@contextlib.contextmanager
+def held(bert, **kwargs):
+    """(engine, gate): one request per batch, a queue of 4, and the worker
+    held inside the batch of the request that holds it until gate.release."""
+    with Engine(bert, tm.tokenizer(), max_batch_size=1, max_queue=4, **kwargs) as engine:
+        gate = tm.Gate(engine)
+        holder = engine.submit("holds the worker")
+        try:
+            assert gate.entered.wait(30), "the worker never took the holding request"
+            yield engine, gate
+        finally:
+            gate.release.set()  # a failed assertion must not leave the worker held
+        holder.result(timeout=30)
+
+
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------- inputs
+
+
+def test_texts_and_their_token_ids_give_the_same_results(engine):
+    expected = engine.embed(TEXTS)
+    ids = engine.tokenize(TEXTS)
+    for inputs in (TEXTS, ids, [tuple(x) for x in ids]):
+        futures = engine.submit_many(inputs)
+        assert len(futures) == len(TEXTS)
+        np.testing.assert_allclose(np.stack([f.result(timeout=30) for f in futures]), expected, atol=1e-6)
+    np.testing.assert_allclose(engine.embed(ids), expected, atol=1e-6)
+    assert engine.submit_many([]) == []
+
+
+def test_submit_many_futures_carry_timing_like_submit(engine):
+    f = engine.submit_many(["timed"])[0]
+    f.result(timeout=30)
+    assert set(f.timing) == {"queue_s", "inference_s"}
+
+
+@pytest.mark.parametrize(
+    "inputs, match",
+    [
+        ([[]], "must not be empty"),
+        ([[101, True, 102]], "must all be int"),
+        ([[101, 2.0, 102]], "must all be int"),
+        ([[101, -1]], r"token id -1 is outside the vocabulary \[0, 30522\)"),
+        ([[101, 10**9]], "outside the vocabulary"),
+        ([[101, 102], "text"], "index 1"),
+        (["text", [101, 102]], "index 1"),
+        ([[101, 102], [101, 102], []], "index 2"),
+        ([None], "must be a str or a sequence of int"),
+        ([b"bytes"], "must be a str or a sequence of int"),
+        ("one text", "submit"),
+        (None, "got NoneType"),
+        ({"a": 1}, "got dict"),
+    ],
+)
+def test_invalid_inputs_raise_invalid_input_error_and_queue_nothing(engine, inputs, match):
+    before = engine.stats()["submitted"]
+    with pytest.raises(fastserve.InvalidInputError, match=match):
+        engine.submit_many(inputs)
+    with pytest.raises(fastserve.InvalidInputError, match=match):
+        asyncio.run(engine.asubmit_many(inputs))
+    assert engine.stats()["submitted"] == before
+    assert isinstance(fastserve.InvalidInputError("x"), ValueError)
+
+
+def test_submit_tokens_uses_the_same_validator(engine):
+    with pytest.raises(fastserve.InvalidInputError, match="must not be empty"):
+        engine.submit_tokens([])
+    with pytest.raises(fastserve.InvalidInputError, match="sequence of int"):
+        engine.submit_tokens("101 102")
+    with pytest.raises(fastserve.InvalidInputError, match="outside the vocabulary"):
+        engine.submit_tokens([101, engine.vocab_size])
+
+
+def test_long_token_lists_are_truncated_or_refused(bert):
+    long_ids = [101] + [2000] * 300 + [102]
+    with Engine(bert, tm.tokenizer()) as e:
+        (cut,) = e.validate_token_ids([long_ids])
+        assert list(cut) == long_ids[: e.max_length]
+        got = e.submit_many([long_ids])[0].result(timeout=30)
+        np.testing.assert_allclose(got, e.submit_tokens(long_ids[: e.max_length]).result(timeout=30), atol=1e-6)
+        assert e.validate_token_ids([[101, 102]]) == [[101, 102]]
+    with Engine(bert, tm.tokenizer(), truncate=False) as e:
+        with pytest.raises(fastserve.InvalidInputError, match=r"index 1 is 302 tokens long; the model's limit is 128"):
+            e.submit_many([[101, 102], long_ids])
+        with pytest.raises(fastserve.InvalidInputError, match="302 tokens long"):
+            e.submit_tokens(long_ids)
+        assert e.stats()["submitted"] == 0
+
+
+def test_a_negative_timeout_is_refused(engine):
+    with pytest.raises(ValueError, match="timeout"):
+        engine.submit_many(TEXTS, timeout=-1)
+
+
+# -------------------------------------------------------- backpressure
+
+
+def test_a_full_queue_refuses_a_call_whole_when_nothing_of_it_is_queued(bert):
+    with held(bert) as (engine, gate):
+        fillers = engine.submit_many(["fill"] * 4)
+        with pytest.raises(fastserve.QueueFullError):
+            engine.submit_many(TEXTS)
+        assert engine.stats()["queue_depth"] == 4
+        gate.release.set()
+        assert all(f.result(timeout=30).shape == (32,) for f in fillers)
+    assert len(gate.seen) == 5  # the holder and the fillers; nothing of the refused call
+
+
+def test_a_call_that_made_progress_waits_its_turn_instead_of_failing(bert):
+    with held(bert) as (engine, gate):
+        texts = [f"text number {i}" for i in range(10)]
+        pool = cf.ThreadPoolExecutor(1)
+        call = pool.submit(engine.submit_many, texts)
+        _until(lambda: engine.stats()["queue_depth"] == 4, "the call's first inputs to fill the queue")
+        assert not call.done()  # waiting for room, not failed half served
+        with pytest.raises(fastserve.QueueFullError):  # another caller, with nothing queued: refused
+            engine.submit_many(["another caller"])
+        gate.release.set()
+        futures = call.result(timeout=60)
+        pool.shutdown()
+        got = np.stack([f.result(timeout=30) for f in futures])
+    with Engine(bert, tm.tokenizer()) as e:
+        np.testing.assert_allclose(got, e.embed(texts), atol=1e-5)
+    assert len(gate.seen) == 11
+
+
+def test_asubmit_many_waits_for_room_without_blocking_the_loop(bert):
+    with held(bert) as (engine, gate):
+        # Should the call block the loop, the test would stall until this
+        # releases the worker and then fail on `ticks`, not hang.
+        safety = threading.Timer(30, gate.release.set)
+        safety.start()
+
+        async def scenario():
+            texts = [f"text number {i}" for i in range(10)]
+            call = asyncio.create_task(engine.asubmit_many(texts))
+            while engine.stats()["queue_depth"] < 4:
+                await asyncio.sleep(0.01)
+            ticks = 0
+            for _ in range(20):  # the loop keeps running other work while the call waits
+                await asyncio.sleep(0.001)
+                ticks += 1
+            waiting = not call.done()
+            gate.release.set()
+            futures = await call
+            return ticks, waiting, await fastserve.wait_all(futures)
+
+        try:
+            ticks, waiting, results = asyncio.run(scenario())
+        finally:
+            safety.cancel()
+    assert waiting and ticks == 20
+    assert len(results) == 10 and all(r.shape == (32,) for r in results)
+
+
+def test_a_failed_wait_fails_the_call_and_cancels_what_it_queued(bert):
+    class GaveUp(Exception):
+        pass
+
+    async def give_up(awaitable):
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise GaveUp()
+
+    with held(bert) as (engine, gate):
+        before = engine.stats()["cancelled"]
+        with pytest.raises(GaveUp):
+            asyncio.run(engine.asubmit_many(["x"] * 10, wait=give_up))
+        stats = engine.stats()
+    assert stats["queue_depth"] == 0
+    assert stats["cancelled"] - before == 4
+    assert len(gate.seen) == 1  # only the holder reached the model
+
+
+def test_a_timeout_callable_is_asked_per_chunk_and_may_stop_the_call(bert):
+    def expired():
+        raise fastserve.RequestTimeoutError("the caller's deadline passed")
+
+    with held(bert) as (engine, gate):
+        with pytest.raises(fastserve.RequestTimeoutError):
+            engine.submit_many(TEXTS, timeout=expired)
+        assert engine.stats()["submitted"] == 1  # the holder only
+        # Seconds left, as the scheduler's timeout: 0 has passed by the time
+        # the held worker gets to them.
+        futures = engine.submit_many(TEXTS, timeout=lambda: 0.0)
+        gate.release.set()
+        for f in futures:
+            with pytest.raises(fastserve.RequestTimeoutError):
+                f.result(timeout=30)
+
+
+# ------------------------------------------------------------ wait_all
+
+
+def test_wait_all_gives_the_results_in_order_once_all_are_done_from_any_thread():
+    async def go():
+        futures = [cf.Future() for _ in range(3)]
+        group = fastserve.wait_all(futures)
+        for i in (2, 0):
+            threading.Thread(target=futures[i].set_result, args=(i,)).start()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not group.done()
+        threading.Thread(target=futures[1].set_result, args=(1,)).start()
+        return await group, await fastserve.wait_all([])
+
+    assert asyncio.run(go()) == ([0, 1, 2], [])
+
+
+def test_wait_all_fails_with_the_first_failure_at_once():
+    async def go():
+        futures = [cf.Future() for _ in range(3)]
+        group = fastserve.wait_all(futures)
+        threading.Thread(target=futures[1].set_exception, args=(fastserve.InferenceError("boom"),)).start()
+        with pytest.raises(fastserve.InferenceError, match="boom"):
+            await group
+        return futures
+
+    futures = asyncio.run(go())
+    assert not futures[0].done() and not futures[2].done()  # failed before the others completed
+
+
+def test_cancelling_wait_all_cancels_the_futures_and_a_cancelled_future_cancels_it():
+    async def go():
+        futures = [cf.Future() for _ in range(2)]
+        group = fastserve.wait_all(futures)
+        group.cancel()
+        await asyncio.sleep(0)
+        cancelled = [f.cancelled() for f in futures]
+        other = [cf.Future() for _ in range(2)]
+        group2 = fastserve.wait_all(other)
+        other[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await group2
+        return cancelled, other[1].cancelled()
+
+    assert asyncio.run(go()) == ([True, True], True)
+
+
+def test_cancelling_an_aembed_task_cancels_its_queued_requests(bert):
+    with held(bert) as (engine, gate):
+        async def scenario():
+            task = asyncio.create_task(engine.aembed(["x"] * 3))
+            while engine.stats()["queue_depth"] < 3:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(scenario())
+        assert engine.stats()["queue_depth"] == 0
+    assert len(gate.seen) == 1
