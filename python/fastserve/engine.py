@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
-import contextlib
 import functools
 import os
 import threading
@@ -18,7 +17,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission
+from . import _core, admission, process
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
@@ -27,33 +26,6 @@ from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_act
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of returning it to the kernel.
-
-    Each layer allocates and frees activations of tens of MB; glibc serves
-    those with mmap and unmaps them on free, so the next batch page-faults
-    every page back in. Measured (MiniLM, packed, 1 thread, 400 texts):
-    131,000 minor faults per pass and 94.7 texts per CPU-second, against
-    4,600 faults and 101.6 with these settings. Process-wide, like jemalloc or
-    tcmalloc, which PyTorch's CPU inference guides recommend for the same
-    reason; the cost is that the process keeps its peak heap. Engine(tune_malloc=False)
-    leaves malloc alone. No-op where glibc's mallopt is missing.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return
-    if mallopt is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        mallopt(m_mmap_threshold, 1 << 30)
-        mallopt(m_trim_threshold, 1 << 30)
 
 
 # Engines not yet closed. Each is closed at interpreter exit, while threads
@@ -80,23 +52,6 @@ class Classification:
     label: str
     score: float
     scores: dict[str, float]
-
-
-def _sdpa_backends_for(device: torch.device) -> Callable[[], Any]:
-    """The attention backends a batch runs with. On CUDA, SDPA's cuDNN
-    backend is left out (flash, memory-efficient and math remain): it builds
-    an execution plan for every new shape, and serving batches change shape
-    all the time: on an H200 a batch of 8 spent 70 ms in the model with
-    cuDNN (69 of them planning on the CPU) against 6.5 ms without
-    (benchmarks/README.md, "GPU"). FASTSERVE_CUDNN_ATTENTION=1 keeps cuDNN,
-    for comparing. torch's backend switches are process-wide: they are set only
-    while a batch runs."""
-    if device.type != "cuda" or os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1":
-        return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return functools.partial(sdpa_kernel, backends)
 
 
 class _Timer:
@@ -159,6 +114,8 @@ class Engine:
         max_queue_tokens: int | None = None,
         torch_threads: int | None = None,
         tune_malloc: bool = True,
+        cudnn_attention: bool | None = None,
+        copy_model: bool = True,
         clock: _core.ManualClock | None = None,
     ) -> None:
         if task not in TASKS:
@@ -176,21 +133,23 @@ class Engine:
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if torch_threads is None and self.device.type == "cpu":
-            # One intra-op thread per core the process may use: the worker is
-            # the only heavy compute; tokenization in callers' threads is
-            # short (measured in benchmarks/README.md).
-            torch_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if torch_threads:
-            torch.set_num_threads(int(torch_threads))
-        if tune_malloc and self.device.type == "cpu":
-            _keep_freed_memory()
+        # Process-wide settings and the caller's model: python/fastserve/process.py.
+        on_cpu = self.device.type == "cpu"
+        self._process: dict[str, Any] = {
+            "torch_threads": process.set_torch_threads(torch_threads if on_cpu or torch_threads else 0),
+            "malloc": process.keep_freed_memory() if tune_malloc and on_cpu else {"tuned": False},
+        }
+        if cudnn_attention is None:
+            cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
+        self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
+        self._process["sdpa_backends_switched_per_batch"] = switches
 
         loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
         self.model_name = loaded.name
         self.task = task
         self.tokenizer = loaded.tokenizer
-        net = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        net, self._process["model"] = process.prepare_model(
+            loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
         self.model = net
         self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
         self.normalize = normalize
@@ -219,7 +178,6 @@ class Engine:
         runner_cls = PackedRunner if packed else PaddedRunner
         self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
                                  activation=self.activation or "none")
-        self._sdpa_backends = _sdpa_backends_for(self.device)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -404,6 +362,7 @@ class Engine:
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()
+        s["process"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self._process.items()}
         s["health"] = self.health()
         return s
 
@@ -412,8 +371,6 @@ class Engine:
         # Cached: every token-id list is checked against it, and a
         # transformers config's attribute lookup is slow.
         return int(self.model.config.vocab_size)
-
-
 
     @property
     def dim(self) -> int:

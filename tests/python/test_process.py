@@ -131,13 +131,19 @@ def test_tune_malloc_false_never_calls_mallopt(monkeypatch):
 # ------------------------------------------------------------------------ SDPA
 
 
-def test_sdpa_backends_are_switched_only_on_cuda_and_only_when_asked():
+def test_cuda_batches_run_without_cudnn_attention_unless_asked():
     cpu, switched = process.sdpa_backends_for(torch.device("cpu"), cudnn_attention=False)
     assert cpu is contextlib.nullcontext and switched is False
+    with cpu():
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the CPU path changes nothing
+    ctx, switched = process.sdpa_backends_for(torch.device("cuda"), cudnn_attention=False)
+    assert switched is True
+    with ctx():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the batch
     keep, switched = process.sdpa_backends_for(torch.device("cuda"), cudnn_attention=True)
     assert keep is contextlib.nullcontext and switched is False
-    ctx, switched = process.sdpa_backends_for(torch.device("cuda"), cudnn_attention=False)
-    assert switched is True and ctx is not contextlib.nullcontext
 
 
 def test_a_cpu_engine_reports_no_backend_switch():

@@ -371,8 +371,10 @@ def _stress(bert, seed: int, operations: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_every_request_resolves_exactly_once_under_random_stress(bert, seed):
-    outcomes = _stress(bert, seed, operations=400)
-    assert outcomes["result"] > 0
+    # _stress asserts the invariants. How many requests end in each outcome
+    # depends on how far the worker gets before close(), which is the
+    # machine's speed, so no count is asserted here.
+    _stress(bert, seed, operations=400)
 
 
 @pytest.mark.slow
