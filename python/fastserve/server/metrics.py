@@ -58,11 +58,17 @@ class EngineCollector:
         health = s.get("health", {})
         yield GaugeMetricFamily("fastserve_engine_healthy", "1 while the engine serves",
                                 value=1.0 if health.get("healthy") else 0.0)
+        labels = ["model", "task", "device", "dtype", "execution", "kernels", "attention", "activation"]
         info = GaugeMetricFamily("fastserve_engine_info", "The served model and how it runs",
-                                 labels=["model", "task", "device", "dtype", "execution", "policy"])
-        info.add_metric([str(s.get("model", "")), str(s.get("task", "")), str(s.get("device", "")),
-                         str(s.get("dtype", "")), str(s.get("execution", "")), str(ctl.get("policy", ""))], 1.0)
+                                 labels=[*labels, "policy"])
+        info.add_metric([str(s.get(k) or "") for k in labels] + [str(ctl.get("policy", ""))], 1.0)
         yield info
+        if s.get("attention_batches") is not None:
+            runs = CounterMetricFamily("fastserve_engine_attention_batches",
+                                       "Packed batches by the attention method that ran them", labels=["method"])
+            for method, n in s["attention_batches"].items():
+                runs.add_metric([method], float(n))
+            yield runs
 
 
 def _summary(name: str, doc: str, h: dict[str, float]) -> Metric:
