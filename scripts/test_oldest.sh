@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The oldest supported transformers, tested: a virtual environment layered on
-# the installed one (--system-site-packages: torch, numpy, pytest and fastserve
-# itself, installed or editable, are reused, no multi-GB download) with the
-# oldest transformers pyproject.toml allows and the libraries it needs pinned
-# inside it, shadowing the newer ones outside. Then the Python tests of model
-# loading, tokenization, the padded and packed runners (BERT, RoBERTa,
-# DistilBERT, embed and classify) and parity with sentence-transformers run on
-# it. About two minutes on 2 cores.
+# the interpreter fastserve is installed in (its site directories follow the
+# venv's own: torch, numpy, pytest and fastserve itself, installed or editable,
+# are reused, no multi-GB download), with the oldest transformers
+# pyproject.toml allows and the libraries it needs pinned inside it, shadowing
+# the newer ones outside (checked before the tests). Then the Python tests of
+# model loading, tokenization, the padded and packed runners (BERT, RoBERTa,
+# DistilBERT, embed and classify, batches past the position table) and parity
+# with sentence-transformers run on it. About a minute on 2 cores.
 # Expects what scripts/test.sh expects: the package installed with its test
 # extra (pip install ".[test]"). Needs the package index for the pins.
 #   PYTHON       the interpreter fastserve is installed in (default: python)
@@ -18,8 +19,9 @@ PYTHON="${PYTHON:-python}"
 VENV="${OLDEST_VENV:-build/venv-oldest}"
 
 # transformers 4.40.0 is the floor in pyproject.toml; it needs tokenizers
-# 0.19 and huggingface-hub < 1.0; sentence-transformers 3.0.0 is the test
-# extra's floor (and the first 3.x, which needs transformers < 5).
+# 0.19 and huggingface-hub < 1.0 (0.36.2: the last before 1.0).
+# sentence-transformers 3.0.0 is the test extra's floor; it takes
+# transformers 4.34 to 4.x.
 PINS=(
   "transformers==4.40.0"
   "tokenizers==0.19.1"
@@ -30,7 +32,24 @@ PINS=(
 if [[ ! -x "$VENV/bin/python" ]]; then
   # No pip of its own: the outer environment's pip, run by the venv's
   # interpreter, installs into the venv (and never removes what is outside).
-  "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+  "$PYTHON" -m venv --without-pip "$VENV"
+  # The outer environment's site directories come after the venv's own, with
+  # their .pth files (an editable install's finder among them). Not
+  # --system-site-packages: that means the base interpreter's, which misses
+  # what is installed when $PYTHON is itself a virtual environment.
+  "$PYTHON" - "$VENV" <<'EOF'
+import os, site, sys, sysconfig
+
+outer = site.getsitepackages() + [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+outer = [p for i, p in enumerate(outer) if os.path.isdir(p) and p not in outer[:i]]
+probe = sys.argv[1] + "/bin/python"
+inner = os.popen(f"{probe} -c 'import sysconfig; print(sysconfig.get_path(\"purelib\"))'").read().strip()
+with open(os.path.join(inner, "zz_outer_site.pth"), "w") as f:
+    # A .pth line runs through exec() in a function: a comprehension there
+    # sees builtins but not the line's own imports.
+    f.write(f"import site; [__import__('site').addsitedir(p) for p in {outer!r}"
+            " if p not in __import__('sys').path]\n")
+EOF
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check --no-input "${PINS[@]}"
