@@ -76,10 +76,13 @@ def main() -> None:
                 "faults_per_pass": sorted(p["faults"] for p in passes)[len(passes) // 2],
                 "texts_per_cpu_s": args.n * len(passes) / sum(p["cpu_s"] for p in passes),
                 "texts_per_s": args.n * len(passes) / sum(p["wall_s"] for p in passes),
+                "texts_per_cpu_s_by_round": [round(args.n * len(r["passes"]) / sum(p["cpu_s"] for p in r["passes"]), 1)
+                                             for r in runs],
                 "process": runs[-1]["process"],
             }
             print(f"{name:8s} {label:14s} faults/pass {summary[label]['faults_per_pass']:>8,d}  "
-                  f"texts/CPU-s {summary[label]['texts_per_cpu_s']:7.1f}  texts/s {summary[label]['texts_per_s']:7.1f}")
+                  f"texts/CPU-s {summary[label]['texts_per_cpu_s']:7.1f} {summary[label]['texts_per_cpu_s_by_round']}  "
+                  f"texts/s {summary[label]['texts_per_s']:7.1f}")
         results["settings"][name] = summary
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
