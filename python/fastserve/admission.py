@@ -36,6 +36,13 @@ Submit = Callable[[Sequence[Sequence[int]], int, Union[float, None]], list[cf.Fu
 _INT = frozenset((int,))
 
 
+class TokenLists(list):
+    """Token-id lists already checked and truncated for one engine (what its
+    tokenize and validate_token_ids return): submit_many queues them as they
+    are, without checking every id again (on the HTTP server that check
+    would run twice on the event loop)."""
+
+
 def validate_token_ids(token_lists: Sequence[Any], *, vocab_size: int, max_length: int,
                        truncate: bool) -> list[Sequence[int]]:
     """Each token-id list checked (a sequence of int, not empty, every id in
@@ -43,23 +50,25 @@ def validate_token_ids(token_lists: Sequence[Any], *, vocab_size: int, max_lengt
     when longer): InvalidInputError naming the first bad list's index. All are
     checked before any is queued, so a bad list late in a call never leaves
     earlier ones running for nothing."""
+    if isinstance(token_lists, (str, bytes, bytearray)) or not isinstance(token_lists, Sequence):
+        raise InvalidInputError(f"token ids must be given as a list of token-id lists, got {type(token_lists).__name__}")
     out = []
     for i, ids in enumerate(token_lists):
         # The common case (a list of plain ints in range) in C loops; anything
         # else gets the full check, which names what is wrong.
         if not (type(ids) is list and ids and _INT.issuperset(map(type, ids))
                 and min(ids) >= 0 and max(ids) < vocab_size):
-            _check_token_ids(ids, _at(i, len(token_lists)), vocab_size)
+            _check_token_ids(ids, where(i, len(token_lists)), vocab_size)
         if len(ids) > max_length:
             if not truncate:
-                raise InvalidInputError(f"input{_at(i, len(token_lists))} is {len(ids)} tokens long; "
+                raise InvalidInputError(f"input{where(i, len(token_lists))} is {len(ids)} tokens long; "
                                         f"the model's limit is {max_length}")
             ids = ids[:max_length]
         out.append(ids)
-    return out
+    return TokenLists(out)
 
 
-def _at(i: int, n: int) -> str:
+def where(i: int, n: int) -> str:
     """Where an input is, in an error message (nothing when it is alone)."""
     return "" if n == 1 else f" at index {i}"
 
@@ -81,6 +90,8 @@ def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[
     """What a list of inputs queues: texts through `tokenize`, token-id lists
     through `validate`. The first input says which the list holds; an input of
     the other kind is refused with its index."""
+    if type(inputs) is TokenLists:
+        return inputs
     if type(inputs) is not list:
         if isinstance(inputs, str):
             raise InvalidInputError("expected a list of inputs, got one str (submit() queues a single text)")
@@ -94,7 +105,7 @@ def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[
         return tokenize(inputs)
     if type(first) is not list and (isinstance(first, (bytes, bytearray)) or not isinstance(first, Sequence)):
         raise InvalidInputError(
-            f"input{_at(0, len(inputs))} must be a str or a sequence of int (token ids), got {type(first).__name__}")
+            f"input{where(0, len(inputs))} must be a str or a sequence of int (token ids), got {type(first).__name__}")
     return validate(inputs)
 
 
@@ -125,7 +136,7 @@ def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.F
     oldest = pos = 0
     while pos < len(requests):
         try:
-            new = submit(requests[pos : pos + CHUNK], priority, timeout())
+            new = submit(requests[pos : pos + CHUNK], priority, check_timeout(timeout()))
         except QueueFullError:
             if not futures:
                 raise

@@ -6,26 +6,41 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import contextlib
+import copy
 import functools
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import _core, admission, process
 from .admission import Timeout, wait_all
-from .errors import EngineClosedError, InferenceError, InvalidInputError, RequestTimeoutError
+from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
+
+
+@contextlib.contextmanager
+def _typed_refusals() -> Iterator[None]:
+    """The scheduler refuses a request it can never hold (more tokens than
+    max_queue_tokens) with a plain ValueError: that is the caller's input,
+    so InvalidInputError (QueueFullError, a retryable refusal, passes)."""
+    try:
+        yield
+    except QueueFullError:
+        raise
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
 
 
 # Engines not yet closed. Each is closed at interpreter exit, while threads
@@ -131,9 +146,25 @@ class Engine:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
+        process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # Process-wide settings and the caller's model: python/fastserve/process.py.
+
+        loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
+        self.model_name = loaded.name
+        self.task = task
+        self.tokenizer = loaded.tokenizer
+        limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
+        if max_length is not None and (max_length < 1 or max_length > limit):
+            raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
+        if execution == "packed" and not packed_supported(loaded.model):
+            raise ValueError(
+                f"execution='packed' supports BERT-family encoders; this is {loaded.model.config.model_type!r} "
+                "(use 'auto' or 'padded')"
+            )
+        # What the engine changes outside itself (python/fastserve/process.py),
+        # only once every argument has been checked: a refused Engine(...)
+        # leaves the process and the caller's model as they were.
         on_cpu = self.device.type == "cpu"
         self._process: dict[str, Any] = {
             "torch_threads": process.set_torch_threads(torch_threads if on_cpu or torch_threads else 0),
@@ -143,19 +174,11 @@ class Engine:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
         self._process["sdpa_backends_switched_per_batch"] = switches
-
-        loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
-        self.model_name = loaded.name
-        self.task = task
-        self.tokenizer = loaded.tokenizer
         net, self._process["model"] = process.prepare_model(
             loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
         self.model = net
         self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
         self.normalize = normalize
-        limit = model_max_length(net, self.tokenizer, loaded.st)
-        if max_length is not None and (max_length < 1 or max_length > limit):
-            raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
         self.max_length = max_length or limit
         self.truncate = truncate
         self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
@@ -169,11 +192,6 @@ class Engine:
             self.labels = []
             self.activation = None
 
-        if execution == "packed" and not packed_supported(net):
-            raise ValueError(
-                f"execution='packed' supports BERT-family encoders; this is {net.config.model_type!r} "
-                "(use 'auto' or 'padded')"
-            )
         packed = execution == "packed" or (execution == "auto" and packed_supported(net))
         runner_cls = PackedRunner if packed else PaddedRunner
         self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
@@ -292,16 +310,18 @@ class Engine:
         """Token-id lists as the engine would queue them: each must be a
         non-empty sequence of int in [0, vocab_size); longer than max_length,
         it is cut to it with truncate=True, else refused. InvalidInputError
-        names the first bad list's index (when there are several)."""
+        names the first bad list's index (when there are several). The
+        result, passed to submit_many, is queued without a second check."""
         return admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
                                             truncate=self.truncate)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, as the engine would submit them (special
-        tokens added, truncated to max_length when truncate=True)."""
+        tokens added, truncated to max_length when truncate=True); passed back
+        to submit_many, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
-        return self._tokens(texts)
+        return admission.TokenLists(self._tokens(texts))
 
     # ------------------------------------------------------------- lifecycle
 
@@ -362,7 +382,7 @@ class Engine:
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()
-        s["process"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self._process.items()}
+        s["process"] = copy.deepcopy(self._process)
         s["health"] = self.health()
         return s
 
@@ -390,8 +410,7 @@ class Engine:
     def _tokens(self, texts: Sequence[Any]) -> list[list[int]]:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                where = "" if len(texts) == 1 else f" at index {i}"
-                raise InvalidInputError(f"text{where} must be a str, got {type(t).__name__}")
+                raise InvalidInputError(f"text{admission.where(i, len(texts))} must be a str, got {type(t).__name__}")
         if not texts:
             return []
         t0 = time.perf_counter()
@@ -414,7 +433,8 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            rid = self._scheduler.submit(ids, priority, timeout)
+            with _typed_refusals():
+                rid = self._scheduler.submit(ids, priority, timeout)
             self._pending[rid] = fut
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
         return fut
@@ -426,7 +446,8 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            rids = self._scheduler.submit_many(token_lists, priority, timeout)
+            with _typed_refusals():
+                rids = self._scheduler.submit_many(token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):

@@ -304,7 +304,6 @@ class Kernels(NamedTuple):
 
 
 _TORCH = Kernels("torch", torch_pack, torch_unpack, torch_segment_pool, torch_gather)
-IMPLEMENTATIONS = ("cpu", "cuda", "torch")
 
 
 def _compiled_for(device_type: str) -> bool:

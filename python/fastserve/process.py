@@ -2,8 +2,9 @@
 only when asked, a model object the caller passed in. Each effect is checked,
 reported in `Engine.stats()["process"]`, and possible to turn off.
 
-- torch's intra-op thread count (`torch.set_num_threads`): one thread per
-  core the process may use, since the worker is the only heavy compute.
+- torch's intra-op thread count (`torch.set_num_threads`), on the CPU: one
+  thread per core the process may use, since the worker is the only heavy
+  compute (on a GPU it is left alone unless torch_threads is given).
   torch's own default counts the machine's cores, not the process's CPU
   affinity. `Engine(torch_threads=0)` leaves it alone.
 - glibc's malloc thresholds (`mallopt`), CPU only: each layer allocates and
@@ -51,12 +52,16 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def check_torch_threads(requested: Any) -> None:
+    if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 0):
+        raise ValueError(f"torch_threads must be None, 0 (leave torch's setting) or a positive int, got {requested!r}")
+
+
 def set_torch_threads(requested: int | None) -> dict[str, Any]:
     """Set torch's intra-op threads: `requested`, or one per usable core when
     None; 0 leaves torch's setting alone. Reports what was there before and
     what torch now uses (read back, not assumed)."""
-    if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 0):
-        raise ValueError(f"torch_threads must be None, 0 (leave torch's setting) or a positive int, got {requested!r}")
+    check_torch_threads(requested)
     before = torch.get_num_threads()
     if requested == 0:
         return {"changed": False, "before": before, "now": before}
@@ -116,10 +121,12 @@ def sdpa_backends_for(device: torch.device, cudnn_attention: bool) -> tuple[Call
 
 
 def _needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    if model.training:
+    if any(m.training for m in model.modules()):
         return True
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # where "cuda" puts the inputs
     for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+        if t.device != device:
             return True
         if t.is_floating_point() and t.dtype != dtype:
             return True

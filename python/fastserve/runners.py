@@ -19,8 +19,8 @@ def classification_activation(config, activation: str = "auto") -> str:
     """The function applied to a classifier's logits: `activation` unless
     "auto", else what transformers' text-classification pipeline applies:
     none for regression, sigmoid for multi-label or one-logit heads, softmax
-    for single-label or several-logit heads, else config.function_to_apply
-    when set, else none."""
+    for single-label or several-logit heads (the pipeline's fallback to
+    config.function_to_apply is never reached: every head has a label)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if activation != "auto":
@@ -30,10 +30,7 @@ def classification_activation(config, activation: str = "auto") -> str:
         return "none"
     if problem == "multi_label_classification" or config.num_labels == 1:
         return "sigmoid"
-    if problem == "single_label_classification" or config.num_labels > 1:
-        return "softmax"
-    fallback = str(getattr(config, "function_to_apply", "none")).lower()
-    return fallback if fallback in ACTIVATIONS[1:] else "none"
+    return "softmax"
 
 
 def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:

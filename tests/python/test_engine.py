@@ -421,3 +421,40 @@ def test_real_minilm_matches_sentence_transformers_encode():
         got = engine.embed(sentences)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999
+
+
+def test_inputs_the_queue_can_never_hold_are_invalid_input_not_queue_full():
+    with Engine(tm.model("bert"), tm.tokenizer(), max_queue_tokens=8) as engine:
+        for call in (lambda: engine.submit("word " * 20), lambda: engine.submit_many(["word " * 20]),
+                     lambda: engine.submit_tokens(list(range(100, 122)))):
+            with pytest.raises(fastserve.InvalidInputError, match="can never fit max_queue_tokens=8"):
+                call()
+        assert engine.stats()["submitted"] == 0
+        assert engine.embed("fits").shape == (32,)
+
+
+def test_bad_admission_arguments_get_typed_errors():
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="list of token-id lists"):
+            engine.validate_token_ids(None)
+        with pytest.raises(ValueError, match="timeout must be >= 0"):
+            engine.submit_many(["a", "b"], timeout=lambda: -1.0)
+        assert engine.stats()["submitted"] == 0
+
+
+def test_token_lists_the_engine_made_are_queued_without_a_second_check(monkeypatch):
+    texts = ["first text", "a second, longer text"]
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        want = engine.embed(texts)
+        lists = engine.tokenize(texts)
+        checked = engine.validate_token_ids([list(ids) for ids in lists])
+
+        def refuse(_):
+            raise AssertionError("checked again")
+
+        monkeypatch.setattr(engine, "validate_token_ids", refuse)
+        for ready in (lists, checked):
+            got = np.stack([f.result(timeout=60) for f in engine.submit_many(ready)])
+            np.testing.assert_allclose(got, want, atol=1e-6)
+        with pytest.raises(AssertionError, match="checked again"):
+            engine.submit_many([list(ids) for ids in lists])  # a plain list is checked

@@ -149,3 +149,30 @@ def test_cuda_batches_run_without_cudnn_attention_unless_asked():
 def test_a_cpu_engine_reports_no_backend_switch():
     with Engine(tm.model("bert"), tm.tokenizer()) as engine:
         assert engine.stats()["process"]["sdpa_backends_switched_per_batch"] is False
+
+
+def test_a_refused_engine_changes_nothing_in_the_process_or_the_callers_model(restore_torch_threads,
+                                                                               monkeypatch):
+    torch.set_num_threads(1)
+    called = []
+    monkeypatch.setattr(process, "_mallopt", lambda: lambda *a: called.append(a) or 1)
+    m = tm.model("bert").train()
+    with pytest.raises(ValueError, match="max_length"):
+        Engine(m, tm.tokenizer(), dtype="bfloat16", copy_model=False, max_length=10_000)
+    assert torch.get_num_threads() == 1 and called == []
+    assert m.training and {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+def test_a_submodule_left_in_training_mode_is_served_from_an_eval_copy():
+    m = tm.model("bert")
+    m.encoder.layer[0].train()  # dropout live in one layer, the top module in eval
+    with Engine(m, tm.tokenizer()) as engine:
+        assert engine.stats()["process"]["model"] == "copied"
+        assert not any(sub.training for sub in engine.model.modules())
+    assert m.encoder.layer[0].training
+
+
+def test_stats_give_a_copy_of_the_process_report():
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        engine.stats()["process"]["malloc"]["accepted"]["mmap_threshold"] = "edited"
+        assert engine.stats()["process"]["malloc"].get("accepted", {}).get("mmap_threshold") != "edited"

@@ -64,12 +64,17 @@ class InFlight:
 
     async def wait(self, awaitable):
         """Await `awaitable`, or give up (cancelling it) when the client
-        leaves or the deadline passes."""
-        if self._gone:
-            _abandon(asyncio.ensure_future(awaitable))
-            raise ClientGone()
-        left = self.remaining()  # raises once the deadline has passed
+        leaves or the deadline passes. Takes ownership of `awaitable`: it is
+        awaited or cancelled on every path, never dropped."""
         fut = asyncio.ensure_future(awaitable)
+        if self._gone:
+            _abandon(fut)
+            raise ClientGone()
+        try:
+            left = self.remaining()  # raises once the deadline has passed
+        except RequestTimeoutError:
+            _abandon(fut)
+            raise
         timer = None if left is None else asyncio.get_running_loop().call_later(left, self._on_deadline)
         self._waiting = fut
         try:
