@@ -9,7 +9,6 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -35,23 +34,11 @@ def engine(bert):
 @contextlib.contextmanager
 def held(bert, **kwargs):
     """(engine, gate): one request per batch, a queue of 4, and the worker
-    held inside the batch of the request that holds it until gate.release."""
-    with Engine(bert, tm.tokenizer(), max_batch_size=1, max_queue=4, **kwargs) as engine:
-        gate = tm.Gate(engine)
-        holder = engine.submit("holds the worker")
-        try:
-            assert gate.entered.wait(30), "the worker never took the holding request"
-            yield engine, gate
-        finally:
-            gate.release.set()  # a failed assertion must not leave the worker held
-        holder.result(timeout=30)
-
-
-def _until(condition, what: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    held inside the batch of the request that holds it until gate.release
+    (tm.held)."""
+    with Engine(bert, tm.tokenizer(), max_batch_size=1, max_queue=4, **kwargs) as engine, \
+            tm.held(engine) as gate:
+        yield engine, gate
 
 
 # ------------------------------------------------------------- inputs
@@ -150,14 +137,17 @@ def test_a_call_that_made_progress_waits_its_turn_instead_of_failing(bert):
     with held(bert) as (engine, gate):
         texts = [f"text number {i}" for i in range(10)]
         pool = cf.ThreadPoolExecutor(1)
-        call = pool.submit(engine.submit_many, texts)
-        _until(lambda: engine.stats()["queue_depth"] == 4, "the call's first inputs to fill the queue")
-        assert not call.done()  # waiting for room, not failed half served
-        with pytest.raises(fastserve.QueueFullError):  # another caller, with nothing queued: refused
-            engine.submit_many(["another caller"])
-        gate.release.set()
-        futures = call.result(timeout=60)
-        pool.shutdown()
+        try:
+            call = pool.submit(engine.submit_many, texts)
+            tm.until(lambda: engine.stats()["queue_depth"] == 4, "the call's first inputs to fill the queue")
+            assert not call.done()  # waiting for room, not failed half served
+            with pytest.raises(fastserve.QueueFullError):  # another caller, with nothing queued: refused
+                engine.submit_many(["another caller"])
+            gate.release.set()
+            futures = call.result(timeout=60)
+        finally:
+            gate.release.set()  # on a failure, lets the waiting call end so the pool can shut down
+            pool.shutdown()
         got = np.stack([f.result(timeout=30) for f in futures])
     with Engine(bert, tm.tokenizer()) as e:
         np.testing.assert_allclose(got, e.embed(texts), atol=1e-5)
@@ -167,29 +157,30 @@ def test_a_call_that_made_progress_waits_its_turn_instead_of_failing(bert):
 def test_asubmit_many_waits_for_room_without_blocking_the_loop(bert):
     with held(bert) as (engine, gate):
         # Should the call block the loop, the test would stall until this
-        # releases the worker and then fail on `ticks`, not hang.
+        # releases the worker, then find the call done: it fails, not hangs.
         safety = threading.Timer(30, gate.release.set)
         safety.start()
 
         async def scenario():
             texts = [f"text number {i}" for i in range(10)]
             call = asyncio.create_task(engine.asubmit_many(texts))
-            while engine.stats()["queue_depth"] < 4:
-                await asyncio.sleep(0.01)
-            ticks = 0
-            for _ in range(20):  # the loop keeps running other work while the call waits
-                await asyncio.sleep(0.001)
-                ticks += 1
-            waiting = not call.done()
+            # The call's first 4 inputs fill the queue; the other 6 can only
+            # get in once the held worker is released.
+            await tm.until_async(lambda: call.done() or engine.stats()["queue_depth"] == 4,
+                                 "the call's first inputs to fill the queue")
+            assert not call.done(), "the call ended while the worker was held: it blocked the event loop"
+            for _ in range(20):  # the loop keeps running this coroutine while the call waits
+                await asyncio.sleep(0)
+                assert not call.done(), "the call ended while the queue was held full"
+            assert engine.stats()["queue_depth"] == 4
             gate.release.set()
-            futures = await call
-            return ticks, waiting, await fastserve.wait_all(futures)
+            futures = await asyncio.wait_for(call, 60)
+            return await asyncio.wait_for(fastserve.wait_all(futures), 60)
 
         try:
-            ticks, waiting, results = asyncio.run(scenario())
+            results = asyncio.run(scenario())
         finally:
             safety.cancel()
-    assert waiting and ticks == 20
     assert len(results) == 10 and all(r.shape == (32,) for r in results)
 
 
@@ -212,21 +203,42 @@ def test_a_failed_wait_fails_the_call_and_cancels_what_it_queued(bert):
     assert len(gate.seen) == 1  # only the holder reached the model
 
 
-def test_a_timeout_callable_is_asked_per_chunk_and_may_stop_the_call(bert):
+def test_a_timeout_callable_is_asked_per_chunk_and_may_stop_the_call(bert, monkeypatch):
+    monkeypatch.setattr(fastserve.admission, "CHUNK", 2)  # so a few inputs make several chunks
+
     def expired():
         raise fastserve.RequestTimeoutError("the caller's deadline passed")
+
+    asked = []
+
+    def expires_after_the_first_chunk():
+        asked.append("stop")
+        if len(asked) > 1:
+            expired()
+        return None
 
     with held(bert) as (engine, gate):
         with pytest.raises(fastserve.RequestTimeoutError):
             engine.submit_many(TEXTS, timeout=expired)
         assert engine.stats()["submitted"] == 1  # the holder only
-        # Seconds left, as the scheduler's timeout: 0 has passed by the time
-        # the held worker gets to them.
-        futures = engine.submit_many(TEXTS, timeout=lambda: 0.0)
+        # Stopped at its second chunk: the first chunk's inputs are cancelled.
+        before = engine.stats()["cancelled"]
+        with pytest.raises(fastserve.RequestTimeoutError):
+            engine.submit_many(TEXTS, timeout=expires_after_the_first_chunk)
+        stats = engine.stats()
+        assert asked == ["stop", "stop"]
+        assert stats["submitted"] == 3 and stats["cancelled"] - before == 2 and stats["queue_depth"] == 0
+        # Seconds left, as the scheduler's timeout, asked once per chunk (4
+        # inputs: 2 chunks, and room for all in the queue): 0 has passed by
+        # the time the held worker gets to them.
+        asked.clear()
+        futures = engine.submit_many(TEXTS + ["fourth"], timeout=lambda: asked.append("zero") or 0.0)
+        assert asked == ["zero", "zero"]
         gate.release.set()
         for f in futures:
             with pytest.raises(fastserve.RequestTimeoutError):
                 f.result(timeout=30)
+    assert len(gate.seen) == 1  # only the holder reached the model
 
 
 # ------------------------------------------------------------ wait_all
@@ -281,8 +293,9 @@ def test_cancelling_an_aembed_task_cancels_its_queued_requests(bert):
     with held(bert) as (engine, gate):
         async def scenario():
             task = asyncio.create_task(engine.aembed(["x"] * 3))
-            while engine.stats()["queue_depth"] < 3:
-                await asyncio.sleep(0.01)
+            await tm.until_async(lambda: task.done() or engine.stats()["queue_depth"] == 3,
+                                 "the task's inputs to be queued")
+            assert not task.done(), "aembed ended while the worker was held"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

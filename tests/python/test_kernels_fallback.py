@@ -95,7 +95,7 @@ BAD_CALLS = [
     (lambda k: k.gather(torch.zeros(3, 4, dtype=torch.uint8), torch.tensor([0])), "got uint8"),
 ]
 EXTENSION = K.for_device("cpu")
-TORCH = K.Kernels("torch", K.torch_pack, K.torch_unpack, K.torch_segment_pool, K.torch_gather)
+TORCH = K._TORCH
 
 
 @pytest.mark.parametrize("call,message", BAD_CALLS)

@@ -307,31 +307,33 @@ def _stress(bert, seed: int, operations: int) -> dict[str, int]:
     futures: list[tuple[str, cf.Future]] = []
     closed_by_test = False
     close_at = caller_rng.randrange(operations // 2, operations)
-    for op in range(operations):
-        r = caller_rng.random()
-        try:
-            if r < 0.6:
-                timeout = caller_rng.choice([None, None, 0.0, 0.005, 0.05])
-                text = caller_rng.choice(_STRESS_TEXTS)
-                futures.append((text, engine.submit(text, timeout=timeout)))
-            elif r < 0.8 and futures:
-                caller_rng.choice(futures)[1].cancel()
-            elif r < 0.9:
-                clock.advance(caller_rng.random() * 0.01)
-            elif op >= close_at:
-                closed_by_test = True
-                engine.close(drain=caller_rng.random() < 0.5)
-        except fastserve.QueueFullError:
-            pass
-        except fastserve.EngineClosedError:
-            assert closed_by_test, "the engine closed itself"
-            break
-        if not closed_by_test and op % 50 == 0:
-            h = engine.health()
-            assert h["healthy"] and h["worker_alive"], h  # faults fail batches, not the worker
-    if not closed_by_test:
-        assert engine.health()["worker_alive"]
-    engine.close()
+    try:
+        for op in range(operations):
+            r = caller_rng.random()
+            try:
+                if r < 0.6:
+                    timeout = caller_rng.choice([None, None, 0.0, 0.005, 0.05])
+                    text = caller_rng.choice(_STRESS_TEXTS)
+                    futures.append((text, engine.submit(text, timeout=timeout)))
+                elif r < 0.8 and futures:
+                    caller_rng.choice(futures)[1].cancel()
+                elif r < 0.9:
+                    clock.advance(caller_rng.random() * 0.01)
+                elif op >= close_at:
+                    closed_by_test = True
+                    engine.close(drain=caller_rng.random() < 0.5)
+            except fastserve.QueueFullError:
+                pass
+            except fastserve.EngineClosedError:
+                assert closed_by_test, "the engine closed itself"
+                break
+            if not closed_by_test and op % 50 == 0:
+                h = engine.health()
+                assert h["healthy"] and h["worker_alive"], h  # faults fail batches, not the worker
+        if not closed_by_test:
+            assert engine.health()["worker_alive"]
+    finally:
+        engine.close()  # also when an assertion above failed: the worker must not outlive the test
 
     expected = {text: tm.reference(bert, text) for text in _STRESS_TEXTS}
     outcomes = {"result": 0, "timeout": 0, "fault": 0, "closed": 0, "cancelled": 0}

@@ -344,7 +344,7 @@ class InThreadServer:
 
     def __enter__(self) -> "InThreadServer":
         self.thread.start()
-        _until(lambda: self.server.started or not self.thread.is_alive(), "the in-thread server to start")
+        tm.until(lambda: self.server.started or not self.thread.is_alive(), "the in-thread server to start")
         assert self.thread.is_alive(), "the in-thread server stopped at start"
         return self
 
@@ -353,41 +353,22 @@ class InThreadServer:
         self.thread.join(30)
 
 
-def _until(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll until `condition()` holds. Only a bound on waiting for something
-    certain to happen: no outcome depends on how soon it does."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
-def _held_server(folder: Path, *, request_timeout: float | None = None, **engine_kwargs):
+def _held_server(folder: Path, *, holder: bool = True, request_timeout: float | None = None, **engine_kwargs):
     """(engine, gate, server): an engine running one request per batch,
-    served in-thread, whose worker tm.Gate holds inside its first batch until
-    the test sets gate.release. While it is held nothing completes, so what
-    a test sees does not depend on how fast the machine runs the model."""
+    served in-thread, whose worker is held (tm.held: by an in-process
+    request, or without `holder` by the first batch to come) until the test
+    sets gate.release."""
     from fastserve.server import create_app
 
     with fastserve.Engine(str(folder), max_batch_size=1, **engine_kwargs) as engine, \
-            InThreadServer(create_app(engine, request_timeout=request_timeout)) as srv:
-        gate = tm.Gate(engine)
-        try:
-            yield engine, gate, srv
-        finally:
-            gate.release.set()  # a failed assertion must not leave the worker held
-
-
-def _hold_worker(engine, gate) -> "cf.Future":
-    """Hold the worker with an in-process request; its future."""
-    holder = engine.submit("holds the worker")
-    assert gate.entered.wait(30), "the worker never took the holding request"
-    return holder
+            InThreadServer(create_app(engine, request_timeout=request_timeout)) as srv, \
+            tm.held(engine, holder=holder) as gate:
+        yield engine, gate, srv
 
 
 def test_full_queue_gets_429_with_retry_after(tiny_folder):
-    with _held_server(tiny_folder, max_queue=4) as (engine, gate, srv):
+    with _held_server(tiny_folder, holder=False, max_queue=4) as (engine, gate, srv):
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
                 # A first request holds the worker; then a list of 10 inputs:
@@ -424,11 +405,9 @@ def test_request_past_its_deadline_gets_504(tiny_folder):
     # The worker is held all along, so none of the request's inputs can run
     # before its deadline, whatever the machine.
     with _held_server(tiny_folder, request_timeout=0.2) as (engine, gate, srv):
-        holder = _hold_worker(engine, gate)
         r = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * 5}, timeout=60)
         depth = engine.stats()["queue_depth"]
         gate.release.set()
-        holder.result(timeout=30)
         engine.embed("after")  # the worker has passed anything left behind
     err = _assert_openai_error(r, 504)
     assert err["type"] == "timeout_error"
@@ -439,17 +418,15 @@ def test_request_past_its_deadline_gets_504(tiny_folder):
 def test_client_disconnect_cancels_its_queued_requests(tiny_folder):
     n = 20
     with _held_server(tiny_folder) as (engine, gate, srv):
-        holder = _hold_worker(engine, gate)
         before = engine.stats()
         body = json.dumps({"input": [LONG] * n}).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            _until(lambda: engine.stats()["queue_depth"] == n, "the request's inputs to be queued")
-        _until(lambda: engine.stats()["queue_depth"] == 0, "the inputs to leave the queue after the client left")
-        _until(lambda: _scrape(srv.url).get(_status_key("499"), 0) >= 1, "the closed request to be counted")
+            tm.until(lambda: engine.stats()["queue_depth"] == n, "the request's inputs to be queued")
+        tm.until(lambda: engine.stats()["queue_depth"] == 0, "the inputs to leave the queue after the client left")
+        tm.until(lambda: _scrape(srv.url).get(_status_key("499"), 0) >= 1, "the closed request to be counted")
         gate.release.set()
-        holder.result(timeout=30)
         engine.embed("after")
         after = engine.stats()
     assert after["cancelled"] - before["cancelled"] == n
@@ -708,9 +685,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tiny_folder, 
         t.start()
         # The request is in flight (its first input holds the worker) when
         # SIGTERM arrives, and stays so until the server has stopped accepting.
-        _until(entered.exists, "the worker to take the request's first input")
+        tm.until(entered.exists, "the worker to take the request's first input")
         srv.terminate()
-        _until(lambda: not _accepting(srv.port), "the server to stop accepting after SIGTERM")
+        tm.until(lambda: not _accepting(srv.port), "the server to stop accepting after SIGTERM")
         release.touch()
         t.join(60)
         code = srv.proc.wait(30)

@@ -3,9 +3,12 @@ unbatched reference they are checked against."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +139,41 @@ class Gate:
             self.entered.set()
             assert self.release.wait(60), "test never released the worker"
         return self.inner(batch)
+
+
+@contextlib.contextmanager
+def held(engine, *, holder: bool = True):
+    """The engine's worker held by a Gate (yielded) until the test sets
+    gate.release: while it is held nothing completes, so what a test sees does
+    not depend on how fast the machine runs the model. With `holder`, an
+    in-process request holds it: on entry it is submitted and taken by the
+    worker, on exit its result is awaited; without, the first batch to come
+    holds it. The release is set on exit whatever happens, so a failed
+    assertion never leaves the worker held."""
+    gate = Gate(engine)
+    try:
+        if holder:
+            holding = engine.submit("holds the worker")
+            assert gate.entered.wait(30), "the worker never took the holding request"
+        yield gate
+    finally:
+        gate.release.set()
+    if holder:
+        holding.result(timeout=30)
+
+
+def until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll until `condition()` holds. Only a bound on waiting for something
+    certain to happen: no outcome depends on how soon it does."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+async def until_async(condition, what: str, timeout: float = 30.0) -> None:
+    """until() for a coroutine: polls without blocking the event loop."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
