@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
-import contextlib
 import copy
 import functools
 import os
@@ -14,7 +13,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +29,13 @@ POLICIES = ("model", "aimd", "seed", "static")
 EXECUTIONS = ("auto", "packed", "padded")
 
 
-@contextlib.contextmanager
-def _typed_refusals() -> Iterator[None]:
-    """The scheduler refuses a request it can never hold (more tokens than
-    max_queue_tokens) with a plain ValueError: that is the caller's input,
-    so InvalidInputError (QueueFullError, a retryable refusal, passes)."""
+def _queued(submit: Callable[..., Any], *args: Any) -> Any:
+    """The scheduler's submit, whose refusal of a request it can never hold
+    (more tokens than max_queue_tokens) is a plain ValueError: that is the
+    caller's input, so InvalidInputError (QueueFullError, a refusal worth
+    retrying, passes as it is)."""
     try:
-        yield
+        return submit(*args)
     except QueueFullError:
         raise
     except ValueError as e:
@@ -433,8 +432,7 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            with _typed_refusals():
-                rid = self._scheduler.submit(ids, priority, timeout)
+            rid = _queued(self._scheduler.submit, ids, priority, timeout)
             self._pending[rid] = fut
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
         return fut
@@ -446,8 +444,7 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            with _typed_refusals():
-                rids = self._scheduler.submit_many(token_lists, priority, timeout)
+            rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
