@@ -382,6 +382,7 @@ class Engine:
         s["max_length"] = self.max_length
         s["torch_threads"] = torch.get_num_threads()
         s["process"] = copy.deepcopy(self._process)
+        s["memory"] = process.memory_report(self.device)
         s["health"] = self.health()
         return s
 

@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -145,3 +146,59 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     if copy_model:
         return copy.deepcopy(model).to(device=device, dtype=dtype).eval(), "copied"
     return model.to(device=device, dtype=dtype).eval(), "changed in place"
+
+
+# ------------------------------------------------------------ memory report
+
+_PROC_STATUS = "/proc/self/status"
+
+
+def parse_proc_status(text: str) -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) in bytes from the text of /proc/<pid>/status (each None
+    where the line is absent or unreadable; the kernel writes them in kB)."""
+    found: dict[str, int | None] = {"VmRSS": None, "VmHWM": None}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and key in found:
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                unit = parts[1].lower() if len(parts) > 1 else "kb"
+                found[key] = int(parts[0]) * (1024 if unit == "kb" else 1)
+    return found["VmRSS"], found["VmHWM"]
+
+
+def _peak_rss_from_rusage() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and the BSDs, in bytes on macOS.
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def rss_bytes() -> tuple[int | None, int | None]:
+    """The process's current and peak resident memory in bytes: from
+    /proc/self/status on Linux (one small read, cheap enough for every stats()
+    call and scrape), else the peak from getrusage and no current value."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as f:
+            rss, peak = parse_proc_status(f.read())
+    except OSError:
+        rss, peak = None, None
+    if peak is None:
+        peak = _peak_rss_from_rusage()
+    return rss, peak
+
+
+def memory_report(device: torch.device) -> dict[str, int | None]:
+    """stats()["memory"]: the process's RSS and peak RSS and, on a CUDA device,
+    torch's allocated, reserved and peak allocated memory there (else None)."""
+    rss, peak = rss_bytes()
+    report: dict[str, int | None] = {"rss_bytes": rss, "peak_rss_bytes": peak, "cuda_allocated_bytes": None,
+                                     "cuda_reserved_bytes": None, "cuda_peak_allocated_bytes": None}
+    if device.type == "cuda" and torch.cuda.is_available():
+        report["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
+        report["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
+        report["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return report

@@ -158,3 +158,14 @@ def test_torch_kernels_on_cuda_equal_the_cpu_kernels(dtype):
     assert torch.equal(K.torch_gather(x.cuda(), index.cuda()).cpu(), x[index])
     with pytest.raises(ValueError, match=r"index\[0\] = 12 is out of range for 12 rows"):
         K.torch_gather(x.cuda(), torch.tensor([12], device="cuda"))
+
+
+def test_stats_report_torchs_cuda_memory_after_a_batch():
+    with Engine(tm.model("bert"), tm.tokenizer(), device="cuda") as engine:
+        engine.embed(tm.mixed_texts(20, seed=8))
+        mem = engine.stats()["memory"]
+    for key in ("cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_peak_allocated_bytes"):
+        assert isinstance(mem[key], int) and mem[key] > 0, key
+    assert mem["cuda_reserved_bytes"] >= mem["cuda_allocated_bytes"]
+    assert mem["cuda_peak_allocated_bytes"] >= mem["cuda_allocated_bytes"]
+    assert mem["rss_bytes"] > 0 and mem["peak_rss_bytes"] >= mem["rss_bytes"]

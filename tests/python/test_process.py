@@ -6,6 +6,8 @@ checked, and can be turned off."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -176,3 +178,40 @@ def test_stats_give_a_copy_of_the_process_report():
     with Engine(tm.model("bert"), tm.tokenizer()) as engine:
         engine.stats()["process"]["malloc"]["accepted"]["mmap_threshold"] = "edited"
         assert engine.stats()["process"]["malloc"].get("accepted", {}).get("mmap_threshold") != "edited"
+
+
+# ------------------------------------------------------------ memory report
+
+
+def test_stats_report_the_process_memory_and_no_cuda_memory_on_the_cpu():
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        engine.embed(["a few words", "and a few more"])
+        mem = engine.stats()["memory"]
+    assert set(mem) == {"rss_bytes", "peak_rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes",
+                        "cuda_peak_allocated_bytes"}
+    assert mem["cuda_allocated_bytes"] is None and mem["cuda_reserved_bytes"] is None
+    assert mem["cuda_peak_allocated_bytes"] is None
+    if os.path.exists("/proc/self/status"):
+        assert isinstance(mem["rss_bytes"], int) and mem["rss_bytes"] > 0
+        assert isinstance(mem["peak_rss_bytes"], int) and mem["peak_rss_bytes"] >= mem["rss_bytes"]
+
+
+def test_the_proc_status_parser_reads_vmrss_and_vmhwm_in_bytes():
+    text = ("Name:\tpython\nVmPeak:\t  999 kB\nVmHWM:\t    2048 kB\nVmRSS:\t    1024 kB\nThreads:\t3\n")
+    assert process.parse_proc_status(text) == (1024 * 1024, 2048 * 1024)
+    assert process.parse_proc_status("Name:\tpython\nVmRSS:\tgarbage\n") == (None, None)
+    assert process.parse_proc_status("") == (None, None)
+
+
+def test_without_proc_the_peak_comes_from_getrusage_and_the_current_rss_is_unknown(monkeypatch, tmp_path):
+    resource = pytest.importorskip("resource")
+    monkeypatch.setattr(process, "_PROC_STATUS", str(tmp_path / "missing"))
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    rss, peak = process.rss_bytes()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    assert rss is None
+    assert 0 < before <= peak <= after  # the peak only grows
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        mem = engine.stats()["memory"]
+    assert mem["rss_bytes"] is None and mem["peak_rss_bytes"] > 0

@@ -471,6 +471,9 @@ def test_metrics_parse_and_count_requests_by_route_and_status(server):
     assert {k: v for k, v in info[0] if k in ("execution", "kernels", "attention")} == {
         "execution": "packed", "kernels": "cpu", "attention": "runs"}
     assert m[("fastserve_engine_attention_batches_total", (("method", "runs"),))] >= 1
+    assert m[("fastserve_engine_rss_bytes", ())] > 0
+    assert m[("fastserve_engine_peak_rss_bytes", ())] > 0
+    assert not any(name == "fastserve_engine_cuda_memory_bytes" for name, _ in m)  # a CPU engine
 
 
 def test_classify_route_matches_the_in_process_engine(servers, tiny_classifier_folder):

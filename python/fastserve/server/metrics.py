@@ -55,6 +55,23 @@ class EngineCollector:
         ):
             if key in s:
                 yield _summary(name, doc, s[key])
+        # Named fastserve_engine_*: the app's registry has no ProcessCollector,
+        # but a process that adds one (process_resident_memory_bytes) gets no clash.
+        mem = s.get("memory", {})
+        for key, name, doc in (
+            ("rss_bytes", "fastserve_engine_rss_bytes", "Resident memory of the serving process"),
+            ("peak_rss_bytes", "fastserve_engine_peak_rss_bytes", "Peak resident memory of the serving process"),
+        ):
+            if mem.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=float(mem[key]))
+        if mem.get("cuda_allocated_bytes") is not None:
+            cuda = GaugeMetricFamily("fastserve_engine_cuda_memory_bytes",
+                                     "torch's memory on the engine's CUDA device", labels=["kind"])
+            for kind in ("allocated", "reserved", "peak_allocated"):
+                value = mem.get(f"cuda_{kind}_bytes")
+                if value is not None:
+                    cuda.add_metric([kind], float(value))
+            yield cuda
         health = s.get("health", {})
         yield GaugeMetricFamily("fastserve_engine_healthy", "1 while the engine serves",
                                 value=1.0 if health.get("healthy") else 0.0)
