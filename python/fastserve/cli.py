@@ -33,7 +33,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
     p.add_argument("--policy", default="model", choices=["model", "aimd", "seed", "static"])
     p.add_argument("--target-latency-ms", type=float, default=50.0)
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="largest batch in tokens (default 2048 on a CPU, 8192 on a GPU)")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--torch-threads", type=int, default=None)
 

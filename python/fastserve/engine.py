@@ -26,6 +26,10 @@ from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
+# The largest batch, in tokens, when the caller sets none. On a CPU, batches
+# past about 2,048 tokens buy no throughput but grow the peak activations the
+# process keeps (benchmarks/README.md, "Memory"); a GPU needs large batches.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
 EXECUTIONS = ("auto", "packed", "padded")
 
 
@@ -121,7 +125,7 @@ class Engine:
         policy: str = "model",
         execution: str = "auto",
         activation: str = "auto",
-        max_batch_tokens: int = 8192,
+        max_batch_tokens: int | None = None,
         min_batch_tokens: int = 32,
         max_batch_size: int = 256,
         max_queue: int = 65536,
@@ -148,6 +152,11 @@ class Engine:
         process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if max_batch_tokens is None:
+            max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
+        if not max_batch_tokens >= 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens!r}")
+        self.max_batch_tokens = int(max_batch_tokens)
 
         loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
         self.model_name = loaded.name
@@ -380,6 +389,7 @@ class Engine:
         s["activation"] = self.activation
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
+        s["max_batch_tokens"] = self.max_batch_tokens
         s["torch_threads"] = torch.get_num_threads()
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)

@@ -458,3 +458,15 @@ def test_token_lists_the_engine_made_are_queued_without_a_second_check(monkeypat
             np.testing.assert_allclose(got, want, atol=1e-6)
         with pytest.raises(AssertionError, match="checked again"):
             engine.submit_many([list(ids) for ids in lists])  # a plain list is checked
+
+
+def test_the_default_batch_budget_is_2048_tokens_on_a_cpu_and_bounds_every_batch():
+    texts = tm.mixed_texts(200, seed=7)
+    with Engine(tm.model("bert"), tm.tokenizer()) as engine:
+        assert engine.max_batch_tokens == 2048 and engine.stats()["max_batch_tokens"] == 2048
+        engine.embed(texts)
+        assert 0 < engine.stats()["batch_tokens"]["max"] <= 2048
+    with Engine(tm.model("bert"), tm.tokenizer(), max_batch_tokens=4096) as engine:
+        assert engine.stats()["max_batch_tokens"] == 4096
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Engine(tm.model("bert"), tm.tokenizer(), max_batch_tokens=0)
