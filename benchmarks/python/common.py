@@ -17,9 +17,11 @@ all the same way:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,13 @@ def sample_texts(n: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ machine
+
+
+def run_python_json(code: str, *args: str) -> Any:
+    """Run `code` in a fresh Python process (its own heap, threads and
+    allocator settings) and return the JSON of its last stdout line."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run(cmd: Sequence[str]) -> str:

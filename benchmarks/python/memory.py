@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import common
@@ -91,9 +89,7 @@ BACKENDS = ("fastserve 8192", "fastserve 8192 tune_malloc=False", "fastserve 204
 
 def run_child(backend: str, n: int, passes: int, trim_mib: int) -> dict:
     code = CHILD.format(bench=str(Path(__file__).parent), n=n, passes=passes)
-    out = subprocess.run([sys.executable, "-c", code, backend, str(trim_mib)], capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.run_python_json(code, backend, str(trim_mib))
 
 
 def main() -> None:

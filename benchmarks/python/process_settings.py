@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import common
@@ -49,8 +47,7 @@ VARIANTS = {
 
 def run_child(kw: dict, n: int, passes: int) -> dict:
     code = CHILD.format(bench=str(Path(__file__).parent), n=n, passes=passes)
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return common.run_python_json(code, json.dumps(kw))
 
 
 def main() -> None:
