@@ -33,7 +33,8 @@ from pathlib import Path
 
 import common
 
-CHILD = r"""
+# Each child's start: the benchmarks' helpers, and its RSS and peak RSS.
+PRELUDE = r"""
 import json, sys, time
 sys.path.insert(0, {bench!r})
 import common
@@ -46,7 +47,9 @@ def status():
         if k in ("VmRSS", "VmHWM"):
             out[k] = int(v.split()[0]) * 1024
     return out
+"""
 
+CHILD = PRELUDE + r"""
 backend, trim = sys.argv[1], int(sys.argv[2])
 texts = common.sample_texts({n}, seed=0)
 if backend.startswith("fastserve"):
@@ -97,20 +100,8 @@ print(json.dumps({{"max_batch_tokens_seen": stats, "rss_built": after_build["VmR
 BACKENDS = ("fastserve 2048", "fastserve 2048 tune_malloc=False", "fastserve 2048 trim cap", "fastserve 1024",
             "fastserve 8192", "fastserve 2048 max_batch_memory_mb=8", "sentence-transformers", "transformers")
 
-LOAD_CHILD = r"""
-import json, sys
-sys.path.insert(0, {bench!r})
-import common
-common.quiet()
+LOAD_CHILD = PRELUDE + r"""
 import load
-
-def status():
-    out = {{}}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
 
 name, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 backend = load.make_backends([name], "auto", 50.0)[0]
