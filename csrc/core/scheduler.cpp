@@ -29,10 +29,11 @@ void SchedulerConfig::validate() const {
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
-                     std::shared_ptr<Clock> clock)
+                     std::shared_ptr<Clock> clock, int workers)
     : config_(std::move(config)), clock_(clock ? std::move(clock) : steady_clock()) {
   config_.validate();
-  controller_ = make_controller(controller);
+  if (workers < 1 || workers > 4096) throw InvalidArgument("scheduler: workers must be in [1, 4096]");
+  for (int k = 0; k < workers; ++k) controllers_.push_back(make_controller(controller));
 }
 
 Scheduler::~Scheduler() { close(); }
@@ -152,9 +153,10 @@ int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) cons
   return config_.cost == Cost::Padded ? count * max_len : sum_len;
 }
 
-std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
-  const int64_t budget = controller_->budget();
+std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
+  const int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
+  batch->worker = worker;
   if (order_.empty()) return batch;
 
   // Eligible: the head and the next lookahead - 1 requests in queue order.
@@ -230,7 +232,10 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
   return batch;
 }
 
-std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
+std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, int worker) {
+  if (worker < 0 || worker >= workers())
+    throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range [0, " +
+                          std::to_string(workers()) + ")");
   std::unique_lock<std::mutex> lock(mu_);
   // The wait ends on work, close, or timeout. Past ~300 years a timeout
   // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
@@ -246,7 +251,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
   if (requests_.empty()) return std::nullopt;
   const double now = clock_->now();
   std::vector<uint64_t> expired = drop_expired_locked(now);
-  std::shared_ptr<Batch> batch = assemble_locked(now);
+  std::shared_ptr<Batch> batch = assemble_locked(now, worker);
   batch->expired = std::move(expired);
   if (batch->size() == 0 && batch->expired.empty()) return std::nullopt;
   if (!requests_.empty()) {
@@ -287,9 +292,12 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   submitted_at_last_ = submitted_tokens_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
-  o.arrival_tokens_per_s = arrival_rate_ * cost_factor;
-  o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor;
-  controller_->observe(o);
+  // Each worker's share of the arrivals and of the queue.
+  const double share = 1.0 / static_cast<double>(controllers_.size());
+  o.arrival_tokens_per_s = arrival_rate_ * cost_factor * share;
+  o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor * share;
+  const auto k = static_cast<size_t>(batch.worker);
+  if (k < controllers_.size()) controllers_[k]->observe(o);
 }
 
 void Scheduler::fail(const Batch& batch) {
@@ -333,9 +341,13 @@ int64_t Scheduler::queued_tokens() const {
   return queued_tokens_;
 }
 
-int64_t Scheduler::budget() const {
+int64_t Scheduler::budget() const { return budget(0); }
+
+int64_t Scheduler::budget(int worker) const {
+  if (worker < 0 || worker >= workers())
+    throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range");
   std::lock_guard<std::mutex> lock(mu_);
-  return controller_->budget();
+  return controllers_[static_cast<size_t>(worker)]->budget();
 }
 
 Scheduler::Snapshot Scheduler::snapshot() const {
@@ -344,9 +356,13 @@ Scheduler::Snapshot Scheduler::snapshot() const {
   s.stats = stats_;
   s.depth = static_cast<int64_t>(requests_.size());
   s.queued_tokens = queued_tokens_;
-  s.budget = controller_->budget();
-  s.policy = controller_->name();
-  s.controller = controller_->state();
+  s.budget = controllers_[0]->budget();
+  s.policy = controllers_[0]->name();
+  s.controller = controllers_[0]->state();
+  for (const auto& c : controllers_) {
+    s.budgets.push_back(c->budget());
+    s.controllers.push_back(c->state());
+  }
   s.now = clock_->now();
   return s;
 }

@@ -10,6 +10,7 @@ from .errors import (
     InvalidInputError,
     ModelLoadError,
     QueueFullError,
+    ReplicaFailedError,
     RequestTimeoutError,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "FastServeError",
     "InvalidInputError",
     "QueueFullError",
+    "ReplicaFailedError",
     "RequestTimeoutError",
     "__version__",
 ]

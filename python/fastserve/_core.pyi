@@ -141,6 +141,10 @@ class Batch:
     @property
     def seq(self) -> int: ...
     @property
+    def worker(self) -> int:
+        """The worker (replica) whose controller sized this batch."""
+
+    @property
     def size(self) -> int: ...
     def __len__(self) -> int: ...
     @property
@@ -225,6 +229,8 @@ class _Stats(TypedDict):
     throughput_tokens_per_s: float
     controller: dict[str, str | float]
     """Keys 'policy' (str), 'budget_tokens' (int) and the policy's own state (float)."""
+    controllers: list[dict[str, str | float]]
+    """Every worker's controller (worker 0 first), with the same keys as `controller`."""
 
 class Scheduler:
     """Thread-safe request queue with adaptive batch assembly."""
@@ -234,8 +240,10 @@ class Scheduler:
         config: SchedulerConfig = ...,
         controller: ControllerConfig = ...,
         clock: ManualClock | None = None,
+        workers: int = 1,
     ) -> None:
-        """Raise ValueError for an invalid configuration; clock=None: the steady clock."""
+        """Raise ValueError for an invalid configuration; clock=None: the steady clock.
+        workers: consumers with a controller each (next_batch's `worker`)."""
 
     def submit(
         self,
@@ -264,8 +272,9 @@ class Scheduler:
         """
 
     def cancel(self, id: int) -> bool: ...
-    def next_batch(self, timeout: float) -> Batch | None:
-        """Wait up to timeout seconds (real time, GIL released) for a batch."""
+    def next_batch(self, timeout: float, worker: int = 0) -> Batch | None:
+        """Wait up to timeout seconds (real time, GIL released) for a batch,
+        sized by worker `worker`'s controller (ValueError out of range)."""
 
     def complete(self, batch: Batch, compute_seconds: float) -> None: ...
     def fail(self, batch: Batch) -> None: ...
@@ -279,6 +288,13 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int: ...
     @property
-    def budget(self) -> int: ...
+    def budget(self) -> int:
+        """Worker 0's token budget."""
+
+    def budget_of(self, worker: int) -> int:
+        """The token budget of worker `worker`'s controller."""
+
+    @property
+    def workers(self) -> int: ...
     def now(self) -> float: ...
     def stats(self) -> _Stats: ...

@@ -19,8 +19,11 @@ import numpy as np
 import torch
 
 from . import _core, admission, footprint, process
+from . import replicas as replicas_
 from .admission import Timeout, wait_all
-from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, ReplicaFailedError
+from .errors import RequestTimeoutError
+from .pipeline import PipelineRunner
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
@@ -135,6 +138,9 @@ class Engine:
         tune_malloc: bool = True,
         cudnn_attention: bool | None = None,
         copy_model: bool = True,
+        devices: str | Sequence[str] | None = None,
+        replicas: int | None = None,
+        parallel: str = "data",
         clock: _core.ManualClock | None = None,
     ) -> None:
         if task not in TASKS:
@@ -151,7 +157,11 @@ class Engine:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
         process.check_torch_threads(torch_threads)
-        self.device = resolve_device(device)
+        # One device per worker (data parallel) or per stage (pipeline); the
+        # first is the engine's device (python/fastserve/replicas.py).
+        worker_devices = replicas_.worker_devices(device, devices, replicas, parallel)
+        self.parallel = parallel
+        self.device = worker_devices[0]
         self.dtype = resolve_dtype(dtype, self.device)
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
@@ -200,8 +210,17 @@ class Engine:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
         self._process["sdpa_backends_switched_per_batch"] = switches
+        # A pipeline's model is prepared on the CPU and placed stage by stage
+        # (python/fastserve/pipeline.py): it need not fit on one device.
+        src, callers = loaded.model, loaded.model is model
+        if parallel == "pipeline" and callers and copy_model:
+            src, callers = copy.deepcopy(src), False  # its layers get hooks and move: never the caller's
         net, self._process["model"] = process.prepare_model(
-            loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
+            src, self.device if parallel == "data" else torch.device("cpu"), self.dtype,
+            callers=callers, copy_model=copy_model)
+        if src is not loaded.model:
+            self._process["model"] = "copied"
+
         self.model = net
         self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
         self.normalize = normalize
@@ -221,6 +240,11 @@ class Engine:
         runner_cls = PackedRunner if packed else PaddedRunner
         self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
                                  activation=self.activation or "none")
+        self._replicas = self._make_replicas(worker_devices, torch_threads, cudnn_attention,
+                                             lambda m, dev: runner_cls(m, task=task, pooling=self.pooling,
+                                                                       normalize=normalize, device=dev,
+                                                                       activation=self.activation or "none"))
+        self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -240,14 +264,20 @@ class Engine:
             # start between the bounds and move)
             initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
-        self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
+        # One controller per data-parallel replica; a pipeline's workers share one.
+        controllers = 1 if parallel == "pipeline" else len(self._replicas)
+        self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock, workers=controllers)
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False
         self._worker_error: BaseException | None = None
         self._tokenize = _Timer()
-        self._worker = threading.Thread(target=self._work, name="fastserve-worker", daemon=True)
-        self._worker.start()
+        for r in self._replicas:
+            name = "fastserve-worker" if len(self._replicas) == 1 else f"fastserve-worker-{r.index}"
+            r.thread = threading.Thread(target=self._work, args=(r,), name=name, daemon=True)
+        self._worker = self._replicas[0].thread
+        for r in self._replicas:
+            r.thread.start()
         _open_engines.add(self)
 
     # ------------------------------------------------------------------ calls
@@ -365,8 +395,9 @@ class Engine:
             cf.wait(outstanding, timeout=timeout)
         for rid in self._scheduler.close():
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
-        if threading.current_thread() is not self._worker:
-            self._worker.join()
+        for r in self._replicas:
+            if threading.current_thread() is not r.thread:
+                r.thread.join()
         # Anything still registered (a batch's futures if the worker died).
         with self._lock:
             left = list(self._pending)
@@ -381,12 +412,18 @@ class Engine:
         self.close()
 
     def health(self) -> dict[str, Any]:
-        alive = self._worker.is_alive()
+        # Serving while any worker is: a replica that died leaves the others
+        # serving ("degraded"); the engine fails only with the last one.
+        live = sum(r.alive for r in self._replicas)
+        alive = live > 0
         return {
             "healthy": alive and not self._closing and self._worker_error is None,
             "worker_alive": alive,
             "closed": self._closing,
             "error": repr(self._worker_error) if self._worker_error else None,
+            "replicas": len(self._replicas),
+            "replicas_alive": live,
+            "degraded": 0 < live < len(self._replicas),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -403,8 +440,7 @@ class Engine:
         kernels = getattr(self.runner, "kernels", None)
         s["kernels"] = kernels.name if kernels is not None else None
         s["attention"] = getattr(self.runner, "attention", None)
-        ran = getattr(self.runner, "attention_batches", None)
-        s["attention_batches"] = dict(ran) if ran is not None else None
+        s["attention_batches"] = replicas_.attention_batches(self._replicas)
         s["activation"] = self.activation
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
@@ -422,6 +458,12 @@ class Engine:
             "max_batch_memory_mb": self.memory_budget.mib if self.memory_budget else None,
         }
         s["health"] = self.health()
+        # Each worker: device, threads, batches, failures, its controller.
+        ctls = s.get("controllers") or []
+        s["parallel"] = self.parallel
+        s["replicas"] = [r.report(ctls[r.index] if self.parallel == "data" and r.index < len(ctls) else None)
+                         for r in self._replicas]
+        s["pipeline"] = self.runner.report() if isinstance(self.runner, PipelineRunner) else None
         return s
 
     @functools.cached_property
@@ -525,12 +567,38 @@ class Engine:
         if fut is not None:
             fut.set_exception(error)
 
-    def _work(self) -> None:
+    def _make_replicas(self, devices: list, torch_threads: int | None, cudnn_attention: bool,
+                       make_runner: Callable[[Any, Any], Any]) -> list[replicas_.Replica]:
+        """The workers: for a pipeline, one per stage over one staged runner;
+        else one per device entry, sharing the model (and a runner copy) with
+        an earlier replica on the same device, a copy of the model otherwise."""
+        threads = replicas_.threads_per_worker(torch_threads, devices)
+        if self.parallel == "pipeline":
+            staged = PipelineRunner(self.runner, devices, self.model)
+            return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
+                    for k in range(len(devices))]
+        out: list[replicas_.Replica] = []
+        for k, dev in enumerate(devices):
+            same = next((r for r in out if r.device == dev), None)
+            if k == 0:
+                runner, backends = self.runner, self._sdpa_backends
+            elif same is not None:
+                runner, backends = replicas_.runner_copy(same.runner), same.sdpa_backends
+            else:
+                net, _ = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
+                runner = make_runner(net, dev)
+                backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
+            out.append(replicas_.Replica(k, dev, runner, threads, backends))
+        return out
+
+    def _work(self, replica: replicas_.Replica) -> None:
         sched = self._scheduler
+        worker = replica.index if self.parallel == "data" else 0
+        replica.enter()
         try:
             with torch.inference_mode():
                 while True:
-                    batch = sched.next_batch(0.1)
+                    batch = sched.next_batch(0.1, worker)
                     if batch is None:
                         if sched.closed:
                             return
@@ -538,8 +606,11 @@ class Engine:
                     for rid in batch.expired:
                         self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
                     if batch.size:
-                        self._run(batch)
+                        self._run(batch, replica)
         except BaseException as e:  # the worker must never die silently
+            replica.error = e
+            if any(r.alive for r in self._replicas):
+                raise  # the other replicas keep serving (health() reports this one)
             self._worker_error = e
             with self._lock:
                 self._closing = True
@@ -551,13 +622,14 @@ class Engine:
                 self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
             raise
 
-    def _run(self, batch) -> None:
+    def _run(self, batch, replica: replicas_.Replica) -> None:
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with self._sdpa_backends():
-                rows = self.runner.run(batch)
+            with replica.sdpa_backends():
+                rows = replica.runner.run(batch)
         except Exception as e:
+            replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
             for fut in futures:
                 if fut is not None:
@@ -566,14 +638,21 @@ class Engine:
                     fut.set_exception(err)
             return
         except BaseException as e:  # the worker is dying: its batch must not hang
+            replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
+            others = any(r.alive for r in self._replicas if r is not replica)
             for fut in futures:
                 if fut is not None:
-                    err = EngineClosedError(f"the engine's worker died: {e!r}")
+                    # With other replicas serving, the engine is not closing:
+                    # only this batch is lost (never re-queued: docs/design.md).
+                    err = (ReplicaFailedError(f"replica {replica.index} ({replica.device}) died running this "
+                                              f"request's batch: {e!r}") if others
+                           else EngineClosedError(f"the engine's worker died: {e!r}"))
                     err.__cause__ = e
                     fut.set_exception(err)
             raise
         compute = time.perf_counter() - t0
+        replica.record(batch.size, compute)
         self._scheduler.complete(batch, compute)
         queued = batch.assembled_at - batch.arrivals
         for fut, row, q in zip(futures, rows, queued):

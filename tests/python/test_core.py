@@ -699,6 +699,7 @@ STATS_KEYS = {
     "throughput_rps",
     "throughput_tokens_per_s",
     "controller",
+    "controllers",
 }
 SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 

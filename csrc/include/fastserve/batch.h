@@ -45,6 +45,9 @@ class Batch {
 
   // Requests dropped while this batch was assembled, for the caller to fail.
   std::vector<uint64_t> expired;
+  // The worker (replica) whose controller sized this batch; complete()
+  // feeds that controller.
+  int worker = 0;
 
   // Built once, on first call, thread-safe.
   const PaddedLayout& padded() const;
