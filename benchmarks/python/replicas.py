@@ -8,13 +8,15 @@ per core, with the embedded MiniLM (Engine(replicas=N), issue 14).
    fresh thread see afterwards.
 2. memory: resident memory of a fresh process holding Engine(replicas=1)
    and Engine(replicas=2) (replicas on one device share the weights), after
-   the same warm-up, beside the model's parameter bytes (what a copy per
-   replica would add).
+   the same warm-up, beside the model's parameter bytes; the same with one
+   malloc arena for all threads (glibc gives each thread its own, which
+   keeps its peak activations), and with a deep copy of the weights held
+   (what a copy per replica would add).
 3. load: the open-loop load of load.py (Poisson arrivals, corpus texts,
    latency from the scheduled arrival, SLO 100 ms) at several rates against
    each configuration, in one process, the order alternating per rate.
 
-    python benchmarks/python/replicas.py --rates 20,40,60,80,100,120,140 --rounds 2
+    python benchmarks/python/replicas.py --rates 20,40,60,80,100,120,140,160,180,200,240 --rounds 3
 """
 
 from __future__ import annotations
@@ -80,13 +82,17 @@ def thread_counts(seconds: float = 1.0) -> dict[str, dict[str, float]]:
 
 
 MEMORY_CHILD = r"""
-import json, sys
+import copy, ctypes, json, sys
 sys.path.insert(0, {bench!r})
+kw = json.loads(sys.argv[1])
+if kw.pop("one_arena", False):  # before any thread starts: every thread allocates from the main arena
+    assert ctypes.CDLL("libc.so.6").mallopt(-8, 1) == 1  # M_ARENA_MAX
+weight_copy = kw.pop("weight_copy", False)
 import common, fastserve
 from fastserve import process
 texts = common.sample_texts(256, seed=0)
-kw = json.loads(sys.argv[1])
 with fastserve.Engine(**kw) as engine:
+    held = copy.deepcopy(engine.model) if weight_copy else None  # what a copy per replica would hold
     for _ in range(3):
         engine.embed(texts)
     rss, peak = process.rss_bytes()
@@ -94,10 +100,22 @@ with fastserve.Engine(**kw) as engine:
     print(json.dumps({{"rss_bytes": rss, "peak_rss_bytes": peak, "param_bytes": params}}))
 """
 
+MEMORY_CONFIGS = {
+    **CONFIGS,
+    "2 replicas x 1 thread, one malloc arena": {**CONFIGS["2 replicas x 1 thread"], "one_arena": True},
+    "1 replica x 2 threads, one malloc arena": {**CONFIGS["1 replica x 2 threads"], "one_arena": True},
+    "2 replicas x 1 thread + a copy of the weights": {**CONFIGS["2 replicas x 1 thread"], "weight_copy": True},
+}
 
-def memory() -> dict[str, dict]:
+
+def memory(rounds: int = 2) -> dict[str, list[dict]]:
+    """Each configuration in a fresh process, `rounds` times, alternating."""
     code = MEMORY_CHILD.format(bench=str(Path(__file__).parent))
-    return {name: common.run_python_json(code, json.dumps(kw)) for name, kw in CONFIGS.items()}
+    out: dict[str, list[dict]] = {name: [] for name in MEMORY_CONFIGS}
+    for _ in range(rounds):
+        for name, kw in MEMORY_CONFIGS.items():
+            out[name].append(common.run_python_json(code, json.dumps(kw)))
+    return out
 
 
 def load_sweep(rates: list[float], rounds: int, duration: float, warmup: float, drain: float, slo_ms: float,
@@ -121,7 +139,7 @@ def load_sweep(rates: list[float], rounds: int, duration: float, warmup: float, 
                 for name, b in order:
                     r = load.run_open_loop(b, offsets, texts, warmup_s=warmup, slo_s=slo_ms / 1000, drain_s=drain)
                     r.pop("_arrivals"), r.pop("_latency")
-                    r["round"], r["config"] = rnd, name
+                    r["round"], r["config"], r["rate"] = rnd, name, rate
                     print(f"round {rnd} rate {rate:6.1f} {name:<24} thru {r['throughput_rps']:6.1f} "
                           f"goodput {r['goodput_rps']:6.1f} p50 {common.fmt_ms(r['latency_s']['p50']):>8} "
                           f"p99 {common.fmt_ms(r['latency_s']['p99']):>8}", flush=True)
@@ -134,30 +152,29 @@ def load_sweep(rates: list[float], rounds: int, duration: float, warmup: float, 
 
 
 def table(rows: list[dict]) -> str:
-    """Medians over rounds per (rate, config)."""
-    lines = ["| offered req/s | configuration | throughput req/s | goodput within SLO req/s | p50 ms | p99 ms |",
-             "|---:|---|---:|---:|---:|---:|"]
-    keys = sorted({(round(r["offered_rps"] / 5) * 5, r["config"]) for r in rows})
-    seen = set()
-    for rate, cfg in keys:
-        if (rate, cfg) in seen:
-            continue
-        seen.add((rate, cfg))
-        rs = [r for r in rows if round(r["offered_rps"] / 5) * 5 == rate and r["config"] == cfg]
+    """Medians over rounds per (nominal rate, config)."""
+    lines = ["| rate req/s | configuration | offered req/s | throughput req/s | goodput within SLO req/s | p50 ms | "
+             "p99 ms |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for rate in sorted({r["rate"] for r in rows}):
+        for cfg in CONFIGS:
+            rs = [r for r in rows if r["rate"] == rate and r["config"] == cfg]
+            if not rs:
+                continue
 
-        def med(f):
-            return float(np.median([f(r) for r in rs]))
+            def med(f):
+                return float(np.median([f(r) for r in rs]))
 
-        lines.append(f"| {med(lambda r: r['offered_rps']):.1f} | {cfg} | {med(lambda r: r['throughput_rps']):.1f} | "
-                     f"{med(lambda r: r['goodput_rps']):.1f} | {common.fmt_ms(med(lambda r: r['latency_s']['p50']))} | "
-                     f"{common.fmt_ms(med(lambda r: r['latency_s']['p99']))} |")
+            lines.append(
+                f"| {rate:.0f} | {cfg} | {med(lambda r: r['offered_rps']):.1f} | {med(lambda r: r['throughput_rps']):.1f} "
+                f"| {med(lambda r: r['goodput_rps']):.1f} | {common.fmt_ms(med(lambda r: r['latency_s']['p50']))} | "
+                f"{common.fmt_ms(med(lambda r: r['latency_s']['p99']))} |")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="20,40,60,80,100,120,140")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rates", default="20,40,60,80,100,120,140,160,180,200,240")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--drain", type=float, default=2.0)
@@ -174,7 +191,7 @@ def main() -> int:
         for k, v in result["threads"].items():
             print(f"{k:<48} {v}")
     if "memory" not in skip:
-        result["memory"] = memory()
+        result["memory"] = memory(args.rounds)
         print(json.dumps(result["memory"], indent=1))
     if "load" not in skip:
         rates = [float(x) for x in args.rates.split(",")]

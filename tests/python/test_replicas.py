@@ -5,6 +5,7 @@ hold each replica's worker inside its batch."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import types
 
@@ -37,6 +38,25 @@ def entered(gates, exclude=()) -> tm.Gate:
 
 class WorkerKiller(BaseException):
     """Escapes `except Exception`: kills the worker thread."""
+
+
+def kill(batch):
+    raise WorkerKiller("replica lost")
+
+
+def both_held(gates) -> None:
+    tm.until(lambda: all(g.entered.is_set() for g in gates), "both replicas held")
+
+
+@contextlib.contextmanager
+def expected_thread_deaths():
+    """A worker's death is expected here: not printed by threading's hook."""
+    hook = threading.excepthook
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
 
 
 # -------------------------------------------------------------- construction
@@ -152,7 +172,7 @@ def test_priorities_deadlines_and_cancellation_hold_with_replicas(bert):
         a = engine.submit("one")
         entered(gates)
         b = engine.submit("two")
-        tm.until(lambda: all(g.entered.is_set() for g in gates), "both replicas held")
+        both_held(gates)
         late = engine.submit("has a deadline", timeout=0.5)
         doomed = engine.submit("cancelled")
         urgent = engine.submit("urgent", priority=5)
@@ -206,22 +226,14 @@ def test_a_dead_replica_fails_its_batch_with_a_typed_error_and_the_others_keep_s
     dying = entered(gates)
     held = engine.submit("held by the other replica")
     survivor = entered(gates, exclude=[dying])
-
-    def killer(batch):
-        raise WorkerKiller("replica lost")
-
-    dying.inner = killer
-    hook = threading.excepthook
-    threading.excepthook = lambda args: None  # the thread's death is expected here
-    try:
+    dying.inner = kill
+    with expected_thread_deaths():
         dying.release.set()
         with pytest.raises(fastserve.ReplicaFailedError, match="replica lost") as info:
             doomed.result(timeout=30)
         assert isinstance(info.value, fastserve.InferenceError)
         dead = next(r for r, g in zip(engine._replicas, gates) if g is dying)
         dead.thread.join(30)
-    finally:
-        threading.excepthook = hook
     survivor.release.set()
     assert held.result(timeout=30).shape == (32,)
     later = [engine.submit(f"after the death {i}") for i in range(5)]
@@ -241,17 +253,11 @@ def test_when_the_last_replica_dies_the_engine_fails_pending_requests(bert):
     first = engine.submit("one")
     entered(gates)
     second = engine.submit("two")
-    tm.until(lambda: all(g.entered.is_set() for g in gates), "both replicas held")
+    both_held(gates)
     queued = [engine.submit(f"queued {i}") for i in range(3)]
-
-    def killer(batch):
-        raise WorkerKiller("boom")
-
     for g in gates:
-        g.inner = killer
-    hook = threading.excepthook
-    threading.excepthook = lambda args: None
-    try:
+        g.inner = kill
+    with expected_thread_deaths():
         gates[0].release.set()
         gates[1].release.set()
         errors = []
@@ -261,8 +267,6 @@ def test_when_the_last_replica_dies_the_engine_fails_pending_requests(bert):
             errors.append(type(info.value))
         for r in engine._replicas:
             r.thread.join(30)
-    finally:
-        threading.excepthook = hook
     assert errors[2:] == [fastserve.EngineClosedError] * 3
     h = engine.health()
     assert not h["healthy"] and h["replicas_alive"] == 0
@@ -279,7 +283,7 @@ def test_close_drains_or_fails_the_queue_and_joins_every_worker(bert, drain):
     running = [engine.submit("one")]
     entered(gates)
     running.append(engine.submit("two"))
-    tm.until(lambda: all(g.entered.is_set() for g in gates), "both replicas held")
+    both_held(gates)
     queued = [engine.submit(f"queued {i}") for i in range(4)]
     closer = threading.Thread(target=engine.close, kwargs={"drain": drain})
     closer.start()
