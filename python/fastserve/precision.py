@@ -39,7 +39,7 @@ _ISA_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512
 
 # bfloat16 / float32 time per batch on a CPU without native bfloat16,
 # measured with oneDNN and ATen capped to AVX2 (benchmarks/README.md, "CPU dtypes").
-EMULATED_BF16_SLOWDOWN = "about 3x"
+EMULATED_BF16_SLOWDOWN = "about 9x"
 
 
 @functools.lru_cache(maxsize=1)

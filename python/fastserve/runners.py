@@ -169,36 +169,6 @@ class _PackedAttention:
         return out.view(T, H)
 
 
-class _DenseGelu:
-    """A BERT intermediate block (dense + exact GELU) as one oneDNN call with
-    GELU as the GEMM's post-op, for bfloat16 weights on the CPU: the GELU runs
-    on the GEMM's output tiles while they are in cache instead of a second pass
-    over [T, intermediate] (benchmarks/README.md, "CPU dtypes"). Under autocast
-    (float32 weights) the module runs as it is."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.weight = module.dense.weight.detach()
-        self.bias = module.dense.bias.detach()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype or torch.is_autocast_enabled("cpu"):
-            return self.module(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "none")
-
-
-def _intermediate(block: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """block.intermediate, fused where _DenseGelu applies: CPU, bfloat16
-    weights, exact GELU, a torch with oneDNN's fused linear."""
-    module = block.intermediate
-    act = getattr(module, "intermediate_act_fn", None)
-    exact_gelu = type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
-    fusable = (device.type == "cpu" and module.dense.weight.dtype == torch.bfloat16 and exact_gelu
-               and module.dense.bias is not None and os.environ.get("FASTSERVE_FUSED_GELU", "1") != "0"
-               and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    return _DenseGelu(module) if fusable else module
-
-
 class PackedRunner:
     """Runs BERT-family models on packed tokens [T, H] with the model's own
     modules: embeddings with per-sequence position ids, Q/K/V and feed-forward
@@ -232,7 +202,6 @@ class PackedRunner:
                          for b in self.blocks]
         else:
             self.blocks = list(self.base.encoder.layer)
-            self.intermediate = [_intermediate(b, device) for b in self.blocks]
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
         self.attention = _attention_method(device, getattr(model, "dtype", torch.float32))
@@ -258,14 +227,14 @@ class PackedRunner:
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
         self.attention_batches[self.attention if varlen is not None else "runs"] += 1
-        for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
+        for block, attn in zip(self.blocks, self.attn):
             ctx = attn(h, runs, varlen)
             if self.distil:
                 a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
                 h = block.output_layer_norm(block.ffn(a) + a)
             else:
                 a = block.attention.output(ctx, h)
-                h = block.output(self.intermediate[i](a), a)
+                h = block.output(block.intermediate(a), a)
         return h, cu
 
     def run(self, batch) -> np.ndarray:

@@ -127,18 +127,3 @@ def test_real_model_on_the_whole_shipped_corpus_stays_within_the_stated_bound_of
 
     assert _min_cosine_vs_float32(list(texts()), dtype) >= MIN_COSINE
 
-
-def test_bfloat16_packed_runner_fuses_gelu_into_the_gemm_and_matches_the_unfused_modules(monkeypatch):
-    from fastserve import runners
-
-    m = tm.model("bert")
-    with Engine(m, tm.tokenizer(), dtype="bfloat16", execution="packed") as fused:
-        assert all(isinstance(f, runners._DenseGelu) for f in fused.runner.intermediate)
-        got = fused.embed(TEXTS)
-    monkeypatch.setenv("FASTSERVE_FUSED_GELU", "0")
-    with Engine(m, tm.tokenizer(), dtype="bfloat16", execution="packed") as plain:
-        assert not any(isinstance(f, runners._DenseGelu) for f in plain.runner.intermediate)
-        want = plain.embed(TEXTS)
-    assert (got * want).sum(1).min() > 0.9999
-    with Engine(m, tm.tokenizer(), execution="packed") as fp32:  # float32 keeps the model's own modules
-        assert not any(isinstance(f, runners._DenseGelu) for f in fp32.runner.intermediate)
