@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     print(
         f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
-        f"{str(engine.dtype).removeprefix('torch.')}) on http://{args.host}:{args.port}",
+        f"{engine.precision.name}) on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )

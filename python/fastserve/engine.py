@@ -18,11 +18,11 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, process
+from . import _core, admission, footprint, precision, process
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
-from .models import TextEncoder, resolve_device, resolve_dtype
+from .models import TextEncoder, resolve_device
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -152,7 +152,8 @@ class Engine:
 
         process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.precision = precision.resolve(dtype, self.device)
+        self.dtype = self.precision.weights
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
         if not max_batch_tokens >= 1:
@@ -203,6 +204,8 @@ class Engine:
         net, self._process["model"] = process.prepare_model(
             loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
         self.model = net
+        self._precision_context = self.precision.context()
+        precision.warn_if_slow(self.precision)
         self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
         self.normalize = normalize
         self.max_length = max_length or limit
@@ -395,7 +398,10 @@ class Engine:
         s["model"] = self.model_name
         s["task"] = self.task
         s["device"] = str(self.device)
-        s["dtype"] = str(self.dtype).removeprefix("torch.")
+        s["dtype"] = self.precision.name  # float32 / float16 / bfloat16 / autocast
+        s["weights_dtype"] = str(self.dtype).removeprefix("torch.")
+        s["compute_dtype"] = str(self.precision.compute).removeprefix("torch.")
+        s["cpu"] = precision.cpu_features()
         s["execution"] = self.runner.name
         # Packed execution only (None when padded): the packing kernels'
         # implementation (cpu / cuda: the extension's; torch: the fallback),
@@ -555,7 +561,7 @@ class Engine:
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with self._sdpa_backends():
+            with self._sdpa_backends(), self._precision_context():
                 rows = self.runner.run(batch)
         except Exception as e:
             self._scheduler.fail(batch)
