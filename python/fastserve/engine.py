@@ -24,7 +24,8 @@ from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueF
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
 from .heads import EmbeddingHead
-from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
+from .families import select as select_runner
+from .runners import ACTIVATIONS, classification_activation
 from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -167,11 +168,9 @@ class Engine:
         limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
         if max_length is not None and (max_length < 1 or max_length > limit):
             raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
-        if execution == "packed" and not packed_supported(loaded.model):
-            raise ValueError(
-                f"execution='packed' supports BERT-family encoders; this is {loaded.model.config.model_type!r} "
-                "(use 'auto' or 'padded')"
-            )
+        # The execution path, from what each family's adapter declares
+        # (families.py); execution='packed' without support raises here.
+        choice = select_runner(loaded.model, task, execution)
         # What the engine changes outside itself (python/fastserve/process.py),
         # only once every argument has been checked: a refused Engine(...)
         # leaves the process and the caller's model as they were.
@@ -215,10 +214,9 @@ class Engine:
             self.labels = []
             self.activation = None
 
-        packed = execution == "packed" or (execution == "auto" and packed_supported(net))
-        runner_cls = PackedRunner if packed else PaddedRunner
-        self.runner = runner_cls(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
-                                 activation=self.activation or "none", head=self._head)
+        self._choice = choice
+        self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
+                                    activation=self.activation or "none", head=self._head)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -420,6 +418,9 @@ class Engine:
         s["device"] = str(self.device)
         s["dtype"] = str(self.dtype).removeprefix("torch.")
         s["execution"] = self.runner.name
+        # The runner's family adapter, and why the engine runs padded when it does.
+        s["family"] = self._choice.family
+        s["padded_reason"] = self._choice.reason
         # Packed execution only (None when padded): the packing kernels'
         # implementation (cpu / cuda: the extension's; torch: the fallback),
         # the attention method, and batches by the attention that actually ran.

@@ -179,7 +179,9 @@ def model_max_length(model: torch.nn.Module, tokenizer: Any, st: ModelSpec) -> i
     mpe = getattr(cfg, "max_position_embeddings", None)
     if mpe:
         # RoBERTa-family position ids start after padding_idx + 1.
+        # MPNet's start after its fixed padding_idx 1.
         offset = cfg.pad_token_id + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        offset = 2 if cfg.model_type == "mpnet" else offset
         limits.append(mpe - offset)
     tml = getattr(tokenizer, "model_max_length", None)
     if tml and tml < 1_000_000:

@@ -68,6 +68,7 @@ def test_other_families_one_thread_are_bitwise_the_same_in_any_company(tmp_path,
 
     folder = sm.save_encoder(arch, tmp_path / arch)
     with Engine(str(folder), policy="static", max_batch_tokens=8192, torch_threads=one_torch_thread) as e:
+        assert e.stats()["execution"] == "packed" and e.stats()["family"] == arch
         got = probe_in_company(e)
     for name, v in got.items():
         np.testing.assert_array_equal(v, got["alone"], err_msg=name)

@@ -98,8 +98,9 @@ def test_auto_execution_is_packed_for_bert_family_and_padded_otherwise():
     electra = AutoModel.from_config(cfg).eval()
     with Engine(electra, tm.tokenizer()) as engine:
         assert engine.runner.name == "padded"
+        assert engine.stats()["padded_reason"] == "no packed runner for model_type='electra'"
         assert engine.embed("not a BERT-family model").shape == (32,)
-    with pytest.raises(ValueError, match="execution='packed' supports BERT-family"):
+    with pytest.raises(ValueError, match="execution='packed' is not available: no packed runner for model_type='electra'"):
         Engine(electra, tm.tokenizer(), execution="packed")
 
 
