@@ -269,3 +269,57 @@ def test_normalize_false_drops_the_stacks_normalize_and_true_adds_one(folders):
     with Engine(str(folders("bert", "cls-normalize", "new")), normalize=False) as engine:
         assert engine.normalize is False
         assert np.abs(np.linalg.norm(engine.embed(TEXTS[3:7]), axis=1) - 1).max() > 1e-3
+
+
+def test_the_embeddings_route_takes_prompt_name_and_prompt_as_encode_does(folders):
+    """The HTTP extension fields: the same vectors as SentenceTransformer.encode
+    with the same prompt arguments; an unknown prompt name is a 400."""
+    import asyncio
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from fastserve.server import create_app
+
+    folder = folders("bert", "prompts-excluded", "new")
+    texts = TEXTS[3:7]
+
+    async def post(app, body):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return await c.post("/v1/embeddings", json=body)
+
+    with Engine(str(folder)) as engine:
+        app = create_app(engine)
+        for prompt in ({}, {"prompt_name": "passage"}, {"prompt": "custom prompt: "}, {"prompt": ""}):
+            r = asyncio.run(post(app, {"input": texts, **prompt}))
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+            assert_parity(got, st_encode(folder, texts, **prompt))
+        r = asyncio.run(post(app, {"input": texts, "prompt_name": "nope"}))
+        assert r.status_code == 400 and "prompt_name 'nope'" in r.json()["error"]["message"]
+
+
+def test_auto_logs_once_why_it_runs_padded_and_stats_report_the_path(caplog):
+    """A model no packed adapter declares runs padded; the reason is logged
+    once (not per engine or batch) and reported by stats()."""
+    import logging
+
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model("electra", vocab_size=tm.tokenizer().vocab_size, embedding_size=32, hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    electra = AutoModel.from_config(cfg).eval()
+    from fastserve import families
+
+    families._logged.discard(("electra", "no packed runner for model_type='electra'"))
+    with caplog.at_level(logging.INFO, logger="fastserve"):
+        for _ in range(2):
+            with Engine(electra, tm.tokenizer()) as engine:
+                s = engine.stats()
+    said = [r.getMessage() for r in caplog.records if "runs electra padded" in r.getMessage()]
+    assert said == ["fastserve: execution='auto' runs electra padded: no packed runner for model_type='electra'"]
+    assert (s["execution"], s["family"], s["dtype"]) == ("padded", "other", "float32")
+    assert s["padded_reason"] == "no packed runner for model_type='electra'"
+    assert s["attention"].startswith("hf:")
+    with Engine(sm.encoder("mpnet"), tm.tokenizer()) as engine:
+        s = engine.stats()
+    assert (s["execution"], s["family"], s["attention"], s["padded_reason"]) == ("packed", "mpnet", "runs", None)
