@@ -323,3 +323,30 @@ def test_auto_logs_once_why_it_runs_padded_and_stats_report_the_path(caplog):
     with Engine(sm.encoder("mpnet"), tm.tokenizer()) as engine:
         s = engine.stats()
     assert (s["execution"], s["family"], s["attention"], s["padded_reason"]) == ("packed", "mpnet", "runs", None)
+
+
+def test_do_lower_case_and_max_seq_length_of_the_transformer_config_apply(folders, tmp_path):
+    """A cased tokenizer under a Transformer config with do_lower_case (and a
+    shorter max_seq_length): the engine lowercases and truncates as encode."""
+    import shutil
+
+    from tokenizers.normalizers import BertNormalizer
+
+    legacy = folders("bert", "mean-dense-normalize", "legacy")
+    folder = tmp_path / "lower"
+    shutil.copytree(legacy, folder)
+    tok_dir = folder / "0_Transformer"
+    tok = tm.tokenizer().__class__.from_pretrained(str(tok_dir), do_lower_case=False)
+    tok.backend_tokenizer.normalizer = BertNormalizer(lowercase=False)  # cased
+    tok.save_pretrained(str(tok_dir))
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "do_lower_case": False}))
+    cased = tm.tokenizer().__class__.from_pretrained(str(tok_dir))
+    assert cased("HELLO")["input_ids"] != cased("hello")["input_ids"]
+    (tok_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 20, "do_lower_case": True}))
+    texts = ["HELLO World, MIXED Case", "ÉCOLE Über Straße", TEXTS[5].upper()]
+    want = st_encode(folder, texts)
+    with Engine(str(folder)) as engine:
+        assert engine.max_length == 20
+        assert engine.tokenize(["HELLO"]) == engine.tokenize(["hello"])
+        assert_parity(engine.embed(texts), want)
