@@ -423,13 +423,13 @@ class Engine:
         s["padded_reason"] = self._choice.reason
         # Packed execution only (None when padded): the packing kernels'
         # implementation (cpu / cuda: the extension's; torch: the fallback),
-        # and batches by the attention that actually ran. The attention
-        # method: packed runs/pad/flash, padded "hf:<implementation>".
+        # the attention method, and batches by the attention that actually ran.
         kernels = getattr(self.runner, "kernels", None)
         s["kernels"] = kernels.name if kernels is not None else None
-        # Padded: the Hugging Face model's own attention implementation.
-        s["attention"] = getattr(self.runner, "attention", None) or \
-            f"hf:{getattr(self.model.config, '_attn_implementation', None) or 'eager'}"
+        s["attention"] = getattr(self.runner, "attention", None)
+        # Padded only: the Hugging Face model's own attention implementation.
+        s["model_attention"] = None if self.runner.name == "packed" else \
+            (getattr(self.model.config, "_attn_implementation", None) or "eager")
         ran = getattr(self.runner, "attention_batches", None)
         s["attention_batches"] = dict(ran) if ran is not None else None
         s["activation"] = self.activation

@@ -327,22 +327,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _legacy_packed(model: torch.nn.Module, *, head: EmbeddingHead, **kw: Any) -> Runner:
-    return PackedRunner(model, head=head, **kw)
-
-
 FAMILIES = (
-    Family("bert", frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert"}), _legacy_packed,
+    # The runner is the class itself: called from Engine(...) directly, so a
+    # warning it raises at construction points at the caller's line.
+    Family("bert", frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert"}), PackedRunner,
            Capabilities("packed", EMBED_CLASSIFY), _bert_unsupported),
     Family("mpnet", frozenset({"mpnet"}), MPNetPackedRunner, Capabilities("packed", EMBED), _no_extras),
     Family("t5", frozenset({"t5", "mt5", "umt5"}), T5PackedRunner, Capabilities("packed", EMBED), _no_extras),
     Family("modernbert", frozenset({"modernbert"}), ModernBertPackedRunner, Capabilities("packed", EMBED),
            _modernbert_unsupported),
 )
-
-
-def _padded(model: torch.nn.Module, **kw: Any) -> Runner:
-    return PaddedRunner(model, **kw)
 
 
 _logged: set[tuple[str, str]] = set()
@@ -364,7 +358,7 @@ def select(model: torch.nn.Module, task: str, execution: str) -> Choice:
         if reason is not None:
             reason = f"{cfg.model_type}: {reason}"
     if execution == "padded":
-        return Choice(_padded, family.name if family else "other", PADDED, "execution='padded'")
+        return Choice(PaddedRunner, family.name if family else "other", PADDED, "execution='padded'")
     if reason is None and family is not None:
         return Choice(family.runner, family.name, family.capabilities, None)
     if execution == "packed":
@@ -373,4 +367,4 @@ def select(model: torch.nn.Module, task: str, execution: str) -> Choice:
     if key not in _logged:
         _logged.add(key)
         log.info("fastserve: execution='auto' runs %s padded: %s", cfg.model_type, reason)
-    return Choice(_padded, family.name if family else "other", PADDED, reason)
+    return Choice(PaddedRunner, family.name if family else "other", PADDED, reason)

@@ -319,7 +319,7 @@ def test_auto_logs_once_why_it_runs_padded_and_stats_report_the_path(caplog):
     assert said == ["fastserve: execution='auto' runs electra padded: no packed runner for model_type='electra'"]
     assert (s["execution"], s["family"], s["dtype"]) == ("padded", "other", "float32")
     assert s["padded_reason"] == "no packed runner for model_type='electra'"
-    assert s["attention"].startswith("hf:")
+    assert s["attention"] is None and s["model_attention"] in ("sdpa", "eager")
     with Engine(sm.encoder("mpnet"), tm.tokenizer()) as engine:
         s = engine.stats()
     assert (s["execution"], s["family"], s["attention"], s["padded_reason"]) == ("packed", "mpnet", "runs", None)
@@ -350,3 +350,16 @@ def test_do_lower_case_and_max_seq_length_of_the_transformer_config_apply(folder
         assert engine.max_length == 20
         assert engine.tokenize(["HELLO"]) == engine.tokenize(["hello"])
         assert_parity(engine.embed(texts), want)
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet", "t5", "modernbert"])
+def test_packed_attention_on_a_padded_copy_with_bias_and_window_matches(folders, arch, monkeypatch):
+    """The attention CUDA runs ("pad": one SDPA call over a padded copy, the
+    family's relative bias or window mask plus the key mask), forced on the CPU."""
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
+    folder = folders(arch, "mean-dense-normalize", "new")
+    want = st_encode(folder, TEXTS)
+    with Engine(str(folder), execution="packed", **ONE_BATCH) as engine:
+        assert_parity(embed_in_one_batch(engine, TEXTS), want)
+        s = engine.stats()
+    assert s["attention"] == "pad" and s["attention_batches"]["pad"] >= 1
