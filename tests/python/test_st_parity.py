@@ -49,11 +49,14 @@ def folders(tmp_path_factory):
     return get
 
 
-def st_encode(folder: Path, texts, **prompt) -> np.ndarray:
+def st_model(folder: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = st.SentenceTransformer(str(folder), device="cpu")
-    return model.encode(texts, convert_to_numpy=True, **prompt)
+        return st.SentenceTransformer(str(folder), device="cpu")
+
+
+def st_encode(folder: Path, texts, **prompt) -> np.ndarray:
+    return st_model(folder).encode(texts, convert_to_numpy=True, **prompt)
 
 
 def embed_in_one_batch(engine: Engine, texts, **prompt) -> np.ndarray:
@@ -85,13 +88,15 @@ def assert_parity(got: np.ndarray, want: np.ndarray) -> None:
     assert np.abs(got - want).max() <= 1e-5
 
 
-def check(folder: Path, execution: str, **prompt) -> Engine:
-    want = st_encode(folder, TEXTS, **prompt)
+def check(folder: Path, execution: str, prompts=({},)) -> None:
+    """Engine against encode on TEXTS, once per prompt arguments in `prompts`."""
+    model = st_model(folder)
     with Engine(str(folder), execution=execution, **ONE_BATCH) as engine:
         assert engine.stats()["execution"] == execution
-        assert engine.dim == want.shape[1]
-        assert_parity(embed_in_one_batch(engine, TEXTS, **prompt), want)
-    return engine
+        for prompt in prompts:
+            want = model.encode(TEXTS, convert_to_numpy=True, **prompt)
+            assert engine.dim == want.shape[1]
+            assert_parity(embed_in_one_batch(engine, TEXTS, **prompt), want)
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
@@ -115,9 +120,8 @@ def test_every_module_stack_matches_sentence_transformers(folders, stack, fmt, e
 def test_prompts_are_applied_as_encode_applies_them(folders, arch, stack, fmt, execution):
     """The default prompt, a named one, the empty one and a given one; with
     include_prompt=False the prompt's tokens are left out of the pooling."""
-    folder = folders(arch, stack, fmt)
-    for prompt in ({}, {"prompt_name": "passage"}, {"prompt_name": "document"}, {"prompt": "custom prompt: "}):
-        check(folder, execution, **prompt)
+    check(folders(arch, stack, fmt), execution,
+          ({}, {"prompt_name": "passage"}, {"prompt_name": "document"}, {"prompt": "custom prompt: "}))
 
 
 def test_prompted_and_plain_requests_share_a_batch_each_pooled_as_its_own(folders):
