@@ -52,8 +52,10 @@ class Capabilities:
 
 
 class Runner(Protocol):
+    """What the engine calls: one batch in, one row per request out. What a
+    runner supports is declared by its family's adapter (Family.capabilities)."""
+
     name: str  # the layout: "packed" or "padded"
-    capabilities: Capabilities
 
     def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None) -> np.ndarray: ...
 

@@ -367,3 +367,22 @@ def test_packed_attention_on_a_padded_copy_with_bias_and_window_matches(folders,
         assert_parity(embed_in_one_batch(engine, TEXTS), want)
         s = engine.stats()
     assert s["attention"] == "pad" and s["attention_batches"]["pad"] >= 1
+
+
+def test_the_path_comes_from_the_adapters_declarations():
+    from fastserve import families
+
+    t5 = sm.encoder("t5")
+    assert families.select(t5, "embed", "auto").capabilities.layout == "packed"
+    choice = families.select(t5, "classify", "auto")  # the T5 adapter declares no classify head
+    assert choice.capabilities.layout == "padded" and choice.reason == "the packed t5 runner has no 'classify' head"
+    with pytest.raises(ValueError, match="execution='packed' is not available: the packed t5 runner has no"):
+        families.select(t5, "classify", "packed")
+    assert families.select(t5, "embed", "padded").reason == "execution='padded'"
+    bert = tm.model("bert")
+    bert.config.position_embedding_type = "relative_key"
+    reason = families.select(bert, "embed", "auto").reason
+    assert reason.startswith("bert: ") and "relative_key" in reason
+    for family in families.FAMILIES:  # every adapter runs embed packed, with every pooling
+        assert family.capabilities.layout == "packed" and "embed" in family.capabilities.tasks
+        assert family.capabilities.poolings == frozenset(fastserve.st_spec.POOLING_MODES)
