@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, process
+from . import _core, admission, footprint, process
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
@@ -129,6 +129,7 @@ class Engine:
         execution: str = "auto",
         activation: str = "auto",
         max_batch_tokens: int | None = None,
+        max_batch_memory_mb: float | None = None,
         min_batch_tokens: int = 32,
         max_batch_size: int = 256,
         max_queue: int = 65536,
@@ -171,6 +172,23 @@ class Engine:
         # The execution path, from what each family's adapter declares
         # (families.py); execution='packed' without support raises here.
         choice = select_runner(loaded.model, task, execution)
+        packed = choice.capabilities.layout == "packed"
+        # The batch bound that keeps a batch's activations within the budget
+        # (python/fastserve/footprint.py); checked before anything changes.
+        cfg = loaded.model.config
+        self._activation_bytes_per_token = footprint.per_token(
+            cfg, self.dtype, "packed" if packed else "padded", max_length=max_length or limit,
+            scores=getattr(cfg, "_attn_implementation", None) == "eager")
+        shape = footprint.shape_of(cfg)
+        scratch = 0
+        if shape is not None and packed and self.device.type == "cpu":
+            threads = torch_threads or torch.get_num_threads()
+            scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
+                                                        threads=threads)
+        self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
+                                                     cfg.model_type, scratch)
+        if self.memory_budget is not None:
+            self.max_batch_tokens = min(self.max_batch_tokens, self.memory_budget.tokens)
         # What the engine changes outside itself (python/fastserve/process.py),
         # only once every argument has been checked: a refused Engine(...)
         # leaves the process and the caller's model as they were.
@@ -222,18 +240,19 @@ class Engine:
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
             max_batch_size=max_batch_size,
-            max_request_tokens=self.max_length if truncate else 1 << 30,
+            max_request_tokens=min(self.max_length if truncate else 1 << 30,
+                                   self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
             target_latency_s=target_latency_ms / 2000.0,
-            min_tokens=min(min_batch_tokens, max_batch_tokens),
-            max_tokens=max_batch_tokens,
+            min_tokens=min(min_batch_tokens, self.max_batch_tokens),
+            max_tokens=self.max_batch_tokens,
             # static: every batch may carry max_batch_tokens (adaptive policies
             # start between the bounds and move)
-            initial_tokens=max_batch_tokens if policy == "static" else 0,
+            initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
         self._pending: dict[int, cf.Future] = {}
@@ -358,8 +377,9 @@ class Engine:
         it is cut to it with truncate=True, else refused. InvalidInputError
         names the first bad list's index (when there are several). The
         result, passed to submit_many, is queued without a second check."""
-        return admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
-                                            truncate=self.truncate)
+        lists = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
+                                             truncate=self.truncate)
+        return self._within_budget(lists)
 
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
                  prompt: str | None = None) -> list[list[int]]:
@@ -439,6 +459,15 @@ class Engine:
         s["torch_threads"] = torch.get_num_threads()
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)
+        # The activation formula's view (python/fastserve/footprint.py): bytes
+        # per token the scheduler counts, the largest batch allowed, and the
+        # budget it comes from (None: max_batch_tokens alone).
+        per = self._activation_bytes_per_token
+        s["memory"]["activations"] = {
+            "bytes_per_token": per,
+            "max_batch_bytes": per * self.max_batch_tokens if per is not None else None,
+            "max_batch_memory_mb": self.memory_budget.mib if self.memory_budget else None,
+        }
         s["health"] = self.health()
         return s
 
@@ -482,7 +511,17 @@ class Engine:
                         f"text at index {i} is {len(ids)} tokens long; the model's limit is "
                         f"{self.max_length} (pass truncate=True to cut it)"
                     )
-        return enc
+        return self._within_budget(enc)
+
+    def _within_budget(self, token_lists: list) -> list:
+        """token_lists, or InvalidInputError for the first input no batch
+        within max_batch_memory_mb can hold."""
+        budget = self.memory_budget
+        if budget is not None and budget.tokens < self.max_length:
+            for i, ids in enumerate(token_lists):
+                if len(ids) > budget.tokens:
+                    raise budget.refuse(len(ids), admission.where(i, len(token_lists)))
+        return token_lists
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
                        pooled_from: int = 0) -> cf.Future:
