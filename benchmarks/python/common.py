@@ -58,9 +58,9 @@ def model_path() -> Path:
 def max_seq_length(path: Path) -> int:
     """The sentence-transformers folder's max_seq_length (256 for MiniLM): the
     truncation every backend applies, so all of them embed the same tokens."""
-    from fastserve.models import read_sentence_transformers_config
+    from fastserve.st_spec import load_spec
 
-    return read_sentence_transformers_config(path).max_seq_length or 512
+    return load_spec(path).max_seq_length or 512
 
 
 def corpus() -> tuple[str, ...]:

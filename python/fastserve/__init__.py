@@ -11,6 +11,7 @@ from .errors import (
     ModelLoadError,
     QueueFullError,
     RequestTimeoutError,
+    UnsupportedModelError,
 )
 
 __version__ = "0.1.0"
@@ -26,5 +27,6 @@ __all__ = [
     "InvalidInputError",
     "QueueFullError",
     "RequestTimeoutError",
+    "UnsupportedModelError",
     "__version__",
 ]

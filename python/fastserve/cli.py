@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from .st_spec import POOLING_MODES as POOLINGS
+
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,8 +31,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model path or hub id (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "max"])
-    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
+    p.add_argument("--pooling", default="auto", choices=["auto", *POOLINGS])
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings (default: as the model's sentence-transformers stack says; a plain encoder is normalised)")
     p.add_argument("--policy", default="model", choices=["model", "aimd", "seed", "static"])
     p.add_argument("--target-latency-ms", type=float, default=50.0)
     p.add_argument("--max-batch-tokens", type=int, default=None,
@@ -49,7 +51,7 @@ def _make_engine(args: argparse.Namespace, **extra):
         device=args.device,
         dtype=args.dtype,
         pooling=args.pooling,
-        normalize=not args.no_normalize,
+        normalize=False if args.no_normalize else None,
         policy=args.policy,
         target_latency_ms=args.target_latency_ms,
         max_batch_tokens=args.max_batch_tokens,

@@ -23,7 +23,10 @@ from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device
-from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
+from .heads import EmbeddingHead
+from .families import select as select_runner
+from .runners import ACTIVATIONS, classification_activation
+from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
 # The largest batch, in tokens, when the caller sets none. On a CPU, batches
@@ -116,7 +119,7 @@ class Engine:
         *,
         task: str = "embed",
         pooling: str = "auto",
-        normalize: bool = True,
+        normalize: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_length: int | None = None,
@@ -167,12 +170,10 @@ class Engine:
         limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
         if max_length is not None and (max_length < 1 or max_length > limit):
             raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
-        if execution == "packed" and not packed_supported(loaded.model):
-            raise ValueError(
-                f"execution='packed' supports BERT-family encoders; this is {loaded.model.config.model_type!r} "
-                "(use 'auto' or 'padded')"
-            )
-        packed = execution == "packed" or (execution == "auto" and packed_supported(loaded.model))
+        # The execution path, from what each family's adapter declares
+        # (families.py); execution='packed' without support raises here.
+        choice = select_runner(loaded.model, task, execution)
+        packed = choice.capabilities.layout == "packed"
         # The batch bound that keeps a batch's activations within the budget
         # (python/fastserve/footprint.py); checked before anything changes.
         cfg = loaded.model.config
@@ -206,8 +207,21 @@ class Engine:
         self.model = net
         self._precision_context = self.precision.context()
         precision.warn_if_slow(self.precision)
-        self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
-        self.normalize = normalize
+        spec = loaded.st
+        modes = (pooling,) if pooling != "auto" else (spec.pooling or ("mean",))
+        self.pooling = "+".join(modes)
+        # The stack after pooling: the model's (sentence-transformers), with
+        # normalize=False dropping its Normalize and normalize=True ending in one;
+        # a plain encoder's is normalised unless normalize=False.
+        post = [op for op in spec.post if normalize is not False or op != "normalize"]
+        if (normalize or (normalize is None and not spec.sentence_transformers)) and post[-1:] != ["normalize"]:
+            post.append("normalize")
+        self.normalize = post[-1:] == ["normalize"]
+        self.prompts = dict(spec.prompts)
+        self.default_prompt_name = spec.default_prompt_name
+        self.similarity_fn_name = spec.similarity_fn_name
+        self._head = EmbeddingHead(modes, include_prompt=spec.include_prompt, post=post, device=self.device)
+        self._prompt_tokens: dict[str, int] = {}
         self.max_length = max_length or limit
         self.truncate = truncate
         self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
@@ -221,9 +235,9 @@ class Engine:
             self.labels = []
             self.activation = None
 
-        runner_cls = PackedRunner if packed else PaddedRunner
-        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
-                                 activation=self.activation or "none")
+        self._choice = choice
+        self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
+                                    activation=self.activation or "none", head=self._head)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -255,13 +269,22 @@ class Engine:
 
     # ------------------------------------------------------------------ calls
 
-    def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+    def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
+              prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """[dim] float32 for one text, [n, dim] for a list (of texts, or of
-        token-id lists: see submit_many, which queues it)."""
+        token-id lists: see submit_many, which queues it).
+
+        prompt_name / prompt: as SentenceTransformer.encode takes them: the
+        prompt (one of the model's `prompts` by name, or given) is put in
+        front of each text; with neither, the model's default prompt is (none
+        when it has no default_prompt_name); prompt="" means no prompt. A
+        given prompt wins over prompt_name."""
         self._require_task("embed")
         if isinstance(texts, str):
-            return self.submit(texts, priority=priority, timeout=timeout).result()
-        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)])
+            return self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
+                               prompt=prompt).result()
+        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout,
+                                                                 prompt_name=prompt_name, prompt=prompt)])
 
     def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """A Classification for one text, a list of them for a list."""
@@ -270,12 +293,15 @@ class Engine:
             return self.submit(texts, priority=priority, timeout=timeout).result()
         return [f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)]
 
-    async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+    async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
+                     prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """embed, awaited: no thread waits, and cancelling the task cancels the requests."""
         self._require_task("embed")
         if isinstance(texts, str):
-            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout)))
+            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout,
+                                                         prompt_name=prompt_name, prompt=prompt))
+        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout,
+                                                                  prompt_name=prompt_name, prompt=prompt)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """classify, awaited (as aembed)."""
@@ -284,13 +310,16 @@ class Engine:
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
         return await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout))
 
-    def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
+    def submit(self, text: str, *, priority: int = 0, timeout: float | None = None,
+               prompt_name: str | None = None, prompt: str | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
         for it, and once done carries `future.timing` = {"queue_s",
-        "inference_s"}. Raises QueueFullError at once when the queue is full."""
+        "inference_s"}. Raises QueueFullError at once when the queue is full.
+        prompt_name / prompt: as embed's."""
         timeout = admission.check_timeout(timeout)
-        ids = self._tokens([text])[0]
-        return self._submit_tokens(ids, priority, timeout)
+        p = self._prompt(prompt_name, prompt)
+        ids = self._tokens(self._prompted([text], p))[0]
+        return self._submit_tokens(ids, priority, timeout, self._pooled_from(p))
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
@@ -299,7 +328,8 @@ class Engine:
         return self._submit_tokens(self.validate_token_ids([token_ids])[0], priority, timeout)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
-                    timeout: Timeout = None) -> list[cf.Future]:
+                    timeout: Timeout = None, prompt_name: str | None = None,
+                    prompt: str | None = None) -> list[cf.Future]:
         """Queue a list of inputs, each its own request (so they batch with
         other callers' inputs), and return their futures in order (each as
         submit's).
@@ -315,13 +345,20 @@ class Engine:
         queued yet, QueueFullError (the call is refused whole). Once part of
         it is queued, the call blocks until there is room for the rest
         rather than fail half served. A call that fails part way cancels what
-        it had queued."""
-        return admission.submit_all(self._submit_prefix, self._requests(inputs), priority,
+        it had queued.
+
+        prompt_name / prompt: as embed's, for texts. Token-id lists are taken
+        as tokenize() gives them with the same prompt arguments (the prompt
+        already in front): on a model whose Pooling leaves the prompt out
+        (include_prompt=False), that prompt's tokens are left out."""
+        p = self._prompt(prompt_name, prompt)
+        return admission.submit_all(self._submitter(p), self._requests(inputs, p), priority,
                                     admission.timeout_callable(timeout))
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                            timeout: Timeout = None,
-                           wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None) -> list[cf.Future]:
+                           wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+                           prompt_name: str | None = None, prompt: str | None = None) -> list[cf.Future]:
         """submit_many for the event loop: waiting for room in the queue is
         awaited, never blocking the loop; a call the queue takes at once does
         not suspend at all. Texts are tokenized in the calling thread (for a
@@ -331,8 +368,10 @@ class Engine:
         wait: when given, each wait for room goes through it (`await
         wait(awaitable)`), so a caller can end it early (the HTTP server ends
         it when the client leaves or its deadline passes); what it raises
-        fails the call. `await fastserve.wait_all(futures)` gives the results."""
-        return await admission.asubmit_all(self._submit_prefix, self._requests(inputs), priority,
+        fails the call. `await fastserve.wait_all(futures)` gives the results.
+        prompt_name / prompt: as submit_many's."""
+        p = self._prompt(prompt_name, prompt)
+        return await admission.asubmit_all(self._submitter(p), self._requests(inputs, p), priority,
                                            admission.timeout_callable(timeout), wait)
 
     def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
@@ -345,13 +384,15 @@ class Engine:
                                              truncate=self.truncate)
         return self._within_budget(lists)
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, as the engine would submit them (special
-        tokens added, truncated to max_length when truncate=True); passed back
-        to submit_many, they are queued without being checked again."""
+    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
+                 prompt: str | None = None) -> list[list[int]]:
+        """Token ids of each text, as the engine would submit them (the prompt
+        in front as embed puts it, special tokens added, truncated to
+        max_length when truncate=True); passed back to submit_many with the
+        same prompt arguments, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
-        return admission.TokenLists(self._tokens(texts))
+        return admission.TokenLists(self._tokens(self._prompted(texts, self._prompt(prompt_name, prompt))))
 
     # ------------------------------------------------------------- lifecycle
 
@@ -403,12 +444,18 @@ class Engine:
         s["compute_dtype"] = str(self.precision.compute).removeprefix("torch.")
         s["cpu"] = precision.cpu_features()
         s["execution"] = self.runner.name
+        # The runner's family adapter, and why the engine runs padded when it does.
+        s["family"] = self._choice.family
+        s["padded_reason"] = self._choice.reason
         # Packed execution only (None when padded): the packing kernels'
         # implementation (cpu / cuda: the extension's; torch: the fallback),
         # the attention method, and batches by the attention that actually ran.
         kernels = getattr(self.runner, "kernels", None)
         s["kernels"] = kernels.name if kernels is not None else None
         s["attention"] = getattr(self.runner, "attention", None)
+        # Padded only: the Hugging Face model's own attention implementation.
+        s["model_attention"] = None if self.runner.name == "packed" else \
+            (getattr(self.model.config, "_attn_implementation", None) or "eager")
         ran = getattr(self.runner, "attention_batches", None)
         s["attention_batches"] = dict(ran) if ran is not None else None
         s["activation"] = self.activation
@@ -438,7 +485,7 @@ class Engine:
 
     @property
     def dim(self) -> int:
-        return len(self.labels) if self.task == "classify" else int(self.model.config.hidden_size)
+        return len(self.labels) if self.task == "classify" else self._head.dim(int(self.model.config.hidden_size))
 
     # -------------------------------------------------------------- internals
 
@@ -482,8 +529,10 @@ class Engine:
                     raise budget.refuse(len(ids), admission.where(i, len(token_lists)))
         return token_lists
 
-    def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None) -> cf.Future:
+    def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
+                       pooled_from: int = 0) -> cf.Future:
         fut: cf.Future = cf.Future()
+        fut.pooled_from = pooled_from  # type: ignore[attr-defined]
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -493,7 +542,7 @@ class Engine:
         return fut
 
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
-                       timeout: float | None) -> list[cf.Future]:
+                       timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
         worker sees them at once, not one by one): their futures."""
         with self._lock:
@@ -501,14 +550,54 @@ class Engine:
                 raise EngineClosedError("the engine is closed")
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
+            for fut in futures:
+                fut.pooled_from = pooled_from  # type: ignore[attr-defined]
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
             fut.add_done_callback(functools.partial(self._on_done, rid))
         return futures
 
-    def _requests(self, inputs: Sequence[Any]) -> list[Sequence[int]]:
+    def _requests(self, inputs: Sequence[Any], prompt: str = "") -> list[Sequence[int]]:
         """A list of inputs as the token lists submit_many queues."""
-        return admission.token_lists(inputs, self._tokens, self.validate_token_ids)
+        tokens = (lambda texts: self._tokens(self._prompted(texts, prompt))) if prompt else self._tokens
+        return admission.token_lists(inputs, tokens, self.validate_token_ids)
+
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        """The prompt text SentenceTransformer.encode would use."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                known = ", ".join(repr(k) for k in sorted(self.prompts)) or "none"
+                raise InvalidInputError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({known})")
+            return self.prompts[prompt_name]
+        if self.default_prompt_name is not None:
+            return self.prompts[self.default_prompt_name]
+        return ""
+
+    @staticmethod
+    def _prompted(texts: Sequence[Any], prompt: str) -> Sequence[Any]:
+        if not prompt:
+            return texts
+        return [prompt + t if isinstance(t, str) else t for t in texts]
+
+    def _pooled_from(self, prompt: str) -> int:
+        """Where pooling starts in a text with this prompt in front: past the
+        prompt's tokens when the model's Pooling leaves them out, else 0."""
+        if not prompt or not self._head.needs_prompt_lengths:
+            return 0
+        n = self._prompt_tokens.get(prompt)
+        if n is None:
+            n = prompt_length(self.tokenizer, prompt)
+            if len(self._prompt_tokens) < 1024:  # prompts come from callers: a bounded cache
+                self._prompt_tokens[prompt] = n
+        return n
+
+    def _submitter(self, prompt: str) -> Callable[..., list[cf.Future]]:
+        n = self._pooled_from(prompt)
+        return functools.partial(self._submit_prefix, pooled_from=n) if n else self._submit_prefix
 
     def _on_done(self, rid: int, fut: cf.Future) -> None:
         if fut.cancelled():
@@ -562,7 +651,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with self._sdpa_backends(), self._precision_context():
-                rows = self.runner.run(batch)
+                if self._head.needs_prompt_lengths and self.task == "embed":
+                    skip = np.array([getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
+                    rows = self.runner.run(batch, skip)
+                else:
+                    rows = self.runner.run(batch)
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:

@@ -22,6 +22,15 @@ class ModelLoadError(FastServeError, OSError):
     """The model or its tokenizer could not be loaded."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """The model's sentence-transformers module stack has a module the engine
+    cannot reproduce exactly; `module` names it (Pooling, Dense, ...)."""
+
+    def __init__(self, module: str, reason: str) -> None:
+        super().__init__(f"sentence-transformers module {module}: {reason}")
+        self.module = module
+
+
 __all__ = [
     "EngineClosedError",
     "FastServeError",
@@ -30,4 +39,5 @@ __all__ = [
     "ModelLoadError",
     "QueueFullError",
     "RequestTimeoutError",
+    "UnsupportedModelError",
 ]

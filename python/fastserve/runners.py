@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .heads import EmbeddingHead
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
@@ -43,19 +44,6 @@ def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return logits
 
 
-def pool_padded(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool [B, L, H] hidden states over the real tokens of each row, in float32."""
-    hidden = hidden.float()
-    if pooling == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    if pooling == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).amax(1)
-    raise ValueError(f"unknown pooling {pooling!r}")
-
-
 class PaddedRunner:
     """Calls the Hugging Face model on the padded layout: works for any encoder."""
 
@@ -70,6 +58,7 @@ class PaddedRunner:
         normalize: bool,
         device: torch.device,
         activation: str = "softmax",
+        head: EmbeddingHead | None = None,
     ) -> None:
         self.model = model
         # Encoder-decoder models (T5) are served by their encoder alone.
@@ -80,18 +69,18 @@ class PaddedRunner:
         self.normalize = normalize
         self.device = device
         self.activation = activation
+        self.head = head or EmbeddingHead((pooling,), post=["normalize"] if normalize else [], device=device)
 
-    def run(self, batch) -> np.ndarray:
-        """[B, dim] float32: pooled embeddings, or class scores for classify."""
+    def run(self, batch, prompt_lengths: np.ndarray | None = None) -> np.ndarray:
+        """[B, dim] float32: pooled embeddings, or class scores for classify.
+        prompt_lengths: each row's prompt tokens, for a head that leaves them out."""
         ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
         mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
         out = self.encoder(input_ids=ids, attention_mask=mask)
         if self.task == "classify":
             rows = activate(out.logits, self.activation)
         else:
-            rows = pool_padded(out.last_hidden_state, mask, self.pooling)
-            if self.normalize:
-                rows = F.normalize(rows, p=2, dim=-1)
+            rows = self.head.padded(out.last_hidden_state, mask, prompt_lengths)
         return rows.cpu().numpy()
 
 
@@ -184,7 +173,7 @@ class PackedRunner:
     name = "packed"
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
-                 activation: str = "softmax") -> None:
+                 activation: str = "softmax", head: EmbeddingHead | None = None) -> None:
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -194,6 +183,7 @@ class PackedRunner:
         self.normalize = normalize
         self.device = device
         self.activation = activation
+        self.head = head or EmbeddingHead((pooling,), post=["normalize"] if normalize else [], device=device)
         self.kernels = kernels.for_device(device)
         reason = kernels.fallback_reason(device)
         if reason:
@@ -249,13 +239,13 @@ class PackedRunner:
                 h = block.output(block.intermediate(a), a)
         return h, cu
 
-    def run(self, batch) -> np.ndarray:
+    def run(self, batch, prompt_lengths: np.ndarray | None = None) -> np.ndarray:
         h, cu = self.hidden(batch)
         if self.task == "classify":
             cls = h[cu[:-1].long()]
             rows = activate(self._classify(cls), self.activation)
         else:
-            rows = self.kernels.segment_pool(h, cu, mode=self.pooling, normalize=self.normalize)
+            rows = self.head.packed(h, cu, self.kernels, prompt_lengths)
         return rows.cpu().numpy()
 
     def _classify(self, cls: torch.Tensor) -> torch.Tensor:

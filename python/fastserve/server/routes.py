@@ -46,28 +46,30 @@ class Api:
             raise ApiError(413, f"{n} inputs in one request; the limit is {self.max_inputs}", param="input",
                            code="too_many_inputs")
 
-    async def _tokenize(self, req: InFlight, texts: list[str]) -> list[list[int]]:
+    async def _tokenize(self, req: InFlight, texts: list[str], prompt: dict[str, Any]) -> list[list[int]]:
         if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return self.engine.tokenize(texts)
-        return await req.wait(asyncio.to_thread(self.engine.tokenize, texts))
+            return self.engine.tokenize(texts, **prompt)
+        return await req.wait(asyncio.to_thread(self.engine.tokenize, texts, **prompt))
 
     async def _serve(self, receive, route: str, texts: Optional[list[str]],
-                     token_lists: Optional[list[list[int]]], answer) -> Reply:
+                     token_lists: Optional[list[list[int]]], answer,
+                     prompt: Optional[dict[str, Any]] = None) -> Reply:
         """Tokenize (or validate the token ids), queue, run and answer one
         request. The inputs go in through engine.asubmit_many: as many at a
         time as the queue takes; once some are queued, a full queue means
         waiting its turn (through req.wait, so the client leaving or the
         deadline ends it); only a request with nothing queued yet gets 429."""
         req = InFlight(receive, self.request_timeout)
+        prompt = prompt or {}
         try:
             tokenize_s = 0.0
             if texts is not None:
                 t0 = time.perf_counter()
-                token_lists = await self._tokenize(req, texts)
+                token_lists = await self._tokenize(req, texts, prompt)
                 tokenize_s = time.perf_counter() - t0
             else:  # checked before any is queued; the usage counts them as truncated
                 token_lists = self.engine.validate_token_ids(token_lists)
-            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait)
+            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait, **prompt)
             results = await req.wait(wait_all(req.futures))
             n_tokens = sum(len(ids) for ids in token_lists)
             self.metrics.inputs_for(route).inc(len(token_lists))
@@ -120,7 +122,8 @@ class Api:
                 data.append({"object": "embedding", "index": i, "embedding": emb})
             return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
-        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer)
+        prompt = {k: v for k, v in (("prompt_name", body.prompt_name), ("prompt", body.prompt)) if v is not None}
+        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer, prompt)
 
     async def classify(self, body: ClassifyRequest, receive) -> Reply:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)

@@ -18,6 +18,13 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[StrictInt] = Field(default=None, description="keep the first N dimensions (Matryoshka)")
     user: Optional[str] = None
+    # Extensions (not in OpenAI's API), as SentenceTransformer.encode takes them.
+    prompt_name: Optional[StrictStr] = Field(
+        default=None, description="fastserve extension: one of the model's prompts by name, put in front of each "
+                                  "text (default: the model's default prompt, if it has one)")
+    prompt: Optional[StrictStr] = Field(
+        default=None, description="fastserve extension: a prompt put in front of each text (wins over prompt_name; "
+                                  "\"\" for none)")
 
 
 class ClassifyRequest(BaseModel):
