@@ -18,9 +18,10 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, process
+from . import _core, admission, process, tasks
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device, resolve_dtype
 from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
@@ -97,7 +98,7 @@ class _Timer:
             }
 
 
-class Engine:
+class Engine(tasks.TaskCalls):
     """Serve a Hugging Face encoder to many concurrent callers.
 
     Callers' threads tokenize and submit single texts; one worker thread per
@@ -120,7 +121,9 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         max_length: int | None = None,
-        truncate: bool = True,
+        truncate: bool | str = True,
+        chunk_overlap: int = 0,
+        pair_truncation: str = "longest_first",
         target_latency_ms: float = 50.0,
         policy: str = "model",
         execution: str = "auto",
@@ -146,8 +149,13 @@ class Engine:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
-        if activation not in ACTIVATIONS:
+        if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        truncate = truncation_mode(truncate)
+        if truncate == "chunk" and task != "embed":
+            raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
+        if pair_truncation not in tasks.PAIR_TRUNCATIONS:
+            raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
 
         process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
@@ -188,28 +196,48 @@ class Engine:
         self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
         self.normalize = normalize
         self.max_length = max_length or limit
+        # "right" | "left" | "error" | "chunk" (inputs.py): texts are tokenized
+        # whole, then cut, refused or split into windows.
         self.truncate = truncate
-        self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
-        if task == "classify":
+        self.chunk_overlap = chunk_overlap
+        self._encode = TextEncoder(self.tokenizer, self.max_length, False)
+        self._fit = self._make_fit(truncate, chunk_overlap)
+        if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
             self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
-            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline.
-            self.activation: str | None = classification_activation(net.config, activation)
+            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline
+            # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
+            self.activation: str | None = (
+                classification_activation(net.config, activation) if task == "classify" else
+                tasks.cross_encoder_activation(loaded.path, net.config, activation) if task == "rerank" else
+                "softmax")
         else:
             self.labels = []
             self.activation = None
 
+        # Pairs carry token types when the tokenizer makes them and the model has more than one.
+        types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()) and \
+            getattr(net.config, "type_vocab_size", 0) > 1
+        self._pairs = tasks.PairEncoder(self._side_tokenizer(truncate), self.max_length, truncate, pair_truncation,
+                                        types) if task == "rerank" else None
+        self._token_encoder = tasks.TokenEncoder(self._side_tokenizer(truncate), self.max_length, truncate) \
+            if task == "token-classify" else None
+        self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
+            if self._token_encoder else None
+
         packed = execution == "packed" or (execution == "auto" and packed_supported(net))
         runner_cls = PackedRunner if packed else PaddedRunner
-        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
-                                 activation=self.activation or "none")
+        # Chunked texts are normalised after their windows are combined; classify's activation
+        # runs in the worker, rerank and token-classify scores in the caller's thread (tasks.py).
+        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize and truncate != "chunk",
+                                 device=self.device, activation=self.activation if task == "classify" else "none")
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
             max_batch_size=max_batch_size,
-            max_request_tokens=self.max_length if truncate else 1 << 30,
+            max_request_tokens=self.max_length,
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
         )
@@ -268,14 +296,23 @@ class Engine:
         for it, and once done carries `future.timing` = {"queue_s",
         "inference_s"}. Raises QueueFullError at once when the queue is full."""
         timeout = admission.check_timeout(timeout)
-        ids = self._tokens([text])[0]
-        return self._submit_tokens(ids, priority, timeout)
+        lists = self._tokens([text])
+        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            return self.submit_many(lists, priority=priority, timeout=timeout)[0]
+        fut = self._submit_tokens(lists[0], priority, timeout)
+        fut.info = lists.infos[0]
+        return fut
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
         special tokens included), checked as validate_token_ids does."""
         timeout = admission.check_timeout(timeout)
-        return self._submit_tokens(self.validate_token_ids([token_ids])[0], priority, timeout)
+        lists = self.validate_token_ids([token_ids])
+        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            return self.submit_many(lists, priority=priority, timeout=timeout)[0]
+        fut = self._submit_tokens(lists[0], priority, timeout)
+        fut.info = lists.infos[0]
+        return fut
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                     timeout: Timeout = None) -> list[cf.Future]:
@@ -294,9 +331,20 @@ class Engine:
         queued yet, QueueFullError (the call is refused whole). Once part of
         it is queued, the call blocks until there is room for the rest
         rather than fail half served. A call that fails part way cancels what
-        it had queued."""
-        return admission.submit_all(self._submit_prefix, self._requests(inputs), priority,
-                                    admission.timeout_callable(timeout))
+        it had queued.
+
+        Each future carries `.info` (InputInfo: the input's full token
+        count, the tokens computed, truncated, chunks). With
+        truncate="chunk", a long input's windows are queued as requests of
+        their own and its future is theirs combined."""
+        requests = self._requests(inputs)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests)
+            parts = admission.submit_all(self._submit_prefix, flat, priority, admission.timeout_callable(timeout))
+            return self._combine(requests, flat, spans, parts)
+        futures = admission.submit_all(self._submit_prefix, requests, priority, admission.timeout_callable(timeout))
+        attach(futures, infos_of(requests))
+        return futures
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                            timeout: Timeout = None,
@@ -311,21 +359,32 @@ class Engine:
         wait(awaitable)`), so a caller can end it early (the HTTP server ends
         it when the client leaves or its deadline passes); what it raises
         fails the call. `await fastserve.wait_all(futures)` gives the results."""
-        return await admission.asubmit_all(self._submit_prefix, self._requests(inputs), priority,
-                                           admission.timeout_callable(timeout), wait)
+        requests = self._requests(inputs)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests)
+            parts = await admission.asubmit_all(self._submit_prefix, flat, priority,
+                                                admission.timeout_callable(timeout), wait)
+            return self._combine(requests, flat, spans, parts)
+        futures = await admission.asubmit_all(self._submit_prefix, requests, priority,
+                                              admission.timeout_callable(timeout), wait)
+        attach(futures, infos_of(requests))
+        return futures
 
     def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """Token-id lists as the engine would queue them: each must be a
         non-empty sequence of int in [0, vocab_size); longer than max_length,
-        it is cut to it with truncate=True, else refused. InvalidInputError
-        names the first bad list's index (when there are several). The
-        result, passed to submit_many, is queued without a second check."""
-        return admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
-                                            truncate=self.truncate)
+        it is cut to it (truncate "right"/"left": the tokenizer's special
+        tokens around it kept when it carries them), split at submit
+        ("chunk"), or refused ("error"). InvalidInputError names the first
+        bad list's index (when there are several). The result, passed to
+        submit_many, is queued without a second check."""
+        checked = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=1 << 62,
+                                               truncate=False)
+        return self._fit.fit(checked, what="input")
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, as the engine would submit them (special
-        tokens added, truncated to max_length when truncate=True); passed back
+        tokens added, cut to max_length as `truncate` says); passed back
         to submit_many, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
@@ -404,7 +463,7 @@ class Engine:
 
     @property
     def dim(self) -> int:
-        return len(self.labels) if self.task == "classify" else int(self.model.config.hidden_size)
+        return len(self.labels) if self.task != "embed" else int(self.model.config.hidden_size)
 
     # -------------------------------------------------------------- internals
 
@@ -429,14 +488,32 @@ class Engine:
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
-        if not self.truncate:
-            for i, ids in enumerate(enc):
-                if len(ids) > self.max_length:
-                    raise InvalidInputError(
-                        f"text at index {i} is {len(ids)} tokens long; the model's limit is "
-                        f"{self.max_length} (pass truncate=True to cut it)"
-                    )
-        return enc
+        return self._fit.fit(enc, texts)
+
+    def _side_tokenizer(self, truncate: str) -> Any:
+        """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
+        if truncate != "left":
+            return self.tokenizer
+        tok = copy.copy(self.tokenizer)
+        tok.truncation_side = "left"
+        return tok
+
+    def _make_fit(self, truncate: str, overlap: int) -> Fit:
+        template = Template.detect(self.tokenizer)
+        retokenize = None
+        if template is None and truncate in ("right", "left"):  # the tokenizer cuts
+            retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True)
+        return Fit(truncate, self.max_length, template=template, overlap=overlap, retokenize=retokenize)
+
+    def _combine(self, requests, flat, spans, parts: list[cf.Future]) -> list[cf.Future]:
+        """Each input's future over its windows' (truncate="chunk")."""
+        out = []
+        for info, (a, b) in zip(infos_of(requests), spans):
+            weights = [len(ids) for ids in flat[a:b]]
+            g = Gathered(parts[a:b], functools.partial(weighted_mean, weights=weights, normalize=self.normalize))
+            g.info = info
+            out.append(g)
+        return out
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None) -> cf.Future:
         fut: cf.Future = cf.Future()
@@ -457,6 +534,8 @@ class Engine:
                 raise EngineClosedError("the engine is closed")
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
+            if self._pairs is not None:
+                tasks.mark_segments(futures, token_lists)
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
             fut.add_done_callback(functools.partial(self._on_done, rid))
@@ -518,7 +597,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with self._sdpa_backends():
-                rows = self.runner.run(batch)
+                if self._pairs is None:
+                    rows = self.runner.run(batch)
+                else:  # the pairs' token types, carried on their futures
+                    rows = self.runner.run(batch, tasks.segments_of(futures, batch.lengths))
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:

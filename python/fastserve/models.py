@@ -15,7 +15,7 @@ import torch
 from .errors import ModelLoadError
 
 POOLINGS = ("mean", "cls", "max")
-TASKS = ("embed", "classify")
+TASKS = ("embed", "classify", "rerank", "token-classify")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -116,10 +116,11 @@ def _local_path(model: str | os.PathLike) -> Path | None:
 
 def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
     """Load `model` (a path, a hub id, or a PreTrainedModel) and its tokenizer."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import PreTrainedModel
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoTokenizer, PreTrainedModel
 
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModel
+    auto = {"classify": AutoModelForSequenceClassification, "rerank": AutoModelForSequenceClassification,
+            "token-classify": AutoModelForTokenClassification}.get(task, AutoModel)
     if isinstance(model, PreTrainedModel):
         name = getattr(model, "name_or_path", "") or type(model).__name__
         path = _local_path(name) if name else None
