@@ -388,7 +388,8 @@ class Engine(tasks.TaskCalls):
         to submit_many, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
-        return admission.TokenLists(self._tokens(texts))
+        lists = self._tokens(texts)
+        return lists if isinstance(lists, admission.TokenLists) else admission.TokenLists(lists)
 
     # ------------------------------------------------------------- lifecycle
 
