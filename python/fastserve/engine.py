@@ -296,23 +296,13 @@ class Engine(tasks.TaskCalls):
         for it, and once done carries `future.timing` = {"queue_s",
         "inference_s"}. Raises QueueFullError at once when the queue is full."""
         timeout = admission.check_timeout(timeout)
-        lists = self._tokens([text])
-        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
-            return self.submit_many(lists, priority=priority, timeout=timeout)[0]
-        fut = self._submit_tokens(lists[0], priority, timeout)
-        fut.info = lists.infos[0]
-        return fut
+        return self._submit_one(self._tokens([text]), priority, timeout)
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
         special tokens included), checked as validate_token_ids does."""
         timeout = admission.check_timeout(timeout)
-        lists = self.validate_token_ids([token_ids])
-        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
-            return self.submit_many(lists, priority=priority, timeout=timeout)[0]
-        fut = self._submit_tokens(lists[0], priority, timeout)
-        fut.info = lists.infos[0]
-        return fut
+        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                     timeout: Timeout = None) -> list[cf.Future]:
@@ -524,6 +514,14 @@ class Engine(tasks.TaskCalls):
             rid = _queued(self._scheduler.submit, ids, priority, timeout)
             self._pending[rid] = fut
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
+        return fut
+
+    def _submit_one(self, lists, priority: int, timeout: float | None) -> cf.Future:
+        """Queue one input (a one-item list from _tokens or validate_token_ids)."""
+        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            return self.submit_many(lists, priority=priority, timeout=timeout)[0]
+        fut = self._submit_tokens(lists[0], priority, timeout)
+        fut.info = lists.infos[0]
         return fut
 
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
