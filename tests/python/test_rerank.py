@@ -200,3 +200,26 @@ def test_async_forms_equal_the_sync_ones(bert_ce):
         ranked, scores = asyncio.run(both())
         assert ranked == engine.rerank(QUERY, DOCS, top_n=3)
         np.testing.assert_array_equal(scores, engine.score(pairs()))
+
+
+def test_every_saved_activation_format_of_sentence_transformers_is_read(tmp_path):
+    """5.x+: config_sentence_transformers.json; 4.x: config.json's
+    "sentence_transformers"; older: "sbert_ce_default_activation_function";
+    none saved: sigmoid for one logit, identity for several."""
+    from types import SimpleNamespace
+
+    from fastserve.tasks import cross_encoder_activation
+
+    one = SimpleNamespace(num_labels=1)
+    assert cross_encoder_activation(None, one) == "sigmoid"
+    assert cross_encoder_activation(None, SimpleNamespace(num_labels=3)) == "none"
+    assert cross_encoder_activation(None, SimpleNamespace(
+        num_labels=1, sentence_transformers={"activation_fn": "torch.nn.modules.linear.Identity"})) == "none"
+    assert cross_encoder_activation(None, SimpleNamespace(
+        num_labels=1, sbert_ce_default_activation_function="torch.nn.modules.activation.Tanh")) == "tanh"
+    (tmp_path / "config_sentence_transformers.json").write_text(
+        '{"activation_fn": "torch.nn.modules.activation.Sigmoid"}')
+    assert cross_encoder_activation(tmp_path, SimpleNamespace(num_labels=3)) == "sigmoid"
+    assert cross_encoder_activation(tmp_path, one, "none") == "none"  # an explicit choice wins
+    with pytest.raises(fastserve.ModelLoadError, match="not supported"):
+        cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="my.Fn"))
