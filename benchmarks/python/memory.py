@@ -1,18 +1,28 @@
-"""Resident memory for the same offline work, each backend in its own
-process: the embedded MiniLM (fp32, CPU) embeds the same long-tail corpus
+"""Resident memory for the same work, each backend in its own process.
+
+Offline: the embedded MiniLM (fp32, CPU) embeds the same long-tail corpus
 texts `--passes` times in lists of `--list` texts. Reported per backend: RSS
 after construction, RSS after the work, peak RSS (the kernel's high-water mark,
 VmHWM) and texts/s. Backends:
 
-- fastserve with max_batch_tokens=8192 and 2048 (the CPU default; about
-  sentence-transformers' batch of 32 corpus texts), with and without
-  tune_malloc;
-- fastserve at 8192 with a trim threshold of `--trim-mib` (mmap threshold as
-  tune_malloc's, but the heap's free top returned to the kernel past that size);
+- fastserve with its default batch bound (2048 tokens on a CPU), with and
+  without tune_malloc, with the heap's trim threshold capped at `--trim-mib`
+  (the free top of the heap returned to the kernel past that size), with 1024
+  and 8192 tokens, and with max_batch_memory_mb=8;
 - sentence-transformers `encode(batch_size=32)`;
 - plain transformers, padded batches of 32 in arrival order, mean pooling.
 
-    python benchmarks/python/memory.py --n 1000 --passes 4
+Under load (`--load-seconds`, 0 to skip): open-loop Poisson arrivals at
+`--load-rates` times the engine's offline texts/s of this run, one text per
+request (benchmarks/python/load.py's driver), for the default engine and for
+sentence-transformers and transformers behind a FIFO: peak RSS, throughput,
+goodput within the default SLO and latency percentiles.
+
+Activations (`--activations`): each batch's peak tensor bytes, from torch's
+allocation record, against the formula of python/fastserve/footprint.py, for
+the packed and the padded runner at several batch sizes.
+
+    python benchmarks/python/memory.py --n 1000 --passes 4 --rounds 1 --activations
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ if backend.startswith("fastserve"):
     kw = {{"max_batch_tokens": int(backend.split()[1])}}
     if "tune_malloc=False" in backend:
         kw["tune_malloc"] = False
+    if "max_batch_memory_mb=" in backend:
+        kw["max_batch_memory_mb"] = float(backend.split("max_batch_memory_mb=")[1])
     engine = fastserve.Engine(**kw)
     if backend.endswith("trim cap"):
         import ctypes, ctypes.util
@@ -82,14 +94,83 @@ print(json.dumps({{"max_batch_tokens_seen": stats, "rss_built": after_build["VmR
                    "texts_per_s": {n} * {passes} / elapsed}}))
 """
 
-BACKENDS = ("fastserve 8192", "fastserve 8192 tune_malloc=False", "fastserve 2048",
-            "fastserve 2048 tune_malloc=False", "fastserve 8192 trim cap",
-            "sentence-transformers", "transformers")
+BACKENDS = ("fastserve 2048", "fastserve 2048 tune_malloc=False", "fastserve 2048 trim cap", "fastserve 1024",
+            "fastserve 8192", "fastserve 2048 max_batch_memory_mb=8", "sentence-transformers", "transformers")
+
+LOAD_CHILD = r"""
+import json, sys
+sys.path.insert(0, {bench!r})
+import common
+common.quiet()
+import load
+
+def status():
+    out = {{}}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+name, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+backend = load.make_backends([name], "auto", 50.0)[0]
+texts = common.sample_texts(2000, seed=1)
+backend.submit(texts[0]).result()  # warm-up
+built = status()
+r = load.run_open_loop(backend, load.poisson_arrivals(rate, seconds, seed=0), texts,
+                       warmup_s=1.0, slo_s=0.05, drain_s=2.0)
+after = status()
+backend.close()
+print(json.dumps({{"rss_built": built["VmRSS"], "rss_after": after["VmRSS"], "peak": after["VmHWM"],
+                   "offered_rps": r["offered_rps"], "throughput_rps": r["throughput_rps"],
+                   "goodput_rps": r["goodput_rps"], "p50_s": r["latency_s"]["p50"], "p99_s": r["latency_s"]["p99"],
+                   "failed": r["failed"], "unfinished": r["unfinished"]}}))
+"""
+
+LOAD_BACKENDS = ("fastserve/model", "sentence-transformers", "transformers")
+
+ACTIVATIONS_CHILD = r"""
+import json, sys
+sys.path.insert(0, {bench!r})
+import common
+common.quiet()
+import numpy as np
+import fastserve
+from fastserve import footprint
+
+texts = common.sample_texts(1500, seed=2)
+out = []
+for execution in ("packed", "padded"):
+    for tokens in (512, 2048, 8192):
+        engine = fastserve.Engine(execution=execution, policy="static", min_batch_tokens=tokens,
+                                  max_batch_tokens=tokens, tune_malloc=False)
+        inner, rows = engine.runner.run, []
+
+        def run(batch, inner=inner, rows=rows):
+            res, peak = footprint.measured_peak_bytes(lambda: inner(batch))
+            lengths = np.asarray(batch.lengths)
+            rows.append((int(lengths.sum()), len(lengths) * int(lengths.max()), peak))
+            return res
+
+        engine.runner.run = run
+        engine.embed(texts[: tokens // 10])
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+        engine.close()
+        real, padded, peak = max(rows, key=lambda r: r[2])
+        counted = real if execution == "packed" else padded
+        out.append({{"execution": execution, "budget": tokens, "real_tokens": real, "padded_tokens": padded,
+                     "measured_peak": peak, "formula": per * counted, "bytes_per_token": per}})
+print(json.dumps(out))
+"""
 
 
 def run_child(backend: str, n: int, passes: int, trim_mib: int) -> dict:
     code = CHILD.format(bench=str(Path(__file__).parent), n=n, passes=passes)
     return common.run_python_json(code, backend, str(trim_mib))
+
+
+def run_load(name: str, rate: float, seconds: float) -> dict:
+    return common.run_python_json(LOAD_CHILD.format(bench=str(Path(__file__).parent)), name, str(rate), str(seconds))
 
 
 def main() -> None:
@@ -98,6 +179,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--trim-mib", type=int, default=64)
+    ap.add_argument("--load-seconds", type=float, default=15.0)
+    ap.add_argument("--load-rates", default="0.5,2", help="multiples of the engine's offline texts/s")
+    ap.add_argument("--activations", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS / "memory.json"))
     args = ap.parse_args()
     rows: dict[str, list[dict]] = {b: [] for b in BACKENDS}
@@ -114,8 +198,29 @@ def main() -> None:
         summary[b] = s
         print(f"{b:30s} {s['rss_built'] / mib:9.0f}M {s['rss_after'] / mib:9.0f}M {s['peak'] / mib:9.0f}M "
               f"{s['texts_per_s']:8.1f}")
-    Path(args.out).write_text(json.dumps({"machine": common.machine(), "n": args.n, "passes": args.passes,
-                                          "trim_mib": args.trim_mib, "backends": summary}, indent=1) + "\n")
+    result = {"machine": common.machine(), "n": args.n, "passes": args.passes, "trim_mib": args.trim_mib,
+              "backends": summary}
+    if args.load_seconds > 0:
+        capacity = summary["fastserve 2048"]["texts_per_s"]
+        result["load"] = {"capacity_texts_per_s": capacity, "seconds": args.load_seconds, "rows": []}
+        print(f"\nopen loop ({args.load_seconds:g} s per rate; capacity {capacity:.1f} texts/s)")
+        print(f"{'backend':24s} {'rate':>6s} {'peak':>8s} {'done/s':>7s} {'good/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s}")
+        for x in (float(v) for v in args.load_rates.split(",")):
+            for b in LOAD_BACKENDS:
+                r = run_load(b, x * capacity, args.load_seconds)
+                r.update(backend=b, rate_x=x)
+                result["load"]["rows"].append(r)
+                print(f"{b:24s} {x:5.1f}x {r['peak'] / mib:7.0f}M {r['throughput_rps']:7.1f} {r['goodput_rps']:7.1f} "
+                      f"{r['p50_s'] * 1e3:8.1f} {r['p99_s'] * 1e3:8.1f}")
+    if args.activations:
+        rows_a = common.run_python_json(ACTIVATIONS_CHILD.format(bench=str(Path(__file__).parent)))
+        result["activations"] = rows_a
+        print("\nactivations: measured peak of the largest batch against the formula")
+        for r in rows_a:
+            print(f"{r['execution']:7s} budget {r['budget']:5d}: {r['real_tokens']:5d} real / {r['padded_tokens']:5d} "
+                  f"padded tokens, measured {r['measured_peak'] / mib:6.1f} MiB, formula {r['formula'] / mib:6.1f} MiB "
+                  f"({r['measured_peak'] / r['formula']:.3f})")
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-latency-ms", type=float, default=50.0)
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="largest batch in tokens (default 2048 on a CPU, 8192 on a GPU)")
+    p.add_argument("--max-batch-memory-mb", type=float, default=None,
+                   help="bound on a batch's activation memory, turned into a token bound per model")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--torch-threads", type=int, default=None)
 
@@ -51,6 +53,7 @@ def _make_engine(args: argparse.Namespace, **extra):
         policy=args.policy,
         target_latency_ms=args.target_latency_ms,
         max_batch_tokens=args.max_batch_tokens,
+        max_batch_memory_mb=args.max_batch_memory_mb,
         max_batch_size=args.max_batch_size,
         torch_threads=args.torch_threads,
     )

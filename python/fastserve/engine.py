@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, process, tasks
+from . import _core, admission, footprint, process, tasks
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
@@ -129,6 +129,7 @@ class Engine(tasks.TaskCalls):
         execution: str = "auto",
         activation: str = "auto",
         max_batch_tokens: int | None = None,
+        max_batch_memory_mb: float | None = None,
         min_batch_tokens: int = 32,
         max_batch_size: int = 256,
         max_queue: int = 65536,
@@ -178,6 +179,23 @@ class Engine(tasks.TaskCalls):
                 f"execution='packed' supports BERT-family encoders; this is {loaded.model.config.model_type!r} "
                 "(use 'auto' or 'padded')"
             )
+        packed = execution == "packed" or (execution == "auto" and packed_supported(loaded.model))
+        # The batch bound that keeps a batch's activations within the budget
+        # (python/fastserve/footprint.py); checked before anything changes.
+        cfg = loaded.model.config
+        self._activation_bytes_per_token = footprint.per_token(
+            cfg, self.dtype, "packed" if packed else "padded", max_length=max_length or limit,
+            scores=getattr(cfg, "_attn_implementation", None) == "eager")
+        shape = footprint.shape_of(cfg)
+        scratch = 0
+        if shape is not None and packed and self.device.type == "cpu":
+            threads = torch_threads or torch.get_num_threads()
+            scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
+                                                        threads=threads)
+        self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
+                                                     cfg.model_type, scratch)
+        if self.memory_budget is not None:
+            self.max_batch_tokens = min(self.max_batch_tokens, self.memory_budget.tokens)
         # What the engine changes outside itself (python/fastserve/process.py),
         # only once every argument has been checked: a refused Engine(...)
         # leaves the process and the caller's model as they were.
@@ -226,7 +244,6 @@ class Engine(tasks.TaskCalls):
         self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
             if self._token_encoder else None
 
-        packed = execution == "packed" or (execution == "auto" and packed_supported(net))
         runner_cls = PackedRunner if packed else PaddedRunner
         # Chunked texts are normalised after their windows are combined; classify's activation
         # runs in the worker, rerank and token-classify scores in the caller's thread (tasks.py).
@@ -237,18 +254,18 @@ class Engine(tasks.TaskCalls):
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
             max_batch_size=max_batch_size,
-            max_request_tokens=self.max_length,
+            max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
             target_latency_s=target_latency_ms / 2000.0,
-            min_tokens=min(min_batch_tokens, max_batch_tokens),
-            max_tokens=max_batch_tokens,
+            min_tokens=min(min_batch_tokens, self.max_batch_tokens),
+            max_tokens=self.max_batch_tokens,
             # static: every batch may carry max_batch_tokens (adaptive policies
             # start between the bounds and move)
-            initial_tokens=max_batch_tokens if policy == "static" else 0,
+            initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
         self._pending: dict[int, cf.Future] = {}
@@ -370,7 +387,7 @@ class Engine(tasks.TaskCalls):
         submit_many, is queued without a second check."""
         checked = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=1 << 62,
                                                truncate=False)
-        return self._fit.fit(checked, what="input")
+        return self._within_budget(self._fit.fit(checked, what="input"))
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, as the engine would submit them (special
@@ -443,6 +460,15 @@ class Engine(tasks.TaskCalls):
         s["torch_threads"] = torch.get_num_threads()
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)
+        # The activation formula's view (python/fastserve/footprint.py): bytes
+        # per token the scheduler counts, the largest batch allowed, and the
+        # budget it comes from (None: max_batch_tokens alone).
+        per = self._activation_bytes_per_token
+        s["memory"]["activations"] = {
+            "bytes_per_token": per,
+            "max_batch_bytes": per * self.max_batch_tokens if per is not None else None,
+            "max_batch_memory_mb": self.memory_budget.mib if self.memory_budget else None,
+        }
         s["health"] = self.health()
         return s
 
@@ -479,7 +505,7 @@ class Engine(tasks.TaskCalls):
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
-        return self._fit.fit(enc, texts)
+        return self._within_budget(self._fit.fit(enc, texts))
 
     def _side_tokenizer(self, truncate: str) -> Any:
         """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
@@ -494,7 +520,10 @@ class Engine(tasks.TaskCalls):
         retokenize = None
         if template is None and truncate in ("right", "left"):  # the tokenizer cuts
             retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True)
-        return Fit(truncate, self.max_length, template=template, overlap=overlap, retokenize=retokenize)
+        window = self.max_length
+        if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
+            window = min(window, self.memory_budget.tokens)
+        return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
 
     def _combine(self, requests, flat, spans, parts: list[cf.Future]) -> list[cf.Future]:
         """Each input's future over its windows' (truncate="chunk")."""
@@ -505,6 +534,17 @@ class Engine(tasks.TaskCalls):
             g.info = info
             out.append(g)
         return out
+
+    def _within_budget(self, token_lists: list) -> list:
+        """token_lists, or InvalidInputError for the first input no batch
+        within max_batch_memory_mb can hold (a chunking engine's windows are
+        cut to fit: _make_fit)."""
+        budget = self.memory_budget
+        if budget is not None and budget.tokens < self.max_length and self.truncate != "chunk":
+            for i, ids in enumerate(token_lists):
+                if len(ids) > budget.tokens:
+                    raise budget.refuse(len(ids), admission.where(i, len(token_lists)))
+        return token_lists
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None) -> cf.Future:
         fut: cf.Future = cf.Future()

@@ -1,0 +1,188 @@
+"""What a batch costs in memory, from the model's shape: the activation
+formula behind `Engine(max_batch_memory_mb=...)` and stats()["memory"].
+
+Each layer's activations live only while the layer runs, so a batch's peak is
+the largest set of tensors alive at one moment inside one layer, times the
+batch's tokens. With H the hidden size, I the feed-forward's inner size, e the
+bytes of an element of the model's dtype, and T tokens:
+
+- packed runner (python/fastserve/runners.py): the feed-forward holds the
+  attention block's output [T, H] while its up-projection [T, I] and the
+  activation's result [T, I] both exist: T * (H + 2I) * e (the layer's input
+  and the attention context are released before it; with them it was
+  T * (3H + 2I) * e). Attention holds the layer's input [T, H], Q/K/V
+  [T, 3H], the context [T, H] and, per run of equal lengths, SDPA's output
+  and its re-laid-out copy: at most T * 7H * e, when one run holds the whole
+  batch. The peak is the larger of the two, T * max(H + 2I, 7H) * e (the
+  feed-forward's for the usual I = 4H), plus the CPU attention kernel's
+  scratch, a few blocks of scores per thread whatever the batch, and 24
+  bytes of int64 rows (token types, position ids and their offset copy);
+- padded runner (the model's own forward on [B, L]): T = B * L padded tokens
+  and the layer input and attention context stay alive, T * (3H + 2I) * e,
+  plus the attention masks transformers builds, 2L bytes per padded token
+  (two boolean [B, 1, L, L]); attention that materialises its scores (eager, or a
+  relative position bias: MPNet, T5) adds [B, heads, L, L] twice (scores and
+  probabilities), 2 * heads * L * e per padded token.
+
+Measured against torch's own allocation record (benchmarks/python/memory.py,
+--activations; tests/python/test_footprint.py): the packed figure is exact for
+the BERT family, and the padded one is exact or an upper bound. Weights are
+counted apart: a parameter's bytes, plus nothing for the packed runner's fused
+Q/K/V weight, whose parts the model's parameters become views of.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import InvalidInputError
+
+# Per packed token: int64 rows made per batch (token types, position ids and
+# their offset copy for the RoBERTa family).
+_INDEX_BYTES = 24
+
+# Per batch: tensors of a few rows alive at the peak (sequence offsets, a
+# pooled row, reductions' results).
+SMALL_BYTES = 4096
+
+# Families whose attention adds a relative position bias [B, heads, L, L].
+_RELATIVE_BIAS = {"mpnet", "t5", "mt5", "umt5"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    relative_bias: bool
+
+
+def shape_of(config: Any) -> Shape | None:
+    """The sizes the formula needs, read from a transformers config; None when
+    the config does not name them."""
+    mt = getattr(config, "model_type", "")
+    if mt == "distilbert":
+        names = ("dim", "hidden_dim", "n_heads", "n_layers")
+    elif mt in ("t5", "mt5", "umt5"):
+        names = ("d_model", "d_ff", "num_heads", "num_layers")
+    else:
+        names = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    values = [getattr(config, n, None) for n in names]
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        return None
+    hidden, inter, heads, layers = values
+    if getattr(config, "feed_forward_proj", "").startswith("gated") or mt == "modernbert":
+        inter *= 2  # gated feed-forward: the up-projection is twice as wide
+    return Shape(hidden, inter, heads, layers, mt in _RELATIVE_BIAS)
+
+
+def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str, *, max_length: int,
+                               scores: bool = False) -> int:
+    """Peak activation bytes per token the scheduler counts: real tokens for
+    the packed runner, padded tokens (B * L, L <= max_length) for the padded
+    one. scores: the padded attention materialises its scores (eager)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    H, I = shape.hidden, shape.intermediate
+    if execution == "packed":
+        return max(H + 2 * I, 7 * H) * e + _INDEX_BYTES
+    per = (3 * H + 2 * I) * e + 2 * max_length  # + the boolean masks' rows
+    if scores or shape.relative_bias:
+        per += 2 * shape.heads * max_length * e
+    return per
+
+
+def attention_scratch_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int, threads: int) -> int:
+    """Scratch of torch's CPU flash-attention kernel for one call, at most:
+    per thread a block of scores (q_split x kv_split), its row maxima and
+    sums, and an output block (q_split x head_dim), in float32 whatever the
+    model's dtype. The split sizes are the kernel's own (32, 64 or 256 query
+    rows by the sequence length; 512 keys at most)."""
+    q = 256 if max_length >= 768 else 64 if max_length >= 192 else 32
+    kv = min(512, max_length)
+    head_dim = shape.hidden // shape.heads
+    return threads * (q * kv + 2 * q + q * head_dim) * 4
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied or
+    shared weights, views of one fused tensor)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """max_batch_memory_mb turned into the largest batch, in the tokens the
+    scheduler counts."""
+
+    mib: float
+    bytes_per_token: int
+    fixed_bytes: int = 0  # per batch whatever its size (attention scratch, small tensors)
+
+    @property
+    def tokens(self) -> int:
+        return max(0, int(self.mib * 2**20) - self.fixed_bytes) // self.bytes_per_token
+
+    def describe(self) -> str:
+        return (f"max_batch_memory_mb={self.mib:g} holds {self.tokens} tokens per batch "
+                f"({self.bytes_per_token} bytes of activations per token)")
+
+    def refuse(self, n: int, where: str = "") -> InvalidInputError:
+        return InvalidInputError(
+            f"input{where} is {n} tokens long; {self.describe()}: it can never run "
+            "(shorten it, or raise max_batch_memory_mb)")
+
+
+def per_token(config: Any, dtype: torch.dtype, execution: str, *, max_length: int,
+              scores: bool = False) -> int | None:
+    """activation_bytes_per_token for a transformers config (None when its
+    sizes are unknown)."""
+    shape = shape_of(config)
+    if shape is None:
+        return None
+    return activation_bytes_per_token(shape, dtype, execution, max_length=max_length, scores=scores)
+
+
+def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
+                  fixed_bytes: int = 0) -> MemoryBudget | None:
+    """The budget for Engine(max_batch_memory_mb=mib); ValueError when it can
+    not be computed or holds no token at all."""
+    if mib is None:
+        return None
+    if isinstance(mib, bool) or not (isinstance(mib, (int, float)) and math.isfinite(mib) and mib > 0):
+        raise ValueError(f"max_batch_memory_mb must be a positive number, got {mib!r}")
+    if bytes_per_token is None:
+        raise ValueError(f"max_batch_memory_mb: the sizes of model_type={model_type!r} are not known to the "
+                         "activation formula (use max_batch_tokens)")
+    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES)
+    if budget.tokens < 1:
+        raise ValueError(f"max_batch_memory_mb={mib:g} is below one token's activations ({bytes_per_token} bytes)")
+    return budget
+
+
+def measured_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """fn's result and the peak of the bytes its tensors held at once (on
+    the CPU), from torch's allocation record: what the formula is checked
+    against. Allocations only, so the allocator's caching does not blur it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak

@@ -1,0 +1,137 @@
+"""The activation formula (python/fastserve/footprint.py) against torch's own
+allocation record, and max_batch_memory_mb. Bytes allocated are the same on
+every machine, so nothing here depends on its speed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import tiny_models as tm
+
+from fastserve import Engine, InvalidInputError, footprint
+
+
+def _profiled(engine):
+    """Wrap the runner: each batch's (tokens the scheduler counted, peak bytes)."""
+    rows: list[tuple[int, int, int]] = []
+    inner = engine.runner.run
+
+    def run(batch):
+        out, peak = footprint.measured_peak_bytes(lambda: inner(batch))
+        lengths = np.asarray(batch.lengths)
+        counted = int(lengths.sum()) if engine.runner.name == "packed" else len(lengths) * int(lengths.max())
+        rows.append((counted, int(lengths.max()), peak))
+        return out
+
+    engine.runner.run = run
+    return rows
+
+
+@pytest.mark.parametrize("arch", tm.ARCHS)
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
+    with Engine(tm.model(arch), tm.tokenizer(), execution=execution, policy="static",
+                min_batch_tokens=512, max_batch_tokens=512) as engine:
+        rows = _profiled(engine)
+        engine.embed(tm.mixed_texts(60, seed=3))
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+        shape = footprint.shape_of(engine.model.config)
+        scratch = footprint.attention_scratch_bytes(shape, torch.float32, max_length=engine.max_length,
+                                                    threads=torch.get_num_threads())
+    assert len(rows) >= 3
+    for tokens, _, peak in rows:
+        bound = per * tokens + footprint.SMALL_BYTES + (scratch if execution == "packed" else 0)
+        assert peak <= bound
+        if execution == "packed":
+            # Not just an upper bound: the formula is the peak's own terms.
+            assert peak >= 0.7 * per * tokens
+
+
+def test_the_formula_is_exact_for_a_minilm_sized_layer():
+    # I = 4H (MiniLM, BERT-base): the feed-forward's H + 2I dominates, and the
+    # peak is exactly that (plus the int64 index rows), whatever the lengths.
+    cfg = tm.config("bert")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg).eval()
+    with Engine(model, tm.tokenizer(), execution="packed", policy="static",
+                min_batch_tokens=1024, max_batch_tokens=1024) as engine:
+        rows = _profiled(engine)
+        engine.embed(tm.mixed_texts(80, seed=4))
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+    assert per == (64 + 2 * 256) * 4 + 24
+    for tokens, _, peak in rows:
+        assert (64 + 2 * 256) * 4 * tokens <= peak <= per * tokens
+
+
+def test_a_memory_budget_bounds_every_batch_and_refuses_what_cannot_fit():
+    mib = 0.08
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), max_batch_memory_mb=mib, policy="static", max_batch_tokens=4096) as engine:
+        budget = engine.memory_budget
+        assert budget is not None and budget.tokens == engine.max_batch_tokens
+        assert budget.tokens == (int(mib * 2**20) - budget.fixed_bytes) // budget.bytes_per_token
+        assert 16 < budget.tokens < engine.max_length  # a max-length input cannot fit
+        s = engine.stats()
+        assert s["max_batch_tokens"] == budget.tokens
+        assert s["memory"]["activations"]["max_batch_memory_mb"] == mib
+
+        rows = _profiled(engine)
+        short = [t for t in tm.mixed_texts(80, seed=5) if len(tm.tokenizer()(t)["input_ids"]) <= budget.tokens]
+        long_text = " ".join(["memory"] * 400)
+        with tm.held(engine, holder=True) as gate:
+            futures = [engine.submit(t) for t in short]
+            with pytest.raises(InvalidInputError, match="max_batch_memory_mb"):
+                engine.submit(long_text)
+            with pytest.raises(InvalidInputError, match="at index 1"):
+                engine.submit_many([short[0], long_text])
+            with pytest.raises(InvalidInputError, match="max_batch_memory_mb"):
+                engine.submit_tokens(list(range(100, 100 + budget.tokens + 1)))
+            gate.release.set()
+            got = [f.result(timeout=60) for f in futures]
+        for text, row in zip(short, got):
+            np.testing.assert_allclose(row, tm.reference(m, text), atol=1e-5, rtol=0)
+        assert rows and all(tokens <= budget.tokens for tokens, _, _ in rows)
+        # The measured peak of every batch stays within the budget.
+        assert all(peak <= mib * 2**20 for _, _, peak in rows)
+        assert engine.health()["healthy"]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "64"])
+def test_a_bad_memory_budget_is_refused_at_construction(bad):
+    with pytest.raises(ValueError, match="max_batch_memory_mb"):
+        Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=bad)
+
+
+def test_a_budget_below_one_token_is_refused():
+    with pytest.raises(ValueError, match="below one token"):
+        Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=1e-6)
+
+
+def test_the_fused_qkv_weight_is_not_a_second_copy():
+    m = tm.model("bert")
+    before = footprint.weight_bytes(m)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        assert footprint.weight_bytes(engine.model) == before
+        query = engine.model.encoder.layer[0].attention.self.query.weight
+        fused = engine.runner.attn[0].weight
+        assert query.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+        np.testing.assert_allclose(engine.embed("a shared weight"), tm.reference(m, "a shared weight"),
+                                   atol=1e-5, rtol=0)
+
+
+def test_the_cli_takes_a_memory_budget(tmp_path, capsys):
+    from fastserve import cli
+
+    folder = tm.save("bert", tmp_path / "tiny")
+    assert cli.main(["embed", "--model", str(folder), "--max-batch-memory-mb", "0.08", "--format", "json",
+                     "a short text"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["embedding"]) == 32
+    with pytest.raises(InvalidInputError, match="max_batch_memory_mb=0.08"):
+        cli.main(["embed", "--model", str(folder), "--max-batch-memory-mb", "0.08", " ".join(["long"] * 300)])
