@@ -7,7 +7,6 @@ own, cancelled, failed and timed out with the text."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
 
 import numpy as np
 import pytest
