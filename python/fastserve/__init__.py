@@ -3,6 +3,8 @@
 from . import _core, corpus
 from .admission import wait_all
 from .engine import Classification, Engine
+from .inputs import InputInfo
+from .tasks import Entity, RerankResult
 from .errors import (
     EngineClosedError,
     FastServeError,
@@ -19,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Classification",
     "Engine",
+    "Entity",
+    "InputInfo",
+    "RerankResult",
     "wait_all",
     "InferenceError",
     "ModelLoadError",

@@ -155,6 +155,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model_path or args.model,
             task=args.task,
             max_length=args.max_length,
+            truncate=args.truncate,
+            chunk_overlap=args.chunk_overlap,
+            pair_truncation=args.pair_truncation,
             max_queue=args.max_queue,
             max_queue_tokens=args.max_queue_tokens,
         )
@@ -200,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/embeddings, /metrics)")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="model path or hub id (same as --model)")
     _engine_args(p)
-    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank", "token-classify"])
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the model's limit)")
+    p.add_argument("--truncate", default="right", choices=["right", "left", "error", "chunk"],
+                   help="inputs past --max-length: cut on the right or left, refuse (400), or embed in windows")
+    p.add_argument("--chunk-overlap", type=int, default=0, help="tokens shared by consecutive windows (chunk)")
+    p.add_argument("--pair-truncation", default="longest_first", choices=["longest_first", "only_second"],
+                   help="rerank: how a long (query, document) pair is cut")
     p.add_argument("--max-queue", type=int, default=65536, help="queued requests before 429")
     p.add_argument("--max-queue-tokens", type=int, default=None, help="queued tokens before 429")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -18,9 +18,10 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, precision, process
+from . import _core, admission, footprint, precision, process, tasks
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device
 from .heads import EmbeddingHead
@@ -100,7 +101,7 @@ class _Timer:
             }
 
 
-class Engine:
+class Engine(tasks.TaskCalls):
     """Serve a Hugging Face encoder to many concurrent callers.
 
     Callers' threads tokenize and submit single texts; one worker thread per
@@ -123,7 +124,9 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         max_length: int | None = None,
-        truncate: bool = True,
+        truncate: bool | str = True,
+        chunk_overlap: int = 0,
+        pair_truncation: str = "longest_first",
         target_latency_ms: float = 50.0,
         policy: str = "model",
         execution: str = "auto",
@@ -150,8 +153,13 @@ class Engine:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
-        if activation not in ACTIVATIONS:
+        if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        truncate = truncation_mode(truncate)
+        if truncate == "chunk" and task != "embed":
+            raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
+        if pair_truncation not in tasks.PAIR_TRUNCATIONS:
+            raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
 
         process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
@@ -220,31 +228,54 @@ class Engine:
         self.prompts = dict(spec.prompts)
         self.default_prompt_name = spec.default_prompt_name
         self.similarity_fn_name = spec.similarity_fn_name
-        self._head = EmbeddingHead(modes, include_prompt=spec.include_prompt, post=post, device=self.device)
+        # A chunked text's windows are normalised once combined (_combine), not each.
+        self._head = EmbeddingHead(modes, include_prompt=spec.include_prompt,
+                                   post=post[:-1] if truncate == "chunk" and self.normalize else post,
+                                   device=self.device)
         self._prompt_tokens: dict[str, int] = {}
+        self._prompt_leads: dict[str, int] = {}
         self.max_length = max_length or limit
+        # "right" | "left" | "error" | "chunk" (inputs.py): texts are tokenized
+        # whole, then cut, refused or split into windows.
         self.truncate = truncate
-        self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
-        if task == "classify":
+        self.chunk_overlap = chunk_overlap
+        self._encode = TextEncoder(self.tokenizer, self.max_length, False)
+        self._fit = self._make_fit(truncate, chunk_overlap)
+        if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
             self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
-            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline.
-            self.activation: str | None = classification_activation(net.config, activation)
+            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline
+            # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
+            self.activation: str | None = (
+                classification_activation(net.config, activation) if task == "classify" else
+                tasks.cross_encoder_activation(loaded.path, net.config, activation) if task == "rerank" else
+                "softmax")
         else:
             self.labels = []
             self.activation = None
 
+        # Pairs carry token types when the tokenizer makes them and the model has more than one.
+        types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()) and \
+            getattr(net.config, "type_vocab_size", 0) > 1
+        self._pairs = tasks.PairEncoder(self._side_tokenizer(truncate), self.max_length, truncate, pair_truncation,
+                                        types) if task == "rerank" else None
+        self._token_encoder = tasks.TokenEncoder(self._side_tokenizer(truncate), self.max_length, truncate) \
+            if task == "token-classify" else None
+        self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
+            if self._token_encoder else None
+
         self._choice = choice
+        # classify's activation runs in the worker, rerank and token-classify
+        # scores in the caller's thread (tasks.py).
         self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
-                                    activation=self.activation or "none", head=self._head)
+                                    activation=self.activation if task == "classify" else "none", head=self._head)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
             max_batch_size=max_batch_size,
-            max_request_tokens=min(self.max_length if truncate else 1 << 30,
-                                   self.memory_budget.tokens if self.memory_budget else 1 << 30),
+            max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
         )
@@ -318,14 +349,13 @@ class Engine:
         prompt_name / prompt: as embed's."""
         timeout = admission.check_timeout(timeout)
         p = self._prompt(prompt_name, prompt)
-        ids = self._tokens(self._prompted([text], p))[0]
-        return self._submit_tokens(ids, priority, timeout, self._pooled_from(p))
+        return self._submit_one(self._tokens(self._prompted([text], p), self._lead(p)), priority, timeout, p)
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
         special tokens included), checked as validate_token_ids does."""
         timeout = admission.check_timeout(timeout)
-        return self._submit_tokens(self.validate_token_ids([token_ids])[0], priority, timeout)
+        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                     timeout: Timeout = None, prompt_name: str | None = None,
@@ -350,10 +380,22 @@ class Engine:
         prompt_name / prompt: as embed's, for texts. Token-id lists are taken
         as tokenize() gives them with the same prompt arguments (the prompt
         already in front): on a model whose Pooling leaves the prompt out
-        (include_prompt=False), that prompt's tokens are left out."""
+        (include_prompt=False), that prompt's tokens are left out.
+
+        Each future carries `.info` (InputInfo: the input's full token
+        count, the tokens computed, truncated, chunks). With
+        truncate="chunk", a long input's windows are queued as requests of
+        their own (each starting with the prompt) and its future is theirs
+        combined."""
         p = self._prompt(prompt_name, prompt)
-        return admission.submit_all(self._submitter(p), self._requests(inputs, p), priority,
-                                    admission.timeout_callable(timeout))
+        requests = self._requests(inputs, p)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests, self._lead(p))
+            parts = admission.submit_all(self._submitter(p), flat, priority, admission.timeout_callable(timeout))
+            return self._combine(requests, flat, spans, parts)
+        futures = admission.submit_all(self._submitter(p), requests, priority, admission.timeout_callable(timeout))
+        attach(futures, infos_of(requests))
+        return futures
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                            timeout: Timeout = None,
@@ -371,28 +413,40 @@ class Engine:
         fails the call. `await fastserve.wait_all(futures)` gives the results.
         prompt_name / prompt: as submit_many's."""
         p = self._prompt(prompt_name, prompt)
-        return await admission.asubmit_all(self._submitter(p), self._requests(inputs, p), priority,
-                                           admission.timeout_callable(timeout), wait)
+        requests = self._requests(inputs, p)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests, self._lead(p))
+            parts = await admission.asubmit_all(self._submitter(p), flat, priority,
+                                                admission.timeout_callable(timeout), wait)
+            return self._combine(requests, flat, spans, parts)
+        futures = await admission.asubmit_all(self._submitter(p), requests, priority,
+                                              admission.timeout_callable(timeout), wait)
+        attach(futures, infos_of(requests))
+        return futures
 
     def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """Token-id lists as the engine would queue them: each must be a
         non-empty sequence of int in [0, vocab_size); longer than max_length,
-        it is cut to it with truncate=True, else refused. InvalidInputError
-        names the first bad list's index (when there are several). The
-        result, passed to submit_many, is queued without a second check."""
-        lists = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
-                                             truncate=self.truncate)
-        return self._within_budget(lists)
+        it is cut to it (truncate "right"/"left": the tokenizer's special
+        tokens around it kept when it carries them), split at submit
+        ("chunk"), or refused ("error"). InvalidInputError names the first
+        bad list's index (when there are several). The result, passed to
+        submit_many, is queued without a second check."""
+        checked = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=1 << 62,
+                                               truncate=False)
+        return self._within_budget(self._fit.fit(checked, what="input"))
 
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
                  prompt: str | None = None) -> list[list[int]]:
         """Token ids of each text, as the engine would submit them (the prompt
-        in front as embed puts it, special tokens added, truncated to
-        max_length when truncate=True); passed back to submit_many with the
-        same prompt arguments, they are queued without being checked again."""
+        in front as embed puts it, special tokens added, cut to max_length as
+        `truncate` says); passed back to submit_many with the same prompt
+        arguments, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
-        return admission.TokenLists(self._tokens(self._prompted(texts, self._prompt(prompt_name, prompt))))
+        p = self._prompt(prompt_name, prompt)
+        lists = self._tokens(self._prompted(texts, p), self._lead(p))
+        return lists if isinstance(lists, admission.TokenLists) else admission.TokenLists(lists)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -485,7 +539,7 @@ class Engine:
 
     @property
     def dim(self) -> int:
-        return len(self.labels) if self.task == "classify" else self._head.dim(int(self.model.config.hidden_size))
+        return len(self.labels) if self.task != "embed" else self._head.dim(int(self.model.config.hidden_size))
 
     # -------------------------------------------------------------- internals
 
@@ -498,7 +552,8 @@ class Engine:
             return np.empty((0, self.dim), dtype=np.float32)
         return np.stack(rows)
 
-    def _tokens(self, texts: Sequence[Any]) -> list[list[int]]:
+    def _tokens(self, texts: Sequence[Any], lead: int = 0) -> list[list[int]]:
+        """Texts as token lists, fitted to max_length (lead: a prompt's tokens, for chunk windows)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInputError(f"text{admission.where(i, len(texts))} must be a str, got {type(t).__name__}")
@@ -510,20 +565,42 @@ class Engine:
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
-        if not self.truncate:
-            for i, ids in enumerate(enc):
-                if len(ids) > self.max_length:
-                    raise InvalidInputError(
-                        f"text at index {i} is {len(ids)} tokens long; the model's limit is "
-                        f"{self.max_length} (pass truncate=True to cut it)"
-                    )
-        return self._within_budget(enc)
+        return self._within_budget(self._fit.fit(enc, texts, lead=lead))
+
+    def _side_tokenizer(self, truncate: str) -> Any:
+        """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
+        if truncate != "left":
+            return self.tokenizer
+        tok = copy.copy(self.tokenizer)
+        tok.truncation_side = "left"
+        return tok
+
+    def _make_fit(self, truncate: str, overlap: int) -> Fit:
+        template = Template.detect(self.tokenizer)
+        retokenize = None
+        if template is None and truncate in ("right", "left"):  # the tokenizer cuts
+            retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True)
+        window = self.max_length
+        if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
+            window = min(window, self.memory_budget.tokens)
+        return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
+
+    def _combine(self, requests, flat, spans, parts: list[cf.Future]) -> list[cf.Future]:
+        """Each input's future over its windows' (truncate="chunk")."""
+        out = []
+        for info, (a, b) in zip(infos_of(requests), spans):
+            weights = [len(ids) for ids in flat[a:b]]
+            g = Gathered(parts[a:b], functools.partial(weighted_mean, weights=weights, normalize=self.normalize))
+            g.info = info
+            out.append(g)
+        return out
 
     def _within_budget(self, token_lists: list) -> list:
         """token_lists, or InvalidInputError for the first input no batch
-        within max_batch_memory_mb can hold."""
+        within max_batch_memory_mb can hold (a chunking engine's windows are
+        cut to fit: _make_fit)."""
         budget = self.memory_budget
-        if budget is not None and budget.tokens < self.max_length:
+        if budget is not None and budget.tokens < self.max_length and self.truncate != "chunk":
             for i, ids in enumerate(token_lists):
                 if len(ids) > budget.tokens:
                     raise budget.refuse(len(ids), admission.where(i, len(token_lists)))
@@ -541,6 +618,15 @@ class Engine:
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
         return fut
 
+    def _submit_one(self, lists, priority: int, timeout: float | None, prompt: str = "") -> cf.Future:
+        """Queue one input (a one-item list from _tokens or validate_token_ids,
+        `prompt` already in front)."""
+        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            return self.submit_many(lists, priority=priority, timeout=timeout, prompt=prompt)[0]
+        fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
+        fut.info = lists.infos[0]
+        return fut
+
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
                        timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
@@ -552,6 +638,8 @@ class Engine:
             futures = [cf.Future() for _ in rids]
             for fut in futures:
                 fut.pooled_from = pooled_from  # type: ignore[attr-defined]
+            if self._pairs is not None:
+                tasks.mark_segments(futures, token_lists)
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
             fut.add_done_callback(functools.partial(self._on_done, rid))
@@ -559,7 +647,8 @@ class Engine:
 
     def _requests(self, inputs: Sequence[Any], prompt: str = "") -> list[Sequence[int]]:
         """A list of inputs as the token lists submit_many queues."""
-        tokens = (lambda texts: self._tokens(self._prompted(texts, prompt))) if prompt else self._tokens
+        tokens = (lambda texts: self._tokens(self._prompted(texts, prompt), self._lead(prompt))) if prompt \
+            else self._tokens
         return admission.token_lists(inputs, tokens, self.validate_token_ids)
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
@@ -588,6 +677,22 @@ class Engine:
         prompt's tokens when the model's Pooling leaves them out, else 0."""
         if not prompt or not self._head.needs_prompt_lengths:
             return 0
+        return self._prompt_length(prompt)
+
+    def _lead(self, prompt: str) -> int:
+        """The prompt's content tokens (special tokens aside), which start
+        every window of a chunked input."""
+        if not prompt or self.truncate != "chunk":
+            return 0
+        n = self._prompt_leads.get(prompt)
+        if n is None:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            n = len(self._fit.template.content(ids)[1])
+            if len(self._prompt_leads) < 1024:  # prompts come from callers: a bounded cache
+                self._prompt_leads[prompt] = n
+        return n
+
+    def _prompt_length(self, prompt: str) -> int:
         n = self._prompt_tokens.get(prompt)
         if n is None:
             n = prompt_length(self.tokenizer, prompt)
@@ -651,11 +756,13 @@ class Engine:
         t0 = time.perf_counter()
         try:
             with self._sdpa_backends(), self._precision_context():
+                extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
-                    skip = np.array([getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
-                    rows = self.runner.run(batch, skip)
-                else:
-                    rows = self.runner.run(batch)
+                    extra["prompt_lengths"] = np.array(
+                        [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
+                if self._pairs is not None:  # the pairs' token types, carried on their futures
+                    extra["segments"] = tasks.segments_of(futures, batch.lengths)
+                rows = self.runner.run(batch, **extra)
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:

@@ -1,7 +1,8 @@
 """The runner interface and one adapter per model family.
 
 A runner turns one assembled batch into one output row per request
-(`run(batch, prompt_lengths=None) -> [B, dim] float32`). What differs between
+(`run(batch, prompt_lengths=None, segments=None) -> [B, dim] float32`,
+or per-token rows for token-classify). What differs between
 families is declared once, here, by an adapter: which model types it takes,
 what it supports (layout, tasks, poolings) and, when a model of its type
 still cannot run packed, why. The engine asks `select()` for the path: no
@@ -57,11 +58,12 @@ class Runner(Protocol):
 
     name: str  # the layout: "packed" or "padded"
 
-    def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None) -> np.ndarray: ...
+    def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None,
+            segments: Optional[np.ndarray] = None) -> Any: ...
 
 
 EMBED = frozenset({"embed"})
-EMBED_CLASSIFY = frozenset({"embed", "classify"})
+ALL_TASKS = frozenset({"embed", "classify", "rerank", "token-classify"})
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Choice:
     reason: Optional[str]  # why padded, when it is
 
 
-PADDED = Capabilities("padded", EMBED_CLASSIFY)
+PADDED = Capabilities("padded", ALL_TASKS)
 
 
 def _bert_unsupported(model: Any, cfg: Any) -> Optional[str]:
@@ -133,7 +135,8 @@ class _BiasedPackedRunner:
         self.attention_batches = {"runs": 0, "pad": 0, "flash": 0}
         self._masks: dict[tuple[int, int], Any] = {}
 
-    def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None) -> np.ndarray:
+    def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None,
+            segments: Optional[np.ndarray] = None) -> np.ndarray:  # embed only: never pairs
         h, cu = self.hidden(batch)
         return self.head.packed(h, cu, self.kernels, prompt_lengths).cpu().numpy()
 
@@ -333,7 +336,7 @@ FAMILIES = (
     # The runner is the class itself: called from Engine(...) directly, so a
     # warning it raises at construction points at the caller's line.
     Family("bert", frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert"}), PackedRunner,
-           Capabilities("packed", EMBED_CLASSIFY), _bert_unsupported),
+           Capabilities("packed", ALL_TASKS), _bert_unsupported),
     Family("mpnet", frozenset({"mpnet"}), MPNetPackedRunner, Capabilities("packed", EMBED), _no_extras),
     Family("t5", frozenset({"t5", "mt5", "umt5"}), T5PackedRunner, Capabilities("packed", EMBED), _no_extras),
     Family("modernbert", frozenset({"modernbert"}), ModernBertPackedRunner, Capabilities("packed", EMBED),

@@ -14,7 +14,7 @@ from .errors import ModelLoadError
 from .st_spec import POOLING_MODES, ModelSpec, load_spec
 
 POOLINGS = POOLING_MODES
-TASKS = ("embed", "classify")
+TASKS = ("embed", "classify", "rerank", "token-classify")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -75,14 +75,15 @@ def _local_path(model: str | os.PathLike) -> Path | None:
 def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
     """Load `model` (a path, a hub id, or a PreTrainedModel) and its tokenizer,
     with its sentence-transformers spec where it has one."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import PreTrainedModel
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoTokenizer, PreTrainedModel
 
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModel
+    auto = {"classify": AutoModelForSequenceClassification, "rerank": AutoModelForSequenceClassification,
+            "token-classify": AutoModelForTokenClassification}.get(task, AutoModel)
     if isinstance(model, PreTrainedModel):
         name = getattr(model, "name_or_path", "") or type(model).__name__
         path = _local_path(name) if name else None
-        spec = load_spec(path) if path else ModelSpec(source=name)
+        spec = _read_spec(path, task) if path else ModelSpec(source=name)
         if tokenizer is None:
             if not name:
                 raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
@@ -90,7 +91,7 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         return LoadedModel(model, tokenizer, name, path, spec)
     if isinstance(model, (str, os.PathLike)):
         path = _local_path(model)
-        spec = load_spec(path if path else str(model))
+        spec = _read_spec(path if path else str(model), task)
         where = str(path) if path else str(model)
         sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
         try:
@@ -110,6 +111,13 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
     raise TypeError(
         f"model must be a path, a hub id or a transformers PreTrainedModel, got {type(model).__name__}"
     )
+
+
+def _read_spec(where: Any, task: str) -> ModelSpec:
+    """The sentence-transformers embedding stack, for task="embed"; the other
+    tasks run the model's own head (a CrossEncoder folder's activation is read
+    by tasks.py), so its modules are not read."""
+    return load_spec(where) if task == "embed" else ModelSpec(source=str(where))
 
 
 def _encoder_class(auto: Any, where: str, sub: dict, task: str) -> Any:

@@ -67,9 +67,9 @@ def embed_in_one_batch(engine: Engine, texts, **prompt) -> np.ndarray:
     sizes: list[int] = []
     inner = engine.runner.run
 
-    def run(batch, *args):
+    def run(batch, *args, **kwargs):
         sizes.append(int(batch.size))
-        return inner(batch, *args)
+        return inner(batch, *args, **kwargs)
 
     engine.runner.run = run
     with tm.held(engine) as gate:

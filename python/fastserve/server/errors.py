@@ -77,7 +77,7 @@ def validation_error(exc: RequestValidationError, path: str) -> ApiError:
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
     if errors and all(tuple(err.get("loc", ()))[:2] == ("body", "input") for err in errors):
         # One message for the union's four branches rather than one per branch.
-        what = ("a string or a list of strings" if path == "/v1/classify" else
+        what = ("a string or a list of strings" if path in ("/v1/classify", "/v1/extract") else
                 "a string, a list of strings, a list of token ids (int), or a list of lists of token ids")
         return ApiError(400, f"input must be {what}", param="input", code="invalid_input")
     parts, param = [], None
