@@ -9,6 +9,7 @@ from .errors import (
     InferenceError,
     InvalidInputError,
     ModelLoadError,
+    OverloadedError,
     QueueFullError,
     RequestTimeoutError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "EngineClosedError",
     "FastServeError",
     "InvalidInputError",
+    "OverloadedError",
     "QueueFullError",
     "RequestTimeoutError",
     "__version__",
