@@ -85,6 +85,14 @@ bool Scheduler::fits_locked(int64_t n) const {
 
 bool Scheduler::predicting_locked() const { return config_.admission && compute_fit_.ready(); }
 
+// Nothing runs and nothing is queued at or above this priority: the request
+// would start at once. It is never refused then, because a prediction is
+// corrected only by batches that run: refusing everything on a stale fit
+// (measured under a burst of contention, say) would never measure again.
+bool Scheduler::idle_for_locked(int priority) const {
+  return running_.empty() && tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
+}
+
 double Scheduler::compute_locked(double work, double fill) const {
   // work: cost tokens up to and including the request; fill: what its own
   // batch is expected to hold (the queue, and arrivals while it waits).
@@ -162,7 +170,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw SchedulerClosed("scheduler is closed");
     if (!fits_locked(n)) throw_full_locked();
-    if (std::isfinite(deadline) && predicting_locked()) {
+    if (std::isfinite(deadline) && predicting_locked() && !idle_for_locked(priority)) {
       const double done = completion_locked(now, ahead_locked(priority), cost_factor_ * static_cast<double>(n));
       if (done > deadline) throw_overloaded_locked(done, deadline);
     }
@@ -190,7 +198,9 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw SchedulerClosed("scheduler is closed");
     // Each request of the list is ahead of the next: the prediction grows.
+    // (On an idle worker the first one starts at once: never refused.)
     const bool predict = std::isfinite(deadline) && predicting_locked();
+    const bool idle = idle_for_locked(priority);
     double ahead = predict ? ahead_locked(priority) : 0, late_at = 0;
     for (auto& tokens : requests) {
       const auto n = static_cast<int64_t>(tokens.size());
@@ -198,7 +208,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
       if (predict) {
         const double own = cost_factor_ * static_cast<double>(n);
         const double done = completion_locked(now, ahead, own);
-        if (done > deadline) {
+        if (done > deadline && !(idle && ids.empty())) {
           late_at = done;
           break;
         }
@@ -271,6 +281,16 @@ void Scheduler::shed_locked(double now, Batch& out) {
       }
     }
     ahead += own;
+  }
+  // Never shed the whole queue: the least late request runs, so the
+  // prediction that condemned them all is measured again (see
+  // idle_for_locked).
+  if (!drop.empty() && drop.size() == requests_.size()) {
+    const auto least = std::min_element(out.shed_retry_after_s.begin(), out.shed_retry_after_s.end()) -
+                       out.shed_retry_after_s.begin();
+    drop.erase(drop.begin() + least);
+    out.shed.erase(out.shed.begin() + least);
+    out.shed_retry_after_s.erase(out.shed_retry_after_s.begin() + least);
   }
   for (uint64_t id : drop) erase_locked(requests_.find(id));
   stats_.shed += static_cast<int64_t>(drop.size());

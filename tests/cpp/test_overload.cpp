@@ -332,6 +332,22 @@ TEST(Admission, QueuedRequestsPushedPastTheirDeadlineAreShedNotComputed) {
   EXPECT_EQ(m.s.depth(), 30 - b->size());
 }
 
+TEST(Admission, AnIdleWorkerAdmitsWhatWouldStartAtOnceSoAStaleFitIsMeasuredAgain) {
+  // The fit says a batch takes ~2-22 ms; a 1 ms timeout cannot be met, but
+  // with nothing running or queued the request starts at once: admitted.
+  Measured m;
+  const double now = m.clock->now();
+  const uint64_t first = m.s.submit(toks(50), 0, now + 0.001);
+  EXPECT_THROW(m.s.submit(toks(50), 0, now + 0.001), Overloaded);  // now one is queued ahead
+  // At formation all queued requests would be late: the least late one
+  // still runs (its batch measures the prediction again), the rest is shed.
+  m.s.submit(toks(50), 1, now + 0.002);
+  auto b = *m.s.next_batch(0);
+  ASSERT_EQ(b->size(), 1);
+  EXPECT_NE(b->ids()[0], first);  // the priority-1 request, 2 ms of slack, was the least late
+  EXPECT_EQ(b->shed, std::vector<uint64_t>{first});
+}
+
 TEST(Admission, OffAdmitsAndShedsNothing) {
   auto clock = std::make_shared<ManualClock>(0.0);
   Scheduler s(engine_scheduler(false), engine_controller("static"), clock);

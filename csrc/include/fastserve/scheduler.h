@@ -33,6 +33,9 @@
 // the queue is walked in order and a request whose predicted completion has
 // moved past its deadline (higher priority arrived, compute slowed) is shed:
 // handed back in Batch::shed, never computed (docs/design.md, "Deadlines").
+// A prediction is corrected only by batches that run, so a request that
+// would start at once on an idle worker is never refused, and the least
+// late request is kept when all would be shed.
 #pragma once
 
 #include <condition_variable>
@@ -176,6 +179,7 @@ class Scheduler {
   [[noreturn]] void throw_full_locked();
   [[noreturn]] void throw_overloaded_locked(double predicted, double deadline);
   bool predicting_locked() const;
+  bool idle_for_locked(int priority) const;
   double compute_locked(double work, double fill) const;  // q95-scaled compute up to a request
   double residual_locked(double now) const;     // rest of the running batches
   double ahead_locked(int priority) const;      // queued cost at priority or higher
