@@ -32,6 +32,7 @@ void SchedulerConfig::validate() const {
   if (!(aging_s > 0)) fail("aging_s must be positive (use a large value to disable aging)");
   if (lookahead < 1) fail("lookahead must be >= 1");
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
+  if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -128,7 +129,7 @@ double Scheduler::predict_completion(int64_t tokens, int priority) const {
   std::lock_guard<std::mutex> lock(mu_);
   if (!predicting_locked()) return INFINITY;
   const double now = clock_->now();
-  return completion_locked(now, ahead_locked(priority), cost_factor_ * static_cast<double>(tokens));
+  return completion_locked(now, ahead_locked(priority), own_cost(tokens));
 }
 
 void Scheduler::track_compute_locked(double cost, double seconds) {
@@ -171,7 +172,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
     if (closed_) throw SchedulerClosed("scheduler is closed");
     if (!fits_locked(n)) throw_full_locked();
     if (std::isfinite(deadline) && predicting_locked() && !idle_for_locked(priority)) {
-      const double done = completion_locked(now, ahead_locked(priority), cost_factor_ * static_cast<double>(n));
+      const double done = completion_locked(now, ahead_locked(priority), own_cost(n));
       if (done > deadline) throw_overloaded_locked(done, deadline);
     }
     id = enqueue_locked(std::move(tokens), priority, now, deadline);
@@ -206,7 +207,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
       const auto n = static_cast<int64_t>(tokens.size());
       if (!fits_locked(n)) break;
       if (predict) {
-        const double own = cost_factor_ * static_cast<double>(n);
+        const double own = own_cost(n);
         const double done = completion_locked(now, ahead, own);
         if (done > deadline && !(idle && ids.empty())) {
           late_at = done;
@@ -270,7 +271,7 @@ void Scheduler::shed_locked(double now, Batch& out) {
   std::vector<uint64_t> drop;
   for (const Key& k : order_) {
     const Request& r = requests_.at(k.id);
-    const double own = cost_factor_ * static_cast<double>(r.tokens.size());
+    const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
     if (std::isfinite(r.deadline)) {
       const double done = now + residual + compute_locked(ahead + own, fill);
       if (done > r.deadline) {
@@ -307,6 +308,24 @@ std::vector<uint64_t> Scheduler::start(Batch& batch) {
 
 int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) const {
   return config_.cost == Cost::Padded ? count * max_len : sum_len;
+}
+
+double Scheduler::seq_cost(int64_t len) const {
+  const auto l = static_cast<double>(len);
+  return config_.cost == Cost::Packed && config_.attention_tokens > 0
+             ? l + l * l / static_cast<double>(config_.attention_tokens)
+             : l;
+}
+
+double Scheduler::own_cost(int64_t len) const {
+  return config_.cost == Cost::Packed ? seq_cost(len) : cost_factor_ * static_cast<double>(len);
+}
+
+int64_t Scheduler::batch_cost(const Batch& b) const {
+  if (config_.cost == Cost::Padded) return cost_of(b.size(), b.max_len(), b.total_tokens());
+  double c = 0;
+  for (int32_t len : b.lengths()) c += seq_cost(len);
+  return static_cast<int64_t>(std::llround(c));
 }
 
 std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
@@ -389,11 +408,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
 std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget,
                                                            const std::vector<Cand>& cands,
                                                            std::shared_ptr<Batch> batch) {
-  int64_t sum = 0, count = 0;
+  double sum = 0;
+  int64_t count = 0;
   for (const Cand& c : cands) {
     if (count >= config_.max_batch_size) break;
-    if (count > 0 && sum + c.len > budget) continue;
-    sum += c.len;
+    const double cost = seq_cost(c.len);
+    if (count > 0 && sum + cost > static_cast<double>(budget)) continue;
+    sum += cost;
     ++count;
     move_to_batch_locked(now, c.id, *batch);
   }
@@ -431,7 +452,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
   batch->shed_retry_after_s = std::move(shed.shed_retry_after_s);
   if (batch->size() == 0 && batch->expired.empty() && batch->shed.empty()) return std::nullopt;
   if (batch->size() > 0) {
-    const double cost = static_cast<double>(cost_of(batch->size(), batch->max_len(), batch->total_tokens()));
+    const double cost = static_cast<double>(batch_cost(*batch));
     running_[batch->seq()] = now + (compute_fit_.ready() ? compute_fit_.predict(cost) : 0.0);
   }
   if (!requests_.empty()) {
@@ -457,7 +478,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   stats_.last_complete_at = now;
   Observation o;
   o.now = now;
-  o.tokens = cost_of(batch.size(), batch.max_len(), batch.total_tokens());
+  o.tokens = batch_cost(batch);
   o.budget = batch.budget();
   o.batch_size = batch.size();
   o.latency_s = compute_seconds;

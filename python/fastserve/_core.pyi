@@ -93,6 +93,8 @@ class SchedulerConfig:
     min_fill: float
     admission: bool
     """Refuse at submit, and shed before compute, requests predicted to miss their deadline."""
+    attention_tokens: int
+    """Packed cost counts attention: len * (1 + len / attention_tokens) per sequence (0: len)."""
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -109,6 +111,7 @@ class SchedulerConfig:
         min_fill: float = 0.8,
         cost: str = "padded",
         admission: bool = True,
+        attention_tokens: int = 0,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
 

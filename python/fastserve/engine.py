@@ -235,6 +235,10 @@ class Engine:
             max_request_tokens=self.max_length if truncate else 1 << 30,
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
+            # Packed batches are charged their attention too (len^2 per
+            # sequence): per token a BERT layer's matmuls cost ~24 h^2 FLOPs,
+            # attention ~4 h len, so len / (6 h) on top of each token.
+            attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,

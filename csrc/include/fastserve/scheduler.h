@@ -77,6 +77,12 @@ struct SchedulerConfig {
   // batch's fixed cost is small (figures: docs/design.md, benchmarks/README.md).
   double min_fill = 0.8;
   Cost cost = Cost::Padded;
+  // Packed cost counts attention: a sequence of len tokens costs
+  // len * (1 + len / attention_tokens) against the budget, so a batch of long
+  // inputs is charged what it computes (0: len). For a BERT-style layer the
+  // per-token matmuls cost ~24 h^2 FLOPs and attention ~4 h len, so
+  // attention_tokens = 6 h (the Engine's setting).
+  int64_t attention_tokens = 0;
   // Refuse at submit, and shed before compute, requests predicted to miss
   // their deadline (requests without one are never refused or shed).
   bool admission = true;
@@ -196,7 +202,10 @@ class Scheduler {
   std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, const std::vector<Cand>& cands,
                                                   std::shared_ptr<Batch> batch);
   void move_to_batch_locked(double now, uint64_t id, Batch& batch);
-  int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;
+  int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;  // tokens computed
+  double seq_cost(int64_t len) const;        // one sequence against the budget (attention counted)
+  double own_cost(int64_t len) const;        // a queued request's predicted cost
+  int64_t batch_cost(const Batch& b) const;  // a batch against the budget
 
   const SchedulerConfig config_;
   const std::shared_ptr<Clock> clock_;
