@@ -84,7 +84,7 @@ bool Scheduler::fits_locked(int64_t n) const {
   throw Overloaded(msg, late);
 }
 
-bool Scheduler::predicting_locked() const { return config_.admission && compute_fit_.ready(); }
+bool Scheduler::predicting_locked() const { return config_.admission && compute_fit_.count() >= 3; }
 
 // Nothing runs and nothing is queued at or above this priority: the request
 // would start at once. It is never refused then, because a prediction is
@@ -133,15 +133,22 @@ double Scheduler::predict_completion(int64_t tokens, int priority) const {
 }
 
 void Scheduler::track_compute_locked(double cost, double seconds) {
-  // q95 of actual / predicted by stochastic quantile tracking in log space:
-  // up by 0.95 eta on a ratio above it, down by 0.05 eta otherwise, so it
-  // rests where 5% of ratios lie above it.
+  // The first batch is left out: it carries one-off costs (lazy
+  // initialisation, first allocations), often many times a steady batch.
+  if (++measured_batches_ == 1) return;
   if (compute_fit_.ready()) {
     const double predicted = compute_fit_.predict(cost);
     if (predicted > 0) {
+      // q95 of actual / predicted by stochastic quantile tracking in log
+      // space: up by 0.95 eta on a ratio above it, down by 0.05 eta
+      // otherwise, so it rests where 5% of ratios lie above it.
       constexpr double eta = 0.1, q = 0.95;
       slack_ *= std::exp(seconds / predicted > slack_ ? eta * q : -eta * (1 - q));
       slack_ = std::clamp(slack_, 0.5, 4.0);
+      // A stall (a preempted thread, a pause) moves the fit by at most what
+      // a batch 4x its prediction would: the fit is a mean, and one outlier
+      // would otherwise condemn the queue for the next ten batches.
+      seconds = std::min(seconds, 4 * predicted);
     }
   }
   compute_fit_.add(cost, seconds);

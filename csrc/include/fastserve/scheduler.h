@@ -19,8 +19,10 @@
 // runs alone.
 //
 // Admission and shedding (SchedulerConfig::admission). The scheduler fits
-// the compute time of its batches, L(c) = a + b c in the cost measure, and
-// tracks the 95th percentile of actual / predicted. A request with a
+// the compute time of its batches, L(c) = a + b c in the cost measure (from
+// the second batch on, each clipped at 4x its prediction), and tracks the
+// 95th percentile of actual / predicted; it predicts after three batches.
+// A request with a
 // deadline is predicted to finish at
 //     now + R + q95 * C(W),
 //     C(W) = L(max(W, F)) when W fits the budget B, else ceil(W / B) L(B),
@@ -221,6 +223,7 @@ class Scheduler {
   // tokens per real token, and the predicted end of each running batch.
   LatencyModel compute_fit_{0.9};
   double slack_ = 1.0, cost_factor_ = 1.0;
+  int64_t measured_batches_ = 0;
   std::map<uint64_t, double> running_;  // batch seq -> predicted end
   int64_t queued_tokens_ = 0;
   int64_t submitted_tokens_ = 0, submitted_at_last_ = 0;  // for the arrival rate
