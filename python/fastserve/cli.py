@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pair_truncation=args.pair_truncation,
             max_queue=args.max_queue,
             max_queue_tokens=args.max_queue_tokens,
+            **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
         )
     except (ModelLoadError, ValueError) as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-payload-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     p.add_argument("--max-inputs-per-request", type=int, default=2048, help="more inputs in one request get 413")
     p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds; a request not served by then gets 504 (default: none)")
+                   help="seconds; every request's deadline: predicted to miss it, 429 with Retry-After; "
+                        "not served by then, 504 (default: the engine's request_timeout_s, 30)")
     p.add_argument("--served-model-name", default=None, help="model id in responses (default: the model's name)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")

@@ -20,7 +20,8 @@ import torch
 
 from . import _core, admission, footprint, precision, process, tasks
 from .admission import Timeout, wait_all
-from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
+from .errors import RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device
@@ -48,6 +49,15 @@ def _queued(submit: Callable[..., Any], *args: Any) -> Any:
         raise
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+
+
+def overloaded(retry_after_s: float) -> OverloadedError:
+    """The error of a queued request dropped before compute: predicted to
+    finish retry_after_s after its deadline."""
+    err = OverloadedError(f"overloaded: dropped before compute, predicted to finish {retry_after_s * 1e3:.1f} ms "
+                          f"after its deadline; retry after {retry_after_s:.3f} s")
+    err.retry_after_s = retry_after_s
+    return err
 
 
 # Engines not yet closed. Each is closed at interpreter exit, while threads
@@ -108,9 +118,19 @@ class Engine(tasks.TaskCalls):
     engine pulls batches assembled by the C++ scheduler, runs the model under
     torch.inference_mode(), and resolves each caller's future exactly once.
 
-    target_latency_ms is the latency a request should see under load. The
-    controller aims each batch's compute time at half of it: a request that
-    arrives while a batch runs waits for that batch, then runs in the next.
+    target_latency_ms is the 99th percentile of a request's whole latency
+    (queueing included) that the engine holds from light load to overload.
+    The controller aims each batch's compute time at half of it (less the
+    measured tail of compute): a request that arrives while a batch runs
+    waits for that batch, then runs in the next.
+
+    request_timeout_s is every request's deadline unless its call gives a
+    timeout (None: no deadline). A request predicted to miss its deadline
+    is refused at submit (OverloadedError, with retry_after_s) or dropped
+    before compute (its future fails with OverloadedError); one whose
+    deadline passes before its batch starts fails with RequestTimeoutError.
+    Pass request_timeout_s=target_latency_ms / 1000 to serve every accepted
+    request within the target and shed the rest under overload.
     """
 
     def __init__(
@@ -128,6 +148,7 @@ class Engine(tasks.TaskCalls):
         chunk_overlap: int = 0,
         pair_truncation: str = "longest_first",
         target_latency_ms: float = 50.0,
+        request_timeout_s: float | None = 30.0,
         policy: str = "model",
         execution: str = "auto",
         activation: str = "auto",
@@ -153,6 +174,8 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
         if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         truncate = truncation_mode(truncate)
@@ -278,6 +301,10 @@ class Engine(tasks.TaskCalls):
             max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
+            # Packed batches are charged their attention too (len^2 per
+            # sequence): per token a BERT layer's matmuls cost ~24 h^2 FLOPs,
+            # attention ~4 h len, so len / (6 h) on top of each token.
+            attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
@@ -289,6 +316,7 @@ class Engine(tasks.TaskCalls):
             initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
+        self.request_timeout_s = request_timeout_s
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False
@@ -345,7 +373,9 @@ class Engine(tasks.TaskCalls):
                prompt_name: str | None = None, prompt: str | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
         for it, and once done carries `future.timing` = {"queue_s",
-        "inference_s"}. Raises QueueFullError at once when the queue is full.
+        "inference_s"}. Raises QueueFullError at once when the queue is full,
+        OverloadedError (a QueueFullError) when it is predicted to miss its
+        deadline (timeout, else the engine's request_timeout_s).
         prompt_name / prompt: as embed's."""
         timeout = admission.check_timeout(timeout)
         p = self._prompt(prompt_name, prompt)
@@ -608,6 +638,7 @@ class Engine(tasks.TaskCalls):
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
                        pooled_from: int = 0) -> cf.Future:
+        timeout = self.request_timeout_s if timeout is None else timeout
         fut: cf.Future = cf.Future()
         fut.pooled_from = pooled_from  # type: ignore[attr-defined]
         with self._lock:
@@ -631,6 +662,7 @@ class Engine(tasks.TaskCalls):
                        timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
         worker sees them at once, not one by one): their futures."""
+        timeout = self.request_timeout_s if timeout is None else timeout
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -737,6 +769,8 @@ class Engine(tasks.TaskCalls):
                         continue
                     for rid in batch.expired:
                         self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+                    for rid, late in zip(batch.shed, batch.shed_retry_after_s):
+                        self._fail(int(rid), overloaded(late))
                     if batch.size:
                         self._run(batch)
         except BaseException as e:  # the worker must never die silently
@@ -752,6 +786,11 @@ class Engine(tasks.TaskCalls):
             raise
 
     def _run(self, batch) -> None:
+        # A deadline that passed since the batch was assembled: never computed.
+        for rid in self._scheduler.start(batch):
+            self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+        if not batch.size:
+            return
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:

@@ -1,8 +1,9 @@
-"""fastserve's exceptions, in one place (the two the C++ core raises are
+"""fastserve's exceptions, in one place (those the C++ core raises are
 re-exported from it). Each subclasses FastServeError and, where one fits, the
-builtin a caller would naturally catch."""
+builtin a caller would naturally catch. OverloadedError (a QueueFullError)
+carries retry_after_s: the request was predicted to miss its deadline."""
 
-from ._core import EngineClosedError, FastServeError, QueueFullError
+from ._core import EngineClosedError, FastServeError, OverloadedError, QueueFullError
 
 
 class RequestTimeoutError(FastServeError, TimeoutError):
@@ -37,6 +38,7 @@ __all__ = [
     "InferenceError",
     "InvalidInputError",
     "ModelLoadError",
+    "OverloadedError",
     "QueueFullError",
     "RequestTimeoutError",
     "UnsupportedModelError",
