@@ -135,14 +135,14 @@ class PipelineRunner:
                 return k
         raise IndexError(layer)
 
-    def run(self, batch: Any, *args: Any) -> Any:
+    def run(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         local = self._local
         self._locks[0].acquire()
         local.stage, local.seq, local.since = 0, int(batch.seq), time.perf_counter()
         try:
             if self.trace is not None:
                 self.trace(0, local.seq)
-            return self.inner.run(batch, *args)
+            return self.inner.run(batch, *args, **kwargs)
         except Exception as e:
             raise StageError(local.stage, self.devices[local.stage], e) from e
         finally:
