@@ -56,9 +56,9 @@ def test_a_deadline_that_passes_after_assembly_is_checked_when_the_batch_starts(
         gate = tm.Gate(engine, hold_first=False)
         run = engine._run
 
-        def run_late(batch):  # the clock passes every deadline between assembly and start
+        def run_late(batch, *replica):  # the clock passes every deadline between assembly and start
             clock.advance(10.0)
-            run(batch)
+            run(batch, *replica)
 
         engine._run = run_late
         fut = engine.submit("assembled in time, started too late", timeout=1.0)
