@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, precision, process, tasks
+from . import _core, admission, footprint, precision, process, shapes, tasks
 from . import replicas as replicas_
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
@@ -163,6 +163,7 @@ class Engine(tasks.TaskCalls):
         torch_threads: int | None = None,
         tune_malloc: bool = True,
         cudnn_attention: bool | None = None,
+        tune_onednn: bool = True,
         copy_model: bool = True,
         devices: str | Sequence[str] | None = None,
         replicas: int | None = None,
@@ -241,6 +242,8 @@ class Engine(tasks.TaskCalls):
         if cudnn_attention is None:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
+        self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn)
+        self._onednn_released = False
         self._process["sdpa_backends_switched_per_batch"] = switches
         # A pipeline's model is prepared on the CPU and placed stage by stage
         # (python/fastserve/pipeline.py): it need not fit on one device.
@@ -320,6 +323,9 @@ class Engine(tasks.TaskCalls):
             head=EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev)))
         self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
+        # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
+        self._ghost_pad = (pad if pad is not None else 0) \
+            if self._process["onednn"] == "on, token buckets" and self.runner.name == "packed" else None
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
@@ -534,6 +540,9 @@ class Engine(tasks.TaskCalls):
         for rid in left:
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
         _open_engines.discard(self)
+        if not self._onednn_released:
+            self._onednn_released = True
+            process.onednn_release(self._process["onednn"])
 
     def __enter__(self) -> "Engine":
         return self
@@ -867,14 +876,14 @@ class Engine(tasks.TaskCalls):
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with replica.sdpa_backends(), self._precision_context():
+            with replica.sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
                     extra["prompt_lengths"] = np.array(
                         [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
                 if self._pairs is not None:  # the pairs' token types, carried on their futures
                     extra["segments"] = tasks.segments_of(futures, batch.lengths)
-                rows = replica.runner.run(batch, **extra)
+                rows = self._rows(batch, extra, replica.runner)
         except Exception as e:
             replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
@@ -907,6 +916,17 @@ class Engine(tasks.TaskCalls):
                 # Per-request timing for callers that report it (HTTP headers).
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
+
+    def _rows(self, batch, extra: dict, runner: Any) -> Any:
+        """The (replica's) runner's rows for the batch; where batches are rounded up to
+        a bucket of tokens (shapes.py), the ghost sequences' rows dropped."""
+        ghost = None if self._ghost_pad is None else shapes.ghosted(batch, self.max_length, self._ghost_pad)
+        if ghost is None:
+            return runner.run(batch, **extra)
+        lengths = ghost.lengths[-ghost.ghosts:]
+        fills = {"prompt_lengths": np.zeros_like(lengths), "segments": lengths}  # no prompt; all token type 0
+        rows = runner.run(ghost, **{k: shapes.extend(v, ghost, fills[k]) for k, v in extra.items()})
+        return rows[: len(rows) - ghost.ghosts]
 
     def _result(self, row: np.ndarray):
         if self.task == "classify":

@@ -138,7 +138,7 @@ class PipelineRunner:
     def run(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         local = self._local
         self._locks[0].acquire()
-        local.stage, local.seq, local.since = 0, int(batch.seq), time.perf_counter()
+        local.stage, local.seq, local.since = 0, int(getattr(batch, "seq", 0)), time.perf_counter()
         try:
             if self.trace is not None:
                 self.trace(0, local.seq)

@@ -287,6 +287,8 @@ def test_close_drains_or_fails_the_queue_and_joins_every_worker(bert, drain):
     queued = [engine.submit(f"queued {i}") for i in range(4)]
     closer = threading.Thread(target=engine.close, kwargs={"drain": drain})
     closer.start()
+    if not drain:  # the queue is closed before a worker is free to take from it
+        tm.until(lambda: engine._scheduler.closed, "close() to close the queue")
     for g in gates:
         g.release.set()
     closer.join(60)
