@@ -16,7 +16,7 @@ per core, with the embedded MiniLM (Engine(replicas=N), issue 14).
    latency from the scheduled arrival, SLO 100 ms) at several rates against
    each configuration, in one process, the order alternating per rate.
 
-    python benchmarks/python/replicas.py --rates 20,40,60,80,100,120,140,160,180,200,240 --rounds 3
+    python benchmarks/python/replicas.py --rounds 2 --rates 20,40,60,80,100,120,140,160,200,240
 """
 
 from __future__ import annotations

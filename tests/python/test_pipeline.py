@@ -180,3 +180,16 @@ def test_a_stage_that_raises_fails_only_its_batch_and_the_pipeline_keeps_serving
         s = engine.stats()
     assert h["healthy"] and h["replicas_alive"] == 2
     assert s["failed_batches"] == 1 and s["completed"] == 2
+
+
+def test_a_packed_family_without_a_stage_hook_is_refused_and_runs_padded():
+    import st_models
+
+    m = st_models.encoder("mpnet")
+    with pytest.raises(ValueError, match="execution='padded'"):
+        Engine(m, tm.tokenizer(), devices=CPU2, parallel="pipeline", execution="packed")
+    texts = tm.mixed_texts(12, seed=5)
+    with Engine(m, tm.tokenizer(), execution="padded") as one:
+        expected = one.embed(texts)
+    with Engine(m, tm.tokenizer(), devices=CPU2, parallel="pipeline", execution="padded") as two:
+        np.testing.assert_allclose(two.embed(texts), expected, atol=1e-6)
