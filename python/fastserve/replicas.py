@@ -7,7 +7,7 @@ a batch goes to whichever worker is free), its own controller in the
 scheduler (replicas on different devices cost differently), its own runner
 and, on a CPU, its own share of the cores. Replicas on the same device share
 the model's weights (read only under inference mode): a second copy would
-only cost memory (benchmarks/README.md, "Replicas")."""
+only cost memory (benchmarks/README.md, "Replicas on one CPU")."""
 
 from __future__ import annotations
 
