@@ -706,6 +706,7 @@ class Engine(tasks.TaskCalls):
         """Queue one input (a one-item list from _tokens or validate_token_ids,
         `prompt` already in front)."""
         if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            timeout = self.request_timeout_s if timeout is None else timeout  # one request: the default deadline
             return self.submit_many(lists, priority=priority, timeout=timeout, prompt=prompt)[0]
         fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
         fut.info = lists.infos[0]
@@ -714,8 +715,9 @@ class Engine(tasks.TaskCalls):
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
                        timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
-        worker sees them at once, not one by one): their futures."""
-        timeout = self.request_timeout_s if timeout is None else timeout
+        worker sees them at once, not one by one): their futures. A list is
+        one job: without `timeout` its items have no deadline (the engine's
+        request_timeout_s is for single requests, _submit_tokens)."""
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
