@@ -34,6 +34,7 @@ void SchedulerConfig::validate() const {
   if (lookahead < 1) fail("lookahead must be >= 1");
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
   if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
+  if (long_apart_tokens < 0) fail("long_apart_tokens must be >= 0 (0: long inputs not batched apart)");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -427,8 +428,11 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
                                                            std::shared_ptr<Batch> batch) {
   double sum = 0;
   int64_t count = 0;
+  const int64_t apart = config_.long_apart_tokens;
+  const bool head_long = apart > 0 && cands.front().len > apart;
   for (const Cand& c : cands) {
     if (count >= config_.max_batch_size) break;
+    if (apart > 0 && (c.len > apart) != head_long) continue;  // long and short apart
     const double cost = seq_cost(c.len);
     if (count > 0 && sum + cost > static_cast<double>(budget)) continue;
     sum += cost;

@@ -568,7 +568,7 @@ TEST(Noise, OutliersDoNotShrinkTheBudgetBelowWhatTheLoadNeeds) {
 // is ten times longer, attention counted in the cost model (c * sum(len^2),
 // c / b = 1 / 500). The rate is 0.8x of the mix's capacity: the mix costs
 // about 2.35x the plain one per request.
-double short_good_fraction(int64_t attention_tokens) {
+double short_good_fraction(int64_t attention_tokens, int64_t long_apart_tokens = 0, double* goodput = nullptr) {
   const CostModel m{0.002, 20e-6, 4e-8};
   auto arr = arrivals({{0.8 * capacity_rps() / 2.35, 5.0}}, 71);
   std::mt19937 rng(72);
@@ -580,6 +580,7 @@ double short_good_fraction(int64_t attention_tokens) {
   }
   SchedulerConfig sc = engine_scheduler();
   sc.attention_tokens = attention_tokens;
+  sc.long_apart_tokens = long_apart_tokens;
   Sim sim(engine_controller(), sc);
   sim.run(arr, m);
   std::vector<double> lat;
@@ -593,6 +594,7 @@ double short_good_fraction(int64_t attention_tokens) {
   }
   std::sort(lat.begin(), lat.end());
   EXPECT_LE(lat[static_cast<size_t>(0.99 * double(lat.size()))], kTarget);  // accepted short requests
+  if (goodput) *goodput = sim.figures(1.0, 5.0).goodput_rps;
   return double(good) / double(n);
 }
 
@@ -604,6 +606,23 @@ TEST(LongInputs, CountingAttentionInTheCostKeepsShortRequestsWithinTheTarget) {
   const double tokens_only = short_good_fraction(0), with_attention = short_good_fraction(500);
   EXPECT_GE(with_attention, 0.98);
   EXPECT_GT(with_attention, tokens_only);
+}
+
+TEST(LongInputs, BatchingLongInputsApartAddsLittleOnceAttentionIsCounted) {
+  // The second option of the issue, on the same mix: requests over 100
+  // tokens (the long ones: 10x a median of 24) never share a batch with
+  // short ones. Measured: short requests 98.6% within target with attention
+  // counted, 98.9% with attention and apart, 95.0% apart by tokens alone;
+  // the same goodput. Counting attention does the work; apart is off by
+  // default (SchedulerConfig::long_apart_tokens).
+  double good_attention = 0, good_apart = 0;
+  const double with_attention = short_good_fraction(500, 0, &good_attention);
+  const double apart = short_good_fraction(500, 100, &good_apart);
+  const double apart_tokens_only = short_good_fraction(0, 100);
+  EXPECT_GE(apart, 0.98);
+  EXPECT_LT(apart - with_attention, 0.01);
+  EXPECT_LT(apart_tokens_only, with_attention);
+  EXPECT_NEAR(good_apart, good_attention, 0.02 * good_attention);
 }
 
 // ----------------------------------------------------------------- item 5

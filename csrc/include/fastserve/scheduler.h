@@ -85,6 +85,12 @@ struct SchedulerConfig {
   // per-token matmuls cost ~24 h^2 FLOPs and attention ~4 h len, so
   // attention_tokens = 6 h (the Engine's setting).
   int64_t attention_tokens = 0;
+  // Packed cost: requests longer than this many tokens are batched apart
+  // from shorter ones (a batch is all long or all short, by its head), so a
+  // short request never shares a batch with a long one (0: off, the
+  // default; measured against counting attention alone in docs/design.md,
+  // "Long inputs").
+  int64_t long_apart_tokens = 0;
   // Refuse at submit, and shed before compute, requests predicted to miss
   // their deadline (requests without one are never refused or shed).
   bool admission = true;
