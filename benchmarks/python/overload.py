@@ -260,11 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['what']}: {t['measured']}")
     if args.out:
-        d = Path(args.out)
-        (d / "overload.json").write_text(json.dumps(out, indent=1, default=float))
-        plots = plot(out, d)
-        (d / "overload.md").write_text(markdown(out, plots))
+        write(out, Path(args.out))
     return 0
+
+
+def write(out: dict[str, Any], d: Path) -> None:
+    (d / "overload.json").write_text(json.dumps(out, indent=1, default=float))
+    plots = plot(out, d)
+    (d / "overload.md").write_text(markdown(out, plots))
 
 
 def burst_run(out: dict[str, Any], run: Any, default: Any, fresh: Any, cap: float, args: Any, slo: float) -> None:
@@ -365,9 +368,11 @@ def evaluate(out: dict[str, Any]) -> list[dict[str, Any]]:
                       "pass": sh["slo_met_fraction"] >= plain - 0.02 and r["short_accepted_p99_s"] <= slo})
     if "recovery" in out:
         r = out["recovery"]
-        t.append({"what": "after 2 s at 4x, the 0.5x phase (from 1 s after) >= 95% within SLO",
+        fresh = model.get(0.5, {}).get("slo_met_fraction", float("nan"))
+        t.append({"what": f"after 2 s at 4x, the 0.5x phase (from 1 s after) within SLO as on a fresh engine at 0.5x "
+                          f"({fresh:.1%}, sweep), within 5 points",
                   "measured": f"{r['after_within_slo']:.1%}, budget {r['budget_last_s']:.0f} tokens in its last second",
-                  "pass": r["after_within_slo"] >= 0.95})
+                  "pass": r["after_within_slo"] >= fresh - 0.05})
     return t
 
 
