@@ -639,5 +639,24 @@ TEST(PriorityClasses, AtTwiceCapacityTheHighClassKeepsItsSloAndTheLowClassIsShed
   EXPECT_GT(low.refused + low.shed, low.n / 3);
 }
 
+TEST(PriorityClasses, WithNoisyComputeTheHighClassStillComesFirstButMissesItsSlo) {
+  // The same 2x run with the noise of the Noise tests (25% log-normal, one
+  // batch in fifty 3-4x long, 10-30 ms stalls in one in twenty). Not met:
+  // with the tail J in every prediction, a high request whose wait ran long
+  // is shed at batch formation, so the high class falls well short of 99%
+  // (here 82% within target, 280 shed and 68 refused; the low class 30%; the real
+  // machine: 69%). Shedding on the fitted compute alone (without
+  // J) was tried: high rose to 86-90% but accepted requests' p99 passed the
+  // target in three other tests. What holds is the order of the classes.
+  const double cap = capacity_rps();
+  Sim sim;
+  noisy(sim, 0.0, 0.01);
+  sim.run(arrivals({{2 * cap, 4.0}}, 61, 0.25));
+  const auto high = sim.figures(1.0, 4.0, 1), low = sim.figures(1.0, 4.0, 0);
+  EXPECT_GE(high.good_fraction(), 0.75);
+  EXPECT_GT(high.good_fraction(), 2 * low.good_fraction());
+  EXPECT_GT(low.refused + low.shed, 3 * (high.refused + high.shed));
+}
+
 }  // namespace
 }  // namespace fastserve
