@@ -12,7 +12,15 @@ deadline = the SLO (Engine(request_timeout_s=...)).
 4. a load step 0.3x -> 0.9x (budget sampled every 50 ms; settling time);
 5. a burst to 3x capacity for 1 s between 0.5x phases;
 6. long inputs: one text in ten ten times longer, at 0.7x capacity: p99 of
-   the short requests next to the same rate without long ones.
+   the short requests next to the same rate without long ones, with the
+   packed cost counting attention (the default) and by tokens alone;
+7. recovery: 4x capacity for 2 s, then 0.5x for 3 s, the controller's and
+   admission's state (budget, goal, tail J, fits) sampled every 50 ms.
+
+Every scenario (and every rate of the sweep) runs on a fresh engine, so no
+run inherits another's controller state (the first version reused one
+engine, and a 4x run's state leaked into the runs after it). The FIFO
+baselines keep no state between requests and are reused.
 
     python benchmarks/python/overload.py --out benchmarks/results
 
@@ -23,7 +31,9 @@ prints each target as PASS/FAIL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import threading
 import sys
 import time
 from pathlib import Path
@@ -39,6 +49,57 @@ FIFO = ("transformers", "sentence-transformers")
 
 def fastserve_backend(name: str, slo_s: float, **kwargs: Any) -> common.FastServeBackend:
     return common.FastServeBackend(common.FastServeVariant(name, {"request_timeout_s": slo_s, **kwargs}))
+
+
+@contextlib.contextmanager
+def scheduler_config(**override: Any):
+    """Engines built inside get these SchedulerConfig fields (attention_tokens=0:
+    a packed batch charged by tokens alone; long_apart_tokens=N: long inputs
+    batched apart). The engine has no switch for them, so the scheduler config
+    it builds is patched for the comparison."""
+    from fastserve import _core
+
+    orig = _core.SchedulerConfig
+
+    def config(**kw: Any) -> Any:
+        return orig(**{**kw, **override})
+
+    _core.SchedulerConfig = config
+    try:
+        yield
+    finally:
+        _core.SchedulerConfig = orig
+
+
+class ControllerTrace:
+    """Samples the controller's and admission's state (stats()["controller"]
+    and the admission counters) every `every_s` while a run is in progress."""
+
+    KEYS = ("budget_tokens", "model_goal_tokens", "tail_s", "admission_tail_s", "fit_intercept_s",
+            "fit_slope_s_per_token", "admission_fit_intercept_s", "admission_fit_slope_s_per_token",
+            "arrival_tokens_per_s")
+
+    def __init__(self, backend: common.FastServeBackend, every_s: float = 0.05) -> None:
+        self.backend, self.every_s, self.samples = backend, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            s = self.backend.stats()
+            c = s["controller"]
+            self.samples.append({"t": time.perf_counter() - t0, **{k: c.get(k) for k in self.KEYS},
+                                 **{k: s.get(k) for k in ("refused", "shed", "expired", "completed")}})
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "ControllerTrace":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def capacity_rps(backend: common.FastServeBackend, texts: list[str]) -> float:
@@ -79,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--only", default=None,
+                   help="comma-separated scenarios to run (capacity always): sweep,priority,step,burst,long,recovery")
     args = p.parse_args(argv)
     common.quiet()
     slo = args.slo_ms / 1000
@@ -86,16 +149,33 @@ def main(argv: list[str] | None = None) -> int:
     path = common.model_path()
     t_start = time.time()
 
-    default = fastserve_backend("fastserve/model", slo, target_latency_ms=args.slo_ms)
-    statics = [fastserve_backend(f"fastserve/static-{b}", slo, target_latency_ms=args.slo_ms, policy="static",
-                                 min_batch_tokens=b, max_batch_tokens=b) for b in map(int, args.static.split(","))]
+    only = set(args.only.split(",")) if args.only else {"sweep", "priority", "step", "burst", "long", "recovery"}
+
+    def default() -> common.FastServeBackend:
+        """A fresh engine of the default policy."""
+        return fastserve_backend("fastserve/model", slo, target_latency_ms=args.slo_ms)
+
+    def static(b: int) -> common.FastServeBackend:
+        return fastserve_backend(f"fastserve/static-{b}", slo, target_latency_ms=args.slo_ms, policy="static",
+                                 min_batch_tokens=b, max_batch_tokens=b)
+
+    @contextlib.contextmanager
+    def fresh(make: Any, *a: Any):
+        b = make(*a)
+        try:
+            b.engine.embed(texts[:32], timeout=600)  # load and warm, as every run's engine
+            yield b
+        finally:
+            b.close()
+
     baselines: list[common.Backend] = []
     if not args.no_baselines:
         baselines = [common.SerialBackend("transformers", common.HFModel(path, common.max_seq_length(path)).encode),
                      common.SerialBackend("sentence-transformers", common.STModel(path).encode)]
     out: dict[str, Any] = {"machine": common.machine(), "config": vars(args), "slo_s": slo}
     try:
-        cap = capacity_rps(default, common.sample_texts(args.capacity_texts, args.seed + 11))
+        with fresh(default) as b:
+            cap = capacity_rps(b, common.sample_texts(args.capacity_texts, args.seed + 11))
         out["capacity_rps"] = cap
         print(f"capacity {cap:.1f} req/s", flush=True)
 
@@ -107,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. sweep
         sweep = []
-        for x in map(float, args.fractions.split(",")):
+        for x in map(float, args.fractions.split(",")) if "sweep" in only else []:
             seed = args.seed + int(x * 1000)
-            for b in [default, *(statics if x < 1 else []), *baselines]:
-                r = run(b, x * cap, seed)
+            makers = [(default,), *([(static, b) for b in map(int, args.static.split(","))] if x < 1 else [])]
+            for b in [*makers, *baselines]:
+                if isinstance(b, tuple):
+                    with fresh(*b) as engine:
+                        r = run(engine, x * cap, seed)
+                        b = engine
+                else:
+                    r = run(b, x * cap, seed)
                 r["fraction"] = x
                 sweep.append(strip(r))
                 print(f"{x:4.1f}x {b.name:<24} goodput {r['goodput_rps']:7.1f} accepted p50/p99 "
@@ -120,49 +206,53 @@ def main(argv: list[str] | None = None) -> int:
         out["sweep"] = sweep
 
         # 3. priority classes at 2x
-        offsets = load.poisson_arrivals(2 * cap, args.warmup + args.duration, args.seed + 77)
-        prio = (np.random.default_rng(args.seed + 78).random(len(offsets)) < 0.25).astype(int)
-        r = load.run_open_loop(default, offsets, texts, warmup_s=args.warmup, slo_s=slo, drain_s=args.drain,
-                               priorities=prio)
-        out["priority"] = strip(r)
-        print(f"priority at 2x: within SLO by class {r['slo_met_by_priority']}", flush=True)
+        if "priority" in only:
+            offsets = load.poisson_arrivals(2 * cap, args.warmup + args.duration, args.seed + 77)
+            prio = (np.random.default_rng(args.seed + 78).random(len(offsets)) < 0.25).astype(int)
+            with fresh(default) as b:
+                r = load.run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=slo, drain_s=args.drain,
+                                       priorities=prio)
+            out["priority"] = strip(r)
+            print(f"priority at 2x: within SLO by class {r['slo_met_by_priority']}", flush=True)
 
         # 4. step 0.3x -> 0.9x, budget sampled
-        step_at = 3.0
-        r = run(default, [load.Phase(0.3 * cap, step_at), load.Phase(0.9 * cap, 3.0)], args.seed + 91,
-                warmup=0.5, sample_budget_every_s=0.05)
-        from report import settling  # report imports load; imported here to keep load's import light
+        if "step" in only:
+            step_at, after_s = 3.0, 4.0
+            with fresh(default) as b, ControllerTrace(b) as trace:
+                r = run(b, [load.Phase(0.3 * cap, step_at), load.Phase(0.9 * cap, after_s)], args.seed + 91,
+                        warmup=0.5, sample_budget_every_s=0.05)
+            from report import settling  # report imports load; imported here to keep load's import light
 
-        st = settling(r["budget_samples"], step_at, step_at + 3.0)
-        out["step"] = {**strip(r), **st}
-        print(f"step 0.3x -> 0.9x: settling {st['settling_s']} s", flush=True)
+            st = settling(r["budget_samples"], step_at, step_at + after_s)
+            st20 = settling(r["budget_samples"], step_at, step_at + after_s, band=0.2)
+            out["step"] = {**strip(r), **st, "settling_s_20pct": st20["settling_s"], "trace": trace.samples}
+            print(f"step 0.3x -> 0.9x: settling {st['settling_s']} s (+-10%), {st20['settling_s']} s (+-20%)",
+                  flush=True)
 
         # 5. burst to 3x for 1 s
-        phases = [load.Phase(0.5 * cap, 2.0), load.Phase(3 * cap, 1.0), load.Phase(0.5 * cap, 2.0)]
-        r = run(default, phases, args.seed + 93, warmup=0.0, sample_budget_every_s=0.05)
-        arr, lat = r["_arrivals"], r["_latency"]
-        windows = {"before": (1.0, 2.0), "burst": (2.0, 3.0), "after": (3.0, 5.0), "first_second_after": (3.0, 4.0)}
-        burst = {k: {"goodput_rps": float((lat[(arr >= a) & (arr < b)] <= slo).sum() / (b - a)),
-                     "slo_met_fraction": float((lat[(arr >= a) & (arr < b)] <= slo).mean())}
-                 for k, (a, b) in windows.items()}
-        out["burst"] = {**strip(r), "windows": burst}
-        print(f"burst: {burst}", flush=True)
+        if "burst" in only:
+            burst_run(out, run, default, fresh, cap, args, slo)
 
         # 6. long inputs
-        mixed, is_long = long_tail(texts, args.seed + 5)
-        lt = {}
-        for name, tx in (("plain", texts), ("long_tail", mixed)):
-            r = run(default, 0.7 * cap, args.seed + 95, texts=tx)
-            offsets_n = r["requests"]
-            first = len(is_long) and (len(load.poisson_arrivals(0.7 * cap, args.warmup + args.duration, args.seed + 95))
-                                      - offsets_n)
-            short = ~is_long[first: first + offsets_n] if name == "long_tail" else np.ones(offsets_n, bool)
-            lt[name] = {**strip(r), "short": short_p99(r, short, slo)}
-            print(f"long inputs ({name}) at 0.7x: short p99 {common.fmt_ms(lt[name]['short']['p99_s'])} ms, "
-                  f"within SLO {lt[name]['short']['slo_met_fraction']:.3f}", flush=True)
-        out["long_inputs"] = lt
+        if "long" in only:
+            long_run(out, run, default, fresh, cap, args, slo, texts)
+
+        # 7. recovery after overload, the controller traced
+        if "recovery" in only:
+            with fresh(default) as b, ControllerTrace(b) as trace:
+                r = run(b, [load.Phase(4 * cap, 2.0), load.Phase(0.5 * cap, 3.0)], args.seed + 97, warmup=0.0,
+                        sample_budget_every_s=0.05)
+            arr, lat = r["_arrivals"], r["_latency"]
+            win = (arr >= 3.0) & (arr < 5.0)
+            out["recovery"] = {**strip(r), "trace": trace.samples,
+                               "after_within_slo": float((lat[win] <= slo).mean()) if win.any() else float("nan"),
+                               "after_goodput_rps": float((lat[win] <= slo).sum() / 2.0),
+                               "budget_last_s": float(np.median([s["budget_tokens"] for s in trace.samples
+                                                                  if s["t"] >= 4.0] or [np.nan]))}
+            print(f"recovery: within SLO 1-3 s after the 4x phase {out['recovery']['after_within_slo']:.3f}, "
+                  f"budget in the last second {out['recovery']['budget_last_s']:.0f}", flush=True)
     finally:
-        for b in [default, *statics, *baselines]:
+        for b in baselines:
             b.close()
     out["elapsed_s"] = time.time() - t_start
     targets = evaluate(out)
@@ -170,17 +260,64 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['what']}: {t['measured']}")
     if args.out:
-        d = Path(args.out)
-        (d / "overload.json").write_text(json.dumps(out, indent=1, default=float))
-        plots = plot(out, d)
-        (d / "overload.md").write_text(markdown(out, plots))
+        write(out, Path(args.out))
     return 0
+
+
+def write(out: dict[str, Any], d: Path) -> None:
+    (d / "overload.json").write_text(json.dumps(out, indent=1, default=float))
+    plots = plot(out, d)
+    (d / "overload.md").write_text(markdown(out, plots))
+
+
+def burst_run(out: dict[str, Any], run: Any, default: Any, fresh: Any, cap: float, args: Any, slo: float) -> None:
+    """0.5x for 2 s, 3x for 1 s, 0.5x for 2 s: goodput and SLO by arrival window."""
+    phases = [load.Phase(0.5 * cap, 2.0), load.Phase(3 * cap, 1.0), load.Phase(0.5 * cap, 2.0)]
+    with fresh(default) as b:
+        r = run(b, phases, args.seed + 93, warmup=0.0, sample_budget_every_s=0.05)
+    arr, lat = r["_arrivals"], r["_latency"]
+    windows = {"before": (1.0, 2.0), "burst": (2.0, 3.0), "after": (3.0, 5.0), "first_second_after": (3.0, 4.0)}
+    burst = {k: {"goodput_rps": float((lat[(arr >= a) & (arr < b)] <= slo).sum() / (b - a)),
+                 "slo_met_fraction": float((lat[(arr >= a) & (arr < b)] <= slo).mean())}
+             for k, (a, b) in windows.items()}
+    out["burst"] = {**strip(r), "windows": burst}
+    print(f"burst: {burst}", flush=True)
+
+
+def long_run(out: dict[str, Any], run: Any, default: Any, fresh: Any, cap: float, args: Any, slo: float,
+             texts: list[str]) -> None:
+    """Short requests' p99 at 0.7x capacity: without long inputs, and with one
+    text in ten ten times longer: the packed cost counting attention (the
+    engine's default), by tokens alone, and long inputs (over 4x the median
+    length) batched apart. Each on a fresh engine."""
+    mixed, is_long = long_tail(texts, args.seed + 5)
+    n_all = len(load.poisson_arrivals(0.7 * cap, args.warmup + args.duration, args.seed + 95))
+    import transformers  # the default model's tokenizer, for the median length
+
+    lens = [len(x) for x in transformers.AutoTokenizer.from_pretrained(common.model_path())(texts[:2000])["input_ids"]]
+    apart = int(4 * np.median(lens))
+    lt = {}
+    for name, tx, patch in (("plain", texts, {}), ("long_tail (attention counted)", mixed, {}),
+                            ("long_tail, tokens only", mixed, {"attention_tokens": 0}),
+                            (f"long_tail, attention + apart over {apart} tokens", mixed,
+                             {"long_apart_tokens": apart})):
+        with scheduler_config(**patch), fresh(default) as b:
+            r = run(b, 0.7 * cap, args.seed + 95, texts=tx)
+        n = r["requests"]
+        idx = np.arange(n_all - n, n_all) % len(tx)  # request i sends tx[i % len(tx)]
+        short = ~is_long[idx] if tx is mixed else np.ones(n, bool)
+        done = np.isfinite(r["_latency"])
+        lt[name] = {**strip(r), "short": short_p99(r, short, slo),
+                    "short_accepted_p99_s": short_p99(r, short & done, slo)["p99_s"]}
+        print(f"long inputs ({name}) at 0.7x: short p99 {common.fmt_ms(lt[name]['short']['p99_s'])} ms, "
+              f"within SLO {lt[name]['short']['slo_met_fraction']:.3f}", flush=True)
+    out["long_inputs"] = lt
 
 
 def evaluate(out: dict[str, Any]) -> list[dict[str, Any]]:
     slo = out["slo_s"]
-    fs = [r for r in out["sweep"] if r["backend"].startswith("fastserve/")]
-    peak = max(r["goodput_rps"] for r in fs)
+    fs = [r for r in out.get("sweep", []) if r["backend"].startswith("fastserve/")]
+    peak = max((r["goodput_rps"] for r in fs), default=float("nan"))
     model = {r["fraction"]: r for r in fs if r["backend"] == "fastserve/model"}
     t = []
     for x in (2.0, 4.0):
@@ -202,11 +339,40 @@ def evaluate(out: dict[str, Any]) -> list[dict[str, Any]]:
                       "measured": f"{r['goodput_rps']:.1f} vs {best['goodput_rps']:.1f} req/s = "
                                   f"{r['goodput_rps'] / best['goodput_rps']:.1%}",
                       "pass": r["goodput_rps"] >= 0.95 * best["goodput_rps"]})
-    s = out["step"]["settling_s"]
-    t.append({"what": "settling after 0.3x -> 0.9x <= 1 s", "measured": f"{s} s", "pass": s is not None and s <= 1.0})
-    hi = out["priority"]["slo_met_by_priority"].get(1, float("nan"))
-    t.append({"what": "two classes at 2x: high class >= 99% within SLO", "measured": f"{hi:.2%}",
-              "pass": hi >= 0.99})
+    if "step" in out:
+        for key, band in (("settling_s", "10"), ("settling_s_20pct", "20")):
+            s = out["step"][key]
+            t.append({"what": f"settling after 0.3x -> 0.9x <= 1 s (budget within +-{band}% of its final median)",
+                      "measured": "never within the band" if s is None else f"{s:.2f} s",
+                      "pass": s is not None and s <= 1.0})
+    if "priority" in out:
+        hi = out["priority"]["slo_met_by_priority"].get(1, float("nan"))
+        t.append({"what": "two classes at 2x: high class >= 99% within SLO", "measured": f"{hi:.2%}",
+                  "pass": hi >= 0.99})
+    if "burst" in out:
+        w = out["burst"]["windows"]
+        t.append({"what": "after a 3x burst: no backlog (arrivals 1-2 s after it >= 95% within SLO)",
+                  "measured": f"{w['after']['slo_met_fraction']:.1%} (first second after: "
+                              f"{w['first_second_after']['slo_met_fraction']:.1%})",
+                  "pass": w["after"]["slo_met_fraction"] >= 0.95})
+    if "long_inputs" in out:
+        lt = out["long_inputs"]
+        plain = lt["plain"]["short"]["slo_met_fraction"]
+        for k, r in lt.items():
+            if k == "plain":
+                continue
+            sh = r["short"]
+            t.append({"what": f"long inputs, {k}: short requests keep their share within SLO (plain mix: {plain:.1%})",
+                      "measured": f"{sh['slo_met_fraction']:.1%}, p99 of accepted short "
+                                  f"{common.fmt_ms(r['short_accepted_p99_s'])} ms",
+                      "pass": sh["slo_met_fraction"] >= plain - 0.02 and r["short_accepted_p99_s"] <= slo})
+    if "recovery" in out:
+        r = out["recovery"]
+        fresh = model.get(0.5, {}).get("slo_met_fraction", float("nan"))
+        t.append({"what": f"after 2 s at 4x, the 0.5x phase (from 1 s after) within SLO as on a fresh engine at 0.5x "
+                          f"({fresh:.1%}, sweep), within 5 points",
+                  "measured": f"{r['after_within_slo']:.1%}, budget {r['budget_last_s']:.0f} tokens in its last second",
+                  "pass": r["after_within_slo"] >= fresh - 0.05})
     return t
 
 
@@ -219,7 +385,7 @@ def plot(out: dict[str, Any], d: Path) -> list[str]:
     except ImportError:
         return []
     names = []
-    backends = sorted({r["backend"] for r in out["sweep"]})
+    backends = sorted({r["backend"] for r in out.get("sweep", [])})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for b in backends:
         rs = sorted((r for r in out["sweep"] if r["backend"] == b), key=lambda r: r["fraction"])
@@ -234,9 +400,10 @@ def plot(out: dict[str, Any], d: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(d / "overload_sweep.png", dpi=110)
     names.append("overload_sweep.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for ax, key, title in ((axes[0], "step", "step 0.3x -> 0.9x at 3 s"), (axes[1], "burst", "burst to 3x, 2-3 s")):
-        samples = out[key].get("budget_samples") or []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
+    for ax, key, title in ((axes[0], "step", "step 0.3x -> 0.9x at 3 s"), (axes[1], "burst", "burst to 3x, 2-3 s"),
+                           (axes[2], "recovery", "4x for 2 s, then 0.5x")):
+        samples = out.get(key, {}).get("budget_samples") or []
         if samples:
             ax.plot([t for t, _ in samples], [b for _, b in samples])
         ax.set_title(f"budget over time: {title}")
@@ -270,24 +437,49 @@ def markdown(out: dict[str, Any], plots: list[str]) -> str:
         L.append(f"| {r['fraction']:g}x | {r['backend']} | {r['offered_rps']:.1f} | {r['goodput_rps']:.1f} | "
                  f"{common.fmt_ms(a['p50'])} | {common.fmt_ms(a['p99'])} | {r['refused_fraction']:.3f} | "
                  f"{r['shed_fraction']:.3f} | {r['expired_fraction']:.3f} | {r['unfinished']} |")
-    pr = out["priority"]
-    L += ["", "## Two priority classes at 2x capacity (a quarter high)\n",
-          f"Within the SLO, by class (1 = high): {pr['slo_met_by_priority']}; goodput {pr['goodput_rps']:.1f} req/s, "
-          f"refused {pr['refused_fraction']:.3f}, shed {pr['shed_fraction']:.3f}.\n",
-          "## Load step and burst\n",
-          f"Step 0.3x -> 0.9x: settling {out['step']['settling_s']} s (budget within +-10% of the median of the "
-          f"last second; before the step {out['step'].get('budget_before_step')}, after "
-          f"{out['step'].get('reference_tokens')} tokens).\n",
-          "Burst (0.5x for 2 s, 3x for 1 s, 0.5x for 2 s), by arrival window:\n",
-          "| window | goodput req/s | within SLO |", "|---|---|---|"]
-    for k, w in out["burst"]["windows"].items():
-        L.append(f"| {k} | {w['goodput_rps']:.1f} | {w['slo_met_fraction']:.3f} |")
-    lt = out["long_inputs"]
-    L += ["", "## Long inputs (one text in ten, ten times longer) at 0.7x capacity\n",
-          "| mix | short requests' p99 ms | short within SLO | goodput req/s |", "|---|---|---|---|"]
-    for k, r in lt.items():
-        L.append(f"| {k} | {common.fmt_ms(r['short']['p99_s'])} | {r['short']['slo_met_fraction']:.3f} | "
-                 f"{r['goodput_rps']:.1f} |")
+    if "priority" in out:
+        pr = out["priority"]
+        by = {k: f"{v:.3f}" for k, v in pr["slo_met_by_priority"].items()}
+        L += ["", "## Two priority classes at 2x capacity (a quarter high)\n",
+              f"Within the SLO, by class (1 = high): {by}; goodput {pr['goodput_rps']:.1f} req/s, "
+              f"refused {pr['refused_fraction']:.3f}, shed {pr['shed_fraction']:.3f}."]
+    if "step" in out:
+        st = out["step"]
+        L += ["", "## Load step\n",
+              f"Step 0.3x -> 0.9x: settling {st['settling_s']} s within +-10%, {st['settling_s_20pct']} s within "
+              f"+-20% of the median budget of the last second (before the step {st.get('budget_before_step')}, "
+              f"after {st.get('reference_tokens')} tokens); goodput {st['goodput_rps']:.1f} req/s, accepted p99 "
+              f"{common.fmt_ms(st['accepted_latency_s']['p99'])} ms."]
+    if "burst" in out:
+        L += ["", "## Burst\n", "0.5x for 2 s, 3x for 1 s, 0.5x for 2 s, by arrival window:\n",
+              "| window | goodput req/s | within SLO |", "|---|---|---|"]
+        for k, w in out["burst"]["windows"].items():
+            L.append(f"| {k} | {w['goodput_rps']:.1f} | {w['slo_met_fraction']:.3f} |")
+    if "long_inputs" in out:
+        L += ["", "## Long inputs (one text in ten, ten times longer) at 0.7x capacity\n",
+              "| mix, cost | short requests' p99 ms (refused = inf) | accepted short p99 ms | short within SLO | "
+              "goodput req/s | refused | shed |",
+              "|---|---|---|---|---|---|---|"]
+        for k, r in out["long_inputs"].items():
+            L.append(f"| {k} | {common.fmt_ms(r['short']['p99_s'])} | {common.fmt_ms(r['short_accepted_p99_s'])} | "
+                     f"{r['short']['slo_met_fraction']:.3f} | "
+                     f"{r['goodput_rps']:.1f} | {r['refused_fraction']:.3f} | {r['shed_fraction']:.3f} |")
+    if "recovery" in out:
+        r = out["recovery"]
+        L += ["", "## Recovery after overload (4x for 2 s, then 0.5x for 3 s)\n",
+              f"Arrivals 1-3 s into the 0.5x phase: {r['after_within_slo']:.3f} within the SLO "
+              f"({r['after_goodput_rps']:.1f} req/s); budget in the last second {r['budget_last_s']:.0f} tokens. "
+              "Controller and admission state, every 0.5 s:\n",
+              "| t s | budget | goal | tail J ms | fit a ms | fit b us/token | refused | shed |",
+              "|---|---|---|---|---|---|---|---|"]
+        nxt = 0.0
+        for x in r["trace"]:
+            if x["t"] < nxt:
+                continue
+            nxt = x["t"] + 0.5
+            L.append(f"| {x['t']:.1f} | {x['budget_tokens']} | {x['model_goal_tokens'] or 0:.0f} | "
+                     f"{(x['admission_tail_s'] or 0) * 1e3:.1f} | {(x['fit_intercept_s'] or 0) * 1e3:.1f} | "
+                     f"{(x['fit_slope_s_per_token'] or 0) * 1e6:.1f} | {x['refused']} | {x['shed']} |")
     L.append("")
     for p in plots:
         L.append(f"![{p}]({p})\n")

@@ -134,7 +134,7 @@ class ModelController final : public FittedController {
     // request-latency target (2 D), on top of the arrivals.
     arrival_ = o.arrival_tokens_per_s + o.queued_tokens / (2 * c_.target_latency_s);
     timeout_ = o.request_timeout_s;
-    tail_ = std::max(1.0, o.compute_tail_ratio);
+    tail_ = std::max(0.0, o.compute_tail_s);
     FittedController::observe(o);
   }
   // The larger of two budgets:
@@ -150,10 +150,14 @@ class ModelController final : public FittedController {
   //   them (docs/design.md, "Controllers").
   double goal_tokens() const {
     const double b = fit_.slope(), a = fit_.intercept();
-    // Aim the fit at D / (q95 ratio): the batches that run long then still
-    // take about D, so a request's wait for the running batch plus its own
-    // batch stays within 2 D (docs/design.md, "Target = tail latency").
-    const double goal = c_.model_headroom * c_.target_latency_s / tail_;
+    // A request waits for the running batch (<= L), runs in its own (L) and
+    // meets at most one stall J (q95 of a batch's excess over the fit), so
+    // 2 L + J <= 2 D: aim the fit at D - J / 2. Never below D / 2: a stall
+    // does not shrink with the batch, so smaller batches would only cut
+    // throughput (at most by 2a / D at this floor) and refuse more
+    // (docs/design.md, "Target = tail latency").
+    const double D = c_.model_headroom * c_.target_latency_s;
+    const double goal = std::max(D - tail_ / 2, D / 2);
     if (b <= 0) return static_cast<double>(c_.max_tokens);
     const double latency = goal <= a + b * static_cast<double>(c_.min_tokens) ? 4 * a / b : (goal - a) / b;
     const double mr = c_.model_load_margin * arrival_;
@@ -163,15 +167,15 @@ class ModelController final : public FittedController {
     // a batch may take half the tightest timeout. With timeouts at the
     // target (2 D) this cap is the latency budget itself, and overload is
     // left to admission and shedding rather than to ever larger batches.
-    if (std::isfinite(timeout_)) load = std::min(load, (c_.model_headroom * timeout_ / (2 * tail_) - a) / b);
+    if (std::isfinite(timeout_)) load = std::min(load, ((c_.model_headroom * timeout_ - tail_) / 2 - a) / b);
     return std::max(latency, load);
   }
   std::map<std::string, double> extra_state() const override {
-    return {{"model_goal_tokens", goal_tokens()}, {"arrival_tokens_per_s", arrival_}};
+    return {{"model_goal_tokens", goal_tokens()}, {"arrival_tokens_per_s", arrival_}, {"tail_s", tail_}};
   }
 
  private:
-  double arrival_ = 0, timeout_ = INFINITY, tail_ = 1;
+  double arrival_ = 0, timeout_ = INFINITY, tail_ = 0;
 };
 
 class SeedController final : public FittedController {

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 
 #include "fastserve/errors.h"
 
@@ -33,6 +34,7 @@ void SchedulerConfig::validate() const {
   if (lookahead < 1) fail("lookahead must be >= 1");
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
   if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
+  if (long_apart_tokens < 0) fail("long_apart_tokens must be >= 0 (0: long inputs not batched apart)");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -105,7 +107,7 @@ double Scheduler::compute_locked(double work, double fill) const {
   const double n = static_cast<double>(controllers_.size());
   const double t = work <= B ? compute_fit_.predict(std::max(work, std::min(B, fill)))
                              : std::ceil(work / (B * n)) * compute_fit_.predict(B);
-  return slack_ * std::max(0.0, t);
+  return std::max(0.0, t) + tail_s_;
 }
 
 double Scheduler::residual_locked(double now) const {
@@ -146,12 +148,21 @@ void Scheduler::track_compute_locked(double cost, double seconds) {
   if (compute_fit_.ready()) {
     const double predicted = compute_fit_.predict(cost);
     if (predicted > 0) {
-      // q95 of actual / predicted by stochastic quantile tracking in log
-      // space: up by 0.95 eta on a ratio above it, down by 0.05 eta
-      // otherwise, so it rests where 5% of ratios lie above it.
-      constexpr double eta = 0.1, q = 0.95;
-      slack_ *= std::exp(seconds / predicted > slack_ ? eta * q : -eta * (1 - q));
-      slack_ = std::clamp(slack_, 0.5, 4.0);
+      // q95 of actual - predicted over the last kTailWindow batches, exact
+      // (the window's 5th largest). A window rather than a slowly decaying
+      // tracker: once an overload (and the contention it brings) ends, the
+      // stalls it measured are forgotten after kTailWindow batches.
+      const double e = std::max(0.0, seconds - predicted);
+      if (excess_.size() < kTailWindow) {
+        excess_.push_back(e);
+      } else {
+        excess_[excess_next_] = e;
+        excess_next_ = (excess_next_ + 1) % kTailWindow;
+      }
+      std::vector<double> w = excess_;
+      const size_t k = w.size() - 1 - static_cast<size_t>(0.95 * static_cast<double>(w.size() - 1));
+      std::nth_element(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(k), w.end(), std::greater<double>());
+      tail_s_ = w[k];
       // A stall (a preempted thread, a pause) moves the fit by at most what
       // a batch 4x its prediction would: the fit is a mean, and one outlier
       // would otherwise condemn the queue for the next ten batches.
@@ -425,8 +436,11 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
                                                            std::shared_ptr<Batch> batch) {
   double sum = 0;
   int64_t count = 0;
+  const int64_t apart = config_.long_apart_tokens;
+  const bool head_long = apart > 0 && cands.front().len > apart;
   for (const Cand& c : cands) {
     if (count >= config_.max_batch_size) break;
+    if (apart > 0 && (c.len > apart) != head_long) continue;  // long and short apart
     const double cost = seq_cost(c.len);
     if (count > 0 && sum + cost > static_cast<double>(budget)) continue;
     sum += cost;
@@ -501,7 +515,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   o.batch_size = batch.size();
   o.latency_s = compute_seconds;
   o.queue_depth = static_cast<int64_t>(requests_.size());
-  o.compute_tail_ratio = slack_;
+  o.compute_tail_s = tail_s_;
   o.request_timeout_s = INFINITY;
   for (int64_t i = 0; i < batch.size(); ++i)
     o.request_timeout_s = std::min(o.request_timeout_s, batch.deadlines()[i] - batch.arrivals()[i]);
@@ -587,6 +601,12 @@ Scheduler::Snapshot Scheduler::snapshot() const {
   s.budget = controllers_[0]->budget();
   s.policy = controllers_[0]->name();
   s.controller = controllers_[0]->state();
+  // Admission's own prediction state, beside the (first) controller's.
+  s.controller["admission_tail_s"] = tail_s_;
+  s.controller["admission_fit_intercept_s"] = compute_fit_.intercept();
+  s.controller["admission_fit_slope_s_per_token"] = compute_fit_.slope();
+  s.controller["admission_cost_factor"] = cost_factor_;
+  s.controller["admission_arrival_tokens_per_s"] = arrival_rate_;
   for (const auto& c : controllers_) {
     s.budgets.push_back(c->budget());
     s.controllers.push_back(c->state());

@@ -95,6 +95,8 @@ class SchedulerConfig:
     """Refuse at submit, and shed before compute, requests predicted to miss their deadline."""
     attention_tokens: int
     """Packed cost counts attention: len * (1 + len / attention_tokens) per sequence (0: len)."""
+    long_apart_tokens: int
+    """Packed cost: requests longer than this are batched apart from shorter ones (0: off)."""
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -112,6 +114,7 @@ class SchedulerConfig:
         cost: str = "padded",
         admission: bool = True,
         attention_tokens: int = 0,
+        long_apart_tokens: int = 0,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <random>
@@ -93,6 +94,16 @@ struct Sim {
   std::map<uint64_t, size_t> index;  // request id -> record
   std::vector<std::pair<double, int64_t>> budgets;  // (time, budget) after each batch
   double timeout = kTarget;
+  // Heavier noise for the spiral tests: with probability outlier_share(t) a
+  // batch runs 3-4x its model time (a preempted thread on a shared machine),
+  // and every batch is scaled by slowdown(t) (contention from the callers).
+  std::function<double(double)> outlier_share = [](double) { return 0.0; };
+  std::function<double(double)> slowdown = [](double) { return 1.0; };
+  // and with probability stall_share(t) it stalls 0.5-1.5 stall_s more (the
+  // thread preempted for a time slice, whatever the batch's size).
+  std::function<double(double)> stall_share = [](double) { return 0.0; };
+  double stall_s = 0.01;
+  std::uniform_real_distribution<double> unit{0, 1};
 
   explicit Sim(ControllerConfig cc = engine_controller(), SchedulerConfig sc = engine_scheduler())
       : s(sc, cc, clock) {}
@@ -138,7 +149,9 @@ struct Sim {
       const CostModel m = cost(t);
       double sq = 0;
       for (int32_t len : b.lengths()) sq += double(len) * len;
-      const double dur = (m.a + m.b * double(b.total_tokens()) + m.c * sq) * noise(rng);
+      double dur = (m.a + m.b * double(b.total_tokens()) + m.c * sq) * noise(rng) * slowdown(t);
+      if (unit(rng) < outlier_share(t)) dur *= 3 + unit(rng);
+      if (unit(rng) < stall_share(t)) dur += stall_s * (0.5 + unit(rng));
       const double end = t + dur;
       while (i < arr.size() && arr[i].t < end) submit(arr[i++]);
       clock->set(end);
@@ -497,13 +510,90 @@ TEST(Bursts, BeyondCapacityServesAtCapacityShedsTheRestAndRecoversWithoutBacklog
   EXPECT_GE(after.good_fraction(), 0.99);
 }
 
+// Noisy compute, as on a shared 2-core machine: log-normal noise of 25%;
+// while overloaded (the callers compete for the cores) batches run 1.3x
+// slower and one in ten runs 3-4x its model time, afterwards one in fifty.
+// With stall_s > 0, a batch also stalls 0.5-1.5 stall_s (a preempted
+// thread: its length does not depend on the batch) in one batch in five
+// while overloaded, one in twenty afterwards.
+void noisy(Sim& sim, double overload_end, double stall_s = 0) {
+  sim.noise = std::lognormal_distribution<double>(-0.25 * 0.25 / 2, 0.25);
+  sim.outlier_share = [overload_end](double t) { return t < overload_end ? 0.10 : 0.02; };
+  sim.slowdown = [overload_end](double t) { return t < overload_end ? 1.3 : 1.0; };
+  sim.stall_s = stall_s;
+  sim.stall_share = [overload_end, stall_s](double t) { return stall_s <= 0 ? 0.0 : t < overload_end ? 0.2 : 0.05; };
+}
+
+double mean_budget(const Sim& sim, double from, double to) {
+  double sum = 0;
+  int n = 0;
+  for (auto [t, b] : sim.budgets)
+    if (t >= from && t < to) sum += double(b), ++n;
+  return n ? sum / n : 0;
+}
+
+TEST(Noise, AfterOverloadWithOutliersTheBudgetRecovers) {
+  // 4x capacity for 3 s, then 0.5x for 4 s. The budget in the last two
+  // seconds must be that of a run that saw only the 0.5x phase (same noise),
+  // and the 0.5x phase served as well as in that run: the overload leaves
+  // no lasting trace. (On the real machine a q95 ratio of actual / predicted
+  // compute, stuck near its cap of 4 after a 4x run, divided the budget:
+  // 133 -> 42 tokens. The tail is now additive seconds over a window of
+  // batches. With the ratio, this test ended at 66% of the fresh budget
+  // without stalls, 95.2% vs 97.1% within target, and with 20 ms stalls the
+  // fresh run itself served only 77%, against 91% now.)
+  const double cap = capacity_rps();
+  for (double stall : {0.0, 0.01, 0.02}) {
+    Sim after_overload, fresh;
+    noisy(after_overload, 3.0, stall);
+    noisy(fresh, 0.0, stall);
+    after_overload.run(arrivals({{4 * cap, 3.0}, {0.5 * cap, 4.0}}, 81));
+    fresh.run(arrivals({{0.5 * cap, 4.0}}, 82));
+    const double recovered = mean_budget(after_overload, 5.0, 7.0), reference = mean_budget(fresh, 2.0, 4.0);
+    EXPECT_GE(recovered, 0.8 * reference) << "stall " << stall << ": recovered " << recovered << " fresh " << reference;
+    const auto f = after_overload.figures(4.0, 7.0), g = fresh.figures(1.0, 4.0);
+    EXPECT_GE(f.good_fraction(), std::min(0.97, g.good_fraction() - 0.01))
+        << "stall " << stall << ": refused " << f.refused << " shed " << f.shed << "; fresh run " << g.good_fraction();
+    if (stall == 0) EXPECT_GE(f.good_fraction(), 0.97);
+    EXPECT_LE(f.p99_done, kTarget) << "stall " << stall;
+  }
+}
+
+TEST(Noise, OutliersDoNotShrinkTheBudgetBelowWhatTheLoadNeeds) {
+  // At 0.9x capacity with noisy compute the default policy's goodput is at
+  // least 95% of the best static budget's on the same arrivals (the real
+  // machine's first run: 80%), with and without stalls.
+  const double cap = capacity_rps();
+  const auto arr = arrivals({{0.9 * cap, 5.0}}, 83);
+  for (double stall : {0.0, 0.01, 0.02}) {
+    Sim model;
+    noisy(model, 0.0, stall);
+    model.run(arr);
+    double best = 0;
+    int64_t best_budget = 0;
+    for (int64_t budget : {256, 512, 1024, 2048}) {
+      ControllerConfig cc = engine_controller("static");
+      cc.initial_tokens = budget;
+      Sim st(cc);
+      noisy(st, 0.0, stall);
+      st.run(arr);
+      if (st.figures(1.0, 5.0).goodput_rps > best) best = st.figures(1.0, 5.0).goodput_rps, best_budget = budget;
+    }
+    const auto f = model.figures(1.0, 5.0);
+    EXPECT_GE(f.goodput_rps, 0.95 * best) << "stall " << stall << ": model " << f.goodput_rps << " best static "
+                                          << best << " (budget " << best_budget << "), model refused " << f.refused
+                                          << " shed " << f.shed << " of " << f.n << ", mean budget "
+                                          << mean_budget(model, 1.0, 5.0);
+  }
+}
+
 // ----------------------------------------------------------------- item 6
 
 // Short requests' fraction within the target on a mix where one text in ten
 // is ten times longer, attention counted in the cost model (c * sum(len^2),
 // c / b = 1 / 500). The rate is 0.8x of the mix's capacity: the mix costs
 // about 2.35x the plain one per request.
-double short_good_fraction(int64_t attention_tokens) {
+double short_good_fraction(int64_t attention_tokens, int64_t long_apart_tokens = 0, double* goodput = nullptr) {
   const CostModel m{0.002, 20e-6, 4e-8};
   auto arr = arrivals({{0.8 * capacity_rps() / 2.35, 5.0}}, 71);
   std::mt19937 rng(72);
@@ -515,6 +605,7 @@ double short_good_fraction(int64_t attention_tokens) {
   }
   SchedulerConfig sc = engine_scheduler();
   sc.attention_tokens = attention_tokens;
+  sc.long_apart_tokens = long_apart_tokens;
   Sim sim(engine_controller(), sc);
   sim.run(arr, m);
   std::vector<double> lat;
@@ -528,6 +619,7 @@ double short_good_fraction(int64_t attention_tokens) {
   }
   std::sort(lat.begin(), lat.end());
   EXPECT_LE(lat[static_cast<size_t>(0.99 * double(lat.size()))], kTarget);  // accepted short requests
+  if (goodput) *goodput = sim.figures(1.0, 5.0).goodput_rps;
   return double(good) / double(n);
 }
 
@@ -539,6 +631,23 @@ TEST(LongInputs, CountingAttentionInTheCostKeepsShortRequestsWithinTheTarget) {
   const double tokens_only = short_good_fraction(0), with_attention = short_good_fraction(500);
   EXPECT_GE(with_attention, 0.98);
   EXPECT_GT(with_attention, tokens_only);
+}
+
+TEST(LongInputs, BatchingLongInputsApartAddsLittleOnceAttentionIsCounted) {
+  // The second option of the issue, on the same mix: requests over 100
+  // tokens (the long ones: 10x a median of 24) never share a batch with
+  // short ones. Measured: short requests 98.6% within target with attention
+  // counted, 98.9% with attention and apart, 95.0% apart by tokens alone;
+  // the same goodput. Counting attention does the work; apart is off by
+  // default (SchedulerConfig::long_apart_tokens).
+  double good_attention = 0, good_apart = 0;
+  const double with_attention = short_good_fraction(500, 0, &good_attention);
+  const double apart = short_good_fraction(500, 100, &good_apart);
+  const double apart_tokens_only = short_good_fraction(0, 100);
+  EXPECT_GE(apart, 0.98);
+  EXPECT_LT(apart - with_attention, 0.01);
+  EXPECT_LT(apart_tokens_only, with_attention);
+  EXPECT_NEAR(good_apart, good_attention, 0.02 * good_attention);
 }
 
 // ----------------------------------------------------------------- item 5
@@ -553,6 +662,25 @@ TEST(PriorityClasses, AtTwiceCapacityTheHighClassKeepsItsSloAndTheLowClassIsShed
   EXPECT_LE(high.p99_done, kTarget);
   EXPECT_LE(low.p99_done, kTarget);
   EXPECT_GT(low.refused + low.shed, low.n / 3);
+}
+
+TEST(PriorityClasses, WithNoisyComputeTheHighClassStillComesFirstButMissesItsSlo) {
+  // The same 2x run with the noise of the Noise tests (25% log-normal, one
+  // batch in fifty 3-4x long, 10-30 ms stalls in one in twenty). Not met:
+  // with the tail J in every prediction, a high request whose wait ran long
+  // is shed at batch formation, so the high class falls well short of 99%
+  // (here 82% within target, 280 shed and 68 refused; the low class 30%; the real
+  // machine: 69%). Shedding on the fitted compute alone (without
+  // J) was tried: high rose to 86-90% but accepted requests' p99 passed the
+  // target in three other tests. What holds is the order of the classes.
+  const double cap = capacity_rps();
+  Sim sim;
+  noisy(sim, 0.0, 0.01);
+  sim.run(arrivals({{2 * cap, 4.0}}, 61, 0.25));
+  const auto high = sim.figures(1.0, 4.0, 1), low = sim.figures(1.0, 4.0, 0);
+  EXPECT_GE(high.good_fraction(), 0.75);
+  EXPECT_GT(high.good_fraction(), 2 * low.good_fraction());
+  EXPECT_GT(low.refused + low.shed, 3 * (high.refused + high.shed));
 }
 
 }  // namespace

@@ -717,8 +717,12 @@ def test_stats_keys_on_a_fresh_scheduler():
     for key in STATS_KEYS - {"latency_s", "queue_s", "batch_compute_s", "batch_size",
                              "batch_tokens", "controller", "controllers"}:
         assert st[key] == 0, key
-    assert st["controller"] == {"policy": "static", "budget_tokens": BIG}
-    assert st["controllers"] == [st["controller"]]  # one worker
+    # The controller's state, and admission's prediction state beside it
+    # (nothing measured yet).
+    assert st["controller"] == {"policy": "static", "budget_tokens": BIG, "admission_tail_s": 0.0,
+                                "admission_fit_intercept_s": 0.0, "admission_fit_slope_s_per_token": 0.0,
+                                "admission_cost_factor": 1.0, "admission_arrival_tokens_per_s": 0.0}
+    assert st["controllers"] == [{"policy": "static", "budget_tokens": BIG}]  # one worker
 
 
 def test_stats_counters_after_a_known_sequence():

@@ -71,9 +71,12 @@ struct Observation {
   // The tightest timeout (deadline - arrival) of the batch's requests; inf
   // when none has a deadline.
   double request_timeout_s = INFINITY;
-  // The scheduler's 95th percentile of actual / predicted batch compute
-  // (1 when unknown): how far a batch's compute runs past its fit.
-  double compute_tail_ratio = 1.0;
+  // The scheduler's 95th percentile of (actual - predicted) batch compute,
+  // in seconds, over its recent batches (0 when unknown): how far a batch
+  // runs past its fit. Additive, not a ratio: on a shared machine the
+  // outliers are stalls (a preempted thread) whose length does not shrink
+  // with the batch (docs/design.md, "Target = tail latency").
+  double compute_tail_s = 0.0;
 };
 
 // Weighted least-squares fit of latency = a + b * tokens with exponential

@@ -20,11 +20,11 @@
 //
 // Admission and shedding (SchedulerConfig::admission). The scheduler fits
 // the compute time of its batches, L(c) = a + b c in the cost measure (from
-// the second batch on, each clipped at 4x its prediction), and tracks the
-// 95th percentile of actual / predicted; it predicts after three batches.
-// A request with a
-// deadline is predicted to finish at
-//     now + R + q95 * C(W),
+// the second batch on, each clipped at 4x its prediction), and keeps J, the
+// 95th percentile of actual - predicted over the last 100 batches (a stall
+// is additive: it does not scale with the batch); it predicts after three
+// batches. A request with a deadline is predicted to finish at
+//     now + R + C(W) + J,
 //     C(W) = L(max(W, F)) when W fits the budget B, else ceil(W / B) L(B),
 // where R is the rest of the running batch, W the work ahead of it plus its
 // own, in cost tokens, and F (capped at B) what its batch will hold: the
@@ -92,6 +92,12 @@ struct SchedulerConfig {
   // per-token matmuls cost ~24 h^2 FLOPs and attention ~4 h len, so
   // attention_tokens = 6 h (the Engine's setting).
   int64_t attention_tokens = 0;
+  // Packed cost: requests longer than this many tokens are batched apart
+  // from shorter ones (a batch is all long or all short, by its head), so a
+  // short request never shares a batch with a long one (0: off, the
+  // default; measured against counting attention alone in docs/design.md,
+  // "Long inputs").
+  int64_t long_apart_tokens = 0;
   // Refuse at submit, and shed before compute, requests predicted to miss
   // their deadline (requests without one are never refused or shed).
   bool admission = true;
@@ -232,10 +238,14 @@ class Scheduler {
   std::set<Key> order_;
   std::set<DeadlineKey> deadlines_;  // only requests with a finite deadline
   std::map<int, int64_t> tokens_by_priority_;  // queued real tokens per priority
-  // Admission's prediction: compute fit, q95 of actual / predicted, cost
-  // tokens per real token, and the predicted end of each running batch.
+  // Admission's prediction: compute fit, the q95 of (actual - predicted)
+  // over the last kTailWindow batches (a ring of excesses), cost tokens per
+  // real token, and the predicted end of each running batch.
+  static constexpr size_t kTailWindow = 100;
   LatencyModel compute_fit_{0.9};
-  double slack_ = 1.0, cost_factor_ = 1.0;
+  std::vector<double> excess_;
+  size_t excess_next_ = 0;
+  double tail_s_ = 0.0, cost_factor_ = 1.0;
   int64_t measured_batches_ = 0;
   std::map<uint64_t, double> running_;  // batch seq -> predicted end
   int64_t queued_tokens_ = 0;
