@@ -58,9 +58,9 @@ def model_path() -> Path:
 def max_seq_length(path: Path) -> int:
     """The sentence-transformers folder's max_seq_length (256 for MiniLM): the
     truncation every backend applies, so all of them embed the same tokens."""
-    from fastserve.models import read_sentence_transformers_config
+    from fastserve.st_spec import load_spec
 
-    return read_sentence_transformers_config(path).max_seq_length or 512
+    return load_spec(path).max_seq_length or 512
 
 
 def corpus() -> tuple[str, ...]:
@@ -225,7 +225,7 @@ class Backend:
     # event loop, rather than from the load generator's dispatcher thread.
     own_dispatch = False
 
-    def submit(self, text: str) -> cf.Future:
+    def submit(self, text: str, priority: int = 0) -> cf.Future:
         raise NotImplementedError
 
     def submit_at(self, when: float, text: str) -> cf.Future:
@@ -258,8 +258,8 @@ class SerialBackend(Backend):
     def _one(self, text: str) -> np.ndarray:
         return self._encode([text])[0]
 
-    def submit(self, text: str) -> cf.Future:
-        return self._pool.submit(self._one, text)
+    def submit(self, text: str, priority: int = 0) -> cf.Future:
+        return self._pool.submit(self._one, text)  # first come, first served: priority plays no part
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -302,8 +302,8 @@ class FastServeBackend(Backend):
         self.kwargs = dict(variant.kwargs)
         self.engine = fastserve.Engine(**self.kwargs)
 
-    def submit(self, text: str) -> cf.Future:
-        return self.engine.submit(text)
+    def submit(self, text: str, priority: int = 0) -> cf.Future:
+        return self.engine.submit(text, priority=priority)
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

@@ -96,6 +96,7 @@ def run_open_loop(
     drain_s: float,
     sample_budget_every_s: float | None = None,
     progress: Any = None,
+    priorities: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Drive `backend` with arrivals at `offsets` (seconds) and measure the
     requests that arrive at or after `warmup_s`.
@@ -106,10 +107,17 @@ def run_open_loop(
     - goodput_rps: requests with latency <= slo_s / window length
     - latency percentiles, with unfinished and refused requests as +inf
     - batch statistics from engine.stats() deltas and the futures' timings
+    - refused (at submit: QueueFullError / OverloadedError), shed (the
+      future failed with OverloadedError: dropped before compute) and
+      expired (RequestTimeoutError) fractions; latency of accepted
+      (completed) requests; with `priorities` (one int per arrival), the
+      fraction within the SLO per priority class
     """
     n = len(offsets)
     done_at = np.full(n, np.nan)
     failed = np.zeros(n, dtype=bool)
+    refused = np.zeros(n, dtype=bool)
+    error: list[str | None] = [None] * n
     futures: list[cf.Future | None] = [None] * n
     first = int(np.searchsorted(offsets, warmup_s))
     window_s = float(offsets[-1] - warmup_s) if n > first else 0.0
@@ -120,6 +128,7 @@ def run_open_loop(
             return  # cancelled by us after the drain: counted as unfinished
         if f.exception() is not None:
             failed[i] = True
+            error[i] = type(f.exception()).__name__
         else:
             done_at[i] = now
 
@@ -153,9 +162,14 @@ def run_open_loop(
             before = backend.stats()
         try:
             text = texts[i % len(texts)]
-            f = backend.submit_at(target, text) if backend.own_dispatch else backend.submit(text)
-        except Exception:  # a refusal (QueueFullError) is a miss
-            failed[i] = True
+            if backend.own_dispatch:
+                f = backend.submit_at(target, text)
+            elif priorities is not None and priorities[i]:
+                f = backend.submit(text, priority=int(priorities[i]))
+            else:
+                f = backend.submit(text)
+        except Exception:  # a refusal (QueueFullError, OverloadedError) is a miss
+            failed[i] = refused[i] = True
             continue
         futures[i] = f
         f.add_done_callback(partial(on_done, i))
@@ -207,6 +221,19 @@ def run_open_loop(
         },
         "dispatcher_max_late_s": getattr(backend, "max_late_s", late) if backend.own_dispatch else late,
     }
+    errors = np.array([e or "" for e in error[first:]])
+    res["refused_fraction"] = float(refused[m].mean()) if measured_n else float("nan")
+    res["shed_fraction"] = float((errors == "OverloadedError").mean()) if measured_n else float("nan")
+    res["expired_fraction"] = float((errors == "RequestTimeoutError").mean()) if measured_n else float("nan")
+    accepted = lat[completed_mask]
+    res["accepted_latency_s"] = {
+        "p50": _percentile(accepted, 50),
+        "p99": _percentile(accepted, 99),
+    }
+    if priorities is not None:
+        res["slo_met_by_priority"] = {
+            int(p): float((lat_all[priorities[m] == p] <= slo_s).mean()) for p in np.unique(priorities[m])
+        }
     if before is not None and after is not None:
         d = {k: after[k] - before[k] for k in ("batches", "completed", "real_tokens", "padded_tokens")}
         sizes = _batch_sizes(futures, done_at, window_start)

@@ -22,6 +22,7 @@ namespace {
 
 PyObject* g_base_error = nullptr;
 PyObject* g_queue_full = nullptr;
+PyObject* g_overloaded = nullptr;
 PyObject* g_closed = nullptr;
 
 PyObject* new_exception(py::module_& m, const char* name, PyObject* bases, const char* doc) {
@@ -92,6 +93,16 @@ double deadline_from(const Scheduler& s, std::optional<double> timeout, std::opt
   return deadline ? *deadline : Scheduler::kNoDeadline;
 }
 
+// Raise OverloadedError(message) with its retry_after_s attribute set.
+void set_overloaded(const char* message, double retry_after_s) {
+  PyObject* exc = PyObject_CallFunction(g_overloaded, "s", message);
+  if (!exc) return;  // the call's own error stands
+  PyObject* v = PyFloat_FromDouble(retry_after_s);
+  if (v && PyObject_SetAttrString(exc, "retry_after_s", v) == 0) PyErr_SetObject(g_overloaded, exc);
+  Py_XDECREF(v);
+  Py_DECREF(exc);
+}
+
 py::dict summary(const LogHistogram& h) {
   py::dict d;
   d["count"] = h.count();
@@ -107,7 +118,10 @@ py::dict stats_dict(const Scheduler::Snapshot& s) {
   const Stats& st = s.stats;
   py::dict d;
   d["submitted"] = st.submitted;
+  d["admitted"] = st.submitted;
   d["rejected"] = st.rejected;
+  d["refused"] = st.refused;
+  d["shed"] = st.shed;
   d["completed"] = st.completed;
   d["failed"] = st.failed;
   d["expired"] = st.expired;
@@ -145,6 +159,11 @@ PYBIND11_MODULE(_core, m) {
   g_base_error = new_exception(m, "FastServeError", PyExc_Exception, "Base of fastserve's errors.");
   g_queue_full = new_exception(m, "QueueFullError", g_base_error,
                                "The engine's queue is at capacity (requests or tokens); retry later.");
+  g_overloaded = new_exception(
+      m, "OverloadedError", g_queue_full,
+      "The request was predicted to miss its deadline: the work queued ahead of it, at the measured "
+      "throughput, takes too long. retry_after_s: seconds after which that backlog has drained "
+      "enough (an HTTP server answers 429 with Retry-After).");
   {
     py::tuple bases = py::make_tuple(py::handle(g_base_error), py::handle(PyExc_RuntimeError));
     g_closed = new_exception(m, "EngineClosedError", bases.ptr(),
@@ -153,6 +172,8 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const Overloaded& e) {
+      set_overloaded(e.what(), e.retry_after_s());
     } catch (const QueueFull& e) {
       PyErr_SetString(g_queue_full, e.what());
     } catch (const SchedulerClosed& e) {
@@ -202,6 +223,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("aging_s", &SchedulerConfig::aging_s)
       .def_readwrite("lookahead", &SchedulerConfig::lookahead)
       .def_readwrite("min_fill", &SchedulerConfig::min_fill)
+      .def_readwrite("admission", &SchedulerConfig::admission)
+      .def_readwrite("attention_tokens", &SchedulerConfig::attention_tokens)
       .def_property(
           "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },
           [](SchedulerConfig& c, const std::string& s) { c.cost = cost_from_string(s); })
@@ -240,6 +263,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("arrivals", [](py::object self) { return view(self.cast<Batch&>().arrivals(), {self.cast<Batch&>().size()}, self); },
                              "Arrival time of each request [B] float64, on the scheduler's clock.")
       .def_property_readonly("expired", [](const Batch& b) { return b.expired; })
+      .def_property_readonly("shed", [](const Batch& b) { return b.shed; })
+      .def_property_readonly("shed_retry_after_s", [](const Batch& b) { return b.shed_retry_after_s; })
+      .def_property_readonly("deadlines", [](py::object self) { return view(self.cast<Batch&>().deadlines(), {self.cast<Batch&>().size()}, self); },
+                             "Deadline of each request [B] float64 (inf: none), on the scheduler's clock.")
       .def_property_readonly("total_tokens", &Batch::total_tokens)
       .def_property_readonly("padded_tokens", &Batch::padded_tokens)
       .def_property_readonly("max_seqlen", &Batch::max_len)
@@ -332,6 +359,11 @@ PYBIND11_MODULE(_core, m) {
             return b ? *b : nullptr;
           },
           py::arg("timeout"))
+      .def("start", &Scheduler::start, py::arg("batch"), py::call_guard<py::gil_scoped_release>(),
+           "Call just before running the batch: removes and returns the ids whose deadline has passed.")
+      .def("predict_completion", &Scheduler::predict_completion, py::arg("tokens"), py::arg("priority") = 0,
+           "Predicted completion time (scheduler clock) of a request submitted now; inf before any "
+           "batch is measured or with admission off.")
       .def("complete", &Scheduler::complete, py::arg("batch"), py::arg("compute_seconds"),
            py::call_guard<py::gil_scoped_release>())
       .def("fail", &Scheduler::fail, py::arg("batch"), py::call_guard<py::gil_scoped_release>())

@@ -1,17 +1,52 @@
 #include "fastserve/batch.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace fastserve {
 
-void Batch::add(uint64_t id, std::vector<int32_t>&& tokens, double arrival) {
+void Batch::add(uint64_t id, std::vector<int32_t>&& tokens, double arrival, double deadline) {
   const auto len = static_cast<int32_t>(tokens.size());
   ids_.push_back(id);
   lengths_.push_back(len);
   arrivals_.push_back(arrival);
+  deadlines_.push_back(deadline);
   tokens_.push_back(std::move(tokens));
   total_tokens_ += len;
   max_len_ = std::max<int64_t>(max_len_, len);
+}
+
+std::vector<uint64_t> Batch::remove_expired(double now) {
+  if (laid_out_.load()) throw std::logic_error("Batch::remove_expired after a layout was built");
+  std::vector<uint64_t> out;
+  size_t keep = 0;
+  for (size_t i = 0; i < ids_.size(); ++i) {
+    if (deadlines_[i] <= now) {
+      out.push_back(ids_[i]);
+      continue;
+    }
+    if (keep != i) {
+      ids_[keep] = ids_[i];
+      lengths_[keep] = lengths_[i];
+      arrivals_[keep] = arrivals_[i];
+      deadlines_[keep] = deadlines_[i];
+      tokens_[keep] = std::move(tokens_[i]);
+    }
+    ++keep;
+  }
+  if (out.empty()) return out;
+  ids_.resize(keep);
+  lengths_.resize(keep);
+  arrivals_.resize(keep);
+  deadlines_.resize(keep);
+  tokens_.resize(keep);
+  total_tokens_ = 0;
+  max_len_ = 0;
+  for (int32_t len : lengths_) {
+    total_tokens_ += len;
+    max_len_ = std::max<int64_t>(max_len_, len);
+  }
+  return out;
 }
 
 double Batch::padding_ratio() const {
@@ -21,6 +56,7 @@ double Batch::padding_ratio() const {
 
 const PaddedLayout& Batch::padded() const {
   std::call_once(padded_once_, [this] {
+    laid_out_.store(true);
     const int64_t B = size(), L = max_len_;
     padded_.batch = B;
     padded_.max_len = L;
@@ -38,6 +74,7 @@ const PaddedLayout& Batch::padded() const {
 
 const PackedLayout& Batch::packed() const {
   std::call_once(packed_once_, [this] {
+    laid_out_.store(true);
     const int64_t B = size(), T = total_tokens_;
     packed_.total_tokens = T;
     packed_.max_seqlen = max_len_;

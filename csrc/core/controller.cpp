@@ -133,6 +133,8 @@ class ModelController final : public FittedController {
     // A backlog is work that must also be carried: drain it within one
     // request-latency target (2 D), on top of the arrivals.
     arrival_ = o.arrival_tokens_per_s + o.queued_tokens / (2 * c_.target_latency_s);
+    timeout_ = o.request_timeout_s;
+    tail_ = std::max(1.0, o.compute_tail_ratio);
     FittedController::observe(o);
   }
   // The larger of two budgets:
@@ -148,11 +150,20 @@ class ModelController final : public FittedController {
   //   them (docs/design.md, "Controllers").
   double goal_tokens() const {
     const double b = fit_.slope(), a = fit_.intercept();
-    const double goal = c_.model_headroom * c_.target_latency_s;
+    // Aim the fit at D / (q95 ratio): the batches that run long then still
+    // take about D, so a request's wait for the running batch plus its own
+    // batch stays within 2 D (docs/design.md, "Target = tail latency").
+    const double goal = c_.model_headroom * c_.target_latency_s / tail_;
     if (b <= 0) return static_cast<double>(c_.max_tokens);
     const double latency = goal <= a + b * static_cast<double>(c_.min_tokens) ? 4 * a / b : (goal - a) / b;
     const double mr = c_.model_load_margin * arrival_;
-    const double load = mr * b >= 1 ? static_cast<double>(c_.max_tokens) : mr * a / (1 - mr * b);
+    double load = mr * b >= 1 ? static_cast<double>(c_.max_tokens) : mr * a / (1 - mr * b);
+    // Carrying the load never justifies a batch its requests cannot wait
+    // for: a request waits for the running batch, then runs in its own, so
+    // a batch may take half the tightest timeout. With timeouts at the
+    // target (2 D) this cap is the latency budget itself, and overload is
+    // left to admission and shedding rather than to ever larger batches.
+    if (std::isfinite(timeout_)) load = std::min(load, (c_.model_headroom * timeout_ / (2 * tail_) - a) / b);
     return std::max(latency, load);
   }
   std::map<std::string, double> extra_state() const override {
@@ -160,7 +171,7 @@ class ModelController final : public FittedController {
   }
 
  private:
-  double arrival_ = 0;
+  double arrival_ = 0, timeout_ = INFINITY, tail_ = 1;
 };
 
 class SeedController final : public FittedController {

@@ -3,10 +3,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 
 #include "fastserve/errors.h"
 
 namespace fastserve {
+
+namespace {
+// How far past the head, in budgets of tokens, batch assembly looks.
+constexpr double kWindowBudgets = 2.0;
+}  // namespace
 
 const char* to_string(Cost cost) { return cost == Cost::Padded ? "padded" : "packed"; }
 
@@ -26,6 +32,7 @@ void SchedulerConfig::validate() const {
   if (!(aging_s > 0)) fail("aging_s must be positive (use a large value to disable aging)");
   if (lookahead < 1) fail("lookahead must be >= 1");
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
+  if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -64,6 +71,89 @@ bool Scheduler::fits_locked(int64_t n) const {
                   std::to_string(config_.max_queue_tokens) + ")");
 }
 
+[[noreturn]] void Scheduler::throw_overloaded_locked(double predicted, double deadline) {
+  ++stats_.refused;
+  // After `late` seconds the work ahead has run for that long, so (with no
+  // new arrivals ahead) the same request would then be predicted on time.
+  const double late = predicted - deadline;
+  char msg[160];
+  std::snprintf(msg, sizeof msg,
+                "overloaded: predicted to finish %.1f ms after its deadline (%zu requests queued); "
+                "retry after %.3f s",
+                late * 1e3, requests_.size(), late);
+  throw Overloaded(msg, late);
+}
+
+bool Scheduler::predicting_locked() const { return config_.admission && compute_fit_.count() >= 3; }
+
+// Nothing runs and nothing is queued at or above this priority: the request
+// would start at once. It is never refused then, because a prediction is
+// corrected only by batches that run: refusing everything on a stale fit
+// (measured under a burst of contention, say) would never measure again.
+bool Scheduler::idle_for_locked(int priority) const {
+  return running_.empty() && tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
+}
+
+double Scheduler::compute_locked(double work, double fill) const {
+  // work: cost tokens up to and including the request; fill: what its own
+  // batch is expected to hold (the queue, and arrivals while it waits).
+  // Past the budget it runs in the k-th batch, after k - 1 full ones.
+  const double B = static_cast<double>(std::max<int64_t>(controller_->budget(), 1));
+  const double t = work <= B ? compute_fit_.predict(std::max(work, std::min(B, fill)))
+                             : std::ceil(work / B) * compute_fit_.predict(B);
+  return slack_ * std::max(0.0, t);
+}
+
+double Scheduler::residual_locked(double now) const {
+  double end = now;
+  for (const auto& [seq, at] : running_) end = std::max(end, at);
+  return end - now;
+}
+
+double Scheduler::ahead_locked(int priority) const {
+  int64_t tokens = 0;
+  for (auto it = tokens_by_priority_.lower_bound(priority); it != tokens_by_priority_.end(); ++it)
+    tokens += it->second;
+  return cost_factor_ * static_cast<double>(tokens);
+}
+
+double Scheduler::completion_locked(double now, double ahead, double own) const {
+  // Its batch forms when the running one ends: it then holds the whole
+  // queue and what arrives meanwhile, up to the budget.
+  const double residual = residual_locked(now);
+  const double fill = cost_factor_ * (static_cast<double>(queued_tokens_) + arrival_rate_ * residual) + own;
+  return now + residual + compute_locked(ahead + own, fill);
+}
+
+double Scheduler::predict_completion(int64_t tokens, int priority) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!predicting_locked()) return INFINITY;
+  const double now = clock_->now();
+  return completion_locked(now, ahead_locked(priority), own_cost(tokens));
+}
+
+void Scheduler::track_compute_locked(double cost, double seconds) {
+  // The first batch is left out: it carries one-off costs (lazy
+  // initialisation, first allocations), often many times a steady batch.
+  if (++measured_batches_ == 1) return;
+  if (compute_fit_.ready()) {
+    const double predicted = compute_fit_.predict(cost);
+    if (predicted > 0) {
+      // q95 of actual / predicted by stochastic quantile tracking in log
+      // space: up by 0.95 eta on a ratio above it, down by 0.05 eta
+      // otherwise, so it rests where 5% of ratios lie above it.
+      constexpr double eta = 0.1, q = 0.95;
+      slack_ *= std::exp(seconds / predicted > slack_ ? eta * q : -eta * (1 - q));
+      slack_ = std::clamp(slack_, 0.5, 4.0);
+      // A stall (a preempted thread, a pause) moves the fit by at most what
+      // a batch 4x its prediction would: the fit is a mean, and one outlier
+      // would otherwise condemn the queue for the next ten batches.
+      seconds = std::min(seconds, 4 * predicted);
+    }
+  }
+  compute_fit_.add(cost, seconds);
+}
+
 uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline) {
   const auto n = static_cast<int64_t>(tokens.size());
   const uint64_t id = next_id_++;
@@ -71,6 +161,7 @@ uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, do
   if (std::isfinite(deadline)) deadlines_.insert({deadline, id});
   requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
   queued_tokens_ += n;
+  tokens_by_priority_[priority] += n;
   submitted_tokens_ += n;
   ++stats_.submitted;
   if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
@@ -87,6 +178,10 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw SchedulerClosed("scheduler is closed");
     if (!fits_locked(n)) throw_full_locked();
+    if (std::isfinite(deadline) && predicting_locked() && !idle_for_locked(priority)) {
+      const double done = completion_locked(now, ahead_locked(priority), own_cost(n));
+      if (done > deadline) throw_overloaded_locked(done, deadline);
+    }
     id = enqueue_locked(std::move(tokens), priority, now, deadline);
   }
   cv_.notify_one();
@@ -110,23 +205,48 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) throw SchedulerClosed("scheduler is closed");
+    // Each request of the list is ahead of the next: the prediction grows.
+    // (On an idle worker the first one starts at once: never refused.)
+    const bool predict = std::isfinite(deadline) && predicting_locked();
+    const bool idle = idle_for_locked(priority);
+    double ahead = predict ? ahead_locked(priority) : 0, late_at = 0;
     for (auto& tokens : requests) {
-      if (!fits_locked(static_cast<int64_t>(tokens.size()))) break;
+      const auto n = static_cast<int64_t>(tokens.size());
+      if (!fits_locked(n)) break;
+      if (predict) {
+        const double own = own_cost(n);
+        const double done = completion_locked(now, ahead, own);
+        if (done > deadline && !(idle && ids.empty())) {
+          late_at = done;
+          break;
+        }
+        ahead += own;
+      }
       ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
     }
-    if (ids.empty()) throw_full_locked();
+    if (ids.empty()) {
+      if (late_at > 0) throw_overloaded_locked(late_at, deadline);
+      throw_full_locked();
+    }
   }
   cv_.notify_all();
   return ids;
 }
 
-void Scheduler::erase_locked(std::unordered_map<uint64_t, Request>::iterator it) {
-  const Request& r = it->second;
+std::vector<int32_t> Scheduler::take_locked(std::unordered_map<uint64_t, Request>::iterator it) {
+  Request& r = it->second;
   order_.erase(Key{rank_of(r.priority, r.arrival), r.id});
   if (std::isfinite(r.deadline)) deadlines_.erase({r.deadline, r.id});
-  queued_tokens_ -= static_cast<int64_t>(r.tokens.size());
+  const auto n = static_cast<int64_t>(r.tokens.size());
+  queued_tokens_ -= n;
+  auto p = tokens_by_priority_.find(r.priority);
+  if ((p->second -= n) == 0) tokens_by_priority_.erase(p);
+  std::vector<int32_t> tokens = std::move(r.tokens);
   requests_.erase(it);
+  return tokens;
 }
+
+void Scheduler::erase_locked(std::unordered_map<uint64_t, Request>::iterator it) { take_locked(it); }
 
 bool Scheduler::cancel(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -148,8 +268,71 @@ std::vector<uint64_t> Scheduler::drop_expired_locked(double now) {
   return out;
 }
 
+void Scheduler::shed_locked(double now, Batch& out) {
+  // Walk the queue in its order, accumulating the work each kept request
+  // leaves ahead of the next; a request predicted to finish after its
+  // deadline is dropped and adds nothing.
+  const double residual = residual_locked(now);
+  const double fill = cost_factor_ * static_cast<double>(queued_tokens_);
+  double ahead = 0;
+  std::vector<uint64_t> drop;
+  for (const Key& k : order_) {
+    const Request& r = requests_.at(k.id);
+    const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
+    if (std::isfinite(r.deadline)) {
+      const double done = now + residual + compute_locked(ahead + own, fill);
+      if (done > r.deadline) {
+        drop.push_back(r.id);
+        out.shed.push_back(r.id);
+        out.shed_retry_after_s.push_back(done - r.deadline);
+        continue;
+      }
+    }
+    ahead += own;
+  }
+  // Never shed the whole queue: the least late request runs, so the
+  // prediction that condemned them all is measured again (see
+  // idle_for_locked).
+  if (!drop.empty() && drop.size() == requests_.size()) {
+    const auto least = std::min_element(out.shed_retry_after_s.begin(), out.shed_retry_after_s.end()) -
+                       out.shed_retry_after_s.begin();
+    drop.erase(drop.begin() + least);
+    out.shed.erase(out.shed.begin() + least);
+    out.shed_retry_after_s.erase(out.shed_retry_after_s.begin() + least);
+  }
+  for (uint64_t id : drop) erase_locked(requests_.find(id));
+  stats_.shed += static_cast<int64_t>(drop.size());
+}
+
+std::vector<uint64_t> Scheduler::start(Batch& batch) {
+  const double now = clock_->now();
+  std::vector<uint64_t> out = batch.remove_expired(now);
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.expired += static_cast<int64_t>(out.size());
+  if (batch.size() == 0) running_.erase(batch.seq());
+  return out;
+}
+
 int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) const {
   return config_.cost == Cost::Padded ? count * max_len : sum_len;
+}
+
+double Scheduler::seq_cost(int64_t len) const {
+  const auto l = static_cast<double>(len);
+  return config_.cost == Cost::Packed && config_.attention_tokens > 0
+             ? l + l * l / static_cast<double>(config_.attention_tokens)
+             : l;
+}
+
+double Scheduler::own_cost(int64_t len) const {
+  return config_.cost == Cost::Packed ? seq_cost(len) : cost_factor_ * static_cast<double>(len);
+}
+
+int64_t Scheduler::batch_cost(const Batch& b) const {
+  if (config_.cost == Cost::Padded) return cost_of(b.size(), b.max_len(), b.total_tokens());
+  double c = 0;
+  for (int32_t len : b.lengths()) c += seq_cost(len);
+  return static_cast<int64_t>(std::llround(c));
 }
 
 std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
@@ -157,17 +340,23 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
   if (order_.empty()) return batch;
 
-  // Eligible: the head and the next lookahead - 1 requests in queue order.
-  struct Cand {
-    int32_t len;
-    uint64_t id;
-  };
+  // Eligible: the head and the next lookahead - 1 requests in queue order,
+  // as far as kWindowBudgets budgets of tokens reach: a request is passed
+  // over for one of a better length only by requests close behind it, so
+  // it waits at most about one batch longer than queue order would make
+  // it (what admission's prediction assumes, and what keeps a higher
+  // priority class ahead of a lower one).
   std::vector<Cand> cands;
   const auto window = static_cast<size_t>(std::min<int64_t>(config_.lookahead, order_.size()));
+  const double window_tokens = kWindowBudgets * static_cast<double>(budget);
   cands.reserve(window);
+  double seen = 0;
   for (auto it = order_.begin(); cands.size() < window; ++it) {
-    cands.push_back({static_cast<int32_t>(requests_.at(it->id).tokens.size()), it->id});
+    const auto len = static_cast<int32_t>(requests_.at(it->id).tokens.size());
+    if (!cands.empty() && (seen += len) > window_tokens) break;
+    cands.push_back({len, it->id});
   }
+  if (config_.cost == Cost::Packed) return assemble_in_order_locked(now, budget, cands, std::move(batch));
   const uint64_t head_id = cands.front().id;
   std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
     return x.len < y.len || (x.len == y.len && x.id < y.id);
@@ -216,18 +405,34 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
 
   // Rows stay in length order, so rows of similar length sit together; no
   // consumer needs queue order.
-  for (size_t i = lo; i <= hi; ++i) {
-    auto it = requests_.find(cands[i].id);
-    Request& r = it->second;
-    stats_.queue_s.add(now - r.arrival);
-    batch->add(r.id, std::move(r.tokens), r.arrival);
-    r.tokens.clear();
-    order_.erase(Key{rank_of(r.priority, r.arrival), r.id});
-    if (std::isfinite(r.deadline)) deadlines_.erase({r.deadline, r.id});
-    queued_tokens_ -= cands[i].len;
-    requests_.erase(it);
+  for (size_t i = lo; i <= hi; ++i) move_to_batch_locked(now, cands[i].id, *batch);
+  return batch;
+}
+
+// Packed cost is the sum of lengths whatever the grouping, so nothing is
+// gained by reordering: the batch is the window's requests in queue order,
+// each taken when it still fits (first fit), the head always.
+std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget,
+                                                           const std::vector<Cand>& cands,
+                                                           std::shared_ptr<Batch> batch) {
+  double sum = 0;
+  int64_t count = 0;
+  for (const Cand& c : cands) {
+    if (count >= config_.max_batch_size) break;
+    const double cost = seq_cost(c.len);
+    if (count > 0 && sum + cost > static_cast<double>(budget)) continue;
+    sum += cost;
+    ++count;
+    move_to_batch_locked(now, c.id, *batch);
   }
   return batch;
+}
+
+void Scheduler::move_to_batch_locked(double now, uint64_t id, Batch& batch) {
+  auto it = requests_.find(id);
+  const double arrival = it->second.arrival, deadline = it->second.deadline;
+  stats_.queue_s.add(now - arrival);
+  batch.add(id, take_locked(it), arrival, deadline);
 }
 
 std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
@@ -246,9 +451,17 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
   if (requests_.empty()) return std::nullopt;
   const double now = clock_->now();
   std::vector<uint64_t> expired = drop_expired_locked(now);
+  Batch shed(0, 0, now, 0);
+  if (!deadlines_.empty() && predicting_locked()) shed_locked(now, shed);
   std::shared_ptr<Batch> batch = assemble_locked(now);
   batch->expired = std::move(expired);
-  if (batch->size() == 0 && batch->expired.empty()) return std::nullopt;
+  batch->shed = std::move(shed.shed);
+  batch->shed_retry_after_s = std::move(shed.shed_retry_after_s);
+  if (batch->size() == 0 && batch->expired.empty() && batch->shed.empty()) return std::nullopt;
+  if (batch->size() > 0) {
+    const double cost = static_cast<double>(batch_cost(*batch));
+    running_[batch->seq()] = now + (compute_fit_.ready() ? compute_fit_.predict(cost) : 0.0);
+  }
   if (!requests_.empty()) {
     lock.unlock();
     cv_.notify_one();  // more work for another worker
@@ -259,6 +472,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
 void Scheduler::complete(const Batch& batch, double compute_seconds) {
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
+  running_.erase(batch.seq());
   for (double arrival : batch.arrivals()) stats_.latency_s.add(now - arrival);
   stats_.completed += batch.size();
   stats_.batches += 1;
@@ -271,11 +485,15 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   stats_.last_complete_at = now;
   Observation o;
   o.now = now;
-  o.tokens = cost_of(batch.size(), batch.max_len(), batch.total_tokens());
+  o.tokens = batch_cost(batch);
   o.budget = batch.budget();
   o.batch_size = batch.size();
   o.latency_s = compute_seconds;
   o.queue_depth = static_cast<int64_t>(requests_.size());
+  o.compute_tail_ratio = slack_;
+  o.request_timeout_s = INFINITY;
+  for (int64_t i = 0; i < batch.size(); ++i)
+    o.request_timeout_s = std::min(o.request_timeout_s, batch.deadlines()[i] - batch.arrivals()[i]);
   // Arrival rate: submitted tokens per second since the last completion,
   // smoothed over ~0.5 s, in the batch's cost measure (x its padding factor).
   if (last_observed_at_ >= 0 && now > last_observed_at_) {
@@ -290,10 +508,13 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   o.arrival_tokens_per_s = arrival_rate_ * cost_factor;
   o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor;
   controller_->observe(o);
+  track_compute_locked(static_cast<double>(o.tokens), compute_seconds);
+  cost_factor_ += 0.1 * (cost_factor - cost_factor_);
 }
 
 void Scheduler::fail(const Batch& batch) {
   std::lock_guard<std::mutex> lock(mu_);
+  running_.erase(batch.seq());
   stats_.failed += batch.size();
   stats_.failed_batches += 1;
 }
@@ -311,6 +532,7 @@ std::vector<uint64_t> Scheduler::close() {
       requests_.clear();
       order_.clear();
       deadlines_.clear();
+      tokens_by_priority_.clear();
       queued_tokens_ = 0;
     }
   }

@@ -3,14 +3,18 @@
 from . import _core, corpus
 from .admission import wait_all
 from .engine import Classification, Engine
+from .inputs import InputInfo
+from .tasks import Entity, RerankResult
 from .errors import (
     EngineClosedError,
     FastServeError,
     InferenceError,
     InvalidInputError,
     ModelLoadError,
+    OverloadedError,
     QueueFullError,
     RequestTimeoutError,
+    UnsupportedModelError,
 )
 
 __version__ = "0.1.0"
@@ -18,13 +22,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Classification",
     "Engine",
+    "Entity",
+    "InputInfo",
+    "RerankResult",
     "wait_all",
     "InferenceError",
     "ModelLoadError",
     "EngineClosedError",
     "FastServeError",
     "InvalidInputError",
+    "OverloadedError",
     "QueueFullError",
     "RequestTimeoutError",
+    "UnsupportedModelError",
     "__version__",
 ]

@@ -13,6 +13,11 @@ class FastServeError(Exception):
 class QueueFullError(FastServeError):
     """The engine's queue is at capacity (requests or tokens); retry later."""
 
+class OverloadedError(QueueFullError):
+    """The request was predicted to miss its deadline: the work queued ahead of it, at the measured throughput, takes too long. retry_after_s: seconds after which that backlog has drained enough (an HTTP server answers 429 with Retry-After)."""
+
+    retry_after_s: float
+
 class EngineClosedError(FastServeError, RuntimeError):
     """The engine was closed before the request could be served."""
 
@@ -86,6 +91,10 @@ class SchedulerConfig:
     aging_s: float
     lookahead: int
     min_fill: float
+    admission: bool
+    """Refuse at submit, and shed before compute, requests predicted to miss their deadline."""
+    attention_tokens: int
+    """Packed cost counts attention: len * (1 + len / attention_tokens) per sequence (0: len)."""
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -101,6 +110,8 @@ class SchedulerConfig:
         lookahead: int = 1024,
         min_fill: float = 0.8,
         cost: str = "padded",
+        admission: bool = True,
+        attention_tokens: int = 0,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
 
@@ -160,6 +171,18 @@ class Batch:
         """Ids dropped (deadline passed) while this batch was assembled."""
 
     @property
+    def shed(self) -> list[int]:
+        """Ids dropped while this batch was assembled: predicted to finish after their deadline."""
+
+    @property
+    def shed_retry_after_s(self) -> list[float]:
+        """For each shed id, how late it was predicted to finish (seconds)."""
+
+    @property
+    def deadlines(self) -> NDArray[np.float64]:
+        """Deadline of each request [B] float64 (inf: none), on the scheduler's clock."""
+
+    @property
     def total_tokens(self) -> int: ...
     @property
     def padded_tokens(self) -> int: ...
@@ -203,7 +226,10 @@ class _Summary(TypedDict):
 
 class _Stats(TypedDict):
     submitted: int
+    admitted: int
     rejected: int
+    refused: int
+    shed: int
     completed: int
     failed: int
     expired: int
@@ -247,7 +273,8 @@ class Scheduler:
         """Enqueue a 1-D sequence of token ids in [0, 2**31); return its id (never 0).
 
         Raises ValueError (bad tokens, both timeout and deadline, negative
-        timeout), QueueFullError, EngineClosedError.
+        timeout), QueueFullError, OverloadedError (predicted to miss its
+        deadline), EngineClosedError.
         """
 
     def submit_many(
@@ -266,6 +293,12 @@ class Scheduler:
     def cancel(self, id: int) -> bool: ...
     def next_batch(self, timeout: float) -> Batch | None:
         """Wait up to timeout seconds (real time, GIL released) for a batch."""
+
+    def start(self, batch: Batch) -> list[int]:
+        """Call just before running the batch: removes and returns the ids whose deadline has passed."""
+
+    def predict_completion(self, tokens: int, priority: int = 0) -> float:
+        """Predicted completion time (scheduler clock) of a request submitted now; inf before any batch is measured or with admission off."""
 
     def complete(self, batch: Batch, compute_seconds: float) -> None: ...
     def fail(self, batch: Batch) -> None: ...

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from .st_spec import POOLING_MODES as POOLINGS
+
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,8 +31,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model path or hub id (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "max"])
-    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
+    p.add_argument("--pooling", default="auto", choices=["auto", *POOLINGS])
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings (default: as the model's sentence-transformers stack says; a plain encoder is normalised)")
     p.add_argument("--policy", default="model", choices=["model", "aimd", "seed", "static"])
     p.add_argument("--target-latency-ms", type=float, default=50.0)
     p.add_argument("--max-batch-tokens", type=int, default=None,
@@ -49,7 +51,7 @@ def _make_engine(args: argparse.Namespace, **extra):
         device=args.device,
         dtype=args.dtype,
         pooling=args.pooling,
-        normalize=not args.no_normalize,
+        normalize=False if args.no_normalize else None,
         policy=args.policy,
         target_latency_ms=args.target_latency_ms,
         max_batch_tokens=args.max_batch_tokens,
@@ -153,15 +155,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model_path or args.model,
             task=args.task,
             max_length=args.max_length,
+            truncate=args.truncate,
+            chunk_overlap=args.chunk_overlap,
+            pair_truncation=args.pair_truncation,
             max_queue=args.max_queue,
             max_queue_tokens=args.max_queue_tokens,
+            **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
         )
     except (ModelLoadError, ValueError) as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
     print(
         f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
-        f"{str(engine.dtype).removeprefix('torch.')}) on http://{args.host}:{args.port}",
+        f"{engine.precision.name}) on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )
@@ -198,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/embeddings, /metrics)")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="model path or hub id (same as --model)")
     _engine_args(p)
-    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank", "token-classify"])
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the model's limit)")
+    p.add_argument("--truncate", default="right", choices=["right", "left", "error", "chunk"],
+                   help="inputs past --max-length: cut on the right or left, refuse (400), or embed in windows")
+    p.add_argument("--chunk-overlap", type=int, default=0, help="tokens shared by consecutive windows (chunk)")
+    p.add_argument("--pair-truncation", default="longest_first", choices=["longest_first", "only_second"],
+                   help="rerank: how a long (query, document) pair is cut")
     p.add_argument("--max-queue", type=int, default=65536, help="queued requests before 429")
     p.add_argument("--max-queue-tokens", type=int, default=None, help="queued tokens before 429")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-payload-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     p.add_argument("--max-inputs-per-request", type=int, default=2048, help="more inputs in one request get 413")
     p.add_argument("--request-timeout", type=float, default=None,
-                   help="seconds; a request not served by then gets 504 (default: none)")
+                   help="seconds; every request's deadline: predicted to miss it, 429 with Retry-After; "
+                        "not served by then, 504 (default: the engine's request_timeout_s, 30)")
     p.add_argument("--served-model-name", default=None, help="model id in responses (default: the model's name)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")

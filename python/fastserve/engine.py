@@ -18,12 +18,17 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, process
+from . import _core, admission, footprint, precision, process, tasks
 from .admission import Timeout, wait_all
-from .errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
+from .errors import RequestTimeoutError
+from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
-from .models import TextEncoder, resolve_device, resolve_dtype
-from .runners import ACTIVATIONS, PackedRunner, PaddedRunner, classification_activation, packed_supported
+from .models import TextEncoder, resolve_device
+from .heads import EmbeddingHead
+from .families import select as select_runner
+from .runners import ACTIVATIONS, classification_activation
+from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
 # The largest batch, in tokens, when the caller sets none. On a CPU, batches
@@ -44,6 +49,15 @@ def _queued(submit: Callable[..., Any], *args: Any) -> Any:
         raise
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+
+
+def overloaded(retry_after_s: float) -> OverloadedError:
+    """The error of a queued request dropped before compute: predicted to
+    finish retry_after_s after its deadline."""
+    err = OverloadedError(f"overloaded: dropped before compute, predicted to finish {retry_after_s * 1e3:.1f} ms "
+                          f"after its deadline; retry after {retry_after_s:.3f} s")
+    err.retry_after_s = retry_after_s
+    return err
 
 
 # Engines not yet closed. Each is closed at interpreter exit, while threads
@@ -97,16 +111,26 @@ class _Timer:
             }
 
 
-class Engine:
+class Engine(tasks.TaskCalls):
     """Serve a Hugging Face encoder to many concurrent callers.
 
     Callers' threads tokenize and submit single texts; one worker thread per
     engine pulls batches assembled by the C++ scheduler, runs the model under
     torch.inference_mode(), and resolves each caller's future exactly once.
 
-    target_latency_ms is the latency a request should see under load. The
-    controller aims each batch's compute time at half of it: a request that
-    arrives while a batch runs waits for that batch, then runs in the next.
+    target_latency_ms is the 99th percentile of a request's whole latency
+    (queueing included) that the engine holds from light load to overload.
+    The controller aims each batch's compute time at half of it (less the
+    measured tail of compute): a request that arrives while a batch runs
+    waits for that batch, then runs in the next.
+
+    request_timeout_s is every request's deadline unless its call gives a
+    timeout (None: no deadline). A request predicted to miss its deadline
+    is refused at submit (OverloadedError, with retry_after_s) or dropped
+    before compute (its future fails with OverloadedError); one whose
+    deadline passes before its batch starts fails with RequestTimeoutError.
+    Pass request_timeout_s=target_latency_ms / 1000 to serve every accepted
+    request within the target and shed the rest under overload.
     """
 
     def __init__(
@@ -116,12 +140,15 @@ class Engine:
         *,
         task: str = "embed",
         pooling: str = "auto",
-        normalize: bool = True,
+        normalize: bool | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_length: int | None = None,
-        truncate: bool = True,
+        truncate: bool | str = True,
+        chunk_overlap: int = 0,
+        pair_truncation: str = "longest_first",
         target_latency_ms: float = 50.0,
+        request_timeout_s: float | None = 30.0,
         policy: str = "model",
         execution: str = "auto",
         activation: str = "auto",
@@ -147,12 +174,20 @@ class Engine:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
-        if activation not in ACTIVATIONS:
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
+        if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        truncate = truncation_mode(truncate)
+        if truncate == "chunk" and task != "embed":
+            raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
+        if pair_truncation not in tasks.PAIR_TRUNCATIONS:
+            raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
 
         process.check_torch_threads(torch_threads)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.precision = precision.resolve(dtype, self.device)
+        self.dtype = self.precision.weights
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
         if not max_batch_tokens >= 1:
@@ -166,12 +201,10 @@ class Engine:
         limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
         if max_length is not None and (max_length < 1 or max_length > limit):
             raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
-        if execution == "packed" and not packed_supported(loaded.model):
-            raise ValueError(
-                f"execution='packed' supports BERT-family encoders; this is {loaded.model.config.model_type!r} "
-                "(use 'auto' or 'padded')"
-            )
-        packed = execution == "packed" or (execution == "auto" and packed_supported(loaded.model))
+        # The execution path, from what each family's adapter declares
+        # (families.py); execution='packed' without support raises here.
+        choice = select_runner(loaded.model, task, execution)
+        packed = choice.capabilities.layout == "packed"
         # The batch bound that keeps a batch's activations within the budget
         # (python/fastserve/footprint.py); checked before anything changes.
         cfg = loaded.model.config
@@ -203,33 +236,75 @@ class Engine:
         net, self._process["model"] = process.prepare_model(
             loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
         self.model = net
-        self.pooling = pooling if pooling != "auto" else (loaded.st.pooling or "mean")
-        self.normalize = normalize
+        self._precision_context = self.precision.context()
+        precision.warn_if_slow(self.precision)
+        spec = loaded.st
+        modes = (pooling,) if pooling != "auto" else (spec.pooling or ("mean",))
+        self.pooling = "+".join(modes)
+        # The stack after pooling: the model's (sentence-transformers), with
+        # normalize=False dropping its Normalize and normalize=True ending in one;
+        # a plain encoder's is normalised unless normalize=False.
+        post = [op for op in spec.post if normalize is not False or op != "normalize"]
+        if (normalize or (normalize is None and not spec.sentence_transformers)) and post[-1:] != ["normalize"]:
+            post.append("normalize")
+        self.normalize = post[-1:] == ["normalize"]
+        self.prompts = dict(spec.prompts)
+        self.default_prompt_name = spec.default_prompt_name
+        self.similarity_fn_name = spec.similarity_fn_name
+        # A chunked text's windows are normalised once combined (_combine), not each.
+        self._head = EmbeddingHead(modes, include_prompt=spec.include_prompt,
+                                   post=post[:-1] if truncate == "chunk" and self.normalize else post,
+                                   device=self.device)
+        self._prompt_tokens: dict[str, int] = {}
+        self._prompt_leads: dict[str, int] = {}
         self.max_length = max_length or limit
+        # "right" | "left" | "error" | "chunk" (inputs.py): texts are tokenized
+        # whole, then cut, refused or split into windows.
         self.truncate = truncate
-        self._encode = TextEncoder(self.tokenizer, self.max_length, truncate)
-        if task == "classify":
+        self.chunk_overlap = chunk_overlap
+        self._encode = TextEncoder(self.tokenizer, self.max_length, False)
+        self._fit = self._make_fit(truncate, chunk_overlap)
+        if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
             self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
-            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline.
-            self.activation: str | None = classification_activation(net.config, activation)
+            # What the scores are: the model's problem_type and head decide, as in transformers' pipeline
+            # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
+            self.activation: str | None = (
+                classification_activation(net.config, activation) if task == "classify" else
+                tasks.cross_encoder_activation(loaded.path, net.config, activation) if task == "rerank" else
+                "softmax")
         else:
             self.labels = []
             self.activation = None
 
-        runner_cls = PackedRunner if packed else PaddedRunner
-        self.runner = runner_cls(net, task=task, pooling=self.pooling, normalize=normalize, device=self.device,
-                                 activation=self.activation or "none")
+        # Pairs carry token types when the tokenizer makes them and the model has more than one.
+        types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()) and \
+            getattr(net.config, "type_vocab_size", 0) > 1
+        self._pairs = tasks.PairEncoder(self._side_tokenizer(truncate), self.max_length, truncate, pair_truncation,
+                                        types) if task == "rerank" else None
+        self._token_encoder = tasks.TokenEncoder(self._side_tokenizer(truncate), self.max_length, truncate) \
+            if task == "token-classify" else None
+        self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
+            if self._token_encoder else None
+
+        self._choice = choice
+        # classify's activation runs in the worker, rerank and token-classify
+        # scores in the caller's thread (tasks.py).
+        self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
+                                    activation=self.activation if task == "classify" else "none", head=self._head)
         pad = self.tokenizer.pad_token_id
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
             max_batch_size=max_batch_size,
-            max_request_tokens=min(self.max_length if truncate else 1 << 30,
-                                   self.memory_budget.tokens if self.memory_budget else 1 << 30),
+            max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
             cost=self.runner.name,
+            # Packed batches are charged their attention too (len^2 per
+            # sequence): per token a BERT layer's matmuls cost ~24 h^2 FLOPs,
+            # attention ~4 h len, so len / (6 h) on top of each token.
+            attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
@@ -241,6 +316,7 @@ class Engine:
             initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
+        self.request_timeout_s = request_timeout_s
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False
@@ -252,13 +328,22 @@ class Engine:
 
     # ------------------------------------------------------------------ calls
 
-    def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+    def embed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
+              prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """[dim] float32 for one text, [n, dim] for a list (of texts, or of
-        token-id lists: see submit_many, which queues it)."""
+        token-id lists: see submit_many, which queues it).
+
+        prompt_name / prompt: as SentenceTransformer.encode takes them: the
+        prompt (one of the model's `prompts` by name, or given) is put in
+        front of each text; with neither, the model's default prompt is (none
+        when it has no default_prompt_name); prompt="" means no prompt. A
+        given prompt wins over prompt_name."""
         self._require_task("embed")
         if isinstance(texts, str):
-            return self.submit(texts, priority=priority, timeout=timeout).result()
-        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)])
+            return self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
+                               prompt=prompt).result()
+        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout,
+                                                                 prompt_name=prompt_name, prompt=prompt)])
 
     def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """A Classification for one text, a list of them for a list."""
@@ -267,12 +352,15 @@ class Engine:
             return self.submit(texts, priority=priority, timeout=timeout).result()
         return [f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)]
 
-    async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None) -> np.ndarray:
+    async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
+                     prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """embed, awaited: no thread waits, and cancelling the task cancels the requests."""
         self._require_task("embed")
         if isinstance(texts, str):
-            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout)))
+            return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout,
+                                                         prompt_name=prompt_name, prompt=prompt))
+        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout,
+                                                                  prompt_name=prompt_name, prompt=prompt)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """classify, awaited (as aembed)."""
@@ -281,22 +369,27 @@ class Engine:
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
         return await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout))
 
-    def submit(self, text: str, *, priority: int = 0, timeout: float | None = None) -> cf.Future:
+    def submit(self, text: str, *, priority: int = 0, timeout: float | None = None,
+               prompt_name: str | None = None, prompt: str | None = None) -> cf.Future:
         """Queue one text; the future yields what embed/classify would return
         for it, and once done carries `future.timing` = {"queue_s",
-        "inference_s"}. Raises QueueFullError at once when the queue is full."""
+        "inference_s"}. Raises QueueFullError at once when the queue is full,
+        OverloadedError (a QueueFullError) when it is predicted to miss its
+        deadline (timeout, else the engine's request_timeout_s).
+        prompt_name / prompt: as embed's."""
         timeout = admission.check_timeout(timeout)
-        ids = self._tokens([text])[0]
-        return self._submit_tokens(ids, priority, timeout)
+        p = self._prompt(prompt_name, prompt)
+        return self._submit_one(self._tokens(self._prompted([text], p), self._lead(p)), priority, timeout, p)
 
     def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
         special tokens included), checked as validate_token_ids does."""
         timeout = admission.check_timeout(timeout)
-        return self._submit_tokens(self.validate_token_ids([token_ids])[0], priority, timeout)
+        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
-                    timeout: Timeout = None) -> list[cf.Future]:
+                    timeout: Timeout = None, prompt_name: str | None = None,
+                    prompt: str | None = None) -> list[cf.Future]:
         """Queue a list of inputs, each its own request (so they batch with
         other callers' inputs), and return their futures in order (each as
         submit's).
@@ -312,13 +405,32 @@ class Engine:
         queued yet, QueueFullError (the call is refused whole). Once part of
         it is queued, the call blocks until there is room for the rest
         rather than fail half served. A call that fails part way cancels what
-        it had queued."""
-        return admission.submit_all(self._submit_prefix, self._requests(inputs), priority,
-                                    admission.timeout_callable(timeout))
+        it had queued.
+
+        prompt_name / prompt: as embed's, for texts. Token-id lists are taken
+        as tokenize() gives them with the same prompt arguments (the prompt
+        already in front): on a model whose Pooling leaves the prompt out
+        (include_prompt=False), that prompt's tokens are left out.
+
+        Each future carries `.info` (InputInfo: the input's full token
+        count, the tokens computed, truncated, chunks). With
+        truncate="chunk", a long input's windows are queued as requests of
+        their own (each starting with the prompt) and its future is theirs
+        combined."""
+        p = self._prompt(prompt_name, prompt)
+        requests = self._requests(inputs, p)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests, self._lead(p))
+            parts = admission.submit_all(self._submitter(p), flat, priority, admission.timeout_callable(timeout))
+            return self._combine(requests, flat, spans, parts)
+        futures = admission.submit_all(self._submitter(p), requests, priority, admission.timeout_callable(timeout))
+        attach(futures, infos_of(requests))
+        return futures
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                            timeout: Timeout = None,
-                           wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None) -> list[cf.Future]:
+                           wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+                           prompt_name: str | None = None, prompt: str | None = None) -> list[cf.Future]:
         """submit_many for the event loop: waiting for room in the queue is
         awaited, never blocking the loop; a call the queue takes at once does
         not suspend at all. Texts are tokenized in the calling thread (for a
@@ -328,27 +440,43 @@ class Engine:
         wait: when given, each wait for room goes through it (`await
         wait(awaitable)`), so a caller can end it early (the HTTP server ends
         it when the client leaves or its deadline passes); what it raises
-        fails the call. `await fastserve.wait_all(futures)` gives the results."""
-        return await admission.asubmit_all(self._submit_prefix, self._requests(inputs), priority,
-                                           admission.timeout_callable(timeout), wait)
+        fails the call. `await fastserve.wait_all(futures)` gives the results.
+        prompt_name / prompt: as submit_many's."""
+        p = self._prompt(prompt_name, prompt)
+        requests = self._requests(inputs, p)
+        if self.truncate == "chunk":
+            flat, spans = self._fit.split(requests, self._lead(p))
+            parts = await admission.asubmit_all(self._submitter(p), flat, priority,
+                                                admission.timeout_callable(timeout), wait)
+            return self._combine(requests, flat, spans, parts)
+        futures = await admission.asubmit_all(self._submitter(p), requests, priority,
+                                              admission.timeout_callable(timeout), wait)
+        attach(futures, infos_of(requests))
+        return futures
 
     def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """Token-id lists as the engine would queue them: each must be a
         non-empty sequence of int in [0, vocab_size); longer than max_length,
-        it is cut to it with truncate=True, else refused. InvalidInputError
-        names the first bad list's index (when there are several). The
-        result, passed to submit_many, is queued without a second check."""
-        lists = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=self.max_length,
-                                             truncate=self.truncate)
-        return self._within_budget(lists)
+        it is cut to it (truncate "right"/"left": the tokenizer's special
+        tokens around it kept when it carries them), split at submit
+        ("chunk"), or refused ("error"). InvalidInputError names the first
+        bad list's index (when there are several). The result, passed to
+        submit_many, is queued without a second check."""
+        checked = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=1 << 62,
+                                               truncate=False)
+        return self._within_budget(self._fit.fit(checked, what="input"))
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, as the engine would submit them (special
-        tokens added, truncated to max_length when truncate=True); passed back
-        to submit_many, they are queued without being checked again."""
+    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
+                 prompt: str | None = None) -> list[list[int]]:
+        """Token ids of each text, as the engine would submit them (the prompt
+        in front as embed puts it, special tokens added, cut to max_length as
+        `truncate` says); passed back to submit_many with the same prompt
+        arguments, they are queued without being checked again."""
         if isinstance(texts, str):
             raise InvalidInputError("tokenize takes a list of texts")
-        return admission.TokenLists(self._tokens(texts))
+        p = self._prompt(prompt_name, prompt)
+        lists = self._tokens(self._prompted(texts, p), self._lead(p))
+        return lists if isinstance(lists, admission.TokenLists) else admission.TokenLists(lists)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -395,14 +523,23 @@ class Engine:
         s["model"] = self.model_name
         s["task"] = self.task
         s["device"] = str(self.device)
-        s["dtype"] = str(self.dtype).removeprefix("torch.")
+        s["dtype"] = self.precision.name  # float32 / float16 / bfloat16 / autocast
+        s["weights_dtype"] = str(self.dtype).removeprefix("torch.")
+        s["compute_dtype"] = str(self.precision.compute).removeprefix("torch.")
+        s["cpu"] = precision.cpu_features()
         s["execution"] = self.runner.name
+        # The runner's family adapter, and why the engine runs padded when it does.
+        s["family"] = self._choice.family
+        s["padded_reason"] = self._choice.reason
         # Packed execution only (None when padded): the packing kernels'
         # implementation (cpu / cuda: the extension's; torch: the fallback),
         # the attention method, and batches by the attention that actually ran.
         kernels = getattr(self.runner, "kernels", None)
         s["kernels"] = kernels.name if kernels is not None else None
         s["attention"] = getattr(self.runner, "attention", None)
+        # Padded only: the Hugging Face model's own attention implementation.
+        s["model_attention"] = None if self.runner.name == "packed" else \
+            (getattr(self.model.config, "_attn_implementation", None) or "eager")
         ran = getattr(self.runner, "attention_batches", None)
         s["attention_batches"] = dict(ran) if ran is not None else None
         s["activation"] = self.activation
@@ -432,7 +569,7 @@ class Engine:
 
     @property
     def dim(self) -> int:
-        return len(self.labels) if self.task == "classify" else int(self.model.config.hidden_size)
+        return len(self.labels) if self.task != "embed" else self._head.dim(int(self.model.config.hidden_size))
 
     # -------------------------------------------------------------- internals
 
@@ -445,7 +582,8 @@ class Engine:
             return np.empty((0, self.dim), dtype=np.float32)
         return np.stack(rows)
 
-    def _tokens(self, texts: Sequence[Any]) -> list[list[int]]:
+    def _tokens(self, texts: Sequence[Any], lead: int = 0) -> list[list[int]]:
+        """Texts as token lists, fitted to max_length (lead: a prompt's tokens, for chunk windows)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInputError(f"text{admission.where(i, len(texts))} must be a str, got {type(t).__name__}")
@@ -457,27 +595,52 @@ class Engine:
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
-        if not self.truncate:
-            for i, ids in enumerate(enc):
-                if len(ids) > self.max_length:
-                    raise InvalidInputError(
-                        f"text at index {i} is {len(ids)} tokens long; the model's limit is "
-                        f"{self.max_length} (pass truncate=True to cut it)"
-                    )
-        return self._within_budget(enc)
+        return self._within_budget(self._fit.fit(enc, texts, lead=lead))
+
+    def _side_tokenizer(self, truncate: str) -> Any:
+        """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
+        if truncate != "left":
+            return self.tokenizer
+        tok = copy.copy(self.tokenizer)
+        tok.truncation_side = "left"
+        return tok
+
+    def _make_fit(self, truncate: str, overlap: int) -> Fit:
+        template = Template.detect(self.tokenizer)
+        retokenize = None
+        if template is None and truncate in ("right", "left"):  # the tokenizer cuts
+            retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True)
+        window = self.max_length
+        if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
+            window = min(window, self.memory_budget.tokens)
+        return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
+
+    def _combine(self, requests, flat, spans, parts: list[cf.Future]) -> list[cf.Future]:
+        """Each input's future over its windows' (truncate="chunk")."""
+        out = []
+        for info, (a, b) in zip(infos_of(requests), spans):
+            weights = [len(ids) for ids in flat[a:b]]
+            g = Gathered(parts[a:b], functools.partial(weighted_mean, weights=weights, normalize=self.normalize))
+            g.info = info
+            out.append(g)
+        return out
 
     def _within_budget(self, token_lists: list) -> list:
         """token_lists, or InvalidInputError for the first input no batch
-        within max_batch_memory_mb can hold."""
+        within max_batch_memory_mb can hold (a chunking engine's windows are
+        cut to fit: _make_fit)."""
         budget = self.memory_budget
-        if budget is not None and budget.tokens < self.max_length:
+        if budget is not None and budget.tokens < self.max_length and self.truncate != "chunk":
             for i, ids in enumerate(token_lists):
                 if len(ids) > budget.tokens:
                     raise budget.refuse(len(ids), admission.where(i, len(token_lists)))
         return token_lists
 
-    def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None) -> cf.Future:
+    def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
+                       pooled_from: int = 0) -> cf.Future:
+        timeout = self.request_timeout_s if timeout is None else timeout
         fut: cf.Future = cf.Future()
+        fut.pooled_from = pooled_from  # type: ignore[attr-defined]
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -486,23 +649,92 @@ class Engine:
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
         return fut
 
+    def _submit_one(self, lists, priority: int, timeout: float | None, prompt: str = "") -> cf.Future:
+        """Queue one input (a one-item list from _tokens or validate_token_ids,
+        `prompt` already in front)."""
+        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            return self.submit_many(lists, priority=priority, timeout=timeout, prompt=prompt)[0]
+        fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
+        fut.info = lists.infos[0]
+        return fut
+
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
-                       timeout: float | None) -> list[cf.Future]:
+                       timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
         worker sees them at once, not one by one): their futures."""
+        timeout = self.request_timeout_s if timeout is None else timeout
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
+            for fut in futures:
+                fut.pooled_from = pooled_from  # type: ignore[attr-defined]
+            if self._pairs is not None:
+                tasks.mark_segments(futures, token_lists)
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
             fut.add_done_callback(functools.partial(self._on_done, rid))
         return futures
 
-    def _requests(self, inputs: Sequence[Any]) -> list[Sequence[int]]:
+    def _requests(self, inputs: Sequence[Any], prompt: str = "") -> list[Sequence[int]]:
         """A list of inputs as the token lists submit_many queues."""
-        return admission.token_lists(inputs, self._tokens, self.validate_token_ids)
+        tokens = (lambda texts: self._tokens(self._prompted(texts, prompt), self._lead(prompt))) if prompt \
+            else self._tokens
+        return admission.token_lists(inputs, tokens, self.validate_token_ids)
+
+    def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        """The prompt text SentenceTransformer.encode would use."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                known = ", ".join(repr(k) for k in sorted(self.prompts)) or "none"
+                raise InvalidInputError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({known})")
+            return self.prompts[prompt_name]
+        if self.default_prompt_name is not None:
+            return self.prompts[self.default_prompt_name]
+        return ""
+
+    @staticmethod
+    def _prompted(texts: Sequence[Any], prompt: str) -> Sequence[Any]:
+        if not prompt:
+            return texts
+        return [prompt + t if isinstance(t, str) else t for t in texts]
+
+    def _pooled_from(self, prompt: str) -> int:
+        """Where pooling starts in a text with this prompt in front: past the
+        prompt's tokens when the model's Pooling leaves them out, else 0."""
+        if not prompt or not self._head.needs_prompt_lengths:
+            return 0
+        return self._prompt_length(prompt)
+
+    def _lead(self, prompt: str) -> int:
+        """The prompt's content tokens (special tokens aside), which start
+        every window of a chunked input."""
+        if not prompt or self.truncate != "chunk":
+            return 0
+        n = self._prompt_leads.get(prompt)
+        if n is None:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            n = len(self._fit.template.content(ids)[1])
+            if len(self._prompt_leads) < 1024:  # prompts come from callers: a bounded cache
+                self._prompt_leads[prompt] = n
+        return n
+
+    def _prompt_length(self, prompt: str) -> int:
+        n = self._prompt_tokens.get(prompt)
+        if n is None:
+            n = prompt_length(self.tokenizer, prompt)
+            if len(self._prompt_tokens) < 1024:  # prompts come from callers: a bounded cache
+                self._prompt_tokens[prompt] = n
+        return n
+
+    def _submitter(self, prompt: str) -> Callable[..., list[cf.Future]]:
+        n = self._pooled_from(prompt)
+        return functools.partial(self._submit_prefix, pooled_from=n) if n else self._submit_prefix
 
     def _on_done(self, rid: int, fut: cf.Future) -> None:
         if fut.cancelled():
@@ -537,6 +769,8 @@ class Engine:
                         continue
                     for rid in batch.expired:
                         self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+                    for rid, late in zip(batch.shed, batch.shed_retry_after_s):
+                        self._fail(int(rid), overloaded(late))
                     if batch.size:
                         self._run(batch)
         except BaseException as e:  # the worker must never die silently
@@ -552,11 +786,22 @@ class Engine:
             raise
 
     def _run(self, batch) -> None:
+        # A deadline that passed since the batch was assembled: never computed.
+        for rid in self._scheduler.start(batch):
+            self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+        if not batch.size:
+            return
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with self._sdpa_backends():
-                rows = self.runner.run(batch)
+            with self._sdpa_backends(), self._precision_context():
+                extra = {}
+                if self._head.needs_prompt_lengths and self.task == "embed":
+                    extra["prompt_lengths"] = np.array(
+                        [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
+                if self._pairs is not None:  # the pairs' token types, carried on their futures
+                    extra["segments"] = tasks.segments_of(futures, batch.lengths)
+                rows = self.runner.run(batch, **extra)
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:

@@ -1,8 +1,9 @@
-"""fastserve's exceptions, in one place (the two the C++ core raises are
+"""fastserve's exceptions, in one place (those the C++ core raises are
 re-exported from it). Each subclasses FastServeError and, where one fits, the
-builtin a caller would naturally catch."""
+builtin a caller would naturally catch. OverloadedError (a QueueFullError)
+carries retry_after_s: the request was predicted to miss its deadline."""
 
-from ._core import EngineClosedError, FastServeError, QueueFullError
+from ._core import EngineClosedError, FastServeError, OverloadedError, QueueFullError
 
 
 class RequestTimeoutError(FastServeError, TimeoutError):
@@ -22,12 +23,23 @@ class ModelLoadError(FastServeError, OSError):
     """The model or its tokenizer could not be loaded."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """The model's sentence-transformers module stack has a module the engine
+    cannot reproduce exactly; `module` names it (Pooling, Dense, ...)."""
+
+    def __init__(self, module: str, reason: str) -> None:
+        super().__init__(f"sentence-transformers module {module}: {reason}")
+        self.module = module
+
+
 __all__ = [
     "EngineClosedError",
     "FastServeError",
     "InferenceError",
     "InvalidInputError",
     "ModelLoadError",
+    "OverloadedError",
     "QueueFullError",
     "RequestTimeoutError",
+    "UnsupportedModelError",
 ]

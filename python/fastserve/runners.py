@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .heads import EmbeddingHead
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
@@ -43,19 +44,6 @@ def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return logits
 
 
-def pool_padded(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool [B, L, H] hidden states over the real tokens of each row, in float32."""
-    hidden = hidden.float()
-    if pooling == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    if pooling == "max":
-        return hidden.masked_fill(m == 0, float("-inf")).amax(1)
-    raise ValueError(f"unknown pooling {pooling!r}")
-
-
 class PaddedRunner:
     """Calls the Hugging Face model on the padded layout: works for any encoder."""
 
@@ -70,6 +58,7 @@ class PaddedRunner:
         normalize: bool,
         device: torch.device,
         activation: str = "softmax",
+        head: EmbeddingHead | None = None,
     ) -> None:
         self.model = model
         # Encoder-decoder models (T5) are served by their encoder alone.
@@ -80,18 +69,27 @@ class PaddedRunner:
         self.normalize = normalize
         self.device = device
         self.activation = activation
+        self.head = head or EmbeddingHead((pooling,), post=["normalize"] if normalize else [], device=device)
 
-    def run(self, batch) -> np.ndarray:
-        """[B, dim] float32: pooled embeddings, or class scores for classify."""
+    def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
+        """[B, dim] float32: pooled embeddings, or class scores for classify
+        and rerank; for token-classify a list of [length, labels] logits.
+        prompt_lengths: each row's prompt tokens, for a head that leaves them out.
+        segments: [B] where each request's token type 1 starts (pairs)."""
         ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
         mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
-        out = self.encoder(input_ids=ids, attention_mask=mask)
-        if self.task == "classify":
+        extra = {}
+        if segments is not None:
+            types = (np.arange(batch.input_ids.shape[1])[None, :] >= segments[:, None]) & (batch.attention_mask != 0)
+            extra["token_type_ids"] = torch.from_numpy(types.astype(np.int64)).to(self.device, non_blocking=True)
+        out = self.encoder(input_ids=ids, attention_mask=mask, **extra)
+        if self.task == "token-classify":
+            logits = out.logits.float().cpu().numpy()
+            return [logits[i, :n] for i, n in enumerate(batch.lengths.tolist())]
+        if self.task in ("classify", "rerank"):
             rows = activate(out.logits, self.activation)
         else:
-            rows = pool_padded(out.last_hidden_state, mask, self.pooling)
-            if self.normalize:
-                rows = F.normalize(rows, p=2, dim=-1)
+            rows = self.head.padded(out.last_hidden_state, mask, prompt_lengths)
         return rows.cpu().numpy()
 
 
@@ -130,19 +128,20 @@ def _equal_length_runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, distil: bool) -> torch.Tensor:
+def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, distil: bool,
+                       types: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's embeddings of packed tokens: ids and per-sequence position
     ids [T] -> [T, H], with T free to exceed max_position_embeddings, in a form
     every supported transformers version (4.40 to 5.x) accepts. Unless given
     them, 4.x BERT/RoBERTa embeddings slice a max_position_embeddings-long
     buffer of zero token types to T; DistilBERT's take no position ids before
     5.0 and slice their own buffer, so its forward's steps (the same in 4.x and
-    5.x) run here from its modules."""
+    5.x) run here from its modules. types: [T] token types (pairs), else zeros."""
     if distil:
         h = emb.word_embeddings(ids) + emb.position_embeddings(pos)
         return emb.dropout(emb.LayerNorm(h))
-    types = torch.zeros_like(ids)[None]
-    return emb(input_ids=ids[None], token_type_ids=types, position_ids=pos[None])[0]
+    types = torch.zeros_like(ids) if types is None else types
+    return emb(input_ids=ids[None], token_type_ids=types[None], position_ids=pos[None])[0]
 
 
 class _PackedAttention:
@@ -184,7 +183,7 @@ class PackedRunner:
     name = "packed"
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
-                 activation: str = "softmax") -> None:
+                 activation: str = "softmax", head: EmbeddingHead | None = None) -> None:
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -194,6 +193,7 @@ class PackedRunner:
         self.normalize = normalize
         self.device = device
         self.activation = activation
+        self.head = head or EmbeddingHead((pooling,), post=["normalize"] if normalize else [], device=device)
         self.kernels = kernels.for_device(device)
         reason = kernels.fallback_reason(device)
         if reason:
@@ -216,15 +216,20 @@ class PackedRunner:
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
 
-    def hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the device."""
+    def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the
+        device. segments: [B] where each request's token type 1 starts."""
         dev = self.device
         ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
         pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
         cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         if self.position_offset:
             pos = pos + self.position_offset
-        h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil)
+        types = None
+        if segments is not None and not self.distil:  # DistilBERT has no token types
+            packed = np.asarray(batch.position_ids) >= np.repeat(segments, batch.lengths)
+            types = torch.from_numpy(packed.astype(np.int64)).to(dev, non_blocking=True)
+        h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil, types)
         runs = _equal_length_runs(batch.lengths)
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if self.attention == "flash":
@@ -249,13 +254,19 @@ class PackedRunner:
                 h = block.output(block.intermediate(a), a)
         return h, cu
 
-    def run(self, batch) -> np.ndarray:
-        h, cu = self.hidden(batch)
-        if self.task == "classify":
+    def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
+        """As PaddedRunner.run, on packed tokens: for token-classify each
+        token's row goes back to its request (no pooling)."""
+        h, cu = self.hidden(batch, segments)
+        if self.task == "token-classify":
+            m = self.model
+            logits = m.classifier(m.dropout(h)).float().cpu().numpy()
+            return np.split(logits, np.asarray(batch.cu_seqlens)[1:-1])
+        if self.task in ("classify", "rerank"):
             cls = h[cu[:-1].long()]
             rows = activate(self._classify(cls), self.activation)
         else:
-            rows = self.kernels.segment_pool(h, cu, mode=self.pooling, normalize=self.normalize)
+            rows = self.head.packed(h, cu, self.kernels, prompt_lengths)
         return rows.cpu().numpy()
 
     def _classify(self, cls: torch.Tensor) -> torch.Tensor:

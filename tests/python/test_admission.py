@@ -102,9 +102,12 @@ def test_long_token_lists_are_truncated_or_refused(bert):
     long_ids = [101] + [2000] * 300 + [102]
     with Engine(bert, tm.tokenizer()) as e:
         (cut,) = e.validate_token_ids([long_ids])
-        assert list(cut) == long_ids[: e.max_length]
+        # cut as the tokenizer cuts a text: the content, with [CLS] and [SEP] kept
+        assert list(cut) == long_ids[: e.max_length - 1] + [102]
         got = e.submit_many([long_ids])[0].result(timeout=30)
-        np.testing.assert_allclose(got, e.submit_tokens(long_ids[: e.max_length]).result(timeout=30), atol=1e-6)
+        np.testing.assert_allclose(got, e.submit_tokens(cut).result(timeout=30), atol=1e-6)
+        # ids without the template are cut as they are
+        assert list(e.validate_token_ids([[2000] * 300])[0]) == [2000] * e.max_length
         assert e.validate_token_ids([[101, 102]]) == [[101, 102]]
     with Engine(bert, tm.tokenizer(), truncate=False) as e:
         with pytest.raises(fastserve.InvalidInputError, match=r"index 1 is 302 tokens long; the model's limit is 128"):

@@ -678,7 +678,10 @@ def test_concurrent_submitters_every_id_served_exactly_once():
 
 STATS_KEYS = {
     "submitted",
+    "admitted",
     "rejected",
+    "refused",
+    "shed",
     "completed",
     "failed",
     "expired",

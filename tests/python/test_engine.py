@@ -98,8 +98,9 @@ def test_auto_execution_is_packed_for_bert_family_and_padded_otherwise():
     electra = AutoModel.from_config(cfg).eval()
     with Engine(electra, tm.tokenizer()) as engine:
         assert engine.runner.name == "padded"
+        assert engine.stats()["padded_reason"] == "no packed runner for model_type='electra'"
         assert engine.embed("not a BERT-family model").shape == (32,)
-    with pytest.raises(ValueError, match="execution='packed' supports BERT-family"):
+    with pytest.raises(ValueError, match="execution='packed' is not available: no packed runner for model_type='electra'"):
         Engine(electra, tm.tokenizer(), execution="packed")
 
 
@@ -126,12 +127,14 @@ def test_a_request_gets_the_same_embedding_whatever_shares_its_batch():
 
 
 def test_sentence_transformers_pooling_config_is_read_from_the_folder(tmp_path):
+    # The folder's stack has no Normalize module: its embeddings are not unit length.
     folder = tm.save("bert", tmp_path / "st", pooling="cls")
     with Engine(str(folder)) as engine:
-        assert engine.pooling == "cls"
+        assert engine.pooling == "cls" and engine.normalize is False
         got = engine.embed("the first token carries the sentence")
     m = tm.model("bert")
-    np.testing.assert_allclose(got, tm.reference(m, "the first token carries the sentence", pooling="cls"), atol=1e-5)
+    want = tm.reference(m, "the first token carries the sentence", pooling="cls", normalize=False)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_a_local_folder_without_sentence_transformers_config_defaults_to_mean(tmp_path):

@@ -132,13 +132,13 @@ class Gate:
         self.hold = hold_first
         engine.runner.run = self
 
-    def __call__(self, batch):
+    def __call__(self, batch, *args, **kwargs):
         self.seen.extend(int(i) for i in batch.ids)
         if self.hold:
             self.hold = False
             self.entered.set()
             assert self.release.wait(60), "test never released the worker"
-        return self.inner(batch)
+        return self.inner(batch, *args, **kwargs)  # kwargs: prompt_lengths, a rerank batch's segments
 
 
 @contextlib.contextmanager

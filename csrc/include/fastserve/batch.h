@@ -3,7 +3,9 @@
 // scheduler's lock), keeping them for zero-copy views from Python.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -27,13 +29,21 @@ class Batch {
   Batch(uint64_t seq, int64_t pad_token_id, double assembled_at, int64_t budget)
       : seq_(seq), pad_token_id_(pad_token_id), assembled_at_(assembled_at), budget_(budget) {}
 
-  void add(uint64_t id, std::vector<int32_t>&& tokens, double arrival);
+  void add(uint64_t id, std::vector<int32_t>&& tokens, double arrival,
+           double deadline = std::numeric_limits<double>::infinity());
+
+  // Take out the rows whose deadline is at or before `now` and return their
+  // ids: called just before the batch runs, so a request whose deadline
+  // passed after assembly is still never computed. Only before a layout
+  // was built (throws std::logic_error after).
+  std::vector<uint64_t> remove_expired(double now);
 
   uint64_t seq() const { return seq_; }
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   const std::vector<uint64_t>& ids() const { return ids_; }
   const std::vector<int32_t>& lengths() const { return lengths_; }
   const std::vector<double>& arrivals() const { return arrivals_; }
+  const std::vector<double>& deadlines() const { return deadlines_; }
   const std::vector<std::vector<int32_t>>& tokens() const { return tokens_; }
   int64_t total_tokens() const { return total_tokens_; }
   int64_t max_len() const { return max_len_; }
@@ -43,8 +53,12 @@ class Batch {
   double assembled_at() const { return assembled_at_; }
   int64_t budget() const { return budget_; }
 
-  // Requests dropped while this batch was assembled, for the caller to fail.
+  // Requests dropped while this batch was assembled, for the caller to fail:
+  // deadline passed, or (shed) predicted to finish after it, with the
+  // seconds after which a retry would be predicted to make it.
   std::vector<uint64_t> expired;
+  std::vector<uint64_t> shed;
+  std::vector<double> shed_retry_after_s;
 
   // Built once, on first call, thread-safe.
   const PaddedLayout& padded() const;
@@ -57,9 +71,10 @@ class Batch {
   int64_t budget_;
   std::vector<uint64_t> ids_;
   std::vector<int32_t> lengths_;
-  std::vector<double> arrivals_;
+  std::vector<double> arrivals_, deadlines_;
   std::vector<std::vector<int32_t>> tokens_;
   int64_t total_tokens_ = 0, max_len_ = 0;
+  mutable std::atomic<bool> laid_out_{false};
   mutable std::once_flag padded_once_, packed_once_;
   mutable PaddedLayout padded_;
   mutable PackedLayout packed_;

@@ -15,6 +15,7 @@
 //           arrival rate needs more, the smallest B whose throughput keeps up.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -67,6 +68,12 @@ struct Observation {
   double arrival_tokens_per_s = 0;
   // Work still queued when the batch completed, in the same token measure.
   double queued_tokens = 0;
+  // The tightest timeout (deadline - arrival) of the batch's requests; inf
+  // when none has a deadline.
+  double request_timeout_s = INFINITY;
+  // The scheduler's 95th percentile of actual / predicted batch compute
+  // (1 when unknown): how far a batch's compute runs past its fit.
+  double compute_tail_ratio = 1.0;
 };
 
 // Weighted least-squares fit of latency = a + b * tokens with exponential

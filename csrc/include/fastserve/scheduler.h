@@ -9,12 +9,35 @@
 // queue is an ordered set on it, with no re-sorting as time passes.
 //
 // Batch selection. The head (highest effective priority, oldest first)
-// always goes. The next `lookahead` requests in queue order are eligible to
-// join it; among them the batch grows around the head's length, one
-// neighbour in length order at a time, taking the side that adds the most
-// real tokens per token of cost, until the controller's token budget,
-// max_batch_size, or the min_fill floor on that ratio stops it.
-// A head longer than the budget runs alone.
+// always goes. The next `lookahead` requests in queue order, as far as two
+// budgets of tokens reach, are eligible to join it. Padded cost: among them
+// the batch grows around the head's length, one neighbour in length order
+// at a time, taking the side that adds the most real tokens per token of
+// cost, until the controller's token budget, max_batch_size, or the
+// min_fill floor on that ratio stops it. Packed cost (no padding to save):
+// they join in queue order while they fit. A head longer than the budget
+// runs alone.
+//
+// Admission and shedding (SchedulerConfig::admission). The scheduler fits
+// the compute time of its batches, L(c) = a + b c in the cost measure (from
+// the second batch on, each clipped at 4x its prediction), and tracks the
+// 95th percentile of actual / predicted; it predicts after three batches.
+// A request with a
+// deadline is predicted to finish at
+//     now + R + q95 * C(W),
+//     C(W) = L(max(W, F)) when W fits the budget B, else ceil(W / B) L(B),
+// where R is the rest of the running batch, W the work ahead of it plus its
+// own, in cost tokens, and F (capped at B) what its batch will hold: the
+// whole queue and the arrivals during R at the measured arrival rate. At submit,
+// "ahead" is what is queued at its priority or higher; a request predicted
+// to miss its deadline is refused at once (Overloaded, with the seconds
+// after which the backlog ahead has drained enough). When a batch is formed,
+// the queue is walked in order and a request whose predicted completion has
+// moved past its deadline (higher priority arrived, compute slowed) is shed:
+// handed back in Batch::shed, never computed (docs/design.md, "Deadlines").
+// A prediction is corrected only by batches that run, so a request that
+// would start at once on an idle worker is never refused, and the least
+// late request is kept when all would be shed.
 #pragma once
 
 #include <condition_variable>
@@ -56,6 +79,15 @@ struct SchedulerConfig {
   // batch's fixed cost is small (figures: docs/design.md, benchmarks/README.md).
   double min_fill = 0.8;
   Cost cost = Cost::Padded;
+  // Packed cost counts attention: a sequence of len tokens costs
+  // len * (1 + len / attention_tokens) against the budget, so a batch of long
+  // inputs is charged what it computes (0: len). For a BERT-style layer the
+  // per-token matmuls cost ~24 h^2 FLOPs and attention ~4 h len, so
+  // attention_tokens = 6 h (the Engine's setting).
+  int64_t attention_tokens = 0;
+  // Refuse at submit, and shed before compute, requests predicted to miss
+  // their deadline (requests without one are never refused or shed).
+  bool admission = true;
 
   void validate() const;  // throws InvalidArgument
 };
@@ -71,7 +103,8 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   // Enqueue one request; returns its id (never 0). Throws QueueFull past
-  // capacity, SchedulerClosed after close(), InvalidArgument for an empty
+  // capacity, Overloaded (a QueueFull) when it is predicted to miss its
+  // deadline, SchedulerClosed after close(), InvalidArgument for an empty
   // or over-long request. `deadline` is absolute, on this scheduler's clock.
   uint64_t submit(std::vector<int32_t> tokens, int priority = 0,
                   double deadline = kNoDeadline);
@@ -80,7 +113,7 @@ class Scheduler {
   // ids of the accepted prefix (a worker sees them all at once, so a list
   // is not cut into small batches while it is being queued). Every request
   // is validated first: an invalid one throws InvalidArgument and nothing is
-  // queued. Throws QueueFull when not even the first fits.
+  // queued. Throws QueueFull (or Overloaded) when not even the first fits.
   std::vector<uint64_t> submit_many(std::vector<std::vector<int32_t>> requests, int priority = 0,
                                     double deadline = kNoDeadline);
 
@@ -92,6 +125,16 @@ class Scheduler {
   // with no requests but with expired ids to fail; nullopt when the timeout
   // passed with nothing to do or the scheduler is closed and empty.
   std::optional<std::shared_ptr<Batch>> next_batch(double timeout_s);
+
+  // Called by the worker just before it runs `batch`: takes out and returns
+  // the requests whose deadline has passed since assembly (counted as
+  // expired), so none is computed late.
+  std::vector<uint64_t> start(Batch& batch);
+
+  // The predicted completion time of a request of `tokens` tokens submitted
+  // now at `priority` (the admission test's figure); +inf while nothing is
+  // measured yet or admission is off.
+  double predict_completion(int64_t tokens, int priority = 0) const;
 
   // Report a batch's outcome. complete() records latencies and feeds the
   // controller; fail() counts its requests as failed (no controller update:
@@ -137,13 +180,34 @@ class Scheduler {
 
   double rank_of(int priority, double arrival) const;
   void erase_locked(std::unordered_map<uint64_t, Request>::iterator it);
+  // Remove a queued request from every index; its tokens.
+  std::vector<int32_t> take_locked(std::unordered_map<uint64_t, Request>::iterator it);
   void check_request(int64_t n) const;  // throws InvalidArgument
   bool fits_locked(int64_t n) const;
   [[noreturn]] void throw_full_locked();
+  [[noreturn]] void throw_overloaded_locked(double predicted, double deadline);
+  bool predicting_locked() const;
+  bool idle_for_locked(int priority) const;
+  double compute_locked(double work, double fill) const;  // q95-scaled compute up to a request
+  double residual_locked(double now) const;     // rest of the running batches
+  double ahead_locked(int priority) const;      // queued cost at priority or higher
+  double completion_locked(double now, double ahead, double own) const;
+  void shed_locked(double now, Batch& batch);
+  void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
   std::vector<uint64_t> drop_expired_locked(double now);
   std::shared_ptr<Batch> assemble_locked(double now);
-  int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;
+  struct Cand {
+    int32_t len;
+    uint64_t id;
+  };
+  std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, const std::vector<Cand>& cands,
+                                                  std::shared_ptr<Batch> batch);
+  void move_to_batch_locked(double now, uint64_t id, Batch& batch);
+  int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;  // tokens computed
+  double seq_cost(int64_t len) const;        // one sequence against the budget (attention counted)
+  double own_cost(int64_t len) const;        // a queued request's predicted cost
+  int64_t batch_cost(const Batch& b) const;  // a batch against the budget
 
   const SchedulerConfig config_;
   const std::shared_ptr<Clock> clock_;
@@ -154,6 +218,13 @@ class Scheduler {
   std::unordered_map<uint64_t, Request> requests_;
   std::set<Key> order_;
   std::set<DeadlineKey> deadlines_;  // only requests with a finite deadline
+  std::map<int, int64_t> tokens_by_priority_;  // queued real tokens per priority
+  // Admission's prediction: compute fit, q95 of actual / predicted, cost
+  // tokens per real token, and the predicted end of each running batch.
+  LatencyModel compute_fit_{0.9};
+  double slack_ = 1.0, cost_factor_ = 1.0;
+  int64_t measured_batches_ = 0;
+  std::map<uint64_t, double> running_;  // batch seq -> predicted end
   int64_t queued_tokens_ = 0;
   int64_t submitted_tokens_ = 0, submitted_at_last_ = 0;  // for the arrival rate
   double last_observed_at_ = -1, arrival_rate_ = 0;

@@ -19,6 +19,7 @@ from .errors import ApiError, internal_error, validation_error
 from .metrics import Metrics
 from .routes import DEFAULT_MAX_INPUTS, Api
 from .schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse, EmbeddingRequest, EmbeddingResponse
+from .task_routes import TaskRoutes
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2_000_000  # text-embeddings-inference's default payload limit
 
@@ -50,7 +51,8 @@ def create_app(
     api = Api(engine, metrics, model_name=model_name or engine.model_name, max_inputs=max_inputs,
               request_timeout=request_timeout)
     app = App(title="fastserve", version=_version(),
-              description="OpenAI-compatible embeddings (and classification) served by fastserve.")
+              description="OpenAI-compatible embeddings (and classification, reranking, entity "
+                          "extraction) served by fastserve.")
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -59,11 +61,13 @@ def create_app(
                   summary="Create embeddings (OpenAI-compatible)")
         async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
             return (await api.embeddings(body, request.receive)).response()
-    else:
+    elif engine.task == "classify":
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
                   summary="Classify texts")
         async def classify(body: ClassifyRequest, request: Request) -> Response:
             return (await api.classify(body, request.receive)).response()
+    else:
+        add_task_routes(app, TaskRoutes(api))
     app.get("/v1/models", summary="The served model")(api.models)
     app.get("/health", summary="Liveness: the process answers")(api.health)
     app.get("/ready", summary="Readiness: the engine is loaded and its worker alive",
@@ -92,6 +96,27 @@ def create_app(
     app.edge = Edge(functools.partial(FastAPI.__call__, app), metrics=metrics, api_key=api_key,
                     max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None)
     return app
+
+
+def add_task_routes(app: FastAPI, routes: TaskRoutes) -> None:
+    """The routes of a rerank or token-classify engine."""
+    from .schemas import ExtractRequest, ExtractResponse, RerankRequest, RerankResponse, TeiRank, TeiRerankRequest
+
+    if routes.engine.task == "rerank":
+        @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
+                  summary="Rank documents against a query (Cohere / Jina / vLLM shape)")
+        async def rerank(body: RerankRequest, request: Request) -> Response:
+            return (await routes.rerank(body, request.receive)).response()
+
+        @app.post("/rerank", response_model=list[TeiRank], responses=ERROR_RESPONSES,
+                  summary="Rank texts against a query (text-embeddings-inference shape)")
+        async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
+            return (await routes.tei_rerank(body, request.receive)).response()
+    else:
+        @app.post("/v1/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES,
+                  summary="Extract entities (token classification)")
+        async def extract(body: ExtractRequest, request: Request) -> Response:
+            return (await routes.extract(body, request.receive)).response()
 
 
 class App(FastAPI):

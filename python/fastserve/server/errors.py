@@ -9,7 +9,10 @@ from typing import Optional
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import Response
 
-from ..errors import EngineClosedError, InferenceError, InvalidInputError, QueueFullError, RequestTimeoutError
+import math
+
+from ..errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
+from ..errors import RequestTimeoutError
 from .replies import Reply, dumps
 
 log = logging.getLogger("fastserve.server")
@@ -48,6 +51,12 @@ def api_error(exc: BaseException) -> ApiError:
     """The HTTP answer for an exception raised while serving a request."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, OverloadedError):
+        # Retry-After is whole seconds: the predicted backlog's drain, rounded up.
+        retry = max(1, math.ceil(getattr(exc, "retry_after_s", RETRY_AFTER_S)))
+        return ApiError(429, "the server is overloaded: the request would not be served before its deadline; "
+                        "retry later", type="rate_limit_error", code="overloaded",
+                        headers={"Retry-After": str(retry)})
     if isinstance(exc, QueueFullError):
         return ApiError(429, "the server is at capacity (queue full); retry later", type="rate_limit_error",
                         code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -77,7 +86,7 @@ def validation_error(exc: RequestValidationError, path: str) -> ApiError:
         return ApiError(400, "the request body is not valid JSON", code="invalid_json")
     if errors and all(tuple(err.get("loc", ()))[:2] == ("body", "input") for err in errors):
         # One message for the union's four branches rather than one per branch.
-        what = ("a string or a list of strings" if path == "/v1/classify" else
+        what = ("a string or a list of strings" if path in ("/v1/classify", "/v1/extract") else
                 "a string, a list of strings, a list of token ids (int), or a list of lists of token ids")
         return ApiError(400, f"input must be {what}", param="input", code="invalid_input")
     parts, param = [], None

@@ -25,7 +25,10 @@ class EngineCollector:
     def collect(self):
         s = self.engine.stats()
         outcomes = CounterMetricFamily("fastserve_engine_requests", "Engine requests by outcome", labels=["outcome"])
-        for key in ("submitted", "completed", "failed", "expired", "cancelled", "rejected", "closed_unserved"):
+        # admitted (= submitted), refused at admission (predicted late), shed
+        # before compute (predicted late), expired (deadline passed), rejected (queue full).
+        for key in ("submitted", "admitted", "refused", "shed", "completed", "failed", "expired", "cancelled",
+                    "rejected", "closed_unserved"):
             if key in s:
                 outcomes.add_metric([key], float(s[key]))
         yield outcomes

@@ -3,6 +3,7 @@ admission API), answers out. Every failure becomes an OpenAI-shaped error."""
 
 import asyncio
 import base64
+import functools
 import time
 from typing import Any, Optional
 
@@ -10,8 +11,9 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from ..admission import wait_all
+from ..admission import TokenLists, wait_all
 from ..engine import Engine
+from ..inputs import infos_of
 from .errors import CLIENT_CLOSED, ApiError, ClientGone, api_error
 from .lifecycle import InFlight
 from .metrics import Metrics
@@ -39,40 +41,50 @@ class Api:
 
     # ---------------------------------------------------------------- inputs
 
-    def _check_count(self, n: int) -> None:
+    def _check_count(self, n: int, param: str = "input") -> None:
         if n == 0:
-            raise ApiError(400, "input must not be empty", param="input", code="invalid_input")
+            raise ApiError(400, f"{param} must not be empty", param=param, code="invalid_input")
         if n > self.max_inputs:
-            raise ApiError(413, f"{n} inputs in one request; the limit is {self.max_inputs}", param="input",
+            raise ApiError(413, f"{n} inputs in one request; the limit is {self.max_inputs}", param=param,
                            code="too_many_inputs")
 
-    async def _tokenize(self, req: InFlight, texts: list[str]) -> list[list[int]]:
-        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return self.engine.tokenize(texts)
-        return await req.wait(asyncio.to_thread(self.engine.tokenize, texts))
+    async def _tokenize(self, req: InFlight, texts: list, tokenize, chars: int) -> list[list[int]]:
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return tokenize(texts)
+        return await req.wait(asyncio.to_thread(tokenize, texts))
 
-    async def _serve(self, receive, route: str, texts: Optional[list[str]],
-                     token_lists: Optional[list[list[int]]], answer) -> Reply:
+    async def _serve(self, receive, route: str, texts: Optional[list],
+                     token_lists: Optional[list[list[int]]], answer, tokenize=None,
+                     chars: Optional[int] = None, prompt: Optional[dict[str, Any]] = None) -> Reply:
         """Tokenize (or validate the token ids), queue, run and answer one
         request. The inputs go in through engine.asubmit_many: as many at a
         time as the queue takes; once some are queued, a full queue means
         waiting its turn (through req.wait, so the client leaving or the
-        deadline ends it); only a request with nothing queued yet gets 429."""
+        deadline ends it); only a request with nothing queued yet gets 429.
+        `tokenize` turns `texts` into token lists (default engine.tokenize;
+        `chars` their size, for where it runs); `answer(results, usage,
+        infos)` writes the body. usage counts every token the model runs.
+        `prompt`: embed's prompt_name / prompt arguments."""
         req = InFlight(receive, self.request_timeout)
+        prompt = prompt or {}
         try:
             tokenize_s = 0.0
             if texts is not None:
                 t0 = time.perf_counter()
-                token_lists = await self._tokenize(req, texts)
+                size = chars if chars is not None else sum(len(t) for t in texts)
+                if tokenize is None:
+                    tokenize = functools.partial(self.engine.tokenize, **prompt) if prompt else self.engine.tokenize
+                token_lists = await self._tokenize(req, texts, tokenize, size)
                 tokenize_s = time.perf_counter() - t0
-            else:  # checked before any is queued; the usage counts them as truncated
+            elif type(token_lists) is not TokenLists:  # checked before any is queued
                 token_lists = self.engine.validate_token_ids(token_lists)
-            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait)
+            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait, **prompt)
             results = await req.wait(wait_all(req.futures))
-            n_tokens = sum(len(ids) for ids in token_lists)
+            infos = infos_of(token_lists)
+            n_tokens = sum(info.computed_tokens for info in infos)
             self.metrics.inputs_for(route).inc(len(token_lists))
             self.metrics.prompt_tokens_for(route).inc(n_tokens)
-            body = answer(results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens})
+            body = answer(results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, infos)
             return Reply(200, body, req.timing_headers(tokenize_s))
         except ClientGone:
             return Reply(CLIENT_CLOSED, b"", {})  # never reaches the client; counted in metrics
@@ -104,9 +116,9 @@ class Api:
         b64 = body.encoding_format == "base64"
         renormalize = self.engine.normalize
 
-        def answer(vectors: list[np.ndarray], usage: dict[str, int]) -> bytes:
+        def answer(vectors: list[np.ndarray], usage: dict[str, int], infos) -> bytes:
             data = []
-            for i, v in enumerate(vectors):
+            for i, (v, info) in enumerate(zip(vectors, infos)):
                 v = np.asarray(v, dtype=np.float32)
                 if dims is not None and dims < dim:
                     v = v[:dims]
@@ -117,16 +129,18 @@ class Api:
                     emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
                 else:
                     emb = v if v.flags.c_contiguous else np.ascontiguousarray(v)
-                data.append({"object": "embedding", "index": i, "embedding": emb})
+                data.append({"object": "embedding", "index": i, "embedding": emb, "tokens": info.tokens,
+                             "truncated": info.truncated, "chunks": info.chunks})
             return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
-        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer)
+        prompt = {k: v for k, v in (("prompt_name", body.prompt_name), ("prompt", body.prompt)) if v is not None}
+        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer, prompt=prompt)
 
     async def classify(self, body: ClassifyRequest, receive) -> Reply:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         self._check_count(len(texts))
 
-        def answer(results: list, usage: dict[str, int]) -> bytes:
+        def answer(results: list, usage: dict[str, int], infos) -> bytes:
             data = [{"object": "classification", "index": i, "label": c.label, "score": c.score, "scores": c.scores}
                     for i, c in enumerate(results)]
             return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})

@@ -18,6 +18,13 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[StrictInt] = Field(default=None, description="keep the first N dimensions (Matryoshka)")
     user: Optional[str] = None
+    # Extensions (not in OpenAI's API), as SentenceTransformer.encode takes them.
+    prompt_name: Optional[StrictStr] = Field(
+        default=None, description="fastserve extension: one of the model's prompts by name, put in front of each "
+                                  "text (default: the model's default prompt, if it has one)")
+    prompt: Optional[StrictStr] = Field(
+        default=None, description="fastserve extension: a prompt put in front of each text (wins over prompt_name; "
+                                  "\"\" for none)")
 
 
 class ClassifyRequest(BaseModel):
@@ -34,6 +41,9 @@ class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: Union[list[float], str]
+    tokens: Optional[int] = Field(default=None, description="the input's full length in tokens")
+    truncated: Optional[bool] = None
+    chunks: Optional[int] = Field(default=None, description="windows it ran as (truncate='chunk'), else 1")
 
 
 class EmbeddingResponse(BaseModel):
@@ -54,6 +64,83 @@ class ClassificationItem(BaseModel):
 class ClassifyResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[ClassificationItem]
+    model: str
+    usage: Usage
+
+
+class RerankDocument(BaseModel):
+    """A document as an object (Cohere's and Jina's form): its text."""
+
+    text: StrictStr
+
+
+class RerankRequest(BaseModel):
+    """The rerank request Cohere, Jina, vLLM and Infinity share. Documents
+    are strings or {"text": ...} objects; `model` is accepted and ignored."""
+
+    query: StrictStr
+    documents: list[Union[StrictStr, RerankDocument]]
+    model: Optional[str] = None
+    top_n: Optional[StrictInt] = Field(default=None, description="return the best N (default: all)")
+    return_documents: bool = False
+    raw_scores: bool = Field(default=False, description="logits, without the model's activation")
+
+
+class RerankResultItem(BaseModel):
+    index: int
+    relevance_score: float
+    document: Optional[RerankDocument] = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    object: Literal["rerank"] = "rerank"
+    model: str
+    results: list[RerankResultItem]
+    usage: Usage
+
+
+class TeiRerankRequest(BaseModel):
+    """text-embeddings-inference's /rerank request."""
+
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: Optional[str] = None
+
+
+class ExtractRequest(BaseModel):
+    input: Texts
+    model: Optional[str] = None
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"
+    ignore_labels: list[StrictStr] = Field(default=["O"], description="labels left out of the answer")
+
+
+class EntityItem(BaseModel):
+    label: str
+    score: float
+    start: int
+    end: int
+    text: str
+    word: str
+    index: Optional[int] = Field(default=None, description="the token's position (aggregation_strategy none)")
+
+
+class Extraction(BaseModel):
+    object: Literal["entities"] = "entities"
+    index: int
+    entities: list[EntityItem]
+
+
+class ExtractResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Extraction]
     model: str
     usage: Usage
 

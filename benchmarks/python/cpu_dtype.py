@@ -1,0 +1,356 @@
+"""CPU dtypes side by side in one run: the embedded MiniLM offline in float32,
+bfloat16 and float32-under-bfloat16-autocast, against plain transformers in
+length-sorted padded batches (float32 and bfloat16) and
+SentenceTransformer.encode, with the fp32 and bf16 matmul peaks measured in
+the same run, on two text mixes:
+
+- corpus: texts drawn from the shipped corpus (fastserve.corpus);
+- long-tail: the same, with every tenth text replaced by several corpus texts
+  joined (truncated at the model's 256 tokens), so a few long texts carry a
+  large share of the tokens.
+
+Rows:
+- fastserve <dtype>: `Engine(dtype=..., execution="packed", policy="static",
+  max_batch_tokens=2048).embed(list)`, tokenization included;
+- transformers sorted <dtype>: AutoModel in that dtype on batches of 32 texts
+  sorted by token length, tokenized and padded beforehand (not timed), mean
+  pooling and normalisation in float32;
+- sentence-transformers: `encode(list, batch_size=32)` in float32.
+
+Model GFLOP/s counts real tokens only (common.model_flops) and is compared
+with the matmul peak of the dtype the row computes in. min cosine is against
+the fastserve float32 rows of the same texts.
+
+--emulated also times fastserve float32 against bfloat16 in a subprocess with
+oneDNN and ATen capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
+ATEN_CPU_CAPABILITY=avx2): what a CPU without native bfloat16 sees.
+--threads times the runner per batch at 1 and 2 torch threads for online
+batch sizes (1 and 8 texts) and an offline batch (2048 tokens).
+
+    python benchmarks/python/cpu_dtype.py --n 400 --repeats 2 --emulated --threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+
+TARGETS = {
+    "fp32_vs_sentence_transformers": 2.0,
+    "fp32_fraction_of_peak": 0.85,
+    "bf16_vs_transformers_sorted_bf16": 1.3,
+    "bf16_vs_own_fp32": 3.0,
+    "min_cosine": 0.999,
+}
+DTYPES = ("float32", "bfloat16", "autocast")
+BUDGET = 2048
+
+
+def matmul_peak(dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048), repeats: int = 4) -> float:
+    """Best GFLOP/s of square torch.mm in `dtype` at the process's thread count."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def long_tail(n: int, seed: int, tokenizer, max_length: int) -> list[str]:
+    """n corpus texts, every tenth replaced by corpus texts joined until it
+    reaches max_length tokens."""
+    texts = common.sample_texts(n, seed)
+    pool = common.sample_texts(20 * n, seed + 1)
+    k = 0
+    for i in range(0, n, 10):
+        parts: list[str] = []
+        while len(tokenizer(" ".join(parts))["input_ids"]) < max_length:
+            parts.append(pool[k % len(pool)])
+            k += 1
+        texts[i] = " ".join(parts)
+    return texts
+
+
+class SortedHF:
+    """Plain transformers on length-sorted padded batches, tokenized beforehand."""
+
+    def __init__(self, path, max_length: int, dtype: torch.dtype, batch: int = 32) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path), dtype=dtype).eval()
+        self.max_length, self.batch = max_length, batch
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list, np.ndarray]:
+        lengths = [len(x) for x in self.tok(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        batches = []
+        for i in range(0, len(order), self.batch):
+            sel = [texts[j] for j in order[i : i + self.batch]]
+            batches.append(self.tok(sel, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt"))
+        return batches, order
+
+    def run(self, prepared: tuple[list, np.ndarray]) -> np.ndarray:
+        batches, order = prepared
+        outs = []
+        with torch.inference_mode():
+            for x in batches:
+                h = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).last_hidden_state.float()
+                m = x["attention_mask"].unsqueeze(-1).float()
+                outs.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), p=2, dim=-1).numpy())
+        out = np.empty((len(order), outs[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(outs)
+        return out
+
+
+def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: float, real_tokens: int,
+            peaks: dict[str, float], repeats: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    prepared = {k: m.prepare(texts) for k, m in hf.items()}
+    methods: dict[str, Callable[[], np.ndarray]] = {f"fastserve {d}": (lambda e=e: e.embed(texts))
+                                                    for d, e in engines.items()}
+    for k, m in hf.items():
+        methods[f"transformers sorted {k}"] = lambda m=m, p=prepared[k]: m.run(p)
+    methods["sentence-transformers float32"] = lambda: st.encode(texts, batch_size=32)
+    best: dict[str, float] = {}
+    outs: dict[str, np.ndarray] = {}
+    for rep in range(repeats):
+        for m, fn in methods.items():
+            progress(f"{name}: {m} ({rep + 1}/{repeats})")
+            t0 = time.perf_counter()
+            outs[m] = fn()
+            best[m] = min(best.get(m, float("inf")), time.perf_counter() - t0)
+    ref = outs["fastserve float32"]
+    rows = []
+    for m, wall in best.items():
+        computes = "float32" if m.endswith("float32") else "bfloat16"
+        cos = (outs[m] * ref).sum(1) / (np.linalg.norm(outs[m], axis=1) * np.linalg.norm(ref, axis=1))
+        gflops = flops / wall / 1e9
+        rows.append({"method": m, "wall_s": wall, "texts_per_s": len(texts) / wall,
+                     "real_tokens_per_s": real_tokens / wall, "model_gflops": gflops,
+                     "peak_dtype": computes, "fraction_of_peak": gflops / peaks[computes],
+                     "min_cosine_vs_fastserve_fp32": float(cos.min())})
+    by = {r["method"]: r["texts_per_s"] for r in rows}
+    frac = {r["method"]: r["fraction_of_peak"] for r in rows}
+    cosines = {r["method"]: r["min_cosine_vs_fastserve_fp32"] for r in rows}
+    ratios = {
+        "fp32_vs_sentence_transformers": by["fastserve float32"] / by["sentence-transformers float32"],
+        "fp32_vs_transformers_sorted_fp32": by["fastserve float32"] / by["transformers sorted float32"],
+        "fp32_fraction_of_peak": frac["fastserve float32"],
+        "bf16_vs_transformers_sorted_bf16": by["fastserve bfloat16"] / by["transformers sorted bfloat16"],
+        "bf16_vs_own_fp32": by["fastserve bfloat16"] / by["fastserve float32"],
+        "bf16_fraction_of_peak": frac["fastserve bfloat16"],
+        "autocast_vs_own_fp32": by["fastserve autocast"] / by["fastserve float32"],
+        "min_cosine_bf16": cosines["fastserve bfloat16"],
+        "min_cosine_autocast": cosines["fastserve autocast"],
+    }
+    return {"mix": name, "n_texts": len(texts), "real_tokens": real_tokens,
+            "mean_tokens_per_text": real_tokens / len(texts), "max_tokens": None,
+            "model_gflop_total": flops / 1e9, "rows": rows, "ratios": ratios}
+
+
+EMULATED_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import common, fastserve
+common.quiet()
+texts = common.sample_texts({n}, seed=3)
+out = {{}}
+engines = {{d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=2048,
+                               max_batch_tokens=2048) for d in ("float32", "bfloat16")}}
+for e in engines.values():
+    e.embed(texts[:32])
+best = {{}}
+for rep in range(2):
+    for d, e in engines.items():
+        t0 = time.perf_counter(); e.embed(texts); best[d] = min(best.get(d, 1e9), time.perf_counter() - t0)
+out = {{"texts_per_s": {{d: len(texts) / w for d, w in best.items()}},
+        "cpu": engines["bfloat16"].stats()["cpu"]}}
+out["bf16_slowdown_vs_fp32"] = best["bfloat16"] / best["float32"]
+print(json.dumps(out))
+"""
+
+
+def emulated(n: int) -> dict[str, Any]:
+    """fp32 vs bf16 with oneDNN and ATen capped to AVX2, in a fresh process."""
+    import subprocess
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    code = EMULATED_CHILD.format(bench=str(common.REPO / "benchmarks" / "python"), n=n)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def threads(engines: dict, texts: list[str], repeats: int = 5) -> list[dict[str, Any]]:
+    """Per-batch runner time at 1 and 2 torch threads, for batches of 1 and 8
+    texts (online) and one of ~2048 tokens (offline)."""
+    rows = []
+    before = torch.get_num_threads()
+    for d in ("float32", "bfloat16"):
+        e = engines[d]
+        ids = e.tokenize(texts)
+        offline, tok = [], 0
+        for x in ids:
+            if tok + len(x) > BUDGET:
+                break
+            offline.append(x)
+            tok += len(x)
+        for label, batch in (("1 text", ids[:1]), ("8 texts", ids[1:9]), (f"offline {tok} tokens", offline)):
+            for k in (1, 2):
+                torch.set_num_threads(k)
+                e.embed(batch)
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    e.embed(batch)
+                    best = min(best, time.perf_counter() - t0)
+                rows.append({"dtype": d, "batch": label, "threads": k, "ms": best * 1e3})
+    torch.set_num_threads(before)
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"Machine: {m.get('Model name')}, {m.get('usable_cores')} cores, flags: {m.get('simd')}; "
+             f"torch {m.get('torch')} (ATen capability {res['cpu']['capability']}), "
+             f"transformers {m.get('transformers')}, commit {m.get('git_commit')}.",
+             f"Command: `{res['command']}`", "",
+             f"Matmul peak (square torch.mm, best, {m.get('torch_threads')} threads): "
+             f"float32 {res['peaks']['float32']:.0f} GFLOP/s, bfloat16 {res['peaks']['bfloat16']:.0f} GFLOP/s.", ""]
+    for mix in res["mixes"]:
+        lines += [f"**{mix['mix']}**: {mix['n_texts']} texts, {mix['real_tokens']} real tokens "
+                  f"(mean {mix['mean_tokens_per_text']:.1f}), {mix['model_gflop_total']:.1f} GFLOP.", "",
+                  "| Method | texts/s | real tokens/s | model GFLOP/s | % of its dtype's peak | min cosine vs fastserve fp32 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in mix["rows"]:
+            lines.append(f"| {r['method']} | {r['texts_per_s']:.1f} | {r['real_tokens_per_s']:.0f} | "
+                         f"{r['model_gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% ({r['peak_dtype']}) | "
+                         f"{r['min_cosine_vs_fastserve_fp32']:.6f} |")
+        lines.append("")
+        r, t = mix["ratios"], TARGETS
+        for key, label in (("fp32_vs_sentence_transformers", "fp32 / sentence-transformers"),
+                           ("bf16_vs_transformers_sorted_bf16", "bf16 / transformers sorted bf16"),
+                           ("bf16_vs_own_fp32", "bf16 / own fp32")):
+            lines.append(f"- {'PASS' if r[key] >= t[key] else 'FAIL'} {label} = {r[key]:.2f}x (target >= {t[key]}x)")
+        lines.append(f"- {'PASS' if r['fp32_fraction_of_peak'] >= t['fp32_fraction_of_peak'] else 'FAIL'} "
+                     f"fp32 at {100 * r['fp32_fraction_of_peak']:.0f}% of the fp32 matmul peak (target >= 85%); "
+                     f"bf16 at {100 * r['bf16_fraction_of_peak']:.0f}% of the bf16 peak")
+        for d in ("bf16", "autocast"):
+            c = r[f"min_cosine_{d}"]
+            lines.append(f"- {'PASS' if c >= t['min_cosine'] else 'FAIL'} min cosine {d} vs fp32 = {c:.6f} (target >= 0.999)")
+        lines.append(f"- fp32 / transformers sorted fp32 = {r['fp32_vs_transformers_sorted_fp32']:.2f}x; "
+                     f"autocast / own fp32 = {r['autocast_vs_own_fp32']:.2f}x")
+        lines.append("")
+    if res.get("emulated", {}).get("error"):
+        lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]
+    elif res.get("emulated"):
+        e = res["emulated"]
+        lines += [f"**bfloat16 without native support** (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2, "
+                  f"{e['n_texts']} corpus texts): fp32 {e['texts_per_s']['float32']:.1f} texts/s, "
+                  f"bf16 {e['texts_per_s']['bfloat16']:.1f} texts/s: bf16 takes "
+                  f"{e['bf16_slowdown_vs_fp32']:.2f}x fp32's time.", ""]
+    if res.get("threads"):
+        lines += ["**Threads per batch** (runner + scheduler, `embed(batch)`, best of 5):", "",
+                  "| dtype | batch | 1 thread (ms) | 2 threads (ms) | 2 / 1 |", "|---|---|---:|---:|---:|"]
+        rows = res["threads"]
+        for d in ("float32", "bfloat16"):
+            for label in dict.fromkeys(r["batch"] for r in rows if r["dtype"] == d):
+                one = next(r["ms"] for r in rows if (r["dtype"], r["batch"], r["threads"]) == (d, label, 1))
+                two = next(r["ms"] for r in rows if (r["dtype"], r["batch"], r["threads"]) == (d, label, 2))
+                lines.append(f"| {d} | {label} | {one:.1f} | {two:.1f} | {two / one:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=400, help="texts per mix")
+    p.add_argument("--repeats", type=int, default=2, help="runs per method (interleaved); the best counts")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--emulated", action="store_true", help="also time bf16 with oneDNN/ATen capped to AVX2")
+    p.add_argument("--threads", action="store_true", help="also time batches at 1 and 2 torch threads")
+    p.add_argument("--out", default=str(common.RESULTS), help="folder for cpu_dtype.json and cpu_dtype.md")
+    args = p.parse_args(argv)
+    common.quiet()
+    import warnings
+
+    import fastserve
+
+    progress = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    path = common.model_path()
+    max_length = common.max_seq_length(path)
+    engines = {d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
+                                   max_batch_tokens=BUDGET) for d in DTYPES}
+    hf = {k: SortedHF(path, max_length, getattr(torch, k)) for k in ("float32", "bfloat16")}
+    st = common.STModel(path)
+    tok = hf["float32"].tok
+    mixes = {"corpus": common.sample_texts(args.n, args.seed),
+             "long-tail": long_tail(args.n, args.seed, tok, max_length)}
+    warm = mixes["corpus"][:64]
+    for e in engines.values():
+        e.embed(warm)
+    for m in hf.values():
+        m.run(m.prepare(warm))
+    st.encode(warm)
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    res: dict[str, Any] = {"command": "python benchmarks/python/cpu_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                           "machine": common.machine(), "cpu": fastserve.precision.cpu_features(),
+                           "targets": TARGETS, "mixes": []}
+    try:
+        for name, texts in mixes.items():
+            lengths = [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+            mix = run_mix(name, texts, engines, hf, st, common.model_flops(hf["float32"].model, lengths),
+                          int(sum(lengths)), peaks, args.repeats, progress)
+            mix["max_tokens"] = max(lengths)
+            res["mixes"].append(mix)
+        # the peaks again after the work: the larger of the two counts
+        peaks2 = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+        for k in peaks:
+            if peaks2[k] > peaks[k]:
+                for mix in res["mixes"]:
+                    for r in mix["rows"]:
+                        if r["peak_dtype"] == k:
+                            r["fraction_of_peak"] = r["model_gflops"] / peaks2[k]
+                    mix["ratios"]["fp32_fraction_of_peak" if k == "float32" else "bf16_fraction_of_peak"] = next(
+                        r["fraction_of_peak"] for r in mix["rows"]
+                        if r["method"] == ("fastserve float32" if k == "float32" else "fastserve bfloat16"))
+                peaks[k] = peaks2[k]
+        res["peaks"] = peaks
+        if args.threads:
+            progress("threads")
+            res["threads"] = threads(engines, mixes["corpus"])
+    finally:
+        for e in engines.values():
+            e.close()
+    if args.emulated:
+        progress("emulated bf16 (AVX2)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["emulated"] = {"n_texts": 128, **emulated(128)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cpu_dtype.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    with open(os.path.join(args.out, "cpu_dtype.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

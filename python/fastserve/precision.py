@@ -1,0 +1,135 @@
+"""Numeric precision of an Engine: the weights' dtype, whether the model runs
+under autocast, and the CPU features that decide whether bfloat16 is fast.
+
+    dtype="auto"      float32 on the CPU (exact parity with sentence-transformers),
+                      bfloat16 or float16 on a GPU
+    dtype="float32" | "float16" | "bfloat16"   weights and activations in that dtype
+    dtype="autocast"  float32 weights, matrix products in bfloat16 under
+                      torch.autocast (float16 on a GPU without bfloat16):
+                      closer to float32 than bfloat16 weights, nearly as fast
+
+Pooling, normalisation and classification scores are computed in float32
+whatever the dtype (runners.py, kernels.segment_pool).
+
+bfloat16 is fast on a CPU with AVX512-BF16 or AMX (oneDNN runs the GEMMs in
+hardware); elsewhere torch emulates it through float32 conversions, slower
+than float32 itself. A bfloat16 or autocast request on such a CPU runs and
+warns once, with the factor measured in benchmarks/README.md ("CPU dtypes").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "autocast")
+
+# CPU flags (as /proc/cpuinfo names them) that stats() reports.
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it uses
+# no bfloat16 instructions even when the CPU has them.
+_ISA_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni")
+
+# bfloat16 / float32 time per batch on a CPU without native bfloat16,
+# measured with oneDNN and ATen capped to AVX2 (benchmarks/README.md, "CPU dtypes").
+EMULATED_BF16_SLOWDOWN = "about 9x"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_features() -> dict[str, Any]:
+    """What this CPU offers for serving, detected at run time: torch's ATen
+    capability (the SIMD level its own kernels dispatch to), the relevant
+    /proc/cpuinfo flags (None where unreadable), any oneDNN ISA cap in the
+    environment, and native_bf16: True when the CPU has AVX512-BF16 or AMX-BF16
+    and oneDNN is not capped below them, False when it lacks them, None when
+    the flags cannot be read."""
+    flags = _cpuinfo_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
+    native: bool | None
+    if flags is None:
+        native = None
+    else:
+        native = bool({"avx512_bf16", "amx_bf16"} & flags) and (cap or "").lower() not in _ISA_WITHOUT_BF16
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": None if flags is None else [f for f in REPORTED_FLAGS if f in flags],
+        "onednn_max_isa": cap,
+        "native_bf16": native,
+        "amx": None if flags is None else ("amx_bf16" in flags and native),
+    }
+
+
+@dataclass(frozen=True)
+class Precision:
+    """weights: the model's dtype; autocast: the dtype autocast runs matrix
+    products in, None without autocast; name: what the caller asked for, resolved."""
+
+    name: str
+    weights: torch.dtype
+    autocast: torch.dtype | None
+    device: torch.device
+
+    def context(self) -> Callable[[], Any]:
+        """A factory of the context each batch runs in."""
+        if self.autocast is None:
+            return contextlib.nullcontext
+        return functools.partial(torch.autocast, device_type=self.device.type, dtype=self.autocast)
+
+    @property
+    def compute(self) -> torch.dtype:
+        return self.autocast or self.weights
+
+
+def _half_for(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def resolve(dtype: str, device: torch.device) -> Precision:
+    """The Precision for Engine(dtype=...), without side effects."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        weights = torch.float32 if device.type == "cpu" else _half_for(device)
+        return Precision(str(weights).removeprefix("torch."), weights, None, device)
+    if dtype == "autocast":
+        return Precision("autocast", torch.float32, _half_for(device), device)
+    weights = getattr(torch, dtype)
+    return Precision(dtype, weights, None, device)
+
+
+def warn_if_slow(p: Precision, stacklevel: int = 3) -> str | None:
+    """Warn when a CPU engine computes in bfloat16 on a CPU without native
+    bfloat16 (it runs, emulated); the warning's text, or None."""
+    if p.device.type != "cpu" or p.compute != torch.bfloat16:
+        return None
+    feats = cpu_features()
+    if feats["native_bf16"] is not False:
+        return None
+    why = "has no AVX512-BF16 or AMX" if not feats["onednn_max_isa"] else \
+        f"runs oneDNN capped at ONEDNN_MAX_CPU_ISA={feats['onednn_max_isa']}"
+    msg = (f"fastserve: dtype={p.name!r} on a CPU that {why}: bfloat16 is emulated there and runs "
+           f"{EMULATED_BF16_SLOWDOWN} slower than float32; use dtype='float32' (the default) on this CPU")
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+    return msg

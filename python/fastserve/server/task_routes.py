@@ -1,0 +1,93 @@
+"""The routes of the rerank and token-classify tasks: POST /v1/rerank (the
+shape Cohere, Jina, vLLM and Infinity share) and its text-embeddings-inference
+alias POST /rerank, and POST /v1/extract. They go through the same path as
+the embeddings route (Api._serve): limits, deadline, the client's leaving,
+metrics, usage and errors are the same."""
+
+import uuid
+
+from ..errors import InvalidInputError
+from ..tasks import check_top_n, ranking
+from .errors import ApiError
+from .replies import Reply, dumps
+from .routes import Api
+from .schemas import ExtractRequest, RerankRequest, TeiRerankRequest
+
+
+class TaskRoutes:
+    """The task routes of one app, over its Api."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.engine = api.engine
+
+    def _check_rerank(self, n: int, param: str, top_n=None) -> None:
+        self.api._check_count(n, param)
+        if len(self.engine.labels) != 1:
+            raise ApiError(400, f"rerank needs a one-logit model; this one has {len(self.engine.labels)} labels",
+                           code="invalid_model")
+        try:
+            check_top_n(top_n)
+        except InvalidInputError as e:
+            raise ApiError(400, str(e), param="top_n", code="invalid_top_n") from None
+
+    async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write) -> Reply:
+        """Score (query, doc) pairs, then `write(scores, usage)` the body."""
+
+        def answer(logits, usage, infos) -> bytes:
+            return write(self.engine.pair_scores(logits, raw), usage)
+
+        pairs = [(query, d) for d in docs]
+        chars = len(query) * len(docs) + sum(map(len, docs))
+        return await self.api._serve(receive, route, pairs, None, answer, tokenize=self.engine.tokenize_pairs,
+                                     chars=chars)
+
+    async def rerank(self, body: RerankRequest, receive) -> Reply:
+        """POST /v1/rerank: results best first, each with its document's
+        index and relevance_score (and the document, return_documents)."""
+        docs = [d if isinstance(d, str) else d.text for d in body.documents]
+        self._check_rerank(len(docs), "documents", body.top_n)
+
+        def write(scores, usage) -> bytes:
+            ranked = ranking(scores, docs, body.top_n, body.return_documents)
+            results = [{"index": r.index, "relevance_score": r.score,
+                        **({"document": {"text": r.document}} if body.return_documents else {})} for r in ranked]
+            return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
+                          "results": results, "usage": usage})
+
+        return await self._scores(receive, "/v1/rerank", body.query, docs, body.raw_scores, write)
+
+    async def tei_rerank(self, body: TeiRerankRequest, receive) -> Reply:
+        """POST /rerank, text-embeddings-inference's shape: a list of
+        {index, score, (text)}, best first."""
+        self._check_rerank(len(body.texts), "texts")
+
+        def write(scores, usage) -> bytes:
+            ranked = ranking(scores, body.texts, None, body.return_text)
+            return dumps([{"index": r.index, "score": r.score, **({"text": r.document} if body.return_text else {})}
+                          for r in ranked])
+
+        return await self._scores(receive, "/rerank", body.query, list(body.texts), body.raw_scores, write)
+
+    async def extract(self, body: ExtractRequest, receive) -> Reply:
+        """POST /v1/extract: each text's entities."""
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        self.api._check_count(len(texts))
+        prepared = []
+
+        def tokenize(texts):
+            inputs, lists = self.engine.prepare_extract(texts)
+            prepared.extend(inputs)
+            return lists
+
+        def answer(logits, usage, infos) -> bytes:
+            found = self.engine.entities(prepared, logits, aggregation_strategy=body.aggregation_strategy,
+                                         ignore_labels=body.ignore_labels)
+            data = [{"object": "entities", "index": i,
+                     "entities": [{"label": e.label, "score": e.score, "start": e.start, "end": e.end,
+                                   "text": e.text, "word": e.word,
+                                   **({"index": e.index} if e.index is not None else {})} for e in ents]}
+                    for i, ents in enumerate(found)]
+            return dumps({"object": "list", "data": data, "model": self.api.model_name, "usage": usage})
+
+        return await self.api._serve(receive, "/v1/extract", texts, None, answer, tokenize=tokenize)

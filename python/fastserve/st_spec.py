@@ -1,0 +1,306 @@
+"""What a sentence-transformers model is, read from its files: the module
+stack in modules.json (Transformer, Pooling, Dense, Normalize), each
+module's config, and config_sentence_transformers.json (prompts, default
+prompt, similarity function). Local folders and hub ids are read alike: a
+hub id's files come from huggingface_hub's cache (`hf_hub_download`, which
+honours HF_HOME and HF_HUB_OFFLINE), as sentence-transformers reads them.
+
+A stack the engine cannot reproduce exactly is refused here, at
+construction, with UnsupportedModelError naming the module; a model without
+modules.json is a plain transformers encoder (spec.sentence_transformers is
+False) and the engine's own defaults apply."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+# Every pooling mode sentence-transformers has, in the order its Pooling
+# module concatenates them (sentence_transformers Pooling.forward).
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# The pre-6.0 Pooling config: one boolean flag per mode.
+_LEGACY_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# sentence-transformers' names for a Transformer module's config file, newest first.
+_TRANSFORMER_CONFIGS = (
+    "sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+    "sentence_camembert_config.json", "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
+_EMBEDDING = "sentence_embedding"
+
+
+@dataclass
+class DenseLayer:
+    """One Dense module: activation(x @ weight.T + bias) (+ x, or its
+    projection, with use_residual)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    activation: torch.nn.Module
+    residual: torch.Tensor | None = None  # projection when in != out
+    use_residual: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.activation(torch.nn.functional.linear(x, self.weight, self.bias))
+        if self.use_residual:
+            out = out + (x if self.residual is None else torch.nn.functional.linear(x, self.residual))
+        return out
+
+    def to(self, device: torch.device) -> "DenseLayer":
+        move = lambda t: None if t is None else t.to(device=device, dtype=torch.float32)  # noqa: E731
+        return DenseLayer(move(self.weight), move(self.bias), self.activation.to(device), move(self.residual),
+                          self.use_residual)
+
+
+@dataclass
+class ModelSpec:
+    """A model as sentence-transformers would run it."""
+
+    source: str
+    # Where transformers loads the encoder and tokenizer from, and the
+    # subfolder inside it (the Transformer module's path: "" or, in folders
+    # saved before sentence-transformers 2.x, "0_Transformer").
+    where: str | None = None
+    subfolder: str = ""
+    sentence_transformers: bool = False
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    pooling: tuple[str, ...] | None = None
+    include_prompt: bool = True
+    # After pooling, in order: DenseLayer objects and the string "normalize".
+    post: list[Any] = field(default_factory=list)
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
+
+    @property
+    def normalize(self) -> bool | None:
+        """Whether the stack ends in unit-length vectors (None: not a sentence-transformers model)."""
+        if not self.sentence_transformers:
+            return None
+        return bool(self.post) and self.post[-1] == "normalize"
+
+    @property
+    def dense(self) -> list[DenseLayer]:
+        return [m for m in self.post if isinstance(m, DenseLayer)]
+
+
+class _Files:
+    """A model's files, from a local folder or a hub id's cache."""
+
+    def __init__(self, model: str) -> None:
+        p = Path(model).expanduser()
+        self.local = p.resolve() if p.is_dir() else None
+        self.repo = None if self.local is not None else model
+
+    def find(self, *parts: str) -> Path | None:
+        rel = "/".join(x.strip("/") for x in parts if x and x.strip("/"))
+        if self.local is not None:
+            f = self.local / rel
+            return f if f.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.repo, rel))
+        except Exception:  # missing from the repo or the cache, or not a valid repo id: no such file
+            return None
+
+    def json(self, *parts: str) -> Any:
+        f = self.find(*parts)
+        if f is None:
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{f}: not readable JSON: {e}") from e
+
+
+def _kind(entry: dict) -> str:
+    """A modules.json type's class name (the module path moved across versions)."""
+    return str(entry.get("type", "")).rsplit(".", 1)[-1]
+
+
+def load_spec(model: str | os.PathLike) -> ModelSpec:
+    """The spec of a local folder or hub id (a plain spec where there is no modules.json)."""
+    files = _Files(os.fspath(model))
+    spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model))
+    modules = files.json("modules.json")
+    if modules is None:
+        return spec
+    if not isinstance(modules, list) or not modules:
+        raise ModelLoadError(f"{spec.source}: modules.json is not a list of modules")
+    spec.sentence_transformers = True
+    modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+    first, rest = modules[0], modules[1:]
+    if _kind(first) != "Transformer":
+        raise UnsupportedModelError(_kind(first) or "?", "the first module must be a Transformer")
+    _read_transformer(files, first, spec)
+    _read_config(files, spec)
+    pooled = False
+    for m in rest:
+        kind, path = _kind(m), m.get("path", "")
+        cfg = files.json(path, "config.json") or {}
+        if kind == "Pooling" and not pooled:
+            _read_pooling(cfg, spec)
+            pooled = True
+        elif kind == "Dense" and pooled:
+            spec.post.append(_read_dense(files, path, cfg))
+        elif kind == "Normalize" and pooled:
+            _check_names(kind, cfg)
+            spec.post.append("normalize")
+        elif kind == "Normalize":
+            # Unit-length token embeddings, then pooled: not what the stack after Pooling does.
+            raise UnsupportedModelError(kind, "Normalize before Pooling is not supported")
+        else:
+            why = "a second Pooling" if kind == "Pooling" else (
+                "a Dense before Pooling" if kind == "Dense" else "this module is not supported")
+            raise UnsupportedModelError(kind or str(m.get("type")), why)
+    if not pooled:
+        raise UnsupportedModelError("Pooling", "the model has no Pooling module (token embeddings are not served)")
+    return spec
+
+
+def _check_names(kind: str, cfg: dict) -> None:
+    for key in ("module_input_name", "module_output_name"):
+        if cfg.get(key, _EMBEDDING) != _EMBEDDING:
+            raise UnsupportedModelError(kind, f"{key}={cfg[key]!r} (only {_EMBEDDING!r} is supported)")
+
+
+def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
+    path = str(entry.get("path", "") or "").strip("/")
+    spec.subfolder = path
+    cfg: dict = {}
+    for name in _TRANSFORMER_CONFIGS:
+        found = files.json(path, name)
+        if found is not None:
+            cfg = found
+            break
+    task = cfg.get("transformer_task", "feature-extraction")
+    if task != "feature-extraction":
+        raise UnsupportedModelError("Transformer", f"transformer_task={task!r} (only 'feature-extraction')")
+    for modality, how in (cfg.get("modality_config") or {}).items():
+        if modality != "text" or (how or {}).get("method_output_name", "last_hidden_state") != "last_hidden_state":
+            raise UnsupportedModelError("Transformer", f"modality_config {modality!r}: {how!r} (text only, "
+                                                       "last_hidden_state)")
+    if cfg.get("module_output_name", "token_embeddings") != "token_embeddings":
+        raise UnsupportedModelError("Transformer", f"module_output_name={cfg['module_output_name']!r}")
+    msl = cfg.get("max_seq_length")
+    spec.max_seq_length = int(msl) if msl else None
+    spec.do_lower_case = bool(cfg.get("do_lower_case", False))
+    tok = dict(cfg.get("processor_kwargs") or cfg.get("tokenizer_args") or {})
+    tok.pop("trust_remote_code", None)  # sentence-transformers never lets a config set it
+    spec.tokenizer_kwargs = tok
+    for key in ("model_kwargs", "model_args", "config_kwargs", "config_args"):
+        extra = {k: v for k, v in (cfg.get(key) or {}).items() if k != "trust_remote_code"}
+        if extra:
+            raise UnsupportedModelError("Transformer", f"{key}={extra!r} in its config is not supported")
+
+
+def _read_config(files: _Files, spec: ModelSpec) -> None:
+    cfg = files.json("config_sentence_transformers.json") or {}
+    kind = cfg.get("model_type", "SentenceTransformer")
+    if kind != "SentenceTransformer":
+        raise UnsupportedModelError(kind, "not a SentenceTransformer (dense embedding) model")
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelLoadError(f"{spec.source}: config_sentence_transformers.json: prompts must map names to strings")
+    spec.prompts = {str(k): v for k, v in prompts.items()}
+    spec.default_prompt_name = cfg.get("default_prompt_name") or None
+    if spec.default_prompt_name is not None and spec.default_prompt_name not in spec.prompts:
+        raise ModelLoadError(f"{spec.source}: default_prompt_name {spec.default_prompt_name!r} is not one of the "
+                             f"prompts {sorted(spec.prompts)}")
+    spec.similarity_fn_name = cfg.get("similarity_fn_name") or None
+
+
+def _read_pooling(cfg: dict, spec: ModelSpec) -> None:
+    mode = cfg.get("pooling_mode")
+    if mode is None:
+        modes = tuple(m for flag, m in _LEGACY_FLAGS.items() if cfg.get(flag))
+        mode = modes or ("mean",)  # sentence-transformers' default when no flag is set
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    bad = [m for m in modes if m not in POOLING_MODES]
+    if bad or not modes:
+        raise UnsupportedModelError("Pooling", f"pooling mode {bad or modes!r} (supported: {', '.join(POOLING_MODES)})")
+    if any(k.startswith("pooling_mode_") and k not in _LEGACY_FLAGS and v for k, v in cfg.items()):
+        raise UnsupportedModelError("Pooling", f"unknown flags in {sorted(cfg)}")
+    if "pooling_mode" in cfg:
+        # The 6.x format keeps the modes in the given order; older flags concatenate in POOLING_MODES order.
+        spec.pooling = modes
+    else:
+        spec.pooling = tuple(m for m in POOLING_MODES if m in modes)
+    spec.include_prompt = bool(cfg.get("include_prompt", True))
+
+
+def _read_dense(files: _Files, path: str, cfg: dict) -> DenseLayer:
+    _check_names("Dense", cfg)
+    name = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    activation = _activation(name)
+    weights = _dense_weights(files, path)
+    w = weights.get("linear.weight")
+    if w is None or tuple(w.shape) != (cfg.get("out_features"), cfg.get("in_features")):
+        raise UnsupportedModelError("Dense", f"{path}: no linear.weight of shape "
+                                             f"[{cfg.get('out_features')}, {cfg.get('in_features')}]")
+    bias = weights.get("linear.bias") if cfg.get("bias", True) else None
+    use_residual = bool(cfg.get("use_residual", False))
+    residual = weights.get("residual.weight") if use_residual else None
+    if use_residual and residual is None and cfg.get("in_features") != cfg.get("out_features"):
+        raise UnsupportedModelError("Dense", f"{path}: use_residual without residual.weight")
+    f32 = lambda t: None if t is None else t.detach().to(torch.float32)  # noqa: E731
+    return DenseLayer(f32(w), f32(bias), activation, f32(residual), use_residual)
+
+
+def _activation(name: str) -> torch.nn.Module:
+    """The activation a Dense config names, as sentence-transformers builds it:
+    a torch.nn.Module class from torch, instantiated without arguments."""
+    module, _, cls = str(name).rpartition(".")
+    if not module.startswith("torch."):
+        raise UnsupportedModelError("Dense", f"activation {name!r} (only torch.nn modules)")
+    try:
+        act = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise UnsupportedModelError("Dense", f"activation {name!r} not found: {e}") from e
+    if not (inspect.isclass(act) and issubclass(act, torch.nn.Module)):
+        raise UnsupportedModelError("Dense", f"activation {name!r} is not a torch.nn.Module class")
+    return act()
+
+
+def _dense_weights(files: _Files, path: str) -> dict[str, torch.Tensor]:
+    """Both forms sentence-transformers writes: model.safetensors (since 3.x)
+    and pytorch_model.bin."""
+    f = files.find(path, "model.safetensors")
+    if f is not None:
+        from safetensors.torch import load_file
+
+        return load_file(str(f))
+    f = files.find(path, "pytorch_model.bin")
+    if f is not None:
+        return torch.load(str(f), map_location="cpu", weights_only=True)
+    raise UnsupportedModelError("Dense", f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def prompt_length(tokenizer: Any, prompt: str) -> int:
+    """The prompt's tokens at the start of a prompted text, as
+    sentence-transformers counts them (Transformer._get_prompt_length): the
+    prompt tokenized alone with special tokens, less a trailing special token."""
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    n = len(ids)
+    if ids and ids[-1] in set(getattr(tokenizer, "all_special_ids", ())):
+        n -= 1
+    return n

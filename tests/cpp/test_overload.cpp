@@ -1,0 +1,534 @@
+// Deadlines, admission from a prediction, shedding, bursts and priority
+// classes, on simulated time: a discrete-event simulation drives the real
+// Scheduler (ManualClock) with open-loop arrivals and one worker whose batch
+// compute time follows a cost model
+//     L = a + b * sum(len) + c * sum(len^2)   (x log-normal noise),
+// so every figure below is deterministic and independent of the machine.
+// The engine's settings are used: the controller aims a batch's compute at
+// half the request target, and each request's deadline is the target.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "fastserve/errors.h"
+#include "fastserve/scheduler.h"
+
+namespace fastserve {
+namespace {
+
+constexpr double kTarget = 0.05;  // request latency target (p99), and each request's timeout
+
+struct CostModel {
+  double a = 0.002, b = 20e-6, c = 0.0;
+};
+
+std::vector<int32_t> toks(int n) { return std::vector<int32_t>(static_cast<size_t>(n), 7); }
+
+// The long-tail length mix of short texts: mostly 8-48 tokens, a few long.
+int draw_len(std::mt19937& rng) {
+  std::lognormal_distribution<double> d(std::log(24.0), 0.6);
+  return std::clamp(static_cast<int>(d(rng)), 4, 256);
+}
+
+struct Arrival {
+  double t;
+  int len;
+  int priority = 0;
+};
+
+// Poisson arrivals whose rate is piecewise constant: {rate, seconds} phases.
+std::vector<Arrival> arrivals(const std::vector<std::pair<double, double>>& phases, unsigned seed,
+                              double high_share = 0) {
+  std::mt19937 rng(seed);
+  std::vector<Arrival> out;
+  double start = 0;
+  for (auto [rate, dur] : phases) {
+    std::exponential_distribution<double> gap(rate);
+    for (double t = start + gap(rng); t < start + dur; t += gap(rng)) {
+      const int len = draw_len(rng);
+      const int prio = std::uniform_real_distribution<double>(0, 1)(rng) < high_share ? 1 : 0;
+      out.push_back({t, len, prio});
+    }
+    start += dur;
+  }
+  return out;
+}
+
+enum class Outcome { Pending, Done, Refused, Shed, Expired };
+
+struct Record {
+  double arrival = 0, latency = INFINITY;
+  int priority = 0, len = 0;
+  Outcome outcome = Outcome::Pending;
+};
+
+ControllerConfig engine_controller(const std::string& policy = "model") {
+  ControllerConfig c;
+  c.policy = policy;
+  c.target_latency_s = kTarget / 2;  // Engine: compute target = request target / 2
+  c.min_tokens = 32;
+  c.max_tokens = 2048;
+  if (policy == "static") c.initial_tokens = 2048;
+  return c;
+}
+
+SchedulerConfig engine_scheduler(bool admission = true) {
+  SchedulerConfig s;
+  s.cost = Cost::Packed;
+  s.admission = admission;
+  return s;
+}
+
+struct Sim {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s;
+  std::mt19937 rng{99};
+  std::lognormal_distribution<double> noise{-0.05 * 0.05 / 2, 0.05};
+  std::vector<Record> rec;
+  std::map<uint64_t, size_t> index;  // request id -> record
+  std::vector<std::pair<double, int64_t>> budgets;  // (time, budget) after each batch
+  double timeout = kTarget;
+
+  explicit Sim(ControllerConfig cc = engine_controller(), SchedulerConfig sc = engine_scheduler())
+      : s(sc, cc, clock) {}
+
+  void submit(const Arrival& a) {
+    clock->set(a.t);
+    Record r;
+    r.arrival = a.t;
+    r.priority = a.priority;
+    r.len = a.len;
+    try {
+      const uint64_t id = s.submit(toks(a.len), a.priority, a.t + timeout);
+      index[id] = rec.size();
+    } catch (const Overloaded&) {
+      r.outcome = Outcome::Refused;
+    }
+    rec.push_back(r);
+  }
+
+  void mark(const std::vector<uint64_t>& ids, Outcome o) {
+    for (uint64_t id : ids) rec[index.at(id)].outcome = o;
+  }
+
+  // Run every arrival; `cost(t)` gives the cost model in force at time t.
+  template <class CostAt>
+  void run(const std::vector<Arrival>& arr, CostAt cost) {
+    size_t i = 0;
+    double t = 0;  // the worker is free from t
+    while (true) {
+      while (i < arr.size() && arr[i].t <= t) submit(arr[i++]);
+      clock->set(t);
+      auto got = s.next_batch(0);
+      if (!got) {
+        if (i >= arr.size()) break;
+        t = arr[i].t;
+        continue;
+      }
+      Batch& b = **got;
+      mark(b.expired, Outcome::Expired);
+      mark(b.shed, Outcome::Shed);
+      mark(s.start(b), Outcome::Expired);
+      if (b.size() == 0) continue;
+      const CostModel m = cost(t);
+      double sq = 0;
+      for (int32_t len : b.lengths()) sq += double(len) * len;
+      const double dur = (m.a + m.b * double(b.total_tokens()) + m.c * sq) * noise(rng);
+      const double end = t + dur;
+      while (i < arr.size() && arr[i].t < end) submit(arr[i++]);
+      clock->set(end);
+      s.complete(b, dur);
+      for (uint64_t id : b.ids()) {
+        Record& r = rec[index.at(id)];
+        r.outcome = Outcome::Done;
+        r.latency = end - r.arrival;
+      }
+      budgets.emplace_back(end, s.budget());
+      t = end;
+    }
+  }
+  void run(const std::vector<Arrival>& arr, CostModel m = {}) {
+    run(arr, [m](double) { return m; });
+  }
+
+  // Figures over the requests arriving in [from, to).
+  struct Figures {
+    int64_t n = 0, done = 0, good = 0, refused = 0, shed = 0, expired = 0, good_tokens = 0;
+    double p99_done = 0, goodput_rps = 0;
+    double good_fraction() const { return n ? double(good) / double(n) : 0; }
+  };
+  Figures figures(double from, double to, int priority = -1) const {
+    Figures f;
+    std::vector<double> lat;
+    for (const Record& r : rec) {
+      if (r.arrival < from || r.arrival >= to || (priority >= 0 && r.priority != priority)) continue;
+      ++f.n;
+      switch (r.outcome) {
+        case Outcome::Done:
+          ++f.done;
+          lat.push_back(r.latency);
+          if (r.latency <= kTarget) ++f.good, f.good_tokens += r.len;
+          break;
+        case Outcome::Refused: ++f.refused; break;
+        case Outcome::Shed: ++f.shed; break;
+        case Outcome::Expired: ++f.expired; break;
+        case Outcome::Pending: break;
+      }
+    }
+    if (!lat.empty()) {
+      std::sort(lat.begin(), lat.end());
+      f.p99_done = lat[std::min(lat.size() - 1, static_cast<size_t>(std::ceil(0.99 * lat.size())) - 1)];
+    }
+    f.goodput_rps = double(f.good) / (to - from);
+    return f;
+  }
+};
+
+// Requests per second the cost model serves at the engine's compute target
+// (batches of the budget whose compute is kTarget / 2), for the length mix.
+double capacity_rps(CostModel m = {}) {
+  std::mt19937 rng(5);
+  double mean_len = 0;
+  for (int i = 0; i < 20000; ++i) mean_len += draw_len(rng);
+  mean_len /= 20000;
+  const double budget = (kTarget / 2 - m.a) / m.b;
+  return budget / mean_len / (kTarget / 2);
+}
+
+// ----------------------------------------------------------------- item 1
+
+TEST(Deadlines, ARequestWhoseDeadlinePassesAfterAssemblyIsRemovedAtStart) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  ControllerConfig cc = engine_controller("static");
+  Scheduler s(engine_scheduler(), cc, clock);
+  const uint64_t a = s.submit(toks(8), 0, 0.010);
+  const uint64_t b = s.submit(toks(8), 0, 1.0);
+  const uint64_t c = s.submit(toks(8));  // no deadline
+  auto batch = *s.next_batch(0);
+  ASSERT_EQ(batch->size(), 3);
+  clock->set(0.010);  // a's deadline passes between assembly and start
+  const auto removed = s.start(*batch);
+  EXPECT_EQ(removed, std::vector<uint64_t>{a});
+  ASSERT_EQ(batch->size(), 2);
+  EXPECT_EQ(batch->total_tokens(), 16);
+  std::vector<uint64_t> left(batch->ids().begin(), batch->ids().end());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<uint64_t>{b, c}));
+  EXPECT_EQ(batch->packed().total_tokens, 16);
+  s.complete(*batch, 0.001);
+  const auto snap = s.snapshot();
+  EXPECT_EQ(snap.stats.expired, 1);
+  EXPECT_EQ(snap.stats.completed, 2);
+}
+
+TEST(Deadlines, ABatchWhoseRequestsAllExpiredIsEmptyAndNotRunning) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(engine_scheduler(), engine_controller("static"), clock);
+  s.submit(toks(8), 0, 0.01);
+  auto batch = *s.next_batch(0);
+  clock->set(0.02);
+  EXPECT_EQ(s.start(*batch).size(), 1u);
+  EXPECT_EQ(batch->size(), 0);
+  EXPECT_EQ(s.snapshot().stats.expired, 1);
+}
+
+TEST(Deadlines, RemovingRowsAfterALayoutWasBuiltIsALogicError) {
+  Batch b(1, 0, 0.0, 100);
+  b.add(1, toks(4), 0.0, 0.5);
+  b.packed();
+  EXPECT_THROW(b.remove_expired(1.0), std::logic_error);
+}
+
+// ----------------------------------------------------------------- item 2
+
+// A scheduler that has measured batches of the cost model (a = 2 ms, b =
+// 20 us per token), so admission predicts.
+struct Measured {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s;
+  explicit Measured(int64_t budget = 1000) : s(engine_scheduler(), [budget] {
+      ControllerConfig c = engine_controller("static");
+      c.initial_tokens = budget;
+      return c;
+    }(), clock) {
+    for (int n : {100, 400, 800, 200, 600, 1000}) {
+      s.submit(toks(n));
+      auto b = *s.next_batch(0);
+      s.start(*b);
+      clock->advance(0.002 + 20e-6 * n);
+      s.complete(*b, 0.002 + 20e-6 * n);
+    }
+  }
+};
+
+TEST(Admission, NothingIsRefusedBeforeAnyBatchIsMeasured) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(engine_scheduler(), engine_controller("static"), clock);
+  EXPECT_TRUE(std::isinf(s.predict_completion(10)));
+  for (int i = 0; i < 200; ++i) s.submit(toks(100), 0, 0.001);  // would all be late
+  EXPECT_EQ(s.depth(), 200);
+}
+
+TEST(Admission, PredictsFromWorkAheadAndRefusesWhatWouldMissItsDeadline) {
+  Measured m;
+  const double now = m.clock->now();
+  // Empty queue: 50 tokens alone, 2 ms + 1 ms.
+  EXPECT_NEAR(m.s.predict_completion(50) - now, 0.003, 0.0005);
+  // 4900 tokens queued ahead: with its own 50, five full batches of 1000
+  // (22 ms each) = 110 ms, times the tail ratio of compute (>= 1, small on
+  // this noiseless fit).
+  for (int i = 0; i < 49; ++i) m.s.submit(toks(100));
+  const double predicted = m.s.predict_completion(50) - now;
+  EXPECT_GE(predicted, 0.110 * 0.99);
+  EXPECT_LE(predicted, 0.110 * 1.25);
+  // A timeout of 50 ms cannot be met: refused at once, with the wait that
+  // would let it through.
+  try {
+    m.s.submit(toks(50), 0, now + 0.05);
+    FAIL() << "expected Overloaded";
+  } catch (const Overloaded& e) {
+    EXPECT_NEAR(e.retry_after_s(), predicted - 0.05, 1e-9);
+  }
+  // Overloaded is a QueueFull; no deadline, no refusal.
+  EXPECT_THROW(m.s.submit(toks(50), 0, now + 0.05), QueueFull);
+  EXPECT_NO_THROW(m.s.submit(toks(50)));
+  // Higher priority does not wait behind priority 0: admitted.
+  EXPECT_NO_THROW(m.s.submit(toks(50), 1, now + 0.05));
+  const auto st = m.s.snapshot().stats;
+  EXPECT_EQ(st.refused, 2);
+  EXPECT_EQ(st.rejected, 0);
+}
+
+TEST(Admission, SubmitManyAdmitsThePrefixThatMakesItsDeadline) {
+  Measured m;
+  const double now = m.clock->now();
+  // Each 500 tokens: 2 + 10 ms alone; 1000 per batch of 22 ms. With a 50 ms
+  // deadline, about 2000 tokens (4 requests) fit.
+  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  const auto ids = m.s.submit_many(reqs, 0, now + 0.05);
+  EXPECT_GE(ids.size(), 3u);
+  EXPECT_LE(ids.size(), 5u);
+  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.05), Overloaded);
+}
+
+TEST(Admission, QueuedRequestsPushedPastTheirDeadlineAreShedNotComputed) {
+  Measured m;
+  const double now = m.clock->now();
+  const uint64_t low = m.s.submit(toks(100), 0, now + 0.04);
+  // High priority work arrives and jumps ahead: 3000 tokens, ~66 ms.
+  for (int i = 0; i < 30; ++i) m.s.submit(toks(100), 1);
+  auto b = *m.s.next_batch(0);
+  ASSERT_EQ(b->shed, std::vector<uint64_t>{low});
+  ASSERT_EQ(b->shed_retry_after_s.size(), 1u);
+  EXPECT_GT(b->shed_retry_after_s[0], 0.0);
+  for (uint64_t id : b->ids()) EXPECT_NE(id, low);
+  const auto st = m.s.snapshot().stats;
+  EXPECT_EQ(st.shed, 1);
+  EXPECT_EQ(m.s.depth(), 30 - b->size());
+}
+
+TEST(Admission, AnIdleWorkerAdmitsWhatWouldStartAtOnceSoAStaleFitIsMeasuredAgain) {
+  // The fit says a batch takes ~2-22 ms; a 1 ms timeout cannot be met, but
+  // with nothing running or queued the request starts at once: admitted.
+  Measured m;
+  const double now = m.clock->now();
+  const uint64_t first = m.s.submit(toks(50), 0, now + 0.001);
+  EXPECT_THROW(m.s.submit(toks(50), 0, now + 0.001), Overloaded);  // now one is queued ahead
+  // At formation all queued requests would be late: the least late one
+  // still runs (its batch measures the prediction again), the rest is shed.
+  m.s.submit(toks(50), 1, now + 0.002);
+  auto b = *m.s.next_batch(0);
+  ASSERT_EQ(b->size(), 1);
+  EXPECT_NE(b->ids()[0], first);  // the priority-1 request, 2 ms of slack, was the least late
+  EXPECT_EQ(b->shed, std::vector<uint64_t>{first});
+}
+
+TEST(Admission, OffAdmitsAndShedsNothing) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(engine_scheduler(false), engine_controller("static"), clock);
+  for (int n : {100, 800, 300}) {
+    s.submit(toks(n));
+    auto b = *s.next_batch(0);
+    clock->advance(0.01);
+    s.complete(*b, 0.002 + 20e-6 * n);
+  }
+  EXPECT_TRUE(std::isinf(s.predict_completion(10)));
+  for (int i = 0; i < 100; ++i) s.submit(toks(100), 0, clock->now() + 0.01);
+  auto b = *s.next_batch(0);
+  EXPECT_TRUE(b->shed.empty());
+}
+
+// ------------------------------------------------- items 2-4: under load
+
+TEST(UnderLoad, AcceptedRequestsKeepTheTargetAndGoodputHoldsPastCapacity) {
+  const double cap = capacity_rps();
+  double peak = 0;
+  std::map<double, Sim::Figures> at;
+  for (double x : {0.1, 0.5, 0.9, 1.0, 2.0, 4.0}) {
+    Sim sim;
+    sim.run(arrivals({{x * cap, 4.0}}, 11 + unsigned(x * 10)));
+    const auto f = sim.figures(1.0, 4.0);
+    at[x] = f;
+    peak = std::max(peak, f.goodput_rps);
+    // Accepted requests meet the target at the 99th percentile at every load.
+    EXPECT_LE(f.p99_done, kTarget) << x << "x capacity";
+    if (x <= 0.5) {  // light load: nothing refused or shed, all within target
+      EXPECT_EQ(f.refused + f.shed + f.expired, 0) << x << "x";
+      EXPECT_GE(f.good_fraction(), 0.99) << x << "x";
+    }
+  }
+  for (double x : {2.0, 4.0}) {
+    EXPECT_GE(at[x].goodput_rps, 0.9 * peak) << x << "x: goodput " << at[x].goodput_rps << " peak " << peak;
+    EXPECT_GT(at[x].refused, 0) << x << "x: the excess is refused at the door";
+  }
+}
+
+TEST(UnderLoad, WithoutAdmissionGoodputCollapsesPastCapacity) {
+  // The same arrivals at 2x without admission: the queue grows and most
+  // requests finish late (what admission prevents).
+  const double cap = capacity_rps();
+  SchedulerConfig sc = engine_scheduler(false);
+  Sim with, without(engine_controller(), sc);
+  const auto arr = arrivals({{2 * cap, 3.0}}, 3);
+  with.run(arr);
+  without.run(arr);
+  EXPECT_LT(without.figures(1, 3).goodput_rps, 0.5 * with.figures(1, 3).goodput_rps);
+}
+
+TEST(UnderLoad, AStepInCostIsFollowedAndTheTargetHeld) {
+  // At 0.8x capacity the per-token cost rises by half at t = 2 s (0.8x becomes
+  // 1.2x of the new capacity) and falls back at t = 4 s.
+  const double cap = capacity_rps();
+  Sim sim;
+  const CostModel cheap{}, dear{0.002, 30e-6, 0.0};
+  sim.run(arrivals({{0.8 * cap, 6.0}}, 21), [&](double t) { return t >= 2 && t < 4 ? dear : cheap; });
+  for (auto [from, to] : {std::pair{1.0, 2.0}, {2.5, 4.0}, {4.5, 6.0}}) {
+    const auto f = sim.figures(from, to);
+    EXPECT_LE(f.p99_done, kTarget) << "[" << from << ", " << to << ")";
+  }
+  EXPECT_GE(sim.figures(4.5, 6.0).good_fraction(), 0.97);
+}
+
+TEST(UnderLoad, PoissonAndBurstyArrivalsKeepTheP99OfAcceptedRequests) {
+  const double cap = capacity_rps();
+  // Bursts: 0.5x for 0.5 s, 1.5x for 0.5 s, repeated.
+  std::vector<std::pair<double, double>> phases;
+  for (int k = 0; k < 6; ++k) phases.push_back({(k % 2 ? 1.5 : 0.5) * cap, 0.5});
+  Sim sim;
+  sim.run(arrivals(phases, 31));
+  EXPECT_LE(sim.figures(0.5, 3.0).p99_done, kTarget);
+  for (int k = 1; k < 6; ++k) {
+    const auto f = sim.figures(0.5 * k + 0.05, 0.5 * (k + 1));
+    if (k % 2) {  // a burst: served at capacity, the rest refused or shed
+      EXPECT_GE(f.goodput_rps, 0.9 * cap) << "burst " << k;
+    } else {  // between bursts: no backlog left
+      EXPECT_GE(f.good_fraction(), 0.98) << "lull " << k;
+    }
+  }
+}
+
+// Seconds after `step` until the budget stays within +-band of its mean over
+// the last `tail` seconds of the run.
+double settling_s(const std::vector<std::pair<double, int64_t>>& budgets, double step, double end, double tail,
+                  double band) {
+  double sum = 0;
+  int n = 0;
+  for (auto [t, b] : budgets)
+    if (t >= end - tail && t < end) sum += double(b), ++n;
+  const double final_mean = sum / n;
+  double last_out = step;
+  for (auto [t, b] : budgets)
+    if (t >= step && t < end && std::fabs(double(b) / final_mean - 1) > band) last_out = t;
+  return last_out - step;
+}
+
+TEST(Bursts, TheBudgetSettlesWithinOneSecondAfterAStepFrom03To09) {
+  const double cap = capacity_rps();
+  Sim sim;
+  sim.run(arrivals({{0.3 * cap, 3.0}, {0.9 * cap, 3.0}}, 41));
+  const double settle = settling_s(sim.budgets, 3.0, 6.0, 1.5, 0.2);
+  EXPECT_LE(settle, 1.0);
+  EXPECT_LE(sim.figures(4.0, 6.0).p99_done, kTarget);
+}
+
+TEST(Bursts, BeyondCapacityServesAtCapacityShedsTheRestAndRecoversWithoutBacklog) {
+  const double cap = capacity_rps();
+  Sim sim;
+  sim.run(arrivals({{0.5 * cap, 2.0}, {3.0 * cap, 1.0}, {0.5 * cap, 2.0}}, 51));
+  const auto burst = sim.figures(2.0, 3.0);
+  // Served at capacity: the burst's goodput is at least 80% of capacity
+  // (the first batches of the burst still run at the light-load budget).
+  EXPECT_GE(burst.goodput_rps, 0.8 * cap);
+  EXPECT_GT(burst.refused + burst.shed, 0);
+  EXPECT_LE(burst.p99_done, kTarget);
+  // After the burst: no backlog, everything within target again.
+  const auto after = sim.figures(3.1, 5.0);
+  EXPECT_EQ(after.refused + after.shed + after.expired, 0);
+  EXPECT_GE(after.good_fraction(), 0.99);
+}
+
+// ----------------------------------------------------------------- item 6
+
+// Short requests' fraction within the target on a mix where one text in ten
+// is ten times longer, attention counted in the cost model (c * sum(len^2),
+// c / b = 1 / 500). The rate is 0.8x of the mix's capacity: the mix costs
+// about 2.35x the plain one per request.
+double short_good_fraction(int64_t attention_tokens) {
+  const CostModel m{0.002, 20e-6, 4e-8};
+  auto arr = arrivals({{0.8 * capacity_rps() / 2.35, 5.0}}, 71);
+  std::mt19937 rng(72);
+  std::vector<bool> is_long;
+  for (auto& a : arr) {
+    const bool l = std::uniform_real_distribution<double>(0, 1)(rng) < 0.1;
+    if (l) a.len = std::min(a.len * 10, 512);
+    is_long.push_back(l);
+  }
+  SchedulerConfig sc = engine_scheduler();
+  sc.attention_tokens = attention_tokens;
+  Sim sim(engine_controller(), sc);
+  sim.run(arr, m);
+  std::vector<double> lat;
+  int64_t n = 0, good = 0;
+  for (size_t i = 0; i < sim.rec.size(); ++i) {
+    const Record& r = sim.rec[i];
+    if (is_long[i] || r.arrival < 1.0) continue;
+    ++n;
+    if (r.outcome == Outcome::Done) lat.push_back(r.latency);
+    good += r.outcome == Outcome::Done && r.latency <= kTarget;
+  }
+  std::sort(lat.begin(), lat.end());
+  EXPECT_LE(lat[static_cast<size_t>(0.99 * double(lat.size()))], kTarget);  // accepted short requests
+  return double(good) / double(n);
+}
+
+TEST(LongInputs, CountingAttentionInTheCostKeepsShortRequestsWithinTheTarget) {
+  // Charged by tokens alone, batches holding long inputs run past their
+  // prediction: the fit's slope and the tail ratio grow, the budget shrinks
+  // and short requests are refused. Charged with attention, the cost is
+  // what the batch computes.
+  const double tokens_only = short_good_fraction(0), with_attention = short_good_fraction(500);
+  EXPECT_GE(with_attention, 0.98);
+  EXPECT_GT(with_attention, tokens_only);
+}
+
+// ----------------------------------------------------------------- item 5
+
+TEST(PriorityClasses, AtTwiceCapacityTheHighClassKeepsItsSloAndTheLowClassIsShedFirst) {
+  const double cap = capacity_rps();
+  Sim sim;
+  // 2x capacity in all; a quarter of it (0.5x capacity) is high priority.
+  sim.run(arrivals({{2 * cap, 4.0}}, 61, 0.25));
+  const auto high = sim.figures(1.0, 4.0, 1), low = sim.figures(1.0, 4.0, 0);
+  EXPECT_GE(high.good_fraction(), 0.99) << "refused " << high.refused << " shed " << high.shed;
+  EXPECT_LE(high.p99_done, kTarget);
+  EXPECT_LE(low.p99_done, kTarget);
+  EXPECT_GT(low.refused + low.shed, low.n / 3);
+}
+
+}  // namespace
+}  // namespace fastserve

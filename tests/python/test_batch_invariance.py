@@ -1,0 +1,74 @@
+"""The same text gives the same embedding whatever else is in its batch
+(README, "Guarantees"): alone, among short texts, among long ones, at any
+place in the batch. On the CPU in float32 this is bitwise with one torch
+thread; with several, the BLAS library may split one matrix product's sum
+across threads differently for another batch shape, so it holds within 1e-6
+(measured: 1.3e-7 on MiniLM, benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from fastserve import Engine
+
+PROBE = "The quick brown fox jumps over the lazy dog near the river bank."
+SHORT = ["a", "b c", "hello there", "x y z", "ok", "yes", "no way", "fine"] * 3
+LONG = [" ".join(tm.mixed_texts(6, seed=i)) for i in range(6)]
+
+
+def companies():
+    """(name, batch, index of the probe): the probe among short texts, among
+    long ones, and among both, first, in the middle and last."""
+    for name, others in (("short", SHORT), ("long", LONG), ("mixed", SHORT[:6] + LONG[:3])):
+        for at in (0, len(others) // 2, len(others)):
+            yield f"{name}@{at}", others[:at] + [PROBE] + others[at:], at
+
+
+def probe_in_company(engine: Engine) -> dict[str, np.ndarray]:
+    """The probe's embedding in each company, each batch queued while the
+    worker is held so it leaves the queue together (packed: one batch)."""
+    out = {"alone": engine.embed([PROBE])[0]}
+    for name, batch, at in companies():
+        with tm.held(engine) as gate:
+            futures = engine.submit_many(batch)
+            gate.release.set()
+        out[name] = futures[at].result(timeout=60)
+    return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_one_thread_fp32_the_embedding_is_bitwise_the_same_in_any_company(execution, one_torch_thread):
+    with Engine(execution=execution, policy="static", max_batch_tokens=8192, torch_threads=one_torch_thread) as e:
+        got = probe_in_company(e)
+    for name, v in got.items():
+        np.testing.assert_array_equal(v, got["alone"], err_msg=name)
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_with_every_thread_fp32_the_embedding_is_the_same_within_1e_6(execution):
+    with Engine(execution=execution, policy="static", max_batch_tokens=8192) as e:
+        got = probe_in_company(e)
+    for name, v in got.items():
+        assert np.abs(v - got["alone"]).max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "t5", "modernbert"])
+def test_other_families_one_thread_are_bitwise_the_same_in_any_company(tmp_path, arch, one_torch_thread):
+    import st_models as sm
+
+    folder = sm.save_encoder(arch, tmp_path / arch)
+    with Engine(str(folder), policy="static", max_batch_tokens=8192, torch_threads=one_torch_thread) as e:
+        assert e.stats()["execution"] == "packed" and e.stats()["family"] == arch
+        got = probe_in_company(e)
+    for name, v in got.items():
+        np.testing.assert_array_equal(v, got["alone"], err_msg=name)

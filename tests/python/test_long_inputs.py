@@ -1,0 +1,229 @@
+"""Inputs past the model's limit: truncate="right" | "left" | "error" |
+"chunk". A text five times the limit, chunked, equals its windows embedded
+one by one by the plain model and combined by hand; the cut sides equal the
+tokenizer's own truncation; a chunked text's windows are requests of their
+own, cancelled, failed and timed out with the text."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+from fastserve.inputs import InputInfo, truncation_mode
+
+MAX = 128
+
+
+def long_text(times: float = 5.0) -> str:
+    """Corpus prose about `times` the model's limit in tokens."""
+    from fastserve.corpus import texts
+
+    tok = tm.tokenizer()
+    out, n = [], 0
+    for t in texts():
+        out.append(t)
+        n += len(tok.tokenize(t))
+        if n >= times * MAX:
+            break
+    return " ".join(out)
+
+
+@torch.inference_mode()
+def pooled(m, ids: list[int], pooling: str = "mean") -> np.ndarray:
+    h = m(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    h = h.last_hidden_state[0]
+    return {"mean": h.mean(0), "cls": h[0], "max": h.amax(0)}[pooling].numpy()
+
+
+def windows_by_hand(ids: list[int], overlap: int) -> list[list[int]]:
+    body, room = ids[1:-1], MAX - 2
+    out, start = [], 0
+    while True:
+        out.append([ids[0], *body[start:start + room], ids[-1]])
+        if start + room >= len(body):
+            return out
+        start += room - overlap
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tm.model("bert")
+
+
+def test_truncate_aliases_and_bad_values():
+    assert truncation_mode(True) == "right" and truncation_mode(False) == "error"
+    for bad in ("middle", 1, None):
+        with pytest.raises(ValueError, match="truncate"):
+            truncation_mode(bad)
+    with pytest.raises(ValueError, match="chunk_overlap"):
+        Engine(tm.model("bert"), tm.tokenizer(), truncate="chunk", chunk_overlap=MAX - 2)
+    with pytest.raises(ValueError, match="task='embed'"):
+        Engine(tm.model("bert", classify=True), tm.tokenizer(), task="classify", truncate="chunk")
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("overlap", [0, 32])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_text_five_times_the_limit_equals_its_windows_embedded_one_by_one(bert, execution, overlap, normalize):
+    text = long_text(5)
+    ids = tm.tokenizer()(text)["input_ids"]
+    assert len(ids) >= 5 * MAX
+    windows = windows_by_hand(ids, overlap)
+    rows = np.stack([pooled(bert, w) for w in windows]).astype(np.float64)
+    weights = np.array([len(w) for w in windows], dtype=np.float64)
+    expected = (rows * weights[:, None]).sum(0) / weights.sum()
+    if normalize:
+        expected /= np.linalg.norm(expected)
+    with Engine(bert, tm.tokenizer(), truncate="chunk", chunk_overlap=overlap, execution=execution,
+                normalize=normalize) as engine:
+        fut = engine.submit(text)
+        got = fut.result(timeout=60)
+        short = engine.embed("a short text")
+        assert engine.stats()["completed"] == len(windows) + 1
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert fut.info == InputInfo(len(ids), int(weights.sum()), False, len(windows))
+    ref = pooled(bert, tm.tokenizer()("a short text")["input_ids"])
+    np.testing.assert_allclose(short, F.normalize(torch.tensor(ref), dim=-1).numpy() if normalize else ref, atol=2e-5)
+
+
+def test_chunked_texts_in_a_list_each_get_their_own_result(bert):
+    texts = [long_text(2.5), "short", long_text(1.2)]
+    with Engine(bert, tm.tokenizer(), truncate="chunk") as engine:
+        together = engine.embed(texts)
+        alone = np.stack([engine.embed(t) for t in texts])
+        futures = engine.submit_many(texts)
+        assert [f.result().shape for f in futures] == [(32,)] * 3
+        assert [f.info.chunks for f in futures] == [3, 1, 2]
+        assert engine.validate_token_ids([[101] + [2000] * 300 + [102]]).infos[0].chunks == 3
+        tokens = engine.tokenize([texts[0]])
+        assert len(tokens[0]) > MAX  # whole: submit splits it
+        np.testing.assert_allclose(engine.submit_many(tokens)[0].result(), together[0], atol=1e-6)
+        asynced = asyncio.run(engine.aembed(texts))
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(asynced, together, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_left_and_right_truncation_equal_the_tokenizers(bert, side):
+    tok = type(tm.tokenizer()).from_pretrained(tm.tokenizer().name_or_path, truncation_side=side)
+    texts = [long_text(1.5), "short", long_text(3)]
+    expected = tok(texts, truncation=True, max_length=MAX)["input_ids"]
+    with Engine(bert, tm.tokenizer(), truncate=side) as engine:
+        lists = engine.tokenize(texts)
+        assert [list(x) for x in lists] == expected
+        full = [len(x) for x in tok(texts)["input_ids"]]
+        assert lists.infos == [InputInfo(n, min(n, MAX), n > MAX, 1) for n in full]
+        fut = engine.submit(texts[0])
+        np.testing.assert_allclose(fut.result(), F.normalize(torch.tensor(pooled(bert, expected[0])), dim=-1),
+                                   atol=2e-5)
+        assert fut.info.truncated and fut.info.tokens == full[0]
+
+
+def test_without_a_template_the_tokenizer_itself_cuts(bert, monkeypatch):
+    """A tokenizer whose special tokens could not be located: right/left
+    cuts are the tokenizer's own (texts tokenized again), chunk is refused."""
+    monkeypatch.setattr(fastserve.inputs.Template, "detect", classmethod(lambda cls, tok: None))
+    tok = type(tm.tokenizer()).from_pretrained(tm.tokenizer().name_or_path, truncation_side="left")
+    with Engine(bert, tm.tokenizer(), truncate="left") as engine:
+        assert [list(x) for x in engine.tokenize([long_text(1.5)])] == \
+            tok([long_text(1.5)], truncation=True, max_length=MAX)["input_ids"]
+    with pytest.raises(ValueError, match="chunk"):
+        Engine(bert, tm.tokenizer(), truncate="chunk")
+
+
+def test_cancelling_a_chunked_text_cancels_its_windows(bert):
+    with Engine(bert, tm.tokenizer(), truncate="chunk") as engine:
+        with tm.held(engine):
+            fut = engine.submit(long_text(5))
+            n = fut.info.chunks
+            tm.until(lambda: engine.stats()["queue_depth"] == n, "the windows to be queued")
+            assert fut.cancel()
+            assert engine.stats()["queue_depth"] == 0 and engine.stats()["cancelled"] == n
+        # a window cancelled on its own fails its text the same way
+        with tm.held(engine):
+            fut = engine.submit(long_text(3))
+            fut._parts[1].cancel()
+            assert fut.cancelled() and all(p.cancelled() for p in fut._parts)
+
+
+def test_a_window_failure_fails_the_text_and_cancels_the_other_windows(bert):
+    with Engine(bert, tm.tokenizer(), truncate="chunk", max_batch_size=1) as engine:
+        inner, calls = engine.runner.run, []
+
+        def failing_second(batch):
+            calls.append(batch)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return inner(batch)
+
+        with tm.held(engine) as gate:
+            gate.inner = failing_second
+            fut = engine.submit(long_text(5))
+            other = engine.submit("another caller's text")
+        with pytest.raises(fastserve.InferenceError, match="boom"):
+            fut.result(timeout=30)
+        assert other.result(timeout=30).shape == (32,)  # nothing else lost
+        tm.until(lambda: all(p.done() for p in fut._parts), "every window to end")
+        assert sum(p.cancelled() for p in fut._parts) >= 1
+
+
+def test_a_chunked_text_past_its_deadline_fails_whole(bert):
+    clock = fastserve._core.ManualClock(0.0)
+    with Engine(bert, tm.tokenizer(), truncate="chunk", clock=clock) as engine:
+        with tm.held(engine):
+            fut = engine.submit(long_text(3), timeout=1.0)
+            kept = engine.submit("no deadline")
+            clock.advance(2.0)
+        with pytest.raises(fastserve.RequestTimeoutError):
+            fut.result(timeout=30)
+        tm.until(lambda: all(p.done() for p in fut._parts), "every window to end")
+        assert not any(p.exception() is None for p in fut._parts if not p.cancelled())  # none computed
+        assert engine.stats()["expired"] >= 1
+        assert kept.result(timeout=30).shape == (32,)
+
+
+def test_a_chunked_texts_priority_applies_to_every_window(bert):
+    clock = fastserve._core.ManualClock(0.0)  # no aging: order by priority alone
+    with Engine(bert, tm.tokenizer(), truncate="chunk", clock=clock, max_batch_size=1) as engine:
+        order = []
+        with tm.held(engine):
+            low = engine.submit("queued first, low priority")
+            low.add_done_callback(lambda f: order.append("low"))
+            high = engine.submit(long_text(3), priority=5)
+            for p in high._parts:
+                p.add_done_callback(lambda f: order.append("window"))
+        low.result(timeout=30)
+        high.result(timeout=30)
+    assert order == ["window"] * high.info.chunks + ["low"]
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_every_window_of_a_prompted_text_starts_with_the_prompt(bert, execution):
+    """A chunked text with a prompt: each window is [CLS] prompt slice [SEP],
+    as each would be if it were embedded alone with the prompt."""
+    tok = tm.tokenizer()
+    text = long_text(3)
+    ids = tok("query: " + text)["input_ids"]
+    lead = len(tok("query: ")["input_ids"]) - 2  # the prompt's tokens between [CLS] and [SEP]
+    head, body, room = ids[1:1 + lead], ids[1 + lead:-1], MAX - 2 - lead
+    windows = [[ids[0], *head, *body[a:a + room], ids[-1]] for a in range(0, len(body), room)]
+    rows = np.stack([pooled(bert, w) for w in windows]).astype(np.float64)
+    weights = np.array([len(w) for w in windows], dtype=np.float64)
+    expected = (rows * weights[:, None]).sum(0) / weights.sum()
+    with Engine(bert, tok, truncate="chunk", execution=execution, normalize=False) as engine:
+        fut = engine.submit(text, prompt="query: ")
+        got = fut.result(timeout=60)
+        assert fut.info.chunks == len(windows) and fut.info.computed_tokens == int(weights.sum())
+        tokens = engine.tokenize([text], prompt="query: ")
+        again = engine.submit_many(tokens, prompt="query: ")[0].result(timeout=60)
+        with pytest.raises(fastserve.InvalidInputError, match="no room"):
+            engine.embed(text, prompt="word " * MAX)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    np.testing.assert_allclose(again, got, atol=1e-6)

@@ -1,0 +1,225 @@
+"""Reranking with cross-encoders (Engine(task="rerank")): scores equal
+sentence-transformers' CrossEncoder.predict on tiny random models saved as
+CrossEncoder folders, for every architecture and both executions; pairs are
+cut as the tokenizer cuts them; pairs from many callers share batches; bad
+input gets typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+
+ce_mod = pytest.importorskip("sentence_transformers")
+CrossEncoder = ce_mod.CrossEncoder
+
+QUERY = "how do transformers encode text"
+DOCS = [
+    "Transformers encode text with self-attention over tokens.",
+    "A recipe for bread: flour, water, salt and yeast.",
+    "Encoders map every token to a vector; pooling makes one per text.",
+    "Unbelievably, the Schwarzenegger-Tübingen correspondence resurfaced.",
+    " ".join(["attention"] * 200),  # past the model's 128 tokens: cut
+]
+
+
+def cross_encoder_folder(tmp_path, arch: str, *, num_labels: int = 1, activation=None, seed: int = 0):
+    """A tiny random sequence-classification model saved as a CrossEncoder
+    folder (max_length 128, the model's position table)."""
+    torch.manual_seed(seed)
+    m = tm.model(arch, classify=True, num_labels=num_labels, seed=seed)
+    raw = tmp_path / f"{arch}-raw"
+    m.save_pretrained(raw)
+    tm.tokenizer().save_pretrained(raw)
+    kwargs = {"activation_fn": activation} if activation is not None else {}
+    ce = CrossEncoder(str(raw), max_length=128, **kwargs)
+    folder = tmp_path / f"{arch}-ce"
+    ce.save(str(folder))
+    return folder, CrossEncoder(str(folder))
+
+
+def pairs(docs=DOCS, query=QUERY):
+    return [(query, d) for d in docs]
+
+
+@pytest.fixture(scope="module")
+def bert_ce(tmp_path_factory):
+    return cross_encoder_folder(tmp_path_factory.mktemp("ce"), "bert")
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("arch", tm.ARCHS)
+def test_scores_equal_cross_encoder_predict(tmp_path, arch, execution):
+    folder, ce = cross_encoder_folder(tmp_path, arch)
+    texts = tm.mixed_texts(24, seed=3)
+    ps = [(texts[i], texts[-1 - i]) for i in range(len(texts))] + pairs()
+    with Engine(str(folder), task="rerank", execution=execution) as engine:
+        got = engine.score(ps)
+        raw = engine.score(ps, raw=True)
+    expected = ce.predict(ps)
+    assert got.shape == (len(ps),)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    np.testing.assert_allclose(raw, ce.predict(ps, activation_fn=torch.nn.Identity()), atol=2e-5)
+    assert engine.activation == "sigmoid"
+
+
+def test_token_types_of_the_document_change_the_score_as_in_the_model(bert_ce):
+    """The second segment's token types reach the packed runner: scoring
+    with all-zero types (as the embeddings path runs) would differ."""
+    folder, ce = bert_ce
+    with Engine(str(folder), task="rerank") as engine:
+        got = engine.score(pairs())
+        lists = engine.tokenize_pairs(pairs())
+        assert all(0 < ids.segment < len(ids) for ids in lists)
+        zero_types = [engine.submit_tokens(list(ids)).result(timeout=30) for ids in lists]  # no segment: type 0
+    assert not np.allclose(engine.pair_scores(zero_types), got, atol=1e-6)
+    np.testing.assert_allclose(got, ce.predict(pairs()), atol=2e-6)
+
+
+def test_the_saved_activation_is_applied_and_raw_scores_are_the_logits(tmp_path):
+    folder, ce = cross_encoder_folder(tmp_path, "bert", activation=torch.nn.Tanh())
+    with Engine(str(folder), task="rerank") as engine:
+        assert engine.activation == "tanh"
+        np.testing.assert_allclose(engine.score(pairs()), ce.predict(pairs()), atol=2e-6)
+    with Engine(str(folder), task="rerank", activation="none") as engine:
+        np.testing.assert_allclose(engine.score(pairs()), ce.predict(pairs(), activation_fn=torch.nn.Identity()),
+                                   atol=2e-5)
+
+
+def test_several_logit_heads_score_every_label_and_cannot_rank(tmp_path):
+    folder, ce = cross_encoder_folder(tmp_path, "bert", num_labels=3)
+    with Engine(str(folder), task="rerank") as engine:
+        got = engine.score(pairs())
+        assert got.shape == (len(DOCS), 3)
+        np.testing.assert_allclose(got, ce.predict(pairs()), atol=2e-5)  # Identity, as CrossEncoder's default
+        with pytest.raises(fastserve.InvalidInputError, match="one-logit head"):
+            engine.rerank(QUERY, DOCS)
+
+
+def test_rerank_sorts_like_cross_encoder_rank(bert_ce):
+    folder, ce = bert_ce
+    with Engine(str(folder), task="rerank") as engine:
+        full = engine.rerank(QUERY, DOCS, return_documents=True)
+        top = engine.rerank(QUERY, DOCS, top_n=2)
+    expected = ce.rank(QUERY, DOCS, return_documents=True)
+    assert [r.index for r in full] == [e["corpus_id"] for e in expected]
+    np.testing.assert_allclose([r.score for r in full], [e["score"] for e in expected], atol=2e-6)
+    assert [r.document for r in full] == [DOCS[e["corpus_id"]] for e in expected]
+    assert [(r.index, r.score) for r in top] == [(r.index, r.score) for r in full[:2]]
+    assert all(r.document is None for r in top)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("strategy", ["longest_first", "only_second"])
+def test_long_pairs_are_cut_as_the_tokenizer_cuts_them(bert_ce, side, strategy):
+    folder, _ = bert_ce
+    long_query = " ".join(["query"] * 90)
+    ps = [(QUERY, DOCS[-1]), (long_query, DOCS[-1]), (QUERY, DOCS[0])]
+    tok = tm.tokenizer()
+    tok_side = type(tok).from_pretrained(str(folder), truncation_side=side)
+    expected = tok_side([q for q, _ in ps], [d for _, d in ps], truncation=strategy, max_length=128)
+    with Engine(str(folder), task="rerank", truncate=side, pair_truncation=strategy) as engine:
+        lists = engine.tokenize_pairs(ps)
+        assert [list(x) for x in lists] == expected["input_ids"]
+        assert [x.segment for x in lists] == [t.index(1) for t in expected["token_type_ids"]]
+        assert [i.truncated for i in lists.infos] == [True, True, False]
+        assert lists.infos[0].tokens > 128 and lists.infos[0].computed_tokens == 128
+        m = engine.model
+        with torch.inference_mode():
+            ref = [torch.sigmoid(m(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits)[0, 0]
+                   for ids, types in zip(expected["input_ids"], expected["token_type_ids"])]
+        np.testing.assert_allclose(engine.score(ps), np.array(ref), atol=2e-6)
+
+
+def test_a_query_too_long_for_only_second_and_long_pairs_with_truncate_error_are_refused(bert_ce):
+    folder, _ = bert_ce
+    huge_query = " ".join(["query"] * 200)
+    with Engine(str(folder), task="rerank", pair_truncation="only_second") as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="only_second"):
+            engine.score([(QUERY, DOCS[0]), (huge_query, "short")])
+        assert engine.stats()["submitted"] == 0
+    with Engine(str(folder), task="rerank", truncate="error") as engine:
+        with pytest.raises(fastserve.InvalidInputError, match=r"pair at index 4 is \d+ tokens long"):
+            engine.rerank(QUERY, DOCS)
+        assert engine.stats()["submitted"] == 0
+
+
+def test_bad_arguments_get_typed_errors(bert_ce):
+    folder, _ = bert_ce
+    with pytest.raises(ValueError, match="pair_truncation"):
+        Engine(str(folder), task="rerank", pair_truncation="only_first")
+    with pytest.raises(ValueError, match="chunk"):
+        Engine(str(folder), task="rerank", truncate="chunk")
+    with Engine(str(folder), task="rerank") as engine:
+        for bad, match in [("just a string", "list of"), ([("q",)], "two strings"), ([("q", 3)], "two strings")]:
+            with pytest.raises(fastserve.InvalidInputError, match=match):
+                engine.score(bad)
+        with pytest.raises(fastserve.InvalidInputError, match="query must be a str"):
+            engine.rerank(None, DOCS)
+        with pytest.raises(fastserve.InvalidInputError, match="document at index 1"):
+            engine.rerank(QUERY, ["a", 2])
+        with pytest.raises(fastserve.InvalidInputError, match="top_n"):
+            engine.rerank(QUERY, DOCS, top_n=0)
+        with pytest.raises(fastserve.InvalidInputError, match="task='rerank'"):
+            engine.embed("text")
+        assert engine.rerank(QUERY, []) == []
+        assert engine.score([]).shape == (0,)
+    with Engine(tm.model("bert"), tm.tokenizer()) as embedder:
+        with pytest.raises(fastserve.InvalidInputError, match="task='embed'"):
+            embedder.rerank(QUERY, DOCS)
+
+
+def test_pairs_of_many_callers_share_batches(bert_ce):
+    """Two callers' pairs, queued while the worker is held, run in one batch
+    and each caller gets its own scores."""
+    folder, ce = bert_ce
+    with Engine(str(folder), task="rerank") as engine:
+        with tm.held(engine) as gate:
+            a = engine.submit_pairs(pairs(DOCS[:2]))
+            b = engine.submit_pairs(pairs(DOCS[2:4], query="bread recipes"))
+            tm.until(lambda: engine.stats()["queue_depth"] == 4, "the four pairs to be queued")
+            gate.release.set()
+            got_a = engine.pair_scores([f.result(timeout=30) for f in a])
+            got_b = engine.pair_scores([f.result(timeout=30) for f in b])
+        assert engine.stats()["batch_size"]["max"] == 4
+    np.testing.assert_allclose(got_a, ce.predict(pairs(DOCS[:2])), atol=2e-6)
+    np.testing.assert_allclose(got_b, ce.predict(pairs(DOCS[2:4], query="bread recipes")), atol=2e-6)
+
+
+def test_async_forms_equal_the_sync_ones(bert_ce):
+    folder, _ = bert_ce
+    with Engine(str(folder), task="rerank") as engine:
+        async def both():
+            return await engine.arerank(QUERY, DOCS, top_n=3), await engine.ascore(pairs())
+        ranked, scores = asyncio.run(both())
+        assert ranked == engine.rerank(QUERY, DOCS, top_n=3)
+        np.testing.assert_array_equal(scores, engine.score(pairs()))
+
+
+def test_every_saved_activation_format_of_sentence_transformers_is_read(tmp_path):
+    """5.x+: config_sentence_transformers.json; 4.x: config.json's
+    "sentence_transformers"; older: "sbert_ce_default_activation_function";
+    none saved: sigmoid for one logit, identity for several."""
+    from types import SimpleNamespace
+
+    from fastserve.tasks import cross_encoder_activation
+
+    one = SimpleNamespace(num_labels=1)
+    assert cross_encoder_activation(None, one) == "sigmoid"
+    assert cross_encoder_activation(None, SimpleNamespace(num_labels=3)) == "none"
+    assert cross_encoder_activation(None, SimpleNamespace(
+        num_labels=1, sentence_transformers={"activation_fn": "torch.nn.modules.linear.Identity"})) == "none"
+    assert cross_encoder_activation(None, SimpleNamespace(
+        num_labels=1, sbert_ce_default_activation_function="torch.nn.modules.activation.Tanh")) == "tanh"
+    (tmp_path / "config_sentence_transformers.json").write_text(
+        '{"activation_fn": "torch.nn.modules.activation.Sigmoid"}')
+    assert cross_encoder_activation(tmp_path, SimpleNamespace(num_labels=3)) == "sigmoid"
+    assert cross_encoder_activation(tmp_path, one, "none") == "none"  # an explicit choice wins
+    with pytest.raises(fastserve.ModelLoadError, match="not supported"):
+        cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="my.Fn"))

@@ -1,0 +1,388 @@
+"""Engine(folder).embed against SentenceTransformer(folder).encode: tiny
+random models of every architecture and module stack, saved by the installed
+sentence-transformers and in the older format, packed and padded, texts of
+mixed lengths (some truncated) in one batch; and a hub id read from a local
+huggingface_hub cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastserve
+import st_models as sm
+import tiny_models as tm
+from fastserve import Engine
+
+st = pytest.importorskip("sentence_transformers")
+if int(st.__version__.split(".")[0]) < 5:
+    pytest.skip("the parity folders are built with sentence-transformers >= 5 (Pooling(pooling_mode=...))",
+                allow_module_level=True)
+
+TEXTS = ["", "x", "Hello, world!"] + tm.mixed_texts(9, seed=3)
+EXECUTIONS = ("packed", "padded")
+ONE_BATCH = dict(policy="static", max_batch_tokens=4096)  # every queued text fits the next batch
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(arch, stack, format) -> folder, built once per module."""
+    root = tmp_path_factory.mktemp("st")
+    made: dict = {}
+
+    def get(arch: str, stack: str, fmt: str) -> Path:
+        key = (arch, stack, fmt)
+        if key not in made:
+            new = made.get((arch, stack, "new")) or sm.save(arch, stack, root / f"{arch}-{stack}")
+            made[(arch, stack, "new")] = new
+            if fmt == "legacy":
+                made[key] = sm.to_legacy(new, root / f"{arch}-{stack}-legacy")
+        return made[key]
+
+    return get
+
+
+def st_model(folder: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return st.SentenceTransformer(str(folder), device="cpu")
+
+
+def st_encode(folder: Path, texts, **prompt) -> np.ndarray:
+    return st_model(folder).encode(texts, convert_to_numpy=True, **prompt)
+
+
+def embed_in_one_batch(engine: Engine, texts, **prompt) -> np.ndarray:
+    """The texts embedded together: queued while the worker is held, so in
+    packed execution they leave the queue as one batch (checked; the padded
+    scheduler splits batches past 20% padding: test_padded_runner_... runs
+    one mixed batch)."""
+    sizes: list[int] = []
+    inner = engine.runner.run
+
+    def run(batch, *args, **kwargs):
+        sizes.append(int(batch.size))
+        return inner(batch, *args, **kwargs)
+
+    engine.runner.run = run
+    with tm.held(engine) as gate:
+        futures = engine.submit_many(texts, **prompt)
+        gate.release.set()
+    got = np.stack([f.result(timeout=60) for f in futures])
+    if engine.runner.name == "packed":
+        assert len(texts) in sizes, f"the texts ran in batches of {sizes}"
+    return got
+
+
+def assert_parity(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.99999, cos
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def check(folder: Path, execution: str, prompts=({},)) -> None:
+    """Engine against encode on TEXTS, once per prompt arguments in `prompts`."""
+    model = st_model(folder)
+    with Engine(str(folder), execution=execution, **ONE_BATCH) as engine:
+        assert engine.stats()["execution"] == execution
+        for prompt in prompts:
+            want = model.encode(TEXTS, convert_to_numpy=True, **prompt)
+            assert engine.dim == want.shape[1]
+            assert_parity(embed_in_one_batch(engine, TEXTS, **prompt), want)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("fmt", ["new", "legacy"])
+@pytest.mark.parametrize("arch", sm.ARCHS)
+def test_every_architecture_matches_sentence_transformers(folders, arch, fmt, execution):
+    check(folders(arch, "mean-dense-normalize" if fmt == "new" else "cls-normalize", fmt), execution)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("fmt", ["new", "legacy"])
+@pytest.mark.parametrize("stack", ["cls-normalize", "mean-dense-normalize", "weightedmean", "lasttoken",
+                                   "max-meansqrt"])
+def test_every_module_stack_matches_sentence_transformers(folders, stack, fmt, execution):
+    check(folders("bert", stack, fmt), execution)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("stack", ["prompts", "prompts-excluded"])
+@pytest.mark.parametrize("arch,fmt", [("bert", "new"), ("bert", "legacy"), ("mpnet", "new")])
+def test_prompts_are_applied_as_encode_applies_them(folders, arch, stack, fmt, execution):
+    """The default prompt, a named one, the empty one and a given one; with
+    include_prompt=False the prompt's tokens are left out of the pooling."""
+    check(folders(arch, stack, fmt), execution,
+          ({}, {"prompt_name": "passage"}, {"prompt_name": "document"}, {"prompt": "custom prompt: "}))
+
+
+def test_prompted_and_plain_requests_share_a_batch_each_pooled_as_its_own(folders):
+    """include_prompt=False: each request's own prompt is left out, whatever
+    the others in its batch carry."""
+    folder = folders("bert", "prompts-excluded", "new")
+    texts = TEXTS[3:9]
+    want_q = st_encode(folder, texts)  # the default prompt: "query: "
+    want_p = st_encode(folder, texts, prompt_name="passage")
+    want_n = st_encode(folder, texts, prompt="")
+    with Engine(str(folder), execution="packed", **ONE_BATCH) as engine:
+        with tm.held(engine) as gate:
+            fq = engine.submit_many(texts)
+            fp = engine.submit_many(texts, prompt_name="passage")
+            fn = engine.submit_many(texts, prompt="")
+            gate.release.set()
+        for futures, want in ((fq, want_q), (fp, want_p), (fn, want_n)):
+            assert_parity(np.stack([f.result(timeout=60) for f in futures]), want)
+
+
+def test_tokenize_and_submit_tokens_with_the_same_prompt_give_the_embedding(folders):
+    folder = folders("bert", "prompts-excluded", "new")
+    with Engine(str(folder)) as engine:
+        ids = engine.tokenize(TEXTS[3:6], prompt_name="passage")
+        direct = engine.embed(TEXTS[3:6], prompt_name="passage")
+        np.testing.assert_array_equal(engine.embed(ids, prompt_name="passage"), direct)
+        assert engine.tokenize(["a"], prompt="query: ") == engine.tokenize(["a"])  # the default prompt
+
+
+def test_an_unknown_prompt_name_is_refused_naming_the_known_ones(folders):
+    with Engine(str(folders("bert", "prompts", "new"))) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="'passage'"):
+            engine.embed(["a"], prompt_name="nope")
+        assert engine.prompts["query"] == "query: " and engine.default_prompt_name == "query"
+        assert engine.similarity_fn_name == "cosine"
+
+
+def test_a_hub_id_is_read_from_the_local_cache_with_its_whole_stack(folders, tmp_path):
+    """HF_HOME points at a cache the test fills; the model runs offline, in a
+    fresh process (huggingface_hub reads HF_HOME when imported)."""
+    folder = folders("bert", "cls-normalize", "new")
+    home = sm.hub_cache(folder, tmp_path / "hf", "fastserve-test/tiny-cls")
+    script = (
+        "import json, sys, warnings, numpy as np, fastserve, sentence_transformers as st\n"
+        "warnings.simplefilter('ignore')\n"
+        "texts = json.loads(sys.argv[1])\n"
+        "want = st.SentenceTransformer('fastserve-test/tiny-cls', device='cpu').encode(texts)\n"
+        "out = {}\n"
+        "for execution in ('packed', 'padded'):\n"
+        "    with fastserve.Engine('fastserve-test/tiny-cls', execution=execution) as e:\n"
+        "        got = e.embed(texts)\n"
+        "        out[execution] = [e.pooling, e.normalize, float(np.abs(got - want).max()),\n"
+        "                          float(((got * want).sum(1) / np.linalg.norm(got, axis=1)\n"
+        "                                 / np.linalg.norm(want, axis=1)).min())]\n"
+        "print('RESULT' + json.dumps(out))\n"
+    )
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(TEXTS)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT", 1)[1])
+    for execution, (pooling, normalize, diff, cos) in out.items():
+        assert (pooling, normalize) == ("cls", True), execution
+        assert diff <= 1e-5 and cos >= 0.99999, (execution, diff, cos)
+
+
+@pytest.mark.parametrize("arch", sm.ARCHS)
+def test_the_padded_runner_on_one_batch_of_mixed_lengths_matches(folders, arch):
+    """One padded batch holding every text (short, long, truncated), as a
+    scheduler without the padding floor assembles it."""
+    import torch
+
+    from fastserve import _core
+
+    folder = folders(arch, "prompts-excluded" if arch == "bert" else "mean-dense-normalize", "new")
+    want = st_encode(folder, TEXTS, prompt_name="passage") if arch == "bert" else st_encode(folder, TEXTS)
+    prompt = {"prompt_name": "passage"} if arch == "bert" else {}
+    with Engine(str(folder), execution="padded") as engine:
+        ids = engine.tokenize(TEXTS, **prompt)
+        sched = _core.Scheduler(
+            _core.SchedulerConfig(min_fill=0.0, pad_token_id=engine.tokenizer.pad_token_id or 0),
+            _core.ControllerConfig(policy="static", min_tokens=1, max_tokens=1 << 16, initial_tokens=1 << 16),
+            None)
+        rids = list(sched.submit_many(ids, 0, None))
+        batch = sched.next_batch(1.0)
+        assert batch.size == len(TEXTS)
+        skip = engine.tokenize(["passage: "], prompt="")[0] if arch == "bert" else None
+        lengths = None if skip is None else np.full(len(TEXTS), len(skip) - 1)  # the prompt less [SEP]
+        with torch.inference_mode():
+            rows = engine.runner.run(batch, lengths) if lengths is not None else engine.runner.run(batch)
+    order = {int(r): i for i, r in enumerate(batch.ids)}
+    assert_parity(np.stack([rows[order[int(r)]] for r in rids]), want)
+
+
+def _rewrite(folder: Path, out: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(folder, out)
+    modules = json.loads((out / "modules.json").read_text())
+    edit(out, modules)
+    (out / "modules.json").write_text(json.dumps(modules))
+    return out
+
+
+@pytest.mark.parametrize("case,module", [
+    ("unknown module", "WordWeights"),
+    ("no pooling", "Pooling"),
+    ("dense before pooling", "Dense"),
+    ("activation outside torch", "Dense"),
+    ("cross encoder", "CrossEncoder"),
+])
+def test_a_stack_it_cannot_reproduce_is_refused_naming_the_module(folders, tmp_path, case, module):
+    folder = folders("bert", "mean-dense-normalize", "new")
+
+    def edit(out: Path, modules: list) -> None:
+        if case == "unknown module":
+            modules.insert(2, {"idx": 9, "name": "9", "path": "9_WW",
+                               "type": "sentence_transformers.models.WordWeights"})
+            for i, m in enumerate(modules):
+                m["idx"] = i
+        elif case == "no pooling":
+            modules[:] = [modules[0]]
+        elif case == "dense before pooling":
+            modules[1]["idx"], modules[2]["idx"] = 2, 1
+        elif case == "activation outside torch":
+            cfg = json.loads((out / "2_Dense" / "config.json").read_text())
+            cfg["activation_function"] = "mypackage.Swish"
+            (out / "2_Dense" / "config.json").write_text(json.dumps(cfg))
+        else:
+            cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+            cfg["model_type"] = "CrossEncoder"
+            (out / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+
+    bad = _rewrite(folder, tmp_path / "bad", edit)
+    with pytest.raises(fastserve.UnsupportedModelError, match=module) as err:
+        Engine(str(bad))
+    assert err.value.module == module
+    assert isinstance(err.value, fastserve.ModelLoadError)
+
+
+def test_normalize_false_drops_the_stacks_normalize_and_true_adds_one(folders):
+    folder = folders("bert", "weightedmean", "new")  # no Normalize module
+    want = st_encode(folder, TEXTS[3:7])
+    with Engine(str(folder), normalize=True) as engine:
+        assert engine.normalize is True
+        got = engine.embed(TEXTS[3:7])
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    with Engine(str(folders("bert", "cls-normalize", "new")), normalize=False) as engine:
+        assert engine.normalize is False
+        assert np.abs(np.linalg.norm(engine.embed(TEXTS[3:7]), axis=1) - 1).max() > 1e-3
+
+
+def test_the_embeddings_route_takes_prompt_name_and_prompt_as_encode_does(folders):
+    """The HTTP extension fields: the same vectors as SentenceTransformer.encode
+    with the same prompt arguments; an unknown prompt name is a 400."""
+    import asyncio
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from fastserve.server import create_app
+
+    folder = folders("bert", "prompts-excluded", "new")
+    texts = TEXTS[3:7]
+
+    async def post(app, body):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return await c.post("/v1/embeddings", json=body)
+
+    with Engine(str(folder)) as engine:
+        app = create_app(engine)
+        for prompt in ({}, {"prompt_name": "passage"}, {"prompt": "custom prompt: "}, {"prompt": ""}):
+            r = asyncio.run(post(app, {"input": texts, **prompt}))
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+            assert_parity(got, st_encode(folder, texts, **prompt))
+        r = asyncio.run(post(app, {"input": texts, "prompt_name": "nope"}))
+        assert r.status_code == 400 and "prompt_name 'nope'" in r.json()["error"]["message"]
+
+
+def test_auto_logs_once_why_it_runs_padded_and_stats_report_the_path(caplog):
+    """A model no packed adapter declares runs padded; the reason is logged
+    once (not per engine or batch) and reported by stats()."""
+    import logging
+
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model("electra", vocab_size=tm.tokenizer().vocab_size, embedding_size=32, hidden_size=32,
+                               num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    electra = AutoModel.from_config(cfg).eval()
+    from fastserve import families
+
+    families._logged.discard(("electra", "no packed runner for model_type='electra'"))
+    with caplog.at_level(logging.INFO, logger="fastserve"):
+        for _ in range(2):
+            with Engine(electra, tm.tokenizer()) as engine:
+                s = engine.stats()
+    said = [r.getMessage() for r in caplog.records if "runs electra padded" in r.getMessage()]
+    assert said == ["fastserve: execution='auto' runs electra padded: no packed runner for model_type='electra'"]
+    assert (s["execution"], s["family"], s["dtype"]) == ("padded", "other", "float32")
+    assert s["padded_reason"] == "no packed runner for model_type='electra'"
+    assert s["attention"] is None and s["model_attention"] in ("sdpa", "eager")
+    with Engine(sm.encoder("mpnet"), tm.tokenizer()) as engine:
+        s = engine.stats()
+    assert (s["execution"], s["family"], s["attention"], s["padded_reason"]) == ("packed", "mpnet", "runs", None)
+
+
+def test_do_lower_case_and_max_seq_length_of_the_transformer_config_apply(folders, tmp_path):
+    """A cased tokenizer under a Transformer config with do_lower_case (and a
+    shorter max_seq_length): the engine lowercases and truncates as encode."""
+    import shutil
+
+    from tokenizers.normalizers import BertNormalizer
+
+    legacy = folders("bert", "mean-dense-normalize", "legacy")
+    folder = tmp_path / "lower"
+    shutil.copytree(legacy, folder)
+    tok_dir = folder / "0_Transformer"
+    tok = tm.tokenizer().__class__.from_pretrained(str(tok_dir), do_lower_case=False)
+    tok.backend_tokenizer.normalizer = BertNormalizer(lowercase=False)  # cased
+    tok.save_pretrained(str(tok_dir))
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**cfg, "do_lower_case": False}))
+    cased = tm.tokenizer().__class__.from_pretrained(str(tok_dir))
+    assert cased("HELLO")["input_ids"] != cased("hello")["input_ids"]
+    (tok_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 20, "do_lower_case": True}))
+    texts = ["HELLO World, MIXED Case", "ÉCOLE Über Straße", TEXTS[5].upper()]
+    want = st_encode(folder, texts)
+    with Engine(str(folder)) as engine:
+        assert engine.max_length == 20
+        assert engine.tokenize(["HELLO"]) == engine.tokenize(["hello"])
+        assert_parity(engine.embed(texts), want)
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet", "t5", "modernbert"])
+def test_packed_attention_on_a_padded_copy_with_bias_and_window_matches(folders, arch, monkeypatch):
+    """The attention CUDA runs ("pad": one SDPA call over a padded copy, the
+    family's relative bias or window mask plus the key mask), forced on the CPU."""
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
+    folder = folders(arch, "mean-dense-normalize", "new")
+    want = st_encode(folder, TEXTS)
+    with Engine(str(folder), execution="packed", **ONE_BATCH) as engine:
+        assert_parity(embed_in_one_batch(engine, TEXTS), want)
+        s = engine.stats()
+    assert s["attention"] == "pad" and s["attention_batches"]["pad"] >= 1
+
+
+def test_the_path_comes_from_the_adapters_declarations():
+    from fastserve import families
+
+    t5 = sm.encoder("t5")
+    assert families.select(t5, "embed", "auto").capabilities.layout == "packed"
+    choice = families.select(t5, "classify", "auto")  # the T5 adapter declares no classify head
+    assert choice.capabilities.layout == "padded" and choice.reason == "the packed t5 runner has no 'classify' head"
+    with pytest.raises(ValueError, match="execution='packed' is not available: the packed t5 runner has no"):
+        families.select(t5, "classify", "packed")
+    assert families.select(t5, "embed", "padded").reason == "execution='padded'"
+    bert = tm.model("bert")
+    bert.config.position_embedding_type = "relative_key"
+    reason = families.select(bert, "embed", "auto").reason
+    assert reason.startswith("bert: ") and "relative_key" in reason
+    for family in families.FAMILIES:  # every adapter runs embed packed, with every pooling
+        assert family.capabilities.layout == "packed" and "embed" in family.capabilities.tasks
+        assert family.capabilities.poolings == frozenset(fastserve.st_spec.POOLING_MODES)

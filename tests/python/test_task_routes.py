@@ -1,0 +1,203 @@
+"""The HTTP routes of the rerank and token-classify tasks and of chunked
+embeddings, served in-thread on 127.0.0.1: POST /v1/rerank (with httpx, and
+with Cohere's own Python client speaking its shape), TEI's POST /rerank,
+POST /v1/extract; the same auth, limits, metrics, deadline and errors as the
+embeddings route; usage counts every token computed."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+prom_parser = pytest.importorskip("prometheus_client.parser")
+
+import fastserve  # noqa: E402
+import tiny_models as tm  # noqa: E402
+from fastserve.server import create_app  # noqa: E402
+from test_extract import TEXTS, token_model  # noqa: E402
+from test_long_inputs import long_text  # noqa: E402
+from test_rerank import DOCS, QUERY, cross_encoder_folder  # noqa: E402
+from test_server import InThreadServer  # noqa: E402
+
+API_KEY = "task-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def ce_folder(tmp_path_factory):
+    return cross_encoder_folder(tmp_path_factory.mktemp("ce"), "bert")[0]
+
+
+@contextlib.contextmanager
+def served(engine, **kw):
+    with InThreadServer(create_app(engine, api_key=API_KEY, **kw)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reranker(ce_folder):
+    with fastserve.Engine(str(ce_folder), task="rerank") as engine, served(engine, max_inputs=8) as srv:
+        yield engine, srv
+
+
+def post(srv, path, body, headers=AUTH):
+    return httpx.post(srv.url + path, json=body, headers=headers, timeout=60)
+
+
+def error_of(r, status):
+    assert r.status_code == status, r.text[:500]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+# ------------------------------------------------------------------ rerank
+
+
+def test_rerank_route_equals_the_engine(reranker):
+    engine, srv = reranker
+    r = post(srv, "/v1/rerank", {"model": "any", "query": QUERY, "documents": DOCS, "top_n": 3,
+                                 "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = engine.rerank(QUERY, DOCS, top_n=3, return_documents=True)
+    assert [x["index"] for x in body["results"]] == [e.index for e in expected]
+    np.testing.assert_allclose([x["relevance_score"] for x in body["results"]], [e.score for e in expected],
+                               atol=1e-6)
+    assert [x["document"]["text"] for x in body["results"]] == [e.document for e in expected]
+    tokens = sum(i.computed_tokens for i in engine.tokenize_pairs([(QUERY, d) for d in DOCS]).infos)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    # documents as {"text": ...} objects; no top_n: every document, no document echoed
+    r = post(srv, "/v1/rerank", {"query": QUERY, "documents": [{"text": d} for d in DOCS], "raw_scores": True})
+    raw = engine.rerank(QUERY, DOCS, raw=True)
+    assert [(x["index"], pytest.approx(x["relevance_score"], abs=1e-5)) for x in r.json()["results"]] == \
+        [(e.index, e.score) for e in raw]
+    assert all("document" not in x for x in r.json()["results"])
+
+
+def test_tei_rerank_alias(reranker):
+    engine, srv = reranker
+    r = post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    assert r.status_code == 200, r.text
+    expected = engine.rerank(QUERY, DOCS)
+    assert [x["index"] for x in r.json()] == [e.index for e in expected]
+    np.testing.assert_allclose([x["score"] for x in r.json()], [e.score for e in expected], atol=1e-6)
+    assert [x["text"] for x in r.json()] == [DOCS[e.index] for e in expected]
+    raw = post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True}).json()
+    assert "text" not in raw[0]
+    np.testing.assert_allclose(sorted(x["score"] for x in raw), sorted(engine.score([(QUERY, d) for d in DOCS],
+                                                                                   raw=True)), atol=1e-5)
+
+
+def test_cohere_client_reranks_through_the_route(reranker):
+    cohere = pytest.importorskip("cohere")
+    engine, srv = reranker
+    co = cohere.Client(api_key=API_KEY, base_url=srv.url)
+    got = co.rerank(model="fastserve", query=QUERY, documents=DOCS, top_n=2, return_documents=True)
+    expected = engine.rerank(QUERY, DOCS, top_n=2)
+    assert [x.index for x in got.results] == [e.index for e in expected]
+    np.testing.assert_allclose([x.relevance_score for x in got.results], [e.score for e in expected], atol=1e-6)
+    assert [x.document.text for x in got.results] == [DOCS[e.index] for e in expected]
+    with pytest.raises(cohere.core.api_error.ApiError) as e:
+        cohere.Client(api_key="wrong", base_url=srv.url).rerank(query=QUERY, documents=DOCS)
+    assert e.value.status_code == 401
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
+    ("/v1/rerank", {"query": QUERY, "documents": ["d"] * 9}, 413, "documents"),
+    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}, 400, "top_n"),
+    ("/v1/rerank", {"documents": DOCS}, 400, "query"),
+    ("/v1/rerank", {"query": QUERY, "documents": [3]}, 400, "documents"),
+    ("/rerank", {"query": QUERY, "texts": []}, 400, "texts"),
+    ("/rerank", {"query": QUERY}, 400, "texts"),
+])
+def test_bad_rerank_requests_get_errors_naming_the_field(reranker, path, body, status, param):
+    _, srv = reranker
+    err = error_of(post(srv, path, body), status)
+    assert err["param"] == param
+
+
+def test_rerank_needs_the_api_key_and_is_counted_in_metrics(reranker):
+    _, srv = reranker
+    assert error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={}), 401)
+    assert error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS}, headers={}), 401)
+    post(srv, "/rerank", {"query": QUERY, "texts": DOCS})
+    metrics = httpx.get(srv.url + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in prom_parser.text_string_to_metric_families(metrics) for s in f.samples}
+    for route in ("/v1/rerank", "/rerank"):
+        assert samples[("fastserve_http_requests_total", (("method", "POST"), ("route", route), ("status", "200")))] >= 1
+        assert samples[("fastserve_http_requests_total", (("method", "POST"), ("route", route), ("status", "401")))] >= 1
+
+
+def test_long_pairs_refused_by_the_engine_get_400_and_a_multi_label_model_cannot_rank(tmp_path, ce_folder):
+    with fastserve.Engine(str(ce_folder), task="rerank", truncate="error") as engine, served(engine) as srv:
+        err = error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS}), 400)
+        assert "pair at index 4" in err["message"]
+    folder, _ = cross_encoder_folder(tmp_path, "bert", num_labels=3)
+    with fastserve.Engine(str(folder), task="rerank") as engine, served(engine) as srv:
+        assert "one-logit" in error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS}), 400)["message"]
+
+
+def test_a_rerank_past_its_deadline_gets_504(ce_folder):
+    with fastserve.Engine(str(ce_folder), task="rerank") as engine, served(engine, request_timeout=0.2) as srv:
+        with tm.held(engine) as gate:
+            r = post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS})
+            depth = engine.stats()["queue_depth"]
+        assert error_of(r, 504)["type"] == "timeout_error"
+        assert depth == 0 and len(gate.seen) == 1  # its pairs never reached the model
+
+
+# ----------------------------------------------------------------- extract
+
+
+def test_extract_route_equals_the_engine_and_refuses_bad_requests():
+    with fastserve.Engine(token_model("bert"), tm.tokenizer(), task="token-classify") as engine, \
+            served(engine) as srv:
+        for strategy in ("simple", "none"):
+            r = post(srv, "/v1/extract", {"input": TEXTS, "aggregation_strategy": strategy})
+            assert r.status_code == 200, r.text
+            expected = engine.extract(TEXTS, aggregation_strategy=strategy)
+            got = [[(e["label"], e["start"], e["end"], e["text"], e["word"], e.get("index")) for e in d["entities"]]
+                   for d in r.json()["data"]]
+            assert got == [[(e.label, e.start, e.end, e.text, e.word, e.index) for e in ents] for ents in expected]
+            scores = [e["score"] for d in r.json()["data"] for e in d["entities"]]
+            np.testing.assert_allclose(scores, [e.score for ents in expected for e in ents], atol=1e-6)
+        tokens = sum(len(x) for x in engine.prepare_extract(TEXTS)[1])
+        assert r.json()["usage"]["prompt_tokens"] == tokens
+        one = post(srv, "/v1/extract", {"input": TEXTS[0], "ignore_labels": []}).json()["data"]
+        assert len(one) == 1 and one[0]["entities"]
+        assert error_of(post(srv, "/v1/extract", {"input": TEXTS, "aggregation_strategy": "x"}), 400)["param"] == \
+            "aggregation_strategy"
+        assert error_of(post(srv, "/v1/extract", {"input": []}), 400)["param"] == "input"
+        assert "string or a list of strings" in error_of(post(srv, "/v1/extract", {"input": [1]}), 400)["message"]
+        assert error_of(post(srv, "/v1/extract", {"input": TEXTS}, headers={}), 401)
+
+
+# ------------------------------------------------------ chunked embeddings
+
+
+def test_chunked_embeddings_report_their_windows_and_usage_counts_every_computed_token():
+    text = long_text(3)
+    with fastserve.Engine(tm.model("bert"), tm.tokenizer(), truncate="chunk", chunk_overlap=16) as engine, \
+            served(engine) as srv:
+        r = post(srv, "/v1/embeddings", {"input": [text, "short"]})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        info = engine.submit(text).info
+        assert (data[0]["tokens"], data[0]["chunks"], data[0]["truncated"]) == (info.tokens, info.chunks, False)
+        assert info.chunks == 4 and info.computed_tokens > info.tokens  # overlap: some tokens run twice
+        assert (data[1]["chunks"], data[1]["truncated"]) == (1, False)
+        short = len(tm.tokenizer()("short")["input_ids"])
+        assert r.json()["usage"]["prompt_tokens"] == info.computed_tokens + short
+        np.testing.assert_allclose(data[0]["embedding"], engine.embed(text), atol=1e-6)
+    with fastserve.Engine(tm.model("bert"), tm.tokenizer()) as engine, served(engine) as srv:
+        data = post(srv, "/v1/embeddings", {"input": [text]}).json()
+        assert (data["data"][0]["truncated"], data["data"][0]["chunks"]) == (True, 1)
+        assert data["usage"]["prompt_tokens"] == 128
