@@ -28,7 +28,11 @@ so it never shadows the real `ray`.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
+import sys
+import threading
 from typing import Any, Mapping, Optional
 
 try:
@@ -41,7 +45,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         f"fastserve.ray needs the 'ray' extra (missing module {e.name!r}): pip install 'fastserve[ray]'"
     ) from e
 
-__all__ = ["app", "build", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]
+__all__ = ["app", "build", "serve_cli", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]
 
 DEPLOYMENT_NAME = "fastserve"
 ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
@@ -180,7 +184,7 @@ def app(
         raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
     server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
     engine_options = dict(options)
-    if num_cpus and "torch_threads" not in engine_options and not num_gpus:
+    if num_cpus and engine_options.get("torch_threads") is None and not num_gpus:
         engine_options["torch_threads"] = max(1, int(num_cpus))
     actor_options: dict[str, Any] = {}
     if num_cpus is not None:
@@ -211,6 +215,48 @@ def build(args: Mapping[str, Any]):
     the model under "model"."""
     kwargs = dict(args)
     return app(kwargs.pop("model", None), **kwargs)
+
+
+def serve_cli(args: Any, engine_kwargs: dict[str, Any]) -> int:
+    """`fastserve serve --ray`: run app() on the Ray cluster ($RAY_ADDRESS, the
+    one `ray start` began on this machine, or else a new local one) until
+    SIGINT/SIGTERM, then delete the app (Serve lets its requests finish) and
+    disconnect (stopping Ray if this command started it)."""
+    engine_kwargs = dict(engine_kwargs)
+    model = engine_kwargs.pop("model")
+    try:
+        built = app(
+            model,
+            num_replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus or None,
+            api_key=args.api_key or None,
+            max_payload_bytes=args.max_payload_bytes,
+            max_inputs=args.max_inputs_per_request,
+            request_timeout=args.request_timeout,
+            model_name=args.served_model_name,
+            **engine_kwargs,
+        )
+    except ValueError as e:
+        print(f"fastserve serve: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(built, name=DEPLOYMENT_NAME, route_prefix="/")
+        print(f"fastserve: serving {model or 'the default model'} with Ray Serve ({args.replicas} replicas) "
+              f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        serve.delete(DEPLOYMENT_NAME)
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 Deployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(Replica))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -209,7 +212,7 @@ def test_killed_replica_loses_no_accepted_request_and_is_replaced(cluster, refer
 
     killed_at, served_before_stop, retried = asyncio.run(asyncio.wait_for(go(), 300))
     print(f"kill test: {len(results)} requests, killed after {killed_at}, "
-          f"{served_before_stop} by the replacement, {len(failed)} failed and were retried")
+          f"{served_before_stop} answered when the replacement ran, {len(failed)} failed and were retried")
     assert served_before_stop > killed_at  # requests kept being served meanwhile
     for j, r in zip(failed, retried):
         assert r.status_code == 200, r.text
@@ -228,6 +231,41 @@ def test_shutdown_is_clean(cluster):
     serve.shutdown()
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith("SERVE_")], names
+
+
+def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference):
+    """`fastserve serve --ray --replicas 2` on the same cluster (after the
+    test app is gone): it serves, and on SIGINT deletes its app and exits 0."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "fastserve.cli", "serve", str(model_dir), "--ray", "--replicas", "2",
+           "--host", LOOPBACK, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://{LOOPBACK}:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the CLI's app never became ready"
+            try:
+                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        texts = tiny_models.mixed_texts(8, seed=6)
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r), reference.embed(texts), atol=1e-5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("SERVE_REPLICA::")], names
 
 
 class _FakeReplica:
