@@ -167,13 +167,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue_tokens=args.max_queue_tokens,
         **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
     )
+    app_options = dict(
+        api_key=args.api_key or None,
+        max_payload_bytes=args.max_payload_bytes,
+        max_inputs=args.max_inputs_per_request,
+        request_timeout=args.request_timeout,
+        model_name=args.served_model_name,
+    )
     if args.ray:  # the Ray Serve path: replicas across a Ray cluster
         try:
             from .ray import serve_cli
         except ImportError as e:
             print(f"fastserve serve: {e}", file=sys.stderr)
             return 2
-        return serve_cli(args, _engine_kwargs(args, **serve_options))
+        return serve_cli(args, _engine_kwargs(args, **serve_options), app_options)
     try:
         engine = _make_engine(args, **serve_options)
     except (ModelLoadError, ValueError) as e:
@@ -189,11 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine,
         args.host,
         args.port,
-        api_key=args.api_key or None,
-        max_payload_bytes=args.max_payload_bytes,
-        max_inputs=args.max_inputs_per_request,
-        request_timeout=args.request_timeout,
-        model_name=args.served_model_name,
+        **app_options,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
         access_log=args.access_log,

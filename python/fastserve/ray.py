@@ -217,11 +217,12 @@ def build(args: Mapping[str, Any]):
     return app(kwargs.pop("model", None), **kwargs)
 
 
-def serve_cli(args: Any, engine_kwargs: dict[str, Any]) -> int:
-    """`fastserve serve --ray`: run app() on the Ray cluster ($RAY_ADDRESS, the
-    one `ray start` began on this machine, or else a new local one) until
-    SIGINT/SIGTERM, then delete the app (Serve lets its requests finish) and
-    disconnect (stopping Ray if this command started it)."""
+def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, Any]) -> int:
+    """`fastserve serve --ray`: app() of the engine's keywords (the model
+    under "model") and create_app's app_options, run on the Ray cluster
+    ($RAY_ADDRESS, the one `ray start` began on this machine, or else a new
+    local one) until SIGINT/SIGTERM; then delete the app (Serve lets its
+    requests finish) and disconnect (stopping Ray if this command started it)."""
     engine_kwargs = dict(engine_kwargs)
     model = engine_kwargs.pop("model")
     try:
@@ -230,11 +231,7 @@ def serve_cli(args: Any, engine_kwargs: dict[str, Any]) -> int:
             num_replicas=args.replicas,
             num_cpus=args.num_cpus,
             num_gpus=args.num_gpus or None,
-            api_key=args.api_key or None,
-            max_payload_bytes=args.max_payload_bytes,
-            max_inputs=args.max_inputs_per_request,
-            request_timeout=args.request_timeout,
-            model_name=args.served_model_name,
+            **app_options,
             **engine_kwargs,
         )
     except ValueError as e:
