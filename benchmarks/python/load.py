@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain", type=float, default=2.0, help="seconds after the last arrival before unfinished requests count as missed")
     p.add_argument("--slo-ms", type=float, default=100.0)
     p.add_argument("--backends", default="transformers,sentence-transformers,fastserve/model",
-                   help="comma-separated: transformers, sentence-transformers, fastserve/<model|seed|aimd|static-N>")
+                   help="comma-separated: transformers, sentence-transformers, fastserve/<model|seed|aimd|static-N>, "
+                        "and fastserve/<variant>@<dtype> (e.g. fastserve/model@bfloat16)")
     p.add_argument("--execution", default="auto", choices=["auto", "packed", "padded"])
     p.add_argument("--target-latency-ms", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
@@ -312,7 +313,13 @@ def make_backends(names: Sequence[str], execution: str, target_latency_ms: float
     out: list[common.Backend] = []
     variants = {v.name: v for v in common.fastserve_variants([], execution, target_latency_ms)}
     for name in names:
-        if name == "transformers":
+        name, _, dtype = name.partition("@")  # fastserve/model@bfloat16: that variant in another dtype
+        if dtype:
+            if name not in variants:
+                raise SystemExit(f"a dtype suffix needs a fastserve variant, got {name!r}")
+            v = variants[name]
+            out.append(common.FastServeBackend(common.FastServeVariant(f"{name}@{dtype}", {**v.kwargs, "dtype": dtype})))
+        elif name == "transformers":
             out.append(common.SerialBackend(name, common.HFModel(path, common.max_seq_length(path)).encode))
         elif name == "sentence-transformers":
             out.append(common.SerialBackend(name, common.STModel(path).encode))

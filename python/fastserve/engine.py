@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, precision, process, tasks
+from . import _core, admission, footprint, precision, process, shapes, tasks
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
 from .errors import RequestTimeoutError
@@ -161,6 +161,7 @@ class Engine(tasks.TaskCalls):
         torch_threads: int | None = None,
         tune_malloc: bool = True,
         cudnn_attention: bool | None = None,
+        tune_onednn: bool = True,
         copy_model: bool = True,
         clock: _core.ManualClock | None = None,
     ) -> None:
@@ -232,6 +233,8 @@ class Engine(tasks.TaskCalls):
         if cudnn_attention is None:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
+        self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn)
+        self._onednn_released = False
         self._process["sdpa_backends_switched_per_batch"] = switches
         net, self._process["model"] = process.prepare_model(
             loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
@@ -294,6 +297,9 @@ class Engine(tasks.TaskCalls):
         self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
                                     activation=self.activation if task == "classify" else "none", head=self._head)
         pad = self.tokenizer.pad_token_id
+        # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
+        self._ghost_pad = (pad if pad is not None else 0) \
+            if self._process["onednn"] == "on, token buckets" and self.runner.name == "packed" else None
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
@@ -501,6 +507,9 @@ class Engine(tasks.TaskCalls):
         for rid in left:
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
         _open_engines.discard(self)
+        if not self._onednn_released:
+            self._onednn_released = True
+            process.onednn_release(self._process["onednn"])
 
     def __enter__(self) -> "Engine":
         return self
@@ -794,14 +803,14 @@ class Engine(tasks.TaskCalls):
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with self._sdpa_backends(), self._precision_context():
+            with self._sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
                     extra["prompt_lengths"] = np.array(
                         [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
                 if self._pairs is not None:  # the pairs' token types, carried on their futures
                     extra["segments"] = tasks.segments_of(futures, batch.lengths)
-                rows = self.runner.run(batch, **extra)
+                rows = self._rows(batch, extra)
         except Exception as e:
             self._scheduler.fail(batch)
             for fut in futures:
@@ -826,6 +835,17 @@ class Engine(tasks.TaskCalls):
                 # Per-request timing for callers that report it (HTTP headers).
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
+
+    def _rows(self, batch, extra: dict) -> Any:
+        """The runner's rows for the batch; where batches are rounded up to
+        a bucket of tokens (shapes.py), the ghost sequences' rows dropped."""
+        ghost = None if self._ghost_pad is None else shapes.ghosted(batch, self.max_length, self._ghost_pad)
+        if ghost is None:
+            return self.runner.run(batch, **extra)
+        lengths = ghost.lengths[-ghost.ghosts:]
+        fills = {"prompt_lengths": np.zeros_like(lengths), "segments": lengths}  # no prompt; all token type 0
+        rows = self.runner.run(ghost, **{k: shapes.extend(v, ghost, fills[k]) for k, v in extra.items()})
+        return rows[: len(rows) - ghost.ghosts]
 
     def _result(self, row: np.ndarray):
         if self.task == "classify":

@@ -18,6 +18,16 @@ reported in `Engine.stats()["process"]`, and possible to turn off.
   all the time; benchmarks/README.md, "GPU"). torch's switches are
   process-wide, so another thread's attention running at the same moment
   runs without cuDNN too. `Engine(cudnn_attention=True)` leaves them alone.
+- oneDNN, CPU only: torch calls it for some float32 products and for bf16/fp16
+  ones, and it caches a primitive (compiled kernels, reordered weights) per
+  shape without bound, so RSS grows with every new batch size (about 300 MiB
+  over 240 batch sizes for MiniLM in fp32, 870 MiB in bf16). A float32
+  engine's batches run with torch's oneDNN switch off (MKL's GEMMs and
+  torch's own kernels instead: as fast or faster there, and no cache), unless
+  an engine in the process computes in bf16/fp16 on the CPU: those need
+  oneDNN, and the switch is process-wide, so it is then left on. bf16/fp16
+  batches are rounded up to a few token counts instead (shapes.py).
+  `Engine(tune_onednn=False)` leaves the switch alone and pads nothing.
 - A model object the caller passed in is never changed behind their back:
   when serving needs it on another device or dtype, or in eval mode, the
   engine works on a copy. `Engine(copy_model=False)` changes it in place
@@ -33,6 +43,7 @@ import ctypes.util
 import functools
 import os
 import sys
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -119,6 +130,58 @@ def sdpa_backends_for(device: torch.device, cudnn_attention: bool) -> tuple[Call
 
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return functools.partial(sdpa_kernel, backends), True
+
+
+_onednn_lock = threading.Lock()
+_onednn_users = 0  # live engines that compute in bf16/fp16 on the CPU: they need oneDNN
+_onednn_off = 0  # float32 batches running with the switch off
+_onednn_saved = True
+
+
+def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[Callable[[], Any], str]:
+    """The context a batch runs in for oneDNN's switch, and what it does:
+    "off per batch" (CPU float32), "on, token buckets" (CPU bf16/fp16: the
+    engine registers as needing oneDNN; release with onednn_release) or
+    "left alone" (GPU, or tune=False)."""
+    global _onednn_users
+    if device.type != "cpu" or not tune:
+        return contextlib.nullcontext, "left alone"
+    if compute != torch.float32:
+        with _onednn_lock:
+            _onednn_users += 1
+        return contextlib.nullcontext, "on, token buckets"
+    return _onednn_off_context, "off per batch"
+
+
+def onednn_release(what: str) -> None:
+    """An engine that registered as needing oneDNN (onednn_for) is closed."""
+    global _onednn_users
+    if what == "on, token buckets":
+        with _onednn_lock:
+            _onednn_users -= 1
+
+
+@contextlib.contextmanager
+def _onednn_off_context():
+    """oneDNN off while the batch runs, unless a bf16/fp16 engine needs it;
+    batches of several engines may overlap: the first turns it off, the last
+    restores what it was."""
+    global _onednn_off, _onednn_saved
+    with _onednn_lock:
+        switch = _onednn_users == 0
+        if switch:
+            if _onednn_off == 0:
+                _onednn_saved = torch._C._get_mkldnn_enabled()
+                torch._C._set_mkldnn_enabled(False)
+            _onednn_off += 1
+    try:
+        yield
+    finally:
+        if switch:
+            with _onednn_lock:
+                _onednn_off -= 1
+                if _onednn_off == 0:
+                    torch._C._set_mkldnn_enabled(_onednn_saved)
 
 
 def _needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,0 +1,119 @@
+"""oneDNN's shape cache on the CPU (process.onednn_for, shapes.py): float32
+batches run with torch's oneDNN switch off and restore it; bf16/fp16 batches
+keep oneDNN and are rounded up to a bucket of tokens with ghost sequences
+whose rows never reach a caller. The ghost path is checked exactly in
+float32 (forced on) for every task, and in bf16 against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from fastserve import Engine, process, shapes
+
+TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog", "x", "a somewhat longer sentence " * 4,
+         "word " * 70]
+
+
+def test_buckets_are_few_and_waste_at_most_an_eighth_from_128_tokens():
+    sizes = [shapes.bucket(t) for t in range(1, 8193)]
+    assert all(b >= t for t, b in zip(range(1, 8193), sizes))
+    assert sizes == sorted(sizes)  # monotone
+    assert len(set(sizes[:2048])) == 40 and len(set(sizes)) == 56
+    assert max((b - t) / t for t, b in zip(range(128, 8193), sizes[127:])) <= 1 / 8
+    assert all(shapes.bucket(b) == b for b in set(sizes))  # a bucket is its own bucket
+    with pytest.raises(ValueError):
+        shapes.bucket(0)
+
+
+def ghosts_forced(engine: Engine) -> list[int]:
+    """Run engine's packed batches through the ghost path (as bf16 does),
+    recording how many ghost sequences each batch carried."""
+    engine._ghost_pad = 0
+    seen: list[int] = []
+    inner = engine.runner.run
+
+    def run(batch, **extra):
+        seen.append(getattr(batch, "ghosts", 0))
+        return inner(batch, **extra)
+
+    engine.runner.run = run
+    return seen
+
+
+def test_ghost_sequences_change_no_result_embed_and_classify():
+    m = tm.model("bert")
+    kw = dict(max_length=16, policy="static", max_batch_tokens=4096)  # one batch; ghosts of at most 16 tokens
+    with Engine(m, tm.tokenizer(), **kw) as plain, Engine(m, tm.tokenizer(), **kw) as ghosted:
+        texts = list(TEXTS)
+        lengths = [len(ids) for ids in plain.tokenize(texts)]
+        while shapes.bucket(sum(lengths)) - sum(lengths) <= 16:  # until the ghost needs two pieces
+            texts.append("another text " * (len(texts) % 5 + 1))
+            lengths = [len(ids) for ids in plain.tokenize(texts)]
+        seen = ghosts_forced(ghosted)
+        want = plain.embed(texts)
+        got = ghosted.embed(texts)
+    assert seen == [2]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    c = tm.model("bert", classify=True)
+    with Engine(c, tm.tokenizer(), task="classify") as plain, Engine(c, tm.tokenizer(), task="classify") as ghosted:
+        seen = ghosts_forced(ghosted)
+        want, got = plain.classify(TEXTS), ghosted.classify(TEXTS)
+    assert any(seen) and [g.label for g in got] == [w.label for w in want]
+    for g, w in zip(got, want):
+        assert g.scores == pytest.approx(w.scores, abs=1e-6)
+
+
+def test_ghost_sequences_change_no_result_rerank_and_token_classify():
+    c = tm.model("bert", classify=True, num_labels=1)
+    docs = TEXTS
+    with Engine(c, tm.tokenizer(), task="rerank") as plain, Engine(c, tm.tokenizer(), task="rerank") as ghosted:
+        seen = ghosts_forced(ghosted)
+        want = plain.score([("a query", d) for d in docs])
+        got = ghosted.score([("a query", d) for d in docs])
+    assert any(seen)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    from transformers import AutoModelForTokenClassification
+
+    t = AutoModelForTokenClassification.from_config(tm.config("bert", num_labels=5)).eval()
+    with Engine(t, tm.tokenizer(), task="token-classify") as plain, \
+            Engine(t, tm.tokenizer(), task="token-classify") as ghosted:
+        seen = ghosts_forced(ghosted)
+        want, got = plain.extract(TEXTS), ghosted.extract(TEXTS)
+    assert any(seen) and got == want
+
+
+def test_float32_batches_run_with_onednn_off_and_restore_it():
+    before = torch._C._get_mkldnn_enabled()
+    seen = []
+    with Engine(tm.model("bert"), tm.tokenizer()) as eng:
+        inner = eng.runner.run
+        eng.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner(batch, **kw))[1]
+        eng.embed(TEXTS)
+        assert eng.stats()["process"]["onednn"] == "off per batch"
+    assert seen and not any(seen)
+    assert torch._C._get_mkldnn_enabled() == before
+    with Engine(tm.model("bert"), tm.tokenizer(), tune_onednn=False) as eng:
+        assert eng.stats()["process"]["onednn"] == "left alone"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
+def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype):
+    m = tm.model("bert")
+    seen = []
+    with Engine(m, tm.tokenizer()) as fp32, Engine(m, tm.tokenizer(), dtype=dtype) as half:
+        assert half.stats()["process"]["onednn"] == "on, token buckets"
+        tokens = []
+        inner = half.runner.run
+        half.runner.run = lambda batch, **kw: (tokens.append(int(np.asarray(batch.cu_seqlens)[-1])),
+                                               inner(batch, **kw))[1]
+        inner32 = fp32.runner.run
+        fp32.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner32(batch, **kw))[1]
+        want, got = fp32.embed(TEXTS), half.embed(TEXTS)
+    # while a half-precision engine lives, a float32 engine leaves oneDNN on (it is process-wide)
+    assert seen and all(seen)
+    assert tokens and all(shapes.bucket(t) == t for t in tokens)
+    assert (got * want).sum(1).min() > 0.99
+    assert process._onednn_users == 0  # released at close
