@@ -27,6 +27,7 @@ so it never shadows the real `ray`.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
@@ -48,6 +49,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = ["app", "build", "serve_cli", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]
 
 DEPLOYMENT_NAME = "fastserve"
+# Seconds a replica waits for a request's body (BodyGuard).
+BODY_TIMEOUT_S = 10.0
 ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
 # Keys of the server's create_app; every other option goes to the Engine.
 SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name")
@@ -56,17 +59,21 @@ SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout
 class Replica:
     """One Serve replica: an Engine and the HTTP app serving it."""
 
-    def __init__(self, model: Any, engine_options: Mapping[str, Any], server_options: Mapping[str, Any]) -> None:
+    def __init__(self, model: Any, engine_options: Mapping[str, Any], server_options: Mapping[str, Any],
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         from fastserve.engine import Engine
 
         self.engine = Engine(model, **dict(engine_options))
         self._server_options = dict(server_options)
+        self._body_timeout_s = body_timeout_s
 
     def __serve_build_asgi_app__(self):
         # Serve calls this once the constructor has run: the app needs the engine.
-        from fastserve.server import create_app
+        from fastserve.server import DEFAULT_MAX_PAYLOAD_BYTES, create_app
 
-        return create_app(self.engine, **self._server_options)
+        app = create_app(self.engine, **self._server_options)
+        return BodyGuard(app, self._body_timeout_s,
+                         self._server_options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES))
 
     def record_routing_stats(self) -> dict[str, Any]:
         """The replica's queued work, read by QueuedWorkRouter (and where it
@@ -96,6 +103,54 @@ class Replica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close(drain=True, timeout=30.0)
+
+
+class BodyGuard:
+    """The replica's ASGI app behind a bound on the wait for a request's body.
+
+    When a replica dies holding a request, Serve's proxy may send the request
+    again to another replica, but the body went to the dead one: the new
+    replica would wait for it until the client gives up. The guard reads the
+    body first (up to max_bytes; beyond that the app's own 413 applies), and a
+    body that has not arrived within timeout_s is answered with a 503 in
+    OpenAI's shape (code "request_body_lost": safe to retry) instead. The app
+    then reads the body it was given, and the connection's later messages
+    (a client's disconnect) as before."""
+
+    def __init__(self, app: Any, timeout_s: float, max_bytes: int) -> None:
+        self.app, self.timeout_s, self.max_bytes = app, timeout_s, max_bytes
+        # Serve's ingress reads these off the app (docs path, exception handlers).
+        self.docs_url = getattr(app, "docs_url", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        buffered: list[dict] = []
+        size = 0
+        try:
+            while True:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+                buffered.append(message)
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False) or size > self.max_bytes:
+                    break
+        except asyncio.TimeoutError:
+            from fastserve.server.errors import ApiError
+
+            lost = ApiError(503, f"the request's body did not arrive within {self.timeout_s:g} s (a replica "
+                                 "that held it was lost); retry the request", type="server_error",
+                            code="request_body_lost", headers={"Retry-After": "0"})
+            return await lost.response()(scope, receive, send)
+
+        async def replay() -> dict:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class QueuedWorkRouter(FIFOMixin, RequestRouter):
@@ -157,6 +212,7 @@ def app(
     max_ongoing_requests: int = 256,
     router: str = "queued_work",
     routing_stats_period_s: float = 1.0,
+    body_timeout_s: float = BODY_TIMEOUT_S,
     name: str = DEPLOYMENT_NAME,
     **options: Any,
 ):
@@ -172,6 +228,8 @@ def app(
     batches them, so this is far above Serve's default of 5.
     router: "queued_work" (QueuedWorkRouter) or "pow2" (Serve's default:
     power of two choices on ongoing request counts).
+    body_timeout_s: a request whose body has not reached its replica by then
+    gets a 503 to retry (BodyGuard: a body lost with a dead replica).
     options: the server's create_app options (api_key, max_payload_bytes,
     max_inputs, request_timeout, model_name); every other one is an Engine
     keyword (task, device, target_latency_ms, max_batch_tokens, ...).
@@ -206,7 +264,9 @@ def app(
         deployment_options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_PATH, request_routing_stats_period_s=routing_stats_period_s
         )
-    return Deployment.options(**deployment_options).bind(model, engine_options, server_options)
+    if not body_timeout_s > 0:
+        raise ValueError("body_timeout_s must be positive seconds")
+    return Deployment.options(**deployment_options).bind(model, engine_options, server_options, body_timeout_s)
 
 
 def build(args: Mapping[str, Any]):

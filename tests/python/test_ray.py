@@ -321,13 +321,71 @@ def test_app_options():
     assert d.num_replicas == 3 and d.max_ongoing_requests == 64
     assert d.ray_actor_options["num_cpus"] == 2
     assert d._deployment_config.request_router_config.request_router_class == fray.ROUTER_PATH
-    model, engine_options, server_options = d.init_args
+    model, engine_options, server_options, body_timeout_s = d.init_args
+    assert body_timeout_s == fray.BODY_TIMEOUT_S
     assert model == "m" and server_options == {"api_key": "k"}
     assert engine_options == {"target_latency_ms": 20.0, "torch_threads": 2}
     scaled = fray.app("m", min_replicas=1, max_replicas=4, num_gpus=1)._bound_deployment
     assert scaled._deployment_config.autoscaling_config.max_replicas == 4
     assert scaled.ray_actor_options["num_gpus"] == 1
     assert "torch_threads" not in scaled.init_args[1]  # a GPU replica leaves torch's threads alone
+
+
+def _asgi(app, messages: list[dict], *, then_wait: bool = True):
+    """Run an ASGI app on one http request whose receive yields `messages`,
+    then waits forever (a body that never comes) or reports a disconnect."""
+    sent: list[dict] = []
+    queue = list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        if then_wait:
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def test_body_guard_answers_a_lost_body_with_a_retryable_503():
+    import json
+
+    async def app(scope, receive, send):  # never reached: the body never comes
+        raise AssertionError("the app ran without its body")
+
+    sent = _asgi(fray.BodyGuard(app, 0.05, 1000), [])
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"0") in sent[0]["headers"]
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "request_body_lost" and error["type"] == "server_error"
+
+
+def test_body_guard_hands_the_app_its_body_and_later_messages():
+    seen: list[dict] = []
+
+    async def app(scope, receive, send):
+        while (m := await receive())["type"] == "http.request" and m.get("more_body"):
+            seen.append(m)
+        seen.append(m)
+        seen.append(await receive())  # the client's disconnect, from the connection itself
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    parts = [{"type": "http.request", "body": b"ab", "more_body": True},
+             {"type": "http.request", "body": b"cd", "more_body": False}]
+    sent = _asgi(fray.BodyGuard(app, 5.0, 1000), parts, then_wait=False)
+    assert seen == [*parts, {"type": "http.disconnect"}] and sent[0]["status"] == 200
+    # Past max_bytes the guard stops reading and leaves the rest (and the 413) to the app.
+    seen.clear()
+    big = [{"type": "http.request", "body": b"x" * 600, "more_body": True},
+           {"type": "http.request", "body": b"x" * 600, "more_body": True},
+           {"type": "http.request", "body": b"", "more_body": False}]
+    _asgi(fray.BodyGuard(app, 5.0, 1000), big, then_wait=False)
+    assert seen == [*big, {"type": "http.disconnect"}]
 
 
 def test_config_file_import_path_resolves():
