@@ -28,8 +28,8 @@ pytestmark = pytest.mark.ray
 # every node, worker and request stays on loopback. Read when Ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install '.[ray]'")
-serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra: pip install '.[ray]'")
+ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install '.[ray]'", exc_type=ImportError)
+serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra: pip install '.[ray]'", exc_type=ImportError)
 httpx = pytest.importorskip("httpx")
 
 import tiny_models  # noqa: E402
