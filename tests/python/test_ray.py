@@ -331,6 +331,19 @@ def test_app_options():
     assert "torch_threads" not in scaled.init_args[1]  # a GPU replica leaves torch's threads alone
 
 
+def test_health_check_fails_when_the_engine_worker_is_dead(model_dir):
+    """Serve's health check (Replica.check_health) fails once the engine's
+    worker is gone, so Serve replaces the replica; it passes before."""
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {})
+    try:
+        replica.check_health()
+        replica.engine.close()
+        with pytest.raises(RuntimeError, match="unhealthy"):
+            replica.check_health()
+    finally:
+        replica.__del__()  # what Serve calls on shutdown: closes (again, idempotent)
+
+
 def _asgi(app, messages: list[dict], *, then_wait: bool = True):
     """Run an ASGI app on one http request whose receive yields `messages`,
     then waits forever (a body that never comes) or reports a disconnect."""
