@@ -57,6 +57,10 @@ if backend.startswith("fastserve"):
     kw = {{"max_batch_tokens": int(backend.split()[1])}}
     if "tune_malloc=False" in backend:
         kw["tune_malloc"] = False
+    if "tune_onednn=False" in backend:
+        kw["tune_onednn"] = False
+    if "bfloat16" in backend:
+        kw["dtype"] = "bfloat16"
     if "max_batch_memory_mb=" in backend:
         kw["max_batch_memory_mb"] = float(backend.split("max_batch_memory_mb=")[1])
     engine = fastserve.Engine(**kw)
@@ -97,8 +101,10 @@ print(json.dumps({{"max_batch_tokens_seen": stats, "rss_built": after_build["VmR
                    "texts_per_s": {n} * {passes} / elapsed}}))
 """
 
-BACKENDS = ("fastserve 2048", "fastserve 2048 tune_malloc=False", "fastserve 2048 trim cap", "fastserve 1024",
-            "fastserve 8192", "fastserve 2048 max_batch_memory_mb=8", "sentence-transformers", "transformers")
+BACKENDS = ("fastserve 2048", "fastserve 2048 tune_onednn=False", "fastserve 2048 tune_malloc=False",
+            "fastserve 2048 trim cap", "fastserve 1024", "fastserve 8192", "fastserve 2048 max_batch_memory_mb=8",
+            "fastserve 2048 bfloat16", "fastserve 2048 bfloat16 tune_onednn=False", "sentence-transformers",
+            "transformers")
 
 LOAD_CHILD = PRELUDE + r"""
 import load

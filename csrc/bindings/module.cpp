@@ -148,6 +148,16 @@ py::dict stats_dict(const Scheduler::Snapshot& s) {
   ctl["budget_tokens"] = s.budget;
   for (const auto& [k, v] : s.controller) ctl[k.c_str()] = v;
   d["controller"] = ctl;
+  // One entry per worker (replica), worker 0 first: the same keys as "controller".
+  py::list per_worker;
+  for (size_t w = 0; w < s.controllers.size(); ++w) {
+    py::dict c;
+    c["policy"] = s.policy;
+    c["budget_tokens"] = s.budgets[w];
+    for (const auto& [k, v] : s.controllers[w]) c[k.c_str()] = v;
+    per_worker.append(c);
+  }
+  d["controllers"] = per_worker;
   return d;
 }
 
@@ -256,6 +266,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Batch, std::shared_ptr<Batch>>(m, "Batch", "Requests assembled for one model call.")
       .def_property_readonly("seq", &Batch::seq)
+      .def_property_readonly("worker", [](const Batch& b) { return b.worker; },
+                             "The worker (replica) whose controller sized this batch.")
       .def_property_readonly("size", &Batch::size)
       .def("__len__", &Batch::size)
       .def_property_readonly("ids", [](py::object self) { return view(self.cast<Batch&>().ids(), {self.cast<Batch&>().size()}, self); })
@@ -306,12 +318,12 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Scheduler>(m, "Scheduler", "Thread-safe request queue with adaptive batch assembly.")
       .def(py::init([](const SchedulerConfig& s, const ControllerConfig& c,
-                       std::shared_ptr<ManualClock> clock) {
+                       std::shared_ptr<ManualClock> clock, int workers) {
              std::shared_ptr<Clock> clk = clock ? std::shared_ptr<Clock>(clock) : steady_clock();
-             return std::make_unique<Scheduler>(s, c, clk);
+             return std::make_unique<Scheduler>(s, c, clk, workers);
            }),
            py::arg("config") = SchedulerConfig(), py::arg("controller") = ControllerConfig(),
-           py::arg("clock") = nullptr)
+           py::arg("clock") = nullptr, py::arg("workers") = 1)
       .def(
           "submit",
           [](Scheduler& s, const py::object& tokens, int priority, std::optional<double> timeout, std::optional<double> deadline) {
@@ -350,15 +362,15 @@ PYBIND11_MODULE(_core, m) {
       .def("cancel", &Scheduler::cancel, py::arg("id"))  // GIL held, as in submit
       .def(
           "next_batch",
-          [](Scheduler& s, double timeout) -> std::shared_ptr<Batch> {
+          [](Scheduler& s, double timeout, int worker) -> std::shared_ptr<Batch> {
             std::optional<std::shared_ptr<Batch>> b;
             {
               py::gil_scoped_release r;
-              b = s.next_batch(timeout);
+              b = s.next_batch(timeout, worker);
             }
             return b ? *b : nullptr;
           },
-          py::arg("timeout"))
+          py::arg("timeout"), py::arg("worker") = 0)
       .def("start", &Scheduler::start, py::arg("batch"), py::call_guard<py::gil_scoped_release>(),
            "Call just before running the batch: removes and returns the ids whose deadline has passed.")
       .def("predict_completion", &Scheduler::predict_completion, py::arg("tokens"), py::arg("priority") = 0,
@@ -371,7 +383,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("closed", &Scheduler::closed)
       .def_property_readonly("depth", &Scheduler::depth)
       .def_property_readonly("queued_tokens", &Scheduler::queued_tokens)
-      .def_property_readonly("budget", &Scheduler::budget)
+      .def_property_readonly("budget", py::overload_cast<>(&Scheduler::budget, py::const_))
+      .def("budget_of", py::overload_cast<int>(&Scheduler::budget, py::const_), py::arg("worker"),
+           "The token budget of worker `worker`'s controller.")
+      .def_property_readonly("workers", &Scheduler::workers)
       .def("now", [](const Scheduler& s) { return s.clock().now(); })
       .def("stats", [](const Scheduler& s) {
         Scheduler::Snapshot snap;

@@ -36,10 +36,11 @@ void SchedulerConfig::validate() const {
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
-                     std::shared_ptr<Clock> clock)
+                     std::shared_ptr<Clock> clock, int workers)
     : config_(std::move(config)), clock_(clock ? std::move(clock) : steady_clock()) {
   config_.validate();
-  controller_ = make_controller(controller);
+  if (workers < 1 || workers > 4096) throw InvalidArgument("scheduler: workers must be in [1, 4096]");
+  for (int k = 0; k < workers; ++k) controllers_.push_back(make_controller(controller));
 }
 
 Scheduler::~Scheduler() { close(); }
@@ -91,23 +92,29 @@ bool Scheduler::predicting_locked() const { return config_.admission && compute_
 // corrected only by batches that run: refusing everything on a stale fit
 // (measured under a burst of contention, say) would never measure again.
 bool Scheduler::idle_for_locked(int priority) const {
-  return running_.empty() && tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
+  return running_.size() < controllers_.size() &&
+         tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
 }
 
 double Scheduler::compute_locked(double work, double fill) const {
   // work: cost tokens up to and including the request; fill: what its own
   // batch is expected to hold (the queue, and arrivals while it waits).
-  // Past the budget it runs in the k-th batch, after k - 1 full ones.
-  const double B = static_cast<double>(std::max<int64_t>(controller_->budget(), 1));
+  // Past the budget it runs in the k-th batch, after k - 1 full ones; with
+  // several workers (replicas) the full batches ahead run `workers` at a time.
+  const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
+  const double n = static_cast<double>(controllers_.size());
   const double t = work <= B ? compute_fit_.predict(std::max(work, std::min(B, fill)))
-                             : std::ceil(work / B) * compute_fit_.predict(B);
+                             : std::ceil(work / (B * n)) * compute_fit_.predict(B);
   return slack_ * std::max(0.0, t);
 }
 
 double Scheduler::residual_locked(double now) const {
-  double end = now;
-  for (const auto& [seq, at] : running_) end = std::max(end, at);
-  return end - now;
+  // The next batch starts when a worker is free: at once while one is idle,
+  // else when the first running batch ends (with one worker: the running one).
+  if (running_.size() < controllers_.size()) return 0.0;
+  double end = INFINITY;
+  for (const auto& [seq, at] : running_) end = std::min(end, at);
+  return std::max(0.0, end - now);
 }
 
 double Scheduler::ahead_locked(int priority) const {
@@ -335,9 +342,10 @@ int64_t Scheduler::batch_cost(const Batch& b) const {
   return static_cast<int64_t>(std::llround(c));
 }
 
-std::shared_ptr<Batch> Scheduler::assemble_locked(double now) {
-  const int64_t budget = controller_->budget();
+std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
+  const int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
+  batch->worker = worker;
   if (order_.empty()) return batch;
 
   // Eligible: the head and the next lookahead - 1 requests in queue order,
@@ -435,7 +443,10 @@ void Scheduler::move_to_batch_locked(double now, uint64_t id, Batch& batch) {
   batch.add(id, take_locked(it), arrival, deadline);
 }
 
-std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
+std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, int worker) {
+  if (worker < 0 || worker >= workers())
+    throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range [0, " +
+                          std::to_string(workers()) + ")");
   std::unique_lock<std::mutex> lock(mu_);
   // The wait ends on work, close, or timeout. Past ~300 years a timeout
   // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
@@ -453,7 +464,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s) {
   std::vector<uint64_t> expired = drop_expired_locked(now);
   Batch shed(0, 0, now, 0);
   if (!deadlines_.empty() && predicting_locked()) shed_locked(now, shed);
-  std::shared_ptr<Batch> batch = assemble_locked(now);
+  std::shared_ptr<Batch> batch = assemble_locked(now, worker);
   batch->expired = std::move(expired);
   batch->shed = std::move(shed.shed);
   batch->shed_retry_after_s = std::move(shed.shed_retry_after_s);
@@ -505,9 +516,12 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   submitted_at_last_ = submitted_tokens_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
-  o.arrival_tokens_per_s = arrival_rate_ * cost_factor;
-  o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor;
-  controller_->observe(o);
+  // Each worker's share of the arrivals and of the queue.
+  const double share = 1.0 / static_cast<double>(controllers_.size());
+  o.arrival_tokens_per_s = arrival_rate_ * cost_factor * share;
+  o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor * share;
+  const auto k = static_cast<size_t>(batch.worker);
+  if (k < controllers_.size()) controllers_[k]->observe(o);
   track_compute_locked(static_cast<double>(o.tokens), compute_seconds);
   cost_factor_ += 0.1 * (cost_factor - cost_factor_);
 }
@@ -555,9 +569,13 @@ int64_t Scheduler::queued_tokens() const {
   return queued_tokens_;
 }
 
-int64_t Scheduler::budget() const {
+int64_t Scheduler::budget() const { return budget(0); }
+
+int64_t Scheduler::budget(int worker) const {
+  if (worker < 0 || worker >= workers())
+    throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range");
   std::lock_guard<std::mutex> lock(mu_);
-  return controller_->budget();
+  return controllers_[static_cast<size_t>(worker)]->budget();
 }
 
 Scheduler::Snapshot Scheduler::snapshot() const {
@@ -566,9 +584,13 @@ Scheduler::Snapshot Scheduler::snapshot() const {
   s.stats = stats_;
   s.depth = static_cast<int64_t>(requests_.size());
   s.queued_tokens = queued_tokens_;
-  s.budget = controller_->budget();
-  s.policy = controller_->name();
-  s.controller = controller_->state();
+  s.budget = controllers_[0]->budget();
+  s.policy = controllers_[0]->name();
+  s.controller = controllers_[0]->state();
+  for (const auto& c : controllers_) {
+    s.budgets.push_back(c->budget());
+    s.controllers.push_back(c->state());
+  }
   s.now = clock_->now();
   return s;
 }

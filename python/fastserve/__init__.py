@@ -13,6 +13,7 @@ from .errors import (
     ModelLoadError,
     OverloadedError,
     QueueFullError,
+    ReplicaFailedError,
     RequestTimeoutError,
     UnsupportedModelError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidInputError",
     "OverloadedError",
     "QueueFullError",
+    "ReplicaFailedError",
     "RequestTimeoutError",
     "UnsupportedModelError",
     "__version__",

@@ -152,6 +152,10 @@ class Batch:
     @property
     def seq(self) -> int: ...
     @property
+    def worker(self) -> int:
+        """The worker (replica) whose controller sized this batch."""
+
+    @property
     def size(self) -> int: ...
     def __len__(self) -> int: ...
     @property
@@ -251,6 +255,8 @@ class _Stats(TypedDict):
     throughput_tokens_per_s: float
     controller: dict[str, str | float]
     """Keys 'policy' (str), 'budget_tokens' (int) and the policy's own state (float)."""
+    controllers: list[dict[str, str | float]]
+    """Every worker's controller (worker 0 first), with the same keys as `controller`."""
 
 class Scheduler:
     """Thread-safe request queue with adaptive batch assembly."""
@@ -260,8 +266,10 @@ class Scheduler:
         config: SchedulerConfig = ...,
         controller: ControllerConfig = ...,
         clock: ManualClock | None = None,
+        workers: int = 1,
     ) -> None:
-        """Raise ValueError for an invalid configuration; clock=None: the steady clock."""
+        """Raise ValueError for an invalid configuration; clock=None: the steady clock.
+        workers: consumers with a controller each (next_batch's `worker`)."""
 
     def submit(
         self,
@@ -291,8 +299,9 @@ class Scheduler:
         """
 
     def cancel(self, id: int) -> bool: ...
-    def next_batch(self, timeout: float) -> Batch | None:
-        """Wait up to timeout seconds (real time, GIL released) for a batch."""
+    def next_batch(self, timeout: float, worker: int = 0) -> Batch | None:
+        """Wait up to timeout seconds (real time, GIL released) for a batch,
+        sized by worker `worker`'s controller (ValueError out of range)."""
 
     def start(self, batch: Batch) -> list[int]:
         """Call just before running the batch: removes and returns the ids whose deadline has passed."""
@@ -312,6 +321,13 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int: ...
     @property
-    def budget(self) -> int: ...
+    def budget(self) -> int:
+        """Worker 0's token budget."""
+
+    def budget_of(self, worker: int) -> int:
+        """The token budget of worker `worker`'s controller."""
+
+    @property
+    def workers(self) -> int: ...
     def now(self) -> float: ...
     def stats(self) -> _Stats: ...

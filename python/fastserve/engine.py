@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from . import _core, admission, footprint, precision, process, shapes, tasks
+from . import replicas as replicas_
 from .admission import Timeout, wait_all
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
-from .errors import RequestTimeoutError
+from .errors import ReplicaFailedError, RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
+from .pipeline import PipelineRunner
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder, resolve_device
 from .heads import EmbeddingHead
@@ -163,6 +165,9 @@ class Engine(tasks.TaskCalls):
         cudnn_attention: bool | None = None,
         tune_onednn: bool = True,
         copy_model: bool = True,
+        devices: str | Sequence[str] | None = None,
+        replicas: int | None = None,
+        parallel: str = "data",
         clock: _core.ManualClock | None = None,
     ) -> None:
         if task not in TASKS:
@@ -186,7 +191,11 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
 
         process.check_torch_threads(torch_threads)
-        self.device = resolve_device(device)
+        # One device per worker (data parallel) or per stage (pipeline); the
+        # first is the engine's device (python/fastserve/replicas.py).
+        worker_devices = replicas_.worker_devices(device, devices, replicas, parallel)
+        self.parallel = parallel
+        self.device = worker_devices[0]
         self.precision = precision.resolve(dtype, self.device)
         self.dtype = self.precision.weights
         if max_batch_tokens is None:
@@ -236,8 +245,17 @@ class Engine(tasks.TaskCalls):
         self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn)
         self._onednn_released = False
         self._process["sdpa_backends_switched_per_batch"] = switches
+        # A pipeline's model is prepared on the CPU and placed stage by stage
+        # (python/fastserve/pipeline.py): it need not fit on one device.
+        src, callers = loaded.model, loaded.model is model
+        if parallel == "pipeline" and callers and copy_model:
+            src, callers = copy.deepcopy(src), False  # its layers get hooks and move: never the caller's
         net, self._process["model"] = process.prepare_model(
-            loaded.model, self.device, self.dtype, callers=loaded.model is model, copy_model=copy_model)
+            src, self.device if parallel == "data" else torch.device("cpu"), self.dtype,
+            callers=callers, copy_model=copy_model)
+        if src is not loaded.model:
+            self._process["model"] = "copied"
+
         self.model = net
         self._precision_context = self.precision.context()
         precision.warn_if_slow(self.precision)
@@ -296,6 +314,14 @@ class Engine(tasks.TaskCalls):
         # scores in the caller's thread (tasks.py).
         self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
                                     activation=self.activation if task == "classify" else "none", head=self._head)
+        # Replicas and pipeline stages (replicas.py); a replica on another
+        # device gets its own runner with the head on that device.
+        head = self._head
+        self._replicas = self._make_replicas(worker_devices, torch_threads, cudnn_attention, lambda m, dev: choice.runner(
+            m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,
+            activation=self.activation if task == "classify" else "none",
+            head=EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev)))
+        self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
         # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
         self._ghost_pad = (pad if pad is not None else 0) \
@@ -321,15 +347,21 @@ class Engine(tasks.TaskCalls):
             # start between the bounds and move)
             initial_tokens=self.max_batch_tokens if policy == "static" else 0,
         )
-        self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock)
+        # One controller per data-parallel replica; a pipeline's workers share one.
+        controllers = 1 if parallel == "pipeline" else len(self._replicas)
+        self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock, workers=controllers)
         self.request_timeout_s = request_timeout_s
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False
         self._worker_error: BaseException | None = None
         self._tokenize = _Timer()
-        self._worker = threading.Thread(target=self._work, name="fastserve-worker", daemon=True)
-        self._worker.start()
+        for r in self._replicas:
+            name = "fastserve-worker" if len(self._replicas) == 1 else f"fastserve-worker-{r.index}"
+            r.thread = threading.Thread(target=self._work, args=(r,), name=name, daemon=True)
+        self._worker = self._replicas[0].thread
+        for r in self._replicas:
+            r.thread.start()
         _open_engines.add(self)
 
     # ------------------------------------------------------------------ calls
@@ -499,8 +531,9 @@ class Engine(tasks.TaskCalls):
             cf.wait(outstanding, timeout=timeout)
         for rid in self._scheduler.close():
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
-        if threading.current_thread() is not self._worker:
-            self._worker.join()
+        for r in self._replicas:
+            if threading.current_thread() is not r.thread:
+                r.thread.join()
         # Anything still registered (a batch's futures if the worker died).
         with self._lock:
             left = list(self._pending)
@@ -518,12 +551,18 @@ class Engine(tasks.TaskCalls):
         self.close()
 
     def health(self) -> dict[str, Any]:
-        alive = self._worker.is_alive()
+        # Serving while any worker is: a replica that died leaves the others
+        # serving ("degraded"); the engine fails only with the last one.
+        live = sum(r.alive for r in self._replicas)
+        alive = live > 0
         return {
             "healthy": alive and not self._closing and self._worker_error is None,
             "worker_alive": alive,
             "closed": self._closing,
             "error": repr(self._worker_error) if self._worker_error else None,
+            "replicas": len(self._replicas),
+            "replicas_alive": live,
+            "degraded": 0 < live < len(self._replicas),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -549,8 +588,7 @@ class Engine(tasks.TaskCalls):
         # Padded only: the Hugging Face model's own attention implementation.
         s["model_attention"] = None if self.runner.name == "packed" else \
             (getattr(self.model.config, "_attn_implementation", None) or "eager")
-        ran = getattr(self.runner, "attention_batches", None)
-        s["attention_batches"] = dict(ran) if ran is not None else None
+        s["attention_batches"] = replicas_.attention_batches(self._replicas)
         s["activation"] = self.activation
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
@@ -568,6 +606,12 @@ class Engine(tasks.TaskCalls):
             "max_batch_memory_mb": self.memory_budget.mib if self.memory_budget else None,
         }
         s["health"] = self.health()
+        # Each worker: device, threads, batches, failures, its controller.
+        ctls = s.get("controllers") or []
+        s["parallel"] = self.parallel
+        s["replicas"] = [r.report(ctls[r.index] if self.parallel == "data" and r.index < len(ctls) else None)
+                         for r in self._replicas]
+        s["pipeline"] = self.runner.report() if isinstance(self.runner, PipelineRunner) else None
         return s
 
     @functools.cached_property
@@ -662,6 +706,7 @@ class Engine(tasks.TaskCalls):
         """Queue one input (a one-item list from _tokens or validate_token_ids,
         `prompt` already in front)."""
         if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+            timeout = self.request_timeout_s if timeout is None else timeout  # one request: the default deadline
             return self.submit_many(lists, priority=priority, timeout=timeout, prompt=prompt)[0]
         fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
         fut.info = lists.infos[0]
@@ -670,8 +715,9 @@ class Engine(tasks.TaskCalls):
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
                        timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
-        worker sees them at once, not one by one): their futures."""
-        timeout = self.request_timeout_s if timeout is None else timeout
+        worker sees them at once, not one by one): their futures. A list is
+        one job: without `timeout` its items have no deadline (the engine's
+        request_timeout_s is for single requests, _submit_tokens)."""
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -766,12 +812,38 @@ class Engine(tasks.TaskCalls):
         if fut is not None:
             fut.set_exception(error)
 
-    def _work(self) -> None:
+    def _make_replicas(self, devices: list, torch_threads: int | None, cudnn_attention: bool,
+                       make_runner: Callable[[Any, Any], Any]) -> list[replicas_.Replica]:
+        """The workers: for a pipeline, one per stage over one staged runner;
+        else one per device entry, sharing the model (and a runner copy) with
+        an earlier replica on the same device, a copy of the model otherwise."""
+        threads = replicas_.threads_per_worker(torch_threads, devices)
+        if self.parallel == "pipeline":
+            staged = PipelineRunner(self.runner, devices, self.model)
+            return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
+                    for k in range(len(devices))]
+        out: list[replicas_.Replica] = []
+        for k, dev in enumerate(devices):
+            same = next((r for r in out if r.device == dev), None)
+            if k == 0:
+                runner, backends = self.runner, self._sdpa_backends
+            elif same is not None:
+                runner, backends = replicas_.runner_copy(same.runner), same.sdpa_backends
+            else:
+                net, _ = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
+                runner = make_runner(net, dev)
+                backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
+            out.append(replicas_.Replica(k, dev, runner, threads, backends))
+        return out
+
+    def _work(self, replica: replicas_.Replica) -> None:
         sched = self._scheduler
+        worker = replica.index if self.parallel == "data" else 0
+        replica.enter()
         try:
             with torch.inference_mode():
                 while True:
-                    batch = sched.next_batch(0.1)
+                    batch = sched.next_batch(0.1, worker)
                     if batch is None:
                         if sched.closed:
                             return
@@ -781,8 +853,11 @@ class Engine(tasks.TaskCalls):
                     for rid, late in zip(batch.shed, batch.shed_retry_after_s):
                         self._fail(int(rid), overloaded(late))
                     if batch.size:
-                        self._run(batch)
+                        self._run(batch, replica)
         except BaseException as e:  # the worker must never die silently
+            replica.error = e
+            if any(r.alive for r in self._replicas):
+                raise  # the other replicas keep serving (health() reports this one)
             self._worker_error = e
             with self._lock:
                 self._closing = True
@@ -794,7 +869,7 @@ class Engine(tasks.TaskCalls):
                 self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
             raise
 
-    def _run(self, batch) -> None:
+    def _run(self, batch, replica: replicas_.Replica) -> None:
         # A deadline that passed since the batch was assembled: never computed.
         for rid in self._scheduler.start(batch):
             self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
@@ -803,15 +878,16 @@ class Engine(tasks.TaskCalls):
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with self._sdpa_backends(), self._precision_context(), self._onednn():
+            with replica.sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
                     extra["prompt_lengths"] = np.array(
                         [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
                 if self._pairs is not None:  # the pairs' token types, carried on their futures
                     extra["segments"] = tasks.segments_of(futures, batch.lengths)
-                rows = self._rows(batch, extra)
+                rows = self._rows(batch, extra, replica.runner)
         except Exception as e:
+            replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
             for fut in futures:
                 if fut is not None:
@@ -820,14 +896,21 @@ class Engine(tasks.TaskCalls):
                     fut.set_exception(err)
             return
         except BaseException as e:  # the worker is dying: its batch must not hang
+            replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
+            others = any(r.alive for r in self._replicas if r is not replica)
             for fut in futures:
                 if fut is not None:
-                    err = EngineClosedError(f"the engine's worker died: {e!r}")
+                    # With other replicas serving, the engine is not closing:
+                    # only this batch is lost (never re-queued: docs/design.md).
+                    err = (ReplicaFailedError(f"replica {replica.index} ({replica.device}) died running this "
+                                              f"request's batch: {e!r}") if others
+                           else EngineClosedError(f"the engine's worker died: {e!r}"))
                     err.__cause__ = e
                     fut.set_exception(err)
             raise
         compute = time.perf_counter() - t0
+        replica.record(batch.size, compute)
         self._scheduler.complete(batch, compute)
         queued = batch.assembled_at - batch.arrivals
         for fut, row, q in zip(futures, rows, queued):
@@ -836,15 +919,15 @@ class Engine(tasks.TaskCalls):
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
 
-    def _rows(self, batch, extra: dict) -> Any:
-        """The runner's rows for the batch; where batches are rounded up to
+    def _rows(self, batch, extra: dict, runner: Any) -> Any:
+        """The (replica's) runner's rows for the batch; where batches are rounded up to
         a bucket of tokens (shapes.py), the ghost sequences' rows dropped."""
         ghost = None if self._ghost_pad is None else shapes.ghosted(batch, self.max_length, self._ghost_pad)
         if ghost is None:
-            return self.runner.run(batch, **extra)
+            return runner.run(batch, **extra)
         lengths = ghost.lengths[-ghost.ghosts:]
         fills = {"prompt_lengths": np.zeros_like(lengths), "segments": lengths}  # no prompt; all token type 0
-        rows = self.runner.run(ghost, **{k: shapes.extend(v, ghost, fills[k]) for k, v in extra.items()})
+        rows = runner.run(ghost, **{k: shapes.extend(v, ghost, fills[k]) for k, v in extra.items()})
         return rows[: len(rows) - ghost.ghosts]
 
     def _result(self, row: np.ndarray):

@@ -19,6 +19,12 @@ class InferenceError(FastServeError, RuntimeError):
     model's exception is chained as __cause__."""
 
 
+class ReplicaFailedError(InferenceError):
+    """The replica (worker) that was running this request's batch died; the
+    engine's other replicas keep serving. Not retried by the engine: the
+    request may be submitted again."""
+
+
 class ModelLoadError(FastServeError, OSError):
     """The model or its tokenizer could not be loaded."""
 
@@ -40,6 +46,7 @@ __all__ = [
     "ModelLoadError",
     "OverloadedError",
     "QueueFullError",
+    "ReplicaFailedError",
     "RequestTimeoutError",
     "UnsupportedModelError",
 ]

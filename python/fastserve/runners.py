@@ -181,6 +181,9 @@ class PackedRunner:
     pooling by segment. No compute is spent on padding."""
 
     name = "packed"
+    # Pipeline stages (python/fastserve/pipeline.py): called as hook(i, h)
+    # before layer i and hook(len(blocks), h) after the last; returns h.
+    stage_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
                  activation: str = "softmax", head: EmbeddingHead | None = None) -> None:
@@ -238,7 +241,10 @@ class PackedRunner:
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
         self.attention_batches[self.attention if varlen is not None else "runs"] += 1
-        for block, attn in zip(self.blocks, self.attn):
+        hook = self.stage_hook
+        for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
+            if hook is not None:
+                h = hook(i, h)
             ctx = attn(h, runs, varlen)
             if self.distil:
                 a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
@@ -252,6 +258,8 @@ class PackedRunner:
                 h = block.output_layer_norm(block.ffn(a) + a)
             else:
                 h = block.output(block.intermediate(a), a)
+        if hook is not None:
+            h = hook(len(self.blocks), h)
         return h, cu
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
@@ -321,6 +329,8 @@ class _PaddedAttention:
 
     def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
         _, three, nh, hd = qkv.shape
+        if self.index.device != qkv.device:  # a pipeline stage on another device
+            self.index, self.mask = self.index.to(qkv.device), self.mask.to(qkv.device)
         padded = qkv.new_zeros(self.B * self.L, three, nh, hd)
         padded.index_copy_(0, self.index, qkv)
         q, k, v = padded.view(self.B, self.L, three, nh, hd).permute(2, 0, 3, 1, 4)  # each [B, nh, L, hd]

@@ -251,11 +251,11 @@ TEST(Deadlines, RemovingRowsAfterALayoutWasBuiltIsALogicError) {
 struct Measured {
   std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
   Scheduler s;
-  explicit Measured(int64_t budget = 1000) : s(engine_scheduler(), [budget] {
+  explicit Measured(int64_t budget = 1000, int workers = 1) : s(engine_scheduler(), [budget] {
       ControllerConfig c = engine_controller("static");
       c.initial_tokens = budget;
       return c;
-    }(), clock) {
+    }(), clock, workers) {
     for (int n : {100, 400, 800, 200, 600, 1000}) {
       s.submit(toks(n));
       auto b = *s.next_batch(0);
@@ -346,6 +346,31 @@ TEST(Admission, AnIdleWorkerAdmitsWhatWouldStartAtOnceSoAStaleFitIsMeasuredAgain
   ASSERT_EQ(b->size(), 1);
   EXPECT_NE(b->ids()[0], first);  // the priority-1 request, 2 ms of slack, was the least late
   EXPECT_EQ(b->shed, std::vector<uint64_t>{first});
+}
+
+// Replicas: several workers take full batches off the queue at once, and a
+// request starts at once while any worker is idle.
+TEST(Admission, SeveralWorkersDrainTheWorkAheadInParallel) {
+  Measured one, two(1000, 2);
+  for (auto* m : {&one, &two})
+    for (int i = 0; i < 49; ++i) m->s.submit(toks(100));
+  // 4950 tokens: five full batches of 22 ms in a row on one worker, three
+  // rounds of two on two workers.
+  const double t1 = one.s.predict_completion(50) - one.clock->now();
+  const double t2 = two.s.predict_completion(50) - two.clock->now();
+  EXPECT_NEAR(t2 / t1, 3.0 / 5.0, 0.01);
+}
+
+TEST(Admission, AnIdleReplicaAdmitsWhatWouldStartAtOnce) {
+  Measured one, two(1000, 2);
+  for (auto* m : {&one, &two}) {
+    m->s.submit(toks(800));
+    auto running = *m->s.next_batch(0, 0);  // worker 0 busy for ~18 ms
+    m->s.start(*running);
+  }
+  // 1 ms of slack: only a free worker can start it in time.
+  EXPECT_THROW(one.s.submit(toks(50), 0, one.clock->now() + 0.001), Overloaded);
+  EXPECT_NO_THROW(two.s.submit(toks(50), 0, two.clock->now() + 0.001));
 }
 
 TEST(Admission, OffAdmitsAndShedsNothing) {

@@ -539,5 +539,68 @@ TEST(SchedulerController, CompletedBatchesDriveTheAdaptiveBudget) {
   EXPECT_LT(f.s.budget(), 64 + cc.aimd_step_tokens);
 }
 
+// Replicas: one controller per worker. A worker's batches are sized by its
+// own budget and only its controller learns from them.
+TEST(SchedulerWorkers, EachWorkerHasItsOwnController) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  ControllerConfig cc;
+  cc.policy = "aimd";
+  cc.min_tokens = 1;
+  cc.initial_tokens = 40;
+  Scheduler s(any_fill(), cc, clock, 2);
+  EXPECT_EQ(s.workers(), 2);
+  for (int i = 0; i < 8; ++i) s.submit(toks(10));
+  auto b = s.next_batch(0, 1);
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ((*b)->worker, 1);
+  EXPECT_EQ((*b)->total_tokens(), 40);
+  clock->advance(0.001);
+  s.complete(**b, 0.001);
+  EXPECT_GT(s.budget(1), 40);
+  EXPECT_EQ(s.budget(0), 40);
+  auto a = s.next_batch(0, 0);
+  ASSERT_TRUE(a.has_value());
+  EXPECT_EQ((*a)->worker, 0);
+  EXPECT_EQ((*a)->total_tokens(), 40);
+  const auto snap = s.snapshot();
+  ASSERT_EQ(snap.budgets.size(), 2u);
+  EXPECT_EQ(snap.budgets[1], s.budget(1));
+  EXPECT_THROW(s.next_batch(0, 2), InvalidArgument);
+  EXPECT_THROW(Scheduler(any_fill(), cc, clock, 0), InvalidArgument);
+}
+
+// Two workers pull from one queue at once; every request is served once.
+TEST(SchedulerWorkers, TwoConsumersShareOneQueue) {
+  Scheduler s(any_fill(), fixed_budget(30), steady_clock(), 2);
+  constexpr int kRequests = 2000;
+  std::vector<std::future<std::vector<uint64_t>>> workers;
+  for (int w = 0; w < 2; ++w) {
+    workers.push_back(std::async(std::launch::async, [&s, w] {
+      std::vector<uint64_t> got;
+      while (true) {
+        auto b = s.next_batch(0.05, w);
+        if (!b) {
+          if (s.closed()) return got;
+          continue;
+        }
+        EXPECT_EQ((*b)->worker, w);
+        for (uint64_t id : (*b)->ids()) got.push_back(id);
+        s.complete(**b, 0.0001);
+      }
+    }));
+  }
+  for (int i = 0; i < kRequests; ++i) s.submit(toks(1 + i % 9));
+  while (s.depth() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  s.close();
+  std::vector<uint64_t> all;
+  for (auto& f : workers) {
+    auto got = f.get();
+    all.insert(all.end(), got.begin(), got.end());
+  }
+  std::sort(all.begin(), all.end());
+  ASSERT_EQ(all.size(), static_cast<size_t>(kRequests));
+  EXPECT_EQ(std::unique(all.begin(), all.end()), all.end());
+}
+
 }  // namespace
 }  // namespace fastserve

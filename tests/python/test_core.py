@@ -702,6 +702,7 @@ STATS_KEYS = {
     "throughput_rps",
     "throughput_tokens_per_s",
     "controller",
+    "controllers",
 }
 SUMMARY_KEYS = {"count", "mean", "p50", "p95", "p99", "max"}
 
@@ -714,9 +715,10 @@ def test_stats_keys_on_a_fresh_scheduler():
         assert set(st[key]) == SUMMARY_KEYS, key
         assert st[key]["count"] == 0 and st[key]["p99"] == 0.0
     for key in STATS_KEYS - {"latency_s", "queue_s", "batch_compute_s", "batch_size",
-                             "batch_tokens", "controller"}:
+                             "batch_tokens", "controller", "controllers"}:
         assert st[key] == 0, key
     assert st["controller"] == {"policy": "static", "budget_tokens": BIG}
+    assert st["controllers"] == [st["controller"]]  # one worker
 
 
 def test_stats_counters_after_a_known_sequence():

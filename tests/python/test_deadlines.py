@@ -50,15 +50,33 @@ def test_request_timeout_is_every_requests_default_deadline(bert):
         assert s["expired"] == 1
 
 
+def test_a_list_call_is_one_job_its_items_get_no_default_deadline(bert):
+    """An offline list is served whole however long it takes; its own timeout still applies."""
+    engine, clock = make(bert, request_timeout_s=0.5)
+    with engine:
+        with tm.held(engine) as gate:
+            single = engine.submit("a single request: the engine's deadline")
+            job = engine.submit_many([f"text {i}" for i in range(40)])
+            bounded = engine.submit_many(["with its own timeout"], timeout=0.5)
+            clock.advance(1.0)
+            gate.release.set()
+            with pytest.raises(fastserve.RequestTimeoutError):
+                single.result(timeout=30)
+            assert all(f.result(timeout=30).shape == (engine.dim,) for f in job)
+            with pytest.raises(fastserve.RequestTimeoutError):
+                bounded[0].result(timeout=30)
+        assert engine.stats()["expired"] == 2
+
+
 def test_a_deadline_that_passes_after_assembly_is_checked_when_the_batch_starts(bert):
     engine, clock = make(bert)
     with engine:
         gate = tm.Gate(engine, hold_first=False)
         run = engine._run
 
-        def run_late(batch):  # the clock passes every deadline between assembly and start
+        def run_late(batch, *replica):  # the clock passes every deadline between assembly and start
             clock.advance(10.0)
-            run(batch)
+            run(batch, *replica)
 
         engine._run = run_late
         fut = engine.submit("assembled in time, started too late", timeout=1.0)

@@ -59,6 +59,9 @@ class Batch {
   std::vector<uint64_t> expired;
   std::vector<uint64_t> shed;
   std::vector<double> shed_retry_after_s;
+  // The worker (replica) whose controller sized this batch; complete()
+  // feeds that controller.
+  int worker = 0;
 
   // Built once, on first call, thread-safe.
   const PaddedLayout& padded() const;

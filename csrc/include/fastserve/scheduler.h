@@ -38,6 +38,13 @@
 // A prediction is corrected only by batches that run, so a request that
 // would start at once on an idle worker is never refused, and the least
 // late request is kept when all would be shed.
+//
+// Workers. A scheduler built for `workers` consumers (replicas) keeps one
+// controller per worker: worker k's next_batch sizes the batch with its own
+// budget, and complete() feeds the batch's latency back to that worker's
+// controller, since replicas on different devices have different costs.
+// Each controller sees 1/workers of the arrival rate and of the queued work
+// as its share.
 #pragma once
 
 #include <condition_variable>
@@ -97,7 +104,7 @@ class Scheduler {
   static constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
 
   Scheduler(SchedulerConfig config, ControllerConfig controller,
-            std::shared_ptr<Clock> clock = steady_clock());
+            std::shared_ptr<Clock> clock = steady_clock(), int workers = 1);
   ~Scheduler();
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -124,7 +131,8 @@ class Scheduler {
   // Wait up to timeout_s (real time) for work. Returns a batch, possibly
   // with no requests but with expired ids to fail; nullopt when the timeout
   // passed with nothing to do or the scheduler is closed and empty.
-  std::optional<std::shared_ptr<Batch>> next_batch(double timeout_s);
+  // `worker` (in [0, workers)) picks the controller that sizes the batch.
+  std::optional<std::shared_ptr<Batch>> next_batch(double timeout_s, int worker = 0);
 
   // Called by the worker just before it runs `batch`: takes out and returns
   // the requests whose deadline has passed since assembly (counted as
@@ -149,7 +157,9 @@ class Scheduler {
 
   int64_t depth() const;
   int64_t queued_tokens() const;
-  int64_t budget() const;
+  int64_t budget() const;  // worker 0's
+  int64_t budget(int worker) const;
+  int workers() const { return static_cast<int>(controllers_.size()); }
   const SchedulerConfig& config() const { return config_; }
   Clock& clock() const { return *clock_; }
 
@@ -158,7 +168,10 @@ class Scheduler {
     Stats stats;
     int64_t depth = 0, queued_tokens = 0, budget = 0;
     std::string policy;
-    std::map<std::string, double> controller;
+    std::map<std::string, double> controller;  // worker 0's
+    // Every worker's budget and controller state, worker 0 first.
+    std::vector<int64_t> budgets;
+    std::vector<std::map<std::string, double>> controllers;
     double now = 0;
   };
   Snapshot snapshot() const;
@@ -196,7 +209,7 @@ class Scheduler {
   void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
   std::vector<uint64_t> drop_expired_locked(double now);
-  std::shared_ptr<Batch> assemble_locked(double now);
+  std::shared_ptr<Batch> assemble_locked(double now, int worker);
   struct Cand {
     int32_t len;
     uint64_t id;
@@ -211,7 +224,7 @@ class Scheduler {
 
   const SchedulerConfig config_;
   const std::shared_ptr<Clock> clock_;
-  std::unique_ptr<Controller> controller_;
+  std::vector<std::unique_ptr<Controller>> controllers_;  // one per worker
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

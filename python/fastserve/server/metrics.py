@@ -89,6 +89,30 @@ class EngineCollector:
             for method, n in s["attention_batches"].items():
                 runs.add_metric([method], float(n))
             yield runs
+        yield from _replica_metrics(s.get("replicas") or [])
+
+
+def _replica_metrics(replicas: list) -> list[Metric]:
+    """Per worker (replica, or pipeline stage worker): up, batches, failures,
+    requests and its controller's budget, labelled by index and device."""
+    labels = ["replica", "device"]
+    up = GaugeMetricFamily("fastserve_engine_replica_up", "1 while the replica's worker serves", labels=labels)
+    batches = CounterMetricFamily("fastserve_engine_replica_batches", "Batches run by the replica", labels=labels)
+    failed = CounterMetricFamily("fastserve_engine_replica_failed_batches", "The replica's batches that failed",
+                                 labels=labels)
+    requests = CounterMetricFamily("fastserve_engine_replica_requests", "Requests in the replica's batches",
+                                   labels=labels)
+    budget = GaugeMetricFamily("fastserve_engine_replica_budget_tokens", "The replica controller's token budget",
+                               labels=labels)
+    for r in replicas:
+        key = [str(r["index"]), str(r["device"])]
+        up.add_metric(key, 1.0 if r["alive"] else 0.0)
+        batches.add_metric(key, float(r["batches"]))
+        failed.add_metric(key, float(r["failed_batches"]))
+        requests.add_metric(key, float(r["requests"]))
+        if r.get("controller"):
+            budget.add_metric(key, float(r["controller"].get("budget_tokens", 0)))
+    return [up, batches, failed, requests, budget] if replicas else []
 
 
 def _summary(name: str, doc: str, h: dict[str, float]) -> Metric:

@@ -1,0 +1,162 @@
+"""Several workers in one engine: data-parallel replicas on one or more
+devices, or the stages of a pipeline (python/fastserve/pipeline.py).
+
+The engine keeps one scheduler and one queue. Each replica has a worker
+thread that pulls its batches from that queue (`next_batch(worker=k)`, so
+a batch goes to whichever worker is free), its own controller in the
+scheduler (replicas on different devices cost differently), its own runner
+and, on a CPU, its own share of the cores. Replicas on the same device share
+the model's weights (read only under inference mode): a second copy would
+only cost memory (benchmarks/README.md, "Replicas on one CPU")."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .models import resolve_device
+from .process import usable_cores
+
+PARALLEL = ("data", "pipeline")
+
+
+def worker_devices(device: str, devices: Any, replicas: int | None, parallel: str) -> list[torch.device]:
+    """The device of each worker (parallel="data") or of each stage
+    (parallel="pipeline"), from Engine's device / devices / replicas.
+
+    devices: None (the one `device`), "all" (every visible GPU) or a list;
+    replicas: workers per device (data parallel only; default 1)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if devices is None:
+        listed = [resolve_device(device)]
+    else:
+        if device != "auto":
+            raise ValueError("give either device= or devices=, not both")
+        if isinstance(devices, str):
+            if devices != "all":
+                raise ValueError(f"devices must be 'all' or a list of devices, got {devices!r}")
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError("devices='all' found no visible GPU (use device='cpu' and replicas=N on a CPU)")
+            listed = [torch.device("cuda", i) for i in range(count)]
+        else:
+            if not isinstance(devices, Sequence) or not devices:
+                raise ValueError(f"devices must be 'all' or a non-empty list of devices, got {devices!r}")
+            for d in devices:
+                if not isinstance(d, (str, torch.device)) or str(d) == "auto":
+                    raise ValueError(f"devices must name each device ('cpu', 'cuda:0', ...), got {d!r}")
+            listed = [_indexed(resolve_device(str(d))) for d in devices]
+        kinds = {d.type for d in listed}
+        if len(kinds) > 1 and parallel == "data":
+            raise ValueError(f"data-parallel replicas must share one device type, got {[str(d) for d in listed]}")
+    if parallel == "pipeline":
+        if replicas not in (None, 1):
+            raise ValueError("parallel='pipeline' runs one pipeline (replicas must be 1)")
+        if len(listed) < 2:
+            raise ValueError("parallel='pipeline' needs at least two devices (one per stage)")
+        return listed
+    return [d for d in listed for _ in range(replicas or 1)]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current>, so two names of one GPU compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def threads_per_worker(requested: int | None, devices: Sequence[torch.device]) -> int | None:
+    """torch's intra-op threads each CPU worker sets in its own thread: the
+    engine's torch_threads when given, else an equal share of the usable
+    cores (at least one) among the CPU workers; None leaves torch's count
+    (torch_threads=0, and GPU workers)."""
+    cpu_workers = sum(1 for d in devices if d.type == "cpu")
+    if requested == 0 or cpu_workers == 0:
+        return None
+    if requested is not None:
+        return requested
+    return max(1, usable_cores() // cpu_workers)
+
+
+class Replica:
+    """One worker: its device, its runner and what it has done."""
+
+    def __init__(self, index: int, device: torch.device, runner: Any, threads: int | None,
+                 sdpa_backends: Callable[[], Any]) -> None:
+        self.index = index
+        self.device = device
+        self.runner = runner
+        self.threads = threads if device.type == "cpu" else None
+        self.sdpa_backends = sdpa_backends
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.requests = 0
+        self.failed_batches = 0
+        self.busy_s = 0.0
+
+    def enter(self) -> None:
+        """Run once in the worker's own thread: torch's intra-op thread count
+        is per thread under its OpenMP backend (measured in
+        benchmarks/python/replicas.py), so each worker sets its share."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and self.error is None
+
+    def record(self, batch_size: int, seconds: float, failed: bool = False) -> None:
+        with self._lock:
+            self.batches += 1
+            self.requests += batch_size
+            self.busy_s += seconds
+            if failed:
+                self.failed_batches += 1
+
+    def report(self, controller: dict | None = None) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {
+                "index": self.index,
+                "device": str(self.device),
+                "alive": self.alive,
+                "error": repr(self.error) if self.error else None,
+                "torch_threads": self.threads,
+                "batches": self.batches,
+                "requests": self.requests,
+                "failed_batches": self.failed_batches,
+                "busy_s": self.busy_s,
+            }
+        if controller is not None:
+            out["controller"] = controller
+        return out
+
+
+def runner_copy(runner: Any) -> Any:
+    """A second runner over the same model and weights (a shallow copy), with
+    its own count of the attention that ran."""
+    twin = copy.copy(runner)
+    ran = getattr(runner, "attention_batches", None)
+    if ran is not None:
+        twin.attention_batches = dict.fromkeys(ran, 0)
+    return twin
+
+
+def attention_batches(replicas: Sequence[Replica]) -> dict[str, int] | None:
+    """Batches by the attention that ran, summed over the replicas."""
+    total: dict[str, int] | None = None
+    for r in replicas:
+        ran = getattr(r.runner, "attention_batches", None)
+        if ran is None:
+            continue
+        total = total or {}
+        for k, v in dict(ran).items():
+            total[k] = total.get(k, 0) + v
+    return total

@@ -1,0 +1,317 @@
+"""Data-parallel replicas in one engine (Engine(replicas=N), devices=[...]):
+one queue, a worker, runner and controller per replica, per-replica faults,
+health, stats and metrics. Concurrency is made deterministic with gates that
+hold each replica's worker inside its batch."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine, _core, process, replicas
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tm.model("bert")
+
+
+def gate(replica) -> tm.Gate:
+    """A Gate on one replica's runner (holds that worker's first batch)."""
+    return tm.Gate(types.SimpleNamespace(runner=replica.runner))
+
+
+def entered(gates, exclude=()) -> tm.Gate:
+    """The gate (not in exclude) whose worker took a batch."""
+    found: list = []
+    tm.until(lambda: found.extend(g for g in gates if g.entered.is_set() and g not in exclude) or found,
+             "a replica to take the batch")
+    return found[0]
+
+
+class WorkerKiller(BaseException):
+    """Escapes `except Exception`: kills the worker thread."""
+
+
+def kill(batch):
+    raise WorkerKiller("replica lost")
+
+
+def both_held(gates) -> None:
+    tm.until(lambda: all(g.entered.is_set() for g in gates), "both replicas held")
+
+
+@contextlib.contextmanager
+def expected_thread_deaths():
+    """A worker's death is expected here: not printed by threading's hook."""
+    hook = threading.excepthook
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+
+
+# -------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(replicas=0), "replicas must be a positive int"),
+    (dict(replicas=True), "replicas must be a positive int"),
+    (dict(replicas="2"), "replicas must be a positive int"),
+    (dict(devices="every"), "devices must be 'all'"),
+    (dict(devices=[]), "non-empty list"),
+    (dict(devices=["cpu", 3]), "name each device"),
+    (dict(device="cpu", devices=["cpu"]), "either device= or devices="),
+    (dict(parallel="tensor"), "parallel must be one of"),
+    (dict(parallel="pipeline"), "at least two devices"),
+    (dict(devices=["cpu", "cpu"], parallel="pipeline", replicas=2), "replicas must be 1"),
+])
+def test_bad_scale_out_arguments_are_refused_before_anything_changes(bert, kwargs, match):
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match=match):
+        Engine(bert, tm.tokenizer(), **kwargs)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_devices_all_without_a_gpu_says_so(bert):
+    with pytest.raises(ValueError, match="found no visible GPU"):
+        Engine(bert, tm.tokenizer(), devices="all")
+
+
+def test_worker_devices_and_thread_shares():
+    cpu = torch.device("cpu")
+    assert replicas.worker_devices("cpu", None, 3, "data") == [cpu] * 3
+    assert replicas.worker_devices("auto", ["cpu", "cpu"], 2, "data") == [cpu] * 4
+    assert replicas.worker_devices("auto", ["cpu", "cpu"], None, "pipeline") == [cpu, cpu]
+    cores = process.usable_cores()
+    assert replicas.threads_per_worker(None, [cpu] * 2) == max(1, cores // 2)
+    assert replicas.threads_per_worker(None, [cpu] * (4 * cores)) == 1
+    assert replicas.threads_per_worker(3, [cpu] * 2) == 3
+    assert replicas.threads_per_worker(0, [cpu] * 2) is None
+
+
+# ---------------------------------------------------------------- scheduler
+
+
+def test_each_worker_has_its_own_controller():
+    clock = _core.ManualClock(0.0)
+    sched = _core.Scheduler(_core.SchedulerConfig(), _core.ControllerConfig(policy="aimd", initial_tokens=40),
+                            clock, workers=2)
+    assert sched.workers == 2
+    for i in range(8):
+        sched.submit([1] * 10)
+    b1 = sched.next_batch(0.0, 1)
+    assert b1.worker == 1 and b1.budget == 40 and b1.total_tokens == 40
+    clock.advance(0.001)
+    sched.complete(b1, 0.001)  # a full batch well under target: aimd grows worker 1's budget only
+    assert sched.budget_of(1) > 40 and sched.budget_of(0) == 40 == sched.budget
+    s = sched.stats()
+    assert [c["budget_tokens"] for c in s["controllers"]] == [40, sched.budget_of(1)]
+    assert s["controller"]["budget_tokens"] == 40
+    b0 = sched.next_batch(0.0, 0)
+    assert b0.worker == 0 and b0.budget == 40
+    with pytest.raises(ValueError, match="out of range"):
+        sched.next_batch(0.0, 2)
+    with pytest.raises(ValueError, match="workers must be"):
+        _core.Scheduler(_core.SchedulerConfig(), _core.ControllerConfig(), None, workers=0)
+
+
+# ------------------------------------------------------------------ serving
+
+
+def test_replicas_give_the_single_worker_results_and_share_the_weights(bert):
+    texts = tm.mixed_texts(48, seed=3)
+    with Engine(bert, tm.tokenizer()) as one:
+        expected = one.embed(texts)
+    with Engine(bert, tm.tokenizer(), replicas=2) as two:
+        got = two.embed(texts)
+        r0, r1 = two._replicas
+        assert r1.runner is not r0.runner and r1.runner.model is r0.runner.model  # one copy of the weights
+        s = two.stats()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert len(s["replicas"]) == 2 and s["health"]["replicas_alive"] == 2
+    assert sum(r["requests"] for r in s["replicas"]) == s["completed"] == len(texts)
+    assert all("budget_tokens" in r["controller"] for r in s["replicas"])
+
+
+def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert):
+    with Engine(bert, tm.tokenizer(), replicas=2) as engine:
+        seen_threads: list[int] = []
+        gates = [gate(r) for r in engine._replicas]
+        for g in gates:
+            inner = g.inner
+            g.inner = lambda batch, inner=inner: seen_threads.append(torch.get_num_threads()) or inner(batch)
+        first = engine.submit("taken by one replica")
+        busy = entered(gates)
+        second = engine.submit("taken by the other while the first is held")
+        other = entered(gates, exclude=[busy])
+        assert busy is not other  # two batches in flight at once
+        for g in gates:
+            g.release.set()
+        assert first.result(timeout=30).shape == second.result(timeout=30).shape == (32,)
+        s = engine.stats()
+    share = max(1, process.usable_cores() // 2)
+    assert seen_threads == [share, share]
+    assert [r["torch_threads"] for r in s["replicas"]] == [share, share]
+    assert [r["batches"] for r in s["replicas"]] == [1, 1]
+
+
+def test_priorities_deadlines_and_cancellation_hold_with_replicas(bert):
+    clock = _core.ManualClock(0.0)
+    with Engine(bert, tm.tokenizer(), replicas=2, clock=clock) as engine:
+        gates = [gate(r) for r in engine._replicas]
+        a = engine.submit("one")
+        entered(gates)
+        b = engine.submit("two")
+        both_held(gates)
+        late = engine.submit("has a deadline", timeout=0.5)
+        doomed = engine.submit("cancelled")
+        urgent = engine.submit("urgent", priority=5)
+        assert engine.stats()["queue_depth"] == 3
+        assert doomed.cancel()
+        clock.advance(1.0)
+        for g in gates:
+            g.release.set()
+        with pytest.raises(fastserve.RequestTimeoutError):
+            late.result(timeout=30)
+        for f in (a, b, urgent):
+            assert f.result(timeout=30).shape == (32,)
+        s = engine.stats()
+    seen = [i for g in gates for i in g.seen]
+    assert len(seen) == 3  # neither the expired nor the cancelled request reached a model
+    assert s["expired"] == 1 and s["cancelled"] == 1 and s["completed"] == 3
+
+
+# ------------------------------------------------------------------- faults
+
+
+def test_a_replica_whose_model_raises_fails_only_its_batch(bert):
+    with Engine(bert, tm.tokenizer(), replicas=2) as engine:
+        gates = [gate(r) for r in engine._replicas]
+        bad = engine.submit("this batch meets a failing device")
+        failing = entered(gates)
+        good = engine.submit("the other replica serves this")
+        other = entered(gates, exclude=[failing])
+
+        def raises(batch):
+            raise RuntimeError("device error")
+
+        failing.inner = raises
+        for g in gates:
+            g.release.set()
+        with pytest.raises(fastserve.InferenceError, match="device error"):
+            bad.result(timeout=30)
+        assert good.result(timeout=30).shape == (32,)
+        assert other.seen and failing.seen
+        h = engine.health()
+        s = engine.stats()
+    assert h["healthy"] and h["replicas_alive"] == 2
+    assert sorted(r["failed_batches"] for r in s["replicas"]) == [0, 1]
+    assert s["failed_batches"] == 1
+
+
+def test_a_dead_replica_fails_its_batch_with_a_typed_error_and_the_others_keep_serving(bert):
+    engine = Engine(bert, tm.tokenizer(), replicas=2)
+    gates = [gate(r) for r in engine._replicas]
+    doomed = engine.submit("the batch whose worker dies")
+    dying = entered(gates)
+    held = engine.submit("held by the other replica")
+    survivor = entered(gates, exclude=[dying])
+    dying.inner = kill
+    with expected_thread_deaths():
+        dying.release.set()
+        with pytest.raises(fastserve.ReplicaFailedError, match="replica lost") as info:
+            doomed.result(timeout=30)
+        assert isinstance(info.value, fastserve.InferenceError)
+        dead = next(r for r, g in zip(engine._replicas, gates) if g is dying)
+        dead.thread.join(30)
+    survivor.release.set()
+    assert held.result(timeout=30).shape == (32,)
+    later = [engine.submit(f"after the death {i}") for i in range(5)]
+    assert all(f.result(timeout=30).shape == (32,) for f in later)
+    h = engine.health()
+    assert h["healthy"] and h["degraded"] and h["replicas_alive"] == 1
+    reports = {r["index"]: r for r in engine.stats()["replicas"]}
+    assert not reports[dead.index]["alive"] and "replica lost" in reports[dead.index]["error"]
+    engine.close()
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.submit("after close")
+
+
+def test_when_the_last_replica_dies_the_engine_fails_pending_requests(bert):
+    engine = Engine(bert, tm.tokenizer(), replicas=2)
+    gates = [gate(r) for r in engine._replicas]
+    first = engine.submit("one")
+    entered(gates)
+    second = engine.submit("two")
+    both_held(gates)
+    queued = [engine.submit(f"queued {i}") for i in range(3)]
+    for g in gates:
+        g.inner = kill
+    with expected_thread_deaths():
+        gates[0].release.set()
+        gates[1].release.set()
+        errors = []
+        for f in (first, second, *queued):
+            with pytest.raises((fastserve.EngineClosedError, fastserve.ReplicaFailedError)) as info:
+                f.result(timeout=30)
+            errors.append(type(info.value))
+        for r in engine._replicas:
+            r.thread.join(30)
+    assert errors[2:] == [fastserve.EngineClosedError] * 3
+    h = engine.health()
+    assert not h["healthy"] and h["replicas_alive"] == 0
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.submit("after death")
+    engine.close()
+
+
+@pytest.mark.parametrize("drain", [False, True])
+def test_close_drains_or_fails_the_queue_and_joins_every_worker(bert, drain):
+    before = {t.ident for t in threading.enumerate()}
+    engine = Engine(bert, tm.tokenizer(), replicas=2)
+    gates = [gate(r) for r in engine._replicas]
+    running = [engine.submit("one")]
+    entered(gates)
+    running.append(engine.submit("two"))
+    both_held(gates)
+    queued = [engine.submit(f"queued {i}") for i in range(4)]
+    closer = threading.Thread(target=engine.close, kwargs={"drain": drain})
+    closer.start()
+    if not drain:  # the queue is closed before a worker is free to take from it
+        tm.until(lambda: engine._scheduler.closed, "close() to close the queue")
+    for g in gates:
+        g.release.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    for f in running:
+        assert f.result(timeout=1).shape == (32,)
+    for f in queued:
+        if drain:
+            assert f.result(timeout=1).shape == (32,)
+        else:
+            with pytest.raises(fastserve.EngineClosedError):
+                f.result(timeout=1)
+    assert {t.ident for t in threading.enumerate()} <= before
+
+
+def test_metrics_report_each_replica(bert):
+    pytest.importorskip("prometheus_client")
+    from fastserve.server.metrics import Metrics
+
+    with Engine(bert, tm.tokenizer(), replicas=2) as engine:
+        engine.embed(["a", "b", "c"])
+        text = Metrics(engine).exposition().decode()
+    for k in (0, 1):
+        assert f'fastserve_engine_replica_up{{device="cpu",replica="{k}"}} 1.0' in text
+        assert f'fastserve_engine_replica_budget_tokens{{device="cpu",replica="{k}"}}' in text
+    assert "fastserve_engine_replica_batches_total" in text
