@@ -47,7 +47,14 @@ def _make_engine(args: argparse.Namespace, **extra):
     """An Engine from the common options; `extra` adds or overrides keywords."""
     from .engine import Engine
 
+    kwargs = _engine_kwargs(args, **extra)
+    return Engine(kwargs.pop("model"), **kwargs)
+
+
+def _engine_kwargs(args: argparse.Namespace, **extra) -> dict:
+    """The Engine's keywords (the model under "model") from the common options."""
     kwargs = dict(
+        model=args.model,
         device=args.device,
         dtype=args.dtype,
         pooling=args.pooling,
@@ -60,7 +67,7 @@ def _make_engine(args: argparse.Namespace, **extra):
         torch_threads=args.torch_threads,
     )
     kwargs.update(extra)
-    return Engine(kwargs.pop("model", args.model), **kwargs)
+    return kwargs
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -149,19 +156,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .errors import ModelLoadError
 
+    serve_options = dict(
+        model=args.model_path or args.model,
+        task=args.task,
+        max_length=args.max_length,
+        truncate=args.truncate,
+        chunk_overlap=args.chunk_overlap,
+        pair_truncation=args.pair_truncation,
+        max_queue=args.max_queue,
+        max_queue_tokens=args.max_queue_tokens,
+        **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
+    )
+    app_options = dict(
+        api_key=args.api_key or None,
+        max_payload_bytes=args.max_payload_bytes,
+        max_inputs=args.max_inputs_per_request,
+        request_timeout=args.request_timeout,
+        model_name=args.served_model_name,
+    )
+    if args.ray:  # the Ray Serve path: replicas across a Ray cluster
+        try:
+            from .ray import serve_cli
+        except ImportError as e:
+            print(f"fastserve serve: {e}", file=sys.stderr)
+            return 2
+        return serve_cli(args, _engine_kwargs(args, **serve_options), app_options)
     try:
-        engine = _make_engine(
-            args,
-            model=args.model_path or args.model,
-            task=args.task,
-            max_length=args.max_length,
-            truncate=args.truncate,
-            chunk_overlap=args.chunk_overlap,
-            pair_truncation=args.pair_truncation,
-            max_queue=args.max_queue,
-            max_queue_tokens=args.max_queue_tokens,
-            **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
-        )
+        engine = _make_engine(args, **serve_options)
     except (ModelLoadError, ValueError) as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
@@ -175,11 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine,
         args.host,
         args.port,
-        api_key=args.api_key or None,
-        max_payload_bytes=args.max_payload_bytes,
-        max_inputs=args.max_inputs_per_request,
-        request_timeout=args.request_timeout,
-        model_name=args.served_model_name,
+        **app_options,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
         access_log=args.access_log,
@@ -227,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--ray", action="store_true",
+                   help="serve with Ray Serve (the 'ray' extra): --replicas engines on the Ray cluster "
+                        "($RAY_ADDRESS, or a local one)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: Serve replicas, one engine each")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="with --ray: CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per replica")
     p.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     _quiet_transformers()

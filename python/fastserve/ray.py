@@ -1,0 +1,319 @@
+"""fastserve on Ray Serve: one Engine per replica, across the nodes of a Ray
+cluster, behind the same OpenAI-compatible HTTP app as `fastserve serve`.
+
+    from ray import serve
+    import fastserve.ray
+
+    serve.run(fastserve.ray.app("path/to/model", num_replicas=2, num_cpus=1))
+
+Each replica holds one `fastserve.Engine`, which does the batching (no
+`@serve.batch`): Serve hands a replica every request it routes there at once
+(up to `max_ongoing_requests`), and the engine's scheduler batches them under
+its latency controller. The replica's HTTP app is `fastserve.server.create_app`
+of that engine, served through Serve's ASGI ingress, so the routes, errors and
+limits are those of `fastserve serve`.
+
+Routing (`QueuedWorkRouter`): power of two choices on each replica's queued
+work. Each replica reports its engine's queued tokens and mean tokens per
+request (`record_routing_stats`, every `routing_stats_period_s`); the router
+adds what it has itself sent each replica and not yet seen answered, so its
+view is live for its own traffic and at most one period old for the rest.
+docs/design.md ("Ray Serve") gives the reasons.
+
+Needs the `ray` extra (`pip install "fastserve[ray]"`). This module is named
+`ray` inside the `fastserve` package; every import of Ray here is absolute,
+so it never shadows the real `ray`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import signal
+import sys
+import threading
+from typing import Any, Mapping, Optional
+
+try:
+    import ray  # noqa: F401  (absolute: the real Ray, never this module)
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+    from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"fastserve.ray needs the 'ray' extra (missing module {e.name!r}): pip install 'fastserve[ray]'"
+    ) from e
+
+__all__ = ["app", "build", "serve_cli", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]
+
+DEPLOYMENT_NAME = "fastserve"
+# Seconds a replica waits for a request's body (BodyGuard).
+BODY_TIMEOUT_S = 10.0
+ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
+# Keys of the server's create_app; every other option goes to the Engine.
+SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name")
+
+
+class Replica:
+    """One Serve replica: an Engine and the HTTP app serving it."""
+
+    def __init__(self, model: Any, engine_options: Mapping[str, Any], server_options: Mapping[str, Any],
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+        from fastserve.engine import Engine
+
+        self.engine = Engine(model, **dict(engine_options))
+        self._server_options = dict(server_options)
+        self._body_timeout_s = body_timeout_s
+
+    def __serve_build_asgi_app__(self):
+        # Serve calls this once the constructor has run: the app needs the engine.
+        from fastserve.server import DEFAULT_MAX_PAYLOAD_BYTES, create_app
+
+        app = create_app(self.engine, **self._server_options)
+        return BodyGuard(app, self._body_timeout_s,
+                         self._server_options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES))
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """The replica's queued work, read by QueuedWorkRouter (and where it
+        runs and what it served, for operators and tests)."""
+        s = self.engine.stats()
+        done = s["completed"] + s["failed"]
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "completed": s["completed"],
+            "queued_tokens": float(s["queued_tokens"]),
+            "queued_requests": float(s["queue_depth"]),
+            # Mean real tokens per finished request: the router's cost of a
+            # request it sent and has not seen answered (1 before any).
+            "tokens_per_request": s["real_tokens"] / done if done else 1.0,
+        }
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead engine worker fails it, and Serve
+        replaces the replica."""
+        h = self.engine.health()
+        if not h["healthy"]:
+            raise RuntimeError(f"fastserve engine unhealthy: {h}")
+
+    def __del__(self) -> None:
+        # Serve calls this on shutdown, after its graceful wait for the
+        # requests in flight; drain=True serves anything still queued.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(drain=True, timeout=30.0)
+
+
+class BodyGuard:
+    """The replica's ASGI app behind a bound on the wait for a request's body.
+
+    When a replica dies holding a request, Serve's proxy may send the request
+    again to another replica, but the body went to the dead one: the new
+    replica would wait for it until the client gives up. The guard reads the
+    body first (up to max_bytes; beyond that the app's own 413 applies), and a
+    body that has not arrived within timeout_s is answered with a 503 in
+    OpenAI's shape (code "request_body_lost": safe to retry) instead. The app
+    then reads the body it was given, and the connection's later messages
+    (a client's disconnect) as before."""
+
+    def __init__(self, app: Any, timeout_s: float, max_bytes: int) -> None:
+        self.app, self.timeout_s, self.max_bytes = app, timeout_s, max_bytes
+        # Serve's ingress reads these off the app (docs path, exception handlers).
+        self.docs_url = getattr(app, "docs_url", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        buffered: list[dict] = []
+        size = 0
+        try:
+            while True:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+                buffered.append(message)
+                if message["type"] != "http.request":
+                    break
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False) or size > self.max_bytes:
+                    break
+        except asyncio.TimeoutError:
+            from fastserve.server.errors import ApiError
+
+            lost = ApiError(503, f"the request's body did not arrive within {self.timeout_s:g} s (a replica "
+                                 "that held it was lost); retry the request", type="server_error",
+                            code="request_body_lost", headers={"Retry-After": "0"})
+            return await lost.response()(scope, receive, send)
+
+        async def replay() -> dict:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class QueuedWorkRouter(FIFOMixin, RequestRouter):
+    """Power of two choices on queued work (tokens), not on request counts.
+
+    Two replicas are drawn at random; the one with less estimated queued work
+    ranks first, and Serve sends the request there unless it is at
+    max_ongoing_requests (then to the other). A replica's estimated work is the
+    larger of two lower bounds on it: the queued tokens its engine last
+    reported, and the requests this router sent it that are unanswered times
+    its mean tokens per request. Equal estimates (an idle cluster, replicas
+    without stats yet) leave both in one rank, where Serve takes the one with
+    fewer ongoing requests from its live probe.
+    """
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._outstanding: dict[ReplicaID, set[str]] = {}
+
+    def estimated_work(self, replica: RunningReplica) -> float:
+        stats = replica.routing_stats or {}
+        reported = float(stats.get("queued_tokens", 0.0))
+        per_request = float(stats.get("tokens_per_request", 1.0))
+        mine = len(self._outstanding.get(replica.replica_id, ()))
+        return max(reported, mine * per_request)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
+    ) -> list[list[RunningReplica]]:
+        if len(candidate_replicas) <= 1:
+            return [list(candidate_replicas)]
+        a, b = random.sample(candidate_replicas, 2)
+        wa, wb = self.estimated_work(a), self.estimated_work(b)
+        if math.isclose(wa, wb):
+            return [[a, b]]
+        return [[a], [b]] if wa < wb else [[b], [a]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._outstanding.setdefault(replica_id, set()).add(pending_request.metadata.internal_request_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        ids = self._outstanding.get(replica_id)
+        if ids is not None:
+            ids.discard(internal_request_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._outstanding.pop(replica_id, None)
+
+
+def app(
+    model: Any = None,
+    *,
+    num_replicas: int = 1,
+    min_replicas: Optional[int] = None,
+    max_replicas: Optional[int] = None,
+    target_ongoing_requests: float = 64.0,
+    num_cpus: Optional[float] = 1.0,
+    num_gpus: Optional[float] = None,
+    max_ongoing_requests: int = 256,
+    router: str = "queued_work",
+    routing_stats_period_s: float = 1.0,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    name: str = DEPLOYMENT_NAME,
+    **options: Any,
+):
+    """A Serve application: `num_replicas` replicas, each one Engine serving
+    `model` behind fastserve's HTTP app. Run it with `serve.run(app(...))`.
+
+    num_replicas: a fixed replica count; or min_replicas/max_replicas for
+    Serve's autoscaling between those bounds (aiming at
+    target_ongoing_requests per replica).
+    num_cpus, num_gpus: resources of each replica. On the CPU, a replica's
+    engine runs int(num_cpus) torch threads unless torch_threads is given.
+    max_ongoing_requests: requests Serve sends a replica at once; the engine
+    batches them, so this is far above Serve's default of 5.
+    router: "queued_work" (QueuedWorkRouter) or "pow2" (Serve's default:
+    power of two choices on ongoing request counts).
+    body_timeout_s: a request whose body has not reached its replica by then
+    gets a 503 to retry (BodyGuard: a body lost with a dead replica).
+    options: the server's create_app options (api_key, max_payload_bytes,
+    max_inputs, request_timeout, model_name); every other one is an Engine
+    keyword (task, device, target_latency_ms, max_batch_tokens, ...).
+    """
+    if router not in ("queued_work", "pow2"):
+        raise ValueError(f"router must be 'queued_work' or 'pow2', got {router!r}")
+    if (min_replicas is None) != (max_replicas is None):
+        raise ValueError("give both min_replicas and max_replicas (autoscaling), or neither")
+    if num_replicas < 1 or max_ongoing_requests < 1:
+        raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
+    server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
+    engine_options = dict(options)
+    if num_cpus and engine_options.get("torch_threads") is None and not num_gpus:
+        engine_options["torch_threads"] = max(1, int(num_cpus))
+    actor_options: dict[str, Any] = {}
+    if num_cpus is not None:
+        actor_options["num_cpus"] = num_cpus
+    if num_gpus:
+        actor_options["num_gpus"] = num_gpus
+    deployment_options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": max_ongoing_requests,
+    }
+    if min_replicas is not None:
+        deployment_options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests
+        )
+    else:
+        deployment_options["num_replicas"] = num_replicas
+    if router == "queued_work":
+        deployment_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_PATH, request_routing_stats_period_s=routing_stats_period_s
+        )
+    if not body_timeout_s > 0:
+        raise ValueError("body_timeout_s must be positive seconds")
+    return Deployment.options(**deployment_options).bind(model, engine_options, server_options, body_timeout_s)
+
+
+def build(args: Mapping[str, Any]):
+    """The application builder for a Serve config file
+    (`import_path: fastserve.ray:build`): `args` are app()'s keywords, with
+    the model under "model"."""
+    kwargs = dict(args)
+    return app(kwargs.pop("model", None), **kwargs)
+
+
+def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, Any]) -> int:
+    """`fastserve serve --ray`: app() of the engine's keywords (the model
+    under "model") and create_app's app_options, run on the Ray cluster
+    ($RAY_ADDRESS, the one `ray start` began on this machine, or else a new
+    local one) until SIGINT/SIGTERM; then delete the app (Serve lets its
+    requests finish) and disconnect (stopping Ray if this command started it)."""
+    engine_kwargs = dict(engine_kwargs)
+    model = engine_kwargs.pop("model")
+    try:
+        built = app(
+            model,
+            num_replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus or None,
+            **app_options,
+            **engine_kwargs,
+        )
+    except ValueError as e:
+        print(f"fastserve serve: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(built, name=DEPLOYMENT_NAME, route_prefix="/")
+        print(f"fastserve: serving {model or 'the default model'} with Ray Serve ({args.replicas} replicas) "
+              f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        serve.delete(DEPLOYMENT_NAME)
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+Deployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(Replica))

@@ -1,0 +1,417 @@
+"""fastserve.ray: the Ray Serve deployment, on a two-node Ray cluster that the
+tests start and stop on loopback (ray.cluster_utils.Cluster: two raylets,
+one CPU each, all on 127.0.0.1).
+
+Marked `ray` (CI runs them as their own step, after installing the `ray`
+extra); skipped when Ray Serve is not installed. Every wait has a bound, so a
+fault shows as a failure, never as a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ray
+
+# Ray swaps a loopback address for the machine's own address when connecting
+# (it expects other machines); with this flag it keeps 127.0.0.1 everywhere, so
+# every node, worker and request stays on loopback. Read when Ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ray = pytest.importorskip("ray", reason="needs the 'ray' extra: pip install '.[ray]'", exc_type=ImportError)
+serve = pytest.importorskip("ray.serve", reason="needs the 'ray' extra: pip install '.[ray]'", exc_type=ImportError)
+httpx = pytest.importorskip("httpx")
+
+import tiny_models  # noqa: E402
+
+import fastserve  # noqa: E402
+import fastserve.ray as fray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "examples" / "ray" / "serve_config.yaml"
+APP = "fastserve-test"
+LOOPBACK = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _replica_actors() -> dict[str, object]:
+    """The live replica actors of the test app, by actor name."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return {
+        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in names
+        if a["name"].startswith("SERVE_REPLICA::") and APP in a["name"]
+    }
+
+
+def _replica_stats() -> dict[str, dict]:
+    """Each live replica's routing stats (its engine's counters and node)."""
+    out = {}
+    for name, actor in _replica_actors().items():
+        try:
+            out[name] = ray.get(actor.record_routing_stats.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            continue  # dying, or a new one still starting
+    return out
+
+
+def _running_replicas() -> int:
+    status = serve.status().applications.get(APP)
+    if status is None or status.status != "RUNNING":
+        return 0
+    dep = status.deployments[fray.DEPLOYMENT_NAME]
+    return dep.replica_states.get("RUNNING", 0) if dep.status == "HEALTHY" else 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_models.save("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    """Two Ray nodes on loopback, one CPU each, with the test app on them:
+    two replicas of one CPU, so Ray must place one on each node."""
+    from ray.cluster_utils import Cluster
+
+    node = dict(num_cpus=1, node_ip_address=LOOPBACK, object_store_memory=80 * 1024 * 1024)
+    c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    c.add_node(**node)
+    c.wait_for_nodes(timeout=120)
+    ray.init(address=c.gcs_address, _node_ip_address=LOOPBACK, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": LOOPBACK, "port": port}, proxy_location="HeadOnly")
+    serve.run(fray.app(str(model_dir), num_replicas=2, num_cpus=1, routing_stats_period_s=0.5),
+              name=APP, route_prefix="/")
+    try:
+        yield f"http://{LOOPBACK}:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    engine = fastserve.Engine(str(model_dir))
+    yield engine
+    engine.close()
+
+
+async def _embed(client: httpx.AsyncClient, base: str, texts: list[str]) -> httpx.Response:
+    return await client.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60)
+
+
+def _vectors(response: httpx.Response) -> np.ndarray:
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+def test_results_equal_the_in_process_engine(cluster, reference):
+    texts = tiny_models.mixed_texts(24, seed=3)
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            whole = await _embed(client, cluster, texts)
+            singles = await asyncio.gather(*(_embed(client, cluster, [t]) for t in texts))
+        return whole, singles
+
+    whole, singles = asyncio.run(asyncio.wait_for(go(), 120))
+    expected = reference.embed(texts)
+    assert whole.status_code == 200, whole.text
+    np.testing.assert_allclose(_vectors(whole), expected, atol=1e-5)
+    for r, e in zip(singles, expected):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r)[0], e, atol=1e-5)
+    # The rest of the API is the same app's.
+    models = httpx.get(f"{cluster}/v1/models", timeout=30).json()
+    assert models["data"][0]["dimensions"] == reference.dim
+    bad = httpx.post(f"{cluster}/v1/embeddings", json={"input": [1.5]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_spread_over_replicas_on_both_nodes(cluster):
+    before = {name: s["completed"] for name, s in _replica_stats().items()}
+    texts = tiny_models.mixed_texts(200, seed=4)
+
+    async def go():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*(_embed(client, cluster, [t]) for t in texts))
+
+    replies = asyncio.run(asyncio.wait_for(go(), 180))
+    assert all(r.status_code == 200 for r in replies)
+    after = _replica_stats()
+    assert len(after) == 2
+    served = {name: s["completed"] - before.get(name, 0) for name, s in after.items()}
+    assert sum(served.values()) == len(texts)
+    assert all(n > 0 for n in served.values()), served
+    assert len({s["node_id"] for s in after.values()}) == 2, "both replicas on one node"
+    # The stats the router reads are there and numeric.
+    for s in after.values():
+        assert s["queued_tokens"] >= 0 and s["tokens_per_request"] > 0
+
+
+def test_killed_replica_loses_no_accepted_request_and_is_replaced(cluster, reference):
+    """Clients keep sending while one replica's actor is killed. Every request
+    ends within its timeout: 200 with the right vector, or Serve's 500/503 for
+    the requests the dead replica held (safe to retry: embedding is
+    idempotent), and the retry succeeds. Serve starts a new replica."""
+    texts = tiny_models.mixed_texts(16, seed=5)
+    expected = reference.embed(texts)
+    original = _replica_actors()
+    victim_name, victim = sorted(original.items())[0]
+    results: list[tuple[int, int]] = []  # (text index, status)
+    failed: list[int] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client, k):
+        i = k
+        while not stop.is_set():
+            j = i % len(texts)
+            r = await asyncio.wait_for(_embed(client, cluster, [texts[j]]), 90)
+            results.append((j, r.status_code))
+            if r.status_code == 200:
+                np.testing.assert_allclose(_vectors(r)[0], expected[j], atol=1e-5)
+            else:
+                assert r.status_code in (500, 503), (r.status_code, r.text)
+                failed.append(j)
+            i += 1
+
+    async def go():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
+            clients = [asyncio.create_task(client_loop(client, k)) for k in range(16)]
+            while len(results) < 50:
+                await asyncio.sleep(0.01)
+            ray.kill(victim, no_restart=True)
+            killed_at = len(results)
+            deadline = time.monotonic() + 120
+            # Load goes on until Serve runs a new replica in the victim's place.
+            while not (set(_replica_stats()) - set(original) and _running_replicas() == 2):
+                assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+                await asyncio.sleep(0.2)
+            served_before_stop = len(results)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*clients)
+            retried = await asyncio.gather(*(_embed(client, cluster, [texts[j]]) for j in failed))
+            return killed_at, served_before_stop, retried
+
+    killed_at, served_before_stop, retried = asyncio.run(asyncio.wait_for(go(), 300))
+    print(f"kill test: {len(results)} requests, killed after {killed_at}, "
+          f"{served_before_stop} answered when the replacement ran, {len(failed)} failed and were retried")
+    assert served_before_stop > killed_at  # requests kept being served meanwhile
+    for j, r in zip(failed, retried):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r)[0], expected[j], atol=1e-5)
+    replicas = _replica_stats()
+    assert len(replicas) == 2 and victim_name not in replicas
+    assert len(set(replicas) - set(original)) == 1
+
+
+def test_shutdown_is_clean(cluster):
+    serve.delete(APP)
+    assert not _replica_actors()
+    with pytest.raises(httpx.HTTPError):
+        r = httpx.get(f"{cluster}/v1/models", timeout=10)
+        r.raise_for_status()
+    serve.shutdown()
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("SERVE_")], names
+
+
+def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference):
+    """`fastserve serve --ray --replicas 2` on the same cluster (after the
+    test app is gone): it serves, and on SIGINT deletes its app and exits 0."""
+    port = _free_port()
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "fastserve.cli", "serve", str(model_dir), "--ray", "--replicas", "2",
+           "--host", LOOPBACK, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://{LOOPBACK}:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the CLI's app never became ready"
+            try:
+                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        texts = tiny_models.mixed_texts(8, seed=6)
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_vectors(r), reference.embed(texts), atol=1e-5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith("SERVE_REPLICA::")], names
+
+
+class _FakeReplica:
+    def __init__(self, rid: str, **stats) -> None:
+        self.replica_id = rid
+        self.routing_stats = stats
+
+
+def _router():
+    router = fray.QueuedWorkRouter.__new__(fray.QueuedWorkRouter)
+    router.initialize_state()
+    return router
+
+
+def test_router_ranks_by_queued_tokens_not_request_counts():
+    router = _router()
+    light = _FakeReplica("light", queued_tokens=100.0, tokens_per_request=10.0)
+    heavy = _FakeReplica("heavy", queued_tokens=5000.0, tokens_per_request=10.0)
+    for _ in range(10):  # whichever pair order random.sample picks
+        ranks = asyncio.run(router.choose_replicas([heavy, light]))
+        assert ranks == [[light], [heavy]]
+    # Equal work (or no stats yet): one rank, Serve's live probe decides.
+    a, b = _FakeReplica("a"), _FakeReplica("b")
+    assert sorted(r.replica_id for r in asyncio.run(router.choose_replicas([a, b]))[0]) == ["a", "b"]
+    assert asyncio.run(router.choose_replicas([a])) == [[a]]
+
+
+def test_router_counts_what_it_sent_until_answered():
+    from types import SimpleNamespace
+
+    router = _router()
+    a = _FakeReplica("a", queued_tokens=0.0, tokens_per_request=20.0)
+    b = _FakeReplica("b", queued_tokens=30.0, tokens_per_request=20.0)
+    assert router.estimated_work(a) == 0.0 and router.estimated_work(b) == 30.0
+    for i in range(3):  # sent to a, not yet in its reported stats
+        router.on_request_routed(SimpleNamespace(metadata=SimpleNamespace(internal_request_id=f"r{i}")), "a", None)
+    assert router.estimated_work(a) == 60.0
+    assert asyncio.run(router.choose_replicas([a, b])) == [[b], [a]]
+    router.on_request_completed("a", "r0")
+    router.on_request_completed("a", "r1")
+    assert router.estimated_work(a) == 20.0
+    assert asyncio.run(router.choose_replicas([a, b])) == [[a], [b]]
+
+
+def test_app_options():
+    with pytest.raises(ValueError, match="router"):
+        fray.app("m", router="round_robin")
+    with pytest.raises(ValueError, match="min_replicas"):
+        fray.app("m", min_replicas=1)
+    built = fray.app("m", num_replicas=3, num_cpus=2, max_ongoing_requests=64, api_key="k",
+                     target_latency_ms=20.0)
+    d = built._bound_deployment
+    assert d.num_replicas == 3 and d.max_ongoing_requests == 64
+    assert d.ray_actor_options["num_cpus"] == 2
+    assert d._deployment_config.request_router_config.request_router_class == fray.ROUTER_PATH
+    model, engine_options, server_options, body_timeout_s = d.init_args
+    assert body_timeout_s == fray.BODY_TIMEOUT_S
+    assert model == "m" and server_options == {"api_key": "k"}
+    assert engine_options == {"target_latency_ms": 20.0, "torch_threads": 2}
+    scaled = fray.app("m", min_replicas=1, max_replicas=4, num_gpus=1)._bound_deployment
+    assert scaled._deployment_config.autoscaling_config.max_replicas == 4
+    assert scaled.ray_actor_options["num_gpus"] == 1
+    assert "torch_threads" not in scaled.init_args[1]  # a GPU replica leaves torch's threads alone
+
+
+def test_health_check_fails_when_the_engine_worker_is_dead(model_dir):
+    """Serve's health check (Replica.check_health) fails once the engine's
+    worker is gone, so Serve replaces the replica; it passes before."""
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {})
+    try:
+        replica.check_health()
+        replica.engine.close()
+        with pytest.raises(RuntimeError, match="unhealthy"):
+            replica.check_health()
+    finally:
+        replica.__del__()  # what Serve calls on shutdown: closes (again, idempotent)
+
+
+def _asgi(app, messages: list[dict], *, then_wait: bool = True):
+    """Run an ASGI app on one http request whose receive yields `messages`,
+    then waits forever (a body that never comes) or reports a disconnect."""
+    sent: list[dict] = []
+    queue = list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        if then_wait:
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def test_body_guard_answers_a_lost_body_with_a_retryable_503():
+    import json
+
+    async def app(scope, receive, send):  # never reached: the body never comes
+        raise AssertionError("the app ran without its body")
+
+    sent = _asgi(fray.BodyGuard(app, 0.05, 1000), [])
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"0") in sent[0]["headers"]
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "request_body_lost" and error["type"] == "server_error"
+
+
+def test_body_guard_hands_the_app_its_body_and_later_messages():
+    seen: list[dict] = []
+
+    async def app(scope, receive, send):
+        while (m := await receive())["type"] == "http.request" and m.get("more_body"):
+            seen.append(m)
+        seen.append(m)
+        seen.append(await receive())  # the client's disconnect, from the connection itself
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    parts = [{"type": "http.request", "body": b"ab", "more_body": True},
+             {"type": "http.request", "body": b"cd", "more_body": False}]
+    sent = _asgi(fray.BodyGuard(app, 5.0, 1000), parts, then_wait=False)
+    assert seen == [*parts, {"type": "http.disconnect"}] and sent[0]["status"] == 200
+    # Past max_bytes the guard stops reading and leaves the rest (and the 413) to the app.
+    seen.clear()
+    big = [{"type": "http.request", "body": b"x" * 600, "more_body": True},
+           {"type": "http.request", "body": b"x" * 600, "more_body": True},
+           {"type": "http.request", "body": b"", "more_body": False}]
+    _asgi(fray.BodyGuard(app, 5.0, 1000), big, then_wait=False)
+    assert seen == [*big, {"type": "http.disconnect"}]
+
+
+def test_config_file_import_path_resolves():
+    """examples/ray/serve_config.yaml is a valid Serve config whose import
+    path builds the fastserve app, with the deployment name it configures."""
+    import yaml
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    (application,) = config.applications
+    builder = import_attr(application.import_path)
+    assert builder is fray.build
+    built = builder(application.args)
+    assert built._bound_deployment.name == fray.DEPLOYMENT_NAME
+    assert [d.name for d in application.deployments] == [fray.DEPLOYMENT_NAME]
