@@ -260,6 +260,8 @@ def test_close_completes_the_running_batch_and_fails_or_drains_the_queue(bert, d
     queued = [engine.submit(f"queued {i}") for i in range(4)]
     closer = threading.Thread(target=engine.close, kwargs={"drain": drain})
     closer.start()
+    if not drain:  # the queue is closed before the worker is let go, or it could take the queued ones
+        tm.until(lambda: engine._scheduler.closed, "close() to close the queue")
     gate.release.set()
     closer.join(60)
     assert not closer.is_alive()
