@@ -238,7 +238,9 @@ def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference):
     test app is gone): it serves, and on SIGINT deletes its app and exits 0."""
     port = _free_port()
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
-               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+               # the fastserve this test imported (a source tree with its built extension, or the installed one)
+               PYTHONPATH=os.pathsep.join([str(Path(fastserve.__file__).resolve().parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "fastserve.cli", "serve", str(model_dir), "--ray", "--replicas", "2",
            "--host", LOOPBACK, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
