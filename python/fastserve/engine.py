@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -456,14 +456,9 @@ class Engine(tasks.TaskCalls):
         their own (each starting with the prompt) and its future is theirs
         combined."""
         p = self._prompt(prompt_name, prompt)
-        requests = self._requests(inputs, p)
-        if self.truncate == "chunk":
-            flat, spans = self._fit.split(requests, self._lead(p))
-            parts = admission.submit_all(self._submitter(p), flat, priority, admission.timeout_callable(timeout))
-            return self._combine(requests, flat, spans, parts)
-        futures = admission.submit_all(self._submitter(p), requests, priority, admission.timeout_callable(timeout))
-        attach(futures, infos_of(requests))
-        return futures
+        requests, queued, spans = self._planned(inputs, p)
+        futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout))
+        return self._answered(requests, queued, spans, futures)
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                            timeout: Timeout = None,
@@ -481,16 +476,10 @@ class Engine(tasks.TaskCalls):
         fails the call. `await fastserve.wait_all(futures)` gives the results.
         prompt_name / prompt: as submit_many's."""
         p = self._prompt(prompt_name, prompt)
-        requests = self._requests(inputs, p)
-        if self.truncate == "chunk":
-            flat, spans = self._fit.split(requests, self._lead(p))
-            parts = await admission.asubmit_all(self._submitter(p), flat, priority,
-                                                admission.timeout_callable(timeout), wait)
-            return self._combine(requests, flat, spans, parts)
-        futures = await admission.asubmit_all(self._submitter(p), requests, priority,
+        requests, queued, spans = self._planned(inputs, p)
+        futures = await admission.asubmit_all(self._submitter(p), queued, priority,
                                               admission.timeout_callable(timeout), wait)
-        attach(futures, infos_of(requests))
-        return futures
+        return self._answered(requests, queued, spans, futures)
 
     def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
         """Token-id lists as the engine would queue them: each must be a
@@ -667,6 +656,23 @@ class Engine(tasks.TaskCalls):
         if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
             window = min(window, self.memory_budget.tokens)
         return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
+
+    def _planned(self, inputs: Sequence[Any], prompt: str) -> tuple[list, list, Optional[list]]:
+        """(the inputs as token lists, what gets queued, each input's [start,
+        end) in it): with truncate="chunk" a long input's windows are queued,
+        otherwise the lists themselves (spans None)."""
+        requests = self._requests(inputs, prompt)
+        if self.truncate != "chunk":
+            return requests, requests, None
+        flat, spans = self._fit.split(requests, self._lead(prompt))
+        return requests, flat, spans
+
+    def _answered(self, requests, queued, spans, futures: list[cf.Future]) -> list[cf.Future]:
+        """One future per input: its own, with `.info`, or its windows' combined."""
+        if spans is not None:
+            return self._combine(requests, queued, spans, futures)
+        attach(futures, infos_of(requests))
+        return futures
 
     def _combine(self, requests, flat, spans, parts: list[cf.Future]) -> list[cf.Future]:
         """Each input's future over its windows' (truncate="chunk")."""
@@ -927,7 +933,7 @@ class Engine(tasks.TaskCalls):
             return runner.run(batch, **extra)
         lengths = ghost.lengths[-ghost.ghosts:]
         fills = {"prompt_lengths": np.zeros_like(lengths), "segments": lengths}  # no prompt; all token type 0
-        rows = runner.run(ghost, **{k: shapes.extend(v, ghost, fills[k]) for k, v in extra.items()})
+        rows = runner.run(ghost, **{k: shapes.extend(v, fills[k]) for k, v in extra.items()})
         return rows[: len(rows) - ghost.ghosts]
 
     def _result(self, row: np.ndarray):

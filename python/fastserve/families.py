@@ -26,6 +26,7 @@ on CUDA one call over a padded copy with a key mask."""
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
@@ -110,7 +111,7 @@ def _modernbert_unsupported(model: Any, cfg: Any) -> Optional[str]:
     return None
 
 
-class _BiasedPackedRunner:
+class _BiasedPackedRunner(abc.ABC):
     """Shared by the packed families below: tokens in, the family's
     embeddings and layers over packed tokens [T, H], then the embedding head.
     A subclass gives embed(ids, pos), layers() and, per layer, the attention
@@ -181,11 +182,13 @@ class _BiasedPackedRunner:
     def mask_kind(self, layer: int) -> Any:
         return 0  # every layer shares one mask per length
 
+    @abc.abstractmethod
     def mask(self, layer: int, length: int) -> Any:
-        raise NotImplementedError
+        """None, a bool [L, L] or a float [1, nh, L, L] for a sequence of length L at this layer."""
 
+    @abc.abstractmethod
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
-        raise NotImplementedError
+        """The family's embeddings and layers over packed tokens: [T, H]."""
 
 
 class _Padded:

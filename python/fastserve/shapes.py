@@ -45,8 +45,8 @@ class GhostedBatch:
         pieces = [max_length] * (extra // max_length) + ([extra % max_length] if extra % max_length else [])
         self.ghosts = len(pieces)
         self.ids = batch.ids
-        self.packed_input_ids = np.concatenate(
-            [np.asarray(batch.packed_input_ids), np.full(extra, pad_id, dtype=np.asarray(batch.packed_input_ids).dtype)])
+        ids = np.asarray(batch.packed_input_ids)
+        self.packed_input_ids = np.concatenate([ids, np.full(extra, pad_id, dtype=ids.dtype)])
         pos = np.asarray(batch.position_ids)
         self.position_ids = np.concatenate([pos, *(np.arange(n, dtype=pos.dtype) for n in pieces)])
         lengths = np.asarray(batch.lengths)
@@ -65,8 +65,7 @@ def ghosted(batch: Any, max_length: int, pad_id: int) -> Optional[GhostedBatch]:
     return GhostedBatch(batch, extra, max_length, pad_id) if extra else None
 
 
-def extend(values: Optional[np.ndarray], ghost: GhostedBatch, fill: np.ndarray) -> Optional[np.ndarray]:
+def extend(values: np.ndarray, fill: np.ndarray) -> np.ndarray:
     """A per-request array (prompt lengths, pair segments) with the ghosts' entries appended."""
-    if values is None:
-        return None
-    return np.concatenate([np.asarray(values), fill.astype(np.asarray(values).dtype)])
+    values = np.asarray(values)
+    return np.concatenate([values, fill.astype(values.dtype)])
