@@ -824,6 +824,7 @@ class Engine(tasks.TaskCalls):
         else one per device entry, sharing the model (and a runner copy) with
         an earlier replica on the same device, a copy of the model otherwise."""
         threads = replicas_.threads_per_worker(torch_threads, devices)
+        share = replicas_.core_share(torch_threads, devices, self.parallel)
         if self.parallel == "pipeline":
             staged = PipelineRunner(self.runner, devices, self.model)
             return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
@@ -839,7 +840,7 @@ class Engine(tasks.TaskCalls):
                 net, _ = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
                 runner = make_runner(net, dev)
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
-            out.append(replicas_.Replica(k, dev, runner, threads, backends))
+            out.append(replicas_.Replica(k, dev, runner, threads, backends, share))
         return out
 
     def _work(self, replica: replicas_.Replica) -> None:
@@ -884,7 +885,7 @@ class Engine(tasks.TaskCalls):
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with replica.sdpa_backends(), self._precision_context(), self._onednn():
+            with replica.cores(), replica.sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
                     extra["prompt_lengths"] = np.array(
