@@ -36,9 +36,6 @@ import load
 CONFIGS = {
     "1 replica x 2 threads": {"replicas": 1, "torch_threads": 2},
     "2 replicas x 1 thread": {"replicas": 2, "torch_threads": 1},
-    # torch_threads left to the engine: a batch that starts while the other
-    # replica is idle runs on both cores (replicas.CoreShare)
-    "2 replicas, elastic": {"replicas": 2},
 }
 
 

@@ -193,6 +193,8 @@ class Engine(tasks.TaskCalls):
         process.check_torch_threads(torch_threads)
         # One device per worker (data parallel) or per stage (pipeline); the
         # first is the engine's device (python/fastserve/replicas.py).
+        if replicas is None:
+            replicas = replicas_.default_replicas(device, devices, parallel, torch_threads)
         worker_devices = replicas_.worker_devices(device, devices, replicas, parallel)
         self.parallel = parallel
         self.device = worker_devices[0]
@@ -824,7 +826,6 @@ class Engine(tasks.TaskCalls):
         else one per device entry, sharing the model (and a runner copy) with
         an earlier replica on the same device, a copy of the model otherwise."""
         threads = replicas_.threads_per_worker(torch_threads, devices)
-        share = replicas_.core_share(torch_threads, devices, self.parallel)
         if self.parallel == "pipeline":
             staged = PipelineRunner(self.runner, devices, self.model)
             return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
@@ -840,7 +841,7 @@ class Engine(tasks.TaskCalls):
                 net, _ = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
                 runner = make_runner(net, dev)
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
-            out.append(replicas_.Replica(k, dev, runner, threads, backends, share))
+            out.append(replicas_.Replica(k, dev, runner, threads, backends))
         return out
 
     def _work(self, replica: replicas_.Replica) -> None:
@@ -885,7 +886,7 @@ class Engine(tasks.TaskCalls):
         futures = self._take_all(batch.ids)
         t0 = time.perf_counter()
         try:
-            with replica.cores(), replica.sdpa_backends(), self._precision_context(), self._onednn():
+            with replica.sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
                     extra["prompt_lengths"] = np.array(

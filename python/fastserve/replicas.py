@@ -11,7 +11,6 @@ only cost memory (benchmarks/README.md, "Replicas on one CPU")."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 from typing import Any, Callable, Sequence
@@ -65,6 +64,18 @@ def worker_devices(device: str, devices: Any, replicas: int | None, parallel: st
     return [d for d in listed for _ in range(replicas or 1)]
 
 
+def default_replicas(device: str, devices: Any, parallel: str, torch_threads: int | None) -> int | None:
+    """Engine(replicas=None): on a CPU of two or more usable cores, when the
+    engine chooses the threads (torch_threads=None), two replicas, each on
+    half the cores; else one. Measured in benchmarks/README.md, "Replicas on
+    one CPU": two replicas of one thread serve at least the goodput within
+    the SLO of one replica of two threads at every rate, and far more from
+    about 60% of capacity on."""
+    if devices is not None or parallel != "data" or torch_threads is not None or usable_cores() < 2:
+        return None
+    return 2 if resolve_device(device).type == "cpu" else None
+
+
 def _indexed(device: torch.device) -> torch.device:
     """cuda -> cuda:<current>, so two names of one GPU compare equal."""
     if device.type == "cuda" and device.index is None:
@@ -85,54 +96,15 @@ def threads_per_worker(requested: int | None, devices: Sequence[torch.device]) -
     return max(1, usable_cores() // cpu_workers)
 
 
-class CoreShare:
-    """The usable cores, shared by an engine's CPU replicas batch by batch.
-
-    A replica whose batch starts while no other CPU replica is computing
-    runs it on all `cores`; one that starts while another computes runs on
-    its fixed share. Under light load, batches rarely overlap and each gets
-    the whole machine (one replica's latency); under heavy load they always
-    overlap and each runs on its share (two replicas' throughput). A batch
-    keeps the count it started with: one started alone while another then
-    starts overlaps it with cores + share threads until it ends (measured
-    in benchmarks/README.md, "Replicas on one CPU")."""
-
-    def __init__(self, cores: int) -> None:
-        self.cores = cores
-        self._busy = 0
-        self._lock = threading.Lock()
-
-    def enter(self) -> bool:
-        """A batch starts: True when no other replica is computing."""
-        with self._lock:
-            self._busy += 1
-            return self._busy == 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._busy -= 1
-
-
-def core_share(torch_threads: int | None, devices: Sequence[torch.device], parallel: str) -> CoreShare | None:
-    """A CoreShare for several data-parallel CPU replicas whose threads the
-    engine chooses (torch_threads=None); None otherwise (a fixed count)."""
-    cpu_workers = sum(1 for d in devices if d.type == "cpu")
-    if torch_threads is not None or parallel != "data" or cpu_workers < 2 or usable_cores() < 2:
-        return None
-    return CoreShare(usable_cores())
-
-
 class Replica:
     """One worker: its device, its runner and what it has done."""
 
     def __init__(self, index: int, device: torch.device, runner: Any, threads: int | None,
-                 sdpa_backends: Callable[[], Any], share: CoreShare | None = None) -> None:
+                 sdpa_backends: Callable[[], Any]) -> None:
         self.index = index
         self.device = device
         self.runner = runner
         self.threads = threads if device.type == "cpu" else None
-        self.share = share if self.threads is not None else None
-        self.batches_alone = 0  # batches run on all the cores (CoreShare)
         self.sdpa_backends = sdpa_backends
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -152,25 +124,6 @@ class Replica:
             # set_num_threads left (another worker's): initialise it first.
             torch.get_num_threads()
             torch.set_num_threads(self.threads)
-
-    @contextlib.contextmanager
-    def cores(self):
-        """Around one batch's compute, in the worker's thread: with a
-        CoreShare, the batch's thread count (all the cores when it starts
-        alone, else the replica's share)."""
-        if self.share is None:
-            yield
-            return
-        alone = self.share.enter()
-        try:
-            want = self.share.cores if alone else self.threads
-            if torch.get_num_threads() != want:
-                torch.set_num_threads(want)
-            if alone:
-                self.batches_alone += 1
-            yield
-        finally:
-            self.share.leave()
 
     @property
     def alive(self) -> bool:
@@ -192,10 +145,6 @@ class Replica:
                 "alive": self.alive,
                 "error": repr(self.error) if self.error else None,
                 "torch_threads": self.threads,
-                # With a CoreShare: the count a batch gets when it starts
-                # alone, and how many batches did.
-                "torch_threads_alone": self.share.cores if self.share else self.threads,
-                "batches_alone": self.batches_alone if self.share else None,
                 "batches": self.batches,
                 "requests": self.requests,
                 "failed_batches": self.failed_batches,

@@ -24,3 +24,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     for item in gpu_items:
         item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_replica_by_default():
+    """Engine(replicas=None) runs two replicas on a CPU of two or more cores
+    (replicas.default_replicas). Most tests hold "the" worker in a batch
+    (tiny_models.held) or count one worker's batches, so for them an engine
+    left at the default gets one replica, set here once for the session
+    (before any module's engine fixture). Tests of the default itself take
+    the `real_default_replicas` fixture; test_replicas.py covers several
+    workers, and the CLI and server subprocess tests run the real default."""
+    from fastserve import replicas
+
+    real = replicas.default_replicas
+    replicas.default_replicas = lambda *args, **kwargs: None
+    yield real
+    replicas.default_replicas = real
+
+
+@pytest.fixture
+def real_default_replicas(_one_replica_by_default):
+    """Within the test, Engine(replicas=None) resolves as it does outside tests."""
+    from fastserve import replicas
+
+    pinned = replicas.default_replicas
+    replicas.default_replicas = _one_replica_by_default
+    yield
+    replicas.default_replicas = pinned

@@ -99,6 +99,25 @@ def test_worker_devices_and_thread_shares():
     assert replicas.threads_per_worker(0, [cpu] * 2) is None
 
 
+def test_the_default_is_two_replicas_on_a_multi_core_cpu_when_the_engine_sizes_the_threads(bert, real_default_replicas):
+    cores = process.usable_cores()
+    assert replicas.default_replicas("cpu", None, "data", None) == (2 if cores >= 2 else None)
+    assert replicas.default_replicas("cpu", None, "data", 1) is None  # torch_threads given: one replica
+    assert replicas.default_replicas("auto", ["cpu", "cpu"], "data", None) is None  # devices given: one each
+    assert replicas.default_replicas("cpu", None, "pipeline", None) is None
+    texts = tm.mixed_texts(24, seed=5)
+    with Engine(bert, tm.tokenizer(), replicas=1) as one:
+        expected = one.embed(texts)
+    with Engine(bert, tm.tokenizer()) as engine:
+        got = engine.embed(texts)
+        s = engine.stats()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    share = max(1, cores // 2)
+    assert [r["torch_threads"] for r in s["replicas"]] == ([share, share] if cores >= 2 else [cores])
+    with Engine(bert, tm.tokenizer(), torch_threads=1) as pinned:
+        assert len(pinned.stats()["replicas"]) == 1
+
+
 # ---------------------------------------------------------------- scheduler
 
 
@@ -143,19 +162,13 @@ def test_replicas_give_the_single_worker_results_and_share_the_weights(bert):
     assert all("budget_tokens" in r["controller"] for r in s["replicas"])
 
 
-@pytest.mark.parametrize("torch_threads", [None, 1])
-def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert, torch_threads):
-    # torch_threads=None: the first batch starts alone and runs on every
-    # usable core; the second starts while the first computes and runs on
-    # its share (replicas.CoreShare). torch_threads=1: one thread each.
-    cores = process.usable_cores()
-    elastic = torch_threads is None and cores >= 2
-    with Engine(bert, tm.tokenizer(), replicas=2, torch_threads=torch_threads) as engine:
-        seen_threads: dict[int, int] = {}  # replica index -> its batch's thread count
+def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert):
+    with Engine(bert, tm.tokenizer(), replicas=2) as engine:
+        seen_threads: list[int] = []
         gates = [gate(r) for r in engine._replicas]
-        for k, g in enumerate(gates):
+        for g in gates:
             inner = g.inner
-            g.inner = lambda batch, inner=inner, k=k: seen_threads.setdefault(k, torch.get_num_threads()) and inner(batch)
+            g.inner = lambda batch, inner=inner: seen_threads.append(torch.get_num_threads()) or inner(batch)
         first = engine.submit("taken by one replica")
         busy = entered(gates)
         second = engine.submit("taken by the other while the first is held")
@@ -165,70 +178,10 @@ def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(
             g.release.set()
         assert first.result(timeout=30).shape == second.result(timeout=30).shape == (32,)
         s = engine.stats()
-    share = torch_threads or max(1, cores // 2)
-    first_replica = gates.index(busy)
-    assert seen_threads == {first_replica: cores if elastic else share, 1 - first_replica: share}
+    share = max(1, process.usable_cores() // 2)
+    assert seen_threads == [share, share]
     assert [r["torch_threads"] for r in s["replicas"]] == [share, share]
     assert [r["batches"] for r in s["replicas"]] == [1, 1]
-    by_index = {r["index"]: r for r in s["replicas"]}
-    if elastic:
-        assert by_index[first_replica]["batches_alone"] == 1 and by_index[1 - first_replica]["batches_alone"] == 0
-        assert all(r["torch_threads_alone"] == cores for r in s["replicas"])
-    else:
-        assert all(r["batches_alone"] is None and r["torch_threads_alone"] == share for r in s["replicas"])
-
-
-def test_a_core_share_gives_a_batch_every_core_only_while_it_is_alone():
-    share = replicas.CoreShare(cores=4)
-    cpu = torch.device("cpu")
-    a = replicas.Replica(0, cpu, None, 2, lambda: contextlib.nullcontext(), share)
-    b = replicas.Replica(1, cpu, None, 2, lambda: contextlib.nullcontext(), share)
-    seen: list[tuple[str, int]] = []
-    step = [threading.Event() for _ in range(3)]
-
-    def worker_a():
-        torch.set_num_threads(2)
-        with a.cores():  # alone: all 4 cores
-            seen.append(("a alone", torch.get_num_threads()))
-            step[0].set()
-            step[1].wait(10)
-        with a.cores():  # b is computing: its share
-            seen.append(("a beside b", torch.get_num_threads()))
-        step[2].set()
-
-    def worker_b():
-        torch.set_num_threads(2)
-        step[0].wait(10)
-        with b.cores():  # a is computing: its share
-            seen.append(("b beside a", torch.get_num_threads()))
-            step[1].set()
-            step[2].wait(10)
-        with b.cores():  # alone again
-            seen.append(("b alone", torch.get_num_threads()))
-
-    threads = [threading.Thread(target=worker_a), threading.Thread(target=worker_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert seen == [("a alone", 4), ("b beside a", 2), ("a beside b", 2), ("b alone", 4)]
-    assert (a.batches_alone, b.batches_alone) == (1, 1)
-    # A raising batch still leaves the share: the next one is alone again.
-    with pytest.raises(RuntimeError):
-        with a.cores():
-            raise RuntimeError("the model raised")
-    assert share.enter() is True
-    share.leave()
-
-
-def test_the_core_share_is_only_for_data_parallel_cpu_replicas_the_engine_sizes():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    many = process.usable_cores() >= 2
-    assert (replicas.core_share(None, [cpu, cpu], "data") is not None) == many
-    assert replicas.core_share(1, [cpu, cpu], "data") is None  # a fixed count was asked for
-    assert replicas.core_share(None, [cpu], "data") is None
-    assert replicas.core_share(None, [cpu, cpu], "pipeline") is None  # stages run at once by design
-    assert replicas.core_share(None, [gpu, gpu], "data") is None
 
 
 def test_priorities_deadlines_and_cancellation_hold_with_replicas(bert):
