@@ -27,8 +27,10 @@
 //     now + R + C(W) + J,
 //     C(W) = L(max(W, F)) when W fits the budget B, else ceil(W / B) L(B),
 // where R is the rest of the running batch, W the work ahead of it plus its
-// own, in cost tokens, and F (capped at B) what its batch will hold: the
-// whole queue and the arrivals during R at the measured arrival rate. At submit,
+// own, in cost tokens, and F (capped at B) what its batch will hold: what is
+// queued at its priority or higher and such arrivals during R at their
+// measured rate (a lower class joins a batch only as far as the deadlines
+// of its higher-priority members allow, so it does not count). At submit,
 // "ahead" is what is queued at its priority or higher; a request predicted
 // to miss its deadline is refused at once (Overloaded, with the seconds
 // after which the backlog ahead has drained enough). When a batch is formed,
