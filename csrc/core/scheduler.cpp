@@ -124,11 +124,10 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
   // such arrivals while it waits: lower priority cannot displace it).
   // Past the budget it runs in the k-th batch, after k - 1 full ones; with
   // several workers (replicas) the full batches ahead run `workers` at a time.
-  // Or, within kWindowBudgets budgets, in one batch past the budget: batch
-  // formation takes a request past the budget when it would miss its
-  // deadline in a later batch and the batch still meets the deadline of
-  // every member (room: the seconds to the earliest deadline ahead, from
-  // the batch's start).
+  // With extend_past_budget, in one batch past the budget instead (charged
+  // the tail J once more) when that is sooner and leaves the earliest
+  // deadline ahead (room: seconds from the batch's start) a margin of J:
+  // batch formation then takes it past the budget (assemble_in_order_locked).
   const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
   const double n = static_cast<double>(controllers_.size());
   auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
@@ -193,7 +192,7 @@ double Scheduler::completion_locked(double now, int priority, double ahead, doub
   // deadline allows).
   const double residual = residual_locked(now);
   const double fill = ahead + own + cost_factor_ * arrivals_locked(priority) * residual;
-  const double room = std::min(urgent_locked(priority), kNoDeadline) - now - residual;
+  const double room = urgent_locked(priority) - now - residual;
   return now + residual + compute_locked(ahead + own, fill, room);
 }
 
@@ -519,11 +518,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 // each taken when it still fits (first fit), the head always. Deadlines
 // (while admission predicts): a request of lower priority than a member
 // joins only if the batch, predicted with the compute tail J, still ends by
-// that member's deadline; and a request that does not fit the budget joins
-// all the same when it would miss its deadline in a later batch (predicted
-// to start when this one ends and to run a full budget) while this batch,
-// with it, still ends by every member's deadline and its own. Shedding and
-// admission predict with both rules (compute_locked).
+// that member's deadline; and, with extend_past_budget, a request that does
+// not fit the budget joins all the same when it would miss its deadline in
+// a later batch (predicted to start when this one ends and to run a full
+// budget) while this batch, with it, still ends a tail J before every
+// member's deadline and its own (only while the whole queue fits
+// kWindowBudgets budgets: extend_limit_locked). Shedding and admission
+// predict with both rules (compute_locked).
 std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget,
                                                            const std::vector<Cand>& cands,
                                                            std::shared_ptr<Batch> batch) {
@@ -545,8 +546,9 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
         if (guard && end > members.above(c.priority)) continue;
       } else {
         // Past the budget: only to save a request a later batch would make late.
-        if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) || end + tail_s_ > std::min(members.all(), c.deadline) ||
-            now + fit(sum) + fit(B) + tail_s_ <= c.deadline)
+        const bool later_in_time = now + fit(sum) + fit(B) + tail_s_ <= c.deadline;
+        if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) ||
+            end + tail_s_ > std::min(members.all(), c.deadline) || later_in_time)
           continue;
       }
     }
