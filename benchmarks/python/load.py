@@ -253,6 +253,7 @@ def run_open_loop(
     # Per-request arrival offsets and latencies for time-resolved plots.
     res["_arrivals"] = offsets[m] - warmup_s
     res["_latency"] = lat_all
+    res["_errors"] = np.where(refused[m], "refused", errors)  # "" (completed or unfinished), "refused", or the failure's type
     return res
 
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in backends:
                 r = run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=args.slo_ms / 1000, drain_s=args.drain)
                 print(_row(r), flush=True)
-                r.pop("_arrivals"), r.pop("_latency")
+                r.pop("_arrivals"), r.pop("_latency"), r.pop("_errors")
                 out.append(r)
     finally:
         for b in backends:

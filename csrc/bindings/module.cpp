@@ -236,6 +236,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("admission", &SchedulerConfig::admission)
       .def_readwrite("attention_tokens", &SchedulerConfig::attention_tokens)
       .def_readwrite("long_apart_tokens", &SchedulerConfig::long_apart_tokens)
+      .def_readwrite("extend_past_budget", &SchedulerConfig::extend_past_budget)
       .def_property(
           "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },
           [](SchedulerConfig& c, const std::string& s) { c.cost = cost_from_string(s); })

@@ -13,6 +13,26 @@ namespace fastserve {
 namespace {
 // How far past the head, in budgets of tokens, batch assembly looks.
 constexpr double kWindowBudgets = 2.0;
+
+// A forming batch's members' earliest deadline by priority: a request joins
+// only if the batch still ends in time for every member of a higher class
+// (lower priority is displaced, never the reverse).
+class Urgency {
+ public:
+  void add(int priority, double deadline) {
+    auto [it, fresh] = earliest_.try_emplace(priority, deadline);
+    if (!fresh) it->second = std::min(it->second, deadline);
+  }
+  double above(int priority) const {  // of members with a higher priority
+    double d = INFINITY;
+    for (auto it = earliest_.upper_bound(priority); it != earliest_.end(); ++it) d = std::min(d, it->second);
+    return d;
+  }
+  double all() const { return above(std::numeric_limits<int>::min()); }
+
+ private:
+  std::map<int, double> earliest_;
+};
 }  // namespace
 
 const char* to_string(Cost cost) { return cost == Cost::Padded ? "padded" : "packed"; }
@@ -98,16 +118,38 @@ bool Scheduler::idle_for_locked(int priority) const {
          tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
 }
 
-double Scheduler::compute_locked(double work, double fill) const {
+double Scheduler::compute_locked(double work, double fill, double room) const {
   // work: cost tokens up to and including the request; fill: what its own
-  // batch is expected to hold (the queue, and arrivals while it waits).
+  // batch is expected to hold (what is queued at its priority or higher, and
+  // such arrivals while it waits: lower priority cannot displace it).
   // Past the budget it runs in the k-th batch, after k - 1 full ones; with
   // several workers (replicas) the full batches ahead run `workers` at a time.
+  // With extend_past_budget, in one batch past the budget instead (charged
+  // the tail J once more) when that is sooner and leaves the earliest
+  // deadline ahead (room: seconds from the batch's start) a margin of J:
+  // batch formation then takes it past the budget (assemble_in_order_locked).
   const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
   const double n = static_cast<double>(controllers_.size());
-  const double t = work <= B ? compute_fit_.predict(std::max(work, std::min(B, fill)))
-                             : std::ceil(work / (B * n)) * compute_fit_.predict(B);
-  return std::max(0.0, t) + tail_s_;
+  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
+  double t;
+  if (work <= B) {
+    t = fit(std::max(work, std::min(B, fill)));
+  } else {
+    t = std::ceil(work / (B * n)) * fit(B);
+    if (config_.extend_past_budget && work <= extend_limit_locked(B) && fit(work) + tail_s_ < t &&
+        fit(work) + 2 * tail_s_ <= room)
+      t = fit(work) + tail_s_;
+  }
+  return t + tail_s_;
+}
+
+double Scheduler::extend_limit_locked(double budget) const {
+  // A batch runs past the budget only to take a short queue whole (all of
+  // it within the window batch formation looks at), never under overload,
+  // where the queue always outruns the budget and a longer batch only
+  // delays the next.
+  const double queued = cost_factor_ * static_cast<double>(queued_tokens_);
+  return queued <= kWindowBudgets * budget ? kWindowBudgets * budget : budget;
 }
 
 double Scheduler::residual_locked(double now) const {
@@ -126,19 +168,39 @@ double Scheduler::ahead_locked(int priority) const {
   return cost_factor_ * static_cast<double>(tokens);
 }
 
-double Scheduler::completion_locked(double now, double ahead, double own) const {
-  // Its batch forms when the running one ends: it then holds the whole
-  // queue and what arrives meanwhile, up to the budget.
+double Scheduler::arrivals_locked(int priority) const {
+  double rate = 0;
+  for (auto it = arrival_rate_by_priority_.lower_bound(priority); it != arrival_rate_by_priority_.end(); ++it)
+    rate += it->second;
+  return rate;
+}
+
+double Scheduler::urgent_locked(int priority) const {
+  // Earliest first; lower classes (rarely more than a few ahead in deadline
+  // order) are skipped. Past 64 of them, the earliest of all: a bound.
+  int seen = 0;
+  for (const auto& [deadline, id] : deadlines_) {
+    if (requests_.at(id).priority >= priority || ++seen > 64) return deadline;
+  }
+  return kNoDeadline;
+}
+
+double Scheduler::completion_locked(double now, int priority, double ahead, double own) const {
+  // Its batch forms when the running one ends: it then holds what is queued
+  // at its priority or higher and what of that arrives meanwhile, up to the
+  // budget (batch formation fills it with lower priority only as far as its
+  // deadline allows).
   const double residual = residual_locked(now);
-  const double fill = cost_factor_ * (static_cast<double>(queued_tokens_) + arrival_rate_ * residual) + own;
-  return now + residual + compute_locked(ahead + own, fill);
+  const double fill = ahead + own + cost_factor_ * arrivals_locked(priority) * residual;
+  const double room = urgent_locked(priority) - now - residual;
+  return now + residual + compute_locked(ahead + own, fill, room);
 }
 
 double Scheduler::predict_completion(int64_t tokens, int priority) const {
   std::lock_guard<std::mutex> lock(mu_);
   if (!predicting_locked()) return INFINITY;
   const double now = clock_->now();
-  return completion_locked(now, ahead_locked(priority), own_cost(tokens));
+  return completion_locked(now, priority, ahead_locked(priority), own_cost(tokens));
 }
 
 void Scheduler::track_compute_locked(double cost, double seconds) {
@@ -181,6 +243,7 @@ uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, do
   queued_tokens_ += n;
   tokens_by_priority_[priority] += n;
   submitted_tokens_ += n;
+  submitted_by_priority_[priority] += n;
   ++stats_.submitted;
   if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
   return id;
@@ -197,7 +260,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
     if (closed_) throw SchedulerClosed("scheduler is closed");
     if (!fits_locked(n)) throw_full_locked();
     if (std::isfinite(deadline) && predicting_locked() && !idle_for_locked(priority)) {
-      const double done = completion_locked(now, ahead_locked(priority), own_cost(n));
+      const double done = completion_locked(now, priority, ahead_locked(priority), own_cost(n));
       if (done > deadline) throw_overloaded_locked(done, deadline);
     }
     id = enqueue_locked(std::move(tokens), priority, now, deadline);
@@ -233,7 +296,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
       if (!fits_locked(n)) break;
       if (predict) {
         const double own = own_cost(n);
-        const double done = completion_locked(now, ahead, own);
+        const double done = completion_locked(now, priority, ahead, own);
         if (done > deadline && !(idle && ids.empty())) {
           late_at = done;
           break;
@@ -290,21 +353,32 @@ void Scheduler::shed_locked(double now, Batch& out) {
   // Walk the queue in its order, accumulating the work each kept request
   // leaves ahead of the next; a request predicted to finish after its
   // deadline is dropped and adds nothing.
+  // Its batch holds what is queued at its priority or higher (lower
+  // priority joins it only as far as its deadline allows); `urgent` is the
+  // earliest deadline of the kept requests ahead, which a batch past the
+  // budget must still meet.
   const double residual = residual_locked(now);
-  const double fill = cost_factor_ * static_cast<double>(queued_tokens_);
-  double ahead = 0;
+  std::map<int, double> fill;  // queued cost at each priority or higher
+  {
+    double above = 0;
+    for (auto it = tokens_by_priority_.rbegin(); it != tokens_by_priority_.rend(); ++it)
+      fill[it->first] = above += cost_factor_ * static_cast<double>(it->second);
+  }
+  double ahead = 0, urgent = kNoDeadline;
   std::vector<uint64_t> drop;
   for (const Key& k : order_) {
     const Request& r = requests_.at(k.id);
     const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
     if (std::isfinite(r.deadline)) {
-      const double done = now + residual + compute_locked(ahead + own, fill);
+      const double done =
+          now + residual + compute_locked(ahead + own, fill.at(r.priority), urgent - now - residual);
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
         out.shed_retry_after_s.push_back(done - r.deadline);
         continue;
       }
+      urgent = std::min(urgent, r.deadline);
     }
     ahead += own;
   }
@@ -371,9 +445,10 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   cands.reserve(window);
   double seen = 0;
   for (auto it = order_.begin(); cands.size() < window; ++it) {
-    const auto len = static_cast<int32_t>(requests_.at(it->id).tokens.size());
+    const Request& r = requests_.at(it->id);
+    const auto len = static_cast<int32_t>(r.tokens.size());
     if (!cands.empty() && (seen += len) > window_tokens) break;
-    cands.push_back({len, it->id});
+    cands.push_back({len, it->id, r.priority, r.deadline});
   }
   if (config_.cost == Cost::Packed) return assemble_in_order_locked(now, budget, cands, std::move(batch));
   const uint64_t head_id = cands.front().id;
@@ -389,6 +464,14 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // then the shorter one; it stops at the budget, at max_batch_size, or when
   // the best marginal fill falls below min_fill. Without that floor a padded
   // batch fills its budget with ever shorter requests, and padding grows.
+  // A candidate of lower priority than a member joins only if the batch,
+  // predicted with the compute tail, still ends by that member's deadline.
+  const bool guard = predicting_locked();
+  auto ends_by = [&](int64_t c, double deadline) {
+    return !guard || now + std::max(0.0, compute_fit_.predict(static_cast<double>(c))) + tail_s_ <= deadline;
+  };
+  Urgency members;
+  members.add(cands[h].priority, cands[h].deadline);
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len;
   while (count < config_.max_batch_size) {
@@ -399,13 +482,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     const int64_t cost = cost_of(count, max_len, sum);
     if (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
-      can_lo = c <= budget;
+      can_lo = c <= budget && ends_by(c, members.above(cands[lo - 1].priority));
       fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
     }
     if (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
-      can_hi = c <= budget;
+      can_hi = c <= budget && ends_by(c, members.above(cands[hi + 1].priority));
       fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
     }
@@ -416,8 +499,10 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
         can_lo && (!can_hi || fill_lo > fill_hi || (fill_lo == fill_hi && pad_lo <= pad_hi));
     if (take_lo) {
       sum += cands[--lo].len;
+      members.add(cands[lo].priority, cands[lo].deadline);
     } else {
       sum += cands[++hi].len;
+      members.add(cands[hi].priority, cands[hi].deadline);
     }
     ++count;
   }
@@ -430,10 +515,23 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 
 // Packed cost is the sum of lengths whatever the grouping, so nothing is
 // gained by reordering: the batch is the window's requests in queue order,
-// each taken when it still fits (first fit), the head always.
+// each taken when it still fits (first fit), the head always. Deadlines
+// (while admission predicts): a request of lower priority than a member
+// joins only if the batch, predicted with the compute tail J, still ends by
+// that member's deadline; and, with extend_past_budget, a request that does
+// not fit the budget joins all the same when it would miss its deadline in
+// a later batch (predicted to start when this one ends and to run a full
+// budget) while this batch, with it, still ends a tail J before every
+// member's deadline and its own (only while the whole queue fits
+// kWindowBudgets budgets: extend_limit_locked). Shedding and admission
+// predict with both rules (compute_locked).
 std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget,
                                                            const std::vector<Cand>& cands,
                                                            std::shared_ptr<Batch> batch) {
+  const bool guard = predicting_locked();
+  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
+  const double B = static_cast<double>(budget), limit = extend_limit_locked(B);
+  Urgency members;
   double sum = 0;
   int64_t count = 0;
   const int64_t apart = config_.long_apart_tokens;
@@ -442,9 +540,21 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     if (count >= config_.max_batch_size) break;
     if (apart > 0 && (c.len > apart) != head_long) continue;  // long and short apart
     const double cost = seq_cost(c.len);
-    if (count > 0 && sum + cost > static_cast<double>(budget)) continue;
+    if (count > 0) {
+      const double end = now + fit(sum + cost) + tail_s_;
+      if (sum + cost <= B) {
+        if (guard && end > members.above(c.priority)) continue;
+      } else {
+        // Past the budget: only to save a request a later batch would make late.
+        const bool later_in_time = now + fit(sum) + fit(B) + tail_s_ <= c.deadline;
+        if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) ||
+            end + tail_s_ > std::min(members.all(), c.deadline) || later_in_time)
+          continue;
+      }
+    }
     sum += cost;
     ++count;
+    members.add(c.priority, c.deadline);
     move_to_batch_locked(now, c.id, *batch);
   }
   return batch;
@@ -524,10 +634,16 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   if (last_observed_at_ >= 0 && now > last_observed_at_) {
     const double dt = now - last_observed_at_;
     const double rate = static_cast<double>(submitted_tokens_ - submitted_at_last_) / dt;
-    arrival_rate_ += (1 - std::exp(-dt / 0.5)) * (rate - arrival_rate_);
+    const double w = 1 - std::exp(-dt / 0.5);
+    arrival_rate_ += w * (rate - arrival_rate_);
+    for (const auto& [p, n] : submitted_by_priority_) {
+      const double r = static_cast<double>(n - submitted_at_last_by_priority_[p]) / dt;
+      arrival_rate_by_priority_[p] += w * (r - arrival_rate_by_priority_[p]);
+    }
   }
   last_observed_at_ = now;
   submitted_at_last_ = submitted_tokens_;
+  submitted_at_last_by_priority_ = submitted_by_priority_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
   // Each worker's share of the arrivals and of the queue.

@@ -97,6 +97,8 @@ class SchedulerConfig:
     """Packed cost counts attention: len * (1 + len / attention_tokens) per sequence (0: len)."""
     long_apart_tokens: int
     """Packed cost: requests longer than this are batched apart from shorter ones (0: off)."""
+    extend_past_budget: bool
+    """Packed cost: a short queue runs whole past the budget when a later batch would make a request late (off)."""
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -115,6 +117,7 @@ class SchedulerConfig:
         admission: bool = True,
         attention_tokens: int = 0,
         long_apart_tokens: int = 0,
+        extend_past_budget: bool = False,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
 

@@ -27,8 +27,10 @@
 //     now + R + C(W) + J,
 //     C(W) = L(max(W, F)) when W fits the budget B, else ceil(W / B) L(B),
 // where R is the rest of the running batch, W the work ahead of it plus its
-// own, in cost tokens, and F (capped at B) what its batch will hold: the
-// whole queue and the arrivals during R at the measured arrival rate. At submit,
+// own, in cost tokens, and F (capped at B) what its batch will hold: what is
+// queued at its priority or higher and such arrivals during R at their
+// measured rate (a lower class joins a batch only as far as the deadlines
+// of its higher-priority members allow, so it does not count). At submit,
 // "ahead" is what is queued at its priority or higher; a request predicted
 // to miss its deadline is refused at once (Overloaded, with the seconds
 // after which the backlog ahead has drained enough). When a batch is formed,
@@ -101,6 +103,17 @@ struct SchedulerConfig {
   // Refuse at submit, and shed before compute, requests predicted to miss
   // their deadline (requests without one are never refused or shed).
   bool admission = true;
+  // Packed cost, while admission predicts: a request that does not fit the
+  // budget joins the forming batch all the same when a later batch would
+  // make it late and this one, with it, still ends a tail J before every
+  // member's deadline; only while the whole queue fits kWindowBudgets
+  // budgets (a short queue is run whole rather than split), never under
+  // overload. Admission and shedding then predict such a request with one
+  // batch past the budget (+ J). Off by default: on simulated time it
+  // raises light-load goodput to 98-99.5% of the best static budget (from
+  // 94-98%), but puts the p99 of accepted requests during a 3x burst 0.7 ms
+  // past the target (docs/design.md, "Deadlines").
+  bool extend_past_budget = false;
 
   void validate() const;  // throws InvalidArgument
 };
@@ -207,10 +220,13 @@ class Scheduler {
   [[noreturn]] void throw_overloaded_locked(double predicted, double deadline);
   bool predicting_locked() const;
   bool idle_for_locked(int priority) const;
-  double compute_locked(double work, double fill) const;  // q95-scaled compute up to a request
+  double compute_locked(double work, double fill, double urgent = kNoDeadline) const;  // compute up to a request, + J
   double residual_locked(double now) const;     // rest of the running batches
+  double extend_limit_locked(double budget) const;  // largest batch past the budget
   double ahead_locked(int priority) const;      // queued cost at priority or higher
-  double completion_locked(double now, double ahead, double own) const;
+  double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
+  double urgent_locked(int priority) const;     // earliest deadline queued at priority or higher
+  double completion_locked(double now, int priority, double ahead, double own) const;
   void shed_locked(double now, Batch& batch);
   void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
@@ -219,6 +235,8 @@ class Scheduler {
   struct Cand {
     int32_t len;
     uint64_t id;
+    int priority = 0;
+    double deadline = kNoDeadline;
   };
   std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, const std::vector<Cand>& cands,
                                                   std::shared_ptr<Batch> batch);
@@ -251,6 +269,10 @@ class Scheduler {
   int64_t queued_tokens_ = 0;
   int64_t submitted_tokens_ = 0, submitted_at_last_ = 0;  // for the arrival rate
   double last_observed_at_ = -1, arrival_rate_ = 0;
+  // The same by priority (for the fill a class cannot be displaced from).
+  std::map<int, int64_t> submitted_by_priority_, submitted_at_last_by_priority_;
+  std::map<int, double> arrival_rate_by_priority_;
+
   uint64_t next_id_ = 1;
   uint64_t next_batch_seq_ = 1;
   bool closed_ = false;
