@@ -145,8 +145,9 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
 
 
 class _PackedAttention:
-    """Self-attention over packed tokens [T, H], one SDPA call per run of
-    equal-length sequences: no padding, no mask, exact."""
+    """Self-attention over packed tokens [T, H], exact per sequence: one SDPA
+    call per run of equal-length sequences (no padding, no mask), or through
+    `varlen` (length groups, a padded copy, flash-attn's varlen kernel)."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
         # One GEMM for Q, K and V instead of three (same weights, concatenated
@@ -388,9 +389,11 @@ ATTENTION_METHODS = ("runs", "pad", "flash")
 
 
 def _attention_method(device: torch.device, dtype: torch.dtype) -> str:
-    """How packed attention runs. CPU: "runs", one SDPA call per run of
-    equal lengths (exact, no padding; the batch is sorted by length, so runs
-    are few and each call is a dense GEMM). CUDA: flash-attn's varlen kernel
+    """How packed attention runs. CPU: "runs", exact attention per sequence
+    with no mask over real tokens: in float32 one SDPA call per group of
+    similar lengths across the batch (_LengthGroups: padded within the group,
+    a key mask where its lengths differ), in half precision and autocast one
+    call per run of equal lengths. CUDA: flash-attn's varlen kernel
     when installed and the model is float16 or bfloat16 (flash-attn has no
     float32 kernels), else "pad": attention alone on a padded copy with a key
     mask, one SDPA call per layer, since a per-run loop launches kernels per
