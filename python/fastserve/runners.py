@@ -214,7 +214,9 @@ class _LengthGroups:
         starts = np.cumsum(lengths) - lengths
         order = np.argsort(lengths, kind="stable")
         self.views: list[tuple[int, int, int]] = []  # (first token, sequences, length)
-        self.gathered: list[tuple[torch.Tensor, int, int, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]] = []
+        # (gather index, sequences, length, key mask, real rows, their slots)
+        self.gathered: list[tuple[torch.Tensor, int, int, Optional[torch.Tensor], torch.Tensor,
+                                  Optional[torch.Tensor]]] = []
         cap = GROUP_TOKENS * int(lengths.sum())
         i, n = 0, len(order)
         while i < n:
