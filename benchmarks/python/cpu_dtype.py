@@ -24,8 +24,15 @@ the fastserve float32 rows of the same texts.
 --emulated also times fastserve float32 against bfloat16 in a subprocess with
 oneDNN and ATen capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
 ATEN_CPU_CAPABILITY=avx2): what a CPU without native bfloat16 sees.
---threads times the runner per batch at 1 and 2 torch threads for online
-batch sizes (1 and 8 texts) and an offline batch (2048 tokens).
+On a CPU without native bfloat16 (AVX2 only) the cap changes nothing: it
+times bf16 against fp32 as that CPU runs them.
+--threads times a batch at 1 and 2 torch threads (an Engine per count:
+the worker sets its own) for online batch sizes (1 and 8 texts) and an
+offline batch (2048 tokens).
+
+The fastserve float32 row runs with torch's oneDNN switch off, as a
+float32 engine alone in its process does (process.onednn_for): the bf16
+engines alive here would otherwise leave it on.
 
     python benchmarks/python/cpu_dtype.py --n 400 --repeats 2 --emulated --threads
 """
@@ -117,11 +124,22 @@ class SortedHF:
         return out
 
 
+def alone_fp32(engine, texts: list[str]) -> np.ndarray:
+    """A float32 engine's embed as it runs with no bf16/fp16 engine in the
+    process: its batches with torch's oneDNN switch off. process.onednn_for
+    leaves the switch on while such an engine is alive (it needs oneDNN), and
+    the bfloat16 and autocast engines here are; with it on, fp32 GELU runs in
+    oneDNN instead of ATen."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        return engine.embed(texts)
+
+
 def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: float, real_tokens: int,
             peaks: dict[str, float], repeats: int, progress: Callable[[str], None]) -> dict[str, Any]:
     prepared = {k: m.prepare(texts) for k, m in hf.items()}
     methods: dict[str, Callable[[], np.ndarray]] = {f"fastserve {d}": (lambda e=e: e.embed(texts))
                                                     for d, e in engines.items()}
+    methods["fastserve float32"] = lambda e=engines["float32"]: alone_fp32(e, texts)
     for k, m in hf.items():
         methods[f"transformers sorted {k}"] = lambda m=m, p=prepared[k]: m.run(p)
     methods["sentence-transformers float32"] = lambda: st.encode(texts, batch_size=32)
@@ -174,9 +192,12 @@ engines = {{d: fastserve.Engine(dtype=d, execution="packed", policy="static", mi
 for e in engines.values():
     e.embed(texts[:32])
 best = {{}}
+import torch
 for rep in range(2):
     for d, e in engines.items():
-        t0 = time.perf_counter(); e.embed(texts); best[d] = min(best.get(d, 1e9), time.perf_counter() - t0)
+        # float32 as it runs alone in a process: oneDNN off (see alone_fp32)
+        with torch.backends.mkldnn.flags(enabled=d == "bfloat16"):
+            t0 = time.perf_counter(); e.embed(texts); best[d] = min(best.get(d, 1e9), time.perf_counter() - t0)
 out = {{"texts_per_s": {{d: len(texts) / w for d, w in best.items()}},
         "cpu": engines["bfloat16"].stats()["cpu"]}}
 out["bf16_slowdown_vs_fp32"] = best["bfloat16"] / best["float32"]
@@ -196,30 +217,43 @@ def emulated(n: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def threads(engines: dict, texts: list[str], repeats: int = 5) -> list[dict[str, Any]]:
-    """Per-batch runner time at 1 and 2 torch threads, for batches of 1 and 8
-    texts (online) and one of ~2048 tokens (offline)."""
+def threads(texts: list[str], repeats: int = 5) -> list[dict[str, Any]]:
+    """Per-batch time (`embed(batch)`: runner + scheduler) at 1 and 2 torch
+    threads, for batches of 1 and 8 texts (online) and one of ~2048 tokens
+    (offline). Each count is its own `Engine(torch_threads=k)`: torch's
+    intra-op thread count is per thread, and each worker sets its own when it
+    starts (replicas.Replica.enter), so torch.set_num_threads in the caller's
+    thread would not reach it. The two engines of a dtype alternate, best of
+    `repeats`; the float32 pair runs with no bfloat16 engine alive, as a
+    float32 engine serves alone (oneDNN off per batch, process.onednn_for)."""
+    import fastserve
+
     rows = []
     before = torch.get_num_threads()
     for d in ("float32", "bfloat16"):
-        e = engines[d]
-        ids = e.tokenize(texts)
-        offline, tok = [], 0
-        for x in ids:
-            if tok + len(x) > BUDGET:
-                break
-            offline.append(x)
-            tok += len(x)
-        for label, batch in (("1 text", ids[:1]), ("8 texts", ids[1:9]), (f"offline {tok} tokens", offline)):
-            for k in (1, 2):
-                torch.set_num_threads(k)
-                e.embed(batch)
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
+        engines = {k: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
+                                       max_batch_tokens=BUDGET, torch_threads=k) for k in (1, 2)}
+        try:
+            ids = engines[1].tokenize(texts)
+            offline, tok = [], 0
+            for x in ids:
+                if tok + len(x) > BUDGET:
+                    break
+                offline.append(x)
+                tok += len(x)
+            for label, batch in (("1 text", ids[:1]), ("8 texts", ids[1:9]), (f"offline {tok} tokens", offline)):
+                best = {}
+                for e in engines.values():
                     e.embed(batch)
-                    best = min(best, time.perf_counter() - t0)
-                rows.append({"dtype": d, "batch": label, "threads": k, "ms": best * 1e3})
+                for _ in range(repeats):
+                    for k, e in engines.items():
+                        t0 = time.perf_counter()
+                        e.embed(batch)
+                        best[k] = min(best.get(k, float("inf")), time.perf_counter() - t0)
+                rows += [{"dtype": d, "batch": label, "threads": k, "ms": best[k] * 1e3} for k in engines]
+        finally:
+            for e in engines.values():
+                e.close()
     torch.set_num_threads(before)
     return rows
 
@@ -231,7 +265,10 @@ def markdown(res: dict[str, Any]) -> str:
              f"transformers {m.get('transformers')}, commit {m.get('git_commit')}.",
              f"Command: `{res['command']}`", "",
              f"Matmul peak (square torch.mm, best, {m.get('torch_threads')} threads): "
-             f"float32 {res['peaks']['float32']:.0f} GFLOP/s, bfloat16 {res['peaks']['bfloat16']:.0f} GFLOP/s.", ""]
+             f"float32 {res['peaks']['float32']:.0f} GFLOP/s, bfloat16 {res['peaks']['bfloat16']:.0f} GFLOP/s"
+             + ("." if res["cpu"]["native_bf16"] is not False else
+                " (emulated: this CPU has no native bfloat16, so the bfloat16 rows' fractions of it mean little)."),
+             "fastserve float32 runs with oneDNN off, as a float32 engine alone in its process does.", ""]
     for mix in res["mixes"]:
         lines += [f"**{mix['mix']}**: {mix['n_texts']} texts, {mix['real_tokens']} real tokens "
                   f"(mean {mix['mean_tokens_per_text']:.1f}), {mix['model_gflop_total']:.1f} GFLOP.", "",
@@ -265,7 +302,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"bf16 {e['texts_per_s']['bfloat16']:.1f} texts/s: bf16 takes "
                   f"{e['bf16_slowdown_vs_fp32']:.2f}x fp32's time.", ""]
     if res.get("threads"):
-        lines += ["**Threads per batch** (runner + scheduler, `embed(batch)`, best of 5):", "",
+        lines += ["**Threads per batch** (`Engine(torch_threads=k).embed(batch)`: runner + scheduler, the two "
+                  "engines alternating, best of 5):", "",
                   "| dtype | batch | 1 thread (ms) | 2 threads (ms) | 2 / 1 |", "|---|---|---:|---:|---:|"]
         rows = res["threads"]
         for d in ("float32", "bfloat16"):
@@ -307,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in hf.values():
         m.run(m.prepare(warm))
     st.encode(warm)
-    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    native = fastserve.precision.cpu_features()["native_bf16"] is not False
+    # Emulated bf16 square products run at ~1 GFLOP/s: one size, fewer repeats.
+    bf16_peak = (lambda: matmul_peak(torch.bfloat16)) if native else \
+        (lambda: matmul_peak(torch.bfloat16, sizes=(1024,), repeats=2))
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": bf16_peak()}
     res: dict[str, Any] = {"command": "python benchmarks/python/cpu_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
                            "machine": common.machine(), "cpu": fastserve.precision.cpu_features(),
                            "targets": TARGETS, "mixes": []}
@@ -319,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             mix["max_tokens"] = max(lengths)
             res["mixes"].append(mix)
         # the peaks again after the work: the larger of the two counts
-        peaks2 = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+        peaks2 = {"float32": matmul_peak(torch.float32), "bfloat16": bf16_peak()}
         for k in peaks:
             if peaks2[k] > peaks[k]:
                 for mix in res["mixes"]:
@@ -331,12 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                         if r["method"] == ("fastserve float32" if k == "float32" else "fastserve bfloat16"))
                 peaks[k] = peaks2[k]
         res["peaks"] = peaks
-        if args.threads:
-            progress("threads")
-            res["threads"] = threads(engines, mixes["corpus"])
     finally:
         for e in engines.values():
             e.close()
+    if args.threads:
+        progress("threads")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["threads"] = threads(mixes["corpus"])
     if args.emulated:
         progress("emulated bf16 (AVX2)")
         with warnings.catch_warnings():

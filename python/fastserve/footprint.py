@@ -13,7 +13,8 @@ bytes of an element of the model's dtype, and T tokens:
   T * (3H + 2I) * e). Attention holds the layer's input [T, H], Q/K/V
   [T, 3H], the context [T, H] and, per run of equal lengths, SDPA's output
   and its re-laid-out copy: at most T * 7H * e, when one run holds the whole
-  batch. The peak is the larger of the two, T * max(H + 2I, 7H) * e (the
+  batch (a float32 group of similar lengths gathers a padded copy of its
+  Q/K/V: 5H per padded token, capped at 0.4 T, runners.GROUP_TOKENS). The peak is the larger of the two, T * max(H + 2I, 7H) * e (the
   feed-forward's for the usual I = 4H), plus the CPU attention kernel's
   scratch, a few blocks of scores per thread whatever the batch, and 24
   bytes of int64 rows (token types, position ids and their offset copy);

@@ -37,9 +37,10 @@ REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_t
 # no bfloat16 instructions even when the CPU has them.
 _ISA_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni")
 
-# bfloat16 / float32 time per batch on a CPU without native bfloat16,
-# measured with oneDNN and ATen capped to AVX2 (benchmarks/README.md, "CPU dtypes").
-EMULATED_BF16_SLOWDOWN = "about 9x"
+# bfloat16 / float32 time per batch on a CPU without native bfloat16
+# (benchmarks/README.md, "CPU dtypes"): 4.9-6.9x on an AVX2 AMD EPYC (no
+# AVX-512), 9.2x on an AMX Xeon with oneDNN and ATen capped to AVX2.
+EMULATED_BF16_SLOWDOWN = "about 5-9x"
 
 
 @functools.lru_cache(maxsize=1)

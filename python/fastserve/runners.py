@@ -145,8 +145,9 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
 
 
 class _PackedAttention:
-    """Self-attention over packed tokens [T, H], one SDPA call per run of
-    equal-length sequences: no padding, no mask, exact."""
+    """Self-attention over packed tokens [T, H], exact per sequence: one SDPA
+    call per run of equal-length sequences (no padding, no mask), or through
+    `varlen` (length groups, a padded copy, flash-attn's varlen kernel)."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
         # One GEMM for Q, K and V instead of three (same weights, concatenated
@@ -172,6 +173,100 @@ class _PackedAttention:
             o = F.scaled_dot_product_attention(g[0], g[1], g[2])  # [n, nh, length, hd]
             out[start : start + n * length] = o.transpose(1, 2).reshape(n * length, nh, hd)
         return out.view(T, H)
+
+
+def _groups_measured_faster(h: torch.Tensor) -> bool:
+    """Length groups (_LengthGroups) instead of one call per run: measured
+    faster in float32 on the CPU (benchmarks/README.md, "CPU dtypes", AMD
+    EPYC); in bfloat16 on an AMX Xeon masked calls per group of similar
+    lengths measured slower than per-run calls, so half precision and
+    autocast keep the runs."""
+    return h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+
+
+# A group of sequences padded to its longest may cost at most this many times
+# the attention FLOPs of its sequences alone (sum of L_max^2 over sum of l^2).
+GROUP_SLACK = 1.1
+# A gathered group holds its padded Q/K/V copy (3H), SDPA's output (H) and its
+# real rows (H) per padded token beside the layer's input, Q/K/V and context
+# (5H per batch token): at most 0.4 of the batch's tokens keeps attention
+# within the 7H per token that python/fastserve/footprint.py counts.
+GROUP_TOKENS = 0.4
+
+
+class _LengthGroups:
+    """Exact attention per sequence for one packed batch ("runs" on the CPU):
+    the sequences sorted by length across the batch and grouped while padding
+    each group to its longest adds at most GROUP_SLACK x its attention FLOPs
+    (and its padded tokens stay within GROUP_TOKENS of the batch's), one SDPA
+    call per group, with a key mask only where its lengths differ.
+    The scheduler does not sort a batch by length, so its runs of equal
+    lengths are mostly single sequences: one call per sequence per layer
+    was an eighth of a float32 batch's time on the CPU (docs/design.md,
+    "Precision"). A group of equal lengths that lie next to each other in
+    the batch is a view of its rows; any other is gathered into its padded
+    slots (pad slots read a real row, masked as keys, and are dropped as
+    queries) and its real rows scattered back. The indices are built once
+    per batch and serve every layer."""
+
+    def __init__(self, lengths: np.ndarray, device: torch.device, slack: float = GROUP_SLACK) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        order = np.argsort(lengths, kind="stable")
+        self.views: list[tuple[int, int, int]] = []  # (first token, sequences, length)
+        # (gather index, sequences, length, key mask, real rows, their slots)
+        self.gathered: list[tuple[torch.Tensor, int, int, Optional[torch.Tensor], torch.Tensor,
+                                  Optional[torch.Tensor]]] = []
+        cap = GROUP_TOKENS * int(lengths.sum())
+        i, n = 0, len(order)
+        while i < n:
+            j, cost = i + 1, int(lengths[order[i]]) ** 2
+            while j < n:
+                longest = int(lengths[order[j]])
+                if (j + 1 - i) * longest * longest > slack * (cost + longest * longest) or \
+                        (j + 1 - i) * longest > cap:
+                    break
+                cost += longest * longest
+                j += 1
+            seqs = order[i:j]
+            i = j
+            ls = lengths[seqs]
+            m, longest = len(seqs), int(ls[-1])
+            if longest == 0:
+                continue
+            equal = int(ls[0]) == longest
+            if equal and (m == 1 or bool(np.all(np.diff(seqs) == 1))):
+                self.views.append((int(starts[seqs[0]]), m, longest))
+                continue
+            slot = np.arange(longest)[None, :]
+            real = slot < ls[:, None]  # [m, longest]
+            first = starts[seqs][:, None]
+            gather = np.where(real, first + slot, first).reshape(-1)
+            rows = (first + slot)[real]
+            mask = slots = None
+            if not equal:
+                mask = torch.from_numpy(real).to(device)[:, None, None, :]
+                slots = torch.from_numpy((np.arange(m)[:, None] * longest + slot)[real]).to(device)
+            self.gathered.append((torch.from_numpy(gather).to(device), m, longest, mask,
+                                  torch.from_numpy(rows).to(device), slots))
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        T, _, nh, hd = qkv.shape
+        out = torch.empty(T, nh, hd, dtype=qkv.dtype, device=qkv.device)
+        for start, m, length in self.views:
+            g = qkv[start : start + m * length].view(m, length, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(g[0], g[1], g[2])  # [m, nh, length, hd]
+            out[start : start + m * length] = o.transpose(1, 2).reshape(m * length, nh, hd)
+        for gather, m, length, mask, rows, slots in self.gathered:
+            if gather.device != qkv.device:  # a pipeline stage on another device
+                gather, rows = gather.to(qkv.device), rows.to(qkv.device)
+                mask = None if mask is None else mask.to(qkv.device)
+                slots = None if slots is None else slots.to(qkv.device)
+            g = qkv.index_select(0, gather).view(m, length, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(g[0], g[1], g[2], attn_mask=mask)
+            o = o.transpose(1, 2).reshape(m * length, nh, hd)
+            out.index_copy_(0, rows, o if slots is None else o.index_select(0, slots))
+        return out
 
 
 class PackedRunner:
@@ -240,7 +335,11 @@ class PackedRunner:
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
-        self.attention_batches[self.attention if varlen is not None else "runs"] += 1
+        if varlen is None and len(runs) > 1 and _groups_measured_faster(h):
+            varlen = _LengthGroups(np.asarray(batch.lengths), dev)
+            self.attention_batches["runs"] += 1
+        else:
+            self.attention_batches[self.attention if varlen is not None else "runs"] += 1
         hook = self.stage_hook
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
@@ -292,9 +391,11 @@ ATTENTION_METHODS = ("runs", "pad", "flash")
 
 
 def _attention_method(device: torch.device, dtype: torch.dtype) -> str:
-    """How packed attention runs. CPU: "runs", one SDPA call per run of
-    equal lengths (exact, no padding; the batch is sorted by length, so runs
-    are few and each call is a dense GEMM). CUDA: flash-attn's varlen kernel
+    """How packed attention runs. CPU: "runs", exact attention per sequence
+    with no mask over real tokens: in float32 one SDPA call per group of
+    similar lengths across the batch (_LengthGroups: padded within the group,
+    a key mask where its lengths differ), in half precision and autocast one
+    call per run of equal lengths. CUDA: flash-attn's varlen kernel
     when installed and the model is float16 or bfloat16 (flash-attn has no
     float32 kernels), else "pad": attention alone on a padded copy with a key
     mask, one SDPA call per layer, since a per-run loop launches kernels per

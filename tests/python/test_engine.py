@@ -473,3 +473,29 @@ def test_the_default_batch_budget_is_2048_tokens_on_a_cpu_and_bounds_every_batch
         assert engine.stats()["max_batch_tokens"] == 4096
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Engine(tm.model("bert"), tm.tokenizer(), max_batch_tokens=0)
+
+
+@pytest.mark.parametrize("order", ["as given", "sorted", "reversed"])
+def test_length_groups_attention_equals_attention_per_sequence(order):
+    # The CPU float32 path: sequences grouped by length across the batch, one
+    # masked SDPA call per group (views where equal lengths lie side by side).
+    import torch
+    import torch.nn.functional as F
+
+    from fastserve import runners
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 9, 5, 5, 1, 17, 16, 9, 30, 2, 5, 64, 63, 3], dtype=np.int32)
+    if order != "as given":
+        lengths = np.sort(lengths)[:: 1 if order == "sorted" else -1]
+    T, nh, hd = int(lengths.sum()), 4, 8
+    qkv = torch.from_numpy(rng.standard_normal((T, 3, nh, hd)).astype(np.float32))
+    groups = runners._LengthGroups(lengths, torch.device("cpu"))
+    assert 1 < len(groups.views) + len(groups.gathered) < len(lengths)
+    got = groups(qkv)
+    start = 0
+    for n in lengths.tolist():
+        q, k, v = qkv[start : start + n].permute(1, 2, 0, 3)  # each [nh, n, hd]
+        want = F.scaled_dot_product_attention(q[None], k[None], v[None])[0].transpose(0, 1)
+        torch.testing.assert_close(got[start : start + n], want, atol=1e-6, rtol=0)
+        start += n
