@@ -61,6 +61,8 @@ if backend.startswith("fastserve"):
         kw["tune_onednn"] = False
     if "bfloat16" in backend:
         kw["dtype"] = "bfloat16"
+    if "replicas=1" in backend:
+        kw["replicas"] = 1
     if "max_batch_memory_mb=" in backend:
         kw["max_batch_memory_mb"] = float(backend.split("max_batch_memory_mb=")[1])
     engine = fastserve.Engine(**kw)
@@ -101,7 +103,7 @@ print(json.dumps({{"max_batch_tokens_seen": stats, "rss_built": after_build["VmR
                    "texts_per_s": {n} * {passes} / elapsed}}))
 """
 
-BACKENDS = ("fastserve 2048", "fastserve 2048 tune_onednn=False", "fastserve 2048 tune_malloc=False",
+BACKENDS = ("fastserve 2048", "fastserve 2048 replicas=1", "fastserve 2048 tune_onednn=False", "fastserve 2048 tune_malloc=False",
             "fastserve 2048 trim cap", "fastserve 1024", "fastserve 8192", "fastserve 2048 max_batch_memory_mb=8",
             "fastserve 2048 bfloat16", "fastserve 2048 bfloat16 tune_onednn=False", "sentence-transformers",
             "transformers")
@@ -179,11 +181,17 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=15.0)
     ap.add_argument("--load-rates", default="0.5,2", help="multiples of the engine's offline texts/s")
     ap.add_argument("--activations", action="store_true")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help="comma-separated subset of the offline backends (the first fastserve one sets the load's capacity)")
     ap.add_argument("--out", default=str(common.RESULTS / "memory.json"))
     args = ap.parse_args()
-    rows: dict[str, list[dict]] = {b: [] for b in BACKENDS}
+    chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown:
+        ap.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
+    rows: dict[str, list[dict]] = {b: [] for b in chosen}
     for _ in range(args.rounds):
-        for b in BACKENDS:
+        for b in chosen:
             rows[b].append(run_child(b, args.n, args.passes, args.trim_mib))
     mib = 1 << 20
     summary = {}
@@ -198,7 +206,7 @@ def main() -> None:
     result = {"machine": common.machine(), "n": args.n, "passes": args.passes, "trim_mib": args.trim_mib,
               "backends": summary}
     if args.load_seconds > 0:
-        capacity = summary["fastserve 2048"]["texts_per_s"]
+        capacity = summary[next(b for b in chosen if b.startswith("fastserve"))]["texts_per_s"]
         result["load"] = {"capacity_texts_per_s": capacity, "seconds": args.load_seconds, "rows": []}
         print(f"\nopen loop ({args.load_seconds:g} s per rate; capacity {capacity:.1f} texts/s)")
         print(f"{'backend':24s} {'rate':>6s} {'peak':>8s} {'done/s':>7s} {'good/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s}")
