@@ -47,8 +47,13 @@ import load
 FIFO = ("transformers", "sentence-transformers")
 
 
+# Engine arguments every fastserve engine of the run gets (--replicas).
+ENGINE_EXTRA: dict[str, Any] = {}
+
+
 def fastserve_backend(name: str, slo_s: float, **kwargs: Any) -> common.FastServeBackend:
-    return common.FastServeBackend(common.FastServeVariant(name, {"request_timeout_s": slo_s, **kwargs}))
+    return common.FastServeBackend(common.FastServeVariant(name, {"request_timeout_s": slo_s, **ENGINE_EXTRA,
+                                                                  **kwargs}))
 
 
 @contextlib.contextmanager
@@ -142,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--extend-past-budget", action="store_true",
                    help="every engine with SchedulerConfig.extend_past_budget (a short queue runs whole past the budget)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="Engine(replicas=N) for every fastserve engine (default: the engine's own default)")
     p.add_argument("--only", default=None,
                    help="comma-separated scenarios to run (capacity always): sweep,priority,step,burst,long,recovery")
     args = p.parse_args(argv)
     common.quiet()
+    if args.replicas is not None:
+        ENGINE_EXTRA["replicas"] = args.replicas
     slo = args.slo_ms / 1000
     texts = common.sample_texts(20000, args.seed)
     path = common.model_path()
