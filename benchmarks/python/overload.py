@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: dict[str, Any], d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
     (d / "overload.json").write_text(json.dumps(out, indent=1, default=float))
     plots = plot(out, d)
     (d / "overload.md").write_text(markdown(out, plots))
