@@ -68,9 +68,9 @@ def default_replicas(device: str, devices: Any, parallel: str, torch_threads: in
     """Engine(replicas=None): on a CPU of two or more usable cores, when the
     engine chooses the threads (torch_threads=None), two replicas, each on
     half the cores; else one. Measured in benchmarks/README.md, "Replicas on
-    one CPU": two replicas of one thread serve at least the goodput within
-    the SLO of one replica of two threads at every rate, and far more from
-    about 60% of capacity on."""
+    one CPU" and "Overload": two replicas of one thread keep far more
+    goodput within the SLO than one replica of two threads from about 60%
+    of capacity on, and at most a few req/s less below it."""
     if devices is not None or parallel != "data" or torch_threads is not None or usable_cores() < 2:
         return None
     return 2 if resolve_device(device).type == "cpu" else None

@@ -335,11 +335,9 @@ class PackedRunner:
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif self.attention == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
+        self.attention_batches[self.attention if varlen is not None else "runs"] += 1
         if varlen is None and len(runs) > 1 and _groups_measured_faster(h):
-            varlen = _LengthGroups(np.asarray(batch.lengths), dev)
-            self.attention_batches["runs"] += 1
-        else:
-            self.attention_batches[self.attention if varlen is not None else "runs"] += 1
+            varlen = _LengthGroups(np.asarray(batch.lengths), dev)  # still "runs": exact per sequence
         hook = self.stage_hook
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
