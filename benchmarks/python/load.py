@@ -234,6 +234,23 @@ def run_open_loop(
         res["slo_met_by_priority"] = {
             int(p): float((lat_all[priorities[m] == p] <= slo_s).mean()) for p in np.unique(priorities[m])
         }
+        # Where each class's misses went: refused at submit, shed before
+        # compute, expired, or completed past the SLO.
+        outcome = np.where(refused[m], "refused", errors)
+        res["outcomes_by_priority"] = {}
+        for p in np.unique(priorities[m]):
+            c = priorities[m] == p
+            done = completed_mask & c
+            res["outcomes_by_priority"][int(p)] = {
+                "requests": int(c.sum()),
+                "within_slo": float((lat_all[c] <= slo_s).mean()),
+                "refused": float((outcome[c] == "refused").mean()),
+                "shed": float((outcome[c] == "OverloadedError").mean()),
+                "expired": float((outcome[c] == "RequestTimeoutError").mean()),
+                "late": float((done & (lat > slo_s)).sum() / c.sum()),
+                "accepted_p50_s": _percentile(lat[done], 50),
+                "accepted_p99_s": _percentile(lat[done], 99),
+            }
     if before is not None and after is not None:
         d = {k: after[k] - before[k] for k in ("batches", "completed", "real_tokens", "padded_tokens")}
         sizes = _batch_sizes(futures, done_at, window_start)

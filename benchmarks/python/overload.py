@@ -149,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="every engine with SchedulerConfig.extend_past_budget (a short queue runs whole past the budget)")
     p.add_argument("--replicas", type=int, default=None,
                    help="Engine(replicas=N) for every fastserve engine (default: the engine's own default)")
+    p.add_argument("--preempt", choices=("on", "off"), default=None,
+                   help="Engine(preempt=True/False) for every fastserve engine (default: the engine's own)")
     p.add_argument("--only", default=None,
                    help="comma-separated scenarios to run (capacity always): sweep,priority,step,burst,long,recovery")
     args = p.parse_args(argv)
     common.quiet()
     if args.replicas is not None:
         ENGINE_EXTRA["replicas"] = args.replicas
+    if args.preempt is not None:
+        ENGINE_EXTRA["preempt"] = args.preempt == "on"
     slo = args.slo_ms / 1000
     texts = common.sample_texts(20000, args.seed)
     path = common.model_path()
@@ -223,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
             offsets = load.poisson_arrivals(2 * cap, args.warmup + args.duration, args.seed + 77)
             prio = (np.random.default_rng(args.seed + 78).random(len(offsets)) < 0.25).astype(int)
             with fresh(default) as b:
-                r = load.run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=slo, drain_s=args.drain,
-                                       priorities=prio)
+                with ControllerTrace(b) as trace:
+                    r = load.run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=slo, drain_s=args.drain,
+                                           priorities=prio)
+                r["trace"] = trace.samples
+                r["preempted"] = b.stats().get("preempted")
             out["priority"] = strip(r)
             print(f"priority at 2x: within SLO by class {r['slo_met_by_priority']}", flush=True)
+            for c, o in r["outcomes_by_priority"].items():
+                print(f"  class {c}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in o.items()), flush=True)
 
         # 4. step 0.3x -> 0.9x, budget sampled
         if "step" in only:

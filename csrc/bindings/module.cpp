@@ -122,6 +122,7 @@ py::dict stats_dict(const Scheduler::Snapshot& s) {
   d["rejected"] = st.rejected;
   d["refused"] = st.refused;
   d["shed"] = st.shed;
+  d["preempted"] = st.preempted;
   d["completed"] = st.completed;
   d["failed"] = st.failed;
   d["expired"] = st.expired;
@@ -237,6 +238,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("attention_tokens", &SchedulerConfig::attention_tokens)
       .def_readwrite("long_apart_tokens", &SchedulerConfig::long_apart_tokens)
       .def_readwrite("extend_past_budget", &SchedulerConfig::extend_past_budget)
+      .def_readwrite("preempt_layers", &SchedulerConfig::preempt_layers)
       .def_property(
           "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },
           [](SchedulerConfig& c, const std::string& s) { c.cost = cost_from_string(s); })
@@ -278,6 +280,7 @@ PYBIND11_MODULE(_core, m) {
                              "Arrival time of each request [B] float64, on the scheduler's clock.")
       .def_property_readonly("expired", [](const Batch& b) { return b.expired; })
       .def_property_readonly("shed", [](const Batch& b) { return b.shed; })
+      .def_property_readonly("abandoned", [](const Batch& b) { return b.abandoned; })
       .def_property_readonly("shed_retry_after_s", [](const Batch& b) { return b.shed_retry_after_s; })
       .def_property_readonly("deadlines", [](py::object self) { return view(self.cast<Batch&>().deadlines(), {self.cast<Batch&>().size()}, self); },
                              "Deadline of each request [B] float64 (inf: none), on the scheduler's clock.")
@@ -373,6 +376,20 @@ PYBIND11_MODULE(_core, m) {
             return b ? *b : nullptr;
           },
           py::arg("timeout"), py::arg("worker") = 0)
+      .def(
+          "preempt",
+          [](Scheduler& s, Batch& running, double done) -> std::shared_ptr<Batch> {
+            std::optional<std::shared_ptr<Batch>> b;
+            {
+              py::gil_scoped_release r;
+              b = s.preempt(running, done);
+            }
+            return b ? *b : nullptr;
+          },
+          py::arg("running"), py::arg("done"),
+          "Between two layers of the running batch (done: the fraction of its layers run): a batch "
+          "of urgent requests to run before resuming it, or None. Its `shed` lists the running batch's "
+          "rows dropped (lower priority the pause makes late), also in running.abandoned.")
       .def("start", &Scheduler::start, py::arg("batch"), py::call_guard<py::gil_scoped_release>(),
            "Call just before running the batch: removes and returns the ids whose deadline has passed.")
       .def("predict_completion", &Scheduler::predict_completion, py::arg("tokens"), py::arg("priority") = 0,

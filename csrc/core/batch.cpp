@@ -5,12 +5,13 @@
 
 namespace fastserve {
 
-void Batch::add(uint64_t id, std::vector<int32_t>&& tokens, double arrival, double deadline) {
+void Batch::add(uint64_t id, std::vector<int32_t>&& tokens, double arrival, double deadline, int priority) {
   const auto len = static_cast<int32_t>(tokens.size());
   ids_.push_back(id);
   lengths_.push_back(len);
   arrivals_.push_back(arrival);
   deadlines_.push_back(deadline);
+  priorities_.push_back(priority);
   tokens_.push_back(std::move(tokens));
   total_tokens_ += len;
   max_len_ = std::max<int64_t>(max_len_, len);
@@ -30,6 +31,7 @@ std::vector<uint64_t> Batch::remove_expired(double now) {
       lengths_[keep] = lengths_[i];
       arrivals_[keep] = arrivals_[i];
       deadlines_[keep] = deadlines_[i];
+      priorities_[keep] = priorities_[i];
       tokens_[keep] = std::move(tokens_[i]);
     }
     ++keep;
@@ -39,6 +41,7 @@ std::vector<uint64_t> Batch::remove_expired(double now) {
   lengths_.resize(keep);
   arrivals_.resize(keep);
   deadlines_.resize(keep);
+  priorities_.resize(keep);
   tokens_.resize(keep);
   total_tokens_ = 0;
   max_len_ = 0;

@@ -55,6 +55,7 @@ void SchedulerConfig::validate() const {
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
   if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
   if (long_apart_tokens < 0) fail("long_apart_tokens must be >= 0 (0: long inputs not batched apart)");
+  if (preempt_layers < 0 || preempt_layers > 4096) fail("preempt_layers must be in [0, 4096] (0: never paused)");
 }
 
 Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
@@ -114,7 +115,7 @@ bool Scheduler::predicting_locked() const { return config_.admission && compute_
 // corrected only by batches that run: refusing everything on a stale fit
 // (measured under a burst of contention, say) would never measure again.
 bool Scheduler::idle_for_locked(int priority) const {
-  return running_.size() < controllers_.size() &&
+  return busy_workers_locked() < workers() &&
          tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
 }
 
@@ -152,13 +153,35 @@ double Scheduler::extend_limit_locked(double budget) const {
   return queued <= kWindowBudgets * budget ? kWindowBudgets * budget : budget;
 }
 
-double Scheduler::residual_locked(double now) const {
+int Scheduler::busy_workers_locked() const {
+  // Each worker runs one batch (or one paused batch and the urgent one in it).
+  int busy = 0;
+  for (const auto& [seq, r] : running_) busy += r.urgent ? 0 : 1;
+  return busy;
+}
+
+double Scheduler::residual_locked(double now, std::optional<int> priority) const {
   // The next batch starts when a worker is free: at once while one is idle,
-  // else when the first running batch ends (with one worker: the running one).
-  if (running_.size() < controllers_.size()) return 0.0;
-  double end = INFINITY;
-  for (const auto& [seq, at] : running_) end = std::min(end, at);
-  return std::max(0.0, end - now);
+  // else when the first running batch ends (with one worker: the running
+  // one). With preempt_layers, a request of a class above every member of a
+  // worker's batch has that worker at the next layer boundary (predicted a
+  // layer's compute away), or when the urgent batch it runs ends.
+  if (busy_workers_locked() < workers()) return 0.0;
+  std::map<int, double> urgent_end;
+  for (const auto& [seq, r] : running_)
+    if (r.urgent) urgent_end[r.worker] = r.end;
+  double free = INFINITY;
+  for (const auto& [seq, r] : running_) {
+    if (r.urgent) continue;
+    double at = r.end;
+    if (priority && config_.preempt_layers > 0 && r.top < *priority) {
+      const auto u = urgent_end.find(r.worker);
+      at = std::min(at, u != urgent_end.end() ? u->second
+                                               : now + r.full / static_cast<double>(config_.preempt_layers));
+    }
+    free = std::min(free, at);
+  }
+  return std::max(0.0, free - now);
 }
 
 double Scheduler::ahead_locked(int priority) const {
@@ -185,15 +208,23 @@ double Scheduler::urgent_locked(int priority) const {
   return kNoDeadline;
 }
 
-double Scheduler::completion_locked(double now, int priority, double ahead, double own) const {
-  // Its batch forms when the running one ends: it then holds what is queued
-  // at its priority or higher and what of that arrives meanwhile, up to the
-  // budget (batch formation fills it with lower priority only as far as its
-  // deadline allows).
-  const double residual = residual_locked(now);
+double Scheduler::stretch_locked(int priority) const {
+  // A batch of a class below another that arrives is paused for it: its
+  // time stretches by 1 / (1 - s), s the measured share of the workers'
+  // time the urgent batches took (capped at 0.8).
+  if (config_.preempt_layers <= 0 || pause_share_ <= 0 || arrivals_locked(priority + 1) <= 0) return 1.0;
+  return 1.0 / (1.0 - std::min(0.8, pause_share_));
+}
+
+double Scheduler::completion_locked(double now, int priority, double ahead, double own, bool pausing) const {
+  // Its batch forms when the running one ends (or pauses for it): it then
+  // holds what is queued at its priority or higher and what of that arrives
+  // meanwhile, up to the budget (batch formation fills it with lower
+  // priority only as far as its deadline allows).
+  const double residual = pausing ? residual_locked(now, priority) : residual_locked(now);
   const double fill = ahead + own + cost_factor_ * arrivals_locked(priority) * residual;
   const double room = urgent_locked(priority) - now - residual;
-  return now + residual + compute_locked(ahead + own, fill, room);
+  return now + (residual + compute_locked(ahead + own, fill, room)) * stretch_locked(priority);
 }
 
 double Scheduler::predict_completion(int64_t tokens, int priority) const {
@@ -242,7 +273,6 @@ uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, do
   requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
   queued_tokens_ += n;
   tokens_by_priority_[priority] += n;
-  submitted_tokens_ += n;
   submitted_by_priority_[priority] += n;
   ++stats_.submitted;
   if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
@@ -357,7 +387,6 @@ void Scheduler::shed_locked(double now, Batch& out) {
   // priority joins it only as far as its deadline allows); `urgent` is the
   // earliest deadline of the kept requests ahead, which a batch past the
   // budget must still meet.
-  const double residual = residual_locked(now);
   std::map<int, double> fill;  // queued cost at each priority or higher
   {
     double above = 0;
@@ -370,8 +399,9 @@ void Scheduler::shed_locked(double now, Batch& out) {
     const Request& r = requests_.at(k.id);
     const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
     if (std::isfinite(r.deadline)) {
-      const double done =
-          now + residual + compute_locked(ahead + own, fill.at(r.priority), urgent - now - residual);
+      const double residual = residual_locked(now, r.priority);
+      const double done = now + (residual + compute_locked(ahead + own, fill.at(r.priority), urgent - now - residual)) *
+                                    stretch_locked(r.priority);
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
@@ -403,6 +433,91 @@ std::vector<uint64_t> Scheduler::start(Batch& batch) {
   stats_.expired += static_cast<int64_t>(out.size());
   if (batch.size() == 0) running_.erase(batch.seq());
   return out;
+}
+
+std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double done) {
+  if (config_.preempt_layers <= 0) return std::nullopt;
+  if (!(done >= 0 && done <= 1)) throw InvalidArgument("preempt: done must be in [0, 1]");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_ || order_.empty() || !predicting_locked()) return std::nullopt;
+  auto self = running_.find(running.seq());
+  if (self == running_.end() || self->second.urgent) return std::nullopt;
+  if (busy_workers_locked() < workers()) return std::nullopt;  // an idle worker takes the queue
+  const double now = clock_->now();
+  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
+  // The rest of the running batch: its predicted share of the layers left,
+  // or, when it runs slower than predicted (a stall, contention), the rate
+  // its layers have run at so far.
+  Running& r = self->second;
+  const double ran = now - r.start - r.paused;
+  const double rest = std::max((1 - done) * r.full, done > 0 ? ran * (1 - done) / done : 0.0);
+  r.end = now + rest;
+  // The head of the queue is urgent when it is of a class above every
+  // member of the running batch (a higher class never waits for a lower
+  // one's batch: a predicted wait misses the stalls a running batch may
+  // still meet), or when waiting is predicted to make it late.
+  const Request& head = requests_.at(order_.begin()->id);
+  if (!std::isfinite(head.deadline)) return std::nullopt;
+  const auto own = own_cost(static_cast<int64_t>(head.tokens.size()));
+  if (head.priority <= r.top && completion_locked(now, head.priority, 0, own, /*pausing=*/false) <= head.deadline)
+    return std::nullopt;
+  // The paused batch's members of the urgent batch's class or higher must
+  // still make their deadlines (those already predicted to miss them, the
+  // batch having run long, lose nothing more); lower ones are displaced, as
+  // in formation.
+  Urgency paused;
+  const std::vector<uint64_t>& gone = running.abandoned;
+  for (int64_t i = 0; i < running.size(); ++i) {
+    const auto k = static_cast<size_t>(i);
+    if (std::find(gone.begin(), gone.end(), running.ids()[k]) != gone.end()) continue;
+    const double d = running.deadlines()[k];
+    if (d >= now + rest + tail_s_) paused.add(running.priorities()[k], d);
+  }
+  const double protect = paused.above(head.priority - 1);
+  const double B = static_cast<double>(controllers_[static_cast<size_t>(running.worker)]->budget());
+  // The urgent batch: the head's class in queue order, while it fits the
+  // budget and every member (of it and protected in the paused batch) ends
+  // by its deadline, a tail J included.
+  std::vector<uint64_t> take;
+  double sum = 0, earliest = INFINITY;
+  int64_t seen = 0;
+  for (auto it = order_.begin(); it != order_.end() && seen < config_.lookahead; ++it, ++seen) {
+    const Request& r = requests_.at(it->id);
+    if (r.priority < head.priority || static_cast<int64_t>(take.size()) >= config_.max_batch_size) break;
+    if (!std::isfinite(r.deadline)) continue;
+    const double cost = seq_cost(static_cast<int64_t>(r.tokens.size()));
+    if (!take.empty() && sum + cost > B) continue;
+    const double end = now + fit(sum + cost) + tail_s_;
+    if (end > std::min(earliest, r.deadline) || end + rest > protect) {
+      if (take.empty()) return std::nullopt;  // running the head now saves nothing
+      continue;
+    }
+    take.push_back(r.id);
+    sum += cost;
+    earliest = std::min(earliest, r.deadline);
+  }
+  auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now,
+                                       static_cast<int64_t>(B));
+  batch->worker = running.worker;
+  for (uint64_t id : take) move_to_batch_locked(now, id, *batch);
+  const double compute = fit(static_cast<double>(batch_cost(*batch)));
+  running_[batch->seq()] = Running{running.worker, now + compute, compute, now, 0, head.priority, true};
+  r.end += compute;
+  ++stats_.preempted;
+  // Lower-class members the pause makes late: dropped now, not computed on.
+  for (int64_t i = 0; i < running.size(); ++i) {
+    const auto k = static_cast<size_t>(i);
+    const uint64_t id = running.ids()[k];
+    const double d = running.deadlines()[k];
+    if (running.priorities()[k] >= head.priority || r.end + tail_s_ <= d ||
+        std::find(gone.begin(), gone.end(), id) != gone.end())
+      continue;
+    batch->shed.push_back(id);
+    batch->shed_retry_after_s.push_back(r.end + tail_s_ - d);
+  }
+  running.abandoned.insert(running.abandoned.end(), batch->shed.begin(), batch->shed.end());
+  stats_.shed += static_cast<int64_t>(batch->shed.size());
+  return batch;
 }
 
 int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) const {
@@ -564,7 +679,8 @@ void Scheduler::move_to_batch_locked(double now, uint64_t id, Batch& batch) {
   auto it = requests_.find(id);
   const double arrival = it->second.arrival, deadline = it->second.deadline;
   stats_.queue_s.add(now - arrival);
-  batch.add(id, take_locked(it), arrival, deadline);
+  const int priority = it->second.priority;
+  batch.add(id, take_locked(it), arrival, deadline, priority);
 }
 
 std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, int worker) {
@@ -595,7 +711,10 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
   if (batch->size() == 0 && batch->expired.empty() && batch->shed.empty()) return std::nullopt;
   if (batch->size() > 0) {
     const double cost = static_cast<double>(batch_cost(*batch));
-    running_[batch->seq()] = now + (compute_fit_.ready() ? compute_fit_.predict(cost) : 0.0);
+    const double compute = compute_fit_.ready() ? compute_fit_.predict(cost) : 0.0;
+    const auto& p = batch->priorities();
+    running_[batch->seq()] =
+        Running{worker, now + compute, compute, now, 0, *std::max_element(p.begin(), p.end()), false};
   }
   if (!requests_.empty()) {
     lock.unlock();
@@ -607,9 +726,19 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
 void Scheduler::complete(const Batch& batch, double compute_seconds) {
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
-  running_.erase(batch.seq());
-  for (double arrival : batch.arrivals()) stats_.latency_s.add(now - arrival);
-  stats_.completed += batch.size();
+  if (auto it = running_.find(batch.seq()); it != running_.end()) {
+    if (it->second.urgent) {  // the paused batch it ran inside resumes later by this much
+      for (auto& [seq, r] : running_)
+        if (r.worker == it->second.worker && !r.urgent) r.paused += compute_seconds;
+      urgent_s_ += compute_seconds;
+    }
+    running_.erase(it);
+  }
+  const std::vector<uint64_t>& gone = batch.abandoned;
+  for (int64_t i = 0; i < batch.size(); ++i)
+    if (gone.empty() || std::find(gone.begin(), gone.end(), batch.ids()[static_cast<size_t>(i)]) == gone.end())
+      stats_.latency_s.add(now - batch.arrivals()[static_cast<size_t>(i)]);
+  stats_.completed += batch.size() - static_cast<int64_t>(gone.size());
   stats_.batches += 1;
   stats_.batch_compute_s.add(compute_seconds);
   stats_.batch_size.add(static_cast<double>(batch.size()));
@@ -633,23 +762,27 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   // smoothed over ~0.5 s, in the batch's cost measure (x its padding factor).
   if (last_observed_at_ >= 0 && now > last_observed_at_) {
     const double dt = now - last_observed_at_;
-    const double rate = static_cast<double>(submitted_tokens_ - submitted_at_last_) / dt;
     const double w = 1 - std::exp(-dt / 0.5);
-    arrival_rate_ += w * (rate - arrival_rate_);
+    // The share of the workers' time urgent batches took, over ~0.5 s.
+    const double urgent = (urgent_s_ - urgent_at_last_) / (dt * static_cast<double>(controllers_.size()));
+    pause_share_ += w * (std::min(1.0, urgent) - pause_share_);
     for (const auto& [p, n] : submitted_by_priority_) {
       const double r = static_cast<double>(n - submitted_at_last_by_priority_[p]) / dt;
       arrival_rate_by_priority_[p] += w * (r - arrival_rate_by_priority_[p]);
     }
   }
   last_observed_at_ = now;
-  submitted_at_last_ = submitted_tokens_;
+  urgent_at_last_ = urgent_s_;
   submitted_at_last_by_priority_ = submitted_by_priority_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
   // Each worker's share of the arrivals and of the queue.
   const double share = 1.0 / static_cast<double>(controllers_.size());
-  o.arrival_tokens_per_s = arrival_rate_ * cost_factor * share;
+  o.arrival_tokens_per_s = arrivals_locked(std::numeric_limits<int>::min()) * cost_factor * share;
   o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor * share;
+  // A batch that dropped rows mid-way computed neither its whole cost nor
+  // that of the rows left: it says nothing about batch cost.
+  if (!gone.empty()) return;
   const auto k = static_cast<size_t>(batch.worker);
   if (k < controllers_.size()) controllers_[k]->observe(o);
   track_compute_locked(static_cast<double>(o.tokens), compute_seconds);
@@ -722,7 +855,8 @@ Scheduler::Snapshot Scheduler::snapshot() const {
   s.controller["admission_fit_intercept_s"] = compute_fit_.intercept();
   s.controller["admission_fit_slope_s_per_token"] = compute_fit_.slope();
   s.controller["admission_cost_factor"] = cost_factor_;
-  s.controller["admission_arrival_tokens_per_s"] = arrival_rate_;
+  s.controller["admission_arrival_tokens_per_s"] = arrivals_locked(std::numeric_limits<int>::min());
+  s.controller["admission_pause_share"] = pause_share_;
   for (const auto& c : controllers_) {
     s.budgets.push_back(c->budget());
     s.controllers.push_back(c->state());

@@ -99,6 +99,8 @@ class SchedulerConfig:
     """Packed cost: requests longer than this are batched apart from shorter ones (0: off)."""
     extend_past_budget: bool
     """Packed cost: a short queue runs whole past the budget when a later batch would make a request late (off)."""
+    preempt_layers: int
+    """Points (the model's layers) at which a running batch may be paused for urgent requests (0: never)."""
     cost: str
     """Either 'padded' or 'packed'; setting any other value raises ValueError."""
 
@@ -118,6 +120,7 @@ class SchedulerConfig:
         attention_tokens: int = 0,
         long_apart_tokens: int = 0,
         extend_past_budget: bool = False,
+        preempt_layers: int = 0,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
 
@@ -185,6 +188,10 @@ class Batch:
         """Ids dropped while this batch was assembled: predicted to finish after their deadline."""
 
     @property
+    def abandoned(self) -> list[int]:
+        """Ids dropped from this batch while it was paused (Scheduler.preempt): never completed."""
+
+    @property
     def shed_retry_after_s(self) -> list[float]:
         """For each shed id, how late it was predicted to finish (seconds)."""
 
@@ -240,6 +247,7 @@ class _Stats(TypedDict):
     rejected: int
     refused: int
     shed: int
+    preempted: int
     completed: int
     failed: int
     expired: int
@@ -308,6 +316,12 @@ class Scheduler:
     def next_batch(self, timeout: float, worker: int = 0) -> Batch | None:
         """Wait up to timeout seconds (real time, GIL released) for a batch,
         sized by worker `worker`'s controller (ValueError out of range)."""
+
+    def preempt(self, running: Batch, done: float) -> Batch | None:
+        """Between two layers of the running batch (done: the fraction of its layers run):
+        a batch of urgent requests to run before resuming it, or None. Its `shed` lists
+        the running batch's rows dropped (lower priority the pause makes late), also
+        added to running.abandoned."""
 
     def start(self, batch: Batch) -> list[int]:
         """Call just before running the batch: removes and returns the ids whose deadline has passed."""

@@ -29,7 +29,7 @@ from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, mode
 from .models import TextEncoder, resolve_device
 from .heads import EmbeddingHead
 from .families import select as select_runner
-from .runners import ACTIVATIONS, classification_activation
+from .runners import ACTIVATIONS, BatchAbandoned, classification_activation
 from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -133,6 +133,13 @@ class Engine(tasks.TaskCalls):
     deadline passes before its batch starts fails with RequestTimeoutError.
     Pass request_timeout_s=target_latency_ms / 1000 to serve every accepted
     request within the target and shed the rest under overload.
+
+    preempt lets a running batch be paused between two layers of the packed
+    runner to run urgent requests first (a higher priority class, or a
+    request that waiting would make late), then resumed
+    (docs/design.md, "Pausing a batch"). None: on for the packed runner on
+    a CPU with data-parallel workers; True asks for it (ValueError where the
+    runner has no layers to pause between); False: off.
     """
 
     def __init__(
@@ -168,6 +175,7 @@ class Engine(tasks.TaskCalls):
         devices: str | Sequence[str] | None = None,
         replicas: int | None = None,
         parallel: str = "data",
+        preempt: bool | None = None,
         clock: _core.ManualClock | None = None,
     ) -> None:
         if task not in TASKS:
@@ -328,6 +336,7 @@ class Engine(tasks.TaskCalls):
         # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
         self._ghost_pad = (pad if pad is not None else 0) \
             if self._process["onednn"] == "on, token buckets" and self.runner.name == "packed" else None
+        self.preempt = self._preempt_choice(preempt, parallel)
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
@@ -339,6 +348,7 @@ class Engine(tasks.TaskCalls):
             # sequence): per token a BERT layer's matmuls cost ~24 h^2 FLOPs,
             # attention ~4 h len, so len / (6 h) on top of each token.
             attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
+            preempt_layers=len(self.runner.blocks) if self.preempt else 0,
         )
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
@@ -844,6 +854,50 @@ class Engine(tasks.TaskCalls):
             out.append(replicas_.Replica(k, dev, runner, threads, backends))
         return out
 
+    def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:
+        if preempt is not None and not isinstance(preempt, bool):
+            raise ValueError(f"preempt must be True, False or None, got {preempt!r}")
+        able = getattr(self.runner, "pausable", False) and parallel == "data" and len(self.runner.blocks) > 1
+        if preempt and not able:
+            raise ValueError("preempt=True pauses the packed runner between layers: it needs a packed runner "
+                             f"(this engine runs {self.runner.name!r}) and parallel='data'")
+        return able and (preempt if preempt is not None else self.device.type == "cpu")
+
+    def _pausing(self, batch, replica: replicas_.Replica, futures: list) -> tuple[Callable, dict]:
+        """The runner's hook between two layers of `batch`: the scheduler may
+        hand back urgent requests, run at once through the same runner (never
+        paused themselves) before `batch` resumes. Rows of `batch` the pause
+        would make late (a lower class: Scheduler.preempt) fail now with
+        OverloadedError and the hook returns the mask of rows to keep.
+        state: "paused", the seconds urgent batches took; "live", the rows
+        still computed."""
+        sched, runner = self._scheduler, replica.runner
+        state: dict[str, Any] = {"paused": 0.0, "live": np.ones(batch.size, bool)}
+
+        def pause(done: int, layers: int) -> Optional[np.ndarray]:
+            urgent = sched.preempt(batch, done / layers)
+            if urgent is None:
+                return None
+            keep = None
+            if urgent.shed:
+                late = dict(zip((int(i) for i in urgent.shed), urgent.shed_retry_after_s))
+                live = np.flatnonzero(state["live"])
+                keep = np.array([int(batch.ids[i]) not in late for i in live])
+                for i in live[~keep]:
+                    state["live"][i] = False
+                    if futures[i] is not None:
+                        futures[i].set_exception(overloaded(late[int(batch.ids[i])]))
+            t = time.perf_counter()
+            runner.pause_hook = None
+            try:
+                self._run(urgent, replica)
+            finally:
+                runner.pause_hook = pause
+                state["paused"] += time.perf_counter() - t
+            return keep
+
+        return pause, state
+
     def _work(self, replica: replicas_.Replica) -> None:
         sched = self._scheduler
         worker = replica.index if self.parallel == "data" else 0
@@ -884,8 +938,13 @@ class Engine(tasks.TaskCalls):
         if not batch.size:
             return
         futures = self._take_all(batch.ids)
+        runner = replica.runner
+        pausing = self.preempt and runner.pause_hook is None  # an urgent batch runs whole
+        state: dict[str, Any] = {"paused": 0.0, "live": None}
         t0 = time.perf_counter()
         try:
+            if pausing:
+                runner.pause_hook, state = self._pausing(batch, replica, futures)
             with replica.sdpa_backends(), self._precision_context(), self._onednn():
                 extra = {}
                 if self._head.needs_prompt_lengths and self.task == "embed":
@@ -893,12 +952,14 @@ class Engine(tasks.TaskCalls):
                         [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
                 if self._pairs is not None:  # the pairs' token types, carried on their futures
                     extra["segments"] = tasks.segments_of(futures, batch.lengths)
-                rows = self._rows(batch, extra, replica.runner)
+                rows = self._rows(batch, extra, runner)
+        except BatchAbandoned:  # a pause dropped every row (each failed then)
+            rows = []
         except Exception as e:
             replica.record(batch.size, time.perf_counter() - t0, failed=True)
             self._scheduler.fail(batch)
             for fut in futures:
-                if fut is not None:
+                if fut is not None and not fut.done():
                     err = InferenceError(f"the model raised on this request's batch: {e!r}")
                     err.__cause__ = e
                     fut.set_exception(err)
@@ -908,7 +969,7 @@ class Engine(tasks.TaskCalls):
             self._scheduler.fail(batch)
             others = any(r.alive for r in self._replicas if r is not replica)
             for fut in futures:
-                if fut is not None:
+                if fut is not None and not fut.done():
                     # With other replicas serving, the engine is not closing:
                     # only this batch is lost (never re-queued: docs/design.md).
                     err = (ReplicaFailedError(f"replica {replica.index} ({replica.device}) died running this "
@@ -917,10 +978,16 @@ class Engine(tasks.TaskCalls):
                     err.__cause__ = e
                     fut.set_exception(err)
             raise
-        compute = time.perf_counter() - t0
+        finally:
+            if pausing:
+                runner.pause_hook = None
+        compute = time.perf_counter() - t0 - state["paused"]
         replica.record(batch.size, compute)
         self._scheduler.complete(batch, compute)
         queued = batch.assembled_at - batch.arrivals
+        live = state["live"]
+        if live is not None and not live.all():  # rows dropped at a pause: already failed
+            futures, queued = [f for f, keep in zip(futures, live) if keep], queued[live]
         for fut, row, q in zip(futures, rows, queued):
             if fut is not None:
                 # Per-request timing for callers that report it (HTTP headers).

@@ -175,7 +175,7 @@ class _PackedAttention:
         return out.view(T, H)
 
 
-def _groups_measured_faster(h: torch.Tensor) -> bool:
+def _groups_measured_faster(h: torch.Tensor) -> bool:  # h: any tensor of the compute dtype
     """Length groups (_LengthGroups) instead of one call per run: measured
     faster in float32 on the CPU (benchmarks/README.md, "CPU dtypes", AMD
     EPYC); in bfloat16 on an AMX Xeon masked calls per group of similar
@@ -269,6 +269,10 @@ class _LengthGroups:
         return out
 
 
+class BatchAbandoned(Exception):
+    """Raised by PackedRunner when a pause dropped every row of its batch."""
+
+
 class PackedRunner:
     """Runs BERT-family models on packed tokens [T, H] with the model's own
     modules: embeddings with per-sequence position ids, Q/K/V and feed-forward
@@ -279,6 +283,13 @@ class PackedRunner:
     # Pipeline stages (python/fastserve/pipeline.py): called as hook(i, h)
     # before layer i and hook(len(blocks), h) after the last; returns h.
     stage_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+    # Pausing (Engine(preempt=...)): called as hook(i, layers) after layer i
+    # of `layers` (i < layers), where the running batch may be paused; it may
+    # run another batch through this runner before returning, and returns
+    # None or a bool mask over the batch's live rows: False rows are dropped
+    # from the layers left (python/fastserve/engine.py, Engine._pausing).
+    pause_hook: Optional[Callable[[int, int], Optional[np.ndarray]]] = None
+    pausable = True
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
                  activation: str = "softmax", head: EmbeddingHead | None = None) -> None:
@@ -314,9 +325,12 @@ class PackedRunner:
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
 
-    def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          Optional[np.ndarray]]:
         """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the
-        device. segments: [B] where each request's token type 1 starts."""
+        device, and which of the batch's rows they hold (None: all; rows are
+        dropped only at a pause). segments: [B] where each request's token
+        type 1 starts."""
         dev = self.device
         ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
         pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
@@ -328,16 +342,9 @@ class PackedRunner:
             packed = np.asarray(batch.position_ids) >= np.repeat(segments, batch.lengths)
             types = torch.from_numpy(packed.astype(np.int64)).to(dev, non_blocking=True)
         h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil, types)
-        runs = _equal_length_runs(batch.lengths)
-        varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        if self.attention == "flash":
-            maxlen = int(batch.max_seqlen)
-            varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
-        elif self.attention == "pad" and len(runs) > 1:
-            varlen = _PaddedAttention(np.asarray(batch.lengths), np.asarray(batch.position_ids), dev)
-        self.attention_batches[self.attention if varlen is not None else "runs"] += 1
-        if varlen is None and len(runs) > 1 and _groups_measured_faster(h):
-            varlen = _LengthGroups(np.asarray(batch.lengths), dev)  # still "runs": exact per sequence
+        lengths, positions = np.asarray(batch.lengths), np.asarray(batch.position_ids)
+        runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
+        rows: Optional[np.ndarray] = None
         hook = self.stage_hook
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
@@ -355,18 +362,50 @@ class PackedRunner:
                 h = block.output_layer_norm(block.ffn(a) + a)
             else:
                 h = block.output(block.intermediate(a), a)
+            if self.pause_hook is not None and i + 1 < len(self.blocks):
+                keep = self.pause_hook(i + 1, len(self.blocks))
+                if keep is not None:
+                    # Rows past the mask (shapes.py's ghost sequences) stay.
+                    keep = np.concatenate([np.asarray(keep, bool), np.ones(len(lengths) - len(keep), bool)])
+                    if not keep.any():
+                        raise BatchAbandoned
+                    tokens = np.repeat(keep, lengths)
+                    h = h[torch.from_numpy(tokens).to(dev)]
+                    lengths, positions = lengths[keep], positions[tokens]
+                    rows = (np.arange(len(keep)) if rows is None else rows)[keep]
+                    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(dev)
+                    runs, varlen = self._attention_plan(lengths, positions, cu, int(lengths.max()))
         if hook is not None:
             h = hook(len(self.blocks), h)
-        return h, cu
+        return h, cu, rows
+
+    def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
+                        count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+        """The runs of equal lengths, and the attention over all of them at
+        once where one is used (varlen), for sequences of these lengths."""
+        runs = _equal_length_runs(lengths)
+        varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        if self.attention == "flash":
+            varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
+        elif self.attention == "pad" and len(runs) > 1:
+            varlen = _PaddedAttention(lengths, positions, self.device)
+        if count:
+            self.attention_batches[self.attention if varlen is not None else "runs"] += 1
+        if varlen is None and len(runs) > 1 and _groups_measured_faster(self.attn[0].weight):
+            varlen = _LengthGroups(lengths, self.device)  # still "runs": exact per sequence
+        return runs, varlen
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
         """As PaddedRunner.run, on packed tokens: for token-classify each
-        token's row goes back to its request (no pooling)."""
-        h, cu = self.hidden(batch, segments)
+        token's row goes back to its request (no pooling). Rows dropped at a
+        pause (Engine(preempt=...)) are left out."""
+        h, cu, kept = self.hidden(batch, segments)
+        if kept is not None and prompt_lengths is not None:
+            prompt_lengths = prompt_lengths[kept]
         if self.task == "token-classify":
             m = self.model
             logits = m.classifier(m.dropout(h)).float().cpu().numpy()
-            return np.split(logits, np.asarray(batch.cu_seqlens)[1:-1])
+            return np.split(logits, cu.cpu().numpy()[1:-1])
         if self.task in ("classify", "rerank"):
             cls = h[cu[:-1].long()]
             rows = activate(self._classify(cls), self.activation)

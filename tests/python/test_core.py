@@ -682,6 +682,7 @@ STATS_KEYS = {
     "rejected",
     "refused",
     "shed",
+    "preempted",
     "completed",
     "failed",
     "expired",
@@ -721,7 +722,8 @@ def test_stats_keys_on_a_fresh_scheduler():
     # (nothing measured yet).
     assert st["controller"] == {"policy": "static", "budget_tokens": BIG, "admission_tail_s": 0.0,
                                 "admission_fit_intercept_s": 0.0, "admission_fit_slope_s_per_token": 0.0,
-                                "admission_cost_factor": 1.0, "admission_arrival_tokens_per_s": 0.0}
+                                "admission_cost_factor": 1.0, "admission_arrival_tokens_per_s": 0.0,
+                                "admission_pause_share": 0.0}
     assert st["controllers"] == [{"policy": "static", "budget_tokens": BIG}]  # one worker
 
 

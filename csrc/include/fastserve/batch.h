@@ -30,7 +30,7 @@ class Batch {
       : seq_(seq), pad_token_id_(pad_token_id), assembled_at_(assembled_at), budget_(budget) {}
 
   void add(uint64_t id, std::vector<int32_t>&& tokens, double arrival,
-           double deadline = std::numeric_limits<double>::infinity());
+           double deadline = std::numeric_limits<double>::infinity(), int priority = 0);
 
   // Take out the rows whose deadline is at or before `now` and return their
   // ids: called just before the batch runs, so a request whose deadline
@@ -44,6 +44,7 @@ class Batch {
   const std::vector<int32_t>& lengths() const { return lengths_; }
   const std::vector<double>& arrivals() const { return arrivals_; }
   const std::vector<double>& deadlines() const { return deadlines_; }
+  const std::vector<int>& priorities() const { return priorities_; }
   const std::vector<std::vector<int32_t>>& tokens() const { return tokens_; }
   int64_t total_tokens() const { return total_tokens_; }
   int64_t max_len() const { return max_len_; }
@@ -59,6 +60,10 @@ class Batch {
   std::vector<uint64_t> expired;
   std::vector<uint64_t> shed;
   std::vector<double> shed_retry_after_s;
+  // Rows dropped while the batch was paused between layers (Scheduler::
+  // preempt): lower-priority requests the pause would make late, counted
+  // shed and failed by the worker, never completed.
+  std::vector<uint64_t> abandoned;
   // The worker (replica) whose controller sized this batch; complete()
   // feeds that controller.
   int worker = 0;
@@ -75,6 +80,7 @@ class Batch {
   std::vector<uint64_t> ids_;
   std::vector<int32_t> lengths_;
   std::vector<double> arrivals_, deadlines_;
+  std::vector<int> priorities_;
   std::vector<std::vector<int32_t>> tokens_;
   int64_t total_tokens_ = 0, max_len_ = 0;
   mutable std::atomic<bool> laid_out_{false};

@@ -114,6 +114,16 @@ struct SchedulerConfig {
   // 94-98%), but puts the p99 of accepted requests during a 3x burst 0.7 ms
   // past the target (docs/design.md, "Deadlines").
   bool extend_past_budget = false;
+  // Pausing a running batch (docs/design.md, "Pausing a batch"): the number
+  // of points at which a worker offers its running batch to be paused, the
+  // model's layers (0: never paused, the default). While admission predicts,
+  // preempt() between two layers hands back a batch of urgent requests when
+  // the head of the queue would miss its deadline waiting for the running
+  // batches and makes it if it runs now, and the paused batch's members of
+  // its class or higher still make theirs; admission and shedding then
+  // predict a class above every member of a running batch with a wait of
+  // one layer, not the rest of the batch.
+  int64_t preempt_layers = 0;
 
   void validate() const;  // throws InvalidArgument
 };
@@ -152,6 +162,19 @@ class Scheduler {
   // passed with nothing to do or the scheduler is closed and empty.
   // `worker` (in [0, workers)) picks the controller that sizes the batch.
   std::optional<std::shared_ptr<Batch>> next_batch(double timeout_s, int worker = 0);
+
+  // Called by the worker between two layers of `running` (its own batch, from
+  // next_batch), `done` in [0, 1] the fraction of its layers run: a batch of
+  // urgent requests for the worker to run at once, before it resumes
+  // `running`, or nullopt (preempt_layers 0, nothing urgent, an idle worker
+  // that will take the queue, or `running` is itself such a batch: never
+  // paused). Members of `running` of a lower class than the urgent batch
+  // that the pause makes late are dropped: listed in the urgent batch's
+  // `shed` (counted shed, for the worker to fail) and added to running's
+  // `abandoned` (the worker stops computing their rows). The worker calls
+  // start() on the urgent batch as on any batch, and reports `running`'s
+  // compute without the time the urgent batch took.
+  std::optional<std::shared_ptr<Batch>> preempt(Batch& running, double done);
 
   // Called by the worker just before it runs `batch`: takes out and returns
   // the requests whose deadline has passed since assembly (counted as
@@ -221,12 +244,16 @@ class Scheduler {
   bool predicting_locked() const;
   bool idle_for_locked(int priority) const;
   double compute_locked(double work, double fill, double urgent = kNoDeadline) const;  // compute up to a request, + J
-  double residual_locked(double now) const;     // rest of the running batches
+  // Until a worker is free for the next batch; with `priority`, for a request
+  // of that class (a batch of lower classes alone is paused for it).
+  double residual_locked(double now, std::optional<int> priority = std::nullopt) const;
+  int busy_workers_locked() const;
   double extend_limit_locked(double budget) const;  // largest batch past the budget
   double ahead_locked(int priority) const;      // queued cost at priority or higher
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
   double urgent_locked(int priority) const;     // earliest deadline queued at priority or higher
-  double completion_locked(double now, int priority, double ahead, double own) const;
+  double stretch_locked(int priority) const;  // a class's time under pauses for higher ones
+  double completion_locked(double now, int priority, double ahead, double own, bool pausing = true) const;
   void shed_locked(double now, Batch& batch);
   void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
@@ -265,13 +292,24 @@ class Scheduler {
   size_t excess_next_ = 0;
   double tail_s_ = 0.0, cost_factor_ = 1.0;
   int64_t measured_batches_ = 0;
-  std::map<uint64_t, double> running_;  // batch seq -> predicted end
+  struct Running {
+    int worker = 0;
+    double end = 0;      // predicted end (a paused batch's: after the urgent one)
+    double full = 0;     // predicted compute, all layers
+    double start = 0;    // when it was handed out
+    double paused = 0;   // seconds the urgent batches run inside it took
+    int top = 0;         // highest priority of its members
+    bool urgent = false; // run inside a paused batch (never paused itself)
+  };
+  std::map<uint64_t, Running> running_;  // by batch seq
   int64_t queued_tokens_ = 0;
-  int64_t submitted_tokens_ = 0, submitted_at_last_ = 0;  // for the arrival rate
-  double last_observed_at_ = -1, arrival_rate_ = 0;
-  // The same by priority (for the fill a class cannot be displaced from).
+  // Arrival rates by priority (real tokens/s, smoothed; their sum is the
+  // total), for the controller and the fill a class cannot be displaced from.
+  double last_observed_at_ = -1;
   std::map<int, int64_t> submitted_by_priority_, submitted_at_last_by_priority_;
   std::map<int, double> arrival_rate_by_priority_;
+  // Pausing: the compute urgent batches took, and its share of the workers' time.
+  double urgent_s_ = 0, urgent_at_last_ = 0, pause_share_ = 0;
 
   uint64_t next_id_ = 1;
   uint64_t next_batch_seq_ = 1;

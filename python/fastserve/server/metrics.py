@@ -35,6 +35,8 @@ class EngineCollector:
         yield CounterMetricFamily("fastserve_engine_batches", "Batches run", value=float(s.get("batches", 0)))
         yield CounterMetricFamily("fastserve_engine_failed_batches", "Batches whose model call raised",
                                   value=float(s.get("failed_batches", 0)))
+        yield CounterMetricFamily("fastserve_engine_pauses", "Running batches paused between layers for urgent "
+                                  "requests (Engine(preempt=...))", value=float(s.get("preempted", 0)))
         tokens = CounterMetricFamily("fastserve_engine_tokens", "Tokens run, real and with padding", labels=["kind"])
         tokens.add_metric(["real"], float(s.get("real_tokens", 0)))
         tokens.add_metric(["padded"], float(s.get("padded_tokens", 0)))
