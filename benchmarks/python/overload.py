@@ -8,7 +8,9 @@ deadline = the SLO (Engine(request_timeout_s=...)).
    sentence-transformers behind a one-worker FIFO, on the same arrivals;
    per rate: goodput within the SLO, p50/p99 of accepted requests, fractions
    refused at submit, shed before compute and expired;
-3. two priority classes at 2x capacity (a quarter of the requests high);
+3. two priority classes at 2x capacity (a quarter of the requests high),
+   each class's outcomes (refused, shed, expired, late) and the pauses
+   (--preempt on/off compares Engine(preempt=...));
 4. a load step 0.3x -> 0.9x (budget sampled every 50 ms; settling time);
 5. a burst to 3x capacity for 1 s between 0.5x phases;
 6. long inputs: one text in ten ten times longer, at 0.7x capacity: p99 of
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 with ControllerTrace(b) as trace:
                     r = load.run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=slo, drain_s=args.drain,
                                            priorities=prio)
-                r["trace"] = trace.samples
+                r["trace"] = trace.samples  # the controller and admission every 50 ms
                 r["preempted"] = b.stats().get("preempted")
             out["priority"] = strip(r)
             print(f"priority at 2x: within SLO by class {r['slo_met_by_priority']}", flush=True)
@@ -467,7 +469,14 @@ def markdown(out: dict[str, Any], plots: list[str]) -> str:
         by = {k: f"{v:.3f}" for k, v in pr["slo_met_by_priority"].items()}
         L += ["", "## Two priority classes at 2x capacity (a quarter high)\n",
               f"Within the SLO, by class (1 = high): {by}; goodput {pr['goodput_rps']:.1f} req/s, "
-              f"refused {pr['refused_fraction']:.3f}, shed {pr['shed_fraction']:.3f}."]
+              f"refused {pr['refused_fraction']:.3f}, shed {pr['shed_fraction']:.3f}; "
+              f"batches paused for the high class: {pr.get('preempted')}.\n",
+              "| class | requests | within SLO | refused | shed | expired | late | accepted p50 | accepted p99 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for c, o in pr.get("outcomes_by_priority", {}).items():
+            L.append(f"| {c} | {o['requests']} | {o['within_slo']:.3f} | {o['refused']:.3f} | {o['shed']:.3f} | "
+                     f"{o['expired']:.3f} | {o['late']:.3f} | {common.fmt_ms(o['accepted_p50_s'])} | "
+                     f"{common.fmt_ms(o['accepted_p99_s'])} |")
     if "step" in out:
         st = out["step"]
         L += ["", "## Load step\n",

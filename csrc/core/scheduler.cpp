@@ -216,12 +216,12 @@ double Scheduler::stretch_locked(int priority) const {
   return 1.0 / (1.0 - std::min(0.8, pause_share_));
 }
 
-double Scheduler::completion_locked(double now, int priority, double ahead, double own, bool pausing) const {
+double Scheduler::completion_locked(double now, int priority, double ahead, double own) const {
   // Its batch forms when the running one ends (or pauses for it): it then
   // holds what is queued at its priority or higher and what of that arrives
   // meanwhile, up to the budget (batch formation fills it with lower
   // priority only as far as its deadline allows).
-  const double residual = pausing ? residual_locked(now, priority) : residual_locked(now);
+  const double residual = residual_locked(now, priority);
   const double fill = ahead + own + cost_factor_ * arrivals_locked(priority) * residual;
   const double room = urgent_locked(priority) - now - residual;
   return now + (residual + compute_locked(ahead + own, fill, room)) * stretch_locked(priority);
@@ -445,72 +445,59 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   if (busy_workers_locked() < workers()) return std::nullopt;  // an idle worker takes the queue
   const double now = clock_->now();
   auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
-  // The rest of the running batch: its predicted share of the layers left,
-  // or, when it runs slower than predicted (a stall, contention), the rate
-  // its layers have run at so far.
-  Running& r = self->second;
-  const double ran = now - r.start - r.paused;
-  const double rest = std::max((1 - done) * r.full, done > 0 ? ran * (1 - done) / done : 0.0);
-  r.end = now + rest;
-  // The head of the queue is urgent when it is of a class above every
-  // member of the running batch (a higher class never waits for a lower
-  // one's batch: a predicted wait misses the stalls a running batch may
-  // still meet), or when waiting is predicted to make it late.
+  // Only a class above every member of the running batch pauses it: a
+  // higher class never waits for a lower class's batch. (Pausing within a
+  // class, when waiting was predicted to make the head late, was measured
+  // and dropped: docs/design.md, "Pausing a batch".)
   const Request& head = requests_.at(order_.begin()->id);
-  if (!std::isfinite(head.deadline)) return std::nullopt;
-  const auto own = own_cost(static_cast<int64_t>(head.tokens.size()));
-  if (head.priority <= r.top && completion_locked(now, head.priority, 0, own, /*pausing=*/false) <= head.deadline)
-    return std::nullopt;
-  // The paused batch's members of the urgent batch's class or higher must
-  // still make their deadlines (those already predicted to miss them, the
-  // batch having run long, lose nothing more); lower ones are displaced, as
-  // in formation.
-  Urgency paused;
-  const std::vector<uint64_t>& gone = running.abandoned;
-  for (int64_t i = 0; i < running.size(); ++i) {
-    const auto k = static_cast<size_t>(i);
-    if (std::find(gone.begin(), gone.end(), running.ids()[k]) != gone.end()) continue;
-    const double d = running.deadlines()[k];
-    if (d >= now + rest + tail_s_) paused.add(running.priorities()[k], d);
-  }
-  const double protect = paused.above(head.priority - 1);
+  if (head.priority <= self->second.top || !std::isfinite(head.deadline)) return std::nullopt;
+  // The rest of the running batch: its predicted share of the layers left,
+  // or, when its layers since the last call ran slower than predicted (a
+  // stall, contention), at that rate. (Not from the batch's start: its first
+  // layer also carries the embeddings and the batch's setup, and at that
+  // rate the rest of every batch looked 1.5-2x too long on the CPU.)
+  Running& r = self->second;
+  double rest = (1 - done) * r.full;
+  if (r.last_done > 0 && done > r.last_done)
+    rest = std::max(rest, (now - r.last_at - (r.paused - r.last_paused)) / (done - r.last_done) * (1 - done));
+  r.last_at = now, r.last_done = done, r.last_paused = r.paused;
+  r.end = now + rest;
   const double B = static_cast<double>(controllers_[static_cast<size_t>(running.worker)]->budget());
   // The urgent batch: the head's class in queue order, while it fits the
-  // budget and every member (of it and protected in the paused batch) ends
-  // by its deadline, a tail J included.
+  // budget and every member ends by its deadline, a tail J included.
   std::vector<uint64_t> take;
   double sum = 0, earliest = INFINITY;
   int64_t seen = 0;
   for (auto it = order_.begin(); it != order_.end() && seen < config_.lookahead; ++it, ++seen) {
-    const Request& r = requests_.at(it->id);
-    if (r.priority < head.priority || static_cast<int64_t>(take.size()) >= config_.max_batch_size) break;
-    if (!std::isfinite(r.deadline)) continue;
-    const double cost = seq_cost(static_cast<int64_t>(r.tokens.size()));
+    const Request& q = requests_.at(it->id);
+    if (q.priority < head.priority || static_cast<int64_t>(take.size()) >= config_.max_batch_size) break;
+    if (!std::isfinite(q.deadline)) continue;
+    const double cost = seq_cost(static_cast<int64_t>(q.tokens.size()));
     if (!take.empty() && sum + cost > B) continue;
-    const double end = now + fit(sum + cost) + tail_s_;
-    if (end > std::min(earliest, r.deadline) || end + rest > protect) {
+    if (now + fit(sum + cost) + tail_s_ > std::min(earliest, q.deadline)) {
       if (take.empty()) return std::nullopt;  // running the head now saves nothing
       continue;
     }
-    take.push_back(r.id);
+    take.push_back(q.id);
     sum += cost;
-    earliest = std::min(earliest, r.deadline);
+    earliest = std::min(earliest, q.deadline);
   }
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now,
                                        static_cast<int64_t>(B));
   batch->worker = running.worker;
   for (uint64_t id : take) move_to_batch_locked(now, id, *batch);
   const double compute = fit(static_cast<double>(batch_cost(*batch)));
-  running_[batch->seq()] = Running{running.worker, now + compute, compute, now, 0, head.priority, true};
+  running_[batch->seq()] = Running{running.worker, now + compute, compute, 0, head.priority, true};
   r.end += compute;
   ++stats_.preempted;
-  // Lower-class members the pause makes late: dropped now, not computed on.
+  // Members the pause makes late (all of a lower class): dropped now, not
+  // computed on.
+  const std::vector<uint64_t>& gone = running.abandoned;
   for (int64_t i = 0; i < running.size(); ++i) {
     const auto k = static_cast<size_t>(i);
     const uint64_t id = running.ids()[k];
     const double d = running.deadlines()[k];
-    if (running.priorities()[k] >= head.priority || r.end + tail_s_ <= d ||
-        std::find(gone.begin(), gone.end(), id) != gone.end())
+    if (r.end + tail_s_ <= d || std::find(gone.begin(), gone.end(), id) != gone.end())
       continue;
     batch->shed.push_back(id);
     batch->shed_retry_after_s.push_back(r.end + tail_s_ - d);
@@ -714,7 +701,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
     const double compute = compute_fit_.ready() ? compute_fit_.predict(cost) : 0.0;
     const auto& p = batch->priorities();
     running_[batch->seq()] =
-        Running{worker, now + compute, compute, now, 0, *std::max_element(p.begin(), p.end()), false};
+        Running{worker, now + compute, compute, 0, *std::max_element(p.begin(), p.end()), false};
   }
   if (!requests_.empty()) {
     lock.unlock();
@@ -792,7 +779,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
 void Scheduler::fail(const Batch& batch) {
   std::lock_guard<std::mutex> lock(mu_);
   running_.erase(batch.seq());
-  stats_.failed += batch.size();
+  stats_.failed += batch.size() - static_cast<int64_t>(batch.abandoned.size());  // those were shed
   stats_.failed_batches += 1;
 }
 

@@ -135,8 +135,8 @@ class Engine(tasks.TaskCalls):
     request within the target and shed the rest under overload.
 
     preempt lets a running batch be paused between two layers of the packed
-    runner to run urgent requests first (a higher priority class, or a
-    request that waiting would make late), then resumed
+    runner to run requests of a higher priority class first, then resumed;
+    its rows the pause would make late are dropped (OverloadedError)
     (docs/design.md, "Pausing a batch"). None: on for the packed runner on
     a CPU with data-parallel workers; True asks for it (ValueError where the
     runner has no layers to pause between); False: off.

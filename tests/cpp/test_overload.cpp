@@ -863,37 +863,18 @@ TEST(Preempt, OffByDefaultAndTheSameRequestIsRefused) {
   EXPECT_FALSE(p.m.s.preempt(*p.low, 1.0 / 6));
 }
 
-TEST(Preempt, NotForItsOwnClassWhenWaitingStillMakesTheDeadline) {
-  Paused p;
-  p.m.clock->advance(0.022 / 6);
-  p.m.s.submit(toks(100), 0, p.m.clock->now() + 0.05);
-  EXPECT_FALSE(p.m.s.preempt(*p.low, 1.0 / 6));
-  EXPECT_EQ(p.m.s.snapshot().stats.preempted, 0);
-}
-
-TEST(Preempt, ForItsOwnClassOnlyWhenLateAndNeverMakingAMemberLate) {
+TEST(Preempt, NeverForItsOwnClassOrALowerOneEvenWhenWaitingMakesItLate) {
   // A request of the running batch's class, admitted on time (18.3 + 4 ms
-  // of a 25 ms deadline), is late once the batch's first layer took 1 ms
-  // longer: the rest is then predicted at that rate (23.3 ms).
-  for (const double member_timeout : {1.0, 0.030}) {
-    Paused p(0, member_timeout);
-    p.m.clock->advance(0.022 / 6);
-    const uint64_t same = p.m.s.submit(toks(100), 0, p.m.clock->now() + 0.025);
-    EXPECT_FALSE(p.m.s.preempt(*p.low, 1.0 / 6));  // on time: no pause
-    p.m.clock->advance(0.001);
-    auto urgent = p.m.s.preempt(*p.low, 1.0 / 6);
-    if (member_timeout == 1.0) {
-      ASSERT_TRUE(urgent);
-      EXPECT_EQ((*urgent)->ids(), std::vector<uint64_t>{same});
-    } else {
-      EXPECT_FALSE(urgent);  // the batch's members, due at 30 ms, would be late (28 + 4 ms)
-    }
-  }
-  // The same members in a lower class are displaced, as in formation.
-  Paused lower(0, 0.030);
-  lower.m.clock->advance(0.022 / 6);
-  lower.m.s.submit(toks(100), 1, lower.m.clock->now() + 0.015);
-  EXPECT_TRUE(lower.m.s.preempt(*lower.low, 1.0 / 6));
+  // of a 25 ms deadline), is late once the batch stalls 10 ms; neither it
+  // nor one of a lower class pauses the batch.
+  Paused p(1);
+  p.m.clock->advance(0.022 / 6);
+  p.m.s.submit(toks(100), 1, p.m.clock->now() + 0.025);
+  p.m.s.submit(toks(100), 0, p.m.clock->now() + 1.0);
+  EXPECT_FALSE(p.m.s.preempt(*p.low, 1.0 / 6));
+  p.m.clock->advance(0.022 / 6 + 0.010);
+  EXPECT_FALSE(p.m.s.preempt(*p.low, 2.0 / 6));
+  EXPECT_EQ(p.m.s.snapshot().stats.preempted, 0);
 }
 
 TEST(Preempt, LowerRowsThePauseMakesLateAreDroppedAndShedTheRestRun) {
@@ -973,10 +954,11 @@ TEST(Preempt, InTheCpuRegimeTheHighClassGainsAndTheLowerClassIsShedNotServedLate
   // alone costs 60% of the target (15 ms + 0.5 ms per token), so batches
   // hold one request and a high request that arrives as one starts waits
   // for all of it. Two classes at 2x, a quarter high. Measured: the high
-  // class 62.6% within target unpaused, 80.4% paused (refusals 102 -> 55);
+  // class 62.6% within target unpaused, 80.8% paused (refusals 102 -> 51);
   // the low class, whose rows a pause would make late are dropped, keeps its
-  // accepted p99 (52.4 vs 52.6 ms); total goodput falls from 33.8 to 27.7
-  // req/s (compute spent on dropped rows, and high requests run alone).
+  // accepted p99 near where it was (52.4 -> 54.8 ms; without the drop it
+  // was 114 ms); total goodput falls from 33.8 to 27.9 req/s (compute spent
+  // on dropped rows, and high requests run alone).
   const CostModel cpu{0.015, 0.0005, 0.0};
   const auto arr = arrivals({{2.0 / (cpu.a + cpu.b * 29), 20.0}}, 62, 0.25);
   Sim plain;
@@ -987,17 +969,19 @@ TEST(Preempt, InTheCpuRegimeTheHighClassGainsAndTheLowerClassIsShedNotServedLate
   EXPECT_GE(after.high.good_fraction(), before.high.good_fraction() + 0.1);
   EXPECT_GT(after.pauses, 50);
   EXPECT_LE(after.high.p99_done, kTarget);
-  EXPECT_LE(after.low.p99_done, 1.05 * before.low.p99_done);
+  EXPECT_LE(after.low.p99_done, 1.1 * before.low.p99_done);
   EXPECT_GE(after.all.goodput_rps, 0.75 * before.all.goodput_rps);
 }
 
-TEST(Preempt, AtTwiceCapacityWithNoisyComputeTheHighClassGainsLittle) {
+TEST(Preempt, AtTwiceCapacityWithNoisyComputeBatchesHoldTheHighClassAndPauseNothing) {
   // PriorityClasses' noisy 2x run with pausing. Here a batch holds ~40
-  // requests and nearly every one some of the high class, which a request
-  // of its own class never pauses: 8 pauses in 3 s. Measured: high 85.7% ->
-  // 89.2% within target; the low class's accepted p99 79.6 -> 45.5 ms
-  // (rows a pause would make late are dropped, as are those a stalled
-  // batch already made late), goodput 1439 -> 1481 req/s.
+  // requests and nearly every one some of the high class, which its own
+  // class does not pause: no pause in 3 s, the high class 85.7% -> 86.9%
+  // within target (admission's class-aware wait), goodput 1439 -> 1432
+  // req/s. Pausing within a class when waiting was predicted late (tried)
+  // took the high class to 92.6% here, with 11 pauses, but on the real
+  // machine it put the single-class 2x and 4x p99 at 89-115 ms against
+  // 59-108 ms without (docs/design.md, "Pausing a batch").
   const double cap = capacity_rps();
   const auto arr = arrivals({{2 * cap, 4.0}}, 61, 0.25);
   Sim plain;
@@ -1007,22 +991,9 @@ TEST(Preempt, AtTwiceCapacityWithNoisyComputeTheHighClassGainsLittle) {
   noisy(paused, 0.0, 0.01);
   paused.run(arr);
   const ClassFigures before(plain, 1.0, 4.0), after(paused, 1.0, 4.0);
-  EXPECT_GT(after.high.good_fraction(), before.high.good_fraction());
-  EXPECT_LE(after.low.p99_done, kTarget);
-  EXPECT_GE(after.all.goodput_rps, before.all.goodput_rps);
-}
-
-TEST(Preempt, OnLongInputsPausingAddsNothingOnceAttentionIsCounted) {
-  // Item 6's third option on LongInputs' mix: a short request paused into a
-  // batch of long ones only when waiting would make it late and the batch's
-  // members (its own class) keep their deadlines. With attention counted the
-  // cost is predicted well and no such moment comes: 98.62% of short
-  // requests within target either way (tokens only: 95.81% / 95.86%).
-  double good_plain = 0, good_paused = 0;
-  const double plain = short_good_fraction(500, 0, &good_plain);
-  const double paused = short_good_fraction(500, 0, &good_paused, 6);
-  EXPECT_NEAR(paused, plain, 0.005);
-  EXPECT_NEAR(good_paused, good_plain, 0.01 * good_plain);
+  EXPECT_GE(after.high.good_fraction(), before.high.good_fraction() - 0.01);
+  EXPECT_LE(after.low.p99_done, before.low.p99_done);
+  EXPECT_NEAR(after.all.goodput_rps, before.all.goodput_rps, 0.02 * before.all.goodput_rps);
 }
 
 }  // namespace

@@ -118,11 +118,11 @@ struct SchedulerConfig {
   // of points at which a worker offers its running batch to be paused, the
   // model's layers (0: never paused, the default). While admission predicts,
   // preempt() between two layers hands back a batch of urgent requests when
-  // the head of the queue would miss its deadline waiting for the running
-  // batches and makes it if it runs now, and the paused batch's members of
-  // its class or higher still make theirs; admission and shedding then
-  // predict a class above every member of a running batch with a wait of
-  // one layer, not the rest of the batch.
+  // the head of the queue is of a class above every member of the running
+  // batch and makes its deadline if it runs now; admission and shedding then
+  // predict such a class with a wait of one layer, not the rest of the
+  // batch, and a class below one that arrives with its time stretched by
+  // the share of time urgent batches took.
   int64_t preempt_layers = 0;
 
   void validate() const;  // throws InvalidArgument
@@ -168,8 +168,8 @@ class Scheduler {
   // urgent requests for the worker to run at once, before it resumes
   // `running`, or nullopt (preempt_layers 0, nothing urgent, an idle worker
   // that will take the queue, or `running` is itself such a batch: never
-  // paused). Members of `running` of a lower class than the urgent batch
-  // that the pause makes late are dropped: listed in the urgent batch's
+  // paused). Members of `running` (all of a lower class than the urgent
+  // batch) that the pause makes late are dropped: listed in the urgent batch's
   // `shed` (counted shed, for the worker to fail) and added to running's
   // `abandoned` (the worker stops computing their rows). The worker calls
   // start() on the urgent batch as on any batch, and reports `running`'s
@@ -253,7 +253,7 @@ class Scheduler {
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
   double urgent_locked(int priority) const;     // earliest deadline queued at priority or higher
   double stretch_locked(int priority) const;  // a class's time under pauses for higher ones
-  double completion_locked(double now, int priority, double ahead, double own, bool pausing = true) const;
+  double completion_locked(double now, int priority, double ahead, double own) const;
   void shed_locked(double now, Batch& batch);
   void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
@@ -296,10 +296,12 @@ class Scheduler {
     int worker = 0;
     double end = 0;      // predicted end (a paused batch's: after the urgent one)
     double full = 0;     // predicted compute, all layers
-    double start = 0;    // when it was handed out
     double paused = 0;   // seconds the urgent batches run inside it took
     int top = 0;         // highest priority of its members
     bool urgent = false; // run inside a paused batch (never paused itself)
+    // At the worker's last preempt() call: when, the fraction of its layers
+    // run, and `paused` then (the pace of its layers since).
+    double last_at = 0, last_done = 0, last_paused = 0;
   };
   std::map<uint64_t, Running> running_;  // by batch seq
   int64_t queued_tokens_ = 0;
