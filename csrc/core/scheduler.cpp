@@ -451,6 +451,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   // and dropped: docs/design.md, "Pausing a batch".)
   const Request& head = requests_.at(order_.begin()->id);
   if (head.priority <= self->second.top || !std::isfinite(head.deadline)) return std::nullopt;
+  const int urgent_class = head.priority;  // `head` is gone once it joins the batch
   // The rest of the running batch: its predicted share of the layers left,
   // or, when its layers since the last call ran slower than predicted (a
   // stall, contention), at that rate. (Not from the batch's start: its first
@@ -470,7 +471,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   int64_t seen = 0;
   for (auto it = order_.begin(); it != order_.end() && seen < config_.lookahead; ++it, ++seen) {
     const Request& q = requests_.at(it->id);
-    if (q.priority < head.priority || static_cast<int64_t>(take.size()) >= config_.max_batch_size) break;
+    if (q.priority < urgent_class || static_cast<int64_t>(take.size()) >= config_.max_batch_size) break;
     if (!std::isfinite(q.deadline)) continue;
     const double cost = seq_cost(static_cast<int64_t>(q.tokens.size()));
     if (!take.empty() && sum + cost > B) continue;
@@ -487,7 +488,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   batch->worker = running.worker;
   for (uint64_t id : take) move_to_batch_locked(now, id, *batch);
   const double compute = fit(static_cast<double>(batch_cost(*batch)));
-  running_[batch->seq()] = Running{running.worker, now + compute, compute, 0, head.priority, true};
+  running_[batch->seq()] = Running{running.worker, now + compute, compute, 0, urgent_class, true};
   r.end += compute;
   ++stats_.preempted;
   // Members the pause makes late (all of a lower class): dropped now, not
