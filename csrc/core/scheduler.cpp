@@ -119,6 +119,8 @@ bool Scheduler::idle_for_locked(int priority) const {
          tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
 }
 
+double Scheduler::fit_locked(double cost) const { return std::max(0.0, compute_fit_.predict(cost)); }
+
 double Scheduler::compute_locked(double work, double fill, double room) const {
   // work: cost tokens up to and including the request; fill: what its own
   // batch is expected to hold (what is queued at its priority or higher, and
@@ -131,15 +133,14 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
   // batch formation then takes it past the budget (assemble_in_order_locked).
   const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
   const double n = static_cast<double>(controllers_.size());
-  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
   double t;
   if (work <= B) {
-    t = fit(std::max(work, std::min(B, fill)));
+    t = fit_locked(std::max(work, std::min(B, fill)));
   } else {
-    t = std::ceil(work / (B * n)) * fit(B);
-    if (config_.extend_past_budget && work <= extend_limit_locked(B) && fit(work) + tail_s_ < t &&
-        fit(work) + 2 * tail_s_ <= room)
-      t = fit(work) + tail_s_;
+    t = std::ceil(work / (B * n)) * fit_locked(B);
+    if (config_.extend_past_budget && work <= extend_limit_locked(B) && fit_locked(work) + tail_s_ < t &&
+        fit_locked(work) + 2 * tail_s_ <= room)
+      t = fit_locked(work) + tail_s_;
   }
   return t + tail_s_;
 }
@@ -167,17 +168,16 @@ double Scheduler::residual_locked(double now, std::optional<int> priority) const
   // worker's batch has that worker at the next layer boundary (predicted a
   // layer's compute away), or when the urgent batch it runs ends.
   if (busy_workers_locked() < workers()) return 0.0;
-  std::map<int, double> urgent_end;
-  for (const auto& [seq, r] : running_)
-    if (r.urgent) urgent_end[r.worker] = r.end;
+  const bool pausing = priority && config_.preempt_layers > 0;
   double free = INFINITY;
   for (const auto& [seq, r] : running_) {
     if (r.urgent) continue;
     double at = r.end;
-    if (priority && config_.preempt_layers > 0 && r.top < *priority) {
-      const auto u = urgent_end.find(r.worker);
-      at = std::min(at, u != urgent_end.end() ? u->second
-                                               : now + r.full / static_cast<double>(config_.preempt_layers));
+    if (pausing && r.top < *priority) {
+      double next = now + r.full / static_cast<double>(config_.preempt_layers);  // the next layer boundary
+      for (const auto& [useq, u] : running_)  // one or two entries per worker
+        if (u.urgent && u.worker == r.worker) next = u.end;  // or the end of the urgent batch it runs
+      at = std::min(at, next);
     }
     free = std::min(free, at);
   }
@@ -387,11 +387,17 @@ void Scheduler::shed_locked(double now, Batch& out) {
   // priority joins it only as far as its deadline allows); `urgent` is the
   // earliest deadline of the kept requests ahead, which a batch past the
   // budget must still meet.
-  std::map<int, double> fill;  // queued cost at each priority or higher
+  // What depends on the class alone, once per class: the queued cost at its
+  // priority or higher (its fill), the wait for a worker, the stretch by pauses.
+  struct Class {
+    double fill, residual, stretch;
+  };
+  std::map<int, Class> by_class;
   {
     double above = 0;
     for (auto it = tokens_by_priority_.rbegin(); it != tokens_by_priority_.rend(); ++it)
-      fill[it->first] = above += cost_factor_ * static_cast<double>(it->second);
+      by_class[it->first] = {above += cost_factor_ * static_cast<double>(it->second),
+                             residual_locked(now, it->first), stretch_locked(it->first)};
   }
   double ahead = 0, urgent = kNoDeadline;
   std::vector<uint64_t> drop;
@@ -399,9 +405,9 @@ void Scheduler::shed_locked(double now, Batch& out) {
     const Request& r = requests_.at(k.id);
     const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
     if (std::isfinite(r.deadline)) {
-      const double residual = residual_locked(now, r.priority);
-      const double done = now + (residual + compute_locked(ahead + own, fill.at(r.priority), urgent - now - residual)) *
-                                    stretch_locked(r.priority);
+      const Class& c = by_class.at(r.priority);
+      const double done =
+          now + (c.residual + compute_locked(ahead + own, c.fill, urgent - now - c.residual)) * c.stretch;
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
@@ -444,7 +450,6 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   if (self == running_.end() || self->second.urgent) return std::nullopt;
   if (busy_workers_locked() < workers()) return std::nullopt;  // an idle worker takes the queue
   const double now = clock_->now();
-  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
   // Only a class above every member of the running batch pauses it: a
   // higher class never waits for a lower class's batch. (Pausing within a
   // class, when waiting was predicted to make the head late, was measured
@@ -475,7 +480,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
     if (!std::isfinite(q.deadline)) continue;
     const double cost = seq_cost(static_cast<int64_t>(q.tokens.size()));
     if (!take.empty() && sum + cost > B) continue;
-    if (now + fit(sum + cost) + tail_s_ > std::min(earliest, q.deadline)) {
+    if (now + fit_locked(sum + cost) + tail_s_ > std::min(earliest, q.deadline)) {
       if (take.empty()) return std::nullopt;  // running the head now saves nothing
       continue;
     }
@@ -487,7 +492,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
                                        static_cast<int64_t>(B));
   batch->worker = running.worker;
   for (uint64_t id : take) move_to_batch_locked(now, id, *batch);
-  const double compute = fit(static_cast<double>(batch_cost(*batch)));
+  const double compute = fit_locked(static_cast<double>(batch_cost(*batch)));
   running_[batch->seq()] = Running{running.worker, now + compute, compute, 0, urgent_class, true};
   r.end += compute;
   ++stats_.preempted;
@@ -571,7 +576,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // predicted with the compute tail, still ends by that member's deadline.
   const bool guard = predicting_locked();
   auto ends_by = [&](int64_t c, double deadline) {
-    return !guard || now + std::max(0.0, compute_fit_.predict(static_cast<double>(c))) + tail_s_ <= deadline;
+    return !guard || now + fit_locked(static_cast<double>(c)) + tail_s_ <= deadline;
   };
   Urgency members;
   members.add(cands[h].priority, cands[h].deadline);
@@ -632,7 +637,6 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
                                                            const std::vector<Cand>& cands,
                                                            std::shared_ptr<Batch> batch) {
   const bool guard = predicting_locked();
-  auto fit = [&](double c) { return std::max(0.0, compute_fit_.predict(c)); };
   const double B = static_cast<double>(budget), limit = extend_limit_locked(B);
   Urgency members;
   double sum = 0;
@@ -644,12 +648,12 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     if (apart > 0 && (c.len > apart) != head_long) continue;  // long and short apart
     const double cost = seq_cost(c.len);
     if (count > 0) {
-      const double end = now + fit(sum + cost) + tail_s_;
+      const double end = now + fit_locked(sum + cost) + tail_s_;
       if (sum + cost <= B) {
         if (guard && end > members.above(c.priority)) continue;
       } else {
         // Past the budget: only to save a request a later batch would make late.
-        const bool later_in_time = now + fit(sum) + fit(B) + tail_s_ <= c.deadline;
+        const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;
         if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) ||
             end + tail_s_ > std::min(members.all(), c.deadline) || later_in_time)
           continue;

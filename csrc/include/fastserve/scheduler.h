@@ -243,7 +243,8 @@ class Scheduler {
   [[noreturn]] void throw_overloaded_locked(double predicted, double deadline);
   bool predicting_locked() const;
   bool idle_for_locked(int priority) const;
-  double compute_locked(double work, double fill, double urgent = kNoDeadline) const;  // compute up to a request, + J
+  double fit_locked(double cost) const;  // fitted compute of a batch of `cost`, >= 0
+  double compute_locked(double work, double fill, double room = kNoDeadline) const;  // compute up to a request, + J
   // Until a worker is free for the next batch; with `priority`, for a request
   // of that class (a batch of lower classes alone is paused for it).
   double residual_locked(double now, std::optional<int> priority = std::nullopt) const;
