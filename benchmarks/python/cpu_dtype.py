@@ -12,6 +12,9 @@ the same run, on two text mixes:
 Rows:
 - fastserve <dtype>: `Engine(dtype=..., execution="packed", policy="static",
   max_batch_tokens=2048).embed(list)`, tokenization included;
+- fastserve modules float32: the same float32 engine built with
+  FASTSERVE_PACKED_ATTENTION=runs, the path before fastserve's CPU layer
+  kernels (the model's modules, torch's attention per run of equal lengths);
 - transformers sorted <dtype>: AutoModel in that dtype on batches of 32 texts
   sorted by token length, tokenized and padded beforehand (not timed), mean
   pooling and normalisation in float32;
@@ -139,7 +142,8 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
     prepared = {k: m.prepare(texts) for k, m in hf.items()}
     methods: dict[str, Callable[[], np.ndarray]] = {f"fastserve {d}": (lambda e=e: e.embed(texts))
                                                     for d, e in engines.items()}
-    methods["fastserve float32"] = lambda e=engines["float32"]: alone_fp32(e, texts)
+    for d in ("float32", "modules float32"):
+        methods[f"fastserve {d}"] = lambda e=engines[d]: alone_fp32(e, texts)
     for k, m in hf.items():
         methods[f"transformers sorted {k}"] = lambda m=m, p=prepared[k]: m.run(p)
     methods["sentence-transformers float32"] = lambda: st.encode(texts, batch_size=32)
@@ -168,6 +172,7 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
         "fp32_vs_sentence_transformers": by["fastserve float32"] / by["sentence-transformers float32"],
         "fp32_vs_transformers_sorted_fp32": by["fastserve float32"] / by["transformers sorted float32"],
         "fp32_fraction_of_peak": frac["fastserve float32"],
+        "fp32_kernels_vs_modules": by["fastserve float32"] / by["fastserve modules float32"],
         "bf16_vs_transformers_sorted_bf16": by["fastserve bfloat16"] / by["transformers sorted bfloat16"],
         "bf16_vs_own_fp32": by["fastserve bfloat16"] / by["fastserve float32"],
         "bf16_fraction_of_peak": frac["fastserve bfloat16"],
@@ -291,7 +296,8 @@ def markdown(res: dict[str, Any]) -> str:
             c = r[f"min_cosine_{d}"]
             lines.append(f"- {'PASS' if c >= t['min_cosine'] else 'FAIL'} min cosine {d} vs fp32 = {c:.6f} (target >= 0.999)")
         lines.append(f"- fp32 / transformers sorted fp32 = {r['fp32_vs_transformers_sorted_fp32']:.2f}x; "
-                     f"autocast / own fp32 = {r['autocast_vs_own_fp32']:.2f}x")
+                     f"autocast / own fp32 = {r['autocast_vs_own_fp32']:.2f}x; fp32 through the CPU layer "
+                     f"kernels / through the modules = {r['fp32_kernels_vs_modules']:.2f}x")
         lines.append("")
     if res.get("emulated", {}).get("error"):
         lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]
@@ -334,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     max_length = common.max_seq_length(path)
     engines = {d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
                                    max_batch_tokens=BUDGET) for d in DTYPES}
+    os.environ["FASTSERVE_PACKED_ATTENTION"] = "runs"  # read when an engine is built
+    try:
+        engines["modules float32"] = fastserve.Engine(dtype="float32", execution="packed", policy="static",
+                                                      min_batch_tokens=BUDGET, max_batch_tokens=BUDGET)
+    finally:
+        del os.environ["FASTSERVE_PACKED_ATTENTION"]
     hf = {k: SortedHF(path, max_length, getattr(torch, k)) for k in ("float32", "bfloat16")}
     st = common.STModel(path)
     tok = hf["float32"].tok

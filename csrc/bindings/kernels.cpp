@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "fastserve/errors.h"
 #include "fastserve/kernels.h"
 
@@ -54,6 +56,20 @@ void register_kernels(py::module_& m) {
       py::arg("x"), py::arg("cu_seqlens"), py::arg("out"), py::arg("mode"), py::arg("normalize"),
       py::arg("stream") = 0);
   k.def("gather", &gather, py::arg("x"), py::arg("index"), py::arg("out"), py::arg("stream") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  k.def(
+      "attention",
+      [](const TensorArg& qkv, const TensorArg& cu, const TensorArg& out, std::optional<TensorArg> bias, double scale,
+         int threads, bool portable) {
+        py::gil_scoped_release r;
+        attention(qkv, cu, out, bias ? &*bias : nullptr, scale, threads, portable);
+      },
+      py::arg("qkv"), py::arg("cu_seqlens"), py::arg("out"), py::arg("bias"), py::arg("scale"), py::arg("threads"),
+      py::arg("portable") = false);
+  k.def("bias_gelu", &bias_gelu, py::arg("x"), py::arg("bias"), py::arg("threads"), py::arg("portable") = false,
+        py::call_guard<py::gil_scoped_release>());
+  k.def("add_layer_norm", &add_layer_norm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("weight"),
+        py::arg("beta"), py::arg("eps"), py::arg("threads"), py::arg("portable") = false,
         py::call_guard<py::gil_scoped_release>());
   k.def("cpu_threads_for", &cpu::threads_for, py::arg("bytes"),
         "Threads the CPU kernels use for this many bytes of traffic.");

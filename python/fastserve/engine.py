@@ -29,7 +29,7 @@ from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, mode
 from .models import TextEncoder, resolve_device
 from .heads import EmbeddingHead
 from .families import select as select_runner
-from .runners import ACTIVATIONS, BatchAbandoned, classification_activation
+from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers
 from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -230,7 +230,8 @@ class Engine(tasks.TaskCalls):
         cfg = loaded.model.config
         self._activation_bytes_per_token = footprint.per_token(
             cfg, self.dtype, "packed" if packed else "padded", max_length=max_length or limit,
-            scores=getattr(cfg, "_attn_implementation", None) == "eager")
+            scores=getattr(cfg, "_attn_implementation", None) == "eager",
+            fused=packed and fused_layers(loaded.model, self.device, self.precision.compute))
         shape = footprint.shape_of(cfg)
         scratch = 0
         if shape is not None and packed and self.device.type == "cpu":

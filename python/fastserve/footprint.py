@@ -13,11 +13,19 @@ bytes of an element of the model's dtype, and T tokens:
   T * (3H + 2I) * e). Attention holds the layer's input [T, H], Q/K/V
   [T, 3H], the context [T, H] and, per run of equal lengths, SDPA's output
   and its re-laid-out copy: at most T * 7H * e, when one run holds the whole
-  batch (a float32 group of similar lengths gathers a padded copy of its
-  Q/K/V: 5H per padded token, capped at 0.4 T, runners.GROUP_TOKENS). The peak is the larger of the two, T * max(H + 2I, 7H) * e (the
+  batch. The peak is the larger of the two, T * max(H + 2I, 7H) * e (the
   feed-forward's for the usual I = 4H), plus the CPU attention kernel's
   scratch, a few blocks of scores per thread whatever the batch, and 24
-  bytes of int64 rows (token types, position ids and their offset copy);
+  bytes of int64 rows (token types, position ids and their offset copy).
+  Where the layers run through fastserve's CPU kernels (float32 on the CPU,
+  runners.fused_layers), GELU and the LayerNorms work in place and Q/K/V die
+  with the attention kernel's call: attention holds the input, Q/K/V and
+  the context (5H), the feed-forward the attention block's output, the
+  up-projection and the down-projection's result (2H + I), so
+  T * max(2H + I, 5H) * e: 6H instead of 9H per token for I = 4H. (The
+  kernel's own scratch, a sequence's keys and values and four rows of
+  scores per thread, is outside torch's allocator, a few hundred KiB at
+  most for 512-token sequences);
 - padded runner (the model's own forward on [B, L]): T = B * L padded tokens
   and the layer input and attention context stay alive, T * (3H + 2I) * e,
   plus the attention masks transformers builds, 2L bytes per padded token
@@ -83,14 +91,15 @@ def shape_of(config: Any) -> Shape | None:
 
 
 def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str, *, max_length: int,
-                               scores: bool = False) -> int:
+                               scores: bool = False, fused: bool = False) -> int:
     """Peak activation bytes per token the scheduler counts: real tokens for
     the packed runner, padded tokens (B * L, L <= max_length) for the padded
-    one. scores: the padded attention materialises its scores (eager)."""
+    one. scores: the padded attention materialises its scores (eager).
+    fused: the packed runner's layers run through the CPU kernels."""
     e = torch.empty((), dtype=dtype).element_size()
     H, I = shape.hidden, shape.intermediate
     if execution == "packed":
-        return max(H + 2 * I, 7 * H) * e + _INDEX_BYTES
+        return max(2 * H + I if fused else H + 2 * I, 5 * H if fused else 7 * H) * e + _INDEX_BYTES
     per = (3 * H + 2 * I) * e + 2 * max_length  # + the boolean masks' rows
     if scores or shape.relative_bias:
         per += 2 * shape.heads * max_length * e
@@ -146,13 +155,13 @@ class MemoryBudget:
 
 
 def per_token(config: Any, dtype: torch.dtype, execution: str, *, max_length: int,
-              scores: bool = False) -> int | None:
+              scores: bool = False, fused: bool = False) -> int | None:
     """activation_bytes_per_token for a transformers config (None when its
     sizes are unknown)."""
     shape = shape_of(config)
     if shape is None:
         return None
-    return activation_bytes_per_token(shape, dtype, execution, max_length=max_length, scores=scores)
+    return activation_bytes_per_token(shape, dtype, execution, max_length=max_length, scores=scores, fused=fused)
 
 
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,

@@ -5,6 +5,12 @@
     emb = segment_pool(packed, cu_seqlens, "mean", normalize=True)  # [B, H] float32
     rows = gather(x, index)                       # x[index] along dim 0
 
+and, CPU and float32 only, the parts of an encoder layer around its GEMMs:
+
+    ctx = attention(qkv, cu_seqlens, bias=b)      # [T, 3, nh, hd] -> [T, nh, hd], within each sequence
+    bias_gelu_(x, b)                              # x = gelu(x + b), in place
+    add_layer_norm_(x, b, residual, w, beta, eps) # x = layer_norm(x + b + residual), in place
+
 x may be float32, float16 or bfloat16 (gather also takes int32/int64);
 lengths, cu_seqlens and index may be int32 or int64. torch owns all memory:
 outputs are allocated here and passed to the C++ kernels (fastserve._core)
@@ -40,8 +46,9 @@ import torch.nn.functional as F
 from fastserve import _core
 
 __all__ = [
-    "pack", "unpack", "segment_pool", "gather", "cu_seqlens_from_lengths",
-    "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather",
+    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_",
+    "cu_seqlens_from_lengths",
+    "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
     "Kernels", "for_device", "fallback_reason",
 ]
 
@@ -146,6 +153,48 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = _empty((m, *x.shape[1:]), x.dtype, x.device)
     _k.gather(_arg(x, "x"), _arg(index, "index"), _arg(out, "out"), _stream(x))
     return out
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads if threads is not None else torch.get_num_threads())
+
+
+def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None, *,
+              bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """Exact self-attention of each sequence of a packed batch, on the CPU in
+    float32: qkv [T, 3, nh, hd] (each token's queries, keys and values, as
+    one fused projection gives them) and cu_seqlens [B + 1] ->
+    [T, nh, hd], softmax(q k^T * scale) v over the rows of the same
+    sequence, with no padding and no mask. bias [3 * nh * hd]: the
+    projection's bias, added to q, k and v here when the projection ran
+    without it. scale defaults to hd ** -0.5; threads to torch's intra-op
+    thread count on the calling thread."""
+    if qkv.dim() == 4 and qkv.device.type != "cpu":
+        raise ValueError(f"attention runs on the CPU only; qkv is on {qkv.device}")
+    hd = qkv.shape[3] if qkv.dim() == 4 else 0
+    if scale is None:
+        scale = hd ** -0.5 if hd else 1.0
+    out = _empty(tuple(qkv.shape[:1]) + tuple(qkv.shape[2:]) if qkv.dim() == 4 else (0,), qkv.dtype, qkv.device)
+    _k.attention(_arg(qkv, "qkv"), _arg(cu_seqlens, "cu_seqlens"), _arg(out, "out"),
+                 None if bias is None else _arg(bias, "bias"), float(scale), _threads(threads))
+    return out
+
+
+def bias_gelu_(x: torch.Tensor, bias: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+    """x [rows, N] = gelu(x + bias [N]) in place (exact GELU, erf), CPU and
+    float32: the tail of an intermediate projection run as torch.mm. Returns x."""
+    _k.bias_gelu(_arg(x, "x"), _arg(bias, "bias"), _threads(threads))
+    return x
+
+
+def add_layer_norm_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    beta: torch.Tensor, eps: float, *, threads: int | None = None) -> torch.Tensor:
+    """x [rows, N] = layer_norm(x + bias + residual) * weight + beta in place,
+    over the last dimension, CPU and float32: the tail of an attention or
+    feed-forward output projection run as torch.mm. Returns x."""
+    _k.add_layer_norm(_arg(x, "x"), _arg(bias, "bias"), _arg(residual, "residual"), _arg(weight, "weight"),
+                      _arg(beta, "beta"), float(eps), _threads(threads))
+    return x
 
 
 # ------------------------------------------------------ torch implementations
@@ -287,6 +336,28 @@ def torch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if bad.size:
         raise ValueError(f"index[{bad[0]}] = {idx[bad[0]]} is out of range for {x.shape[0]} rows")
     return x.index_select(0, index)
+
+
+def torch_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None, *,
+                    bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """attention() with torch operations: one scaled_dot_product_attention
+    call per sequence, on any device and float dtype (threads is unused)."""
+    _check_float(qkv, "qkv", 4)
+    T, three, nh, hd = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must have shape [T, 3, heads, head_dim], got {list(qkv.shape)}")
+    if bias is not None:
+        qkv = qkv + bias.view(3, nh, hd)
+    lengths = _check_cu(_host_ints(cu_seqlens, "cu_seqlens", qkv, "qkv"), "cu_seqlens", T, None)
+    out = torch.empty(T, nh, hd, dtype=qkv.dtype, device=qkv.device)
+    start = 0
+    for n in lengths.tolist():
+        if n:
+            q, k, v = qkv[start : start + n].permute(1, 2, 0, 3)  # each [nh, n, hd]
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            out[start : start + n] = o.transpose(0, 1)
+        start += n
+    return out
 
 
 # -------------------------------------------------------------- per device

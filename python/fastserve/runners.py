@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -175,98 +175,97 @@ class _PackedAttention:
         return out.view(T, H)
 
 
-def _groups_measured_faster(h: torch.Tensor) -> bool:  # h: any tensor of the compute dtype
-    """Length groups (_LengthGroups) instead of one call per run: measured
-    faster in float32 on the CPU (benchmarks/README.md, "CPU dtypes", AMD
-    EPYC); in bfloat16 on an AMX Xeon masked calls per group of similar
-    lengths measured slower than per-run calls, so half precision and
-    autocast keep the runs."""
-    return h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+def _exact_gelu(act: Any) -> bool:
+    """Whether an activation module is GELU with erf (not the tanh form)."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate == "none"
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return False
+    return type(act) is GELUActivation
 
 
-# A group of sequences padded to its longest may cost at most this many times
-# the attention FLOPs of its sequences alone (sum of L_max^2 over sum of l^2).
-GROUP_SLACK = 1.1
-# A gathered group holds its padded Q/K/V copy (3H), SDPA's output (H) and its
-# real rows (H) per padded token beside the layer's input, Q/K/V and context
-# (5H per batch token): at most 0.4 of the batch's tokens keeps attention
-# within the 7H per token that python/fastserve/footprint.py counts.
-GROUP_TOKENS = 0.4
+class _FusedLayer:
+    """One encoder layer on the CPU in float32 through fastserve's kernels:
+    four GEMMs without their bias (torch.mm) and, between them, the attention
+    kernel (adding the Q/K/V bias), bias + GELU and bias + residual +
+    LayerNorm, in place. The same arithmetic as the model's modules; what it
+    saves is addmm's copy of the broadcast bias into each output, a fresh
+    tensor per elementwise op and a pass over the activations per op
+    (benchmarks/README.md, "CPU dtypes"). Built only where fused_layers()
+    says every layer is the standard one; the weights are the model's own
+    tensors."""
+
+    def __init__(self, block: torch.nn.Module, attn: "_PackedAttention", out: torch.nn.Linear,
+                 ln1: torch.nn.LayerNorm, inter: torch.nn.Linear, out2: torch.nn.Linear,
+                 ln2: torch.nn.LayerNorm) -> None:
+        self.parts = list(block.modules())
+        self.heads = attn.heads
+        self.wqkv, self.bqkv = attn.weight, attn.bias
+        self.wo, self.bo = out.weight.detach(), out.bias.detach()
+        self.ln1 = (ln1.weight.detach(), ln1.bias.detach(), float(ln1.eps))
+        self.wi, self.bi = inter.weight.detach(), inter.bias.detach()
+        self.wo2, self.bo2 = out2.weight.detach(), out2.bias.detach()
+        self.ln2 = (ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps))
+
+    def untouched(self) -> bool:
+        """No forward hook and no forward replaced on the instance, on any part
+        of the layer: else the batch runs the modules, so that what a caller
+        attached to them (a hook, a patched forward) still runs."""
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.parts)
+
+    def attend(self, h: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        """The attention context [T, H] of the layer's input h [T, H]."""
+        T, H = h.shape
+        qkv = torch.mm(h, self.wqkv.t()).view(T, 3, self.heads, H // self.heads)
+        return kernels.attention(qkv, cu, bias=self.bqkv).view(T, H)
+
+    def attention_output(self, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return kernels.add_layer_norm_(torch.mm(ctx, self.wo.t()), self.bo, h, *self.ln1)
+
+    def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
+        x = kernels.bias_gelu_(torch.mm(a, self.wi.t()), self.bi)
+        return kernels.add_layer_norm_(torch.mm(x, self.wo2.t()), self.bo2, a, *self.ln2)
 
 
-class _LengthGroups:
-    """Exact attention per sequence for one packed batch ("runs" on the CPU):
-    the sequences sorted by length across the batch and grouped while padding
-    each group to its longest adds at most GROUP_SLACK x its attention FLOPs
-    (and its padded tokens stay within GROUP_TOKENS of the batch's), one SDPA
-    call per group, with a key mask only where its lengths differ.
-    The scheduler does not sort a batch by length, so its runs of equal
-    lengths are mostly single sequences: one call per sequence per layer
-    was an eighth of a float32 batch's time on the CPU (docs/design.md,
-    "Precision"). A group of equal lengths that lie next to each other in
-    the batch is a view of its rows; any other is gathered into its padded
-    slots (pad slots read a real row, masked as keys, and are dropped as
-    queries) and its real rows scattered back. The indices are built once
-    per batch and serve every layer."""
+def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
+    """A BERT or DistilBERT layer's attention output projection, LayerNorm,
+    intermediate and output projections and LayerNorm, where every part is
+    the standard one _FusedLayer computes (projections with a bias, affine
+    LayerNorm over the last dimension, GELU with erf); else None."""
+    if distil:
+        parts = (block.attention.out_lin, block.sa_layer_norm, block.ffn.lin1, block.ffn.lin2,
+                 block.output_layer_norm)
+        act = block.ffn.activation
+    else:
+        parts = (block.attention.output.dense, block.attention.output.LayerNorm, block.intermediate.dense,
+                 block.output.dense, block.output.LayerNorm)
+        act = block.intermediate.intermediate_act_fn
+    out, ln1, inter, out2, ln2 = parts
+    linear = all(type(m) is torch.nn.Linear and m.bias is not None for m in (out, inter, out2))
+    norms = all(type(m) is torch.nn.LayerNorm and m.weight is not None and m.bias is not None
+                and len(m.normalized_shape) == 1 for m in (ln1, ln2))
+    return parts if linear and norms and _exact_gelu(act) else None
 
-    def __init__(self, lengths: np.ndarray, device: torch.device, slack: float = GROUP_SLACK) -> None:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        starts = np.cumsum(lengths) - lengths
-        order = np.argsort(lengths, kind="stable")
-        self.views: list[tuple[int, int, int]] = []  # (first token, sequences, length)
-        # (gather index, sequences, length, key mask, real rows, their slots)
-        self.gathered: list[tuple[torch.Tensor, int, int, Optional[torch.Tensor], torch.Tensor,
-                                  Optional[torch.Tensor]]] = []
-        cap = GROUP_TOKENS * int(lengths.sum())
-        i, n = 0, len(order)
-        while i < n:
-            j, cost = i + 1, int(lengths[order[i]]) ** 2
-            while j < n:
-                longest = int(lengths[order[j]])
-                if (j + 1 - i) * longest * longest > slack * (cost + longest * longest) or \
-                        (j + 1 - i) * longest > cap:
-                    break
-                cost += longest * longest
-                j += 1
-            seqs = order[i:j]
-            i = j
-            ls = lengths[seqs]
-            m, longest = len(seqs), int(ls[-1])
-            if longest == 0:
-                continue
-            equal = int(ls[0]) == longest
-            if equal and (m == 1 or bool(np.all(np.diff(seqs) == 1))):
-                self.views.append((int(starts[seqs[0]]), m, longest))
-                continue
-            slot = np.arange(longest)[None, :]
-            real = slot < ls[:, None]  # [m, longest]
-            first = starts[seqs][:, None]
-            gather = np.where(real, first + slot, first).reshape(-1)
-            rows = (first + slot)[real]
-            mask = slots = None
-            if not equal:
-                mask = torch.from_numpy(real).to(device)[:, None, None, :]
-                slots = torch.from_numpy((np.arange(m)[:, None] * longest + slot)[real]).to(device)
-            self.gathered.append((torch.from_numpy(gather).to(device), m, longest, mask,
-                                  torch.from_numpy(rows).to(device), slots))
 
-    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
-        T, _, nh, hd = qkv.shape
-        out = torch.empty(T, nh, hd, dtype=qkv.dtype, device=qkv.device)
-        for start, m, length in self.views:
-            g = qkv[start : start + m * length].view(m, length, 3, nh, hd).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(g[0], g[1], g[2])  # [m, nh, length, hd]
-            out[start : start + m * length] = o.transpose(1, 2).reshape(m * length, nh, hd)
-        for gather, m, length, mask, rows, slots in self.gathered:
-            if gather.device != qkv.device:  # a pipeline stage on another device
-                gather, rows = gather.to(qkv.device), rows.to(qkv.device)
-                mask = None if mask is None else mask.to(qkv.device)
-                slots = None if slots is None else slots.to(qkv.device)
-            g = qkv.index_select(0, gather).view(m, length, 3, nh, hd).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(g[0], g[1], g[2], attn_mask=mask)
-            o = o.transpose(1, 2).reshape(m * length, nh, hd)
-            out.index_copy_(0, rows, o if slots is None else o.index_select(0, slots))
-        return out
+def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether PackedRunner runs this model's layers through fastserve's CPU
+    kernels (_FusedLayer) when its batches compute in `dtype`: a BERT-family
+    model whose attention runs in the CPU kernel (float32, the extension's
+    CPU kernels) and whose every layer is the standard one. What the
+    activation footprint (python/fastserve/footprint.py) counts on."""
+    if not packed_supported(model):
+        return False
+    if _attention_method(device, dtype, kernel=kernels.for_device(device).name == "cpu") != "kernel":
+        return False
+    distil = model.config.model_type in _DISTIL
+    blocks = model.base_model.transformer.layer if distil else model.base_model.encoder.layer
+    return all(_standard_layer(b, distil) is not None for b in blocks)
 
 
 class BatchAbandoned(Exception):
@@ -319,8 +318,14 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        self.attention = _attention_method(device, getattr(model, "dtype", torch.float32))
+        self.attention = _attention_method(device, getattr(model, "dtype", torch.float32),
+                                           kernel=self.kernels.name == "cpu")
         self._flash = _flash_varlen() if self.attention == "flash" else None
+        # Whole layers through fastserve's CPU kernels where attention runs in
+        # the kernel and every layer is the standard one (None: the modules).
+        self.fused: Optional[list[_FusedLayer]] = None
+        if fused_layers(model, device, getattr(model, "dtype", torch.float32)):
+            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil)) for b, a in zip(self.blocks, self.attn)]
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
@@ -346,22 +351,31 @@ class PackedRunner:
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
+        fused = self.fused if not torch.is_autocast_enabled(dev.type) else None
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
-            ctx = attn(h, runs, varlen)
-            if self.distil:
-                a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
+            if fused is not None and fused[i].untouched():
+                # The same steps as below, through the CPU kernels.
+                ctx = fused[i].attend(h, cu)
+                a = fused[i].attention_output(ctx, h)
+                del ctx, h
+                h = fused[i].feed_forward(a)
             else:
-                a = block.attention.output(ctx, h)
-            # The layer's input and the attention context are dead here;
-            # dropping them before the feed-forward takes (2H) x 4 bytes per
-            # token off the batch's peak in fp32 (python/fastserve/footprint.py).
-            del ctx, h
-            if self.distil:
-                h = block.output_layer_norm(block.ffn(a) + a)
-            else:
-                h = block.output(block.intermediate(a), a)
+                ctx = attn(h, runs, varlen)
+                if self.distil:
+                    a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
+                else:
+                    a = block.attention.output(ctx, h)
+                # The layer's input and the attention context are dead here;
+                # dropping them before the feed-forward takes (2H) x 4 bytes per
+                # token off the batch's peak in fp32 (python/fastserve/footprint.py).
+                del ctx, h
+                if self.distil:
+                    h = block.output_layer_norm(block.ffn(a) + a)
+                else:
+                    h = block.output(block.intermediate(a), a)
+            del a  # else it lives through the next layer's attention
             if self.pause_hook is not None and i + 1 < len(self.blocks):
                 keep = self.pause_hook(i + 1, len(self.blocks))
                 if keep is not None:
@@ -385,14 +399,17 @@ class PackedRunner:
         once where one is used (varlen), for sequences of these lengths."""
         runs = _equal_length_runs(lengths)
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        if self.attention == "flash":
+        method = self.attention
+        if method == "kernel" and torch.is_autocast_enabled(self.device.type):
+            method = "runs"  # Q/K/V come out of autocast in bfloat16; the kernel is float32
+        if method == "flash":
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
-        elif self.attention == "pad" and len(runs) > 1:
+        elif method == "kernel":
+            varlen = lambda qkv: kernels.attention(qkv, cu)  # noqa: E731
+        elif method == "pad" and len(runs) > 1:
             varlen = _PaddedAttention(lengths, positions, self.device)
         if count:
-            self.attention_batches[self.attention if varlen is not None else "runs"] += 1
-        if varlen is None and len(runs) > 1 and _groups_measured_faster(self.attn[0].weight):
-            varlen = _LengthGroups(lengths, self.device)  # still "runs": exact per sequence
+            self.attention_batches[method if varlen is not None else "runs"] += 1
         return runs, varlen
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
@@ -424,21 +441,23 @@ class PackedRunner:
         return m.classifier(cls[:, None, :])  # RoBERTa head reads features[:, 0]
 
 
-ATTENTION_METHODS = ("runs", "pad", "flash")
+ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 
 
-def _attention_method(device: torch.device, dtype: torch.dtype) -> str:
-    """How packed attention runs. CPU: "runs", exact attention per sequence
-    with no mask over real tokens: in float32 one SDPA call per group of
-    similar lengths across the batch (_LengthGroups: padded within the group,
-    a key mask where its lengths differ), in half precision and autocast one
-    call per run of equal lengths. CUDA: flash-attn's varlen kernel
+def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
+    """How packed attention runs. CPU: "kernel" for a float32 model where
+    the caller can run fastserve's CPU attention kernel (kernel=True: the
+    extension's CPU kernels are in use), one C++ call per layer over every
+    sequence (kernels.attention; under autocast a batch runs "runs"
+    instead); else "runs", exact attention per sequence with no mask, one
+    SDPA call per run of equal lengths. CUDA: flash-attn's varlen kernel
     when installed and the model is float16 or bfloat16 (flash-attn has no
     float32 kernels), else "pad": attention alone on a padded copy with a key
     mask, one SDPA call per layer, since a per-run loop launches kernels per
     distinct length per layer (benchmarks/README.md, "GPU").
     FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+    kernel_ok = kernel and device.type == "cpu" and dtype == torch.float32
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
     if forced:
         if forced not in ATTENTION_METHODS:
@@ -446,9 +465,12 @@ def _attention_method(device: torch.device, dtype: torch.dtype) -> str:
         if forced == "flash" and not flash_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package, a CUDA device "
                              "and a float16 or bfloat16 model")
+        if forced == "kernel" and not kernel_ok:
+            raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 model on the CPU, the "
+                             "BERT-family packed runner and fastserve's CPU kernels (not FASTSERVE_KERNELS=torch)")
         return forced
     if device.type != "cuda":
-        return "runs"
+        return "kernel" if kernel_ok else "runs"
     return "flash" if flash_ok else "pad"
 
 

@@ -293,6 +293,206 @@ TEST(KernelDispatch, RejectsBadArgumentsBeforeWriting) {
   EXPECT_EQ(out[0], -1.f);
 }
 
+
+// softmax(q k^T * scale) v per (sequence, head) in double, the oracle.
+std::vector<double> naive_attention(const std::vector<float>& qkv, const std::vector<int64_t>& cu, int64_t nh,
+                                    int64_t hd, double scale) {
+  const int64_t B = int64_t(cu.size()) - 1, T = cu[B], H = nh * hd;
+  std::vector<double> out(T * H, 0.0);
+  auto at = [&](int64_t t, int which, int64_t h, int64_t d) { return double(qkv[t * 3 * H + which * H + h * hd + d]); };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < nh; ++h)
+      for (int64_t i = cu[b]; i < cu[b + 1]; ++i) {
+        std::vector<double> s;
+        double m = -1e300, sum = 0;
+        for (int64_t j = cu[b]; j < cu[b + 1]; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < hd; ++d) dot += at(i, 0, h, d) * at(j, 1, h, d);
+          s.push_back(dot * scale);
+          m = std::max(m, s.back());
+        }
+        for (auto& v : s) sum += (v = std::exp(v - m));
+        for (int64_t j = cu[b]; j < cu[b + 1]; ++j)
+          for (int64_t d = 0; d < hd; ++d) out[i * H + h * hd + d] += s[j - cu[b]] / sum * at(j, 2, h, d);
+      }
+  return out;
+}
+
+TEST(KernelAttention, MatchesNaiveAttentionForEveryPathHeadWidthAndLength) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  // Lengths around the 4-row and 8-key blocks, empty sequences, one long one.
+  const std::vector<int64_t> lengths = {1, 0, 3, 4, 5, 7, 8, 9, 16, 17, 33, 130};
+  std::vector<int64_t> cu = {0};
+  for (int64_t l : lengths) cu.push_back(cu.back() + l);
+  const int64_t T = cu.back();
+  for (int64_t hd : {8, 12, 16, 24, 32, 64}) {
+    for (int64_t nh : {1, 3}) {
+      const int64_t H3 = 3 * nh * hd;
+      std::vector<float> qkv(T * H3), bias(H3), biased(T * H3);
+      for (auto& v : qkv) v = nd(rng);
+      for (auto& v : bias) v = nd(rng);
+      for (int64_t i = 0; i < T * H3; ++i) biased[i] = qkv[i] + bias[i % H3];
+      const double scale = 1.0 / std::sqrt(double(hd));
+      for (bool with_bias : {false, true}) {
+        // The projection's bias added in the kernel, or already in qkv.
+        const auto want = naive_attention(with_bias ? biased : qkv, cu, nh, hd, scale);
+        for (bool portable : {true, false})
+          for (int threads : {1, 4}) {
+            std::vector<float> out(T * nh * hd, std::nanf(""));
+            cpu::attention(qkv.data(), with_bias ? bias.data() : nullptr, cu.data(), int64_t(lengths.size()), nh, hd,
+                           float(scale), threads, out.data(), portable);
+            for (int64_t i = 0; i < T * nh * hd; ++i)
+              ASSERT_NEAR(out[i], want[i], 2e-6 * (1 + std::abs(want[i])))
+                  << "hd " << hd << " nh " << nh << " bias " << with_bias << " portable " << portable << " threads "
+                  << threads << " at " << i;
+          }
+      }
+    }
+  }
+}
+
+TEST(KernelAttention, LargeScoresDoNotOverflowAndSpreadWeightsExactly) {
+  // Scores of +-1e4: only a softmax that subtracts the row's maximum stays
+  // finite; a query equally close to two keys splits its weight between them.
+  const int64_t nh = 1, hd = 8;
+  const std::vector<int64_t> cu = {0, 3};
+  std::vector<float> qkv(3 * 3 * hd, 0.f);
+  auto q = [&](int64_t t) { return &qkv[t * 3 * hd]; };
+  for (int64_t t = 0; t < 3; ++t) {
+    q(t)[0] = 100.f;                 // query
+    q(t)[hd] = t == 2 ? -100.f : 100.f;  // keys: two equal, one opposite
+    q(t)[2 * hd + 1] = float(t + 1);     // values 1, 2, 3 in column 1
+  }
+  for (bool portable : {true, false}) {
+    std::vector<float> out(3 * hd, -1.f);
+    cpu::attention(qkv.data(), nullptr, cu.data(), 1, nh, hd, 1.f, 1, out.data(), portable);
+    for (int64_t t = 0; t < 3; ++t) {
+      EXPECT_FLOAT_EQ(out[t * hd + 1], 1.5f) << portable;
+      EXPECT_EQ(out[t * hd + 0], 0.f);
+    }
+  }
+}
+
+TEST(KernelDispatch, AttentionRejectsBadArgumentsBeforeWriting) {
+  std::vector<float> qkv(5 * 3 * 2 * 8, 0.5f), out(5 * 2 * 8, -1.f);
+  std::vector<int32_t> cu = {0, 2, 5};
+  const auto Q = cpu_tensor(qkv.data(), {5, 3, 2, 8}, DType::kFloat32);
+  const auto O = cpu_tensor(out.data(), {5, 2, 8}, DType::kFloat32);
+  const auto C = cpu_tensor(cu.data(), {3}, DType::kInt32);
+  attention(Q, C, O, nullptr, 0.25, 1);
+  EXPECT_FLOAT_EQ(out[0], 0.5f);
+  std::fill(out.begin(), out.end(), -1.f);
+  auto bad = Q;
+  bad.shape = {5, 2, 2, 8};
+  EXPECT_THROW(attention(bad, C, O, nullptr, 0.25, 1), InvalidArgument);  // not [T, 3, nh, hd]
+  bad = Q;
+  bad.dtype = DType::kBFloat16;
+  EXPECT_THROW(attention(bad, C, O, nullptr, 0.25, 1), InvalidArgument);  // float32 only
+  bad = O;
+  bad.shape = {5, 2, 4};
+  EXPECT_THROW(attention(Q, C, bad, nullptr, 0.25, 1), InvalidArgument);  // out shape
+  cu[2] = 4;
+  EXPECT_THROW(attention(Q, C, O, nullptr, 0.25, 1), InvalidArgument);  // cu[-1] != T
+  cu[2] = 5;
+  cu[1] = 6;
+  EXPECT_THROW(attention(Q, C, O, nullptr, 0.25, 1), InvalidArgument);  // decreasing
+  cu[1] = 2;
+  EXPECT_THROW(attention(Q, C, O, nullptr, 0.0, 1), InvalidArgument);
+  EXPECT_THROW(attention(Q, C, O, nullptr, std::nan(""), 1), InvalidArgument);
+  EXPECT_THROW(attention(Q, C, O, nullptr, 0.25, 0), InvalidArgument);
+  bad = Q;
+  bad.device = DeviceType::kCUDA;
+  auto badc = C;
+  badc.device = DeviceType::kCUDA;
+  auto bado = O;
+  bado.device = DeviceType::kCUDA;
+  EXPECT_THROW(attention(bad, badc, bado, nullptr, 0.25, 1), InvalidArgument);  // CPU only (or no CUDA)
+  EXPECT_EQ(out[0], -1.f);
+}
+
+TEST(KernelEpilogue, BiasGeluMatchesExactGeluForEveryPathAndWidth) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (int64_t N : {8, 12, 64, 1536}) {
+    const int64_t rows = 37;
+    std::vector<float> x(rows * N), bias(N);
+    for (auto& v : x) v = nd(rng);
+    for (auto& v : bias) v = nd(rng);
+    x[0] = -40.f;  // far left tail: exactly -0
+    x[1] = 40.f;   // far right: x itself
+    for (bool portable : {true, false})
+      for (int threads : {1, 4}) {
+        auto y = x;
+        cpu::bias_gelu(y.data(), bias.data(), rows, N, threads, portable);
+        for (int64_t i = 0; i < rows * N; ++i) {
+          const double v = double(x[i]) + double(bias[i % N]);
+          const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+          // erf's approximation is within 1.5e-7 absolute; times |v| / 2.
+          ASSERT_NEAR(y[i], want, 2e-7 * (1 + std::abs(v))) << "N " << N << " portable " << portable << " at " << i;
+        }
+      }
+  }
+}
+
+TEST(KernelEpilogue, AddLayerNormMatchesDoublePrecisionForEveryPathAndWidth) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t N : {8, 20, 384, 768}) {
+    const int64_t rows = 29;
+    std::vector<float> x(rows * N), res(rows * N), bias(N), w(N), b(N);
+    for (auto& v : x) v = 4.f * nd(rng) + 3.f;  // an offset mean, as residual streams have
+    for (auto& v : res) v = nd(rng);
+    for (auto* p : {&bias, &w, &b})
+      for (auto& v : *p) v = nd(rng);
+    for (bool portable : {true, false})
+      for (int threads : {1, 4}) {
+        auto y = x;
+        cpu::add_layer_norm(y.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, threads, portable);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::vector<double> v(N);
+          double mean = 0, var = 0;
+          for (int64_t i = 0; i < N; ++i) mean += (v[i] = double(x[r * N + i]) + bias[i] + res[r * N + i]);
+          mean /= double(N);
+          for (int64_t i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
+          const double rstd = 1.0 / std::sqrt(var / double(N) + 1e-12);
+          for (int64_t i = 0; i < N; ++i) {
+            const double want = (v[i] - mean) * rstd * w[i] + b[i];
+            ASSERT_NEAR(y[r * N + i], want, 2e-5 * (1 + std::abs(want)))
+                << "N " << N << " portable " << portable << " row " << r << " col " << i;
+          }
+        }
+      }
+  }
+}
+
+TEST(KernelDispatch, EpiloguesRejectBadArgumentsBeforeWriting) {
+  std::vector<float> x(4 * 8, 1.f), res(4 * 8, 0.f), vec(8, 0.5f), shortv(7, 0.f);
+  const auto X = cpu_tensor(x.data(), {4, 8}, DType::kFloat32);
+  const auto R = cpu_tensor(res.data(), {4, 8}, DType::kFloat32);
+  const auto V = cpu_tensor(vec.data(), {8}, DType::kFloat32);
+  const auto S = cpu_tensor(shortv.data(), {7}, DType::kFloat32);
+  auto half = X;
+  half.dtype = DType::kFloat16;
+  auto strided = X;
+  strided.strides = {16, 1};
+  auto gpu = X;
+  gpu.device = DeviceType::kCUDA;
+  EXPECT_THROW(bias_gelu(X, S, 1), InvalidArgument);        // bias width
+  EXPECT_THROW(bias_gelu(half, V, 1), InvalidArgument);     // float32 only
+  EXPECT_THROW(bias_gelu(strided, V, 1), InvalidArgument);  // contiguous only
+  EXPECT_THROW(bias_gelu(gpu, V, 1), InvalidArgument);      // CPU only
+  EXPECT_THROW(bias_gelu(X, V, 0), InvalidArgument);
+  auto r3 = R;
+  r3.shape = {3, 8};
+  EXPECT_THROW(add_layer_norm(X, V, r3, V, V, 1e-5, 1), InvalidArgument);  // residual shape
+  EXPECT_THROW(add_layer_norm(X, V, R, S, V, 1e-5, 1), InvalidArgument);   // weight width
+  EXPECT_THROW(add_layer_norm(X, V, R, V, V, 0.0, 1), InvalidArgument);    // eps
+  EXPECT_EQ(x[0], 1.f);
+  bias_gelu(X, V, 1);
+  EXPECT_NEAR(x[0], 1.5 * 0.5 * (1 + std::erf(1.5 / std::sqrt(2.0))), 1e-6);
+}
+
 }  // namespace
 }  // namespace kernels
 }  // namespace fastserve

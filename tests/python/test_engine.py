@@ -60,11 +60,11 @@ def test_stats_count_batches_by_the_attention_that_actually_ran(monkeypatch):
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
     with Engine(tm.model("bert"), tm.tokenizer(), execution="packed") as engine:
         engine.embed(["one length only"])  # one length: one dense call, no padded copy
-        assert engine.stats()["attention_batches"] == {"runs": 1, "pad": 0, "flash": 0}
+        assert engine.stats()["attention_batches"] == {"runs": 1, "pad": 0, "flash": 0, "kernel": 0}
         engine.embed(["a short one", "and a rather longer sentence than that"])
         s = engine.stats()
     assert s["attention"] == "pad" and s["batches"] == 2
-    assert s["attention_batches"] == {"runs": 1, "pad": 1, "flash": 0}
+    assert s["attention_batches"] == {"runs": 1, "pad": 1, "flash": 0, "kernel": 0}
 
 
 def test_flash_attention_is_chosen_only_where_it_runs(monkeypatch):
@@ -77,7 +77,9 @@ def test_flash_attention_is_chosen_only_where_it_runs(monkeypatch):
     assert runners._attention_method(cuda, torch.float16) == "flash"
     assert runners._attention_method(cuda, torch.bfloat16) == "flash"
     assert runners._attention_method(cuda, torch.float32) == "pad"  # flash-attn has no fp32 kernels
-    assert runners._attention_method(cpu, torch.float32) == "runs"
+    assert runners._attention_method(cpu, torch.float32) == "runs"  # without fastserve's CPU kernels
+    assert runners._attention_method(cpu, torch.float32, kernel=True) == "kernel"
+    assert runners._attention_method(cpu, torch.bfloat16, kernel=True) == "runs"
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "flash")
     assert runners._attention_method(cuda, torch.float16) == "flash"
     for device, dtype in ((cuda, torch.float32), (cpu, torch.bfloat16)):
@@ -298,8 +300,8 @@ def test_stats_report_core_counters_tokenization_and_model():
     assert s["completed"] == 10 and s["submitted"] == 10
     assert s["tokenize_s"]["count"] == 10 and s["tokenize_s"]["total"] > 0
     assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "packed"
-    assert s["kernels"] == "cpu" and s["attention"] == "runs" and s["activation"] is None
-    assert s["attention_batches"] == {"runs": s["batches"], "pad": 0, "flash": 0}
+    assert s["kernels"] == "cpu" and s["attention"] == "kernel" and s["activation"] is None
+    assert s["attention_batches"] == {"runs": 0, "pad": 0, "flash": 0, "kernel": s["batches"]}
     assert s["controller"]["policy"] == "model"
     assert s["latency_s"]["p50"] > 0 and s["health"]["healthy"]
 
@@ -473,29 +475,3 @@ def test_the_default_batch_budget_is_2048_tokens_on_a_cpu_and_bounds_every_batch
         assert engine.stats()["max_batch_tokens"] == 4096
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Engine(tm.model("bert"), tm.tokenizer(), max_batch_tokens=0)
-
-
-@pytest.mark.parametrize("order", ["as given", "sorted", "reversed"])
-def test_length_groups_attention_equals_attention_per_sequence(order):
-    # The CPU float32 path: sequences grouped by length across the batch, one
-    # masked SDPA call per group (views where equal lengths lie side by side).
-    import torch
-    import torch.nn.functional as F
-
-    from fastserve import runners
-
-    rng = np.random.default_rng(0)
-    lengths = np.array([5, 9, 5, 5, 1, 17, 16, 9, 30, 2, 5, 64, 63, 3], dtype=np.int32)
-    if order != "as given":
-        lengths = np.sort(lengths)[:: 1 if order == "sorted" else -1]
-    T, nh, hd = int(lengths.sum()), 4, 8
-    qkv = torch.from_numpy(rng.standard_normal((T, 3, nh, hd)).astype(np.float32))
-    groups = runners._LengthGroups(lengths, torch.device("cpu"))
-    assert 1 < len(groups.views) + len(groups.gathered) < len(lengths)
-    got = groups(qkv)
-    start = 0
-    for n in lengths.tolist():
-        q, k, v = qkv[start : start + n].permute(1, 2, 0, 3)  # each [nh, n, hd]
-        want = F.scaled_dot_product_attention(q[None], k[None], v[None])[0].transpose(0, 1)
-        torch.testing.assert_close(got[start : start + n], want, atol=1e-6, rtol=0)
-        start += n

@@ -51,9 +51,11 @@ def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
             assert peak >= 0.7 * per * tokens
 
 
-def test_the_formula_is_exact_for_a_minilm_sized_layer():
-    # I = 4H (MiniLM, BERT-base): the feed-forward's H + 2I dominates, and the
-    # peak is exactly that (plus the int64 index rows), whatever the lengths.
+def test_the_formula_is_exact_for_a_minilm_sized_layer(monkeypatch):
+    # I = 4H (MiniLM, BERT-base): through the model's modules (torch's
+    # attention), the feed-forward's H + 2I dominates, and the peak is exactly
+    # that (plus the int64 index rows), whatever the lengths.
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")
     cfg = tm.config("bert")
     cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
     from transformers import AutoModel
@@ -68,6 +70,27 @@ def test_the_formula_is_exact_for_a_minilm_sized_layer():
     assert per == (64 + 2 * 256) * 4 + 24
     for tokens, _, peak in rows:
         assert (64 + 2 * 256) * 4 * tokens <= peak <= per * tokens
+
+
+def test_the_formula_is_exact_for_layers_through_the_cpu_kernels():
+    # Float32 on the CPU: GELU and the LayerNorms in place, Q/K/V freed with
+    # the attention kernel's call, so the feed-forward's 2H + I per token is
+    # the peak (6H rather than 9H for I = 4H).
+    cfg = tm.config("bert")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg).eval()
+    with Engine(model, tm.tokenizer(), execution="packed", policy="static",
+                min_batch_tokens=1024, max_batch_tokens=1024) as engine:
+        assert engine.runner.fused is not None
+        rows = _profiled(engine)
+        engine.embed(tm.mixed_texts(80, seed=4))
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+    assert per == (2 * 64 + 256) * 4 + 24
+    for tokens, _, peak in rows:
+        assert (2 * 64 + 256) * 4 * tokens <= peak <= per * tokens
 
 
 def test_a_memory_budget_bounds_every_batch_and_refuses_what_cannot_fit():

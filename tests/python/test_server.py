@@ -465,12 +465,12 @@ def test_metrics_parse_and_count_requests_by_route_and_status(server):
     assert m[("fastserve_engine_latency_seconds", (("quantile", "0.99"),))] > 0
     assert m[("fastserve_engine_requests_total", (("outcome", "completed"),))] >= 1
     assert m[("fastserve_http_prompt_tokens_total", (("route", "/v1/embeddings"),))] >= 3
-    # What runs: a packed tiny BERT on the CPU kernels, attention per run of equal lengths.
+    # What runs: a packed tiny BERT on the CPU kernels, attention in the CPU attention kernel.
     info = [labels for name, labels in m if name == "fastserve_engine_info"]
     assert len(info) == 1
     assert {k: v for k, v in info[0] if k in ("execution", "kernels", "attention")} == {
-        "execution": "packed", "kernels": "cpu", "attention": "runs"}
-    assert m[("fastserve_engine_attention_batches_total", (("method", "runs"),))] >= 1
+        "execution": "packed", "kernels": "cpu", "attention": "kernel"}
+    assert m[("fastserve_engine_attention_batches_total", (("method", "kernel"),))] >= 1
     assert m[("fastserve_engine_rss_bytes", ())] > 0
     assert m[("fastserve_engine_peak_rss_bytes", ())] > 0
     assert not any(name == "fastserve_engine_cuda_memory_bytes" for name, _ in m)  # a CPU engine

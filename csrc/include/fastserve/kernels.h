@@ -70,9 +70,23 @@ void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorA
 // out[i] = x[index[i]] for x [N, ...], index [M], out [M, ...]; 0 <= index < N.
 void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, uintptr_t stream = 0);
 
-// ------------------------------------------------------------------ CPU kernels
-// On validated arguments (offsets as int64 cu_seqlens). The reference and test
-// oracle; rows are copied with memcpy, pooling accumulates in float32.
+// Exact self-attention of every sequence of a packed batch, CPU and float32
+// only: qkv [T, 3, nh, hd] (queries, keys, values of each token), cu_seqlens
+// [B + 1], out [T, nh, hd] = softmax(q k^T * scale) v within each sequence.
+// bias: null, or the [3 * nh * hd] bias of the projection that made qkv
+// (added to q, k and v here). threads: at most this many threads (the
+// caller's torch thread count). portable: skip the AVX2 path (tests).
+void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorArg& out, const TensorArg* bias,
+               double scale, int threads, bool portable = false);
+
+// The elementwise tails of an encoder layer, in place on a GEMM's output x
+// [rows, N] (float32, CPU) that ran without its bias [N]:
+// bias_gelu: x = gelu(x + bias), GELU exact (erf);
+// add_layer_norm: x = LayerNorm(x + bias + residual) * weight + beta, over N.
+void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable = false);
+void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
+                    const TensorArg& beta, double eps, int threads, bool portable = false);
+
 namespace cpu {
 void pack(const void* x, int64_t B, int64_t L, const int64_t* cu, size_t row_bytes, void* out);
 void unpack(const void* x, const int64_t* cu, int64_t B, int64_t L, size_t row_bytes, void* out);
@@ -82,6 +96,11 @@ void gather(const void* x, const int64_t* index, int64_t M, size_t row_bytes, vo
 // Worker threads a CPU kernel uses for `bytes` of traffic (1 below the
 // threshold where threads pay; see kernels_cpu.cpp).
 int threads_for(size_t bytes);
+void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
+               float scale, int threads, float* out, bool portable);
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable);
+void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
+                    int64_t rows, int64_t N, int threads, bool portable);
 }  // namespace cpu
 
 // ----------------------------------------------------------------- CUDA kernels

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "fastserve/kernels.h"
 #include "simd.h"
 
@@ -225,6 +226,10 @@ bool use_avx2() {
 }
 
 }  // namespace
+
+void run_chunks(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx) {
+  parallel_for(n, threads, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
+}
 
 int threads_for(size_t bytes) {
   return int(std::max<size_t>(1, std::min<size_t>(hardware_threads(), bytes / min_bytes_per_thread())));

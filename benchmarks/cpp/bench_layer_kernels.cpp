@@ -1,0 +1,76 @@
+// The CPU layer kernels on MiniLM's shapes (H = 384, 12 heads of 32, I =
+// 1536), AVX2 path against the portable loops, one thread: packed attention
+// over 51 sequences of 39 tokens (a corpus batch of ~2,000 tokens) and over
+// 8 of 256, bias + GELU on [2000, 1536], bias + residual + LayerNorm on
+// [2000, 384]. Figures: benchmarks/README.md, "CPU dtypes".
+#include <benchmark/benchmark.h>
+
+#include <random>
+#include <vector>
+
+#include "fastserve/kernels.h"
+
+namespace fastserve {
+namespace kernels {
+namespace {
+
+std::vector<float> randn(size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+void BM_Attention(benchmark::State& state) {
+  const int64_t B = state.range(0), L = state.range(1), nh = 12, hd = 32;
+  const bool portable = state.range(2) != 0;
+  std::vector<int64_t> cu(B + 1);
+  for (int64_t b = 0; b <= B; ++b) cu[b] = b * L;
+  const auto qkv = randn(size_t(B * L * 3 * nh * hd), 1);
+  const auto bias = randn(size_t(3 * nh * hd), 2);
+  std::vector<float> out(size_t(B * L * nh * hd));
+  for (auto _ : state) {
+    cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), portable);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * double(4 * B * L * L * nh * hd),
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_Attention)->Args({51, 39, 0})->Args({51, 39, 1})->Args({8, 256, 0})->Args({8, 256, 1})
+    ->ArgNames({"seqs", "len", "portable"})->Unit(benchmark::kMillisecond);
+
+void BM_BiasGelu(benchmark::State& state) {
+  const int64_t rows = 2000, N = 1536;
+  const bool portable = state.range(0) != 0;
+  const auto x0 = randn(size_t(rows * N), 3);
+  const auto bias = randn(size_t(N), 4);
+  std::vector<float> x(x0.size());
+  for (auto _ : state) {
+    state.PauseTiming();  // fresh input: GELU applied again and again would reach denormals
+    x = x0;
+    state.ResumeTiming();
+    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, portable);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 8);
+}
+BENCHMARK(BM_BiasGelu)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
+
+void BM_AddLayerNorm(benchmark::State& state) {
+  const int64_t rows = 2000, N = 384;
+  const bool portable = state.range(0) != 0;
+  auto x = randn(size_t(rows * N), 5);
+  const auto res = randn(size_t(rows * N), 6), w = randn(size_t(N), 7), b = randn(size_t(N), 8),
+             bias = randn(size_t(N), 9);
+  for (auto _ : state) {
+    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, portable);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 12);
+}
+BENCHMARK(BM_AddLayerNorm)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace kernels
+}  // namespace fastserve

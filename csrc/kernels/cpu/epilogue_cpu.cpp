@@ -1,0 +1,107 @@
+// The elementwise tails of a transformer layer, fused and in place on the
+// output of a GEMM run without its bias (torch.mm): x = gelu(x + bias) after
+// the intermediate projection, x = LayerNorm(x + bias + residual) after the
+// attention output and the feed-forward output. Through torch these are an
+// addmm that first copies the broadcast bias into its output, then GELU into
+// a fresh tensor, then an add and a LayerNorm, each a pass over the
+// activations (together about 10% of a float32 MiniLM batch on the CPU:
+// benchmarks/README.md, "CPU dtypes"). Rows are split over the packing
+// kernels' pool; AVX2 + FMA where the CPU has it, else the loops below.
+//
+// GELU is erf's Abramowitz-Stegun 7.1.26 form (absolute error below 1.5e-7),
+// the approximation ATen's vectorised CPU GELU uses; LayerNorm takes the
+// biased variance in float32 like torch's CPU kernel.
+#include <cmath>
+#include <cstdlib>
+
+#include "attention_cpu.h"
+#include "epilogue_cpu.h"
+#include "fastserve/kernels.h"
+#include "simd.h"
+
+namespace fastserve {
+namespace kernels {
+namespace cpu {
+
+void bias_gelu_rows_portable(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = x + r * N;
+    for (int64_t i = 0; i < N; ++i) {
+      const float v = row[i] + bias[i];
+      row[i] = 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    }
+  }
+}
+
+void add_layer_norm_rows_portable(float* x, const float* bias, const float* residual, const float* w, const float* b,
+                                  float eps, int64_t N, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = x + r * N;
+    const float* res = residual + r * N;
+    float sum = 0.f;
+    for (int64_t i = 0; i < N; ++i) sum += (row[i] = row[i] + bias[i] + res[i]);
+    const float mean = sum / float(N);
+    float sq = 0.f;
+    for (int64_t i = 0; i < N; ++i) sq += (row[i] - mean) * (row[i] - mean);
+    const float rstd = 1.f / std::sqrt(sq / float(N) + eps);
+    for (int64_t i = 0; i < N; ++i) row[i] = (row[i] - mean) * rstd * w[i] + b[i];
+  }
+}
+
+namespace {
+
+bool use_avx2_epilogue(int64_t N) {
+#if defined(FASTSERVE_CPU_AVX2)
+  static const bool ok = simd::have_avx2() && !std::getenv("FASTSERVE_KERNEL_NO_SIMD");
+  return ok && N % 8 == 0;
+#else
+  (void)N;
+  return false;
+#endif
+}
+
+// Rows per thread before another thread joins: about 64 KiB of each row set.
+int rows_threads(int threads, int64_t rows, int64_t N) {
+  const int64_t per = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(N, 1));
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads, rows / per)));
+}
+
+}  // namespace
+
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable) {
+  struct Ctx {
+    float* x;
+    const float* bias;
+    int64_t N;
+    bool avx2;
+  } ctx{x, bias, N, !portable && use_avx2_epilogue(N)};
+  run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
+    const Ctx& a = *static_cast<const Ctx*>(c);
+#if defined(FASTSERVE_CPU_AVX2)
+    if (a.avx2) return simd::bias_gelu_rows_avx2(a.x, a.bias, a.N, r0, r1);
+#endif
+    bias_gelu_rows_portable(a.x, a.bias, a.N, r0, r1);
+  }, &ctx);
+}
+
+void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
+                    int64_t rows, int64_t N, int threads, bool portable) {
+  struct Ctx {
+    float* x;
+    const float *bias, *residual, *w, *b;
+    float eps;
+    int64_t N;
+    bool avx2;
+  } ctx{x, bias, residual, w, b, eps, N, !portable && use_avx2_epilogue(N)};
+  run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
+    const Ctx& a = *static_cast<const Ctx*>(c);
+#if defined(FASTSERVE_CPU_AVX2)
+    if (a.avx2) return simd::add_layer_norm_rows_avx2(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
+#endif
+    add_layer_norm_rows_portable(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
+  }, &ctx);
+}
+
+}  // namespace cpu
+}  // namespace kernels
+}  // namespace fastserve

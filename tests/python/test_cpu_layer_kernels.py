@@ -1,0 +1,159 @@
+"""The CPU layer kernels (fastserve.kernels.attention, bias_gelu_,
+add_layer_norm_) against torch, and the packed runner's float32 layers
+through them against the model's own modules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_models as tm
+from fastserve import Engine, kernels
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("hd", [8, 12, 32, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_equals_sdpa_per_sequence(hd: int, threads: int) -> None:
+    torch.manual_seed(hd)
+    lengths = [1, 0, 7, 8, 9, 40, 3, 130]
+    nh = 3
+    qkv = torch.randn(sum(lengths), 3, nh, hd)
+    bias = torch.randn(3 * nh * hd)
+    cu = _cu(lengths)
+    want = kernels.torch_attention(qkv, cu)
+    got = kernels.attention(qkv, cu, threads=threads)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # The projection's bias added inside equals it added beforehand.
+    with_bias = kernels.attention(qkv, cu, bias=bias, threads=threads)
+    torch.testing.assert_close(with_bias, kernels.torch_attention(qkv + bias.view(3, nh, hd), cu),
+                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(kernels.torch_attention(qkv, cu, bias=bias), with_bias, atol=2e-6, rtol=1e-5)
+    # An explicit scale reaches the softmax.
+    torch.testing.assert_close(kernels.attention(qkv, cu, 0.5), kernels.torch_attention(qkv, cu, 0.5),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_attention_rejects_bad_input_with_value_errors() -> None:
+    qkv, cu = torch.randn(5, 3, 2, 8), _cu([2, 3])
+    with pytest.raises(ValueError, match="qkv must be float32"):
+        kernels.attention(qkv.bfloat16(), cu)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.attention(torch.randn(5, 3, 8, 2).transpose(2, 3), cu)
+    with pytest.raises(ValueError, match=r"\[T, 3, heads, head_dim\]"):
+        kernels.attention(torch.randn(5, 2, 2, 8), cu)
+    with pytest.raises(ValueError, match="must equal the number of packed rows"):
+        kernels.attention(qkv, _cu([2, 2]))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernels.attention(qkv, cu, bias=torch.randn(47))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        kernels.attention(qkv, cu, -1.0)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        kernels.attention(qkv, cu, threads=0)
+
+
+@pytest.mark.parametrize("n", [8, 20, 1536])
+def test_bias_gelu_is_exact_gelu_in_place(n: int) -> None:
+    torch.manual_seed(n)
+    x, b = 3 * torch.randn(33, n), torch.randn(n)
+    want = F.gelu(x + b)
+    y = x.clone()
+    assert kernels.bias_gelu_(y, b) is y
+    torch.testing.assert_close(y, want, atol=3e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [8, 20, 384])
+def test_add_layer_norm_equals_torch_in_place(n: int) -> None:
+    torch.manual_seed(n)
+    x, r = 4 * torch.randn(29, n) + 3, torch.randn(29, n)
+    b, w, beta = torch.randn(n), torch.randn(n), torch.randn(n)
+    want = F.layer_norm(x + b + r, (n,), w, beta, 1e-12)
+    y = x.clone()
+    assert kernels.add_layer_norm_(y, b, r, w, beta, 1e-12) is y
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_epilogues_reject_bad_input_with_value_errors() -> None:
+    x, v = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernels.bias_gelu_(x, torch.randn(7))
+    with pytest.raises(ValueError, match="x must be float32"):
+        kernels.bias_gelu_(x.double(), v)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        kernels.add_layer_norm_(x, v, torch.randn(3, 8), v, v, 1e-5)
+    with pytest.raises(ValueError, match="eps must be finite"):
+        kernels.add_layer_norm_(x, v, x.clone(), v, v, 0.0)
+
+
+@pytest.mark.parametrize("arch", tm.ARCHS)
+def test_fused_layers_equal_the_models_modules(arch: str, monkeypatch) -> None:
+    m = tm.model(arch)
+    texts = tm.mixed_texts(40, seed=3)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        runner = engine.runner
+        assert engine.stats()["attention"] == "kernel" and runner.fused is not None
+        got = engine.embed(texts)
+        assert engine.stats()["attention_batches"]["kernel"] == engine.stats()["batches"]
+    want = np.stack([tm.reference(m, t) for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # The same batches through the modules with torch's attention per run.
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
+        np.testing.assert_allclose(engine.embed(texts), got, atol=1e-6, rtol=0)
+
+
+def test_a_layer_with_another_activation_keeps_the_modules_and_the_attention_kernel() -> None:
+    cfg = tm.config("bert")
+    cfg.hidden_act = "gelu_new"  # the tanh form: not what bias_gelu_ computes
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    texts = tm.mixed_texts(12, seed=4)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        assert engine.stats()["attention"] == "kernel" and engine.runner.fused is None
+        got = engine.embed(texts)
+    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+
+
+def test_autocast_batches_run_torch_attention_and_the_modules() -> None:
+    texts = tm.mixed_texts(8, seed=5)
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast") as engine:
+        got = engine.embed(texts)
+        s = engine.stats()
+    assert s["attention_batches"]["kernel"] == 0 and s["attention_batches"]["runs"] == s["batches"]
+    assert np.isfinite(got).all()
+
+
+def test_forcing_the_kernel_where_it_cannot_run_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
+    with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel needs a float32 model"):
+        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="bfloat16")
+    monkeypatch.setenv("FASTSERVE_KERNELS", "torch")
+    with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel"):
+        Engine(tm.model("bert"), tm.tokenizer(), execution="packed")
+
+
+def test_a_hooked_or_patched_layer_runs_its_modules() -> None:
+    # What a caller attaches to a layer's modules still runs: that layer's
+    # batches go through the modules, the others through the kernels.
+    m = tm.model("bert")
+    texts = tm.mixed_texts(6, seed=6)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        want = engine.embed(texts)
+        seen = []
+        handle = m.encoder.layer[1].intermediate.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        try:
+            np.testing.assert_allclose(engine.embed(texts), want, atol=1e-6, rtol=0)
+        finally:
+            handle.remove()
+        assert seen
+        seen.clear()
+        engine.embed(texts)
+        assert not seen  # hook removed: the kernels again
