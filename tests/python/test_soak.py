@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from fastserve import Engine, InvalidInputError, QueueFullError, RequestTimeoutError, process
+from fastserve import Engine, InvalidInputError, OverloadedError, QueueFullError, RequestTimeoutError, process
 from fastserve.corpus import texts as corpus_texts
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_rss_holds_under_minutes_of_mixed_load():
     corpus = list(corpus_texts())
     probes = corpus[:8]
     stop = threading.Event()
-    counts = {"ok": 0, "timeout": 0, "cancelled": 0, "refused": 0, "bad": 0, "full": 0}
+    counts = {"ok": 0, "timeout": 0, "shed": 0, "cancelled": 0, "refused": 0, "bad": 0, "full": 0}
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -67,6 +67,8 @@ def test_rss_holds_under_minutes_of_mixed_load():
                     count("ok")
                 except RequestTimeoutError:
                     count("timeout")
+                except OverloadedError:  # a 0.5 ms deadline the scheduler saw it would miss
+                    count("shed")
                 except cf.CancelledError:
                     count("cancelled")
 
@@ -124,5 +126,5 @@ def test_rss_holds_under_minutes_of_mixed_load():
     print(f"\nsoak {seconds:.0f} s: {counts}; RSS at warm-up end {base / mib:.0f} MiB, "
           f"max after {max(after) / mib:.0f} MiB, last {after[-1] / mib:.0f} MiB")
     assert counts["refused"] == 0
-    assert counts["ok"] > 0 and counts["bad"] > 0 and counts["timeout"] + counts["cancelled"] > 0
+    assert counts["ok"] > 0 and counts["bad"] > 0 and counts["timeout"] + counts["shed"] + counts["cancelled"] > 0
     assert max(after) <= 1.05 * base
