@@ -71,6 +71,8 @@ void register_kernels(py::module_& m) {
   k.def("add_layer_norm", &add_layer_norm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("weight"),
         py::arg("beta"), py::arg("eps"), py::arg("threads"), py::arg("portable") = false,
         py::call_guard<py::gil_scoped_release>());
+  k.def("cpu_vector_paths", &cpu::vector_paths,
+        "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");
   k.def("cpu_threads_for", &cpu::threads_for, py::arg("bytes"),
         "Threads the CPU kernels use for this many bytes of traffic.");
 }

@@ -155,6 +155,13 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def cpu_vector_paths() -> bool:
+    """Whether the CPU kernels run their AVX2 + FMA paths on this CPU (else
+    portable loops: correct, but slower than torch's own CPU kernels for
+    attention and the layer tails)."""
+    return bool(_k.cpu_vector_paths())
+
+
 def _threads(threads: int | None) -> int:
     return int(threads if threads is not None else torch.get_num_threads())
 

@@ -147,7 +147,8 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
 class _PackedAttention:
     """Self-attention over packed tokens [T, H], exact per sequence: one SDPA
     call per run of equal-length sequences (no padding, no mask), or through
-    `varlen` (length groups, a padded copy, flash-attn's varlen kernel)."""
+    `varlen` (the CPU attention kernel, a padded copy, flash-attn's varlen
+    kernel)."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
         # One GEMM for Q, K and V instead of three (same weights, concatenated
@@ -253,15 +254,28 @@ def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
     return parts if linear and norms and _exact_gelu(act) else None
 
 
+def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether fastserve's CPU layer kernels run vectorised for this model:
+    the extension's CPU kernels are in use, their AVX2 path runs on this
+    CPU, and the head, hidden and intermediate widths are multiples of 8.
+    Elsewhere torch's own kernels are faster than the portable loops."""
+    from .footprint import shape_of
+
+    shape = shape_of(model.config)
+    return (kernels.for_device(device).name == "cpu" and kernels.cpu_vector_paths() and shape is not None
+            and shape.hidden % shape.heads == 0 and (shape.hidden // shape.heads) % 8 == 0
+            and shape.hidden % 8 == 0 and shape.intermediate % 8 == 0)
+
+
 def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PackedRunner runs this model's layers through fastserve's CPU
     kernels (_FusedLayer) when its batches compute in `dtype`: a BERT-family
-    model whose attention runs in the CPU kernel (float32, the extension's
-    CPU kernels) and whose every layer is the standard one. What the
+    model whose attention runs in the CPU kernel (float32, the kernels
+    vectorised here) and whose every layer is the standard one. What the
     activation footprint (python/fastserve/footprint.py) counts on."""
     if not packed_supported(model):
         return False
-    if _attention_method(device, dtype, kernel=kernels.for_device(device).name == "cpu") != "kernel":
+    if _attention_method(device, dtype, kernel=_kernels_vectorized(model, device)) != "kernel":
         return False
     distil = model.config.model_type in _DISTIL
     blocks = model.base_model.transformer.layer if distil else model.base_model.encoder.layer
@@ -319,7 +333,7 @@ class PackedRunner:
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
         self.attention = _attention_method(device, getattr(model, "dtype", torch.float32),
-                                           kernel=self.kernels.name == "cpu")
+                                           kernel=_kernels_vectorized(model, device))
         self._flash = _flash_varlen() if self.attention == "flash" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
@@ -446,8 +460,8 @@ ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 
 def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
     """How packed attention runs. CPU: "kernel" for a float32 model where
-    the caller can run fastserve's CPU attention kernel (kernel=True: the
-    extension's CPU kernels are in use), one C++ call per layer over every
+    the caller can run fastserve's CPU attention kernel vectorised
+    (kernel=True: runners._kernels_vectorized), one C++ call per layer over every
     sequence (kernels.attention; under autocast a batch runs "runs"
     instead); else "runs", exact attention per sequence with no mask, one
     SDPA call per run of equal lengths. CUDA: flash-attn's varlen kernel
@@ -467,7 +481,8 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
                              "and a float16 or bfloat16 model")
         if forced == "kernel" and not kernel_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 model on the CPU, the "
-                             "BERT-family packed runner and fastserve's CPU kernels (not FASTSERVE_KERNELS=torch)")
+                             "BERT-family packed runner, fastserve's CPU kernels (not FASTSERVE_KERNELS=torch) "
+                             "with their AVX2 path, and head widths that are multiples of 8")
         return forced
     if device.type != "cuda":
         return "kernel" if kernel_ok else "runs"

@@ -157,3 +157,36 @@ def test_a_hooked_or_patched_layer_runs_its_modules() -> None:
         seen.clear()
         engine.embed(texts)
         assert not seen  # hook removed: the kernels again
+
+
+def test_widths_the_vector_path_does_not_take_keep_torchs_kernels() -> None:
+    # Head width 12: the kernels would run their portable loops, slower than
+    # torch's own; the modules and torch's attention run instead, exactly.
+    cfg = tm.config("bert")
+    cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size = 36, 3, 72
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    texts = tm.mixed_texts(8, seed=7)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
+        got = engine.embed(texts)
+    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+
+
+def test_without_the_vector_path_the_engine_keeps_torchs_kernels() -> None:
+    # FASTSERVE_KERNEL_NO_SIMD stands for a CPU without AVX2 (read once per process).
+    import os
+    import subprocess
+    import sys
+
+    code = ("import tiny_models as tm; from fastserve import Engine, kernels; "
+            "e = Engine(tm.model('bert'), tm.tokenizer(), execution='packed'); "
+            "print(kernels.cpu_vector_paths(), e.stats()['attention'], e.runner.fused is None); e.close()")
+    env = dict(os.environ, FASTSERVE_KERNEL_NO_SIMD="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "runs", "True"]

@@ -96,6 +96,9 @@ void gather(const void* x, const int64_t* index, int64_t M, size_t row_bytes, vo
 // Worker threads a CPU kernel uses for `bytes` of traffic (1 below the
 // threshold where threads pay; see kernels_cpu.cpp).
 int threads_for(size_t bytes);
+// Whether the CPU kernels' AVX2 + FMA paths run on this CPU (x86-64 with
+// AVX2, F16C and FMA, and FASTSERVE_KERNEL_NO_SIMD unset).
+bool vector_paths();
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
                float scale, int threads, float* out, bool portable);
 void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable);

@@ -11,7 +11,6 @@
 // (benchmarks/README.md, "CPU dtypes").
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -73,16 +72,6 @@ void attention_head_portable(const HeadArgs& a) {
 
 namespace {
 
-bool use_avx2_attention(int64_t hd) {
-#if defined(FASTSERVE_CPU_AVX2)
-  static const bool ok = simd::have_avx2() && !std::getenv("FASTSERVE_KERNEL_NO_SIMD");
-  return ok && hd % 8 == 0;
-#else
-  (void)hd;
-  return false;
-#endif
-}
-
 // Ask for the next item's queries, keys and values (rows of the packed
 // batch a whole [3, nh, hd] apart, so the hardware prefetcher does not follow
 // them) while this one computes: without it the first touch of each row
@@ -105,7 +94,7 @@ constexpr double kMinFlopsPerThread = 4e6;
 
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
                float scale, int threads, float* out, bool portable) {
-  const bool avx2 = !portable && use_avx2_attention(hd);
+  const bool avx2 = !portable && vector_paths() && hd % 8 == 0;
   double flops = 0;
   for (int64_t b = 0; b < B; ++b) {
     const double L = double(cu[b + 1] - cu[b]);

@@ -11,8 +11,8 @@
 // GELU is erf's Abramowitz-Stegun 7.1.26 form (absolute error below 1.5e-7),
 // the approximation ATen's vectorised CPU GELU uses; LayerNorm takes the
 // biased variance in float32 like torch's CPU kernel.
+#include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "attention_cpu.h"
 #include "epilogue_cpu.h"
@@ -50,16 +50,6 @@ void add_layer_norm_rows_portable(float* x, const float* bias, const float* resi
 
 namespace {
 
-bool use_avx2_epilogue(int64_t N) {
-#if defined(FASTSERVE_CPU_AVX2)
-  static const bool ok = simd::have_avx2() && !std::getenv("FASTSERVE_KERNEL_NO_SIMD");
-  return ok && N % 8 == 0;
-#else
-  (void)N;
-  return false;
-#endif
-}
-
 // Rows per thread before another thread joins: about 64 KiB of each row set.
 int rows_threads(int threads, int64_t rows, int64_t N) {
   const int64_t per = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(N, 1));
@@ -74,7 +64,7 @@ void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads
     const float* bias;
     int64_t N;
     bool avx2;
-  } ctx{x, bias, N, !portable && use_avx2_epilogue(N)};
+  } ctx{x, bias, N, !portable && vector_paths() && N % 8 == 0};
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)
@@ -92,7 +82,7 @@ void add_layer_norm(float* x, const float* bias, const float* residual, const fl
     float eps;
     int64_t N;
     bool avx2;
-  } ctx{x, bias, residual, w, b, eps, N, !portable && use_avx2_epilogue(N)};
+  } ctx{x, bias, residual, w, b, eps, N, !portable && vector_paths() && N % 8 == 0};
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)

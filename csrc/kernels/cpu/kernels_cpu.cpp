@@ -227,6 +227,8 @@ bool use_avx2() {
 
 }  // namespace
 
+bool vector_paths() { return use_avx2(); }
+
 void run_chunks(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx) {
   parallel_for(n, threads, [&](int64_t b, int64_t e) { fn(ctx, b, e); });
 }
