@@ -11,14 +11,13 @@
 // range it is used on, [-87, 0]).
 #include "attention_cpu.h"
 #include "simd.h"
-#include "simd_avx2.h"
 
 #if defined(FASTSERVE_CPU_AVX2)
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <limits>
+
+#include "simd_avx2.h"
 
 
 namespace fastserve {
@@ -88,13 +87,10 @@ FS_AVX2_INLINE void transpose_keys(const float* k, const float* bias, int64_t st
 }
 
 FS_AVX2 void attention_head_avx2(const HeadArgs& a) {
-  const int64_t L = a.L, hd = a.hd, H = a.nh * hd, stride = 3 * H;
-  const int64_t Lp = (L + 7) / 8 * 8;
-  float* kt = a.scratch;
-  float* v = kt + hd * Lp;
-  float* s = v + L * hd;
-  float* qb = s + 4 * Lp;
-  const float* base = a.qkv + a.start * stride + a.h * hd;
+  const HeadScratch w = carve(a);
+  const int64_t L = a.L, hd = a.hd, Lp = w.Lp, H = w.H, stride = w.stride;
+  float *kt = w.kt, *v = w.v, *s = w.s, *qb = w.qb;
+  const float* base = w.base;
   const float* bias = a.bias ? a.bias + a.h * hd : nullptr;  // + part * H
   transpose_keys(base + H, bias ? bias + H : nullptr, stride, L, hd, Lp, kt);
   for (int64_t j = 0; j < L; ++j)

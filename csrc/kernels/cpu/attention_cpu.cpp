@@ -26,13 +26,10 @@ namespace cpu {
 // softmax in float32 with the row's maximum subtracted, then the weighted
 // sum of values.
 void attention_head_portable(const HeadArgs& a) {
-  const int64_t L = a.L, hd = a.hd, H = a.nh * hd, stride = 3 * H;
-  const int64_t Lp = (L + 7) / 8 * 8;
-  float* kt = a.scratch;
-  float* v = kt + hd * Lp;
-  float* s = v + L * hd;
-  float* qb = s + 4 * Lp;
-  const float* base = a.qkv + a.start * stride + a.h * hd;
+  const HeadScratch w = carve(a);
+  const int64_t L = a.L, hd = a.hd, Lp = w.Lp, H = w.H, stride = w.stride;
+  float *kt = w.kt, *v = w.v, *s = w.s, *qb = w.qb;
+  const float* base = w.base;
   auto bias = [&](int part, int64_t d) { return a.bias ? a.bias[part * H + a.h * hd + d] : 0.f; };
   for (int64_t j = 0; j < L; ++j) {
     const float* k = base + j * stride + H;

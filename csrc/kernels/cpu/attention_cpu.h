@@ -30,6 +30,27 @@ inline int64_t attention_scratch(int64_t L, int64_t hd) {
   return hd * Lp + L * hd + 4 * Lp + 4 * hd;
 }
 
+// The scratch of one (sequence, head) carved into those parts, and where its
+// rows start in qkv.
+struct HeadScratch {
+  int64_t Lp, H, stride;
+  float *kt, *v, *s, *qb;
+  const float* base;  // the sequence's first row of qkv, at this head
+};
+
+inline HeadScratch carve(const HeadArgs& a) {
+  HeadScratch w;
+  w.Lp = (a.L + 7) / 8 * 8;
+  w.H = a.nh * a.hd;
+  w.stride = 3 * w.H;
+  w.kt = a.scratch;
+  w.v = w.kt + a.hd * w.Lp;
+  w.s = w.v + a.L * a.hd;
+  w.qb = w.s + 4 * w.Lp;
+  w.base = a.qkv + a.start * w.stride + a.h * a.hd;
+  return w;
+}
+
 void attention_head_portable(const HeadArgs& a);
 
 namespace simd {

@@ -18,8 +18,7 @@
 #include <cmath>
 #include <type_traits>
 
-#define FS_AVX2 __attribute__((target("avx2,f16c,fma")))
-#define FS_AVX2_INLINE __attribute__((target("avx2,f16c,fma"), always_inline)) inline
+#include "simd_avx2.h"
 
 namespace fastserve {
 namespace kernels {
