@@ -108,18 +108,25 @@ def test_fused_layers_equal_the_models_modules(arch: str, monkeypatch) -> None:
         np.testing.assert_allclose(engine.embed(texts), got, atol=1e-6, rtol=0)
 
 
-def test_a_layer_with_another_activation_keeps_the_modules_and_the_attention_kernel() -> None:
-    cfg = tm.config("bert")
-    cfg.hidden_act = "gelu_new"  # the tanh form: not what bias_gelu_ computes
+def _bert_runs_exactly(attention: str, **config) -> None:
+    """A tiny BERT with these config values runs `attention`, its modules
+    (no fused layers), and equals the unbatched model."""
     from transformers import AutoModel
 
+    cfg = tm.config("bert")
+    for k, v in config.items():
+        setattr(cfg, k, v)
     torch.manual_seed(0)
     m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
-    texts = tm.mixed_texts(12, seed=4)
+    texts = tm.mixed_texts(10, seed=4)
     with Engine(m, tm.tokenizer(), execution="packed") as engine:
-        assert engine.stats()["attention"] == "kernel" and engine.runner.fused is None
+        assert engine.stats()["attention"] == attention and engine.runner.fused is None
         got = engine.embed(texts)
     np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+
+
+def test_a_layer_with_another_activation_keeps_the_modules_and_the_attention_kernel() -> None:
+    _bert_runs_exactly("kernel", hidden_act="gelu_new")  # the tanh form: not what bias_gelu_ computes
 
 
 def test_autocast_batches_run_torch_attention_and_the_modules() -> None:
@@ -162,17 +169,7 @@ def test_a_hooked_or_patched_layer_runs_its_modules() -> None:
 def test_widths_the_vector_path_does_not_take_keep_torchs_kernels() -> None:
     # Head width 12: the kernels would run their portable loops, slower than
     # torch's own; the modules and torch's attention run instead, exactly.
-    cfg = tm.config("bert")
-    cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size = 36, 3, 72
-    from transformers import AutoModel
-
-    torch.manual_seed(0)
-    m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
-    texts = tm.mixed_texts(8, seed=7)
-    with Engine(m, tm.tokenizer(), execution="packed") as engine:
-        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
-        got = engine.embed(texts)
-    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+    _bert_runs_exactly("runs", hidden_size=36, num_attention_heads=3, intermediate_size=72)
 
 
 def test_without_the_vector_path_the_engine_keeps_torchs_kernels() -> None:

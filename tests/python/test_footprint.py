@@ -51,18 +51,22 @@ def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
             assert peak >= 0.7 * per * tokens
 
 
+def _minilm_shaped():
+    """A tiny BERT with MiniLM's proportions: I = 4H."""
+    from transformers import AutoModel
+
+    cfg = tm.config("bert")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg).eval()
+
+
 def test_the_formula_is_exact_for_a_minilm_sized_layer(monkeypatch):
     # I = 4H (MiniLM, BERT-base): through the model's modules (torch's
     # attention), the feed-forward's H + 2I dominates, and the peak is exactly
     # that (plus the int64 index rows), whatever the lengths.
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")
-    cfg = tm.config("bert")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
-    from transformers import AutoModel
-
-    torch.manual_seed(0)
-    model = AutoModel.from_config(cfg).eval()
-    with Engine(model, tm.tokenizer(), execution="packed", policy="static",
+    with Engine(_minilm_shaped(), tm.tokenizer(), execution="packed", policy="static",
                 min_batch_tokens=1024, max_batch_tokens=1024) as engine:
         rows = _profiled(engine)
         engine.embed(tm.mixed_texts(80, seed=4))
@@ -76,13 +80,7 @@ def test_the_formula_is_exact_for_layers_through_the_cpu_kernels():
     # Float32 on the CPU: GELU and the LayerNorms in place, Q/K/V freed with
     # the attention kernel's call, so the feed-forward's 2H + I per token is
     # the peak (6H rather than 9H for I = 4H).
-    cfg = tm.config("bert")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 64, 256, 4
-    from transformers import AutoModel
-
-    torch.manual_seed(0)
-    model = AutoModel.from_config(cfg).eval()
-    with Engine(model, tm.tokenizer(), execution="packed", policy="static",
+    with Engine(_minilm_shaped(), tm.tokenizer(), execution="packed", policy="static",
                 min_batch_tokens=1024, max_batch_tokens=1024) as engine:
         assert engine.runner.fused is not None
         rows = _profiled(engine)
