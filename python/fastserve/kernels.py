@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from fastserve import _core
 
 __all__ = [
-    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_",
+    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_", "cpu_vector_paths",
     "cu_seqlens_from_lengths",
     "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
     "Kernels", "for_device", "fallback_reason",
