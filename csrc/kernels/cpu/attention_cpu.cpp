@@ -26,10 +26,13 @@ namespace cpu {
 // softmax in float32 with the row's maximum subtracted, then the weighted
 // sum of values.
 void attention_head_portable(const HeadArgs& a) {
-  const HeadScratch w = carve(a);
-  const int64_t L = a.L, hd = a.hd, Lp = w.Lp, H = w.H, stride = w.stride;
-  float *kt = w.kt, *v = w.v, *s = w.s, *qb = w.qb;
-  const float* base = w.base;
+  const int64_t L = a.L, hd = a.hd, H = a.nh * hd, stride = 3 * H;
+  const int64_t Lp = (L + 7) / 8 * 8;
+  float* kt = a.scratch;  // [hd, Lp]
+  float* v = kt + hd * Lp;  // [L, hd]
+  float* s = v + L * hd;    // [Lp]: one query's scores
+  float* qb = s + Lp;       // [hd]: the query
+  const float* base = a.qkv + a.start * stride + a.h * hd;
   auto bias = [&](int part, int64_t d) { return a.bias ? a.bias[part * H + a.h * hd + d] : 0.f; };
   for (int64_t j = 0; j < L; ++j) {
     const float* k = base + j * stride + H;
@@ -69,23 +72,12 @@ void attention_head_portable(const HeadArgs& a) {
 
 namespace {
 
-// Ask for the next item's queries, keys and values (rows of the packed
-// batch a whole [3, nh, hd] apart, so the hardware prefetcher does not follow
-// them) while this one computes: without it the first touch of each row
-// waited on L3 or memory, a third of the kernel's time on short sequences.
-void prefetch_item(const float* qkv, const int64_t* cu, int64_t nh, int64_t hd, int64_t i) {
-  const int64_t b = i / nh, h = i % nh, H = nh * hd, stride = 3 * H;
-  const int64_t bytes = hd * int64_t(sizeof(float));
-  for (int64_t t = cu[b]; t < cu[b + 1]; ++t)
-    for (int part = 0; part < 3; ++part) {
-      const char* p = reinterpret_cast<const char*>(qkv + t * stride + part * H + h * hd);
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-    }
-}
-
 // Below this many FLOPs a batch's attention stays on the calling thread:
 // waking a pooled worker costs more than it saves.
 constexpr double kMinFlopsPerThread = 4e6;
+
+// A group's staged queries, keys and values stay within about 256 KiB (L2).
+constexpr int64_t kGroupScratchFloats = 64 << 10;
 
 }  // namespace
 
@@ -98,32 +90,48 @@ void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B
     flops += 4.0 * L * L * double(hd * nh);
   }
   threads = int(std::max(1.0, std::min(double(threads), flops / kMinFlopsPerThread)));
+  // Work items: groups of heads of one sequence. All of a sequence's heads in
+  // one item where its staged rows fit the scratch bound and there are
+  // enough sequences to share among the threads; fewer heads per item for
+  // long sequences or a batch of few. The portable path goes a head at a time.
+  const int64_t share = std::max<int64_t>(1, (4 * int64_t(threads) + B - 1) / std::max<int64_t>(B, 1));
+  std::vector<int64_t> group(static_cast<size_t>(B)), first(static_cast<size_t>(B) + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = cu[b + 1] - cu[b];
+    int64_t g = avx2 ? std::min(nh, std::max<int64_t>(1, kGroupScratchFloats / std::max<int64_t>(1, 3 * L * hd))) : 1;
+    g = std::max<int64_t>(1, std::min(g, (nh + share - 1) / share));
+    group[b] = g;
+    first[b + 1] = first[b] + (L > 0 ? (nh + g - 1) / g : 0);
+  }
   struct Ctx {
     const float* qkv;
     const float* bias;
     const int64_t* cu;
-    int64_t nh, hd;
+    const int64_t* group;
+    const int64_t* first;
+    int64_t B, nh, hd;
     float scale;
     float* out;
     bool avx2;
-  } ctx{qkv, bias, cu, nh, hd, scale, out, avx2};
-  run_chunks(B * nh, threads, [](void* c, int64_t i0, int64_t i1) {
+  } ctx{qkv, bias, cu, group.data(), first.data(), B, nh, hd, scale, out, avx2};
+  run_chunks(first[B], threads, [](void* c, int64_t i0, int64_t i1) {
     const Ctx& x = *static_cast<const Ctx*>(c);
     thread_local std::vector<float> scratch;
+    int64_t b = std::upper_bound(x.first, x.first + x.B + 1, i0) - x.first - 1;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / x.nh, L = x.cu[b + 1] - x.cu[b];
-      if (i + 1 < i1) prefetch_item(x.qkv, x.cu, x.nh, x.hd, i + 1);
-      if (L == 0) continue;
-      const size_t need = size_t(attention_scratch(L, x.hd));
+      while (x.first[b + 1] <= i) ++b;
+      const int64_t L = x.cu[b + 1] - x.cu[b], g = x.group[b], h = (i - x.first[b]) * g;
+      HeadArgs a{x.qkv, x.bias, x.out, x.cu[b], L, x.nh, x.hd, h, std::min(g, x.nh - h), x.scale, nullptr};
+      const size_t need = size_t(attention_scratch(L, x.hd, a.g));
       if (scratch.size() < need) scratch.resize(need);
-      const HeadArgs a{x.qkv, x.bias, x.out, x.cu[b], L, x.nh, x.hd, i % x.nh, x.scale, scratch.data()};
+      a.scratch = scratch.data();
 #if defined(FASTSERVE_CPU_AVX2)
       if (x.avx2) {
-        simd::attention_head_avx2(a);
+        simd::attention_group_avx2(a);
         continue;
       }
 #endif
-      attention_head_portable(a);
+      for (int64_t k = 0; k < a.g; ++k, ++a.h) attention_head_portable(a);
     }
   }, &ctx);
 }

@@ -8,54 +8,36 @@ namespace fastserve {
 namespace kernels {
 namespace cpu {
 
-// One (sequence, head) of packed self-attention. Rows [start, start + L) of
-// qkv [T, 3, nh, hd] hold the sequence's queries, keys and values; the
-// context goes to the same rows of out [T, nh, hd], head h. bias, when not
-// null, is the [3, nh, hd] bias of the projection that made qkv, added here
-// (the projection ran without it). scratch holds at least
-// attention_scratch(L, hd) floats.
+// Heads [h, h + g) of one sequence of packed self-attention. Rows [start,
+// start + L) of qkv [T, 3, nh, hd] hold the sequence's queries, keys and
+// values; the context goes to the same rows of out [T, nh, hd]. bias, when
+// not null, is the [3, nh, hd] bias of the projection that made qkv, added
+// here (the projection ran without it). scratch holds at least
+// attention_scratch(L, hd, g) floats.
 struct HeadArgs {
   const float* qkv;
   const float* bias;
   float* out;
-  int64_t start, L, nh, hd, h;
+  int64_t start, L, nh, hd, h, g;
   float scale;
   float* scratch;
 };
 
-// Keys transposed [hd, Lp], values [L, hd], scores or weights [4, Lp], four
-// queries [4, hd] (Lp: L rounded up to 8).
-inline int64_t attention_scratch(int64_t L, int64_t hd) {
+// The AVX2 path's: per head keys transposed [hd, Lp], values and queries
+// [L, hd], and scores or weights [4, Lp] (Lp: L rounded up to 8); the
+// portable path's, one head at a time, fits in that for g = 1.
+inline int64_t attention_scratch(int64_t L, int64_t hd, int64_t g) {
   const int64_t Lp = (L + 7) / 8 * 8;
-  return hd * Lp + L * hd + 4 * Lp + 4 * hd;
+  return g * (hd * Lp + 2 * L * hd) + 4 * Lp + 4 * hd;
 }
 
-// The scratch of one (sequence, head) carved into those parts, and where its
-// rows start in qkv.
-struct HeadScratch {
-  int64_t Lp, H, stride;
-  float *kt, *v, *s, *qb;
-  const float* base;  // the sequence's first row of qkv, at this head
-};
-
-inline HeadScratch carve(const HeadArgs& a) {
-  HeadScratch w;
-  w.Lp = (a.L + 7) / 8 * 8;
-  w.H = a.nh * a.hd;
-  w.stride = 3 * w.H;
-  w.kt = a.scratch;
-  w.v = w.kt + a.hd * w.Lp;
-  w.s = w.v + a.L * a.hd;
-  w.qb = w.s + 4 * w.Lp;
-  w.base = a.qkv + a.start * w.stride + a.h * a.hd;
-  return w;
-}
-
+// Head a.h alone (a.g is ignored).
 void attention_head_portable(const HeadArgs& a);
 
 namespace simd {
-// The AVX2 + FMA path; hd must be a multiple of 8. Only where have_avx2().
-void attention_head_avx2(const HeadArgs& a);
+// The AVX2 + FMA path, heads [h, h + g); hd must be a multiple of 8. Only
+// where have_avx2().
+void attention_group_avx2(const HeadArgs& a);
 }  // namespace simd
 
 // Run fn(ctx, begin, end) over [0, n) in chunks on up to `threads` threads
