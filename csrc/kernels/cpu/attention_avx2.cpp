@@ -2,8 +2,9 @@
 // with per-function target attributes like kernels_cpu_avx2.cpp so that the
 // library still runs on any x86-64.
 //
-// One (sequence, head): keys are transposed once to [hd, Lp] and values
-// copied to [L, hd], both contiguous. Queries go four at a time: each loaded
+// A group of heads of one sequence is staged (attention_group_avx2), then
+// each head runs from the staged keys [hd, Lp] and queries and values
+// [L, hd], all contiguous. Queries go four at a time: each loaded
 // key vector serves four rows' scores (one broadcast and one FMA per row),
 // and each loaded value vector four rows' outputs, so the loops issue about
 // one load per FMA rather than two. The softmax is in float32 with the row's
