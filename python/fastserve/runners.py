@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from . import kernels
 from .heads import EmbeddingHead
@@ -214,8 +215,6 @@ class _FusedLayer:
         """No forward hook and no forward replaced on the instance, on any part
         of the layer: else the batch runs the modules, so that what a caller
         attached to them (a hook, a patched forward) still runs."""
-        from torch.nn.modules import module as nn_module
-
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.parts)
@@ -365,7 +364,7 @@ class PackedRunner:
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
-        fused = self.fused if not torch.is_autocast_enabled(dev.type) else None
+        fused = self.fused if self._batch_attention() == "kernel" else None
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
@@ -407,15 +406,22 @@ class PackedRunner:
             h = hook(len(self.blocks), h)
         return h, cu, rows
 
+    def _batch_attention(self) -> str:
+        """The attention method of the batch about to run: self.attention,
+        except that under autocast Q/K/V come out in bfloat16 and the float32
+        kernel gives way to "runs" (and the fused layers to the modules)."""
+        if self.attention == "kernel" and torch.is_autocast_enabled(self.device.type):
+            return "runs"
+        return self.attention
+
     def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
         """The runs of equal lengths, and the attention over all of them at
         once where one is used (varlen), for sequences of these lengths."""
-        runs = _equal_length_runs(lengths)
+        method = self._batch_attention()
+        # Only the per-run and padded-copy methods need the runs.
+        runs = _equal_length_runs(lengths) if method in ("runs", "pad") else []
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        method = self.attention
-        if method == "kernel" and torch.is_autocast_enabled(self.device.type):
-            method = "runs"  # Q/K/V come out of autocast in bfloat16; the kernel is float32
         if method == "flash":
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif method == "kernel":

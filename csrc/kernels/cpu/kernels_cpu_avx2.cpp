@@ -12,8 +12,6 @@
 
 #if defined(FASTSERVE_CPU_AVX2)
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
