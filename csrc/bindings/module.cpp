@@ -123,6 +123,7 @@ py::dict stats_dict(const Scheduler::Snapshot& s) {
   d["refused"] = st.refused;
   d["shed"] = st.shed;
   d["preempted"] = st.preempted;
+  d["balanced"] = st.balanced;
   d["completed"] = st.completed;
   d["failed"] = st.failed;
   d["expired"] = st.expired;
@@ -238,6 +239,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("attention_tokens", &SchedulerConfig::attention_tokens)
       .def_readwrite("long_apart_tokens", &SchedulerConfig::long_apart_tokens)
       .def_readwrite("extend_past_budget", &SchedulerConfig::extend_past_budget)
+      .def_readwrite("balance_workers", &SchedulerConfig::balance_workers)
       .def_readwrite("preempt_layers", &SchedulerConfig::preempt_layers)
       .def_property(
           "cost", [](const SchedulerConfig& c) { return std::string(to_string(c.cost)); },

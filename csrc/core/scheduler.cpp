@@ -64,6 +64,8 @@ Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
   config_.validate();
   if (workers < 1 || workers > 4096) throw InvalidArgument("scheduler: workers must be in [1, 4096]");
   for (int k = 0; k < workers; ++k) controllers_.push_back(make_controller(controller));
+  seen_at_.assign(static_cast<size_t>(workers), -INFINITY);
+  waiting_.assign(static_cast<size_t>(workers), 0);
 }
 
 Scheduler::~Scheduler() { close(); }
@@ -143,6 +145,37 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
       t = fit_locked(work) + tail_s_;
   }
   return t + tail_s_;
+}
+
+double Scheduler::share_locked(double now, int worker, double budget) const {
+  // Water-filling: with the k workers free earliest (this one now, f = 0),
+  // each running one batch until T, sum over them of (T - f_i - a) / b is
+  // the queue's cost Q; k grows while T passes the next one's start + a.
+  if (!config_.balance_workers || workers() < 2 || !compute_fit_.ready()) return budget;
+  const double a = std::max(0.0, compute_fit_.intercept()), b = compute_fit_.slope();
+  const double queued = cost_factor_ * static_cast<double>(queued_tokens_);
+  if (!(b > 0) || queued <= 0) return budget;
+  std::vector<double> until(static_cast<size_t>(workers()), -1.0);  // a running batch's predicted end
+  for (const auto& [seq, r] : running_)
+    if (!r.urgent) until[static_cast<size_t>(r.worker)] = std::max(0.0, r.end - now);
+  std::vector<double> free{0.0};
+  for (int w = 0; w < workers(); ++w) {
+    const auto k = static_cast<size_t>(w);
+    if (w == worker) continue;
+    if (until[k] >= 0)
+      free.push_back(until[k]);
+    else if (waiting_[k] || now - seen_at_[k] <= kAbsentS)
+      free.push_back(0.0);
+  }
+  if (free.size() < 2) return budget;
+  std::sort(free.begin(), free.end());
+  double starts = 0, T = 0;
+  for (size_t k = 1; k <= free.size(); ++k) {
+    starts += free[k - 1] + a;
+    T = (queued * b + starts) / static_cast<double>(k);
+    if (k == free.size() || T <= free[k] + a) break;
+  }
+  return std::min(budget, (T - a) / b);
 }
 
 double Scheduler::extend_limit_locked(double budget) const {
@@ -540,6 +573,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
   batch->worker = worker;
   if (order_.empty()) return batch;
+  const double share = share_locked(now, worker, static_cast<double>(budget));
 
   // Eligible: the head and the next lookahead - 1 requests in queue order,
   // as far as kWindowBudgets budgets of tokens reach: a request is passed
@@ -558,7 +592,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     if (!cands.empty() && (seen += len) > window_tokens) break;
     cands.push_back({len, it->id, r.priority, r.deadline});
   }
-  if (config_.cost == Cost::Packed) return assemble_in_order_locked(now, budget, cands, std::move(batch));
+  if (config_.cost == Cost::Packed) return assemble_in_order_locked(now, budget, share, cands, std::move(batch));
   const uint64_t head_id = cands.front().id;
   std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
     return x.len < y.len || (x.len == y.len && x.id < y.id);
@@ -578,6 +612,9 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   auto ends_by = [&](int64_t c, double deadline) {
     return !guard || now + fit_locked(static_cast<double>(c)) + tail_s_ <= deadline;
   };
+  // A request joins while the batch, with half of what it adds, stays
+  // within this worker's share of the queue (balance_workers).
+  auto within = [&](int64_t c, int64_t cost) { return c <= budget && (c + cost) * 0.5 <= share; };
   Urgency members;
   members.add(cands[h].priority, cands[h].deadline);
   size_t lo = h, hi = h;
@@ -590,13 +627,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     const int64_t cost = cost_of(count, max_len, sum);
     if (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
-      can_lo = c <= budget && ends_by(c, members.above(cands[lo - 1].priority));
+      can_lo = within(c, cost) && ends_by(c, members.above(cands[lo - 1].priority));
       fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
     }
     if (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
-      can_hi = c <= budget && ends_by(c, members.above(cands[hi + 1].priority));
+      can_hi = within(c, cost) && ends_by(c, members.above(cands[hi + 1].priority));
       fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
     }
@@ -618,6 +655,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // Rows stay in length order, so rows of similar length sit together; no
   // consumer needs queue order.
   for (size_t i = lo; i <= hi; ++i) move_to_batch_locked(now, cands[i].id, *batch);
+  if (share < static_cast<double>(budget) && !order_.empty()) ++stats_.balanced;
   return batch;
 }
 
@@ -633,7 +671,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 // member's deadline and its own (only while the whole queue fits
 // kWindowBudgets budgets: extend_limit_locked). Shedding and admission
 // predict with both rules (compute_locked).
-std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget,
+std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t budget, double share,
                                                            const std::vector<Cand>& cands,
                                                            std::shared_ptr<Batch> batch) {
   const bool guard = predicting_locked();
@@ -649,6 +687,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     const double cost = seq_cost(c.len);
     if (count > 0) {
       const double end = now + fit_locked(sum + cost) + tail_s_;
+      if (sum + cost <= B && sum + 0.5 * cost > share) continue;  // past this worker's share (balance_workers)
       if (sum + cost <= B) {
         if (guard && end > members.above(c.priority)) continue;
       } else {
@@ -664,6 +703,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     members.add(c.priority, c.deadline);
     move_to_batch_locked(now, c.id, *batch);
   }
+  if (share < B && !order_.empty()) ++stats_.balanced;
   return batch;
 }
 
@@ -683,6 +723,8 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
   // The wait ends on work, close, or timeout. Past ~300 years a timeout
   // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
   auto ready = [&] { return closed_ || !requests_.empty(); };
+  const auto w = static_cast<size_t>(worker);
+  waiting_[w] = 1;
   if (timeout_s < 1e10) {
     const auto until = std::chrono::steady_clock::now() +
                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -691,6 +733,8 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
   } else {
     cv_.wait(lock, ready);
   }
+  waiting_[w] = 0;
+  seen_locked(worker);
   if (requests_.empty()) return std::nullopt;
   const double now = clock_->now();
   std::vector<uint64_t> expired = drop_expired_locked(now);
@@ -718,6 +762,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
 void Scheduler::complete(const Batch& batch, double compute_seconds) {
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
+  if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);
   if (auto it = running_.find(batch.seq()); it != running_.end()) {
     if (it->second.urgent) {  // the paused batch it ran inside resumes later by this much
       for (auto& [seq, r] : running_)
@@ -783,6 +828,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
 
 void Scheduler::fail(const Batch& batch) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);
   running_.erase(batch.seq());
   stats_.failed += batch.size() - static_cast<int64_t>(batch.abandoned.size());  // those were shed
   stats_.failed_batches += 1;

@@ -99,6 +99,8 @@ class SchedulerConfig:
     """Packed cost: requests longer than this are batched apart from shorter ones (0: off)."""
     extend_past_budget: bool
     """Packed cost: a short queue runs whole past the budget when a later batch would make a request late (off)."""
+    balance_workers: bool
+    """Several workers: each takes only its share of a queue shorter than their budgets together, so they end it together (on)."""
     preempt_layers: int
     """Points (the model's layers) at which a running batch may be paused for urgent requests (0: never)."""
     cost: str
@@ -120,6 +122,7 @@ class SchedulerConfig:
         attention_tokens: int = 0,
         long_apart_tokens: int = 0,
         extend_past_budget: bool = False,
+        balance_workers: bool = True,
         preempt_layers: int = 0,
     ) -> None:
         """Fields by keyword; an unknown keyword raises TypeError."""
@@ -248,6 +251,7 @@ class _Stats(TypedDict):
     refused: int
     shed: int
     preempted: int
+    balanced: int
     completed: int
     failed: int
     expired: int

@@ -602,5 +602,150 @@ TEST(SchedulerWorkers, TwoConsumersShareOneQueue) {
   EXPECT_EQ(std::unique(all.begin(), all.end()), all.end());
 }
 
+// ------------------------------------------------------------ sharing a short queue
+
+// Two workers on a packed scheduler whose compute fit has measured batches of
+// a = 2 ms + b = 20 us per token, each worker seen (it asked for work).
+struct Pair {
+  static constexpr double kA = 0.002, kB = 20e-6;
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s;
+  static SchedulerConfig packed(bool balance) {
+    SchedulerConfig c = any_fill();
+    c.cost = Cost::Packed;
+    c.balance_workers = balance;
+    return c;
+  }
+  explicit Pair(bool balance = true, int64_t budget = 1000) : s(packed(balance), fixed_budget(budget), clock, 2) {
+    int w = 0;
+    for (int n : {100, 400, 800, 200, 600, 1000}) {
+      s.submit(toks(n));
+      run(*s.next_batch(0, w));
+      w = 1 - w;
+    }
+  }
+  static double compute(const Batch& b) { return kA + kB * static_cast<double>(b.total_tokens()); }
+  void run(const std::shared_ptr<Batch>& b) {
+    clock->advance(compute(*b));
+    s.complete(*b, compute(*b));
+  }
+  std::shared_ptr<Batch> next(int worker) {
+    auto b = s.next_batch(0, worker);
+    return b ? *b : nullptr;
+  }
+  void queue(int requests, int tokens = 100) {
+    for (int i = 0; i < requests; ++i) s.submit(toks(tokens));
+  }
+};
+
+TEST(SchedulerBalance, IdleWorkersSplitAShortQueueEvenly) {
+  Pair p;
+  ASSERT_EQ(p.next(1), nullptr);  // worker 1 idle, asking for work
+  p.queue(10);                    // 1000 tokens: one budget
+  auto a = p.next(0);
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(a->total_tokens(), 500);
+  EXPECT_EQ(a->budget(), 1000);  // the controller's budget is unchanged
+  auto b = p.next(1);
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(b->total_tokens(), 500);
+  EXPECT_EQ(p.s.depth(), 0);
+  EXPECT_EQ(p.s.snapshot().stats.balanced, 1);  // the second took what was left: not cut
+}
+
+TEST(SchedulerBalance, ABusyWorkerIsLeftTheShareThatEndsWithIt) {
+  Pair p;
+  p.queue(1, 300);
+  auto running = p.next(1);  // 300 tokens: ends 2 + 6 = 8 ms from now
+  ASSERT_EQ(running->total_tokens(), 300);
+  p.queue(10);
+  // Worker 0 ends at T with x tokens, worker 1 at 8 ms + 2 ms + 20 us (1000 - x):
+  // equal at x = 700 (T = 16 ms).
+  auto a = p.next(0);
+  EXPECT_EQ(a->total_tokens(), 700);
+  p.run(running);  // 8 ms later
+  auto b = p.next(1);
+  EXPECT_EQ(b->total_tokens(), 300);
+  EXPECT_NEAR(Pair::compute(*b), Pair::compute(*a) - Pair::compute(*running), 1e-12);  // they end together
+}
+
+TEST(SchedulerBalance, AQueueLongerThanTheBudgetsGoesInFullBudgets) {
+  Pair p;
+  ASSERT_EQ(p.next(1), nullptr);
+  p.queue(30);  // 3000 tokens: 1500 each would pass the budget
+  EXPECT_EQ(p.next(0)->total_tokens(), 1000);
+  EXPECT_EQ(p.next(1)->total_tokens(), 1000);
+  EXPECT_EQ(p.s.snapshot().stats.balanced, 0);
+}
+
+TEST(SchedulerBalance, AWorkerBusyPastTheQueuesEndIsNotWaitedFor) {
+  Pair p;
+  p.queue(1, 1000);
+  auto running = p.next(1);  // 1000 tokens: 22 ms
+  ASSERT_EQ(running->total_tokens(), 1000);
+  p.queue(4);  // 400 tokens: 10 ms on worker 0 alone, before worker 1 is free
+  EXPECT_EQ(p.next(0)->total_tokens(), 400);
+}
+
+TEST(SchedulerBalance, AWorkerNotSeenForASecondIsNotWaitedFor) {
+  Pair p;  // worker 1 last asked during warm-up
+  p.clock->advance(1.5);
+  ASSERT_EQ(p.next(0), nullptr);
+  p.queue(10);
+  EXPECT_EQ(p.next(0)->total_tokens(), 1000);  // a dead replica never takes its share
+}
+
+TEST(SchedulerBalance, OffByConfigAWorkerTakesItsBudget) {
+  Pair p(false);
+  ASSERT_EQ(p.next(1), nullptr);
+  p.queue(10);
+  EXPECT_EQ(p.next(0)->total_tokens(), 1000);
+}
+
+TEST(SchedulerBalance, NotBeforeTheComputeFitIsMeasured) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(Pair::packed(true), fixed_budget(1000), clock, 2);
+  ASSERT_FALSE(s.next_batch(0, 1).has_value());
+  for (int i = 0; i < 10; ++i) s.submit(toks(100));
+  EXPECT_EQ((*s.next_batch(0, 0))->total_tokens(), 1000);
+}
+
+// A list of requests on two workers, each taking a batch whenever it is
+// free (event-driven on the simulated clock): the end of the last batch
+// (makespan) and how long the first worker to finish then idles.
+std::pair<double, double> drain(Pair& p) {
+  std::vector<std::pair<double, std::shared_ptr<Batch>>> at(2);  // per worker: end of its batch
+  const double start = p.clock->now();
+  double end[2] = {start, start};
+  for (int w = 0; w < 2; ++w)
+    if (auto b = p.next(w)) at[w] = {start + Pair::compute(*b), b};
+  while (at[0].second || at[1].second) {
+    const int w = !at[1].second || (at[0].second && at[0].first <= at[1].first) ? 0 : 1;
+    p.clock->set(at[w].first);
+    p.s.complete(*at[w].second, Pair::compute(*at[w].second));
+    end[w] = at[w].first;
+    at[w] = {};
+    if (auto b = p.next(w)) at[w] = {p.clock->now() + Pair::compute(*b), b};
+    const int o = 1 - w;  // the other worker, idle, may have been left a share
+    if (!at[o].second)
+      if (auto b = p.next(o)) at[o] = {p.clock->now() + Pair::compute(*b), b};
+  }
+  return {std::max(end[0], end[1]) - start, std::abs(end[0] - end[1])};
+}
+
+TEST(SchedulerBalance, TheLastBatchesOfAListEndTogether) {
+  // 4600 tokens, budget 1000: two rounds of full batches, then 600 tokens.
+  // Without sharing one worker runs them alone (14 ms) while the other idles.
+  Pair on, off(false);
+  on.queue(46), off.queue(46);
+  const auto [span_on, idle_on] = drain(on);
+  const auto [span_off, idle_off] = drain(off);
+  EXPECT_NEAR(span_off, 2 * 0.022 + 0.014, 1e-9);
+  EXPECT_NEAR(idle_off, 0.014, 1e-9);
+  EXPECT_NEAR(span_on, 2 * 0.022 + 0.008, 1e-9);  // 300 tokens each
+  EXPECT_NEAR(idle_on, 0.0, 1e-9);
+  EXPECT_EQ(on.s.snapshot().stats.completed, off.s.snapshot().stats.completed);
+}
+
 }  // namespace
 }  // namespace fastserve

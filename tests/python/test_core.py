@@ -674,6 +674,35 @@ def test_concurrent_submitters_every_id_served_exactly_once():
     assert sched.close() == []
 
 
+# ----------------------------------------------------- sharing a short queue
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_two_workers_share_a_short_queue_through_the_bindings(balance):
+    """With its compute fit measured, a worker leaves an idle worker its share
+    of a queue shorter than their budgets (balance_workers, on by default);
+    off, it takes its whole budget. Simulated time (the C++ SchedulerBalance
+    tests cover the arithmetic)."""
+    clock = _core.ManualClock(0.0)
+    ctl = _core.ControllerConfig(policy="static", min_tokens=1, max_tokens=1000, initial_tokens=1000)
+    cfg = _core.SchedulerConfig(cost="packed", min_fill=0.0, balance_workers=balance)
+    assert _core.SchedulerConfig().balance_workers is True
+    sched = _core.Scheduler(cfg, ctl, clock, workers=2)
+    for k, n in enumerate((100, 400, 800, 200, 600, 1000)):  # measured: 2 ms + 20 us per token
+        sched.submit(np.arange(1, n + 1))
+        b = sched.next_batch(0.0, k % 2)
+        clock.advance(0.002 + 20e-6 * n)
+        sched.complete(b, 0.002 + 20e-6 * n)
+    assert sched.next_batch(0.0, 1) is None  # worker 1 idle, asking for work
+    for _ in range(10):
+        sched.submit(np.arange(1, 101))
+    first = sched.next_batch(0.0, 0)
+    assert first.total_tokens == (500 if balance else 1000)
+    assert sched.stats()["balanced"] == (1 if balance else 0)
+    if balance:
+        assert sched.next_batch(0.0, 1).total_tokens == 500
+
+
 # ------------------------------------------------------------------- stats
 
 STATS_KEYS = {
@@ -683,6 +712,7 @@ STATS_KEYS = {
     "refused",
     "shed",
     "preempted",
+    "balanced",
     "completed",
     "failed",
     "expired",

@@ -151,3 +151,4 @@ def test_metrics_count_every_admission_decision(bert):
     for outcome in ("admitted", "refused", "shed", "expired", "rejected"):
         assert f'fastserve_engine_requests_total{{outcome="{outcome}"}}' in text
     assert "fastserve_engine_pauses_total 0.0" in text
+    assert "fastserve_engine_balanced_batches_total 0.0" in text

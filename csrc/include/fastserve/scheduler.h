@@ -124,6 +124,16 @@ struct SchedulerConfig {
   // batch, and a class below one that arrives with its time stretched by
   // the share of time urgent batches took.
   int64_t preempt_layers = 0;
+  // Several workers (replicas): a worker takes only its share of a queue
+  // shorter than the workers' budgets together, the cost that makes it end
+  // when the others end theirs (by the compute fit, a + b * cost per batch,
+  // from when each is free: at once when idle, else at its running batch's
+  // predicted end), so the last batches of a list end together rather than
+  // one worker running the rest while another idles. Workers count that
+  // asked for work within the last second, wait for it, or run a batch (a
+  // dead replica is not waited for). A longer queue goes in full budgets.
+  // Off: a worker takes up to its budget whatever the others do.
+  bool balance_workers = true;
 
   void validate() const;  // throws InvalidArgument
 };
@@ -255,6 +265,10 @@ class Scheduler {
   double urgent_locked(int priority) const;     // earliest deadline queued at priority or higher
   double stretch_locked(int priority) const;  // a class's time under pauses for higher ones
   double completion_locked(double now, int priority, double ahead, double own) const;
+  // This worker's share of the queue's cost when the workers split it to
+  // end together (balance_workers), or `budget` when that share is larger.
+  double share_locked(double now, int worker, double budget) const;
+  void seen_locked(int worker) { seen_at_[static_cast<size_t>(worker)] = clock_->now(); }
   void shed_locked(double now, Batch& batch);
   void track_compute_locked(double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
@@ -266,8 +280,8 @@ class Scheduler {
     int priority = 0;
     double deadline = kNoDeadline;
   };
-  std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, const std::vector<Cand>& cands,
-                                                  std::shared_ptr<Batch> batch);
+  std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, double share,
+                                                  const std::vector<Cand>& cands, std::shared_ptr<Batch> batch);
   void move_to_batch_locked(double now, uint64_t id, Batch& batch);
   int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;  // tokens computed
   double seq_cost(int64_t len) const;        // one sequence against the budget (attention counted)
@@ -306,6 +320,11 @@ class Scheduler {
   };
   std::map<uint64_t, Running> running_;  // by batch seq
   int64_t queued_tokens_ = 0;
+  // Per worker, for sharing a short queue: when it last asked for work or
+  // reported a batch (on clock_), and whether it is waiting for work now.
+  static constexpr double kAbsentS = 1.0;
+  std::vector<double> seen_at_;
+  std::vector<char> waiting_;
   // Arrival rates by priority (real tokens/s, smoothed; their sum is the
   // total), for the controller and the fill a class cannot be displaced from.
   double last_observed_at_ = -1;

@@ -41,9 +41,11 @@ struct Stats {
   // submitted: admitted to the queue; rejected: queue at capacity; refused:
   // predicted at submit to miss the deadline; shed: dropped at batch
   // formation, predicted to miss it; expired: deadline passed before compute;
-  // preempted: running batches paused between layers for an urgent batch.
+  // preempted: running batches paused between layers for an urgent batch;
+  // balanced: batches that took only their worker's share of a short queue.
   int64_t submitted = 0, rejected = 0, refused = 0, shed = 0, completed = 0, failed = 0, expired = 0,
-          cancelled = 0, batches = 0, failed_batches = 0, closed_unserved = 0, preempted = 0;
+          cancelled = 0, batches = 0, failed_batches = 0, closed_unserved = 0, preempted = 0,
+          balanced = 0;
   int64_t real_tokens = 0, padded_tokens = 0;  // completed batches: real, and computed (with padding)
   double first_submit_at = -1, last_complete_at = -1;
 };

@@ -35,6 +35,8 @@ class EngineCollector:
         yield CounterMetricFamily("fastserve_engine_batches", "Batches run", value=float(s.get("batches", 0)))
         yield CounterMetricFamily("fastserve_engine_failed_batches", "Batches whose model call raised",
                                   value=float(s.get("failed_batches", 0)))
+        yield CounterMetricFamily("fastserve_engine_balanced_batches", "Batches that took only their replica's "
+                                  "share of a short queue, so the replicas end it together", value=float(s.get("balanced", 0)))
         yield CounterMetricFamily("fastserve_engine_pauses", "Running batches paused between layers for urgent "
                                   "requests (Engine(preempt=...))", value=float(s.get("preempted", 0)))
         tokens = CounterMetricFamily("fastserve_engine_tokens", "Tokens run, real and with padding", labels=["kind"])
