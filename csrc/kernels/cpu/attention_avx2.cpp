@@ -5,9 +5,9 @@
 // A group of heads of one sequence is staged (attention_group_avx2), then
 // each head runs from the staged keys [hd, Lp] and queries and values
 // [L, hd], all contiguous. Queries go four at a time: each loaded
-// key vector serves four rows' scores (one broadcast and one FMA per row),
-// and each loaded value vector four rows' outputs, so the loops issue about
-// one load per FMA rather than two. The softmax is in float32 with the row's
+// key vector serves four rows' scores (one broadcast per row serves two key
+// vectors: eight independent FMA chains), and each loaded value vector four
+// rows' outputs, so the loops issue under one load per FMA rather than two. The softmax is in float32 with the row's
 // maximum subtracted; exp is the Cephes polynomial (about 1 ulp over the
 // range it is used on, [-87, 0]).
 #include "attention_cpu.h"
@@ -85,8 +85,26 @@ FS_AVX2_INLINE void one_head(const float* kt, const float* v, const float* qh, f
       q[r] = qh + i * hd;
       o[r] = out + i * H;
     }
-    // Scores, scaled.
-    for (int64_t j0 = 0; j0 < Lp; j0 += 8) {
+    // Scores, scaled: sixteen keys at a time (eight independent FMA chains,
+    // enough to cover the FMA latency), then eight.
+    int64_t j0 = 0;
+    for (; j0 + 16 <= Lp; j0 += 16) {
+      __m256 a[4][2];
+      for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; ++d) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * Lp + j0), k1 = _mm256_loadu_ps(kt + d * Lp + j0 + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 qr = _mm256_broadcast_ss(q[r] + d);
+          a[r][0] = _mm256_fmadd_ps(qr, k0, a[r][0]);
+          a[r][1] = _mm256_fmadd_ps(qr, k1, a[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm256_storeu_ps(s + r * Lp + j0, _mm256_mul_ps(a[r][0], vscale));
+        _mm256_storeu_ps(s + r * Lp + j0 + 8, _mm256_mul_ps(a[r][1], vscale));
+      }
+    }
+    for (; j0 < Lp; j0 += 8) {
       __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
       for (int64_t d = 0; d < hd; ++d) {
         const __m256 k = _mm256_loadu_ps(kt + d * Lp + j0);
