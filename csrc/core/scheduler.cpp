@@ -151,31 +151,61 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   // Water-filling: with the k workers free earliest (this one now, f = 0),
   // each running one batch until T, sum over them of (T - f_i - a) / b is
   // the queue's cost Q; k grows while T passes the next one's start + a.
+  // Another worker takes at most its own budget: one whose level would pass
+  // it is held at its budget and the level found again without it.
   if (!config_.balance_workers || workers() < 2 || !compute_fit_.ready()) return budget;
   const double a = std::max(0.0, compute_fit_.intercept()), b = compute_fit_.slope();
-  const double queued = cost_factor_ * static_cast<double>(queued_tokens_);
-  if (!(b > 0) || queued <= 0) return budget;
+  double budgets = 0;
+  for (const auto& c : controllers_) budgets += static_cast<double>(c->budget());
+  // A queue past twice the budgets together goes in full budgets whatever
+  // the split; below that its exact cost is summed (a short walk).
+  if (!(b > 0) || queued_tokens_ <= 0 || cost_factor_ * static_cast<double>(queued_tokens_) > 2 * budgets)
+    return budget;
+  double queued = 0;
+  for (const auto& [id, r] : requests_) queued += own_cost(static_cast<int64_t>(r.tokens.size()));
   std::vector<double> until(static_cast<size_t>(workers()), -1.0);  // a running batch's predicted end
-  for (const auto& [seq, r] : running_)
-    if (!r.urgent) until[static_cast<size_t>(r.worker)] = std::max(0.0, r.end - now);
-  std::vector<double> free{0.0};
+  std::vector<char> overdue(static_cast<size_t>(workers()), 0);
+  for (const auto& [seq, r] : running_) {
+    if (r.urgent) continue;
+    const auto k = static_cast<size_t>(r.worker);
+    until[k] = r.end - now;
+    overdue[k] = r.end < now;
+  }
+  struct Free {
+    double at, cap;
+  };
+  std::vector<Free> others;
   for (int w = 0; w < workers(); ++w) {
     const auto k = static_cast<size_t>(w);
-    if (w == worker) continue;
+    if (w == worker || overdue[k]) continue;  // past its predicted end: when it frees is unknown
+    const double cap = static_cast<double>(controllers_[k]->budget());
     if (until[k] >= 0)
-      free.push_back(until[k]);
+      others.push_back({until[k], cap});
     else if (waiting_[k] || now - seen_at_[k] <= kAbsentS)
-      free.push_back(0.0);
+      others.push_back({0.0, cap});
   }
-  if (free.size() < 2) return budget;
-  std::sort(free.begin(), free.end());
-  double starts = 0, T = 0;
-  for (size_t k = 1; k <= free.size(); ++k) {
-    starts += free[k - 1] + a;
-    T = (queued * b + starts) / static_cast<double>(k);
-    if (k == free.size() || T <= free[k] + a) break;
+  std::sort(others.begin(), others.end(), [](const Free& x, const Free& y) { return x.at < y.at; });
+  double T = 0;
+  for (bool capped = true; capped;) {
+    capped = false;
+    double starts = a;  // this worker's
+    size_t k = 0;
+    T = queued * b + a;
+    while (k < others.size() && T > others[k].at + a) {
+      starts += others[k].at + a;
+      ++k;
+      T = (queued * b + starts) / static_cast<double>(k + 1);
+    }
+    for (size_t i = 0; i < k; ++i) {
+      if ((T - others[i].at - a) / b > others[i].cap) {
+        queued -= others[i].cap;
+        others.erase(others.begin() + static_cast<std::ptrdiff_t>(i));
+        capped = true;
+        break;
+      }
+    }
   }
-  return std::min(budget, (T - a) / b);
+  return std::min(budget, std::max(0.0, (T - a) / b));
 }
 
 double Scheduler::extend_limit_locked(double budget) const {
@@ -614,7 +644,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   };
   // A request joins while the batch, with half of what it adds, stays
   // within this worker's share of the queue (balance_workers).
-  auto within = [&](int64_t c, int64_t cost) { return c <= budget && (c + cost) * 0.5 <= share; };
+  bool cut = false;  // the share left out a request the budget would have taken
+  auto within = [&](int64_t c, int64_t cost) {
+    if (c > budget) return false;
+    if ((c + cost) * 0.5 <= share) return true;
+    cut = true;
+    return false;
+  };
   Urgency members;
   members.add(cands[h].priority, cands[h].deadline);
   size_t lo = h, hi = h;
@@ -655,7 +691,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // Rows stay in length order, so rows of similar length sit together; no
   // consumer needs queue order.
   for (size_t i = lo; i <= hi; ++i) move_to_batch_locked(now, cands[i].id, *batch);
-  if (share < static_cast<double>(budget) && !order_.empty()) ++stats_.balanced;
+  if (cut) ++stats_.balanced;
   return batch;
 }
 
@@ -679,6 +715,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
   Urgency members;
   double sum = 0;
   int64_t count = 0;
+  bool cut = false;  // the share left out a request the budget would have taken
   const int64_t apart = config_.long_apart_tokens;
   const bool head_long = apart > 0 && cands.front().len > apart;
   for (const Cand& c : cands) {
@@ -687,7 +724,10 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     const double cost = seq_cost(c.len);
     if (count > 0) {
       const double end = now + fit_locked(sum + cost) + tail_s_;
-      if (sum + cost <= B && sum + 0.5 * cost > share) continue;  // past this worker's share (balance_workers)
+      if (sum + cost <= B && sum + 0.5 * cost > share) {  // past this worker's share (balance_workers)
+        cut = true;
+        continue;
+      }
       if (sum + cost <= B) {
         if (guard && end > members.above(c.priority)) continue;
       } else {
@@ -703,7 +743,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     members.add(c.priority, c.deadline);
     move_to_batch_locked(now, c.id, *batch);
   }
-  if (share < B && !order_.empty()) ++stats_.balanced;
+  if (cut) ++stats_.balanced;
   return batch;
 }
 

@@ -616,7 +616,8 @@ struct Pair {
     c.balance_workers = balance;
     return c;
   }
-  explicit Pair(bool balance = true, int64_t budget = 1000) : s(packed(balance), fixed_budget(budget), clock, 2) {
+  explicit Pair(bool balance = true, int64_t budget = 1000) : Pair(packed(balance), fixed_budget(budget)) {}
+  Pair(SchedulerConfig sc, ControllerConfig cc) : s(sc, cc, clock, 2) {
     int w = 0;
     for (int n : {100, 400, 800, 200, 600, 1000}) {
       s.submit(toks(n));
@@ -685,6 +686,60 @@ TEST(SchedulerBalance, AWorkerBusyPastTheQueuesEndIsNotWaitedFor) {
   ASSERT_EQ(running->total_tokens(), 1000);
   p.queue(4);  // 400 tokens: 10 ms on worker 0 alone, before worker 1 is free
   EXPECT_EQ(p.next(0)->total_tokens(), 400);
+}
+
+TEST(SchedulerBalance, AWorkerPastItsBatchsPredictedEndIsNotWaitedFor) {
+  Pair p;
+  p.queue(1, 300);
+  auto late = p.next(1);  // predicted to end 8 ms from now
+  p.clock->advance(0.010);  // still running 2 ms later (a stall, or a hung replica)
+  p.queue(10);
+  EXPECT_EQ(p.next(0)->total_tokens(), 1000);  // when worker 1 frees is unknown: nothing left for it
+  p.run(late);
+}
+
+TEST(SchedulerBalance, AnotherWorkerIsLeftNoMoreThanItsOwnBudget) {
+  // Per-worker controllers: worker 1's budget backed off to half after a
+  // batch over the latency target, worker 0's did not.
+  SchedulerConfig sc = Pair::packed(true);
+  ControllerConfig cc;
+  cc.policy = "aimd";
+  cc.min_tokens = 1;
+  cc.max_tokens = 1000;
+  cc.initial_tokens = 1000;
+  cc.target_latency_s = 0.0215;  // a 1000-token batch (22 ms) misses it
+  cc.aimd_step_tokens = 1;
+  cc.aimd_backoff = 0.5;
+  Pair p(sc, cc);  // the warm-up's last batch, 1000 tokens, ran on worker 1
+  const int64_t b0 = p.s.budget(0), b1 = p.s.budget(1);
+  ASSERT_EQ(b1, 500);
+  ASSERT_EQ(b0, 1000);
+  ASSERT_EQ(p.next(1), nullptr);
+  p.queue(14);  // 1400 tokens: 700 each would pass worker 1's budget
+  EXPECT_EQ(p.next(0)->total_tokens(), 900);  // 1400 - 500
+  EXPECT_EQ(p.next(1)->total_tokens(), 500);
+  EXPECT_EQ(p.s.depth(), 0);
+}
+
+TEST(SchedulerBalance, PaddedCostSharesTheSameWay) {
+  SchedulerConfig sc = Pair::packed(true);
+  sc.cost = Cost::Padded;
+  Pair p(sc, fixed_budget(1000));
+  ASSERT_EQ(p.next(1), nullptr);
+  p.queue(10);  // equal lengths: no padding
+  EXPECT_EQ(p.next(0)->total_tokens(), 500);
+  EXPECT_EQ(p.next(1)->total_tokens(), 500);
+  EXPECT_EQ(p.s.snapshot().stats.balanced, 1);
+}
+
+TEST(SchedulerBalance, ABatchCountsAsBalancedOnlyWhenItsShareLeftARequestOut) {
+  SchedulerConfig sc = Pair::packed(true);
+  sc.max_batch_size = 3;  // three requests (300 tokens) are under the share of 500
+  Pair p(sc, fixed_budget(1000));
+  ASSERT_EQ(p.next(1), nullptr);
+  p.queue(10);
+  EXPECT_EQ(p.next(0)->total_tokens(), 300);
+  EXPECT_EQ(p.s.snapshot().stats.balanced, 0);
 }
 
 TEST(SchedulerBalance, AWorkerNotSeenForASecondIsNotWaitedFor) {

@@ -128,10 +128,12 @@ struct SchedulerConfig {
   // shorter than the workers' budgets together, the cost that makes it end
   // when the others end theirs (by the compute fit, a + b * cost per batch,
   // from when each is free: at once when idle, else at its running batch's
-  // predicted end), so the last batches of a list end together rather than
-  // one worker running the rest while another idles. Workers count that
-  // asked for work within the last second, wait for it, or run a batch (a
-  // dead replica is not waited for). A longer queue goes in full budgets.
+  // predicted end; each left at most its own budget), so the last batches
+  // of a list end together rather than one worker running the rest while
+  // another idles. Workers count that asked for work or reported a batch
+  // within the last second, wait for it, or run a batch not yet past its
+  // predicted end (a dead, hung or stalled replica is not waited for). A
+  // longer queue goes in full budgets.
   // Off: a worker takes up to its budget whatever the others do.
   bool balance_workers = true;
 
