@@ -2,9 +2,11 @@
 // 1536), AVX2 path against the portable loops, one thread: packed attention
 // over 51 sequences of 39 tokens (a corpus batch of ~2,000 tokens) and over
 // 8 of 256, bias + GELU on [2000, 1536], bias + residual + LayerNorm on
-// [2000, 384]. Figures: benchmarks/README.md, "CPU dtypes".
+// [2000, 384]; and the AVX2 path on bfloat16 memory (the *BF16 cases).
+// Figures: benchmarks/README.md, "CPU dtypes".
 #include <benchmark/benchmark.h>
 
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -70,6 +72,62 @@ void BM_AddLayerNorm(benchmark::State& state) {
   state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 12);
 }
 BENCHMARK(BM_AddLayerNorm)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
+
+// bfloat16 bits of each value, rounded to nearest even.
+std::vector<uint16_t> bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], 4);
+    out[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+
+void BM_AttentionBF16(benchmark::State& state) {
+  const int64_t B = state.range(0), L = state.range(1), nh = 12, hd = 32;
+  std::vector<int64_t> cu(B + 1);
+  for (int64_t b = 0; b <= B; ++b) cu[b] = b * L;
+  const auto qkv = bf16(randn(size_t(B * L * 3 * nh * hd), 1));
+  const auto bias = bf16(randn(size_t(3 * nh * hd), 2));
+  std::vector<uint16_t> out(size_t(B * L * nh * hd));
+  for (auto _ : state) {
+    cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), false);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * double(4 * B * L * L * nh * hd),
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_AttentionBF16)->Args({51, 39})->Args({8, 256})->ArgNames({"seqs", "len"})->Unit(benchmark::kMillisecond);
+
+void BM_BiasGeluBF16(benchmark::State& state) {
+  const int64_t rows = 2000, N = 1536;
+  const auto x0 = bf16(randn(size_t(rows * N), 3));
+  const auto bias = bf16(randn(size_t(N), 4));
+  std::vector<uint16_t> x(x0.size());
+  for (auto _ : state) {
+    state.PauseTiming();
+    x = x0;
+    state.ResumeTiming();
+    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, false);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 4);
+}
+BENCHMARK(BM_BiasGeluBF16)->Unit(benchmark::kMillisecond);
+
+void BM_AddLayerNormBF16(benchmark::State& state) {
+  const int64_t rows = 2000, N = 384;
+  auto x = bf16(randn(size_t(rows * N), 5));
+  const auto res = bf16(randn(size_t(rows * N), 6)), w = bf16(randn(size_t(N), 7)), b = bf16(randn(size_t(N), 8)),
+             bias = bf16(randn(size_t(N), 9));
+  for (auto _ : state) {
+    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, false);
+    benchmark::DoNotOptimize(x.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 6);
+}
+BENCHMARK(BM_AddLayerNormBF16)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace kernels

@@ -466,7 +466,10 @@ ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 
 def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
     """How packed attention runs. CPU: "kernel" for a float32 model where
-    the caller can run fastserve's CPU attention kernel vectorised
+    the caller can run fastserve's CPU attention kernel vectorised (for a
+    bfloat16 model only when FASTSERVE_PACKED_ATTENTION=kernel asks for it:
+    the kernels take bfloat16, but whether they beat torch's bfloat16 path
+    can only be measured on a CPU with native bfloat16)
     (kernel=True: runners._kernels_vectorized), one C++ call per layer over every
     sequence (kernels.attention; under autocast a batch runs "runs"
     instead); else "runs", exact attention per sequence with no mask, one
@@ -477,8 +480,9 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
     distinct length per layer (benchmarks/README.md, "GPU").
     FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
-    kernel_ok = kernel and device.type == "cpu" and dtype == torch.float32
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
+    kernel_ok = kernel and device.type == "cpu" and (
+        dtype == torch.float32 or (dtype == torch.bfloat16 and forced == "kernel"))
     if forced:
         if forced not in ATTENTION_METHODS:
             raise ValueError(f"FASTSERVE_PACKED_ATTENTION must be one of {ATTENTION_METHODS}, got {forced!r}")
@@ -486,7 +490,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
             raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package, a CUDA device "
                              "and a float16 or bfloat16 model")
         if forced == "kernel" and not kernel_ok:
-            raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 model on the CPU, the "
+            raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model on the CPU, the "
                              "BERT-family packed runner, fastserve's CPU kernels (not FASTSERVE_KERNELS=torch) "
                              "with their AVX2 path, and head widths that are multiples of 8")
         return forced

@@ -374,6 +374,123 @@ TEST(KernelAttention, LargeScoresDoNotOverflowAndSpreadWeightsExactly) {
   }
 }
 
+// bfloat16 by its bits: to nearest even (the oracle's rounding), and back.
+uint16_t to_bf16(double x) {
+  const float f = float(x);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = to_bf16(x[i]);
+  return out;
+}
+std::vector<float> widen(const std::vector<uint16_t>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = bf16_to_float(x[i]);
+  return out;
+}
+
+TEST(KernelBFloat16, AttentionMatchesTheOracleOnTheWidenedInputsWithinRounding) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const std::vector<int64_t> lengths = {1, 5, 9, 16, 17, 40};
+  std::vector<int64_t> cu = {0};
+  for (int64_t l : lengths) cu.push_back(cu.back() + l);
+  const int64_t T = cu.back();
+  for (int64_t hd : {8, 12, 32}) {
+    const int64_t nh = 2, H3 = 3 * nh * hd;
+    std::vector<float> qkv(T * H3), bias(H3);
+    for (auto& v : qkv) v = nd(rng);
+    for (auto& v : bias) v = nd(rng);
+    const auto q16 = to_bf16(qkv), b16 = to_bf16(bias);
+    const auto qw = widen(q16), bw = widen(b16);
+    std::vector<float> biased(T * H3);
+    for (int64_t i = 0; i < T * H3; ++i) biased[i] = qw[i] + bw[i % H3];
+    const double scale = 1.0 / std::sqrt(double(hd));
+    const auto want = naive_attention(biased, cu, nh, hd, scale);
+    for (bool portable : {true, false}) {
+      std::vector<uint16_t> out(T * nh * hd, 0xffff);
+      cpu::attention(q16.data(), b16.data(), cu.data(), int64_t(lengths.size()), nh, hd, float(scale), 2, out.data(),
+                     portable);
+      for (int64_t i = 0; i < T * nh * hd; ++i)  // half a bfloat16 ulp (2^-8 relative) + float32's error
+        ASSERT_NEAR(bf16_to_float(out[i]), want[i], std::abs(want[i]) * 0.00392 + 2e-6)
+            << "hd " << hd << " portable " << portable << " at " << i;
+    }
+  }
+}
+
+TEST(KernelBFloat16, OutputsRoundToNearestEvenAndKeepNaNAndInfinity) {
+  // One token per sequence: its context is its value (+ bias) exactly, so
+  // the stored bits are the rounding of that float32 sum.
+  const int64_t hd = 8, n = 6;
+  const uint16_t one = 0x3f80, one_odd = 0x3f81, half_ulp = to_bf16(std::ldexp(1.0, -8));
+  std::vector<uint16_t> qkv(n * 3 * hd, 0), bias(3 * hd, 0);
+  const uint16_t values[n] = {one, one_odd, 0x7fc0 /* NaN */, 0x7f80 /* inf */, 0xff80 /* -inf */, 0xbf81};
+  for (int64_t t = 0; t < n; ++t) qkv[t * 3 * hd + 2 * hd] = values[t];
+  bias[2 * hd] = half_ulp;  // a tie for every finite value
+  std::vector<int64_t> cu(n + 1);
+  for (int64_t t = 0; t <= n; ++t) cu[t] = t;
+  for (bool portable : {true, false}) {
+    std::vector<uint16_t> out(n * hd, 0);
+    cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), portable);
+    EXPECT_EQ(out[0 * hd], 0x3f80) << portable;  // 1 + 2^-8: to the even 1
+    EXPECT_EQ(out[1 * hd], 0x3f82) << portable;  // 1 + 3 2^-8: to the even 1 + 2^-6, not truncated
+    EXPECT_EQ(out[2 * hd] & 0x7fc0, 0x7fc0) << portable;  // NaN stays a quiet NaN
+    EXPECT_EQ(out[3 * hd], 0x7f80) << portable;
+    EXPECT_EQ(out[4 * hd], 0xff80) << portable;
+    EXPECT_EQ(out[5 * hd], 0xbf80) << portable;  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
+    EXPECT_EQ(out[0 * hd + 1], 0) << portable;
+  }
+}
+
+TEST(KernelBFloat16, EpiloguesMatchDoublePrecisionOnTheWidenedInputsWithinRounding) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t N : {8, 20, 384}) {
+    const int64_t rows = 19;
+    std::vector<float> x(rows * N), res(rows * N), bias(N), w(N), b(N);
+    for (auto& v : x) v = 3.f * nd(rng) + 1.f;
+    for (auto* p : {&res, &bias, &w, &b})
+      for (auto& v : *p) v = nd(rng);
+    const auto x16 = to_bf16(x), r16 = to_bf16(res), bias16 = to_bf16(bias), w16 = to_bf16(w), b16 = to_bf16(b);
+    const auto xw = widen(x16), rw = widen(r16), biasw = widen(bias16), ww = widen(w16), bw = widen(b16);
+    for (bool portable : {true, false}) {
+      auto g = x16;
+      cpu::bias_gelu(g.data(), bias16.data(), rows, N, 2, portable);
+      for (int64_t i = 0; i < rows * N; ++i) {
+        const double v = double(xw[i]) + biasw[i % N];
+        const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+        ASSERT_NEAR(bf16_to_float(g[i]), want, std::abs(want) * 0.00392 + 1e-6 * (1 + std::abs(v)))
+            << "gelu N " << N << " portable " << portable << " at " << i;
+      }
+      auto y = x16;
+      cpu::add_layer_norm(y.data(), bias16.data(), r16.data(), w16.data(), b16.data(), 1e-12f, rows, N, 2, portable);
+      for (int64_t r = 0; r < rows; ++r) {
+        // The sum is rounded to bfloat16 before LayerNorm, as torch's add would.
+        std::vector<double> v(N);
+        double mean = 0, var = 0;
+        for (int64_t i = 0; i < N; ++i)
+          mean += (v[i] = bf16_to_float(to_bf16(double(xw[r * N + i]) + biasw[i] + rw[r * N + i])));
+        mean /= double(N);
+        for (int64_t i = 0; i < N; ++i) var += (v[i] - mean) * (v[i] - mean);
+        const double rstd = 1.0 / std::sqrt(var / double(N) + 1e-12);
+        for (int64_t i = 0; i < N; ++i) {
+          const double want = (v[i] - mean) * rstd * ww[i] + bw[i];
+          // Half an ulp of the output, and a sum one ulp off where float32 and
+          // double round it differently (scaled by rstd |w|).
+          ASSERT_NEAR(bf16_to_float(y[r * N + i]), want,
+                      std::abs(want) * 0.00392 + 0.0079 * std::abs(v[i]) * rstd * std::abs(ww[i]) + 1e-5)
+              << "layer norm N " << N << " portable " << portable << " row " << r << " col " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(KernelDispatch, AttentionRejectsBadArgumentsBeforeWriting) {
   std::vector<float> qkv(5 * 3 * 2 * 8, 0.5f), out(5 * 2 * 8, -1.f);
   std::vector<int32_t> cu = {0, 2, 5};
@@ -388,7 +505,12 @@ TEST(KernelDispatch, AttentionRejectsBadArgumentsBeforeWriting) {
   EXPECT_THROW(attention(bad, C, O, nullptr, 0.25, 1), InvalidArgument);  // not [T, 3, nh, hd]
   bad = Q;
   bad.dtype = DType::kBFloat16;
-  EXPECT_THROW(attention(bad, C, O, nullptr, 0.25, 1), InvalidArgument);  // float32 only
+  EXPECT_THROW(attention(bad, C, O, nullptr, 0.25, 1), InvalidArgument);  // out's dtype differs
+  bad = Q;
+  bad.dtype = DType::kFloat16;
+  auto half_out = O;
+  half_out.dtype = DType::kFloat16;
+  EXPECT_THROW(attention(bad, C, half_out, nullptr, 0.25, 1), InvalidArgument);  // float32 or bfloat16 only
   bad = O;
   bad.shape = {5, 2, 4};
   EXPECT_THROW(attention(Q, C, bad, nullptr, 0.25, 1), InvalidArgument);  // out shape

@@ -41,8 +41,10 @@ def test_attention_equals_sdpa_per_sequence(hd: int, threads: int) -> None:
 
 def test_attention_rejects_bad_input_with_value_errors() -> None:
     qkv, cu = torch.randn(5, 3, 2, 8), _cu([2, 3])
-    with pytest.raises(ValueError, match="qkv must be float32"):
-        kernels.attention(qkv.bfloat16(), cu)
+    with pytest.raises(ValueError, match="qkv must be float32 or bfloat16, got float16"):
+        kernels.attention(qkv.half(), cu)
+    with pytest.raises(ValueError, match=r"bias must have the dtype of the kernel's input \(bfloat16\)"):
+        kernels.attention(qkv.bfloat16(), cu, bias=torch.randn(48))
     with pytest.raises(ValueError, match="contiguous"):
         kernels.attention(torch.randn(5, 3, 8, 2).transpose(2, 3), cu)
     with pytest.raises(ValueError, match=r"\[T, 3, heads, head_dim\]"):
@@ -82,12 +84,81 @@ def test_epilogues_reject_bad_input_with_value_errors() -> None:
     x, v = torch.randn(4, 8), torch.randn(8)
     with pytest.raises(ValueError, match="bias must have shape"):
         kernels.bias_gelu_(x, torch.randn(7))
-    with pytest.raises(ValueError, match="x must be float32"):
+    with pytest.raises(ValueError, match="x must be float32 or bfloat16, got float64"):
         kernels.bias_gelu_(x.double(), v)
+    with pytest.raises(ValueError, match=r"residual must have the dtype of the kernel's input \(bfloat16\)"):
+        kernels.add_layer_norm_(x.bfloat16(), v.bfloat16(), x.clone(), v.bfloat16(), v.bfloat16(), 1e-5)
     with pytest.raises(ValueError, match="residual must have shape"):
         kernels.add_layer_norm_(x, v, torch.randn(3, 8), v, v, 1e-5)
     with pytest.raises(ValueError, match="eps must be finite"):
         kernels.add_layer_norm_(x, v, x.clone(), v, v, 0.0)
+
+
+# ------------------------------------------------------------ bfloat16
+
+
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float) -> None:
+    """got within `ulps` bfloat16 ulps of want (2^-7 relative each), plus a hair."""
+    g, w = got.float(), want.float()
+    bound = ulps * 2.0 ** -7 * w.abs() + 1e-6
+    assert ((g - w).abs() <= bound).all(), float(((g - w).abs() / (w.abs() + 1e-6)).max())
+
+
+@pytest.mark.parametrize("hd", [8, 32])
+def test_bfloat16_attention_is_float32_attention_rounded_once(hd: int) -> None:
+    torch.manual_seed(hd + 1)
+    lengths = [1, 7, 9, 40, 130]
+    nh = 2
+    qkv, bias, cu = torch.randn(sum(lengths), 3, nh, hd).bfloat16(), torch.randn(3 * nh * hd).bfloat16(), _cu(lengths)
+    got = kernels.attention(qkv, cu, bias=bias)
+    assert got.dtype == torch.bfloat16
+    # The float32 oracle on the same (widened) bfloat16 inputs: within half an
+    # ulp of the rounding, and float32's own error.
+    want = kernels.torch_attention(qkv.float() + bias.float().view(3, nh, hd), cu)
+    _bf16_ulps(got, want, 0.51)
+
+
+def test_bfloat16_epilogues_round_like_torchs_bfloat16_ops() -> None:
+    torch.manual_seed(7)
+    n = 384
+    x, r = (3 * torch.randn(31, n) + 1).bfloat16(), torch.randn(31, n).bfloat16()
+    b, w, beta = (torch.randn(n).bfloat16() for _ in range(3))
+    g = x.clone()
+    kernels.bias_gelu_(g, b)
+    _bf16_ulps(g, F.gelu(x.float() + b.float()), 0.51)
+    y = x.clone()
+    kernels.add_layer_norm_(y, b, r, w, beta, 1e-12)
+    # The sum x + b + r rounded once to bfloat16, then LayerNorm in float32
+    # and the output rounded: half an ulp (+ float32's error, relative to the
+    # row's scale where an output is near 0).
+    s = (x.float() + b.float() + r.float()).bfloat16().float()
+    want = F.layer_norm(s, (n,), w.float(), beta.float(), 1e-12)
+    assert ((y.float() - want).abs() <= 0.51 * 2.0 ** -7 * want.abs() + 1e-5).all()
+    # torch's own bfloat16 ops round the sum twice (x + b, then + r): within
+    # two ulps of each partial sum, scaled by the normalisation.
+    torch_bf16 = F.layer_norm(x + b + r, (n,), w, beta, 1e-12).float()
+    scale = s.std(dim=1, unbiased=False, keepdim=True)
+    partial = (x.float() + b.float()).abs() + s.abs()
+    assert ((y.float() - torch_bf16).abs() <= 2.0 ** -6 * (want.abs() + partial / scale * w.float().abs())).all()
+
+
+def test_a_bfloat16_engine_runs_the_kernels_only_when_asked(monkeypatch) -> None:
+    m = tm.model("bert")
+    texts = tm.mixed_texts(30, seed=8)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="bfloat16") as engine:
+        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
+        modules = engine.embed(texts)
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="bfloat16") as engine:
+        assert engine.stats()["attention"] == "kernel" and engine.runner.fused is not None
+        fused = engine.embed(texts)
+        assert engine.stats()["attention_batches"]["kernel"] == engine.stats()["batches"]
+    monkeypatch.delenv("FASTSERVE_PACKED_ATTENTION")
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        exact = engine.embed(texts)
+    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    assert cos(fused, modules).min() > 0.999
+    assert cos(fused, exact).min() > 0.999
 
 
 @pytest.mark.parametrize("arch", tm.ARCHS)
@@ -140,8 +211,8 @@ def test_autocast_batches_run_torch_attention_and_the_modules() -> None:
 
 def test_forcing_the_kernel_where_it_cannot_run_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
-    with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel needs a float32 model"):
-        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="bfloat16")
+    with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model"):
+        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="float16")
     monkeypatch.setenv("FASTSERVE_KERNELS", "torch")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed")

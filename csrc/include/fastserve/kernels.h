@@ -99,11 +99,18 @@ int threads_for(size_t bytes);
 // Whether the CPU kernels' AVX2 + FMA paths run on this CPU (x86-64 with
 // AVX2, F16C and FMA, and FASTSERVE_KERNEL_NO_SIMD unset).
 bool vector_paths();
+// The layer kernels, on float32 or on bfloat16 (by its bits: uint16_t),
+// computing in float32 either way.
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
                float scale, int threads, float* out, bool portable);
+void attention(const uint16_t* qkv, const uint16_t* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
+               float scale, int threads, uint16_t* out, bool portable);
 void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable);
+void bias_gelu(uint16_t* x, const uint16_t* bias, int64_t rows, int64_t N, int threads, bool portable);
 void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
                     int64_t rows, int64_t N, int threads, bool portable);
+void add_layer_norm(uint16_t* x, const uint16_t* bias, const uint16_t* residual, const uint16_t* w,
+                    const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, bool portable);
 }  // namespace cpu
 
 // ----------------------------------------------------------------- CUDA kernels

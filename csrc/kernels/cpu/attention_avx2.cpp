@@ -9,7 +9,8 @@
 // vectors: eight independent FMA chains), and each loaded value vector four
 // rows' outputs, so the loops issue under one load per FMA rather than two. The softmax is in float32 with the row's
 // maximum subtracted; exp is the Cephes polynomial (about 1 ulp over the
-// range it is used on, [-87, 0]).
+// range it is used on, [-87, 0]). bfloat16 rows are widened as they are
+// staged and the context rounded once as it is stored.
 #include "attention_cpu.h"
 #include "simd.h"
 
@@ -28,9 +29,9 @@ namespace simd {
 namespace {
 
 // Output columns [c, c + 8 W) of four query rows: sum_j p[r][j] v[j].
-template <int W>
+template <int W, typename T>
 FS_AVX2_INLINE void weighted_values(const float* p, int64_t Lp, const float* v, int64_t L, int64_t hd, int64_t c,
-                                    const float* inv, float* const* o, int64_t rows) {
+                                    const float* inv, T* const* o, int64_t rows) {
   __m256 acc[4][W];
   for (int r = 0; r < 4; ++r)
     for (int w = 0; w < W; ++w) acc[r][w] = _mm256_setzero_ps();
@@ -44,7 +45,7 @@ FS_AVX2_INLINE void weighted_values(const float* p, int64_t Lp, const float* v, 
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int w = 0; w < W; ++w)
-      _mm256_storeu_ps(o[r] + c + 8 * w, _mm256_mul_ps(acc[r][w], _mm256_set1_ps(inv[r])));
+      store8(o[r] + c + 8 * w, _mm256_mul_ps(acc[r][w], _mm256_set1_ps(inv[r])));
 }
 
 }  // namespace
@@ -72,14 +73,15 @@ FS_AVX2_INLINE void transpose8(const __m256* r, float* o, int64_t ld) {
 // The context of one head from its staged keys kt [hd, Lp], values v [L, hd]
 // and queries q [L, hd] (biases added), into out rows at stride H; s holds
 // [4, Lp] scores.
+template <typename T>
 FS_AVX2_INLINE void one_head(const float* kt, const float* v, const float* qh, float* s, int64_t L, int64_t Lp,
-                             int64_t hd, float scale, float* out, int64_t H) {
+                             int64_t hd, float scale, T* out, int64_t H) {
   const __m256 vscale = _mm256_set1_ps(scale);
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t i0 = 0; i0 < L; i0 += 4) {
     const int64_t rows = std::min<int64_t>(4, L - i0);
     const float* q[4];
-    float* o[4];
+    T* o[4];
     for (int64_t r = 0; r < 4; ++r) {
       const int64_t i = i0 + std::min<int64_t>(r, rows - 1);  // spare rows repeat the last
       q[r] = qh + i * hd;
@@ -141,8 +143,9 @@ FS_AVX2_INLINE void one_head(const float* kt, const float* v, const float* qh, f
 }
 
 // bias[off .. off + 8), or zeros without a bias.
-FS_AVX2_INLINE __m256 bias_or_zero(const float* bias, int64_t off) {
-  return bias ? _mm256_loadu_ps(bias + off) : _mm256_setzero_ps();
+template <typename T>
+FS_AVX2_INLINE __m256 bias_or_zero(const T* bias, int64_t off) {
+  return bias ? load8(bias + off) : _mm256_setzero_ps();
 }
 
 // Heads [h, h + g) of one sequence. The sequence's rows are read once, eight
@@ -152,41 +155,45 @@ FS_AVX2_INLINE __m256 bias_or_zero(const float* bias, int64_t off) {
 // each head runs from that scratch. Reading one head at a time instead took
 // 128 bytes from rows 4.6 KB apart, which no prefetcher follows: half the
 // kernel's time on a batch out of cache.
-FS_AVX2 void attention_group_avx2(const HeadArgs& a) {
+template <typename T>
+FS_AVX2_INLINE void group(const HeadArgs<T>& a) {
   const int64_t L = a.L, hd = a.hd, g = a.g, H = a.nh * hd, stride = 3 * H;
   const int64_t Lp = (L + 7) / 8 * 8;
   float* kt = a.scratch;      // [g, hd, Lp]
   float* v = kt + g * hd * Lp;  // [g, L, hd]
   float* q = v + g * L * hd;    // [g, L, hd]
   float* s = q + g * L * hd;    // [4, Lp]
-  const float* base = a.qkv + a.start * stride + a.h * hd;
-  const float* bias = a.bias ? a.bias + a.h * hd : nullptr;  // + part * H
+  const T* base = a.qkv + a.start * stride + a.h * hd;
+  const T* bias = a.bias ? a.bias + a.h * hd : nullptr;  // + part * H
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t j0 = 0; j0 < L; j0 += 8) {
     const int64_t n = std::min<int64_t>(8, L - j0);
     for (int64_t i = 0; i < n; ++i) {
-      const float* row = base + (j0 + i) * stride;
+      const T* row = base + (j0 + i) * stride;
       for (int64_t k = 0; k < g; ++k)
         for (int64_t d = 0; d < hd; d += 8) {
           const int64_t col = k * hd + d;
-          _mm256_storeu_ps(q + (k * L + j0 + i) * hd + d, _mm256_add_ps(_mm256_loadu_ps(row + col), bias_or_zero(bias, col)));
+          _mm256_storeu_ps(q + (k * L + j0 + i) * hd + d, _mm256_add_ps(load8(row + col), bias_or_zero(bias, col)));
           _mm256_storeu_ps(v + (k * L + j0 + i) * hd + d,
-                           _mm256_add_ps(_mm256_loadu_ps(row + 2 * H + col), bias_or_zero(bias, 2 * H + col)));
+                           _mm256_add_ps(load8(row + 2 * H + col), bias_or_zero(bias, 2 * H + col)));
         }
     }
     for (int64_t col = 0; col < g * hd; col += 8) {
       const __m256 bk = bias_or_zero(bias, H + col);
       __m256 r[8];
       for (int64_t i = 0; i < 8; ++i)
-        r[i] = i < n ? _mm256_add_ps(_mm256_loadu_ps(base + (j0 + i) * stride + H + col), bk) : zero;
+        r[i] = i < n ? _mm256_add_ps(load8(base + (j0 + i) * stride + H + col), bk) : zero;
       const int64_t k = col / hd, d = col % hd;
       transpose8(r, kt + (k * hd + d) * Lp + j0, Lp);
     }
   }
-  float* out = a.out + a.start * H + a.h * hd;
+  T* out = a.out + a.start * H + a.h * hd;
   for (int64_t k = 0; k < g; ++k)
     one_head(kt + k * hd * Lp, v + k * L * hd, q + k * L * hd, s, L, Lp, hd, a.scale, out + k * hd, H);
 }
+
+FS_AVX2 void attention_group_avx2(const HeadArgs<float>& a) { group(a); }
+FS_AVX2 void attention_group_avx2(const HeadArgs<bf16>& a) { group(a); }
 
 }  // namespace simd
 }  // namespace cpu

@@ -24,26 +24,28 @@ namespace cpu {
 
 // Plain loops, a query at a time against keys transposed to [hd, Lp]:
 // softmax in float32 with the row's maximum subtracted, then the weighted
-// sum of values.
-void attention_head_portable(const HeadArgs& a) {
+// sum of values (in float32, stored once).
+template <typename T>
+void attention_head_portable(const HeadArgs<T>& a) {
   const int64_t L = a.L, hd = a.hd, H = a.nh * hd, stride = 3 * H;
   const int64_t Lp = (L + 7) / 8 * 8;
   float* kt = a.scratch;  // [hd, Lp]
   float* v = kt + hd * Lp;  // [L, hd]
   float* s = v + L * hd;    // [Lp]: one query's scores
   float* qb = s + Lp;       // [hd]: the query
-  const float* base = a.qkv + a.start * stride + a.h * hd;
-  auto bias = [&](int part, int64_t d) { return a.bias ? a.bias[part * H + a.h * hd + d] : 0.f; };
+  float* o = qb + hd;       // [hd]: its context
+  const T* base = a.qkv + a.start * stride + a.h * hd;
+  auto bias = [&](int part, int64_t d) { return a.bias ? to_float(a.bias[part * H + a.h * hd + d]) : 0.f; };
   for (int64_t j = 0; j < L; ++j) {
-    const float* k = base + j * stride + H;
+    const T* k = base + j * stride + H;
     for (int64_t d = 0; d < hd; ++d) {
-      kt[d * Lp + j] = k[d] + bias(1, d);
-      v[j * hd + d] = k[H + d] + bias(2, d);
+      kt[d * Lp + j] = to_float(k[d]) + bias(1, d);
+      v[j * hd + d] = to_float(k[H + d]) + bias(2, d);
     }
   }
   for (int64_t i = 0; i < L; ++i) {
-    const float* q = base + i * stride;
-    for (int64_t d = 0; d < hd; ++d) qb[d] = q[d] + bias(0, d);
+    const T* q = base + i * stride;
+    for (int64_t d = 0; d < hd; ++d) qb[d] = to_float(q[d]) + bias(0, d);
     float* sr = s;
     std::fill(sr, sr + L, 0.f);
     for (int64_t d = 0; d < hd; ++d) {
@@ -59,14 +61,14 @@ void attention_head_portable(const HeadArgs& a) {
       sum += sr[j];
     }
     const float inv = 1.f / sum;
-    float* o = a.out + (a.start + i) * H + a.h * hd;
     std::fill(o, o + hd, 0.f);
     for (int64_t j = 0; j < L; ++j) {
       const float p = sr[j];
       const float* vj = v + j * hd;
       for (int64_t d = 0; d < hd; ++d) o[d] += p * vj[d];
     }
-    for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+    T* out = a.out + (a.start + i) * H + a.h * hd;
+    for (int64_t d = 0; d < hd; ++d) put(out + d, o[d] * inv);
   }
 }
 
@@ -79,10 +81,9 @@ constexpr double kMinFlopsPerThread = 4e6;
 // A group's staged queries, keys and values stay within about 256 KiB (L2).
 constexpr int64_t kGroupScratchFloats = 64 << 10;
 
-}  // namespace
-
-void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, float* out, bool portable) {
+template <typename T>
+void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
+                    float scale, int threads, T* out, bool portable) {
   const bool avx2 = !portable && vector_paths() && hd % 8 == 0;
   double flops = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -104,14 +105,14 @@ void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B
     first[b + 1] = first[b] + (L > 0 ? (nh + g - 1) / g : 0);
   }
   struct Ctx {
-    const float* qkv;
-    const float* bias;
+    const T* qkv;
+    const T* bias;
     const int64_t* cu;
     const int64_t* group;
     const int64_t* first;
     int64_t B, nh, hd;
     float scale;
-    float* out;
+    T* out;
     bool avx2;
   } ctx{qkv, bias, cu, group.data(), first.data(), B, nh, hd, scale, out, avx2};
   run_chunks(first[B], threads, [](void* c, int64_t i0, int64_t i1) {
@@ -121,7 +122,7 @@ void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B
     for (int64_t i = i0; i < i1; ++i) {
       while (x.first[b + 1] <= i) ++b;
       const int64_t L = x.cu[b + 1] - x.cu[b], g = x.group[b], h = (i - x.first[b]) * g;
-      HeadArgs a{x.qkv, x.bias, x.out, x.cu[b], L, x.nh, x.hd, h, std::min(g, x.nh - h), x.scale, nullptr};
+      HeadArgs<T> a{x.qkv, x.bias, x.out, x.cu[b], L, x.nh, x.hd, h, std::min(g, x.nh - h), x.scale, nullptr};
       const size_t need = size_t(attention_scratch(L, x.hd, a.g));
       if (scratch.size() < need) scratch.resize(need);
       a.scratch = scratch.data();
@@ -134,6 +135,18 @@ void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B
       for (int64_t k = 0; k < a.g; ++k, ++a.h) attention_head_portable(a);
     }
   }, &ctx);
+}
+
+}  // namespace
+
+void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
+               float scale, int threads, float* out, bool portable) {
+  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, portable);
+}
+
+void attention(const bf16* qkv, const bf16* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
+               float scale, int threads, bf16* out, bool portable) {
+  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, portable);
 }
 
 }  // namespace cpu

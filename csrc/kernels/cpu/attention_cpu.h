@@ -3,10 +3,31 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+
+#include "fastserve/kernels.h"
 
 namespace fastserve {
 namespace kernels {
 namespace cpu {
+
+// The layer kernels (attention, epilogues) take float32 or bfloat16 memory,
+// bfloat16 by its bits, and compute in float32.
+using bf16 = uint16_t;
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) { return bf16_to_float(x); }
+inline void put(float* p, float v) { *p = v; }
+// Rounded to nearest even, NaN kept quiet: as torch converts.
+inline void put(bf16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    *p = bf16((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  *p = bf16(u >> 16);
+}
 
 // Heads [h, h + g) of one sequence of packed self-attention. Rows [start,
 // start + L) of qkv [T, 3, nh, hd] hold the sequence's queries, keys and
@@ -14,10 +35,11 @@ namespace cpu {
 // not null, is the [3, nh, hd] bias of the projection that made qkv, added
 // here (the projection ran without it). scratch holds at least
 // attention_scratch(L, hd, g) floats.
+template <typename T>
 struct HeadArgs {
-  const float* qkv;
-  const float* bias;
-  float* out;
+  const T* qkv;
+  const T* bias;
+  T* out;
   int64_t start, L, nh, hd, h, g;
   float scale;
   float* scratch;
@@ -31,13 +53,15 @@ inline int64_t attention_scratch(int64_t L, int64_t hd, int64_t g) {
   return g * (hd * Lp + 2 * L * hd) + 4 * Lp + 4 * hd;
 }
 
-// Head a.h alone (a.g is ignored).
-void attention_head_portable(const HeadArgs& a);
+// Head a.h alone (a.g is ignored). T: float or bf16.
+template <typename T>
+void attention_head_portable(const HeadArgs<T>& a);
 
 namespace simd {
 // The AVX2 + FMA path, heads [h, h + g); hd must be a multiple of 8. Only
 // where have_avx2().
-void attention_group_avx2(const HeadArgs& a);
+void attention_group_avx2(const HeadArgs<float>& a);
+void attention_group_avx2(const HeadArgs<bf16>& a);
 }  // namespace simd
 
 // Run fn(ctx, begin, end) over [0, n) in chunks on up to `threads` threads

@@ -296,10 +296,16 @@ void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, ui
   }
 }
 
-// A float32 CPU tensor for the fused CPU kernels below.
-void check_cpu_float32(const TensorArg& t, const char* name, size_t ndim, const char* kernel) {
+// A CPU tensor for the fused layer kernels below: float32 or bfloat16, and
+// (dtype given) the same dtype as the kernel's first tensor.
+void check_cpu_layer(const TensorArg& t, const char* name, size_t ndim, const char* kernel,
+                     const DType* same = nullptr) {
   check_tensor(t, name, ndim);
-  if (t.dtype != DType::kFloat32) fail(std::string(name) + " must be float32, got " + dtype_name(t));
+  if (same == nullptr && t.dtype != DType::kFloat32 && t.dtype != DType::kBFloat16)
+    fail(std::string(name) + " must be float32 or bfloat16, got " + dtype_name(t));
+  if (same != nullptr && t.dtype != *same)
+    fail(std::string(name) + " must have the dtype of the kernel's input (" + to_string(*same) + "), got " +
+         dtype_name(t));
   if (on_cuda(t)) fail(std::string(kernel) + " runs on the CPU only; " + name + " is on " + device_str(t));
 }
 
@@ -307,16 +313,19 @@ void check_threads(int threads) {
   if (threads < 1) fail("threads must be >= 1, got " + std::to_string(threads));
 }
 
+template <typename T>
+const T* cptr(const TensorArg* t) { return t ? static_cast<const T*>(t->data) : nullptr; }
+
 void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorArg& out, const TensorArg* bias,
                double scale, int threads, bool portable) {
-  check_cpu_float32(qkv, "qkv", 4, "attention");
+  check_cpu_layer(qkv, "qkv", 4, "attention");
   check_tensor(cu_seqlens, "cu_seqlens", 1);
-  check_cpu_float32(out, "out", 3, "attention");
+  check_cpu_layer(out, "out", 3, "attention", &qkv.dtype);
   check_devices({{&qkv, "qkv"}, {&cu_seqlens, "cu_seqlens"}, {&out, "out"}});
   const int64_t T = qkv.shape[0], nh = qkv.shape[2], hd = qkv.shape[3];
   if (qkv.shape[1] != 3) fail("qkv must have shape [T, 3, heads, head_dim], got " + shape_str(qkv.shape));
   if (bias) {
-    check_cpu_float32(*bias, "bias", 1, "attention");
+    check_cpu_layer(*bias, "bias", 1, "attention", &qkv.dtype);
     check_shape(*bias, "bias", {3 * nh * hd});
   }
   if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
@@ -327,36 +336,45 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
   if (!(std::isfinite(scale) && scale > 0)) fail("scale must be finite and > 0, got " + std::to_string(scale));
   check_threads(threads);
   if (T == 0 || nh == 0 || hd == 0) return;
-  cpu::attention(static_cast<const float*>(qkv.data), bias ? static_cast<const float*>(bias->data) : nullptr,
-                 cu.data(), B, nh, hd, float(scale), threads, static_cast<float*>(out.data), portable);
+  if (qkv.dtype == DType::kBFloat16)
+    cpu::attention(cptr<uint16_t>(&qkv), cptr<uint16_t>(bias), cu.data(), B, nh, hd, float(scale), threads,
+                   static_cast<uint16_t*>(out.data), portable);
+  else
+    cpu::attention(cptr<float>(&qkv), cptr<float>(bias), cu.data(), B, nh, hd, float(scale), threads,
+                   static_cast<float*>(out.data), portable);
 }
 
 void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable) {
-  check_cpu_float32(x, "x", 2, "bias_gelu");
-  check_cpu_float32(bias, "bias", 1, "bias_gelu");
+  check_cpu_layer(x, "x", 2, "bias_gelu");
+  check_cpu_layer(bias, "bias", 1, "bias_gelu", &x.dtype);
   check_shape(bias, "bias", {x.shape[1]});
   check_threads(threads);
   if (x.shape[0] == 0 || x.shape[1] == 0) return;
-  cpu::bias_gelu(static_cast<float*>(x.data), static_cast<const float*>(bias.data), x.shape[0], x.shape[1], threads,
-                 portable);
+  if (x.dtype == DType::kBFloat16)
+    cpu::bias_gelu(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), x.shape[0], x.shape[1], threads, portable);
+  else
+    cpu::bias_gelu(static_cast<float*>(x.data), cptr<float>(&bias), x.shape[0], x.shape[1], threads, portable);
 }
 
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
                     const TensorArg& beta, double eps, int threads, bool portable) {
-  check_cpu_float32(x, "x", 2, "add_layer_norm");
-  check_cpu_float32(residual, "residual", 2, "add_layer_norm");
+  check_cpu_layer(x, "x", 2, "add_layer_norm");
+  check_cpu_layer(residual, "residual", 2, "add_layer_norm", &x.dtype);
   check_shape(residual, "residual", x.shape);
   const int64_t N = x.shape[1];
   for (const auto& [t, name] : {std::pair{&bias, "bias"}, {&weight, "weight"}, {&beta, "beta"}}) {
-    check_cpu_float32(*t, name, 1, "add_layer_norm");
+    check_cpu_layer(*t, name, 1, "add_layer_norm", &x.dtype);
     check_shape(*t, name, {N});
   }
   if (!(std::isfinite(eps) && eps > 0)) fail("eps must be finite and > 0, got " + std::to_string(eps));
   check_threads(threads);
   if (x.shape[0] == 0 || N == 0) return;
-  cpu::add_layer_norm(static_cast<float*>(x.data), static_cast<const float*>(bias.data),
-                      static_cast<const float*>(residual.data), static_cast<const float*>(weight.data),
-                      static_cast<const float*>(beta.data), float(eps), x.shape[0], N, threads, portable);
+  if (x.dtype == DType::kBFloat16)
+    cpu::add_layer_norm(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), cptr<uint16_t>(&residual),
+                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads, portable);
+  else
+    cpu::add_layer_norm(static_cast<float*>(x.data), cptr<float>(&bias), cptr<float>(&residual), cptr<float>(&weight),
+                        cptr<float>(&beta), float(eps), x.shape[0], N, threads, portable);
 }
 
 }  // namespace kernels

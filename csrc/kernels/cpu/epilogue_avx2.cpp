@@ -32,40 +32,55 @@ FS_AVX2_INLINE __m256 gelu(__m256 v) {
   return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, erf));
 }
 
-}  // namespace
-
-FS_AVX2 void bias_gelu_rows_avx2(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1) {
+template <typename T>
+FS_AVX2_INLINE void bias_gelu_rows(T* x, const T* bias, int64_t N, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* row = x + r * N;
-    for (int64_t i = 0; i < N; i += 8)
-      _mm256_storeu_ps(row + i, gelu(_mm256_add_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(bias + i))));
+    T* row = x + r * N;
+    for (int64_t i = 0; i < N; i += 8) store8(row + i, gelu(_mm256_add_ps(load8(row + i), load8(bias + i))));
   }
 }
 
-FS_AVX2 void add_layer_norm_rows_avx2(float* x, const float* bias, const float* residual, const float* w,
-                                      const float* b, float eps, int64_t N, int64_t r0, int64_t r1) {
+// The sum is stored (rounded, in bfloat16) and LayerNorm reads it back.
+template <typename T>
+FS_AVX2_INLINE void add_layer_norm_rows(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps,
+                                        int64_t N, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* row = x + r * N;
-    const float* res = residual + r * N;
+    T* row = x + r * N;
+    const T* res = residual + r * N;
     __m256 sum = _mm256_setzero_ps();
     for (int64_t i = 0; i < N; i += 8) {
-      const __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(bias + i)),
-                                     _mm256_loadu_ps(res + i));
-      _mm256_storeu_ps(row + i, v);
-      sum = _mm256_add_ps(sum, v);
+      store8(row + i, _mm256_add_ps(_mm256_add_ps(load8(row + i), load8(bias + i)), load8(res + i)));
+      sum = _mm256_add_ps(sum, load8(row + i));
     }
     const __m256 mean = _mm256_set1_ps(hsum(sum) / float(N));
     __m256 sq = _mm256_setzero_ps();
     for (int64_t i = 0; i < N; i += 8) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + i), mean);
+      const __m256 d = _mm256_sub_ps(load8(row + i), mean);
       sq = _mm256_fmadd_ps(d, d, sq);
     }
     const __m256 rstd = _mm256_set1_ps(1.f / std::sqrt(hsum(sq) / float(N) + eps));
     for (int64_t i = 0; i < N; i += 8) {
-      const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + i), mean), rstd);
-      _mm256_storeu_ps(row + i, _mm256_fmadd_ps(d, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
+      const __m256 d = _mm256_mul_ps(_mm256_sub_ps(load8(row + i), mean), rstd);
+      store8(row + i, _mm256_fmadd_ps(d, load8(w + i), load8(b + i)));
     }
   }
+}
+
+}  // namespace
+
+FS_AVX2 void bias_gelu_rows_avx2(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1) {
+  bias_gelu_rows(x, bias, N, r0, r1);
+}
+FS_AVX2 void bias_gelu_rows_avx2(bf16* x, const bf16* bias, int64_t N, int64_t r0, int64_t r1) {
+  bias_gelu_rows(x, bias, N, r0, r1);
+}
+FS_AVX2 void add_layer_norm_rows_avx2(float* x, const float* bias, const float* residual, const float* w,
+                                      const float* b, float eps, int64_t N, int64_t r0, int64_t r1) {
+  add_layer_norm_rows(x, bias, residual, w, b, eps, N, r0, r1);
+}
+FS_AVX2 void add_layer_norm_rows_avx2(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b,
+                                      float eps, int64_t N, int64_t r0, int64_t r1) {
+  add_layer_norm_rows(x, bias, residual, w, b, eps, N, r0, r1);
 }
 
 }  // namespace simd

@@ -23,28 +23,33 @@ namespace fastserve {
 namespace kernels {
 namespace cpu {
 
-void bias_gelu_rows_portable(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1) {
+template <typename T>
+void bias_gelu_rows_portable(T* x, const T* bias, int64_t N, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* row = x + r * N;
+    T* row = x + r * N;
     for (int64_t i = 0; i < N; ++i) {
-      const float v = row[i] + bias[i];
-      row[i] = 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+      const float v = to_float(row[i]) + to_float(bias[i]);
+      put(row + i, 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f)));
     }
   }
 }
 
-void add_layer_norm_rows_portable(float* x, const float* bias, const float* residual, const float* w, const float* b,
-                                  float eps, int64_t N, int64_t r0, int64_t r1) {
+template <typename T>
+void add_layer_norm_rows_portable(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps,
+                                  int64_t N, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* row = x + r * N;
-    const float* res = residual + r * N;
+    T* row = x + r * N;
+    const T* res = residual + r * N;
     float sum = 0.f;
-    for (int64_t i = 0; i < N; ++i) sum += (row[i] = row[i] + bias[i] + res[i]);
+    for (int64_t i = 0; i < N; ++i) {
+      put(row + i, to_float(row[i]) + to_float(bias[i]) + to_float(res[i]));
+      sum += to_float(row[i]);
+    }
     const float mean = sum / float(N);
     float sq = 0.f;
-    for (int64_t i = 0; i < N; ++i) sq += (row[i] - mean) * (row[i] - mean);
+    for (int64_t i = 0; i < N; ++i) sq += (to_float(row[i]) - mean) * (to_float(row[i]) - mean);
     const float rstd = 1.f / std::sqrt(sq / float(N) + eps);
-    for (int64_t i = 0; i < N; ++i) row[i] = (row[i] - mean) * rstd * w[i] + b[i];
+    for (int64_t i = 0; i < N; ++i) put(row + i, (to_float(row[i]) - mean) * rstd * to_float(w[i]) + to_float(b[i]));
   }
 }
 
@@ -56,12 +61,11 @@ int rows_threads(int threads, int64_t rows, int64_t N) {
   return int(std::max<int64_t>(1, std::min<int64_t>(threads, rows / per)));
 }
 
-}  // namespace
-
-void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable) {
+template <typename T>
+void bias_gelu_impl(T* x, const T* bias, int64_t rows, int64_t N, int threads, bool portable) {
   struct Ctx {
-    float* x;
-    const float* bias;
+    T* x;
+    const T* bias;
     int64_t N;
     bool avx2;
   } ctx{x, bias, N, !portable && vector_paths() && N % 8 == 0};
@@ -74,11 +78,12 @@ void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads
   }, &ctx);
 }
 
-void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
-                    int64_t rows, int64_t N, int threads, bool portable) {
+template <typename T>
+void add_layer_norm_impl(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps, int64_t rows,
+                         int64_t N, int threads, bool portable) {
   struct Ctx {
-    float* x;
-    const float *bias, *residual, *w, *b;
+    T* x;
+    const T *bias, *residual, *w, *b;
     float eps;
     int64_t N;
     bool avx2;
@@ -90,6 +95,23 @@ void add_layer_norm(float* x, const float* bias, const float* residual, const fl
 #endif
     add_layer_norm_rows_portable(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
   }, &ctx);
+}
+
+}  // namespace
+
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable) {
+  bias_gelu_impl(x, bias, rows, N, threads, portable);
+}
+void bias_gelu(bf16* x, const bf16* bias, int64_t rows, int64_t N, int threads, bool portable) {
+  bias_gelu_impl(x, bias, rows, N, threads, portable);
+}
+void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
+                    int64_t rows, int64_t N, int threads, bool portable) {
+  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, portable);
+}
+void add_layer_norm(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b, float eps,
+                    int64_t rows, int64_t N, int threads, bool portable) {
+  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, portable);
 }
 
 }  // namespace cpu

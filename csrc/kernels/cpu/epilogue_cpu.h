@@ -4,19 +4,29 @@
 
 #include <cstdint>
 
+#include "attention_cpu.h"
+
 namespace fastserve {
 namespace kernels {
 namespace cpu {
 
+// T: float or bf16 (attention_cpu.h), computed in float32. In bfloat16 the
+// sum x + bias + residual is rounded to bfloat16 before LayerNorm reads it,
+// as torch's bfloat16 add then LayerNorm would.
 // Rows [r0, r1) of x [rows, N]: x = gelu(x + bias), GELU exact (erf).
-void bias_gelu_rows_portable(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1);
+template <typename T>
+void bias_gelu_rows_portable(T* x, const T* bias, int64_t N, int64_t r0, int64_t r1);
 // Rows [r0, r1) of x [rows, N]: x = LayerNorm(x + bias + residual) * w + b.
-void add_layer_norm_rows_portable(float* x, const float* bias, const float* residual, const float* w, const float* b,
-                                  float eps, int64_t N, int64_t r0, int64_t r1);
+template <typename T>
+void add_layer_norm_rows_portable(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps,
+                                  int64_t N, int64_t r0, int64_t r1);
 
 namespace simd {
 void bias_gelu_rows_avx2(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1);
+void bias_gelu_rows_avx2(bf16* x, const bf16* bias, int64_t N, int64_t r0, int64_t r1);
 void add_layer_norm_rows_avx2(float* x, const float* bias, const float* residual, const float* w, const float* b,
+                              float eps, int64_t N, int64_t r0, int64_t r1);
+void add_layer_norm_rows_avx2(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b,
                               float eps, int64_t N, int64_t r0, int64_t r1);
 }  // namespace simd
 

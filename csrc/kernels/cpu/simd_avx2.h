@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdint>
 
 #define FS_AVX2 __attribute__((target("avx2,f16c,fma")))
 #define FS_AVX2_INLINE __attribute__((target("avx2,f16c,fma"), always_inline)) inline
@@ -34,6 +35,26 @@ FS_AVX2_INLINE __m256 exp_nonpositive(__m256 x) {
   // 2^n through the exponent bits (n >= -126 here).
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// Eight floats from float or bfloat16 (its bits, uint16_t) memory, and back;
+// to bfloat16 rounding to nearest even, NaN kept quiet (what torch does).
+FS_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FS_AVX2_INLINE __m256 load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+FS_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+FS_AVX2_INLINE void store8(uint16_t* p, __m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(x, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);
+  // Pack the eight 32-bit lanes' low halves (all < 2^16) into 128 bits.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
 FS_AVX2_INLINE float hmax(__m256 v) {
