@@ -167,9 +167,12 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   std::vector<char> overdue(static_cast<size_t>(workers()), 0);
   for (const auto& [seq, r] : running_) {
     if (r.urgent) continue;
+    // Past its predicted end by more than the compute tail J and its own
+    // predicted compute (a stall, a hang): when it frees is unknown. Late by
+    // less (the fit is a mean: half the batches end past it), about to free.
     const auto k = static_cast<size_t>(r.worker);
-    until[k] = r.end - now;
-    overdue[k] = r.end < now;
+    until[k] = std::max(0.0, r.end - now);
+    overdue[k] = now > r.end + std::max(tail_s_, r.full);
   }
   struct Free {
     double at, cap;
@@ -177,7 +180,7 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   std::vector<Free> others;
   for (int w = 0; w < workers(); ++w) {
     const auto k = static_cast<size_t>(w);
-    if (w == worker || overdue[k]) continue;  // past its predicted end: when it frees is unknown
+    if (w == worker || overdue[k]) continue;
     const double cap = static_cast<double>(controllers_[k]->budget());
     if (until[k] >= 0)
       others.push_back({until[k], cap});

@@ -688,14 +688,21 @@ TEST(SchedulerBalance, AWorkerBusyPastTheQueuesEndIsNotWaitedFor) {
   EXPECT_EQ(p.next(0)->total_tokens(), 400);
 }
 
-TEST(SchedulerBalance, AWorkerPastItsBatchsPredictedEndIsNotWaitedFor) {
+TEST(SchedulerBalance, AWorkerFarPastItsBatchsPredictedEndIsNotWaitedFor) {
   Pair p;
   p.queue(1, 300);
   auto late = p.next(1);  // predicted to end 8 ms from now
-  p.clock->advance(0.010);  // still running 2 ms later (a stall, or a hung replica)
+  p.clock->advance(0.010);  // 2 ms late: within its own predicted compute, about to free
   p.queue(10);
-  EXPECT_EQ(p.next(0)->total_tokens(), 1000);  // when worker 1 frees is unknown: nothing left for it
-  p.run(late);
+  auto a = p.next(0);
+  EXPECT_EQ(a->total_tokens(), 500);
+  Pair q;
+  q.queue(1, 300);
+  auto stalled = q.next(1);
+  q.clock->advance(0.017);  // 9 ms late, past its 8 ms compute: a stall or a hung replica
+  q.queue(10);
+  EXPECT_EQ(q.next(0)->total_tokens(), 1000);  // when worker 1 frees is unknown: nothing left for it
+  q.run(stalled);
 }
 
 TEST(SchedulerBalance, AnotherWorkerIsLeftNoMoreThanItsOwnBudget) {

@@ -131,7 +131,7 @@ struct SchedulerConfig {
   // predicted end; each left at most its own budget), so the last batches
   // of a list end together rather than one worker running the rest while
   // another idles. Workers count that asked for work or reported a batch
-  // within the last second, wait for it, or run a batch not yet past its
+  // within the last second, wait for it, or run a batch not far past its
   // predicted end (a dead, hung or stalled replica is not waited for). A
   // longer queue goes in full budgets.
   // Off: a worker takes up to its budget whatever the others do.
