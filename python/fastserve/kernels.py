@@ -171,8 +171,8 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None =
               bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """Exact self-attention of each sequence of a packed batch, on the CPU in
     float32 or bfloat16 (computed in float32, the output rounded once; bias
-    and output in qkv's dtype): qkv [T, 3, nh, hd] (each token's queries, keys and values, as
-    one fused projection gives them) and cu_seqlens [B + 1] ->
+    and output in qkv's dtype): qkv [T, 3, nh, hd] (each token's queries,
+    keys and values, as one fused projection gives them) and cu_seqlens [B + 1] ->
     [T, nh, hd], softmax(q k^T * scale) v over the rows of the same
     sequence, with no padding and no mask. bias [3 * nh * hd]: the
     projection's bias, added to q, k and v here when the projection ran
@@ -191,7 +191,8 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None =
 
 def bias_gelu_(x: torch.Tensor, bias: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
     """x [rows, N] = gelu(x + bias [N]) in place (exact GELU, erf), CPU,
-    float32 or bfloat16 (bias in x's dtype; computed in float32): the tail of an intermediate projection run as torch.mm. Returns x."""
+    float32 or bfloat16 (bias in x's dtype; computed in float32): the tail of
+    an intermediate projection run as torch.mm. Returns x."""
     _k.bias_gelu(_arg(x, "x"), _arg(bias, "bias"), _threads(threads))
     return x
 
@@ -201,8 +202,8 @@ def add_layer_norm_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
     """x [rows, N] = layer_norm(x + bias + residual) * weight + beta in place,
     over the last dimension, CPU, float32 or bfloat16 (every tensor in x's
     dtype; computed in float32, the sum rounded to bfloat16 before the
-    normalisation, as torch's bfloat16 add then LayerNorm): the tail of an attention or
-    feed-forward output projection run as torch.mm. Returns x."""
+    normalisation, as torch's bfloat16 add then LayerNorm): the tail of an
+    attention or feed-forward output projection run as torch.mm. Returns x."""
     _k.add_layer_norm(_arg(x, "x"), _arg(bias, "bias"), _arg(residual, "residual"), _arg(weight, "weight"),
                       _arg(beta, "beta"), float(eps), _threads(threads))
     return x
