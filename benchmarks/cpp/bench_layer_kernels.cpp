@@ -24,14 +24,29 @@ std::vector<float> randn(size_t n, unsigned seed) {
   return v;
 }
 
-void BM_Attention(benchmark::State& state) {
+// bfloat16 bits of each value, rounded to nearest even.
+std::vector<uint16_t> bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], 4);
+    out[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+
+std::vector<float> as(const std::vector<float>& x, float) { return x; }
+std::vector<uint16_t> as(const std::vector<float>& x, uint16_t) { return bf16(x); }
+
+// T: float, or uint16_t for bfloat16 (the AVX2 path only).
+template <typename T>
+void attention_bench(benchmark::State& state, bool portable) {
   const int64_t B = state.range(0), L = state.range(1), nh = 12, hd = 32;
-  const bool portable = state.range(2) != 0;
   std::vector<int64_t> cu(B + 1);
   for (int64_t b = 0; b <= B; ++b) cu[b] = b * L;
-  const auto qkv = randn(size_t(B * L * 3 * nh * hd), 1);
-  const auto bias = randn(size_t(3 * nh * hd), 2);
-  std::vector<float> out(size_t(B * L * nh * hd));
+  const auto qkv = as(randn(size_t(B * L * 3 * nh * hd), 1), T());
+  const auto bias = as(randn(size_t(3 * nh * hd), 2), T());
+  std::vector<T> out(size_t(B * L * nh * hd));
   for (auto _ : state) {
     cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), portable);
     benchmark::DoNotOptimize(out.data());
@@ -39,6 +54,8 @@ void BM_Attention(benchmark::State& state) {
   state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * double(4 * B * L * L * nh * hd),
                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
+
+void BM_Attention(benchmark::State& state) { attention_bench<float>(state, state.range(2) != 0); }
 BENCHMARK(BM_Attention)->Args({51, 39, 0})->Args({51, 39, 1})->Args({8, 256, 0})->Args({8, 256, 1})
     ->ArgNames({"seqs", "len", "portable"})->Unit(benchmark::kMillisecond);
 
@@ -73,31 +90,7 @@ void BM_AddLayerNorm(benchmark::State& state) {
 }
 BENCHMARK(BM_AddLayerNorm)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
 
-// bfloat16 bits of each value, rounded to nearest even.
-std::vector<uint16_t> bf16(const std::vector<float>& x) {
-  std::vector<uint16_t> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    uint32_t u;
-    std::memcpy(&u, &x[i], 4);
-    out[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-  return out;
-}
-
-void BM_AttentionBF16(benchmark::State& state) {
-  const int64_t B = state.range(0), L = state.range(1), nh = 12, hd = 32;
-  std::vector<int64_t> cu(B + 1);
-  for (int64_t b = 0; b <= B; ++b) cu[b] = b * L;
-  const auto qkv = bf16(randn(size_t(B * L * 3 * nh * hd), 1));
-  const auto bias = bf16(randn(size_t(3 * nh * hd), 2));
-  std::vector<uint16_t> out(size_t(B * L * nh * hd));
-  for (auto _ : state) {
-    cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), false);
-    benchmark::DoNotOptimize(out.data());
-  }
-  state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * double(4 * B * L * L * nh * hd),
-                                                 benchmark::Counter::kIsIterationInvariantRate);
-}
+void BM_AttentionBF16(benchmark::State& state) { attention_bench<uint16_t>(state, false); }
 BENCHMARK(BM_AttentionBF16)->Args({51, 39})->Args({8, 256})->ArgNames({"seqs", "len"})->Unit(benchmark::kMillisecond);
 
 void BM_BiasGeluBF16(benchmark::State& state) {

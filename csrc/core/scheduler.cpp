@@ -161,8 +161,6 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   // the split; below that its exact cost is summed (a short walk).
   if (!(b > 0) || queued_tokens_ <= 0 || cost_factor_ * static_cast<double>(queued_tokens_) > 2 * budgets)
     return budget;
-  double queued = 0;
-  for (const auto& [id, r] : requests_) queued += own_cost(static_cast<int64_t>(r.tokens.size()));
   std::vector<double> until(static_cast<size_t>(workers()), -1.0);  // a running batch's predicted end
   std::vector<char> overdue(static_cast<size_t>(workers()), 0);
   for (const auto& [seq, r] : running_) {
@@ -187,7 +185,10 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
     else if (waiting_[k] || now - seen_at_[k] <= kAbsentS)
       others.push_back({0.0, cap});
   }
+  if (others.empty()) return budget;  // no one to share with: the queue walk below is skipped
   std::sort(others.begin(), others.end(), [](const Free& x, const Free& y) { return x.at < y.at; });
+  double queued = 0;
+  for (const auto& [id, r] : requests_) queued += own_cost(static_cast<int64_t>(r.tokens.size()));
   double T = 0;
   for (bool capped = true; capped;) {
     capped = false;
