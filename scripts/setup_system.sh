@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages the C++ tests and microbenchmarks build
-# against (Debian's GoogleTest and Google Benchmark, plus the compiler and
-# build tools) when any is missing; does nothing when all are there.
+# against (Debian's GoogleTest, Google Benchmark and SIMDe, plus the compiler
+# and build tools) when any is missing; does nothing when all are there.
 # Called by scripts/test.sh and .ci/run, so the README's test command works
 # on a fresh machine. Needs root, or sudo without a password.
 set -euo pipefail
-PACKAGES=(libgtest-dev libbenchmark-dev ninja-build cmake g++)
+PACKAGES=(libgtest-dev libbenchmark-dev libsimde-dev ninja-build cmake g++)
 
 if ! command -v dpkg-query >/dev/null; then
   # Not Debian: nothing to ask the package manager; CMake's find_package

@@ -1,8 +1,9 @@
 // The CPU layer kernels on MiniLM's shapes (H = 384, 12 heads of 32, I =
-// 1536), AVX2 path against the portable loops, one thread: packed attention
-// over 51 sequences of 39 tokens (a corpus batch of ~2,000 tokens) and over
-// 8 of 256, bias + GELU on [2000, 1536], bias + residual + LayerNorm on
-// [2000, 384]; and the AVX2 path on bfloat16 memory (the *BF16 cases).
+// 1536), each path (isa: 0 portable, 1 AVX2, 2 AVX-512, which runs AVX2 on a
+// CPU without AVX-512F) on one thread: packed attention over 51 sequences of
+// 39 tokens (a corpus batch of ~2,000 tokens) and over 8 of 256, bias + GELU
+// on [2000, 1536], bias + residual + LayerNorm on [2000, 384]; and the vector
+// paths on bfloat16 memory (the *BF16 cases).
 // Figures: benchmarks/README.md, "CPU dtypes".
 #include <benchmark/benchmark.h>
 
@@ -38,9 +39,11 @@ std::vector<uint16_t> bf16(const std::vector<float>& x) {
 std::vector<float> as(const std::vector<float>& x, float) { return x; }
 std::vector<uint16_t> as(const std::vector<float>& x, uint16_t) { return bf16(x); }
 
-// T: float, or uint16_t for bfloat16 (the AVX2 path only).
+cpu::Isa isa_arg(const benchmark::State& state, int i) { return cpu::Isa(state.range(i)); }
+
+// T: float, or uint16_t for bfloat16.
 template <typename T>
-void attention_bench(benchmark::State& state, bool portable) {
+void attention_bench(benchmark::State& state) {
   const int64_t B = state.range(0), L = state.range(1), nh = 12, hd = 32;
   std::vector<int64_t> cu(B + 1);
   for (int64_t b = 0; b <= B; ++b) cu[b] = b * L;
@@ -48,20 +51,19 @@ void attention_bench(benchmark::State& state, bool portable) {
   const auto bias = as(randn(size_t(3 * nh * hd), 2), T());
   std::vector<T> out(size_t(B * L * nh * hd));
   for (auto _ : state) {
-    cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), portable);
+    cpu::attention(qkv.data(), bias.data(), cu.data(), B, nh, hd, 0.17677669f, 1, out.data(), isa_arg(state, 2));
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["GFLOP/s"] = benchmark::Counter(1e-9 * double(4 * B * L * L * nh * hd),
                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_Attention(benchmark::State& state) { attention_bench<float>(state, state.range(2) != 0); }
-BENCHMARK(BM_Attention)->Args({51, 39, 0})->Args({51, 39, 1})->Args({8, 256, 0})->Args({8, 256, 1})
-    ->ArgNames({"seqs", "len", "portable"})->Unit(benchmark::kMillisecond);
+void BM_Attention(benchmark::State& state) { attention_bench<float>(state); }
+BENCHMARK(BM_Attention)->ArgsProduct({{51}, {39}, {0, 1, 2}})->ArgsProduct({{8}, {256}, {0, 1, 2}})
+    ->ArgNames({"seqs", "len", "isa"})->Unit(benchmark::kMillisecond);
 
 void BM_BiasGelu(benchmark::State& state) {
   const int64_t rows = 2000, N = 1536;
-  const bool portable = state.range(0) != 0;
   const auto x0 = randn(size_t(rows * N), 3);
   const auto bias = randn(size_t(N), 4);
   std::vector<float> x(x0.size());
@@ -69,29 +71,29 @@ void BM_BiasGelu(benchmark::State& state) {
     state.PauseTiming();  // fresh input: GELU applied again and again would reach denormals
     x = x0;
     state.ResumeTiming();
-    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, portable);
+    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, isa_arg(state, 0));
     benchmark::DoNotOptimize(x.data());
   }
   state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 8);
 }
-BENCHMARK(BM_BiasGelu)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BiasGelu)->DenseRange(0, 2)->ArgName("isa")->Unit(benchmark::kMillisecond);
 
 void BM_AddLayerNorm(benchmark::State& state) {
   const int64_t rows = 2000, N = 384;
-  const bool portable = state.range(0) != 0;
   auto x = randn(size_t(rows * N), 5);
   const auto res = randn(size_t(rows * N), 6), w = randn(size_t(N), 7), b = randn(size_t(N), 8),
              bias = randn(size_t(N), 9);
   for (auto _ : state) {
-    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, portable);
+    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, isa_arg(state, 0));
     benchmark::DoNotOptimize(x.data());
   }
   state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 12);
 }
-BENCHMARK(BM_AddLayerNorm)->Arg(0)->Arg(1)->ArgName("portable")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AddLayerNorm)->DenseRange(0, 2)->ArgName("isa")->Unit(benchmark::kMillisecond);
 
-void BM_AttentionBF16(benchmark::State& state) { attention_bench<uint16_t>(state, false); }
-BENCHMARK(BM_AttentionBF16)->Args({51, 39})->Args({8, 256})->ArgNames({"seqs", "len"})->Unit(benchmark::kMillisecond);
+void BM_AttentionBF16(benchmark::State& state) { attention_bench<uint16_t>(state); }
+BENCHMARK(BM_AttentionBF16)->ArgsProduct({{51}, {39}, {1, 2}})->ArgsProduct({{8}, {256}, {1, 2}})
+    ->ArgNames({"seqs", "len", "isa"})->Unit(benchmark::kMillisecond);
 
 void BM_BiasGeluBF16(benchmark::State& state) {
   const int64_t rows = 2000, N = 1536;
@@ -102,12 +104,12 @@ void BM_BiasGeluBF16(benchmark::State& state) {
     state.PauseTiming();
     x = x0;
     state.ResumeTiming();
-    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, false);
+    cpu::bias_gelu(x.data(), bias.data(), rows, N, 1, isa_arg(state, 0));
     benchmark::DoNotOptimize(x.data());
   }
   state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 4);
 }
-BENCHMARK(BM_BiasGeluBF16)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BiasGeluBF16)->DenseRange(1, 2)->ArgName("isa")->Unit(benchmark::kMillisecond);
 
 void BM_AddLayerNormBF16(benchmark::State& state) {
   const int64_t rows = 2000, N = 384;
@@ -115,12 +117,12 @@ void BM_AddLayerNormBF16(benchmark::State& state) {
   const auto res = bf16(randn(size_t(rows * N), 6)), w = bf16(randn(size_t(N), 7)), b = bf16(randn(size_t(N), 8)),
              bias = bf16(randn(size_t(N), 9));
   for (auto _ : state) {
-    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, false);
+    cpu::add_layer_norm(x.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, 1, isa_arg(state, 0));
     benchmark::DoNotOptimize(x.data());
   }
   state.SetBytesProcessed(int64_t(state.iterations()) * rows * N * 6);
 }
-BENCHMARK(BM_AddLayerNormBF16)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AddLayerNormBF16)->DenseRange(1, 2)->ArgName("isa")->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace kernels

@@ -73,6 +73,16 @@ void register_kernels(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   k.def("cpu_vector_paths", &cpu::vector_paths,
         "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");
+  k.def(
+      "cpu_isa",
+      [] {
+        switch (cpu::best_isa()) {
+          case cpu::Isa::kAvx512: return "avx512";
+          case cpu::Isa::kAvx2: return "avx2";
+          default: return "portable";
+        }
+      },
+      "The widest path the CPU layer kernels run on this CPU: avx512, avx2 or portable.");
   k.def("cpu_threads_for", &cpu::threads_for, py::arg("bytes"),
         "Threads the CPU kernels use for this many bytes of traffic.");
 }

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from fastserve import _core
 
 __all__ = [
-    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_", "cpu_vector_paths",
+    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_",
+    "cpu_isa", "cpu_vector_paths",
     "cu_seqlens_from_lengths",
     "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
     "Kernels", "for_device", "fallback_reason",
@@ -161,6 +162,14 @@ def cpu_vector_paths() -> bool:
     portable loops: correct, but slower than torch's own CPU kernels for
     attention and the layer tails)."""
     return bool(_k.cpu_vector_paths())
+
+
+def cpu_isa() -> str:
+    """The widest path the CPU layer kernels run on this CPU (attention and the
+    epilogues on widths a multiple of 16): "avx512" where it has AVX-512F and
+    FASTSERVE_KERNEL_NO_AVX512 is unset, "avx2" where it has AVX2 + FMA,
+    "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
+    return str(_k.cpu_isa())
 
 
 def _threads(threads: int | None) -> int:

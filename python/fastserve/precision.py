@@ -63,7 +63,10 @@ def cpu_features() -> dict[str, Any]:
     /proc/cpuinfo flags (None where unreadable), any oneDNN ISA cap in the
     environment, and native_bf16: True when the CPU has AVX512-BF16 or AMX-BF16
     and oneDNN is not capped below them, False when it lacks them, None when
-    the flags cannot be read."""
+    the flags cannot be read; kernel_isa: the widest path of fastserve's own
+    CPU layer kernels here (kernels.cpu_isa)."""
+    from fastserve import kernels
+
     flags = _cpuinfo_flags()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
     native: bool | None
@@ -77,6 +80,7 @@ def cpu_features() -> dict[str, Any]:
         "onednn_max_isa": cap,
         "native_bf16": native,
         "amx": None if flags is None else ("amx_bf16" in flags and native),
+        "kernel_isa": kernels.cpu_isa(),
     }
 
 

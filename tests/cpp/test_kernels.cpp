@@ -294,6 +294,25 @@ TEST(KernelDispatch, RejectsBadArgumentsBeforeWriting) {
 }
 
 
+// Every path of the layer kernels: a cap above what this CPU has runs its
+// widest (so on an AVX2 machine the AVX-512 cap repeats the AVX2 path, and
+// a width the path does not divide falls back to the next).
+constexpr cpu::Isa kIsas[] = {cpu::Isa::kPortable, cpu::Isa::kAvx2, cpu::Isa::kAvx512};
+
+TEST(KernelIsa, ThePathFollowsTheCapTheCpuAndTheWidth) {
+  const cpu::Isa vec = cpu::vector_paths() ? cpu::Isa::kAvx2 : cpu::Isa::kPortable;
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kPortable, 16), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx2, 16), vec);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 8), vec);  // 8 floats: not a 16-lane path
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 12), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), cpu::best_isa());
+  EXPECT_GE(int(cpu::best_isa()), int(vec));
+#if defined(FASTSERVE_AVX512_EMULATED)
+  // The emulated build exists to run the AVX-512 path: it must have.
+  if (cpu::vector_paths()) EXPECT_EQ(cpu::best_isa(), cpu::Isa::kAvx512);
+#endif
+}
+
 // softmax(q k^T * scale) v per (sequence, head) in double, the oracle.
 std::vector<double> naive_attention(const std::vector<float>& qkv, const std::vector<int64_t>& cu, int64_t nh,
                                     int64_t hd, double scale) {
@@ -321,12 +340,13 @@ std::vector<double> naive_attention(const std::vector<float>& qkv, const std::ve
 TEST(KernelAttention, MatchesNaiveAttentionForEveryPathHeadWidthAndLength) {
   std::mt19937 rng(11);
   std::normal_distribution<float> nd(0.f, 1.f);
-  // Lengths around the 4-row and 8-key blocks, empty sequences, one long one.
-  const std::vector<int64_t> lengths = {1, 0, 3, 4, 5, 7, 8, 9, 16, 17, 33, 130};
+  // Lengths around the 4-row blocks and the 8- and 16-key vectors (and their
+  // pairs), empty sequences, one long one.
+  const std::vector<int64_t> lengths = {1, 0, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 48, 130};
   std::vector<int64_t> cu = {0};
   for (int64_t l : lengths) cu.push_back(cu.back() + l);
   const int64_t T = cu.back();
-  for (int64_t hd : {8, 12, 16, 24, 32, 64}) {
+  for (int64_t hd : {8, 12, 16, 24, 32, 48, 64}) {
     for (int64_t nh : {1, 3}) {
       const int64_t H3 = 3 * nh * hd;
       std::vector<float> qkv(T * H3), bias(H3), biased(T * H3);
@@ -337,14 +357,14 @@ TEST(KernelAttention, MatchesNaiveAttentionForEveryPathHeadWidthAndLength) {
       for (bool with_bias : {false, true}) {
         // The projection's bias added in the kernel, or already in qkv.
         const auto want = naive_attention(with_bias ? biased : qkv, cu, nh, hd, scale);
-        for (bool portable : {true, false})
+        for (cpu::Isa isa : kIsas)
           for (int threads : {1, 4}) {
             std::vector<float> out(T * nh * hd, std::nanf(""));
             cpu::attention(qkv.data(), with_bias ? bias.data() : nullptr, cu.data(), int64_t(lengths.size()), nh, hd,
-                           float(scale), threads, out.data(), portable);
+                           float(scale), threads, out.data(), isa);
             for (int64_t i = 0; i < T * nh * hd; ++i)
               ASSERT_NEAR(out[i], want[i], 2e-6 * (1 + std::abs(want[i])))
-                  << "hd " << hd << " nh " << nh << " bias " << with_bias << " portable " << portable << " threads "
+                  << "hd " << hd << " nh " << nh << " bias " << with_bias << " isa " << int(isa) << " threads "
                   << threads << " at " << i;
           }
       }
@@ -355,21 +375,23 @@ TEST(KernelAttention, MatchesNaiveAttentionForEveryPathHeadWidthAndLength) {
 TEST(KernelAttention, LargeScoresDoNotOverflowAndSpreadWeightsExactly) {
   // Scores of +-1e4: only a softmax that subtracts the row's maximum stays
   // finite; a query equally close to two keys splits its weight between them.
-  const int64_t nh = 1, hd = 8;
+  const int64_t nh = 1;
   const std::vector<int64_t> cu = {0, 3};
-  std::vector<float> qkv(3 * 3 * hd, 0.f);
-  auto q = [&](int64_t t) { return &qkv[t * 3 * hd]; };
-  for (int64_t t = 0; t < 3; ++t) {
-    q(t)[0] = 100.f;                 // query
-    q(t)[hd] = t == 2 ? -100.f : 100.f;  // keys: two equal, one opposite
-    q(t)[2 * hd + 1] = float(t + 1);     // values 1, 2, 3 in column 1
-  }
-  for (bool portable : {true, false}) {
-    std::vector<float> out(3 * hd, -1.f);
-    cpu::attention(qkv.data(), nullptr, cu.data(), 1, nh, hd, 1.f, 1, out.data(), portable);
+  for (int64_t hd : {8, 16}) {
+    std::vector<float> qkv(3 * 3 * hd, 0.f);
+    auto q = [&](int64_t t) { return &qkv[t * 3 * hd]; };
     for (int64_t t = 0; t < 3; ++t) {
-      EXPECT_FLOAT_EQ(out[t * hd + 1], 1.5f) << portable;
-      EXPECT_EQ(out[t * hd + 0], 0.f);
+      q(t)[0] = 100.f;                     // query
+      q(t)[hd] = t == 2 ? -100.f : 100.f;  // keys: two equal, one opposite
+      q(t)[2 * hd + 1] = float(t + 1);     // values 1, 2, 3 in column 1
+    }
+    for (cpu::Isa isa : kIsas) {
+      std::vector<float> out(3 * hd, -1.f);
+      cpu::attention(qkv.data(), nullptr, cu.data(), 1, nh, hd, 1.f, 1, out.data(), isa);
+      for (int64_t t = 0; t < 3; ++t) {
+        EXPECT_FLOAT_EQ(out[t * hd + 1], 1.5f) << "hd " << hd << " isa " << int(isa);
+        EXPECT_EQ(out[t * hd + 0], 0.f);
+      }
     }
   }
 }
@@ -412,13 +434,12 @@ TEST(KernelBFloat16, AttentionMatchesTheOracleOnTheWidenedInputsWithinRounding) 
     for (int64_t i = 0; i < T * H3; ++i) biased[i] = qw[i] + bw[i % H3];
     const double scale = 1.0 / std::sqrt(double(hd));
     const auto want = naive_attention(biased, cu, nh, hd, scale);
-    for (bool portable : {true, false}) {
+    for (cpu::Isa isa : kIsas) {
       std::vector<uint16_t> out(T * nh * hd, 0xffff);
-      cpu::attention(q16.data(), b16.data(), cu.data(), int64_t(lengths.size()), nh, hd, float(scale), 2, out.data(),
-                     portable);
+      cpu::attention(q16.data(), b16.data(), cu.data(), int64_t(lengths.size()), nh, hd, float(scale), 2, out.data(), isa);
       for (int64_t i = 0; i < T * nh * hd; ++i)  // half a bfloat16 ulp (2^-8 relative) + float32's error
         ASSERT_NEAR(bf16_to_float(out[i]), want[i], std::abs(want[i]) * 0.00392 + 2e-6)
-            << "hd " << hd << " portable " << portable << " at " << i;
+            << "hd " << hd << " isa " << int(isa) << " at " << i;
     }
   }
 }
@@ -426,24 +447,26 @@ TEST(KernelBFloat16, AttentionMatchesTheOracleOnTheWidenedInputsWithinRounding) 
 TEST(KernelBFloat16, OutputsRoundToNearestEvenAndKeepNaNAndInfinity) {
   // One token per sequence: its context is its value (+ bias) exactly, so
   // the stored bits are the rounding of that float32 sum.
-  const int64_t hd = 8, n = 6;
+  const int64_t n = 6;
   const uint16_t one = 0x3f80, one_odd = 0x3f81, half_ulp = to_bf16(std::ldexp(1.0, -8));
+  std::vector<int64_t> cu(n + 1);
+  for (int64_t t = 0; t <= n; ++t) cu[t] = t;
+  for (int64_t hd : {8, 16}) {
   std::vector<uint16_t> qkv(n * 3 * hd, 0), bias(3 * hd, 0);
   const uint16_t values[n] = {one, one_odd, 0x7fc0 /* NaN */, 0x7f80 /* inf */, 0xff80 /* -inf */, 0xbf81};
   for (int64_t t = 0; t < n; ++t) qkv[t * 3 * hd + 2 * hd] = values[t];
   bias[2 * hd] = half_ulp;  // a tie for every finite value
-  std::vector<int64_t> cu(n + 1);
-  for (int64_t t = 0; t <= n; ++t) cu[t] = t;
-  for (bool portable : {true, false}) {
+  for (cpu::Isa isa : kIsas) {
     std::vector<uint16_t> out(n * hd, 0);
-    cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), portable);
-    EXPECT_EQ(out[0 * hd], 0x3f80) << portable;  // 1 + 2^-8: to the even 1
-    EXPECT_EQ(out[1 * hd], 0x3f82) << portable;  // 1 + 3 2^-8: to the even 1 + 2^-6, not truncated
-    EXPECT_EQ(out[2 * hd] & 0x7fc0, 0x7fc0) << portable;  // NaN stays a quiet NaN
-    EXPECT_EQ(out[3 * hd], 0x7f80) << portable;
-    EXPECT_EQ(out[4 * hd], 0xff80) << portable;
-    EXPECT_EQ(out[5 * hd], 0xbf80) << portable;  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
-    EXPECT_EQ(out[0 * hd + 1], 0) << portable;
+    cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), isa);
+    EXPECT_EQ(out[0 * hd], 0x3f80) << int(isa);  // 1 + 2^-8: to the even 1
+    EXPECT_EQ(out[1 * hd], 0x3f82) << int(isa);  // 1 + 3 2^-8: to the even 1 + 2^-6, not truncated
+    EXPECT_EQ(out[2 * hd] & 0x7fc0, 0x7fc0) << int(isa);  // NaN stays a quiet NaN
+    EXPECT_EQ(out[3 * hd], 0x7f80) << int(isa);
+    EXPECT_EQ(out[4 * hd], 0xff80) << int(isa);
+    EXPECT_EQ(out[5 * hd], 0xbf80) << int(isa);  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
+    EXPECT_EQ(out[0 * hd + 1], 0) << int(isa);
+  }
   }
 }
 
@@ -458,17 +481,17 @@ TEST(KernelBFloat16, EpiloguesMatchDoublePrecisionOnTheWidenedInputsWithinRoundi
       for (auto& v : *p) v = nd(rng);
     const auto x16 = to_bf16(x), r16 = to_bf16(res), bias16 = to_bf16(bias), w16 = to_bf16(w), b16 = to_bf16(b);
     const auto xw = widen(x16), rw = widen(r16), biasw = widen(bias16), ww = widen(w16), bw = widen(b16);
-    for (bool portable : {true, false}) {
+    for (cpu::Isa isa : kIsas) {
       auto g = x16;
-      cpu::bias_gelu(g.data(), bias16.data(), rows, N, 2, portable);
+      cpu::bias_gelu(g.data(), bias16.data(), rows, N, 2, isa);
       for (int64_t i = 0; i < rows * N; ++i) {
         const double v = double(xw[i]) + biasw[i % N];
         const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
         ASSERT_NEAR(bf16_to_float(g[i]), want, std::abs(want) * 0.00392 + 1e-6 * (1 + std::abs(v)))
-            << "gelu N " << N << " portable " << portable << " at " << i;
+            << "gelu N " << N << " isa " << int(isa) << " at " << i;
       }
       auto y = x16;
-      cpu::add_layer_norm(y.data(), bias16.data(), r16.data(), w16.data(), b16.data(), 1e-12f, rows, N, 2, portable);
+      cpu::add_layer_norm(y.data(), bias16.data(), r16.data(), w16.data(), b16.data(), 1e-12f, rows, N, 2, isa);
       for (int64_t r = 0; r < rows; ++r) {
         // The sum is rounded to bfloat16 before LayerNorm, as torch's add would.
         std::vector<double> v(N);
@@ -484,7 +507,7 @@ TEST(KernelBFloat16, EpiloguesMatchDoublePrecisionOnTheWidenedInputsWithinRoundi
           // double round it differently (scaled by rstd |w|).
           ASSERT_NEAR(bf16_to_float(y[r * N + i]), want,
                       std::abs(want) * 0.00392 + 0.0079 * std::abs(v[i]) * rstd * std::abs(ww[i]) + 1e-5)
-              << "layer norm N " << N << " portable " << portable << " row " << r << " col " << i;
+              << "layer norm N " << N << " isa " << int(isa) << " row " << r << " col " << i;
         }
       }
     }
@@ -543,15 +566,15 @@ TEST(KernelEpilogue, BiasGeluMatchesExactGeluForEveryPathAndWidth) {
     for (auto& v : bias) v = nd(rng);
     x[0] = -40.f;  // far left tail: exactly -0
     x[1] = 40.f;   // far right: x itself
-    for (bool portable : {true, false})
+    for (cpu::Isa isa : kIsas)
       for (int threads : {1, 4}) {
         auto y = x;
-        cpu::bias_gelu(y.data(), bias.data(), rows, N, threads, portable);
+        cpu::bias_gelu(y.data(), bias.data(), rows, N, threads, isa);
         for (int64_t i = 0; i < rows * N; ++i) {
           const double v = double(x[i]) + double(bias[i % N]);
           const double want = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
           // erf's approximation is within 1.5e-7 absolute; times |v| / 2.
-          ASSERT_NEAR(y[i], want, 2e-7 * (1 + std::abs(v))) << "N " << N << " portable " << portable << " at " << i;
+          ASSERT_NEAR(y[i], want, 2e-7 * (1 + std::abs(v))) << "N " << N << " isa " << int(isa) << " at " << i;
         }
       }
   }
@@ -567,10 +590,10 @@ TEST(KernelEpilogue, AddLayerNormMatchesDoublePrecisionForEveryPathAndWidth) {
     for (auto& v : res) v = nd(rng);
     for (auto* p : {&bias, &w, &b})
       for (auto& v : *p) v = nd(rng);
-    for (bool portable : {true, false})
+    for (cpu::Isa isa : kIsas)
       for (int threads : {1, 4}) {
         auto y = x;
-        cpu::add_layer_norm(y.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, threads, portable);
+        cpu::add_layer_norm(y.data(), bias.data(), res.data(), w.data(), b.data(), 1e-12f, rows, N, threads, isa);
         for (int64_t r = 0; r < rows; ++r) {
           std::vector<double> v(N);
           double mean = 0, var = 0;
@@ -581,7 +604,7 @@ TEST(KernelEpilogue, AddLayerNormMatchesDoublePrecisionForEveryPathAndWidth) {
           for (int64_t i = 0; i < N; ++i) {
             const double want = (v[i] - mean) * rstd * w[i] + b[i];
             ASSERT_NEAR(y[r * N + i], want, 2e-5 * (1 + std::abs(want)))
-                << "N " << N << " portable " << portable << " row " << r << " col " << i;
+                << "N " << N << " isa " << int(isa) << " row " << r << " col " << i;
           }
         }
       }

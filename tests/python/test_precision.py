@@ -6,6 +6,7 @@ shipped corpus."""
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -60,9 +61,12 @@ def test_stats_report_the_cpu_features_found():
     with Engine(tm.model("bert"), tm.tokenizer()) as eng:
         cpu = eng.stats()["cpu"]
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "amx"}
+    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "amx", "kernel_isa"}
     flags = precision._cpuinfo_flags()
     if flags is not None:
+        # The kernels' path follows the CPU's flags (x86-64 here; elsewhere portable).
+        want = ("avx512" if "avx512f" in flags else "avx2") if {"avx2", "fma", "f16c"} <= flags else "portable"
+        assert cpu["kernel_isa"] == (want if platform.machine() in ("x86_64", "AMD64") else "portable")
         assert cpu["flags"] == [f for f in precision.REPORTED_FLAGS if f in flags]
         assert cpu["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & flags) or cpu["onednn_max_isa"] is not None
 

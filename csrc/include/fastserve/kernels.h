@@ -75,7 +75,8 @@ void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, ui
 // [B + 1], out [T, nh, hd] = softmax(q k^T * scale) v within each sequence.
 // bias: null, or the [3 * nh * hd] bias of the projection that made qkv
 // (added to q, k and v here). threads: at most this many threads (the
-// caller's torch thread count). portable: skip the AVX2 path (tests).
+// caller's torch thread count). portable: run the portable loops, not the
+// vector paths (tests).
 void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorArg& out, const TensorArg* bias,
                double scale, int threads, bool portable = false);
 
@@ -99,18 +100,29 @@ int threads_for(size_t bytes);
 // Whether the CPU kernels' AVX2 + FMA paths run on this CPU (x86-64 with
 // AVX2, F16C and FMA, and FASTSERVE_KERNEL_NO_SIMD unset).
 bool vector_paths();
+// The instruction sets of the layer kernels' paths, narrowest first. A call
+// takes a cap and runs the widest path this CPU has up to it (kAvx512 where
+// the CPU has AVX-512F and FASTSERVE_KERNEL_NO_AVX512 is unset, and the width
+// is a multiple of 16; kAvx2 as vector_paths() says, width a multiple of 8):
+// the default runs the best, tests and benchmarks compare them.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// The path a layer kernel runs for rows of `width` floats (head width or row
+// width) under `cap`; best_isa() is isa_for(Isa::kAvx512, 16), the widest
+// this CPU runs.
+Isa isa_for(Isa cap, int64_t width);
+Isa best_isa();
 // The layer kernels, on float32 or on bfloat16 (by its bits: uint16_t),
 // computing in float32 either way.
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, float* out, bool portable);
+               float scale, int threads, float* out, Isa isa = Isa::kAvx512);
 void attention(const uint16_t* qkv, const uint16_t* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, uint16_t* out, bool portable);
-void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable);
-void bias_gelu(uint16_t* x, const uint16_t* bias, int64_t rows, int64_t N, int threads, bool portable);
+               float scale, int threads, uint16_t* out, Isa isa = Isa::kAvx512);
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
+void bias_gelu(uint16_t* x, const uint16_t* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
 void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
-                    int64_t rows, int64_t N, int threads, bool portable);
+                    int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
 void add_layer_norm(uint16_t* x, const uint16_t* bias, const uint16_t* residual, const uint16_t* w,
-                    const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, bool portable);
+                    const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
 }  // namespace cpu
 
 // ----------------------------------------------------------------- CUDA kernels

@@ -1,8 +1,9 @@
 // Packed self-attention on the CPU: softmax(q k^T * scale) v for every
 // (sequence, head) of a packed batch in one call, no padding and no mask.
 // Each (sequence, head) is one work item on the packing kernels' pool; the
-// AVX2 path (attention_avx2.cpp) runs where the CPU has it and the head
-// width is a multiple of 8, the portable loops below elsewhere.
+// vector paths (layer_simd.inc) run where the CPU has them and the head
+// width is a multiple of their width (AVX-512: 16, AVX2: 8), the portable
+// loops below elsewhere.
 //
 // Why a kernel of our own: torch's CPU flash attention is one call per run of
 // equal lengths (or per group of similar lengths, padded), and at MiniLM's
@@ -83,8 +84,8 @@ constexpr int64_t kGroupScratchFloats = 64 << 10;
 
 template <typename T>
 void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-                    float scale, int threads, T* out, bool portable) {
-  const bool avx2 = !portable && vector_paths() && hd % 8 == 0;
+                    float scale, int threads, T* out, Isa cap) {
+  const Isa isa = isa_for(cap, hd);
   double flops = 0;
   for (int64_t b = 0; b < B; ++b) {
     const double L = double(cu[b + 1] - cu[b]);
@@ -99,7 +100,7 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
   std::vector<int64_t> group(static_cast<size_t>(B)), first(static_cast<size_t>(B) + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = cu[b + 1] - cu[b];
-    int64_t g = avx2 ? std::min(nh, std::max<int64_t>(1, kGroupScratchFloats / std::max<int64_t>(1, 3 * L * hd))) : 1;
+    int64_t g = isa != Isa::kPortable ? std::min(nh, std::max<int64_t>(1, kGroupScratchFloats / std::max<int64_t>(1, 3 * L * hd))) : 1;
     g = std::max<int64_t>(1, std::min(g, (nh + share - 1) / share));
     group[b] = g;
     first[b + 1] = first[b] + (L > 0 ? (nh + g - 1) / g : 0);
@@ -113,8 +114,8 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
     int64_t B, nh, hd;
     float scale;
     T* out;
-    bool avx2;
-  } ctx{qkv, bias, cu, group.data(), first.data(), B, nh, hd, scale, out, avx2};
+    Isa isa;
+  } ctx{qkv, bias, cu, group.data(), first.data(), B, nh, hd, scale, out, isa};
   run_chunks(first[B], threads, [](void* c, int64_t i0, int64_t i1) {
     const Ctx& x = *static_cast<const Ctx*>(c);
     thread_local std::vector<float> scratch;
@@ -127,8 +128,12 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
       if (scratch.size() < need) scratch.resize(need);
       a.scratch = scratch.data();
 #if defined(FASTSERVE_CPU_AVX2)
-      if (x.avx2) {
-        simd::attention_group_avx2(a);
+      if (x.isa == Isa::kAvx512) {
+        simd::avx512::attention_group(a);
+        continue;
+      }
+      if (x.isa == Isa::kAvx2) {
+        simd::avx2::attention_group(a);
         continue;
       }
 #endif
@@ -140,13 +145,13 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
 }  // namespace
 
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, float* out, bool portable) {
-  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, portable);
+               float scale, int threads, float* out, Isa isa) {
+  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, isa);
 }
 
 void attention(const bf16* qkv, const bf16* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, bf16* out, bool portable) {
-  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, portable);
+               float scale, int threads, bf16* out, Isa isa) {
+  attention_impl(qkv, bias, cu, B, nh, hd, scale, threads, out, isa);
 }
 
 }  // namespace cpu

@@ -45,11 +45,11 @@ struct HeadArgs {
   float* scratch;
 };
 
-// The AVX2 path's: per head keys transposed [hd, Lp], values and queries
-// [L, hd], and scores or weights [4, Lp] (Lp: L rounded up to 8); the
+// The vector paths': per head keys transposed [hd, Lp], values and queries
+// [L, hd], and scores or weights [4, Lp] (Lp: L rounded up to 16 at most); the
 // portable path's, one head at a time, fits in that for g = 1.
 inline int64_t attention_scratch(int64_t L, int64_t hd, int64_t g) {
-  const int64_t Lp = (L + 7) / 8 * 8;
+  const int64_t Lp = (L + 15) / 16 * 16;
   return g * (hd * Lp + 2 * L * hd) + 4 * Lp + 4 * hd;
 }
 
@@ -57,12 +57,20 @@ inline int64_t attention_scratch(int64_t L, int64_t hd, int64_t g) {
 template <typename T>
 void attention_head_portable(const HeadArgs<T>& a);
 
+// The vector paths (layer_simd.cpp), heads [h, h + g); hd must be a multiple
+// of the vector width (8 floats for AVX2, 16 for AVX-512). Only where the CPU
+// has the instructions (kernels.h's Isa, isa_for).
 namespace simd {
-// The AVX2 + FMA path, heads [h, h + g); hd must be a multiple of 8. Only
-// where have_avx2().
-void attention_group_avx2(const HeadArgs<float>& a);
-void attention_group_avx2(const HeadArgs<bf16>& a);
+namespace avx2 {
+void attention_group(const HeadArgs<float>& a);
+void attention_group(const HeadArgs<bf16>& a);
+}  // namespace avx2
+namespace avx512 {
+void attention_group(const HeadArgs<float>& a);
+void attention_group(const HeadArgs<bf16>& a);
+}  // namespace avx512
 }  // namespace simd
+
 
 // Run fn(ctx, begin, end) over [0, n) in chunks on up to `threads` threads
 // (the packing kernels' pool, kernels_cpu.cpp).

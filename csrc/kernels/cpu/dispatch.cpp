@@ -178,6 +178,8 @@ void check_shape(const TensorArg& t, const char* name, const std::vector<int64_t
 
 bool on_cuda(const TensorArg& t) { return t.device == DeviceType::kCUDA; }
 
+cpu::Isa cap(bool portable) { return portable ? cpu::Isa::kPortable : cpu::Isa::kAvx512; }
+
 }  // namespace
 
 void pack(const TensorArg& x, const TensorArg& seqlens, const TensorArg& out, uintptr_t stream) {
@@ -338,10 +340,12 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
   if (T == 0 || nh == 0 || hd == 0) return;
   if (qkv.dtype == DType::kBFloat16)
     cpu::attention(cptr<uint16_t>(&qkv), cptr<uint16_t>(bias), cu.data(), B, nh, hd, float(scale), threads,
-                   static_cast<uint16_t*>(out.data), portable);
+                   static_cast<uint16_t*>(out.data),
+                   cap(portable));
   else
     cpu::attention(cptr<float>(&qkv), cptr<float>(bias), cu.data(), B, nh, hd, float(scale), threads,
-                   static_cast<float*>(out.data), portable);
+                   static_cast<float*>(out.data),
+                   cap(portable));
 }
 
 void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable) {
@@ -351,9 +355,9 @@ void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool port
   check_threads(threads);
   if (x.shape[0] == 0 || x.shape[1] == 0) return;
   if (x.dtype == DType::kBFloat16)
-    cpu::bias_gelu(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), x.shape[0], x.shape[1], threads, portable);
+    cpu::bias_gelu(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), x.shape[0], x.shape[1], threads, cap(portable));
   else
-    cpu::bias_gelu(static_cast<float*>(x.data), cptr<float>(&bias), x.shape[0], x.shape[1], threads, portable);
+    cpu::bias_gelu(static_cast<float*>(x.data), cptr<float>(&bias), x.shape[0], x.shape[1], threads, cap(portable));
 }
 
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
@@ -371,10 +375,10 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
   if (x.shape[0] == 0 || N == 0) return;
   if (x.dtype == DType::kBFloat16)
     cpu::add_layer_norm(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), cptr<uint16_t>(&residual),
-                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads, portable);
+                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
   else
     cpu::add_layer_norm(static_cast<float*>(x.data), cptr<float>(&bias), cptr<float>(&residual), cptr<float>(&weight),
-                        cptr<float>(&beta), float(eps), x.shape[0], N, threads, portable);
+                        cptr<float>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
 }
 
 }  // namespace kernels

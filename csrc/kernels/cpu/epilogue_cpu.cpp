@@ -6,7 +6,8 @@
 // a fresh tensor, then an add and a LayerNorm, each a pass over the
 // activations (together about 10% of a float32 MiniLM batch on the CPU:
 // benchmarks/README.md, "CPU dtypes"). Rows are split over the packing
-// kernels' pool; AVX2 + FMA where the CPU has it, else the loops below.
+// kernels' pool; AVX-512F or AVX2 + FMA where the CPU has them
+// (layer_simd.inc), else the loops below.
 //
 // GELU is erf's Abramowitz-Stegun 7.1.26 form (absolute error below 1.5e-7),
 // the approximation ATen's vectorised CPU GELU uses; LayerNorm takes the
@@ -62,17 +63,18 @@ int rows_threads(int threads, int64_t rows, int64_t N) {
 }
 
 template <typename T>
-void bias_gelu_impl(T* x, const T* bias, int64_t rows, int64_t N, int threads, bool portable) {
+void bias_gelu_impl(T* x, const T* bias, int64_t rows, int64_t N, int threads, Isa cap) {
   struct Ctx {
     T* x;
     const T* bias;
     int64_t N;
-    bool avx2;
-  } ctx{x, bias, N, !portable && vector_paths() && N % 8 == 0};
+    Isa isa;
+  } ctx{x, bias, N, isa_for(cap, N)};
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)
-    if (a.avx2) return simd::bias_gelu_rows_avx2(a.x, a.bias, a.N, r0, r1);
+    if (a.isa == Isa::kAvx512) return simd::avx512::bias_gelu_rows(a.x, a.bias, a.N, r0, r1);
+    if (a.isa == Isa::kAvx2) return simd::avx2::bias_gelu_rows(a.x, a.bias, a.N, r0, r1);
 #endif
     bias_gelu_rows_portable(a.x, a.bias, a.N, r0, r1);
   }, &ctx);
@@ -80,18 +82,21 @@ void bias_gelu_impl(T* x, const T* bias, int64_t rows, int64_t N, int threads, b
 
 template <typename T>
 void add_layer_norm_impl(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps, int64_t rows,
-                         int64_t N, int threads, bool portable) {
+                         int64_t N, int threads, Isa cap) {
   struct Ctx {
     T* x;
     const T *bias, *residual, *w, *b;
     float eps;
     int64_t N;
-    bool avx2;
-  } ctx{x, bias, residual, w, b, eps, N, !portable && vector_paths() && N % 8 == 0};
+    Isa isa;
+  } ctx{x, bias, residual, w, b, eps, N, isa_for(cap, N)};
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)
-    if (a.avx2) return simd::add_layer_norm_rows_avx2(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
+    if (a.isa == Isa::kAvx512)
+      return simd::avx512::add_layer_norm_rows(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
+    if (a.isa == Isa::kAvx2)
+      return simd::avx2::add_layer_norm_rows(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
 #endif
     add_layer_norm_rows_portable(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
   }, &ctx);
@@ -99,19 +104,19 @@ void add_layer_norm_impl(T* x, const T* bias, const T* residual, const T* w, con
 
 }  // namespace
 
-void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, bool portable) {
-  bias_gelu_impl(x, bias, rows, N, threads, portable);
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, Isa isa) {
+  bias_gelu_impl(x, bias, rows, N, threads, isa);
 }
-void bias_gelu(bf16* x, const bf16* bias, int64_t rows, int64_t N, int threads, bool portable) {
-  bias_gelu_impl(x, bias, rows, N, threads, portable);
+void bias_gelu(bf16* x, const bf16* bias, int64_t rows, int64_t N, int threads, Isa isa) {
+  bias_gelu_impl(x, bias, rows, N, threads, isa);
 }
 void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
-                    int64_t rows, int64_t N, int threads, bool portable) {
-  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, portable);
+                    int64_t rows, int64_t N, int threads, Isa isa) {
+  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, isa);
 }
 void add_layer_norm(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b, float eps,
-                    int64_t rows, int64_t N, int threads, bool portable) {
-  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, portable);
+                    int64_t rows, int64_t N, int threads, Isa isa) {
+  add_layer_norm_impl(x, bias, residual, w, b, eps, rows, N, threads, isa);
 }
 
 }  // namespace cpu

@@ -21,13 +21,22 @@ template <typename T>
 void add_layer_norm_rows_portable(T* x, const T* bias, const T* residual, const T* w, const T* b, float eps,
                                   int64_t N, int64_t r0, int64_t r1);
 
+// The vector paths (layer_simd.cpp); N a multiple of the vector width.
 namespace simd {
-void bias_gelu_rows_avx2(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1);
-void bias_gelu_rows_avx2(bf16* x, const bf16* bias, int64_t N, int64_t r0, int64_t r1);
-void add_layer_norm_rows_avx2(float* x, const float* bias, const float* residual, const float* w, const float* b,
-                              float eps, int64_t N, int64_t r0, int64_t r1);
-void add_layer_norm_rows_avx2(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b,
-                              float eps, int64_t N, int64_t r0, int64_t r1);
+#define FS_EPILOGUE_DECLS                                                                                     \
+  void bias_gelu_rows(float* x, const float* bias, int64_t N, int64_t r0, int64_t r1);                        \
+  void bias_gelu_rows(bf16* x, const bf16* bias, int64_t N, int64_t r0, int64_t r1);                          \
+  void add_layer_norm_rows(float* x, const float* bias, const float* residual, const float* w, const float* b, \
+                           float eps, int64_t N, int64_t r0, int64_t r1);                                     \
+  void add_layer_norm_rows(bf16* x, const bf16* bias, const bf16* residual, const bf16* w, const bf16* b,     \
+                           float eps, int64_t N, int64_t r0, int64_t r1);
+namespace avx2 {
+FS_EPILOGUE_DECLS
+}  // namespace avx2
+namespace avx512 {
+FS_EPILOGUE_DECLS
+}  // namespace avx512
+#undef FS_EPILOGUE_DECLS
 }  // namespace simd
 
 }  // namespace cpu

@@ -225,9 +225,22 @@ bool use_avx2() {
   return v;
 }
 
+bool use_avx512() {
+  static const bool v = use_avx2() && simd::have_avx512() && !std::getenv("FASTSERVE_KERNEL_NO_AVX512");
+  return v;
+}
+
 }  // namespace
 
 bool vector_paths() { return use_avx2(); }
+
+Isa isa_for(Isa cap, int64_t width) {
+  if (cap >= Isa::kAvx512 && use_avx512() && width % 16 == 0) return Isa::kAvx512;
+  if (cap >= Isa::kAvx2 && use_avx2() && width % 8 == 0) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+Isa best_isa() { return isa_for(Isa::kAvx512, 16); }
 
 void run_chunks(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx) {
   parallel_for(n, threads, [&](int64_t b, int64_t e) { fn(ctx, b, e); });

@@ -186,6 +186,16 @@ bool have_avx2() {
   return v;
 }
 
+bool have_avx512() {
+#if defined(FASTSERVE_AVX512_EMULATED)
+  return have_avx2();
+#else
+  // libgcc counts AVX-512F only where the OS saves the zmm and mask registers.
+  static const bool v = have_avx2() && __builtin_cpu_supports("avx512f");
+  return v;
+#endif
+}
+
 void pool_rows_avx2(const void* x, DType dtype, const int64_t* cu, int64_t b0, int64_t b1, int64_t H,
                     PoolMode mode, bool normalize, float* out) {
   switch (dtype) {

@@ -17,11 +17,15 @@ namespace simd {
 #define FASTSERVE_CPU_AVX2 1
 // True when this CPU has AVX2, F16C and FMA (checked once).
 bool have_avx2();
+// True when it also has AVX-512F (and the OS saves its registers); in a build
+// with FASTSERVE_AVX512_EMULATED, whenever have_avx2() (SIMDe runs that path).
+bool have_avx512();
 // segment_pool over segments [b0, b1), as cpu::segment_pool defines it.
 void pool_rows_avx2(const void* x, DType dtype, const int64_t* cu, int64_t b0, int64_t b1, int64_t H,
                     PoolMode mode, bool normalize, float* out);
 #else
 inline bool have_avx2() { return false; }
+inline bool have_avx512() { return false; }
 #endif
 
 }  // namespace simd
