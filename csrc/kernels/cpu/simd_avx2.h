@@ -1,6 +1,7 @@
 // Internal to the AVX2 + FMA kernel files (included inside their
-// FASTSERVE_CPU_AVX2 blocks): vector math shared by pooling, attention and the
-// epilogues, and Vec8, the layer kernels' eight-lane operations.
+// FASTSERVE_CPU_AVX2 blocks): bfloat16 loads and stores, reductions and a
+// transpose shared by pooling and the layer kernels, and Vec8, the layer
+// kernels' eight-lane operations.
 #pragma once
 
 #include <immintrin.h>
@@ -15,28 +16,6 @@ namespace fastserve {
 namespace kernels {
 namespace cpu {
 namespace simd {
-
-// exp(x) for x <= 0 (arguments below -87.3 give 0).
-FS_AVX2_INLINE __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  // x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact n ln2.
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  // 2^n through the exponent bits (n >= -126 here).
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 // Eight floats from float or bfloat16 (its bits, uint16_t) memory, and back;
 // to bfloat16 rounding to nearest even, NaN kept quiet (what torch does).
@@ -112,7 +91,13 @@ struct Vec8 {
   static FS_AVX2_INLINE V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   static FS_AVX2_INLINE V sign(V a) { return _mm256_and_ps(a, _mm256_set1_ps(-0.f)); }  // a's sign bit
   static FS_AVX2_INLINE V flip(V a, V s) { return _mm256_xor_ps(a, s); }  // a with s's sign bits flipped in
-  static FS_AVX2_INLINE V exp_nonpositive(V x) { return simd::exp_nonpositive(x); }
+  static FS_AVX2_INLINE V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for integral n in [-126, 127], through the exponent bits.
+  static FS_AVX2_INLINE V pow2(V n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  // v, with 0 in the lanes where x < lo.
+  static FS_AVX2_INLINE V zero_below(V v, V x, V lo) { return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v); }
   static FS_AVX2_INLINE float hsum(V v) { return simd::hsum(v); }
   static FS_AVX2_INLINE float hmax(V v) { return simd::hmax(v); }
 };

@@ -90,27 +90,19 @@ struct Vec16 {
     return FS512(castsi512_ps)(FS512(xor_si512)(FS512(castps_si512)(a), FS512(castps_si512)(s)));
   }
 
-  // exp(x) for x <= 0 (arguments below -87.3 give 0): simd_avx2.h's.
-  static FS_AVX512_INLINE V exp_nonpositive(V x) {
-    const V lo = set1(-87.33654f);
-    const fs_mask16 under = FS512(cmp_ps_mask)(x, lo, _CMP_LT_OQ);
-    x = max(x, lo);
-    const V n = FS512(roundscale_ps)(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = fnmadd(n, set1(0.693359375f), x);
-    r = fnmadd(n, set1(-2.12194440e-4f), r);
-    V p = set1(1.9875691500e-4f);
-    p = fmadd(p, r, set1(1.3981999507e-3f));
-    p = fmadd(p, r, set1(8.3334519073e-3f));
-    p = fmadd(p, r, set1(4.1665795894e-2f));
-    p = fmadd(p, r, set1(1.6666665459e-1f));
-    p = fmadd(p, r, set1(5.0000001201e-1f));
-    p = fmadd(p, mul(r, r), add(r, set1(1.f)));
-    // 2^n through the exponent bits (n in [-126, 0] here, an integer): n +
-    // 1.5 2^23 holds n in its low mantissa bits, so its bits less those of
-    // 1.5 2^23 are n, without a float-to-int conversion.
+  static FS_AVX512_INLINE V round(V a) {
+    return FS512(roundscale_ps)(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^n for integral n in [-126, 127], through the exponent bits: n + 1.5 2^23
+  // holds n in its low mantissa bits, so its bits less those of 1.5 2^23 are n
+  // (no float-to-int conversion, which SIMDe lacks on 512 bits).
+  static FS_AVX512_INLINE V pow2(V n) {
     const fs_m512i bits = FS512(castps_si512)(add(n, set1(12582912.f)));
-    const fs_m512i e = FS512(slli_epi32)(FS512(sub_epi32)(bits, FS512(set1_epi32)(0x4B400000 - 127)), 23);
-    return FS512(mask_mov_ps)(mul(p, FS512(castsi512_ps)(e)), under, zero());
+    return FS512(castsi512_ps)(FS512(slli_epi32)(FS512(sub_epi32)(bits, FS512(set1_epi32)(0x4B400000 - 127)), 23));
+  }
+  // v, with 0 in the lanes where x < lo.
+  static FS_AVX512_INLINE V zero_below(V v, V x, V lo) {
+    return FS512(mask_mov_ps)(v, FS512(cmp_ps_mask)(x, lo, _CMP_LT_OQ), zero());
   }
 
   static FS_AVX512_INLINE float hsum(V v) {
