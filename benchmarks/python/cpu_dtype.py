@@ -19,6 +19,9 @@ Rows:
   FASTSERVE_PACKED_ATTENTION=kernel, its layers through fastserve's CPU
   kernels in bfloat16 (opt-in until measured on a CPU with native bfloat16;
   "fastserve bfloat16" is the default, the modules);
+- fastserve AVX2 kernels float32, fastserve bfloat16 kernels AVX2 (only on a
+  CPU with AVX-512F): the same engines with the kernels capped at their AVX2
+  path (kernels.cpu_isa_cap), against their AVX-512 path in the same run;
 - transformers sorted <dtype>: AutoModel in that dtype on batches of 32 texts
   sorted by token length, tokenized and padded beforehand (not timed), mean
   pooling and normalisation in float32;
@@ -148,6 +151,16 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
                                                     for d, e in engines.items()}
     for d in ("float32", "modules float32"):
         methods[f"fastserve {d}"] = lambda e=engines[d]: alone_fp32(e, texts)
+    from fastserve import kernels
+
+    if kernels.cpu_isa() == "avx512":  # the kernels' AVX-512 path against their AVX2 one
+        def avx2(fn: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+            def run() -> np.ndarray:
+                with kernels.cpu_isa_cap("avx2"):
+                    return fn()
+            return run
+        methods["fastserve AVX2 kernels float32"] = avx2(methods["fastserve float32"])
+        methods["fastserve bfloat16 kernels AVX2"] = avx2(methods["fastserve bfloat16 kernels"])
     for k, m in hf.items():
         methods[f"transformers sorted {k}"] = lambda m=m, p=prepared[k]: m.run(p)
     methods["sentence-transformers float32"] = lambda: st.encode(texts, batch_size=32)
@@ -186,6 +199,10 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
         "min_cosine_bf16": cosines["fastserve bfloat16"],
         "min_cosine_autocast": cosines["fastserve autocast"],
     }
+    if "fastserve AVX2 kernels float32" in by:
+        ratios["fp32_kernels_avx512_vs_avx2"] = by["fastserve float32"] / by["fastserve AVX2 kernels float32"]
+        ratios["bf16_kernels_avx512_vs_avx2"] = (by["fastserve bfloat16 kernels"]
+                                                 / by["fastserve bfloat16 kernels AVX2"])
     return {"mix": name, "n_texts": len(texts), "real_tokens": real_tokens,
             "mean_tokens_per_text": real_tokens / len(texts), "max_tokens": None,
             "model_gflop_total": flops / 1e9, "rows": rows, "ratios": ratios}
@@ -306,6 +323,9 @@ def markdown(res: dict[str, Any]) -> str:
                      f"kernels / through the modules = {r['fp32_kernels_vs_modules']:.2f}x; bf16 through the "
                      f"kernels / through the modules = {r['bf16_kernels_vs_modules']:.2f}x (min cosine vs fp32 "
                      f"{r['min_cosine_bf16_kernels']:.6f})")
+        if "fp32_kernels_avx512_vs_avx2" in r:
+            lines.append(f"- the CPU kernels on AVX-512 / on AVX2: float32 {r['fp32_kernels_avx512_vs_avx2']:.2f}x, "
+                         f"bfloat16 {r['bf16_kernels_avx512_vs_avx2']:.2f}x")
         lines.append("")
     if res.get("emulated", {}).get("error"):
         lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]

@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
 
 #include "fastserve/errors.h"
 #include "fastserve/kernels.h"
@@ -14,6 +15,23 @@
 namespace py = pybind11;
 
 namespace fastserve {
+namespace {
+
+const char* isa_name(kernels::cpu::Isa isa) {
+  switch (isa) {
+    case kernels::cpu::Isa::kAvx512: return "avx512";
+    case kernels::cpu::Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+kernels::cpu::Isa isa_named(const std::string& name) {
+  for (auto isa : {kernels::cpu::Isa::kPortable, kernels::cpu::Isa::kAvx2, kernels::cpu::Isa::kAvx512})
+    if (name == isa_name(isa)) return isa;
+  throw InvalidArgument("isa must be 'avx512', 'avx2' or 'portable', got '" + name + "'");
+}
+
+}  // namespace
 
 void register_kernels(py::module_& m) {
   using namespace kernels;
@@ -74,15 +92,11 @@ void register_kernels(py::module_& m) {
   k.def("cpu_vector_paths", &cpu::vector_paths,
         "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");
   k.def(
-      "cpu_isa",
-      [] {
-        switch (cpu::best_isa()) {
-          case cpu::Isa::kAvx512: return "avx512";
-          case cpu::Isa::kAvx2: return "avx2";
-          default: return "portable";
-        }
-      },
-      "The widest path the CPU layer kernels run on this CPU: avx512, avx2 or portable.");
+      "cpu_isa", [] { return isa_name(cpu::best_isa()); },
+      "The widest path the CPU layer kernels run on this CPU now: avx512, avx2 or portable.");
+  k.def(
+      "set_cpu_isa_cap", [](const std::string& name) { return isa_name(cpu::set_isa_cap(isa_named(name))); },
+      py::arg("isa"), "Cap every CPU layer kernel call at this path, process-wide; returns the previous cap.");
   k.def("cpu_threads_for", &cpu::threads_for, py::arg("bytes"),
         "Threads the CPU kernels use for this many bytes of traffic.");
 }

@@ -37,8 +37,9 @@ torch; FASTSERVE_KERNELS=torch forces torch everywhere (tests, benchmarks).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from fastserve import _core
 
 __all__ = [
     "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_",
-    "cpu_isa", "cpu_vector_paths",
+    "cpu_isa", "cpu_isa_cap", "cpu_vector_paths",
     "cu_seqlens_from_lengths",
     "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
     "Kernels", "for_device", "fallback_reason",
@@ -170,6 +171,19 @@ def cpu_isa() -> str:
     FASTSERVE_KERNEL_NO_AVX512 is unset, "avx2" where it has AVX2 + FMA,
     "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
     return str(_k.cpu_isa())
+
+
+@contextlib.contextmanager
+def cpu_isa_cap(isa: str) -> Iterator[None]:
+    """Within the block, every CPU layer kernel call in the process runs at
+    most the `isa` path ("avx512", "avx2" or "portable"), whatever engine makes
+    it: for A/B measurements in one process (benchmarks/python/cpu_dtype.py),
+    not for serving. ValueError for another name."""
+    prev = _k.set_cpu_isa_cap(isa)
+    try:
+        yield
+    finally:
+        _k.set_cpu_isa_cap(prev)
 
 
 def _threads(threads: int | None) -> int:

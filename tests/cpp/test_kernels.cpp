@@ -307,6 +307,15 @@ TEST(KernelIsa, ThePathFollowsTheCapTheCpuAndTheWidth) {
   EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 12), cpu::Isa::kPortable);
   EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), cpu::best_isa());
   EXPECT_GE(int(cpu::best_isa()), int(vec));
+  // The process-wide cap narrows every call, and restores.
+  const cpu::Isa best = cpu::best_isa();
+  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx2), cpu::Isa::kAvx512);
+  EXPECT_EQ(cpu::best_isa(), vec);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), vec);
+  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kPortable), cpu::Isa::kAvx2);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx512), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::best_isa(), best);
 #if defined(FASTSERVE_AVX512_EMULATED)
   // The emulated build exists to run the AVX-512 path: it must have.
   if (cpu::vector_paths()) EXPECT_EQ(cpu::best_isa(), cpu::Isa::kAvx512);

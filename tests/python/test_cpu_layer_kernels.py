@@ -39,6 +39,40 @@ def test_attention_equals_sdpa_per_sequence(hd: int, threads: int) -> None:
                                atol=2e-6, rtol=1e-5)
 
 
+def test_the_isa_cap_narrows_every_path_and_restores() -> None:
+    best = kernels.cpu_isa()
+    assert best in ("avx512", "avx2", "portable")
+    torch.manual_seed(0)
+    lengths = [5, 17, 33]
+    qkv, cu = torch.randn(sum(lengths), 3, 2, 32), _cu(lengths)
+    x, b = torch.randn(40, 1536), torch.randn(1536)
+    want_gelu = F.gelu(x + b)
+    for isa in ("portable", "avx2", "avx512"):
+        with kernels.cpu_isa_cap(isa):
+            order = ("portable", "avx2", "avx512")
+            assert order.index(kernels.cpu_isa()) == min(order.index(isa), order.index(best))
+            torch.testing.assert_close(kernels.attention(qkv, cu), kernels.torch_attention(qkv, cu),
+                                       atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(kernels.bias_gelu_(x.clone(), b), want_gelu, atol=2e-6, rtol=1e-5)
+        assert kernels.cpu_isa() == best
+    with pytest.raises(RuntimeError, match="inside"), kernels.cpu_isa_cap("portable"):
+        raise RuntimeError("inside")
+    assert kernels.cpu_isa() == best
+    with pytest.raises(ValueError, match="isa must be 'avx512', 'avx2' or 'portable', got 'sse'"):
+        with kernels.cpu_isa_cap("sse"):
+            pass
+    assert kernels.cpu_isa() == best
+
+
+def test_an_engine_gives_the_same_embeddings_on_every_kernel_path() -> None:
+    texts = ["a short one", "a somewhat longer text about packed attention " * 3, "x"]
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed") as eng:
+        want = eng.embed(texts)
+        for isa in ("portable", "avx2"):
+            with kernels.cpu_isa_cap(isa):
+                np.testing.assert_allclose(eng.embed(texts), want, atol=1e-6)
+
+
 def test_attention_rejects_bad_input_with_value_errors() -> None:
     qkv, cu = torch.randn(5, 3, 2, 8), _cu([2, 3])
     with pytest.raises(ValueError, match="qkv must be float32 or bfloat16, got float16"):

@@ -107,10 +107,13 @@ bool vector_paths();
 // the default runs the best, tests and benchmarks compare them.
 enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 // The path a layer kernel runs for rows of `width` floats (head width or row
-// width) under `cap`; best_isa() is isa_for(Isa::kAvx512, 16), the widest
-// this CPU runs.
+// width) under `cap` and the process-wide cap; best_isa() is
+// isa_for(Isa::kAvx512, 16), the widest this CPU runs now.
 Isa isa_for(Isa cap, int64_t width);
 Isa best_isa();
+// A process-wide cap on every layer kernel call (kAvx512 at start: none), for
+// A/B measurements in one process; returns the previous cap.
+Isa set_isa_cap(Isa cap);
 // The layer kernels, on float32 or on bfloat16 (by its bits: uint16_t),
 // computing in float32 either way.
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
@@ -234,7 +235,14 @@ bool use_avx512() {
 
 bool vector_paths() { return use_avx2(); }
 
+namespace {
+std::atomic<int> g_isa_cap{int(Isa::kAvx512)};
+}  // namespace
+
+Isa set_isa_cap(Isa cap) { return Isa(g_isa_cap.exchange(int(cap))); }
+
 Isa isa_for(Isa cap, int64_t width) {
+  cap = std::min(cap, Isa(g_isa_cap.load(std::memory_order_relaxed)));
   if (cap >= Isa::kAvx512 && use_avx512() && width % 16 == 0) return Isa::kAvx512;
   if (cap >= Isa::kAvx2 && use_avx2() && width % 8 == 0) return Isa::kAvx2;
   return Isa::kPortable;
