@@ -71,7 +71,6 @@ void attention_group(const HeadArgs<bf16>& a);
 }  // namespace avx512
 }  // namespace simd
 
-
 // Run fn(ctx, begin, end) over [0, n) in chunks on up to `threads` threads
 // (the packing kernels' pool, kernels_cpu.cpp).
 void run_chunks(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);

@@ -231,13 +231,11 @@ bool use_avx512() {
   return v;
 }
 
+std::atomic<int> g_isa_cap{int(Isa::kAvx512)};  // set_isa_cap's
+
 }  // namespace
 
 bool vector_paths() { return use_avx2(); }
-
-namespace {
-std::atomic<int> g_isa_cap{int(Isa::kAvx512)};
-}  // namespace
 
 Isa set_isa_cap(Isa cap) { return Isa(g_isa_cap.exchange(int(cap))); }
 
