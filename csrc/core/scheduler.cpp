@@ -301,10 +301,17 @@ double Scheduler::predict_completion(int64_t tokens, int priority) const {
   return completion_locked(now, priority, ahead_locked(priority), own_cost(tokens));
 }
 
-void Scheduler::track_compute_locked(double cost, double seconds) {
-  // The first batch is left out: it carries one-off costs (lazy
-  // initialisation, first allocations), often many times a steady batch.
-  if (++measured_batches_ == 1) return;
+void Scheduler::track_compute_locked(int worker, double cost, double seconds) {
+  // Each worker's first batch is left out: it carries one-off costs (lazy
+  // initialisation on its thread, first allocations), 50-100x a steady batch
+  // in the engine's tests. Only the first worker's was once: the second's
+  // then made a burst at start-up look like tens of seconds of work.
+  const size_t k = static_cast<size_t>(std::max(0, worker));
+  if (warm_.size() <= k) warm_.resize(k + 1, false);
+  if (!warm_[k]) {
+    warm_[k] = true;
+    return;
+  }
   if (compute_fit_.ready()) {
     const double predicted = compute_fit_.predict(cost);
     if (predicted > 0) {
@@ -866,7 +873,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   if (!gone.empty()) return;
   const auto k = static_cast<size_t>(batch.worker);
   if (k < controllers_.size()) controllers_[k]->observe(o);
-  track_compute_locked(static_cast<double>(o.tokens), compute_seconds);
+  track_compute_locked(batch.worker, static_cast<double>(o.tokens), compute_seconds);
   cost_factor_ += 0.1 * (cost_factor - cost_factor_);
 }
 

@@ -329,6 +329,34 @@ struct Measured {
   }
 };
 
+TEST(Admission, EachWorkersColdFirstBatchIsLeftOutOfTheFit) {
+  // Every replica's first batch is cold (lazy initialisation on its own
+  // thread: 50-100x a steady batch in the engine's tests). Fitted, the second
+  // worker's would make a burst at start-up look like 30 s of work and shed
+  // requests that finish in well under a second.
+  auto clock = std::make_shared<ManualClock>(0.0);
+  ControllerConfig c = engine_controller("static");
+  c.initial_tokens = 1000;
+  Scheduler s(engine_scheduler(), c, clock, 2);
+  auto run = [&](int worker, int n, double seconds) {
+    s.submit(toks(n));
+    auto b = *s.next_batch(0, worker);
+    s.start(*b);
+    clock->advance(seconds);
+    s.complete(*b, seconds);
+  };
+  run(0, 30, 0.3);  // cold
+  run(1, 20, 0.3);  // cold
+  for (int n : {100, 400, 800, 200, 600, 1000}) run(n % 200 == 0 ? 0 : 1, n, 0.002 + 20e-6 * n);
+  const double now = clock->now();
+  EXPECT_NEAR(s.predict_completion(50) - now, 0.003, 0.001);
+  // 30,000 tokens: 30 batches of 22 ms on two workers, about 0.33 s.
+  for (int i = 0; i < 300; ++i) EXPECT_NO_THROW(s.submit(toks(100), 0, now + 30.0));
+  auto b = *s.next_batch(0, 0);
+  EXPECT_TRUE(b->shed.empty());
+  EXPECT_LT(s.predict_completion(50) - now, 1.0);
+}
+
 TEST(Admission, NothingIsRefusedBeforeAnyBatchIsMeasured) {
   auto clock = std::make_shared<ManualClock>(0.0);
   Scheduler s(engine_scheduler(), engine_controller("static"), clock);

@@ -272,7 +272,7 @@ class Scheduler {
   double share_locked(double now, int worker, double budget) const;
   void seen_locked(int worker) { seen_at_[static_cast<size_t>(worker)] = clock_->now(); }
   void shed_locked(double now, Batch& batch);
-  void track_compute_locked(double cost, double seconds);
+  void track_compute_locked(int worker, double cost, double seconds);
   uint64_t enqueue_locked(std::vector<int32_t> tokens, int priority, double now, double deadline);
   std::vector<uint64_t> drop_expired_locked(double now);
   std::shared_ptr<Batch> assemble_locked(double now, int worker);
@@ -308,7 +308,7 @@ class Scheduler {
   std::vector<double> excess_;
   size_t excess_next_ = 0;
   double tail_s_ = 0.0, cost_factor_ = 1.0;
-  int64_t measured_batches_ = 0;
+  std::vector<bool> warm_;  // per worker: its first (cold) batch has completed
   struct Running {
     int worker = 0;
     double end = 0;      // predicted end (a paused batch's: after the urgent one)
