@@ -461,21 +461,21 @@ TEST(KernelBFloat16, OutputsRoundToNearestEvenAndKeepNaNAndInfinity) {
   std::vector<int64_t> cu(n + 1);
   for (int64_t t = 0; t <= n; ++t) cu[t] = t;
   for (int64_t hd : {8, 16}) {
-  std::vector<uint16_t> qkv(n * 3 * hd, 0), bias(3 * hd, 0);
-  const uint16_t values[n] = {one, one_odd, 0x7fc0 /* NaN */, 0x7f80 /* inf */, 0xff80 /* -inf */, 0xbf81};
-  for (int64_t t = 0; t < n; ++t) qkv[t * 3 * hd + 2 * hd] = values[t];
-  bias[2 * hd] = half_ulp;  // a tie for every finite value
-  for (cpu::Isa isa : kIsas) {
-    std::vector<uint16_t> out(n * hd, 0);
-    cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), isa);
-    EXPECT_EQ(out[0 * hd], 0x3f80) << int(isa);  // 1 + 2^-8: to the even 1
-    EXPECT_EQ(out[1 * hd], 0x3f82) << int(isa);  // 1 + 3 2^-8: to the even 1 + 2^-6, not truncated
-    EXPECT_EQ(out[2 * hd] & 0x7fc0, 0x7fc0) << int(isa);  // NaN stays a quiet NaN
-    EXPECT_EQ(out[3 * hd], 0x7f80) << int(isa);
-    EXPECT_EQ(out[4 * hd], 0xff80) << int(isa);
-    EXPECT_EQ(out[5 * hd], 0xbf80) << int(isa);  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
-    EXPECT_EQ(out[0 * hd + 1], 0) << int(isa);
-  }
+    std::vector<uint16_t> qkv(n * 3 * hd, 0), bias(3 * hd, 0);
+    const uint16_t values[n] = {one, one_odd, 0x7fc0 /* NaN */, 0x7f80 /* inf */, 0xff80 /* -inf */, 0xbf81};
+    for (int64_t t = 0; t < n; ++t) qkv[t * 3 * hd + 2 * hd] = values[t];
+    bias[2 * hd] = half_ulp;  // a tie for every finite value
+    for (cpu::Isa isa : kIsas) {
+      std::vector<uint16_t> out(n * hd, 0);
+      cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), isa);
+      EXPECT_EQ(out[0 * hd], 0x3f80) << int(isa);  // 1 + 2^-8: to the even 1
+      EXPECT_EQ(out[1 * hd], 0x3f82) << int(isa);  // 1 + 3 2^-8: to the even 1 + 2^-6, not truncated
+      EXPECT_EQ(out[2 * hd] & 0x7fc0, 0x7fc0) << int(isa);  // NaN stays a quiet NaN
+      EXPECT_EQ(out[3 * hd], 0x7f80) << int(isa);
+      EXPECT_EQ(out[4 * hd], 0xff80) << int(isa);
+      EXPECT_EQ(out[5 * hd], 0xbf80) << int(isa);  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
+      EXPECT_EQ(out[0 * hd + 1], 0) << int(isa);
+    }
   }
 }
 

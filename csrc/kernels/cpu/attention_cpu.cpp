@@ -100,7 +100,9 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
   std::vector<int64_t> group(static_cast<size_t>(B)), first(static_cast<size_t>(B) + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = cu[b + 1] - cu[b];
-    int64_t g = isa != Isa::kPortable ? std::min(nh, std::max<int64_t>(1, kGroupScratchFloats / std::max<int64_t>(1, 3 * L * hd))) : 1;
+    int64_t g = 1;
+    if (isa != Isa::kPortable)
+      g = std::min(nh, std::max<int64_t>(1, kGroupScratchFloats / std::max<int64_t>(1, 3 * L * hd)));
     g = std::max<int64_t>(1, std::min(g, (nh + share - 1) / share));
     group[b] = g;
     first[b + 1] = first[b] + (L > 0 ? (nh + g - 1) / g : 0);

@@ -340,12 +340,10 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
   if (T == 0 || nh == 0 || hd == 0) return;
   if (qkv.dtype == DType::kBFloat16)
     cpu::attention(cptr<uint16_t>(&qkv), cptr<uint16_t>(bias), cu.data(), B, nh, hd, float(scale), threads,
-                   static_cast<uint16_t*>(out.data),
-                   cap(portable));
+                   static_cast<uint16_t*>(out.data), cap(portable));
   else
     cpu::attention(cptr<float>(&qkv), cptr<float>(bias), cu.data(), B, nh, hd, float(scale), threads,
-                   static_cast<float*>(out.data),
-                   cap(portable));
+                   static_cast<float*>(out.data), cap(portable));
 }
 
 void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable) {
@@ -355,9 +353,11 @@ void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool port
   check_threads(threads);
   if (x.shape[0] == 0 || x.shape[1] == 0) return;
   if (x.dtype == DType::kBFloat16)
-    cpu::bias_gelu(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), x.shape[0], x.shape[1], threads, cap(portable));
+    cpu::bias_gelu(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), x.shape[0], x.shape[1], threads,
+                   cap(portable));
   else
-    cpu::bias_gelu(static_cast<float*>(x.data), cptr<float>(&bias), x.shape[0], x.shape[1], threads, cap(portable));
+    cpu::bias_gelu(static_cast<float*>(x.data), cptr<float>(&bias), x.shape[0], x.shape[1], threads,
+                   cap(portable));
 }
 
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
@@ -375,7 +375,8 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
   if (x.shape[0] == 0 || N == 0) return;
   if (x.dtype == DType::kBFloat16)
     cpu::add_layer_norm(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), cptr<uint16_t>(&residual),
-                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
+                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads,
+                        cap(portable));
   else
     cpu::add_layer_norm(static_cast<float*>(x.data), cptr<float>(&bias), cptr<float>(&residual), cptr<float>(&weight),
                         cptr<float>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
