@@ -123,8 +123,9 @@ class Gate:
     """Wraps a runner: records every request id that reaches the model and
     holds the worker inside the first batch until released."""
 
-    def __init__(self, engine, hold_first: bool = True) -> None:
+    def __init__(self, engine, hold_first: bool = True, hold_limit_s: float = 60.0) -> None:
         self.engine = engine
+        self.hold_limit_s = hold_limit_s
         self.inner = engine.runner.run
         self.seen: list[int] = []
         self.entered = threading.Event()
@@ -137,7 +138,7 @@ class Gate:
         if self.hold:
             self.hold = False
             self.entered.set()
-            assert self.release.wait(60), "test never released the worker"
+            assert self.release.wait(self.hold_limit_s), "test never released the worker"
         return self.inner(batch, *args, **kwargs)  # kwargs: prompt_lengths, a rerank batch's segments
 
 
