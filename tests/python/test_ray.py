@@ -2,9 +2,10 @@
 tests start and stop on loopback (ray.cluster_utils.Cluster: two raylets,
 one CPU each, all on 127.0.0.1).
 
-Marked `ray` (CI runs them as their own step, after installing the `ray`
-extra); skipped when Ray Serve is not installed. Every wait has a bound, so a
-fault shows as a failure, never as a hang.
+Marked `ray` (`-m ray` runs them alone; CI installs the `ray` extra, so they
+run in the test command with the rest); skipped when Ray Serve is not
+installed. Every wait has a bound, so a fault shows as a failure, never as a
+hang.
 """
 
 from __future__ import annotations
