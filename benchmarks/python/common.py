@@ -161,6 +161,19 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def save_result(script: str, argv: Sequence[str] | None, result: dict[str, Any], folder: str | None,
+                name: str) -> dict[str, Any]:
+    """result with the command that produced it and the machine it ran on
+    put first; written as folder/name (JSON) when a folder is given."""
+    args = sys.argv[1:] if argv is None else argv
+    result = {"command": f"python benchmarks/python/{script} " + " ".join(args), "machine": machine(), **result}
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def matmul_peak_gflops(sizes: Sequence[int] = (1024, 1536, 2048), repeats: int = 3) -> float:
     """The machine's fp32 matmul peak as torch sees it: best GFLOP/s over a few
     square torch.mm calls, with the process's torch thread count."""

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -94,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m} x {k} -> {n}: mm best {row['mm_best']:.1f} median {row['mm_median']:.1f} | packed best "
                   f"{row['packed_best']:.1f} median {row['packed_median']:.1f} GFLOP/s | max |diff| {diff:.1e}",
                   flush=True)
-    res = {"command": "python benchmarks/python/mkl_packed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": common.machine(), "rows": rows}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mkl_packed.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    common.save_result("mkl_packed.py", argv, {"rows": rows}, args.out, "mkl_packed.json")
     return 0
 
 

@@ -13,9 +13,6 @@ by twice the one-thread rate.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import threading
 import time
 from typing import Any
@@ -78,12 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}: one thread alone {alone:.1f} GFLOP/s; {args.threads} at once "
               f"{' + '.join(f'{x:.1f}' for x in together)} = {sum(together):.1f}; "
               f"square mm on {args.threads} threads {square:.1f}", flush=True)
-    res = {"command": "python benchmarks/python/mm_concurrency.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "machine": common.machine(), "rounds": rounds}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mm_concurrency.json"), "w") as f:
-            json.dump(res, f, indent=1)
+    common.save_result("mm_concurrency.py", argv, {"rounds": rounds}, args.out, "mm_concurrency.json")
     return 0
 
 
