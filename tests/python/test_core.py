@@ -1071,12 +1071,32 @@ def _stub_functions():
     return out
 
 
+def _parameter_names(a) -> list[str]:
+    """Positional parameter names, then `*`, then keyword-only ones."""
+    return [p.arg for p in a.posonlyargs + a.args] + ["*"] + [p.arg for p in a.kwonlyargs]
+
+
+def _parameter_defaults(a) -> dict[str, object]:
+    """Each defaulted parameter's literal default; Ellipsis where the default
+    is not a literal (`...`, a constant's name): present, value unchecked."""
+    import ast
+
+    positional = a.posonlyargs + a.args
+    pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+    pairs += [(p, d) for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+    out: dict[str, object] = {}
+    for p, d in pairs:
+        try:
+            out[p.arg] = ast.literal_eval(d)
+        except ValueError:
+            out[p.arg] = Ellipsis
+    return out
+
+
 def test_stub_signatures_match_the_extensions_parameters():
     # Parameter names, their order and kinds, and literal defaults, as the
     # extension declares them. The configs' keyword constructors are stub-only
     # sugar over attribute setters (test_stub_config_defaults_match_runtime).
-    import ast
-
     functions = _stub_functions()
     assert len(functions) >= 20
     checked = 0
@@ -1084,25 +1104,8 @@ def test_stub_signatures_match_the_extensions_parameters():
         if qualname in ("ControllerConfig.__init__", "SchedulerConfig.__init__"):
             continue
         doc = _docstring_parameters(runtime, stub.name)
-
-        def names(a):
-            return [p.arg for p in a.posonlyargs + a.args] + ["*"] + [p.arg for p in a.kwonlyargs]
-
-        assert names(stub.args) == names(doc), qualname
-
-        def defaults(a):
-            positional = a.posonlyargs + a.args
-            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
-            pairs += [(p, d) for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
-            out = {}
-            for p, d in pairs:
-                try:
-                    out[p.arg] = ast.literal_eval(d)
-                except ValueError:  # not a literal (`...`, a constant's name): present, value unchecked
-                    out[p.arg] = Ellipsis
-            return out
-
-        want, got = defaults(doc), defaults(stub.args)
+        assert _parameter_names(stub.args) == _parameter_names(doc), qualname
+        want, got = _parameter_defaults(doc), _parameter_defaults(stub.args)
         assert want.keys() == got.keys(), qualname
         for k in want:
             if Ellipsis not in (want[k], got[k]):
