@@ -38,6 +38,9 @@ POLICIES = ("model", "aimd", "seed", "static")
 # process keeps (benchmarks/README.md, "Memory"); a GPU needs large batches.
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
 EXECUTIONS = ("auto", "packed", "padded")
+# How long the constructor waits for each worker's warm-up batch (a slow one
+# goes on in its worker, which serves once it is done).
+WARMUP_WAIT_S = 120.0
 
 
 def _queued(submit: Callable[..., Any], *args: Any) -> Any:
@@ -140,6 +143,12 @@ class Engine(tasks.TaskCalls):
     (docs/design.md, "Pausing a batch"). None: on for the packed runner on
     a CPU with data-parallel workers; True asks for it (ValueError where the
     runner has no layers to pause between); False: off.
+
+    warmup runs one small batch through each data-parallel worker on its own
+    thread before the constructor returns, outside the scheduler and the
+    statistics: the one-off costs of a worker's first batch (thread-local
+    state in torch and its BLAS, first-touch allocations) then never land on
+    a caller's request. stats()["warmup_s"] gives each worker's time.
     """
 
     def __init__(
@@ -177,6 +186,7 @@ class Engine(tasks.TaskCalls):
         parallel: str = "data",
         preempt: bool | None = None,
         clock: _core.ManualClock | None = None,
+        warmup: bool = True,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -363,6 +373,8 @@ class Engine(tasks.TaskCalls):
         # One controller per data-parallel replica; a pipeline's workers share one.
         controllers = 1 if parallel == "pipeline" else len(self._replicas)
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock, workers=controllers)
+        # A pipeline's stages pass each batch on to one another: no warm-up there.
+        self._warmup_cfg = (sched_cfg, ctl_cfg) if warmup and parallel == "data" else None
         self.request_timeout_s = request_timeout_s
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
@@ -376,6 +388,9 @@ class Engine(tasks.TaskCalls):
         for r in self._replicas:
             r.thread.start()
         _open_engines.add(self)
+        if self._warmup_cfg is not None:
+            for r in self._replicas:
+                r.warm.wait(WARMUP_WAIT_S)
 
     # ------------------------------------------------------------------ calls
 
@@ -591,6 +606,8 @@ class Engine(tasks.TaskCalls):
         s["model_attention"] = None if self.runner.name == "packed" else \
             (getattr(self.model.config, "_attn_implementation", None) or "eager")
         s["attention_batches"] = replicas_.attention_batches(self._replicas)
+        # Each worker's warm-up batch, seconds (None: none ran, or it failed).
+        s["warmup_s"] = [r.warmup_s for r in self._replicas]
         s["activation"] = self.activation
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
@@ -905,6 +922,7 @@ class Engine(tasks.TaskCalls):
         replica.enter()
         try:
             with torch.inference_mode():
+                self._warm_up(replica)
                 while True:
                     batch = sched.next_batch(0.1, worker)
                     if batch is None:
@@ -931,6 +949,42 @@ class Engine(tasks.TaskCalls):
             for rid in left:
                 self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
             raise
+
+    def _warm_up(self, replica: replicas_.Replica) -> None:
+        """One batch of two short texts through the replica's runner, as _run
+        runs a batch (same contexts), from a scheduler of its own: nothing
+        is counted, no controller learns from it. A failure is only recorded
+        (stats()["warmup_s"] None): the same fault fails the first real batch
+        with a typed error."""
+        try:
+            if self._warmup_cfg is None:
+                return
+            scratch = _core.Scheduler(*self._warmup_cfg, None, workers=1)
+            texts = ["fastserve warms up", "a worker's first batch"]
+            for ids in self._fit.fit(self._encode(texts), texts):
+                scratch.submit(ids)
+            batch = scratch.next_batch(1.0, 0)
+            if batch is None or not batch.size:
+                return
+            extra: dict[str, Any] = {}
+            if self._head.needs_prompt_lengths and self.task == "embed":
+                extra["prompt_lengths"] = np.zeros(batch.size, dtype=np.int64)
+            if self._pairs is not None:
+                extra["segments"] = tasks.segments_of([None] * batch.size, batch.lengths)
+            counts = getattr(replica.runner, "attention_batches", None)
+            before = dict(counts) if counts is not None else None
+            t0 = time.perf_counter()
+            try:
+                with replica.sdpa_backends(), self._precision_context(), self._onednn():
+                    self._rows(batch, extra, replica.runner)
+            finally:
+                if before is not None:  # stats()["attention_batches"] counts served batches only
+                    counts.update(before)
+            replica.warmup_s = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - recorded; the first real batch reports it
+            replica.warmup_error = e
+        finally:
+            replica.warm.set()
 
     def _run(self, batch, replica: replicas_.Replica) -> None:
         # A deadline that passed since the batch was assembled: never computed.

@@ -113,6 +113,10 @@ class Replica:
         self.requests = 0
         self.failed_batches = 0
         self.busy_s = 0.0
+        # Engine(warmup=True): set once the worker's warm-up batch is done.
+        self.warm = threading.Event()
+        self.warmup_s: float | None = None
+        self.warmup_error: BaseException | None = None
 
     def enter(self) -> None:
         """Run once in the worker's own thread: torch's intra-op thread count
