@@ -26,7 +26,7 @@ from .errors import ReplicaFailedError, RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .pipeline import PipelineRunner
 from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
-from .models import TextEncoder, resolve_device
+from .models import TextEncoder
 from .heads import EmbeddingHead
 from .families import select as select_runner
 from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers
