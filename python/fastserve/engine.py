@@ -966,17 +966,11 @@ class Engine(tasks.TaskCalls):
             batch = scratch.next_batch(1.0, 0)
             if batch is None or not batch.size:
                 return
-            extra: dict[str, Any] = {}
-            if self._head.needs_prompt_lengths and self.task == "embed":
-                extra["prompt_lengths"] = np.zeros(batch.size, dtype=np.int64)
-            if self._pairs is not None:
-                extra["segments"] = tasks.segments_of([None] * batch.size, batch.lengths)
             counts = getattr(replica.runner, "attention_batches", None)
             before = dict(counts) if counts is not None else None
             t0 = time.perf_counter()
             try:
-                with replica.sdpa_backends(), self._precision_context(), self._onednn():
-                    self._rows(batch, extra, replica.runner)
+                self._compute(batch, [None] * batch.size, replica)  # no caller: no prompt, one segment
             finally:
                 if before is not None:  # stats()["attention_batches"] counts served batches only
                     counts.update(before)
@@ -1000,14 +994,7 @@ class Engine(tasks.TaskCalls):
         try:
             if pausing:
                 runner.pause_hook, state = self._pausing(batch, replica, futures)
-            with replica.sdpa_backends(), self._precision_context(), self._onednn():
-                extra = {}
-                if self._head.needs_prompt_lengths and self.task == "embed":
-                    extra["prompt_lengths"] = np.array(
-                        [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
-                if self._pairs is not None:  # the pairs' token types, carried on their futures
-                    extra["segments"] = tasks.segments_of(futures, batch.lengths)
-                rows = self._rows(batch, extra, runner)
+            rows = self._compute(batch, futures, replica)
         except BatchAbandoned:  # a pause dropped every row (each failed then)
             rows = []
         except Exception as e:
@@ -1048,6 +1035,19 @@ class Engine(tasks.TaskCalls):
                 # Per-request timing for callers that report it (HTTP headers).
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
+
+    def _compute(self, batch, futures: Sequence[Optional[cf.Future]], replica: replicas_.Replica) -> Any:
+        """The replica's rows for the batch, in the contexts every batch runs
+        in, with what the requests' futures carry: a prompt's length (pooled
+        from there) and a pair's token types."""
+        with replica.sdpa_backends(), self._precision_context(), self._onednn():
+            extra = {}
+            if self._head.needs_prompt_lengths and self.task == "embed":
+                extra["prompt_lengths"] = np.array(
+                    [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
+            if self._pairs is not None:  # the pairs' token types, carried on their futures
+                extra["segments"] = tasks.segments_of(futures, batch.lengths)
+            return self._rows(batch, extra, replica.runner)
 
     def _rows(self, batch, extra: dict, runner: Any) -> Any:
         """The (replica's) runner's rows for the batch; where batches are rounded up to
