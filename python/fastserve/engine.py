@@ -731,8 +731,7 @@ class Engine(tasks.TaskCalls):
         fut: cf.Future = cf.Future()
         fut.pooled_from = pooled_from  # type: ignore[attr-defined]
         with self._lock:
-            if self._closing:
-                raise EngineClosedError("the engine is closed")
+            self._refuse_if_closed()
             rid = _queued(self._scheduler.submit, ids, priority, timeout)
             self._pending[rid] = fut
         fut.add_done_callback(lambda f, rid=rid: self._on_done(rid, f))
@@ -748,6 +747,14 @@ class Engine(tasks.TaskCalls):
         fut.info = lists.infos[0]
         return fut
 
+    def _refuse_if_closed(self) -> None:
+        """Under self._lock: no new request once the engine is closing; the
+        error names the worker's fault when that is why."""
+        if self._closing:
+            if self._worker_error is not None:
+                raise EngineClosedError(f"the engine's worker died: {self._worker_error!r}")
+            raise EngineClosedError("the engine is closed")
+
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
                        timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
         """Queue as many of token_lists as fit, in order, under one lock (the
@@ -755,8 +762,7 @@ class Engine(tasks.TaskCalls):
         one job: without `timeout` its items have no deadline (the engine's
         request_timeout_s is for single requests, _submit_tokens)."""
         with self._lock:
-            if self._closing:
-                raise EngineClosedError("the engine is closed")
+            self._refuse_if_closed()
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
             futures = [cf.Future() for _ in rids]
             for fut in futures:
@@ -919,8 +925,8 @@ class Engine(tasks.TaskCalls):
     def _work(self, replica: replicas_.Replica) -> None:
         sched = self._scheduler
         worker = replica.index if self.parallel == "data" else 0
-        replica.enter()
         try:
+            replica.enter()
             with torch.inference_mode():
                 self._warm_up(replica)
                 while True:
@@ -937,6 +943,7 @@ class Engine(tasks.TaskCalls):
                         self._run(batch, replica)
         except BaseException as e:  # the worker must never die silently
             replica.error = e
+            replica.warm.set()  # failed before its warm-up: the constructor waits no longer
             if any(r.alive for r in self._replicas):
                 raise  # the other replicas keep serving (health() reports this one)
             self._worker_error = e

@@ -131,7 +131,10 @@ class Replica:
 
     @property
     def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive() and self.error is None
+        # A thread not yet started counts: the constructor starts the workers
+        # one after another, and the first may fail before the last starts.
+        t = self.thread
+        return t is not None and (t.ident is None or t.is_alive()) and self.error is None
 
     def record(self, batch_size: int, seconds: float, failed: bool = False) -> None:
         with self._lock:

@@ -84,3 +84,51 @@ def test_a_fault_in_the_warm_up_is_recorded_and_the_first_batch_reports_it(monke
             engine.embed("meets the fault")
         assert engine.embed("served after it").shape == (32,)
         assert engine.health()["healthy"]
+
+
+def _enter_fails_for(monkeypatch, indices):
+    """Replica.enter (the worker's thread set-up, before its warm-up) raises
+    on the replicas listed."""
+    from fastserve import replicas
+
+    inner = replicas.Replica.enter
+
+    def enter(self):
+        if self.index in indices:
+            raise RuntimeError(f"thread set-up failed on replica {self.index}")
+        inner(self)
+
+    monkeypatch.setattr(replicas.Replica, "enter", enter)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_worker_that_fails_before_its_warm_up_is_reported_and_the_others_serve(monkeypatch, failing):
+    # The constructor waits for each worker's warm-up; a worker whose set-up
+    # raised must release that wait at once and be reported, not hold the
+    # constructor for WARMUP_WAIT_S, nor (replica 0, whose sibling may not have
+    # started yet) be taken for the last worker and close the engine.
+    import fastserve.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "WARMUP_WAIT_S", 3600.0)
+    _enter_fails_for(monkeypatch, {failing})
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", replicas=2) as engine:
+        assert all(r.warm.is_set() for r in engine._replicas)
+        engine._replicas[failing].thread.join()
+        h = engine.health()
+        assert h["healthy"] and h["replicas_alive"] == 1
+        s = engine.stats()["replicas"][failing]
+        assert not s["alive"] and "thread set-up failed" in s["error"]
+        assert engine.embed(["served by the other worker", "and this"]).shape == (2, 32)
+
+
+def test_when_every_worker_fails_before_its_warm_up_calls_fail_typed(monkeypatch):
+    import fastserve.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "WARMUP_WAIT_S", 3600.0)
+    _enter_fails_for(monkeypatch, {0, 1})
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", replicas=2) as engine:
+        for r in engine._replicas:
+            r.thread.join()
+        assert not engine.health()["healthy"]
+        with pytest.raises(fastserve.EngineClosedError, match="thread set-up failed"):
+            engine.embed("nobody to serve it")
