@@ -13,7 +13,9 @@ engine's worker.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, Sequence
@@ -93,6 +95,25 @@ def apply_activation(logits: np.ndarray, activation: str) -> np.ndarray:
     return x
 
 
+class PrivateTokenizer:
+    """A copy of the caller's tokenizer, called under a lock. transformers'
+    tokenizer(...) sets the truncation of the Rust tokenizer behind it on
+    every call: calls from several threads with different truncation (a first
+    pass without, a cut for the long inputs) would otherwise see each other's
+    setting, and so would the caller's own uses of the object it passed in."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        try:
+            self.tokenizer = copy.deepcopy(tokenizer)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied: the lock still holds within the engine
+            self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self.tokenizer(*args, **kwargs)
+
+
 class PairIds(list):
     """One pair's token ids; `segment` is where its second sequence (token
     type 1) starts."""
@@ -114,7 +135,7 @@ class PairEncoder:
         if mode == "chunk":
             raise ValueError("truncate='chunk' is for embeddings; a rerank engine cuts pairs "
                              "(truncate='right' or 'left') or refuses them ('error')")
-        self.tokenizer = tokenizer
+        self.tokenizer = PrivateTokenizer(tokenizer)
         self.max_length = max_length
         self.mode = mode
         self.strategy = strategy
@@ -259,7 +280,7 @@ class TokenEncoder:
                              "(truncate='right' or 'left') or refuses them ('error')")
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError("token classification needs a fast tokenizer (character offsets)")
-        self.tokenizer = tokenizer
+        self.tokenizer = PrivateTokenizer(tokenizer)
         self.max_length = max_length
         self.mode = mode
         model = getattr(getattr(tokenizer, "_tokenizer", None), "model", None)
