@@ -68,6 +68,19 @@ def validate_token_ids(token_lists: Sequence[Any], *, vocab_size: int, max_lengt
     return TokenLists(out)
 
 
+def in_vocabulary(token_lists: Sequence[Sequence[int]], vocab_size: int, why: str = "") -> None:
+    """InvalidInputError for the first list holding an id outside [0,
+    vocab_size) (lists already known to be non-empty lists of int: the
+    tokenizer's, or TokenLists handed back, which a caller may have edited).
+    An id past the model's embeddings would fail the whole batch it ran in,
+    other callers' requests with it. `why`: what to add to the message."""
+    for i, ids in enumerate(token_lists):
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            bad = next(t for t in ids if t < 0 or t >= vocab_size)
+            raise InvalidInputError(f"token id {bad}{where(i, len(token_lists))} is outside the model's "
+                                    f"vocabulary [0, {vocab_size}){why}")
+
+
 def where(i: int, n: int) -> str:
     """Where an input is, in an error message (nothing when it is alone)."""
     return "" if n == 1 else f" at index {i}"
@@ -86,11 +99,13 @@ def _check_token_ids(ids: Any, at: str, vocab_size: int) -> None:
 
 
 def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[list[int]]],
-                validate: Callable[[Sequence[Any]], list[Sequence[int]]]) -> list[Sequence[int]]:
+                validate: Callable[[Sequence[Any]], list[Sequence[int]]], vocab_size: int) -> list[Sequence[int]]:
     """What a list of inputs queues: texts through `tokenize`, token-id lists
-    through `validate`. The first input says which the list holds; an input of
-    the other kind is refused with its index."""
+    through `validate`, TokenLists as they are once their ids are in the
+    vocabulary. The first input says which the list holds; an input of the
+    other kind is refused with its index."""
     if type(inputs) is TokenLists:
+        in_vocabulary(inputs, vocab_size)
         return inputs
     if type(inputs) is not list:
         if isinstance(inputs, str):

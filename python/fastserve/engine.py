@@ -11,6 +11,7 @@ import functools
 import os
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence
@@ -305,6 +306,15 @@ class Engine(tasks.TaskCalls):
         self.truncate = truncate
         self.chunk_overlap = chunk_overlap
         self._encode = TextEncoder(self.tokenizer, self.max_length, False)
+        # A tokenizer with tokens the model has no embeddings for (added
+        # without resizing the model): a text holding one is refused.
+        self._vocab_gap = ""
+        n = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else 0
+        if n > self.vocab_size:
+            self._vocab_gap = (f" (the tokenizer has {n} tokens, the model's embeddings {self.vocab_size}: "
+                               "tokens added to the tokenizer without resizing the model)")
+            warnings.warn(f"the tokenizer has {n} tokens but the model only {self.vocab_size} embeddings; "
+                          "texts holding the tokens past them are refused", stacklevel=2)
         self._fit = self._make_fit(truncate, chunk_overlap)
         if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}
@@ -667,7 +677,9 @@ class Engine(tasks.TaskCalls):
         except (UnicodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
-        return self._within_budget(self._fit.fit(enc, texts, lead=lead))
+        lists = self._fit.fit(enc, texts, lead=lead)
+        admission.in_vocabulary(lists, self.vocab_size, self._vocab_gap)
+        return self._within_budget(lists)
 
     def _side_tokenizer(self, truncate: str) -> Any:
         """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
@@ -778,7 +790,7 @@ class Engine(tasks.TaskCalls):
         """A list of inputs as the token lists submit_many queues."""
         tokens = (lambda texts: self._tokens(self._prompted(texts, prompt), self._lead(prompt))) if prompt \
             else self._tokens
-        return admission.token_lists(inputs, tokens, self.validate_token_ids)
+        return admission.token_lists(inputs, tokens, self.validate_token_ids, self.vocab_size)
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
         """The prompt text SentenceTransformer.encode would use."""

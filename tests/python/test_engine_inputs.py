@@ -1,0 +1,68 @@
+"""What the engine makes of its callers' inputs before they reach a batch:
+token ids past the model's vocabulary (a token added to the tokenizer the
+model was not resized for, or a TokenLists edited after tokenize) are refused
+with a typed error for that caller alone, never failing another caller's
+request in the same batch; arguments of the wrong type get InvalidInputError."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+
+
+@pytest.fixture(scope="module")
+def grown_tokenizer():
+    """The tiny models' tokenizer with one token more than the model has embeddings for."""
+    tok = copy.deepcopy(tm.tokenizer())
+    tok.add_tokens(["<newtok>"])
+    assert tok.convert_tokens_to_ids("<newtok>") == tm.model("bert").config.vocab_size
+    return tok
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_a_text_with_a_token_the_model_lacks_is_refused_and_its_batch_neighbour_served(grown_tokenizer, execution):
+    with pytest.warns(UserWarning, match="tokenizer has 30523 tokens"):
+        engine = Engine(tm.model("bert"), grown_tokenizer, execution=execution, replicas=1, warmup=False)
+    with engine, tm.held(engine) as gate:
+        neighbour = engine.submit("an innocent caller's text")
+        with pytest.raises(fastserve.InvalidInputError, match=r"token id 30522 .*outside the model's vocabulary"):
+            engine.submit("text with <newtok> inside")
+        with pytest.raises(fastserve.InvalidInputError, match="index 1"):
+            engine.submit_many(["fine", "a <newtok>"])
+        with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
+            engine.tokenize(["a <newtok>"])
+        gate.release.set()
+        assert neighbour.result(timeout=60).shape == (32,)
+        assert engine.stats()["failed"] == 0
+
+
+def test_token_lists_edited_after_tokenize_are_checked_again():
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False) as engine:
+        lists = engine.tokenize(["hello world", "a second text"])
+        lists[1][1] = 10**6
+        with tm.held(engine) as gate:
+            neighbour = engine.submit("an innocent caller's text")
+            with pytest.raises(fastserve.InvalidInputError, match=r"token id 1000000 at index 1"):
+                engine.submit_many(lists)
+            gate.release.set()
+            assert neighbour.result(timeout=60).shape == (32,)
+        assert engine.stats()["failed"] == 0
+
+
+def test_pairs_and_extract_inputs_with_a_token_the_model_lacks_are_refused(grown_tokenizer):
+    m = tm.model("bert", classify=True, num_labels=1)
+    with pytest.warns(UserWarning), Engine(m, grown_tokenizer, task="rerank", replicas=1, warmup=False) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
+            engine.score([("query", "fine"), ("query", "a <newtok>")])
+        assert engine.score([("query", "fine")]).shape == (1,)
+    m = tm.model("bert", classify=True, num_labels=3)
+    with pytest.warns(UserWarning), \
+            Engine(m, grown_tokenizer, task="token-classify", replicas=1, warmup=False) as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
+            engine.extract(["a <newtok>"])
+        assert len(engine.extract(["fine"])) == 1
