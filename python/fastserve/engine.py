@@ -752,9 +752,16 @@ class Engine(tasks.TaskCalls):
     def _submit_one(self, lists, priority: int, timeout: float | None, prompt: str = "") -> cf.Future:
         """Queue one input (a one-item list from _tokens or validate_token_ids,
         `prompt` already in front)."""
-        if self.truncate == "chunk":  # its windows, combined (and normalised) by submit_many
+        if self.truncate == "chunk":  # its windows, queued together or refused at once, then combined
             timeout = self.request_timeout_s if timeout is None else timeout  # one request: the default deadline
-            return self.submit_many(lists, priority=priority, timeout=timeout, prompt=prompt)[0]
+            flat, spans = self._fit.split(lists, self._lead(prompt))
+            parts = self._submit_prefix(flat, priority, timeout, self._pooled_from(prompt))
+            if len(parts) < len(flat):
+                for f in parts:
+                    f.cancel()  # leaves the queue
+                raise QueueFullError(f"the queue has room for {len(parts)} of this text's {len(flat)} windows; "
+                                     "submit_many queues a list's windows as room frees up")
+            return self._combine(lists, flat, spans, parts)[0]
         fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
         fut.info = lists.infos[0]
         return fut

@@ -66,3 +66,31 @@ def test_pairs_and_extract_inputs_with_a_token_the_model_lacks_are_refused(grown
         with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
             engine.extract(["a <newtok>"])
         assert len(engine.extract(["fine"])) == 1
+
+
+def test_one_long_text_on_a_chunking_engine_is_queued_whole_or_refused_at_once():
+    # A single text's windows go in together or not at all: submit() and
+    # aembed(str) never wait for room (an event loop would stall), as a
+    # single text on any other engine.
+    import asyncio
+
+    long_text = "word " * 500  # four windows of 128 tokens
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, truncate="chunk",
+                max_queue=3) as engine:
+        with tm.held(engine) as gate:  # the holding request leaves the queue: 3 places free
+            with pytest.raises(fastserve.QueueFullError, match="4 windows"):
+                engine.submit(long_text)
+
+            async def one():
+                return await engine.aembed(long_text)
+
+            with pytest.raises(fastserve.QueueFullError, match="4 windows"):
+                asyncio.run(one())
+            assert engine.stats()["queue_depth"] == 0  # nothing of them left queued
+            short = engine.submit("word " * 200)  # two windows: room for them
+            gate.release.set()
+            assert short.result(timeout=60).shape == (32,) and short.info.chunks == 2
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, truncate="chunk") as engine:
+        got = engine.submit(long_text)
+        assert got.info.chunks == 4
+        assert abs(got.result(timeout=60) - engine.embed([long_text])[0]).max() < 1e-6
