@@ -457,11 +457,16 @@ class Engine(tasks.TaskCalls):
         p = self._prompt(prompt_name, prompt)
         return self._submit_one(self._tokens(self._prompted([text], p), self._lead(p)), priority, timeout, p)
 
-    def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None) -> cf.Future:
+    def submit_tokens(self, token_ids: Sequence[int], *, priority: int = 0, timeout: float | None = None,
+                      prompt_name: str | None = None, prompt: str | None = None) -> cf.Future:
         """Queue one already tokenized input (ids of this engine's tokenizer,
-        special tokens included), checked as validate_token_ids does."""
+        special tokens included), checked as validate_token_ids does.
+        prompt_name / prompt: as submit_many's for token-id lists (the ids as
+        tokenize() gives them with the same arguments: the prompt, the
+        model's default one without them, already in front)."""
         timeout = admission.check_timeout(timeout)
-        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout)
+        p = self._prompt(prompt_name, prompt)
+        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout, p)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                     timeout: Timeout = None, prompt_name: str | None = None,

@@ -148,7 +148,12 @@ def test_tokenize_and_submit_tokens_with_the_same_prompt_give_the_embedding(fold
         ids = engine.tokenize(TEXTS[3:6], prompt_name="passage")
         direct = engine.embed(TEXTS[3:6], prompt_name="passage")
         np.testing.assert_array_equal(engine.embed(ids, prompt_name="passage"), direct)
+        one = engine.submit_tokens(ids[0], prompt_name="passage").result(timeout=60)
+        np.testing.assert_array_equal(one, direct[0])
         assert engine.tokenize(["a"], prompt="query: ") == engine.tokenize(["a"])  # the default prompt
+        # With no prompt arguments, the default prompt ("query: ") in both.
+        ids = engine.tokenize(TEXTS[3:4])
+        np.testing.assert_array_equal(engine.submit_tokens(ids[0]).result(timeout=60), engine.embed(TEXTS[3]))
 
 
 def test_an_unknown_prompt_name_is_refused_naming_the_known_ones(folders):
