@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import numbers
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -124,11 +125,39 @@ def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[
     return validate(inputs)
 
 
+def check_texts(texts: Any, call: str) -> None:
+    """InvalidInputError unless `texts` is a list (a sequence) of inputs, not
+    one str: what tokenize-like calls take (each text is checked later)."""
+    if isinstance(texts, str):
+        raise InvalidInputError(f"{call} takes a list of texts, got one str")
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+        raise InvalidInputError(f"{call} takes a list of texts, got {type(texts).__name__}")
+
+
 def check_timeout(timeout: float | None) -> float | None:
-    """A request's timeout in seconds: None (no limit) or >= 0 (else ValueError)."""
-    if timeout is not None and not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    """A request's timeout in seconds: None (no limit) or a number >= 0
+    (else InvalidInputError, a ValueError)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidInputError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise InvalidInputError(f"timeout must be >= 0 seconds, got {timeout!r}")
     return timeout
+
+
+PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)  # the scheduler's int
+
+
+def check_priority(priority: Any) -> int:
+    """A request's priority: an int within the scheduler's range (a bool is
+    refused), else InvalidInputError."""
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+        raise InvalidInputError(f"priority must be an int, got {type(priority).__name__}")
+    lo, hi = PRIORITY_RANGE
+    if not lo <= priority <= hi:
+        raise InvalidInputError(f"priority must be within [{lo}, {hi}], got {priority}")
+    return int(priority)
 
 
 def timeout_callable(timeout: Timeout) -> Callable[[], float | None]:

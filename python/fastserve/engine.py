@@ -542,8 +542,7 @@ class Engine(tasks.TaskCalls):
         in front as embed puts it, special tokens added, cut to max_length as
         `truncate` says); passed back to submit_many with the same prompt
         arguments, they are queued without being checked again."""
-        if isinstance(texts, str):
-            raise InvalidInputError("tokenize takes a list of texts")
+        admission.check_texts(texts, "tokenize")
         p = self._prompt(prompt_name, prompt)
         lists = self._tokens(self._prompted(texts, p), self._lead(p))
         return lists if isinstance(lists, admission.TokenLists) else admission.TokenLists(lists)
@@ -745,6 +744,7 @@ class Engine(tasks.TaskCalls):
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
                        pooled_from: int = 0) -> cf.Future:
         timeout = self.request_timeout_s if timeout is None else timeout
+        priority = admission.check_priority(priority)
         fut: cf.Future = cf.Future()
         fut.pooled_from = pooled_from  # type: ignore[attr-defined]
         with self._lock:
@@ -785,6 +785,7 @@ class Engine(tasks.TaskCalls):
         worker sees them at once, not one by one): their futures. A list is
         one job: without `timeout` its items have no deadline (the engine's
         request_timeout_s is for single requests, _submit_tokens)."""
+        priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
@@ -811,6 +812,8 @@ class Engine(tasks.TaskCalls):
                 raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
             return prompt
         if prompt_name is not None:
+            if not isinstance(prompt_name, str):
+                raise InvalidInputError(f"prompt_name must be a str, got {type(prompt_name).__name__}")
             if prompt_name not in self.prompts:
                 known = ", ".join(repr(k) for k in sorted(self.prompts)) or "none"
                 raise InvalidInputError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({known})")

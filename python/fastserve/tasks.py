@@ -18,6 +18,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Set
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
@@ -442,6 +443,14 @@ class EntityMerger:
         return Entity(label, score, start, end, text[start:end], word)
 
 
+def check_labels(labels: Any) -> frozenset[str]:
+    """ignore_labels as a set: a list (any collection) of label names."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (Sequence, Set)) \
+            or not all(isinstance(x, str) for x in labels):
+        raise InvalidInputError(f"ignore_labels must be a list of labels (str), got {labels!r}")
+    return frozenset(labels)
+
+
 def check_aggregation(strategy: Any) -> str:
     if strategy not in AGGREGATIONS:
         raise InvalidInputError(f"aggregation_strategy must be one of {AGGREGATIONS}, got {strategy!r}")
@@ -538,15 +547,14 @@ class TaskCalls:
         """Texts tokenized for extract (what a server tokenizes before
         queueing): the inputs merging needs, and the token lists to queue."""
         self._require_task("token-classify")
-        if isinstance(texts, str):
-            raise InvalidInputError("prepare_extract takes a list of texts")
+        admission.check_texts(texts, "prepare_extract")
         return self._token_encoder(texts)
 
     def entities(self, inputs: Sequence[TokenInput], logits: Sequence[np.ndarray], *,
                  aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",)) -> list[list[Entity]]:
         """Each text's entities from its tokens' logits."""
         strategy = check_aggregation(aggregation_strategy)
-        ignore = frozenset(ignore_labels)
+        ignore = check_labels(ignore_labels)
         return [self._merger(inp, row, strategy, ignore) for inp, row in zip(inputs, logits)]
 
     def extract(self, texts: str | Sequence[str], *, aggregation_strategy: str = "simple",
@@ -558,6 +566,7 @@ class TaskCalls:
         dropped (default "O", as the pipeline)."""
         single = isinstance(texts, str)
         check_aggregation(aggregation_strategy)
+        check_labels(ignore_labels)
         inputs, lists = self.prepare_extract([texts] if single else texts)
         futures = self.submit_many(lists, priority=priority, timeout=timeout)
         out = self.entities(inputs, [f.result() for f in futures], aggregation_strategy=aggregation_strategy,
@@ -570,6 +579,7 @@ class TaskCalls:
         """extract, awaited."""
         single = isinstance(texts, str)
         check_aggregation(aggregation_strategy)
+        check_labels(ignore_labels)
         inputs, lists = self.prepare_extract([texts] if single else texts)
         futures = await self.asubmit_many(lists, priority=priority, timeout=timeout)
         out = self.entities(inputs, await wait_all(futures), aggregation_strategy=aggregation_strategy,

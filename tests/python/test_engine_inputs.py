@@ -94,3 +94,58 @@ def test_one_long_text_on_a_chunking_engine_is_queued_whole_or_refused_at_once()
         got = engine.submit(long_text)
         assert got.info.chunks == 4
         assert abs(got.result(timeout=60) - engine.embed([long_text])[0]).max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False) as engine:
+        yield engine
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"priority": "high"}, "priority must be an int, got str"),
+    ({"priority": 1.5}, "priority must be an int, got float"),
+    ({"priority": None}, "priority must be an int, got NoneType"),
+    ({"priority": True}, "priority must be an int, got bool"),
+    ({"priority": 2**40}, r"priority must be within \[-2147483648, 2147483647\]"),
+    ({"timeout": "1"}, "timeout must be a number of seconds, got str"),
+    ({"timeout": float("nan")}, "timeout must be >= 0 seconds, got nan"),
+    ({"timeout": -1}, "timeout must be >= 0 seconds, got -1"),
+    ({"prompt_name": ["q"]}, "prompt_name must be a str, got list"),
+])
+@pytest.mark.parametrize("call", ["embed one", "embed list", "submit_tokens"])
+def test_arguments_of_the_wrong_type_get_typed_errors(embedder, kwargs, match, call):
+    with pytest.raises(fastserve.InvalidInputError, match=match):
+        if call == "embed one":
+            embedder.embed("a text", **kwargs)
+        elif call == "embed list":
+            embedder.embed(["a text", "another"], **kwargs)
+        else:
+            embedder.submit_tokens([101, 102], **kwargs)
+    assert embedder.stats()["queue_depth"] == 0
+    assert embedder.embed("still serving").shape == (32,)
+
+
+def test_numpy_integers_are_priorities(embedder):
+    import numpy as np
+
+    assert embedder.embed("a text", priority=np.int64(3)).shape == (32,)
+
+
+@pytest.mark.parametrize("bad", [None, 123])
+def test_tokenize_takes_only_a_list_of_texts(embedder, bad):
+    with pytest.raises(fastserve.InvalidInputError, match=f"a list of texts, got {type(bad).__name__}"):
+        embedder.tokenize(bad)
+
+
+def test_extract_checks_its_arguments_before_anything_runs():
+    m = tm.model("bert", classify=True, num_labels=3)
+    with Engine(m, tm.tokenizer(), task="token-classify", replicas=1, warmup=False) as engine:
+        for bad in (None, 123):
+            with pytest.raises(fastserve.InvalidInputError, match=f"a list of texts, got {type(bad).__name__}"):
+                engine.extract(bad)
+        for labels in (None, "O", [1]):
+            with pytest.raises(fastserve.InvalidInputError, match="ignore_labels must be a list of labels"):
+                engine.extract("a text", ignore_labels=labels)
+        assert engine.stats()["submitted"] == 0
+        assert engine.extract("a text", ignore_labels=[]) is not None
