@@ -333,13 +333,13 @@ class InThreadServer:
     process, so a test can hold the engine's worker (tm.Gate) while real HTTP
     requests arrive."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         import uvicorn
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="off",
-                                                    log_level="warning"))
+                                                    log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "InThreadServer":
@@ -413,6 +413,18 @@ def test_request_past_its_deadline_gets_504(tiny_folder):
     assert err["type"] == "timeout_error"
     assert depth == 0  # its inputs left the queue when the deadline passed
     assert len(gate.seen) == 2  # and never reached the model: only the holder and "after" did
+
+
+def test_without_a_request_timeout_the_engines_deadline_applies(tiny_folder):
+    # create_app(engine) without request_timeout: every request carries the
+    # engine's request_timeout_s (the worker is held all along, as above).
+    with _held_server(tiny_folder, request_timeout_s=0.2, replicas=1) as (engine, gate, srv):
+        r = httpx.post(srv.url + "/v1/embeddings", json={"input": [LONG] * 5}, timeout=60)
+        depth = engine.stats()["queue_depth"]
+        gate.release.set()
+        engine.embed("after")
+    assert _assert_openai_error(r, 504)["code"] == "request_timeout"
+    assert depth == 0 and len(gate.seen) == 2
 
 
 def test_client_disconnect_cancels_its_queued_requests(tiny_folder):
@@ -497,11 +509,12 @@ def test_classify_route_matches_the_in_process_engine(servers, tiny_classifier_f
 # ----------------------------------------------- in-process app (create_app)
 
 
-def _asgi_post(app, path: str, body: dict) -> "httpx.Response":
+def _asgi_post(app, path: str, body) -> "httpx.Response":
+    """POST `body` (JSON, or bytes as they are) to the app, in this thread."""
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
-            return await c.post(path, json=body)
+            return await c.post(path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
 
     return asyncio.run(go())
 
@@ -555,6 +568,83 @@ def test_an_error_escaping_a_fastapi_route_is_a_generic_json_500(tiny_folder, mo
         r = asyncio.run(models())
     err = _assert_openai_error(r, 500)
     assert "secret" not in r.text and err["type"] == "server_error"
+
+
+def test_a_prompt_name_the_model_lacks_is_a_400_naming_prompt_name(tiny_folder):
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder), replicas=1) as e:
+        app = create_app(e)
+        for given in ("a text", [101, 102]):
+            r = _asgi_post(app, "/v1/embeddings", {"input": given, "prompt_name": "nope"})
+            err = _assert_openai_error(r, 400)
+            assert (err["param"], err["code"]) == ("prompt_name", "invalid_input")
+
+
+@pytest.mark.parametrize("body", [b'{"input": "caf\xe9"}', b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
+                         ids=["not-utf-8", "nested-5000-deep"])
+def test_a_body_that_cannot_be_parsed_is_a_400_invalid_json(tiny_folder, tiny_classifier_folder, body):
+    from fastserve.server import create_app
+
+    for folder, task, path in ((tiny_folder, "embed", "/v1/embeddings"),
+                               (tiny_classifier_folder, "classify", "/v1/classify")):
+        with fastserve.Engine(str(folder), task=task, replicas=1) as e:
+            err = _assert_openai_error(_asgi_post(create_app(e), path, body), 400)
+        assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", None, "invalid_json")
+
+
+# Past the 8k characters a request may have tokenized on the event loop.
+LONG_PROMPT = "prompt " * 1300
+
+
+@pytest.fixture(scope="module")
+def prompted_folder(tmp_path_factory) -> Path:
+    """The tiny model as a sentence-transformers folder whose default prompt is LONG_PROMPT."""
+    folder = tm.save("bert", tmp_path_factory.mktemp("tiny-bert-prompts"), pooling="mean")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"long": LONG_PROMPT, "none": ""}, "default_prompt_name": "long"}))
+    return folder
+
+
+def _threads_of(engine, name: str, monkeypatch) -> list[int]:
+    """The threads the calls of engine.<name> run in, in call order."""
+    threads: list[int] = []
+    inner = getattr(engine, name)
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(engine, name, recorded)
+    return threads
+
+
+def test_texts_behind_a_long_prompt_are_tokenized_off_the_event_loop(prompted_folder, monkeypatch):
+    """The prompt goes before every text: its characters count towards the
+    size that sends tokenization to a worker thread, whether it is given, a
+    prompt_name's or the model's default."""
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(prompted_folder), replicas=1) as e:
+        threads = _threads_of(e, "tokenize", monkeypatch)
+        app = create_app(e)
+        for prompt in ({}, {"prompt_name": "long"}, {"prompt": LONG_PROMPT}, {"prompt_name": "none"}):
+            assert _asgi_post(app, "/v1/embeddings", {"input": ["x", "y"], **prompt}).status_code == 200
+    loop = threading.get_ident()  # _asgi_post runs the event loop in this thread
+    assert [t != loop for t in threads] == [True, True, True, False]
+
+
+def test_the_entities_of_a_large_extract_request_are_found_off_the_event_loop(monkeypatch):
+    from fastserve.server import create_app
+    from test_extract import token_model
+
+    with fastserve.Engine(token_model("bert"), tm.tokenizer(), task="token-classify", replicas=1) as e:
+        threads = _threads_of(e, "entities", monkeypatch)
+        app = create_app(e)
+        for texts in (["Ada lived in London"], [LONG] * 10):  # 19 characters, then 11,990
+            assert _asgi_post(app, "/v1/extract", {"input": texts}).status_code == 200
+    loop = threading.get_ident()
+    assert [t != loop for t in threads] == [False, True]
 
 
 def _messages(*messages):
@@ -702,6 +792,37 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tiny_folder, 
     assert len(result["r"].json()["data"]) == n
     assert code == 0, srv.log()
     assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.mark.parametrize("task, path", [("embed", "/v1/embeddings"), ("classify", "/v1/classify")])
+def test_a_request_cut_off_at_shutdown_gets_a_typed_503(request, task, path):
+    """A request still in flight when uvicorn's graceful timeout ends is
+    cancelled: it gets 503 in the error shape, not uvicorn's plain-text 500.
+    The worker is held all along, so the request is still queued then,
+    whatever the machine's speed (the embeddings fast path, then a route
+    inside FastAPI)."""
+    from fastserve.server import create_app
+
+    folder = request.getfixturevalue("tiny_folder" if task == "embed" else "tiny_classifier_folder")
+    result: dict = {}
+    with fastserve.Engine(str(folder), task=task, max_batch_size=1, replicas=1) as engine, tm.held(engine):
+        with InThreadServer(create_app(engine), timeout_graceful_shutdown=0.1) as srv:
+            def call():
+                try:
+                    result["r"] = httpx.post(srv.url + path, json={"input": "cut off"}, timeout=60)
+                except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                    result["error"] = e
+
+            t = threading.Thread(target=call)
+            t.start()
+            tm.until(lambda: engine.stats()["queue_depth"] == 1, "the request to be queued")
+            srv.server.should_exit = True
+            t.join(60)
+        depth = engine.stats()["queue_depth"]
+    assert "error" not in result, result.get("error")
+    err = _assert_openai_error(result["r"], 503)
+    assert (err["type"], err["code"]) == ("service_unavailable", "engine_unavailable")
+    assert depth == 0  # its input left the queue
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from ..engine import Engine
 from .edge import Edge
-from .errors import ApiError, internal_error, validation_error
+from .errors import ApiError, internal_error, invalid_json, validation_error
 from .metrics import Metrics
 from .routes import DEFAULT_MAX_INPUTS, Api
 from .schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse, EmbeddingRequest, EmbeddingResponse
@@ -39,12 +39,15 @@ def create_app(
     (/health, /ready and /metrics stay open for probes and scrapers).
     max_payload_bytes, max_inputs: larger requests get 413.
     request_timeout: seconds from arrival; a request not served by then gets
-    504 (its queued inputs never reach the model).
+    504 (its queued inputs never reach the model). Default: the engine's
+    request_timeout_s (an engine made with None: no deadline).
     model_name: the id reported in responses and /v1/models (default: the
     engine's model name).
     """
     if max_payload_bytes < 1 or max_inputs < 1:
         raise ValueError("max_payload_bytes and max_inputs must be positive")
+    if request_timeout is None:
+        request_timeout = engine.request_timeout_s
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError("request_timeout must be positive seconds or None")
     metrics = Metrics(engine)
@@ -84,6 +87,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body json.loads fails on other than by
+            # JSONDecodeError: not UTF-8, or nested past the recursion limit.
+            return invalid_json().response()
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
         return err.response()

@@ -2,11 +2,12 @@
 middleware: metrics, the API key, the payload limit, and the embeddings fast
 path that answers a valid POST /v1/embeddings without Starlette or FastAPI."""
 
+import asyncio
 import hmac
 import time
 from typing import TYPE_CHECKING, Optional
 
-from .errors import CLIENT_CLOSED, ApiError, internal_error, log, too_large
+from .errors import CLIENT_CLOSED, ApiError, internal_error, log, too_large, unavailable
 from .metrics import Metrics
 from .schemas import EmbeddingRequest
 
@@ -26,7 +27,8 @@ class Edge:
     """The outer layer of every HTTP request: metrics, the API key, and the
     payload limit (the body is read here, at most max_payload_bytes of it,
     before any parsing). Anything a route lets escape becomes a generic 500:
-    no stack trace reaches a client."""
+    no stack trace reaches a client; a request cancelled (at shutdown) before
+    its answer started gets 503."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: Optional[str], max_payload_bytes: int,
                  api: Optional["Api"] = None) -> None:
@@ -65,6 +67,13 @@ class Edge:
                 if method == "POST" and (path.startswith("/v1/") or path == "/rerank"):
                     scope = _as_json(scope)
                 await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
+        except asyncio.CancelledError:
+            # Cut off at shutdown (uvicorn's graceful timeout): the typed 503
+            # rather than uvicorn's plain-text 500.
+            if status[0] is None:
+                await unavailable("the server shut down before this request was served").reply().send(
+                    send_recording)
+            raise
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
             if status[0] is None:

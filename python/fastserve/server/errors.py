@@ -64,8 +64,7 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(504, "the request's deadline passed before it could be served", type="timeout_error",
                         code="request_timeout")
     if isinstance(exc, EngineClosedError):
-        return ApiError(503, "the engine is not serving (closed or unhealthy)", type="service_unavailable",
-                        code="engine_unavailable")
+        return unavailable("the engine is not serving (closed or unhealthy)")
     if isinstance(exc, InvalidInputError):
         return ApiError(400, str(exc), param="input", code="invalid_input")
     if isinstance(exc, InferenceError):
@@ -79,11 +78,20 @@ def internal_error() -> ApiError:
     return ApiError(500, "internal server error", type="server_error", code="internal_error")
 
 
+def unavailable(message: str) -> ApiError:
+    """503: the engine is not serving, or the server cut the request off at shutdown."""
+    return ApiError(503, message, type="service_unavailable", code="engine_unavailable")
+
+
+def invalid_json() -> ApiError:
+    return ApiError(400, "the request body is not valid JSON", code="invalid_json")
+
+
 def validation_error(exc: RequestValidationError, path: str) -> ApiError:
     """A 400 naming what FastAPI's validation of the body found wrong."""
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
-        return ApiError(400, "the request body is not valid JSON", code="invalid_json")
+        return invalid_json()
     if errors and all(tuple(err.get("loc", ()))[:2] == ("body", "input") for err in errors):
         # One message for the union's four branches rather than one per branch.
         what = ("a string or a list of strings" if path in ("/v1/classify", "/v1/extract") else

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from ..admission import TokenLists, wait_all
 from ..engine import Engine
+from ..errors import InvalidInputError
 from ..inputs import infos_of
 from .errors import CLIENT_CLOSED, ApiError, ClientGone, api_error
 from .lifecycle import InFlight
@@ -21,10 +22,10 @@ from .replies import Reply, dumps
 from .schemas import ClassifyRequest, EmbeddingRequest
 
 DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
-# Texts are tokenized on the event loop up to this many characters in one
-# request; longer requests are tokenized in a worker thread, so one large
-# request cannot stall the loop.
-INLINE_TOKENIZE_CHARS = 8192
+# Texts are tokenized, and their answer written, on the event loop up to this
+# many characters in one request (prompts included); larger requests do both
+# in a worker thread, so one large request cannot stall the loop.
+INLINE_CHARS = 8192
 
 
 class Api:
@@ -48,10 +49,22 @@ class Api:
             raise ApiError(413, f"{n} inputs in one request; the limit is {self.max_inputs}", param=param,
                            code="too_many_inputs")
 
-    async def _tokenize(self, req: InFlight, texts: list, tokenize, chars: int) -> list[list[int]]:
-        if chars <= INLINE_TOKENIZE_CHARS:
-            return tokenize(texts)
-        return await req.wait(asyncio.to_thread(tokenize, texts))
+    def _prompt_chars(self, prompt: dict[str, Any]) -> int:
+        """The length of the prompt engine.tokenize puts before every text
+        (the given one, a prompt_name's or the model's default); a
+        prompt_name the model lacks is a 400 naming it."""
+        try:
+            return len(self.engine._prompt(prompt.get("prompt_name"), prompt.get("prompt")))
+        except InvalidInputError as e:
+            raise ApiError(400, str(e), param="prompt_name", code="invalid_input") from None
+
+    @staticmethod
+    async def _run(req: InFlight, chars: int, fn, *args):
+        """fn(*args) on the event loop for a request of up to INLINE_CHARS
+        characters, else in a worker thread (through req.wait)."""
+        if chars <= INLINE_CHARS:
+            return fn(*args)
+        return await req.wait(asyncio.to_thread(fn, *args))
 
     async def _serve(self, receive, route: str, texts: Optional[list],
                      token_lists: Optional[list[list[int]]], answer, tokenize=None,
@@ -68,13 +81,14 @@ class Api:
         req = InFlight(receive, self.request_timeout)
         prompt = prompt or {}
         try:
-            tokenize_s = 0.0
+            tokenize_s, size = 0.0, 0
+            lead = self._prompt_chars(prompt) if tokenize is None else 0  # (checks prompt_name first)
             if texts is not None:
                 t0 = time.perf_counter()
-                size = chars if chars is not None else sum(len(t) for t in texts)
+                size = chars if chars is not None else sum(len(t) for t in texts) + lead * len(texts)
                 if tokenize is None:
                     tokenize = functools.partial(self.engine.tokenize, **prompt) if prompt else self.engine.tokenize
-                token_lists = await self._tokenize(req, texts, tokenize, size)
+                token_lists = await self._run(req, size, tokenize, texts)
                 tokenize_s = time.perf_counter() - t0
             elif type(token_lists) is not TokenLists:  # checked before any is queued
                 token_lists = self.engine.validate_token_ids(token_lists)
@@ -84,7 +98,8 @@ class Api:
             n_tokens = sum(info.computed_tokens for info in infos)
             self.metrics.inputs_for(route).inc(len(token_lists))
             self.metrics.prompt_tokens_for(route).inc(n_tokens)
-            body = answer(results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, infos)
+            body = await self._run(req, size, answer, results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+                                   infos)
             return Reply(200, body, req.timing_headers(tokenize_s))
         except ClientGone:
             return Reply(CLIENT_CLOSED, b"", {})  # never reaches the client; counted in metrics
