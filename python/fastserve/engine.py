@@ -8,6 +8,7 @@ import atexit
 import concurrent.futures as cf
 import copy
 import functools
+import numbers
 import os
 import threading
 import time
@@ -117,6 +118,28 @@ class _Timer:
             }
 
 
+def _undo_process_changes_on_refusal(init: Callable[..., None]) -> Callable[..., None]:
+    """Engine.__init__, undoing what it changed in the process (torch's
+    thread count, oneDNN's registration) when it raises after those changes:
+    most arguments are checked before them, the rest (a preempt the chosen
+    runner cannot do, the scheduler's own checks) only after."""
+    @functools.wraps(init)
+    def wrapped(self: "Engine", *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            changed = getattr(self, "_process", None)
+            if changed is not None:
+                threads = changed["torch_threads"]
+                if threads["changed"]:
+                    torch.set_num_threads(threads["before"])
+                if "onednn" in changed and not self._onednn_released:
+                    self._onednn_released = True
+                    process.onednn_release(changed["onednn"])
+            raise
+    return wrapped
+
+
 class Engine(tasks.TaskCalls):
     """Serve a Hugging Face encoder to many concurrent callers.
 
@@ -152,6 +175,7 @@ class Engine(tasks.TaskCalls):
     a caller's request. stats()["warmup_s"] gives each worker's time.
     """
 
+    @_undo_process_changes_on_refusal
     def __init__(
         self,
         model: Any = None,
@@ -208,6 +232,12 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
         if pair_truncation not in tasks.PAIR_TRUNCATIONS:
             raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
+        for name, value in (("max_queue", max_queue), ("max_batch_size", max_batch_size),
+                            ("min_batch_tokens", min_batch_tokens), ("max_queue_tokens", max_queue_tokens or 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, numbers.Integral) or chunk_overlap < 0:
+            raise ValueError(f"chunk_overlap must be an int >= 0, got {chunk_overlap!r}")
 
         process.check_torch_threads(torch_threads)
         # One device per worker (data parallel) or per stage (pipeline); the

@@ -165,6 +165,25 @@ def test_a_refused_engine_changes_nothing_in_the_process_or_the_callers_model(re
     assert m.training and {p.dtype for p in m.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_queue": 0}, "max_queue"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"min_batch_tokens": 0}, "min_batch_tokens"),
+    ({"chunk_overlap": -1, "truncate": "chunk"}, "chunk_overlap"),
+    ({"preempt": True, "execution": "padded"}, "preempt"),  # refused once the runner is chosen
+])
+def test_an_engine_refused_late_leaves_the_threads_and_onednn_as_they_were(restore_torch_threads, kwargs,
+                                                                             match):
+    torch.set_num_threads(1)
+    users = process._onednn_users
+    m = tm.model("bert")
+    with pytest.raises(ValueError, match=match):
+        Engine(m, tm.tokenizer(), dtype="bfloat16", torch_threads=2, warmup=False, **kwargs)
+    assert torch.get_num_threads() == 1
+    assert process._onednn_users == users  # else float32 engines ran with oneDNN on from then on
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
 def test_a_submodule_left_in_training_mode_is_served_from_an_eval_copy():
     m = tm.model("bert")
     m.encoder.layer[0].train()  # dropout live in one layer, the top module in eval
