@@ -254,6 +254,8 @@ PYBIND11_MODULE(_core, m) {
           "observe",
           [](Controller& c, int64_t tokens, double latency_s, int64_t budget, int64_t batch_size,
              double now, int64_t queue_depth, double arrival_tokens_per_s, double queued_tokens) {
+            if (!(latency_s >= 0) || !std::isfinite(latency_s))
+              throw InvalidArgument("controller: latency_s must be finite and >= 0");
             Observation o;
             o.tokens = tokens;
             o.latency_s = latency_s;

@@ -216,18 +216,22 @@ void ControllerConfig::validate() const {
     fail("target_latency_s must be positive");
   if (min_tokens < 1) fail("min_tokens must be >= 1");
   if (max_tokens < min_tokens) fail("max_tokens must be >= min_tokens");
+  // Budgets are clamped in double and stepped in int64: bounded far below
+  // where either loses exactness or overflows.
+  if (max_tokens > kMaxBudgetTokens) fail("max_tokens must be <= 2^48");
   if (initial_tokens < 0) fail("initial_tokens must be >= 0");
-  if (aimd_step_tokens < 1) fail("aimd_step_tokens must be >= 1");
+  if (aimd_step_tokens < 1 || aimd_step_tokens > kMaxBudgetTokens) fail("aimd_step_tokens must be in [1, 2^48]");
   if (!(aimd_backoff > 0 && aimd_backoff < 1)) fail("aimd_backoff must be in (0, 1)");
   if (!(seed_lambda > 0 && seed_lambda < 1)) fail("seed_lambda must be in (0, 1)");
   if (!(seed_smoothing > 0)) fail("seed_smoothing must be positive");
-  if (!(max_step > 0)) fail("max_step must be positive");
+  if (!(max_step > 0) || !std::isfinite(max_step)) fail("max_step must be positive and finite");
   if (!(model_headroom > 0 && model_headroom <= 1)) fail("model_headroom must be in (0, 1]");
   if (!(fit_forgetting > 0 && fit_forgetting < 1)) fail("fit_forgetting must be in (0, 1)");
   if (!(model_load_margin >= 1)) fail("model_load_margin must be >= 1");
 }
 
 void LatencyModel::add(double x, double y) {
+  if (!std::isfinite(x) || !std::isfinite(y)) return;  // one such point would poison every sum for good
   sw_ = f_ * sw_ + 1;
   sww_ = f_ * f_ * sww_ + 1;
   sx_ = f_ * sx_ + x;

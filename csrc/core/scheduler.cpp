@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
 
 #include "fastserve/errors.h"
 
@@ -50,7 +51,10 @@ void SchedulerConfig::validate() const {
   if (max_batch_size < 1) fail("max_batch_size must be >= 1");
   if (max_request_tokens < 1 || max_request_tokens > (int64_t{1} << 30))
     fail("max_request_tokens must be in [1, 2^30]");
-  if (!(aging_s > 0)) fail("aging_s must be positive (use a large value to disable aging)");
+  // Finite: an infinite aging_s made a priority-0 rank 0 * inf = NaN, and
+  // NaN keys break the queue's ordering (requests lost from it).
+  if (!(aging_s > 0) || !std::isfinite(aging_s))
+    fail("aging_s must be positive and finite (use a large value, e.g. 1e9, to disable aging)");
   if (lookahead < 1) fail("lookahead must be >= 1");
   if (!(min_fill >= 0 && min_fill <= 1)) fail("min_fill must be in [0, 1]");
   if (attention_tokens < 0) fail("attention_tokens must be >= 0 (0: attention not counted)");
@@ -279,7 +283,10 @@ double Scheduler::stretch_locked(int priority) const {
   // A batch of a class below another that arrives is paused for it: its
   // time stretches by 1 / (1 - s), s the measured share of the workers'
   // time the urgent batches took (capped at 0.8).
-  if (config_.preempt_layers <= 0 || pause_share_ <= 0 || arrivals_locked(priority + 1) <= 0) return 1.0;
+  // The top class has nothing above it (and priority + 1 would overflow).
+  if (config_.preempt_layers <= 0 || pause_share_ <= 0 || priority == std::numeric_limits<int>::max() ||
+      arrivals_locked(priority + 1) <= 0)
+    return 1.0;
   return 1.0 / (1.0 - std::min(0.8, pause_share_));
 }
 
@@ -770,6 +777,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
   if (worker < 0 || worker >= workers())
     throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range [0, " +
                           std::to_string(workers()) + ")");
+  if (std::isnan(timeout_s)) throw InvalidArgument("scheduler: next_batch timeout must be a number of seconds, got nan");
   std::unique_lock<std::mutex> lock(mu_);
   // The wait ends on work, close, or timeout. Past ~300 years a timeout
   // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
@@ -811,6 +819,10 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
 }
 
 void Scheduler::complete(const Batch& batch, double compute_seconds) {
+  // One NaN or infinite time would poison the fits for good (and with them
+  // admission, which then refuses nothing).
+  if (!(compute_seconds >= 0) || !std::isfinite(compute_seconds))
+    throw InvalidArgument("scheduler: compute_seconds must be finite and >= 0, got " + std::to_string(compute_seconds));
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
   if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);

@@ -318,6 +318,9 @@ TEST(ControllerConfig, RejectsInvalidSettings) {
   bad([](ControllerConfig& c) { c.max_step = 0; });
   bad([](ControllerConfig& c) { c.model_headroom = 1.5; });
   bad([](ControllerConfig& c) { c.fit_forgetting = 1.0; });
+  bad([](ControllerConfig& c) { c.max_tokens = kMaxBudgetTokens + 1; });  // INT64_MIN once clamped
+  bad([](ControllerConfig& c) { c.aimd_step_tokens = kMaxBudgetTokens + 1; });
+  bad([](ControllerConfig& c) { c.max_step = INFINITY; });
   for (const char* p : {"static", "aimd", "seed", "model"}) {
     ControllerConfig c;
     c.policy = p;
@@ -408,6 +411,46 @@ TEST(LatencyModel, ConstantTokensKeepTheInterceptAndPassThroughTheMean) {
   // (the forgotten old points still weigh 0.9^60: 0.2% of the fit)
   EXPECT_NEAR(fit.slope(), 2e-5, 2e-5 * 0.005);
   EXPECT_NEAR(fit.predict(1300), 0.01 + 2e-5 * 1300, 0.036 * 0.005);
+}
+
+TEST(LatencyModel, PointsNotFiniteAreIgnored) {
+  // One NaN or infinite time would otherwise make every sum NaN for good.
+  LatencyModel m(0.99);
+  for (int i = 1; i <= 20; ++i) {
+    m.add(100.0 * i, 0.002 + 1e-5 * 100.0 * i);
+    if (i == 10) {
+      m.add(500, std::nan(""));
+      m.add(500, INFINITY);
+      m.add(INFINITY, 0.01);
+    }
+  }
+  ASSERT_TRUE(m.ready());
+  EXPECT_NEAR(m.slope(), 1e-5, 1e-9);
+  EXPECT_NEAR(m.intercept(), 0.002, 1e-7);
+}
+
+TEST(Controllers, TheLargestBudgetStaysPositiveInEveryPolicy) {
+  for (const char* p : {"aimd", "seed", "model"}) {
+    ControllerConfig c;
+    c.policy = p;
+    c.min_tokens = 1;
+    c.max_tokens = kMaxBudgetTokens;
+    c.initial_tokens = kMaxBudgetTokens;
+    c.aimd_step_tokens = kMaxBudgetTokens;
+    auto ctl = make_controller(c);
+    for (int i = 0; i < 50; ++i) {
+      Observation o;
+      o.tokens = ctl->budget();
+      o.budget = ctl->budget();
+      o.batch_size = 1;
+      o.latency_s = 1e-3;
+      o.now = i;
+      o.queued_tokens = 1e18;
+      ctl->observe(o);
+      ASSERT_GE(ctl->budget(), 1) << p;
+      ASSERT_LE(ctl->budget(), kMaxBudgetTokens) << p;
+    }
+  }
 }
 
 TEST(LatencyModel, NoisySlopeNearZeroIsNotTrusted) {

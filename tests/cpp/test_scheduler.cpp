@@ -280,6 +280,8 @@ TEST(SchedulerValidation, RejectsBadConfigs) {
   bad([](SchedulerConfig& c) { c.max_request_tokens = 0; });
   bad([](SchedulerConfig& c) { c.max_request_tokens = (int64_t{1} << 30) + 1; });
   bad([](SchedulerConfig& c) { c.aging_s = 0; });
+  bad([](SchedulerConfig& c) { c.aging_s = INFINITY; });
+  bad([](SchedulerConfig& c) { c.aging_s = NAN; });
   bad([](SchedulerConfig& c) { c.lookahead = 0; });
   ControllerConfig cc;
   cc.policy = "nope";
@@ -287,6 +289,31 @@ TEST(SchedulerValidation, RejectsBadConfigs) {
   EXPECT_THROW(cost_from_string("dense"), InvalidArgument);
   EXPECT_EQ(cost_from_string("packed"), Cost::Packed);
   EXPECT_STREQ(to_string(Cost::Padded), "padded");
+}
+
+TEST(SchedulerValidation, ANanWaitOrAComputeTimeNotFiniteIsRefusedAndChangesNothing) {
+  Fixture f;
+  f.s.submit(toks(4));
+  EXPECT_THROW(f.s.next_batch(std::nan("")), InvalidArgument);  // it waited forever
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  for (double bad : {std::nan(""), double(INFINITY), -1.0}) EXPECT_THROW(f.s.complete(*b, bad), InvalidArgument);
+  f.s.complete(*b, 0.001);
+  const auto snap = f.s.snapshot();
+  EXPECT_EQ(snap.stats.completed, 1);
+  EXPECT_EQ(snap.stats.batches, 1);
+}
+
+TEST(SchedulerValidation, AVeryLargeAgingKeepsEveryRequestInTheQueue) {
+  // aging_s = inf was accepted: a priority-0 rank was then 0 * inf = NaN, and
+  // NaN keys dropped requests from the queue (never batched, nor returned by
+  // close). The largest finite value keeps them all, in priority order.
+  SchedulerConfig sc = one_per_batch();
+  sc.aging_s = 1e300;
+  Fixture f(sc);
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(f.s.submit(toks(2), i % 2));
+  EXPECT_EQ(f.drain_one_by_one(), (std::vector<uint64_t>{ids[1], ids[3], ids[0], ids[2], ids[4]}));
 }
 
 TEST(SchedulerClose, WakesABlockedWorkerInAnotherThread) {

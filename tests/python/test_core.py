@@ -905,6 +905,54 @@ def test_controller_rejects_invalid_config():
         _core.Controller(_core.ControllerConfig(min_tokens=10, max_tokens=5))
 
 
+@pytest.mark.parametrize("policy", ["aimd", "seed", "model"])
+def test_a_latency_not_finite_is_refused_and_leaves_the_fit_as_it_was(policy):
+    ctl = _core.Controller(_core.ControllerConfig(policy=policy, min_tokens=32, max_tokens=8192))
+    for i in range(30):
+        ctl.observe(tokens=100 * (i % 7 + 1), latency_s=0.002 + 1e-5 * 100 * (i % 7 + 1), now=0.1 * i)
+    before = ctl.state()
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="latency_s"):
+            ctl.observe(tokens=500, latency_s=bad)
+    assert ctl.state() == before
+
+
+def test_the_top_priority_is_never_stretched_by_pauses():
+    # A pause measured, then completions predicted per class: the class at
+    # INT_MAX has none above it (priority + 1 overflowed to INT_MIN, which
+    # charged it every class's pauses).
+    top = 2**31 - 1
+    clock = _core.ManualClock(0.0)
+    s = _core.Scheduler(_core.SchedulerConfig(cost="packed", preempt_layers=4),
+                        _core.ControllerConfig(policy="static", initial_tokens=256), clock, workers=1)
+
+    def batch(priority=0, n=20, secs=0.01):
+        s.submit([1] * n, priority=priority)
+        b = s.next_batch(0.0)
+        s.start(b)
+        clock.advance(secs)
+        s.complete(b, secs)
+
+    for i in range(6):
+        batch(n=20 + 10 * i)
+    s.submit([1] * 100)
+    low = s.next_batch(0.0)
+    s.start(low)
+    s.submit([1] * 10, priority=5, timeout=0.05)
+    urgent = s.preempt(low, 0.25)
+    assert urgent is not None
+    s.start(urgent)
+    clock.advance(0.005)
+    s.complete(urgent, 0.005)
+    clock.advance(0.01)
+    s.complete(low, 0.02)
+    for _ in range(2):
+        batch(priority=5, n=10, secs=0.005)
+    assert s.stats()["controller"]["admission_pause_share"] > 0
+    assert s.predict_completion(10, 0) > s.predict_completion(10, top - 1)  # class 0 is stretched
+    assert s.predict_completion(10, top) == s.predict_completion(10, top - 1)
+
+
 def test_scheduler_feeds_its_controller():
     sched, clock = make_scheduler(budget=2048, policy="aimd")
     # aimd's bounds from make_scheduler are [1, 2048]; far-over-target batches shrink it.

@@ -23,6 +23,9 @@
 
 namespace fastserve {
 
+// The largest budget (and AIMD step) a controller takes, in tokens.
+inline constexpr int64_t kMaxBudgetTokens = int64_t{1} << 48;
+
 struct ControllerConfig {
   std::string policy = "model";
   double target_latency_s = 0.05;  // D: compute latency target of one batch
