@@ -51,6 +51,29 @@ def _make_engine(args: argparse.Namespace, **extra):
     return Engine(kwargs.pop("model"), **kwargs)
 
 
+def _open_engine(args: argparse.Namespace, **extra):
+    """_make_engine, or None after saying on stderr why the engine was refused
+    (a model that does not load, a bad option): the command then exits 2."""
+    from .errors import ModelLoadError
+
+    try:
+        return _make_engine(args, **extra)
+    except (ModelLoadError, ValueError) as e:
+        print(f"fastserve {args.command}: {e}", file=sys.stderr)
+        return None
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _engine_kwargs(args: argparse.Namespace, **extra) -> dict:
     """The Engine's keywords (the model under "model") from the common options."""
     kwargs = dict(
@@ -72,7 +95,10 @@ def _engine_kwargs(args: argparse.Namespace, **extra) -> dict:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    with _make_engine(args) as engine:
+    engine = _open_engine(args)
+    if engine is None:
+        return 2
+    with engine:
         vectors = engine.embed(texts)
     if args.format == "json":
         out = [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(texts, vectors)]
@@ -90,7 +116,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .corpus import texts as corpus
 
     texts = corpus()
-    engine = _make_engine(args)
+    engine = _open_engine(args)
+    if engine is None:
+        return 2
     engine.embed(list(texts[:32]))  # warm up: first calls pay one-off costs
     latencies: list[float] = []
     lock = threading.Lock()
@@ -154,7 +182,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
-    from .errors import ModelLoadError
 
     serve_options = dict(
         model=args.model_path or args.model,
@@ -181,10 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"fastserve serve: {e}", file=sys.stderr)
             return 2
         return serve_cli(args, _engine_kwargs(args, **serve_options), app_options)
-    try:
-        engine = _make_engine(args, **serve_options)
-    except (ModelLoadError, ValueError) as e:
-        print(f"fastserve serve: {e}", file=sys.stderr)
+    engine = _open_engine(args, **serve_options)
+    if engine is None:
         return 2
     print(
         f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
@@ -213,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(p)
     p.set_defaults(func=cmd_embed)
     p = sub.add_parser("bench", help="a short closed-loop load run on the shipped corpus")
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=32, help="client threads, one request in flight each")
+    p.add_argument("--requests", type=_at_least_one, default=2000)
+    p.add_argument("--concurrency", type=_at_least_one, default=32, help="client threads, one request in flight each")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     _engine_args(p)
     p.set_defaults(func=cmd_bench)

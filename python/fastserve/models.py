@@ -84,11 +84,9 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         name = getattr(model, "name_or_path", "") or type(model).__name__
         path = _local_path(name) if name else None
         spec = _read_spec(path, task) if path else ModelSpec(source=name)
-        if tokenizer is None:
-            if not name:
-                raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
-            tokenizer = _load_tokenizer(AutoTokenizer, name, spec)
-        return LoadedModel(model, tokenizer, name, path, spec)
+        if tokenizer is None and not name:
+            raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
+        return LoadedModel(model, _tokenizer(AutoTokenizer, tokenizer, name, spec), name, path, spec)
     if isinstance(model, (str, os.PathLike)):
         path = _local_path(model)
         spec = _read_spec(path if path else str(model), task)
@@ -96,18 +94,16 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
         try:
             loaded = _encoder_class(auto, where, sub, task).from_pretrained(where, **sub)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a missing file, or a broken one (safetensors, pickle, JSON errors)
             hint = (
                 "a local folder with config.json and weights"
+                if path and path.is_dir()
+                else "a file, not a model folder"
                 if path
                 else "not a local path; as a hub id it could not be fetched (no network or cache?)"
             )
             raise ModelLoadError(f"could not load model from {where!r}: {hint}: {e}") from e
-        if tokenizer is None:
-            tokenizer = _load_tokenizer(AutoTokenizer, where, spec)
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _load_tokenizer(AutoTokenizer, str(tokenizer))
-        return LoadedModel(loaded, tokenizer, str(model), path, spec)
+        return LoadedModel(loaded, _tokenizer(AutoTokenizer, tokenizer, where, spec), str(model), path, spec)
     raise TypeError(
         f"model must be a path, a hub id or a transformers PreTrainedModel, got {type(model).__name__}"
     )
@@ -129,7 +125,7 @@ def _encoder_class(auto: Any, where: str, sub: dict, task: str) -> Any:
 
     try:
         model_type = AutoConfig.from_pretrained(where, **sub).model_type
-    except (OSError, ValueError):
+    except Exception:
         return auto  # from_pretrained reports it
     if model_type in ("t5", "mt5", "umt5"):
         import transformers
@@ -137,6 +133,16 @@ def _encoder_class(auto: Any, where: str, sub: dict, task: str) -> Any:
         return getattr(transformers, {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel",
                                       "umt5": "UMT5EncoderModel"}[model_type])
     return auto
+
+
+def _tokenizer(auto_tokenizer: Any, tokenizer: Any, where: str, spec: ModelSpec) -> Any:
+    """The tokenizer given, loaded where it is a path or hub id; without one,
+    the model's own from `where`, set up by its spec."""
+    if tokenizer is None:
+        return _load_tokenizer(auto_tokenizer, where, spec)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return _load_tokenizer(auto_tokenizer, os.fspath(tokenizer))
+    return tokenizer
 
 
 def _load_tokenizer(auto_tokenizer: Any, where: str, spec: ModelSpec | None = None) -> Any:
@@ -150,8 +156,16 @@ def _load_tokenizer(auto_tokenizer: Any, where: str, spec: ModelSpec | None = No
         kwargs["model_max_length"] = spec.max_seq_length
     try:
         tok = auto_tokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a missing file, or a broken one (tokenizer.json errors are not all OSError)
         raise ModelLoadError(f"could not load a tokenizer from {where!r}: {e}") from e
+    if len(tok) <= len(set(tok.all_special_ids)):
+        # No tokenizer files: transformers builds one from config.json alone,
+        # holding only the special tokens, so every word would be [UNK].
+        sub = f" (subfolder {spec.subfolder!r})" if spec and spec.subfolder else ""
+        raise ModelLoadError(
+            f"the tokenizer at {where!r}{sub} holds only its special tokens, no vocabulary: no tokenizer files "
+            "there (tokenizer.json, or tokenizer_config.json with its vocabulary files such as vocab.txt)"
+        )
     if not getattr(tok, "is_fast", False):
         # Slow tokenizers hold the GIL: callers' threads would serialise.
         raise ModelLoadError(

@@ -122,14 +122,18 @@ class _Files:
         except Exception:  # missing from the repo or the cache, or not a valid repo id: no such file
             return None
 
-    def json(self, *parts: str) -> Any:
+    def json(self, *parts: str, kind: type = dict) -> Any:
+        """The file's JSON, a `kind` (an object; modules.json: a list), or None where there is no file."""
         f = self.find(*parts)
         if f is None:
             return None
         try:
-            return json.loads(f.read_text())
+            value = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{f}: not readable JSON: {e}") from e
+        if not isinstance(value, kind):
+            raise ModelLoadError(f"{f}: not a JSON {'list' if kind is list else 'object'}")
+        return value
 
 
 def _kind(entry: dict) -> str:
@@ -141,13 +145,16 @@ def load_spec(model: str | os.PathLike) -> ModelSpec:
     """The spec of a local folder or hub id (a plain spec where there is no modules.json)."""
     files = _Files(os.fspath(model))
     spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model))
-    modules = files.json("modules.json")
+    modules = files.json("modules.json", kind=list)
     if modules is None:
         return spec
-    if not isinstance(modules, list) or not modules:
+    if not modules or not all(isinstance(m, dict) for m in modules):
         raise ModelLoadError(f"{spec.source}: modules.json is not a list of modules")
     spec.sentence_transformers = True
-    modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+    try:
+        modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{spec.source}: modules.json: a module's idx is not an integer: {e}") from e
     first, rest = modules[0], modules[1:]
     if _kind(first) != "Transformer":
         raise UnsupportedModelError(_kind(first) or "?", "the first module must be a Transformer")
@@ -202,7 +209,11 @@ def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
     if cfg.get("module_output_name", "token_embeddings") != "token_embeddings":
         raise UnsupportedModelError("Transformer", f"module_output_name={cfg['module_output_name']!r}")
     msl = cfg.get("max_seq_length")
-    spec.max_seq_length = int(msl) if msl else None
+    try:
+        spec.max_seq_length = int(msl) if msl else None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{spec.source}: {'/'.join(filter(None, (path, name)))}: max_seq_length {msl!r} "
+                             "is not an integer") from e
     spec.do_lower_case = bool(cfg.get("do_lower_case", False))
     tok = dict(cfg.get("processor_kwargs") or cfg.get("tokenizer_args") or {})
     tok.pop("trust_remote_code", None)  # sentence-transformers never lets a config set it

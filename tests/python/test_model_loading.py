@@ -1,0 +1,142 @@
+"""A model that cannot be served as given is refused at load with
+ModelLoadError naming the folder or file (missing tokenizer files, broken
+weights, badly formed sentence-transformers configs), a tokenizer given as a
+path is loaded whatever the model is, and the CLI reports such refusals in
+one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models as tm
+from fastserve import Engine, cli, models
+from fastserve.errors import ModelLoadError
+from fastserve.st_spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A sentence-transformers folder (mean pooling); tests copy it before changing it."""
+    return tm.save("bert", tmp_path_factory.mktemp("loading") / "tiny", pooling="mean")
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "model"))
+
+
+def _engine(model, **kwargs) -> Engine:
+    return Engine(model, device="cpu", replicas=1, warmup=False, torch_threads=1, **kwargs)
+
+
+# --- a folder without tokenizer files -----------------------------------------
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_folder, tmp_path):
+    folder = _copy(tiny_folder, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    # transformers builds a tokenizer of the special tokens alone from config.json: every word [UNK].
+    with pytest.raises(ModelLoadError, match=re.escape(str(folder)) + ".*tokenizer.json"):
+        _engine(str(folder))
+    with pytest.raises(ModelLoadError, match="only its special tokens"):  # as an explicit tokenizer too
+        _engine(tm.model("bert"), tokenizer=str(folder))
+
+
+def test_real_tokenizers_still_load(tiny_folder):
+    from transformers import AutoTokenizer
+
+    for where in (tiny_folder, models.default_model_path()):
+        tok = models._load_tokenizer(AutoTokenizer, str(where))
+        assert len(tok) == 30522 and tok("hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+# --- broken weights, tokenizer files, or a file for a folder -------------------
+
+
+def _writing(name: str, data=None):
+    """Overwrite the folder's file `name` with `data` (default: its first 1000 bytes)."""
+    def write(folder: Path) -> Path:
+        f = folder / name
+        f.write_bytes(f.read_bytes()[:1000] if data is None else data)
+        return folder
+    return write
+
+
+@pytest.mark.parametrize("break_it", [
+    pytest.param(_writing("model.safetensors"), id="weights-truncated"),
+    pytest.param(_writing("model.safetensors", b"\0" * 64), id="weights-garbage"),
+    pytest.param(_writing("tokenizer.json", b'{"version": "1.0"}'), id="tokenizer-json-keys"),
+    pytest.param(lambda folder: folder / "config.json", id="a-file-not-a-folder"),
+])
+def test_broken_model_files_raise_model_load_error(tiny_folder, tmp_path, break_it):
+    where = break_it(_copy(tiny_folder, tmp_path))
+    with pytest.raises(ModelLoadError, match=re.escape(repr(str(where)))):
+        _engine(str(where))
+
+
+# --- badly formed sentence-transformers configs --------------------------------
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("modules.json", [1, 2], "modules.json"),
+    ("modules.json", [{"idx": "a", "path": "", "type": "sentence_transformers.models.Transformer"}],
+     "modules.json.*idx"),
+    ("sentence_bert_config.json", [], "sentence_bert_config.json"),
+    ("sentence_bert_config.json", {"max_seq_length": "long"}, "sentence_bert_config.json.*max_seq_length"),
+    ("1_Pooling/config.json", [], "1_Pooling/config.json"),
+    ("config_sentence_transformers.json", [], "config_sentence_transformers.json"),
+])
+def test_badly_formed_st_configs_raise_model_load_error_naming_the_file(tiny_folder, tmp_path, name, content, match):
+    folder = _copy(tiny_folder, tmp_path)
+    (folder / name).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=match):
+        load_spec(folder)
+
+
+# --- a tokenizer given as a path ------------------------------------------------
+
+
+@pytest.mark.parametrize("as_path", [str, Path], ids=["str", "pathlike"])
+def test_a_model_object_takes_a_tokenizer_path(tiny_folder, as_path):
+    m = tm.model("bert")
+    expected = tm.reference(m, "hello world")
+    with _engine(m, tokenizer=as_path(tiny_folder)) as engine:
+        assert engine.tokenizer.is_fast
+        np.testing.assert_allclose(engine.embed("hello world"), expected, atol=1e-5, rtol=0)
+
+
+# --- the CLI ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["embed", "--model", "/nonexistent/model", "hi"],
+    ["embed", "--model", "{tiny}", "--dtype", "float64", "hi"],
+    ["embed", "--model", "{tiny}", "--device", "cuda:99", "hi"],
+    ["embed", "--model", "{tiny}", "--max-batch-memory-mb", "0.00001", "hi"],
+    ["bench", "--model", "/nonexistent/model", "--requests", "1"],
+    ["bench", "--model", "{tiny}", "--dtype", "float64", "--requests", "1"],
+    ["serve", "/nonexistent/model", "--port", "0"],
+], ids=["embed-no-model", "embed-dtype", "embed-device", "embed-memory", "bench-no-model", "bench-dtype",
+        "serve-no-model"])
+def test_the_cli_reports_a_refused_engine_in_one_line(tiny_folder, capsys, argv):
+    if argv[0] == "serve":
+        pytest.importorskip("fastserve.server")
+    argv = [str(tiny_folder) if a == "{tiny}" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastserve {argv[0]}: "), err
+
+
+@pytest.mark.parametrize("option", ["--requests", "--concurrency"])
+def test_bench_needs_at_least_one_request_and_client(capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", option, "0"])
+    assert exit_.value.code == 2
+    assert f"{option}: must be >= 1" in capsys.readouterr().err
+
