@@ -221,6 +221,10 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1),
+                            ("max_batch_tokens", max_batch_tokens or 1), ("max_length", max_length or 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not target_latency_ms > 0:
             raise ValueError("target_latency_ms must be positive")
         if request_timeout_s is not None and not request_timeout_s > 0:

@@ -184,6 +184,13 @@ def test_an_engine_refused_late_leaves_the_threads_and_onednn_as_they_were(resto
     assert {p.dtype for p in m.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("name", ["target_latency_ms", "request_timeout_s", "max_batch_tokens", "max_length",
+                                  "max_queue", "max_batch_size", "min_batch_tokens", "chunk_overlap"])
+def test_a_number_given_as_a_string_is_refused_by_name(name):
+    with pytest.raises(ValueError, match=name):
+        Engine(tm.model("bert"), tm.tokenizer(), warmup=False, **{name: "100"})
+
+
 def test_a_submodule_left_in_training_mode_is_served_from_an_eval_copy():
     m = tm.model("bert")
     m.encoder.layer[0].train()  # dropout live in one layer, the top module in eval
