@@ -348,7 +348,7 @@ class Engine(tasks.TaskCalls):
             self._vocab_gap = (f" (the tokenizer has {n} tokens, the model's embeddings {self.vocab_size}: "
                                "tokens added to the tokenizer without resizing the model)")
             warnings.warn(f"the tokenizer has {n} tokens but the model only {self.vocab_size} embeddings; "
-                          "texts holding the tokens past them are refused", stacklevel=2)
+                          "texts holding the tokens past them are refused", stacklevel=3)  # past the wrapper
         self._fit = self._make_fit(truncate, chunk_overlap)
         if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}

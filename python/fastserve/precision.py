@@ -124,7 +124,7 @@ def resolve(dtype: str, device: torch.device) -> Precision:
     return Precision(dtype, weights, None, device)
 
 
-def warn_if_slow(p: Precision, stacklevel: int = 3) -> str | None:
+def warn_if_slow(p: Precision, stacklevel: int = 4) -> str | None:
     """Warn when a CPU engine computes in bfloat16 on a CPU without native
     bfloat16 (it runs, emulated); the warning's text, or None."""
     if p.device.type != "cpu" or p.compute != torch.bfloat16:

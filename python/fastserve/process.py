@@ -81,7 +81,8 @@ def set_torch_threads(requested: int | None) -> dict[str, Any]:
     torch.set_num_threads(n)
     now = torch.get_num_threads()
     if now != n:
-        warnings.warn(f"fastserve: asked torch for {n} threads, it uses {now}", RuntimeWarning, stacklevel=3)
+        # stacklevel: the Engine(...) call (here, Engine.__init__, its refusal wrapper)
+        warnings.warn(f"fastserve: asked torch for {n} threads, it uses {now}", RuntimeWarning, stacklevel=4)
     return {"changed": now != before, "before": before, "now": now}
 
 
@@ -116,7 +117,7 @@ def keep_freed_memory() -> dict[str, Any]:
             f"fastserve: glibc refused mallopt for {', '.join(refused)} = {MALLOC_THRESHOLD_BYTES} bytes; "
             "freed activations may be returned to the kernel after each batch",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the Engine(...) call (here, Engine.__init__, its refusal wrapper)
         )
     return {"tuned": not refused, "threshold_bytes": MALLOC_THRESHOLD_BYTES, "accepted": accepted}
 

@@ -318,7 +318,8 @@ class PackedRunner:
         self.kernels = kernels.for_device(device)
         reason = kernels.fallback_reason(device)
         if reason:
-            warnings.warn(reason, RuntimeWarning, stacklevel=3)  # points at Engine(...)
+            # stacklevel: the Engine(...) call (here, Engine.__init__, its refusal wrapper)
+            warnings.warn(reason, RuntimeWarning, stacklevel=4)
         self.base = model.base_model
         self.distil = cfg.model_type in _DISTIL
         # RoBERTa-family position ids start after padding_idx.

@@ -26,8 +26,9 @@ def grown_tokenizer():
 
 @pytest.mark.parametrize("execution", ["packed", "padded"])
 def test_a_text_with_a_token_the_model_lacks_is_refused_and_its_batch_neighbour_served(grown_tokenizer, execution):
-    with pytest.warns(UserWarning, match="tokenizer has 30523 tokens"):
+    with pytest.warns(UserWarning, match="tokenizer has 30523 tokens") as caught:
         engine = Engine(tm.model("bert"), grown_tokenizer, execution=execution, replicas=1, warmup=False)
+    assert caught[0].filename == __file__  # attributed to the Engine(...) call
     with engine, tm.held(engine) as gate:
         neighbour = engine.submit("an innocent caller's text")
         with pytest.raises(fastserve.InvalidInputError, match=r"token id 30522 .*outside the model's vocabulary"):
