@@ -88,6 +88,8 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
             raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
         return LoadedModel(model, _tokenizer(AutoTokenizer, tokenizer, name, spec), name, path, spec)
     if isinstance(model, (str, os.PathLike)):
+        if not os.fspath(model).strip():  # Path("") is the current folder
+            raise ModelLoadError("model must be a path or hub id, got an empty name")
         path = _local_path(model)
         spec = _read_spec(path if path else str(model), task)
         where = str(path) if path else str(model)

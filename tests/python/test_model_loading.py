@@ -140,3 +140,9 @@ def test_bench_needs_at_least_one_request_and_client(capsys, option):
     assert exit_.value.code == 2
     assert f"{option}: must be >= 1" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_an_empty_model_name_is_refused_rather_than_read_as_the_current_folder(name):
+    with pytest.raises(ModelLoadError, match="empty"):
+        Engine(name)
