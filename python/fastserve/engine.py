@@ -885,7 +885,7 @@ class Engine(tasks.TaskCalls):
     def _prompt_length(self, prompt: str) -> int:
         n = self._prompt_tokens.get(prompt)
         if n is None:
-            n = prompt_length(self.tokenizer, prompt)
+            n = prompt_length(self.tokenizer, prompt, self.max_length)
             if len(self._prompt_tokens) < 1024:  # prompts come from callers: a bounded cache
                 self._prompt_tokens[prompt] = n
         return n

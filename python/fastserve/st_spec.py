@@ -306,11 +306,14 @@ def _dense_weights(files: _Files, path: str) -> dict[str, torch.Tensor]:
     raise UnsupportedModelError("Dense", f"{path}: no model.safetensors or pytorch_model.bin")
 
 
-def prompt_length(tokenizer: Any, prompt: str) -> int:
+def prompt_length(tokenizer: Any, prompt: str, max_length: int | None = None) -> int:
     """The prompt's tokens at the start of a prompted text, as
     sentence-transformers counts them (Transformer._get_prompt_length): the
-    prompt tokenized alone with special tokens, less a trailing special token."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    prompt tokenized alone with special tokens, cut at max_length as its
+    preprocess cuts it (a prompt past the limit: the trailing special token
+    of the cut text stays pooled), less a trailing special token."""
+    cut = {"truncation": True, "max_length": max_length} if max_length else {}
+    ids = tokenizer(prompt, add_special_tokens=True, **cut)["input_ids"]
     n = len(ids)
     if ids and ids[-1] in set(getattr(tokenizer, "all_special_ids", ())):
         n -= 1

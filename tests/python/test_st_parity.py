@@ -121,7 +121,8 @@ def test_prompts_are_applied_as_encode_applies_them(folders, arch, stack, fmt, e
     """The default prompt, a named one, the empty one and a given one; with
     include_prompt=False the prompt's tokens are left out of the pooling."""
     check(folders(arch, stack, fmt), execution,
-          ({}, {"prompt_name": "passage"}, {"prompt_name": "document"}, {"prompt": "custom prompt: "}))
+          ({}, {"prompt_name": "passage"}, {"prompt_name": "document"}, {"prompt": "custom prompt: "},
+           {"prompt": "a prompt past the model's limit " * 40}))
 
 
 def test_prompted_and_plain_requests_share_a_batch_each_pooled_as_its_own(folders):
