@@ -341,10 +341,11 @@ class Engine(tasks.TaskCalls):
         self.chunk_overlap = chunk_overlap
         self._encode = TextEncoder(self.tokenizer, self.max_length, False)
         # A tokenizer with tokens the model has no embeddings for (added
-        # without resizing the model): a text holding one is refused.
-        self._vocab_gap = ""
-        n = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else 0
-        if n > self.vocab_size:
+        # without resizing the model): a text holding one is refused. None:
+        # every id the tokenizer makes has one, so texts' ids go unchecked.
+        n = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        self._vocab_gap: str | None = "" if n is None else None
+        if n is not None and n > self.vocab_size:
             self._vocab_gap = (f" (the tokenizer has {n} tokens, the model's embeddings {self.vocab_size}: "
                                "tokens added to the tokenizer without resizing the model)")
             warnings.warn(f"the tokenizer has {n} tokens but the model only {self.vocab_size} embeddings; "
@@ -716,7 +717,8 @@ class Engine(tasks.TaskCalls):
             raise InvalidInputError(f"text could not be tokenized: {e}") from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
         lists = self._fit.fit(enc, texts, lead=lead)
-        admission.in_vocabulary(lists, self.vocab_size, self._vocab_gap)
+        if self._vocab_gap is not None:
+            admission.in_vocabulary(lists, self.vocab_size, self._vocab_gap)
         return self._within_budget(lists)
 
     def _side_tokenizer(self, truncate: str) -> Any:
