@@ -339,7 +339,10 @@ class Engine(tasks.TaskCalls):
         # whole, then cut, refused or split into windows.
         self.truncate = truncate
         self.chunk_overlap = chunk_overlap
-        self._encode = TextEncoder(self.tokenizer, self.max_length, False)
+        # The engine's own calls of tokenizer(...) after construction go
+        # through a copy under a lock, made on the first such call (tasks.py).
+        self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, "left" if truncate == "left" else None)
+        self._encode = TextEncoder(self.tokenizer, self.max_length, False, self._private_tokenizer)
         # A tokenizer with tokens the model has no embeddings for (added
         # without resizing the model): a text holding one is refused. None:
         # every id the tokenizer makes has one, so texts' ids go unchecked.
@@ -368,9 +371,9 @@ class Engine(tasks.TaskCalls):
         # Pairs carry token types when the tokenizer makes them and the model has more than one.
         types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()) and \
             getattr(net.config, "type_vocab_size", 0) > 1
-        self._pairs = tasks.PairEncoder(self._side_tokenizer(truncate), self.max_length, truncate, pair_truncation,
+        self._pairs = tasks.PairEncoder(self._private_tokenizer, self.max_length, truncate, pair_truncation,
                                         types) if task == "rerank" else None
-        self._token_encoder = tasks.TokenEncoder(self._side_tokenizer(truncate), self.max_length, truncate) \
+        self._token_encoder = tasks.TokenEncoder(self._private_tokenizer, self.max_length, truncate) \
             if task == "token-classify" else None
         self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
             if self._token_encoder else None
@@ -733,7 +736,7 @@ class Engine(tasks.TaskCalls):
         template = Template.detect(self.tokenizer)
         retokenize = None
         if template is None and truncate in ("right", "left"):  # the tokenizer cuts
-            retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True)
+            retokenize = TextEncoder(self._side_tokenizer(truncate), self.max_length, True, self._private_tokenizer)
         window = self.max_length
         if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
             window = min(window, self.memory_budget.tokens)
@@ -878,7 +881,7 @@ class Engine(tasks.TaskCalls):
             return 0
         n = self._prompt_leads.get(prompt)
         if n is None:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = self._private_tokenizer(prompt, add_special_tokens=True)["input_ids"]
             n = len(self._fit.template.content(ids)[1])
             if len(self._prompt_leads) < 1024:  # prompts come from callers: a bounded cache
                 self._prompt_leads[prompt] = n
@@ -887,7 +890,7 @@ class Engine(tasks.TaskCalls):
     def _prompt_length(self, prompt: str) -> int:
         n = self._prompt_tokens.get(prompt)
         if n is None:
-            n = prompt_length(self.tokenizer, prompt, self.max_length)
+            n = prompt_length(self._private_tokenizer, prompt, self.max_length)
             if len(self._prompt_tokens) < 1024:  # prompts come from callers: a bounded cache
                 self._prompt_tokens[prompt] = n
         return n

@@ -241,13 +241,20 @@ class TextEncoder:
     BatchEncoding) costs about a third of a short text's tokenization, paid
     in the caller's thread or the HTTP server's event loop for every request.
     The copy is used only if it gives exactly transformers' ids on the probe
-    texts above; any other tokenizer goes through `tokenizer(...)`.
+    texts above; any other tokenizer goes through `tokenizer(...)`, called
+    on `calls` (a copy of the tokenizer under a lock, tasks.PrivateTokenizer,
+    made on the first such call): transformers sets the Rust tokenizer's
+    truncation on every call, so concurrent calls on the caller's object
+    would see each other's setting, and the caller's own uses would too.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int, truncate: bool) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, truncate: bool, calls: Any = None) -> None:
+        from .tasks import PrivateTokenizer
+
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncate = truncate
+        self.calls = calls if calls is not None else PrivateTokenizer(tokenizer)
         self.backend = self._direct_backend()
 
     @property
@@ -259,10 +266,10 @@ class TextEncoder:
             if len(texts) == 1:
                 return [self.backend.encode(texts[0], add_special_tokens=True).ids]
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
-        return self._via_transformers(texts)
+        return self._via_transformers(texts, self.calls)
 
-    def _via_transformers(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(
+    def _via_transformers(self, texts: list[str], tokenizer: Any) -> list[list[int]]:
+        return tokenizer(
             texts,
             add_special_tokens=True,
             truncation=self.truncate,
@@ -288,7 +295,7 @@ class TextEncoder:
             # Past the model's limit transformers warns on every such text when
             # not truncating: the long probe checks truncation only.
             probes = list(_PROBES) if self.truncate else [p for p in _PROBES if len(p) < 100]
-            expected = self._via_transformers(probes)
+            expected = self._via_transformers(probes, self.tokenizer)  # once, at construction
             got = [e.ids for e in backend.encode_batch(probes, add_special_tokens=True)]
             single = [backend.encode(p, add_special_tokens=True).ids for p in probes]
         except Exception:  # an unusual tokenizer: keep transformers' path

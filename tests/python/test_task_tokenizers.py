@@ -97,3 +97,87 @@ def test_the_callers_own_use_of_its_tokenizer_meanwhile_changes_nothing(make, to
 
     with make(tok) as engine:
         assert race(engine, tokenize, {"long": long}, others=[callers_use, callers_use]) == []
+
+
+# Embeddings: the engine calls tokenizer(...) for a prompt's length (a model
+# whose pooling leaves the prompt out), a chunked text's prompt, and texts
+# when the tokenizer's Rust backend cannot be called directly.
+
+def test_prompt_lengths_and_the_callers_use_meanwhile_see_nothing_of_each_other(tmp_path):
+    import st_models
+    from transformers import AutoTokenizer
+
+    from fastserve.st_spec import prompt_length
+
+    folder = st_models.save("bert", "prompts-excluded", tmp_path)
+    tok, ref = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    cut: list[int] = []
+
+    def callers_use() -> None:
+        tok("a caller's text " * 50, truncation=True, max_length=8)
+        n = len(tok("another text " * 50, truncation=False)["input_ids"])
+        if n != 102:
+            cut.append(n)
+
+    prompts = [f"prompt {i} of many, each with its own tokens " * 3 for i in range(300)]  # past 48: cut
+    with Engine(str(folder), tok, replicas=1, warmup=False) as engine:
+        def run(mine: list[str]) -> None:
+            for p in mine:
+                engine._prompt_tokens.clear()  # every call counts its prompt afresh
+                if engine._prompt_length(p) != prompt_length(ref, p, engine.max_length):
+                    wrong.append(p)
+
+        wrong: list[str] = []
+        race_fns([lambda: run(prompts)], others=[callers_use])
+    assert wrong == [] and cut == []
+
+
+@pytest.mark.parametrize("truncate", ["right", "left"])
+def test_texts_tokenized_through_transformers_leave_the_callers_tokenizer_alone(monkeypatch, truncate):
+    """Where the Rust backend cannot be called directly, texts go through
+    tokenizer(...) on the engine's copy: the caller's object keeps the
+    truncation its own last call set, and the engine's results do not take it."""
+    from fastserve.inputs import Template
+    from fastserve.models import TextEncoder
+
+    monkeypatch.setattr(TextEncoder, "_direct_backend", lambda self: None)  # as a tokenizer failing the probe
+    monkeypatch.setattr(Template, "detect", classmethod(lambda cls, tok: None))  # texts cut by retokenizing
+    tok = tm.tokenizer()
+    texts = [" ".join(["Schwarzenegger"] * 60), "a short text"]  # 180 tokens (cut to 128) and 5
+    with Engine(tm.model("bert"), tok, replicas=1, warmup=False, truncate=truncate) as engine:
+        assert not engine._encode.direct
+        want = [list(x) for x in engine.tokenize(texts)]
+        assert [len(x) for x in want] == [128, 5]
+        for _ in range(3):
+            tok("a caller's text " * 50, truncation=True, max_length=8)  # the caller's backend cuts at 8
+            assert [list(x) for x in engine.tokenize(texts)] == want
+            assert tok.backend_tokenizer.truncation["max_length"] == 8
+            engine._prompt_length("a prompt of its own")  # no prompt cache to hit: a new prompt each time
+            engine._prompt_tokens.clear()
+            assert tok.backend_tokenizer.truncation["max_length"] == 8
+
+
+def race_fns(fns, others=()) -> None:
+    """Each of `fns` on its own thread, started together, with `others`
+    looping beside them until all of `fns` have returned."""
+    start = threading.Barrier(len(fns) + len(others))
+    done = threading.Event()
+
+    def once(fn) -> None:
+        start.wait()
+        fn()
+
+    def loop(fn) -> None:
+        start.wait()
+        while not done.is_set():
+            fn()
+
+    threads = [threading.Thread(target=once, args=(fn,)) for fn in fns]
+    helpers = [threading.Thread(target=loop, args=(fn,)) for fn in others]
+    for t in threads + helpers:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    for t in helpers:
+        t.join()
