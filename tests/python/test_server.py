@@ -415,6 +415,36 @@ def test_request_past_its_deadline_gets_504(tiny_folder):
     assert len(gate.seen) == 2  # and never reached the model: only the holder and "after" did
 
 
+def test_a_computed_answer_is_written_even_if_the_deadline_passes_meanwhile(tiny_folder, monkeypatch):
+    """A large request's answer is written in a thread; its deadline passing
+    then (here: expired by hand while the body is written) does not turn
+    computed results into a 504."""
+    from fastserve.server import create_app, lifecycle, replies, routes
+
+    requests: list[tuple[lifecycle.InFlight, asyncio.AbstractEventLoop]] = []
+
+    class Recorded(lifecycle.InFlight):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            requests.append((self, asyncio.get_running_loop()))
+
+    def expiring_dumps(obj):
+        req, loop = requests[-1]
+        loop.call_soon_threadsafe(req._on_deadline)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # the loop has run it
+        return replies.dumps(obj)
+
+    monkeypatch.setattr(routes, "InFlight", Recorded)
+    monkeypatch.setattr(routes, "dumps", expiring_dumps)
+    texts = [LONG] * 10  # past routes.INLINE_CHARS: answered in a thread
+    assert sum(map(len, texts)) > routes.INLINE_CHARS
+    with fastserve.Engine(str(tiny_folder), replicas=1) as engine, \
+            InThreadServer(create_app(engine, request_timeout=60)) as srv:
+        r = httpx.post(srv.url + "/v1/embeddings", json={"input": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 10 and requests[-1][0]._expired
+
+
 def test_without_a_request_timeout_the_engines_deadline_applies(tiny_folder):
     # create_app(engine) without request_timeout: every request carries the
     # engine's request_timeout_s (the worker is held all along, as above).

@@ -59,12 +59,16 @@ class Api:
             raise ApiError(400, str(e), param="prompt_name", code="invalid_input") from None
 
     @staticmethod
-    async def _run(req: InFlight, chars: int, fn, *args):
+    async def _run(req: Optional[InFlight], chars: int, fn, *args):
         """fn(*args) on the event loop for a request of up to INLINE_CHARS
-        characters, else in a worker thread (through req.wait)."""
+        characters, else in a worker thread: through req.wait (the client
+        leaving or the deadline ends the wait), or with req None to its end
+        (the answer of a request whose inputs are all computed: the deadline
+        is for the work, not for writing what it gave)."""
         if chars <= INLINE_CHARS:
             return fn(*args)
-        return await req.wait(asyncio.to_thread(fn, *args))
+        work = asyncio.to_thread(fn, *args)
+        return await (work if req is None else req.wait(work))
 
     async def _serve(self, receive, route: str, texts: Optional[list],
                      token_lists: Optional[list[list[int]]], answer, tokenize=None,
@@ -98,7 +102,7 @@ class Api:
             n_tokens = sum(info.computed_tokens for info in infos)
             self.metrics.inputs_for(route).inc(len(token_lists))
             self.metrics.prompt_tokens_for(route).inc(n_tokens)
-            body = await self._run(req, size, answer, results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            body = await self._run(None, size, answer, results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                                    infos)
             return Reply(200, body, req.timing_headers(tokenize_s))
         except ClientGone:
