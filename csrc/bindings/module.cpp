@@ -410,6 +410,9 @@ PYBIND11_MODULE(_core, m) {
       .def("budget_of", py::overload_cast<int>(&Scheduler::budget, py::const_), py::arg("worker"),
            "The token budget of worker `worker`'s controller.")
       .def_property_readonly("workers", &Scheduler::workers)
+      .def("retire", &Scheduler::retire, py::arg("worker"),
+           "Mark a worker dead: admission and the queue's split count only the live ones.")
+      .def_property_readonly("live_workers", &Scheduler::live_workers)
       .def("now", [](const Scheduler& s) { return s.clock().now(); })
       .def("stats", [](const Scheduler& s) {
         Scheduler::Snapshot snap;

@@ -70,6 +70,8 @@ Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
   for (int k = 0; k < workers; ++k) controllers_.push_back(make_controller(controller));
   seen_at_.assign(static_cast<size_t>(workers), -INFINITY);
   waiting_.assign(static_cast<size_t>(workers), 0);
+  retired_.assign(static_cast<size_t>(workers), 0);
+  live_ = workers;
 }
 
 Scheduler::~Scheduler() { close(); }
@@ -121,7 +123,7 @@ bool Scheduler::predicting_locked() const { return config_.admission && compute_
 // corrected only by batches that run: refusing everything on a stale fit
 // (measured under a burst of contention, say) would never measure again.
 bool Scheduler::idle_for_locked(int priority) const {
-  return busy_workers_locked() < workers() &&
+  return free_worker_locked() &&
          tokens_by_priority_.lower_bound(priority) == tokens_by_priority_.end();
 }
 
@@ -132,13 +134,14 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
   // batch is expected to hold (what is queued at its priority or higher, and
   // such arrivals while it waits: lower priority cannot displace it).
   // Past the budget it runs in the k-th batch, after k - 1 full ones; with
-  // several workers (replicas) the full batches ahead run `workers` at a time.
+  // several workers (replicas) the full batches ahead run `workers` at a time
+  // (the live ones: a retired worker runs nothing).
   // With extend_past_budget, in one batch past the budget instead (charged
   // the tail J once more) when that is sooner and leaves the earliest
   // deadline ahead (room: seconds from the batch's start) a margin of J:
   // batch formation then takes it past the budget (assemble_in_order_locked).
   const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
-  const double n = static_cast<double>(controllers_.size());
+  const double n = static_cast<double>(std::max(live_, 1));
   double t;
   if (work <= B) {
     t = fit_locked(std::max(work, std::min(B, fill)));
@@ -157,7 +160,7 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   // the queue's cost Q; k grows while T passes the next one's start + a.
   // Another worker takes at most its own budget: one whose level would pass
   // it is held at its budget and the level found again without it.
-  if (!config_.balance_workers || workers() < 2 || !compute_fit_.ready()) return budget;
+  if (!config_.balance_workers || live_ < 2 || !compute_fit_.ready()) return budget;
   const double a = std::max(0.0, compute_fit_.intercept()), b = compute_fit_.slope();
   double budgets = 0;
   for (const auto& c : controllers_) budgets += static_cast<double>(c->budget());
@@ -182,7 +185,7 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   std::vector<Free> others;
   for (int w = 0; w < workers(); ++w) {
     const auto k = static_cast<size_t>(w);
-    if (w == worker || overdue[k]) continue;
+    if (w == worker || overdue[k] || retired_[k]) continue;
     const double cap = static_cast<double>(controllers_[k]->budget());
     if (until[k] >= 0)
       others.push_back({until[k], cap});
@@ -238,7 +241,7 @@ double Scheduler::residual_locked(double now, std::optional<int> priority) const
   // one). With preempt_layers, a request of a class above every member of a
   // worker's batch has that worker at the next layer boundary (predicted a
   // layer's compute away), or when the urgent batch it runs ends.
-  if (busy_workers_locked() < workers()) return 0.0;
+  if (free_worker_locked()) return 0.0;
   const bool pausing = priority && config_.preempt_layers > 0;
   double free = INFINITY;
   for (const auto& [seq, r] : running_) {
@@ -529,7 +532,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   if (closed_ || order_.empty() || !predicting_locked()) return std::nullopt;
   auto self = running_.find(running.seq());
   if (self == running_.end() || self->second.urgent) return std::nullopt;
-  if (busy_workers_locked() < workers()) return std::nullopt;  // an idle worker takes the queue
+  if (free_worker_locked()) return std::nullopt;  // an idle worker takes the queue
   const double now = clock_->now();
   // Only a class above every member of the running batch pauses it: a
   // higher class never waits for a lower class's batch. (Pausing within a
@@ -864,7 +867,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
     const double dt = now - last_observed_at_;
     const double w = 1 - std::exp(-dt / 0.5);
     // The share of the workers' time urgent batches took, over ~0.5 s.
-    const double urgent = (urgent_s_ - urgent_at_last_) / (dt * static_cast<double>(controllers_.size()));
+    const double urgent = (urgent_s_ - urgent_at_last_) / (dt * static_cast<double>(std::max(live_, 1)));
     pause_share_ += w * (std::min(1.0, urgent) - pause_share_);
     for (const auto& [p, n] : submitted_by_priority_) {
       const double r = static_cast<double>(n - submitted_at_last_by_priority_[p]) / dt;
@@ -876,8 +879,8 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   submitted_at_last_by_priority_ = submitted_by_priority_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
-  // Each worker's share of the arrivals and of the queue.
-  const double share = 1.0 / static_cast<double>(controllers_.size());
+  // Each live worker's share of the arrivals and of the queue.
+  const double share = 1.0 / static_cast<double>(std::max(live_, 1));
   o.arrival_tokens_per_s = arrivals_locked(std::numeric_limits<int>::min()) * cost_factor * share;
   o.queued_tokens = static_cast<double>(queued_tokens_) * cost_factor * share;
   // A batch that dropped rows mid-way computed neither its whole cost nor
@@ -931,6 +934,22 @@ int64_t Scheduler::depth() const {
 int64_t Scheduler::queued_tokens() const {
   std::lock_guard<std::mutex> lock(mu_);
   return queued_tokens_;
+}
+
+void Scheduler::retire(int worker) {
+  if (worker < 0 || worker >= workers())
+    throw InvalidArgument("scheduler: worker " + std::to_string(worker) + " out of range");
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& gone = retired_[static_cast<size_t>(worker)];
+  if (gone) return;
+  gone = 1;
+  --live_;
+  cv_.notify_all();  // waiters re-plan their share of the queue without it
+}
+
+int Scheduler::live_workers() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_;
 }
 
 int64_t Scheduler::budget() const { return budget(0); }

@@ -1011,6 +1011,8 @@ class Engine(tasks.TaskCalls):
             replica.error = e
             replica.warm.set()  # failed before its warm-up: the constructor waits no longer
             if any(r.alive for r in self._replicas):
+                if self.parallel == "data":  # admission plans with the live workers only
+                    sched.retire(worker)
                 raise  # the other replicas keep serving (health() reports this one)
             self._worker_error = e
             with self._lock:

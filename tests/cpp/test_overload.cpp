@@ -452,6 +452,35 @@ TEST(Admission, SeveralWorkersDrainTheWorkAheadInParallel) {
   EXPECT_NEAR(t2 / t1, 3.0 / 5.0, 0.01);
 }
 
+// A dead replica's worker is retired: the work ahead drains on the live
+// ones, and a busy live worker is not mistaken for an idle dead one.
+TEST(Admission, ARetiredWorkerIsNotCountedToDrainTheWorkAhead) {
+  Measured one, two(1000, 2);
+  two.s.retire(1);
+  two.s.retire(1);  // idempotent
+  EXPECT_EQ(two.s.live_workers(), 1);
+  EXPECT_EQ(two.s.workers(), 2);
+  for (auto* m : {&one, &two})
+    for (int i = 0; i < 49; ++i) m->s.submit(toks(100));
+  const double t1 = one.s.predict_completion(50) - one.clock->now();
+  const double t2 = two.s.predict_completion(50) - two.clock->now();
+  EXPECT_NEAR(t2, t1, 1e-12);  // five full batches in a row, as on one worker
+  EXPECT_THROW(two.s.retire(2), InvalidArgument);
+  EXPECT_THROW(two.s.retire(-1), InvalidArgument);
+}
+
+TEST(Admission, WithItsOnlyLiveWorkerBusyARetiredOnesIdlenessAdmitsNothing) {
+  Measured m(1000, 2);
+  m.s.retire(1);
+  m.s.submit(toks(500));
+  auto running = *m.s.next_batch(0, 0);  // the live worker runs 12 ms
+  m.s.start(*running);
+  const double now = m.clock->now();
+  // Before: worker 1 counted idle, so this was predicted to start at once.
+  EXPECT_THROW(m.s.submit(toks(50), 0, now + 0.001), Overloaded);
+  EXPECT_GT(m.s.predict_completion(50) - now, 0.012);
+}
+
 // A higher class is predicted with the work it cannot be displaced by:
 // what is queued at its priority or higher. Lower priority fills its batch
 // only as far as its deadline allows (batch formation caps it).

@@ -266,6 +266,35 @@ def test_a_dead_replica_fails_its_batch_with_a_typed_error_and_the_others_keep_s
         engine.submit("after close")
 
 
+def test_after_a_replica_dies_admission_counts_the_live_workers_only(bert):
+    """With one of two replicas dead and the other busy, a request that
+    cannot make its deadline is refused at submit (429), as on a one-replica
+    engine, not admitted as if the dead worker were idle and then timed out."""
+    clock = _core.ManualClock(0.0)
+    engine = Engine(bert, tm.tokenizer(), clock=clock, replicas=2, torch_threads=1, preempt=False)
+    for n in (1, 4, 2, 8, 3, 6):
+        engine.embed(["some words to embed"] * n)  # the compute fit
+    gates = [gate(r) for r in engine._replicas]
+    doomed = engine.submit("its worker dies")
+    dying = entered(gates)
+    dying.inner = kill
+    with expected_thread_deaths():
+        dying.release.set()
+        with pytest.raises(fastserve.ReplicaFailedError):
+            doomed.result(timeout=30)
+        next(r for r, g in zip(engine._replicas, gates) if g is dying).thread.join(30)
+    assert engine._scheduler.live_workers == 1 and engine._scheduler.workers == 2
+    survivor = next(g for g in gates if g is not dying)
+    held = engine.submit("holds the live worker")
+    tm.until(survivor.entered.is_set, "the live worker held")
+    engine.submit_many(["queued ahead"] * 50, timeout=1e9)
+    with pytest.raises(fastserve.OverloadedError):
+        engine.submit("its deadline is 1 ms away", priority=1, timeout=0.001)
+    survivor.release.set()
+    assert held.result(timeout=30).shape == (32,)
+    engine.close()
+
+
 def test_when_the_last_replica_dies_the_engine_fails_pending_requests(bert):
     engine = Engine(bert, tm.tokenizer(), replicas=2)
     gates = [gate(r) for r in engine._replicas]

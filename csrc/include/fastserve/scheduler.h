@@ -214,6 +214,14 @@ class Scheduler {
   int64_t budget() const;  // worker 0's
   int64_t budget(int worker) const;
   int workers() const { return static_cast<int>(controllers_.size()); }
+
+  // A worker that has died (its replica's thread ended) is retired: from
+  // then on admission, the wait for a free worker and the split of the queue
+  // and of the arrivals count only the live ones, so a degraded engine
+  // refuses (429) what it can no longer serve in time instead of admitting
+  // it and timing it out. Idempotent; throws InvalidArgument out of range.
+  void retire(int worker);
+  int live_workers() const;
   const SchedulerConfig& config() const { return config_; }
   Clock& clock() const { return *clock_; }
 
@@ -261,6 +269,7 @@ class Scheduler {
   // of that class (a batch of lower classes alone is paused for it).
   double residual_locked(double now, std::optional<int> priority = std::nullopt) const;
   int busy_workers_locked() const;
+  bool free_worker_locked() const { return busy_workers_locked() < live_; }
   double extend_limit_locked(double budget) const;  // largest batch past the budget
   double ahead_locked(int priority) const;      // queued cost at priority or higher
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
@@ -327,6 +336,8 @@ class Scheduler {
   static constexpr double kAbsentS = 1.0;
   std::vector<double> seen_at_;
   std::vector<char> waiting_;
+  std::vector<char> retired_;  // per worker: retire()d
+  int live_ = 1;               // workers not retired
   // Arrival rates by priority (real tokens/s, smoothed; their sum is the
   // total), for the controller and the fill a class cannot be displaced from.
   double last_observed_at_ = -1;
