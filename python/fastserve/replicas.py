@@ -77,9 +77,12 @@ def default_replicas(device: str, devices: Any, parallel: str, torch_threads: in
 
 
 def _indexed(device: torch.device) -> torch.device:
-    """cuda -> cuda:<current>, so two names of one GPU compare equal."""
+    """cuda -> cuda:<current> and cpu:N -> cpu, so two names of one device
+    compare equal (the replicas on it share the weights)."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
     return device
 
 

@@ -130,9 +130,15 @@ def test_a_bad_memory_budget_is_refused_at_construction(bad):
         Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=bad)
 
 
-def test_a_budget_below_one_token_is_refused():
-    with pytest.raises(ValueError, match="below one token"):
-        Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=1e-6)
+@pytest.mark.parametrize("mib", [1e-6, 0.03])  # 0.03 MiB: many tokens' activations, less than a batch's fixed part
+def test_a_budget_that_holds_no_token_is_refused_naming_the_least_that_does(mib):
+    with pytest.raises(ValueError, match=r"holds no token: a batch needs \d+ bytes whatever its size and \d+ bytes "
+                                         r"per token \(at least [0-9.]+ MiB\)") as info:
+        Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=mib)
+    least = float(str(info.value).rsplit("at least ", 1)[1].split()[0])
+    with Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=least * 1.01, replicas=1,
+                warmup=False) as engine:
+        assert engine.memory_budget.tokens >= 1
 
 
 def test_the_fused_qkv_weight_is_not_a_second_copy():

@@ -162,6 +162,14 @@ def test_replicas_give_the_single_worker_results_and_share_the_weights(bert):
     assert all("budget_tokens" in r["controller"] for r in s["replicas"])
 
 
+@pytest.mark.parametrize("devices", [["cpu", "cpu:0"], ["cpu:0", "cpu"]])
+def test_two_names_of_the_cpu_are_one_device_and_share_the_weights(bert, devices):
+    with Engine(bert, tm.tokenizer(), devices=devices) as engine:
+        r0, r1 = engine._replicas
+        assert r0.device == r1.device == torch.device("cpu")
+        assert r1.runner.model is r0.runner.model
+
+
 def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert):
     with Engine(bert, tm.tokenizer(), replicas=2) as engine:
         seen_threads: list[int] = []
