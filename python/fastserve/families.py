@@ -27,7 +27,9 @@ on CUDA one call over a padded copy with a key mask."""
 from __future__ import annotations
 
 import abc
+import collections
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
@@ -111,6 +113,47 @@ def _modernbert_unsupported(model: Any, cfg: Any) -> Optional[str]:
     return None
 
 
+# Bytes of masks and biases a packed runner keeps between batches. A T5
+# bias is [1, heads, L, L] float: 3 MiB at L = 128 and 12 heads, 12 MiB at
+# 256, so keeping one per length seen (per layer for UMT5) would grow to
+# gigabytes; recomputing one is a bucket lookup, small beside its attention.
+MASK_CACHE_BYTES = 64 * 2**20
+
+
+class _MaskCache:
+    """Masks or biases by (kind, length), the least recently used dropped
+    past `limit` bytes (one larger than that is made and not kept). Locked:
+    a runner's replicas share it, one worker thread each."""
+
+    _MISSING = object()
+
+    def __init__(self, limit: int = MASK_CACHE_BYTES) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._kept: collections.OrderedDict[tuple[Any, int], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, key: tuple[Any, int], make: Callable[[], Any]) -> Any:
+        with self._lock:
+            m = self._kept.get(key, self._MISSING)
+            if m is not self._MISSING:
+                self._kept.move_to_end(key)
+                return m
+        m = make()
+        size = m.numel() * m.element_size() if isinstance(m, torch.Tensor) else 0
+        with self._lock:
+            if key not in self._kept and size <= self.limit:
+                self._kept[key] = m
+                self.bytes += size
+                while self.bytes > self.limit:
+                    _, old = self._kept.popitem(last=False)
+                    self.bytes -= old.numel() * old.element_size() if isinstance(old, torch.Tensor) else 0
+        return m
+
+
 class _BiasedPackedRunner(abc.ABC):
     """Shared by the packed families below: tokens in, the family's
     embeddings and layers over packed tokens [T, H], then the embedding head.
@@ -134,7 +177,7 @@ class _BiasedPackedRunner(abc.ABC):
         # flash-attn's varlen kernel takes no additive bias: the padded copy instead.
         self.attention = "pad" if method == "flash" else method
         self.attention_batches = {"runs": 0, "pad": 0, "flash": 0}
-        self._masks: dict[tuple[int, int], Any] = {}
+        self._masks = _MaskCache()
 
     def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None,
             segments: Optional[np.ndarray] = None) -> np.ndarray:  # embed only: never pairs
@@ -156,12 +199,7 @@ class _BiasedPackedRunner(abc.ABC):
         return h, cu
 
     def _mask(self, layer: int, length: int) -> Any:
-        key = (self.mask_kind(layer), length)
-        if key not in self._masks:
-            if len(self._masks) > 4096:
-                self._masks.clear()
-            self._masks[key] = self.mask(layer, length)
-        return self._masks[key]
+        return self._masks.get((self.mask_kind(layer), length), lambda: self.mask(layer, length))
 
     def _attend(self, layer: int, qkv: torch.Tensor, runs: list, pad: Optional["_Padded"]) -> torch.Tensor:
         """Attention of qkv [T, 3, nh, hd] within each sequence: [T, nh * hd]."""
@@ -180,7 +218,7 @@ class _BiasedPackedRunner(abc.ABC):
     scale: Optional[float] = None  # SDPA's default, 1/sqrt(head_dim), when None
 
     def mask_kind(self, layer: int) -> Any:
-        return 0  # every layer shares one mask per length
+        return 0  # every layer shares one mask per length (or: the layer whose mask it is)
 
     @abc.abstractmethod
     def mask(self, layer: int, length: int) -> Any:
@@ -254,7 +292,9 @@ class MPNetPackedRunner(_BiasedPackedRunner):
 
 class T5PackedRunner(_BiasedPackedRunner):
     """T5's encoder: pre-norm RMSNorm blocks, attention without scaling and
-    with the first block's relative bias in every layer, no token types."""
+    with a relative position bias, no token types. T5 and mT5 compute the
+    bias in the first block and use it in every layer; UMT5 gives every
+    layer a bias of its own."""
 
     scale = 1.0
 
@@ -266,9 +306,16 @@ class T5PackedRunner(_BiasedPackedRunner):
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
         self.qkv = [_fused_qkv(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
                     for b in self.blocks]
+        # The block whose bias each layer uses: its own where it has one.
+        self.bias_of = [i if getattr(b.layer[0].SelfAttention, "has_relative_attention_bias", False) else 0
+                        for i, b in enumerate(self.blocks)]
+
+    def mask_kind(self, layer: int) -> Any:
+        return self.bias_of[layer]
 
     def mask(self, layer: int, length: int) -> torch.Tensor:
-        return self.blocks[0].layer[0].SelfAttention.compute_bias(length, length)  # [1, nh, L, L]
+        attention = self.blocks[self.bias_of[layer]].layer[0].SelfAttention
+        return attention.compute_bias(length, length)  # [1, nh, L, L]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
         h = self.stack.dropout(self.stack.embed_tokens(ids))

@@ -15,7 +15,7 @@ import torch
 
 import tiny_models as tm
 
-ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "t5", "modernbert")
+ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "t5", "umt5", "modernbert")
 STACKS = ("cls-normalize", "mean-dense-normalize", "weightedmean", "lasttoken", "prompts",
           "prompts-excluded", "max-meansqrt")
 MAX_SEQ_LENGTH = 48  # below every tiny position table: texts past it are truncated
@@ -37,8 +37,8 @@ def config(arch: str):
         return AutoConfig.for_model("mpnet", vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
                                     relative_attention_num_buckets=32, pad_token_id=0)
-    if arch == "t5":
-        return AutoConfig.for_model("t5", vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+    if arch in ("t5", "umt5"):  # UMT5: a relative bias in every layer, T5 in the first only
+        return AutoConfig.for_model(arch, vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                     num_heads=4, relative_attention_num_buckets=32,
                                     relative_attention_max_distance=64, pad_token_id=0, decoder_start_token_id=0,
                                     feed_forward_proj="gated-gelu")
@@ -53,11 +53,12 @@ def config(arch: str):
 
 
 def encoder(arch: str, seed: int = 0):
-    from transformers import AutoModel, T5EncoderModel
+    from transformers import AutoModel, T5EncoderModel, UMT5EncoderModel
 
     torch.manual_seed(seed)
     cfg = config(arch)
-    m = T5EncoderModel(cfg) if arch == "t5" else AutoModel.from_config(cfg)
+    encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
+    m = encoders[arch](cfg) if arch in encoders else AutoModel.from_config(cfg)
     # Random init leaves some parameters (layer norms) at exactly 1 / 0: perturb
     # everything so no term of the computation can be skipped unnoticed.
     with torch.no_grad():

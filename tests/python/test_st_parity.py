@@ -362,7 +362,7 @@ def test_do_lower_case_and_max_seq_length_of_the_transformer_config_apply(folder
         assert_parity(engine.embed(texts), want)
 
 
-@pytest.mark.parametrize("arch", ["bert", "mpnet", "t5", "modernbert"])
+@pytest.mark.parametrize("arch", ["bert", "mpnet", "t5", "umt5", "modernbert"])
 def test_packed_attention_on_a_padded_copy_with_bias_and_window_matches(folders, arch, monkeypatch):
     """The attention CUDA runs ("pad": one SDPA call over a padded copy, the
     family's relative bias or window mask plus the key mask), forced on the CPU."""
