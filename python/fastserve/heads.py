@@ -62,8 +62,14 @@ class EmbeddingHead:
         return self.packed(hidden[keep], cu, None if self.kernel_mode is None else _TorchPool, skip)
 
     def _post(self, x: torch.Tensor) -> torch.Tensor:
-        for op in self.post:
-            x = F.normalize(x, p=2, dim=-1) if op == "normalize" else op(x)
+        if not self.post:
+            return x
+        # float32 in every dtype: under dtype="autocast" the worker's autocast
+        # would run a Dense module's linear in bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            for op in self.post:
+                x = F.normalize(x, p=2, dim=-1) if op == "normalize" else op(x)
         return x
 
 
