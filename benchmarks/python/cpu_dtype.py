@@ -31,9 +31,9 @@ Model GFLOP/s counts real tokens only (common.model_flops) and is compared
 with the matmul peak of the dtype the row computes in. min cosine is against
 the fastserve float32 rows of the same texts.
 
---emulated also times fastserve float32 against bfloat16 in a subprocess with
-oneDNN and ATen capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
-ATEN_CPU_CAPABILITY=avx2): what a CPU without native bfloat16 sees.
+--emulated also times fastserve float32 against bfloat16 and float16 in a
+subprocess with oneDNN and ATen capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
+ATEN_CPU_CAPABILITY=avx2): what a CPU without native bfloat16 or float16 sees.
 On a CPU without native bfloat16 (AVX2 only) the cap changes nothing: it
 times bf16 against fp32 as that CPU runs them.
 --threads times a batch at 1 and 2 torch threads (an Engine per count:
@@ -216,7 +216,7 @@ common.quiet()
 texts = common.sample_texts({n}, seed=3)
 out = {{}}
 engines = {{d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=2048,
-                               max_batch_tokens=2048) for d in ("float32", "bfloat16")}}
+                               max_batch_tokens=2048) for d in ("float32", "bfloat16", "float16")}}
 for e in engines.values():
     e.embed(texts[:32])
 best = {{}}
@@ -224,17 +224,18 @@ import torch
 for rep in range(2):
     for d, e in engines.items():
         # float32 as it runs alone in a process: oneDNN off (see alone_fp32)
-        with torch.backends.mkldnn.flags(enabled=d == "bfloat16"):
+        with torch.backends.mkldnn.flags(enabled=d != "float32"):
             t0 = time.perf_counter(); e.embed(texts); best[d] = min(best.get(d, 1e9), time.perf_counter() - t0)
 out = {{"texts_per_s": {{d: len(texts) / w for d, w in best.items()}},
         "cpu": engines["bfloat16"].stats()["cpu"]}}
 out["bf16_slowdown_vs_fp32"] = best["bfloat16"] / best["float32"]
+out["fp16_slowdown_vs_fp32"] = best["float16"] / best["float32"]
 print(json.dumps(out))
 """
 
 
 def emulated(n: int) -> dict[str, Any]:
-    """fp32 vs bf16 with oneDNN and ATen capped to AVX2, in a fresh process."""
+    """fp32 vs bf16 and fp16 with oneDNN and ATen capped to AVX2, in a fresh process."""
     import subprocess
 
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
@@ -331,10 +332,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]
     elif res.get("emulated"):
         e = res["emulated"]
-        lines += [f"**bfloat16 without native support** (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2, "
-                  f"{e['n_texts']} corpus texts): fp32 {e['texts_per_s']['float32']:.1f} texts/s, "
-                  f"bf16 {e['texts_per_s']['bfloat16']:.1f} texts/s: bf16 takes "
-                  f"{e['bf16_slowdown_vs_fp32']:.2f}x fp32's time.", ""]
+        lines += [f"**bfloat16 and float16 without native support** (ONEDNN_MAX_CPU_ISA=AVX2, "
+                  f"ATEN_CPU_CAPABILITY=avx2, {e['n_texts']} corpus texts): fp32 {e['texts_per_s']['float32']:.1f} "
+                  f"texts/s, bf16 {e['texts_per_s']['bfloat16']:.1f} texts/s: bf16 takes "
+                  f"{e['bf16_slowdown_vs_fp32']:.2f}x fp32's time"
+                  + (f"; fp16 {e['texts_per_s']['float16']:.1f} texts/s, {e['fp16_slowdown_vs_fp32']:.2f}x"
+                     if "float16" in e["texts_per_s"] else "") + ".", ""]
     if res.get("threads"):
         lines += ["**Threads per batch** (`Engine(torch_threads=k).embed(batch)`: runner + scheduler, the two "
                   "engines alternating, best of 5):", "",
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=400, help="texts per mix")
     p.add_argument("--repeats", type=int, default=2, help="runs per method (interleaved); the best counts")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--emulated", action="store_true", help="also time bf16 with oneDNN/ATen capped to AVX2")
+    p.add_argument("--emulated", action="store_true", help="also time bf16 and fp16 with oneDNN/ATen capped to AVX2")
     p.add_argument("--threads", action="store_true", help="also time batches at 1 and 2 torch threads")
     p.add_argument("--out", default=str(common.RESULTS), help="folder for cpu_dtype.json and cpu_dtype.md")
     args = p.parse_args(argv)

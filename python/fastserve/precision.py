@@ -14,7 +14,8 @@ whatever the dtype (runners.py, kernels.segment_pool).
 bfloat16 is fast on a CPU with AVX512-BF16 or AMX (oneDNN runs the GEMMs in
 hardware); elsewhere torch emulates it through float32 conversions, slower
 than float32 itself. A bfloat16 or autocast request on such a CPU runs and
-warns once, with the factor measured in benchmarks/README.md ("CPU dtypes").
+warns once, with the factor measured in benchmarks/README.md ("CPU dtypes");
+so does float16 on a CPU without AVX512-FP16 or AMX-FP16.
 """
 
 from __future__ import annotations
@@ -31,16 +32,22 @@ import torch
 DTYPES = ("auto", "float32", "float16", "bfloat16", "autocast")
 
 # CPU flags (as /proc/cpuinfo names them) that stats() reports.
-REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16",
+                  "amx_int8")
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it uses
 # no bfloat16 instructions even when the CPU has them.
 _ISA_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni")
+_ISA_WITHOUT_FP16 = _ISA_WITHOUT_BF16 + ("avx2_vnni_2", "avx512_core_bf16")
 
 # bfloat16 / float32 time per batch on a CPU without native bfloat16
 # (benchmarks/README.md, "CPU dtypes"): 4.9-6.9x on an AVX2 AMD EPYC (no
 # AVX-512), 9.2x on an AMX Xeon with oneDNN and ATen capped to AVX2.
 EMULATED_BF16_SLOWDOWN = "about 5-9x"
+# float16 / float32 on a CPU without AVX512-FP16 or AMX-FP16, on the AVX2
+# AMD EPYC: 5.7x and 6.1x (cpu_dtype.py's emulated run, 128 texts), 4.0x and
+# 6.3x (200 texts) (benchmarks/README.md, "CPU dtypes").
+EMULATED_FP16_SLOWDOWN = "about 4-6x"
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,16 +76,17 @@ def cpu_features() -> dict[str, Any]:
 
     flags = _cpuinfo_flags()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
-    native: bool | None
-    if flags is None:
-        native = None
-    else:
+    native: bool | None = None
+    native_fp16: bool | None = None
+    if flags is not None:
         native = bool({"avx512_bf16", "amx_bf16"} & flags) and (cap or "").lower() not in _ISA_WITHOUT_BF16
+        native_fp16 = bool({"avx512_fp16", "amx_fp16"} & flags) and (cap or "").lower() not in _ISA_WITHOUT_FP16
     return {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "flags": None if flags is None else [f for f in REPORTED_FLAGS if f in flags],
         "onednn_max_isa": cap,
         "native_bf16": native,
+        "native_fp16": native_fp16,
         "amx": None if flags is None else ("amx_bf16" in flags and native),
         "kernel_isa": kernels.cpu_isa(),
     }
@@ -125,16 +133,20 @@ def resolve(dtype: str, device: torch.device) -> Precision:
 
 
 def warn_if_slow(p: Precision, stacklevel: int = 4) -> str | None:
-    """Warn when a CPU engine computes in bfloat16 on a CPU without native
-    bfloat16 (it runs, emulated); the warning's text, or None."""
-    if p.device.type != "cpu" or p.compute != torch.bfloat16:
+    """Warn when a CPU engine computes in bfloat16 or float16 on a CPU
+    without that dtype in hardware (it runs, emulated); the warning's text,
+    or None."""
+    half = {torch.bfloat16: ("bfloat16", "native_bf16", "AVX512-BF16 or AMX", EMULATED_BF16_SLOWDOWN),
+            torch.float16: ("float16", "native_fp16", "AVX512-FP16 or AMX-FP16", EMULATED_FP16_SLOWDOWN)}
+    if p.device.type != "cpu" or p.compute not in half:
         return None
+    name, key, hardware, slowdown = half[p.compute]
     feats = cpu_features()
-    if feats["native_bf16"] is not False:
+    if feats[key] is not False:
         return None
-    why = "has no AVX512-BF16 or AMX" if not feats["onednn_max_isa"] else \
+    why = f"has no {hardware}" if not feats["onednn_max_isa"] else \
         f"runs oneDNN capped at ONEDNN_MAX_CPU_ISA={feats['onednn_max_isa']}"
-    msg = (f"fastserve: dtype={p.name!r} on a CPU that {why}: bfloat16 is emulated there and runs "
-           f"{EMULATED_BF16_SLOWDOWN} slower than float32; use dtype='float32' (the default) on this CPU")
+    msg = (f"fastserve: dtype={p.name!r} on a CPU that {why}: {name} is emulated there and runs "
+           f"{slowdown} slower than float32; use dtype='float32' (the default) on this CPU")
     warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
     return msg

@@ -49,6 +49,29 @@ def test_half_precision_embeddings_are_float32_and_close_to_float32(execution, d
     assert next(m.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("stack", ["mean-dense-normalize", "max-meansqrt"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
+def test_a_dense_module_runs_in_float32_in_every_dtype(tmp_path, execution, stack, dtype):
+    """A sentence-transformers Dense after pooling runs in float32 under
+    dtype="autocast" too (the worker's autocast ran its linear in bfloat16,
+    and every request failed converting the result)."""
+    import warnings as w
+
+    import st_models
+    from sentence_transformers import SentenceTransformer
+
+    folder = st_models.save("bert", stack, tmp_path)
+    want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    with w.catch_warnings():
+        w.simplefilter("ignore")  # emulated bfloat16 on this CPU
+        with Engine(str(folder), dtype=dtype, execution=execution, replicas=1) as eng:
+            got = eng.embed(TEXTS)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() > 0.999
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
 def test_half_precision_classification_scores_are_float32_probabilities(dtype):
     with Engine(tm.model("bert", classify=True), tm.tokenizer(), task="classify", dtype=dtype) as eng:
@@ -61,7 +84,7 @@ def test_stats_report_the_cpu_features_found():
     with Engine(tm.model("bert"), tm.tokenizer()) as eng:
         cpu = eng.stats()["cpu"]
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "amx", "kernel_isa"}
+    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "native_fp16", "amx", "kernel_isa"}
     flags = precision._cpuinfo_flags()
     if flags is not None:
         # The kernels' path follows the CPU's flags (x86-64 here; elsewhere portable).
@@ -69,6 +92,7 @@ def test_stats_report_the_cpu_features_found():
         assert cpu["kernel_isa"] == (want if platform.machine() in ("x86_64", "AMD64") else "portable")
         assert cpu["flags"] == [f for f in precision.REPORTED_FLAGS if f in flags]
         assert cpu["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & flags) or cpu["onednn_max_isa"] is not None
+        assert cpu["native_fp16"] == bool({"avx512_fp16", "amx_fp16"} & flags) or cpu["onednn_max_isa"] is not None
 
 
 def _no_bf16_cpu(monkeypatch):
@@ -85,6 +109,25 @@ def test_bfloat16_on_a_cpu_without_native_bfloat16_runs_and_warns_how_slow(monke
     with eng:
         assert eng.embed(TEXTS).shape == (len(TEXTS), 32)
         assert eng.stats()["cpu"]["native_bf16"] is False
+
+
+def test_float16_on_a_cpu_without_native_float16_runs_and_warns_how_slow(monkeypatch):
+    _no_bf16_cpu(monkeypatch)
+    with pytest.warns(RuntimeWarning, match=r"dtype='float16' on a CPU that has no AVX512-FP16 or AMX-FP16: "
+                                            r"float16 is emulated there and runs about \d+-\d+x slower"):
+        eng = Engine(tm.model("bert"), tm.tokenizer(), dtype="float16")
+    with eng:
+        assert eng.embed(TEXTS).dtype == np.float32
+        assert eng.stats()["cpu"]["native_fp16"] is False
+
+
+def test_float16_on_a_cpu_with_avx512_fp16_does_not_warn(monkeypatch):
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_fp16"}))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(tm.model("bert"), tm.tokenizer(), dtype="float16", replicas=1, warmup=False).close()
 
 
 def test_float32_on_a_cpu_without_native_bfloat16_does_not_warn(monkeypatch):
