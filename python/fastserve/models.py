@@ -95,7 +95,8 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         where = str(path) if path else str(model)
         sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
         try:
-            loaded = _encoder_class(auto, where, sub, task).from_pretrained(where, **sub)
+            loaded, info = _encoder_class(auto, where, sub, task).from_pretrained(where, output_loading_info=True,
+                                                                                  **sub)
         except Exception as e:  # a missing file, or a broken one (safetensors, pickle, JSON errors)
             hint = (
                 "a local folder with config.json and weights"
@@ -105,10 +106,25 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
                 else "not a local path; as a hub id it could not be fetched (no network or cache?)"
             )
             raise ModelLoadError(f"could not load model from {where!r}: {hint}: {e}") from e
+        _refuse_missing_weights(where, task, info.get("missing_keys") or ())
         return LoadedModel(loaded, _tokenizer(AutoTokenizer, tokenizer, where, spec), str(model), path, spec)
     raise TypeError(
         f"model must be a path, a hub id or a transformers PreTrainedModel, got {type(model).__name__}"
     )
+
+
+def _refuse_missing_weights(where: str, task: str, missing: Any) -> None:
+    """transformers initialises at random what a checkpoint lacks (a plain
+    encoder loaded for classification gets a random head) and only logs it:
+    such a model would serve random scores, so it is refused. An embedder's
+    unused pooler may be absent."""
+    missing = sorted(k for k in missing if task != "embed" or not k.startswith("pooler."))
+    if not missing:
+        return
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    what = (f"a model for task={task!r} needs its trained head (a plain encoder has none)" if task != "embed"
+            else "they would be random")
+    raise ModelLoadError(f"{where!r} has no weights for {shown}: {what}")
 
 
 def _read_spec(where: Any, task: str) -> ModelSpec:

@@ -146,3 +146,32 @@ def test_bench_needs_at_least_one_request_and_client(capsys, option):
 def test_an_empty_model_name_is_refused_rather_than_read_as_the_current_folder(name):
     with pytest.raises(ModelLoadError, match="empty"):
         Engine(name)
+
+
+@pytest.mark.parametrize("task", ["classify", "rerank", "token-classify"])
+def test_a_plain_encoder_loaded_for_a_task_with_a_head_is_refused(tiny_folder, task):
+    """transformers gives the missing head random weights and only logs it:
+    served, it answered random scores."""
+    with pytest.raises(ModelLoadError, match=r"has no weights for classifier\.bias, classifier\.weight: a model for "
+                                             rf"task='{task}' needs its trained head"):
+        Engine(str(tiny_folder), task=task, replicas=1, warmup=False)
+
+
+def test_a_classifier_folder_with_its_head_loads(tmp_path):
+    folder = tmp_path / "clf"
+    tm.model("bert", classify=True, num_labels=3).save_pretrained(folder)
+    tm.tokenizer().save_pretrained(folder)
+    with Engine(str(folder), task="classify", replicas=1, warmup=False) as engine:
+        assert len(engine.classify(["great"])[0].scores) == 3
+
+
+def test_an_embedder_without_its_pooler_still_loads(tiny_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tiny_folder, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    assert any(k.startswith("pooler.") for k in weights)
+    save_file({k: v for k, v in weights.items() if not k.startswith("pooler.")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with Engine(str(folder), replicas=1, warmup=False) as engine:
+        assert engine.embed("x").shape == (32,)
