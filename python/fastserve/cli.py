@@ -63,6 +63,36 @@ def _open_engine(args: argparse.Namespace, **extra):
         return None
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0: any free one)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    """argparse type: finite seconds >= 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite seconds >= 0, got {text}")
+    return x
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: finite seconds > 0."""
+    x = _seconds(text)
+    if x == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return x
+
+
 def _at_least_one(text: str) -> int:
     """argparse type: an int >= 1."""
     try:
@@ -108,6 +138,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
         for v in vectors:
             print(" ".join(f"{x:.6f}" for x in v))
     return 0
+
+
+def _write_quietly_to_a_closed_pipe(run):
+    """`fastserve embed ... | head`: the reader leaving ends the command
+    quietly (exit 0), as Unix tools do, not with a BrokenPipeError trace."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            code = run(args)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's final flush must not raise again
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+    return wrapped
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -236,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("texts", nargs="*")
     p.add_argument("--format", choices=["json", "text"], default="json")
     _engine_args(p)
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=_write_quietly_to_a_closed_pipe(cmd_embed))
     p = sub.add_parser("bench", help="a short closed-loop load run on the shipped corpus")
     p.add_argument("--requests", type=_at_least_one, default=2000)
     p.add_argument("--concurrency", type=_at_least_one, default=32, help="client threads, one request in flight each")
@@ -256,16 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=65536, help="queued requests before 429")
     p.add_argument("--max-queue-tokens", type=int, default=None, help="queued tokens before 429")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTSERVE_API_KEY)")
-    p.add_argument("--max-payload-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
-    p.add_argument("--max-inputs-per-request", type=int, default=2048, help="more inputs in one request get 413")
-    p.add_argument("--request-timeout", type=float, default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /docs and /openapi.json "
+                        "(default: $FASTSERVE_API_KEY)")
+    p.add_argument("--max-payload-bytes", type=_at_least_one, default=2_000_000, help="larger request bodies get 413")
+    p.add_argument("--max-inputs-per-request", type=_at_least_one, default=2048,
+                   help="more inputs in one request get 413")
+    p.add_argument("--request-timeout", type=_positive_seconds, default=None,
                    help="seconds; every request's deadline: predicted to miss it, 429 with Retry-After; "
                         "not served by then, 504 (default: the engine's request_timeout_s, 30)")
     p.add_argument("--served-model-name", default=None, help="model id in responses (default: the model's name)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
+    p.add_argument("--graceful-timeout", type=_seconds, default=30.0,
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")

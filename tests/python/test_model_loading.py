@@ -142,6 +142,48 @@ def test_bench_needs_at_least_one_request_and_client(capsys, option):
 
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--port", "99999", "must be in [0, 65535], got 99999"),  # uvicorn bound 99999 mod 65536
+    ("--port", "-1", "must be in [0, 65535], got -1"),
+    ("--max-payload-bytes", "0", "must be >= 1"),
+    ("--max-inputs-per-request", "0", "must be >= 1"),
+    ("--graceful-timeout", "-3", "must be finite seconds >= 0"),
+    ("--request-timeout", "0", "must be more than 0 seconds"),
+    ("--request-timeout", "nan", "must be finite seconds >= 0"),
+])
+def test_serve_refuses_bad_server_options_before_loading_anything(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "/nonexistent/model", option, value])
+    assert exit_.value.code == 2
+    assert f"{option}: {message}" in capsys.readouterr().err
+
+
+def test_embed_into_a_pipe_the_reader_closes_ends_quietly(tiny_folder):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "fastserve.cli", "embed", "--model", str(tiny_folder),
+                             "--format", "text", *[f"text {i}" for i in range(2000)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(proc.stdout.read(10)) == 10  # as `| head -c 10`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_the_default_model_goes_by_its_name_and_a_plain_model_by_cosine(tiny_folder):
+    from fastserve.models import DEFAULT_MODEL_NAME
+
+    with _engine(None) as engine:
+        assert engine.model_name == DEFAULT_MODEL_NAME == "all-MiniLM-L6-v2"
+        assert engine.similarity_fn_name == "cosine"  # the model's config names none: cosine, as ST says
+    with _engine(str(tiny_folder)) as engine:
+        assert engine.model_name == str(tiny_folder) and engine.similarity_fn_name == "cosine"
+
+
 @pytest.mark.parametrize("name", ["", "   "])
 def test_an_empty_model_name_is_refused_rather_than_read_as_the_current_folder(name):
     with pytest.raises(ModelLoadError, match="empty"):
