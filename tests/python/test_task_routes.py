@@ -108,6 +108,22 @@ def test_cohere_client_reranks_through_the_route(reranker):
     assert e.value.status_code == 401
 
 
+def test_cohere_v2_client_reranks_through_the_v2_path(reranker):
+    cohere = pytest.importorskip("cohere")
+    if not hasattr(cohere, "ClientV2"):
+        pytest.skip("this cohere has no v2 client")
+    engine, srv = reranker
+    co = cohere.ClientV2(api_key=API_KEY, base_url=srv.url)
+    got = co.rerank(model="fastserve", query=QUERY, documents=DOCS, top_n=2,
+                    max_tokens_per_doc=engine.max_length)
+    expected = engine.rerank(QUERY, DOCS, top_n=2)
+    assert [x.index for x in got.results] == [e.index for e in expected]
+    np.testing.assert_allclose([x.relevance_score for x in got.results], [e.score for e in expected], atol=1e-6)
+    with pytest.raises(cohere.core.api_error.ApiError) as e:
+        co.rerank(model="fastserve", query=QUERY, documents=DOCS, max_tokens_per_doc=engine.max_length - 1)
+    assert e.value.status_code == 400 and "max_tokens_per_doc" in str(e.value.body)
+
+
 @pytest.mark.parametrize("path,body,status,param", [
     ("/v1/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": ["d"] * 9}, 413, "documents"),

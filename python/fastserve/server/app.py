@@ -115,6 +115,11 @@ def add_task_routes(app: FastAPI, routes: TaskRoutes) -> None:
         async def rerank(body: RerankRequest, request: Request) -> Response:
             return (await routes.rerank(body, request.receive)).response()
 
+        @app.post("/v2/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
+                  summary="The same, at the path of Cohere's v2 API (cohere.ClientV2)")
+        async def rerank_v2(body: RerankRequest, request: Request) -> Response:
+            return (await routes.rerank(body, request.receive, "/v2/rerank")).response()
+
         @app.post("/rerank", response_model=list[TeiRank], responses=ERROR_RESPONSES,
                   summary="Rank texts against a query (text-embeddings-inference shape)")
         async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 # Paths a probe or scraper reaches without the API key.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 # The route label of the metrics: a fixed set, whatever paths clients send.
-ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/rerank", "/v1/extract", "/v1/models", "/health", "/ready", "/metrics",
-                    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v2/rerank", "/rerank", "/v1/extract",
+                    "/v1/models", "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                    "/redoc"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose body the edge does not read
 
@@ -64,7 +65,7 @@ class Edge:
                 await error.reply().send(send_recording)
             elif not await self._fast_embeddings(scope, body, receive, send_recording):
                 method = scope.get("method")
-                if method == "POST" and (path.startswith("/v1/") or path == "/rerank"):
+                if method == "POST" and (path.startswith("/v1/") or path in ("/rerank", "/v2/rerank")):
                     scope = _as_json(scope)
                 await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
         except asyncio.CancelledError:

@@ -84,6 +84,8 @@ class RerankRequest(BaseModel):
     top_n: Optional[StrictInt] = Field(default=None, description="return the best N (default: all)")
     return_documents: bool = False
     raw_scores: bool = Field(default=False, description="logits, without the model's activation")
+    max_tokens_per_doc: Optional[StrictInt] = Field(
+        default=None, description="Cohere v2: accepted at or above the model's limit, where pairs are cut anyway")
 
 
 class RerankResultItem(BaseModel):

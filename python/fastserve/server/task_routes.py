@@ -42,11 +42,16 @@ class TaskRoutes:
         return await self.api._serve(receive, route, pairs, None, answer, tokenize=self.engine.tokenize_pairs,
                                      chars=chars)
 
-    async def rerank(self, body: RerankRequest, receive) -> Reply:
-        """POST /v1/rerank: results best first, each with its document's
-        index and relevance_score (and the document, return_documents)."""
+    async def rerank(self, body: RerankRequest, receive, route: str = "/v1/rerank") -> Reply:
+        """POST /v1/rerank (and Cohere v2's /v2/rerank): results best first,
+        each with its document's index and relevance_score (and the
+        document, return_documents)."""
         docs = [d if isinstance(d, str) else d.text for d in body.documents]
         self._check_rerank(len(docs), "documents", body.top_n)
+        limit = self.engine.max_length
+        if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < limit:
+            raise ApiError(400, f"max_tokens_per_doc below the model's limit ({limit} tokens per pair) is not "
+                                f"supported, got {body.max_tokens_per_doc}", param="max_tokens_per_doc")
 
         def write(scores, usage) -> bytes:
             ranked = ranking(scores, docs, body.top_n, body.return_documents)
@@ -55,7 +60,7 @@ class TaskRoutes:
             return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
                           "results": results, "usage": usage})
 
-        return await self._scores(receive, "/v1/rerank", body.query, docs, body.raw_scores, write)
+        return await self._scores(receive, route, body.query, docs, body.raw_scores, write)
 
     async def tei_rerank(self, body: TeiRerankRequest, receive) -> Reply:
         """POST /rerank, text-embeddings-inference's shape: a list of
