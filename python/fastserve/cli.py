@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -63,23 +64,32 @@ def _open_engine(args: argparse.Namespace, **extra):
         return None
 
 
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
 def _port(text: str) -> int:
     """argparse type: a TCP port, 0 to 65535 (0: any free one)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    n = _number(text, int)
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {n}")
     return n
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an int >= 1."""
+    n = _number(text, int)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _seconds(text: str) -> float:
     """argparse type: finite seconds >= 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    x = _number(text, float)
     if not 0 <= x < float("inf"):
         raise argparse.ArgumentTypeError(f"must be finite seconds >= 0, got {text}")
     return x
@@ -91,17 +101,6 @@ def _positive_seconds(text: str) -> float:
     if x == 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return x
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def _engine_kwargs(args: argparse.Namespace, **extra) -> dict:

@@ -7,6 +7,7 @@ change what another call gets."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -47,13 +48,9 @@ def race(engine, tokenize, work: dict, others=()) -> list[str]:
     """Two threads per kind in `work` ({kind: inputs}), 200 calls each, every
     result checked against the kind's result alone; `others` run beside them."""
     want = {kind: tokenize(engine, inputs) for kind, inputs in work.items()}
-    kinds = [k for k in work for _ in range(2)]
-    start = threading.Barrier(len(kinds) + len(others))
     wrong: list[str] = []
-    done = threading.Event()
 
     def run(kind: str) -> None:
-        start.wait()
         for _ in range(200):
             try:
                 got = tokenize(engine, work[kind])
@@ -63,20 +60,7 @@ def race(engine, tokenize, work: dict, others=()) -> list[str]:
             if got != want[kind]:
                 wrong.append(f"{kind}: lengths {[len(x) for x in got[0]]}, infos {got[1]}")
 
-    def other(fn) -> None:
-        start.wait()
-        while not done.is_set():
-            fn()
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in kinds]
-    helpers = [threading.Thread(target=other, args=(fn,)) for fn in others]
-    for t in threads + helpers:
-        t.start()
-    for t in threads:
-        t.join()
-    done.set()
-    for t in helpers:
-        t.join()
+    race_fns([functools.partial(run, k) for k in work for _ in range(2)], others)
     return wrong
 
 
