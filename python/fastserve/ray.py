@@ -277,12 +277,46 @@ def build(args: Mapping[str, Any]):
     return app(kwargs.pop("model", None), **kwargs)
 
 
+def _serve_http() -> Optional[tuple[str, int]]:
+    """(host, port) of the HTTP proxies of the Serve instance running on the
+    connected cluster, or None when Serve does not run there. Ray 2.60 has no
+    public call for it: this reads the controller client's HTTP config (what
+    `serve.start` itself compares new options with)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return client.http_config.host, client.http_config.port
+
+
+def _failure(status: Any) -> str:
+    """One line naming why an application failed to deploy: the last line of
+    its failed deployment's message (the exception a replica's constructor
+    raised), else the application's message."""
+    for dep in status.deployments.values():
+        lines = [line.strip() for line in (dep.message or "").splitlines() if line.strip()]
+        if lines and dep.status in ("DEPLOY_FAILED", "UNHEALTHY"):  # str enums
+            return lines[-1]
+    lines = [line.strip() for line in (status.message or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
+
+
 def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, Any]) -> int:
     """`fastserve serve --ray`: app() of the engine's keywords (the model
-    under "model") and create_app's app_options, run on the Ray cluster
-    ($RAY_ADDRESS, the one `ray start` began on this machine, or else a new
-    local one) until SIGINT/SIGTERM; then delete the app (Serve lets its
-    requests finish) and disconnect (stopping Ray if this command started it)."""
+    under "model") and create_app's app_options, deployed as the Serve
+    application DEPLOYMENT_NAME on the Ray cluster ($RAY_ADDRESS, the one
+    `ray start` began on this machine, or else a new local one) until
+    SIGINT/SIGTERM; then delete the app (Serve lets its requests finish), stop
+    Serve if this command started it and no other application is left, and
+    disconnect (stopping Ray if this command started it).
+
+    Refuses (exit 2, the cluster unchanged) when the cluster already has an
+    application of that name (another `fastserve serve --ray`, say), or runs
+    Serve with HTTP on another host or port than --host/--port. A deploy that
+    fails (a replica's constructor raised) ends with exit 2, its cause on one
+    line, and the app deleted. The deploy does not block: a signal stops the
+    command while replicas are still being placed or loaded."""
     engine_kwargs = dict(engine_kwargs)
     model = engine_kwargs.pop("model")
     try:
@@ -297,23 +331,75 @@ def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, A
     except ValueError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    # After ray.init, which installs its own SIGTERM handler (a sys.exit that
+    # would skip the cleanup below).
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    name = DEPLOYMENT_NAME
+    error: Optional[str] = None
+    rc = 0
+    deployed = started_serve = False
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(built, name=DEPLOYMENT_NAME, route_prefix="/")
-        print(f"fastserve: serving {model or 'the default model'} with Ray Serve ({args.replicas} replicas) "
-              f"on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        running = _serve_http()
+        if running is not None and running != (args.host, args.port):
+            host, port = running
+            error = (f"Ray Serve already runs on this cluster with HTTP on {host}:{port}, not "
+                     f"{args.host}:{args.port} (Serve has one HTTP address per cluster): use --host {host} "
+                     f"--port {port}, or stop that Serve instance (`serve.shutdown()`)")
+            return 2
+        if name in serve.status().applications:
+            error = (f"the Ray cluster already has a Serve application named {name!r} (another "
+                     f"`fastserve serve --ray`?): stop it, or delete it (`serve.delete({name!r})`)")
+            return 2
+        if running is None:
+            started_serve = True
+            try:
+                serve.start(http_options={"host": args.host, "port": args.port})
+            except Exception as e:  # a port in use, proxies that do not start
+                error = f"could not start Ray Serve on {args.host}:{args.port}: {_first_line(e)}"
+                return 2
+        deployed = True
+        try:
+            serve.run_many([serve.RunTarget(target=built, name=name, route_prefix="/")],
+                           wait_for_applications_running=False)
+        except Exception as e:  # e.g. route prefix "/" taken by another application
+            error = f"deploying on Ray Serve failed: {_first_line(e)}"
+            return 2
+        announced = False
         while not stop.wait(0.5):
-            pass
-        serve.delete(DEPLOYMENT_NAME)
+            status = serve.status().applications.get(name)
+            if status is None or status.status == "DELETING":
+                deployed = False
+                error = f"the Serve application {name!r} was deleted from the Ray cluster"
+                rc = 1
+                break
+            if status.status == "DEPLOY_FAILED":
+                error = f"deploying on Ray Serve failed: {_failure(status)}"
+                rc = 2
+                break
+            if status.status == "RUNNING" and not announced:
+                announced = True
+                print(f"fastserve: serving {model or 'the default model'} with Ray Serve ({args.replicas} "
+                      f"replicas) on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        return rc
     finally:
-        ray.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+        try:
+            if deployed:
+                serve.delete(name)
+            if started_serve and not serve.status().applications:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if error is not None:
+                print(f"fastserve serve: {error}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 Deployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(Replica))

@@ -234,41 +234,180 @@ def test_shutdown_is_clean(cluster):
     assert not [n for n in names if n.startswith("SERVE_")], names
 
 
-def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference):
-    """`fastserve serve --ray --replicas 2` on the same cluster (after the
-    test app is gone): it serves, and on SIGINT deletes its app and exits 0."""
-    port = _free_port()
+def _cli(model: str, port: int, stderr: Path, *extra: str) -> subprocess.Popen:
+    """`fastserve serve MODEL --ray` on the test cluster, on loopback at port;
+    its stderr goes to a file (Ray's forwarded logs could fill a pipe)."""
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                # the fastserve this test imported (a source tree with its built extension, or the installed one)
                PYTHONPATH=os.pathsep.join([str(Path(fastserve.__file__).resolve().parent.parent),
                                            os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "fastserve.cli", "serve", str(model_dir), "--ray", "--replicas", "2",
-           "--host", LOOPBACK, "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "fastserve.cli", "serve", model, "--ray", "--host", LOOPBACK, "--port", str(port),
+           *extra]
+    with open(stderr, "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, stderr: Path, limit_s: float = 180) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        assert proc.poll() is None, stderr.read_text()
+        assert time.monotonic() < deadline, "the CLI's app never became ready"
+        try:
+            if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def _last_line(stderr: Path) -> str:
+    lines = [line for line in stderr.read_text().splitlines() if line.strip()]
+    assert not [line for line in lines if line.startswith("Traceback")], stderr.read_text()
+    return lines[-1]
+
+
+def _apps() -> dict[str, object]:
+    """The cluster's Serve applications, by name (a fresh look-up of the
+    controller: a CLI may have stopped the one this process knew)."""
+    serve.context._disconnect()
+    return dict(serve.status().applications)
+
+
+def _stop_serve() -> None:
+    """Stop Serve on the cluster if it runs (the cluster fixture's, when the
+    tests that end it were not selected)."""
+    serve.context._disconnect()  # a controller this process knew may be gone (a CLI stopped it)
+    if fray._serve_http() is not None:
+        serve.shutdown()
+
+
+def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference, tmp_path):
+    """`fastserve serve --ray --replicas 2` on the same cluster, without Serve
+    running (the test app is gone): it serves, and on SIGINT deletes its app,
+    stops the Serve instance it started, and exits 0."""
+    _stop_serve()
+    port = _free_port()
+    stderr = tmp_path / "stderr"
+    proc = _cli(str(model_dir), port, stderr, "--replicas", "2")
     try:
         base = f"http://{LOOPBACK}:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the CLI's app never became ready"
-            try:
-                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        _wait_ready(proc, base, stderr)
         texts = tiny_models.mixed_texts(8, seed=6)
         r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(_vectors(r), reference.embed(texts), atol=1e-5)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, stderr.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert not [n for n in names if n.startswith("SERVE_REPLICA::")], names
+        _stop(proc)
+    deadline = time.monotonic() + 60
+    while serve_actors := [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["name"].startswith("SERVE_")]:  # replicas, controller, proxies
+        assert time.monotonic() < deadline, serve_actors
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def serve_port(cluster):
+    """Serve running on the cluster without applications, HTTP on loopback at
+    this port (started here, not by a CLI)."""
+    _stop_serve()
+    port = _free_port()
+    # One try at a replica's constructor, not Serve's three, before a deploy
+    # fails: each try starts a worker that imports torch (about 12 s here).
+    retries = {"runtime_env": {"env_vars": {"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}}}
+    serve.start(http_options={"host": LOOPBACK, "port": port}, proxy_location="HeadOnly", controller_options=retries)
+    try:
+        yield port
+    finally:
+        serve.context._disconnect()
+        serve.shutdown()
+
+
+def test_cli_deletes_its_app_on_sigterm_and_a_second_cli_is_refused(model_dir, serve_port, tmp_path):
+    """A second `fastserve serve --ray` on a cluster where one runs is refused
+    (exit 2, one line) and changes nothing there; SIGTERM stops the first,
+    which deletes its app (leaving Serve, which it did not start) and exits 0."""
+    base = f"http://{LOOPBACK}:{serve_port}"
+    first_err, second_err = tmp_path / "first", tmp_path / "second"
+    first = _cli(str(model_dir), serve_port, first_err)
+    second = None
+    try:
+        _wait_ready(first, base, first_err)
+        deployed = _apps()[fray.DEPLOYMENT_NAME]
+        assert deployed.status == "RUNNING"
+        second = _cli(str(model_dir / "elsewhere"), serve_port, second_err)
+        assert second.wait(timeout=120) == 2, second_err.read_text()
+        assert "already has a Serve application named 'fastserve'" in _last_line(second_err)
+        after = _apps()
+        assert list(after) == [fray.DEPLOYMENT_NAME] and after[fray.DEPLOYMENT_NAME].status == "RUNNING"
+        assert after[fray.DEPLOYMENT_NAME].last_deployed_time_s == deployed.last_deployed_time_s
+        models = httpx.get(f"{base}/v1/models", timeout=30)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == str(model_dir)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0, first_err.read_text()
+    finally:
+        _stop(first)
+        if second is not None:
+            _stop(second)
+    assert _apps() == {}
+    assert fray._serve_http() == (LOOPBACK, serve_port)  # Serve stays: the CLI did not start it
+
+
+def test_cli_refuses_serve_on_another_http_port(model_dir, serve_port, tmp_path):
+    """Serve has one HTTP address per cluster: a CLI asking for another port
+    is refused (it would be ignored) and deploys nothing."""
+    stderr = tmp_path / "stderr"
+    proc = _cli(str(model_dir), _free_port(), stderr)
+    try:
+        assert proc.wait(timeout=120) == 2, stderr.read_text()
+    finally:
+        _stop(proc)
+    assert f"Ray Serve already runs on this cluster with HTTP on {LOOPBACK}:{serve_port}" in _last_line(stderr)
+    assert _apps() == {}
+    assert fray._serve_http() == (LOOPBACK, serve_port)
+
+
+def test_cli_stops_on_sigint_while_still_deploying(model_dir, serve_port, tmp_path):
+    """A replica Ray cannot place (8 CPUs on a two-CPU cluster) keeps the app
+    deploying; SIGINT still stops the CLI, which deletes the app."""
+    stderr = tmp_path / "stderr"
+    proc = _cli(str(model_dir), serve_port, stderr, "--num-cpus", "8")
+    try:
+        deadline = time.monotonic() + 120
+        while (app := _apps().get(fray.DEPLOYMENT_NAME)) is None:
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "the CLI never deployed its app"
+            time.sleep(0.2)
+        assert app.status == "DEPLOYING"
+        proc.send_signal(signal.SIGINT)
+        # Serve waits out the replica's graceful shutdown (20 s) before it is gone.
+        assert proc.wait(timeout=120) == 0, stderr.read_text()
+    finally:
+        _stop(proc)
+    assert "fastserve: serving" not in stderr.read_text()
+    assert _apps() == {}
+
+
+def test_cli_failed_deploy_names_the_cause_and_deletes_the_app(serve_port, tmp_path):
+    """A model the replicas cannot load: Serve gives up on the deployment, and
+    the CLI exits 2 with the replica's error on one line, its app deleted."""
+    stderr = tmp_path / "stderr"
+    proc = _cli("/nonexistent/model", serve_port, stderr)
+    try:
+        assert proc.wait(timeout=240) == 2, stderr.read_text()
+    finally:
+        _stop(proc)
+    last = _last_line(stderr)
+    assert last.startswith("fastserve serve: deploying on Ray Serve failed: "), last
+    assert "could not load model from '/nonexistent/model'" in last
+    assert _apps() == {}
 
 
 class _FakeReplica:
