@@ -507,7 +507,7 @@ class Engine(tasks.TaskCalls):
         model's default one without them, already in front)."""
         timeout = admission.check_timeout(timeout)
         p = self._prompt(prompt_name, prompt)
-        return self._submit_one(self.validate_token_ids([token_ids]), priority, timeout, p)
+        return self._submit_one(self._validated([token_ids], self._lead(p)), priority, timeout, p)
 
     def submit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
                     timeout: Timeout = None, prompt_name: str | None = None,
@@ -565,17 +565,24 @@ class Engine(tasks.TaskCalls):
                                               admission.timeout_callable(timeout), wait)
         return self._answered(requests, queued, spans, futures)
 
-    def validate_token_ids(self, token_lists: Sequence[Sequence[int]]) -> list[Sequence[int]]:
+    def validate_token_ids(self, token_lists: Sequence[Sequence[int]], *, prompt_name: str | None = None,
+                           prompt: str | None = None) -> list[Sequence[int]]:
         """Token-id lists as the engine would queue them: each must be a
         non-empty sequence of int in [0, vocab_size); longer than max_length,
         it is cut to it (truncate "right"/"left": the tokenizer's special
         tokens around it kept when it carries them), split at submit
         ("chunk"), or refused ("error"). InvalidInputError names the first
         bad list's index (when there are several). The result, passed to
-        submit_many, is queued without a second check."""
+        submit_many with the same prompt arguments, is queued without a
+        second check. prompt_name / prompt: the prompt the ids start with
+        (the model's default without them), which starts every window of a
+        chunked input."""
+        return self._validated(token_lists, self._lead(self._prompt(prompt_name, prompt)))
+
+    def _validated(self, token_lists: Sequence[Sequence[int]], lead: int = 0) -> list[Sequence[int]]:
         checked = admission.validate_token_ids(token_lists, vocab_size=self.vocab_size, max_length=1 << 62,
                                                truncate=False)
-        return self._within_budget(self._fit.fit(checked, what="input"))
+        return self._within_budget(self._fit.fit(checked, what="input", lead=lead))
 
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
                  prompt: str | None = None) -> list[list[int]]:
@@ -845,7 +852,8 @@ class Engine(tasks.TaskCalls):
         """A list of inputs as the token lists submit_many queues."""
         tokens = (lambda texts: self._tokens(self._prompted(texts, prompt), self._lead(prompt))) if prompt \
             else self._tokens
-        return admission.token_lists(inputs, tokens, self.validate_token_ids, self.vocab_size)
+        return admission.token_lists(inputs, tokens, functools.partial(self._validated, lead=self._lead(prompt)),
+                                     self.vocab_size)
 
     def _prompt(self, prompt_name: str | None, prompt: str | None) -> str:
         """The prompt text SentenceTransformer.encode would use."""
@@ -884,8 +892,15 @@ class Engine(tasks.TaskCalls):
             return 0
         n = self._prompt_leads.get(prompt)
         if n is None:
-            ids = self._private_tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            n = len(self._fit.template.content(ids)[1])
+            content = self._fit.template.content
+            alone = content(self._private_tokenizer(prompt, add_special_tokens=True)["input_ids"])[1]
+            n = len(alone)
+            # Only the tokens a text in front of them leaves as they are: a
+            # trailing space is a token of its own alone (byte-level BPE's
+            # "Ġ", SentencePiece's "▁") but joins the text's first word.
+            for probe in ("x", "A"):
+                joined = content(self._private_tokenizer(prompt + probe, add_special_tokens=True)["input_ids"])[1]
+                n = min(n, next((i for i, (a, b) in enumerate(zip(alone, joined)) if a != b), len(alone)))
             if len(self._prompt_leads) < 1024:  # prompts come from callers: a bounded cache
                 self._prompt_leads[prompt] = n
         return n

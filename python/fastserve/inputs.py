@@ -130,7 +130,7 @@ class Fit:
                 "(truncate='right', 'left' or 'chunk' takes it)")
         if self.mode == "chunk":
             for i in long:
-                infos[i] = self.windows_info(infos[i].tokens, lead)
+                infos[i] = self.windows_info(infos[i].tokens, lead, bare=self._bare(lists[i]))
         elif long:
             cut = self._cut_texts([texts[i] for i in long]) if texts is not None and self.template is None else None
             for j, i in enumerate(long):
@@ -152,10 +152,16 @@ class Fit:
     def _cut_texts(self, texts: list[str]) -> Optional[list[list[int]]]:
         return self.retokenize(texts) if self.retokenize is not None else None
 
-    def windows_info(self, tokens: int, lead: int = 0) -> InputInfo:
-        specials = len(self.template.prefix) + len(self.template.suffix) + lead
-        spans = self._spans(tokens - specials, lead)
-        return InputInfo(tokens, sum(b - a + specials for a, b in spans), False, len(spans))
+    def windows_info(self, tokens: int, lead: int = 0, bare: bool = False) -> InputInfo:
+        """The windows of an input of `tokens` ids (`bare`: ids without the
+        special tokens, which each window gets)."""
+        specials = len(self.template.prefix) + len(self.template.suffix)
+        spans = self._spans(tokens - lead - (0 if bare else specials), lead)
+        return InputInfo(tokens, sum(b - a + specials + lead for a, b in spans), False, len(spans))
+
+    def _bare(self, ids: Sequence[int]) -> bool:
+        pre, _, post = self.template.content(ids)
+        return not pre and not post
 
     def _spans(self, n: int, lead: int = 0) -> list[tuple[int, int]]:
         """[start, end) of each window over n content tokens: `room` less
@@ -176,7 +182,7 @@ class Fit:
         """The windows of one input longer than max_length. Its first `lead`
         content tokens (a prompt) start every window."""
         pre, body, post = self.template.content(ids)
-        if not pre and not post:  # token ids without the template: windows as plain slices
+        if not pre and not post:  # token ids without the template: each window gets it
             pre, post = self.template.prefix, self.template.suffix
         head, body = body[:lead], body[lead:]
         return [[*pre, *head, *body[a:b], *post] for a, b in self._spans(len(body), lead)]

@@ -227,3 +227,70 @@ def test_every_window_of_a_prompted_text_starts_with_the_prompt(bert, execution)
             engine.embed(text, prompt="word " * MAX)
     np.testing.assert_allclose(got, expected, atol=2e-5)
     np.testing.assert_allclose(again, got, atol=1e-6)
+
+
+def _windows_run(engine) -> list[list[int]]:
+    """The sequences every later batch runs (a spy on the runner)."""
+    seen: list[list[int]] = []
+    inner = engine.runner.run
+
+    def run(batch, *args, **kwargs):
+        ids, cu = list(batch.packed_input_ids), list(batch.cu_seqlens)
+        seen.extend(ids[cu[i]:cu[i + 1]] for i in range(len(cu) - 1))
+        return inner(batch, *args, **kwargs)
+
+    engine.runner.run = run
+    return seen
+
+
+def test_token_ids_of_a_prompted_text_report_the_windows_the_text_does(bert):
+    """Token-id lists (submit_many, submit_tokens, validate_token_ids, the
+    HTTP token-id input) with a prompt: every window starts with it, and
+    their info counts those windows, as the text's does."""
+    text = long_text(3)
+    with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1) as engine:
+        want = engine.submit(text, prompt="query: ")
+        want.result(timeout=60)
+        ids = list(engine.tokenize([text], prompt="query: ")[0])
+        seen = _windows_run(engine)
+        for fut in (engine.submit_many([ids], prompt="query: ")[0], engine.submit_tokens(ids, prompt="query: ")):
+            fut.result(timeout=60)
+            assert fut.info == want.info and fut.info.chunks > 1
+        assert engine.validate_token_ids([ids], prompt="query: ").infos == [want.info]
+    assert len(seen) == 2 * want.info.chunks and sum(map(len, seen)) == 2 * want.info.computed_tokens
+
+
+def test_bare_token_ids_count_the_special_tokens_each_window_gets(bert):
+    tok = tm.tokenizer()
+    ids = tok(long_text(3), add_special_tokens=False)["input_ids"]  # no [CLS] / [SEP]
+    with Engine(bert, tok, truncate="chunk", replicas=1) as engine:
+        seen = _windows_run(engine)
+        fut = engine.submit_tokens(ids)
+        fut.result(timeout=60)
+    assert all(w[0] == tok.cls_token_id and w[-1] == tok.sep_token_id for w in seen)
+    assert fut.info.chunks == len(seen) and fut.info.computed_tokens == sum(map(len, seen))
+
+
+def test_a_prompts_trailing_space_that_joins_the_text_is_not_repeated_in_every_window():
+    """Byte-level BPE: "query: " alone ends in a token of its own ("Ġ"),
+    which in front of a text joins its first word ("Ġthe"): windows after
+    the first start with the prompt's other tokens, not the text's first word."""
+    from test_text_encoder import _trained
+    from transformers import AutoConfig, AutoModel
+
+    tok = _trained("bpe")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("roberta", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=34,
+                               pad_token_id=tok.pad_token_id)
+    model = AutoModel.from_config(cfg).eval()
+    text = "the " + " ".join(["a river runs to a sea"] * 20)
+    prompt_ids = tok("query: ", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(prompt_ids)[-1] == "Ġ"
+    with Engine(model, tok, truncate="chunk", max_length=32, replicas=1) as engine:
+        seen = _windows_run(engine)
+        engine.submit(text, prompt="query: ").result(timeout=60)
+    first_word = tok("query: " + text, add_special_tokens=False)["input_ids"][len(prompt_ids) - 1]
+    assert len(seen) > 2
+    for w in seen[1:]:
+        assert w[1:len(prompt_ids)] == prompt_ids[:-1] and w[len(prompt_ids)] != first_word

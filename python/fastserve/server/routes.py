@@ -95,7 +95,7 @@ class Api:
                 token_lists = await self._run(req, size, tokenize, texts)
                 tokenize_s = time.perf_counter() - t0
             elif type(token_lists) is not TokenLists:  # checked before any is queued
-                token_lists = self.engine.validate_token_ids(token_lists)
+                token_lists = self.engine.validate_token_ids(token_lists, **prompt)
             req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait, **prompt)
             results = await req.wait(wait_all(req.futures))
             infos = infos_of(token_lists)
