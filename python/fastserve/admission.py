@@ -233,6 +233,27 @@ async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priorit
     return futures
 
 
+def results_of(futures: Sequence[cf.Future]) -> list[Any]:
+    """Each future's result, in order (a list call's answer). When one
+    fails, the call has failed: those of its inputs still queued are
+    cancelled, so the model does not run work nobody will read, and the
+    failure is raised."""
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        _cancel(futures)
+        raise
+
+
+async def all_results(futures: Sequence[cf.Future]) -> list[Any]:
+    """wait_all(futures), awaited, cancelling the rest when it fails (as results_of)."""
+    try:
+        return await wait_all(futures)
+    except BaseException:
+        _cancel(futures)
+        raise
+
+
 def wait_all(futures: Sequence[cf.Future]) -> asyncio.Future:
     """An asyncio future (of the running loop) for a group of the engine's
     futures: it resolves to their results, in order, once all are done, or

@@ -22,7 +22,7 @@ import torch
 
 from . import _core, admission, footprint, precision, process, shapes, tasks
 from . import replicas as replicas_
-from .admission import Timeout, wait_all
+from .admission import Timeout, all_results, results_of
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
 from .errors import ReplicaFailedError, RequestTimeoutError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
@@ -459,15 +459,15 @@ class Engine(tasks.TaskCalls):
         if isinstance(texts, str):
             return self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
                                prompt=prompt).result()
-        return self._stack([f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout,
-                                                                 prompt_name=prompt_name, prompt=prompt)])
+        return self._stack(results_of(self.submit_many(texts, priority=priority, timeout=timeout,
+                                                       prompt_name=prompt_name, prompt=prompt)))
 
     def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """A Classification for one text, a list of them for a list."""
         self._require_task("classify")
         if isinstance(texts, str):
             return self.submit(texts, priority=priority, timeout=timeout).result()
-        return [f.result() for f in self.submit_many(texts, priority=priority, timeout=timeout)]
+        return results_of(self.submit_many(texts, priority=priority, timeout=timeout))
 
     async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
                      prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
@@ -476,15 +476,15 @@ class Engine(tasks.TaskCalls):
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout,
                                                          prompt_name=prompt_name, prompt=prompt))
-        return self._stack(await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout,
-                                                                  prompt_name=prompt_name, prompt=prompt)))
+        return self._stack(await all_results(await self.asubmit_many(texts, priority=priority, timeout=timeout,
+                                                                     prompt_name=prompt_name, prompt=prompt)))
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """classify, awaited (as aembed)."""
         self._require_task("classify")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
-        return await wait_all(await self.asubmit_many(texts, priority=priority, timeout=timeout))
+        return await all_results(await self.asubmit_many(texts, priority=priority, timeout=timeout))
 
     def submit(self, text: str, *, priority: int = 0, timeout: float | None = None,
                prompt_name: str | None = None, prompt: str | None = None) -> cf.Future:

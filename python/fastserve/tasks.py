@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 import numpy as np
 
 from . import admission
-from .admission import TokenLists, wait_all, where
+from .admission import TokenLists, all_results, results_of, where
 from .errors import InvalidInputError, ModelLoadError
 from .inputs import InputInfo
 
@@ -537,14 +537,13 @@ class TaskCalls:
         """Scores of (query, document) pairs, in order: what
         CrossEncoder.predict returns ([n] for a one-logit head, else
         [n, labels]); raw=True: the logits, no activation."""
-        return self.pair_scores([f.result() for f in self.submit_pairs(pairs, priority=priority, timeout=timeout)],
-                                raw)
+        return self.pair_scores(results_of(self.submit_pairs(pairs, priority=priority, timeout=timeout)), raw)
 
     async def ascore(self, pairs: Sequence[tuple[str, str]], *, raw: bool = False, priority: int = 0,
                      timeout: Optional[float] = None) -> np.ndarray:
         """score, awaited: cancelling it cancels its pairs."""
         futures = await self.asubmit_pairs(pairs, priority=priority, timeout=timeout)
-        return self.pair_scores(await wait_all(futures), raw)
+        return self.pair_scores(await all_results(futures), raw)
 
     def _rank_args(self, query: Any, documents: Any, top_n: Any) -> list[str]:
         self._require_task("rerank")
@@ -599,7 +598,7 @@ class TaskCalls:
         check_labels(ignore_labels)
         inputs, lists = self.prepare_extract([texts] if single else texts)
         futures = self.submit_many(lists, priority=priority, timeout=timeout)
-        out = self.entities(inputs, [f.result() for f in futures], aggregation_strategy=aggregation_strategy,
+        out = self.entities(inputs, results_of(futures), aggregation_strategy=aggregation_strategy,
                             ignore_labels=ignore_labels)
         return out[0] if single else out
 
@@ -612,7 +611,7 @@ class TaskCalls:
         check_labels(ignore_labels)
         inputs, lists = self.prepare_extract([texts] if single else texts)
         futures = await self.asubmit_many(lists, priority=priority, timeout=timeout)
-        out = self.entities(inputs, await wait_all(futures), aggregation_strategy=aggregation_strategy,
+        out = self.entities(inputs, await all_results(futures), aggregation_strategy=aggregation_strategy,
                             ignore_labels=ignore_labels)
         return out[0] if single else out
 

@@ -424,3 +424,37 @@ def test_an_engine_left_open_at_exit_does_not_abort_the_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("call", ["embed", "aembed"])
+def test_a_list_call_that_fails_cancels_its_inputs_still_queued(bert, call):
+    """One input's batch raises: the call fails at once, and its other inputs
+    leave the queue instead of running for nobody."""
+    texts = [f"text {i}" for i in range(20)]
+    with Engine(bert, tm.tokenizer(), replicas=1, max_batch_size=1) as engine:
+        with tm.held(engine) as gate:
+            inner, calls = gate.inner, []
+
+            def flaky(batch, *args, **kwargs):  # the first batch after the holder raises
+                calls.append(batch.size)
+                if len(calls) == 2:
+                    raise RuntimeError("the model failed on this batch")
+                return inner(batch, *args, **kwargs)
+
+            gate.inner = flaky
+            before = engine.stats()
+            if call == "embed":
+                done = cf.ThreadPoolExecutor(1).submit(engine.embed, texts)
+            else:
+                done = cf.ThreadPoolExecutor(1).submit(asyncio.run, engine.aembed(texts))
+            tm.until(lambda: engine.stats()["queue_depth"] == 20, "the list queued")
+            gate.release.set()
+            with pytest.raises(fastserve.InferenceError, match="failed on this batch"):
+                done.result(timeout=60)
+            assert engine.stats()["queue_depth"] == 0
+        engine.embed("after")  # the worker has passed anything left behind
+        s = engine.stats()
+    # Besides the holder, the failing batch and "after", at most the batch the
+    # worker took while the failure reached the caller ran.
+    ran = len(calls) - 3
+    assert ran <= 1 and s["cancelled"] - before["cancelled"] == 19 - ran
