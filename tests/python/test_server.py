@@ -489,6 +489,14 @@ def test_models_health_and_ready(server, engine):
     assert ready["status"] == "ready" and ready["worker_alive"] is True
 
 
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/v1/models"])
+def test_head_answers_as_get_without_a_body(server, path):
+    """RFC 9110: HEAD where GET is served (a HEAD health check got 405)."""
+    r = httpx.head(server.url + path, headers=AUTH)
+    assert r.status_code == 200 and r.content == b""
+    assert r.headers["content-type"] == httpx.get(server.url + path, headers=AUTH).headers["content-type"]
+
+
 def test_metrics_parse_and_count_requests_by_route_and_status(server):
     _post(server, {"input": "counted"})
     _post(server, {"input": []})

@@ -71,11 +71,19 @@ def create_app(
             return (await api.classify(body, request.receive)).response()
     else:
         add_task_routes(app, TaskRoutes(api))
-    app.get("/v1/models", summary="The served model")(api.models)
-    app.get("/health", summary="Liveness: the process answers")(api.health)
-    app.get("/ready", summary="Readiness: the engine is loaded and its worker alive",
-            responses={503: {"description": "the engine is not serving"}})(api.ready)
-    app.get("/metrics", summary="Prometheus metrics", response_class=Response)(api.metrics_text)
+    def get(path: str, **kw):
+        """GET, and HEAD beside it (RFC 9110: a HEAD health check, `wget
+        --spider` say, got 405), kept out of the OpenAPI document."""
+        def add(fn):
+            app.head(path, include_in_schema=False, **{k: v for k, v in kw.items() if k == "response_class"})(fn)
+            return app.get(path, **kw)(fn)
+        return add
+
+    get("/v1/models", summary="The served model")(api.models)
+    get("/health", summary="Liveness: the process answers")(api.health)
+    get("/ready", summary="Readiness: the engine is loaded and its worker alive",
+        responses={503: {"description": "the engine is not serving"}})(api.ready)
+    get("/metrics", summary="Prometheus metrics", response_class=Response)(api.metrics_text)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, exc: ApiError) -> Response:
