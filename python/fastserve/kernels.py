@@ -68,9 +68,13 @@ _DTYPES = {
 PoolMode = Literal["mean", "cls", "max"]
 
 
-def _arg(t: torch.Tensor, name: str) -> object:
+def _require_tensor(t: object, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _arg(t: torch.Tensor, name: str) -> object:
+    _require_tensor(t, name)
     dtype = _DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
     index = t.device.index if t.device.index is not None else 0
     return _k.TensorArg(t.data_ptr(), list(t.shape), list(t.stride()), dtype, t.device.type, index)
@@ -118,14 +122,41 @@ def pack(x: torch.Tensor, lengths: torch.Tensor, *, total: int | None = None) ->
     return out
 
 
+def _longest(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
+    """unpack()'s default max_len: the longest sequence of cu_seqlens, which
+    is checked first (starts at 0, non-decreasing, ends at packed.shape[0];
+    the extension's messages, from _check_cu) so that it bounds the output by
+    T. One host read of cu_seqlens (a device-to-host copy on CUDA, where the
+    reduction used to synchronise anyway). Where the extension would reject
+    the arguments before reading cu_seqlens' values (packed not a 2-D float
+    tensor, cu_seqlens not a 1-D int32/int64 tensor with B + 1 >= 1 entries,
+    tensors on different or unsupported devices) this returns 0, and the
+    extension's call raises its own message on an empty output."""
+    if (packed.dim() != 2 or packed.dtype not in _FLOATS or cu_seqlens.dim() != 1
+            or cu_seqlens.dtype not in _INTS or cu_seqlens.shape[0] < 1
+            or cu_seqlens.device != packed.device or packed.device.type not in ("cpu", "cuda")):
+        return 0
+    cu = cu_seqlens.cpu().numpy()
+    # The common case in a few numpy calls (per batch on the serving path);
+    # _check_cu raises with the message for whatever is wrong.
+    if cu[0] != 0 or cu[-1] != packed.shape[0] or (cu[1:] < cu[:-1]).any():
+        _check_cu(cu, "cu_seqlens", packed.shape[0], None)
+        raise AssertionError("unreachable: _check_cu accepted a cu_seqlens the fast check rejected")
+    return int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
+
+
 def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
     """Packed [T, H] + cu_seqlens [B + 1] -> padded [B, max_len, H], zero past each length.
 
-    max_len defaults to the longest sequence (read from cu_seqlens).
+    max_len defaults to the longest sequence (read from cu_seqlens, after
+    checking it, so that a malformed one raises ValueError rather than sizing
+    the output).
     """
+    _require_tensor(packed, "packed")
+    _require_tensor(cu_seqlens, "cu_seqlens")
     b = max(cu_seqlens.shape[0] - 1, 0) if cu_seqlens.dim() == 1 else 0
     if max_len is None:
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if b > 0 else 0
+        max_len = _longest(packed, cu_seqlens)
     if max_len < 0:
         raise ValueError(f"max_len must be >= 0, got {max_len}")
     h = packed.shape[1] if packed.dim() == 2 else 0
@@ -201,6 +232,7 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None =
     projection's bias, added to q, k and v here when the projection ran
     without it. scale defaults to hd ** -0.5; threads to torch's intra-op
     thread count on the calling thread."""
+    _require_tensor(qkv, "qkv")
     if qkv.dim() == 4 and qkv.device.type != "cpu":
         raise ValueError(f"attention runs on the CPU only; qkv is on {qkv.device}")
     hd = qkv.shape[3] if qkv.dim() == 4 else 0
@@ -274,10 +306,13 @@ def _check_cu(cu: np.ndarray, name: str, rows: int | None, max_len: int | None) 
         raise ValueError(f"{name} must have B + 1 >= 1 entries, got 0")
     if cu[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
-    lengths = np.diff(cu)
-    if (lengths < 0).any():
-        b = int(np.argmax(lengths < 0))
+    # Compared, not subtracted: a difference of two int64 offsets can wrap
+    # ([0, 2**62, -2**63, -2**62, 4] has only non-negative wrapped differences).
+    decreasing = cu[1:] < cu[:-1]
+    if decreasing.any():
+        b = int(np.argmax(decreasing))
         raise ValueError(f"{name} must be non-decreasing, but {name}[{b + 1}] = {cu[b + 1]} < {name}[{b}] = {cu[b]}")
+    lengths = np.diff(cu)  # exact now: every entry lies in [0, cu[-1]]
     if max_len is not None and (lengths > max_len).any():
         b = int(np.argmax(lengths > max_len))
         raise ValueError(f"sequence {b} has length {lengths[b]} > max length {max_len}")

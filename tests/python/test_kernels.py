@@ -300,6 +300,76 @@ def test_malformed_cu_seqlens_are_rejected(cu: list[int], message: str) -> None:
         K.segment_pool(packed, torch.zeros(0, dtype=torch.int32))
 
 
+@pytest.mark.parametrize(
+    ("cu", "message"),
+    [
+        ([0, 2**62, 4], r"non-decreasing, but cu_seqlens\[2\] = 4 < cu_seqlens\[1\] = 4611686018427387904"),
+        ([0, 2**40, 4], r"non-decreasing, but cu_seqlens\[2\] = 4 < cu_seqlens\[1\] = 1099511627776"),
+        ([0, 2**40, 2**40], r"cu_seqlens\[-1\] must equal the number of packed rows 4, got 1099511627776"),
+        ([2**40, 2**40 + 4], r"cu_seqlens\[0\] must be 0, got 1099511627776"),
+        ([0, 1, -(2**40), 4], r"non-decreasing, but cu_seqlens\[2\] = -1099511627776 < cu_seqlens\[1\] = 1"),
+        # Every int64 difference wraps to a non-negative one: caught by comparing, not subtracting.
+        ([0, 2**62, -(2**63), -(2**62), 4], r"non-decreasing, but cu_seqlens\[2\] = -9223372036854775808"),
+    ],
+    ids=["huge-middle", "large-middle", "huge-end", "huge-start", "negative-middle", "int64-wrap"],
+)
+@pytest.mark.parametrize("unpack", [K.unpack, K.torch_unpack], ids=["extension", "torch"])
+def test_unpack_checks_cu_seqlens_before_sizing_its_output_by_it(unpack, cu: list[int], message: str) -> None:
+    # max_len defaults to the longest sequence: a malformed cu_seqlens must be
+    # a ValueError, not an output sized by it (MemoryError, overflow).
+    with pytest.raises(ValueError, match=message):
+        unpack(torch.zeros((4, 8)), torch.tensor(cu, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.zeros((4, 8)), torch.tensor([[0, 4]])), r"cu_seqlens must have 1 dimensions, got shape \[1, 2\]"),
+        ((torch.zeros((4, 8)), torch.tensor([0.0, 4.0])), "cu_seqlens must be int32 or int64, got float32"),
+        ((torch.zeros((4, 8)), torch.zeros(0, dtype=torch.int32)), r"B \+ 1 >= 1 entries, got 0"),
+        ((torch.zeros((4, 8), dtype=torch.float64), torch.tensor([0, 2**62, 4])), "packed must be float32"),
+        ((torch.zeros((4, 2, 8)), torch.tensor([0, 2**62, 4])), "packed must have 2 dimensions"),
+        ((torch.zeros((4, 8)), torch.tensor([0, 2**62, 4], device="meta")), "device must be 'cpu' or 'cuda'"),
+    ],
+    ids=["cu-2d", "cu-float", "cu-empty", "packed-float64", "packed-3d", "cu-meta"],
+)
+def test_unpack_without_max_len_leaves_other_bad_arguments_to_the_extension(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        K.unpack(*args)
+
+
+def test_unpack_without_max_len_still_takes_valid_edge_cases() -> None:
+    packed = torch.arange(8.0).view(4, 2)
+    for cu, want in (([0, 0, 4, 4], (3, 4, 2)), ([0, 4], (1, 4, 2)), ([0, 1, 2, 3, 4], (4, 1, 2))):
+        for dt in (torch.int32, torch.int64):
+            c = torch.tensor(cu, dtype=dt)
+            out = K.unpack(packed, c)
+            assert out.shape == want
+            assert torch.equal(out, ref_unpack(packed, c, want[1]))
+    assert K.unpack(torch.zeros((0, 8)), torch.zeros(1, dtype=torch.int32)).shape == (0, 0, 8)
+
+
+NOT_A_TENSOR = [1, 2]
+CU = torch.tensor([0, 4], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: K.attention(NOT_A_TENSOR, CU), "qkv"),
+        (lambda: K.attention(torch.zeros((4, 3, 2, 8)), NOT_A_TENSOR), "cu_seqlens"),
+        (lambda: K.unpack(NOT_A_TENSOR, CU), "packed"),
+        (lambda: K.unpack(torch.zeros((4, 8)), NOT_A_TENSOR), "cu_seqlens"),
+        (lambda: K.unpack(torch.zeros((4, 8)), NOT_A_TENSOR, 4), "cu_seqlens"),
+        (lambda: K.bias_gelu_(NOT_A_TENSOR, torch.zeros(8)), "x"),
+    ],
+    ids=["attention-qkv", "attention-cu", "unpack-packed", "unpack-cu", "unpack-cu-max_len", "bias_gelu-x"],
+)
+def test_a_non_tensor_argument_is_a_type_error(call, name: str) -> None:
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list$"):
+        call()
+
+
 def test_out_of_range_indices_are_rejected() -> None:
     x = torch.zeros((3, 4))
     for dt in (torch.int32, torch.int64):
