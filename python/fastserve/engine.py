@@ -173,6 +173,11 @@ class Engine(tasks.TaskCalls):
     statistics: the one-off costs of a worker's first batch (thread-local
     state in torch and its BLAS, first-touch allocations) then never land on
     a caller's request. stats()["warmup_s"] gives each worker's time.
+
+    freeze_gc: once built, collect and then freeze the garbage collector's
+    objects (gc.freeze), so its full passes, which held the GIL for 311 ms
+    over what torch and transformers leave alive, skip them
+    (process.py; stats()["process"]["gc"]). False leaves the collector alone.
     """
 
     @_undo_process_changes_on_refusal
@@ -212,6 +217,7 @@ class Engine(tasks.TaskCalls):
         preempt: bool | None = None,
         clock: _core.ManualClock | None = None,
         warmup: bool = True,
+        freeze_gc: bool = True,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -442,6 +448,8 @@ class Engine(tasks.TaskCalls):
         if self._warmup_cfg is not None:
             for r in self._replicas:
                 r.warm.wait(WARMUP_WAIT_S)
+        # Last: what construction made is long-lived too (process.py).
+        self._process["gc"] = process.freeze_gc() if freeze_gc else {"frozen": False}
 
     # ------------------------------------------------------------------ calls
 

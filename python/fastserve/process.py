@@ -28,6 +28,17 @@ reported in `Engine.stats()["process"]`, and possible to turn off.
   oneDNN, and the switch is process-wide, so it is then left on. bf16/fp16
   batches are rounded up to a few token counts instead (shapes.py).
   `Engine(tune_onednn=False)` leaves the switch alone and pads nothing.
+- The garbage collector's long-lived objects (`gc.freeze`): once built, the
+  engine collects and then freezes what the process holds (torch's,
+  transformers' and the model's Python objects: 421k with MiniLM loaded), so
+  the collector's full passes skip them. A full pass over them took 311 ms on
+  the 2-core AMD EPYC with the GIL held, stalling every thread: the worker,
+  every caller, the server's event loop (one in every three requests of
+  2,048 inputs stalled it 355-526 ms; at most 19-63 ms with the objects
+  frozen: benchmarks/README.md, "Event-loop stalls").
+  Frozen objects are never collected, so cycles among them stay until
+  `gc.unfreeze()`; the caller's own objects alive then are frozen too.
+  `Engine(freeze_gc=False)` leaves the collector alone.
 - A model object the caller passed in is never changed behind their back:
   when serving needs it on another device or dtype, or in eval mode, the
   engine works on a copy. `Engine(copy_model=False)` changes it in place
@@ -41,6 +52,7 @@ import copy
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 import sys
 import threading
@@ -97,6 +109,14 @@ def _mallopt() -> Callable[[int, int], int] | None:
         fn.argtypes = [ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
     return fn
+
+
+def freeze_gc() -> dict[str, Any]:
+    """gc.collect(), then gc.freeze(): the objects alive now leave the
+    collector's passes (module docstring). Its count is what stats() reports."""
+    gc.collect()
+    gc.freeze()
+    return {"frozen": True, "objects": gc.get_freeze_count()}
 
 
 def keep_freed_memory() -> dict[str, Any]:

@@ -241,3 +241,29 @@ def test_without_proc_the_peak_comes_from_getrusage_and_the_current_rss_is_unkno
     with Engine(tm.model("bert"), tm.tokenizer()) as engine:
         mem = engine.stats()["memory"]
     assert mem["rss_bytes"] is None and mem["peak_rss_bytes"] > 0
+
+
+def test_once_built_the_engine_collects_then_freezes_the_collectors_objects():
+    """The collector's full passes skip what the process held at
+    construction (a pass over it held the GIL for hundreds of ms); garbage
+    alive then is collected first, not frozen."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    gc.unfreeze()
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    gone = weakref.ref(a)
+    del a, b
+    before = len(gc.get_objects())
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False) as engine:
+        report = engine.stats()["process"]["gc"]
+        assert gone() is None
+        assert report["frozen"] and report["objects"] > before / 2 and gc.get_freeze_count() > before / 2
+        assert len(gc.get_objects()) < before / 2  # what the collector still passes over
+    gc.unfreeze()
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, freeze_gc=False) as engine:
+        assert engine.stats()["process"]["gc"] == {"frozen": False} and gc.get_freeze_count() == 0

@@ -428,14 +428,14 @@ def test_a_computed_answer_is_written_even_if_the_deadline_passes_meanwhile(tiny
             super().__init__(*args, **kwargs)
             requests.append((self, asyncio.get_running_loop()))
 
-    def expiring_dumps(obj):
+    def expiring_dumps(*args):
         req, loop = requests[-1]
         loop.call_soon_threadsafe(req._on_deadline)
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(30)  # the loop has run it
-        return replies.dumps(obj)
+        return replies.dumps_list_in(*args)
 
     monkeypatch.setattr(routes, "InFlight", Recorded)
-    monkeypatch.setattr(routes, "dumps", expiring_dumps)
+    monkeypatch.setattr(routes, "dumps_list_in", expiring_dumps)
     texts = [LONG] * 10  # past routes.INLINE_CHARS: answered in a thread
     assert sum(map(len, texts)) > routes.INLINE_CHARS
     with fastserve.Engine(str(tiny_folder), replicas=1) as engine, \
@@ -670,6 +670,44 @@ def test_texts_behind_a_long_prompt_are_tokenized_off_the_event_loop(prompted_fo
             assert _asgi_post(app, "/v1/embeddings", {"input": ["x", "y"], **prompt}).status_code == 200
     loop = threading.get_ident()  # _asgi_post runs the event loop in this thread
     assert [t != loop for t in threads] == [True, True, True, False]
+
+
+def test_many_short_inputs_many_ids_and_wide_answers_are_handled_off_the_event_loop(tiny_folder, monkeypatch):
+    """Where the work runs is sized by inputs, ids and the answer's numbers,
+    not by characters alone: 600 one-character texts (19,800 with the
+    per-input cost) tokenize in a thread, 13,200 token ids are validated in
+    one, and 600 x 32 numbers are written in one; small requests stay inline."""
+    from fastserve.server import create_app, replies, routes
+
+    written: list[int] = []
+
+    def recorded_dumps(*args):
+        written.append(threading.get_ident())
+        return replies.dumps_list_in(*args)
+
+    monkeypatch.setattr(routes, "dumps_list_in", recorded_dumps)
+    with fastserve.Engine(str(tiny_folder), replicas=1) as e:
+        assert e.dim == 32
+        tokenized = _threads_of(e, "tokenize", monkeypatch)
+        validated = _threads_of(e, "validate_token_ids", monkeypatch)
+        app = create_app(e)
+        for inputs in (["a"] * 8, ["a"] * 600, [[101, 102]] * 8, [[101] + [1000] * 20 + [102]] * 600):
+            r = _asgi_post(app, "/v1/embeddings", {"input": inputs})
+            assert r.status_code == 200 and len(r.json()["data"]) == len(inputs)
+    loop = threading.get_ident()
+    assert [t != loop for t in tokenized] == [False, True]
+    assert [t != loop for t in validated] == [False, True]
+    assert [t != loop for t in written] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("n", [0, 1, 64, 65, 200])
+@pytest.mark.parametrize("before,after", [({"object": "list"}, {"model": "m", "usage": {"t": 1}}), ({}, {}),
+                                          ({"a": 1, "b": [2]}, {})])
+def test_a_list_written_in_pieces_is_the_whole_dumps_byte_for_byte(n, before, after):
+    from fastserve.server.replies import dumps, dumps_list_in
+
+    items = [{"index": i, "embedding": np.arange(i % 5, dtype=np.float32) / 3} for i in range(n)]
+    assert dumps_list_in(before, "data", items, after) == dumps({**before, "data": items, **after})
 
 
 def test_the_entities_of_a_large_extract_request_are_found_off_the_event_loop(monkeypatch):

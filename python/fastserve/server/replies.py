@@ -15,6 +15,23 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def dumps_list_in(before: dict, key: str, items: list, after: dict, chunk: int = 64) -> bytes:
+    """dumps({**before, key: items, **after}), byte for byte, written `chunk`
+    items at a time: one orjson call holds the GIL throughout, so a large
+    answer written in a worker thread still stalled the event loop (75 ms
+    for 2,048 embeddings of 1,024 numbers); between pieces the GIL passes
+    to the loop (a piece of 64 such embeddings takes about 2 ms)."""
+    head = dumps(before)
+    parts = [head[:-1] + (b"," if before else b"") + dumps(key) + b":["]
+    for i in range(0, len(items), chunk):
+        if i:
+            parts.append(b",")
+        parts.append(dumps(items[i:i + chunk])[1:-1])
+    tail = dumps(after)
+    parts.append(b"]" + (b"," + tail[1:] if after else b"}"))
+    return b"".join(parts)
+
+
 class Reply(NamedTuple):
     """A JSON answer, as a route computes it."""
 

@@ -18,14 +18,20 @@ from ..inputs import infos_of
 from .errors import CLIENT_CLOSED, ApiError, ClientGone, api_error
 from .lifecycle import InFlight
 from .metrics import Metrics
-from .replies import Reply, dumps
+from .replies import Reply, dumps, dumps_list_in
 from .schemas import ClassifyRequest, EmbeddingRequest
 
 DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 # Texts are tokenized, and their answer written, on the event loop up to this
-# many characters in one request (prompts included); larger requests do both
-# in a worker thread, so one large request cannot stall the loop.
+# many characters in one request (prompts included, and PER_INPUT_CHARS for
+# each input: the tokenizer's cost per text, about what 32 characters take),
+# or token ids validated up to this many ids; larger requests do that work in
+# a worker thread, so one large request cannot stall the loop. So is an
+# answer of more than INLINE_ANSWER_NUMBERS numbers (2,048 one-character
+# texts of a 1,024-wide model wrote 26 MB on the loop: 130-355 ms).
 INLINE_CHARS = 8192
+PER_INPUT_CHARS = 32
+INLINE_ANSWER_NUMBERS = 16384
 
 
 class Api:
@@ -59,13 +65,13 @@ class Api:
             raise ApiError(400, str(e), param="prompt_name", code="invalid_input") from None
 
     @staticmethod
-    async def _run(req: Optional[InFlight], chars: int, fn, *args):
-        """fn(*args) on the event loop for a request of up to INLINE_CHARS
-        characters, else in a worker thread: through req.wait (the client
-        leaving or the deadline ends the wait), or with req None to its end
-        (the answer of a request whose inputs are all computed: the deadline
-        is for the work, not for writing what it gave)."""
-        if chars <= INLINE_CHARS:
+    async def _run(req: Optional[InFlight], inline: bool, fn, *args):
+        """fn(*args) on the event loop when `inline`, else in a worker
+        thread: through req.wait (the client leaving or the deadline ends the
+        wait), or with req None to its end (the answer of a request whose
+        inputs are all computed: the deadline is for the work, not for
+        writing what it gave)."""
+        if inline:
             return fn(*args)
         work = asyncio.to_thread(fn, *args)
         return await (work if req is None else req.wait(work))
@@ -90,20 +96,25 @@ class Api:
             if texts is not None:
                 t0 = time.perf_counter()
                 size = chars if chars is not None else sum(len(t) for t in texts) + lead * len(texts)
+                size += PER_INPUT_CHARS * len(texts)
                 if tokenize is None:
                     tokenize = functools.partial(self.engine.tokenize, **prompt) if prompt else self.engine.tokenize
-                token_lists = await self._run(req, size, tokenize, texts)
+                token_lists = await self._run(req, size <= INLINE_CHARS, tokenize, texts)
                 tokenize_s = time.perf_counter() - t0
             elif type(token_lists) is not TokenLists:  # checked before any is queued
-                token_lists = self.engine.validate_token_ids(token_lists, **prompt)
+                size = sum(map(len, token_lists))
+                token_lists = await self._run(req, size <= INLINE_CHARS,
+                                              functools.partial(self.engine.validate_token_ids, **prompt),
+                                              token_lists)
             req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait, **prompt)
             results = await req.wait(wait_all(req.futures))
             infos = infos_of(token_lists)
             n_tokens = sum(info.computed_tokens for info in infos)
             self.metrics.inputs_for(route).inc(len(token_lists))
             self.metrics.prompt_tokens_for(route).inc(n_tokens)
-            body = await self._run(None, size, answer, results, {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-                                   infos)
+            numbers = len(results) * self.engine.dim if self.engine.task == "embed" else 0
+            body = await self._run(None, size <= INLINE_CHARS and numbers <= INLINE_ANSWER_NUMBERS, answer, results,
+                                   {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, infos)
             return Reply(200, body, req.timing_headers(tokenize_s))
         except ClientGone:
             return Reply(CLIENT_CLOSED, b"", {})  # never reaches the client; counted in metrics
@@ -150,7 +161,7 @@ class Api:
                     emb = v if v.flags.c_contiguous else np.ascontiguousarray(v)
                 data.append({"object": "embedding", "index": i, "embedding": emb, "tokens": info.tokens,
                              "truncated": info.truncated, "chunks": info.chunks})
-            return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
+            return dumps_list_in({"object": "list"}, "data", data, {"model": self.model_name, "usage": usage})
 
         prompt = {k: v for k, v in (("prompt_name", body.prompt_name), ("prompt", body.prompt)) if v is not None}
         return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer, prompt=prompt)
