@@ -350,7 +350,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit_many",
           [](Scheduler& s, const py::iterable& requests, int priority, std::optional<double> timeout,
-             std::optional<double> deadline) {
+             std::optional<double> deadline, bool whole) {
             std::vector<std::vector<int32_t>> all;
             size_t i = 0;
             for (const py::handle& tokens : requests) {
@@ -362,12 +362,13 @@ PYBIND11_MODULE(_core, m) {
               ++i;
             }
             const double d = deadline_from(s, timeout, deadline);
-            return s.submit_many(std::move(all), priority, d);  // GIL held, as in submit
+            return s.submit_many(std::move(all), priority, d, whole);  // GIL held, as in submit
           },
           py::arg("requests"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
-          py::arg("deadline") = py::none(),
+          py::arg("deadline") = py::none(), py::arg("whole") = false,
           "Queue several requests under one lock, as many as fit, in order; returns the accepted "
-          "prefix's ids. Raises QueueFullError when not even the first fits.")
+          "prefix's ids. Raises QueueFullError when not even the first fits. whole=True: all or none "
+          "(QueueFullError, or OverloadedError when the last is predicted late).")
       .def("cancel", &Scheduler::cancel, py::arg("id"))  // GIL held, as in submit
       .def(
           "next_batch",

@@ -384,7 +384,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
 }
 
 std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> requests, int priority,
-                                             double deadline) {
+                                             double deadline, bool whole) {
   for (size_t i = 0; i < requests.size(); ++i) {
     try {
       check_request(static_cast<int64_t>(requests[i].size()));
@@ -405,7 +405,26 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
     const bool predict = std::isfinite(deadline) && predicting_locked();
     const bool idle = idle_for_locked(priority);
     double ahead = predict ? ahead_locked(priority) : 0, late_at = 0;
-    for (auto& tokens : requests) {
+    if (whole) {  // all or none: checked first, then queued without a second check
+      int64_t count = static_cast<int64_t>(requests_.size()), tokens_after = queued_tokens_;
+      double at = ahead;
+      for (size_t i = 0; i < requests.size(); ++i) {
+        const auto n = static_cast<int64_t>(requests[i].size());
+        if (count + 1 > config_.max_queue_requests || tokens_after + n > config_.max_queue_tokens)
+          throw_full_locked();
+        if (predict) {
+          const double own = own_cost(n);
+          const double done = completion_locked(now, priority, at, own);
+          if (done > deadline && !(idle && i == 0)) throw_overloaded_locked(done, deadline);
+          at += own;
+        }
+        ++count;
+        tokens_after += n;
+      }
+      for (auto& tokens : requests) ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
+    }
+    for (size_t i = whole ? requests.size() : 0; i < requests.size(); ++i) {
+      auto& tokens = requests[i];
       const auto n = static_cast<int64_t>(tokens.size());
       if (!fits_locked(n)) break;
       if (predict) {

@@ -309,11 +309,14 @@ class Scheduler:
         priority: int = 0,
         timeout: float | None = None,
         deadline: float | None = None,
+        whole: bool = False,
     ) -> list[int]:
         """Enqueue several requests under one lock, in order, as many as fit;
         return the accepted prefix's ids. Every request is validated first (a
         bad one raises ValueError naming its index and nothing is queued).
         Raises QueueFullError when not even the first fits, EngineClosedError.
+        whole=True: all of them or none (QueueFullError when the queue cannot
+        hold them all, OverloadedError when the last is predicted late).
         """
 
     def cancel(self, id: int) -> bool: ...

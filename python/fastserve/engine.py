@@ -817,12 +817,9 @@ class Engine(tasks.TaskCalls):
         if self.truncate == "chunk":  # its windows, queued together or refused at once, then combined
             timeout = self.request_timeout_s if timeout is None else timeout  # one request: the default deadline
             flat, spans = self._fit.split(lists, self._lead(prompt))
-            parts = self._submit_prefix(flat, priority, timeout, self._pooled_from(prompt))
-            if len(parts) < len(flat):
-                for f in parts:
-                    f.cancel()  # leaves the queue
-                raise QueueFullError(f"the queue has room for {len(parts)} of this text's {len(flat)} windows; "
-                                     "submit_many queues a list's windows as room frees up")
+            # All windows or none: QueueFullError or OverloadedError (the
+            # last one predicted late) refuses the text as one request.
+            parts = self._submit_prefix(flat, priority, timeout, self._pooled_from(prompt), whole=True)
             return self._combine(lists, flat, spans, parts)[0]
         fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
         fut.info = lists.infos[0]
@@ -837,15 +834,17 @@ class Engine(tasks.TaskCalls):
             raise EngineClosedError("the engine is closed")
 
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
-                       timeout: float | None, pooled_from: int = 0) -> list[cf.Future]:
-        """Queue as many of token_lists as fit, in order, under one lock (the
-        worker sees them at once, not one by one): their futures. A list is
-        one job: without `timeout` its items have no deadline (the engine's
-        request_timeout_s is for single requests, _submit_tokens)."""
+                       timeout: float | None, pooled_from: int = 0, whole: bool = False) -> list[cf.Future]:
+        """Queue as many of token_lists as fit (with `whole`, all or none),
+        in order, under one lock (the worker sees them at once, not one by
+        one): their futures. A list is one job: without `timeout` its items
+        have no deadline (the engine's request_timeout_s is for single
+        requests, _submit_tokens)."""
         priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
-            rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout)
+            rids = _queued(functools.partial(self._scheduler.submit_many, whole=whole), token_lists, priority,
+                           timeout)
             futures = [cf.Future() for _ in rids]
             for fut in futures:
                 fut.pooled_from = pooled_from  # type: ignore[attr-defined]

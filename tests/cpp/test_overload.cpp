@@ -407,6 +407,33 @@ TEST(Admission, SubmitManyAdmitsThePrefixThatMakesItsDeadline) {
   EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.05), Overloaded);
 }
 
+TEST(Admission, SubmitManyWholeQueuesAllOrNoneWithTheReasonItRefused) {
+  Measured m;
+  const double now = m.clock->now();
+  m.s.submit(toks(10));  // a worker is busy-to-be: no request starts at once
+  const auto before = m.s.snapshot().stats;
+  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.05, /*whole=*/true), Overloaded);  // the prefix would fit
+  EXPECT_EQ(m.s.depth(), 1);
+  const auto after = m.s.snapshot().stats;
+  EXPECT_EQ(after.refused, before.refused + 1);
+  EXPECT_EQ(after.submitted, before.submitted);
+  EXPECT_EQ(m.s.submit_many(reqs, 0, now + 10.0, true).size(), 10u);  // in time: all of them
+  EXPECT_EQ(m.s.depth(), 11);
+}
+
+TEST(Admission, SubmitManyWholeIsQueueFullWhenTheQueueCannotHoldThemAll) {
+  auto clock = std::make_shared<ManualClock>(0.0);
+  SchedulerConfig sc = engine_scheduler();
+  sc.max_queue_requests = 5;
+  Scheduler s(sc, engine_controller("static"), clock);
+  s.submit(toks(4));
+  std::vector<std::vector<int32_t>> reqs(5, toks(4));
+  EXPECT_THROW(s.submit_many(reqs, 0, Scheduler::kNoDeadline, true), QueueFull);
+  EXPECT_EQ(s.depth(), 1);
+  EXPECT_EQ(s.submit_many(reqs, 0).size(), 4u);  // without whole: the prefix that fits
+}
+
 TEST(Admission, QueuedRequestsPushedPastTheirDeadlineAreShedNotComputed) {
   Measured m;
   const double now = m.clock->now();

@@ -294,3 +294,20 @@ def test_a_prompts_trailing_space_that_joins_the_text_is_not_repeated_in_every_w
     assert len(seen) > 2
     for w in seen[1:]:
         assert w[1:len(prompt_ids)] == prompt_ids[:-1] and w[len(prompt_ids)] != first_word
+
+
+def test_a_single_chunked_text_the_queue_cannot_hold_whole_is_refused_leaving_no_trace(bert):
+    """A text's windows are queued all or none: refused, nothing of it was
+    queued, submitted or cancelled (the reason is the scheduler's: the queue
+    here, a predicted miss of the deadline as OverloadedError otherwise)."""
+    with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1, max_queue=5) as engine:
+        with tm.held(engine):
+            before = engine.stats()
+            with pytest.raises(fastserve.QueueFullError, match="queue full") as info:
+                engine.submit(long_text(8))  # 8 or more windows; the queue holds 5
+            assert not isinstance(info.value, fastserve.OverloadedError)
+            after = engine.stats()
+            assert engine.stats()["queue_depth"] == 0
+        assert engine.submit(long_text(2)).result(timeout=60).shape == (32,)  # 3 windows fit
+    for key in ("submitted", "cancelled", "queue_depth"):
+        assert after[key] == before[key], key

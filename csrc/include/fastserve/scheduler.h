@@ -162,8 +162,11 @@ class Scheduler {
   // is not cut into small batches while it is being queued). Every request
   // is validated first: an invalid one throws InvalidArgument and nothing is
   // queued. Throws QueueFull (or Overloaded) when not even the first fits.
+  // With `whole`, all of them or none: QueueFull when the queue cannot hold
+  // them all, Overloaded when the last of them is predicted late (one text's
+  // windows, refused as one request with the reason that refused it).
   std::vector<uint64_t> submit_many(std::vector<std::vector<int32_t>> requests, int priority = 0,
-                                    double deadline = kNoDeadline);
+                                    double deadline = kNoDeadline, bool whole = false);
 
   // Remove a queued request. False when it is unknown, already in a batch,
   // or already finished.
