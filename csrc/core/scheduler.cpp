@@ -140,7 +140,7 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
   // the tail J once more) when that is sooner and leaves the earliest
   // deadline ahead (room: seconds from the batch's start) a margin of J:
   // batch formation then takes it past the budget (assemble_in_order_locked).
-  const double B = static_cast<double>(std::max<int64_t>(controllers_[0]->budget(), 1));
+  const double B = static_cast<double>(std::max<int64_t>(controllers_[first_live_locked()]->budget(), 1));
   const double n = static_cast<double>(std::max(live_, 1));
   double t;
   if (work <= B) {
@@ -163,7 +163,8 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   if (!config_.balance_workers || live_ < 2 || !compute_fit_.ready()) return budget;
   const double a = std::max(0.0, compute_fit_.intercept()), b = compute_fit_.slope();
   double budgets = 0;
-  for (const auto& c : controllers_) budgets += static_cast<double>(c->budget());
+  for (size_t k = 0; k < controllers_.size(); ++k)
+    if (!retired_[k]) budgets += static_cast<double>(controllers_[k]->budget());
   // A queue past twice the budgets together goes in full budgets whatever
   // the split; below that its exact cost is summed (a short walk).
   if (!(b > 0) || queued_tokens_ <= 0 || cost_factor_ * static_cast<double>(queued_tokens_) > 2 * budgets)
@@ -407,20 +408,23 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
     double ahead = predict ? ahead_locked(priority) : 0, late_at = 0;
     if (whole) {  // all or none: checked first, then queued without a second check
       int64_t count = static_cast<int64_t>(requests_.size()), tokens_after = queued_tokens_;
-      double at = ahead;
+      double at = ahead, last = 0;
+      bool late = false;
       for (size_t i = 0; i < requests.size(); ++i) {
         const auto n = static_cast<int64_t>(requests[i].size());
         if (count + 1 > config_.max_queue_requests || tokens_after + n > config_.max_queue_tokens)
           throw_full_locked();
         if (predict) {
           const double own = own_cost(n);
-          const double done = completion_locked(now, priority, at, own);
-          if (done > deadline && !(idle && i == 0)) throw_overloaded_locked(done, deadline);
+          last = completion_locked(now, priority, at, own);
+          late = late || (last > deadline && !(idle && i == 0));
           at += own;
         }
         ++count;
         tokens_after += n;
       }
+      // Refused with when the whole of it would end: its last request's completion.
+      if (late) throw_overloaded_locked(std::max(last, deadline), deadline);
       for (auto& tokens : requests) ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
     }
     for (size_t i = whole ? requests.size() : 0; i < requests.size(); ++i) {
@@ -966,6 +970,12 @@ void Scheduler::retire(int worker) {
   cv_.notify_all();  // waiters re-plan their share of the queue without it
 }
 
+size_t Scheduler::first_live_locked() const {
+  for (size_t k = 0; k < retired_.size(); ++k)
+    if (!retired_[k]) return k;
+  return 0;  // none live: worker 0's, as before any was retired
+}
+
 int Scheduler::live_workers() const {
   std::lock_guard<std::mutex> lock(mu_);
   return live_;
@@ -986,9 +996,10 @@ Scheduler::Snapshot Scheduler::snapshot() const {
   s.stats = stats_;
   s.depth = static_cast<int64_t>(requests_.size());
   s.queued_tokens = queued_tokens_;
-  s.budget = controllers_[0]->budget();
-  s.policy = controllers_[0]->name();
-  s.controller = controllers_[0]->state();
+  const size_t first = first_live_locked();  // worker 0's, or the first live one's once it is retired
+  s.budget = controllers_[first]->budget();
+  s.policy = controllers_[first]->name();
+  s.controller = controllers_[first]->state();
   // Admission's own prediction state, beside the (first) controller's.
   s.controller["admission_tail_s"] = tail_s_;
   s.controller["admission_fit_intercept_s"] = compute_fit_.intercept();

@@ -238,7 +238,10 @@ def results_of(futures: Sequence[cf.Future]) -> list[Any]:
     fails, the call has failed: those of its inputs still queued are
     cancelled, so the model does not run work nobody will read, and the
     failure is raised."""
+    futures = list(futures)
     try:
+        # The first failure whichever input it is, not once those before it are done.
+        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         return [f.result() for f in futures]
     except BaseException:
         _cancel(futures)

@@ -363,6 +363,11 @@ class Engine(tasks.TaskCalls):
             warnings.warn(f"the tokenizer has {n} tokens but the model only {self.vocab_size} embeddings; "
                           "texts holding the tokens past them are refused", stacklevel=3)  # past the wrapper
         self._fit = self._make_fit(truncate, chunk_overlap)
+        # Made now where requests will need it (a copy takes 0.1-0.2 s: not
+        # on the first such request, in the HTTP server on its event loop).
+        if truncate == "chunk" or self._head.needs_prompt_lengths or not self._encode.direct \
+                or self._fit.retokenize is not None:
+            self._private_tokenizer.ready()
         if task != "embed":
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels

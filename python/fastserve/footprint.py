@@ -177,9 +177,9 @@ def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: st
                          "activation formula (use max_batch_tokens)")
     budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES)
     if budget.tokens < 1:
-        least = (budget.fixed_bytes + bytes_per_token) / 2**20
+        least = math.ceil((budget.fixed_bytes + bytes_per_token) / 2**20 * 1e4) / 1e4  # rounded up: it holds one
         raise ValueError(f"max_batch_memory_mb={mib:g} holds no token: a batch needs {budget.fixed_bytes} bytes "
-                         f"whatever its size and {bytes_per_token} bytes per token (at least {least:.3g} MiB)")
+                         f"whatever its size and {bytes_per_token} bytes per token (at least {least:g} MiB)")
     return budget
 
 

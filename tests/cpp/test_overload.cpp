@@ -413,7 +413,16 @@ TEST(Admission, SubmitManyWholeQueuesAllOrNoneWithTheReasonItRefused) {
   m.s.submit(toks(10));  // a worker is busy-to-be: no request starts at once
   const auto before = m.s.snapshot().stats;
   std::vector<std::vector<int32_t>> reqs(10, toks(500));
-  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.05, /*whole=*/true), Overloaded);  // the prefix would fit
+  double retry = 0;
+  try {
+    m.s.submit_many(reqs, 0, now + 0.05, /*whole=*/true);  // the prefix would fit
+    ADD_FAILURE() << "admitted";
+  } catch (const Overloaded& e) {
+    retry = e.retry_after_s();
+  }
+  // Reported as the whole of it would end, its last request's completion: 5000 tokens in 5 batches
+  // of 22 ms after the one ahead (the first one late would say about 0.01 s).
+  EXPECT_GT(retry, 0.05);
   EXPECT_EQ(m.s.depth(), 1);
   const auto after = m.s.snapshot().stats;
   EXPECT_EQ(after.refused, before.refused + 1);
@@ -506,6 +515,17 @@ TEST(Admission, WithItsOnlyLiveWorkerBusyARetiredOnesIdlenessAdmitsNothing) {
   // Before: worker 1 counted idle, so this was predicted to start at once.
   EXPECT_THROW(m.s.submit(toks(50), 0, now + 0.001), Overloaded);
   EXPECT_GT(m.s.predict_completion(50) - now, 0.012);
+}
+
+TEST(Admission, WithWorker0RetiredTheWorkAheadDrainsOnTheOtherAlone) {
+  Measured m(1000, 2);
+  m.s.retire(0);
+  const auto snap = m.s.snapshot();
+  EXPECT_EQ(snap.budget, m.s.budget(1));  // the first live worker's
+  for (int i = 0; i < 49; ++i) m.s.submit(toks(100));
+  Measured one;  // one worker, same budget: the same prediction
+  for (int i = 0; i < 49; ++i) one.s.submit(toks(100));
+  EXPECT_NEAR(m.s.predict_completion(50) - m.clock->now(), one.s.predict_completion(50) - one.clock->now(), 1e-12);
 }
 
 // A higher class is predicted with the work it cannot be displaced by:

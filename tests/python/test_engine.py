@@ -457,10 +457,10 @@ def test_token_lists_the_engine_made_are_queued_without_a_second_check(monkeypat
         lists = engine.tokenize(texts)
         checked = engine.validate_token_ids([list(ids) for ids in lists])
 
-        def refuse(_):
+        def refuse(*_, **__):
             raise AssertionError("checked again")
 
-        monkeypatch.setattr(engine, "validate_token_ids", refuse)
+        monkeypatch.setattr(engine, "_validated", refuse)
         for ready in (lists, checked):
             got = np.stack([f.result(timeout=60) for f in engine.submit_many(ready)])
             np.testing.assert_allclose(got, want, atol=1e-6)

@@ -79,13 +79,13 @@ def test_one_long_text_on_a_chunking_engine_is_queued_whole_or_refused_at_once()
     with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, truncate="chunk",
                 max_queue=3) as engine:
         with tm.held(engine) as gate:  # the holding request leaves the queue: 3 places free
-            with pytest.raises(fastserve.QueueFullError, match="4 windows"):
+            with pytest.raises(fastserve.QueueFullError, match="queue full"):
                 engine.submit(long_text)
 
             async def one():
                 return await engine.aembed(long_text)
 
-            with pytest.raises(fastserve.QueueFullError, match="4 windows"):
+            with pytest.raises(fastserve.QueueFullError, match="queue full"):
                 asyncio.run(one())
             assert engine.stats()["queue_depth"] == 0  # nothing of them left queued
             short = engine.submit("word " * 200)  # two windows: room for them

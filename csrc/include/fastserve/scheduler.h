@@ -233,7 +233,7 @@ class Scheduler {
     Stats stats;
     int64_t depth = 0, queued_tokens = 0, budget = 0;
     std::string policy;
-    std::map<std::string, double> controller;  // worker 0's
+    std::map<std::string, double> controller;  // worker 0's (the first live worker's once 0 is retired)
     // Every worker's budget and controller state, worker 0 first.
     std::vector<int64_t> budgets;
     std::vector<std::map<std::string, double>> controllers;
@@ -273,6 +273,7 @@ class Scheduler {
   double residual_locked(double now, std::optional<int> priority = std::nullopt) const;
   int busy_workers_locked() const;
   bool free_worker_locked() const { return busy_workers_locked() < live_; }
+  size_t first_live_locked() const;  // the first worker not retired (0 when none is live)
   double extend_limit_locked(double budget) const;  // largest batch past the budget
   double ahead_locked(int priority) const;      // queued cost at priority or higher
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher

@@ -21,6 +21,8 @@ def dumps_list_in(before: dict, key: str, items: list, after: dict, chunk: int =
     answer written in a worker thread still stalled the event loop (75 ms
     for 2,048 embeddings of 1,024 numbers); between pieces the GIL passes
     to the loop (a piece of 64 such embeddings takes about 2 ms)."""
+    if len(items) <= chunk:  # one piece: one call
+        return dumps({**before, key: items, **after})
     head = dumps(before)
     parts = [head[:-1] + (b"," if before else b"") + dumps(key) + b":["]
     for i in range(0, len(items), chunk):
