@@ -109,6 +109,8 @@ def pack(x: torch.Tensor, lengths: torch.Tensor, *, total: int | None = None) ->
     lengths is [B] (lengths) or [B + 1] (cu_seqlens). total, when the caller
     knows T, avoids reading it from lengths (a device synchronisation on CUDA).
     """
+    _require_tensor(x, "x")
+    _require_tensor(lengths, "lengths")
     if total is None:
         if x.dim() >= 1 and lengths.dim() == 1 and lengths.shape[0] == x.shape[0] + 1:
             total = int(lengths[-1]) if lengths.numel() else 0
@@ -174,6 +176,8 @@ def segment_pool(
     Accumulates in float32 whatever x's dtype. normalize divides each row by
     max(||row||_2, 1e-12), like torch.nn.functional.normalize.
     """
+    _require_tensor(x, "x")
+    _require_tensor(cu_seqlens, "cu_seqlens")
     b = max(cu_seqlens.shape[0] - 1, 0) if cu_seqlens.dim() == 1 else 0
     h = x.shape[1] if x.dim() == 2 else 0
     out = _empty((b, h), torch.float32, x.device)
@@ -183,6 +187,8 @@ def segment_pool(
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, ...] by index [M]: out[i] = x[index[i]], with 0 <= index < N."""
+    _require_tensor(x, "x")
+    _require_tensor(index, "index")
     m = index.shape[0] if index.dim() == 1 else 0
     out = _empty((m, *x.shape[1:]), x.dtype, x.device)
     _k.gather(_arg(x, "x"), _arg(index, "index"), _arg(out, "out"), _stream(x))

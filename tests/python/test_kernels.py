@@ -362,8 +362,15 @@ CU = torch.tensor([0, 4], dtype=torch.int32)
         (lambda: K.unpack(torch.zeros((4, 8)), NOT_A_TENSOR), "cu_seqlens"),
         (lambda: K.unpack(torch.zeros((4, 8)), NOT_A_TENSOR, 4), "cu_seqlens"),
         (lambda: K.bias_gelu_(NOT_A_TENSOR, torch.zeros(8)), "x"),
+        (lambda: K.pack(NOT_A_TENSOR, torch.tensor([1])), "x"),
+        (lambda: K.pack(torch.zeros((1, 4, 8)), NOT_A_TENSOR), "lengths"),
+        (lambda: K.segment_pool(NOT_A_TENSOR, CU), "x"),
+        (lambda: K.segment_pool(torch.zeros((4, 8)), NOT_A_TENSOR), "cu_seqlens"),
+        (lambda: K.gather(NOT_A_TENSOR, torch.tensor([0])), "x"),
+        (lambda: K.gather(torch.zeros((4, 8)), NOT_A_TENSOR), "index"),
     ],
-    ids=["attention-qkv", "attention-cu", "unpack-packed", "unpack-cu", "unpack-cu-max_len", "bias_gelu-x"],
+    ids=["attention-qkv", "attention-cu", "unpack-packed", "unpack-cu", "unpack-cu-max_len", "bias_gelu-x",
+         "pack-x", "pack-lengths", "segment_pool-x", "segment_pool-cu", "gather-x", "gather-index"],
 )
 def test_a_non_tensor_argument_is_a_type_error(call, name: str) -> None:
     with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list$"):
