@@ -405,47 +405,43 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
     // (On an idle worker the first one starts at once: never refused.)
     const bool predict = std::isfinite(deadline) && predicting_locked();
     const bool idle = idle_for_locked(priority);
-    double ahead = predict ? ahead_locked(priority) : 0, late_at = 0;
-    if (whole) {  // all or none: checked first, then queued without a second check
-      int64_t count = static_cast<int64_t>(requests_.size()), tokens_after = queued_tokens_;
-      double at = ahead, last = 0;
-      bool late = false;
-      for (size_t i = 0; i < requests.size(); ++i) {
-        const auto n = static_cast<int64_t>(requests[i].size());
-        if (count + 1 > config_.max_queue_requests || tokens_after + n > config_.max_queue_tokens)
-          throw_full_locked();
-        if (predict) {
-          const double own = own_cost(n);
-          last = completion_locked(now, priority, at, own);
-          late = late || (last > deadline && !(idle && i == 0));
-          at += own;
-        }
-        ++count;
-        tokens_after += n;
+    double ahead = predict ? ahead_locked(priority) : 0, late_at = 0, last = 0;
+    // How many of them fit, in order (the queue's room, each one's predicted
+    // completion): a prefix stops at the first that does not, `whole` looks
+    // at them all, then queues all or none.
+    int64_t count = static_cast<int64_t>(requests_.size()), tokens_after = queued_tokens_;
+    size_t fit = requests.size();
+    bool full = false;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const auto n = static_cast<int64_t>(requests[i].size());
+      if (count + 1 > config_.max_queue_requests || tokens_after + n > config_.max_queue_tokens) {
+        full = true;
+        fit = std::min(fit, i);
+        break;
       }
-      // Refused with when the whole of it would end: its last request's completion.
-      if (late) throw_overloaded_locked(std::max(last, deadline), deadline);
-      for (auto& tokens : requests) ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
-    }
-    for (size_t i = whole ? requests.size() : 0; i < requests.size(); ++i) {
-      auto& tokens = requests[i];
-      const auto n = static_cast<int64_t>(tokens.size());
-      if (!fits_locked(n)) break;
       if (predict) {
         const double own = own_cost(n);
-        const double done = completion_locked(now, priority, ahead, own);
-        if (done > deadline && !(idle && ids.empty())) {
-          late_at = done;
-          break;
+        last = completion_locked(now, priority, ahead, own);
+        if (last > deadline && !(idle && i == 0) && fit == requests.size()) {
+          fit = i;
+          late_at = last;
+          if (!whole) break;
         }
         ahead += own;
       }
-      ids.push_back(enqueue_locked(std::move(tokens), priority, now, deadline));
+      ++count;
+      tokens_after += n;
     }
-    if (ids.empty()) {
+    if (whole && fit < requests.size()) {
+      if (full) throw_full_locked();
+      // Refused with when the whole of it would end: its last request's completion.
+      throw_overloaded_locked(std::max(last, deadline), deadline);
+    }
+    if (fit == 0) {
       if (late_at > 0) throw_overloaded_locked(late_at, deadline);
       throw_full_locked();
     }
+    for (size_t i = 0; i < fit; ++i) ids.push_back(enqueue_locked(std::move(requests[i]), priority, now, deadline));
   }
   cv_.notify_all();
   return ids;

@@ -848,8 +848,7 @@ class Engine(tasks.TaskCalls):
         priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
-            rids = _queued(functools.partial(self._scheduler.submit_many, whole=whole), token_lists, priority,
-                           timeout)
+            rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout, None, whole)
             futures = [cf.Future() for _ in rids]
             for fut in futures:
                 fut.pooled_from = pooled_from  # type: ignore[attr-defined]
