@@ -350,7 +350,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "submit_many",
           [](Scheduler& s, const py::iterable& requests, int priority, std::optional<double> timeout,
-             std::optional<double> deadline, bool whole) {
+             std::optional<double> deadline, bool whole, bool waiting) {
             std::vector<std::vector<int32_t>> all;
             size_t i = 0;
             for (const py::handle& tokens : requests) {
@@ -362,13 +362,15 @@ PYBIND11_MODULE(_core, m) {
               ++i;
             }
             const double d = deadline_from(s, timeout, deadline);
-            return s.submit_many(std::move(all), priority, d, whole);  // GIL held, as in submit
+            return s.submit_many(std::move(all), priority, d, whole, waiting);  // GIL held, as in submit
           },
           py::arg("requests"), py::arg("priority") = 0, py::arg("timeout") = py::none(),
-          py::arg("deadline") = py::none(), py::arg("whole") = false,
+          py::arg("deadline") = py::none(), py::arg("whole") = false, py::arg("waiting") = false,
           "Queue several requests under one lock, as many as fit, in order; returns the accepted "
           "prefix's ids. Raises QueueFullError when not even the first fits. whole=True: all or none "
-          "(QueueFullError, or OverloadedError when the last is predicted late).")
+          "(QueueFullError, or OverloadedError when the last is predicted late; InvalidInputError when "
+          "they exceed the queue's bounds). waiting=True: an empty list instead of a refusal, uncounted "
+          "(a caller with part of its list queued, waiting for room).")
       .def("cancel", &Scheduler::cancel, py::arg("id"))  // GIL held, as in submit
       .def(
           "next_batch",
@@ -401,7 +403,7 @@ PYBIND11_MODULE(_core, m) {
            "Predicted completion time (scheduler clock) of a request submitted now; inf before any "
            "batch is measured or with admission off.")
       .def("complete", &Scheduler::complete, py::arg("batch"), py::arg("compute_seconds"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("extra_tokens") = 0, py::call_guard<py::gil_scoped_release>())
       .def("fail", &Scheduler::fail, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
       .def("close", &Scheduler::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &Scheduler::closed)

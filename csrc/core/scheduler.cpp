@@ -385,14 +385,23 @@ uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double dea
 }
 
 std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> requests, int priority,
-                                             double deadline, bool whole) {
+                                             double deadline, bool whole, bool waiting) {
+  int64_t total = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
     try {
       check_request(static_cast<int64_t>(requests[i].size()));
     } catch (const InvalidArgument& e) {
       throw InvalidArgument("request " + std::to_string(i) + ": " + e.what());
     }
+    total += static_cast<int64_t>(requests[i].size());
   }
+  // All or none of more than the queue can ever hold: never, whatever waits.
+  if (whole && (static_cast<int64_t>(requests.size()) > config_.max_queue_requests ||
+                total > config_.max_queue_tokens))
+    throw InvalidArgument(std::to_string(requests.size()) + " requests of " + std::to_string(total) +
+                          " tokens together can never fit the queue (max_queue_requests=" +
+                          std::to_string(config_.max_queue_requests) +
+                          ", max_queue_tokens=" + std::to_string(config_.max_queue_tokens) + ")");
   if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
   std::vector<uint64_t> ids;
   if (requests.empty()) return ids;
@@ -438,6 +447,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
       throw_overloaded_locked(std::max(last, deadline), deadline);
     }
     if (fit == 0) {
+      if (waiting) return ids;  // the caller waits for room: nothing refused, nothing counted
       if (late_at > 0) throw_overloaded_locked(late_at, deadline);
       throw_full_locked();
     }
@@ -840,11 +850,13 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
   return batch;
 }
 
-void Scheduler::complete(const Batch& batch, double compute_seconds) {
+void Scheduler::complete(const Batch& batch, double compute_seconds, int64_t extra_tokens) {
   // One NaN or infinite time would poison the fits for good (and with them
   // admission, which then refuses nothing).
   if (!(compute_seconds >= 0) || !std::isfinite(compute_seconds))
     throw InvalidArgument("scheduler: compute_seconds must be finite and >= 0, got " + std::to_string(compute_seconds));
+  if (extra_tokens < 0)
+    throw InvalidArgument("scheduler: extra_tokens must be >= 0, got " + std::to_string(extra_tokens));
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
   if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);
@@ -866,8 +878,8 @@ void Scheduler::complete(const Batch& batch, double compute_seconds) {
   stats_.batch_size.add(static_cast<double>(batch.size()));
   stats_.batch_tokens.add(static_cast<double>(batch.total_tokens()));
   stats_.real_tokens += batch.total_tokens();
-  // Tokens the model computed: padding counts only in padded execution.
-  stats_.padded_tokens += cost_of(batch.size(), batch.max_len(), batch.total_tokens());
+  // Tokens the model computed: padding (in padded execution) and ghosts included.
+  stats_.padded_tokens += cost_of(batch.size(), batch.max_len(), batch.total_tokens()) + extra_tokens;
   stats_.last_complete_at = now;
   Observation o;
   o.now = now;

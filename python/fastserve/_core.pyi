@@ -310,13 +310,17 @@ class Scheduler:
         timeout: float | None = None,
         deadline: float | None = None,
         whole: bool = False,
+        waiting: bool = False,
     ) -> list[int]:
         """Enqueue several requests under one lock, in order, as many as fit;
         return the accepted prefix's ids. Every request is validated first (a
         bad one raises ValueError naming its index and nothing is queued).
         Raises QueueFullError when not even the first fits, EngineClosedError.
         whole=True: all of them or none (QueueFullError when the queue cannot
-        hold them all, OverloadedError when the last is predicted late).
+        hold them all now, OverloadedError when the last is predicted late,
+        ValueError when they exceed the queue's bounds). waiting=True: an
+        empty list where not even the first fits, not counted as a refusal
+        (the caller has part of its list queued and waits for room).
         """
 
     def cancel(self, id: int) -> bool: ...
@@ -336,7 +340,9 @@ class Scheduler:
     def predict_completion(self, tokens: int, priority: int = 0) -> float:
         """Predicted completion time (scheduler clock) of a request submitted now; inf before any batch is measured or with admission off."""
 
-    def complete(self, batch: Batch, compute_seconds: float) -> None: ...
+    def complete(self, batch: Batch, compute_seconds: float, extra_tokens: int = 0) -> None:
+        """Record a computed batch; extra_tokens: tokens computed beyond its own (ghost
+        sequences), counted in padded_tokens."""
     def fail(self, batch: Batch) -> None: ...
     def close(self) -> list[int]:
         """Refuse new work, wake waiting workers, return the ids still queued."""

@@ -443,6 +443,55 @@ TEST(Admission, SubmitManyWholeIsQueueFullWhenTheQueueCannotHoldThemAll) {
   EXPECT_EQ(s.submit_many(reqs, 0).size(), 4u);  // without whole: the prefix that fits
 }
 
+TEST(Admission, SubmitManyWholeBeyondTheQueuesBoundsIsInvalidNotFull) {
+  // More requests or tokens than the queue can ever hold: no wait helps, so
+  // not QueueFull (retry later) but InvalidArgument, on an empty queue too.
+  auto clock = std::make_shared<ManualClock>(0.0);
+  SchedulerConfig sc = engine_scheduler();
+  sc.max_queue_requests = 3;
+  sc.max_queue_tokens = 100;
+  Scheduler s(sc, engine_controller("static"), clock);
+  EXPECT_THROW(s.submit_many(std::vector<std::vector<int32_t>>(4, toks(4)), 0, Scheduler::kNoDeadline, true),
+               InvalidArgument);
+  EXPECT_THROW(s.submit_many(std::vector<std::vector<int32_t>>(3, toks(34)), 0, Scheduler::kNoDeadline, true),
+               InvalidArgument);
+  EXPECT_EQ(s.snapshot().stats.rejected, 0);
+  EXPECT_EQ(s.submit_many(std::vector<std::vector<int32_t>>(3, toks(33)), 0, Scheduler::kNoDeadline, true).size(),
+            3u);  // at the bounds: fits
+  // Without whole the same list is a prefix now and the rest later: valid.
+  EXPECT_THROW(s.submit_many(std::vector<std::vector<int32_t>>(4, toks(4))), QueueFull);
+}
+
+TEST(Admission, SubmitManyWaitingReturnsNothingAndCountsNoRefusal) {
+  // A caller with part of its list queued waits for room: each try that
+  // finds none is not a refusal (stats stay as the callers saw them).
+  auto clock = std::make_shared<ManualClock>(0.0);
+  SchedulerConfig sc = engine_scheduler();
+  sc.max_queue_requests = 2;
+  Scheduler s(sc, engine_controller("static"), clock);
+  EXPECT_EQ(s.submit_many({toks(4), toks(4), toks(4)}).size(), 2u);
+  for (int i = 0; i < 5; ++i)
+    EXPECT_TRUE(s.submit_many({toks(4)}, 0, Scheduler::kNoDeadline, false, /*waiting=*/true).empty());
+  EXPECT_EQ(s.snapshot().stats.rejected, 0);
+  EXPECT_EQ(s.snapshot().stats.refused, 0);
+  EXPECT_THROW(s.submit_many({toks(4)}), QueueFull);  // a new caller is refused, and counted
+  EXPECT_EQ(s.snapshot().stats.rejected, 1);
+  EXPECT_EQ(s.depth(), 2);
+}
+
+TEST(Admission, SubmitManyWaitingIsNotRefusedForLatenessEither) {
+  Measured m;
+  const double now = m.clock->now();
+  m.s.submit(toks(10));  // a worker is busy-to-be: no request starts at once
+  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  const auto before = m.s.snapshot().stats;
+  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.005), Overloaded);
+  EXPECT_TRUE(m.s.submit_many(reqs, 0, now + 0.005, false, /*waiting=*/true).empty());
+  const auto after = m.s.snapshot().stats;
+  EXPECT_EQ(after.refused, before.refused + 1);  // the first call only
+  EXPECT_EQ(m.s.depth(), 1);
+}
+
 TEST(Admission, QueuedRequestsPushedPastTheirDeadlineAreShedNotComputed) {
   Measured m;
   const double now = m.clock->now();

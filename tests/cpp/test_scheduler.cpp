@@ -512,6 +512,27 @@ TEST(SchedulerBatches, PackedCostFitsMoreRequestsThanPaddedForSkewedLengths) {
   EXPECT_EQ(packed.next()->size(), 21);
 }
 
+TEST(SchedulerStats, ExtraTokensARunnerComputedCountAsPaddingNotAsCost) {
+  // Ghost sequences (a batch rounded up to a bucket of tokens) are computed
+  // tokens: padded_tokens counts them; real tokens and the batch's cost do not.
+  SchedulerConfig sc;
+  sc.cost = Cost::Packed;
+  Fixture f(sc);
+  f.s.submit(toks(3));
+  f.s.submit(toks(4));
+  auto b = f.next();
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->total_tokens(), 7);
+  f.s.complete(*b, 0.01, /*extra_tokens=*/9);
+  const Stats& s = f.s.snapshot().stats;
+  EXPECT_EQ(s.real_tokens, 7);
+  EXPECT_EQ(s.padded_tokens, 16);
+  EXPECT_NEAR(s.batch_tokens.percentile(0.5), 7, 7 * 0.05);
+  f.s.submit(toks(2));
+  auto b2 = f.next();
+  EXPECT_THROW(f.s.complete(*b2, 0.01, -1), InvalidArgument);
+}
+
 TEST(SchedulerStats, CountsOutcomesTokensAndLatencies) {
   Fixture f;
   for (int i = 0; i < 4; ++i) f.s.submit(toks(i + 1));  // 1+2+3+4 = 10 tokens

@@ -164,9 +164,13 @@ class Scheduler {
   // queued. Throws QueueFull (or Overloaded) when not even the first fits.
   // With `whole`, all of them or none: QueueFull when the queue cannot hold
   // them all, Overloaded when the last of them is predicted late (one text's
-  // windows, refused as one request with the reason that refused it).
+  // windows, refused as one request with the reason that refused it), and
+  // InvalidArgument when they are more requests or tokens than the queue's
+  // bounds (they could never fit). With `waiting` (the caller has part of
+  // its list queued already and waits for room), an empty prefix is
+  // returned instead of QueueFull/Overloaded, and not counted as a refusal.
   std::vector<uint64_t> submit_many(std::vector<std::vector<int32_t>> requests, int priority = 0,
-                                    double deadline = kNoDeadline, bool whole = false);
+                                    double deadline = kNoDeadline, bool whole = false, bool waiting = false);
 
   // Remove a queued request. False when it is unknown, already in a batch,
   // or already finished.
@@ -203,8 +207,11 @@ class Scheduler {
 
   // Report a batch's outcome. complete() records latencies and feeds the
   // controller; fail() counts its requests as failed (no controller update:
-  // a raising model says nothing about batch cost).
-  void complete(const Batch& batch, double compute_seconds);
+  // a raising model says nothing about batch cost). extra_tokens: tokens
+  // the runner computed beyond the batch's own (ghost sequences that round
+  // it up to a bucket), counted in padded_tokens; the fits keep the batch's
+  // own cost, which is what they predict from.
+  void complete(const Batch& batch, double compute_seconds, int64_t extra_tokens = 0);
   void fail(const Batch& batch);
 
   // Refuse new work, wake every waiting worker, and hand back the ids still
