@@ -16,6 +16,7 @@ from .errors import (
     ReplicaFailedError,
     RequestTimeoutError,
     UnsupportedModelError,
+    WorkerThreadError,
 )
 
 __version__ = "0.1.0"
@@ -37,5 +38,6 @@ __all__ = [
     "ReplicaFailedError",
     "RequestTimeoutError",
     "UnsupportedModelError",
+    "WorkerThreadError",
     "__version__",
 ]

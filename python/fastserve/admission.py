@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Union
 
-from .errors import InvalidInputError, QueueFullError
+from .errors import InvalidInputError
 
 CHUNK = 4096  # a list's inputs queued per scheduler call (one lock: the worker sees them together)
 PAUSE_S = 0.002  # a list waiting its turn behind other callers' inputs polls this often
@@ -32,7 +32,9 @@ PAUSE_S = 0.002  # a list waiting its turn behind other callers' inputs polls th
 Timeout = Union[float, None, Callable[[], Union[float, None]]]
 # Queues a prefix of token lists (as many as fit), returning their futures;
 # QueueFullError when not even the first fits.
-Submit = Callable[[Sequence[Sequence[int]], int, Union[float, None]], list[cf.Future]]
+# submit(requests, priority, timeout, waiting=...): the accepted prefix's
+# futures; with waiting=True an empty list where none fits (no refusal).
+Submit = Callable[..., list[cf.Future]]
 
 _INT = frozenset((int,))
 
@@ -85,6 +87,19 @@ def in_vocabulary(token_lists: Sequence[Sequence[int]], vocab_size: int, why: st
 def where(i: int, n: int) -> str:
     """Where an input is, in an error message (nothing when it is alone)."""
     return "" if n == 1 else f" at index {i}"
+
+
+def untokenizable(what: str, texts: Sequence[str], error: Exception) -> InvalidInputError:
+    """The error for texts the tokenizer refused: the first one that is not
+    valid Unicode (a lone surrogate, which no UTF-8 can carry) named, else
+    the tokenizer's own message."""
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return InvalidInputError(f"{what}{where(i, len(texts))} is not valid Unicode: a lone surrogate "
+                                     f"{t[e.start]!r} at character {e.start} (no UTF-8 text can hold one)")
+    return InvalidInputError(f"{what} could not be tokenized: {error}")
 
 
 def _check_token_ids(ids: Any, at: str, vocab_size: int) -> None:
@@ -179,11 +194,10 @@ def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.F
     then iterates on."""
     oldest = pos = 0
     while pos < len(requests):
-        try:
-            new = submit(requests[pos : pos + CHUNK], priority, check_timeout(timeout()))
-        except QueueFullError:
-            if not futures:
-                raise
+        # Once part of the list is queued, a full queue is a wait, not a
+        # refusal: the scheduler then neither raises nor counts one.
+        new = submit(requests[pos : pos + CHUNK], priority, check_timeout(timeout()), waiting=bool(futures))
+        if not new:
             if oldest == len(futures):
                 yield None
             else:
@@ -200,12 +214,16 @@ def _cancel(futures: list[cf.Future]) -> None:
 
 
 def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
-               timeout: Callable[[], float | None]) -> list[cf.Future]:
-    """Queue every request, blocking while the call waits its turn; a call
-    that fails part way cancels what it had queued."""
+               timeout: Callable[[], float | None],
+               before_wait: Callable[[], None] | None = None) -> list[cf.Future]:
+    """Queue every request, blocking while the call waits its turn (calling
+    `before_wait` first, which may raise instead); a call that fails part way
+    cancels what it had queued."""
     futures: list[cf.Future] = []
     try:
         for turn in _admit(submit, requests, futures, priority, timeout):
+            if before_wait is not None:
+                before_wait()
             if turn is None:
                 time.sleep(PAUSE_S)
             else:

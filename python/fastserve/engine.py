@@ -8,6 +8,7 @@ import atexit
 import concurrent.futures as cf
 import copy
 import functools
+import math
 import numbers
 import os
 import threading
@@ -24,7 +25,7 @@ from . import _core, admission, footprint, precision, process, shapes, tasks
 from . import replicas as replicas_
 from .admission import Timeout, all_results, results_of
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
-from .errors import ReplicaFailedError, RequestTimeoutError
+from .errors import ReplicaFailedError, RequestTimeoutError, WorkerThreadError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .pipeline import PipelineRunner
 from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
@@ -58,6 +59,26 @@ def _queued(submit: Callable[..., Any], *args: Any) -> Any:
         raise InvalidInputError(str(e)) from e
 
 
+def _distinct_labels(labels: list[str]) -> list[str]:
+    """A classifier's labels with any name id2label gives more than once
+    made distinct by its id ("name_3"), with a warning, so that every logit
+    keeps its score in Classification.scores."""
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if not repeated:
+        return labels
+    out = [f"{x}_{i}" if x in repeated else x for i, x in enumerate(labels)]
+    taken = set()
+    for i, x in enumerate(out):  # a made-up name that another label already has
+        while x in taken or (x != labels[i] and x in labels):
+            x += "_"
+        out[i] = x
+        taken.add(x)
+    warnings.warn(f"the model's id2label names {', '.join(map(repr, repeated))} more than once; they are reported "
+                  f"as {', '.join(repr(y) for x, y in zip(labels, out) if x != y)} so that each keeps its score",
+                  stacklevel=4)  # the Engine(...) call, past __init__ and its wrapper
+    return out
+
+
 def overloaded(retry_after_s: float) -> OverloadedError:
     """The error of a queued request dropped before compute: predicted to
     finish retry_after_s after its deadline."""
@@ -73,6 +94,19 @@ def overloaded(retry_after_s: float) -> OverloadedError:
 # noexcept frame aborts the process with "terminate called without an active
 # exception").
 _open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: the engines it
+    inherited refuse new work (instead of queueing it for no worker) and are
+    left alone at exit (their scheduler's locks may have been held at the fork)."""
+    for engine in list(_open_engines):
+        engine._forked = True
+    _open_engines.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
@@ -133,11 +167,68 @@ def _undo_process_changes_on_refusal(init: Callable[..., None]) -> Callable[...,
                 threads = changed["torch_threads"]
                 if threads["changed"]:
                     torch.set_num_threads(threads["before"])
-                if "onednn" in changed and not self._onednn_released:
-                    self._onednn_released = True
-                    process.onednn_release(changed["onednn"])
+                release = getattr(self, "_release_onednn", None)
+                if release is not None:
+                    release()
             raise
     return wrapped
+
+
+class _Once:
+    """fn(*args) on the first call only, whichever comes first: close(), a
+    refused constructor, or the finalizer of an engine dropped unclosed."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args, self._lock, self.done = fn, args, threading.Lock(), False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+        self._fn(*self._args)
+
+
+def _dropped(scheduler: _core.Scheduler, release_onednn: _Once) -> None:
+    """An engine collected without close() (weakref.finalize): its workers,
+    which hold it only while they run a batch, end once its scheduler is
+    closed, and its oneDNN registration is released. (Queued requests would
+    have kept it alive: each future's callback refers to it.)"""
+    scheduler.close()
+    release_onednn()
+
+
+def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None:
+    """A worker thread: the engine's batches for this replica until its
+    scheduler closes. It holds the engine only while it runs one (a strong
+    reference the whole time would keep an engine dropped without close()
+    alive with its threads and model to the end of the process)."""
+    engine = ref()
+    if engine is None:
+        return
+    sched = engine._scheduler
+    worker = replica.index if engine.parallel == "data" else 0
+    try:
+        replica.enter()
+        with torch.inference_mode():
+            engine._warm_up(replica)
+            del engine
+            while True:
+                batch = sched.next_batch(0.1, worker)
+                if batch is None:
+                    if sched.closed:
+                        return
+                    continue
+                engine = ref()
+                if engine is None:
+                    return
+                engine._handle(batch, replica)
+                del engine
+    except BaseException as e:  # the worker must never die silently
+        engine = ref()
+        if engine is not None:
+            engine._worker_died(replica, worker, e)
+        raise
 
 
 class Engine(tasks.TaskCalls):
@@ -179,6 +270,8 @@ class Engine(tasks.TaskCalls):
     over what torch and transformers leave alive, skip them
     (process.py; stats()["process"]["gc"]). False leaves the collector alone.
     """
+
+    _forked = False  # True in a forked child (_after_fork_in_child)
 
     @_undo_process_changes_on_refusal
     def __init__(
@@ -227,12 +320,11 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1),
-                            ("max_batch_tokens", max_batch_tokens or 1), ("max_length", max_length or 1)):
+        for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        if not target_latency_ms > 0:
-            raise ValueError("target_latency_ms must be positive")
+        if not 0 < target_latency_ms < math.inf:
+            raise ValueError(f"target_latency_ms must be a positive finite number, got {target_latency_ms!r}")
         if request_timeout_s is not None and not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
         if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
@@ -243,11 +335,24 @@ class Engine(tasks.TaskCalls):
         if pair_truncation not in tasks.PAIR_TRUNCATIONS:
             raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
         for name, value in (("max_queue", max_queue), ("max_batch_size", max_batch_size),
-                            ("min_batch_tokens", min_batch_tokens), ("max_queue_tokens", max_queue_tokens or 1)):
+                            ("min_batch_tokens", min_batch_tokens), ("max_queue_tokens", max_queue_tokens),
+                            ("max_batch_tokens", max_batch_tokens), ("max_length", max_length)):
+            if value is None and name in ("max_queue_tokens", "max_batch_tokens", "max_length"):
+                continue  # None: the default
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if max_batch_tokens is not None and min_batch_tokens > max_batch_tokens:
+            raise ValueError(f"min_batch_tokens ({min_batch_tokens}) must not exceed max_batch_tokens ({max_batch_tokens})")
         if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, numbers.Integral) or chunk_overlap < 0:
             raise ValueError(f"chunk_overlap must be an int >= 0, got {chunk_overlap!r}")
+        # An option that would do nothing here is refused, not ignored.
+        if chunk_overlap and truncate != "chunk":
+            raise ValueError(f"chunk_overlap is for truncate='chunk' (this engine's truncate is {truncate!r})")
+        if pair_truncation != "longest_first" and task != "rerank":
+            raise ValueError(f"pair_truncation is for task='rerank' (this engine's task is {task!r})")
+        if activation != "auto" and task in ("embed", "token-classify"):
+            raise ValueError(f"activation is for task='classify' or 'rerank' (this engine's task is {task!r}: "
+                             + ("embeddings have no activation)" if task == "embed" else "scores are softmax per token)"))
 
         process.check_torch_threads(torch_threads)
         # One device per worker (data parallel) or per stage (pipeline); the
@@ -261,8 +366,6 @@ class Engine(tasks.TaskCalls):
         self.dtype = self.precision.weights
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
-        if not max_batch_tokens >= 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens!r}")
         self.max_batch_tokens = int(max_batch_tokens)
 
         loaded: LoadedModel = load(default_model_path() if model is None else model, tokenizer, task)
@@ -307,7 +410,7 @@ class Engine(tasks.TaskCalls):
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
         self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn)
-        self._onednn_released = False
+        self._release_onednn = _Once(process.onednn_release, self._process["onednn"])
         self._process["sdpa_backends_switched_per_batch"] = switches
         # A pipeline's model is prepared on the CPU and placed stage by stage
         # (python/fastserve/pipeline.py): it need not fit on one device.
@@ -372,6 +475,8 @@ class Engine(tasks.TaskCalls):
             id2label = getattr(net.config, "id2label", None) or {}
             n = net.config.num_labels
             self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+            if task == "classify":  # Classification.scores is keyed by label: one key per logit
+                self.labels = _distinct_labels(self.labels)
             # What the scores are: the model's problem_type and head decide, as in transformers' pipeline
             # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
             self.activation: str | None = (
@@ -410,9 +515,7 @@ class Engine(tasks.TaskCalls):
         self._ghost_pad = (pad if pad is not None else 0) \
             if self._process["onednn"] == "on, token buckets" and self.runner.name == "packed" else None
         self.preempt = self._preempt_choice(preempt, parallel)
-        sched_cfg = _core.SchedulerConfig(
-            max_queue_requests=max_queue,
-            max_queue_tokens=max_queue_tokens or max_queue * self.max_length,
+        batch_cfg = dict(
             max_batch_size=max_batch_size,
             max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
             pad_token_id=pad if pad is not None else 0,
@@ -423,6 +526,10 @@ class Engine(tasks.TaskCalls):
             attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
             preempt_layers=len(self.runner.blocks) if self.preempt else 0,
         )
+        sched_cfg = _core.SchedulerConfig(
+            max_queue_requests=max_queue,
+            max_queue_tokens=max_queue * self.max_length if max_queue_tokens is None else max_queue_tokens,
+            **batch_cfg)
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
             target_latency_s=target_latency_ms / 2000.0,
@@ -436,7 +543,9 @@ class Engine(tasks.TaskCalls):
         controllers = 1 if parallel == "pipeline" else len(self._replicas)
         self._scheduler = _core.Scheduler(sched_cfg, ctl_cfg, clock, workers=controllers)
         # A pipeline's stages pass each batch on to one another: no warm-up there.
-        self._warmup_cfg = (sched_cfg, ctl_cfg) if warmup and parallel == "data" else None
+        # Its queue is its own: the engine's queue bounds, however small, never
+        # keep the warm-up's two texts out.
+        self._warmup_cfg = (_core.SchedulerConfig(**batch_cfg), ctl_cfg) if warmup and parallel == "data" else None
         self.request_timeout_s = request_timeout_s
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
@@ -445,8 +554,9 @@ class Engine(tasks.TaskCalls):
         self._tokenize = _Timer()
         for r in self._replicas:
             name = "fastserve-worker" if len(self._replicas) == 1 else f"fastserve-worker-{r.index}"
-            r.thread = threading.Thread(target=self._work, args=(r,), name=name, daemon=True)
+            r.thread = threading.Thread(target=_worker_loop, args=(weakref.ref(self), r), name=name, daemon=True)
         self._worker = self._replicas[0].thread
+        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn)
         for r in self._replicas:
             r.thread.start()
         _open_engines.add(self)
@@ -469,17 +579,19 @@ class Engine(tasks.TaskCalls):
         when it has no default_prompt_name); prompt="" means no prompt. A
         given prompt wins over prompt_name."""
         self._require_task("embed")
-        if isinstance(texts, str):
-            return self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
-                               prompt=prompt).result()
+        self._may_block("embed")
+        if isinstance(texts, str):  # waited for as a list is: interrupted, it leaves the queue
+            return results_of([self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
+                                           prompt=prompt)])[0]
         return self._stack(results_of(self.submit_many(texts, priority=priority, timeout=timeout,
                                                        prompt_name=prompt_name, prompt=prompt)))
 
     def classify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """A Classification for one text, a list of them for a list."""
         self._require_task("classify")
+        self._may_block("classify")
         if isinstance(texts, str):
-            return self.submit(texts, priority=priority, timeout=timeout).result()
+            return results_of([self.submit(texts, priority=priority, timeout=timeout)])[0]
         return results_of(self.submit_many(texts, priority=priority, timeout=timeout))
 
     async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
@@ -554,7 +666,8 @@ class Engine(tasks.TaskCalls):
         combined."""
         p = self._prompt(prompt_name, prompt)
         requests, queued, spans = self._planned(inputs, p)
-        futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout))
+        futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout),
+                                       functools.partial(self._may_block, "submit_many waiting for room"))
         return self._answered(requests, queued, spans, futures)
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
@@ -614,6 +727,11 @@ class Engine(tasks.TaskCalls):
         """Stop the engine. The batch running now completes. Queued requests
         fail with EngineClosedError, or with drain=True are served first.
         Idempotent; new submissions raise EngineClosedError."""
+        if self._forked:  # a forked child's copy: no workers, and the scheduler's locks may be held
+            _open_engines.discard(self)
+            return
+        if drain:
+            self._may_block("close(drain=True)")
         with self._lock:
             already = self._closing
             self._closing = True
@@ -632,9 +750,7 @@ class Engine(tasks.TaskCalls):
         for rid in left:
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
         _open_engines.discard(self)
-        if not self._onednn_released:
-            self._onednn_released = True
-            process.onednn_release(self._process["onednn"])
+        self._release_onednn()
 
     def __enter__(self) -> "Engine":
         return self
@@ -740,7 +856,7 @@ class Engine(tasks.TaskCalls):
         try:
             enc = self._encode(list(texts))
         except (UnicodeError, TypeError, ValueError) as e:
-            raise InvalidInputError(f"text could not be tokenized: {e}") from e
+            raise admission.untokenizable("text", texts, e) from e
         self._tokenize.add(time.perf_counter() - t0, len(texts))
         lists = self._fit.fit(enc, texts, lead=lead)
         if self._vocab_gap is not None:
@@ -763,7 +879,13 @@ class Engine(tasks.TaskCalls):
         window = self.max_length
         if truncate == "chunk" and self.memory_budget is not None:  # windows any batch can hold
             window = min(window, self.memory_budget.tokens)
-        return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
+        try:
+            return Fit(truncate, window, template=template, overlap=overlap, retokenize=retokenize)
+        except ValueError as e:
+            if window == self.max_length:
+                raise
+            raise ValueError(f"{e}: the windows are cut to {window} tokens, the most one batch holds within "
+                             f"max_batch_memory_mb (max_length {self.max_length})") from e
 
     def _planned(self, inputs: Sequence[Any], prompt: str) -> tuple[list, list, Optional[list]]:
         """(the inputs as token lists, what gets queued, each input's [start,
@@ -823,8 +945,12 @@ class Engine(tasks.TaskCalls):
             timeout = self.request_timeout_s if timeout is None else timeout  # one request: the default deadline
             flat, spans = self._fit.split(lists, self._lead(prompt))
             # All windows or none: QueueFullError or OverloadedError (the
-            # last one predicted late) refuses the text as one request.
-            parts = self._submit_prefix(flat, priority, timeout, self._pooled_from(prompt), whole=True)
+            # last one predicted late) refuses the text as one request;
+            # windows past the queue's bounds, InvalidInputError.
+            try:
+                parts = self._submit_prefix(flat, priority, timeout, self._pooled_from(prompt), whole=True)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"the text's windows: {e}") from e
             return self._combine(lists, flat, spans, parts)[0]
         fut = self._submit_tokens(lists[0], priority, timeout, self._pooled_from(prompt))
         fut.info = lists.infos[0]
@@ -833,22 +959,27 @@ class Engine(tasks.TaskCalls):
     def _refuse_if_closed(self) -> None:
         """Under self._lock: no new request once the engine is closing; the
         error names the worker's fault when that is why."""
+        if self._forked:
+            raise EngineClosedError("this engine was made before the process forked: its worker threads are "
+                                    "in the parent only; make an Engine in this process")
         if self._closing:
             if self._worker_error is not None:
                 raise EngineClosedError(f"the engine's worker died: {self._worker_error!r}")
             raise EngineClosedError("the engine is closed")
 
     def _submit_prefix(self, token_lists: Sequence[Sequence[int]], priority: int,
-                       timeout: float | None, pooled_from: int = 0, whole: bool = False) -> list[cf.Future]:
+                       timeout: float | None, pooled_from: int = 0, whole: bool = False,
+                       waiting: bool = False) -> list[cf.Future]:
         """Queue as many of token_lists as fit (with `whole`, all or none),
         in order, under one lock (the worker sees them at once, not one by
         one): their futures. A list is one job: without `timeout` its items
         have no deadline (the engine's request_timeout_s is for single
-        requests, _submit_tokens)."""
+        requests, _submit_tokens). `waiting`: none fitting is an empty list,
+        not a refusal (admission's wait for room)."""
         priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
-            rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout, None, whole)
+            rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout, None, whole, waiting)
             futures = [cf.Future() for _ in rids]
             for fut in futures:
                 fut.pooled_from = pooled_from  # type: ignore[attr-defined]
@@ -932,7 +1063,20 @@ class Engine(tasks.TaskCalls):
         if fut.cancelled():
             self._scheduler.cancel(rid)
             with self._lock:
-                self._pending.pop(rid, None)
+                mine = self._pending.pop(rid, None) is not None
+            if mine:  # left the queue (not taken by a worker, which notifies those it takes):
+                fut.set_running_or_notify_cancel()  # cf.wait / as_completed count it done
+
+    def _may_block(self, what: str) -> None:
+        """WorkerThreadError where a blocking call would run on one of this
+        engine's workers (a done callback, a model hook): it would wait for
+        the thread it runs on."""
+        me = threading.current_thread()
+        if any(r.thread is me for r in self._replicas):
+            raise WorkerThreadError(
+                f"{what} was called on the engine's worker thread {me.name!r} (from a future's done callback "
+                "or a model hook) and would wait for itself; use submit() or the async forms there, or hand "
+                "the work to another thread")
 
     def _take_all(self, rids) -> list[cf.Future | None]:
         """The futures of requests leaving the queue (one lock for the whole
@@ -976,10 +1120,13 @@ class Engine(tasks.TaskCalls):
     def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:
         if preempt is not None and not isinstance(preempt, bool):
             raise ValueError(f"preempt must be True, False or None, got {preempt!r}")
-        able = getattr(self.runner, "pausable", False) and parallel == "data" and len(self.runner.blocks) > 1
+        pausable = getattr(self.runner, "pausable", False) and len(self.runner.blocks) > 1
+        able = pausable and parallel == "data"
         if preempt and not able:
-            raise ValueError("preempt=True pauses the packed runner between layers: it needs a packed runner "
-                             f"(this engine runs {self.runner.name!r}) and parallel='data'")
+            why = (f"parallel={parallel!r} (pausing needs parallel='data')" if parallel != "data" else
+                   f"this engine's {self.runner.name} runner (family {self._choice.family or 'none'}) "
+                   "cannot pause (the packed BERT-family runner can)")
+            raise ValueError(f"preempt=True pauses a running batch between layers; not possible here: {why}")
         return able and (preempt if preempt is not None else self.device.type == "cpu")
 
     def _pausing(self, batch, replica: replicas_.Replica, futures: list) -> tuple[Callable, dict]:
@@ -1017,42 +1164,34 @@ class Engine(tasks.TaskCalls):
 
         return pause, state
 
-    def _work(self, replica: replicas_.Replica) -> None:
-        sched = self._scheduler
-        worker = replica.index if self.parallel == "data" else 0
-        try:
-            replica.enter()
-            with torch.inference_mode():
-                self._warm_up(replica)
-                while True:
-                    batch = sched.next_batch(0.1, worker)
-                    if batch is None:
-                        if sched.closed:
-                            return
-                        continue
-                    for rid in batch.expired:
-                        self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
-                    for rid, late in zip(batch.shed, batch.shed_retry_after_s):
-                        self._fail(int(rid), overloaded(late))
-                    if batch.size:
-                        self._run(batch, replica)
-        except BaseException as e:  # the worker must never die silently
-            replica.error = e
-            replica.warm.set()  # failed before its warm-up: the constructor waits no longer
-            if any(r.alive for r in self._replicas):
-                if self.parallel == "data":  # admission plans with the live workers only
-                    sched.retire(worker)
-                raise  # the other replicas keep serving (health() reports this one)
-            self._worker_error = e
-            with self._lock:
-                self._closing = True
-            for rid in sched.close():
-                self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
-            with self._lock:
-                left = list(self._pending)
-            for rid in left:
-                self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
-            raise
+    def _handle(self, batch, replica: replicas_.Replica) -> None:
+        """One batch from the scheduler: its expired and shed requests
+        failed, the rest run (_worker_loop)."""
+        for rid in batch.expired:
+            self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+        for rid, late in zip(batch.shed, batch.shed_retry_after_s):
+            self._fail(int(rid), overloaded(late))
+        if batch.size:
+            self._run(batch, replica)
+
+    def _worker_died(self, replica: replicas_.Replica, worker: int, e: BaseException) -> None:
+        """A worker's loop raised (its thread then ends, raising it): with
+        other replicas serving, it is retired; the last one closes the engine."""
+        replica.error = e
+        replica.warm.set()  # failed before its warm-up: the constructor waits no longer
+        if any(r.alive for r in self._replicas):
+            if self.parallel == "data":  # admission plans with the live workers only
+                self._scheduler.retire(worker)
+            return  # the other replicas keep serving (health() reports this one)
+        self._worker_error = e
+        with self._lock:
+            self._closing = True
+        for rid in self._scheduler.close():
+            self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
+        with self._lock:
+            left = list(self._pending)
+        for rid in left:
+            self._fail(rid, EngineClosedError(f"the engine's worker died: {e!r}"))
 
     def _warm_up(self, replica: replicas_.Replica) -> None:
         """One batch of two short texts through the replica's runner, as _run
@@ -1129,7 +1268,7 @@ class Engine(tasks.TaskCalls):
                 runner.pause_hook = None
         compute = time.perf_counter() - t0 - state["paused"]
         replica.record(batch.size, compute)
-        self._scheduler.complete(batch, compute)
+        self._scheduler.complete(batch, compute, self._ghost_tokens(batch))
         queued = batch.assembled_at - batch.arrivals
         live = state["live"]
         if live is not None and not live.all():  # rows dropped at a pause: already failed
@@ -1152,6 +1291,14 @@ class Engine(tasks.TaskCalls):
             if self._pairs is not None:  # the pairs' token types, carried on their futures
                 extra["segments"] = tasks.segments_of(futures, batch.lengths)
             return self._rows(batch, extra, replica.runner)
+
+    def _ghost_tokens(self, batch) -> int:
+        """The tokens of the ghost sequences _rows adds to the batch (none
+        where batches are not rounded up to a bucket)."""
+        if self._ghost_pad is None:
+            return 0
+        tokens = int(batch.total_tokens)
+        return shapes.bucket(tokens) - tokens
 
     def _rows(self, batch, extra: dict, runner: Any) -> Any:
         """The (replica's) runner's rows for the batch; where batches are rounded up to

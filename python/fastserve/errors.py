@@ -25,6 +25,13 @@ class ReplicaFailedError(InferenceError):
     request may be submitted again."""
 
 
+class WorkerThreadError(FastServeError, RuntimeError):
+    """A blocking call (embed, classify, score, rerank, extract, a list that
+    would wait for room, close(drain=True)) made on one of the engine's own
+    worker threads, from a future's done callback or a model hook: it would
+    wait for the thread it runs on. submit() and the async forms do not block."""
+
+
 class ModelLoadError(FastServeError, OSError):
     """The model or its tokenizer could not be loaded."""
 
@@ -49,4 +56,5 @@ __all__ = [
     "ReplicaFailedError",
     "RequestTimeoutError",
     "UnsupportedModelError",
+    "WorkerThreadError",
 ]

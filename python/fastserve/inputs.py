@@ -281,6 +281,9 @@ class Gathered(cf.Future):
         if cancelled:
             for p in self._parts:
                 p.cancel()
+            with self._condition:  # (reentrant) no executor runs it: notify cf.wait / as_completed here, once
+                if self._state == "CANCELLED":
+                    self.set_running_or_notify_cancel()
         return cancelled
 
     def result(self, timeout: Optional[float] = None) -> Any:

@@ -157,6 +157,18 @@ def test_a_call_that_made_progress_waits_its_turn_instead_of_failing(bert):
     assert len(gate.seen) == 11
 
 
+def test_a_call_waiting_for_room_is_not_counted_as_refused(bert):
+    """Waiting for room re-offers the rest of a list until it fits: those
+    tries are not refusals. Only a caller that gets QueueFullError counts."""
+    with Engine(bert, tm.tokenizer(), max_queue=2, replicas=1) as engine:
+        before = engine.stats()
+        assert engine.embed([f"text number {i}" for i in range(40)]).shape == (40, 32)
+        assert asyncio.run(engine.aembed([f"text {i}" for i in range(40)])).shape == (40, 32)
+        after = engine.stats()
+    assert after["rejected"] == before["rejected"] and after["refused"] == before["refused"]
+    assert after["completed"] == before["completed"] + 80
+
+
 def test_asubmit_many_waits_for_room_without_blocking_the_loop(bert):
     with held(bert) as (engine, gate):
         # Should the call block the loop, the test would stall until this

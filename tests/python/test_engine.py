@@ -179,6 +179,25 @@ def _assert_same_classifications(got, want, atol=1e-6):
         assert g.score == g.scores[g.label] and g.score == max(g.scores.values())
 
 
+def test_a_label_name_given_twice_keeps_every_score_under_a_distinct_name():
+    """id2label may repeat a name: Classification.scores is keyed by label,
+    so the repeats are told apart by their ids (with a warning) and every
+    logit keeps its score, label and score agreeing with scores."""
+    m = tm.model("bert", classify=True)
+    m.config.id2label = {0: "same", 1: "same", 2: "other"}
+    m.config.label2id = {"same": 1, "other": 2}
+    with pytest.warns(UserWarning, match="names 'same' more than once.*'same_0', 'same_1'") as caught:
+        engine = Engine(m, tm.tokenizer(), task="classify")
+    assert caught[0].filename == __file__  # pointed at the Engine(...) call
+    with engine:
+        assert engine.labels == ["same_0", "same_1", "other"]
+        got = engine.classify(tm.mixed_texts(6, seed=1))
+    for text, r in zip(tm.mixed_texts(6, seed=1), got):
+        probs = tm.reference(m, text)
+        np.testing.assert_allclose([r.scores[k] for k in engine.labels], probs, atol=1e-5)
+        assert r.score == r.scores[r.label]
+
+
 def test_aclassify_matches_classify():
     m = tm.model("distilbert", classify=True)
     with Engine(m, tm.tokenizer(), task="classify") as engine:

@@ -300,14 +300,31 @@ def test_a_single_chunked_text_the_queue_cannot_hold_whole_is_refused_leaving_no
     """A text's windows are queued all or none: refused, nothing of it was
     queued, submitted or cancelled (the reason is the scheduler's: the queue
     here, a predicted miss of the deadline as OverloadedError otherwise)."""
-    with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1, max_queue=5) as engine:
+    with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1, max_queue=12) as engine:
         with tm.held(engine):
+            waiting = [engine.submit(f"text {i}") for i in range(6)]  # 6 of the 12 places taken
             before = engine.stats()
             with pytest.raises(fastserve.QueueFullError, match="queue full") as info:
-                engine.submit(long_text(8))  # 8 or more windows; the queue holds 5
+                engine.submit(long_text(8))  # 8 or more windows; the queue has room for 6 now
             assert not isinstance(info.value, fastserve.OverloadedError)
             after = engine.stats()
-            assert engine.stats()["queue_depth"] == 0
-        assert engine.submit(long_text(2)).result(timeout=60).shape == (32,)  # 3 windows fit
+            assert engine.stats()["queue_depth"] == 6
+        assert all(f.result(timeout=60).shape == (32,) for f in waiting)
+        assert engine.submit(long_text(8)).result(timeout=60).shape == (32,)  # with the room back: served
     for key in ("submitted", "cancelled", "queue_depth"):
         assert after[key] == before[key], key
+    assert after["rejected"] == before["rejected"] + 1
+
+
+def test_a_single_chunked_text_the_queue_can_never_hold_is_invalid_input_not_queue_full(bert):
+    """More windows or window tokens than the queue's bounds: no retry could
+    ever succeed, so InvalidInputError (not the retry-later QueueFullError),
+    on an idle engine too, and nothing counted as a refusal."""
+    for bounds in ({"max_queue": 5}, {"max_queue_tokens": 300}):  # windows of 128 tokens
+        with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1, **bounds) as engine:
+            before = engine.stats()
+            with pytest.raises(fastserve.InvalidInputError, match="windows.*can never fit the queue"):
+                engine.embed(long_text(8))
+            after = engine.stats()
+            assert after["rejected"] == before["rejected"] and after["submitted"] == before["submitted"]
+            assert engine.embed([long_text(8)]).shape == (1, 32), bounds  # a list queues its windows in turn

@@ -117,3 +117,17 @@ def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype)
     assert tokens and all(shapes.bucket(t) == t for t in tokens)
     assert (got * want).sum(1).min() > 0.99
     assert process._onednn_users == 0  # released at close
+
+
+def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding():
+    with Engine(tm.model("bert"), tm.tokenizer(), dtype="bfloat16", replicas=1) as half:
+        lengths = [len(ids) for ids in half.tokenize(TEXTS[:3])]
+        before = half.stats()
+        for text in TEXTS[:3]:  # one batch each
+            half.embed(text)
+        after = half.stats()
+    real = after["real_tokens"] - before["real_tokens"]
+    computed = after["padded_tokens"] - before["padded_tokens"]
+    assert real == sum(lengths)
+    assert computed == sum(shapes.bucket(n) for n in lengths) > real
+    assert after["padding_ratio"] > 0

@@ -33,8 +33,10 @@ def test_preempt_is_on_for_the_packed_runner_on_a_cpu_and_refused_where_nothing_
         assert e.preempt is False
     with Engine(bert, tm.tokenizer(), execution="padded") as e:
         assert e.preempt is False  # the padded runner calls the model whole
-    with pytest.raises(ValueError, match="packed runner"):
+    with pytest.raises(ValueError, match="padded runner .*cannot pause"):
         Engine(bert, tm.tokenizer(), execution="padded", preempt=True)
+    with pytest.raises(ValueError, match="parallel='pipeline' .pausing needs parallel='data'"):
+        Engine(bert, tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline", preempt=True)
     with pytest.raises(ValueError, match="preempt must be"):
         Engine(bert, tm.tokenizer(), preempt="yes")
 

@@ -191,6 +191,30 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
         Engine(tm.model("bert"), tm.tokenizer(), warmup=False, **{name: "100"})
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_length": 20.0}, "max_length must be an int"),
+    ({"max_batch_tokens": float("inf")}, "max_batch_tokens must be an int"),
+    ({"max_batch_tokens": 512.5}, "max_batch_tokens must be an int"),
+    ({"max_queue_tokens": 0}, "max_queue_tokens must be an int >= 1"),
+    ({"max_queue_tokens": False}, "max_queue_tokens must be an int >= 1"),
+    ({"target_latency_ms": float("inf")}, "target_latency_ms must be a positive finite number"),
+    ({"min_batch_tokens": 4096, "max_batch_tokens": 64}, "min_batch_tokens .4096. must not exceed max_batch_tokens"),
+    # options that would do nothing on this engine are refused, not ignored
+    ({"chunk_overlap": 16}, "chunk_overlap is for truncate='chunk'"),
+    ({"pair_truncation": "only_second"}, "pair_truncation is for task='rerank'"),
+    ({"activation": "softmax"}, "activation is for task='classify' or 'rerank'"),
+])
+def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(tm.model("bert"), tm.tokenizer(), warmup=False, **kwargs)
+
+
+def test_defaults_of_inapplicable_options_and_a_min_batch_above_the_default_max_are_accepted():
+    with Engine(tm.model("bert"), tm.tokenizer(), warmup=False, chunk_overlap=0, pair_truncation="longest_first",
+                activation="auto", min_batch_tokens=4096) as e:  # the default max (2048 on a CPU) caps it
+        assert e.max_batch_tokens == 2048
+
+
 def test_a_submodule_left_in_training_mode_is_served_from_an_eval_copy():
     m = tm.model("bert")
     m.encoder.layer[0].train()  # dropout live in one layer, the top module in eval

@@ -73,8 +73,11 @@ def test_lone_surrogates_are_a_defined_result_or_a_typed_error(bert):
     # A lone surrogate cannot be encoded as UTF-8: the engine refuses it with
     # InvalidInputError rather than crashing the tokenizer or the worker.
     with Engine(bert, tm.tokenizer()) as engine:
-        with pytest.raises(fastserve.InvalidInputError, match="tokenized"):
+        with pytest.raises(fastserve.InvalidInputError, match="not valid Unicode: a lone surrogate '.ud800' at "
+                                                              "character 13"):
             engine.embed("half a pair: \ud800 here")
+        with pytest.raises(fastserve.InvalidInputError, match="text at index 2 is not valid Unicode"):
+            engine.embed(["fine", "also fine", "\udfff"])  # the message names the input
         assert engine.embed("after the surrogate").shape == (32,)
 
 

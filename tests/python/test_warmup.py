@@ -60,6 +60,14 @@ def test_other_tasks_warm_up_too(task):
         assert all(t is not None for t in engine.stats()["warmup_s"])
 
 
+@pytest.mark.parametrize("bounds", [{"max_queue": 1}, {"max_queue_tokens": 6}])
+def test_the_warm_up_runs_whatever_the_queue_bounds(bounds):
+    """The warm-up's two texts go through a queue of its own: an engine's
+    small queue bounds never skip it."""
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=2, **bounds) as e:
+        assert all(s is not None for s in e.stats()["warmup_s"])
+
+
 def test_a_pipeline_does_not_warm_up():
     with Engine(tm.model("bert"), tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline") as engine:
         assert engine.stats()["warmup_s"] == [None, None]

@@ -1,0 +1,190 @@
+"""An engine's lifetime seen from its callers: cancelled futures count as
+done for concurrent.futures' waits (close(drain=True) included), blocking
+calls from the engine's own worker thread (done callbacks, model hooks) are
+refused instead of waiting for themselves, an interrupted single-text call
+leaves the queue, a forked child gets a typed error from its parent's engine,
+and an engine dropped without close() is freed with its threads. The worker
+is held by a Gate wherever requests must stay queued; no sleeps decide an
+outcome."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import multiprocessing
+import signal
+import threading
+import weakref
+
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tm.model("bert")
+
+
+def test_a_cancelled_queued_request_counts_as_done_for_wait_and_as_completed(bert):
+    with Engine(bert, tm.tokenizer(), replicas=1) as engine:
+        with tm.held(engine):
+            f = engine.submit("queued, then cancelled")
+            assert f.cancel()
+            done, not_done = cf.wait([f], timeout=30)
+            assert done == {f} and not not_done
+            assert list(cf.as_completed([f], timeout=30)) == [f]
+            g = engine.submit("a chunk of a list, cancelled with it")
+            h = engine.submit_many(["a", "b"])
+            for x in (g, *h):
+                x.cancel()
+            assert not cf.wait([g, *h], timeout=30).not_done
+        assert engine.stats()["queue_depth"] == 0
+
+
+def test_close_with_drain_returns_when_a_request_it_waits_for_is_cancelled(bert):
+    engine = Engine(bert, tm.tokenizer(), replicas=1)
+    with tm.held(engine) as gate:
+        f = engine.submit("queued")
+        closing = threading.Thread(target=engine.close, kwargs={"drain": True}, daemon=True)
+        closing.start()
+        tm.until(lambda: engine.health()["closed"], "close(drain=True) to start waiting")
+        assert f.cancel()
+        gate.release.set()
+        closing.join(30)
+        assert not closing.is_alive(), "close(drain=True) kept waiting for a cancelled request"
+
+
+def test_blocking_calls_from_a_done_callback_are_refused_and_the_engine_serves_on(bert):
+    """A done callback runs on the worker that finished the future: a call
+    that waits for the engine there would wait for itself (one worker: every
+    caller hung, deadlines included). Non-blocking submit() works."""
+    with Engine(bert, tm.tokenizer(), replicas=1) as engine:
+        seen: dict[str, object] = {}
+        ran = threading.Event()
+
+        def callback(_):
+            for name, call in (("embed", lambda: engine.embed("inner")),
+                               ("embed list", lambda: engine.embed(["a", "b"])),
+                               ("submit_many", lambda: engine.submit_many(["a"])),
+                               ("close drain", lambda: engine.close(drain=True))):
+                try:
+                    seen[name] = call()
+                except Exception as e:  # noqa: BLE001 - recorded for the assertions
+                    seen[name] = e
+            seen["submit"] = engine.submit("queued from the callback")
+            seen["thread"] = threading.current_thread().name
+            ran.set()
+
+        engine.submit("outer").add_done_callback(callback)
+        assert ran.wait(30)
+        assert seen["thread"] == "fastserve-worker"
+        for name in ("embed", "embed list", "close drain"):
+            assert isinstance(seen[name], fastserve.WorkerThreadError), (name, seen[name])
+            assert "worker thread" in str(seen[name])
+        # a list with room is queued without waiting: allowed
+        assert [f.result(timeout=30).shape for f in seen["submit_many"]] == [(32,)]
+        assert seen["submit"].result(timeout=30).shape == (32,)
+        assert engine.embed("after", timeout=30).shape == (32,)
+        assert not engine.health()["closed"]
+
+
+def test_a_list_from_a_done_callback_that_would_wait_for_room_is_refused(bert):
+    with Engine(bert, tm.tokenizer(), replicas=1, max_queue=2) as engine:
+        got: list = []
+        ran = threading.Event()
+
+        def callback(_):
+            try:
+                got.append(engine.submit_many([f"text {i}" for i in range(5)]))
+            except Exception as e:  # noqa: BLE001
+                got.append(e)
+            ran.set()
+
+        engine.submit("outer").add_done_callback(callback)
+        assert ran.wait(30)
+        assert isinstance(got[0], fastserve.WorkerThreadError) and "waiting for room" in str(got[0])
+        tm.until(lambda: engine.stats()["queue_depth"] == 0, "what the refused list queued to leave")
+        assert engine.embed(["still", "serving"]).shape == (2, 32)
+
+
+def test_a_model_hook_that_calls_the_engine_fails_its_batch_not_the_engine(bert):
+    with Engine(bert, tm.tokenizer(), replicas=1, execution="padded") as engine:
+        inner: list = []
+
+        def hook(module, args, output):
+            if not inner:
+                try:
+                    engine.embed("from inside the model")
+                except fastserve.WorkerThreadError as e:
+                    inner.append(e)
+            return output
+
+        handle = engine.model.encoder.layer[0].register_forward_hook(hook)
+        try:
+            assert engine.embed("outer").shape == (32,)
+        finally:
+            handle.remove()
+        assert len(inner) == 1
+        assert engine.embed("after").shape == (32,)
+
+
+def test_an_interrupted_single_text_call_leaves_the_queue(bert):
+    """Ctrl-C while embed(text) waits: its request is cancelled, as a list's
+    are, not computed later for nobody."""
+    with Engine(bert, tm.tokenizer(), replicas=1) as engine:
+        with tm.held(engine):
+            main = threading.main_thread().ident
+
+            def interrupt():
+                tm.until(lambda: engine.stats()["queue_depth"] == 1, "the call's request to be queued")
+                signal.pthread_kill(main, signal.SIGINT)
+
+            t = threading.Thread(target=interrupt, daemon=True)
+            t.start()
+            with pytest.raises(KeyboardInterrupt):
+                engine.embed("interrupted")
+            t.join(30)
+            assert engine.stats()["queue_depth"] == 0
+        assert engine.embed("after").shape == (32,)
+
+
+def _child_uses_parents_engine(engine, out) -> None:
+    try:
+        engine.submit("from the child")
+        out.put("accepted")
+    except fastserve.EngineClosedError as e:
+        out.put(f"refused: {e}")
+    engine.close()  # a no-op there, and no hang at exit either
+
+
+def test_a_forked_child_gets_a_typed_error_from_its_parents_engine(bert):
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = multiprocessing.get_context("fork")
+    with Engine(bert, tm.tokenizer()) as engine:
+        out = ctx.Queue()
+        child = ctx.Process(target=_child_uses_parents_engine, args=(engine, out))
+        child.start()
+        answer = out.get(timeout=60)
+        child.join(60)
+        assert child.exitcode == 0
+        assert answer.startswith("refused: this engine was made before the process forked"), answer
+        assert engine.embed("the parent serves on").shape == (32,)
+
+
+def test_an_engine_dropped_without_close_is_freed_with_its_threads(bert):
+    def use_and_drop():
+        engine = Engine(bert, tm.tokenizer())
+        assert engine.embed("once").shape == (32,)
+        return weakref.ref(engine), [r.thread for r in engine._replicas]
+
+    ref, threads = use_and_drop()
+    # The worker lets go of the engine once it has finished with the batch
+    # (just after the caller got its result).
+    tm.until(lambda: gc.collect() is not None and ref() is None, "the dropped engine to be freed")
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
