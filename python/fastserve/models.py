@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .st_spec import POOLING_MODES, ModelSpec, load_spec
+from .st_spec import POOLING_MODES, ModelSpec, load_prompts, load_spec
 
 POOLINGS = POOLING_MODES
 TASKS = ("embed", "classify", "rerank", "token-classify")
@@ -133,8 +133,11 @@ def _refuse_missing_weights(where: str, task: str, missing: Any) -> None:
 def _read_spec(where: Any, task: str) -> ModelSpec:
     """The sentence-transformers embedding stack, for task="embed"; the other
     tasks run the model's own head (a CrossEncoder folder's activation is read
-    by tasks.py), so its modules are not read."""
-    return load_spec(where) if task == "embed" else ModelSpec(source=str(where))
+    by tasks.py), so its modules are not read: a rerank model's prompts are
+    (CrossEncoder puts them in front of the query)."""
+    if task == "embed":
+        return load_spec(where)
+    return load_prompts(where) if task == "rerank" else ModelSpec(source=str(where))
 
 
 def _encoder_class(auto: Any, where: str, sub: dict, task: str) -> Any:

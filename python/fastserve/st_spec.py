@@ -229,6 +229,21 @@ def _read_config(files: _Files, spec: ModelSpec) -> None:
     kind = cfg.get("model_type", "SentenceTransformer")
     if kind != "SentenceTransformer":
         raise UnsupportedModelError(kind, "not a SentenceTransformer (dense embedding) model")
+    _read_prompts(cfg, spec)
+    spec.similarity_fn_name = cfg.get("similarity_fn_name") or None
+
+
+def load_prompts(model: str | os.PathLike) -> ModelSpec:
+    """A CrossEncoder's spec: its prompts and default prompt (its
+    config_sentence_transformers.json; none without one). CrossEncoder.predict
+    puts the prompt in front of each pair's first text."""
+    files = _Files(os.fspath(model))
+    spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model))
+    _read_prompts(files.json("config_sentence_transformers.json") or {}, spec)
+    return spec
+
+
+def _read_prompts(cfg: dict, spec: ModelSpec) -> None:
     prompts = cfg.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ModelLoadError(f"{spec.source}: config_sentence_transformers.json: prompts must map names to strings")
@@ -237,7 +252,6 @@ def _read_config(files: _Files, spec: ModelSpec) -> None:
     if spec.default_prompt_name is not None and spec.default_prompt_name not in spec.prompts:
         raise ModelLoadError(f"{spec.source}: default_prompt_name {spec.default_prompt_name!r} is not one of the "
                              f"prompts {sorted(spec.prompts)}")
-    spec.similarity_fn_name = cfg.get("similarity_fn_name") or None
 
 
 def _read_pooling(cfg: dict, spec: ModelSpec) -> None:

@@ -54,6 +54,16 @@ class RerankResult:
     document: Optional[str] = None
 
 
+def distinct(docs: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct documents in first-seen order, and for each document the
+    index of its copy among them: a document given twice is scored once, so
+    its copies get one score (and rank in index order, as CrossEncoder.rank's
+    equal scores do), whatever batches the pairs would have run in."""
+    first: dict[str, int] = {}
+    where = np.fromiter((first.setdefault(d, len(first)) for d in docs), dtype=np.int64, count=len(docs))
+    return list(first), where
+
+
 def cross_encoder_activation(path: Optional[Path], config: Any, activation: str = "auto") -> str:
     """What a rerank engine applies to the logits: `activation` unless
     "auto", else what CrossEncoder.predict applies: the activation the
@@ -126,6 +136,12 @@ class PrivateTokenizer:
                 tok = copy.copy(self.source)
             if self.truncation_side is not None:
                 tok.truncation_side = self.truncation_side
+            # The engine's first pass counts every input whole before cutting
+            # the long ones itself: transformers' "longer than the specified
+            # maximum ... will result in indexing errors" does not apply.
+            warned = getattr(tok, "deprecation_warnings", None)
+            if isinstance(warned, dict):
+                warned["sequence-length-is-longer-than-the-specified-maximum"] = True
             self._copy = tok
         return self._copy
 
@@ -172,8 +188,12 @@ class PairEncoder:
         self.strategy = strategy
         self.token_types = token_types
 
-    def __call__(self, pairs: Sequence[Any]) -> TokenLists:
+    def __call__(self, pairs: Sequence[Any], prompt: str = "") -> TokenLists:
+        """The pairs' token lists; `prompt` goes in front of each query (as
+        CrossEncoder.predict puts its prompt in front of a pair's first text)."""
         queries, docs = check_pairs(pairs)
+        if prompt:
+            queries = [prompt + q for q in queries]
         if not queries:
             out = TokenLists()
             out.infos = []
@@ -181,7 +201,7 @@ class PairEncoder:
         try:
             enc = self._encode(queries, docs, truncation=False)
         except (UnicodeError, TypeError, ValueError) as e:
-            raise InvalidInputError(f"pair could not be tokenized: {e}") from e
+            raise admission.untokenizable("pair", [q + d for q, d in zip(queries, docs)], e) from e
         n = len(queries)
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         infos = [InputInfo(k, k, False, 1) for k in map(len, ids)]
@@ -330,7 +350,7 @@ class TokenEncoder:
             try:
                 enc = self._encode(texts, truncation=False)
             except (UnicodeError, TypeError, ValueError) as e:
-                raise InvalidInputError(f"text could not be tokenized: {e}") from e
+                raise admission.untokenizable("text", texts, e) from e
             long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > self.max_length]
             if long and self.mode == "error":
                 i = long[0]
@@ -500,28 +520,37 @@ class TaskCalls:
     _merger: Optional[EntityMerger]
     activation: Optional[str]
     labels: list[str]
+    _may_block: Callable[[str], None]
 
     # ------------------------------------------------------------ rerank
 
     def submit_pairs(self, pairs: Sequence[tuple[str, str]], *, priority: int = 0,
-                     timeout: admission.Timeout = None) -> list[cf.Future]:
+                     timeout: admission.Timeout = None, prompt_name: str | None = None,
+                     prompt: str | None = None) -> list[cf.Future]:
         """Queue (query, document) pairs, each its own request; each future
         yields the pair's raw logits [labels] and carries `.info`
-        (InputInfo). Backpressure as submit_many."""
-        return self.submit_many(self.tokenize_pairs(pairs), priority=priority, timeout=timeout)
+        (InputInfo). Backpressure as submit_many. The prompt as tokenize_pairs."""
+        return self.submit_many(self.tokenize_pairs(pairs, prompt_name=prompt_name, prompt=prompt),
+                                priority=priority, timeout=timeout)
 
     async def asubmit_pairs(self, pairs: Sequence[tuple[str, str]], *, priority: int = 0,
                             timeout: admission.Timeout = None,
-                            wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None) -> list[cf.Future]:
+                            wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
+                            prompt_name: str | None = None, prompt: str | None = None) -> list[cf.Future]:
         """submit_pairs for the event loop (as asubmit_many)."""
-        return await self.asubmit_many(self.tokenize_pairs(pairs), priority=priority, timeout=timeout, wait=wait)
+        return await self.asubmit_many(self.tokenize_pairs(pairs, prompt_name=prompt_name, prompt=prompt),
+                                       priority=priority, timeout=timeout, wait=wait)
 
-    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> TokenLists:
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]], *, prompt_name: str | None = None,
+                       prompt: str | None = None) -> TokenLists:
         """Pairs tokenized as submit_pairs queues them (each list's
         `segment`: where the document starts); passed to submit_many or
-        asubmit_many, they are queued as they are."""
+        asubmit_many, they are queued as they are. The prompt (one of the
+        model's `prompts` by name, or given; by default the model's default
+        prompt, "" for none) goes in front of each query, as CrossEncoder.predict
+        puts it."""
         self._require_task("rerank")
-        return self._pairs(pairs)
+        return self._pairs(pairs, self._prompt(prompt_name, prompt))
 
     def pair_scores(self, logits: Sequence[np.ndarray], raw: bool = False) -> np.ndarray:
         """Scores from the pairs' logits: [n] for a one-logit head, else
@@ -533,16 +562,23 @@ class TaskCalls:
         return x[:, 0] if n == 1 else x
 
     def score(self, pairs: Sequence[tuple[str, str]], *, raw: bool = False, priority: int = 0,
-              timeout: Optional[float] = None) -> np.ndarray:
+              timeout: Optional[float] = None, prompt_name: str | None = None,
+              prompt: str | None = None) -> np.ndarray:
         """Scores of (query, document) pairs, in order: what
         CrossEncoder.predict returns ([n] for a one-logit head, else
-        [n, labels]); raw=True: the logits, no activation."""
-        return self.pair_scores(results_of(self.submit_pairs(pairs, priority=priority, timeout=timeout)), raw)
+        [n, labels]); raw=True: the logits, no activation. prompt_name /
+        prompt: as CrossEncoder.predict's (the model's default prompt when
+        neither is given)."""
+        self._may_block("score")
+        futures = self.submit_pairs(pairs, priority=priority, timeout=timeout, prompt_name=prompt_name, prompt=prompt)
+        return self.pair_scores(results_of(futures), raw)
 
     async def ascore(self, pairs: Sequence[tuple[str, str]], *, raw: bool = False, priority: int = 0,
-                     timeout: Optional[float] = None) -> np.ndarray:
+                     timeout: Optional[float] = None, prompt_name: str | None = None,
+                     prompt: str | None = None) -> np.ndarray:
         """score, awaited: cancelling it cancels its pairs."""
-        futures = await self.asubmit_pairs(pairs, priority=priority, timeout=timeout)
+        futures = await self.asubmit_pairs(pairs, priority=priority, timeout=timeout, prompt_name=prompt_name,
+                                           prompt=prompt)
         return self.pair_scores(await all_results(futures), raw)
 
     def _rank_args(self, query: Any, documents: Any, top_n: Any) -> list[str]:
@@ -555,20 +591,28 @@ class TaskCalls:
 
     def rerank(self, query: str, documents: Sequence[str], *, top_n: Optional[int] = None,
                return_documents: bool = False, raw: bool = False, priority: int = 0,
-               timeout: Optional[float] = None) -> list[RerankResult]:
+               timeout: Optional[float] = None, prompt_name: str | None = None,
+               prompt: str | None = None) -> list[RerankResult]:
         """The documents ranked by their score against the query, best
-        first (at most top_n of them), each with its index in `documents`."""
+        first (at most top_n of them), each with its index in `documents`.
+        A document given more than once is scored once (equal scores: the
+        earlier first). prompt_name / prompt: as score's."""
         docs = self._rank_args(query, documents, top_n)
-        scores = self.score([(query, d) for d in docs], raw=raw, priority=priority, timeout=timeout)
-        return ranking(scores, docs, top_n, return_documents)
+        unique, where = distinct(docs)
+        scores = self.score([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
+                            prompt_name=prompt_name, prompt=prompt)
+        return ranking(scores[where], docs, top_n, return_documents)
 
     async def arerank(self, query: str, documents: Sequence[str], *, top_n: Optional[int] = None,
                       return_documents: bool = False, raw: bool = False, priority: int = 0,
-                      timeout: Optional[float] = None) -> list[RerankResult]:
+                      timeout: Optional[float] = None, prompt_name: str | None = None,
+                      prompt: str | None = None) -> list[RerankResult]:
         """rerank, awaited."""
         docs = self._rank_args(query, documents, top_n)
-        scores = await self.ascore([(query, d) for d in docs], raw=raw, priority=priority, timeout=timeout)
-        return ranking(scores, docs, top_n, return_documents)
+        unique, where = distinct(docs)
+        scores = await self.ascore([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
+                                   prompt_name=prompt_name, prompt=prompt)
+        return ranking(scores[where], docs, top_n, return_documents)
 
     # ---------------------------------------------------- token classify
 
@@ -594,6 +638,7 @@ class TaskCalls:
         (none, simple, first, average, max); labels in ignore_labels are
         dropped (default "O", as the pipeline)."""
         single = isinstance(texts, str)
+        self._may_block("extract")
         check_aggregation(aggregation_strategy)
         check_labels(ignore_labels)
         inputs, lists = self.prepare_extract([texts] if single else texts)

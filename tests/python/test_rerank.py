@@ -223,3 +223,78 @@ def test_every_saved_activation_format_of_sentence_transformers_is_read(tmp_path
     assert cross_encoder_activation(tmp_path, one, "none") == "none"  # an explicit choice wins
     with pytest.raises(fastserve.ModelLoadError, match="not supported"):
         cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="my.Fn"))
+
+
+def test_a_saved_default_prompt_goes_in_front_of_each_query_as_cross_encoder_puts_it(tmp_path):
+    """A CrossEncoder folder saved with prompts and a default prompt: score
+    and rerank equal CrossEncoder.predict / rank, which put the prompt in
+    front of each pair's first text; prompt_name / prompt as predict's."""
+    import inspect
+
+    if "default_prompt_name" not in inspect.signature(CrossEncoder.__init__).parameters:
+        pytest.skip("this sentence-transformers' CrossEncoder has no prompts")
+    torch.manual_seed(0)
+    raw = tmp_path / "raw"
+    tm.model("bert", classify=True, num_labels=1).save_pretrained(raw)
+    tm.tokenizer().save_pretrained(raw)
+    prompts = {"query": "Instruct: judge relevance. Query: ", "short": "q: "}
+    CrossEncoder(str(raw), max_length=128, prompts=prompts, default_prompt_name="query").save(str(tmp_path / "ce"))
+    ce = CrossEncoder(str(tmp_path / "ce"))
+    ps = pairs()
+    with Engine(str(tmp_path / "ce"), task="rerank") as engine:
+        assert engine.prompts == prompts and engine.default_prompt_name == "query"
+        np.testing.assert_allclose(engine.score(ps), ce.predict(ps), atol=2e-6)
+        np.testing.assert_allclose(engine.score(ps, prompt=""), ce.predict(ps, prompt=""), atol=2e-6)
+        np.testing.assert_allclose(engine.score(ps, prompt_name="short"), ce.predict(ps, prompt_name="short"),
+                                   atol=2e-6)
+        prompted, bare = engine.tokenize_pairs(ps[:1]), engine.tokenize_pairs(ps[:1], prompt="")
+        assert prompted[0].segment > bare[0].segment  # the prompt's tokens, in the query's segment
+        ranked = engine.rerank(QUERY, DOCS)
+        with pytest.raises(fastserve.InvalidInputError, match="not one of this model's prompts"):
+            engine.score(ps, prompt_name="nope")
+    score = {r.index: r.score for r in ranked}  # (a random model's scores are close: compare them, not the order)
+    expected = ce.rank(QUERY, DOCS)
+    np.testing.assert_allclose([score[e["corpus_id"]] for e in expected], [e["score"] for e in expected], atol=2e-6)
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_a_document_given_twice_gets_one_score_and_copies_rank_in_index_order(bert_ce, execution):
+    """Copies of a document (duplicated chunks are common) are scored once:
+    equal scores whatever batches they would have run in, the earlier first,
+    as CrossEncoder.rank orders equal scores."""
+    folder, ce = bert_ce
+    docs = [DOCS[0], DOCS[1], DOCS[0], DOCS[2], DOCS[0], DOCS[1]]
+    with Engine(str(folder), task="rerank", execution=execution) as engine:
+        before = engine.stats()["submitted"]
+        ranked = engine.rerank(QUERY, docs, return_documents=True)
+        assert engine.stats()["submitted"] - before == 3  # three distinct documents
+        ranked_async = asyncio.run(engine.arerank(QUERY, docs, return_documents=True))
+    assert ranked == ranked_async
+    score = {r.index: r.score for r in ranked}
+    assert score[0] == score[2] == score[4] and score[1] == score[5]
+    order = [r.index for r in ranked]
+    assert order.index(0) < order.index(2) < order.index(4) and order.index(1) < order.index(5)
+    assert [r.document for r in ranked] == [docs[i] for i in order]
+    expected = ce.rank(QUERY, docs)
+    np.testing.assert_allclose([score[e["corpus_id"]] for e in expected], [e["score"] for e in expected], atol=2e-6)
+
+
+def test_long_pairs_do_not_log_the_tokenizers_indexing_errors_warning(bert_ce):
+    """The engine counts each pair whole before cutting it: transformers'
+    "... will result in indexing errors" does not apply and is not logged."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    folder, _ = bert_ce
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    try:
+        with Engine(str(folder), task="rerank") as engine:
+            assert engine.score(pairs([" ".join(["attention"] * 300)])).shape == (1,)
+    finally:
+        root.removeHandler(handler)
+    assert not [r for r in records if "indexing errors" in r.getMessage()]
