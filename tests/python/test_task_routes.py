@@ -124,6 +124,66 @@ def test_cohere_v2_client_reranks_through_the_v2_path(reranker):
     assert e.value.status_code == 400 and "max_tokens_per_doc" in str(e.value.body)
 
 
+def test_rank_fields_rank_on_the_named_fields_and_documents_come_back_as_sent(reranker):
+    """Cohere v1's rank_fields: one field ranks on its text, several on
+    "field: value" lines in their order; return_documents sends each object
+    back whole. A field missing, rank_fields on strings, or chunking asked
+    for, is refused rather than ignored."""
+    cohere = pytest.importorskip("cohere")
+    engine, srv = reranker
+    docs = [{"text": "the same body", "title": t, "id": i} for i, t in enumerate(DOCS[:3])]
+    co = cohere.Client(api_key=API_KEY, base_url=srv.url)
+    got = co.rerank(model="fastserve", query=QUERY, documents=docs, rank_fields=["title"], return_documents=True)
+    expected = engine.rerank(QUERY, DOCS[:3])
+    assert [x.index for x in got.results] == [e.index for e in expected]
+    np.testing.assert_allclose([x.relevance_score for x in got.results], [e.score for e in expected], atol=1e-6)
+    r = post(srv, "/v1/rerank", {"query": QUERY, "documents": docs, "rank_fields": ["title", "text"],
+                                 "return_documents": True})
+    assert r.status_code == 200, r.text
+    joined = [f"title: {d['title']}\ntext: {d['text']}" for d in docs]
+    want = {e.index: e.score for e in engine.rerank(QUERY, joined)}
+    assert [pytest.approx(want[x["index"]], abs=1e-6) for x in r.json()["results"]] == \
+        [x["relevance_score"] for x in r.json()["results"]]
+    assert [x["document"] for x in r.json()["results"]] == [docs[x["index"]] for x in r.json()["results"]]
+    for body, param in (({"documents": docs, "rank_fields": ["author"]}, "documents"),
+                        ({"documents": DOCS, "rank_fields": ["title"]}, "rank_fields"),
+                        ({"documents": docs, "rank_fields": []}, "rank_fields"),
+                        ({"documents": [{"title": "no text"}]}, "documents"),
+                        ({"documents": DOCS, "max_chunks_per_doc": 3}, "max_chunks_per_doc")):
+        assert error_of(post(srv, "/v1/rerank", {"query": QUERY, **body}), 400)["param"] == param, body
+    assert post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS, "max_chunks_per_doc": 1}).status_code == 200
+
+
+def test_a_document_sent_twice_is_scored_once_over_http(reranker):
+    engine, srv = reranker
+    docs = [DOCS[0], DOCS[1], DOCS[0]]
+    body = post(srv, "/v1/rerank", {"query": QUERY, "documents": docs}).json()
+    score = {x["index"]: x["relevance_score"] for x in body["results"]}
+    assert score[0] == score[2]
+    order = [x["index"] for x in body["results"]]
+    assert order.index(0) < order.index(2)
+    tokens = sum(i.computed_tokens for i in engine.tokenize_pairs([(QUERY, d) for d in DOCS[:2]]).infos)
+    assert body["usage"]["prompt_tokens"] == tokens  # two distinct documents computed
+
+
+def test_the_openapi_document_says_what_the_routes_answer(reranker):
+    """No FastAPI 422 (an invalid body is a 400 in the API's error shape),
+    lists of inputs are non-empty, and a 405 names every method of the path."""
+    _, srv = reranker
+    doc = httpx.get(srv.url + "/openapi.json", headers=AUTH).json()
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert "422" not in op["responses"], path
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert doc["components"]["schemas"]["RerankRequest"]["properties"]["documents"]["minItems"] == 1
+    assert error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": []}), 400)["message"] == \
+        "documents must not be empty"
+    for path in ("/health", "/ready", "/metrics", "/v1/models"):
+        r = httpx.post(srv.url + path, headers=AUTH)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", path
+    assert httpx.get(srv.url + "/v1/rerank", headers=AUTH).headers["allow"] == "POST"
+
+
 @pytest.mark.parametrize("path,body,status,param", [
     ("/v1/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
     ("/v1/rerank", {"query": QUERY, "documents": ["d"] * 9}, 413, "documents"),

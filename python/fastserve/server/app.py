@@ -100,7 +100,11 @@ def create_app(
             # JSONDecodeError: not UTF-8, or nested past the recursion limit.
             return invalid_json().response()
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path (Starlette names the first route's alone)
+            headers["Allow"] = ", ".join(sorted({m for r in app.routes if getattr(r, "path", None) == request.url.path
+                                                 for m in getattr(r, "methods", None) or ()}))
+        err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=headers)
         return err.response()
 
     @app.exception_handler(Exception)
@@ -148,6 +152,19 @@ class App(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         await self.edge(scope, receive, send)
+
+    def openapi(self) -> dict:
+        """FastAPI's document without the 422 it adds to every route with a
+        body: an invalid body is answered 400 in the API's error shape
+        (documented by each route's ERROR_RESPONSES)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return self.openapi_schema
 
 
 def _version() -> str:

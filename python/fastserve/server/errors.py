@@ -92,6 +92,12 @@ def validation_error(exc: RequestValidationError, path: str) -> ApiError:
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
         return invalid_json()
+    empty = [err for err in errors if err.get("type") == "too_short"]
+    if empty:  # an empty list of inputs (the schema's min_length), whichever union branch saw it
+        loc = [str(x) for x in empty[0].get("loc", ()) if x != "body" and not str(x).startswith(("list[", "str"))]
+        if loc and loc[0] in ("input", "documents", "texts"):
+            what = loc[0] + "".join(f"[{x}]" for x in loc[1:])  # input[1]: an empty token-id list in a list
+            return ApiError(400, f"{what} must not be empty", param=loc[0], code="invalid_input")
     if errors and all(tuple(err.get("loc", ()))[:2] == ("body", "input") for err in errors):
         # One message for the union's four branches rather than one per branch.
         what = ("a string or a list of strings" if path in ("/v1/classify", "/v1/extract") else

@@ -58,7 +58,7 @@ class EngineCollector:
             ("queue_s", "fastserve_engine_queue_seconds", "Time a request waited in the queue"),
             ("batch_compute_s", "fastserve_engine_batch_compute_seconds", "Model time per batch"),
             ("batch_size", "fastserve_engine_batch_size", "Requests per batch"),
-            ("batch_tokens", "fastserve_engine_batch_tokens", "Tokens per batch (cost in the batch's layout)"),
+            ("batch_tokens", "fastserve_engine_batch_tokens", "Real tokens per batch (padding not included)"),
         ):
             if key in s:
                 yield _summary(name, doc, s[key])

@@ -1,12 +1,15 @@
 """The API's request and response bodies, as pydantic models: FastAPI
 validates requests with them and writes the OpenAPI document from them."""
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-Texts = Union[StrictStr, list[StrictStr]]
-EmbeddingInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+# Lists of inputs are never empty (the routes answer 400 to an empty one).
+NonEmpty = Field(min_length=1)
+Texts = Union[StrictStr, Annotated[list[StrictStr], NonEmpty]]
+EmbeddingInput = Union[StrictStr, Annotated[list[StrictStr], NonEmpty], Annotated[list[StrictInt], NonEmpty],
+                       Annotated[list[Annotated[list[StrictInt], NonEmpty]], NonEmpty]]
 
 
 class EmbeddingRequest(BaseModel):
@@ -69,21 +72,31 @@ class ClassifyResponse(BaseModel):
 
 
 class RerankDocument(BaseModel):
-    """A document as an object (Cohere's and Jina's form): its text."""
+    """A document as an object (Cohere's and Jina's form): its `text`, and any
+    other fields (`rank_fields` may name them; return_documents sends the
+    object back as it came)."""
 
-    text: StrictStr
+    model_config = ConfigDict(extra="allow")
+
+    text: Optional[StrictStr] = None
 
 
 class RerankRequest(BaseModel):
     """The rerank request Cohere, Jina, vLLM and Infinity share. Documents
-    are strings or {"text": ...} objects; `model` is accepted and ignored."""
+    are strings or objects; `model` is accepted and ignored."""
 
     query: StrictStr
-    documents: list[Union[StrictStr, RerankDocument]]
+    documents: Annotated[list[Union[StrictStr, RerankDocument]], NonEmpty]
     model: Optional[str] = None
     top_n: Optional[StrictInt] = Field(default=None, description="return the best N (default: all)")
     return_documents: bool = False
     raw_scores: bool = Field(default=False, description="logits, without the model's activation")
+    rank_fields: Optional[list[StrictStr]] = Field(
+        default=None, description="Cohere v1: the document objects' fields to rank on, in order (default: text); "
+                                  "several are ranked as 'field: value' lines")
+    max_chunks_per_doc: Optional[StrictInt] = Field(
+        default=None, description="Cohere v1: only 1 is accepted (a document past the model's limit is cut, "
+                                  "not split into chunks)")
     max_tokens_per_doc: Optional[StrictInt] = Field(
         default=None, description="Cohere v2: accepted at or above the model's limit, where pairs are cut anyway")
 
@@ -106,7 +119,7 @@ class TeiRerankRequest(BaseModel):
     """text-embeddings-inference's /rerank request."""
 
     query: StrictStr
-    texts: list[StrictStr]
+    texts: Annotated[list[StrictStr], NonEmpty]
     raw_scores: bool = False
     return_text: bool = False
 

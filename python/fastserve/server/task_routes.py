@@ -7,7 +7,7 @@ metrics, usage and errors are the same."""
 import uuid
 
 from ..errors import InvalidInputError
-from ..tasks import check_top_n, ranking
+from ..tasks import check_top_n, distinct, ranking
 from .errors import ApiError
 from .replies import Reply, dumps
 from .routes import Api
@@ -32,13 +32,15 @@ class TaskRoutes:
             raise ApiError(400, str(e), param="top_n", code="invalid_top_n") from None
 
     async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write) -> Reply:
-        """Score (query, doc) pairs, then `write(scores, usage)` the body."""
+        """Score (query, doc) pairs, then `write(scores, usage)` the body (a
+        document given more than once is scored once, as Engine.rerank)."""
+        unique, where = distinct(docs)
 
         def answer(logits, usage, infos) -> bytes:
-            return write(self.engine.pair_scores(logits, raw), usage)
+            return write(self.engine.pair_scores(logits, raw)[where], usage)
 
-        pairs = [(query, d) for d in docs]
-        chars = len(query) * len(docs) + sum(map(len, docs))
+        pairs = [(query, d) for d in unique]
+        chars = len(query) * len(unique) + sum(map(len, unique))
         return await self.api._serve(receive, route, pairs, None, answer, tokenize=self.engine.tokenize_pairs,
                                      chars=chars)
 
@@ -46,17 +48,22 @@ class TaskRoutes:
         """POST /v1/rerank (and Cohere v2's /v2/rerank): results best first,
         each with its document's index and relevance_score (and the
         document, return_documents)."""
-        docs = [d if isinstance(d, str) else d.text for d in body.documents]
+        docs = [rank_text(d, body.rank_fields, i) for i, d in enumerate(body.documents)]
         self._check_rerank(len(docs), "documents", body.top_n)
         limit = self.engine.max_length
         if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < limit:
             raise ApiError(400, f"max_tokens_per_doc below the model's limit ({limit} tokens per pair) is not "
                                 f"supported, got {body.max_tokens_per_doc}", param="max_tokens_per_doc")
+        if body.max_chunks_per_doc not in (None, 1):
+            raise ApiError(400, "max_chunks_per_doc other than 1 is not supported: a document past the model's "
+                                f"limit ({limit} tokens per pair) is cut, not split into chunks; got "
+                                f"{body.max_chunks_per_doc}", param="max_chunks_per_doc")
 
         def write(scores, usage) -> bytes:
-            ranked = ranking(scores, docs, body.top_n, body.return_documents)
+            ranked = ranking(scores, docs, body.top_n, False)
             results = [{"index": r.index, "relevance_score": r.score,
-                        **({"document": {"text": r.document}} if body.return_documents else {})} for r in ranked]
+                        **({"document": as_sent(body.documents[r.index])} if body.return_documents else {})}
+                       for r in ranked]
             return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
                           "results": results, "usage": usage})
 
@@ -96,3 +103,29 @@ class TaskRoutes:
             return dumps({"object": "list", "data": data, "model": self.api.model_name, "usage": usage})
 
         return await self.api._serve(receive, "/v1/extract", texts, None, answer, tokenize=tokenize)
+
+
+def rank_text(doc, fields, i: int) -> str:
+    """The text a document is ranked on: a string as it is; an object's
+    `text`, or with Cohere's rank_fields the named fields in order (one alone
+    as it is, several as "field: value" lines)."""
+    if fields is not None and not fields:
+        raise ApiError(400, "rank_fields must name at least one field", param="rank_fields")
+    if isinstance(doc, str):
+        if fields is not None and fields != ["text"]:
+            raise ApiError(400, f"documents[{i}] is a string: rank_fields needs document objects", param="rank_fields")
+        return doc
+    fields = fields or ["text"]
+    values = dict(doc.model_extra or {}, **({"text": doc.text} if doc.text is not None else {}))
+    missing = [f for f in fields if not isinstance(values.get(f), str)]
+    if missing:
+        raise ApiError(400, f"documents[{i}] has no text field {missing[0]!r} to rank on (each field rank_fields "
+                            "names, default 'text', must be a string)", param="documents")
+    if len(fields) == 1:
+        return values[fields[0]]
+    return "\n".join(f"{f}: {values[f]}" for f in fields)
+
+
+def as_sent(doc) -> dict:
+    """A document as the request sent it, for return_documents (a string as {"text": ...})."""
+    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
