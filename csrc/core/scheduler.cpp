@@ -268,8 +268,8 @@ double Scheduler::ahead_locked(int priority) const {
 
 double Scheduler::arrivals_locked(int priority) const {
   double rate = 0;
-  for (auto it = arrival_rate_by_priority_.lower_bound(priority); it != arrival_rate_by_priority_.end(); ++it)
-    rate += it->second;
+  for (auto it = arrivals_by_priority_.lower_bound(priority); it != arrivals_by_priority_.end(); ++it)
+    rate += it->second.rate;
   return rate;
 }
 
@@ -358,7 +358,7 @@ uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, do
   requests_.emplace(id, Request{id, priority, now, deadline, std::move(tokens)});
   queued_tokens_ += n;
   tokens_by_priority_[priority] += n;
-  submitted_by_priority_[priority] += n;
+  arrivals_by_priority_[priority].submitted += n;
   ++stats_.submitted;
   if (stats_.first_submit_at < 0) stats_.first_submit_at = now;
   return id;
@@ -900,14 +900,18 @@ void Scheduler::complete(const Batch& batch, double compute_seconds, int64_t ext
     // The share of the workers' time urgent batches took, over ~0.5 s.
     const double urgent = (urgent_s_ - urgent_at_last_) / (dt * static_cast<double>(std::max(live_, 1)));
     pause_share_ += w * (std::min(1.0, urgent) - pause_share_);
-    for (const auto& [p, n] : submitted_by_priority_) {
-      const double r = static_cast<double>(n - submitted_at_last_by_priority_[p]) / dt;
-      arrival_rate_by_priority_[p] += w * (r - arrival_rate_by_priority_[p]);
+    for (auto it = arrivals_by_priority_.begin(); it != arrivals_by_priority_.end();) {
+      Arrivals& a = it->second;
+      const bool arrived = a.submitted != a.at_last;
+      a.rate += w * (static_cast<double>(a.submitted - a.at_last) / dt - a.rate);
+      a.at_last = a.submitted;
+      it = (!arrived && a.rate < kForgottenRate) ? arrivals_by_priority_.erase(it) : std::next(it);
     }
+  } else {
+    for (auto& entry : arrivals_by_priority_) entry.second.at_last = entry.second.submitted;
   }
   last_observed_at_ = now;
   urgent_at_last_ = urgent_s_;
-  submitted_at_last_by_priority_ = submitted_by_priority_;
   const double cost_factor =
       batch.total_tokens() > 0 ? static_cast<double>(o.tokens) / static_cast<double>(batch.total_tokens()) : 1.0;
   // Each live worker's share of the arrivals and of the queue.
@@ -965,6 +969,11 @@ int64_t Scheduler::depth() const {
 int64_t Scheduler::queued_tokens() const {
   std::lock_guard<std::mutex> lock(mu_);
   return queued_tokens_;
+}
+
+int64_t Scheduler::tracked_priorities() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(arrivals_by_priority_.size());
 }
 
 void Scheduler::retire(int worker) {

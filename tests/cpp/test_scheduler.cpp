@@ -512,6 +512,34 @@ TEST(SchedulerBatches, PackedCostFitsMoreRequestsThanPaddedForSkewedLengths) {
   EXPECT_EQ(packed.next()->size(), 21);
 }
 
+TEST(SchedulerArrivals, AClassThatStoppedArrivingIsForgottenSoDistinctPrioritiesDoNotAccumulate) {
+  // Every batch walks the per-class arrival rates: with a new priority per
+  // request the map grew without bound (20,000 requests: 83 s of CPU).
+  Fixture f(one_per_batch());
+  for (int p = 0; p < 2000; ++p) {
+    f.s.submit(toks(4), p);
+    auto b = f.next();
+    ASSERT_TRUE(b);
+    f.clock->advance(0.01);
+    f.s.complete(*b, 0.01);
+  }
+  // A class's rate decays by e^(-dt/0.5) per completion: gone within a few seconds.
+  EXPECT_LT(f.s.tracked_priorities(), 700);
+  for (int i = 0; i < 100; ++i) {  // one class keeps arriving, the others stop
+    f.s.submit(toks(4), 7);
+    auto b = f.next();
+    f.clock->advance(0.1);
+    f.s.complete(*b, 0.01);
+  }
+  EXPECT_EQ(f.s.tracked_priorities(), 1);
+  f.clock->advance(10);  // and it too, once it stops
+  f.s.submit(toks(4), 8);
+  auto b = f.next();
+  f.clock->advance(0.1);
+  f.s.complete(*b, 0.01);
+  EXPECT_EQ(f.s.tracked_priorities(), 1);  // 7 forgotten; 8 just arrived
+}
+
 TEST(SchedulerStats, ExtraTokensARunnerComputedCountAsPaddingNotAsCost) {
   // Ghost sequences (a batch rounded up to a bucket of tokens) are computed
   // tokens: padded_tokens counts them; real tokens and the batch's cost do not.

@@ -221,6 +221,9 @@ class Scheduler {
 
   int64_t depth() const;
   int64_t queued_tokens() const;
+  // Priority classes whose arrival rate is tracked (those with recent
+  // arrivals: a class that stopped arriving is forgotten).
+  int64_t tracked_priorities() const;
   int64_t budget() const;  // worker 0's
   int64_t budget(int worker) const;
   int workers() const { return static_cast<int>(controllers_.size()); }
@@ -351,9 +354,16 @@ class Scheduler {
   int live_ = 1;               // workers not retired
   // Arrival rates by priority (real tokens/s, smoothed; their sum is the
   // total), for the controller and the fill a class cannot be displaced from.
+  // A class whose rate has decayed to nothing is dropped: callers may use any
+  // number of distinct priorities, and every batch walks this map.
+  struct Arrivals {
+    int64_t submitted = 0;  // tokens since the entry was made
+    int64_t at_last = 0;    // `submitted` at the last completion
+    double rate = 0;        // smoothed tokens/s
+  };
+  static constexpr double kForgottenRate = 1e-3;  // tokens/s: below it, with nothing new, a class is dropped
   double last_observed_at_ = -1;
-  std::map<int, int64_t> submitted_by_priority_, submitted_at_last_by_priority_;
-  std::map<int, double> arrival_rate_by_priority_;
+  std::map<int, Arrivals> arrivals_by_priority_;
   // Pausing: the compute urgent batches took, and its share of the workers' time.
   double urgent_s_ = 0, urgent_at_last_ = 0, pause_share_ = 0;
 
