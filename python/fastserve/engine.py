@@ -189,6 +189,18 @@ class _Once:
         self._fn(*self._args)
 
 
+# Per-prompt caches: prompts come from callers (HTTP bodies up to 2 MB), so
+# both the entries and each key are bounded: at most 1,024 prompts of at most
+# 1,024 characters (an instruction prompt is far shorter; a longer one is
+# counted again on each call).
+PROMPT_CACHE_ENTRIES = PROMPT_CACHE_CHARS = 1024
+
+
+def _remember(cache: dict[str, int], prompt: str, n: int) -> None:
+    if len(cache) < PROMPT_CACHE_ENTRIES and len(prompt) <= PROMPT_CACHE_CHARS:
+        cache[prompt] = n
+
+
 def _dropped(scheduler: _core.Scheduler, release_onednn: _Once) -> None:
     """An engine collected without close() (weakref.finalize): its workers,
     which hold it only while they run a batch, end once its scheduler is
@@ -556,7 +568,8 @@ class Engine(tasks.TaskCalls):
             name = "fastserve-worker" if len(self._replicas) == 1 else f"fastserve-worker-{r.index}"
             r.thread = threading.Thread(target=_worker_loop, args=(weakref.ref(self), r), name=name, daemon=True)
         self._worker = self._replicas[0].thread
-        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn)
+        # On collection only: at exit, _close_open_engines closes what is open.
+        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn).atexit = False
         for r in self._replicas:
             r.thread.start()
         _open_engines.add(self)
@@ -1043,16 +1056,14 @@ class Engine(tasks.TaskCalls):
             for probe in ("x", "A"):
                 joined = content(self._private_tokenizer(prompt + probe, add_special_tokens=True)["input_ids"])[1]
                 n = min(n, next((i for i, (a, b) in enumerate(zip(alone, joined)) if a != b), len(alone)))
-            if len(self._prompt_leads) < 1024:  # prompts come from callers: a bounded cache
-                self._prompt_leads[prompt] = n
+            _remember(self._prompt_leads, prompt, n)
         return n
 
     def _prompt_length(self, prompt: str) -> int:
         n = self._prompt_tokens.get(prompt)
         if n is None:
             n = prompt_length(self._private_tokenizer, prompt, self.max_length)
-            if len(self._prompt_tokens) < 1024:  # prompts come from callers: a bounded cache
-                self._prompt_tokens[prompt] = n
+            _remember(self._prompt_tokens, prompt, n)
         return n
 
     def _submitter(self, prompt: str) -> Callable[..., list[cf.Future]]:

@@ -328,3 +328,19 @@ def test_a_single_chunked_text_the_queue_can_never_hold_is_invalid_input_not_que
             after = engine.stats()
             assert after["rejected"] == before["rejected"] and after["submitted"] == before["submitted"]
             assert engine.embed([long_text(8)]).shape == (1, 32), bounds  # a list queues its windows in turn
+
+
+def test_the_per_prompt_caches_are_bounded_in_entries_and_in_each_prompts_size(bert, monkeypatch):
+    """Prompts come from callers (an HTTP body of up to 2 MB): a long one is
+    counted afresh on each call rather than kept, and the entries are capped."""
+    from fastserve import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PROMPT_CACHE_ENTRIES", 3)
+    with Engine(bert, tm.tokenizer(), truncate="chunk", replicas=1) as engine:
+        long_prompt = "ab" * 600  # 1,200 characters, few tokens
+        first = engine.embed("a text", prompt=long_prompt)
+        assert long_prompt not in engine._prompt_leads
+        np.testing.assert_array_equal(engine.embed("a text", prompt=long_prompt), first)  # counted again: the same
+        for i in range(5):
+            engine.embed("a text", prompt=f"prompt {i}: ")
+        assert list(engine._prompt_leads) == ["prompt 0: ", "prompt 1: ", "prompt 2: "]
