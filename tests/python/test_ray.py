@@ -51,13 +51,16 @@ def _free_port() -> int:
 
 
 def _replica_actors() -> dict[str, object]:
-    """The live replica actors of the test app, by actor name."""
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return {
-        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in names
-        if a["name"].startswith("SERVE_REPLICA::") and APP in a["name"]
-    }
+    """The live replica actors of the test app, by actor name (one that dies
+    between the listing and its lookup, a killed one, is left out)."""
+    out = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("SERVE_REPLICA::") and APP in a["name"]:
+            try:
+                out[a["name"]] = ray.get_actor(a["name"], namespace=a["namespace"])
+            except ValueError:  # "Failed to look up actor": it died since the listing
+                continue
+    return out
 
 
 def _replica_stats() -> dict[str, dict]:
