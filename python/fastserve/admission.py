@@ -251,6 +251,17 @@ async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priorit
     return futures
 
 
+def result_of(future: cf.Future) -> Any:
+    """One request's result (a single-input call's answer); a wait that is
+    interrupted (KeyboardInterrupt) or fails cancels the request if it is
+    still queued, as results_of does for a list."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
 def results_of(futures: Sequence[cf.Future]) -> list[Any]:
     """Each future's result, in order (a list call's answer). When one
     fails, the call has failed: those of its inputs still queued are

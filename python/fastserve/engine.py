@@ -23,7 +23,7 @@ import torch
 
 from . import _core, admission, footprint, precision, process, shapes, tasks
 from . import replicas as replicas_
-from .admission import Timeout, all_results, results_of
+from .admission import Timeout, all_results, result_of, results_of
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
 from .errors import ReplicaFailedError, RequestTimeoutError, WorkerThreadError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
@@ -593,9 +593,9 @@ class Engine(tasks.TaskCalls):
         given prompt wins over prompt_name."""
         self._require_task("embed")
         self._may_block("embed")
-        if isinstance(texts, str):  # waited for as a list is: interrupted, it leaves the queue
-            return results_of([self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
-                                           prompt=prompt)])[0]
+        if isinstance(texts, str):  # interrupted, it leaves the queue
+            return result_of(self.submit(texts, priority=priority, timeout=timeout, prompt_name=prompt_name,
+                                         prompt=prompt))
         return self._stack(results_of(self.submit_many(texts, priority=priority, timeout=timeout,
                                                        prompt_name=prompt_name, prompt=prompt)))
 
@@ -604,7 +604,7 @@ class Engine(tasks.TaskCalls):
         self._require_task("classify")
         self._may_block("classify")
         if isinstance(texts, str):
-            return results_of([self.submit(texts, priority=priority, timeout=timeout)])[0]
+            return result_of(self.submit(texts, priority=priority, timeout=timeout))
         return results_of(self.submit_many(texts, priority=priority, timeout=timeout))
 
     async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
