@@ -1299,7 +1299,9 @@ class Engine(tasks.TaskCalls):
             if self._head.needs_prompt_lengths and self.task == "embed":
                 extra["prompt_lengths"] = np.array(
                     [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
-            if self._pairs is not None:  # the pairs' token types, carried on their futures
+            # The pairs' token types, carried on their futures, for a model that
+            # has them (DistilBERT's forward refuses token_type_ids in transformers 4.x).
+            if self._pairs is not None and self._pairs.token_types:
                 extra["segments"] = tasks.segments_of(futures, batch.lengths)
             return self._rows(batch, extra, replica.runner)
 

@@ -298,3 +298,18 @@ def test_long_pairs_do_not_log_the_tokenizers_indexing_errors_warning(bert_ce):
     finally:
         root.removeHandler(handler)
     assert not [r for r in records if "indexing errors" in r.getMessage()]
+
+
+@pytest.mark.parametrize("arch,types", [("bert", True), ("distilbert", False)])
+def test_token_types_reach_only_a_model_that_has_them(tmp_path, arch, types):
+    """DistilBERT has no token types (transformers 4.x's forward refuses
+    token_type_ids: every pair failed there): its pairs run without them;
+    BERT's carry them."""
+    folder, ce = cross_encoder_folder(tmp_path, arch)
+    with Engine(str(folder), task="rerank", execution="padded") as engine:
+        seen = []
+        inner = engine.runner.run
+        engine.runner.run = lambda batch, **kw: (seen.append("segments" in kw), inner(batch, **kw))[1]
+        got = engine.score(pairs())
+    assert seen and set(seen) == {types}
+    np.testing.assert_allclose(got, ce.predict(pairs()), atol=2e-6)
