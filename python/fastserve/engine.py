@@ -504,6 +504,10 @@ class Engine(tasks.TaskCalls):
             getattr(net.config, "type_vocab_size", 0) > 1
         self._pairs = tasks.PairEncoder(self._private_tokenizer, self.max_length, truncate, pair_truncation,
                                         types) if task == "rerank" else None
+        # Where each pair's second segment starts rides on its future to the
+        # runner, for a model with token types only (DistilBERT's forward
+        # refuses token_type_ids in transformers 4.x).
+        self._typed_pairs = task == "rerank" and types
         self._token_encoder = tasks.TokenEncoder(self._private_tokenizer, self.max_length, truncate) \
             if task == "token-classify" else None
         self._merger = tasks.EntityMerger(self.tokenizer, self.labels, self._token_encoder.word_aware) \
@@ -996,7 +1000,7 @@ class Engine(tasks.TaskCalls):
             futures = [cf.Future() for _ in rids]
             for fut in futures:
                 fut.pooled_from = pooled_from  # type: ignore[attr-defined]
-            if self._pairs is not None:
+            if self._typed_pairs:
                 tasks.mark_segments(futures, token_lists)
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
@@ -1299,9 +1303,7 @@ class Engine(tasks.TaskCalls):
             if self._head.needs_prompt_lengths and self.task == "embed":
                 extra["prompt_lengths"] = np.array(
                     [getattr(f, "pooled_from", 0) if f is not None else 0 for f in futures])
-            # The pairs' token types, carried on their futures, for a model that
-            # has them (DistilBERT's forward refuses token_type_ids in transformers 4.x).
-            if self._pairs is not None and self._pairs.token_types:
+            if self._typed_pairs:  # the pairs' token types, carried on their futures
                 extra["segments"] = tasks.segments_of(futures, batch.lengths)
             return self._rows(batch, extra, replica.runner)
 
