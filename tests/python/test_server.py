@@ -489,9 +489,26 @@ def test_models_health_and_ready(server, engine):
     assert ready["status"] == "ready" and ready["worker_alive"] is True
 
 
-@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/v1/models"])
-def test_head_answers_as_get_without_a_body(server, path):
+def test_models_retrieve_gives_the_served_model_and_404_for_another(server, client, engine):
+    """OpenAI's `models.retrieve` (GET /v1/models/{id}) answered 404 for the served model too."""
+    got = client.models.retrieve(engine.model_name)
+    assert got.id == engine.model_name and got.object == "model"
+    assert httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0] == \
+        httpx.get(server.url + "/v1/models/" + engine.model_name, headers=AUTH).json()
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("some/other-model")
+    err = _assert_openai_error(httpx.get(server.url + "/v1/models/some/other-model", headers=AUTH), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "some/other-model" in err["message"]
+    assert httpx.get(server.url + "/v1/models/x").status_code == 401  # the key is needed, as for the list
+    counted = server.metrics()
+    assert counted[("fastserve_http_requests_total",
+                    (("method", "GET"), ("route", "/v1/models/{id}"), ("status", "404")))] >= 1
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/v1/models", "/v1/models/{id}"])
+def test_head_answers_as_get_without_a_body(server, engine, path):
     """RFC 9110: HEAD where GET is served (a HEAD health check got 405)."""
+    path = path.replace("{id}", engine.model_name)
     r = httpx.head(server.url + path, headers=AUTH)
     assert r.status_code == 200 and r.content == b""
     assert r.headers["content-type"] == httpx.get(server.url + path, headers=AUTH).headers["content-type"]

@@ -80,6 +80,7 @@ def create_app(
         return add
 
     get("/v1/models", summary="The served model")(api.models)
+    get("/v1/models/{model_id:path}", summary="The served model by its id (404 for any other)")(api.model)
     get("/health", summary="Liveness: the process answers")(api.health)
     get("/ready", summary="Readiness: the engine is loaded and its worker alive",
         responses={503: {"description": "the engine is not serving"}})(api.ready)

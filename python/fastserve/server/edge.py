@@ -20,6 +20,16 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v2/rerank", "/rerank", "/v1/extract",
                     "/v1/models", "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                     "/redoc"})
+MODEL_ROUTE = "/v1/models/{id}"
+
+
+def _route_label(path: str) -> str:
+    """The metrics' route label: a bounded set, whatever paths clients send."""
+    if path in ROUTES:
+        return path
+    return MODEL_ROUTE if path.startswith("/v1/models/") else "other"
+
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose body the edge does not read
 
@@ -44,7 +54,7 @@ class Edge:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in ROUTES else "other"  # bounded label set, whatever clients send
+        route = _route_label(path)
         status: list[Optional[int]] = [None]
 
         async def send_recording(message) -> None:

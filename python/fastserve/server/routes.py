@@ -177,10 +177,20 @@ class Api:
 
         return await self._serve(receive, "/v1/classify", texts, None, answer)
 
+    def _card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",
+                "task": self.engine.task, "dimensions": self.engine.dim, "max_length": self.engine.max_length}
+
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                             "owned_by": "fastserve", "task": self.engine.task,
-                                             "dimensions": self.engine.dim, "max_length": self.engine.max_length}]}
+        return {"object": "list", "data": [self._card()]}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """GET /v1/models/{id} (OpenAI's `models.retrieve`): the served model,
+        or 404 model_not_found for any other id."""
+        if model_id != self.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves "
+                                f"'{self.model_name}'", param="model", code="model_not_found")
+        return self._card()
 
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
