@@ -125,7 +125,7 @@ class OtherCpu:
     def fraction(self) -> float:
         busy, own, now = self._read()
         b0, o0, t0 = self.start
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         return max(0.0, ((busy - b0) - (own - o0)) / max(now - t0, 1e-9) / cores)
 
 
@@ -142,7 +142,7 @@ def machine() -> dict[str, Any]:
         if line.startswith("Flags:"):
             flags = line
     info["simd"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma") if f" {f}" in flags)
-    info["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["usable_cores"] = usable_cores()
     info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     info["python"] = platform.python_version()
     info["torch"] = torch.__version__
@@ -257,16 +257,30 @@ class Backend:
         pass
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 class SerialBackend(Backend):
     """One request at a time, first come first served, on one worker thread:
     how a model without a batching server is served behind a lock."""
 
     kind = "baseline"
 
-    def __init__(self, name: str, encode: Callable[[Sequence[str]], np.ndarray]) -> None:
+    def __init__(self, name: str, encode: Callable[[Sequence[str]], np.ndarray], threads: int | None = None) -> None:
         self.name = name
         self._encode = encode
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # torch's thread count, set in the worker itself: a new thread takes the
+        # count last set in any thread (an engine's one-thread replicas, say).
+        self.threads = threads or usable_cores()
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                           initializer=_torch_threads, initargs=(self.threads,))
 
     def _one(self, text: str) -> np.ndarray:
         return self._encode([text])[0]

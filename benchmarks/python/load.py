@@ -274,6 +274,12 @@ def run_open_loop(
     return res
 
 
+def public(r: dict[str, Any]) -> dict[str, Any]:
+    """A run's result without its per-request arrays (the keys starting with
+    "_": arrivals, latencies, errors), which callers that save JSON drop."""
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
 # -------------------------------------------------------------------- cli
 
 
@@ -316,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in backends:
                 r = run_open_loop(b, offsets, texts, warmup_s=args.warmup, slo_s=args.slo_ms / 1000, drain_s=args.drain)
                 print(_row(r), flush=True)
-                r.pop("_arrivals"), r.pop("_latency"), r.pop("_errors")
-                out.append(r)
+                out.append(public(r))
     finally:
         for b in backends:
             b.close()

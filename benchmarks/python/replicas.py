@@ -137,8 +137,8 @@ def load_sweep(rates: list[float], rounds: int, duration: float, warmup: float, 
                 if (i + rnd) % 2:
                     order.reverse()
                 for name, b in order:
-                    r = load.run_open_loop(b, offsets, texts, warmup_s=warmup, slo_s=slo_ms / 1000, drain_s=drain)
-                    r.pop("_arrivals"), r.pop("_latency")
+                    r = load.public(load.run_open_loop(b, offsets, texts, warmup_s=warmup, slo_s=slo_ms / 1000,
+                                                       drain_s=drain))
                     r["round"], r["config"], r["rate"] = rnd, name, rate
                     print(f"round {rnd} rate {rate:6.1f} {name:<24} thru {r['throughput_rps']:6.1f} "
                           f"goodput {r['goodput_rps']:6.1f} p50 {common.fmt_ms(r['latency_s']['p50']):>8} "

@@ -70,3 +70,50 @@ def test_paired_added_latency_recovers_a_constant_shift():
     assert p["n"] == 490
     assert p["median_ms"] == pytest.approx(1.2, abs=0.05)
     assert p["ci_ms"][0] <= 1.2 <= p["ci_ms"][1] and p["ci_ms"][1] - p["ci_ms"][0] < 0.2
+
+
+class _Failing(_OwnDispatch):
+    """Answers every third text with an error, so a run records failures by type."""
+
+    def submit_at(self, when: float, text: str) -> cf.Future:
+        self.due.append((when, text))
+        fut: cf.Future = cf.Future()
+        if len(self.due) % 3 == 0:
+            threading.Timer(0.0, fut.set_exception, args=(ValueError("no"),)).start()
+        else:
+            threading.Timer(0.0, fut.set_result, args=(text,)).start()
+        return fut
+
+
+def test_a_run_with_failures_saves_as_json_the_way_report_and_replicas_save_it():
+    """run_open_loop's per-request error types (strings) crashed report.py's and
+    replicas.py's JSON at the end of a full run."""
+    import json
+
+    report = pytest.importorskip("report")
+    r = load.run_open_loop(_Failing(), np.linspace(0.0, 0.1, 12), ["a"], warmup_s=0.0, slo_s=1.0, drain_s=1.0)
+    assert r["failed"] == 4 and set(r["_errors"]) == {"", "ValueError"}
+    saved = load.public(r)
+    assert not any(k.startswith("_") for k in saved) and saved["failed"] == 4
+    json.dumps(saved, default=float)  # replicas.py's and load.py's way
+    cleaned = report._clean({**saved, "latencies_s": r["_latency"], "errors": r["_errors"]})  # report.py's way
+    assert json.loads(json.dumps(cleaned))["errors"].count("ValueError") == 4
+
+
+def test_a_baseline_computes_on_its_own_thread_count_whatever_another_thread_set_last():
+    """A new thread takes torch's thread count last set in any thread: the
+    FIFO baselines, started after an engine's one-thread replicas, ran on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    other = threading.Thread(target=torch.set_num_threads, args=(1,))
+    other.start(), other.join()
+    try:
+        b = common.SerialBackend("threads", lambda texts: [torch.get_num_threads()], threads=2)
+        assert b.submit("x").result(timeout=30) == 2 == b.threads
+        b.close()
+        assert common.SerialBackend("default", lambda texts: [0]).threads == common.usable_cores()
+    finally:
+        other = threading.Thread(target=torch.set_num_threads, args=(before,))
+        other.start(), other.join()
+        torch.set_num_threads(before)
