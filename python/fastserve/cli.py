@@ -231,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model_path or args.model,
         task=args.task,
         max_length=args.max_length,
-        truncate=args.truncate,
+        truncate=True if args.truncate is None else args.truncate,
         chunk_overlap=args.chunk_overlap,
         pair_truncation=args.pair_truncation,
         max_queue=args.max_queue,
@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(p)
     p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank", "token-classify"])
     p.add_argument("--max-length", type=int, default=None, help="tokens per input (default: the model's limit)")
-    p.add_argument("--truncate", default="right", choices=["right", "left", "error", "chunk"],
-                   help="inputs past --max-length: cut on the right or left, refuse (400), or embed in windows")
+    p.add_argument("--truncate", default=None, choices=["right", "left", "error", "chunk"],
+                   help="inputs past --max-length: cut on the right or left (default: the side the tokenizer "
+                        "cuts, its truncation_side), refuse (400), or embed in windows")
     p.add_argument("--chunk-overlap", type=int, default=0, help="tokens shared by consecutive windows (chunk)")
     p.add_argument("--pair-truncation", default="longest_first", choices=["longest_first", "only_second"],
                    help="rerank: how a long (query, document) pair is cut")

@@ -341,6 +341,7 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
         if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        own_side = truncate is True  # cut where the tokenizer cuts (its truncation_side), once it is loaded
         truncate = truncation_mode(truncate)
         if truncate == "chunk" and task != "embed":
             raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
@@ -461,6 +462,8 @@ class Engine(tasks.TaskCalls):
         self.max_length = max_length or limit
         # "right" | "left" | "error" | "chunk" (inputs.py): texts are tokenized
         # whole, then cut, refused or split into windows.
+        if own_side and getattr(self.tokenizer, "truncation_side", "right") == "left":
+            truncate = "left"  # as sentence-transformers and transformers cut with this tokenizer
         self.truncate = truncate
         self.chunk_overlap = chunk_overlap
         # The engine's own calls of tokenizer(...) after construction go

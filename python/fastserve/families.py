@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .heads import EmbeddingHead
-from .runners import PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, packed_supported
+from .runners import PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, id_positions, packed_supported
 from .st_spec import POOLING_MODES
 
 log = logging.getLogger("fastserve")
@@ -162,6 +162,8 @@ class _BiasedPackedRunner(abc.ABC):
     [L, L] or a float [1, nh, L, L])."""
 
     name = "packed"
+    # The id that transformers' embeddings count positions around (id_positions), or None.
+    POSITION_PAD: Optional[int] = None
 
     def __init__(self, model: torch.nn.Module, *, task: str, device: torch.device, head: EmbeddingHead,
                  **_: Any) -> None:
@@ -187,7 +189,8 @@ class _BiasedPackedRunner(abc.ABC):
     def hidden(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
         ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
-        pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
+        positions = batch.position_ids if self.POSITION_PAD is None else id_positions(batch, self.POSITION_PAD)
+        pos = torch.from_numpy(positions).to(dev, non_blocking=True)
         cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         lengths = np.asarray(batch.lengths)
         runs = _equal_length_runs(lengths)
@@ -265,6 +268,7 @@ class MPNetPackedRunner(_BiasedPackedRunner):
     every layer's scores; positions start at padding_idx + 1 (= 2)."""
 
     POSITION_OFFSET = 2  # MPNetEmbeddings.padding_idx + 1, fixed whatever pad_token_id is
+    POSITION_PAD = 1  # MPNetEmbeddings.padding_idx: an id 1 in a text moves the positions after it
 
     def __init__(self, model: torch.nn.Module, **kw: Any) -> None:
         super().__init__(model, **kw)

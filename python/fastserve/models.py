@@ -163,7 +163,7 @@ def _tokenizer(auto_tokenizer: Any, tokenizer: Any, where: str, spec: ModelSpec)
     """The tokenizer given, loaded where it is a path or hub id; without one,
     the model's own from `where`, set up by its spec."""
     if tokenizer is None:
-        return _load_tokenizer(auto_tokenizer, where, spec)
+        return _load_tokenizer(auto_tokenizer, spec.tokenizer_path or where, spec)
     if isinstance(tokenizer, (str, os.PathLike)):
         return _load_tokenizer(auto_tokenizer, os.fspath(tokenizer))
     return tokenizer
@@ -174,7 +174,7 @@ def _load_tokenizer(auto_tokenizer: Any, where: str, spec: ModelSpec | None = No
     kwargs, max_seq_length as model_max_length, and do_lower_case as a
     Lowercase normalizer in front of the fast tokenizer's own."""
     kwargs: dict[str, Any] = dict(spec.tokenizer_kwargs) if spec else {}
-    if spec and spec.subfolder:
+    if spec and spec.subfolder and not spec.tokenizer_path:
         kwargs["subfolder"] = spec.subfolder
     if spec and spec.max_seq_length and "model_max_length" not in kwargs:
         kwargs["model_max_length"] = spec.max_seq_length

@@ -100,6 +100,23 @@ _BERT_LIKE = {"bert": 0, "roberta": 1, "xlm-roberta": 1, "camembert": 1}  # valu
 _DISTIL = {"distilbert"}
 
 
+def id_positions(batch: Any, pad: int) -> np.ndarray:
+    """The packed batch's position ids as transformers' RoBERTa and MPNet
+    count them from the ids (create_position_ids_from_input_ids), less their
+    offset (padding_idx + 1): a token equal to the pad id sits at -1 (the
+    padding row, once offset) and the tokens after it in its sequence one
+    place earlier each. The batch's own positions (0.. per sequence) where no
+    sequence holds the pad id: a text can, when it spells the pad token out."""
+    ids, positions = np.asarray(batch.packed_input_ids), np.asarray(batch.position_ids)
+    keep = ids != pad
+    if keep.all():
+        return positions
+    count = np.cumsum(keep)
+    starts = np.asarray(batch.cu_seqlens)[:-1]
+    before = np.repeat(count[starts] - keep[starts], np.asarray(batch.lengths))  # kept before each sequence
+    return ((count - before) * keep - 1).astype(positions.dtype)
+
+
 def packed_supported(model: torch.nn.Module) -> bool:
     """True when PackedRunner can run `model` exactly: a BERT-family encoder
     with absolute position embeddings and no cross-attention."""
@@ -322,7 +339,7 @@ class PackedRunner:
             warnings.warn(reason, RuntimeWarning, stacklevel=4)
         self.base = model.base_model
         self.distil = cfg.model_type in _DISTIL
-        # RoBERTa-family position ids start after padding_idx.
+        # RoBERTa-family position ids start after padding_idx (and skip pad ids: id_positions).
         self.position_offset = cfg.pad_token_id + 1 if _BERT_LIKE.get(cfg.model_type) == 1 else 0
         if self.distil:
             self.blocks = list(self.base.transformer.layer)
@@ -352,10 +369,12 @@ class PackedRunner:
         type 1 starts."""
         dev = self.device
         ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
-        pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
-        cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         if self.position_offset:
+            pos = torch.from_numpy(id_positions(batch, self.position_offset - 1)).to(dev, non_blocking=True)
             pos = pos + self.position_offset
+        else:
+            pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
+        cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         types = None
         if segments is not None and not self.distil:  # DistilBERT has no token types
             packed = np.asarray(batch.position_ids) >= np.repeat(segments, batch.lengths)

@@ -82,6 +82,9 @@ class ModelSpec:
     max_seq_length: int | None = None
     do_lower_case: bool = False
     tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The Transformer config's (deprecated) tokenizer_name_or_path: the
+    # tokenizer loaded from there instead of `where`.
+    tokenizer_path: str | None = None
     pooling: tuple[str, ...] | None = None
     include_prompt: bool = True
     # After pooling, in order: DenseLayer objects and the string "normalize".
@@ -137,8 +140,15 @@ class _Files:
 
 
 def _kind(entry: dict) -> str:
-    """A modules.json type's class name (the module path moved across versions)."""
-    return str(entry.get("type", "")).rsplit(".", 1)[-1]
+    """A modules.json type's class name (the module path moved across
+    versions). A class from outside sentence-transformers is the folder's own
+    code, which SentenceTransformer runs only with trust_remote_code=True:
+    refused, whatever it is called."""
+    kind = str(entry.get("type", ""))
+    if not kind.startswith("sentence_transformers."):
+        raise UnsupportedModelError(kind or "?", "a module class from the model's own code, not from "
+                                                 "sentence-transformers (custom code is not run)")
+    return kind.rsplit(".", 1)[-1]
 
 
 def load_spec(model: str | os.PathLike) -> ModelSpec:
@@ -151,10 +161,7 @@ def load_spec(model: str | os.PathLike) -> ModelSpec:
     if not modules or not all(isinstance(m, dict) for m in modules):
         raise ModelLoadError(f"{spec.source}: modules.json is not a list of modules")
     spec.sentence_transformers = True
-    try:
-        modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{spec.source}: modules.json: a module's idx is not an integer: {e}") from e
+    # In the list's order, as sentence-transformers runs them (it never reads "idx").
     first, rest = modules[0], modules[1:]
     if _kind(first) != "Transformer":
         raise UnsupportedModelError(_kind(first) or "?", "the first module must be a Transformer")
@@ -163,7 +170,11 @@ def load_spec(model: str | os.PathLike) -> ModelSpec:
     pooled = False
     for m in rest:
         kind, path = _kind(m), m.get("path", "")
-        cfg = files.json(path, "config.json") or {}
+        cfg = files.json(path, "config.json")
+        if cfg is None and kind in ("Pooling", "Dense"):  # sentence-transformers cannot build them either
+            raise ModelLoadError(f"{spec.source}: {'/'.join(filter(None, (path, 'config.json')))} is missing: "
+                                 f"the {kind} module's configuration")
+        cfg = cfg or {}
         if kind == "Pooling" and not pooled:
             _read_pooling(cfg, spec)
             pooled = True
@@ -215,6 +226,8 @@ def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
         raise ModelLoadError(f"{spec.source}: {'/'.join(filter(None, (path, name)))}: max_seq_length {msl!r} "
                              "is not an integer") from e
     spec.do_lower_case = bool(cfg.get("do_lower_case", False))
+    spec.tokenizer_path = cfg.get("tokenizer_name_or_path") or None
+    _read_processing(cfg.get("processing_kwargs") or {}, spec)
     tok = dict(cfg.get("processor_kwargs") or cfg.get("tokenizer_args") or {})
     tok.pop("trust_remote_code", None)  # sentence-transformers never lets a config set it
     spec.tokenizer_kwargs = tok
@@ -222,6 +235,29 @@ def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
         extra = {k: v for k, v in (cfg.get(key) or {}).items() if k != "trust_remote_code"}
         if extra:
             raise UnsupportedModelError("Transformer", f"{key}={extra!r} in its config is not supported")
+
+
+def _read_processing(kwargs: dict, spec: ModelSpec) -> None:
+    """sentence-transformers 6's processing_kwargs, merged into every call of
+    the tokenizer: the text's max_length is served (as max_seq_length); any
+    other setting is refused rather than ignored."""
+    if not isinstance(kwargs, dict) or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise ModelLoadError(f"{spec.source}: processing_kwargs must map modalities to settings, got {kwargs!r}")
+    text = dict(kwargs.get("text") or {})
+    length = text.pop("max_length", None)
+    if text.get("truncation", True) in (True, "longest_first"):
+        text.pop("truncation", None)
+    if text.get("padding", True) in (True, "longest"):
+        text.pop("padding", None)
+    other = {k: v for k, v in {**kwargs, "text": text}.items() if v and k not in ("audio", "image", "video")}
+    if other:
+        raise UnsupportedModelError("Transformer", f"processing_kwargs {other!r} (only the text's max_length "
+                                                   "is supported)")
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ModelLoadError(f"{spec.source}: processing_kwargs text max_length {length!r} is not a positive "
+                                 "integer")
+        spec.max_seq_length = length
 
 
 def _read_config(files: _Files, spec: ModelSpec) -> None:

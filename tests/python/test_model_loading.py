@@ -85,8 +85,6 @@ def test_broken_model_files_raise_model_load_error(tiny_folder, tmp_path, break_
 
 @pytest.mark.parametrize("name, content, match", [
     ("modules.json", [1, 2], "modules.json"),
-    ("modules.json", [{"idx": "a", "path": "", "type": "sentence_transformers.models.Transformer"}],
-     "modules.json.*idx"),
     ("sentence_bert_config.json", [], "sentence_bert_config.json"),
     ("sentence_bert_config.json", {"max_seq_length": "long"}, "sentence_bert_config.json.*max_seq_length"),
     ("1_Pooling/config.json", [], "1_Pooling/config.json"),
@@ -96,6 +94,14 @@ def test_badly_formed_st_configs_raise_model_load_error_naming_the_file(tiny_fol
     folder = _copy(tiny_folder, tmp_path)
     (folder / name).write_text(json.dumps(content))
     with pytest.raises(ModelLoadError, match=match):
+        load_spec(folder)
+
+
+def test_a_pooling_without_its_config_is_refused_naming_the_file(tiny_folder, tmp_path):
+    """It was served as mean pooling (sentence-transformers cannot build it)."""
+    folder = _copy(tiny_folder, tmp_path)
+    (folder / "1_Pooling" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="1_Pooling/config.json is missing"):
         load_spec(folder)
 
 

@@ -239,6 +239,8 @@ def _rewrite(folder: Path, out: Path, edit) -> Path:
     ("dense before pooling", "Dense"),
     ("activation outside torch", "Dense"),
     ("cross encoder", "CrossEncoder"),
+    ("custom code", "custom_st.Pooling"),
+    ("custom code named as the built-in", "custom_st.Transformer"),
 ])
 def test_a_stack_it_cannot_reproduce_is_refused_naming_the_module(folders, tmp_path, case, module):
     folder = folders("bert", "mean-dense-normalize", "new")
@@ -251,8 +253,12 @@ def test_a_stack_it_cannot_reproduce_is_refused_naming_the_module(folders, tmp_p
                 m["idx"] = i
         elif case == "no pooling":
             modules[:] = [modules[0]]
-        elif case == "dense before pooling":
-            modules[1]["idx"], modules[2]["idx"] = 2, 1
+        elif case == "dense before pooling":  # in the list's order, whatever idx says
+            modules[1], modules[2] = modules[2], modules[1]
+        elif case.startswith("custom code"):
+            # The folder's own class (SentenceTransformer runs it only with
+            # trust_remote_code): refused, not served as the module it is named after.
+            modules[0 if module.endswith("Transformer") else 1]["type"] = module
         elif case == "activation outside torch":
             cfg = json.loads((out / "2_Dense" / "config.json").read_text())
             cfg["activation_function"] = "mypackage.Swish"
@@ -267,6 +273,79 @@ def test_a_stack_it_cannot_reproduce_is_refused_naming_the_module(folders, tmp_p
         Engine(str(bad))
     assert err.value.module == module
     assert isinstance(err.value, fastserve.ModelLoadError)
+
+
+def test_modules_run_in_the_lists_order_as_sentence_transformers_runs_them(folders, tmp_path):
+    """sentence-transformers never reads "idx": Dense then Normalize listed
+    with idx 3 and 2 ran Normalize first; Pooling listed with idx 2 after a
+    Transformer was refused as Normalize before Pooling."""
+    folder = folders("bert", "mean-dense-normalize", "new")
+
+    def swap_idx(out: Path, modules: list) -> None:
+        modules[2]["idx"], modules[3]["idx"] = 3, 2
+
+    odd = _rewrite(folder, tmp_path / "odd-idx", swap_idx)
+    with Engine(str(odd), **ONE_BATCH) as engine:
+        assert_parity(embed_in_one_batch(engine, TEXTS), st_encode(odd, TEXTS))
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_the_transformers_tokenizer_settings_apply_as_encode_applies_them(folders, tmp_path):
+    """Each was ignored: processing_kwargs' text max_length (sentence-transformers
+    6), the deprecated tokenizer_name_or_path, and the tokenizer's own
+    truncation_side="left" (the default truncate cut on the right)."""
+    import shutil
+
+    from tokenizers.normalizers import BertNormalizer
+
+    base = folders("bert", "mean-dense-normalize", "new")
+    long_texts = [t for t in TEXTS if len(tm.tokenizer()(t)["input_ids"]) > sm.MAX_SEQ_LENGTH]
+    assert long_texts
+
+    short = shutil.copytree(base, tmp_path / "short")
+    _edit_json(short / "sentence_bert_config.json", processing_kwargs={"text": {"max_length": 6}})
+    cased = shutil.copytree(base, tmp_path / "cased-tokenizer")
+    tok_dir = tmp_path / "elsewhere"
+    tok = tm.tokenizer().__class__.from_pretrained(str(base), do_lower_case=False)
+    tok.backend_tokenizer.normalizer = BertNormalizer(lowercase=False)
+    tok.save_pretrained(str(tok_dir))
+    _edit_json(tok_dir / "tokenizer_config.json", do_lower_case=False)
+    _edit_json(cased / "sentence_bert_config.json", tokenizer_name_or_path=str(tok_dir))
+    left = shutil.copytree(base, tmp_path / "left")
+    _edit_json(left / "tokenizer_config.json", truncation_side="left")
+    texts = ["HELLO World, MIXED Case", *long_texts, TEXTS[4]]
+    for folder in (short, cased, left):
+        with Engine(str(folder)) as engine:
+            assert_parity(engine.embed(texts), st_encode(folder, texts))
+            if folder is short:
+                assert engine.max_length == 6
+            if folder is left:
+                assert engine.truncate == "left"
+    with Engine(str(base)) as engine:
+        assert engine.truncate == "right"  # the tokenizer's own side
+    other = shutil.copytree(base, tmp_path / "other-processing")
+    _edit_json(other / "sentence_bert_config.json", processing_kwargs={"common": {"add_special_tokens": False}})
+    with pytest.raises(fastserve.UnsupportedModelError, match="processing_kwargs"):
+        Engine(str(other))
+
+
+@pytest.mark.parametrize("arch", ["roberta", "xlm-roberta", "mpnet"])
+def test_a_text_holding_the_pad_token_is_positioned_as_transformers_positions_it(folders, arch):
+    """These families' embeddings count positions from the ids: a pad id
+    inside a text sits at padding_idx and the tokens after it move up one. The
+    packed runners gave every token the next position (min cosine 0.84-0.96)."""
+    folder = folders(arch, "mean-dense-normalize", "new")
+    texts = ["hello [PAD] world, and more words after it", "[PAD]", "[PAD] [PAD] lead", TEXTS[5]]
+    with Engine(str(folder), execution="packed", **ONE_BATCH) as packed:
+        assert_parity(embed_in_one_batch(packed, texts), st_encode(folder, texts))
+        # MPNet's embeddings position around id 1 whatever the pad token is.
+        pad = 1 if arch == "mpnet" else 0
+        ids = [[101, 7592, pad, 2088, pad, 102], [101, pad, 102], [101, 2088, 102], [pad, pad]]
+        with Engine(str(folder), execution="padded") as padded:
+            assert_parity(packed.embed(ids), padded.embed(ids))
 
 
 def test_normalize_false_drops_the_stacks_normalize_and_true_adds_one(folders):
