@@ -19,7 +19,7 @@ import numbers
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .errors import InvalidInputError
 
@@ -241,12 +241,17 @@ async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priorit
     given); a call that fails part way, or is cancelled, cancels what it had
     queued. A call the queue takes at once never suspends."""
     futures: list[cf.Future] = []
+    aw: Optional[asyncio.Future] = None
     try:
         for turn in _admit(submit, requests, futures, priority, timeout):
-            aw = asyncio.sleep(PAUSE_S) if turn is None else asyncio.wrap_future(turn)
+            # A future this call owns: a `wait` hook that gives up without
+            # awaiting it leaves nothing unawaited or unretrieved behind.
+            aw = asyncio.ensure_future(asyncio.sleep(PAUSE_S)) if turn is None else asyncio.wrap_future(turn)
             await (aw if wait is None else wait(aw))
     except BaseException:
         _cancel(futures)
+        if aw is not None and not aw.cancel() and not aw.cancelled():
+            aw.exception()  # done: its outcome read, so asyncio does not log it as never retrieved
         raise
     return futures
 
@@ -325,7 +330,10 @@ def wait_all(futures: Sequence[cf.Future]) -> asyncio.Future:
             left[0] -= 1
             last = left[0] == 0
         if (last or error is not None) and not loop.is_closed():
-            loop.call_soon_threadsafe(settle, error)
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop closed since the check: nobody is left to tell
+                pass
 
     def on_cancel(g: asyncio.Future) -> None:
         if g.cancelled():

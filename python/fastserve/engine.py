@@ -8,6 +8,7 @@ import atexit
 import concurrent.futures as cf
 import copy
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -243,11 +244,71 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
         raise
 
 
+
+# The Engine's on/off options: True, False, or None for its default.
+_SWITCHES = ("tune_malloc", "cudnn_attention", "tune_onednn", "copy_model", "preempt", "warmup", "freeze_gc")
+
+
+def _check_options(*, task: str, pooling: str, normalize: Any, policy: str, execution: str, target_latency_ms: Any,
+                   request_timeout_s: Any, activation: str, truncate: Any, pair_truncation: str, max_queue: Any,
+                   max_batch_size: Any, min_batch_tokens: Any, max_queue_tokens: Any, max_batch_tokens: Any,
+                   max_length: Any, chunk_overlap: Any, torch_threads: Any, **switches: Any) -> str:
+    """The Engine's options checked before anything is loaded (ValueError
+    naming the first bad one); returns `truncate` as inputs.TRUNCATIONS names
+    it. `switches`: the on/off options, each a bool (None: the default)."""
+    for name, value in (("normalize", normalize), *switches.items()):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None, got {value!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if pooling != "auto" and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if not 0 < target_latency_ms < math.inf:
+        raise ValueError(f"target_latency_ms must be a positive finite number, got {target_latency_ms!r}")
+    if request_timeout_s is not None and not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
+    if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    truncate = truncation_mode(truncate)
+    if truncate == "chunk" and task != "embed":
+        raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
+    if pair_truncation not in tasks.PAIR_TRUNCATIONS:
+        raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
+    for name, value in (("max_queue", max_queue), ("max_batch_size", max_batch_size),
+                        ("min_batch_tokens", min_batch_tokens), ("max_queue_tokens", max_queue_tokens),
+                        ("max_batch_tokens", max_batch_tokens), ("max_length", max_length)):
+        if value is None and name in ("max_queue_tokens", "max_batch_tokens", "max_length"):
+            continue  # None: the default
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if max_batch_tokens is not None and min_batch_tokens > max_batch_tokens:
+        raise ValueError(f"min_batch_tokens ({min_batch_tokens}) must not exceed max_batch_tokens ({max_batch_tokens})")
+    if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, numbers.Integral) or chunk_overlap < 0:
+        raise ValueError(f"chunk_overlap must be an int >= 0, got {chunk_overlap!r}")
+    # An option that would do nothing here is refused, not ignored.
+    if chunk_overlap and truncate != "chunk":
+        raise ValueError(f"chunk_overlap is for truncate='chunk' (this engine's truncate is {truncate!r})")
+    if pair_truncation != "longest_first" and task != "rerank":
+        raise ValueError(f"pair_truncation is for task='rerank' (this engine's task is {task!r})")
+    if activation != "auto" and task in ("embed", "token-classify"):
+        raise ValueError(f"activation is for task='classify' or 'rerank' (this engine's task is {task!r}: "
+                         + ("embeddings have no activation)" if task == "embed" else "scores are softmax per token)"))
+    process.check_torch_threads(torch_threads)
+    return truncate
+
+
 class Engine(tasks.TaskCalls):
     """Serve a Hugging Face encoder to many concurrent callers.
 
-    Callers' threads tokenize and submit single texts; one worker thread per
-    engine pulls batches assembled by the C++ scheduler, runs the model under
+    Callers' threads tokenize and submit single texts; a worker thread per
+    replica pulls batches assembled by the C++ scheduler, runs the model under
     torch.inference_mode(), and resolves each caller's future exactly once.
 
     target_latency_ms is the 99th percentile of a request's whole latency
@@ -324,50 +385,15 @@ class Engine(tasks.TaskCalls):
         warmup: bool = True,
         freeze_gc: bool = True,
     ) -> None:
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if pooling != "auto" and pooling not in POOLINGS:
-            raise ValueError(f"pooling must be 'auto' or one of {POOLINGS}, got {pooling!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        if not 0 < target_latency_ms < math.inf:
-            raise ValueError(f"target_latency_ms must be a positive finite number, got {target_latency_ms!r}")
-        if request_timeout_s is not None and not request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
-        if activation not in ACTIVATIONS + tasks.PAIR_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         own_side = truncate is True  # cut where the tokenizer cuts (its truncation_side), once it is loaded
-        truncate = truncation_mode(truncate)
-        if truncate == "chunk" and task != "embed":
-            raise ValueError(f"truncate='chunk' is for task='embed' (a {task} engine cuts or refuses long inputs)")
-        if pair_truncation not in tasks.PAIR_TRUNCATIONS:
-            raise ValueError(f"pair_truncation must be one of {tasks.PAIR_TRUNCATIONS}, got {pair_truncation!r}")
-        for name, value in (("max_queue", max_queue), ("max_batch_size", max_batch_size),
-                            ("min_batch_tokens", min_batch_tokens), ("max_queue_tokens", max_queue_tokens),
-                            ("max_batch_tokens", max_batch_tokens), ("max_length", max_length)):
-            if value is None and name in ("max_queue_tokens", "max_batch_tokens", "max_length"):
-                continue  # None: the default
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if max_batch_tokens is not None and min_batch_tokens > max_batch_tokens:
-            raise ValueError(f"min_batch_tokens ({min_batch_tokens}) must not exceed max_batch_tokens ({max_batch_tokens})")
-        if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, numbers.Integral) or chunk_overlap < 0:
-            raise ValueError(f"chunk_overlap must be an int >= 0, got {chunk_overlap!r}")
-        # An option that would do nothing here is refused, not ignored.
-        if chunk_overlap and truncate != "chunk":
-            raise ValueError(f"chunk_overlap is for truncate='chunk' (this engine's truncate is {truncate!r})")
-        if pair_truncation != "longest_first" and task != "rerank":
-            raise ValueError(f"pair_truncation is for task='rerank' (this engine's task is {task!r})")
-        if activation != "auto" and task in ("embed", "token-classify"):
-            raise ValueError(f"activation is for task='classify' or 'rerank' (this engine's task is {task!r}: "
-                             + ("embeddings have no activation)" if task == "embed" else "scores are softmax per token)"))
-
-        process.check_torch_threads(torch_threads)
+        truncate = _check_options(
+            task=task, pooling=pooling, normalize=normalize, policy=policy, execution=execution,
+            target_latency_ms=target_latency_ms, request_timeout_s=request_timeout_s, activation=activation,
+            truncate=truncate, pair_truncation=pair_truncation, max_queue=max_queue, max_batch_size=max_batch_size,
+            min_batch_tokens=min_batch_tokens, max_queue_tokens=max_queue_tokens, max_batch_tokens=max_batch_tokens,
+            max_length=max_length, chunk_overlap=chunk_overlap, torch_threads=torch_threads,
+            tune_malloc=tune_malloc, cudnn_attention=cudnn_attention, tune_onednn=tune_onednn, copy_model=copy_model,
+            preempt=preempt, warmup=warmup, freeze_gc=freeze_gc)
         # One device per worker (data parallel) or per stage (pipeline); the
         # first is the engine's device (python/fastserve/replicas.py).
         if replicas is None:
@@ -778,6 +804,28 @@ class Engine(tasks.TaskCalls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def aclose(self, drain: bool = False, timeout: float | None = None) -> None:
+        """close() for the event loop: the drain and the workers' exit are
+        awaited in a thread, never blocking the loop."""
+        await asyncio.to_thread(self.close, drain, timeout)
+
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @staticmethod
+    def check_options(**options: Any) -> None:
+        """The checks Engine(**options) makes before it loads anything: a
+        TypeError for a keyword it does not take, a ValueError for a bad value
+        (fastserve.ray.app runs them before deploying)."""
+        bound = inspect.signature(Engine).bind(**options)
+        bound.apply_defaults()
+        names = inspect.signature(_check_options).parameters.keys() - {"switches"}
+        _check_options(**{k: bound.arguments[k] for k in names},
+                       **{k: bound.arguments[k] for k in _SWITCHES})
+
     def health(self) -> dict[str, Any]:
         # Serving while any worker is: a replica that died leaves the others
         # serving ("degraded"); the engine fails only with the last one.
@@ -910,7 +958,10 @@ class Engine(tasks.TaskCalls):
     def _planned(self, inputs: Sequence[Any], prompt: str) -> tuple[list, list, Optional[list]]:
         """(the inputs as token lists, what gets queued, each input's [start,
         end) in it): with truncate="chunk" a long input's windows are queued,
-        otherwise the lists themselves (spans None)."""
+        otherwise the lists themselves (spans None). On a closed engine
+        EngineClosedError, an empty list's too."""
+        with self._lock:
+            self._refuse_if_closed()
         requests = self._requests(inputs, prompt)
         if self.truncate != "chunk":
             return requests, requests, None
@@ -1136,8 +1187,6 @@ class Engine(tasks.TaskCalls):
         return out
 
     def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:
-        if preempt is not None and not isinstance(preempt, bool):
-            raise ValueError(f"preempt must be True, False or None, got {preempt!r}")
         pausable = getattr(self.runner, "pausable", False) and len(self.runner.blocks) > 1
         able = pausable and parallel == "data"
         if preempt and not able:

@@ -232,7 +232,9 @@ def app(
     gets a 503 to retry (BodyGuard: a body lost with a dead replica).
     options: the server's create_app options (api_key, max_payload_bytes,
     max_inputs, request_timeout, model_name); every other one is an Engine
-    keyword (task, device, target_latency_ms, max_batch_tokens, ...).
+    keyword (task, device, target_latency_ms, max_batch_tokens, ...),
+    checked here (Engine.check_options: TypeError for one Engine does not
+    take, ValueError for a bad value) rather than in every replica.
     """
     if router not in ("queued_work", "pow2"):
         raise ValueError(f"router must be 'queued_work' or 'pow2', got {router!r}")
@@ -242,6 +244,10 @@ def app(
         raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
     server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
     engine_options = dict(options)
+    # A misspelt or bad option fails here, not in every replica after it loads the model.
+    from fastserve.engine import Engine
+
+    Engine.check_options(**engine_options)
     if num_cpus and engine_options.get("torch_threads") is None and not num_gpus:
         engine_options["torch_threads"] = max(1, int(num_cpus))
     actor_options: dict[str, Any] = {}

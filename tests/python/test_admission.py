@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import gc
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -203,19 +205,81 @@ def test_a_failed_wait_fails_the_call_and_cancels_what_it_queued(bert):
     class GaveUp(Exception):
         pass
 
-    async def give_up(awaitable):
-        if asyncio.iscoroutine(awaitable):
-            awaitable.close()
+    handed = []
+
+    async def give_up(awaitable):  # neither awaits nor cancels what it is handed
+        handed.append(awaitable)
         raise GaveUp()
 
+    async def call(engine):
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: logged.append(ctx["message"]))
+        return await engine.asubmit_many(["x"] * 10, wait=give_up)
+
+    logged: list[str] = []
     with held(bert) as (engine, gate):
         before = engine.stats()["cancelled"]
-        with pytest.raises(GaveUp):
-            asyncio.run(engine.asubmit_many(["x"] * 10, wait=give_up))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(GaveUp):
+                asyncio.run(call(engine))
+            handed.clear()
+            gc.collect()
         stats = engine.stats()
+    # What the hook dropped was this call's own future, cancelled: no "coroutine
+    # was never awaited" nor "Future exception was never retrieved" after it.
+    assert not [w for w in caught if "never awaited" in str(w.message)] and not logged
     assert stats["queue_depth"] == 0
     assert stats["cancelled"] - before == 4
     assert len(gate.seen) == 1  # only the holder reached the model
+
+
+@pytest.mark.parametrize("given", ["a pause", "a running request that then fails"])
+def test_a_wait_hook_that_gives_up_leaves_nothing_unawaited_or_unretrieved(given):
+    """The hook was handed asyncio.sleep(...) (a coroutine: "never awaited"
+    once dropped) or a wrapped future whose later failure asyncio logged as
+    "never retrieved"; each is now the call's own future, settled when it
+    fails. No model: a fake scheduler answers each chunk."""
+    class GaveUp(Exception):
+        pass
+
+    first = cf.Future()
+    first.set_result("done")
+    box = {"running": cf.Future()}  # dropped by the test before it looks for the logs
+    box["running"].set_running_or_notify_cancel()  # taken by a worker: cancel() cannot stop it
+    replies = [[first], []] if given == "a pause" else [[box["running"]], []]
+
+    def submit(requests, priority, timeout, waiting=False):
+        return replies.pop(0) if replies else []
+
+    handed = []
+
+    async def hook(aw):
+        handed.append(aw)
+        if aw is not None and len(handed) == 1 and given == "a pause":
+            return await aw  # the first input, done: the next wait is a pause
+        raise GaveUp()
+
+    logged: list[str] = []
+    gave_up: list[bool] = []
+
+    async def call():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: logged.append(ctx["message"]))
+        try:
+            await fastserve.admission.asubmit_all(submit, [[1], [2], [3]], 0, lambda: None, hook)
+        except GaveUp:  # not kept (pytest.raises would keep its frames, and the dropped awaitable)
+            gave_up.append(True)
+        box.pop("running").set_exception(RuntimeError("its batch failed"))  # after the call gave up on it
+        await asyncio.sleep(0.05)
+        handed.clear()
+        gc.collect()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(call())
+        gc.collect()
+    assert gave_up == [True]
+    assert not [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert not logged
 
 
 def test_a_timeout_callable_is_asked_per_chunk_and_may_stop_the_call(bert, monkeypatch):

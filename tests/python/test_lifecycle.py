@@ -9,6 +9,7 @@ outcome."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import gc
 import multiprocessing
@@ -20,7 +21,7 @@ import pytest
 
 import fastserve
 import tiny_models as tm
-from fastserve import Engine
+from fastserve import Engine, EngineClosedError
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,41 @@ def test_an_engine_dropped_without_close_is_freed_with_its_threads(bert):
     for t in threads:
         t.join(30)
         assert not t.is_alive()
+
+
+def test_an_empty_list_on_a_closed_engine_is_refused_as_any_call(bert):
+    """embed([]) and submit_many([]) returned empty results after close()."""
+    e = Engine(bert, tm.tokenizer())
+    e.close()
+    for call in (lambda: e.embed([]), lambda: e.submit_many([]), lambda: asyncio.run(e.aembed([])),
+                 lambda: asyncio.run(e.asubmit_many([]))):
+        with pytest.raises(EngineClosedError):
+            call()
+
+
+def test_async_with_and_aclose_drain_without_blocking_the_loop(bert):
+    """No async close: close(drain=True) could only block the event loop."""
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        async with Engine(bert, tm.tokenizer()) as e:
+            with tm.held(e) as gate:
+                queued = e.submit_many(["a", "b", "c"])
+                ticker = asyncio.ensure_future(tick())
+                closing = asyncio.ensure_future(e.aclose(drain=True))
+                await asyncio.sleep(0.05)
+                assert not closing.done() and ticks > 0  # the loop runs while the drain waits
+                gate.release.set()
+                await closing
+                ticker.cancel()
+            assert all(f.result().shape == (e.dim,) for f in queued)  # drained, not failed
+        with pytest.raises(EngineClosedError):
+            e.submit("after")
+
+    asyncio.run(main())

@@ -203,10 +203,28 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
     ({"chunk_overlap": 16}, "chunk_overlap is for truncate='chunk'"),
     ({"pair_truncation": "only_second"}, "pair_truncation is for task='rerank'"),
     ({"activation": "softmax"}, "activation is for task='classify' or 'rerank'"),
+    # on/off options take a bool (or None): "false" and "no" switched the option on
+    ({"normalize": "false"}, "normalize must be True, False or None"),
+    ({"normalize": 0}, "normalize must be True, False or None"),
+    ({"tune_malloc": "no"}, "tune_malloc must be True, False or None"),
+    ({"freeze_gc": "no"}, "freeze_gc must be True, False or None"),
+    ({"tune_onednn": 1}, "tune_onednn must be True, False or None"),
+    ({"copy_model": "yes"}, "copy_model must be True, False or None"),
+    ({"cudnn_attention": "off"}, "cudnn_attention must be True, False or None"),
 ])
 def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(tm.model("bert"), tm.tokenizer(), warmup=False, **kwargs)
+    with pytest.raises(ValueError, match=match):  # the same checks, with no model (fastserve.ray.app's)
+        Engine.check_options(warmup=False, **kwargs)
+
+
+def test_check_options_refuses_a_keyword_the_engine_does_not_take_and_passes_good_ones():
+    with pytest.raises(TypeError, match="max_batch_tokn"):
+        Engine.check_options(max_batch_tokn=512)
+    with pytest.raises(ValueError, match="warmup must be True, False or None"):
+        Engine.check_options(warmup="no")
+    Engine.check_options(task="rerank", pair_truncation="only_second", max_batch_tokens=512, warmup=False)
 
 
 def test_defaults_of_inapplicable_options_and_a_min_batch_above_the_default_max_are_accepted():

@@ -460,6 +460,12 @@ def test_app_options():
         fray.app("m", router="round_robin")
     with pytest.raises(ValueError, match="min_replicas"):
         fray.app("m", min_replicas=1)
+    # An Engine option misspelt or bad fails here, not in each replica after the
+    # model loads (serve.run said only "Failed to update the deployments").
+    with pytest.raises(TypeError, match="max_batch_tokn"):
+        fray.app("m", max_batch_tokn=512)
+    with pytest.raises(ValueError, match="task must be one of"):
+        fray.app("m", task="embedd")
     built = fray.app("m", num_replicas=3, num_cpus=2, max_ongoing_requests=64, api_key="k",
                      target_latency_ms=20.0)
     d = built._bound_deployment
