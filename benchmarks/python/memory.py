@@ -1,7 +1,8 @@
 """Resident memory for the same work, each backend in its own process.
 
 Offline: the embedded MiniLM (fp32, CPU) embeds the same corpus texts
-(`common.sample_texts`: mean 38 tokens, up to 256) `--passes` times in lists of `--list` texts. Reported per backend: RSS
+(`common.sample_texts`: mean 38 tokens, up to 256) `--passes` times in lists
+of `--list` texts. Reported per backend: RSS
 after construction, RSS after the work, peak RSS (the kernel's high-water mark,
 VmHWM) and texts/s. Backends:
 

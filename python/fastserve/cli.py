@@ -244,14 +244,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_inputs=args.max_inputs_per_request,
         request_timeout=args.request_timeout,
         model_name=args.served_model_name,
+        client_timeout_s=args.client_timeout,
+        cors_allow_origins=args.cors_allow_origin or (),
     )
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("num_cpus", "num_gpus") if getattr(args, k) is not None]
     if args.ray:  # the Ray Serve path: replicas across a Ray cluster
+        if args.max_header_bytes is not None:
+            print("fastserve serve: --max-header-bytes is the local server's (Ray Serve's proxy reads the headers)",
+                  file=sys.stderr)
+            return 2
         try:
             from .ray import serve_cli
         except ImportError as e:
             print(f"fastserve serve: {e}", file=sys.stderr)
             return 2
+        args.replicas = 1 if args.replicas is None else args.replicas
+        args.num_cpus = 1.0 if args.num_cpus is None else args.num_cpus
+        args.num_gpus = 0.0 if args.num_gpus is None else args.num_gpus
         return serve_cli(args, _engine_kwargs(args, **serve_options), app_options)
+    if ray_only:  # were silently dropped without --ray
+        print(f"fastserve serve: {' and '.join(ray_only)} give each Ray replica its resources: they need --ray",
+              file=sys.stderr)
+        return 2
+    if args.replicas is not None:
+        serve_options["replicas"] = args.replicas  # the engine's own replicas (worker threads)
+    if args.max_header_bytes is not None:
+        app_options["max_header_bytes"] = args.max_header_bytes
     engine = _open_engine(args, **serve_options)
     if engine is None:
         return 2
@@ -303,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /docs and /openapi.json "
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /ready and /metrics "
                         "(default: $FASTSERVE_API_KEY)")
     p.add_argument("--max-payload-bytes", type=_at_least_one, default=2_000_000, help="larger request bodies get 413")
     p.add_argument("--max-inputs-per-request", type=_at_least_one, default=2048,
@@ -319,11 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", action="store_true",
                    help="serve with Ray Serve (the 'ray' extra): --replicas engines on the Ray cluster "
                         "($RAY_ADDRESS, or a local one)")
-    p.add_argument("--replicas", type=int, default=1, help="with --ray: Serve replicas, one engine each")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="with --ray: CPUs per replica")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per replica")
+    p.add_argument("--replicas", type=_at_least_one, default=None,
+                   help="the engine's replicas (worker threads; default: one per device, two on a CPU of two or "
+                        "more cores); with --ray: Serve replicas, one engine each (default 1)")
+    p.add_argument("--num-cpus", type=float, default=None, help="with --ray: CPUs per replica (default 1)")
+    p.add_argument("--num-gpus", type=float, default=None, help="with --ray: GPUs per replica (default 0)")
+    p.add_argument("--client-timeout", type=_positive_seconds, default=30.0,
+                   help="seconds a request's headers may take to arrive, and its body may stall (408 after)")
+    p.add_argument("--max-header-bytes", type=_at_least_one, default=None,
+                   help="a larger request line and headers get 431 (default 65536)")
+    p.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let a browser page from ORIGIN call the API (repeat for several; '*' for any)")
     p.set_defaults(func=cmd_serve)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage and name, not the top-level parser's
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_transformers()
     return args.func(args)
 

@@ -871,7 +871,9 @@ class Engine(tasks.TaskCalls):
         s["pooling"] = self.pooling
         s["max_length"] = self.max_length
         s["max_batch_tokens"] = self.max_batch_tokens
-        s["torch_threads"] = torch.get_num_threads()
+        # Each worker's own count (set in its thread; None: torch's, a GPU
+        # worker or torch_threads=0), not the count of the thread asking.
+        s["torch_threads"] = [r.threads for r in self._replicas]
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)
         # The activation formula's view (python/fastserve/footprint.py): bytes

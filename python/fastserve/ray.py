@@ -53,7 +53,8 @@ DEPLOYMENT_NAME = "fastserve"
 BODY_TIMEOUT_S = 10.0
 ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
 # Keys of the server's create_app; every other option goes to the Engine.
-SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name")
+SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name", "client_timeout_s",
+                  "cors_allow_origins")
 
 
 class Replica:

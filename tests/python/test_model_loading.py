@@ -164,6 +164,45 @@ def test_serve_refuses_bad_server_options_before_loading_anything(capsys, option
     assert f"{option}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "/nonexistent/model", "--num-cpus", "2"], "fastserve serve: --num-cpus give each Ray replica"),
+    (["serve", "/nonexistent/model", "--num-gpus", "1"], "fastserve serve: --num-gpus give each Ray replica"),
+    (["serve", "/nonexistent/model", "--ray", "--max-header-bytes", "100"],
+     "fastserve serve: --max-header-bytes is the local server's"),
+])
+def test_serve_refuses_options_of_the_other_server_instead_of_dropping_them(capsys, argv, message):
+    """--replicas/--num-cpus/--num-gpus without --ray were parsed and dropped."""
+    pytest.importorskip("fastserve.server")
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_replicas_without_ray_sets_the_engines_replicas(monkeypatch, tiny_folder):
+    pytest.importorskip("fastserve.server")
+    from fastserve import server
+
+    seen = {}
+
+    def fake_serve(engine, host, port, **options):
+        seen.update(replicas=engine.health()["replicas"], options=options)
+        engine.close()
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    assert cli.main(["serve", str(tiny_folder), "--replicas", "1", "--client-timeout", "5",
+                     "--max-header-bytes", "4096", "--cors-allow-origin", "https://a.example"]) == 0
+    assert seen["replicas"] == 1
+    assert seen["options"]["client_timeout_s"] == 5 and seen["options"]["max_header_bytes"] == 4096
+    assert seen["options"]["cors_allow_origins"] == ["https://a.example"]
+
+
+def test_an_unknown_flag_after_a_command_is_reported_by_that_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["embed", "x", "--bogus-flag"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "fastserve embed: error: unrecognized arguments: --bogus-flag" in err and "usage: fastserve embed" in err
+
+
 def test_embed_into_a_pipe_the_reader_closes_ends_quietly(tiny_folder):
     import os
     import subprocess

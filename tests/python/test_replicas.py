@@ -114,6 +114,8 @@ def test_the_default_is_two_replicas_on_a_multi_core_cpu_when_the_engine_sizes_t
     np.testing.assert_allclose(got, expected, atol=1e-6)
     share = max(1, cores // 2)
     assert [r["torch_threads"] for r in s["replicas"]] == ([share, share] if cores >= 2 else [cores])
+    # The workers' counts, not the asking thread's (it said 2 where each worker ran 1).
+    assert s["torch_threads"] == [r["torch_threads"] for r in s["replicas"]]
     with Engine(bert, tm.tokenizer(), torch_threads=1) as pinned:
         assert len(pinned.stats()["replicas"]) == 1
 

@@ -899,7 +899,8 @@ def test_a_request_cut_off_at_shutdown_gets_a_typed_503(request, task, path):
     folder = request.getfixturevalue("tiny_folder" if task == "embed" else "tiny_classifier_folder")
     result: dict = {}
     with fastserve.Engine(str(folder), task=task, max_batch_size=1, replicas=1) as engine, tm.held(engine):
-        with InThreadServer(create_app(engine), timeout_graceful_shutdown=0.1) as srv:
+        with InThreadServer(create_app(engine), timeout_graceful_shutdown=0.1) as srv, \
+                _logged("uvicorn.error") as logged:
             def call():
                 try:
                     result["r"] = httpx.post(srv.url + path, json={"input": "cut off"}, timeout=60)
@@ -916,6 +917,139 @@ def test_a_request_cut_off_at_shutdown_gets_a_typed_503(request, task, path):
     err = _assert_openai_error(result["r"], 503)
     assert (err["type"], err["code"]) == ("service_unavailable", "engine_unavailable")
     assert depth == 0  # its input left the queue
+    # An expected end, answered: no "Exception in ASGI application" traceback per request.
+    assert not [r for r in logged if r.levelname == "ERROR" and "ASGI" in r.getMessage()]
+
+
+# ------------------------------------------------ connection guards
+
+
+@contextlib.contextmanager
+def _logged(name: str):
+    """The records of logger `name` (uvicorn's do not reach pytest's caplog:
+    its config stops them propagating)."""
+    import logging
+
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def _raw(port: int, data: bytes, *, wait_s: float = 30.0) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def _status_and_error(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_a_request_line_or_headers_past_the_limit_get_431_and_the_connection_closes(engine):
+    """httptools and uvicorn kept any URL and headers whole: one 200 MB URL
+    grew the server by 600 MB, before the API key was looked at."""
+    from fastserve.server import create_app
+    from fastserve.server.protocol import guarded
+
+    with InThreadServer(create_app(engine), http=guarded(max_header_bytes=2048)) as srv:
+        assert httpx.get(srv.url + "/health", headers={"x-pad": "a" * 1500}).status_code == 200
+        for request in (b"GET /health?" + b"a" * 50_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /health HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 50_000 + b"\r\n\r\n"):
+            status, err = _status_and_error(_raw(srv.port, request))
+            assert status == 431 and err["code"] == "headers_too_large" and "2048 bytes" in err["message"]
+        assert httpx.get(srv.url + "/health").status_code == 200  # the server serves on
+
+
+def test_a_connection_that_does_not_send_its_headers_in_time_gets_408_and_is_closed(engine):
+    """One that sent nothing, or half its headers, stayed open forever: 1,100
+    of them took the server's file descriptors and /health got resets."""
+    from fastserve.server import create_app
+    from fastserve.server.protocol import guarded
+
+    with InThreadServer(create_app(engine), http=guarded(header_timeout_s=0.3)) as srv:
+        for sent in (b"", b"GET /health HTTP/1.1\r\nHo"):
+            status, err = _status_and_error(_raw(srv.port, sent))
+            assert status == 408 and err["code"] == "request_timeout" and "headers" in err["message"]
+        # A keep-alive connection's requests each get the time anew.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            for _ in range(2):
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stalled_body_gets_408_in_the_error_shape(engine):
+    """--request-timeout starts once the body is in: a body that stopped
+    arriving held its request (and a graceful shutdown) open."""
+    from fastserve.server import create_app
+
+    with InThreadServer(create_app(engine, client_timeout_s=0.3)) as srv:
+        head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        status, err = _status_and_error(_raw(srv.port, head + b'{"input": '))
+        assert status == 408 and err["code"] == "request_timeout" and "body stalled" in err["message"]
+        assert httpx.post(srv.url + "/v1/embeddings", json={"input": "after"}).status_code == 200
+
+
+def test_cors_answers_preflights_without_the_key_and_marks_every_answer(engine):
+    from fastserve.server import create_app
+
+    app = create_app(engine, api_key=API_KEY, cors_allow_origins=["https://app.example"])
+    origin = {"Origin": "https://app.example"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            pre = await c.options("/v1/embeddings", headers={**origin, "Access-Control-Request-Method": "POST",
+                                                             "Access-Control-Request-Headers": "authorization"})
+            ok = await c.post("/v1/embeddings", json={"input": "x"}, headers={**origin, **AUTH})
+            refused = await c.post("/v1/embeddings", json={"input": "x"}, headers=origin)
+            other = await c.post("/v1/embeddings", json={"input": "x"}, headers={"Origin": "https://evil.example",
+                                                                                 **AUTH})
+            return pre, ok, refused, other
+
+    pre, ok, refused, other = asyncio.run(go())
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-inference-time" in ok.headers["access-control-expose-headers"]
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def _asgi(app, method: str, path: str, **kw):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return await c.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def test_a_trailing_slash_gets_the_shaped_404_not_a_redirect_to_the_clients_host(engine):
+    from fastserve.server import create_app
+
+    r = _asgi(create_app(engine), "POST", "/v1/embeddings/", json={"input": "x"}, headers={"Host": "evil.example"})
+    assert _assert_openai_error(r, 404)["code"] == "not_found" and "location" not in r.headers
+
+
+@pytest.mark.parametrize("body,field", [({"input": "x", "dimension": 8}, "dimension"),
+                                        ({"input": "x", "encoding": "base64"}, "encoding")])
+def test_a_misspelt_field_is_a_400_naming_it_not_ignored(engine, body, field):
+    """{"dimension": 8} returned the full vector with a 200 (OpenAI answers 400)."""
+    from fastserve.server import create_app
+
+    err = _assert_openai_error(_asgi(create_app(engine), "POST", "/v1/embeddings", json=body), 400)
+    assert err["param"] == field and "Extra inputs are not permitted" in err["message"]
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):

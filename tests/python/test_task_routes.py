@@ -94,6 +94,27 @@ def test_tei_rerank_alias(reranker):
                                                                                    raw=True)), atol=1e-5)
 
 
+def test_tei_rerank_truncate_false_refuses_a_long_pair_and_the_direction_is_checked(reranker):
+    """text-embeddings-inference's truncate and truncation_direction were
+    ignored: truncate=false still cut a long pair."""
+    engine, srv = reranker
+    long_doc = " ".join(["word"] * (engine.max_length * 2))
+    texts = [DOCS[0], long_doc, long_doc]
+    err = error_of(post(srv, "/rerank", {"query": QUERY, "texts": texts, "truncate": False}), 413)
+    assert err["param"] == "texts" and err["message"].startswith("texts[1]:")
+    assert engine.stats()["queue_depth"] == 0
+    for truncate in (True, None):
+        body = {"query": QUERY, "texts": texts, **({} if truncate is None else {"truncate": truncate})}
+        assert post(srv, "/rerank", body).status_code == 200  # cut, as before
+    short = [d for d in DOCS if not engine.tokenize_pairs([(QUERY, d)]).infos[0].truncated]
+    assert post(srv, "/rerank", {"query": QUERY, "texts": short, "truncate": False,
+                                 "truncation_direction": "Right"}).status_code == 200
+    assert error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "truncation_direction": "Left"}),
+                    400)["param"] == "truncation_direction"
+    assert error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "raw_score": True}), 400)["param"] == \
+        "raw_score"  # a misspelt field is refused by name
+
+
 def test_cohere_client_reranks_through_the_route(reranker):
     cohere = pytest.importorskip("cohere")
     engine, srv = reranker

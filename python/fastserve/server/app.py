@@ -5,23 +5,27 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from ..engine import Engine
 from .edge import Edge
 from .errors import ApiError, internal_error, invalid_json, validation_error
 from .metrics import Metrics
+from .protocol import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, guarded
 from .routes import DEFAULT_MAX_INPUTS, Api
 from .schemas import ERROR_RESPONSES, ClassifyRequest, ClassifyResponse, EmbeddingRequest, EmbeddingResponse
 from .task_routes import TaskRoutes
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2_000_000  # text-embeddings-inference's default payload limit
+# Answer headers a browser's script may read under CORS (besides the safelisted ones).
+EXPOSED_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "retry-after")
 
 
 def create_app(
@@ -32,6 +36,8 @@ def create_app(
     max_inputs: int = DEFAULT_MAX_INPUTS,
     request_timeout: Optional[float] = None,
     model_name: Optional[str] = None,
+    client_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S,
+    cors_allow_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI app serving `engine`. The caller keeps ownership of the engine.
 
@@ -43,9 +49,16 @@ def create_app(
     request_timeout_s (an engine made with None: no deadline).
     model_name: the id reported in responses and /v1/models (default: the
     engine's model name).
+    client_timeout_s: seconds a request's body may go without a byte
+    arriving before it gets 408 (None: no limit; serve() also bounds the
+    headers' time with it).
+    cors_allow_origins: origins a browser may call the API from ("*" for
+    any): CORS headers on every answer, preflights answered without the key.
     """
     if max_payload_bytes < 1 or max_inputs < 1:
         raise ValueError("max_payload_bytes and max_inputs must be positive")
+    if client_timeout_s is not None and not client_timeout_s > 0:
+        raise ValueError("client_timeout_s must be positive seconds or None")
     if request_timeout is None:
         request_timeout = engine.request_timeout_s
     if request_timeout is not None and not request_timeout > 0:
@@ -53,7 +66,9 @@ def create_app(
     metrics = Metrics(engine)
     api = Api(engine, metrics, model_name=model_name or engine.model_name, max_inputs=max_inputs,
               request_timeout=request_timeout)
-    app = App(title="fastserve", version=_version(),
+    # No redirect for a trailing slash (an empty 307 to an address built from
+    # the client's Host header): /v1/embeddings/ gets the shaped 404.
+    app = App(title="fastserve", version=_version(), redirect_slashes=False,
               description="OpenAI-compatible embeddings (and classification, reranking, entity "
                           "extraction) served by fastserve.")
     app.state.engine = engine
@@ -114,7 +129,12 @@ def create_app(
         return internal_error().response()
 
     app.edge = Edge(functools.partial(FastAPI.__call__, app), metrics=metrics, api_key=api_key,
-                    max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None)
+                    max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None,
+                    client_timeout_s=client_timeout_s)
+    if cors_allow_origins:  # outermost: the edge's own answers (401, 413, the fast path) carry the headers too
+        app.edge = CORSMiddleware(app.edge, allow_origins=list(cors_allow_origins),
+                                  allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"],
+                                  expose_headers=list(EXPOSED_HEADERS))
     return app
 
 
@@ -147,9 +167,10 @@ def add_task_routes(app: FastAPI, routes: TaskRoutes) -> None:
 class App(FastAPI):
     """FastAPI with fastserve's edge (Edge: metrics, API key, payload limit,
     the embeddings fast path) outside all of Starlette's middleware, so a
-    request the fast path serves pays for none of it."""
+    request the fast path serves pays for none of it (CORS, when asked for,
+    wraps the edge)."""
 
-    edge: Edge
+    edge: Any
 
     async def __call__(self, scope, receive, send) -> None:
         await self.edge(scope, receive, send)
@@ -207,16 +228,24 @@ def serve(
     log_level: str = "info",
     access_log: bool = False,
     close_engine: bool = True,
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    cors_allow_origins: Sequence[str] = (),
 ) -> None:
     """Serve `engine` over HTTP until SIGTERM/SIGINT. Shutdown is graceful:
     stop accepting, let in-flight requests finish (at most graceful_timeout
-    seconds), then close the engine (unless close_engine=False)."""
+    seconds), then close the engine (unless close_engine=False).
+    client_timeout_s: a request's headers must all arrive within it (else
+    408), and its body must not stall longer (408); max_header_bytes: a
+    larger request line and headers get 431 (protocol.py)."""
     app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
-                     request_timeout=request_timeout, model_name=model_name)
+                     request_timeout=request_timeout, model_name=model_name, client_timeout_s=client_timeout_s,
+                     cors_allow_origins=cors_allow_origins)
     # Proxy headers (X-Forwarded-For) only matter for the client addresses of
     # the access log; without it uvicorn's proxy middleware is skipped.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="off")
+                            proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="off",
+                            http=guarded(max_header_bytes, client_timeout_s))
     try:
         Server(config).run()
     finally:

@@ -42,12 +42,14 @@ class Edge:
     its answer started gets 503."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: Optional[str], max_payload_bytes: int,
-                 api: Optional["Api"] = None) -> None:
+                 api: Optional["Api"] = None, client_timeout_s: Optional[float] = None) -> None:
         self.app = app
         self.api = api
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_payload_bytes = max_payload_bytes
+        # Seconds a request's body may go without a byte arriving (None: no limit).
+        self.client_timeout_s = client_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -80,11 +82,12 @@ class Edge:
                 await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
         except asyncio.CancelledError:
             # Cut off at shutdown (uvicorn's graceful timeout): the typed 503
-            # rather than uvicorn's plain-text 500.
-            if status[0] is None:
-                await unavailable("the server shut down before this request was served").reply().send(
-                    send_recording)
-            raise
+            # rather than uvicorn's plain-text 500, and the request ends there
+            # (re-raised, uvicorn logged a traceback for each). An answer
+            # already started is cut: that one uvicorn reports.
+            if status[0] is not None:
+                raise
+            await unavailable("the server shut down before this request was served").reply().send(send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
             if status[0] is None:
@@ -136,7 +139,7 @@ class Edge:
     async def _read_body(self, scope, receive):
         """(body, error): the whole body (b"" for GET, HEAD and OPTIONS, None
         if the client disconnected while sending it); an ApiError if it is
-        too large."""
+        too large (413) or stalls (408)."""
         if scope.get("method") in _BODILESS:
             return b"", None
         limit = self.max_payload_bytes
@@ -145,7 +148,11 @@ class Edge:
                 return b"", too_large(int(value), limit)
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.client_timeout_s)
+            except asyncio.TimeoutError:
+                return b"", ApiError(408, f"the request's body stalled: no byte for {self.client_timeout_s:g} s",
+                                     type="timeout_error", code="request_timeout", headers={"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return None, None
             chunk = message.get("body", b"")

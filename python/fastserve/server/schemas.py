@@ -16,6 +16,8 @@ class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request. `model` and `user` are accepted and
     ignored: the server serves one model."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
+
     input: EmbeddingInput = Field(description="a text, a list of texts, token ids, or a list of token-id lists")
     model: Optional[str] = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -31,6 +33,8 @@ class EmbeddingRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
+
     input: Texts
     model: Optional[str] = None
 
@@ -85,6 +89,8 @@ class RerankRequest(BaseModel):
     """The rerank request Cohere, Jina, vLLM and Infinity share. Documents
     are strings or objects; `model` is accepted and ignored."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
+
     query: StrictStr
     documents: Annotated[list[Union[StrictStr, RerankDocument]], NonEmpty]
     model: Optional[str] = None
@@ -118,10 +124,16 @@ class RerankResponse(BaseModel):
 class TeiRerankRequest(BaseModel):
     """text-embeddings-inference's /rerank request."""
 
+    model_config = ConfigDict(extra="forbid")
+
     query: StrictStr
     texts: Annotated[list[StrictStr], NonEmpty]
     raw_scores: bool = False
     return_text: bool = False
+    truncate: Optional[bool] = Field(default=None, description="false: a pair past the model's limit gets 413 "
+                                                               "(default: cut, as text-embeddings-inference's true)")
+    truncation_direction: Optional[StrictStr] = Field(default=None, description="only the side the server cuts on "
+                                                                                "(Right, unless --truncate left)")
 
 
 class TeiRank(BaseModel):
@@ -131,6 +143,8 @@ class TeiRank(BaseModel):
 
 
 class ExtractRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
+
     input: Texts
     model: Optional[str] = None
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"

@@ -7,6 +7,7 @@ metrics, usage and errors are the same."""
 import uuid
 
 from ..errors import InvalidInputError
+from ..inputs import infos_of
 from ..tasks import check_top_n, distinct, ranking
 from .errors import ApiError
 from .replies import Reply, dumps
@@ -31,18 +32,28 @@ class TaskRoutes:
         except InvalidInputError as e:
             raise ApiError(400, str(e), param="top_n", code="invalid_top_n") from None
 
-    async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write) -> Reply:
+    async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write,
+                      cut: bool = True) -> Reply:
         """Score (query, doc) pairs, then `write(scores, usage)` the body (a
-        document given more than once is scored once, as Engine.rerank)."""
+        document given more than once is scored once, as Engine.rerank).
+        cut=False: a pair past the model's limit is refused (413), not cut."""
         unique, where = distinct(docs)
 
         def answer(logits, usage, infos) -> bytes:
             return write(self.engine.pair_scores(logits, raw)[where], usage)
 
+        def tokenize(pairs):
+            lists = self.engine.tokenize_pairs(pairs)
+            long = next((i for i, info in enumerate(infos_of(lists)) if info.truncated), None) if not cut else None
+            if long is not None:
+                raise ApiError(413, f"texts[{where.tolist().index(long)}]: the pair is longer than the model's "
+                                    f"{self.engine.max_length} tokens (truncate=false)", param="texts",
+                               code="input_too_long")
+            return lists
+
         pairs = [(query, d) for d in unique]
         chars = len(query) * len(unique) + sum(map(len, unique))
-        return await self.api._serve(receive, route, pairs, None, answer, tokenize=self.engine.tokenize_pairs,
-                                     chars=chars)
+        return await self.api._serve(receive, route, pairs, None, answer, tokenize=tokenize, chars=chars)
 
     async def rerank(self, body: RerankRequest, receive, route: str = "/v1/rerank") -> Reply:
         """POST /v1/rerank (and Cohere v2's /v2/rerank): results best first,
@@ -73,13 +84,18 @@ class TaskRoutes:
         """POST /rerank, text-embeddings-inference's shape: a list of
         {index, score, (text)}, best first."""
         self._check_rerank(len(body.texts), "texts")
+        side = "left" if self.engine.truncate == "left" else "right"
+        if body.truncation_direction is not None and body.truncation_direction.lower() != side:
+            raise ApiError(400, f"truncation_direction {body.truncation_direction!r}: this server cuts pairs on "
+                                f"the {side}", param="truncation_direction")
 
         def write(scores, usage) -> bytes:
             ranked = ranking(scores, body.texts, None, body.return_text)
             return dumps([{"index": r.index, "score": r.score, **({"text": r.document} if body.return_text else {})}
                           for r in ranked])
 
-        return await self._scores(receive, "/rerank", body.query, list(body.texts), body.raw_scores, write)
+        return await self._scores(receive, "/rerank", body.query, list(body.texts), body.raw_scores, write,
+                                  cut=body.truncate is not False)
 
     async def extract(self, body: ExtractRequest, receive) -> Reply:
         """POST /v1/extract: each text's entities."""

@@ -1,0 +1,135 @@
+"""uvicorn's httptools protocol with the two bounds it lacks on what a client
+sends before its request reaches the app: the size of the request line and
+headers, and the time they may take.
+
+httptools and uvicorn append the URL and headers without a limit, and
+uvicorn's only timer is the keep-alive one, armed after a response: a client
+could send a 200 MB URL (the server's memory grew by three times that) or
+open connections that send nothing, or half their headers, and hold a file
+descriptor each until the process ran out (probes then got resets). Here the
+URL and header bytes are counted as the parser hands them over, and past
+`max_header_bytes` the client gets 431 and the connection closes; a request
+whose headers have not all arrived `header_timeout_s` after its first byte
+(or after the connection opened) gets 408 and the connection closes. The
+answers are in the API's error shape. A stalled body is the edge's to time
+out (edge.py), since the app reads the body."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import ApiError
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024  # nginx's large_client_header_buffers: 4 x 8 KB; h11's 16 KB
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with the header bound and timer (guarded() sets them)."""
+
+    max_header_bytes = DEFAULT_MAX_HEADER_BYTES
+    header_timeout_s = DEFAULT_CLIENT_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._refused = False
+        self._header_bytes = 0
+        self._header_timer: Optional[asyncio.TimerHandle] = None
+        self._arm()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    # The parser's callbacks: every one is a no-op once the request is refused
+    # (the rest of the chunk being parsed is dropped with the connection).
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        super().on_message_begin()
+        self._header_bytes = 0
+        self._arm()  # a keep-alive connection's next request: from its first byte
+
+    def on_url(self, url: bytes) -> None:
+        if self._counted(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._counted(len(name) + len(value)):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    def _counted(self, n: int) -> bool:
+        if self._refused:
+            return False
+        self._header_bytes += n
+        if self._header_bytes <= self.max_header_bytes:
+            return True
+        self._refuse(ApiError(431, f"the request's URL and headers exceed {self.max_header_bytes} bytes",
+                              code="headers_too_large"))
+        return False
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm()  # a pipelined request waits behind this answer: its time starts after
+            return
+        self._refuse(ApiError(408, f"the request's headers did not arrive within {self.header_timeout_s:g} s",
+                              type="timeout_error", code="request_timeout"))
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer `error` and close the connection (only close it where an
+        answer to an earlier request is still being written)."""
+        self._refused = True
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            reply = error.reply()
+            head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS[error.status])]
+            for name, value in self.server_state.default_headers:
+                head.append(name + b": " + value + b"\r\n")
+            head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                        % len(reply.body))
+            self.transport.write(b"".join(head) + reply.body)
+        self.transport.close()
+
+
+def guarded(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+            header_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> type[GuardedProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with these bounds."""
+    if max_header_bytes < 1 or not header_timeout_s > 0:
+        raise ValueError("max_header_bytes and the client timeout must be positive")
+    return type("GuardedProtocol", (GuardedProtocol,),
+                {"max_header_bytes": int(max_header_bytes), "header_timeout_s": float(header_timeout_s)})
