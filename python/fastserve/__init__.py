@@ -15,6 +15,7 @@ from .errors import (
     QueueFullError,
     ReplicaFailedError,
     RequestTimeoutError,
+    StageError,
     UnsupportedModelError,
     WorkerThreadError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "QueueFullError",
     "ReplicaFailedError",
     "RequestTimeoutError",
+    "StageError",
     "UnsupportedModelError",
     "WorkerThreadError",
     "__version__",

@@ -691,8 +691,9 @@ class Engine(tasks.TaskCalls):
         the first input says which. Every input is checked before any is
         queued: InvalidInputError names the first bad one's index.
         timeout: seconds each input may wait in the queue (RequestTimeoutError
-        after), or a callable giving the seconds left (None: no limit), asked
-        as each chunk is queued; what it raises fails the call.
+        after; one predicted to miss it is refused or shed early with
+        OverloadedError), or a callable giving the seconds left (None: no
+        limit), asked as each chunk is queued; what it raises fails the call.
 
         Backpressure: when the queue is full and nothing of this call is
         queued yet, QueueFullError (the call is refused whole). Once part of

@@ -32,6 +32,16 @@ class WorkerThreadError(FastServeError, RuntimeError):
     wait for the thread it runs on. submit() and the async forms do not block."""
 
 
+class StageError(FastServeError, RuntimeError):
+    """A pipeline stage raised (the __cause__ of the InferenceError its
+    requests get); the stage's exception is this one's __cause__."""
+
+    def __init__(self, stage: int, device: object, error: BaseException) -> None:
+        super().__init__(f"pipeline stage {stage} ({device}) raised: {error!r}")
+        self.stage = stage
+        self.device = device
+
+
 class ModelLoadError(FastServeError, OSError):
     """The model or its tokenizer could not be loaded."""
 
@@ -55,6 +65,7 @@ __all__ = [
     "QueueFullError",
     "ReplicaFailedError",
     "RequestTimeoutError",
+    "StageError",
     "UnsupportedModelError",
     "WorkerThreadError",
 ]

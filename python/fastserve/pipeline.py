@@ -27,16 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .errors import StageError
 from .runners import PackedRunner
-
-
-class StageError(RuntimeError):
-    """A pipeline stage raised; the stage's exception is the __cause__."""
-
-    def __init__(self, stage: int, device: torch.device, error: BaseException) -> None:
-        super().__init__(f"pipeline stage {stage} ({device}) raised: {error!r}")
-        self.stage = stage
-        self.device = device
 
 
 def stage_bounds(layers: int, stages: int) -> list[int]:

@@ -204,7 +204,7 @@ class QueuedWorkRouter(FIFOMixin, RequestRouter):
 def app(
     model: Any = None,
     *,
-    num_replicas: int = 1,
+    num_replicas: Optional[int] = None,
     min_replicas: Optional[int] = None,
     max_replicas: Optional[int] = None,
     target_ongoing_requests: float = 64.0,
@@ -220,7 +220,7 @@ def app(
     """A Serve application: `num_replicas` replicas, each one Engine serving
     `model` behind fastserve's HTTP app. Run it with `serve.run(app(...))`.
 
-    num_replicas: a fixed replica count; or min_replicas/max_replicas for
+    num_replicas: a fixed replica count (default 1); or min_replicas/max_replicas for
     Serve's autoscaling between those bounds (aiming at
     target_ongoing_requests per replica).
     num_cpus, num_gpus: resources of each replica. On the CPU, a replica's
@@ -241,6 +241,9 @@ def app(
         raise ValueError(f"router must be 'queued_work' or 'pow2', got {router!r}")
     if (min_replicas is None) != (max_replicas is None):
         raise ValueError("give both min_replicas and max_replicas (autoscaling), or neither")
+    if num_replicas is not None and min_replicas is not None:  # was ignored
+        raise ValueError("give num_replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+    num_replicas = 1 if num_replicas is None else num_replicas
     if num_replicas < 1 or max_ongoing_requests < 1:
         raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
     server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}

@@ -172,6 +172,7 @@ def test_a_stage_that_raises_fails_only_its_batch_and_the_pipeline_keeps_serving
             bad.result(timeout=30)
         cause = info.value.__cause__
         assert isinstance(cause, StageError) and cause.stage == 1
+        assert isinstance(cause, fastserve.FastServeError)  # as every error of the package
         assert isinstance(cause.__cause__, RuntimeError)
         # The stage locks were released: later batches pass both stages.
         later = engine.embed(["served after the fault", "and this"])

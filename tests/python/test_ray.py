@@ -460,6 +460,8 @@ def test_app_options():
         fray.app("m", router="round_robin")
     with pytest.raises(ValueError, match="min_replicas"):
         fray.app("m", min_replicas=1)
+    with pytest.raises(ValueError, match="not both"):  # num_replicas was dropped without a word
+        fray.app("m", num_replicas=3, min_replicas=1, max_replicas=4)
     # An Engine option misspelt or bad fails here, not in each replica after the
     # model loads (serve.run said only "Failed to update the deployments").
     with pytest.raises(TypeError, match="max_batch_tokn"):
