@@ -397,8 +397,10 @@ PYBIND11_MODULE(_core, m) {
           "Between two layers of the running batch (done: the fraction of its layers run): a batch "
           "of urgent requests to run before resuming it, or None. Its `shed` lists the running batch's "
           "rows dropped (lower priority the pause makes late), also in running.abandoned.")
-      .def("start", &Scheduler::start, py::arg("batch"), py::call_guard<py::gil_scoped_release>(),
-           "Call just before running the batch: removes and returns the ids whose deadline has passed.")
+      .def("start", &Scheduler::start, py::arg("batch"), py::arg("cancelled") = std::vector<uint64_t>{},
+           py::call_guard<py::gil_scoped_release>(),
+           "Call just before running the batch: removes and returns the ids whose deadline has passed, "
+           "and removes `cancelled` (ids cancelled since assembly; counted as cancelled).")
       .def("predict_completion", &Scheduler::predict_completion, py::arg("tokens"), py::arg("priority") = 0,
            "Predicted completion time (scheduler clock) of a request submitted now; inf before any "
            "batch is measured or with admission off.")

@@ -17,11 +17,12 @@ void Batch::add(uint64_t id, std::vector<int32_t>&& tokens, double arrival, doub
   max_len_ = std::max<int64_t>(max_len_, len);
 }
 
-std::vector<uint64_t> Batch::remove_expired(double now) {
+std::vector<uint64_t> Batch::remove_expired(double now, const std::vector<uint64_t>& dropped) {
   if (laid_out_.load()) throw std::logic_error("Batch::remove_expired after a layout was built");
   std::vector<uint64_t> out;
   size_t keep = 0;
   for (size_t i = 0; i < ids_.size(); ++i) {
+    if (std::find(dropped.begin(), dropped.end(), ids_[i]) != dropped.end()) continue;
     if (deadlines_[i] <= now) {
       out.push_back(ids_[i]);
       continue;
@@ -36,7 +37,7 @@ std::vector<uint64_t> Batch::remove_expired(double now) {
     }
     ++keep;
   }
-  if (out.empty()) return out;
+  if (keep == ids_.size()) return out;
   ids_.resize(keep);
   lengths_.resize(keep);
   arrivals_.resize(keep);

@@ -545,11 +545,13 @@ void Scheduler::shed_locked(double now, Batch& out) {
   stats_.shed += static_cast<int64_t>(drop.size());
 }
 
-std::vector<uint64_t> Scheduler::start(Batch& batch) {
+std::vector<uint64_t> Scheduler::start(Batch& batch, const std::vector<uint64_t>& cancelled) {
   const double now = clock_->now();
-  std::vector<uint64_t> out = batch.remove_expired(now);
+  const int64_t before = batch.size();
+  std::vector<uint64_t> out = batch.remove_expired(now, cancelled);
   std::lock_guard<std::mutex> lock(mu_);
   stats_.expired += static_cast<int64_t>(out.size());
+  stats_.cancelled += before - batch.size() - static_cast<int64_t>(out.size());
   if (batch.size() == 0) running_.erase(batch.seq());
   return out;
 }

@@ -263,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.num_gpus = 0.0 if args.num_gpus is None else args.num_gpus
         return serve_cli(args, _engine_kwargs(args, **serve_options), app_options)
     if ray_only:  # were silently dropped without --ray
-        print(f"fastserve serve: {' and '.join(ray_only)} give each Ray replica its resources: they need --ray",
+        print(f"fastserve serve: {' and '.join(ray_only)}: each Ray replica's resources, for --ray only",
               file=sys.stderr)
         return 2
     if args.replicas is not None:

@@ -246,19 +246,28 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
 
 
 # The Engine's on/off options: True, False, or None for its default.
-_SWITCHES = ("tune_malloc", "cudnn_attention", "tune_onednn", "copy_model", "preempt", "warmup", "freeze_gc")
+_SWITCHES = ("normalize", "tune_malloc", "cudnn_attention", "tune_onednn", "copy_model", "preempt", "warmup",
+             "freeze_gc")
 
 
-def _check_options(*, task: str, pooling: str, normalize: Any, policy: str, execution: str, target_latency_ms: Any,
+def _switch(name: str, value: Any) -> Optional[bool]:
+    """An on/off option as a bool (None stays None: the default): True,
+    False, a numpy bool, or an int 0 / 1; anything else (the string "no",
+    say, which is truthy) is a ValueError naming it."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False (or None for the default), got {value!r}")
+
+
+def _check_options(*, task: str, pooling: str, policy: str, execution: str, target_latency_ms: Any,
                    request_timeout_s: Any, activation: str, truncate: Any, pair_truncation: str, max_queue: Any,
                    max_batch_size: Any, min_batch_tokens: Any, max_queue_tokens: Any, max_batch_tokens: Any,
-                   max_length: Any, chunk_overlap: Any, torch_threads: Any, **switches: Any) -> str:
-    """The Engine's options checked before anything is loaded (ValueError
-    naming the first bad one); returns `truncate` as inputs.TRUNCATIONS names
-    it. `switches`: the on/off options, each a bool (None: the default)."""
-    for name, value in (("normalize", normalize), *switches.items()):
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"{name} must be True, False or None, got {value!r}")
+                   max_length: Any, chunk_overlap: Any, torch_threads: Any) -> str:
+    """The Engine's options but the on/off ones (_switch) checked before
+    anything is loaded (ValueError naming the first bad one); returns
+    `truncate` as inputs.TRUNCATIONS names it."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if pooling != "auto" and pooling not in POOLINGS:
@@ -385,15 +394,16 @@ class Engine(tasks.TaskCalls):
         warmup: bool = True,
         freeze_gc: bool = True,
     ) -> None:
+        normalize, tune_malloc, cudnn_attention, tune_onednn, copy_model, preempt, warmup, freeze_gc = (
+            _switch(name, value) for name, value in zip(_SWITCHES, (
+                normalize, tune_malloc, cudnn_attention, tune_onednn, copy_model, preempt, warmup, freeze_gc)))
         own_side = truncate is True  # cut where the tokenizer cuts (its truncation_side), once it is loaded
         truncate = _check_options(
-            task=task, pooling=pooling, normalize=normalize, policy=policy, execution=execution,
+            task=task, pooling=pooling, policy=policy, execution=execution,
             target_latency_ms=target_latency_ms, request_timeout_s=request_timeout_s, activation=activation,
             truncate=truncate, pair_truncation=pair_truncation, max_queue=max_queue, max_batch_size=max_batch_size,
             min_batch_tokens=min_batch_tokens, max_queue_tokens=max_queue_tokens, max_batch_tokens=max_batch_tokens,
-            max_length=max_length, chunk_overlap=chunk_overlap, torch_threads=torch_threads,
-            tune_malloc=tune_malloc, cudnn_attention=cudnn_attention, tune_onednn=tune_onednn, copy_model=copy_model,
-            preempt=preempt, warmup=warmup, freeze_gc=freeze_gc)
+            max_length=max_length, chunk_overlap=chunk_overlap, torch_threads=torch_threads)
         # One device per worker (data parallel) or per stage (pipeline); the
         # first is the engine's device (python/fastserve/replicas.py).
         if replicas is None:
@@ -494,7 +504,8 @@ class Engine(tasks.TaskCalls):
         self.chunk_overlap = chunk_overlap
         # The engine's own calls of tokenizer(...) after construction go
         # through a copy under a lock, made on the first such call (tasks.py).
-        self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, "left" if truncate == "left" else None)
+        self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, truncate if truncate in ("left", "right")
+                                                         else None)
         self._encode = TextEncoder(self.tokenizer, self.max_length, False, self._private_tokenizer)
         # A tokenizer with tokens the model has no embeddings for (added
         # without resizing the model): a text holding one is refused. None:
@@ -788,9 +799,14 @@ class Engine(tasks.TaskCalls):
             cf.wait(outstanding, timeout=timeout)
         for rid in self._scheduler.close():
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
+        if any(threading.current_thread() is r.thread for r in self._replicas):
+            # From a worker (a done callback): the workers end by themselves
+            # now the scheduler is closed. Joining them here deadlocked two
+            # workers whose callbacks both closed the engine (each joined the
+            # other); a close() from outside, or the exit hook, still joins.
+            return
         for r in self._replicas:
-            if threading.current_thread() is not r.thread:
-                r.thread.join()
+            r.thread.join()
         # Anything still registered (a batch's futures if the worker died).
         with self._lock:
             left = list(self._pending)
@@ -823,9 +839,9 @@ class Engine(tasks.TaskCalls):
         (fastserve.ray.app runs them before deploying)."""
         bound = inspect.signature(Engine).bind(**options)
         bound.apply_defaults()
-        names = inspect.signature(_check_options).parameters.keys() - {"switches"}
-        _check_options(**{k: bound.arguments[k] for k in names},
-                       **{k: bound.arguments[k] for k in _SWITCHES})
+        for name in _SWITCHES:
+            _switch(name, bound.arguments[name])
+        _check_options(**{k: bound.arguments[k] for k in inspect.signature(_check_options).parameters})
 
     def health(self) -> dict[str, Any]:
         # Serving while any worker is: a replica that died leaves the others
@@ -935,11 +951,12 @@ class Engine(tasks.TaskCalls):
         return self._within_budget(lists)
 
     def _side_tokenizer(self, truncate: str) -> Any:
-        """The tokenizer, cutting on the left for truncate="left" (a copy: the caller's is not changed)."""
-        if truncate != "left":
+        """The tokenizer, cutting on the side truncate="left" / "right" names
+        (a copy where that is not its own: the caller's is not changed)."""
+        if truncate not in ("left", "right") or getattr(self.tokenizer, "truncation_side", "right") == truncate:
             return self.tokenizer
         tok = copy.copy(self.tokenizer)
-        tok.truncation_side = "left"
+        tok.truncation_side = truncate
         return tok
 
     def _make_fit(self, truncate: str, overlap: int) -> Fit:
@@ -1294,12 +1311,18 @@ class Engine(tasks.TaskCalls):
             replica.warm.set()
 
     def _run(self, batch, replica: replicas_.Replica) -> None:
-        # A deadline that passed since the batch was assembled: never computed.
-        for rid in self._scheduler.start(batch):
-            self._fail(int(rid), RequestTimeoutError("the request's deadline passed before it could run"))
+        # The futures first: once taken (running) none can be cancelled, so a
+        # cancel() that returned True is a request never computed. Those
+        # cancelled since the batch was assembled, and those whose deadline
+        # passed since, leave the batch at start.
+        ids = [int(rid) for rid in batch.ids]
+        taken = dict(zip(ids, self._take_all(ids)))
+        expired = self._scheduler.start(batch, [rid for rid, f in taken.items() if f is None])
+        for rid in expired:
+            taken[int(rid)].set_exception(RequestTimeoutError("the request's deadline passed before it could run"))
         if not batch.size:
             return
-        futures = self._take_all(batch.ids)
+        futures = [taken[int(rid)] for rid in batch.ids]
         runner = replica.runner
         pausing = self.preempt and runner.pause_hook is None  # an urgent batch runs whole
         state: dict[str, Any] = {"paused": 0.0, "live": None}

@@ -283,6 +283,34 @@ TEST(Deadlines, ARequestWhoseDeadlinePassesAfterAssemblyIsRemovedAtStart) {
   EXPECT_EQ(snap.stats.completed, 2);
 }
 
+TEST(Deadlines, RequestsCancelledAfterAssemblyLeaveTheBatchAtStartCountedCancelled) {
+  // A caller's cancel() between next_batch and the worker taking the
+  // futures: the scheduler no longer holds the request, so the worker
+  // names it at start and it is never computed.
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(engine_scheduler(), engine_controller("static"), clock);
+  const uint64_t a = s.submit(toks(8), 0, 0.010);
+  const uint64_t b = s.submit(toks(5));
+  const uint64_t c = s.submit(toks(3));
+  auto batch = *s.next_batch(0);
+  ASSERT_EQ(batch->size(), 3);
+  EXPECT_FALSE(s.cancel(b));  // taken: the scheduler cannot cancel it any more
+  clock->set(0.010);
+  EXPECT_EQ(s.start(*batch, {b}), std::vector<uint64_t>{a});  // a expired, b dropped, c left
+  EXPECT_EQ(batch->ids(), std::vector<uint64_t>{c});
+  EXPECT_EQ(batch->total_tokens(), 3);
+  s.complete(*batch, 0.001);
+  const auto snap = s.snapshot();
+  EXPECT_EQ(snap.stats.expired, 1);
+  EXPECT_EQ(snap.stats.cancelled, 1);
+  EXPECT_EQ(snap.stats.completed, 1);
+  auto only = s.submit(toks(4));
+  auto lone = *s.next_batch(0);
+  EXPECT_TRUE(s.start(*lone, {only}).empty());
+  EXPECT_EQ(lone->size(), 0);
+  EXPECT_EQ(s.snapshot().stats.cancelled, 2);
+}
+
 TEST(Deadlines, ABatchWhoseRequestsAllExpiredIsEmptyAndNotRunning) {
   auto clock = std::make_shared<ManualClock>(0.0);
   Scheduler s(engine_scheduler(), engine_controller("static"), clock);

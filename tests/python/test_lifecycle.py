@@ -227,3 +227,56 @@ def test_async_with_and_aclose_drain_without_blocking_the_loop(bert):
             e.submit("after")
 
     asyncio.run(main())
+
+
+def test_close_from_done_callbacks_on_two_workers_returns_and_the_workers_end():
+    """Each callback's close() joined the other worker: both waited forever,
+    and so did the exit hook."""
+    import types
+
+    engine = Engine(tm.model("bert"), tm.tokenizer(), replicas=2)
+    gates = [tm.Gate(types.SimpleNamespace(runner=r.runner)) for r in engine._replicas]
+    futures = []
+    for i in range(2):
+        f = engine.submit(f"request {i}")
+        f.add_done_callback(lambda f: engine.close())
+        futures.append(f)
+        tm.until(lambda: sum(g.entered.is_set() for g in gates) == i + 1, "each worker to hold a request")
+    for g in gates:
+        g.release.set()
+    tm.until(lambda: not any(r.thread.is_alive() for r in engine._replicas), "both workers to end")
+    assert all(f.result(timeout=30).shape == (engine.dim,) for f in futures)
+    closing = threading.Thread(target=engine.close, daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive()
+    with pytest.raises(EngineClosedError):
+        engine.submit("after")
+
+
+def test_a_request_cancelled_after_its_batch_was_assembled_is_not_computed(bert):
+    """cancel() in the instant between the scheduler assembling a batch and
+    the worker taking its futures returned True, and the row was computed
+    anyway, counted completed. Made deterministic: the cancel happens as the
+    worker starts to take the futures."""
+    with Engine(bert, tm.tokenizer(), replicas=1) as engine:
+        gate = tm.Gate(engine, hold_first=False)
+        take = engine._take_all
+        said = {}
+
+        def cancel_then_take(rids):
+            if "doomed" in said:
+                said["cancel"] = said.pop("doomed").cancel()  # the caller's cancel(), in the window
+            return take(rids)
+
+        engine._take_all = cancel_then_take
+        before = engine.stats()
+        with tm.held(engine):
+            kept, doomed = engine.submit_many(["kept", "doomed"])
+            said["doomed"] = doomed
+        assert kept.result(timeout=30).shape == (engine.dim,)
+        assert said["cancel"] is True and doomed.cancelled()
+        after = engine.stats()
+    assert len(gate.seen) == 2  # the holder and "kept": "doomed" never reached the model
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["completed"] - before["completed"] == 2

@@ -165,8 +165,8 @@ def test_serve_refuses_bad_server_options_before_loading_anything(capsys, option
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["serve", "/nonexistent/model", "--num-cpus", "2"], "fastserve serve: --num-cpus give each Ray replica"),
-    (["serve", "/nonexistent/model", "--num-gpus", "1"], "fastserve serve: --num-gpus give each Ray replica"),
+    (["serve", "/nonexistent/model", "--num-cpus", "2"], "fastserve serve: --num-cpus: each Ray replica's"),
+    (["serve", "/nonexistent/model", "--num-gpus", "1"], "fastserve serve: --num-gpus: each Ray replica's"),
     (["serve", "/nonexistent/model", "--ray", "--max-header-bytes", "100"],
      "fastserve serve: --max-header-bytes is the local server's"),
 ])

@@ -204,13 +204,13 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
     ({"pair_truncation": "only_second"}, "pair_truncation is for task='rerank'"),
     ({"activation": "softmax"}, "activation is for task='classify' or 'rerank'"),
     # on/off options take a bool (or None): "false" and "no" switched the option on
-    ({"normalize": "false"}, "normalize must be True, False or None"),
-    ({"normalize": 0}, "normalize must be True, False or None"),
-    ({"tune_malloc": "no"}, "tune_malloc must be True, False or None"),
-    ({"freeze_gc": "no"}, "freeze_gc must be True, False or None"),
-    ({"tune_onednn": 1}, "tune_onednn must be True, False or None"),
-    ({"copy_model": "yes"}, "copy_model must be True, False or None"),
-    ({"cudnn_attention": "off"}, "cudnn_attention must be True, False or None"),
+    ({"normalize": "false"}, "normalize must be True or False"),
+    ({"normalize": 2}, "normalize must be True or False"),
+    ({"tune_malloc": "no"}, "tune_malloc must be True or False"),
+    ({"freeze_gc": "no"}, "freeze_gc must be True or False"),
+    ({"tune_onednn": 0.0}, "tune_onednn must be True or False"),
+    ({"copy_model": "yes"}, "copy_model must be True or False"),
+    ({"cudnn_attention": "off"}, "cudnn_attention must be True or False"),
 ])
 def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -219,10 +219,19 @@ def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
         Engine.check_options(warmup=False, **kwargs)
 
 
+def test_an_on_off_option_takes_numpy_bools_and_0_or_1_as_bools():
+    import numpy as np
+
+    Engine.check_options(normalize=np.False_, warmup=0, freeze_gc=1, preempt=np.True_)
+    with Engine(tm.model("bert"), tm.tokenizer(), normalize=np.True_, warmup=0) as e:
+        assert e.normalize is True and e.stats()["warmup_s"] == [None] * len(e.stats()["replicas"])
+        assert abs(float(np.linalg.norm(e.embed("x"))) - 1) < 1e-5
+
+
 def test_check_options_refuses_a_keyword_the_engine_does_not_take_and_passes_good_ones():
     with pytest.raises(TypeError, match="max_batch_tokn"):
         Engine.check_options(max_batch_tokn=512)
-    with pytest.raises(ValueError, match="warmup must be True, False or None"):
+    with pytest.raises(ValueError, match="warmup must be True or False"):
         Engine.check_options(warmup="no")
     Engine.check_options(task="rerank", pair_truncation="only_second", max_batch_tokens=512, warmup=False)
 

@@ -299,7 +299,9 @@ def test_after_a_replica_dies_admission_counts_the_live_workers_only(bert):
     tm.until(survivor.entered.is_set, "the live worker held")
     engine.submit_many(["queued ahead"] * 50, timeout=1e9)
     with pytest.raises(fastserve.OverloadedError):
-        engine.submit("its deadline is 1 ms away", priority=1, timeout=0.001)
+        # 1 us: below any batch's compute on any machine (1 ms was within a
+        # fast machine's prediction for the tiny model: admitted now and then).
+        engine.submit("its deadline is 1 us away", priority=1, timeout=1e-6)
     survivor.release.set()
     assert held.result(timeout=30).shape == (32,)
     engine.close()

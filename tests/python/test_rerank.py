@@ -313,3 +313,24 @@ def test_token_types_reach_only_a_model_that_has_them(tmp_path, arch, types):
         got = engine.score(pairs())
     assert seen and set(seen) == {types}
     np.testing.assert_allclose(got, ce.predict(pairs()), atol=2e-6)
+
+
+def test_pairs_are_cut_on_the_side_the_engine_says_whatever_the_tokenizer_says(bert_ce, tmp_path):
+    """A tokenizer saved with truncation_side="left": by default the engine
+    cuts there (as CrossEncoder does), and truncate="right" cut pairs on the
+    left all the same while engine.truncate said "right"."""
+    import json
+    import shutil
+
+    folder, ce = bert_ce
+    left = shutil.copytree(folder, tmp_path / "left")
+    cfg = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
+    long_pair = [(QUERY, " ".join(f"w{i}" for i in range(300)))]
+    with Engine(str(folder), task="rerank") as plain, Engine(str(left), task="rerank") as own, \
+            Engine(str(left), task="rerank", truncate="right") as right:
+        assert (plain.truncate, own.truncate, right.truncate) == ("right", "left", "right")
+        cut_right = plain.tokenize_pairs(long_pair)[0]
+        assert right.tokenize_pairs(long_pair)[0] == cut_right
+        assert own.tokenize_pairs(long_pair)[0] != cut_right
+        np.testing.assert_allclose(own.score(long_pair), CrossEncoder(str(left)).predict(long_pair), atol=1e-5)

@@ -111,8 +111,8 @@ def test_tei_rerank_truncate_false_refuses_a_long_pair_and_the_direction_is_chec
                                  "truncation_direction": "Right"}).status_code == 200
     assert error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "truncation_direction": "Left"}),
                     400)["param"] == "truncation_direction"
-    assert error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS, "raw_score": True}), 400)["param"] == \
-        "raw_score"  # a misspelt field is refused by name
+    assert "did you mean 'raw_scores'" in error_of(post(srv, "/rerank", {"query": QUERY, "texts": DOCS,
+                                                                         "raw_score": True}), 400)["message"]
 
 
 def test_cohere_client_reranks_through_the_route(reranker):
@@ -140,6 +140,13 @@ def test_cohere_v2_client_reranks_through_the_v2_path(reranker):
     expected = engine.rerank(QUERY, DOCS, top_n=2)
     assert [x.index for x in got.results] == [e.index for e in expected]
     np.testing.assert_allclose([x.relevance_score for x in got.results], [e.score for e in expected], atol=1e-6)
+    import inspect
+
+    optional = {"priority": 1, "relevant_spans": {"enabled": False}}  # the SDK's other arguments
+    optional = {k: v for k, v in optional.items() if k in inspect.signature(co.rerank).parameters}
+    for name, value in optional.items():  # accepted and served (a body field fastserve does not read)
+        got = co.rerank(model="fastserve", query=QUERY, documents=DOCS, top_n=2, **{name: value})
+        assert [x.index for x in got.results] == [e.index for e in expected], name
     with pytest.raises(cohere.core.api_error.ApiError) as e:
         co.rerank(model="fastserve", query=QUERY, documents=DOCS, max_tokens_per_doc=engine.max_length - 1)
     assert e.value.status_code == 400 and "max_tokens_per_doc" in str(e.value.body)

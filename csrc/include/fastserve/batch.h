@@ -34,9 +34,10 @@ class Batch {
 
   // Take out the rows whose deadline is at or before `now` and return their
   // ids: called just before the batch runs, so a request whose deadline
-  // passed after assembly is still never computed. Only before a layout
-  // was built (throws std::logic_error after).
-  std::vector<uint64_t> remove_expired(double now);
+  // passed after assembly is still never computed. The rows of `dropped`
+  // (ids) go too, and are not returned. Only before a layout was built
+  // (throws std::logic_error after).
+  std::vector<uint64_t> remove_expired(double now, const std::vector<uint64_t>& dropped = {});
 
   uint64_t seq() const { return seq_; }
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }

@@ -197,8 +197,10 @@ class Scheduler {
 
   // Called by the worker just before it runs `batch`: takes out and returns
   // the requests whose deadline has passed since assembly (counted as
-  // expired), so none is computed late.
-  std::vector<uint64_t> start(Batch& batch);
+  // expired), so none is computed late, and takes out `cancelled` (ids its
+  // caller cancelled after the batch was assembled, before the worker took
+  // their futures; counted as cancelled), so none is computed at all.
+  std::vector<uint64_t> start(Batch& batch, const std::vector<uint64_t>& cancelled = {});
 
   // The predicted completion time of a request of `tokens` tokens submitted
   // now at `priority` (the admission test's figure); +inf while nothing is

@@ -5,7 +5,7 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -170,7 +170,7 @@ class App(FastAPI):
     request the fast path serves pays for none of it (CORS, when asked for,
     wraps the edge)."""
 
-    edge: Any
+    edge: Union[Edge, CORSMiddleware]
 
     async def __call__(self, scope, receive, send) -> None:
         await self.edge(scope, receive, send)
@@ -228,7 +228,7 @@ def serve(
     log_level: str = "info",
     access_log: bool = False,
     close_engine: bool = True,
-    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
+    client_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     cors_allow_origins: Sequence[str] = (),
 ) -> None:
@@ -236,17 +236,18 @@ def serve(
     stop accepting, let in-flight requests finish (at most graceful_timeout
     seconds), then close the engine (unless close_engine=False).
     client_timeout_s: a request's headers must all arrive within it (else
-    408), and its body must not stall longer (408); max_header_bytes: a
-    larger request line and headers get 431 (protocol.py)."""
-    app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
-                     request_timeout=request_timeout, model_name=model_name, client_timeout_s=client_timeout_s,
-                     cors_allow_origins=cors_allow_origins)
-    # Proxy headers (X-Forwarded-For) only matter for the client addresses of
-    # the access log; without it uvicorn's proxy middleware is skipped.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="off",
-                            http=guarded(max_header_bytes, client_timeout_s))
+    408), and its body must not stall longer (408; None: no time bound);
+    max_header_bytes: a larger request line and headers get 431
+    (protocol.py)."""
     try:
+        app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
+                         request_timeout=request_timeout, model_name=model_name, client_timeout_s=client_timeout_s,
+                         cors_allow_origins=cors_allow_origins)
+        # Proxy headers (X-Forwarded-For) only matter for the client addresses of
+        # the access log; without it uvicorn's proxy middleware is skipped.
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                                proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout,
+                                lifespan="off", http=guarded(max_header_bytes, client_timeout_s))
         Server(config).run()
     finally:
         if close_engine:

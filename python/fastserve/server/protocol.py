@@ -7,11 +7,14 @@ uvicorn's only timer is the keep-alive one, armed after a response: a client
 could send a 200 MB URL (the server's memory grew by three times that) or
 open connections that send nothing, or half their headers, and hold a file
 descriptor each until the process ran out (probes then got resets). Here the
-URL and header bytes are counted as the parser hands them over, and past
-`max_header_bytes` the client gets 431 and the connection closes; a request
-whose headers have not all arrived `header_timeout_s` after its first byte
-(or after the connection opened) gets 408 and the connection closes. The
-answers are in the API's error shape. A stalled body is the edge's to time
+URL and header bytes are counted (as the parser hands them over, and each
+read that ends inside the headers whole: httptools keeps a header value
+until it ends), and past `max_header_bytes` the client gets 431 and the
+connection closes; a request whose headers have not all arrived
+`header_timeout_s` after its first byte gets 408 and the connection closes,
+and a connection that sent no byte of a request in that time is closed. The
+answers are in the API's error shape, and wait for the answer to an earlier
+pipelined request on the connection. A stalled body is the edge's to time
 out (edge.py), since the app reads the body."""
 
 from __future__ import annotations
@@ -33,12 +36,16 @@ class GuardedProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with the header bound and timer (guarded() sets them)."""
 
     max_header_bytes = DEFAULT_MAX_HEADER_BYTES
-    header_timeout_s = DEFAULT_CLIENT_TIMEOUT_S
+    header_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._refused = False
-        self._header_bytes = 0
+        self._pending: Optional[ApiError] = None  # a refusal waiting for the answer before it
+        self._in_headers = True  # between a request's first byte (or the connection's start) and its headers' end
+        self._begun = False  # a byte of the current request has arrived
+        self._header_bytes = 0  # counted from the parser's callbacks
+        self._raw_bytes = 0  # reads that ended inside the headers (httptools keeps a header value whole)
         self._header_timer: Optional[asyncio.TimerHandle] = None
         self._arm()
 
@@ -47,16 +54,23 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
+        if self._refused:
+            return
+        inside = self._in_headers
+        super().data_received(data)
+        if inside and self._in_headers and not self._refused:  # the whole read was header bytes
+            self._raw_bytes += len(data)
+            if self._raw_bytes > self.max_header_bytes:
+                self._too_large()
 
     # The parser's callbacks: every one is a no-op once the request is refused
-    # (the rest of the chunk being parsed is dropped with the connection).
+    # (the rest of the read being parsed is dropped with the connection).
     def on_message_begin(self) -> None:
         if self._refused:
             return
         super().on_message_begin()
-        self._header_bytes = 0
+        self._in_headers, self._begun = True, True
+        self._header_bytes = self._raw_bytes = 0
         self._arm()  # a keep-alive connection's next request: from its first byte
 
     def on_url(self, url: bytes) -> None:
@@ -70,6 +84,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused:
             return
+        self._in_headers = self._begun = False
         self._disarm()
         super().on_headers_complete()
 
@@ -81,18 +96,27 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._refused:
             super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, if one is waiting
+        if self._pending is not None and (self.cycle is None or self.cycle.response_complete):
+            error, self._pending = self._pending, None  # refused behind the answers before it: now its turn
+            self._answer_and_close(error)
+
     def _counted(self, n: int) -> bool:
         if self._refused:
             return False
         self._header_bytes += n
         if self._header_bytes <= self.max_header_bytes:
             return True
-        self._refuse(ApiError(431, f"the request's URL and headers exceed {self.max_header_bytes} bytes",
-                              code="headers_too_large"))
+        self._too_large()
         return False
 
+    def _too_large(self) -> None:
+        self._refuse(ApiError(431, f"the request's URL and headers exceed {self.max_header_bytes} bytes",
+                              code="headers_too_large"))
+
     def _arm(self) -> None:
-        if self._header_timer is None:
+        if self._header_timer is None and self.header_timeout_s is not None:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_timeout)
 
     def _disarm(self) -> None:
@@ -102,34 +126,46 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            self._arm()  # a pipelined request waits behind this answer: its time starts after
+        if not self._begun and (self.cycle is None or self.cycle.response_complete):
+            # Not a byte of a request: nothing to answer (a connection opened
+            # ahead of use, or one that only holds a descriptor). Closed, as
+            # nginx closes an idle connection.
+            self._refused = True
+            self.transport.close()
             return
         self._refuse(ApiError(408, f"the request's headers did not arrive within {self.header_timeout_s:g} s",
                               type="timeout_error", code="request_timeout"))
 
     def _refuse(self, error: ApiError) -> None:
-        """Answer `error` and close the connection (only close it where an
-        answer to an earlier request is still being written)."""
+        """Answer `error` and close the connection: at once, or once the
+        answer to an earlier (pipelined) request on it is out."""
         self._refused = True
         self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._pending = error
+            self.flow.pause_reading()
+        else:
+            self._answer_and_close(error)
+
+    def _answer_and_close(self, error: ApiError) -> None:
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:
-            reply = error.reply()
-            head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS[error.status])]
-            for name, value in self.server_state.default_headers:
-                head.append(name + b": " + value + b"\r\n")
-            head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-                        % len(reply.body))
-            self.transport.write(b"".join(head) + reply.body)
+        reply = error.reply()
+        head = [b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS[error.status])]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(reply.body))
+        self.transport.write(b"".join(head) + reply.body)
         self.transport.close()
 
 
 def guarded(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-            header_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S) -> type[GuardedProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with these bounds."""
-    if max_header_bytes < 1 or not header_timeout_s > 0:
+            header_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S) -> type[GuardedProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with these bounds
+    (header_timeout_s None: no time bound)."""
+    if max_header_bytes < 1 or (header_timeout_s is not None and not header_timeout_s > 0):
         raise ValueError("max_header_bytes and the client timeout must be positive")
     return type("GuardedProtocol", (GuardedProtocol,),
-                {"max_header_bytes": int(max_header_bytes), "header_timeout_s": float(header_timeout_s)})
+                {"max_header_bytes": int(max_header_bytes),
+                 "header_timeout_s": None if header_timeout_s is None else float(header_timeout_s)})

@@ -1,9 +1,10 @@
 """The API's request and response bodies, as pydantic models: FastAPI
 validates requests with them and writes the OpenAPI document from them."""
 
+import difflib
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 # Lists of inputs are never empty (the routes answer 400 to an empty one).
 NonEmpty = Field(min_length=1)
@@ -12,11 +13,28 @@ EmbeddingInput = Union[StrictStr, Annotated[list[StrictStr], NonEmpty], Annotate
                        Annotated[list[Annotated[list[StrictInt], NonEmpty]], NonEmpty]]
 
 
-class EmbeddingRequest(BaseModel):
+class _Request(BaseModel):
+    """A request body. A field it does not have is ignored, as the APIs it
+    stands in for ignore other vendors' extensions (vLLM's, Jina's, Cohere
+    v2's `priority`), unless its name is a near miss of one it has (a
+    misspelt `dimension` returned the whole vector with a 200): 400 naming
+    both."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_near_misses(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and key not in cls.model_fields:
+                    near = difflib.get_close_matches(key, cls.model_fields, n=1, cutoff=0.8)
+                    if near:
+                        raise ValueError(f"unknown field {key!r}: did you mean {near[0]!r}?")
+        return data
+
+
+class EmbeddingRequest(_Request):
     """OpenAI's embeddings request. `model` and `user` are accepted and
     ignored: the server serves one model."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
 
     input: EmbeddingInput = Field(description="a text, a list of texts, token ids, or a list of token-id lists")
     model: Optional[str] = None
@@ -32,9 +50,7 @@ class EmbeddingRequest(BaseModel):
                                   "\"\" for none)")
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
-
+class ClassifyRequest(_Request):
     input: Texts
     model: Optional[str] = None
 
@@ -85,11 +101,9 @@ class RerankDocument(BaseModel):
     text: Optional[StrictStr] = None
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(_Request):
     """The rerank request Cohere, Jina, vLLM and Infinity share. Documents
     are strings or objects; `model` is accepted and ignored."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
 
     query: StrictStr
     documents: Annotated[list[Union[StrictStr, RerankDocument]], NonEmpty]
@@ -121,10 +135,8 @@ class RerankResponse(BaseModel):
     usage: Usage
 
 
-class TeiRerankRequest(BaseModel):
+class TeiRerankRequest(_Request):
     """text-embeddings-inference's /rerank request."""
-
-    model_config = ConfigDict(extra="forbid")
 
     query: StrictStr
     texts: Annotated[list[StrictStr], NonEmpty]
@@ -142,9 +154,7 @@ class TeiRank(BaseModel):
     text: Optional[str] = None
 
 
-class ExtractRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not ignored
-
+class ExtractRequest(_Request):
     input: Texts
     model: Optional[str] = None
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"
