@@ -334,8 +334,9 @@ class Scheduler:
         the running batch's rows dropped (lower priority the pause makes late), also
         added to running.abandoned."""
 
-    def start(self, batch: Batch) -> list[int]:
-        """Call just before running the batch: removes and returns the ids whose deadline has passed."""
+    def start(self, batch: Batch, cancelled: list[int] = ...) -> list[int]:
+        """Call just before running the batch: removes and returns the ids whose deadline has passed,
+        and removes `cancelled` (ids cancelled since assembly; counted as cancelled)."""
 
     def predict_completion(self, tokens: int, priority: int = 0) -> float:
         """Predicted completion time (scheduler clock) of a request submitted now; inf before any batch is measured or with admission off."""
