@@ -244,7 +244,6 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
         raise
 
 
-
 # The Engine's on/off options: True, False, or None for its default.
 _SWITCHES = ("normalize", "tune_malloc", "cudnn_attention", "tune_onednn", "copy_model", "preempt", "warmup",
              "freeze_gc")

@@ -28,7 +28,8 @@ TRUNCATIONS = ("right", "left", "error", "chunk")
 
 
 def truncation_mode(truncate: Any) -> str:
-    """`truncate` as one of TRUNCATIONS (True is "right", False "error")."""
+    """`truncate` as one of TRUNCATIONS (True is "right", False "error";
+    an Engine then makes True its tokenizer's own truncation_side)."""
     if truncate is True:
         return "right"
     if truncate is False:

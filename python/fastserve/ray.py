@@ -231,8 +231,9 @@ def app(
     power of two choices on ongoing request counts).
     body_timeout_s: a request whose body has not reached its replica by then
     gets a 503 to retry (BodyGuard: a body lost with a dead replica).
-    options: the server's create_app options (api_key, max_payload_bytes,
-    max_inputs, request_timeout, model_name); every other one is an Engine
+    options: the server's create_app options (SERVER_OPTIONS: api_key,
+    max_payload_bytes, max_inputs, request_timeout, model_name,
+    client_timeout_s, cors_allow_origins); every other one is an Engine
     keyword (task, device, target_latency_ms, max_batch_tokens, ...),
     checked here (Engine.check_options: TypeError for one Engine does not
     take, ValueError for a bad value) rather than in every replica.
