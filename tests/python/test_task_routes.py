@@ -147,6 +147,10 @@ def test_cohere_v2_client_reranks_through_the_v2_path(reranker):
     for name, value in optional.items():  # accepted and served (a body field fastserve does not read)
         got = co.rerank(model="fastserve", query=QUERY, documents=DOCS, top_n=2, **{name: value})
         assert [x.index for x in got.results] == [e.index for e in expected], name
+    if "relevant_spans" in optional:  # asked for, it would be ignored: refused
+        with pytest.raises(cohere.core.api_error.ApiError) as e:
+            co.rerank(model="fastserve", query=QUERY, documents=DOCS, relevant_spans={"enabled": True})
+        assert e.value.status_code == 400 and "relevant_spans" in str(e.value.body)
     with pytest.raises(cohere.core.api_error.ApiError) as e:
         co.rerank(model="fastserve", query=QUERY, documents=DOCS, max_tokens_per_doc=engine.max_length - 1)
     assert e.value.status_code == 400 and "max_tokens_per_doc" in str(e.value.body)

@@ -14,6 +14,7 @@ import math
 from ..errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
 from ..errors import RequestTimeoutError
 from .replies import Reply, dumps
+from .schemas import UnknownField
 
 log = logging.getLogger("fastserve.server")
 
@@ -92,6 +93,10 @@ def validation_error(exc: RequestValidationError, path: str) -> ApiError:
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
         return invalid_json()
+    for err in errors:
+        unknown = (err.get("ctx") or {}).get("error")
+        if isinstance(unknown, UnknownField):
+            return ApiError(400, str(unknown), param=unknown.field, code="unknown_field")
     empty = [err for err in errors if err.get("type") == "too_short"]
     if empty:  # an empty list of inputs (the schema's min_length), whichever union branch saw it
         loc = [str(x) for x in empty[0].get("loc", ()) if x != "body" and not str(x).startswith(("list[", "str"))]

@@ -30,6 +30,7 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024  # nginx's large_client_header_buffers: 4 x
 DEFAULT_CLIENT_TIMEOUT_S = 30.0
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+LINGER_S = 2.0  # a refused connection's reads are drained this long before it closes (nginx: lingering_time)
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -45,7 +46,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = True  # between a request's first byte (or the connection's start) and its headers' end
         self._begun = False  # a byte of the current request has arrived
         self._header_bytes = 0  # counted from the parser's callbacks
-        self._raw_bytes = 0  # reads that ended inside the headers (httptools keeps a header value whole)
+        self._raw_bytes = 0  # reads that were all header bytes (httptools keeps a header value whole)
+        self._headers_done = 0  # requests whose headers ended, on this connection
         self._header_timer: Optional[asyncio.TimerHandle] = None
         self._arm()
 
@@ -56,9 +58,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        inside = self._in_headers
+        inside, done = self._in_headers, self._headers_done
         super().data_received(data)
-        if inside and self._in_headers and not self._refused:  # the whole read was header bytes
+        if inside and self._headers_done == done and not self._refused:  # the whole read was header bytes
             self._raw_bytes += len(data)
             if self._raw_bytes > self.max_header_bytes:
                 self._too_large()
@@ -85,6 +87,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_headers = self._begun = False
+        self._headers_done += 1
         self._disarm()
         super().on_headers_complete()
 
@@ -148,6 +151,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self._answer_and_close(error)
 
     def _answer_and_close(self, error: ApiError) -> None:
+        """Write the answer, then close as nginx does ("lingering close"):
+        our side first, then what the client still sends is read and dropped
+        for up to LINGER_S. Closing with its bytes unread makes the kernel
+        reset the connection, which can destroy the answers not yet read:
+        the 431's, and a pipelined answer before it."""
         if self.transport.is_closing():
             return
         reply = error.reply()
@@ -157,7 +165,12 @@ class GuardedProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
                     % len(reply.body))
         self.transport.write(b"".join(head) + reply.body)
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()  # sent once the answers before it are out
+        self.flow.resume_reading()  # data_received drops it from here (refused)
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def guarded(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,

@@ -13,6 +13,14 @@ EmbeddingInput = Union[StrictStr, Annotated[list[StrictStr], NonEmpty], Annotate
                        Annotated[list[Annotated[list[StrictInt], NonEmpty]], NonEmpty]]
 
 
+class UnknownField(ValueError):
+    """A request field that is a near miss of one the request has."""
+
+    def __init__(self, field: str, meant: str) -> None:
+        super().__init__(f"unknown field {field!r}: did you mean {meant!r}?")
+        self.field = field
+
+
 class _Request(BaseModel):
     """A request body. A field it does not have is ignored, as the APIs it
     stands in for ignore other vendors' extensions (vLLM's, Jina's, Cohere
@@ -28,7 +36,7 @@ class _Request(BaseModel):
                 if isinstance(key, str) and key not in cls.model_fields:
                     near = difflib.get_close_matches(key, cls.model_fields, n=1, cutoff=0.8)
                     if near:
-                        raise ValueError(f"unknown field {key!r}: did you mean {near[0]!r}?")
+                        raise UnknownField(key, near[0])
         return data
 
 
@@ -119,6 +127,9 @@ class RerankRequest(_Request):
                                   "not split into chunks)")
     max_tokens_per_doc: Optional[StrictInt] = Field(
         default=None, description="Cohere v2: accepted at or above the model's limit, where pairs are cut anyway")
+    priority: Optional[StrictInt] = Field(default=None, description="Cohere v2: accepted and not used")
+    relevant_spans: Optional[dict[str, Any]] = Field(
+        default=None, description="Cohere v2: accepted only disabled ({\"enabled\": false}): no spans are returned")
 
 
 class RerankResultItem(BaseModel):

@@ -65,6 +65,8 @@ class TaskRoutes:
         if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < limit:
             raise ApiError(400, f"max_tokens_per_doc below the model's limit ({limit} tokens per pair) is not "
                                 f"supported, got {body.max_tokens_per_doc}", param="max_tokens_per_doc")
+        if body.relevant_spans and body.relevant_spans.get("enabled"):
+            raise ApiError(400, "relevant_spans is not supported: no spans are returned", param="relevant_spans")
         if body.max_chunks_per_doc not in (None, 1):
             raise ApiError(400, "max_chunks_per_doc other than 1 is not supported: a document past the model's "
                                 f"limit ({limit} tokens per pair) is cut, not split into chunks; got "
