@@ -8,8 +8,8 @@ could send a 200 MB URL (the server's memory grew by three times that) or
 open connections that send nothing, or half their headers, and hold a file
 descriptor each until the process ran out (probes then got resets). Here the
 URL and header bytes are counted (as the parser hands them over, and each
-read that ends inside the headers whole: httptools keeps a header value
-until it ends), and past `max_header_bytes` the client gets 431 and the
+read that is all header bytes whole: httptools keeps a header value until
+it ends), and past `max_header_bytes` the client gets 431 and the
 connection closes; a request whose headers have not all arrived
 `header_timeout_s` after its first byte gets 408 and the connection closes,
 and a connection that sent no byte of a request in that time is closed. The
