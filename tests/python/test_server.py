@@ -1000,6 +1000,14 @@ def test_a_request_line_or_headers_past_the_limit_get_431_and_the_connection_clo
             while chunk := s.recv(65536):
                 out += chunk
         assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 200") == 2, out[:100]
+        # What follows a refusal in the same read (bytes the parser rejects, an
+        # Upgrade header) gets no second answer written after ours.
+        with _logged("asyncio") as loop_errors, _logged("uvicorn.error") as server_errors:
+            for tail in (b"\r\n\r\n\x00\x01garbage", b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"):
+                status, _ = _status_and_error(_raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nx-pad: "
+                                                   + b"a" * 5000 + tail))
+                assert status == 431
+        assert not [r for r in loop_errors + server_errors if r.levelname == "ERROR"]
         # Refused behind a pipelined request: that one's answer first, then the 431.
         raw = _raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
                              b"GET /health HTTP/1.1\r\nHost: x\r\nx-pad: " + b"a" * 5000 + b"\r\n\r\n")

@@ -99,6 +99,17 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._refused:
             super().on_message_complete()
 
+    # uvicorn's own answers to what the parser meets after a refusal in the
+    # same read (invalid bytes: a 400; an Upgrade header: the websocket
+    # path, which reads a scope the refusal never finished): none once refused.
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:
+            super().send_400_response(msg)
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self._refused:
+            super().handle_websocket_upgrade()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next pipelined request, if one is waiting
         if self._pending is not None and (self.cycle is None or self.cycle.response_complete):
