@@ -19,6 +19,7 @@ namespace {
 
 const char* isa_name(kernels::cpu::Isa isa) {
   switch (isa) {
+    case kernels::cpu::Isa::kAvx512Bf16: return "avx512_bf16";
     case kernels::cpu::Isa::kAvx512: return "avx512";
     case kernels::cpu::Isa::kAvx2: return "avx2";
     default: return "portable";
@@ -26,9 +27,10 @@ const char* isa_name(kernels::cpu::Isa isa) {
 }
 
 kernels::cpu::Isa isa_named(const std::string& name) {
-  for (auto isa : {kernels::cpu::Isa::kPortable, kernels::cpu::Isa::kAvx2, kernels::cpu::Isa::kAvx512})
+  using kernels::cpu::Isa;
+  for (auto isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (name == isa_name(isa)) return isa;
-  throw InvalidArgument("isa must be 'avx512', 'avx2' or 'portable', got '" + name + "'");
+  throw InvalidArgument("isa must be 'avx512_bf16', 'avx512', 'avx2' or 'portable', got '" + name + "'");
 }
 
 }  // namespace
@@ -93,7 +95,7 @@ void register_kernels(py::module_& m) {
         "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");
   k.def(
       "cpu_isa", [] { return isa_name(cpu::best_isa()); },
-      "The widest path the CPU layer kernels run on this CPU now: avx512, avx2 or portable.");
+      "The widest path the CPU layer kernels run on this CPU now: avx512_bf16, avx512, avx2 or portable.");
   k.def(
       "set_cpu_isa_cap", [](const std::string& name) { return isa_name(cpu::set_isa_cap(isa_named(name))); },
       py::arg("isa"), "Cap every CPU layer kernel call at this path, process-wide; returns the previous cap.");

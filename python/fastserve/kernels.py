@@ -204,16 +204,18 @@ def cpu_vector_paths() -> bool:
 
 def cpu_isa() -> str:
     """The widest path the CPU layer kernels run on this CPU (attention and the
-    epilogues on widths a multiple of 16): "avx512" where it has AVX-512F and
-    FASTSERVE_KERNEL_NO_AVX512 is unset, "avx2" where it has AVX2 + FMA,
-    "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
+    epilogues on widths a multiple of 16): "avx512_bf16" where it has AVX-512F
+    and AVX512-BF16 (the AVX-512 path with bfloat16 stores in one
+    instruction, the same results bit for bit), "avx512" where it has
+    AVX-512F, both with FASTSERVE_KERNEL_NO_AVX512 unset, "avx2" where it has
+    AVX2 + FMA, "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
     return str(_k.cpu_isa())
 
 
 @contextlib.contextmanager
 def cpu_isa_cap(isa: str) -> Iterator[None]:
     """Within the block, every CPU layer kernel call in the process runs at
-    most the `isa` path ("avx512", "avx2" or "portable"), whatever engine makes
+    most the `isa` path ("avx512_bf16", "avx512", "avx2" or "portable"), whatever engine makes
     it: for A/B measurements in one process (benchmarks/python/cpu_dtype.py),
     not for serving. ValueError for another name."""
     prev = _k.set_cpu_isa_cap(isa)

@@ -295,9 +295,9 @@ TEST(KernelDispatch, RejectsBadArgumentsBeforeWriting) {
 
 
 // Every path of the layer kernels: a cap above what this CPU has runs its
-// widest (so on an AVX2 machine the AVX-512 cap repeats the AVX2 path, and
+// widest (so on an AVX2 machine the AVX-512 caps repeat the AVX2 path, and
 // a width the path does not divide falls back to the next).
-constexpr cpu::Isa kIsas[] = {cpu::Isa::kPortable, cpu::Isa::kAvx2, cpu::Isa::kAvx512};
+constexpr cpu::Isa kIsas[] = {cpu::Isa::kPortable, cpu::Isa::kAvx2, cpu::Isa::kAvx512, cpu::Isa::kAvx512Bf16};
 
 TEST(KernelIsa, ThePathFollowsTheCapTheCpuAndTheWidth) {
   const cpu::Isa vec = cpu::vector_paths() ? cpu::Isa::kAvx2 : cpu::Isa::kPortable;
@@ -305,20 +305,28 @@ TEST(KernelIsa, ThePathFollowsTheCapTheCpuAndTheWidth) {
   EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx2, 16), vec);
   EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 8), vec);  // 8 floats: not a 16-lane path
   EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 12), cpu::Isa::kPortable);
-  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), cpu::best_isa());
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512Bf16, 8), vec);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512Bf16, 16), cpu::best_isa());
   EXPECT_GE(int(cpu::best_isa()), int(vec));
+  // AVX512-BF16 only above AVX-512F: the kAvx512 cap runs kAvx512 wherever
+  // the CPU has AVX512-BF16 too.
+  const cpu::Isa wide = cpu::isa_for(cpu::Isa::kAvx512, 16);
+  EXPECT_LE(int(wide), int(cpu::Isa::kAvx512));
+  if (cpu::best_isa() == cpu::Isa::kAvx512Bf16) EXPECT_EQ(wide, cpu::Isa::kAvx512);
   // The process-wide cap narrows every call, and restores.
   const cpu::Isa best = cpu::best_isa();
+  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx512), cpu::Isa::kAvx512Bf16);
+  EXPECT_EQ(cpu::best_isa(), wide);
   EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx2), cpu::Isa::kAvx512);
   EXPECT_EQ(cpu::best_isa(), vec);
-  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), vec);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512Bf16, 16), vec);
   EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kPortable), cpu::Isa::kAvx2);
-  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512, 16), cpu::Isa::kPortable);
-  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx512), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::isa_for(cpu::Isa::kAvx512Bf16, 16), cpu::Isa::kPortable);
+  EXPECT_EQ(cpu::set_isa_cap(cpu::Isa::kAvx512Bf16), cpu::Isa::kPortable);
   EXPECT_EQ(cpu::best_isa(), best);
 #if defined(FASTSERVE_AVX512_EMULATED)
-  // The emulated build exists to run the AVX-512 path: it must have.
-  if (cpu::vector_paths()) EXPECT_EQ(cpu::best_isa(), cpu::Isa::kAvx512);
+  // The emulated build exists to run the AVX-512 paths: it must have them.
+  if (cpu::vector_paths()) EXPECT_EQ(cpu::best_isa(), cpu::Isa::kAvx512Bf16);
 #endif
 }
 
@@ -475,6 +483,32 @@ TEST(KernelBFloat16, OutputsRoundToNearestEvenAndKeepNaNAndInfinity) {
       EXPECT_EQ(out[4 * hd], 0xff80) << int(isa);
       EXPECT_EQ(out[5 * hd], 0xbf80) << int(isa);  // -(1 + 2^-7) + 2^-8 = -(1 + 2^-8): a tie, to the even -1
       EXPECT_EQ(out[0 * hd + 1], 0) << int(isa);
+    }
+  }
+}
+
+TEST(KernelBFloat16, SubnormalOutputsAreKeptAsTorchKeepsThem) {
+  // vcvtneps2bf16 flushes float32 subnormals to zero; torch rounds them like
+  // any value, and so does every path here (kAvx512Bf16 takes Vec16's
+  // rounding for a vector that holds one). One token per sequence, as above:
+  // the stored context is the value, in vectors with and without normals.
+  const uint16_t values[] = {0x0001, 0x8005, 0x007f, 0x0080, 0x0000, 0x8080, 0x3f80, 0x0042};
+  const int64_t n = 8;
+  std::vector<int64_t> cu(n + 1);
+  for (int64_t t = 0; t <= n; ++t) cu[t] = t;
+  for (int64_t hd : {16, 32}) {
+    std::vector<uint16_t> qkv(n * 3 * hd, 0), bias(3 * hd, 0);
+    for (int64_t t = 0; t < n; ++t) {
+      qkv[t * 3 * hd + 2 * hd] = values[t];
+      qkv[t * 3 * hd + 2 * hd + hd - 1] = values[n - 1 - t];
+    }
+    for (cpu::Isa isa : kIsas) {
+      std::vector<uint16_t> out(n * hd, 0xffff);
+      cpu::attention(qkv.data(), bias.data(), cu.data(), n, 1, hd, 1.f, 1, out.data(), isa);
+      for (int64_t t = 0; t < n; ++t) {
+        EXPECT_EQ(out[t * hd], values[t]) << "hd " << hd << " isa " << int(isa) << " token " << t;
+        EXPECT_EQ(out[t * hd + hd - 1], values[n - 1 - t]) << "hd " << hd << " isa " << int(isa) << " token " << t;
+      }
     }
   }
 }

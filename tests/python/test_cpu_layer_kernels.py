@@ -41,15 +41,15 @@ def test_attention_equals_sdpa_per_sequence(hd: int, threads: int) -> None:
 
 def test_the_isa_cap_narrows_every_path_and_restores() -> None:
     best = kernels.cpu_isa()
-    assert best in ("avx512", "avx2", "portable")
+    order = ("portable", "avx2", "avx512", "avx512_bf16")
+    assert best in order
     torch.manual_seed(0)
     lengths = [5, 17, 33]
     qkv, cu = torch.randn(sum(lengths), 3, 2, 32), _cu(lengths)
     x, b = torch.randn(40, 1536), torch.randn(1536)
     want_gelu = F.gelu(x + b)
-    for isa in ("portable", "avx2", "avx512"):
+    for isa in order:
         with kernels.cpu_isa_cap(isa):
-            order = ("portable", "avx2", "avx512")
             assert order.index(kernels.cpu_isa()) == min(order.index(isa), order.index(best))
             torch.testing.assert_close(kernels.attention(qkv, cu), kernels.torch_attention(qkv, cu),
                                        atol=2e-6, rtol=1e-5)
@@ -58,7 +58,7 @@ def test_the_isa_cap_narrows_every_path_and_restores() -> None:
     with pytest.raises(RuntimeError, match="inside"), kernels.cpu_isa_cap("portable"):
         raise RuntimeError("inside")
     assert kernels.cpu_isa() == best
-    with pytest.raises(ValueError, match="isa must be 'avx512', 'avx2' or 'portable', got 'sse'"):
+    with pytest.raises(ValueError, match="isa must be 'avx512_bf16', 'avx512', 'avx2' or 'portable', got 'sse'"):
         with kernels.cpu_isa_cap("sse"):
             pass
     assert kernels.cpu_isa() == best
@@ -176,17 +176,17 @@ def test_bfloat16_epilogues_round_like_torchs_bfloat16_ops() -> None:
     assert ((y.float() - torch_bf16).abs() <= 2.0 ** -6 * (want.abs() + partial / scale * w.float().abs())).all()
 
 
-def test_a_bfloat16_engine_runs_the_kernels_only_when_asked(monkeypatch) -> None:
+def test_a_bfloat16_engine_runs_the_kernels_and_the_modules_when_asked(monkeypatch) -> None:
     m = tm.model("bert")
     texts = tm.mixed_texts(30, seed=8)
-    with Engine(m, tm.tokenizer(), execution="packed", dtype="bfloat16") as engine:
-        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
-        modules = engine.embed(texts)
-    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
     with Engine(m, tm.tokenizer(), execution="packed", dtype="bfloat16") as engine:
         assert engine.stats()["attention"] == "kernel" and engine.runner.fused is not None
         fused = engine.embed(texts)
         assert engine.stats()["attention_batches"]["kernel"] == engine.stats()["batches"]
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="bfloat16") as engine:
+        assert engine.stats()["attention"] == "runs" and engine.runner.fused is None
+        modules = engine.embed(texts)
     monkeypatch.delenv("FASTSERVE_PACKED_ATTENTION")
     with Engine(m, tm.tokenizer(), execution="packed") as engine:
         exact = engine.embed(texts)

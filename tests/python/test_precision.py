@@ -88,7 +88,8 @@ def test_stats_report_the_cpu_features_found():
     flags = precision._cpuinfo_flags()
     if flags is not None:
         # The kernels' path follows the CPU's flags (x86-64 here; elsewhere portable).
-        want = ("avx512" if "avx512f" in flags else "avx2") if {"avx2", "fma", "f16c"} <= flags else "portable"
+        wide = "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+        want = (wide if "avx512f" in flags else "avx2") if {"avx2", "fma", "f16c"} <= flags else "portable"
         assert cpu["kernel_isa"] == (want if platform.machine() in ("x86_64", "AMD64") else "portable")
         assert cpu["flags"] == [f for f in precision.REPORTED_FLAGS if f in flags]
         assert cpu["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & flags) or cpu["onednn_max_isa"] is not None

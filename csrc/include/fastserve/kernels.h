@@ -103,29 +103,31 @@ bool vector_paths();
 // The instruction sets of the layer kernels' paths, narrowest first. A call
 // takes a cap and runs the widest path this CPU has up to it (kAvx512 where
 // the CPU has AVX-512F and FASTSERVE_KERNEL_NO_AVX512 is unset, and the width
-// is a multiple of 16; kAvx2 as vector_paths() says, width a multiple of 8):
-// the default runs the best, tests and benchmarks compare them.
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// is a multiple of 16; kAvx512Bf16 where it also has AVX512-BF16; kAvx2 as
+// vector_paths() says, width a multiple of 8): the default runs the best,
+// tests and benchmarks compare them. kAvx512Bf16 is kAvx512 with bfloat16
+// stores in one instruction (vcvtneps2bf16), bit for bit the same results.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // The path a layer kernel runs for rows of `width` floats (head width or row
 // width) under `cap` and the process-wide cap; best_isa() is
-// isa_for(Isa::kAvx512, 16), the widest this CPU runs now.
+// isa_for(Isa::kAvx512Bf16, 16), the widest this CPU runs now.
 Isa isa_for(Isa cap, int64_t width);
 Isa best_isa();
-// A process-wide cap on every layer kernel call (kAvx512 at start: none), for
+// A process-wide cap on every layer kernel call (kAvx512Bf16 at start: none), for
 // A/B measurements in one process; returns the previous cap.
 Isa set_isa_cap(Isa cap);
 // The layer kernels, on float32 or on bfloat16 (by its bits: uint16_t),
 // computing in float32 either way.
 void attention(const float* qkv, const float* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, float* out, Isa isa = Isa::kAvx512);
+               float scale, int threads, float* out, Isa isa = Isa::kAvx512Bf16);
 void attention(const uint16_t* qkv, const uint16_t* bias, const int64_t* cu, int64_t B, int64_t nh, int64_t hd,
-               float scale, int threads, uint16_t* out, Isa isa = Isa::kAvx512);
-void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
-void bias_gelu(uint16_t* x, const uint16_t* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
+               float scale, int threads, uint16_t* out, Isa isa = Isa::kAvx512Bf16);
+void bias_gelu(float* x, const float* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
+void bias_gelu(uint16_t* x, const uint16_t* bias, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
 void add_layer_norm(float* x, const float* bias, const float* residual, const float* w, const float* b, float eps,
-                    int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
+                    int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
 void add_layer_norm(uint16_t* x, const uint16_t* bias, const uint16_t* residual, const uint16_t* w,
-                    const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512);
+                    const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
 }  // namespace cpu
 
 // ----------------------------------------------------------------- CUDA kernels

@@ -130,6 +130,10 @@ void attention_impl(const T* qkv, const T* bias, const int64_t* cu, int64_t B, i
       if (scratch.size() < need) scratch.resize(need);
       a.scratch = scratch.data();
 #if defined(FASTSERVE_CPU_AVX2)
+      if (x.isa == Isa::kAvx512Bf16) {
+        simd::avx512bf16::attention_group(a);
+        continue;
+      }
       if (x.isa == Isa::kAvx512) {
         simd::avx512::attention_group(a);
         continue;

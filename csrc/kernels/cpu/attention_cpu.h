@@ -69,6 +69,10 @@ namespace avx512 {
 void attention_group(const HeadArgs<float>& a);
 void attention_group(const HeadArgs<bf16>& a);
 }  // namespace avx512
+namespace avx512bf16 {
+void attention_group(const HeadArgs<float>& a);
+void attention_group(const HeadArgs<bf16>& a);
+}  // namespace avx512bf16
 }  // namespace simd
 
 // Run fn(ctx, begin, end) over [0, n) in chunks on up to `threads` threads

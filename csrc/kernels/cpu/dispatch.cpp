@@ -178,7 +178,7 @@ void check_shape(const TensorArg& t, const char* name, const std::vector<int64_t
 
 bool on_cuda(const TensorArg& t) { return t.device == DeviceType::kCUDA; }
 
-cpu::Isa cap(bool portable) { return portable ? cpu::Isa::kPortable : cpu::Isa::kAvx512; }
+cpu::Isa cap(bool portable) { return portable ? cpu::Isa::kPortable : cpu::Isa::kAvx512Bf16; }
 
 }  // namespace
 

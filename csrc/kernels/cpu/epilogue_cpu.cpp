@@ -73,6 +73,7 @@ void bias_gelu_impl(T* x, const T* bias, int64_t rows, int64_t N, int threads, I
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)
+    if (a.isa == Isa::kAvx512Bf16) return simd::avx512bf16::bias_gelu_rows(a.x, a.bias, a.N, r0, r1);
     if (a.isa == Isa::kAvx512) return simd::avx512::bias_gelu_rows(a.x, a.bias, a.N, r0, r1);
     if (a.isa == Isa::kAvx2) return simd::avx2::bias_gelu_rows(a.x, a.bias, a.N, r0, r1);
 #endif
@@ -93,6 +94,8 @@ void add_layer_norm_impl(T* x, const T* bias, const T* residual, const T* w, con
   run_chunks(rows, rows_threads(threads, rows, N), [](void* c, int64_t r0, int64_t r1) {
     const Ctx& a = *static_cast<const Ctx*>(c);
 #if defined(FASTSERVE_CPU_AVX2)
+    if (a.isa == Isa::kAvx512Bf16)
+      return simd::avx512bf16::add_layer_norm_rows(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
     if (a.isa == Isa::kAvx512)
       return simd::avx512::add_layer_norm_rows(a.x, a.bias, a.residual, a.w, a.b, a.eps, a.N, r0, r1);
     if (a.isa == Isa::kAvx2)

@@ -36,6 +36,9 @@ FS_EPILOGUE_DECLS
 namespace avx512 {
 FS_EPILOGUE_DECLS
 }  // namespace avx512
+namespace avx512bf16 {
+FS_EPILOGUE_DECLS
+}  // namespace avx512bf16
 #undef FS_EPILOGUE_DECLS
 }  // namespace simd
 

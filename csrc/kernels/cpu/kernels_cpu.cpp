@@ -231,7 +231,12 @@ bool use_avx512() {
   return v;
 }
 
-std::atomic<int> g_isa_cap{int(Isa::kAvx512)};  // set_isa_cap's
+bool use_avx512_bf16() {
+  static const bool v = use_avx512() && simd::have_avx512_bf16();
+  return v;
+}
+
+std::atomic<int> g_isa_cap{int(Isa::kAvx512Bf16)};  // set_isa_cap's
 
 }  // namespace
 
@@ -241,12 +246,13 @@ Isa set_isa_cap(Isa cap) { return Isa(g_isa_cap.exchange(int(cap))); }
 
 Isa isa_for(Isa cap, int64_t width) {
   cap = std::min(cap, Isa(g_isa_cap.load(std::memory_order_relaxed)));
+  if (cap >= Isa::kAvx512Bf16 && use_avx512_bf16() && width % 16 == 0) return Isa::kAvx512Bf16;
   if (cap >= Isa::kAvx512 && use_avx512() && width % 16 == 0) return Isa::kAvx512;
   if (cap >= Isa::kAvx2 && use_avx2() && width % 8 == 0) return Isa::kAvx2;
   return Isa::kPortable;
 }
 
-Isa best_isa() { return isa_for(Isa::kAvx512, 16); }
+Isa best_isa() { return isa_for(Isa::kAvx512Bf16, 16); }
 
 void run_chunks(int64_t n, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx) {
   parallel_for(n, threads, [&](int64_t b, int64_t e) { fn(ctx, b, e); });

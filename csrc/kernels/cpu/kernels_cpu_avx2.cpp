@@ -196,6 +196,15 @@ bool have_avx512() {
 #endif
 }
 
+bool have_avx512_bf16() {
+#if defined(FASTSERVE_AVX512_EMULATED)
+  return have_avx512();
+#else
+  static const bool v = have_avx512() && __builtin_cpu_supports("avx512bf16");
+  return v;
+#endif
+}
+
 void pool_rows_avx2(const void* x, DType dtype, const int64_t* cu, int64_t b0, int64_t b1, int64_t H,
                     PoolMode mode, bool normalize, float* out) {
   switch (dtype) {

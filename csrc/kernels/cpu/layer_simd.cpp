@@ -1,6 +1,7 @@
 // The vector paths of the CPU layer kernels (attention_cpu.cpp,
 // epilogue_cpu.cpp): layer_simd.inc's bodies on eight lanes (AVX2 + FMA,
-// simd_avx2.h) and on sixteen (AVX-512F, simd_avx512.h), each built with
+// simd_avx2.h) and on sixteen (AVX-512F, and AVX-512F with AVX512-BF16's
+// narrowing: simd_avx512.h), each built with
 // per-function target attributes like kernels_cpu_avx2.cpp so that the
 // library still runs on any x86-64; the callers pick one at run time.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -44,6 +45,15 @@ using Vec = Vec16;
 #undef FS_VEC
 #undef FS_VEC_INLINE
 }  // namespace avx512
+
+namespace avx512bf16 {
+using Vec = Vec16Bf16;
+#define FS_VEC FS_AVX512BF16
+#define FS_VEC_INLINE FS_AVX512BF16_INLINE
+#include "layer_simd.inc"
+#undef FS_VEC
+#undef FS_VEC_INLINE
+}  // namespace avx512bf16
 
 }  // namespace simd
 }  // namespace cpu

@@ -20,12 +20,16 @@ bool have_avx2();
 // True when it also has AVX-512F (and the OS saves its registers); in a build
 // with FASTSERVE_AVX512_EMULATED, whenever have_avx2() (SIMDe runs that path).
 bool have_avx512();
+// True when it also has AVX512-BF16; in the emulated build, as have_avx512()
+// (its Vec16Bf16 is Vec16: simd_avx512.h).
+bool have_avx512_bf16();
 // segment_pool over segments [b0, b1), as cpu::segment_pool defines it.
 void pool_rows_avx2(const void* x, DType dtype, const int64_t* cu, int64_t b0, int64_t b1, int64_t H,
                     PoolMode mode, bool normalize, float* out);
 #else
 inline bool have_avx2() { return false; }
 inline bool have_avx512() { return false; }
+inline bool have_avx512_bf16() { return false; }
 #endif
 
 }  // namespace simd

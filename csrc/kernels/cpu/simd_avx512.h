@@ -8,6 +8,10 @@
 // where no AVX-512 CPU is at hand. Only the bfloat16 widening and narrowing
 // differ between the two (SIMDe lacks vpmovzxwd and vpmovdw on 512 bits); the
 // emulated build does those on the two 256-bit halves.
+//
+// Vec16Bf16 is Vec16 with AVX512-BF16's narrowing (vcvtneps2bf16): one
+// instruction where Vec16 takes nine. SIMDe has no such instruction, so the
+// emulated build's Vec16Bf16 is Vec16 itself.
 #pragma once
 
 #include <immintrin.h>
@@ -31,6 +35,13 @@ using fs_m512i = __m512i;
 using fs_mask16 = __mmask16;
 #define FS_AVX512 __attribute__((target("avx512f,avx2,f16c,fma")))
 #define FS_AVX512_INLINE __attribute__((target("avx512f,avx2,f16c,fma"), always_inline)) inline
+#endif
+#if defined(FASTSERVE_AVX512_EMULATED)
+#define FS_AVX512BF16 FS_AVX512
+#define FS_AVX512BF16_INLINE FS_AVX512_INLINE
+#else
+#define FS_AVX512BF16 __attribute__((target("avx512f,avx512bf16,avx2,f16c,fma")))
+#define FS_AVX512BF16_INLINE __attribute__((target("avx512f,avx512bf16,avx2,f16c,fma"), always_inline)) inline
 #endif
 
 namespace fastserve {
@@ -116,6 +127,24 @@ struct Vec16 {
     return simd::hmax(_mm256_max_ps(lo, hi));
   }
 };
+
+#if defined(FASTSERVE_AVX512_EMULATED)
+using Vec16Bf16 = Vec16;
+#else
+struct Vec16Bf16 : Vec16 {
+  using Vec16::store;
+  // To bfloat16 by vcvtneps2bf16, which rounds to nearest even and keeps NaN
+  // quiet as Vec16::store does, but flushes float32 subnormals (exponent
+  // bits zero, mantissa not) to zero where torch rounds them: a vector that
+  // holds one takes Vec16's rounding, so the two paths agree bit for bit.
+  static FS_AVX512BF16_INLINE void store(uint16_t* p, V v) {
+    const __m512i x = _mm512_castps_si512(v);
+    const __mmask16 tiny = _mm512_testn_epi32_mask(x, _mm512_set1_epi32(0x7f800000));
+    if (_mm512_mask_test_epi32_mask(tiny, x, _mm512_set1_epi32(0x007fffff))) return Vec16::store(p, v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+  }
+};
+#endif
 
 }  // namespace simd
 }  // namespace cpu
