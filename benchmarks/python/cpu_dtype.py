@@ -15,13 +15,16 @@ Rows:
 - fastserve modules float32: the same float32 engine built with
   FASTSERVE_PACKED_ATTENTION=runs, the path before fastserve's CPU layer
   kernels (the model's modules, torch's attention per run of equal lengths);
-- fastserve bfloat16 kernels: the bfloat16 engine built with
-  FASTSERVE_PACKED_ATTENTION=kernel, its layers through fastserve's CPU
-  kernels in bfloat16 (opt-in until measured on a CPU with native bfloat16;
-  "fastserve bfloat16" is the default, the modules);
-- fastserve AVX2 kernels float32, fastserve bfloat16 kernels AVX2 (only on a
+- fastserve modules bfloat16: the bfloat16 engine built with
+  FASTSERVE_PACKED_ATTENTION=runs, torch's bfloat16 path through the
+  modules, against "fastserve bfloat16", its layers through fastserve's CPU
+  kernels in bfloat16 (the default);
+- fastserve AVX2 kernels float32, fastserve AVX2 kernels bfloat16 (only on a
   CPU with AVX-512F): the same engines with the kernels capped at their AVX2
   path (kernels.cpu_isa_cap), against their AVX-512 path in the same run;
+- fastserve AVX-512 kernels bfloat16 (only on a CPU with AVX512-BF16): the
+  bfloat16 engine with the kernels capped at "avx512", bfloat16 stores
+  without vcvtneps2bf16;
 - transformers sorted <dtype>: AutoModel in that dtype on batches of 32 texts
   sorted by token length, tokenized and padded beforehand (not timed), mean
   pooling and normalisation in float32;
@@ -153,14 +156,16 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
         methods[f"fastserve {d}"] = lambda e=engines[d]: alone_fp32(e, texts)
     from fastserve import kernels
 
-    if kernels.cpu_isa() == "avx512":  # the kernels' AVX-512 path against their AVX2 one
-        def avx2(fn: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    if kernels.cpu_isa() in ("avx512", "avx512_bf16"):  # the kernels' AVX-512 path against their AVX2 one
+        def capped(isa: str, fn: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
             def run() -> np.ndarray:
-                with kernels.cpu_isa_cap("avx2"):
+                with kernels.cpu_isa_cap(isa):
                     return fn()
             return run
-        methods["fastserve AVX2 kernels float32"] = avx2(methods["fastserve float32"])
-        methods["fastserve bfloat16 kernels AVX2"] = avx2(methods["fastserve bfloat16 kernels"])
+        methods["fastserve AVX2 kernels float32"] = capped("avx2", methods["fastserve float32"])
+        methods["fastserve AVX2 kernels bfloat16"] = capped("avx2", methods["fastserve bfloat16"])
+        if kernels.cpu_isa() == "avx512_bf16":
+            methods["fastserve AVX-512 kernels bfloat16"] = capped("avx512", methods["fastserve bfloat16"])
     for k, m in hf.items():
         methods[f"transformers sorted {k}"] = lambda m=m, p=prepared[k]: m.run(p)
     methods["sentence-transformers float32"] = lambda: st.encode(texts, batch_size=32)
@@ -190,8 +195,8 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
         "fp32_vs_transformers_sorted_fp32": by["fastserve float32"] / by["transformers sorted float32"],
         "fp32_fraction_of_peak": frac["fastserve float32"],
         "fp32_kernels_vs_modules": by["fastserve float32"] / by["fastserve modules float32"],
-        "bf16_kernels_vs_modules": by["fastserve bfloat16 kernels"] / by["fastserve bfloat16"],
-        "min_cosine_bf16_kernels": cosines["fastserve bfloat16 kernels"],
+        "bf16_kernels_vs_modules": by["fastserve bfloat16"] / by["fastserve modules bfloat16"],
+        "min_cosine_bf16_modules": cosines["fastserve modules bfloat16"],
         "bf16_vs_transformers_sorted_bf16": by["fastserve bfloat16"] / by["transformers sorted bfloat16"],
         "bf16_vs_own_fp32": by["fastserve bfloat16"] / by["fastserve float32"],
         "bf16_fraction_of_peak": frac["fastserve bfloat16"],
@@ -201,8 +206,9 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
     }
     if "fastserve AVX2 kernels float32" in by:
         ratios["fp32_kernels_avx512_vs_avx2"] = by["fastserve float32"] / by["fastserve AVX2 kernels float32"]
-        ratios["bf16_kernels_avx512_vs_avx2"] = (by["fastserve bfloat16 kernels"]
-                                                 / by["fastserve bfloat16 kernels AVX2"])
+        ratios["bf16_kernels_avx512_vs_avx2"] = by["fastserve bfloat16"] / by["fastserve AVX2 kernels bfloat16"]
+    if "fastserve AVX-512 kernels bfloat16" in by:
+        ratios["bf16_kernels_bf16_stores"] = by["fastserve bfloat16"] / by["fastserve AVX-512 kernels bfloat16"]
     return {"mix": name, "n_texts": len(texts), "real_tokens": real_tokens,
             "mean_tokens_per_text": real_tokens / len(texts), "max_tokens": None,
             "model_gflop_total": flops / 1e9, "rows": rows, "ratios": ratios}
@@ -322,11 +328,13 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"- fp32 / transformers sorted fp32 = {r['fp32_vs_transformers_sorted_fp32']:.2f}x; "
                      f"autocast / own fp32 = {r['autocast_vs_own_fp32']:.2f}x; fp32 through the CPU layer "
                      f"kernels / through the modules = {r['fp32_kernels_vs_modules']:.2f}x; bf16 through the "
-                     f"kernels / through the modules = {r['bf16_kernels_vs_modules']:.2f}x (min cosine vs fp32 "
-                     f"{r['min_cosine_bf16_kernels']:.6f})")
+                     f"kernels / through the modules = {r['bf16_kernels_vs_modules']:.2f}x (the modules' min cosine vs fp32 "
+                     f"{r['min_cosine_bf16_modules']:.6f})")
         if "fp32_kernels_avx512_vs_avx2" in r:
             lines.append(f"- the CPU kernels on AVX-512 / on AVX2: float32 {r['fp32_kernels_avx512_vs_avx2']:.2f}x, "
                          f"bfloat16 {r['bf16_kernels_avx512_vs_avx2']:.2f}x")
+        if "bf16_kernels_bf16_stores" in r:
+            lines.append(f"- bfloat16 kernels with AVX512-BF16 stores / without: {r['bf16_kernels_bf16_stores']:.2f}x")
         lines.append("")
     if res.get("emulated", {}).get("error"):
         lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     max_length = common.max_seq_length(path)
     engines = {d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
                                    max_batch_tokens=BUDGET) for d in DTYPES}
-    for name, dtype, attention in (("modules float32", "float32", "runs"), ("bfloat16 kernels", "bfloat16", "kernel")):
+    for name, dtype, attention in (("modules float32", "float32", "runs"), ("modules bfloat16", "bfloat16", "runs")):
         os.environ["FASTSERVE_PACKED_ATTENTION"] = attention  # read when an engine is built
         try:
             engines[name] = fastserve.Engine(dtype=dtype, execution="packed", policy="static",

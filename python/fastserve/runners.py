@@ -286,8 +286,8 @@ def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
 def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PackedRunner runs this model's layers through fastserve's CPU
     kernels (_FusedLayer) when its batches compute in `dtype`: a BERT-family
-    model whose attention runs in the CPU kernel (float32, the kernels
-    vectorised here) and whose every layer is the standard one. What the
+    model whose attention runs in the CPU kernel (float32 or bfloat16, the
+    kernels vectorised here) and whose every layer is the standard one. What the
     activation footprint (python/fastserve/footprint.py) counts on."""
     if not packed_supported(model):
         return False
@@ -485,12 +485,12 @@ ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 
 
 def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
-    """How packed attention runs. CPU: "kernel" for a float32 model where
-    the caller can run fastserve's CPU attention kernel vectorised (for a
-    bfloat16 model only when FASTSERVE_PACKED_ATTENTION=kernel asks for it:
-    the kernels take bfloat16, but whether they beat torch's bfloat16 path
-    can only be measured on a CPU with native bfloat16)
-    (kernel=True: runners._kernels_vectorized), one C++ call per layer over every
+    """How packed attention runs. CPU: "kernel" for a float32 or bfloat16
+    model where the caller can run fastserve's CPU attention kernel
+    vectorised (kernel=True: runners._kernels_vectorized; in bfloat16 it
+    measured 1.20x torch's bfloat16 path on a CPU with AVX512-BF16, and level
+    with it where bfloat16 is emulated: benchmarks/README.md, "CPU dtypes"),
+    one C++ call per layer over every
     sequence (kernels.attention; under autocast a batch runs "runs"
     instead); else "runs", exact attention per sequence with no mask, one
     SDPA call per run of equal lengths. CUDA: flash-attn's varlen kernel
@@ -501,8 +501,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
     FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
     flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
-    kernel_ok = kernel and device.type == "cpu" and (
-        dtype == torch.float32 or (dtype == torch.bfloat16 and forced == "kernel"))
+    kernel_ok = kernel and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if forced:
         if forced not in ATTENTION_METHODS:
             raise ValueError(f"FASTSERVE_PACKED_ATTENTION must be one of {ATTENTION_METHODS}, got {forced!r}")

@@ -79,7 +79,8 @@ def test_flash_attention_is_chosen_only_where_it_runs(monkeypatch):
     assert runners._attention_method(cuda, torch.float32) == "pad"  # flash-attn has no fp32 kernels
     assert runners._attention_method(cpu, torch.float32) == "runs"  # without fastserve's CPU kernels
     assert runners._attention_method(cpu, torch.float32, kernel=True) == "kernel"
-    assert runners._attention_method(cpu, torch.bfloat16, kernel=True) == "runs"
+    assert runners._attention_method(cpu, torch.bfloat16, kernel=True) == "kernel"
+    assert runners._attention_method(cpu, torch.float16, kernel=True) == "runs"
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "flash")
     assert runners._attention_method(cuda, torch.float16) == "flash"
     for device, dtype in ((cuda, torch.float32), (cpu, torch.bfloat16)):
