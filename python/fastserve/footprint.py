@@ -17,9 +17,9 @@ bytes of an element of the model's dtype, and T tokens:
   feed-forward's for the usual I = 4H), plus the CPU attention kernel's
   scratch, a few blocks of scores per thread whatever the batch, and 24
   bytes of int64 rows (token types, position ids and their offset copy).
-  Where the layers run through fastserve's CPU kernels (float32 and bfloat16 on the CPU,
-  runners.fused_layers), GELU and the LayerNorms work in place and Q/K/V die
-  with the attention kernel's call: attention holds the input, Q/K/V and
+  Where the layers run through fastserve's CPU kernels (float32 and
+  bfloat16 on the CPU, runners.fused_layers), GELU and the LayerNorms work
+  in place and Q/K/V die with the attention kernel's call: attention holds the input, Q/K/V and
   the context (5H), the feed-forward the attention block's output, the
   up-projection and the down-projection's result (2H + I), so
   T * max(2H + I, 5H) * e: 6H instead of 9H per token for I = 4H. (The

@@ -215,9 +215,10 @@ def cpu_isa() -> str:
 @contextlib.contextmanager
 def cpu_isa_cap(isa: str) -> Iterator[None]:
     """Within the block, every CPU layer kernel call in the process runs at
-    most the `isa` path ("avx512_bf16", "avx512", "avx2" or "portable"), whatever engine makes
-    it: for A/B measurements in one process (benchmarks/python/cpu_dtype.py),
-    not for serving. ValueError for another name."""
+    most the `isa` path ("avx512_bf16", "avx512", "avx2" or "portable"),
+    whatever engine makes it: for A/B measurements in one process
+    (benchmarks/python/cpu_dtype.py), not for serving. ValueError for another
+    name."""
     prev = _k.set_cpu_isa_cap(isa)
     try:
         yield
