@@ -117,3 +117,12 @@ def test_a_baseline_computes_on_its_own_thread_count_whatever_another_thread_set
         other = threading.Thread(target=torch.set_num_threads, args=(before,))
         other.start(), other.join()
         torch.set_num_threads(before)
+
+
+def test_the_bf16_stores_ab_refuses_a_cpu_without_avx512_bf16(monkeypatch, capsys):
+    ab = pytest.importorskip("bf16_stores_ab")
+    from fastserve import kernels
+
+    monkeypatch.setattr(kernels, "cpu_isa", lambda: "avx2")
+    assert ab.main(["--rounds", "1"]) == 2
+    assert "needs a CPU with AVX-512F and AVX512-BF16; the kernels here run avx2" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""The CPU kernels' AVX512-BF16 stores through a bfloat16 engine, A/B in one
+process: the default engine (kernel_isa "avx512_bf16", bfloat16 stores by
+vcvtneps2bf16) against the same engine under kernels.cpu_isa_cap("avx512")
+(the same kernels with the integer rounding), alternating, `embed` of 400
+texts per mix (cpu_dtype.py's corpus and long-tail mixes), static 2,048-token
+batches. Needs a CPU with AVX512-BF16. Figures: benchmarks/README.md, "AMD
+EPYC with AVX-512 and AVX512-BF16".
+
+    python benchmarks/python/bf16_stores_ab.py --rounds 6 --out ab.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import common
+import cpu_dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    args = p.parse_args(argv)
+    common.quiet()
+    import fastserve
+    from fastserve import kernels
+    from transformers import AutoTokenizer
+
+    if kernels.cpu_isa() != "avx512_bf16":
+        print(f"needs a CPU with AVX-512F and AVX512-BF16; the kernels here run {kernels.cpu_isa()}", file=sys.stderr)
+        return 2
+    path = common.model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    mixes = {"corpus": common.sample_texts(args.n, 0),
+             "long-tail": cpu_dtype.long_tail(args.n, 0, tok, common.max_seq_length(path))}
+    out: dict = {"rounds": args.rounds, "n": args.n}
+    with fastserve.Engine(dtype="bfloat16", execution="packed", policy="static", min_batch_tokens=cpu_dtype.BUDGET,
+                          max_batch_tokens=cpu_dtype.BUDGET) as engine:
+        engine.embed(mixes["corpus"][:64])
+        for name, texts in mixes.items():
+            rates: dict[str, list[float]] = {"avx512_bf16": [], "avx512": []}
+            for r in range(args.rounds):
+                for arm in (("avx512_bf16", "avx512") if r % 2 == 0 else ("avx512", "avx512_bf16")):
+                    with kernels.cpu_isa_cap(arm):
+                        t0 = time.perf_counter()
+                        engine.embed(texts)
+                        rates[arm].append(len(texts) / (time.perf_counter() - t0))
+            out[name] = {k: {"texts_per_s": v, "median": statistics.median(v), "best": max(v)} for k, v in rates.items()}
+            a, b = out[name]["avx512_bf16"], out[name]["avx512"]
+            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(rates["avx512_bf16"], rates["avx512"]))
+            print(f"{name}: texts/s with AVX512-BF16 stores median {a['median']:.1f} (best {a['best']:.1f}), "
+                  f"without {b['median']:.1f} ({b['best']:.1f}); with / without by the median "
+                  f"{a['median'] / b['median']:.3f}, per round {ratios}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
