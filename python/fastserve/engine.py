@@ -1316,12 +1316,13 @@ class Engine(tasks.TaskCalls):
         # passed since, leave the batch at start.
         ids = [int(rid) for rid in batch.ids]
         taken = dict(zip(ids, self._take_all(ids)))
-        expired = self._scheduler.start(batch, [rid for rid, f in taken.items() if f is None])
+        expired = {int(rid) for rid in self._scheduler.start(batch, [rid for rid, f in taken.items() if f is None])}
         for rid in expired:
-            taken[int(rid)].set_exception(RequestTimeoutError("the request's deadline passed before it could run"))
+            taken[rid].set_exception(RequestTimeoutError("the request's deadline passed before it could run"))
         if not batch.size:
             return
-        futures = [taken[int(rid)] for rid in batch.ids]
+        # The rows left, in the batch's order (start keeps it).
+        futures = [f for rid, f in taken.items() if f is not None and rid not in expired]
         runner = replica.runner
         pausing = self.preempt and runner.pause_hook is None  # an urgent batch runs whole
         state: dict[str, Any] = {"paused": 0.0, "live": None}
