@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import common
 import cpu_dtype
@@ -43,16 +41,15 @@ def main(argv: list[str] | None = None) -> int:
                           max_batch_tokens=cpu_dtype.BUDGET) as engine:
         engine.embed(mixes["corpus"][:64])
         for name, texts in mixes.items():
-            rates: dict[str, list[float]] = {"avx512_bf16": [], "avx512": []}
-            for r in range(args.rounds):
-                for arm in (("avx512_bf16", "avx512") if r % 2 == 0 else ("avx512", "avx512_bf16")):
-                    with kernels.cpu_isa_cap(arm):
-                        t0 = time.perf_counter()
+            def arm(isa: str, texts: list[str] = texts):
+                def run() -> None:
+                    with kernels.cpu_isa_cap(isa):
                         engine.embed(texts)
-                        rates[arm].append(len(texts) / (time.perf_counter() - t0))
-            out[name] = {k: {"texts_per_s": v, "median": statistics.median(v), "best": max(v)} for k, v in rates.items()}
+                return run
+            out[name] = common.alternate({isa: arm(isa) for isa in ("avx512_bf16", "avx512")}, len(texts),
+                                         args.rounds)
             a, b = out[name]["avx512_bf16"], out[name]["avx512"]
-            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(rates["avx512_bf16"], rates["avx512"]))
+            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{name}: texts/s with AVX512-BF16 stores median {a['median']:.1f} (best {a['best']:.1f}), "
                   f"without {b['median']:.1f} ({b['best']:.1f}); with / without by the median "
                   f"{a['median'] / b['median']:.3f}, per round {ratios}", flush=True)

@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -379,6 +380,21 @@ def model_flops(model: torch.nn.Module, lengths: Sequence[int]) -> float:
     lengths = np.asarray(lengths, dtype=np.float64)
     per_text = len(layers) * (2.0 * per_layer * lengths + 4.0 * hidden * lengths**2)
     return float(per_text.sum())
+
+
+def alternate(arms: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """A/B in one process: each arm's call (one pass over n texts) once per
+    round, in alternating order (the first arm first in even rounds, last in
+    odd ones), so drift on a shared machine falls on both. Texts/s per round,
+    their median and best, per arm."""
+    names = list(arms)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            arms[name]()
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {k: {"texts_per_s": v, "median": statistics.median(v), "best": max(v)} for k, v in rates.items()}
 
 
 def fmt_ms(seconds: float | None, digits: int = 1) -> str:

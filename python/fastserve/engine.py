@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import _core, admission, footprint, precision, process, shapes, tasks
+from . import _core, admission, footprint, gemm, precision, process, shapes, tasks
 from . import replicas as replicas_
 from .admission import Timeout, all_results, result_of, results_of
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
@@ -33,7 +33,7 @@ from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_mo
 from .models import TextEncoder
 from .heads import EmbeddingHead
 from .families import select as select_runner
-from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers
+from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers, layer_gemm
 from .st_spec import prompt_length
 
 POLICIES = ("model", "aimd", "seed", "static")
@@ -437,13 +437,15 @@ class Engine(tasks.TaskCalls):
             scores=getattr(cfg, "_attn_implementation", None) == "eager",
             fused=packed and fused_layers(loaded.model, self.device, self.precision.compute))
         shape = footprint.shape_of(cfg)
-        scratch = 0
+        scratch = piece_row = 0
         if shape is not None and packed and self.device.type == "cpu":
             threads = torch_threads or torch.get_num_threads()
             scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
                                                         threads=threads)
+            if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
+                piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
-                                                     cfg.model_type, scratch)
+                                                     cfg.model_type, scratch, piece_row, gemm.PIECE)
         if self.memory_budget is not None:
             self.max_batch_tokens = min(self.max_batch_tokens, self.memory_budget.tokens)
         # What the engine changes outside itself (python/fastserve/process.py),
@@ -877,6 +879,9 @@ class Engine(tasks.TaskCalls):
         kernels = getattr(self.runner, "kernels", None)
         s["kernels"] = kernels.name if kernels is not None else None
         s["attention"] = getattr(self.runner, "attention", None)
+        # Packed layers through the CPU kernels only (else None): how their
+        # matrix products run, "mm" or "onednn" (python/fastserve/gemm.py).
+        s["gemm"] = getattr(self.runner, "gemm", None)
         # Padded only: the Hugging Face model's own attention implementation.
         s["model_attention"] = None if self.runner.name == "packed" else \
             (getattr(self.model.config, "_attn_implementation", None) or "eager")
@@ -892,6 +897,8 @@ class Engine(tasks.TaskCalls):
         s["torch_threads"] = [r.threads for r in self._replicas]
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)
+        # oneDNN's reordered copy of the layer weights (gemm="onednn"), bytes.
+        s["memory"]["gemm_weights_bytes"] = sum(f.extra_bytes for f in getattr(self.runner, "fused", None) or ())
         # The activation formula's view (python/fastserve/footprint.py): bytes
         # per token the scheduler counts, the largest batch allowed, and the
         # budget it comes from (None: max_batch_tokens alone).

@@ -118,6 +118,15 @@ def attention_scratch_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int
     return threads * (q * kv + 2 * q + q * head_dim) * 4
 
 
+def gemm_piece_row_bytes(shape: Shape, dtype: torch.dtype) -> int:
+    """Bytes per row of a piece of a product that oneDNN returns apart and
+    that is copied into the product (gemm.Gemm, method "onednn"): a row of
+    the widest output, Q/K/V's 3H or the feed-forward's I. A batch of T
+    tokens holds one piece of min(T, gemm.PIECE) rows beside its peak."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return max(3 * shape.hidden, shape.intermediate) * e
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage once (tied or
     shared weights, views of one fused tensor)."""
@@ -139,10 +148,23 @@ class MemoryBudget:
     mib: float
     bytes_per_token: int
     fixed_bytes: int = 0  # per batch whatever its size (attention scratch, small tensors)
+    # A piece of a product beside the peak (gemm_piece_row_bytes): this many
+    # bytes per token for the batch's first piece_rows tokens.
+    piece_row_bytes: int = 0
+    piece_rows: int = 0
+
+    def batch_bytes(self, tokens: int) -> int:
+        """What a batch of `tokens` tokens holds at its peak."""
+        return self.fixed_bytes + self.bytes_per_token * tokens + self.piece_row_bytes * min(tokens, self.piece_rows)
 
     @property
     def tokens(self) -> int:
-        return max(0, int(self.mib * 2**20) - self.fixed_bytes) // self.bytes_per_token
+        """The most tokens whose batch_bytes fit the budget."""
+        room = max(0, int(self.mib * 2**20) - self.fixed_bytes)
+        few = room // (self.bytes_per_token + self.piece_row_bytes)
+        if few < self.piece_rows:
+            return few
+        return (room - self.piece_row_bytes * self.piece_rows) // self.bytes_per_token
 
     def describe(self) -> str:
         return (f"max_batch_memory_mb={self.mib:g} holds {self.tokens} tokens per batch "
@@ -165,7 +187,7 @@ def per_token(config: Any, dtype: torch.dtype, execution: str, *, max_length: in
 
 
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
-                  fixed_bytes: int = 0) -> MemoryBudget | None:
+                  fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0) -> MemoryBudget | None:
     """The budget for Engine(max_batch_memory_mb=mib); ValueError when it can
     not be computed or holds no token at all."""
     if mib is None:
@@ -175,11 +197,13 @@ def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: st
     if bytes_per_token is None:
         raise ValueError(f"max_batch_memory_mb: the sizes of model_type={model_type!r} are not known to the "
                          "activation formula (use max_batch_tokens)")
-    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES)
+    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows)
     if budget.tokens < 1:
-        least = math.ceil((budget.fixed_bytes + bytes_per_token) / 2**20 * 1e4) / 1e4  # rounded up: it holds one
+        least = math.ceil(budget.batch_bytes(1) / 2**20 * 1e4) / 1e4  # rounded up: it holds one
+        first = (f" ({bytes_per_token + piece_row_bytes} for each of its first {piece_rows})"
+                 if piece_row_bytes and piece_rows else "")
         raise ValueError(f"max_batch_memory_mb={mib:g} holds no token: a batch needs {budget.fixed_bytes} bytes "
-                         f"whatever its size and {bytes_per_token} bytes per token (at least {least:g} MiB)")
+                         f"whatever its size and {bytes_per_token} bytes per token{first} (at least {least:g} MiB)")
     return budget
 
 

@@ -51,17 +51,29 @@ EMULATED_FP16_SLOWDOWN = "about 4-6x"
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo, None where there is none."""
+def _cpuinfo() -> tuple[frozenset[str] | None, str | None]:
+    """The CPU's feature flags and vendor (GenuineIntel, AuthenticAMD, ...)
+    from /proc/cpuinfo, None where there is none."""
+    flags: frozenset[str] | None = None
+    vendor: str | None = None
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 key, sep, value = line.partition(":")
-                if sep and key.strip() == "flags":
-                    return frozenset(value.split())
+                key = key.strip()
+                if sep and key == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif sep and key == "flags":
+                    flags = frozenset(value.split())
+                    break
     except OSError:
         pass
-    return None
+    return flags, vendor
+
+
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, None where there is none."""
+    return _cpuinfo()[0]
 
 
 def cpu_features() -> dict[str, Any]:
@@ -71,7 +83,8 @@ def cpu_features() -> dict[str, Any]:
     environment, and native_bf16: True when the CPU has AVX512-BF16 or AMX-BF16
     and oneDNN is not capped below them, False when it lacks them, None when
     the flags cannot be read; kernel_isa: the widest path of fastserve's own
-    CPU layer kernels here (kernels.cpu_isa)."""
+    CPU layer kernels here (kernels.cpu_isa); vendor: /proc/cpuinfo's vendor_id
+    (None where unreadable)."""
     from fastserve import kernels
 
     flags = _cpuinfo_flags()
@@ -89,6 +102,7 @@ def cpu_features() -> dict[str, Any]:
         "native_fp16": native_fp16,
         "amx": None if flags is None else ("amx_bf16" in flags and native),
         "kernel_isa": kernels.cpu_isa(),
+        "vendor": _cpuinfo()[1],
     }
 
 

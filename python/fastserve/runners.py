@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-from . import kernels
+from . import gemm, kernels
+from .gemm import Gemm
 from .heads import EmbeddingHead
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
@@ -206,27 +207,34 @@ def _exact_gelu(act: Any) -> bool:
 
 
 class _FusedLayer:
-    """One encoder layer on the CPU in float32 through fastserve's kernels:
-    four GEMMs without their bias (torch.mm) and, between them, the attention
+    """One encoder layer on the CPU (float32 or bfloat16) through fastserve's
+    kernels: four GEMMs without their bias (gemm.Gemm: torch.mm, or oneDNN
+    with the weight laid out for it once) and, between them, the attention
     kernel (adding the Q/K/V bias), bias + GELU and bias + residual +
     LayerNorm, in place. The same arithmetic as the model's modules; what it
     saves is addmm's copy of the broadcast bias into each output, a fresh
     tensor per elementwise op and a pass over the activations per op
     (benchmarks/README.md, "CPU dtypes"). Built only where fused_layers()
     says every layer is the standard one; the weights are the model's own
-    tensors."""
+    tensors (plus oneDNN's reordered copy with method="onednn")."""
 
     def __init__(self, block: torch.nn.Module, attn: "_PackedAttention", out: torch.nn.Linear,
                  ln1: torch.nn.LayerNorm, inter: torch.nn.Linear, out2: torch.nn.Linear,
-                 ln2: torch.nn.LayerNorm) -> None:
+                 ln2: torch.nn.LayerNorm, method: str) -> None:
         self.parts = list(block.modules())
         self.heads = attn.heads
-        self.wqkv, self.bqkv = attn.weight, attn.bias
-        self.wo, self.bo = out.weight.detach(), out.bias.detach()
+        # The four products without their bias, by gemm.Gemm's `method`.
+        self.qkv, self.bqkv = Gemm(attn.weight, method), attn.bias
+        self.o, self.bo = Gemm(out.weight.detach(), method), out.bias.detach()
         self.ln1 = (ln1.weight.detach(), ln1.bias.detach(), float(ln1.eps))
-        self.wi, self.bi = inter.weight.detach(), inter.bias.detach()
-        self.wo2, self.bo2 = out2.weight.detach(), out2.bias.detach()
+        self.up, self.bi = Gemm(inter.weight.detach(), method), inter.bias.detach()
+        self.down, self.bo2 = Gemm(out2.weight.detach(), method), out2.bias.detach()
         self.ln2 = (ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps))
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes the products hold besides the model's weights."""
+        return sum(g.extra_bytes for g in (self.qkv, self.o, self.up, self.down))
 
     def untouched(self) -> bool:
         """No forward hook and no forward replaced on the instance, on any part
@@ -239,15 +247,15 @@ class _FusedLayer:
     def attend(self, h: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
         """The attention context [T, H] of the layer's input h [T, H]."""
         T, H = h.shape
-        qkv = torch.mm(h, self.wqkv.t()).view(T, 3, self.heads, H // self.heads)
+        qkv = self.qkv(h).view(T, 3, self.heads, H // self.heads)
         return kernels.attention(qkv, cu, bias=self.bqkv).view(T, H)
 
     def attention_output(self, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return kernels.add_layer_norm_(torch.mm(ctx, self.wo.t()), self.bo, h, *self.ln1)
+        return kernels.add_layer_norm_(self.o(ctx), self.bo, h, *self.ln1)
 
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
-        x = kernels.bias_gelu_(torch.mm(a, self.wi.t()), self.bi)
-        return kernels.add_layer_norm_(torch.mm(x, self.wo2.t()), self.bo2, a, *self.ln2)
+        x = kernels.bias_gelu_(self.up(a), self.bi)
+        return kernels.add_layer_norm_(self.down(x), self.bo2, a, *self.ln2)
 
 
 def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
@@ -296,6 +304,12 @@ def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     distil = model.config.model_type in _DISTIL
     blocks = model.base_model.transformer.layer if distil else model.base_model.encoder.layer
     return all(_standard_layer(b, distil) is not None for b in blocks)
+
+
+def layer_gemm(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """How the layers' matrix products run (gemm.GEMMS) where fused_layers()
+    holds, else None."""
+    return gemm.method(dtype) if fused_layers(model, device, dtype) else None
 
 
 class BatchAbandoned(Exception):
@@ -355,8 +369,11 @@ class PackedRunner:
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
         self.fused: Optional[list[_FusedLayer]] = None
-        if fused_layers(model, device, getattr(model, "dtype", torch.float32)):
-            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil)) for b, a in zip(self.blocks, self.attn)]
+        # Their matrix products' method (gemm.py; None: the modules run).
+        self.gemm = layer_gemm(model, device, getattr(model, "dtype", torch.float32))
+        if self.gemm is not None:
+            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil), method=self.gemm)
+                          for b, a in zip(self.blocks, self.attn)]
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)

@@ -84,7 +84,8 @@ def test_stats_report_the_cpu_features_found():
     with Engine(tm.model("bert"), tm.tokenizer()) as eng:
         cpu = eng.stats()["cpu"]
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "native_fp16", "amx", "kernel_isa"}
+    assert set(cpu) == {"capability", "flags", "onednn_max_isa", "native_bf16", "native_fp16", "amx", "kernel_isa",
+                        "vendor"}
     flags = precision._cpuinfo_flags()
     if flags is not None:
         # The kernels' path follows the CPU's flags (x86-64 here; elsewhere portable).

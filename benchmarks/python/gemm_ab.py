@@ -1,0 +1,100 @@
+"""The CPU layer kernels' matrix products by method (python/fastserve/gemm.py),
+A/B in one process: two engines that differ only in FASTSERVE_CPU_GEMM ("mm":
+torch.mm, MKL's sgemm in float32; "onednn": oneDNN with the weights reordered
+once, rows in pieces of fixed sizes), alternating, `embed` of 400 texts per
+mix (cpu_dtype.py's corpus and long-tail mixes), static 2,048-token batches.
+Also: the largest difference between the two engines' embeddings, the
+process's resident memory after the warm-up and after every round (oneDNN's
+cache of shapes stays bounded: gemm.pieces), and the reordered weights' bytes.
+Figures: benchmarks/README.md, "oneDNN GEMMs".
+
+    python benchmarks/python/gemm_ab.py --rounds 6 --out ab.json
+    python benchmarks/python/gemm_ab.py --dtype bfloat16 --rounds 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+import common
+import cpu_dtype
+
+METHODS = ("mm", "onednn")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    args = p.parse_args(argv)
+    common.quiet()
+    import fastserve
+    from fastserve import gemm
+    from transformers import AutoTokenizer
+
+    if not gemm.onednn_available():
+        print("needs a torch built with oneDNN", file=sys.stderr)
+        return 2
+    path = common.model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    mixes = {"corpus": common.sample_texts(args.n, 0),
+             "long-tail": cpu_dtype.long_tail(args.n, 0, tok, common.max_seq_length(path))}
+    out: dict = {"rounds": args.rounds, "n": args.n, "dtype": args.dtype, "machine": common.machine(),
+                 "default": gemm.default_method(getattr(__import__("torch"), args.dtype),
+                                                fastserve.precision.cpu_features())}
+    engines = {}
+    saved = os.environ.get("FASTSERVE_CPU_GEMM")
+    try:
+        for m in METHODS:
+            os.environ["FASTSERVE_CPU_GEMM"] = m  # read when an engine is built
+            engines[m] = fastserve.Engine(dtype=args.dtype, execution="packed", policy="static",
+                                          min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
+    finally:
+        os.environ.pop("FASTSERVE_CPU_GEMM", None) if saved is None else os.environ.update(FASTSERVE_CPU_GEMM=saved)
+    try:
+        for m, e in engines.items():
+            if e.stats()["gemm"] != m:
+                print(f"the {m} engine's layers run {e.stats()['gemm']!r}: not through the CPU kernels",
+                      file=sys.stderr)
+                return 2
+        out["gemm_weights_bytes"] = engines["onednn"].stats()["memory"]["gemm_weights_bytes"]
+        for e in engines.values():
+            e.embed(mixes["corpus"][:64])
+        out["rss_mib_warm"] = rss_mib()
+        for name, texts in mixes.items():
+            vecs = {m: e.embed(texts) for m, e in engines.items()}
+            diff = float(np.abs(vecs["mm"] - vecs["onednn"]).max())
+            out[name] = common.alternate({m: (lambda e=e, t=texts: e.embed(t)) for m, e in engines.items()},
+                                         len(texts), args.rounds)
+            out[name]["max_abs_diff"] = diff
+            a, b = out[name]["onednn"], out[name]["mm"]
+            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
+            print(f"{args.dtype} {name}: texts/s onednn median {a['median']:.1f} (best {a['best']:.1f}), "
+                  f"mm {b['median']:.1f} ({b['best']:.1f}); onednn / mm by the median "
+                  f"{a['median'] / b['median']:.3f}, per round {ratios}; max |diff| {diff:.2e}", flush=True)
+        out["rss_mib_after"] = rss_mib()
+        print(f"resident memory after the warm-up {out['rss_mib_warm']:.0f} MiB, after every round "
+              f"{out['rss_mib_after']:.0f} MiB; reordered weights "
+              f"{out['gemm_weights_bytes'] / 2**20:.1f} MiB; default here: {out['default']}", flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

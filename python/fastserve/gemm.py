@@ -1,0 +1,138 @@
+"""The matrix products of the CPU layer kernels (runners._FusedLayer):
+x [M, K] @ W.T for a linear layer's weight W [N, K], through torch.mm or
+through oneDNN with the weight laid out for it once.
+
+- "mm": torch.mm on the model's own weight: MKL's sgemm in float32 (torch's
+  BLAS), oneDNN with the weight reordered on every call in bfloat16.
+- "onednn": the weight reordered once, at construction, into oneDNN's blocked
+  layout (torch.ops.mkldnn._reorder_linear_weight, a second copy of the
+  layer weights, reported in stats()["memory"]["gemm_weights_bytes"]), and
+  one torch.ops.mkldnn._linear_pointwise call per piece of rows. oneDNN builds
+  a primitive per shape and keeps it in a process-wide cache (1,024 entries,
+  about 0.7 MiB each in float32), and packed batches have a new token count
+  nearly every time (docs/design.md, "oneDNN's shape cache"): so the rows go
+  in pieces of six fixed sizes (pieces()), the last padded with zeros, and a
+  piece's result is copied into the product unless it is the whole of it.
+  Every row goes through oneDNN, and oneDNN gives a row the same bits in
+  every one of those shapes, so a text's embedding stays bitwise the same
+  whatever else is in its batch (tests/python/test_batch_invariance.py);
+  torch.mm for a few rows would not.
+
+Why both: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
+AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
+oneDNN, which dispatches on the CPU's features, took its AVX-512 kernels:
+1.15-1.2x per product at the MiniLM shapes and more end to end
+(benchmarks/README.md, "oneDNN GEMMs"). With oneDNN capped to AVX2 the two
+were level (0.95-1.14x), and on Intel CPUs MKL has AVX-512 itself; so
+"onednn" is the default for float32 where the CPU has AVX-512, is not an
+Intel CPU and oneDNN is not capped below AVX-512, and "mm" elsewhere until
+measured otherwise. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+GEMMS = ("mm", "onednn")
+
+# Rows per oneDNN call while they last; the rows left go in pieces of
+# PIECE / 2, PIECE / 4, ... down to GRANULE rows (their binary digits), and the
+# last rows (fewer than GRANULE) are padded with zeros up to GRANULE: six
+# shapes per weight shape in oneDNN's cache, whatever the batches.
+PIECE = 512
+GRANULE = 16
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512.
+_CAPS_BELOW_AVX512 = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2")
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN and the two operators the "onednn"
+    products call."""
+    mk = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mk, "_reorder_linear_weight")
+            and hasattr(mk, "_linear_pointwise"))
+
+
+def default_method(dtype: torch.dtype, cpu: dict[str, Any]) -> str:
+    """The products' method for layers computing in `dtype` on a CPU with
+    the features `cpu` (precision.cpu_features()), without the override."""
+    flags = cpu.get("flags") or ()
+    cap = (cpu.get("onednn_max_isa") or "").lower()
+    if (dtype == torch.float32 and "avx512f" in flags and cpu.get("vendor") not in (None, "GenuineIntel")
+            and cap not in _CAPS_BELOW_AVX512 and onednn_available()):
+        return "onednn"
+    return "mm"
+
+
+def method(dtype: torch.dtype) -> str:
+    """The products' method here: FASTSERVE_CPU_GEMM when set, else
+    default_method. ValueError for an unknown name, or "onednn" where this
+    torch lacks it."""
+    from .precision import cpu_features
+
+    forced = os.environ.get("FASTSERVE_CPU_GEMM", "")
+    if not forced:
+        return default_method(dtype, cpu_features())
+    if forced not in GEMMS:
+        raise ValueError(f"FASTSERVE_CPU_GEMM must be one of {GEMMS}, got {forced!r}")
+    if forced == "onednn" and not onednn_available():
+        raise ValueError("FASTSERVE_CPU_GEMM=onednn needs a torch built with oneDNN (torch.backends.mkldnn)")
+    return forced
+
+
+def pieces(rows: int) -> list[tuple[int, int]]:
+    """How `rows` rows go through oneDNN: (start, rows) per call, each call's
+    rows one of PIECE, PIECE / 2, ..., GRANULE, except the last call's, which
+    may be fewer than GRANULE (padded up to GRANULE)."""
+    out: list[tuple[int, int]] = []
+    start, size = 0, PIECE
+    while rows - start >= GRANULE:
+        while rows - start < size:
+            size //= 2
+        out.append((start, size))
+        start += size
+    if start < rows:
+        out.append((start, rows - start))
+    return out
+
+
+class Gemm:
+    """x @ weight.T for one linear layer's weight [N, K] (the model's own
+    tensor, bias left to the caller), by `method` (GEMMS)."""
+
+    def __init__(self, weight: torch.Tensor, method: str) -> None:
+        if method not in GEMMS:
+            raise ValueError(f"method must be one of {GEMMS}, got {method!r}")
+        self.weight = weight
+        self.method = method
+        self.packed: Optional[torch.Tensor] = None
+        if method == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes held besides the model's weight (the reordered copy)."""
+        return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows < GRANULE:
+            padded = x.new_zeros(GRANULE, x.shape[1])
+            padded[:rows] = x
+            return torch.ops.mkldnn._linear_pointwise(padded, self.packed, None, "none", [], "")[:rows]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return torch.mm(x, self.weight.t())
+        calls = pieces(x.shape[0])
+        if len(calls) == 1:
+            return self._onednn(x)
+        out = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype, device=x.device)
+        for start, n in calls:
+            out[start : start + n] = self._onednn(x[start : start + n])
+        return out
