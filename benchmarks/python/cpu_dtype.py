@@ -25,6 +25,9 @@ Rows:
 - fastserve AVX-512 kernels bfloat16 (only on a CPU with AVX512-BF16): the
   bfloat16 engine with the kernels capped at "avx512", bfloat16 stores
   without vcvtneps2bf16;
+- fastserve mm float32 (only where float32 runs its products through oneDNN
+  by default, python/fastserve/gemm.py): the float32 engine built with
+  FASTSERVE_CPU_GEMM=mm, its products through torch.mm (MKL);
 - transformers sorted <dtype>: AutoModel in that dtype on batches of 32 texts
   sorted by token length, tokenized and padded beforehand (not timed), mean
   pooling and normalisation in float32;
@@ -152,8 +155,9 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
     prepared = {k: m.prepare(texts) for k, m in hf.items()}
     methods: dict[str, Callable[[], np.ndarray]] = {f"fastserve {d}": (lambda e=e: e.embed(texts))
                                                     for d, e in engines.items()}
-    for d in ("float32", "modules float32"):
-        methods[f"fastserve {d}"] = lambda e=engines[d]: alone_fp32(e, texts)
+    for d in ("float32", "modules float32", "mm float32"):
+        if d in engines:
+            methods[f"fastserve {d}"] = lambda e=engines[d]: alone_fp32(e, texts)
     from fastserve import kernels
 
     if kernels.cpu_isa() in ("avx512", "avx512_bf16"):  # the kernels' AVX-512 path against their AVX2 one
@@ -207,6 +211,8 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
     if "fastserve AVX2 kernels float32" in by:
         ratios["fp32_kernels_avx512_vs_avx2"] = by["fastserve float32"] / by["fastserve AVX2 kernels float32"]
         ratios["bf16_kernels_avx512_vs_avx2"] = by["fastserve bfloat16"] / by["fastserve AVX2 kernels bfloat16"]
+    if "fastserve mm float32" in by:
+        ratios["fp32_onednn_vs_mm"] = by["fastserve float32"] / by["fastserve mm float32"]
     if "fastserve AVX-512 kernels bfloat16" in by:
         ratios["bf16_kernels_bf16_stores"] = by["fastserve bfloat16"] / by["fastserve AVX-512 kernels bfloat16"]
     return {"mix": name, "n_texts": len(texts), "real_tokens": real_tokens,
@@ -333,6 +339,9 @@ def markdown(res: dict[str, Any]) -> str:
         if "fp32_kernels_avx512_vs_avx2" in r:
             lines.append(f"- the CPU kernels on AVX-512 / on AVX2: float32 {r['fp32_kernels_avx512_vs_avx2']:.2f}x, "
                          f"bfloat16 {r['bf16_kernels_avx512_vs_avx2']:.2f}x")
+        if "fp32_onednn_vs_mm" in r:
+            lines.append(f"- float32 products through oneDNN (the default here) / through torch.mm: "
+                         f"{r['fp32_onednn_vs_mm']:.2f}x")
         if "bf16_kernels_bf16_stores" in r:
             lines.append(f"- bfloat16 kernels with AVX512-BF16 stores / without: {r['bf16_kernels_bf16_stores']:.2f}x")
         lines.append("")
@@ -379,13 +388,17 @@ def main(argv: list[str] | None = None) -> int:
     max_length = common.max_seq_length(path)
     engines = {d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
                                    max_batch_tokens=BUDGET) for d in DTYPES}
-    for name, dtype, attention in (("modules float32", "float32", "runs"), ("modules bfloat16", "bfloat16", "runs")):
-        os.environ["FASTSERVE_PACKED_ATTENTION"] = attention  # read when an engine is built
+    variants = [("modules float32", "float32", "FASTSERVE_PACKED_ATTENTION", "runs"),
+                ("modules bfloat16", "bfloat16", "FASTSERVE_PACKED_ATTENTION", "runs")]
+    if engines["float32"].stats()["gemm"] == "onednn":
+        variants.append(("mm float32", "float32", "FASTSERVE_CPU_GEMM", "mm"))
+    for name, dtype, var, value in variants:
+        os.environ[var] = value  # read when an engine is built
         try:
             engines[name] = fastserve.Engine(dtype=dtype, execution="packed", policy="static",
                                              min_batch_tokens=BUDGET, max_batch_tokens=BUDGET)
         finally:
-            del os.environ["FASTSERVE_PACKED_ATTENTION"]
+            del os.environ[var]
     hf = {k: SortedHF(path, max_length, getattr(torch, k)) for k in ("float32", "bfloat16")}
     st = common.STModel(path)
     tok = hf["float32"].tok

@@ -8,9 +8,11 @@ through oneDNN with the weight laid out for it once.
   layout (torch.ops.mkldnn._reorder_linear_weight, a second copy of the
   layer weights, reported in stats()["memory"]["gemm_weights_bytes"]), and
   one torch.ops.mkldnn._linear_pointwise call per piece of rows. oneDNN builds
-  a primitive per shape and keeps it in a process-wide cache (1,024 entries,
-  about 0.7 MiB each in float32), and packed batches have a new token count
-  nearly every time (docs/design.md, "oneDNN's shape cache"): so the rows go
+  a primitive per shape and keeps it in a process-wide cache (1,024 entries),
+  and packed batches have a new token count nearly every time (docs/design.md,
+  "oneDNN's shape cache"): one call per product grew the process by 876 MiB
+  over 300 batches of random sizes at MiniLM's shapes, where the pieces
+  level off at 50-56 MiB (benchmarks/README.md, "oneDNN GEMMs"). So the rows go
   in pieces of six fixed sizes (pieces()), the last padded with zeros, and a
   piece's result is copied into the product unless it is the whole of it.
   Every row goes through oneDNN, and oneDNN gives a row the same bits in

@@ -126,3 +126,22 @@ def test_the_bf16_stores_ab_refuses_a_cpu_without_avx512_bf16(monkeypatch, capsy
     monkeypatch.setattr(kernels, "cpu_isa", lambda: "avx2")
     assert ab.main(["--rounds", "1"]) == 2
     assert "needs a CPU with AVX-512F and AVX512-BF16; the kernels here run avx2" in capsys.readouterr().err
+
+
+def test_alternate_runs_each_arm_once_per_round_in_alternating_order():
+    order: list[str] = []
+    out = common.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, n=10, rounds=4)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    for arm in ("a", "b"):
+        rates = out[arm]["texts_per_s"]
+        assert len(rates) == 4 and all(r > 0 for r in rates)
+        assert out[arm]["best"] == max(rates) and min(rates) <= out[arm]["median"] <= max(rates)
+
+
+def test_the_gemm_ab_refuses_a_torch_without_onednn(monkeypatch, capsys):
+    ab = pytest.importorskip("gemm_ab")
+    from fastserve import gemm
+
+    monkeypatch.setattr(gemm, "onednn_available", lambda: False)
+    assert ab.main(["--rounds", "1"]) == 2
+    assert "needs a torch built with oneDNN" in capsys.readouterr().err

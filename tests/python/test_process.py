@@ -265,7 +265,7 @@ def test_stats_report_the_process_memory_and_no_cuda_memory_on_the_cpu():
         engine.embed(["a few words", "and a few more"])
         mem = engine.stats()["memory"]
     assert set(mem) == {"rss_bytes", "peak_rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes",
-                        "cuda_peak_allocated_bytes", "activations"}
+                        "cuda_peak_allocated_bytes", "activations", "gemm_weights_bytes"}
     assert mem["cuda_allocated_bytes"] is None and mem["cuda_reserved_bytes"] is None
     assert mem["cuda_peak_allocated_bytes"] is None
     if os.path.exists("/proc/self/status"):

@@ -537,6 +537,7 @@ def test_metrics_parse_and_count_requests_by_route_and_status(server):
     assert len(info) == 1
     assert {k: v for k, v in info[0] if k in ("execution", "kernels", "attention")} == {
         "execution": "packed", "kernels": "cpu", "attention": "kernel"}
+    assert dict(info[0])["gemm"] in ("mm", "onednn")  # how the layers' products run (gemm.py)
     assert m[("fastserve_engine_attention_batches_total", (("method", "kernel"),))] >= 1
     assert m[("fastserve_engine_rss_bytes", ())] > 0
     assert m[("fastserve_engine_peak_rss_bytes", ())] > 0

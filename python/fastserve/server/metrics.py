@@ -82,7 +82,7 @@ class EngineCollector:
         health = s.get("health", {})
         yield GaugeMetricFamily("fastserve_engine_healthy", "1 while the engine serves",
                                 value=1.0 if health.get("healthy") else 0.0)
-        labels = ["model", "task", "device", "dtype", "execution", "kernels", "attention", "activation"]
+        labels = ["model", "task", "device", "dtype", "execution", "kernels", "attention", "gemm", "activation"]
         info = GaugeMetricFamily("fastserve_engine_info", "The served model and how it runs",
                                  labels=[*labels, "policy"])
         info.add_metric([str(s.get(k) or "") for k in labels] + [str(ctl.get("policy", ""))], 1.0)

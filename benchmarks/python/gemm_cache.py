@@ -1,0 +1,94 @@
+"""oneDNN's shape cache under the CPU layer kernels' products
+(python/fastserve/gemm.py): the process's resident memory while products of
+random row counts (1 to 2,048) run at MiniLM's four weight shapes, one thread,
+each mode in a fresh process:
+
+- "mm": torch.mm (MKL's sgemm in float32);
+- "onednn": gemm.Gemm(..., "onednn"), rows in pieces of six fixed sizes;
+- "onednn-whole": one oneDNN call per product (a new shape per row count),
+  what the pieces avoid.
+
+Also checks each product against torch.mm. Figures: benchmarks/README.md,
+"oneDNN GEMMs".
+
+    python benchmarks/python/gemm_cache.py --batches 300 --out cache.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+MODES = ("mm", "onednn", "onednn-whole")
+SHAPES = ((1152, 384), (384, 384), (1536, 384), (384, 1536))  # MiniLM's Q/K/V, output, up, down: [N, K]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def one(mode: str, batches: int, seed: int) -> dict:
+    import torch
+
+    from fastserve.gemm import Gemm
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    weights = [torch.randn(n, k) for n, k in SHAPES]
+    gemms = [Gemm(w, "mm" if mode == "mm" else "onednn") for w in weights]
+    x0 = torch.randn(2048, max(k for _, k in SHAPES))
+    rng = random.Random(seed)
+    start, t0, trace, worst = rss_mib(), time.perf_counter(), [], 0.0
+    for i in range(batches):
+        rows = rng.randint(1, 2048)
+        for w, g in zip(weights, gemms):
+            x = x0[:rows, : w.shape[1]]
+            if mode == "onednn-whole":
+                y = torch.ops.mkldnn._linear_pointwise(x, g.packed, None, "none", [], "")
+            else:
+                y = g(x)
+            if i % 25 == 0:
+                worst = max(worst, float((y - torch.mm(x, w.t())).abs().max()))
+        if (i + 1) % max(1, batches // 6) == 0 or i + 1 == batches:
+            trace.append({"batches": i + 1, "rss_growth_mib": round(rss_mib() - start, 1),
+                          "seconds": round(time.perf_counter() - t0, 2)})
+    return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in this process
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.mode:
+        print(json.dumps(one(args.mode, args.batches, args.seed)))
+        return 0
+    from fastserve import gemm
+
+    if not gemm.onednn_available():
+        print("needs a torch built with oneDNN", file=sys.stderr)
+        return 2
+    res = []
+    for mode in MODES:
+        run = subprocess.run([sys.executable, __file__, "--mode", mode, "--batches", str(args.batches),
+                              "--seed", str(args.seed)], capture_output=True, text=True, check=True)
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        res.append(r)
+        steps = ", ".join(f"{t['batches']}: +{t['rss_growth_mib']:.0f} MiB" for t in r["trace"])
+        print(f"{mode}: {steps}; {r['trace'][-1]['seconds']:.1f} s; max |diff| against torch.mm "
+              f"{r['max_abs_diff_vs_mm']:.1e}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"batches": args.batches, "seed": args.seed, "runs": res}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
