@@ -309,7 +309,9 @@ def markdown(res: dict[str, Any]) -> str:
              f"float32 {res['peaks']['float32']:.0f} GFLOP/s, bfloat16 {res['peaks']['bfloat16']:.0f} GFLOP/s"
              + ("." if res["cpu"]["native_bf16"] is not False else
                 " (emulated: this CPU has no native bfloat16, so the bfloat16 rows' fractions of it mean little)."),
-             "fastserve float32 runs with oneDNN off, as a float32 engine alone in its process does.", ""]
+             "fastserve float32 runs with torch's oneDNN switch off, as a float32 engine alone in its process does"
+             + ("; the layers' products (stats()[\"gemm\"]): " + ", ".join(f"{d} {how}" for d, how in res["gemm"].items())
+                if "gemm" in res else "") + ".", ""]
     for mix in res["mixes"]:
         lines += [f"**{mix['mix']}**: {mix['n_texts']} texts, {mix['real_tokens']} real tokens "
                   f"(mean {mix['mean_tokens_per_text']:.1f}), {mix['model_gflop_total']:.1f} GFLOP.", "",
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": bf16_peak()}
     res: dict[str, Any] = {"command": "python benchmarks/python/cpu_dtype.py " + " ".join(sys.argv[1:] if argv is None else argv),
                            "machine": common.machine(), "cpu": fastserve.precision.cpu_features(),
-                           "targets": TARGETS, "mixes": []}
+                           "gemm": {d: engines[d].stats()["gemm"] for d in DTYPES}, "targets": TARGETS, "mixes": []}
     try:
         for name, texts in mixes.items():
             lengths = [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]

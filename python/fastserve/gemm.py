@@ -10,9 +10,10 @@ through oneDNN with the weight laid out for it once.
   one torch.ops.mkldnn._linear_pointwise call per piece of rows. oneDNN builds
   a primitive per shape and keeps it in a process-wide cache (1,024 entries),
   and packed batches have a new token count nearly every time (docs/design.md,
-  "oneDNN's shape cache"): one call per product grew the process by 876 MiB
-  over 300 batches of random sizes at MiniLM's shapes, where the pieces
-  level off at 50-56 MiB (benchmarks/README.md, "oneDNN GEMMs"). So the rows go
+  "oneDNN's shape cache"): one call per product grew the process by 765-917
+  MiB over 300 batches of random sizes at MiniLM's shapes, where with the
+  pieces it levels off a few MiB above MKL's own buffers
+  (benchmarks/README.md, "oneDNN GEMMs"). So the rows go
   in pieces of six fixed sizes (pieces()), the last padded with zeros, and a
   piece's result is copied into the product unless it is the whole of it.
   Every row goes through oneDNN, and oneDNN gives a row the same bits in
@@ -23,7 +24,7 @@ through oneDNN with the weight laid out for it once.
 Why both: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
 AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
 oneDNN, which dispatches on the CPU's features, took its AVX-512 kernels:
-1.15-1.2x per product at the MiniLM shapes and more end to end
+up to 1.4x per product at the MiniLM shapes, 1.16-1.22x end to end
 (benchmarks/README.md, "oneDNN GEMMs"). With oneDNN capped to AVX2 the two
 were level (0.95-1.14x), and on Intel CPUs MKL has AVX-512 itself; so
 "onednn" is the default for float32 where the CPU has AVX-512, is not an

@@ -145,3 +145,28 @@ def test_the_gemm_ab_refuses_a_torch_without_onednn(monkeypatch, capsys):
     monkeypatch.setattr(gemm, "onednn_available", lambda: False)
     assert ab.main(["--rounds", "1"]) == 2
     assert "needs a torch built with oneDNN" in capsys.readouterr().err
+
+
+def test_the_op_profile_times_every_product_and_kernel_and_restores_them(tmp_path):
+    prof = pytest.importorskip("op_profile")
+    from fastserve import gemm, kernels, runners
+
+    if not kernels.cpu_vector_paths():
+        pytest.skip("the CPU layer kernels run only where their AVX2 path does")
+    before = (gemm.Gemm.__call__, kernels.attention, kernels.bias_gelu_, kernels.add_layer_norm_,
+              runners.PackedRunner.run)
+    out = tmp_path / "prof.json"
+    assert prof.main(["--n", "10", "--out", str(out)]) == 0
+    assert (gemm.Gemm.__call__, kernels.attention, kernels.bias_gelu_, kernels.add_layer_norm_,
+            runners.PackedRunner.run) == before
+    import json
+
+    res = json.loads(out.read_text())
+    assert [m["mix"] for m in res["mixes"]] == ["corpus", "long-tail"] and res["gemm"] in gemm.GEMMS
+    for mix in res["mixes"]:
+        ops = mix["thread_seconds"]
+        # MiniLM's four products, the three kernels, inside the runner's time.
+        assert {"product 1152x384", "product 384x384", "product 1536x384", "product 384x1536", "attention",
+                "bias_gelu_", "add_layer_norm_", "runner"} == set(ops)
+        assert sum(v for k, v in ops.items() if k != "runner") <= ops["runner"] + 5e-3  # each figure rounded to 1 ms
+        assert mix["products_gflops_per_thread"] > 0

@@ -1,17 +1,22 @@
-"""oneDNN's shape cache under the CPU layer kernels' products
-(python/fastserve/gemm.py): the process's resident memory while products of
-random row counts (1 to 2,048) run at MiniLM's four weight shapes, one thread,
-each mode in a fresh process:
+"""The CPU layer kernels' products (python/fastserve/gemm.py) alone, at
+MiniLM's four weight shapes, one thread, each mode in a fresh process:
+
+1. oneDNN's shape cache: the process's resident memory while products of
+   random row counts (1 to 2,048) run, and the time they took;
+2. GFLOP/s per product at fixed row counts (best of 5 timings of 10 calls),
+   after that.
+
+Modes:
 
 - "mm": torch.mm (MKL's sgemm in float32);
 - "onednn": gemm.Gemm(..., "onednn"), rows in pieces of six fixed sizes;
 - "onednn-whole": one oneDNN call per product (a new shape per row count),
   what the pieces avoid.
 
-Also checks each product against torch.mm. Figures: benchmarks/README.md,
+Also checks products against torch.mm. Figures: benchmarks/README.md,
 "oneDNN GEMMs".
 
-    python benchmarks/python/gemm_cache.py --batches 300 --out cache.json
+    python benchmarks/python/gemm_micro.py --batches 300 --out micro.json
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 
 MODES = ("mm", "onednn", "onednn-whole")
 SHAPES = ((1152, 384), (384, 384), (1536, 384), (384, 1536))  # MiniLM's Q/K/V, output, up, down: [N, K]
+ROWS = (16, 64, 256, 512, 1000, 2048)
 
 
 def rss_mib() -> float:
@@ -57,7 +63,25 @@ def one(mode: str, batches: int, seed: int) -> dict:
         if (i + 1) % max(1, batches // 6) == 0 or i + 1 == batches:
             trace.append({"batches": i + 1, "rss_growth_mib": round(rss_mib() - start, 1),
                           "seconds": round(time.perf_counter() - t0, 2)})
-    return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst}
+    gflops = {}
+    for (n, k), w, g in zip(SHAPES, weights, gemms):
+        for rows in ROWS:
+            x = x0[:rows, :k]
+            if mode == "onednn-whole":
+                call = lambda x=x, g=g: torch.ops.mkldnn._linear_pointwise(x, g.packed, None, "none", [], "")
+            else:
+                call = lambda x=x, g=g: g(x)
+            call()
+            best = min(timed(call, 10) for _ in range(5))
+            gflops[f"{n}x{k}@{rows}"] = round(2 * rows * n * k / best / 1e9, 1)
+    return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst, "gflops": gflops}
+
+
+def timed(call, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    return (time.perf_counter() - t0) / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = ", ".join(f"{t['batches']}: +{t['rss_growth_mib']:.0f} MiB" for t in r["trace"])
         print(f"{mode}: {steps}; {r['trace'][-1]['seconds']:.1f} s; max |diff| against torch.mm "
               f"{r['max_abs_diff_vs_mm']:.1e}", flush=True)
+    print("\nGFLOP/s per product, one thread (N x K @ rows): " + ", ".join(r["mode"] for r in res))
+    for key in res[0]["gflops"]:
+        print(f"  {key}: " + " / ".join(f"{r['gflops'][key]:.0f}" for r in res))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"batches": args.batches, "seed": args.seed, "runs": res}, f, indent=1)
