@@ -382,6 +382,11 @@ def model_flops(model: torch.nn.Module, lengths: Sequence[int]) -> float:
     return float(per_text.sum())
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine between each row of a and the same row of b."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def alternate(arms: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, dict[str, Any]]:
     """A/B in one process: each arm's call (one pass over n texts) once per
     round, in alternating order (the first arm first in even rounds, last in

@@ -23,8 +23,9 @@ Rows:
   CPU with AVX-512F): the same engines with the kernels capped at their AVX2
   path (kernels.cpu_isa_cap), against their AVX-512 path in the same run;
 - fastserve AVX-512 kernels bfloat16 (only on a CPU with AVX512-BF16): the
-  bfloat16 engine with the kernels capped at "avx512", bfloat16 stores
-  without vcvtneps2bf16;
+  bfloat16 engine with the kernels capped at "avx512": bfloat16 stores
+  without vcvtneps2bf16 and attention's products in float32 arithmetic
+  instead of vdpbf16ps;
 - fastserve mm float32 (only where float32 runs its products through oneDNN
   by default, python/fastserve/gemm.py): the float32 engine built with
   FASTSERVE_CPU_GEMM=mm, its products through torch.mm (MKL);
@@ -185,7 +186,7 @@ def run_mix(name: str, texts: list[str], engines: dict, hf: dict, st, flops: flo
     rows = []
     for m, wall in best.items():
         computes = "float32" if m.endswith("float32") else "bfloat16"
-        cos = (outs[m] * ref).sum(1) / (np.linalg.norm(outs[m], axis=1) * np.linalg.norm(ref, axis=1))
+        cos = common.cosines(outs[m], ref)
         gflops = flops / wall / 1e9
         rows.append({"method": m, "wall_s": wall, "texts_per_s": len(texts) / wall,
                      "real_tokens_per_s": real_tokens / wall, "model_gflops": gflops,
@@ -345,7 +346,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"- float32 products through oneDNN (the default here) / through torch.mm: "
                          f"{r['fp32_onednn_vs_mm']:.2f}x")
         if "bf16_kernels_bf16_stores" in r:
-            lines.append(f"- bfloat16 kernels with AVX512-BF16 stores / without: {r['bf16_kernels_bf16_stores']:.2f}x")
+            lines.append(f"- bfloat16 kernels on their AVX512-BF16 path / on their AVX-512 path: "
+                         f"{r['bf16_kernels_bf16_stores']:.2f}x")
         lines.append("")
     if res.get("emulated", {}).get("error"):
         lines += [f"bfloat16 without native support: the AVX2-capped run failed: {res['emulated']['error']}", ""]

@@ -206,7 +206,9 @@ def cpu_isa() -> str:
     """The widest path the CPU layer kernels run on this CPU (attention and the
     epilogues on widths a multiple of 16): "avx512_bf16" where it has AVX-512F
     and AVX512-BF16 (the AVX-512 path with bfloat16 stores in one
-    instruction, the same results bit for bit), "avx512" where it has
+    instruction, the same bits, and bfloat16 attention's products in
+    bfloat16 arithmetic by vdpbf16ps, within a stated bound of the float32
+    arithmetic: tests/python/test_cpu_layer_kernels.py), "avx512" where it has
     AVX-512F, both with FASTSERVE_KERNEL_NO_AVX512 unset, "avx2" where it has
     AVX2 + FMA, "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
     return str(_k.cpu_isa())

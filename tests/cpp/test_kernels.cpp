@@ -330,11 +330,29 @@ TEST(KernelIsa, ThePathFollowsTheCapTheCpuAndTheWidth) {
 #endif
 }
 
-// softmax(q k^T * scale) v per (sequence, head) in double, the oracle.
-std::vector<double> naive_attention(const std::vector<float>& qkv, const std::vector<int64_t>& cu, int64_t nh,
-                                    int64_t hd, double scale) {
+// bfloat16 by its bits: to nearest even (the oracle's rounding), and back.
+uint16_t to_bf16(double x) {
+  const float f = float(x);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+// softmax(q k^T * scale) v per (sequence, head) in double, the oracle. With
+// bf16_weights, what the native AVX512-BF16 path computes (its q, k and v
+// already rounded by the caller): each score rounded to float32, each weight
+// exp(s - max) rounded to bfloat16, normalised by the sum of the rounded
+// weights. spread[i] is sum_j p_j |v_j| for output i: a weight rounded the
+// other way (float32's exp against double's) moves the output by up to 2^-8
+// of it.
+struct Oracle {
+  std::vector<double> want, spread;
+};
+Oracle oracle_attention(const std::vector<float>& qkv, const std::vector<int64_t>& cu, int64_t nh, int64_t hd,
+                        double scale, bool bf16_weights) {
   const int64_t B = int64_t(cu.size()) - 1, T = cu[B], H = nh * hd;
-  std::vector<double> out(T * H, 0.0);
+  Oracle o{std::vector<double>(T * H, 0.0), std::vector<double>(T * H, 0.0)};
   auto at = [&](int64_t t, int which, int64_t h, int64_t d) { return double(qkv[t * 3 * H + which * H + h * hd + d]); };
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < nh; ++h)
@@ -344,14 +362,26 @@ std::vector<double> naive_attention(const std::vector<float>& qkv, const std::ve
         for (int64_t j = cu[b]; j < cu[b + 1]; ++j) {
           double dot = 0;
           for (int64_t d = 0; d < hd; ++d) dot += at(i, 0, h, d) * at(j, 1, h, d);
-          s.push_back(dot * scale);
+          s.push_back(bf16_weights ? double(float(dot) * float(scale)) : dot * scale);
           m = std::max(m, s.back());
         }
-        for (auto& v : s) sum += (v = std::exp(v - m));
+        for (auto& v : s) {
+          v = std::exp(v - m);
+          if (bf16_weights) v = bf16_to_float(to_bf16(v));
+          sum += v;
+        }
         for (int64_t j = cu[b]; j < cu[b + 1]; ++j)
-          for (int64_t d = 0; d < hd; ++d) out[i * H + h * hd + d] += s[j - cu[b]] / sum * at(j, 2, h, d);
+          for (int64_t d = 0; d < hd; ++d) {
+            const double p = s[j - cu[b]] / sum, v = at(j, 2, h, d);
+            o.want[i * H + h * hd + d] += p * v;
+            o.spread[i * H + h * hd + d] += p * std::abs(v);
+          }
       }
-  return out;
+  return o;
+}
+std::vector<double> naive_attention(const std::vector<float>& qkv, const std::vector<int64_t>& cu, int64_t nh,
+                                    int64_t hd, double scale) {
+  return oracle_attention(qkv, cu, nh, hd, scale, false).want;
 }
 
 TEST(KernelAttention, MatchesNaiveAttentionForEveryPathHeadWidthAndLength) {
@@ -413,15 +443,7 @@ TEST(KernelAttention, LargeScoresDoNotOverflowAndSpreadWeightsExactly) {
   }
 }
 
-// bfloat16 by its bits: to nearest even (the oracle's rounding), and back.
-uint16_t to_bf16(double x) {
-  const float f = float(x);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
+// The same, element by element, and back.
 std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
   std::vector<uint16_t> out(x.size());
   for (size_t i = 0; i < x.size(); ++i) out[i] = to_bf16(x[i]);
@@ -436,11 +458,11 @@ std::vector<float> widen(const std::vector<uint16_t>& x) {
 TEST(KernelBFloat16, AttentionMatchesTheOracleOnTheWidenedInputsWithinRounding) {
   std::mt19937 rng(12);
   std::normal_distribution<float> nd(0.f, 1.f);
-  const std::vector<int64_t> lengths = {1, 5, 9, 16, 17, 40};
+  const std::vector<int64_t> lengths = {1, 5, 9, 16, 17, 40, 130};
   std::vector<int64_t> cu = {0};
   for (int64_t l : lengths) cu.push_back(cu.back() + l);
   const int64_t T = cu.back();
-  for (int64_t hd : {8, 12, 32}) {
+  for (int64_t hd : {8, 12, 16, 32, 48}) {
     const int64_t nh = 2, H3 = 3 * nh * hd;
     std::vector<float> qkv(T * H3), bias(H3);
     for (auto& v : qkv) v = nd(rng);
@@ -451,12 +473,25 @@ TEST(KernelBFloat16, AttentionMatchesTheOracleOnTheWidenedInputsWithinRounding) 
     for (int64_t i = 0; i < T * H3; ++i) biased[i] = qw[i] + bw[i % H3];
     const double scale = 1.0 / std::sqrt(double(hd));
     const auto want = naive_attention(biased, cu, nh, hd, scale);
+    std::vector<float> rounded(T * H3);  // q, k, v with their bias, rounded as the AVX512-BF16 path stages them
+    for (int64_t i = 0; i < T * H3; ++i) rounded[i] = bf16_to_float(to_bf16(double(qw[i]) + double(bw[i % H3])));
+    const auto dp = oracle_attention(rounded, cu, nh, hd, scale, true);
     for (cpu::Isa isa : kIsas) {
       std::vector<uint16_t> out(T * nh * hd, 0xffff);
       cpu::attention(q16.data(), b16.data(), cu.data(), int64_t(lengths.size()), nh, hd, float(scale), 2, out.data(), isa);
-      for (int64_t i = 0; i < T * nh * hd; ++i)  // half a bfloat16 ulp (2^-8 relative) + float32's error
-        ASSERT_NEAR(bf16_to_float(out[i]), want[i], std::abs(want[i]) * 0.00392 + 2e-6)
-            << "hd " << hd << " isa " << int(isa) << " at " << i;
+#if defined(FASTSERVE_AVX512_EMULATED)
+      const bool in_bf16 = false;  // the emulated build's AVX512-BF16 path is the AVX-512 one
+#else
+      const bool in_bf16 = cpu::isa_for(isa, hd) == cpu::Isa::kAvx512Bf16;
+#endif
+      for (int64_t i = 0; i < T * nh * hd; ++i) {
+        const double got = bf16_to_float(out[i]);
+        if (in_bf16)  // half an ulp, a weight's rounding, float32's error
+          ASSERT_NEAR(got, dp.want[i], std::abs(dp.want[i]) * 0.00392 + dp.spread[i] * 0.00391 + 2e-6)
+              << "hd " << hd << " isa " << int(isa) << " at " << i;
+        else  // half a bfloat16 ulp (2^-8 relative) + float32's error
+          ASSERT_NEAR(got, want[i], std::abs(want[i]) * 0.00392 + 2e-6) << "hd " << hd << " isa " << int(isa) << " at " << i;
+      }
     }
   }
 }

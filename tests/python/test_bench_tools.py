@@ -119,8 +119,8 @@ def test_a_baseline_computes_on_its_own_thread_count_whatever_another_thread_set
         torch.set_num_threads(before)
 
 
-def test_the_bf16_stores_ab_refuses_a_cpu_without_avx512_bf16(monkeypatch, capsys):
-    ab = pytest.importorskip("bf16_stores_ab")
+def test_the_bf16_isa_ab_refuses_a_cpu_without_avx512_bf16(monkeypatch, capsys):
+    ab = pytest.importorskip("bf16_isa_ab")
     from fastserve import kernels
 
     monkeypatch.setattr(kernels, "cpu_isa", lambda: "avx2")

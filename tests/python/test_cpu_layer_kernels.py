@@ -138,18 +138,68 @@ def _bf16_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float) -> None:
     assert ((g - w).abs() <= bound).all(), float(((g - w).abs() / (w.abs() + 1e-6)).max())
 
 
+def _in_bf16_arithmetic(hd: int) -> bool:
+    """Whether bfloat16 attention of head width hd runs in bfloat16
+    arithmetic here (the native AVX512-BF16 path, widths a multiple of 16)."""
+    return kernels.cpu_isa() == "avx512_bf16" and hd % 16 == 0
+
+
 @pytest.mark.parametrize("hd", [8, 32])
 def test_bfloat16_attention_is_float32_attention_rounded_once(hd: int) -> None:
     torch.manual_seed(hd + 1)
     lengths = [1, 7, 9, 40, 130]
     nh = 2
     qkv, bias, cu = torch.randn(sum(lengths), 3, nh, hd).bfloat16(), torch.randn(3 * nh * hd).bfloat16(), _cu(lengths)
-    got = kernels.attention(qkv, cu, bias=bias)
+    # The float32 path (capped below AVX512-BF16's arithmetic where the CPU
+    # has it): the float32 oracle on the same (widened) bfloat16 inputs,
+    # within half an ulp of the rounding and float32's own error.
+    with kernels.cpu_isa_cap("avx512"):
+        got = kernels.attention(qkv, cu, bias=bias)
     assert got.dtype == torch.bfloat16
-    # The float32 oracle on the same (widened) bfloat16 inputs: within half an
-    # ulp of the rounding, and float32's own error.
     want = kernels.torch_attention(qkv.float() + bias.float().view(3, nh, hd), cu)
     _bf16_ulps(got, want, 0.51)
+
+
+def _bf16_arithmetic_oracle(qkv: torch.Tensor, bias: torch.Tensor, cu: torch.Tensor) -> tuple:
+    """What the AVX512-BF16 path computes, in float64: q, k, v with their bias
+    rounded to bfloat16, exp(s - max) rounded to bfloat16 and normalised by the
+    sum of the rounded weights. Also sum_j p_j |v_j| per output, the scale of
+    a weight rounded the other way."""
+    T, _, nh, hd = qkv.shape
+    r = (qkv.float() + bias.float().view(3, nh, hd)).bfloat16().double()
+    want, spread = torch.zeros(T, nh, hd, dtype=torch.float64), torch.zeros(T, nh, hd, dtype=torch.float64)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        q, k, v = (r[a:b, i].transpose(0, 1) for i in range(3))  # [nh, L, hd]
+        s = (q @ k.transpose(1, 2)).float() * (1.0 / hd**0.5)
+        p = torch.exp(s.double() - s.double().amax(-1, keepdim=True)).bfloat16().double()
+        p = p / p.sum(-1, keepdim=True)
+        want[a:b] = (p @ v).transpose(0, 1)
+        spread[a:b] = (p @ v.abs()).transpose(0, 1)
+    return want, spread
+
+
+@pytest.mark.parametrize("hd", [16, 32, 48])
+def test_bfloat16_attention_in_bfloat16_arithmetic_matches_its_oracle_and_float32(hd: int) -> None:
+    """On a CPU with AVX512-BF16 the bfloat16 attention's products run in
+    bfloat16 (vdpbf16ps); elsewhere the float32 path runs and the same
+    bounds hold a fortiori."""
+    torch.manual_seed(hd + 2)
+    lengths = [1, 2, 7, 16, 17, 40, 130]
+    nh = 3
+    qkv, bias, cu = torch.randn(sum(lengths), 3, nh, hd).bfloat16(), torch.randn(3 * nh * hd).bfloat16(), _cu(lengths)
+    got = kernels.attention(qkv, cu, bias=bias).double()
+    want, spread = _bf16_arithmetic_oracle(qkv, bias, cu)
+    if _in_bf16_arithmetic(hd):
+        # Half an ulp of the output, a weight's rounding, float32's error.
+        assert ((got - want).abs() <= 2.0**-8 * (want.abs() + spread) + 2e-6).all()
+    # Against float32 attention on the unrounded sums: within a few bfloat16
+    # rounding steps of the weighted |v| (the inputs' and weights' roundings).
+    exact = kernels.torch_attention(qkv.float() + bias.float().view(3, nh, hd), cu).double()
+    assert ((got - exact).abs() <= 2.0**-5 * spread + 2e-6).all(), float(((got - exact).abs() / spread).max())
+    # Each head by itself: the same bits whatever its company in the call.
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = kernels.attention(qkv[a:b].contiguous(), _cu([b - a]), bias=bias).double()
+        assert torch.equal(alone, got[a:b])
 
 
 def test_bfloat16_epilogues_round_like_torchs_bfloat16_ops() -> None:
@@ -292,3 +342,28 @@ def test_without_the_vector_path_the_engine_keeps_torchs_kernels() -> None:
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "runs", "True"]
+
+
+def test_a_subnormal_input_runs_its_head_in_float32_and_leaves_the_others_in_bfloat16() -> None:
+    """vdpbf16ps treats float32 subnormals as zero where torch keeps them: a
+    head whose q, k or v holds one runs the float32 path, each head deciding
+    for itself, so the others keep their bits whatever shares their call."""
+    hd, nh = 16, 3
+    if not _in_bf16_arithmetic(hd):
+        pytest.skip("needs the kernels' AVX512-BF16 path")
+    torch.manual_seed(5)
+    lengths = [20, 9, 12, 30, 7]  # enough sequences that a call groups all heads of one
+    cu = _cu(lengths)
+    clean = torch.randn(sum(lengths), 3, nh, hd).bfloat16()
+    tiny = clean.clone()
+    bits = tiny.view(torch.int16)
+    bits[5, 1, 1, 3] = 1  # a subnormal key in head 1 of the first sequence
+    got, dp = kernels.attention(tiny, cu), kernels.attention(clean, cu)
+    with kernels.cpu_isa_cap("avx512"):
+        f32 = kernels.attention(tiny, cu)
+    first = slice(0, lengths[0])
+    assert torch.equal(got[first, 1], f32[first, 1])  # the head with the subnormal: float32
+    assert not torch.equal(dp[first, 1], f32[first, 1])
+    for h in (0, 2):  # the others: bfloat16 arithmetic, the same bits as without the subnormal
+        assert torch.equal(got[first, h], dp[first, h]) and not torch.equal(got[first, h], f32[first, h])
+    assert torch.equal(got[lengths[0]:], dp[lengths[0]:])

@@ -106,7 +106,10 @@ bool vector_paths();
 // is a multiple of 16; kAvx512Bf16 where it also has AVX512-BF16; kAvx2 as
 // vector_paths() says, width a multiple of 8): the default runs the best,
 // tests and benchmarks compare them. kAvx512Bf16 is kAvx512 with bfloat16
-// stores in one instruction (vcvtneps2bf16), bit for bit the same results.
+// stores in one instruction (vcvtneps2bf16), bit for bit the same results,
+// and, for bfloat16 memory, attention's products in bfloat16 arithmetic
+// (vdpbf16ps; cpu/attention_dpbf16.inc): within a stated bound of kAvx512's
+// attention, not bitwise.
 enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // The path a layer kernel runs for rows of `width` floats (head width or row
 // width) under `cap` and the process-wide cap; best_isa() is

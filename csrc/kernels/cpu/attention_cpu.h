@@ -47,7 +47,8 @@ struct HeadArgs {
 
 // The vector paths': per head keys transposed [hd, Lp], values and queries
 // [L, hd], and scores or weights [4, Lp] (Lp: L rounded up to 16 at most); the
-// portable path's, one head at a time, fits in that for g = 1.
+// portable path's, one head at a time, fits in that for g = 1, and so does the
+// bfloat16 arithmetic's (attention_dpbf16.inc), whose staged rows take half.
 inline int64_t attention_scratch(int64_t L, int64_t hd, int64_t g) {
   const int64_t Lp = (L + 15) / 16 * 16;
   return g * (hd * Lp + 2 * L * hd) + 4 * Lp + 4 * hd;

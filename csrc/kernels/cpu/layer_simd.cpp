@@ -50,7 +50,11 @@ namespace avx512bf16 {
 using Vec = Vec16Bf16;
 #define FS_VEC FS_AVX512BF16
 #define FS_VEC_INLINE FS_AVX512BF16_INLINE
+#if !defined(FASTSERVE_AVX512_EMULATED)
+#define FS_DPBF16  // bfloat16 attention through vdpbf16ps (attention_dpbf16.inc)
+#endif
 #include "layer_simd.inc"
+#undef FS_DPBF16
 #undef FS_VEC
 #undef FS_VEC_INLINE
 }  // namespace avx512bf16

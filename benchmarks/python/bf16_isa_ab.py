@@ -1,12 +1,16 @@
-"""The CPU kernels' AVX512-BF16 stores through a bfloat16 engine, A/B in one
-process: the default engine (kernel_isa "avx512_bf16", bfloat16 stores by
-vcvtneps2bf16) against the same engine under kernels.cpu_isa_cap("avx512")
-(the same kernels with the integer rounding), alternating, `embed` of 400
+"""The CPU kernels' AVX512-BF16 path through a bfloat16 engine, A/B in one
+process: the default engine (kernel_isa "avx512_bf16": bfloat16 stores by
+vcvtneps2bf16, and attention's products in bfloat16 by vdpbf16ps) against
+the same engine under kernels.cpu_isa_cap("avx512") (the same kernels in
+float32 arithmetic with the integer rounding), alternating, `embed` of 400
 texts per mix (cpu_dtype.py's corpus and long-tail mixes), static 2,048-token
-batches. Needs a CPU with AVX512-BF16. Figures: benchmarks/README.md, "AMD
-EPYC with AVX-512 and AVX512-BF16".
+batches; then each arm's min cosine against a float32 engine's embeddings.
+Needs a CPU with AVX512-BF16. Figures: benchmarks/README.md, "AMD EPYC with
+AVX-512 and AVX512-BF16" (this script was bf16_stores_ab.py before the
+attention's bfloat16 arithmetic) and "bfloat16 attention in bfloat16
+arithmetic".
 
-    python benchmarks/python/bf16_stores_ab.py --rounds 6 --out ab.json
+    python benchmarks/python/bf16_isa_ab.py --rounds 6 --out ab.json
 """
 from __future__ import annotations
 
@@ -50,9 +54,23 @@ def main(argv: list[str] | None = None) -> int:
                                          args.rounds)
             a, b = out[name]["avx512_bf16"], out[name]["avx512"]
             ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
-            print(f"{name}: texts/s with AVX512-BF16 stores median {a['median']:.1f} (best {a['best']:.1f}), "
-                  f"without {b['median']:.1f} ({b['best']:.1f}); with / without by the median "
+            print(f"{name}: texts/s on the AVX512-BF16 path median {a['median']:.1f} (best {a['best']:.1f}), "
+                  f"on the AVX-512 path {b['median']:.1f} ({b['best']:.1f}); AVX512-BF16 / AVX-512 by the median "
                   f"{a['median'] / b['median']:.3f}, per round {ratios}", flush=True)
+    # Accuracy: each arm against float32 (the same texts, one process).
+    with fastserve.Engine(dtype="float32", execution="packed", policy="static", min_batch_tokens=cpu_dtype.BUDGET,
+                          max_batch_tokens=cpu_dtype.BUDGET) as exact, \
+            fastserve.Engine(dtype="bfloat16", execution="packed", policy="static",
+                             min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET) as engine:
+        for name, texts in mixes.items():
+            want = exact.embed(texts)
+            for isa in ("avx512_bf16", "avx512"):
+                with kernels.cpu_isa_cap(isa):
+                    got = engine.embed(texts)
+                out[name][isa]["min_cosine_vs_float32"] = float(common.cosines(got, want).min())
+            print(f"{name}: min cosine against float32 on the AVX512-BF16 path "
+                  f"{out[name]['avx512_bf16']['min_cosine_vs_float32']:.6f}, on the AVX-512 path "
+                  f"{out[name]['avx512']['min_cosine_vs_float32']:.6f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
