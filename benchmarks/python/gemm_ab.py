@@ -8,8 +8,13 @@ process's resident memory after the warm-up and after every round (oneDNN's
 cache of shapes stays bounded: gemm.pieces), and the reordered weights' bytes.
 Figures: benchmarks/README.md, "oneDNN GEMMs".
 
+With --whole, a third engine whose products each go through oneDNN in one
+call (a new oneDNN shape per row count: what the pieces avoid; its cache
+grows the process's memory), to price the pieces.
+
     python benchmarks/python/gemm_ab.py --rounds 6 --out ab.json
     python benchmarks/python/gemm_ab.py --dtype bfloat16 --rounds 6
+    python benchmarks/python/gemm_ab.py --whole --rounds 6
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    p.add_argument("--whole", action="store_true", help="add an engine with one oneDNN call per product")
     args = p.parse_args(argv)
     common.quiet()
     import fastserve
@@ -62,6 +68,22 @@ def main(argv: list[str] | None = None) -> int:
                                           min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
     finally:
         os.environ.pop("FASTSERVE_CPU_GEMM", None) if saved is None else os.environ.update(FASTSERVE_CPU_GEMM=saved)
+    if args.whole:
+        import torch
+
+        class Whole(gemm.Gemm):
+            def __call__(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+        os.environ["FASTSERVE_CPU_GEMM"] = "onednn"
+        try:
+            whole = fastserve.Engine(dtype=args.dtype, execution="packed", policy="static",
+                                     min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
+        finally:
+            os.environ.pop("FASTSERVE_CPU_GEMM", None) if saved is None else os.environ.update(FASTSERVE_CPU_GEMM=saved)
+        for layer in whole.runner.fused or ():  # the replicas' runners share these layers
+            for g in (layer.qkv, layer.o, layer.up, layer.down):
+                g.__class__ = Whole
     try:
         for m, e in engines.items():
             if e.stats()["gemm"] != m:
@@ -75,14 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         for name, texts in mixes.items():
             vecs = {m: e.embed(texts) for m, e in engines.items()}
             diff = float(np.abs(vecs["mm"] - vecs["onednn"]).max())
-            out[name] = common.alternate({m: (lambda e=e, t=texts: e.embed(t)) for m, e in engines.items()},
-                                         len(texts), args.rounds)
+            arms = {m: (lambda e=e, t=texts: e.embed(t)) for m, e in engines.items()}
+            if args.whole:
+                arms["onednn-whole"] = lambda t=texts: whole.embed(t)
+            out[name] = common.alternate(arms, len(texts), args.rounds)
             out[name]["max_abs_diff"] = diff
             a, b = out[name]["onednn"], out[name]["mm"]
             ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{args.dtype} {name}: texts/s onednn median {a['median']:.1f} (best {a['best']:.1f}), "
                   f"mm {b['median']:.1f} ({b['best']:.1f}); onednn / mm by the median "
                   f"{a['median'] / b['median']:.3f}, per round {ratios}; max |diff| {diff:.2e}", flush=True)
+            if args.whole:
+                w = out[name]["onednn-whole"]
+                print(f"{args.dtype} {name}: one oneDNN call per product median {w['median']:.1f}; "
+                      f"whole / pieces by the median {w['median'] / a['median']:.3f}, per round "
+                      + " ".join(f"{x / y:.3f}" for x, y in zip(w["texts_per_s"], a["texts_per_s"])), flush=True)
         out["rss_mib_after"] = rss_mib()
         print(f"resident memory after the warm-up {out['rss_mib_warm']:.0f} MiB, after every round "
               f"{out['rss_mib_after']:.0f} MiB; reordered weights "
@@ -90,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for e in engines.values():
             e.close()
+        if args.whole:
+            whole.close()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,10 +1,11 @@
 """The CPU layer kernels' products (python/fastserve/gemm.py) alone, at
-MiniLM's four weight shapes, one thread, each mode in a fresh process:
+MiniLM's four weight shapes, one thread:
 
-1. oneDNN's shape cache: the process's resident memory while products of
-   random row counts (1 to 2,048) run, and the time they took;
-2. GFLOP/s per product at fixed row counts (best of 5 timings of 10 calls),
-   after that.
+1. oneDNN's shape cache, each mode in a fresh process: the process's
+   resident memory while products of random row counts (1 to 2,048) run,
+   and the time they took;
+2. GFLOP/s per product at fixed row counts, the modes alternating in one
+   process (best of --rounds timings of 10 calls).
 
 Modes:
 
@@ -47,13 +48,13 @@ def one(mode: str, batches: int, seed: int) -> dict:
     torch.manual_seed(seed)
     weights = [torch.randn(n, k) for n, k in SHAPES]
     gemms = [Gemm(w, "mm" if mode == "mm" else "onednn") for w in weights]
-    x0 = torch.randn(2048, max(k for _, k in SHAPES))
+    inputs = {k: torch.randn(2048, k) for k in {k for _, k in SHAPES}}  # rows sliced off stay contiguous
     rng = random.Random(seed)
     start, t0, trace, worst = rss_mib(), time.perf_counter(), [], 0.0
     for i in range(batches):
         rows = rng.randint(1, 2048)
         for w, g in zip(weights, gemms):
-            x = x0[:rows, : w.shape[1]]
+            x = inputs[w.shape[1]][:rows]
             if mode == "onednn-whole":
                 y = torch.ops.mkldnn._linear_pointwise(x, g.packed, None, "none", [], "")
             else:
@@ -63,18 +64,37 @@ def one(mode: str, batches: int, seed: int) -> dict:
         if (i + 1) % max(1, batches // 6) == 0 or i + 1 == batches:
             trace.append({"batches": i + 1, "rss_growth_mib": round(rss_mib() - start, 1),
                           "seconds": round(time.perf_counter() - t0, 2)})
-    gflops = {}
-    for (n, k), w, g in zip(SHAPES, weights, gemms):
+    return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst}
+
+
+def products(seed: int, rounds: int) -> dict[str, dict[str, float]]:
+    """GFLOP/s per product and mode, one thread, in one process: for each
+    shape and row count the modes alternate, `rounds` timings of 10 calls
+    each, the best kept (modes timed minutes apart in separate processes
+    drifted by 15% on the project's VMs)."""
+    import torch
+
+    from fastserve.gemm import Gemm
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    out: dict[str, dict[str, float]] = {m: {} for m in MODES}
+    for n, k in SHAPES:
+        w = torch.randn(n, k)
+        mm, onednn = Gemm(w, "mm"), Gemm(w, "onednn")
         for rows in ROWS:
-            x = x0[:rows, :k]
-            if mode == "onednn-whole":
-                call = lambda x=x, g=g: torch.ops.mkldnn._linear_pointwise(x, g.packed, None, "none", [], "")
-            else:
-                call = lambda x=x, g=g: g(x)
-            call()
-            best = min(timed(call, 10) for _ in range(5))
-            gflops[f"{n}x{k}@{rows}"] = round(2 * rows * n * k / best / 1e9, 1)
-    return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst, "gflops": gflops}
+            x = torch.randn(rows, k)
+            calls = {"mm": lambda: mm(x), "onednn": lambda: onednn(x),
+                     "onednn-whole": lambda: torch.ops.mkldnn._linear_pointwise(x, onednn.packed, None, "none", [], "")}
+            best = {m: float("inf") for m in MODES}
+            for c in calls.values():
+                c()
+            for _ in range(rounds):
+                for m, c in calls.items():
+                    best[m] = min(best[m], timed(c, 10))
+            for m in MODES:
+                out[m][f"{n}x{k}@{rows}"] = round(2 * rows * n * k / best[m] / 1e9, 1)
+    return out
 
 
 def timed(call, n: int) -> float:
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=7, help="alternating timings per product")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in this process
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -108,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = ", ".join(f"{t['batches']}: +{t['rss_growth_mib']:.0f} MiB" for t in r["trace"])
         print(f"{mode}: {steps}; {r['trace'][-1]['seconds']:.1f} s; max |diff| against torch.mm "
               f"{r['max_abs_diff_vs_mm']:.1e}", flush=True)
-    print("\nGFLOP/s per product, one thread (N x K @ rows): " + ", ".join(r["mode"] for r in res))
-    for key in res[0]["gflops"]:
-        print(f"  {key}: " + " / ".join(f"{r['gflops'][key]:.0f}" for r in res))
+    gflops = products(args.seed, args.rounds)
+    print("\nGFLOP/s per product, one thread, modes alternating, best of "
+          f"{args.rounds} (N x K @ rows): " + " / ".join(MODES))
+    for key in gflops["mm"]:
+        print(f"  {key}: " + " / ".join(f"{gflops[m][key]:.0f}" for m in MODES))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"batches": args.batches, "seed": args.seed, "runs": res}, f, indent=1)
+            json.dump({"batches": args.batches, "seed": args.seed, "runs": res, "gflops": gflops}, f, indent=1)
     return 0
 
 

@@ -24,7 +24,7 @@ through oneDNN with the weight laid out for it once.
 Why both: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
 AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
 oneDNN, which dispatches on the CPU's features, took its AVX-512 kernels:
-up to 1.4x per product at the MiniLM shapes, 1.16-1.22x end to end
+up to 1.5x per product at the MiniLM shapes, 1.16-1.22x end to end
 (benchmarks/README.md, "oneDNN GEMMs"). With oneDNN capped to AVX2 the two
 were level (0.95-1.14x), and on Intel CPUs MKL has AVX-512 itself; so
 "onednn" is the default for float32 where the CPU has AVX-512, is not an
