@@ -15,7 +15,6 @@ arithmetic".
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import common
@@ -29,20 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON file for the per-round figures")
     args = p.parse_args(argv)
     common.quiet()
-    import fastserve
     from fastserve import kernels
-    from transformers import AutoTokenizer
 
     if kernels.cpu_isa() != "avx512_bf16":
         print(f"needs a CPU with AVX-512F and AVX512-BF16; the kernels here run {kernels.cpu_isa()}", file=sys.stderr)
         return 2
-    path = common.model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    mixes = {"corpus": common.sample_texts(args.n, 0),
-             "long-tail": cpu_dtype.long_tail(args.n, 0, tok, common.max_seq_length(path))}
+    mixes = cpu_dtype.mixes(args.n, 0)
     out: dict = {"rounds": args.rounds, "n": args.n}
-    with fastserve.Engine(dtype="bfloat16", execution="packed", policy="static", min_batch_tokens=cpu_dtype.BUDGET,
-                          max_batch_tokens=cpu_dtype.BUDGET) as engine:
+    with cpu_dtype.static_engine("bfloat16") as engine:
         engine.embed(mixes["corpus"][:64])
         for name, texts in mixes.items():
             def arm(isa: str, texts: list[str] = texts):
@@ -58,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"on the AVX-512 path {b['median']:.1f} ({b['best']:.1f}); AVX512-BF16 / AVX-512 by the median "
                   f"{a['median'] / b['median']:.3f}, per round {ratios}", flush=True)
     # Accuracy: each arm against float32 (the same texts, one process).
-    with fastserve.Engine(dtype="float32", execution="packed", policy="static", min_batch_tokens=cpu_dtype.BUDGET,
-                          max_batch_tokens=cpu_dtype.BUDGET) as exact, \
-            fastserve.Engine(dtype="bfloat16", execution="packed", policy="static",
-                             min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET) as engine:
+    with cpu_dtype.static_engine("float32") as exact, cpu_dtype.static_engine("bfloat16") as engine:
         for name, texts in mixes.items():
             want = exact.embed(texts)
             for isa in ("avx512_bf16", "avx512"):
@@ -71,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: min cosine against float32 on the AVX512-BF16 path "
                   f"{out[name]['avx512_bf16']['min_cosine_vs_float32']:.6f}, on the AVX-512 path "
                   f"{out[name]['avx512']['min_cosine_vs_float32']:.6f}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_json(args.out, out)
     return 0
 
 

@@ -17,6 +17,7 @@ all the same way:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import platform
@@ -380,6 +381,34 @@ def model_flops(model: torch.nn.Module, lengths: Sequence[int]) -> float:
     lengths = np.asarray(lengths, dtype=np.float64)
     per_text = len(layers) * (2.0 * per_layer * lengths + 4.0 * hidden * lengths**2)
     return float(per_text.sum())
+
+
+@contextlib.contextmanager
+def env(var: str, value: str):
+    """os.environ[var] = value within the block (for settings read when an
+    Engine is built), restored after."""
+    saved = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = saved
+
+
+def rss_mib() -> float:
+    """This process's resident memory, MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def write_json(path: str | None, result: Any) -> None:
+    """result as indented JSON in path; nothing without a path."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -108,6 +108,28 @@ def long_tail(n: int, seed: int, tokenizer, max_length: int) -> list[str]:
     return texts
 
 
+def mixes(n: int, seed: int, tokenizer=None) -> dict[str, list[str]]:
+    """The two text mixes: n corpus texts, and the long-tail mix of the
+    same n (long_tail) by the model's tokenizer unless one is given."""
+    path = common.model_path()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return {"corpus": common.sample_texts(n, seed),
+            "long-tail": long_tail(n, seed, tokenizer, common.max_seq_length(path))}
+
+
+def static_engine(dtype: str, **kw: Any):
+    """A packed engine of the embedded model in `dtype` with static
+    BUDGET-token batches, as every fastserve row here runs (kw: more Engine
+    arguments)."""
+    import fastserve
+
+    return fastserve.Engine(dtype=dtype, execution="packed", policy="static", min_batch_tokens=BUDGET,
+                            max_batch_tokens=BUDGET, **kw)
+
+
 class SortedHF:
     """Plain transformers on length-sorted padded batches, tokenized beforehand."""
 
@@ -268,13 +290,10 @@ def threads(texts: list[str], repeats: int = 5) -> list[dict[str, Any]]:
     thread would not reach it. The two engines of a dtype alternate, best of
     `repeats`; the float32 pair runs with no bfloat16 engine alive, as a
     float32 engine serves alone (oneDNN off per batch, process.onednn_for)."""
-    import fastserve
-
     rows = []
     before = torch.get_num_threads()
     for d in ("float32", "bfloat16"):
-        engines = {k: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
-                                       max_batch_tokens=BUDGET, torch_threads=k) for k in (1, 2)}
+        engines = {k: static_engine(d, torch_threads=k) for k in (1, 2)}
         try:
             ids = engines[1].tokenize(texts)
             offline, tok = [], 0
@@ -390,25 +409,19 @@ def main(argv: list[str] | None = None) -> int:
     progress = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     path = common.model_path()
     max_length = common.max_seq_length(path)
-    engines = {d: fastserve.Engine(dtype=d, execution="packed", policy="static", min_batch_tokens=BUDGET,
-                                   max_batch_tokens=BUDGET) for d in DTYPES}
+    engines = {d: static_engine(d) for d in DTYPES}
     variants = [("modules float32", "float32", "FASTSERVE_PACKED_ATTENTION", "runs"),
                 ("modules bfloat16", "bfloat16", "FASTSERVE_PACKED_ATTENTION", "runs")]
     if engines["float32"].stats()["gemm"] == "onednn":
         variants.append(("mm float32", "float32", "FASTSERVE_CPU_GEMM", "mm"))
     for name, dtype, var, value in variants:
-        os.environ[var] = value  # read when an engine is built
-        try:
-            engines[name] = fastserve.Engine(dtype=dtype, execution="packed", policy="static",
-                                             min_batch_tokens=BUDGET, max_batch_tokens=BUDGET)
-        finally:
-            del os.environ[var]
+        with common.env(var, value):  # read when an engine is built
+            engines[name] = static_engine(dtype)
     hf = {k: SortedHF(path, max_length, getattr(torch, k)) for k in ("float32", "bfloat16")}
     st = common.STModel(path)
     tok = hf["float32"].tok
-    mixes = {"corpus": common.sample_texts(args.n, args.seed),
-             "long-tail": long_tail(args.n, args.seed, tok, max_length)}
-    warm = mixes["corpus"][:64]
+    by_mix = mixes(args.n, args.seed, tok)
+    warm = by_mix["corpus"][:64]
     for e in engines.values():
         e.embed(warm)
     for m in hf.values():
@@ -423,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": common.machine(), "cpu": fastserve.precision.cpu_features(),
                            "gemm": {d: engines[d].stats()["gemm"] for d in DTYPES}, "targets": TARGETS, "mixes": []}
     try:
-        for name, texts in mixes.items():
+        for name, texts in by_mix.items():
             lengths = [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
             mix = run_mix(name, texts, engines, hf, st, common.model_flops(hf["float32"].model, lengths),
                           int(sum(lengths)), peaks, args.repeats, progress)
@@ -449,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         progress("threads")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res["threads"] = threads(mixes["corpus"])
+            res["threads"] = threads(by_mix["corpus"])
     if args.emulated:
         progress("emulated bf16 (AVX2)")
         with warnings.catch_warnings():

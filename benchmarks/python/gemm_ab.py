@@ -19,8 +19,6 @@ grows the process's memory), to price the pieces.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
@@ -29,11 +27,6 @@ import common
 import cpu_dtype
 
 METHODS = ("mm", "onednn")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,42 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--whole", action="store_true", help="add an engine with one oneDNN call per product")
     args = p.parse_args(argv)
     common.quiet()
+    import torch
+
     import fastserve
     from fastserve import gemm
-    from transformers import AutoTokenizer
 
     if not gemm.onednn_available():
         print("needs a torch built with oneDNN", file=sys.stderr)
         return 2
-    path = common.model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    mixes = {"corpus": common.sample_texts(args.n, 0),
-             "long-tail": cpu_dtype.long_tail(args.n, 0, tok, common.max_seq_length(path))}
+    mixes = cpu_dtype.mixes(args.n, 0)
     out: dict = {"rounds": args.rounds, "n": args.n, "dtype": args.dtype, "machine": common.machine(),
-                 "default": gemm.default_method(getattr(__import__("torch"), args.dtype),
+                 "default": gemm.default_method(getattr(torch, args.dtype),
                                                 fastserve.precision.cpu_features())}
     engines = {}
-    saved = os.environ.get("FASTSERVE_CPU_GEMM")
-    try:
-        for m in METHODS:
-            os.environ["FASTSERVE_CPU_GEMM"] = m  # read when an engine is built
-            engines[m] = fastserve.Engine(dtype=args.dtype, execution="packed", policy="static",
-                                          min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
-    finally:
-        os.environ.pop("FASTSERVE_CPU_GEMM", None) if saved is None else os.environ.update(FASTSERVE_CPU_GEMM=saved)
+    for m in METHODS:
+        with common.env("FASTSERVE_CPU_GEMM", m):  # read when an engine is built
+            engines[m] = cpu_dtype.static_engine(args.dtype)
     if args.whole:
-        import torch
-
         class Whole(gemm.Gemm):
             def __call__(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+                return gemm.onednn_linear(x, self.packed)
 
-        os.environ["FASTSERVE_CPU_GEMM"] = "onednn"
-        try:
-            whole = fastserve.Engine(dtype=args.dtype, execution="packed", policy="static",
-                                     min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
-        finally:
-            os.environ.pop("FASTSERVE_CPU_GEMM", None) if saved is None else os.environ.update(FASTSERVE_CPU_GEMM=saved)
+        with common.env("FASTSERVE_CPU_GEMM", "onednn"):
+            whole = cpu_dtype.static_engine(args.dtype)
         for layer in whole.runner.fused or ():  # the replicas' runners share these layers
             for g in (layer.qkv, layer.o, layer.up, layer.down):
                 g.__class__ = Whole
@@ -93,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         out["gemm_weights_bytes"] = engines["onednn"].stats()["memory"]["gemm_weights_bytes"]
         for e in engines.values():
             e.embed(mixes["corpus"][:64])
-        out["rss_mib_warm"] = rss_mib()
+        out["rss_mib_warm"] = common.rss_mib()
         for name, texts in mixes.items():
             vecs = {m: e.embed(texts) for m, e in engines.items()}
             diff = float(np.abs(vecs["mm"] - vecs["onednn"]).max())
@@ -112,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.dtype} {name}: one oneDNN call per product median {w['median']:.1f}; "
                       f"whole / pieces by the median {w['median'] / a['median']:.3f}, per round "
                       + " ".join(f"{x / y:.3f}" for x, y in zip(w["texts_per_s"], a["texts_per_s"])), flush=True)
-        out["rss_mib_after"] = rss_mib()
+        out["rss_mib_after"] = common.rss_mib()
         print(f"resident memory after the warm-up {out['rss_mib_warm']:.0f} MiB, after every round "
               f"{out['rss_mib_after']:.0f} MiB; reordered weights "
               f"{out['gemm_weights_bytes'] / 2**20:.1f} MiB; default here: {out['default']}", flush=True)
@@ -121,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             e.close()
         if args.whole:
             whole.close()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_json(args.out, out)
     return 0
 
 

@@ -23,26 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import time
+
+import common
 
 MODES = ("mm", "onednn", "onednn-whole")
 SHAPES = ((1152, 384), (384, 384), (1536, 384), (384, 1536))  # MiniLM's Q/K/V, output, up, down: [N, K]
 ROWS = (16, 64, 256, 512, 1000, 2048)
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def one(mode: str, batches: int, seed: int) -> dict:
     import torch
 
-    from fastserve.gemm import Gemm
+    from fastserve.gemm import Gemm, onednn_linear
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -50,19 +46,19 @@ def one(mode: str, batches: int, seed: int) -> dict:
     gemms = [Gemm(w, "mm" if mode == "mm" else "onednn") for w in weights]
     inputs = {k: torch.randn(2048, k) for k in {k for _, k in SHAPES}}  # rows sliced off stay contiguous
     rng = random.Random(seed)
-    start, t0, trace, worst = rss_mib(), time.perf_counter(), [], 0.0
+    start, t0, trace, worst = common.rss_mib(), time.perf_counter(), [], 0.0
     for i in range(batches):
         rows = rng.randint(1, 2048)
         for w, g in zip(weights, gemms):
             x = inputs[w.shape[1]][:rows]
             if mode == "onednn-whole":
-                y = torch.ops.mkldnn._linear_pointwise(x, g.packed, None, "none", [], "")
+                y = onednn_linear(x, g.packed)
             else:
                 y = g(x)
             if i % 25 == 0:
                 worst = max(worst, float((y - torch.mm(x, w.t())).abs().max()))
         if (i + 1) % max(1, batches // 6) == 0 or i + 1 == batches:
-            trace.append({"batches": i + 1, "rss_growth_mib": round(rss_mib() - start, 1),
+            trace.append({"batches": i + 1, "rss_growth_mib": round(common.rss_mib() - start, 1),
                           "seconds": round(time.perf_counter() - t0, 2)})
     return {"mode": mode, "trace": trace, "max_abs_diff_vs_mm": worst}
 
@@ -74,7 +70,7 @@ def products(seed: int, rounds: int) -> dict[str, dict[str, float]]:
     drifted by 15% on the project's VMs)."""
     import torch
 
-    from fastserve.gemm import Gemm
+    from fastserve.gemm import Gemm, onednn_linear
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -85,7 +81,7 @@ def products(seed: int, rounds: int) -> dict[str, dict[str, float]]:
         for rows in ROWS:
             x = torch.randn(rows, k)
             calls = {"mm": lambda: mm(x), "onednn": lambda: onednn(x),
-                     "onednn-whole": lambda: torch.ops.mkldnn._linear_pointwise(x, onednn.packed, None, "none", [], "")}
+                     "onednn-whole": lambda: onednn_linear(x, onednn.packed)}
             best = {m: float("inf") for m in MODES}
             for c in calls.values():
                 c()
@@ -134,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} (N x K @ rows): " + " / ".join(MODES))
     for key in gflops["mm"]:
         print(f"  {key}: " + " / ".join(f"{gflops[m][key]:.0f}" for m in MODES))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"batches": args.batches, "seed": args.seed, "runs": res, "gflops": gflops}, f, indent=1)
+    common.write_json(args.out, {"batches": args.batches, "seed": args.seed, "runs": res, "gflops": gflops})
     return 0
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
+import contextlib
 import sys
 import threading
 import time
 from typing import Any, Callable
+from unittest import mock
 
 import common
 import cpu_dtype
@@ -34,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.quiet()
     import torch
-    from transformers import AutoTokenizer
 
-    import fastserve
     from fastserve import gemm, kernels, runners
 
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -64,41 +63,32 @@ def main(argv: list[str] | None = None) -> int:
             flops[label] += 2.0 * x.shape[0] * n * k
         return out
 
-    path = common.model_path()
-    engine = fastserve.Engine(dtype=args.dtype, execution="packed", policy="static",
-                              min_batch_tokens=cpu_dtype.BUDGET, max_batch_tokens=cpu_dtype.BUDGET)
-    if engine.stats()["gemm"] is None:
-        print("the engine does not run the CPU layer kernels here (stats()['gemm'] is None)", file=sys.stderr)
-        return 2
-    tok = AutoTokenizer.from_pretrained(str(path))
-    mixes = {"corpus": common.sample_texts(args.n, args.seed),
-             "long-tail": cpu_dtype.long_tail(args.n, args.seed, tok, common.max_seq_length(path))}
-    saved = {n: getattr(kernels, n) for n in ("attention", "bias_gelu_", "add_layer_norm_")}
-    run = runners.PackedRunner.run
+    engine = cpu_dtype.static_engine(args.dtype)
     res: dict[str, Any] = {"command": "python benchmarks/python/op_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),
                            "machine": common.machine(), "dtype": args.dtype, "gemm": engine.stats()["gemm"],
                            "mixes": []}
-    try:
+    with engine:
+        if res["gemm"] is None:
+            print("the engine does not run the CPU layer kernels here (stats()['gemm'] is None)", file=sys.stderr)
+            return 2
         # float32 as it runs alone in a process (cpu_dtype.alone_fp32): torch's oneDNN switch off.
         with torch.backends.mkldnn.flags(enabled=args.dtype != "float32"):
-            for name, texts in mixes.items():
+            for name, texts in cpu_dtype.mixes(args.n, args.seed).items():
                 engine.embed(texts)  # warm-up, untimed
                 t0 = time.perf_counter()
                 engine.embed(texts)
                 plain = time.perf_counter() - t0
-                for n, f in saved.items():
-                    setattr(kernels, n, timed(n, f))
-                gemm.Gemm.__call__ = timed_product
-                runners.PackedRunner.run = timed("runner", run)
                 seconds.clear()
                 flops.clear()
-                t0 = time.perf_counter()
-                engine.embed(texts)
-                wall = time.perf_counter() - t0
-                for n, f in saved.items():
-                    setattr(kernels, n, f)
-                gemm.Gemm.__call__ = product
-                runners.PackedRunner.run = run
+                with contextlib.ExitStack() as patches:  # every call timed within, restored after
+                    for n in ("attention", "bias_gelu_", "add_layer_norm_"):
+                        patches.enter_context(mock.patch.object(kernels, n, timed(n, getattr(kernels, n))))
+                    patches.enter_context(mock.patch.object(gemm.Gemm, "__call__", timed_product))
+                    patches.enter_context(mock.patch.object(runners.PackedRunner, "run",
+                                                            timed("runner", runners.PackedRunner.run)))
+                    t0 = time.perf_counter()
+                    engine.embed(texts)
+                    wall = time.perf_counter() - t0
                 ops = {k: round(v, 3) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
                 products = sum(v for k, v in seconds.items() if k.startswith("product"))
                 rate = sum(flops.values()) / products / 1e9 if products else 0.0
@@ -108,15 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                       + ", ".join(f"{k} {v:.2f}" for k, v in ops.items())
                       + f"; products {rate:.0f} GFLOP/s per thread, {products / seconds['runner']:.0%} of the runner",
                       flush=True)
-    finally:
-        for n, f in saved.items():
-            setattr(kernels, n, f)
-        gemm.Gemm.__call__ = product
-        runners.PackedRunner.run = run
-        engine.close()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    common.write_json(args.out, res)
     return 0
 
 

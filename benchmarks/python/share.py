@@ -141,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(common.RESULTS), help="folder for share.json and share.md")
     args = p.parse_args(argv)
     common.quiet()
-    from transformers import AutoTokenizer
-
-    path = common.model_path()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    mixes = {"corpus": common.sample_texts(args.n, args.seed),
-             "long-tail": cpu_dtype.long_tail(args.n, args.seed, tok, common.max_seq_length(path))}
+    mixes = cpu_dtype.mixes(args.n, args.seed)
     res: dict[str, Any] = {"command": "python benchmarks/python/share.py " + " ".join(sys.argv[1:] if argv is None else argv),
                            "machine": common.machine()}
     res["offline"] = offline(mixes, args.rounds)

@@ -87,6 +87,12 @@ def method(dtype: torch.dtype) -> str:
     return forced
 
 
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ W.T in one oneDNN call, W laid out by _reorder_linear_weight
+    (packed): a primitive for x's shape, cached by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def pieces(rows: int) -> list[tuple[int, int]]:
     """How `rows` rows go through oneDNN: (start, rows) per call, each call's
     rows one of PIECE, PIECE / 2, ..., GRANULE, except the last call's, which
@@ -126,8 +132,8 @@ class Gemm:
         if rows < GRANULE:
             padded = x.new_zeros(GRANULE, x.shape[1])
             padded[:rows] = x
-            return torch.ops.mkldnn._linear_pointwise(padded, self.packed, None, "none", [], "")[:rows]
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return onednn_linear(padded, self.packed)[:rows]
+        return onednn_linear(x, self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
