@@ -61,6 +61,7 @@ class PaddedRunner:
         device: torch.device,
         activation: str = "softmax",
         head: EmbeddingHead | None = None,
+        **_: Any,
     ) -> None:
         self.model = model
         # Encoder-decoder models (T5) are served by their encoder alone.
@@ -291,25 +292,33 @@ def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
             and shape.hidden % 8 == 0 and shape.intermediate % 8 == 0)
 
 
-def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+def _kernel_attention(model: torch.nn.Module, device: torch.device, autocast: bool) -> bool:
+    """Whether the CPU attention kernel may run this model's batches: the
+    kernels vectorised here, and no autocast (under it Q/K/V come out in
+    bfloat16 from float32 layers, and torch's attention runs instead)."""
+    return not autocast and _kernels_vectorized(model, device)
+
+
+def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, autocast: bool = False) -> bool:
     """Whether PackedRunner runs this model's layers through fastserve's CPU
-    kernels (_FusedLayer) when its batches compute in `dtype`: a BERT-family
-    model whose attention runs in the CPU kernel (float32 or bfloat16, the
-    kernels vectorised here) and whose every layer is the standard one. What the
-    activation footprint (python/fastserve/footprint.py) counts on."""
+    kernels (_FusedLayer): a BERT-family model of weights `dtype` whose
+    attention runs in the CPU kernel (float32 or bfloat16, the kernels
+    vectorised here, no autocast) and whose every layer is the standard one.
+    What the activation footprint (python/fastserve/footprint.py) counts on."""
     if not packed_supported(model):
         return False
-    if _attention_method(device, dtype, kernel=_kernels_vectorized(model, device)) != "kernel":
+    if _attention_method(device, dtype, kernel=_kernel_attention(model, device, autocast)) != "kernel":
         return False
     distil = model.config.model_type in _DISTIL
     blocks = model.base_model.transformer.layer if distil else model.base_model.encoder.layer
     return all(_standard_layer(b, distil) is not None for b in blocks)
 
 
-def layer_gemm(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def layer_gemm(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+               autocast: bool = False) -> Optional[str]:
     """How the layers' matrix products run (gemm.GEMMS) where fused_layers()
     holds, else None."""
-    return gemm.method(dtype) if fused_layers(model, device, dtype) else None
+    return gemm.method(dtype) if fused_layers(model, device, dtype, autocast) else None
 
 
 class BatchAbandoned(Exception):
@@ -335,7 +344,10 @@ class PackedRunner:
     pausable = True
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
-                 activation: str = "softmax", head: EmbeddingHead | None = None) -> None:
+                 activation: str = "softmax", head: EmbeddingHead | None = None, autocast: bool = False) -> None:
+        # autocast: the engine runs every batch under torch.autocast
+        # (Engine(dtype="autocast")), so attention runs "runs" and the layers
+        # their modules.
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -363,14 +375,14 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        self.attention = _attention_method(device, getattr(model, "dtype", torch.float32),
-                                           kernel=_kernels_vectorized(model, device))
+        dtype = getattr(model, "dtype", torch.float32)
+        self.attention = _attention_method(device, dtype, kernel=_kernel_attention(model, device, autocast))
         self._flash = _flash_varlen() if self.attention == "flash" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
         self.fused: Optional[list[_FusedLayer]] = None
         # Their matrix products' method (gemm.py; None: the modules run).
-        self.gemm = layer_gemm(model, device, getattr(model, "dtype", torch.float32))
+        self.gemm = layer_gemm(model, device, dtype, autocast)
         if self.gemm is not None:
             self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil), method=self.gemm)
                           for b, a in zip(self.blocks, self.attn)]
@@ -401,7 +413,7 @@ class PackedRunner:
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
-        fused = self.fused if self._batch_attention() == "kernel" else None
+        fused = self.fused
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
@@ -443,19 +455,11 @@ class PackedRunner:
             h = hook(len(self.blocks), h)
         return h, cu, rows
 
-    def _batch_attention(self) -> str:
-        """The attention method of the batch about to run: self.attention,
-        except that under autocast Q/K/V come out in bfloat16 and the float32
-        kernel gives way to "runs" (and the fused layers to the modules)."""
-        if self.attention == "kernel" and torch.is_autocast_enabled(self.device.type):
-            return "runs"
-        return self.attention
-
     def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
         """The runs of equal lengths, and the attention over all of them at
         once where one is used (varlen), for sequences of these lengths."""
-        method = self._batch_attention()
+        method = self.attention
         # Only the per-run and padded-copy methods need the runs.
         runs = _equal_length_runs(lengths) if method in ("runs", "pad") else []
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -504,12 +508,11 @@ ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
     """How packed attention runs. CPU: "kernel" for a float32 or bfloat16
     model where the caller can run fastserve's CPU attention kernel
-    vectorised (kernel=True: runners._kernels_vectorized; in bfloat16 it
+    vectorised and without autocast (kernel=True: _kernel_attention; in bfloat16 it
     measured 1.20x torch's bfloat16 path on a CPU with AVX512-BF16, and level
     with it where bfloat16 is emulated: benchmarks/README.md, "CPU dtypes"),
     one C++ call per layer over every
-    sequence (kernels.attention; under autocast a batch runs "runs"
-    instead); else "runs", exact attention per sequence with no mask, one
+    sequence (kernels.attention); else "runs", exact attention per sequence with no mask, one
     SDPA call per run of equal lengths. CUDA: flash-attn's varlen kernel
     when installed and the model is float16 or bfloat16 (flash-attn has no
     float32 kernels), else "pad": attention alone on a padded copy with a key
@@ -528,7 +531,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
         if forced == "kernel" and not kernel_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model on the CPU, the "
                              "BERT-family packed runner, fastserve's CPU kernels (not FASTSERVE_KERNELS=torch) "
-                             "with their AVX2 path, and head widths that are multiples of 8")
+                             "with their AVX2 path, head widths that are multiples of 8, and no autocast")
         return forced
     if device.type != "cuda":
         return "kernel" if kernel_ok else "runs"

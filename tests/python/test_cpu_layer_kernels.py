@@ -297,6 +297,8 @@ def test_forcing_the_kernel_where_it_cannot_run_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="float16")
+    with pytest.raises(ValueError, match="and no autocast"):
+        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast")
     monkeypatch.setenv("FASTSERVE_KERNELS", "torch")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed")

@@ -148,6 +148,33 @@ def test_layers_through_the_modules_report_no_method(monkeypatch):
         assert engine.stats()["gemm"] is None
 
 
+@pytest.mark.parametrize("method", gemm.GEMMS)
+def test_an_autocast_engine_builds_no_fused_layers_and_budgets_for_the_modules(method, monkeypatch):
+    # Under autocast no batch runs the fused layers (Q/K/V come out in
+    # bfloat16): none are built, no weights are reordered, no method or
+    # kernel attention is reported, and the budget counts what the modules
+    # keep alive, as a float32 engine forced onto the modules does.
+    if method == "onednn" and not gemm.onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
+    texts = tm.mixed_texts(8, seed=7)
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast",
+                max_batch_memory_mb=0.5) as engine:
+        got = engine.embed(texts)
+        s = engine.stats()
+        assert engine.runner.fused is None
+        budget = engine.memory_budget
+    assert (s["gemm"], s["attention"], s["memory"]["gemm_weights_bytes"]) == (None, "runs", 0)
+    assert s["attention_batches"]["runs"] == s["batches"] > 0
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")
+    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", max_batch_memory_mb=0.5,
+                warmup=False) as modules:
+        assert modules.runner.fused is None
+        assert (budget.bytes_per_token, budget.piece_row_bytes) == (modules.memory_budget.bytes_per_token, 0)
+        want = modules.embed(texts)
+    assert min(float(a @ b) for a, b in zip(got, want)) > 0.999
+
+
 @needs_onednn
 def test_the_memory_budget_counts_a_piece_of_a_product(monkeypatch):
     budgets = {}
