@@ -412,8 +412,8 @@ class Engine(tasks.TaskCalls):
         self.device = worker_devices[0]
         self.precision = precision.resolve(dtype, self.device)
         self.dtype = self.precision.weights
-        # Every batch runs under torch.autocast (dtype="autocast").
-        autocast = self.precision.autocast is not None
+        # What the runners compute in where it is not the weights' (autocast's).
+        compute = self.precision.autocast
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS[self.device.type]
         self.max_batch_tokens = int(max_batch_tokens)
@@ -437,14 +437,14 @@ class Engine(tasks.TaskCalls):
         self._activation_bytes_per_token = footprint.per_token(
             cfg, self.dtype, "packed" if packed else "padded", max_length=max_length or limit,
             scores=getattr(cfg, "_attn_implementation", None) == "eager",
-            fused=packed and fused_layers(loaded.model, self.device, self.dtype, autocast))
+            fused=packed and fused_layers(loaded.model, self.device, self.precision.compute))
         shape = footprint.shape_of(cfg)
         scratch = piece_row = 0
         if shape is not None and packed and self.device.type == "cpu":
             threads = torch_threads or torch.get_num_threads()
             scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
                                                         threads=threads)
-            if layer_gemm(loaded.model, self.device, self.dtype, autocast) == "onednn":
+            if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
                 piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
                                                      cfg.model_type, scratch, piece_row, gemm.PIECE)
@@ -561,7 +561,7 @@ class Engine(tasks.TaskCalls):
         # scores in the caller's thread (tasks.py).
         self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
                                     activation=self.activation if task == "classify" else "none", head=self._head,
-                                    autocast=autocast)
+                                    compute=compute)
         # Replicas and pipeline stages (replicas.py); a replica on another
         # device gets its own runner with the head on that device.
         head = self._head
@@ -569,7 +569,7 @@ class Engine(tasks.TaskCalls):
             m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,
             activation=self.activation if task == "classify" else "none",
             head=EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev),
-            autocast=autocast))
+            compute=compute))
         self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
         # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).

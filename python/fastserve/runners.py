@@ -217,25 +217,42 @@ class _FusedLayer:
     tensor per elementwise op and a pass over the activations per op
     (benchmarks/README.md, "CPU dtypes"). Built only where fused_layers()
     says every layer is the standard one; the weights are the model's own
-    tensors (plus oneDNN's reordered copy with method="onednn")."""
+    tensors (plus oneDNN's reordered copy with method="onednn").
+
+    compute: the dtype the products run in. Where it is not the weights'
+    (float32 weights under bfloat16 autocast) the products take copies of
+    the weights in it, made once, and inputs cast to it, as autocast's
+    linear layers would; attention runs in it (with the Q/K/V bias in it),
+    as does GELU (with its bias); the output biases, the residual stream
+    and the LayerNorms stay in the weights' dtype."""
 
     def __init__(self, block: torch.nn.Module, attn: "_PackedAttention", out: torch.nn.Linear,
                  ln1: torch.nn.LayerNorm, inter: torch.nn.Linear, out2: torch.nn.Linear,
-                 ln2: torch.nn.LayerNorm, method: str) -> None:
+                 ln2: torch.nn.LayerNorm, method: str, compute: torch.dtype | None = None) -> None:
         self.parts = list(block.modules())
         self.heads = attn.heads
+        self.compute = compute = compute or attn.weight.dtype
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(compute)
+
         # The four products without their bias, by gemm.Gemm's `method`.
-        self.qkv, self.bqkv = Gemm(attn.weight, method), attn.bias
-        self.o, self.bo = Gemm(out.weight.detach(), method), out.bias.detach()
+        self.qkv, self.bqkv = Gemm(cast(attn.weight), method), cast(attn.bias)
+        self.o, self.bo = Gemm(cast(out.weight), method), out.bias.detach()
         self.ln1 = (ln1.weight.detach(), ln1.bias.detach(), float(ln1.eps))
-        self.up, self.bi = Gemm(inter.weight.detach(), method), inter.bias.detach()
-        self.down, self.bo2 = Gemm(out2.weight.detach(), method), out2.bias.detach()
+        self.up, self.bi = Gemm(cast(inter.weight), method), cast(inter.bias)
+        self.down, self.bo2 = Gemm(cast(out2.weight), method), out2.bias.detach()
         self.ln2 = (ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps))
+        # The copies in the compute dtype (none where it is the weights').
+        self.copied = attn.weight.dtype != compute
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes the products hold besides the model's weights."""
-        return sum(g.extra_bytes for g in (self.qkv, self.o, self.up, self.down))
+        """Bytes the products hold besides the model's weights: the copies in
+        the compute dtype and oneDNN's reordered ones."""
+        gemms = (self.qkv, self.o, self.up, self.down)
+        copies = sum(g.weight.numel() * g.weight.element_size() for g in gemms) if self.copied else 0
+        return copies + sum(g.extra_bytes for g in gemms)
 
     def untouched(self) -> bool:
         """No forward hook and no forward replaced on the instance, on any part
@@ -246,17 +263,18 @@ class _FusedLayer:
         return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.parts)
 
     def attend(self, h: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-        """The attention context [T, H] of the layer's input h [T, H]."""
+        """The attention context [T, H] of the layer's input h [T, H], in the
+        compute dtype."""
         T, H = h.shape
-        qkv = self.qkv(h).view(T, 3, self.heads, H // self.heads)
+        qkv = self.qkv(h.to(self.compute)).view(T, 3, self.heads, H // self.heads)
         return kernels.attention(qkv, cu, bias=self.bqkv).view(T, H)
 
     def attention_output(self, ctx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return kernels.add_layer_norm_(self.o(ctx), self.bo, h, *self.ln1)
+        return kernels.add_layer_norm_(self.o(ctx).to(h.dtype), self.bo, h, *self.ln1)
 
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
-        x = kernels.bias_gelu_(self.up(a), self.bi)
-        return kernels.add_layer_norm_(self.down(x), self.bo2, a, *self.ln2)
+        x = kernels.bias_gelu_(self.up(a.to(self.compute)), self.bi)
+        return kernels.add_layer_norm_(self.down(x).to(a.dtype), self.bo2, a, *self.ln2)
 
 
 def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
@@ -292,33 +310,26 @@ def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
             and shape.hidden % 8 == 0 and shape.intermediate % 8 == 0)
 
 
-def _kernel_attention(model: torch.nn.Module, device: torch.device, autocast: bool) -> bool:
-    """Whether the CPU attention kernel may run this model's batches: the
-    kernels vectorised here, and no autocast (under it Q/K/V come out in
-    bfloat16 from float32 layers, and torch's attention runs instead)."""
-    return not autocast and _kernels_vectorized(model, device)
-
-
-def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, autocast: bool = False) -> bool:
+def fused_layers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PackedRunner runs this model's layers through fastserve's CPU
-    kernels (_FusedLayer): a BERT-family model of weights `dtype` whose
-    attention runs in the CPU kernel (float32 or bfloat16, the kernels
-    vectorised here, no autocast) and whose every layer is the standard one.
-    What the activation footprint (python/fastserve/footprint.py) counts on."""
+    kernels (_FusedLayer) when its batches compute in `dtype` (the weights',
+    or autocast's): a BERT-family model whose attention runs in the CPU
+    kernel (float32 or bfloat16, the kernels vectorised here) and whose
+    every layer is the standard one. What the activation footprint
+    (python/fastserve/footprint.py) counts on."""
     if not packed_supported(model):
         return False
-    if _attention_method(device, dtype, kernel=_kernel_attention(model, device, autocast)) != "kernel":
+    if _attention_method(device, dtype, kernel=_kernels_vectorized(model, device)) != "kernel":
         return False
     distil = model.config.model_type in _DISTIL
     blocks = model.base_model.transformer.layer if distil else model.base_model.encoder.layer
     return all(_standard_layer(b, distil) is not None for b in blocks)
 
 
-def layer_gemm(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-               autocast: bool = False) -> Optional[str]:
+def layer_gemm(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """How the layers' matrix products run (gemm.GEMMS) where fused_layers()
     holds, else None."""
-    return gemm.method(dtype) if fused_layers(model, device, dtype, autocast) else None
+    return gemm.method(dtype) if fused_layers(model, device, dtype) else None
 
 
 class BatchAbandoned(Exception):
@@ -344,10 +355,10 @@ class PackedRunner:
     pausable = True
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
-                 activation: str = "softmax", head: EmbeddingHead | None = None, autocast: bool = False) -> None:
-        # autocast: the engine runs every batch under torch.autocast
-        # (Engine(dtype="autocast")), so attention runs "runs" and the layers
-        # their modules.
+                 activation: str = "softmax", head: EmbeddingHead | None = None,
+                 compute: torch.dtype | None = None) -> None:
+        # compute: the dtype batches compute in, where it is not the model's:
+        # autocast's (Engine(dtype="autocast") runs every batch under it).
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -375,16 +386,16 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        dtype = getattr(model, "dtype", torch.float32)
-        self.attention = _attention_method(device, dtype, kernel=_kernel_attention(model, device, autocast))
+        dtype = compute or getattr(model, "dtype", torch.float32)
+        self.attention = _attention_method(device, dtype, kernel=_kernels_vectorized(model, device))
         self._flash = _flash_varlen() if self.attention == "flash" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
         self.fused: Optional[list[_FusedLayer]] = None
         # Their matrix products' method (gemm.py; None: the modules run).
-        self.gemm = layer_gemm(model, device, dtype, autocast)
+        self.gemm = layer_gemm(model, device, dtype)
         if self.gemm is not None:
-            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil), method=self.gemm)
+            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil), method=self.gemm, compute=dtype)
                           for b, a in zip(self.blocks, self.attn)]
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
@@ -508,7 +519,7 @@ ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
 def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
     """How packed attention runs. CPU: "kernel" for a float32 or bfloat16
     model where the caller can run fastserve's CPU attention kernel
-    vectorised and without autocast (kernel=True: _kernel_attention; in bfloat16 it
+    vectorised (kernel=True: runners._kernels_vectorized; in bfloat16 it
     measured 1.20x torch's bfloat16 path on a CPU with AVX512-BF16, and level
     with it where bfloat16 is emulated: benchmarks/README.md, "CPU dtypes"),
     one C++ call per layer over every
@@ -531,7 +542,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
         if forced == "kernel" and not kernel_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model on the CPU, the "
                              "BERT-family packed runner, fastserve's CPU kernels (not FASTSERVE_KERNELS=torch) "
-                             "with their AVX2 path, head widths that are multiples of 8, and no autocast")
+                             "with their AVX2 path, and head widths that are multiples of 8")
         return forced
     if device.type != "cuda":
         return "kernel" if kernel_ok else "runs"

@@ -170,3 +170,21 @@ def test_the_op_profile_times_every_product_and_kernel_and_restores_them(tmp_pat
                 "bias_gelu_", "add_layer_norm_", "runner"} == set(ops)
         assert sum(v for k, v in ops.items() if k != "runner") <= ops["runner"] + 5e-3  # each figure rounded to 1 ms
         assert mix["products_gflops_per_thread"] > 0
+
+
+def test_the_autocast_ab_compares_the_fused_layers_with_the_modules(tmp_path):
+    ab = pytest.importorskip("autocast_ab")
+    from fastserve import kernels
+
+    if not kernels.cpu_vector_paths():
+        pytest.skip("the CPU layer kernels run only where their AVX2 path does")
+    out = tmp_path / "ab.json"
+    assert ab.main(["--n", "6", "--rounds", "1", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["copies_bytes"] > 0
+    for mix in ("corpus", "long-tail"):
+        assert set(res[mix]) == {"fused", "modules", "bfloat16"}
+        for arm in res[mix].values():
+            assert len(arm["texts_per_s"]) == 1 and arm["min_cosine_vs_float32"] > 0.999

@@ -284,21 +284,31 @@ def test_a_layer_with_another_activation_keeps_the_modules_and_the_attention_ker
     _bert_runs_exactly("kernel", hidden_act="gelu_new")  # the tanh form: not what bias_gelu_ computes
 
 
-def test_autocast_batches_run_torch_attention_and_the_modules() -> None:
+def test_an_autocast_layer_with_a_hook_runs_its_modules_with_the_kernels_bfloat16_attention() -> None:
+    # Under autocast a hooked layer's modules give the attention kernel Q/K/V
+    # in bfloat16; the other layers stay fused (tests/python/test_gemm.py).
+    m = tm.model("bert")
     texts = tm.mixed_texts(8, seed=5)
-    with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast") as engine:
-        got = engine.embed(texts)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="autocast") as engine:
+        fused = engine.embed(texts)
+        seen = []
+        handle = m.encoder.layer[0].intermediate.dense.register_forward_hook(
+            lambda mod, args, out: seen.append(out.dtype))
+        try:
+            hooked = engine.embed(texts)
+        finally:
+            handle.remove()
         s = engine.stats()
-    assert s["attention_batches"]["kernel"] == 0 and s["attention_batches"]["runs"] == s["batches"]
-    assert np.isfinite(got).all()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert s["attention_batches"]["kernel"] == s["batches"] and s["attention_batches"]["runs"] == 0
+    cos = (fused * hooked).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(hooked, axis=1))
+    assert cos.min() > 0.9995
 
 
 def test_forcing_the_kernel_where_it_cannot_run_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "kernel")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="float16")
-    with pytest.raises(ValueError, match="and no autocast"):
-        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast")
     monkeypatch.setenv("FASTSERVE_KERNELS", "torch")
     with pytest.raises(ValueError, match="FASTSERVE_PACKED_ATTENTION=kernel"):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed")

@@ -1,0 +1,68 @@
+"""dtype="autocast" through the CPU layer kernels, A/B in one process: the
+default autocast engine (float32 weights; the fused layers' products in
+bfloat16 on copies of the weights made once, attention in the kernel's
+bfloat16 path, residual stream and LayerNorms in float32) against the same
+engine with FASTSERVE_PACKED_ATTENTION=runs (the model's modules under
+torch.autocast, per-run SDPA: how autocast ran before) and a bfloat16 engine
+for reference, alternating, `embed` of 400 texts per mix (cpu_dtype.py's
+corpus and long-tail mixes), static 2,048-token batches; then each arm's min
+cosine against a float32 engine's embeddings, and the bytes of the weight
+copies. Figures: benchmarks/README.md, "autocast through the CPU kernels".
+
+    python benchmarks/python/autocast_ab.py --rounds 6 --out ab.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common
+import cpu_dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    args = p.parse_args(argv)
+    common.quiet()
+    mixes = cpu_dtype.mixes(args.n, 0)
+    out: dict = {"rounds": args.rounds, "n": args.n, "machine": common.machine()}
+    engines = {"fused": cpu_dtype.static_engine("autocast")}
+    with common.env("FASTSERVE_PACKED_ATTENTION", "runs"):  # read when an engine is built
+        engines["modules"] = cpu_dtype.static_engine("autocast")
+    engines["bfloat16"] = cpu_dtype.static_engine("bfloat16")
+    exact = cpu_dtype.static_engine("float32")
+    try:
+        if engines["fused"].runner.fused is None or engines["modules"].runner.fused is not None:
+            print("the autocast engine's layers do not run through the CPU kernels here "
+                  f"(kernels: {engines['fused'].stats()['kernels']})", file=sys.stderr)
+            return 2
+        out["copies_bytes"] = engines["fused"].stats()["memory"]["gemm_weights_bytes"]
+        out["cpu"] = engines["fused"].stats()["cpu"]
+        for e in engines.values():
+            e.embed(mixes["corpus"][:64])
+        for name, texts in mixes.items():
+            arms = {k: (lambda e=e, t=texts: e.embed(t)) for k, e in engines.items()}
+            out[name] = common.alternate(arms, len(texts), args.rounds)
+            want = exact.embed(texts)
+            for k, e in engines.items():
+                out[name][k]["min_cosine_vs_float32"] = float(common.cosines(e.embed(texts), want).min())
+            a, b, c = (out[name][k] for k in ("fused", "modules", "bfloat16"))
+            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
+            print(f"{name}: texts/s autocast fused median {a['median']:.1f} (best {a['best']:.1f}), autocast "
+                  f"modules {b['median']:.1f} ({b['best']:.1f}), bfloat16 {c['median']:.1f} ({c['best']:.1f}); "
+                  f"fused / modules by the median {a['median'] / b['median']:.3f}, per round {ratios}; "
+                  f"min cosine vs float32 fused {a['min_cosine_vs_float32']:.6f}, modules "
+                  f"{b['min_cosine_vs_float32']:.6f}, bfloat16 {c['min_cosine_vs_float32']:.6f}", flush=True)
+        print(f"bfloat16 copies of the weights: {out['copies_bytes'] / 2**20:.1f} MiB", flush=True)
+    finally:
+        for e in (*engines.values(), exact):
+            e.close()
+    common.write_json(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
