@@ -101,6 +101,24 @@ def test_the_formula_is_exact_for_layers_through_the_cpu_kernels(method, monkeyp
         assert (2 * 64 + 256) * 4 * tokens <= peak <= per * tokens + piece
 
 
+def test_the_float32_formula_bounds_autocast_layers_through_the_cpu_kernels():
+    # Under autocast the fused layers' products and GELU are bfloat16 and
+    # their residual stream float32 (runners._FusedLayer): the engine budgets
+    # the float32 count, an upper bound of the mixed one.
+    with Engine(_minilm_shaped(), tm.tokenizer(), execution="packed", policy="static", dtype="autocast",
+                min_batch_tokens=1024, max_batch_tokens=1024) as engine:
+        assert engine.runner.fused is not None and engine.stats()["gemm"] == gemm.method(torch.bfloat16)
+        rows = _profiled(engine)
+        engine.embed(tm.mixed_texts(80, seed=4))
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+        row = footprint.gemm_piece_row_bytes(footprint.shape_of(engine.model.config), torch.float32)
+    assert per == (2 * 64 + 256) * 4 + 24
+    assert rows
+    for tokens, _, peak in rows:
+        piece = row * min(tokens, gemm.PIECE) if engine.stats()["gemm"] == "onednn" else 0
+        assert peak <= per * tokens + piece + footprint.SMALL_BYTES
+
+
 def test_a_memory_budget_bounds_every_batch_and_refuses_what_cannot_fit():
     mib = 0.08
     m = tm.model("bert")
