@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .heads import EmbeddingHead
-from .runners import PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, id_positions, packed_supported
+from .runners import (PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, fuse_projections,
+                      id_positions, packed_supported)
 from .st_spec import POOLING_MODES
 
 log = logging.getLogger("fastserve")
@@ -257,12 +258,6 @@ class _Padded:
         return out.transpose(1, 2).reshape(self.B * self.L, nh, hd).index_select(0, self.index)
 
 
-def _fused_qkv(q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    weight = torch.cat([q.weight, k.weight, v.weight]).detach()
-    bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias]).detach()
-    return weight, bias
-
-
 class MPNetPackedRunner(_BiasedPackedRunner):
     """MPNet: BERT's layer with the encoder's relative position bias added to
     every layer's scores; positions start at padding_idx + 1 (= 2)."""
@@ -275,7 +270,7 @@ class MPNetPackedRunner(_BiasedPackedRunner):
         self.base = model.base_model
         self.layers = list(self.base.encoder.layer)
         self.heads = model.config.num_attention_heads
-        self.qkv = [_fused_qkv(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v) for b in self.layers]
+        self.qkv = [fuse_projections(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v) for b in self.layers]
 
     def mask(self, layer: int, length: int) -> torch.Tensor:
         enc = self.base.encoder
@@ -308,7 +303,7 @@ class T5PackedRunner(_BiasedPackedRunner):
         self.blocks = list(self.stack.block)
         cfg = model.config
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
-        self.qkv = [_fused_qkv(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
+        self.qkv = [fuse_projections(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
                     for b in self.blocks]
         # The block whose bias each layer uses: its own where it has one.
         self.bias_of = [i if getattr(b.layer[0].SelfAttention, "has_relative_attention_bias", False) else 0

@@ -164,6 +164,33 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
     return emb(input_ids=ids[None], token_type_ids=types[None], position_ids=pos[None])[0]
 
 
+def fuse_projections(q: torch.nn.Linear, k: torch.nn.Linear,
+                     v: torch.nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Q, K and V's weights (and biases, None without) concatenated once, for
+    one GEMM instead of three. The modules' own parameters then become views
+    of the fused tensors: the fusion keeps no second copy of the weights, and
+    a change to a module's weight changes what the runner computes."""
+    lins = (q, k, v)
+    weight = torch.cat([lin.weight for lin in lins]).detach()
+    bias = None if q.bias is None else torch.cat([lin.bias for lin in lins]).detach()
+    start = 0
+    for lin in lins:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + rows]
+        if bias is not None:
+            lin.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+def _touched(modules) -> bool:
+    """Whether a forward hook (global, or on one of `modules`) or a forward
+    replaced on one of their instances would run if they were called."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
 class _PackedAttention:
     """Self-attention over packed tokens [T, H], exact per sequence: one SDPA
     call per run of equal-length sequences (no padding, no mask), or through
@@ -171,21 +198,20 @@ class _PackedAttention:
     kernel)."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
-        # One GEMM for Q, K and V instead of three (same weights, concatenated
-        # once). The model's own Q, K and V parameters then become views of the
-        # fused tensors, so the fusion keeps no second copy of the weights.
-        self.weight = torch.cat([q.weight, k.weight, v.weight]).detach()
-        self.bias = torch.cat([q.bias, k.bias, v.bias]).detach()
+        # One GEMM for Q, K and V instead of three (fuse_projections). While
+        # one of the three has a hook or a patched forward, the three modules
+        # run instead, so that what a caller attached runs.
+        self.projections = (q, k, v)
+        self.weight, self.bias = fuse_projections(q, k, v)
         self.heads = heads
-        rows = q.weight.shape[0]
-        for i, lin in enumerate((q, k, v)):
-            lin.weight.data = self.weight[i * rows : (i + 1) * rows]
-            lin.bias.data = self.bias[i * rows : (i + 1) * rows]
 
     def __call__(self, h: torch.Tensor, runs, varlen) -> torch.Tensor:
         T, H = h.shape
         nh, hd = self.heads, H // self.heads
-        qkv = F.linear(h, self.weight, self.bias).view(T, 3, nh, hd)
+        if _touched(self.projections):
+            qkv = torch.stack([lin(h) for lin in self.projections], dim=1).view(T, 3, nh, hd)
+        else:
+            qkv = F.linear(h, self.weight, self.bias).view(T, 3, nh, hd)
         if varlen is not None:
             return varlen(qkv).reshape(T, H)
         out = torch.empty(T, nh, hd, dtype=h.dtype, device=h.device)
@@ -258,9 +284,7 @@ class _FusedLayer:
         """No forward hook and no forward replaced on the instance, on any part
         of the layer: else the batch runs the modules, so that what a caller
         attached to them (a hook, a patched forward) still runs."""
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self.parts)
+        return not _touched(self.parts)
 
     def attend(self, h: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
         """The attention context [T, H] of the layer's input h [T, H], in the

@@ -333,6 +333,39 @@ def test_a_hooked_or_patched_layer_runs_its_modules() -> None:
         assert not seen  # hook removed: the kernels again
 
 
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("part", ["query", "key", "value"])
+def test_a_hook_on_a_query_key_or_value_projection_runs(execution, part) -> None:
+    # The packed runner computes Q, K and V in one product on their weights
+    # concatenated; a hook on one of the three still runs, on its own output.
+    m = tm.model("bert")
+    texts = tm.mixed_texts(6, seed=6)
+    with Engine(m, tm.tokenizer(), execution=execution) as engine:
+        want = engine.embed(texts)
+        seen = []
+        handle = getattr(m.encoder.layer[1].attention.self, part).register_forward_hook(
+            lambda mod, args, out: seen.append(tuple(out.shape)))
+        try:
+            np.testing.assert_allclose(engine.embed(texts), want, atol=1e-6, rtol=0)
+        finally:
+            handle.remove()
+    assert seen and all(shape[-1] == m.config.hidden_size for shape in seen)
+
+
+def test_what_a_hook_on_a_projection_returns_is_used() -> None:
+    m = tm.model("bert")
+    texts = tm.mixed_texts(6, seed=6)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        want = engine.embed(texts)
+        handle = m.encoder.layer[0].attention.self.value.register_forward_hook(lambda mod, args, out: out * 0)
+        try:
+            zeroed = engine.embed(texts)
+        finally:
+            handle.remove()
+        assert np.allclose(engine.embed(texts), want, atol=1e-6)
+    assert np.abs(zeroed - want).max() > 1e-3
+
+
 def test_widths_the_vector_path_does_not_take_keep_torchs_kernels() -> None:
     # Head width 12: the kernels would run their portable loops, slower than
     # torch's own; the modules and torch's attention run instead, exactly.
