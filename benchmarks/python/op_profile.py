@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     product = gemm.Gemm.__call__
 
     def timed_product(self: gemm.Gemm, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.weight.shape
+        n, k = self.shape
         label = f"product {n}x{k}"
         t0 = time.perf_counter()
         out = product(self, x)

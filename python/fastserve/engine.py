@@ -901,7 +901,8 @@ class Engine(tasks.TaskCalls):
         s["torch_threads"] = [r.threads for r in self._replicas]
         s["process"] = copy.deepcopy(self._process)
         s["memory"] = process.memory_report(self.device)
-        # oneDNN's reordered copy of the layer weights (gemm="onednn"), bytes.
+        # Bytes of the layer weights' copies the fused layers keep: oneDNN's
+        # reordered ones (gemm="onednn") and autocast's bfloat16 ones.
         s["memory"]["gemm_weights_bytes"] = sum(f.extra_bytes for f in getattr(self.runner, "fused", None) or ())
         # The activation formula's view (python/fastserve/footprint.py): bytes
         # per token the scheduler counts, the largest batch allowed, and the

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .heads import EmbeddingHead
-from .runners import (PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, fuse_projections,
-                      id_positions, packed_supported)
+from .runners import (FusedQKV, PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, id_positions,
+                      packed_supported)
 from .st_spec import POOLING_MODES
 
 log = logging.getLogger("fastserve")
@@ -270,7 +270,7 @@ class MPNetPackedRunner(_BiasedPackedRunner):
         self.base = model.base_model
         self.layers = list(self.base.encoder.layer)
         self.heads = model.config.num_attention_heads
-        self.qkv = [fuse_projections(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v) for b in self.layers]
+        self.qkv = [FusedQKV(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v) for b in self.layers]
 
     def mask(self, layer: int, length: int) -> torch.Tensor:
         enc = self.base.encoder
@@ -281,8 +281,8 @@ class MPNetPackedRunner(_BiasedPackedRunner):
         emb = self.base.embeddings
         h = emb.dropout(emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(pos + self.POSITION_OFFSET)))
         T, H = h.shape
-        for i, (block, (w, b)) in enumerate(zip(self.layers, self.qkv)):
-            ctx = attend(i, F.linear(h, w, b).view(T, 3, self.heads, H // self.heads))
+        for i, (block, qkv) in enumerate(zip(self.layers, self.qkv)):
+            ctx = attend(i, qkv(h).view(T, 3, self.heads, H // self.heads))
             att = block.attention
             a = att.LayerNorm(att.dropout(att.attn.o(ctx)) + h)
             h = block.output(block.intermediate(a), a)
@@ -303,7 +303,7 @@ class T5PackedRunner(_BiasedPackedRunner):
         self.blocks = list(self.stack.block)
         cfg = model.config
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
-        self.qkv = [fuse_projections(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
+        self.qkv = [FusedQKV(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
                     for b in self.blocks]
         # The block whose bias each layer uses: its own where it has one.
         self.bias_of = [i if getattr(b.layer[0].SelfAttention, "has_relative_attention_bias", False) else 0
@@ -319,10 +319,9 @@ class T5PackedRunner(_BiasedPackedRunner):
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
         h = self.stack.dropout(self.stack.embed_tokens(ids))
         T = h.shape[0]
-        for i, (block, (w, b)) in enumerate(zip(self.blocks, self.qkv)):
+        for i, (block, qkv) in enumerate(zip(self.blocks, self.qkv)):
             sa = block.layer[0]
-            normed = sa.layer_norm(h)
-            ctx = attend(i, F.linear(normed, w, b).view(T, 3, self.heads, self.d_kv))
+            ctx = attend(i, qkv(sa.layer_norm(h)).view(T, 3, self.heads, self.d_kv))
             h = _clamp_fp16(h + sa.dropout(sa.SelfAttention.o(ctx)))
             h = _clamp_fp16(block.layer[-1](h))
         return self.stack.dropout(self.stack.final_layer_norm(h))

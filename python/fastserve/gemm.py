@@ -2,11 +2,14 @@
 x [M, K] @ W.T for a linear layer's weight W [N, K], through torch.mm or
 through oneDNN with the weight laid out for it once.
 
-- "mm": torch.mm on the model's own weight: MKL's sgemm in float32 (torch's
-  BLAS), oneDNN with the weight reordered on every call in bfloat16.
+- "mm": torch.mm on the weight it is given (the model's own, or a copy in
+  the compute dtype under autocast: runners._FusedLayer): MKL's sgemm in
+  float32 (torch's BLAS), oneDNN with the weight reordered on every call in
+  bfloat16.
 - "onednn": the weight reordered once, at construction, into oneDNN's blocked
   layout (torch.ops.mkldnn._reorder_linear_weight, a second copy of the
-  layer weights, reported in stats()["memory"]["gemm_weights_bytes"]), and
+  layer weights, reported in stats()["memory"]["gemm_weights_bytes"]; the
+  weight itself is not kept), and
   one torch.ops.mkldnn._linear_pointwise call per piece of rows. oneDNN builds
   a primitive per shape and keeps it in a process-wide cache (1,024 entries),
   and packed batches have a new token count nearly every time (docs/design.md,
@@ -110,22 +113,27 @@ def pieces(rows: int) -> list[tuple[int, int]]:
 
 
 class Gemm:
-    """x @ weight.T for one linear layer's weight [N, K] (the model's own
-    tensor, bias left to the caller), by `method` (GEMMS)."""
+    """x @ weight.T for one linear layer's weight [N, K] (bias left to the
+    caller), by `method` (GEMMS)."""
 
     def __init__(self, weight: torch.Tensor, method: str) -> None:
         if method not in GEMMS:
             raise ValueError(f"method must be one of {GEMMS}, got {method!r}")
-        self.weight = weight
         self.method = method
+        self.shape = tuple(weight.shape)  # [N, K]
+        # "mm": the weight; "onednn": its reordered copy alone, so that a copy
+        # made for this product (autocast's) is not held twice.
+        self.weight: Optional[torch.Tensor] = weight if method == "mm" else None
         self.packed: Optional[torch.Tensor] = None
+        self._packed_bytes = 0
         if method == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self._packed_bytes = weight.numel() * weight.element_size()
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes held besides the model's weight (the reordered copy)."""
-        return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
+        """Bytes of the reordered copy ("onednn"; 0 for "mm")."""
+        return self._packed_bytes
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -141,7 +149,7 @@ class Gemm:
         calls = pieces(x.shape[0])
         if len(calls) == 1:
             return self._onednn(x)
-        out = torch.empty(x.shape[0], self.weight.shape[0], dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[0], self.shape[0], dtype=x.dtype, device=x.device)
         for start, n in calls:
             out[start : start + n] = self._onednn(x[start : start + n])
         return out

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import StageError
-from .runners import PackedRunner
+from .runners import FusedQKV, PackedRunner
 
 
 def stage_bounds(layers: int, stages: int) -> list[int]:
@@ -92,7 +92,10 @@ class PipelineRunner:
                 dev = self.devices[self.stage_of(i)]
                 block.to(dev)
                 att = runner.attn[i]
-                att.weight, att.bias = att.weight.to(dev), att.bias.to(dev)
+                if att.weight.device != att.qkv.projections[0].weight.device:
+                    # The moved Q/K/V parameters are no longer views of the
+                    # fused tensors: fused again there, one copy.
+                    att.qkv = FusedQKV(*att.qkv.projections)
             runner.stage_hook = self._packed_hook
         elif getattr(runner, "name", None) == "padded":
             layers = list(_layer_list(runner.encoder))

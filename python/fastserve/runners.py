@@ -164,31 +164,38 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
     return emb(input_ids=ids[None], token_type_ids=types[None], position_ids=pos[None])[0]
 
 
-def fuse_projections(q: torch.nn.Linear, k: torch.nn.Linear,
-                     v: torch.nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Q, K and V's weights (and biases, None without) concatenated once, for
-    one GEMM instead of three. The modules' own parameters then become views
-    of the fused tensors: the fusion keeps no second copy of the weights, and
-    a change to a module's weight changes what the runner computes."""
-    lins = (q, k, v)
-    weight = torch.cat([lin.weight for lin in lins]).detach()
-    bias = None if q.bias is None else torch.cat([lin.bias for lin in lins]).detach()
-    start = 0
-    for lin in lins:
-        rows = lin.weight.shape[0]
-        lin.weight.data = weight[start : start + rows]
-        if bias is not None:
-            lin.bias.data = bias[start : start + rows]
-        start += rows
-    return weight, bias
-
-
 def _touched(modules) -> bool:
     """Whether a forward hook (global, or on one of `modules`) or a forward
     replaced on one of their instances would run if they were called."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+class FusedQKV:
+    """Q, K and V's projections as one product: their weights (and biases,
+    None without) concatenated once. The modules' own parameters then become
+    views of the fused tensors, so the fusion keeps no second copy of the
+    weights. While one of the three has a hook or a patched forward, the
+    three modules run instead, so that what a caller attached runs."""
+
+    def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear) -> None:
+        self.projections = (q, k, v)
+        self.weight = torch.cat([lin.weight for lin in self.projections]).detach()
+        self.bias = None if q.bias is None else torch.cat([lin.bias for lin in self.projections]).detach()
+        start = 0
+        for lin in self.projections:
+            rows = lin.weight.shape[0]
+            lin.weight.data = self.weight[start : start + rows]
+            if self.bias is not None:
+                lin.bias.data = self.bias[start : start + rows]
+            start += rows
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, q + k + v outputs]."""
+        if _touched(self.projections):
+            return torch.cat([lin(h) for lin in self.projections], dim=-1)
+        return F.linear(h, self.weight, self.bias)
 
 
 class _PackedAttention:
@@ -198,20 +205,22 @@ class _PackedAttention:
     kernel)."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
-        # One GEMM for Q, K and V instead of three (fuse_projections). While
-        # one of the three has a hook or a patched forward, the three modules
-        # run instead, so that what a caller attached runs.
-        self.projections = (q, k, v)
-        self.weight, self.bias = fuse_projections(q, k, v)
+        # One GEMM for Q, K and V instead of three (FusedQKV).
+        self.qkv = FusedQKV(q, k, v)
         self.heads = heads
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qkv.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.qkv.bias
 
     def __call__(self, h: torch.Tensor, runs, varlen) -> torch.Tensor:
         T, H = h.shape
         nh, hd = self.heads, H // self.heads
-        if _touched(self.projections):
-            qkv = torch.stack([lin(h) for lin in self.projections], dim=1).view(T, 3, nh, hd)
-        else:
-            qkv = F.linear(h, self.weight, self.bias).view(T, 3, nh, hd)
+        qkv = self.qkv(h).view(T, 3, nh, hd)
         if varlen is not None:
             return varlen(qkv).reshape(T, H)
         out = torch.empty(T, nh, hd, dtype=h.dtype, device=h.device)
@@ -242,15 +251,15 @@ class _FusedLayer:
     saves is addmm's copy of the broadcast bias into each output, a fresh
     tensor per elementwise op and a pass over the activations per op
     (benchmarks/README.md, "CPU dtypes"). Built only where fused_layers()
-    says every layer is the standard one; the weights are the model's own
-    tensors (plus oneDNN's reordered copy with method="onednn").
+    says every layer is the standard one.
 
-    compute: the dtype the products run in. Where it is not the weights'
-    (float32 weights under bfloat16 autocast) the products take copies of
-    the weights in it, made once, and inputs cast to it, as autocast's
-    linear layers would; attention runs in it (with the Q/K/V bias in it),
-    as does GELU (with its bias); the output biases, the residual stream
-    and the LayerNorms stay in the weights' dtype."""
+    compute: the dtype the products run in. Where it is the weights', the
+    products use the model's own tensors (method="onednn": a reordered copy
+    of them). Where it is not (float32 weights under bfloat16 autocast), the
+    products take copies of the weights in it, made once, and inputs cast
+    to it, as autocast's linear layers would; attention runs in it (with the
+    Q/K/V bias in it), as does GELU (with its bias); the output biases, the
+    residual stream and the LayerNorms stay in the weights' dtype."""
 
     def __init__(self, block: torch.nn.Module, attn: "_PackedAttention", out: torch.nn.Linear,
                  ln1: torch.nn.LayerNorm, inter: torch.nn.Linear, out2: torch.nn.Linear,
@@ -259,8 +268,8 @@ class _FusedLayer:
         self.heads = attn.heads
         self.compute = compute = compute or attn.weight.dtype
 
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(compute)
+        def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.detach().to(compute)
 
         # The four products without their bias, by gemm.Gemm's `method`.
         self.qkv, self.bqkv = Gemm(cast(attn.weight), method), cast(attn.bias)
@@ -269,16 +278,17 @@ class _FusedLayer:
         self.up, self.bi = Gemm(cast(inter.weight), method), cast(inter.bias)
         self.down, self.bo2 = Gemm(cast(out2.weight), method), out2.bias.detach()
         self.ln2 = (ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps))
-        # The copies in the compute dtype (none where it is the weights').
-        self.copied = attn.weight.dtype != compute
+        # Bytes of the copies in the compute dtype that the layer keeps (none
+        # where it is the weights'; "onednn" keeps only its reordered copy).
+        copies = [self.bqkv, self.bi] + [g.weight for g in (self.qkv, self.up, self.o, self.down)]
+        self._copy_bytes = 0 if attn.weight.dtype == compute else \
+            sum(t.numel() * t.element_size() for t in copies if t is not None)
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes the products hold besides the model's weights: the copies in
+        """Bytes the layer holds besides the model's weights: the copies in
         the compute dtype and oneDNN's reordered ones."""
-        gemms = (self.qkv, self.o, self.up, self.down)
-        copies = sum(g.weight.numel() * g.weight.element_size() for g in gemms) if self.copied else 0
-        return copies + sum(g.extra_bytes for g in gemms)
+        return self._copy_bytes + sum(g.extra_bytes for g in (self.qkv, self.o, self.up, self.down))
 
     def untouched(self) -> bool:
         """No forward hook and no forward replaced on the instance, on any part
@@ -410,7 +420,10 @@ class PackedRunner:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
                                           cfg.num_attention_heads) for b in self.blocks]
-        dtype = compute or getattr(model, "dtype", torch.float32)
+        # The compute dtype decides the CPU kernels only: on a GPU autocast
+        # keeps the attention a float32 model gets ("pad"; flash-attn takes
+        # half precision alone, and a pipeline refuses it).
+        dtype = (compute if device.type == "cpu" else None) or getattr(model, "dtype", torch.float32)
         self.attention = _attention_method(device, dtype, kernel=_kernels_vectorized(model, device))
         self._flash = _flash_varlen() if self.attention == "flash" else None
         # Whole layers through fastserve's CPU kernels where attention runs in

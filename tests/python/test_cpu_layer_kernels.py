@@ -284,22 +284,36 @@ def test_a_layer_with_another_activation_keeps_the_modules_and_the_attention_ker
     _bert_runs_exactly("kernel", hidden_act="gelu_new")  # the tanh form: not what bias_gelu_ computes
 
 
-def test_an_autocast_layer_with_a_hook_runs_its_modules_with_the_kernels_bfloat16_attention() -> None:
+@pytest.mark.parametrize("part", ["value", "intermediate"])
+def test_an_autocast_layer_with_a_hook_runs_its_modules_with_the_kernels_bfloat16_attention(part, monkeypatch) -> None:
     # Under autocast a hooked layer's modules give the attention kernel Q/K/V
-    # in bfloat16; the other layers stay fused (tests/python/test_gemm.py).
+    # in bfloat16, as the fused layers do (tests/python/test_gemm.py).
+    from fastserve import kernels
+
+    got_dtypes = []
+    attention = kernels.attention
+
+    def recording(qkv, *args, **kw):
+        got_dtypes.append(qkv.dtype)
+        return attention(qkv, *args, **kw)
+
+    monkeypatch.setattr(kernels, "attention", recording)
     m = tm.model("bert")
     texts = tm.mixed_texts(8, seed=5)
+    layer = m.encoder.layer[0]
+    module = layer.attention.self.value if part == "value" else layer.intermediate.dense
     with Engine(m, tm.tokenizer(), execution="packed", dtype="autocast") as engine:
         fused = engine.embed(texts)
         seen = []
-        handle = m.encoder.layer[0].intermediate.dense.register_forward_hook(
-            lambda mod, args, out: seen.append(out.dtype))
+        handle = module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        got_dtypes.clear()
         try:
             hooked = engine.embed(texts)
         finally:
             handle.remove()
         s = engine.stats()
     assert seen and set(seen) == {torch.bfloat16}
+    assert got_dtypes and set(got_dtypes) == {torch.bfloat16}
     assert s["attention_batches"]["kernel"] == s["batches"] and s["attention_batches"]["runs"] == 0
     cos = (fused * hooked).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(hooked, axis=1))
     assert cos.min() > 0.9995
@@ -333,14 +347,13 @@ def test_a_hooked_or_patched_layer_runs_its_modules() -> None:
         assert not seen  # hook removed: the kernels again
 
 
-@pytest.mark.parametrize("execution", ["packed", "padded"])
 @pytest.mark.parametrize("part", ["query", "key", "value"])
-def test_a_hook_on_a_query_key_or_value_projection_runs(execution, part) -> None:
+def test_a_hook_on_a_query_key_or_value_projection_runs(part) -> None:
     # The packed runner computes Q, K and V in one product on their weights
     # concatenated; a hook on one of the three still runs, on its own output.
     m = tm.model("bert")
     texts = tm.mixed_texts(6, seed=6)
-    with Engine(m, tm.tokenizer(), execution=execution) as engine:
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
         want = engine.embed(texts)
         seen = []
         handle = getattr(m.encoder.layer[1].attention.self, part).register_forward_hook(

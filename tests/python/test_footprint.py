@@ -184,7 +184,7 @@ def test_the_fused_qkv_weight_is_not_a_second_copy():
 
 
 @pytest.mark.parametrize("arch", ["mpnet", "t5", "umt5"])
-def test_the_families_fused_qkv_weights_are_not_second_copies(arch):
+def test_the_families_fused_qkv_weights_are_not_second_copies_and_their_hooks_run(arch):
     import st_models
 
     m = st_models.encoder(arch)
@@ -194,12 +194,19 @@ def test_the_families_fused_qkv_weights_are_not_second_copies(arch):
         want = engine.embed(texts)
         layer = engine.model.encoder.layer[0].attention.attn if arch == "mpnet" else \
             engine.model.encoder.block[0].layer[0].SelfAttention
-        fused = engine.runner.qkv[0][0]
+        fused = engine.runner.qkv[0].weight
         for lin in (layer.q, layer.k, layer.v):
             assert lin.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
         with torch.no_grad():  # a change to the model's weight is a change to what the runner computes
             layer.v.weight.mul_(0.5)
         assert np.abs(engine.embed(texts) - want).max() > 1e-4
+        seen = []  # and a hook on a projection runs
+        handle = layer.k.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        try:
+            engine.embed(texts)
+        finally:
+            handle.remove()
+        assert seen
 
 
 def test_the_cli_takes_a_memory_budget(tmp_path, capsys):
