@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any, Callable, Optional
@@ -14,6 +15,8 @@ from torch.nn.modules import module as nn_module
 from . import gemm, kernels
 from .gemm import Gemm
 from .heads import EmbeddingHead
+
+log = logging.getLogger("fastserve")
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 
@@ -164,10 +167,11 @@ def _packed_embeddings(emb: torch.nn.Module, ids: torch.Tensor, pos: torch.Tenso
     return emb(input_ids=ids[None], token_type_ids=types[None], position_ids=pos[None])[0]
 
 
-def _touched(modules) -> bool:
-    """Whether a forward hook (global, or on one of `modules`) or a forward
-    replaced on one of their instances would run if they were called."""
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+def _touched(modules, everywhere: bool = True) -> bool:
+    """Whether a forward hook (global with `everywhere`, or on one of
+    `modules`) or a forward replaced on one of their instances would run if
+    they were called."""
+    if everywhere and (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
@@ -437,6 +441,12 @@ class PackedRunner:
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
+        # What packed execution never calls: each layer itself, its attention
+        # block and self-attention (their forwards take padded batches; the
+        # runner calls their parts). A hook there cannot run: said once each.
+        self._uncalled = [(b, b.attention) if self.distil else (b, b.attention, b.attention.self)
+                          for b in self.blocks]
+        self._said: set[int] = set()
 
     def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                           Optional[np.ndarray]]:
@@ -465,6 +475,7 @@ class PackedRunner:
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
+            self._say_uncalled(i)
             if fused is not None and fused[i].untouched():
                 # The same steps as below, through the CPU kernels.
                 ctx = fused[i].attend(h, cu)
@@ -502,6 +513,17 @@ class PackedRunner:
         if hook is not None:
             h = hook(len(self.blocks), h)
         return h, cu, rows
+
+    def _say_uncalled(self, layer: int) -> None:
+        """Log once per module a hook or a replaced forward on a module of
+        this layer that packed execution never calls."""
+        for m in self._uncalled[layer]:
+            if id(m) not in self._said and _touched((m,), everywhere=False):
+                self._said.add(id(m))
+                log.warning("a forward hook or a replaced forward on layer %d's %s does not run in packed execution, "
+                            "which never calls that module (its forward takes padded batches): attach it to the "
+                            "module's Linear, LayerNorm or activation parts, or use Engine(execution='padded')",
+                            layer, type(m).__name__)
 
     def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:

@@ -365,6 +365,29 @@ def test_a_hook_on_a_query_key_or_value_projection_runs(part) -> None:
     assert seen and all(shape[-1] == m.config.hidden_size for shape in seen)
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_a_hook_on_a_module_packed_execution_never_calls_is_reported_once(arch, caplog) -> None:
+    # The layer itself, its attention block and self-attention take padded
+    # batches; the packed runner calls their parts. A hook on one cannot run:
+    # a warning names it once, and the batches still come out right.
+    m = tm.model(arch)
+    texts = tm.mixed_texts(6, seed=6)
+    block = m.encoder.layer[0] if arch == "bert" else m.transformer.layer[0]
+    uncalled = block.attention.self if arch == "bert" else block.attention
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        want = engine.embed(texts)
+        handle = uncalled.register_forward_hook(lambda mod, args, out: None)
+        try:
+            with caplog.at_level("WARNING", logger="fastserve"):
+                got = [engine.embed(texts) for _ in range(3)]
+        finally:
+            handle.remove()
+    said = [r.getMessage() for r in caplog.records if "does not run in packed execution" in r.getMessage()]
+    assert len(said) == 1 and type(uncalled).__name__ in said[0] and "layer 0" in said[0]
+    for g in got:
+        np.testing.assert_allclose(g, want, atol=1e-6, rtol=0)
+
+
 def test_what_a_hook_on_a_projection_returns_is_used() -> None:
     m = tm.model("bert")
     texts = tm.mixed_texts(6, seed=6)
