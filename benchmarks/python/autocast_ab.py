@@ -13,7 +13,6 @@ copies. Figures: benchmarks/README.md, "autocast through the CPU kernels".
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -21,10 +20,7 @@ import cpu_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--n", type=int, default=400)
-    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    p = common.ab_parser(__doc__)
     args = p.parse_args(argv)
     common.quiet()
     mixes = cpu_dtype.mixes(args.n, 0)

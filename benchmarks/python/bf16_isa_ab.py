@@ -14,7 +14,6 @@ arithmetic".
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common
@@ -22,10 +21,7 @@ import cpu_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--n", type=int, default=400)
-    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    p = common.ab_parser(__doc__)
     args = p.parse_args(argv)
     common.quiet()
     from fastserve import kernels

@@ -416,6 +416,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def ab_parser(doc: str) -> "argparse.ArgumentParser":
+    """The options every alternating A/B script takes (--rounds, --n, --out),
+    described by the first paragraph of its docstring."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=400, help="texts per mix")
+    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
+    return p
+
+
 def alternate(arms: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, dict[str, Any]]:
     """A/B in one process: each arm's call (one pass over n texts) once per
     round, in alternating order (the first arm first in even rounds, last in

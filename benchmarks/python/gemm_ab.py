@@ -18,7 +18,6 @@ grows the process's memory), to price the pieces.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
@@ -30,11 +29,8 @@ METHODS = ("mm", "onednn")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--n", type=int, default=400)
+    p = common.ab_parser(__doc__)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--out", default=None, help="JSON file for the per-round figures")
     p.add_argument("--whole", action="store_true", help="add an engine with one oneDNN call per product")
     args = p.parse_args(argv)
     common.quiet()
