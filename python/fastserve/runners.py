@@ -475,7 +475,6 @@ class PackedRunner:
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
-            self._say_uncalled(i)
             if fused is not None and fused[i].untouched():
                 # The same steps as below, through the CPU kernels.
                 ctx = fused[i].attend(h, cu)
@@ -483,6 +482,8 @@ class PackedRunner:
                 del ctx, h
                 h = fused[i].feed_forward(a)
             else:
+                # (An untouched fused layer has no hook on any module at all.)
+                self._say_uncalled(i)
                 ctx = attn(h, runs, varlen)
                 if self.distil:
                     a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)

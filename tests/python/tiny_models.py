@@ -100,6 +100,11 @@ def reference(m, text: str, *, pooling: str = "mean", normalize: bool = True, ma
     return v.numpy()
 
 
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine between a row of a and the same row of b."""
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
 def mixed_texts(n: int, seed: int = 0) -> list[str]:
     """Real sentences of mixed length from the shipped corpus, some cut short
     and some repeated into long texts (past 128 tokens, so truncated)."""
