@@ -5,8 +5,9 @@
     emb = segment_pool(packed, cu_seqlens, "mean", normalize=True)  # [B, H] float32
     rows = gather(x, index)                       # x[index] along dim 0
 
-and, on the CPU in float32 or bfloat16 (computed in float32), the parts of an
-encoder layer around its GEMMs:
+and, on the CPU in float32 or bfloat16 (computed in float32, except bfloat16
+attention on the "avx512_bf16" path, whose products run in bfloat16: see
+attention), the parts of an encoder layer around its GEMMs:
 
     ctx = attention(qkv, cu_seqlens, bias=b)      # [T, 3, nh, hd] -> [T, nh, hd], within each sequence
     bias_gelu_(x, b)                              # x = gelu(x + b), in place
@@ -209,8 +210,9 @@ def cpu_isa() -> str:
     instruction, the same bits, and bfloat16 attention's products in
     bfloat16 arithmetic by vdpbf16ps, within a stated bound of the float32
     arithmetic: tests/python/test_cpu_layer_kernels.py), "avx512" where it has
-    AVX-512F, both with FASTSERVE_KERNEL_NO_AVX512 unset, "avx2" where it has
-    AVX2 + FMA, "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD set."""
+    AVX-512F, both without FASTSERVE_KERNEL_NO_AVX512=1, "avx2" where it has
+    AVX2 + FMA, "portable" elsewhere or with FASTSERVE_KERNEL_NO_SIMD=1
+    (each read once per process; unset, empty or "0" is off)."""
     return str(_k.cpu_isa())
 
 
@@ -236,7 +238,9 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None =
               bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """Exact self-attention of each sequence of a packed batch, on the CPU in
     float32 or bfloat16 (computed in float32, the output rounded once; bias
-    and output in qkv's dtype): qkv [T, 3, nh, hd] (each token's queries,
+    and output in qkv's dtype; bfloat16 on the "avx512_bf16" path, see
+    cpu_isa, rounds q, k, v and the softmax weights to bfloat16 and runs
+    q k^T and p v in bfloat16 arithmetic): qkv [T, 3, nh, hd] (each token's queries,
     keys and values, as one fused projection gives them) and cu_seqlens [B + 1] ->
     [T, nh, hd], softmax(q k^T * scale) v over the rows of the same
     sequence, with no padding and no mask. bias [3 * nh * hd]: the

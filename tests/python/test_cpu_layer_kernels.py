@@ -423,6 +423,28 @@ def test_without_the_vector_path_the_engine_keeps_torchs_kernels() -> None:
     assert out.stdout.split() == ["False", "runs", "True"]
 
 
+def test_the_kernel_switches_are_off_when_unset_empty_or_zero() -> None:
+    # FASTSERVE_KERNEL_NO_SIMD and FASTSERVE_KERNEL_NO_AVX512: "0" and "" are
+    # off like unset, anything else is on (read once per process).
+    import os
+    import subprocess
+    import sys
+
+    def isa(**switches: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSERVE_KERNEL_NO_")}
+        env.update(switches)
+        out = subprocess.run([sys.executable, "-c", "from fastserve import kernels; print(kernels.cpu_isa())"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    native = isa()
+    for off in ("0", ""):
+        assert isa(FASTSERVE_KERNEL_NO_SIMD=off, FASTSERVE_KERNEL_NO_AVX512=off) == native
+    assert isa(FASTSERVE_KERNEL_NO_SIMD="1") == "portable"
+    assert isa(FASTSERVE_KERNEL_NO_AVX512="1") == ("avx2" if native.startswith("avx512") else native)
+
+
 def test_a_subnormal_input_runs_its_head_in_float32_and_leaves_the_others_in_bfloat16() -> None:
     """vdpbf16ps treats float32 subnormals as zero where torch keeps them: a
     head whose q, k or v holds one runs the float32 path, each head deciding

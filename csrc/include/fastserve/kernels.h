@@ -98,11 +98,12 @@ void gather(const void* x, const int64_t* index, int64_t M, size_t row_bytes, vo
 // threshold where threads pay; see kernels_cpu.cpp).
 int threads_for(size_t bytes);
 // Whether the CPU kernels' AVX2 + FMA paths run on this CPU (x86-64 with
-// AVX2, F16C and FMA, and FASTSERVE_KERNEL_NO_SIMD unset).
+// AVX2, F16C and FMA, and FASTSERVE_KERNEL_NO_SIMD off: unset, empty or "0").
 bool vector_paths();
 // The instruction sets of the layer kernels' paths, narrowest first. A call
 // takes a cap and runs the widest path this CPU has up to it (kAvx512 where
-// the CPU has AVX-512F and FASTSERVE_KERNEL_NO_AVX512 is unset, and the width
+// the CPU has AVX-512F and FASTSERVE_KERNEL_NO_AVX512 is off (unset, empty
+// or "0"), and the width
 // is a multiple of 16; kAvx512Bf16 where it also has AVX512-BF16; kAvx2 as
 // vector_paths() says, width a multiple of 8): the default runs the best,
 // tests and benchmarks compare them. kAvx512Bf16 is kAvx512 with bfloat16

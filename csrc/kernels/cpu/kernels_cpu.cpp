@@ -219,15 +219,22 @@ struct LoadBF16 {
   float operator()(uint16_t v) const { return bf16_to_float(v); }
 };
 
+// A switch from the environment: unset, empty and "0" mean off, anything
+// else on.
+bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e && *e && !(e[0] == '0' && e[1] == '\0');
+}
+
 // The AVX2 pooling path where the CPU has it; FASTSERVE_KERNEL_NO_SIMD set
 // forces the portable one, for measuring.
 bool use_avx2() {
-  static const bool v = simd::have_avx2() && !std::getenv("FASTSERVE_KERNEL_NO_SIMD");
+  static const bool v = simd::have_avx2() && !env_on("FASTSERVE_KERNEL_NO_SIMD");
   return v;
 }
 
 bool use_avx512() {
-  static const bool v = use_avx2() && simd::have_avx512() && !std::getenv("FASTSERVE_KERNEL_NO_AVX512");
+  static const bool v = use_avx2() && simd::have_avx512() && !env_on("FASTSERVE_KERNEL_NO_AVX512");
   return v;
 }
 
