@@ -468,6 +468,7 @@ class Engine(tasks.TaskCalls):
         # (python/fastserve/pipeline.py): it need not fit on one device.
         src, callers = loaded.model, loaded.model is model
         if parallel == "pipeline" and callers and copy_model:
+            process.refuse_forwards_bound_to(src)
             src, callers = copy.deepcopy(src), False  # its layers get hooks and move: never the caller's
         net, self._process["model"] = process.prepare_model(
             src, self.device if parallel == "data" else torch.device("cpu"), self.dtype,
@@ -557,19 +558,21 @@ class Engine(tasks.TaskCalls):
             if self._token_encoder else None
 
         self._choice = choice
+
         # classify's activation runs in the worker, rerank and token-classify
         # scores in the caller's thread (tasks.py).
-        self.runner = choice.runner(net, task=task, pooling=modes[0], normalize=self.normalize, device=self.device,
-                                    activation=self.activation if task == "classify" else "none", head=self._head,
-                                    compute=compute)
+        def make_runner(m: torch.nn.Module, dev: torch.device, own: bool, head: EmbeddingHead) -> Any:
+            return choice.runner(m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,
+                                 activation=self.activation if task == "classify" else "none", head=head,
+                                 compute=compute, own_weights=own)
+
+        self.runner = make_runner(net, self.device, self._process["model"] != "shared", self._head)
         # Replicas and pipeline stages (replicas.py); a replica on another
         # device gets its own runner with the head on that device.
         head = self._head
-        self._replicas = self._make_replicas(worker_devices, torch_threads, cudnn_attention, lambda m, dev: choice.runner(
-            m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,
-            activation=self.activation if task == "classify" else "none",
-            head=EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev),
-            compute=compute))
+        self._replicas = self._make_replicas(
+            worker_devices, torch_threads, cudnn_attention, lambda m, dev, own: make_runner(
+                m, dev, own, EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev)))
         self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
         # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
@@ -1194,7 +1197,7 @@ class Engine(tasks.TaskCalls):
             fut.set_exception(error)
 
     def _make_replicas(self, devices: list, torch_threads: int | None, cudnn_attention: bool,
-                       make_runner: Callable[[Any, Any], Any]) -> list[replicas_.Replica]:
+                       make_runner: Callable[[Any, Any, bool], Any]) -> list[replicas_.Replica]:
         """The workers: for a pipeline, one per stage over one staged runner;
         else one per device entry, sharing the model (and a runner copy) with
         an earlier replica on the same device, a copy of the model otherwise."""
@@ -1211,8 +1214,8 @@ class Engine(tasks.TaskCalls):
             elif same is not None:
                 runner, backends = replicas_.runner_copy(same.runner), same.sdpa_backends
             else:
-                net, _ = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
-                runner = make_runner(net, dev)
+                net, how = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
+                runner = make_runner(net, dev, how != "shared")
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
             out.append(replicas_.Replica(k, dev, runner, threads, backends))
         return out
@@ -1388,6 +1391,11 @@ class Engine(tasks.TaskCalls):
         """The replica's rows for the batch, in the contexts every batch runs
         in, with what the requests' futures carry: a prompt's length (pooled
         from there) and a pair's token types."""
+        if self.model.training:
+            # A model shared with its caller, put back in training mode
+            # (dropout on) after the engine was built over it.
+            raise RuntimeError("the model is in training mode (model.train() was called after the engine was "
+                               "built over it): call model.eval() to serve again, or build the Engine over a copy")
         with replica.sdpa_backends(), self._precision_context(), self._onednn():
             extra = {}
             if self._head.needs_prompt_lengths and self.task == "embed":

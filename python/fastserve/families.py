@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .heads import EmbeddingHead
-from .runners import (FusedQKV, PackedRunner, PaddedRunner, _attention_method, _equal_length_runs, id_positions,
-                      packed_supported)
+from .runners import (FusedQKV, PackedRunner, PaddedRunner, Uncalled, _attention_method, _equal_length_runs,
+                      id_positions, packed_supported)
 from .st_spec import POOLING_MODES
 
 log = logging.getLogger("fastserve")
@@ -167,7 +167,7 @@ class _BiasedPackedRunner(abc.ABC):
     POSITION_PAD: Optional[int] = None
 
     def __init__(self, model: torch.nn.Module, *, task: str, device: torch.device, head: EmbeddingHead,
-                 **_: Any) -> None:
+                 own_weights: bool = False, **_: Any) -> None:
         if task != "embed":
             raise ValueError(f"packed {type(self).__name__} runs embed only, not {task!r}")
         self.model = model
@@ -181,6 +181,10 @@ class _BiasedPackedRunner(abc.ABC):
         self.attention = "pad" if method == "flash" else method
         self.attention_batches = {"runs": 0, "pad": 0, "flash": 0}
         self._masks = _MaskCache()
+        # own_weights: the model is the engine's own, not the caller's (FusedQKV).
+        self.own_weights = own_weights
+        # What the family's forward never calls (a subclass sets it): runners.Uncalled.
+        self.uncalled = Uncalled(model, (), ())
 
     def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None,
             segments: Optional[np.ndarray] = None) -> np.ndarray:  # embed only: never pairs
@@ -199,6 +203,9 @@ class _BiasedPackedRunner(abc.ABC):
         if self.attention == "pad" and len(runs) > 1:
             pad = _Padded(lengths, np.asarray(batch.position_ids), dev)
         self.attention_batches["pad" if pad is not None else "runs"] += 1
+        self.uncalled.check()
+        for i in range(len(self.uncalled.layers)):
+            self.uncalled.check(i)
         h = self.forward(ids, pos, lambda layer, qkv: self._attend(layer, qkv, runs, pad))
         return h, cu
 
@@ -270,7 +277,10 @@ class MPNetPackedRunner(_BiasedPackedRunner):
         self.base = model.base_model
         self.layers = list(self.base.encoder.layer)
         self.heads = model.config.num_attention_heads
-        self.qkv = [FusedQKV(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v) for b in self.layers]
+        self.qkv = [FusedQKV(b.attention.attn.q, b.attention.attn.k, b.attention.attn.v, own=self.own_weights)
+                    for b in self.layers]
+        self.uncalled = Uncalled(model, (model, self.base, self.base.embeddings, self.base.encoder),
+                                 [(b, b.attention, b.attention.attn) for b in self.layers])
 
     def mask(self, layer: int, length: int) -> torch.Tensor:
         enc = self.base.encoder
@@ -303,8 +313,10 @@ class T5PackedRunner(_BiasedPackedRunner):
         self.blocks = list(self.stack.block)
         cfg = model.config
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
-        self.qkv = [FusedQKV(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v)
-                    for b in self.blocks]
+        self.qkv = [FusedQKV(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, b.layer[0].SelfAttention.v,
+                             own=self.own_weights) for b in self.blocks]
+        self.uncalled = Uncalled(model, (model, self.stack),
+                                 [(b, b.layer[0], b.layer[0].SelfAttention) for b in self.blocks])
         # The block whose bias each layer uses: its own where it has one.
         self.bias_of = [i if getattr(b.layer[0].SelfAttention, "has_relative_attention_bias", False) else 0
                         for i, b in enumerate(self.blocks)]
@@ -349,6 +361,7 @@ class ModernBertPackedRunner(_BiasedPackedRunner):
         self.types = list(cfg.layer_types)
         self.window = cfg.local_attention // 2
         self.heads = cfg.num_attention_heads
+        self.uncalled = Uncalled(model, (model, self.base), [(b, b.attn) for b in self.layers])
 
     def mask_kind(self, layer: int) -> Any:
         return self.types[layer]

@@ -87,6 +87,12 @@ def method(dtype: torch.dtype) -> str:
         raise ValueError(f"FASTSERVE_CPU_GEMM must be one of {GEMMS}, got {forced!r}")
     if forced == "onednn" and not onednn_available():
         raise ValueError("FASTSERVE_CPU_GEMM=onednn needs a torch built with oneDNN (torch.backends.mkldnn)")
+    if forced == "onednn" and dtype != torch.float32:
+        try:  # oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, under its ISA cap
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(GRANULE, GRANULE, dtype=dtype), None)
+        except RuntimeError as e:
+            raise ValueError(f"FASTSERVE_CPU_GEMM=onednn cannot run {dtype} products on this CPU (oneDNN's ISA cap "
+                             f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}): {e}") from e
     return forced
 
 

@@ -91,11 +91,11 @@ class PipelineRunner:
             for i, block in enumerate(layers):
                 dev = self.devices[self.stage_of(i)]
                 block.to(dev)
-                att = runner.attn[i]
-                if att.weight.device != att.qkv.projections[0].weight.device:
+                qkv = runner.attn[i].qkv
+                if qkv.own and qkv.tensors()[0].device != qkv.projections[0].weight.device:
                     # The moved Q/K/V parameters are no longer views of the
                     # fused tensors: fused again there, one copy.
-                    att.qkv = FusedQKV(*att.qkv.projections)
+                    runner.attn[i].qkv = FusedQKV(*qkv.projections, own=True)
             runner.stage_hook = self._packed_hook
         elif getattr(runner, "name", None) == "padded":
             layers = list(_layer_list(runner.encoder))

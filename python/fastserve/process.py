@@ -42,11 +42,13 @@ reported in `Engine.stats()["process"]`, and possible to turn off.
 - A model object the caller passed in is never changed behind their back:
   when serving needs it on another device or dtype, or in eval mode, the
   engine works on a copy. `Engine(copy_model=False)` changes it in place
-  instead (no second copy in memory), and stats() says so. One change is
-  made to a shared model, as it costs no value: the packed runners
-  concatenate each layer's Q, K and V weights and make the three
-  parameters views of that tensor (runners.FusedQKV), which saves a second
-  copy of them (81 MiB for all-mpnet-base-v2).
+  instead (no second copy in memory), and stats() says so. A shared model
+  keeps its parameters as they were: the packed runners make Q, K and V
+  views of one fused tensor only on a model the engine owns
+  (runners.FusedQKV, own_weights). A shared model switched back to
+  training mode fails its batches until eval() (Engine._compute), and a
+  forward replaced by a closure over the caller's modules is refused
+  where the engine copies the model (refuse_forwards_bound_to).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import gc
 import os
 import sys
 import threading
+import types
 import warnings
 from typing import Any, Callable
 
@@ -158,6 +161,7 @@ def sdpa_backends_for(device: torch.device, cudnn_attention: bool) -> tuple[Call
 
 
 _onednn_lock = threading.Lock()
+_onednn_back = threading.Condition(_onednn_lock)  # notified when the last float32 batch restores the switch
 _onednn_users = 0  # live engines that compute in bf16/fp16 on the CPU: they need oneDNN
 _onednn_off = 0  # float32 batches running with the switch off
 _onednn_saved = True
@@ -174,6 +178,10 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
     if compute != torch.float32:
         with _onednn_lock:
             _onednn_users += 1
+            # No float32 batch turns the switch off from now on; one running
+            # now has it off until it ends, and a bf16 product would then run
+            # without oneDNN (other bits, and slower): wait for it to end.
+            _onednn_back.wait_for(lambda: _onednn_off == 0)
         return contextlib.nullcontext, "on, token buckets"
     return _onednn_off_context, "off per batch"
 
@@ -207,6 +215,7 @@ def _onednn_off_context():
                 _onednn_off -= 1
                 if _onednn_off == 0:
                     torch._C._set_mkldnn_enabled(_onednn_saved)
+                    _onednn_back.notify_all()
 
 
 def _needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
@@ -232,8 +241,38 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     if not _needs_change(model, device, dtype):
         return model, "shared"
     if copy_model:
+        refuse_forwards_bound_to(model)
         return copy.deepcopy(model).to(device=device, dtype=dtype).eval(), "copied"
     return model.to(device=device, dtype=dtype).eval(), "changed in place"
+
+
+def refuse_forwards_bound_to(model: torch.nn.Module) -> None:
+    """A forward replaced on a module instance by a function that calls the
+    caller's modules (a closure over `module.forward`, say) would still call
+    them from the engine's copy: the caller's weights, dtype and training
+    mode, not the copy's. A bound method or a functools.partial of the
+    module is copied with it (deepcopy rebinds them), so only plain
+    functions are looked into: what they close over and the globals they
+    name."""
+    originals = {id(m) for m in model.modules()}
+    for name, m in model.named_modules():
+        fn = m.__dict__.get("forward")
+        if not isinstance(fn, types.FunctionType):
+            continue
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        named = [fn.__globals__.get(n) for n in fn.__code__.co_names]
+        if any(id(getattr(v, "__self__", v)) in originals for v in cells + named):
+            raise ValueError(
+                f"module {name or type(m).__name__!r} has a forward replaced on the instance by a function that "
+                "calls your model's modules; the engine serves a copy of this model (it needs another device, dtype "
+                "or eval mode), and that function would still call your modules from it. Convert the model first "
+                "(model.to(device, dtype).eval()) so that the engine shares it, or attach the change as a forward "
+                "hook, which the copy carries")
 
 
 # ------------------------------------------------------------ memory report

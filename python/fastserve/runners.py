@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -176,30 +176,97 @@ def _touched(modules, everywhere: bool = True) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
 
-class FusedQKV:
-    """Q, K and V's projections as one product: their weights (and biases,
-    None without) concatenated once. The modules' own parameters then become
-    views of the fused tensors, so the fusion keeps no second copy of the
-    weights. While one of the three has a hook or a patched forward, the
-    three modules run instead, so that what a caller attached runs."""
+class Uncalled:
+    """The modules a packed runner never calls: their forwards take padded
+    batches, so the runner calls their parts instead (the model itself, its
+    encoder, a layer, its attention block...). A hook or a replaced forward
+    on one of them cannot run; the `fastserve` logger says so once per
+    module. `always`: checked every batch; `layers`: per layer, checked
+    where that layer runs its modules (an untouched fused layer has no hook
+    on any module)."""
 
-    def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear) -> None:
+    def __init__(self, model: torch.nn.Module, always: Sequence[torch.nn.Module],
+                 layers: Sequence[Sequence[torch.nn.Module]]) -> None:
+        self.always = tuple(dict.fromkeys(always))  # the base model may be the model itself
+        self.layers = [tuple(ms) for ms in layers]
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._said: set[int] = set()
+
+    def check(self, layer: Optional[int] = None) -> None:
+        """Check `always` (layer None), or that layer's modules."""
+        for m in self.always if layer is None else self.layers[layer]:
+            if id(m) not in self._said and _touched((m,), everywhere=False):
+                self._said.add(id(m))
+                name = self._names.get(id(m)) or "the model"
+                log.warning("a forward hook or a replaced forward on %s (%s) does not run in packed execution, "
+                            "which never calls that module (its forward takes padded batches): attach it to the "
+                            "modules it contains (its Linear, LayerNorm or activation parts), or use "
+                            "Engine(execution='padded')", name, type(m).__name__)
+
+
+class FusedQKV:
+    """Q, K and V's projections as one product.
+
+    own: the engine owns the model (loaded, or its own copy): the weights
+    (and biases, None without) are concatenated once and the modules' own
+    parameters become views of the fused tensors, so the fusion keeps no
+    second copy. Else (a model the caller passed in and still holds) the
+    caller's parameters are left as they are and the three modules run:
+    on the CPU as fast as one fused product, where concatenating the
+    weights per product took up to 1.9x its time on few tokens
+    (benchmarks/python/qkv_products.py); _FusedLayer keeps one fused copy.
+
+    Only three plain Linear layers fuse: a subclass, an adapter wrapping the
+    layer (LoRA) or a parametrization computes more than its weight's
+    product, so then the three modules always run. They also run while one
+    of them has a hook or a patched forward, so that what a caller attached
+    runs."""
+
+    def __init__(self, q: torch.nn.Module, k: torch.nn.Module, v: torch.nn.Module, *, own: bool) -> None:
         self.projections = (q, k, v)
-        self.weight = torch.cat([lin.weight for lin in self.projections]).detach()
-        self.bias = None if q.bias is None else torch.cat([lin.bias for lin in self.projections]).detach()
-        start = 0
-        for lin in self.projections:
-            rows = lin.weight.shape[0]
-            lin.weight.data = self.weight[start : start + rows]
-            if self.bias is not None:
-                lin.bias.data = self.bias[start : start + rows]
-            start += rows
+        self.fusable = fusable_projections(self.projections)
+        self.own = own and self.fusable
+        self._fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        if self.own:
+            # Outside inference mode, so that the model's parameters do not
+            # become inference tensors (they could no longer be trained).
+            with torch.inference_mode(False), torch.no_grad():
+                weight, bias = self._concatenated()
+                start = 0
+                for lin in self.projections:
+                    rows = lin.weight.shape[0]
+                    lin.weight.data = weight[start : start + rows]
+                    if bias is not None:
+                        lin.bias.data = bias[start : start + rows]
+                    start += rows
+            self._fused = (weight, bias)
+
+    def _concatenated(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        q = self.projections[0]
+        weight = torch.cat([lin.weight for lin in self.projections]).detach()
+        bias = None if q.bias is None else torch.cat([lin.bias for lin in self.projections]).detach()
+        return weight, bias
+
+    def tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The fused weight [q + k + v outputs, in] and bias (None without):
+        the owned ones, or a concatenation of the caller's made now."""
+        if not self.fusable:
+            raise ValueError("Q, K and V are not three plain Linear layers: they do not fuse")
+        return self._fused if self._fused is not None else self._concatenated()
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """[T, q + k + v outputs]."""
-        if _touched(self.projections):
+        if not self.own or _touched(self.projections):
             return torch.cat([lin(h) for lin in self.projections], dim=-1)
-        return F.linear(h, self.weight, self.bias)
+        return F.linear(h, *self.tensors())
+
+
+def fusable_projections(projections) -> bool:
+    """Whether Q, K and V's projections are plain Linear layers that fuse
+    into one product: exactly torch.nn.Linear (no subclass, no wrapper, no
+    parametrization) with the same dtype and device, all with a bias or none."""
+    return (all(type(lin) is torch.nn.Linear for lin in projections)
+            and len({(lin.bias is None, lin.weight.dtype, lin.weight.device) for lin in projections}) == 1)
 
 
 class _PackedAttention:
@@ -208,18 +275,11 @@ class _PackedAttention:
     `varlen` (the CPU attention kernel, a padded copy, flash-attn's varlen
     kernel)."""
 
-    def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, heads: int) -> None:
+    def __init__(self, q: torch.nn.Module, k: torch.nn.Module, v: torch.nn.Module, heads: int, *,
+                 own: bool) -> None:
         # One GEMM for Q, K and V instead of three (FusedQKV).
-        self.qkv = FusedQKV(q, k, v)
+        self.qkv = FusedQKV(q, k, v, own=own)
         self.heads = heads
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.qkv.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.qkv.bias
 
     def __call__(self, h: torch.Tensor, runs, varlen) -> torch.Tensor:
         T, H = h.shape
@@ -270,23 +330,33 @@ class _FusedLayer:
                  ln2: torch.nn.LayerNorm, method: str, compute: torch.dtype | None = None) -> None:
         self.parts = list(block.modules())
         self.heads = attn.heads
-        self.compute = compute = compute or attn.weight.dtype
+        wqkv, bqkv = attn.qkv.tensors()
+        self.compute = compute = compute or wqkv.dtype
 
-        def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t.detach().to(compute)
+        def cast(t: Optional[torch.Tensor], dtype: torch.dtype = compute) -> Optional[torch.Tensor]:
+            # The kernels take contiguous vectors: a strided one is copied.
+            return None if t is None else t.detach().to(dtype).contiguous()
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return cast(t, t.dtype)
 
         # The four products without their bias, by gemm.Gemm's `method`.
-        self.qkv, self.bqkv = Gemm(cast(attn.weight), method), cast(attn.bias)
-        self.o, self.bo = Gemm(cast(out.weight), method), out.bias.detach()
-        self.ln1 = (ln1.weight.detach(), ln1.bias.detach(), float(ln1.eps))
+        self.qkv, self.bqkv = Gemm(cast(wqkv), method), cast(bqkv)
+        self.o, self.bo = Gemm(cast(out.weight), method), own(out.bias)
+        self.ln1 = (own(ln1.weight), own(ln1.bias), float(ln1.eps))
         self.up, self.bi = Gemm(cast(inter.weight), method), cast(inter.bias)
-        self.down, self.bo2 = Gemm(cast(out2.weight), method), out2.bias.detach()
-        self.ln2 = (ln2.weight.detach(), ln2.bias.detach(), float(ln2.eps))
-        # Bytes of the copies in the compute dtype that the layer keeps (none
-        # where it is the weights'; "onednn" keeps only its reordered copy).
-        copies = [self.bqkv, self.bi] + [g.weight for g in (self.qkv, self.up, self.o, self.down)]
-        self._copy_bytes = 0 if attn.weight.dtype == compute else \
-            sum(t.numel() * t.element_size() for t in copies if t is not None)
+        self.down, self.bo2 = Gemm(cast(out2.weight), method), own(out2.bias)
+        self.ln2 = (own(ln2.weight), own(ln2.bias), float(ln2.eps))
+        # Bytes of what the layer keeps besides the model's own tensors: the
+        # copies in the compute dtype, a caller's model's Q/K/V fused, and
+        # contiguous copies of strided vectors (none where the products take
+        # the model's tensors; "onednn" keeps only its reordered copy, which
+        # the Gemm counts).
+        model = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        kept = [self.bqkv, self.bi, self.bo, self.bo2, *self.ln1[:2], *self.ln2[:2]] + \
+            [g.weight for g in (self.qkv, self.up, self.o, self.down)]
+        self._copy_bytes = sum(t.numel() * t.element_size() for t in kept
+                               if t is not None and t.untyped_storage().data_ptr() not in model)
 
     @property
     def extra_bytes(self) -> int:
@@ -321,15 +391,19 @@ def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
     the standard one _FusedLayer computes (projections with a bias, affine
     LayerNorm over the last dimension, GELU with erf); else None."""
     if distil:
+        qkv = (block.attention.q_lin, block.attention.k_lin, block.attention.v_lin)
         parts = (block.attention.out_lin, block.sa_layer_norm, block.ffn.lin1, block.ffn.lin2,
                  block.output_layer_norm)
         act = block.ffn.activation
     else:
+        att = block.attention.self
+        qkv = (att.query, att.key, att.value)
         parts = (block.attention.output.dense, block.attention.output.LayerNorm, block.intermediate.dense,
                  block.output.dense, block.output.LayerNorm)
         act = block.intermediate.intermediate_act_fn
     out, ln1, inter, out2, ln2 = parts
-    linear = all(type(m) is torch.nn.Linear and m.bias is not None for m in (out, inter, out2))
+    linear = fusable_projections(qkv) and \
+        all(type(m) is torch.nn.Linear and m.bias is not None for m in (out, inter, out2))
     norms = all(type(m) is torch.nn.LayerNorm and m.weight is not None and m.bias is not None
                 and len(m.normalized_shape) == 1 for m in (ln1, ln2))
     return parts if linear and norms and _exact_gelu(act) else None
@@ -394,9 +468,11 @@ class PackedRunner:
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
                  activation: str = "softmax", head: EmbeddingHead | None = None,
-                 compute: torch.dtype | None = None) -> None:
+                 compute: torch.dtype | None = None, own_weights: bool = False) -> None:
         # compute: the dtype batches compute in, where it is not the model's:
         # autocast's (Engine(dtype="autocast") runs every batch under it).
+        # own_weights: the model is the engine's own (FusedQKV may make its
+        # Q/K/V parameters views of one tensor), not the caller's.
         if not packed_supported(model):
             raise ValueError(f"packed execution does not support model_type={model.config.model_type!r}")
         cfg = model.config
@@ -410,20 +486,21 @@ class PackedRunner:
         self.kernels = kernels.for_device(device)
         reason = kernels.fallback_reason(device)
         if reason:
-            # stacklevel: the Engine(...) call (here, Engine.__init__, its refusal wrapper)
-            warnings.warn(reason, RuntimeWarning, stacklevel=4)
+            # stacklevel: the Engine(...) call (here, Engine.__init__'s make_runner, Engine.__init__, its
+            # refusal wrapper)
+            warnings.warn(reason, RuntimeWarning, stacklevel=5)
         self.base = model.base_model
         self.distil = cfg.model_type in _DISTIL
         # RoBERTa-family position ids start after padding_idx (and skip pad ids: id_positions).
         self.position_offset = cfg.pad_token_id + 1 if _BERT_LIKE.get(cfg.model_type) == 1 else 0
         if self.distil:
             self.blocks = list(self.base.transformer.layer)
-            self.attn = [_PackedAttention(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, cfg.n_heads)
-                         for b in self.blocks]
+            self.attn = [_PackedAttention(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, cfg.n_heads,
+                                          own=own_weights) for b in self.blocks]
         else:
             self.blocks = list(self.base.encoder.layer)
             self.attn = [_PackedAttention(b.attention.self.query, b.attention.self.key, b.attention.self.value,
-                                          cfg.num_attention_heads) for b in self.blocks]
+                                          cfg.num_attention_heads, own=own_weights) for b in self.blocks]
         # The compute dtype decides the CPU kernels only: on a GPU autocast
         # keeps the attention a float32 model gets ("pad"; flash-attn takes
         # half precision alone, and a pipeline refuses it).
@@ -441,12 +518,13 @@ class PackedRunner:
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
-        # What packed execution never calls: each layer itself, its attention
-        # block and self-attention (their forwards take padded batches; the
-        # runner calls their parts). A hook there cannot run: said once each.
-        self._uncalled = [(b, b.attention) if self.distil else (b, b.attention, b.attention.self)
-                          for b in self.blocks]
-        self._said: set[int] = set()
+        # What packed execution never calls: the model, its encoder (and
+        # DistilBERT's embeddings), and each layer itself, its attention
+        # block and self-attention.
+        top = [model, self.base, self.base.transformer if self.distil else self.base.encoder]
+        self.uncalled = Uncalled(model, top + ([self.base.embeddings] if self.distil else []),
+                                 [(b, b.attention) if self.distil else (b, b.attention, b.attention.self)
+                                  for b in self.blocks])
 
     def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                           Optional[np.ndarray]]:
@@ -466,6 +544,7 @@ class PackedRunner:
         if segments is not None and not self.distil:  # DistilBERT has no token types
             packed = np.asarray(batch.position_ids) >= np.repeat(segments, batch.lengths)
             types = torch.from_numpy(packed.astype(np.int64)).to(dev, non_blocking=True)
+        self.uncalled.check()
         h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil, types)
         lengths, positions = np.asarray(batch.lengths), np.asarray(batch.position_ids)
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
@@ -483,7 +562,7 @@ class PackedRunner:
                 h = fused[i].feed_forward(a)
             else:
                 # (An untouched fused layer has no hook on any module at all.)
-                self._say_uncalled(i)
+                self.uncalled.check(i)
                 ctx = attn(h, runs, varlen)
                 if self.distil:
                     a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
@@ -514,17 +593,6 @@ class PackedRunner:
         if hook is not None:
             h = hook(len(self.blocks), h)
         return h, cu, rows
-
-    def _say_uncalled(self, layer: int) -> None:
-        """Log once per module a hook or a replaced forward on a module of
-        this layer that packed execution never calls."""
-        for m in self._uncalled[layer]:
-            if id(m) not in self._said and _touched((m,), everywhere=False):
-                self._said.add(id(m))
-                log.warning("a forward hook or a replaced forward on layer %d's %s does not run in packed execution, "
-                            "which never calls that module (its forward takes padded batches): attach it to the "
-                            "module's Linear, LayerNorm or activation parts, or use Engine(execution='padded')",
-                            layer, type(m).__name__)
 
     def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:

@@ -363,16 +363,30 @@ def test_a_hook_on_a_query_key_or_value_projection_runs(part) -> None:
     assert seen and all(shape[-1] == m.config.hidden_size for shape in seen)
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert"])
-def test_a_hook_on_a_module_packed_execution_never_calls_is_reported_once(arch, caplog) -> None:
-    # The layer itself, its attention block and self-attention take padded
-    # batches; the packed runner calls their parts. A hook on one cannot run:
-    # a warning names it once, and the batches still come out right.
-    m = tm.model(arch)
+def _uncalled_encoder(arch: str):
+    if arch in ("bert", "distilbert"):
+        return tm.model(arch)
+    import st_models
+
+    return st_models.encoder(arch)
+
+
+@pytest.mark.parametrize("arch, name", [
+    ("bert", "encoder.layer.0.attention.self"), ("bert", "encoder"), ("bert", ""),
+    ("distilbert", "transformer.layer.0.attention"), ("distilbert", "embeddings"),
+    ("mpnet", "encoder.layer.1.attention.attn"), ("mpnet", "embeddings"),
+    ("t5", "encoder.block.0.layer.0"), ("t5", "encoder"),
+])
+def test_a_hook_on_a_module_packed_execution_never_calls_is_reported_once(arch, name, caplog) -> None:
+    # The model, its encoder, a layer, its attention block and self-attention
+    # take padded batches (and DistilBERT's and MPNet's embeddings are run by
+    # their parts): the packed runners call their parts. A hook on one cannot
+    # run: a warning names it once, and the batches still come out right.
+    m = _uncalled_encoder(arch)
     texts = tm.mixed_texts(6, seed=6)
-    block = m.encoder.layer[0] if arch == "bert" else m.transformer.layer[0]
-    uncalled = block.attention.self if arch == "bert" else block.attention
-    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+    uncalled = m.get_submodule(name)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="float32") as engine:
+        assert engine.stats()["execution"] == "packed"
         want = engine.embed(texts)
         handle = uncalled.register_forward_hook(lambda mod, args, out: None)
         try:
@@ -381,9 +395,87 @@ def test_a_hook_on_a_module_packed_execution_never_calls_is_reported_once(arch, 
         finally:
             handle.remove()
     said = [r.getMessage() for r in caplog.records if "does not run in packed execution" in r.getMessage()]
-    assert len(said) == 1 and type(uncalled).__name__ in said[0] and "layer 0" in said[0]
+    assert len(said) == 1 and type(uncalled).__name__ in said[0] and (name or "the model") in said[0]
     for g in got:
         np.testing.assert_allclose(g, want, atol=1e-6, rtol=0)
+
+
+class _Tripled(torch.nn.Linear):
+    """A Linear subclass whose forward is not its weight's product alone (an
+    adapter, a LoRA layer, a quantised layer would be such)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 3
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 2
+
+
+@pytest.mark.parametrize("kind", ["subclass", "parametrized"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "mpnet", "t5"])
+def test_a_projection_that_is_not_a_plain_linear_runs_as_itself(arch, kind) -> None:
+    # Q/K/V fuse into one product of their weights only where the three are
+    # plain Linear layers; a subclass (or a parametrized weight) runs its own
+    # forward, in packed execution as in padded.
+    from torch.nn.utils import parametrize
+
+    m = _uncalled_encoder(arch)
+    att = {"bert": lambda b: b.attention.self, "distilbert": lambda b: b.attention,
+           "mpnet": lambda b: b.attention.attn, "t5": lambda b: b.layer[0].SelfAttention}[arch]
+    blocks = m.encoder.block if arch == "t5" else (m.transformer.layer if arch == "distilbert" else m.encoder.layer)
+    name = {"bert": "value", "distilbert": "v_lin", "mpnet": "v", "t5": "v"}[arch]
+    lin = getattr(att(blocks[0]), name)
+    if kind == "subclass":
+        new = _Tripled(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        new.load_state_dict(lin.state_dict())
+        setattr(att(blocks[0]), name, new)
+    else:
+        parametrize.register_parametrization(lin, "weight", _Doubled())
+    texts = tm.mixed_texts(6, seed=7)
+    with Engine(m, tm.tokenizer(), execution="padded", dtype="float32") as padded:
+        want = padded.embed(texts)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="float32") as packed:
+        assert packed.stats()["execution"] == "packed"
+        np.testing.assert_allclose(packed.embed(texts), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("missing", ["query", "key", "value"])
+def test_qkv_with_a_bias_on_some_projections_only_run_as_the_modules(missing) -> None:
+    # Fusing needs a bias on all three or on none: else the three run.
+    m = tm.model("bert")
+    for block in m.encoder.layer:
+        getattr(block.attention.self, missing).bias = None
+    texts = tm.mixed_texts(6, seed=8)
+    with Engine(m, tm.tokenizer(), execution="padded", dtype="float32") as padded:
+        want = padded.embed(texts)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype="float32") as packed:
+        np.testing.assert_allclose(packed.embed(texts), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "autocast"])
+def test_strided_vectors_in_a_fused_layer_are_copied_contiguous(dtype) -> None:
+    # A LayerNorm weight or a bias that is a strided view (a slice of a
+    # larger tensor) runs through the kernels as a contiguous copy, counted.
+    m = tm.model("bert")
+    block = m.encoder.layer[0]
+    with torch.no_grad():
+        for mod, name in ((block.output.LayerNorm, "weight"), (block.intermediate.dense, "bias"),
+                          (block.attention.output, None)):
+            if name is None:
+                mod = mod.dense
+                name = "bias"
+            t = getattr(mod, name)
+            wide = torch.stack([t.detach(), torch.zeros_like(t)], dim=1).reshape(-1)
+            setattr(mod, name, torch.nn.Parameter(wide[::2]))
+            assert not getattr(mod, name).is_contiguous()
+    texts = tm.mixed_texts(6, seed=9)
+    with Engine(m, tm.tokenizer(), execution="padded", dtype=dtype) as padded:
+        want = padded.embed(texts)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype=dtype) as packed:
+        assert packed.runner.fused is not None
+        np.testing.assert_allclose(packed.embed(texts), want, atol=1e-3 if dtype == "autocast" else 1e-5, rtol=0)
 
 
 def test_what_a_hook_on_a_projection_returns_is_used() -> None:

@@ -171,30 +171,31 @@ def test_a_budget_that_holds_no_token_is_refused_naming_the_least_that_does(mib)
         assert engine.memory_budget.tokens >= 1
 
 
-def test_the_fused_qkv_weight_is_not_a_second_copy():
+def test_the_fused_qkv_weight_of_the_engines_own_model_is_not_a_second_copy(tmp_path):
     m = tm.model("bert")
     before = footprint.weight_bytes(m)
-    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+    with Engine(str(tm.save("bert", tmp_path / "m")), execution="packed") as engine:
+        assert engine.stats()["process"]["model"] == "loaded"
         assert footprint.weight_bytes(engine.model) == before
         query = engine.model.encoder.layer[0].attention.self.query.weight
-        fused = engine.runner.attn[0].weight
+        fused, _ = engine.runner.attn[0].qkv.tensors()
         assert query.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
         np.testing.assert_allclose(engine.embed("a shared weight"), tm.reference(m, "a shared weight"),
                                    atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["mpnet", "t5", "umt5"])
-def test_the_families_fused_qkv_weights_are_not_second_copies_and_their_hooks_run(arch):
+def test_the_families_fused_qkv_weights_are_not_second_copies_and_their_hooks_run(arch, tmp_path):
     import st_models
 
-    m = st_models.encoder(arch)
+    folder = st_models.save_encoder(arch, tmp_path / "m")
     texts = tm.mixed_texts(4, seed=2)
-    with Engine(m, tm.tokenizer(), execution="packed", dtype="float32") as engine:
+    with Engine(str(folder), execution="packed", dtype="float32") as engine:
         assert engine.stats()["execution"] == "packed"
         want = engine.embed(texts)
         layer = engine.model.encoder.layer[0].attention.attn if arch == "mpnet" else \
             engine.model.encoder.block[0].layer[0].SelfAttention
-        fused = engine.runner.qkv[0].weight
+        fused, _ = engine.runner.qkv[0].tensors()
         for lin in (layer.q, layer.k, layer.v):
             assert lin.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
         with torch.no_grad():  # a change to the model's weight is a change to what the runner computes

@@ -113,6 +113,25 @@ def test_the_override_is_checked(monkeypatch):
     assert gemm.method(torch.float32) == "mm"
 
 
+@needs_onednn
+def test_a_forced_onednn_that_cannot_run_bfloat16_here_is_refused_by_name():
+    # oneDNN capped to AVX2 has no bf16 products: a clear ValueError at
+    # construction, not torch's RuntimeError (the cap is read once per process).
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom fastserve import gemm\nprint(gemm.method(torch.float32))\n"
+            "try:\n    gemm.method(torch.bfloat16)\nexcept ValueError as e:\n    print('refused:', e)\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", FASTSERVE_CPU_GEMM="onednn")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "onednn"
+    assert lines[1].startswith("refused: FASTSERVE_CPU_GEMM=onednn cannot run torch.bfloat16 products on this CPU")
+    assert "ONEDNN_MAX_CPU_ISA='AVX2'" in lines[1]
+
+
 def _engine(monkeypatch, method, arch="bert"):
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
     engine = Engine(tm.model(arch), tm.tokenizer(), execution="packed")
@@ -132,12 +151,19 @@ def test_an_engine_gives_the_same_embeddings_on_either_method(arch, monkeypatch)
             stats[method] = engine.stats()
     np.testing.assert_allclose(out["onednn"], out["mm"], atol=2e-6, rtol=0)
     assert stats["mm"]["gemm"] == "mm" and stats["onednn"]["gemm"] == "onednn"
-    assert stats["mm"]["memory"]["gemm_weights_bytes"] == 0
     m = tm.model(arch)
     layers = m.encoder.layer if arch == "bert" else m.transformer.layer
     linear = sum(mod.weight.numel() * 4 for layer in layers for mod in layer.modules()
                  if isinstance(mod, torch.nn.Linear))
-    assert stats["onednn"]["memory"]["gemm_weights_bytes"] == linear
+    # The caller's model is shared, so "mm" keeps Q/K/V fused as a copy
+    # (weights and biases; runners.FusedQKV) and "onednn" its reordered
+    # weights, Q/K/V fused among them, plus the fused Q/K/V bias.
+    qkv_bias = sum(mod.bias.numel() * 4 for layer in layers for name, mod in layer.named_modules()
+                   if name.split(".")[-1] in ("query", "key", "value", "q_lin", "k_lin", "v_lin"))
+    qkv = qkv_bias + sum(mod.weight.numel() * 4 for layer in layers for name, mod in layer.named_modules()
+                         if name.split(".")[-1] in ("query", "key", "value", "q_lin", "k_lin", "v_lin"))
+    assert stats["mm"]["memory"]["gemm_weights_bytes"] == qkv
+    assert stats["onednn"]["memory"]["gemm_weights_bytes"] == linear + qkv_bias
 
 
 def test_layers_through_the_modules_report_no_method(monkeypatch):

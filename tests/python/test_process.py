@@ -15,6 +15,7 @@ import torch
 
 import tiny_models as tm
 from fastserve import Engine, process
+from fastserve.errors import InferenceError
 
 
 @pytest.fixture
@@ -61,10 +62,126 @@ def test_copy_model_false_casts_in_place_and_says_so():
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
 
 
+def test_a_bfloat16_engine_waits_for_a_float32_batch_that_has_onednn_off():
+    # A float32 batch turns oneDNN off while it runs; a bf16 engine built
+    # meanwhile would run its products without it (other bits, slower):
+    # registering waits until that batch restores the switch.
+    import threading
+
+    before = torch._C._get_mkldnn_enabled()
+    done = threading.Event()
+    what = []
+
+    def register():
+        what.append(process.onednn_for(torch.device("cpu"), torch.bfloat16, True)[1])
+        what.append(torch._C._get_mkldnn_enabled())
+        done.set()
+
+    with process._onednn_off_context():
+        assert not torch._C._get_mkldnn_enabled()
+        t = threading.Thread(target=register)
+        t.start()
+        assert not done.wait(0.2)  # still waiting: the batch runs
+    t.join(timeout=30)
+    try:
+        assert done.is_set() and what == ["on, token buckets", before]
+        with process._onednn_off_context():  # a registered bf16 engine: float32 batches leave it on
+            assert torch._C._get_mkldnn_enabled() == before
+    finally:
+        process.onednn_release("on, token buckets")
+
+
 def test_a_model_the_engine_loads_itself_is_its_own(tmp_path):
     folder = tm.save("bert", tmp_path / "m")
     with Engine(str(folder)) as engine:
         assert engine.stats()["process"]["model"] == "loaded"
+
+
+def _encoder(arch: str):
+    if arch in ("bert", "distilbert", "roberta"):
+        return tm.model(arch)
+    import st_models
+
+    return st_models.encoder(arch)
+
+
+def _storages(m) -> dict[str, tuple[int, int, int]]:
+    return {k: (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes(), p.storage_offset())
+            for k, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "mpnet", "t5"])
+def test_a_shared_model_keeps_its_parameters_as_they_were(arch, dtype, tmp_path):
+    # Packed execution fuses Q, K and V into one product; on a model the
+    # caller still holds it never rebinds their parameters (views of one
+    # tensor could no longer be saved by safetensors' save_model, and built
+    # under inference mode could no longer be trained).
+    from safetensors.torch import save_model
+
+    m = _encoder(arch)
+    before = _storages(m)
+    texts = tm.mixed_texts(4, seed=3)
+    with torch.inference_mode(), Engine(m, tm.tokenizer(), execution="packed", dtype=dtype) as engine:
+        assert engine.stats()["process"]["model"] == "shared"
+        got = engine.embed(texts)
+    assert _storages(m) == before
+    assert not any(p.is_inference() for p in m.parameters())
+    save_model(m, str(tmp_path / "m.safetensors"))
+    m.train()  # still trainable
+    m(**{k: v for k, v in tm.tokenizer()(["one step"], return_tensors="pt").items()
+         if k in ("input_ids", "attention_mask")})[0].float().sum().backward()
+    m.eval()
+    with Engine(m, tm.tokenizer(), execution="padded", dtype=dtype) as padded:
+        np.testing.assert_allclose(got, padded.embed(texts), atol=1e-3 if dtype == "autocast" else 1e-5)
+
+
+def test_a_model_put_back_in_training_mode_fails_its_batches_until_eval():
+    # Dropout would run in the modules the engine calls: each batch fails
+    # with the cause and the fix, and serving resumes after eval().
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer()) as engine:
+        want = engine.embed("before")
+        m.train()
+        with pytest.raises(InferenceError, match=r"training mode .*model\.eval\(\)"):
+            engine.embed("during")
+        m.eval()
+        np.testing.assert_allclose(engine.embed("before"), want, atol=1e-6)
+        assert engine.health()["healthy"]
+
+
+def test_a_forward_patched_by_a_closure_over_the_callers_module_is_refused_when_the_model_is_copied():
+    # The copy would keep calling the caller's module (its float32 weights
+    # from a bfloat16 copy): refused at construction, naming the module.
+    m = tm.model("bert")
+    q = m.encoder.layer[1].attention.self.query
+    orig = q.forward
+    q.forward = lambda x: orig(x) * 0.5
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.1\.attention\.self\.query' has a forward replaced"):
+        Engine(m, tm.tokenizer(), dtype="bfloat16")
+    with Engine(m, tm.tokenizer(), dtype="float32") as engine:  # shared: the patch runs on the caller's module
+        assert engine.stats()["process"]["model"] == "shared"
+        engine.embed("runs")
+
+
+def test_a_forward_patched_as_a_bound_method_follows_the_copy():
+    # deepcopy rebinds a bound method to the copied module: accepted, and it
+    # runs on the copy's (bfloat16) weights.
+    import types
+
+    m = tm.model("bert")
+    q = m.encoder.layer[1].attention.self.query
+    calls = []
+
+    def halved(self, x):
+        calls.append(self.weight.dtype)
+        return torch.nn.functional.linear(x, self.weight, self.bias) * 0.5
+
+    q.forward = types.MethodType(halved, q)
+    with Engine(m, tm.tokenizer(), dtype="bfloat16", execution="packed") as engine:
+        assert engine.stats()["process"]["model"] == "copied"
+        engine.embed("runs on the copy")
+    assert calls and set(calls) == {torch.bfloat16}
 
 
 # --------------------------------------------------------------- torch threads
