@@ -10,7 +10,8 @@
 - "three-out": the three products written into one output by addmm(out=).
 
 Alternating in one process, best of --rounds. Figures: docs/design.md,
-"Memory" (the fused Q/K/V weight).
+"Memory: where it goes" (the fused Q/K/V weight); results in
+benchmarks/results/qkv_products_amd/.
 
     python benchmarks/python/qkv_products.py --hidden 768 --out qkv.json
 """

@@ -212,9 +212,9 @@ class FusedQKV:
     parameters become views of the fused tensors, so the fusion keeps no
     second copy. Else (a model the caller passed in and still holds) the
     caller's parameters are left as they are and the three modules run:
-    on the CPU as fast as one fused product, where concatenating the
-    weights per product took up to 1.9x its time on few tokens
-    (benchmarks/python/qkv_products.py); _FusedLayer keeps one fused copy.
+    0.92-1.28x one fused product's time on the CPU, where concatenating the
+    weights for each product took 2x on few tokens (docs/design.md,
+    "Memory: where it goes"); _FusedLayer keeps one fused copy.
 
     Only three plain Linear layers fuse: a subclass, an adapter wrapping the
     layer (LoRA) or a parametrization computes more than its weight's
