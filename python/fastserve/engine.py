@@ -468,8 +468,11 @@ class Engine(tasks.TaskCalls):
         # (python/fastserve/pipeline.py): it need not fit on one device.
         src, callers = loaded.model, loaded.model is model
         if parallel == "pipeline" and callers and copy_model:
-            process.refuse_forwards_bound_to(src)
-            src, callers = copy.deepcopy(src), False  # its layers get hooks and move: never the caller's
+            copied = copy.deepcopy(src)  # its layers get hooks and move: never the caller's
+            home = next(src.parameters()).device
+            if process.needs_change(src, home, self.dtype) or any(d != home for d in worker_devices):
+                process.refuse_forwards_bound_to(src, copied)
+            src, callers = copied, False
         net, self._process["model"] = process.prepare_model(
             src, self.device if parallel == "data" else torch.device("cpu"), self.dtype,
             callers=callers, copy_model=copy_model)
@@ -477,6 +480,7 @@ class Engine(tasks.TaskCalls):
             self._process["model"] = "copied"
 
         self.model = net
+        self._model_modules = tuple(net.modules())  # each batch checks none is in training mode
         self._precision_context = self.precision.context()
         precision.warn_if_slow(self.precision)
         spec = loaded.st
@@ -566,7 +570,8 @@ class Engine(tasks.TaskCalls):
                                  activation=self.activation if task == "classify" else "none", head=head,
                                  compute=compute, own_weights=own)
 
-        self.runner = make_runner(net, self.device, self._process["model"] != "shared", self._head)
+        # Q/K/V views of one tensor on a model the engine owns only (FusedQKV).
+        self.runner = make_runner(net, self.device, self._process["model"] in ("loaded", "copied"), self._head)
         # Replicas and pipeline stages (replicas.py); a replica on another
         # device gets its own runner with the head on that device.
         head = self._head
@@ -1215,7 +1220,7 @@ class Engine(tasks.TaskCalls):
                 runner, backends = replicas_.runner_copy(same.runner), same.sdpa_backends
             else:
                 net, how = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
-                runner = make_runner(net, dev, how != "shared")
+                runner = make_runner(net, dev, how == "copied")
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
             out.append(replicas_.Replica(k, dev, runner, threads, backends))
         return out
@@ -1391,11 +1396,12 @@ class Engine(tasks.TaskCalls):
         """The replica's rows for the batch, in the contexts every batch runs
         in, with what the requests' futures carry: a prompt's length (pooled
         from there) and a pair's token types."""
-        if self.model.training:
+        if any(m.training for m in self._model_modules):
             # A model shared with its caller, put back in training mode
             # (dropout on) after the engine was built over it.
-            raise RuntimeError("the model is in training mode (model.train() was called after the engine was "
-                               "built over it): call model.eval() to serve again, or build the Engine over a copy")
+            raise RuntimeError("the model (or a module of it) is in training mode (train() was called after the "
+                               "engine was built over it): call model.eval() to serve again, or build the Engine "
+                               "over a copy")
         with replica.sdpa_backends(), self._precision_context(), self._onednn():
             extra = {}
             if self._head.needs_prompt_lengths and self.task == "embed":

@@ -165,6 +165,7 @@ _onednn_back = threading.Condition(_onednn_lock)  # notified when the last float
 _onednn_users = 0  # live engines that compute in bf16/fp16 on the CPU: they need oneDNN
 _onednn_off = 0  # float32 batches running with the switch off
 _onednn_saved = True
+_onednn_here = threading.local()  # .off: float32 batches this thread runs with the switch off
 
 
 def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[Callable[[], Any], str]:
@@ -180,8 +181,10 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
             _onednn_users += 1
             # No float32 batch turns the switch off from now on; one running
             # now has it off until it ends, and a bf16 product would then run
-            # without oneDNN (other bits, and slower): wait for it to end.
-            _onednn_back.wait_for(lambda: _onednn_off == 0)
+            # without oneDNN (other bits, and slower): wait for it to end,
+            # unless it is this thread's (an engine built from a hook).
+            if not getattr(_onednn_here, "off", 0):
+                _onednn_back.wait_for(lambda: _onednn_off == 0)
         return contextlib.nullcontext, "on, token buckets"
     return _onednn_off_context, "off per batch"
 
@@ -207,18 +210,20 @@ def _onednn_off_context():
                 _onednn_saved = torch._C._get_mkldnn_enabled()
                 torch._C._set_mkldnn_enabled(False)
             _onednn_off += 1
+            _onednn_here.off = getattr(_onednn_here, "off", 0) + 1
     try:
         yield
     finally:
         if switch:
             with _onednn_lock:
+                _onednn_here.off -= 1
                 _onednn_off -= 1
                 if _onednn_off == 0:
                     torch._C._set_mkldnn_enabled(_onednn_saved)
                     _onednn_back.notify_all()
 
 
-def _needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+def needs_change(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     if any(m.training for m in model.modules()):
         return True
     if device.type == "cuda" and device.index is None:
@@ -238,41 +243,72 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     "copied" (the caller's left as it was) or "changed in place"."""
     if not callers:
         return model.to(device=device, dtype=dtype).eval(), "loaded"
-    if not _needs_change(model, device, dtype):
+    if not needs_change(model, device, dtype):
         return model, "shared"
     if copy_model:
-        refuse_forwards_bound_to(model)
-        return copy.deepcopy(model).to(device=device, dtype=dtype).eval(), "copied"
+        copied = copy.deepcopy(model)
+        refuse_forwards_bound_to(model, copied)
+        return copied.to(device=device, dtype=dtype).eval(), "copied"
     return model.to(device=device, dtype=dtype).eval(), "changed in place"
 
 
-def refuse_forwards_bound_to(model: torch.nn.Module) -> None:
-    """A forward replaced on a module instance by a function that calls the
-    caller's modules (a closure over `module.forward`, say) would still call
-    them from the engine's copy: the caller's weights, dtype and training
-    mode, not the copy's. A bound method or a functools.partial of the
-    module is copied with it (deepcopy rebinds them), so only plain
-    functions are looked into: what they close over and the globals they
-    name."""
+def refuse_forwards_bound_to(model: torch.nn.Module, copied: torch.nn.Module) -> None:
+    """ValueError where a forward replaced on a module instance of `copied`
+    (a deep copy of the caller's `model`) still reaches one of the caller's
+    modules: a closure over `module.forward`, say, would call the caller's
+    module (its weights, dtype, device and training mode) from the copy.
+    deepcopy rebinds a bound method or a functools.partial of a module to
+    the copy, so those pass; what a plain function reaches (closures,
+    defaults, the globals its code names, nested functions', partials and
+    containers, a few levels deep) is looked into."""
     originals = {id(m) for m in model.modules()}
-    for name, m in model.named_modules():
+    for name, m in copied.named_modules():
         fn = m.__dict__.get("forward")
-        if not isinstance(fn, types.FunctionType):
-            continue
-        cells = []
-        for cell in fn.__closure__ or ():
-            try:
-                cells.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                pass
-        named = [fn.__globals__.get(n) for n in fn.__code__.co_names]
-        if any(id(getattr(v, "__self__", v)) in originals for v in cells + named):
+        if fn is not None and _reaches(fn, originals, depth=5, seen=set()):
             raise ValueError(
                 f"module {name or type(m).__name__!r} has a forward replaced on the instance by a function that "
                 "calls your model's modules; the engine serves a copy of this model (it needs another device, dtype "
-                "or eval mode), and that function would still call your modules from it. Convert the model first "
-                "(model.to(device, dtype).eval()) so that the engine shares it, or attach the change as a forward "
-                "hook, which the copy carries")
+                "or eval mode, or a pipeline places its stages), and that function would still call your modules "
+                "from it. Convert the model first (model.to(device, dtype).eval()) so that the engine shares it, "
+                "pass copy_model=False, or attach the change as a forward hook, which the copy carries")
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _reaches(obj: Any, targets: set[int], depth: int, seen: set[int]) -> bool:
+    """Whether obj is, or reaches within `depth` steps, an object in targets (by id)."""
+    if id(obj) in targets:
+        return True
+    if depth == 0 or id(obj) in seen or isinstance(obj, (torch.nn.Module, torch.Tensor, types.ModuleType, type)):
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, types.MethodType):
+        nxt: list[Any] = [obj.__self__, obj.__func__]
+    elif isinstance(obj, functools.partial):
+        nxt = [obj.func, *obj.args, *obj.keywords.values()]
+    elif isinstance(obj, types.FunctionType):
+        nxt = []
+        for cell in obj.__closure__ or ():
+            try:
+                nxt.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        nxt += [obj.__globals__.get(n) for n in _code_names(obj.__code__)]
+        nxt += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+        nxt.append(getattr(obj, "__wrapped__", None))
+    elif isinstance(obj, dict):
+        nxt = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        nxt = list(obj)
+    else:
+        nxt = [getattr(obj, "__wrapped__", None)]
+    return any(_reaches(o, targets, depth - 1, seen) for o in nxt if o is not None)
 
 
 # ------------------------------------------------------------ memory report

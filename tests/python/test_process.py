@@ -62,11 +62,13 @@ def test_copy_model_false_casts_in_place_and_says_so():
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
 
 
-def test_a_bfloat16_engine_waits_for_a_float32_batch_that_has_onednn_off():
+def test_a_bfloat16_engine_waits_for_a_float32_batch_that_has_onednn_off(monkeypatch):
     # A float32 batch turns oneDNN off while it runs; a bf16 engine built
     # meanwhile would run its products without it (other bits, slower):
     # registering waits until that batch restores the switch.
     import threading
+
+    monkeypatch.setattr(process, "_onednn_users", 0)  # no bf16 engine alive: the batch turns oneDNN off
 
     before = torch._C._get_mkldnn_enabled()
     done = threading.Event()
@@ -110,7 +112,7 @@ def _storages(m) -> dict[str, tuple[int, int, int]]:
             for k, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("dtype", ["float32", "autocast", "bfloat16 in place"])
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "mpnet", "t5"])
 def test_a_shared_model_keeps_its_parameters_as_they_were(arch, dtype, tmp_path):
     # Packed execution fuses Q, K and V into one product; on a model the
@@ -120,10 +122,14 @@ def test_a_shared_model_keeps_its_parameters_as_they_were(arch, dtype, tmp_path)
     from safetensors.torch import save_model
 
     m = _encoder(arch)
-    before = _storages(m)
     texts = tm.mixed_texts(4, seed=3)
-    with torch.inference_mode(), Engine(m, tm.tokenizer(), execution="packed", dtype=dtype) as engine:
-        assert engine.stats()["process"]["model"] == "shared"
+    kw = {"dtype": dtype}
+    if dtype == "bfloat16 in place":  # copy_model=False: the cast is made on the caller's model, nothing more
+        m, kw = m.bfloat16(), {"dtype": "bfloat16", "copy_model": False}
+        m.train()
+    before = _storages(m)
+    with torch.inference_mode(), Engine(m, tm.tokenizer(), execution="packed", **kw) as engine:
+        assert engine.stats()["process"]["model"] == ("changed in place" if "copy_model" in kw else "shared")
         got = engine.embed(texts)
     assert _storages(m) == before
     assert not any(p.is_inference() for p in m.parameters())
@@ -132,17 +138,19 @@ def test_a_shared_model_keeps_its_parameters_as_they_were(arch, dtype, tmp_path)
     m(**{k: v for k, v in tm.tokenizer()(["one step"], return_tensors="pt").items()
          if k in ("input_ids", "attention_mask")})[0].float().sum().backward()
     m.eval()
-    with Engine(m, tm.tokenizer(), execution="padded", dtype=dtype) as padded:
-        np.testing.assert_allclose(got, padded.embed(texts), atol=1e-3 if dtype == "autocast" else 1e-5)
+    with Engine(m, tm.tokenizer(), execution="padded", **kw) as padded:
+        np.testing.assert_allclose(got, padded.embed(texts), atol=1e-5 if dtype == "float32" else 2e-2)
 
 
-def test_a_model_put_back_in_training_mode_fails_its_batches_until_eval():
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+@pytest.mark.parametrize("where", ["model", "encoder"])
+def test_a_model_put_back_in_training_mode_fails_its_batches_until_eval(where, execution):
     # Dropout would run in the modules the engine calls: each batch fails
     # with the cause and the fix, and serving resumes after eval().
     m = tm.model("bert")
-    with Engine(m, tm.tokenizer()) as engine:
+    with Engine(m, tm.tokenizer(), execution=execution) as engine:
         want = engine.embed("before")
-        m.train()
+        m.get_submodule("" if where == "model" else where).train()
         with pytest.raises(InferenceError, match=r"training mode .*model\.eval\(\)"):
             engine.embed("during")
         m.eval()
@@ -162,6 +170,91 @@ def test_a_forward_patched_by_a_closure_over_the_callers_module_is_refused_when_
     with Engine(m, tm.tokenizer(), dtype="float32") as engine:  # shared: the patch runs on the caller's module
         assert engine.stats()["process"]["model"] == "shared"
         engine.embed("runs")
+
+
+ORIGINALS: dict = {}
+
+
+@pytest.mark.parametrize("how", ["partial over a closure", "global container", "nested function"])
+def test_a_forward_reaching_the_callers_module_indirectly_is_refused_when_the_model_is_copied(how):
+    import functools
+
+    m = tm.model("bert")
+    q = m.encoder.layer[0].attention.self.query
+    orig = q.forward
+    if how == "partial over a closure":
+        q.forward = functools.partial(lambda x, scale: orig(x) * scale, scale=0.5)
+    elif how == "global container":
+        ORIGINALS["q"] = q.forward
+        q.forward = lambda x: ORIGINALS["q"](x) * 0.5
+    else:
+        def outer():
+            def inner(x):
+                return orig(x) * 0.5
+            return inner(torch.ones(1, 32))
+        q.forward = lambda x: (outer, orig(x))[1]
+    try:
+        with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.attention\.self\.query' has a forward replaced"):
+            Engine(m, tm.tokenizer(), dtype="bfloat16")
+    finally:
+        ORIGINALS.clear()
+
+
+def test_a_forward_using_only_torch_and_an_accelerate_style_partial_follow_the_copy():
+    # What reaches none of the caller's modules is accepted: a function that
+    # names only torch, and a partial of a function over the module itself
+    # (deepcopy rebinds it to the copy).
+    import functools
+
+    m = tm.model("bert")
+    q = m.encoder.layer[0].attention.self.query
+    q.forward = lambda x: torch.nn.functional.linear(x, torch.zeros(32, 32, dtype=x.dtype))
+
+    def new_forward(module, x):
+        return torch.nn.functional.linear(x, module.weight, module.bias) * 0.5
+
+    k = m.encoder.layer[0].attention.self.key
+    k.forward = functools.update_wrapper(functools.partial(new_forward, k), k.forward)
+    with Engine(m, tm.tokenizer(), dtype="bfloat16", execution="packed") as engine:
+        assert engine.stats()["process"]["model"] == "copied"
+        engine.embed("runs on the copy")
+
+
+def test_a_pipeline_that_changes_nothing_serves_a_patched_forward():
+    # A pipeline always works on its own copy; where the copy needs no other
+    # device or dtype, a patched forward calling the caller's module still
+    # computes the same (as before the refusal existed).
+    m = tm.model("bert")
+    q = m.encoder.layer[1].attention.self.query
+    orig = q.forward
+    q.forward = lambda x: orig(x) * 0.5
+    texts = tm.mixed_texts(4, seed=4)
+    with Engine(m, tm.tokenizer(), dtype="float32") as data:
+        want = data.embed(texts)
+    with Engine(m, tm.tokenizer(), dtype="float32", devices=["cpu", "cpu"], parallel="pipeline") as piped:
+        np.testing.assert_allclose(piped.embed(texts), want, atol=1e-6)
+
+
+def test_an_engine_built_inside_a_float32_batch_does_not_wait_for_that_batch(monkeypatch):
+    # A bf16 engine built from a hook of a float32 batch (this thread has
+    # oneDNN off) registers without waiting for the batch it runs in.
+    import threading
+
+    monkeypatch.setattr(process, "_onednn_users", 0)  # no bf16 engine alive: the batch turns oneDNN off
+    out = []
+
+    def batch():
+        with process._onednn_off_context():
+            out.append(process.onednn_for(torch.device("cpu"), torch.bfloat16, True)[1])
+
+    t = threading.Thread(target=batch, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    try:
+        assert out == ["on, token buckets"]
+    finally:
+        if out:
+            process.onednn_release("on, token buckets")
 
 
 def test_a_forward_patched_as_a_bound_method_follows_the_copy():
