@@ -580,9 +580,11 @@ class Engine(tasks.TaskCalls):
                 m, dev, own, EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev)))
         self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
-        # bf16/fp16 on the CPU: packed batches rounded up to a few token counts (shapes.py).
+        # Packed CPU batches get ghost sequences (shapes.py): in bf16/fp16 up to
+        # a few token counts, in float32 up to shapes.MIN_ROWS tokens.
         self._ghost_pad = (pad if pad is not None else 0) \
-            if self._process["onednn"] == "on, token buckets" and self.runner.name == "packed" else None
+            if self.device.type == "cpu" and self.runner.name == "packed" else None
+        self._ghost_buckets = self._process["onednn"] == "on, token buckets"
         self.preempt = self._preempt_choice(preempt, parallel)
         batch_cfg = dict(
             max_batch_size=max_batch_size,
@@ -1413,16 +1415,17 @@ class Engine(tasks.TaskCalls):
 
     def _ghost_tokens(self, batch) -> int:
         """The tokens of the ghost sequences _rows adds to the batch (none
-        where batches are not rounded up to a bucket)."""
+        where batches are not padded)."""
         if self._ghost_pad is None:
             return 0
         tokens = int(batch.total_tokens)
-        return shapes.bucket(tokens) - tokens
+        return shapes.target(tokens, self._ghost_buckets) - tokens
 
     def _rows(self, batch, extra: dict, runner: Any) -> Any:
-        """The (replica's) runner's rows for the batch; where batches are rounded up to
-        a bucket of tokens (shapes.py), the ghost sequences' rows dropped."""
-        ghost = None if self._ghost_pad is None else shapes.ghosted(batch, self.max_length, self._ghost_pad)
+        """The (replica's) runner's rows for the batch; where batches are padded
+        with ghost sequences (shapes.py), their rows dropped."""
+        ghost = None if self._ghost_pad is None else \
+            shapes.ghosted(batch, self.max_length, self._ghost_pad, self._ghost_buckets)
         if ghost is None:
             return runner.run(batch, **extra)
         lengths = ghost.lengths[-ghost.ghosts:]

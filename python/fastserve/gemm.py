@@ -22,7 +22,8 @@ through oneDNN with the weight laid out for it once.
   Every row goes through oneDNN, and oneDNN gives a row the same bits in
   every one of those shapes, so a text's embedding stays bitwise the same
   whatever else is in its batch (tests/python/test_batch_invariance.py);
-  torch.mm for a few rows would not.
+  "mm" pads a product of fewer than shapes.MIN_ROWS rows up to it, since
+  torch.mm gives 1 to 3 rows other bits.
 
 Why both: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
 AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
@@ -41,6 +42,8 @@ import os
 from typing import Any, Optional
 
 import torch
+
+from .shapes import MIN_ROWS
 
 GEMMS = ("mm", "onednn")
 
@@ -151,6 +154,11 @@ class Gemm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
+            rows = x.shape[0]
+            if rows < MIN_ROWS:  # a row's bits as in any larger product (shapes.MIN_ROWS)
+                padded = x.new_zeros(MIN_ROWS, x.shape[1])
+                padded[:rows] = x
+                return torch.mm(padded, self.weight.t())[:rows]
             return torch.mm(x, self.weight.t())
         calls = pieces(x.shape[0])
         if len(calls) == 1:

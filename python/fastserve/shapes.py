@@ -14,7 +14,12 @@ the model's maximum length) appended to the batch; its rows are dropped
 before the results go back, and no request ever sees it.
 
 In float32 the engine avoids oneDNN instead (process.onednn_for), which is as
-fast there, so fp32 batches are never padded.
+fast there, so fp32 batches are not rounded to buckets. They are padded only
+up to MIN_ROWS tokens: one thread's torch.mm (MKL's sgemm) gives a row other
+bits in a product of 1 to 3 rows than in a larger one (checked at MiniLM's
+four weight shapes on an AMD EPYC, 4 to 2,048 rows all agreeing), which would
+break the bitwise batch invariance the README promises for a text of a few
+tokens alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 MIN_STEP = 16
 PER_DOUBLING = 8
+MIN_ROWS = 4  # the fewest rows of a float32 product whose bits agree with any larger product's
 
 
 def bucket(tokens: int) -> int:
@@ -57,11 +63,17 @@ class GhostedBatch:
         self.size = int(batch.size) + self.ghosts
 
 
-def ghosted(batch: Any, max_length: int, pad_id: int) -> Optional[GhostedBatch]:
-    """The batch padded to its bucket with ghost sequences, or None when its
-    token count already is a bucket size."""
+def target(tokens: int, buckets: bool) -> int:
+    """The token count a packed CPU batch of `tokens` runs at: its bucket
+    (buckets: bf16/fp16), else at least MIN_ROWS (float32)."""
+    return bucket(tokens) if buckets else max(int(tokens), MIN_ROWS)
+
+
+def ghosted(batch: Any, max_length: int, pad_id: int, buckets: bool = True) -> Optional[GhostedBatch]:
+    """The batch padded with ghost sequences to target(T, buckets), or None
+    when its token count T already is that."""
     tokens = int(np.asarray(batch.cu_seqlens)[-1])
-    extra = bucket(tokens) - tokens
+    extra = target(tokens, buckets) - tokens
     return GhostedBatch(batch, extra, max_length, pad_id) if extra else None
 
 

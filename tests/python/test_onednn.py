@@ -31,7 +31,7 @@ def test_buckets_are_few_and_waste_at_most_an_eighth_from_128_tokens():
 def ghosts_forced(engine: Engine) -> list[int]:
     """Run engine's packed batches through the ghost path (as bf16 does),
     recording how many ghost sequences each batch carried."""
-    engine._ghost_pad = 0
+    engine._ghost_pad, engine._ghost_buckets = 0, True
     seen: list[int] = []
     inner = engine.runner.run
 
