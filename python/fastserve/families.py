@@ -203,9 +203,7 @@ class _BiasedPackedRunner(abc.ABC):
         if self.attention == "pad" and len(runs) > 1:
             pad = _Padded(lengths, np.asarray(batch.position_ids), dev)
         self.attention_batches["pad" if pad is not None else "runs"] += 1
-        self.uncalled.check()
-        for i in range(len(self.uncalled.layers)):
-            self.uncalled.check(i)
+        self.uncalled.check_all()
         h = self.forward(ids, pos, lambda layer, qkv: self._attend(layer, qkv, runs, pad))
         return h, cu
 

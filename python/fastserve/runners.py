@@ -192,6 +192,12 @@ class Uncalled:
         self._names = {id(m): name for name, m in model.named_modules()}
         self._said: set[int] = set()
 
+    def check_all(self) -> None:
+        """Check `always` and every layer's modules."""
+        self.check()
+        for i in range(len(self.layers)):
+            self.check(i)
+
     def check(self, layer: Optional[int] = None) -> None:
         """Check `always` (layer None), or that layer's modules."""
         for m in self.always if layer is None else self.layers[layer]:
@@ -277,7 +283,7 @@ class _PackedAttention:
 
     def __init__(self, q: torch.nn.Module, k: torch.nn.Module, v: torch.nn.Module, heads: int, *,
                  own: bool) -> None:
-        # One GEMM for Q, K and V instead of three (FusedQKV).
+        # One GEMM for Q, K and V where they fuse (FusedQKV), else three.
         self.qkv = FusedQKV(q, k, v, own=own)
         self.heads = heads
 
