@@ -913,7 +913,8 @@ class Engine(tasks.TaskCalls):
         s["memory"] = process.memory_report(self.device)
         # Bytes of the layer weights' copies the fused layers keep: oneDNN's
         # reordered ones (gemm="onednn") and autocast's bfloat16 ones.
-        s["memory"]["gemm_weights_bytes"] = sum(f.extra_bytes for f in getattr(self.runner, "fused", None) or ())
+        s["memory"]["gemm_weights_bytes"] = sum(f.extra_bytes for f in getattr(self.runner, "fused", None) or ()
+                                                   if f is not None)
         # The activation formula's view (python/fastserve/footprint.py): bytes
         # per token the scheduler counts, the largest batch allowed, and the
         # budget it comes from (None: max_batch_tokens alone).

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .heads import EmbeddingHead
-from .runners import (FusedQKV, PackedRunner, PaddedRunner, Uncalled, _attention_method, _equal_length_runs,
+from .runners import (FusedQKV, PackedRunner, PaddedRunner, Stamps, Uncalled, _attention_method, _equal_length_runs,
                       id_positions, packed_supported)
 from .st_spec import POOLING_MODES
 
@@ -124,7 +124,8 @@ MASK_CACHE_BYTES = 64 * 2**20
 class _MaskCache:
     """Masks or biases by (kind, length), the least recently used dropped
     past `limit` bytes (one larger than that is made and not kept). Locked:
-    a runner's replicas share it, one worker thread each."""
+    a runner's replicas share it, one worker thread each. What the biases
+    are made from (watch()) changed: refresh() drops them all."""
 
     _MISSING = object()
 
@@ -133,9 +134,23 @@ class _MaskCache:
         self.bytes = 0
         self._kept: collections.OrderedDict[tuple[Any, int], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._sources: Optional[Stamps] = None
 
     def __len__(self) -> int:
         return len(self._kept)
+
+    def watch(self, places: list[tuple[torch.nn.Module, str]]) -> None:
+        """The model's tensors the biases are computed from."""
+        self._sources = Stamps(places) if places else None
+
+    def refresh(self) -> None:
+        """Before a batch: drop every bias where a source changed."""
+        if self._sources is None or not self._sources.changed():
+            return
+        with self._lock:
+            self._kept.clear()
+            self.bytes = 0
+            self._sources.take()
 
     def get(self, key: tuple[Any, int], make: Callable[[], Any]) -> Any:
         with self._lock:
@@ -185,6 +200,8 @@ class _BiasedPackedRunner(abc.ABC):
         self.own_weights = own_weights
         # What the family's forward never calls (a subclass sets it): runners.Uncalled.
         self.uncalled = Uncalled(model, (), ())
+        # Q/K/V fused per layer (a subclass sets them): runners.FusedQKV.
+        self.qkv: list[FusedQKV] = []
 
     def run(self, batch: Any, prompt_lengths: Optional[np.ndarray] = None,
             segments: Optional[np.ndarray] = None) -> np.ndarray:  # embed only: never pairs
@@ -204,6 +221,10 @@ class _BiasedPackedRunner(abc.ABC):
             pad = _Padded(lengths, np.asarray(batch.position_ids), dev)
         self.attention_batches["pad" if pad is not None else "runs"] += 1
         self.uncalled.check_all()
+        # Weights changed since the last batch: copies made anew (Stamps).
+        for qkv in self.qkv:
+            qkv.refresh()
+        self._masks.refresh()
         h = self.forward(ids, pos, lambda layer, qkv: self._attend(layer, qkv, runs, pad))
         return h, cu
 
@@ -279,6 +300,7 @@ class MPNetPackedRunner(_BiasedPackedRunner):
                     for b in self.layers]
         self.uncalled = Uncalled(model, (model, self.base, self.base.embeddings, self.base.encoder),
                                  [(b, b.attention, b.attention.attn) for b in self.layers])
+        self._masks.watch([(self.base.encoder.relative_attention_bias, "weight")])
 
     def mask(self, layer: int, length: int) -> torch.Tensor:
         enc = self.base.encoder
@@ -318,6 +340,8 @@ class T5PackedRunner(_BiasedPackedRunner):
         # The block whose bias each layer uses: its own where it has one.
         self.bias_of = [i if getattr(b.layer[0].SelfAttention, "has_relative_attention_bias", False) else 0
                         for i, b in enumerate(self.blocks)]
+        self._masks.watch([(self.blocks[i].layer[0].SelfAttention.relative_attention_bias, "weight")
+                           for i in sorted(set(self.bias_of))])
 
     def mask_kind(self, layer: int) -> Any:
         return self.bias_of[layer]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import StageError
-from .runners import FusedQKV, PackedRunner
+from .runners import PackedRunner
 
 
 def stage_bounds(layers: int, stages: int) -> list[int]:
@@ -91,11 +91,9 @@ class PipelineRunner:
             for i, block in enumerate(layers):
                 dev = self.devices[self.stage_of(i)]
                 block.to(dev)
-                qkv = runner.attn[i].qkv
-                if qkv.own and qkv.tensors()[0].device != qkv.projections[0].weight.device:
-                    # The moved Q/K/V parameters are no longer views of the
-                    # fused tensors: fused again there, one copy.
-                    runner.attn[i].qkv = FusedQKV(*qkv.projections, own=True)
+                # Moved Q/K/V parameters are no longer views of the fused
+                # tensors: fused again there, one copy.
+                runner.attn[i].qkv.refresh()
             runner.stage_hook = self._packed_hook
         elif getattr(runner, "name", None) == "padded":
             layers = list(_layer_list(runner.encoder))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -176,6 +177,39 @@ def _touched(modules, everywhere: bool = True) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
 
+class Stamps:
+    """What sits at some places of a model (a module's parameter or buffer,
+    by name), as when taken: which tensor, where its data is and its version
+    counter, which every in-place change moves (load_state_dict, an
+    optimizer step, any op with a trailing underscore; not a change through
+    `.data`, which has a counter of its own; an inference tensor has none).
+    changed() says whether any differs now, in about 0.2 us a place, so that
+    what holds copies of those tensors can rebuild them before a batch.
+    versions=False: only which tensor and where its data is (an in-place
+    change reaches views of it)."""
+
+    def __init__(self, places: Sequence[tuple[torch.nn.Module, str]], *, versions: bool = True) -> None:
+        self._places = [(m._parameters if name in m._parameters else m._buffers, name) for m, name in places]
+        self._versions = versions
+        self.take()
+
+    def take(self) -> None:
+        self._seen = [(d, name, t) + self._stamp(t) for d, name in self._places for t in (d.get(name),)]
+
+    def _stamp(self, t: Optional[torch.Tensor]) -> tuple[int, int]:
+        if t is None:
+            return 0, 0
+        counted = self._versions and not t.is_inference()
+        return t.data_ptr(), t._version if counted else -1
+
+    def changed(self) -> bool:
+        for d, name, t, ptr, version in self._seen:
+            if d.get(name) is not t or (t is not None and (
+                    t.data_ptr() != ptr or (version >= 0 and t._version != version))):
+                return True
+        return False
+
+
 class Uncalled:
     """The modules a packed runner never calls: their forwards take padded
     batches, so the runner calls their parts instead (the model itself, its
@@ -230,22 +264,44 @@ class FusedQKV:
 
     def __init__(self, q: torch.nn.Module, k: torch.nn.Module, v: torch.nn.Module, *, own: bool) -> None:
         self.projections = (q, k, v)
-        self.fusable = fusable_projections(self.projections)
-        self.own = own and self.fusable
+        self.own = own and fusable_projections(self.projections)
         self._fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        # An owned model's parameters replaced (load_state_dict(assign=True))
+        # are no longer views of the fused tensors: refresh() fuses anew.
+        self._stamps: Optional[Stamps] = None
+        self._lock = threading.Lock()
         if self.own:
-            # Outside inference mode, so that the model's parameters do not
-            # become inference tensors (they could no longer be trained).
-            with torch.inference_mode(False), torch.no_grad():
-                weight, bias = self._concatenated()
-                start = 0
-                for lin in self.projections:
-                    rows = lin.weight.shape[0]
-                    lin.weight.data = weight[start : start + rows]
-                    if bias is not None:
-                        lin.bias.data = bias[start : start + rows]
-                    start += rows
-            self._fused = (weight, bias)
+            self._fuse()
+            self._stamps = Stamps([(lin, name) for lin in self.projections for name in ("weight", "bias")],
+                                  versions=False)
+
+    def _fuse(self) -> None:
+        # Outside inference mode, so that the model's parameters do not
+        # become inference tensors (they could no longer be trained).
+        with torch.inference_mode(False), torch.no_grad():
+            weight, bias = self._concatenated()
+            start = 0
+            for lin in self.projections:
+                rows = lin.weight.shape[0]
+                lin.weight.data = weight[start : start + rows]
+                if bias is not None:
+                    lin.bias.data = bias[start : start + rows]
+                start += rows
+        self._fused = (weight, bias)
+
+    def refresh(self) -> None:
+        """Before a batch: an owned model's Q/K/V fused anew where a parameter
+        was replaced (or, no longer fusable, the three modules run)."""
+        if self._stamps is None or not self._stamps.changed():
+            return
+        with self._lock:
+            if not self._stamps.changed():
+                return
+            if not fusable_projections(self.projections):
+                self.own, self._fused, self._stamps = False, None, None
+                return
+            self._fuse()
+            self._stamps.take()
 
     def _concatenated(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         q = self.projections[0]
@@ -256,7 +312,7 @@ class FusedQKV:
     def tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The fused weight [q + k + v outputs, in] and bias (None without):
         the owned ones, or a concatenation of the caller's made now."""
-        if not self.fusable:
+        if not fusable_projections(self.projections):
             raise ValueError("Q, K and V are not three plain Linear layers: they do not fuse")
         return self._fused if self._fused is not None else self._concatenated()
 
@@ -358,6 +414,9 @@ class _FusedLayer:
         # contiguous copies of strided vectors (none where the products take
         # the model's tensors; "onednn" keeps only its reordered copy, which
         # the Gemm counts).
+        # The model's tensors it copied or reads, as they are now.
+        self.stamps = Stamps([(m, name) for m in (*attn.qkv.projections, out, ln1, inter, out2, ln2)
+                              for name in ("weight", "bias")])
         model = {p.untyped_storage().data_ptr() for p in block.parameters()}
         kept = [self.bqkv, self.bi, self.bo, self.bo2, *self.ln1[:2], *self.ln2[:2]] + \
             [g.weight for g in (self.qkv, self.up, self.o, self.down)]
@@ -389,6 +448,31 @@ class _FusedLayer:
     def feed_forward(self, a: torch.Tensor) -> torch.Tensor:
         x = kernels.bias_gelu_(self.up(a.to(self.compute)), self.bi)
         return kernels.add_layer_norm_(self.down(x).to(a.dtype), self.bo2, a, *self.ln2)
+
+
+class _FusedLayers:
+    """A PackedRunner's fused layers, shared by its shallow copies (the
+    replicas' runners). Before each batch, a layer whose model tensors
+    changed since it was built (its Stamps) is built anew, once for all the
+    copies; one that is no longer the standard layer (a bias removed) is
+    None: its modules run, as the model now says."""
+
+    def __init__(self, build: Callable[[int], Optional[_FusedLayer]], n: int) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self.layers = [build(i) for i in range(n)]
+
+    def current(self) -> list[Optional[_FusedLayer]]:
+        layers = self.layers
+        if not any(f is not None and f.stamps.changed() for f in layers):
+            return layers
+        with self._lock:
+            layers = list(self.layers)
+            for i, f in enumerate(layers):
+                if f is not None and f.stamps.changed():
+                    layers[i] = self._build(i)
+            self.layers = layers  # a batch under way keeps the list it started with
+        return layers
 
 
 def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
@@ -515,12 +599,16 @@ class PackedRunner:
         self._flash = _flash_varlen() if self.attention == "flash" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
-        self.fused: Optional[list[_FusedLayer]] = None
+        self._fused: Optional[_FusedLayers] = None
         # Their matrix products' method (gemm.py; None: the modules run).
         self.gemm = layer_gemm(model, device, dtype)
         if self.gemm is not None:
-            self.fused = [_FusedLayer(b, a, *_standard_layer(b, self.distil), method=self.gemm, compute=dtype)
-                          for b, a in zip(self.blocks, self.attn)]
+            def build(i: int) -> Optional[_FusedLayer]:
+                parts = _standard_layer(self.blocks[i], self.distil)
+                return None if parts is None else _FusedLayer(self.blocks[i], self.attn[i], *parts,
+                                                              method=self.gemm, compute=dtype)
+
+            self._fused = _FusedLayers(build, len(self.blocks))
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
@@ -531,6 +619,12 @@ class PackedRunner:
         self.uncalled = Uncalled(model, top + ([self.base.embeddings] if self.distil else []),
                                  [(b, b.attention) if self.distil else (b, b.attention, b.attention.self)
                                   for b in self.blocks])
+
+    @property
+    def fused(self) -> Optional[list[Optional["_FusedLayer"]]]:
+        """The layers through the CPU kernels, as the next batch runs them
+        (None: every layer runs its modules; an entry None: that layer)."""
+        return None if self._fused is None else self._fused.layers
 
     def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                           Optional[np.ndarray]]:
@@ -556,11 +650,14 @@ class PackedRunner:
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
-        fused = self.fused
+        # Weights changed since the last batch: copies made anew (Stamps).
+        for attn in self.attn:
+            attn.qkv.refresh()
+        fused = None if self._fused is None else self._fused.current()
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
-            if fused is not None and fused[i].untouched():
+            if fused is not None and fused[i] is not None and fused[i].untouched():
                 # The same steps as below, through the CPU kernels.
                 ctx = fused[i].attend(h, cu)
                 a = fused[i].attention_output(ctx, h)

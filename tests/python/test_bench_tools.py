@@ -188,3 +188,20 @@ def test_the_autocast_ab_compares_the_fused_layers_with_the_modules(tmp_path):
         assert set(res[mix]) == {"fused", "modules", "bfloat16"}
         for arm in res[mix].values():
             assert len(arm["texts_per_s"]) == 1 and arm["min_cosine_vs_float32"] > 0.999
+
+
+def test_the_weight_checks_time_the_check_and_see_every_layer_rebuilt(tmp_path):
+    wc = pytest.importorskip("weight_checks")
+    from fastserve import kernels
+
+    if not kernels.cpu_vector_paths() or kernels.for_device("cpu").name != "cpu":
+        pytest.skip("the CPU layer kernels run only where their AVX2 path does, and not under FASTSERVE_KERNELS=torch")
+    out = tmp_path / "checks.json"
+    assert wc.main(["--rounds", "2", "--no-shared", "--out", str(out)]) == 0
+    import json
+
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["model"], row["layers"], row["hidden"]) == ("loaded", 6, 384)
+    assert row["every_layer_rebuilt"] is True
+    assert 0 < row["check_us"]["min"] <= row["check_us"]["median"] <= row["check_us"]["max"]
+    assert row["one_text_p50_ms"] > 0 and row["every_layer_changed"]["first_batch_ms"] > 0

@@ -1,0 +1,141 @@
+"""A model's weights changed while an engine serves it: a batch that starts
+after the change serves the new weights, in every runner, whether the
+engine shares the caller's model or owns it. The fused CPU layers keep
+copies (oneDNN's reordered weights, autocast's bfloat16 ones, a shared
+model's fused Q/K/V) and a model the engine owns has its Q/K/V as views of
+one fused tensor: each is rebuilt where its tensors changed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import st_models
+import tiny_models as tm
+from fastserve import Engine, gemm
+
+METHODS = [m for m in gemm.GEMMS if m != "onednn" or gemm.onednn_available()]
+
+
+def _texts():
+    return tm.mixed_texts(12, seed=5)
+
+
+def _want(model, dtype, **kw) -> np.ndarray:
+    """What a new engine over the changed model gives."""
+    with Engine(model, tm.tokenizer(), execution="packed", dtype=dtype, warmup=False, **kw) as fresh:
+        return fresh.embed(_texts())
+
+
+def _change(model, how: str, seed: int = 1) -> None:
+    other = (tm.model(model.config.model_type, seed=seed) if model.config.model_type in tm.ARCHS
+             else st_models.encoder(model.config.model_type, seed=seed)).state_dict()
+    if how == "in place":  # copy_ into each parameter: its version counter moves
+        model.load_state_dict(other)
+    elif how == "replaced":  # new Parameter objects
+        model.load_state_dict(other, assign=True)
+    elif how == "no_grad ops":  # what an optimizer step does
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(other[name] - p)
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced", "no_grad ops"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_a_shared_models_changed_weights_are_served_from_the_next_batch(arch, dtype, method, how, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
+    m = tm.model(arch)
+    with Engine(m, tm.tokenizer(), execution="packed", dtype=dtype, warmup=False) as engine:
+        assert engine.stats()["process"]["model"] == "shared"
+        assert engine.runner.fused is not None and engine.stats()["gemm"] == method
+        before = engine.embed(_texts())
+        _change(m, how)
+        got = engine.embed(_texts())
+        bytes_after = engine.stats()["memory"]["gemm_weights_bytes"]
+        want = _want(m, dtype)
+        with Engine(m, tm.tokenizer(), execution="packed", dtype=dtype, warmup=False) as again:
+            assert again.stats()["memory"]["gemm_weights_bytes"] == bytes_after
+    assert np.abs(before - want).max() > 1e-2  # the change matters
+    np.testing.assert_allclose(got, want, atol=1e-6 if dtype == "float32" else 2e-3)
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+@pytest.mark.parametrize("arch", ["bert", "mpnet", "t5"])
+def test_an_owned_models_changed_weights_are_served_from_the_next_batch(arch, how, tmp_path):
+    # The engine loads the model itself: its Q/K/V are views of one fused
+    # tensor (FusedQKV), which a replaced parameter no longer is.
+    folder = st_models.save_encoder(arch, tmp_path / arch)
+    with Engine(str(folder), execution="packed", warmup=False) as engine:
+        assert engine.stats()["process"]["model"] == "loaded"
+        before = engine.embed(_texts())
+        _change(engine.model, how)
+        got = engine.embed(_texts())
+        want = _want(engine.model, "float32")
+    assert np.abs(before - want).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_the_replicas_share_the_rebuilt_layers():
+    # Two one-thread replicas run shallow copies of one runner: a change is
+    # rebuilt once, for both, and the copies' bytes stay as they were.
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), execution="packed", replicas=2, warmup=False) as engine:
+        runners = [r.runner for r in engine._replicas]
+        assert len(runners) == 2 and runners[0].fused is runners[1].fused
+        bytes_before = engine.stats()["memory"]["gemm_weights_bytes"]
+        old = runners[0].fused
+        engine.embed(_texts())
+        _change(m, "in place")
+        engine.embed(_texts())
+        assert runners[0].fused is runners[1].fused and runners[0].fused is not old
+        assert engine.stats()["memory"]["gemm_weights_bytes"] == bytes_before
+
+
+def test_unchanged_weights_keep_the_layers():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), execution="packed", warmup=False) as engine:
+        layers = engine.runner.fused
+        engine.embed(_texts())
+        engine.embed("again")
+        assert engine.runner.fused is layers
+
+
+def test_a_layer_that_lost_a_bias_runs_its_modules():
+    # Not a standard layer any more: its modules run, as the model now says.
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), execution="packed", warmup=False) as engine:
+        engine.embed(_texts())
+        m.encoder.layer[1].intermediate.dense.bias = None
+        m.encoder.layer[0].attention.self.key.bias = None  # Q/K/V no longer fuse there
+        got = engine.embed(_texts())
+        assert engine.runner.fused[0] is None and engine.runner.fused[1] is None
+        with Engine(m, tm.tokenizer(), execution="padded", warmup=False) as padded:
+            want = padded.embed(_texts())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_an_owned_qkv_moved_away_from_its_fused_tensor_is_fused_again():
+    # As when a pipeline moves a layer to its stage's device: the parameters
+    # get new data, no longer views of the fused tensors, until refresh().
+    from fastserve.runners import FusedQKV
+
+    att = tm.model("bert").encoder.layer[0].attention.self
+    qkv = FusedQKV(att.query, att.key, att.value, own=True)
+    h = torch.randn(5, 32)
+    want = torch.cat([att.query(h), att.key(h), att.value(h)], dim=-1)
+    base = qkv.tensors()[0].untyped_storage().data_ptr()
+    assert {lin.weight.untyped_storage().data_ptr() for lin in (att.query, att.key, att.value)} == {base}
+    for lin in (att.query, att.key, att.value):
+        lin.weight.data = lin.weight.data.clone()
+        lin.bias.data = lin.bias.data.clone()
+    qkv.refresh()
+    base = qkv.tensors()[0].untyped_storage().data_ptr()
+    assert {lin.weight.untyped_storage().data_ptr() for lin in (att.query, att.key, att.value)} == {base}
+    torch.testing.assert_close(qkv(h), want)
+    qkv.refresh()  # nothing changed: the same tensors
+    assert qkv.tensors()[0].untyped_storage().data_ptr() == base
