@@ -457,10 +457,19 @@ class _FusedLayers:
     copies; one that is no longer the standard layer (a bias removed) is
     None: its modules run, as the model now says."""
 
-    def __init__(self, build: Callable[[int], Optional[_FusedLayer]], n: int) -> None:
-        self._build = build
+    def __init__(self, blocks: Sequence[torch.nn.Module], attn: Sequence["_PackedAttention"], distil: bool,
+                 method: str, compute: torch.dtype) -> None:
+        # No reference back to the runner: a cycle would keep a closed
+        # engine's model alive past gc.freeze() (engine.py).
+        self._blocks, self._attn, self._distil = blocks, attn, distil
+        self._method, self._compute = method, compute
         self._lock = threading.Lock()
-        self.layers = [build(i) for i in range(n)]
+        self.layers = [self._build(i) for i in range(len(blocks))]
+
+    def _build(self, i: int) -> Optional[_FusedLayer]:
+        parts = _standard_layer(self._blocks[i], self._distil)
+        return None if parts is None else _FusedLayer(self._blocks[i], self._attn[i], *parts, method=self._method,
+                                                      compute=self._compute)
 
     def current(self) -> list[Optional[_FusedLayer]]:
         layers = self.layers
@@ -603,12 +612,7 @@ class PackedRunner:
         # Their matrix products' method (gemm.py; None: the modules run).
         self.gemm = layer_gemm(model, device, dtype)
         if self.gemm is not None:
-            def build(i: int) -> Optional[_FusedLayer]:
-                parts = _standard_layer(self.blocks[i], self.distil)
-                return None if parts is None else _FusedLayer(self.blocks[i], self.attn[i], *parts,
-                                                              method=self.gemm, compute=dtype)
-
-            self._fused = _FusedLayers(build, len(self.blocks))
+            self._fused = _FusedLayers(self.blocks, self.attn, self.distil, self.gemm, dtype)
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)

@@ -139,3 +139,24 @@ def test_an_owned_qkv_moved_away_from_its_fused_tensor_is_fused_again():
     torch.testing.assert_close(qkv(h), want)
     qkv.refresh()  # nothing changed: the same tensors
     assert qkv.tensors()[0].untyped_storage().data_ptr() == base
+
+
+def test_a_closed_engine_with_fused_layers_is_freed_by_reference_counting():
+    # The engine freezes the collector's objects once built (gc.freeze()), so
+    # a reference cycle through the runner would keep a closed engine's
+    # layers and model alive for good: nothing may point back at the runner.
+    import gc
+    import weakref
+
+    engine = Engine(tm.model("bert"), tm.tokenizer(), execution="packed", warmup=False)
+    assert engine.runner.fused is not None and engine.stats()["process"]["gc"]["frozen"]
+    layers, model = weakref.ref(engine.runner._fused), weakref.ref(engine.model)
+    threads = [r.thread for r in engine._replicas]
+    engine.embed("once")
+    engine.close()
+    for t in threads:
+        t.join(30)
+    del engine
+    # A batch's own cycles are made after the freeze: the collector frees them.
+    tm.until(lambda: gc.collect() is not None and layers() is None and model() is None,
+             "the closed engine's layers and model to be freed", 10)
