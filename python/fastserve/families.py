@@ -135,6 +135,7 @@ class _MaskCache:
         self._kept: collections.OrderedDict[tuple[Any, int], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._sources: Optional[Stamps] = None
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -150,6 +151,7 @@ class _MaskCache:
         with self._lock:
             self._kept.clear()
             self.bytes = 0
+            self._generation += 1  # a bias made from the old tensors is not kept
             self._sources.take()
 
     def get(self, key: tuple[Any, int], make: Callable[[], Any]) -> Any:
@@ -158,10 +160,11 @@ class _MaskCache:
             if m is not self._MISSING:
                 self._kept.move_to_end(key)
                 return m
+            generation = self._generation
         m = make()
         size = m.numel() * m.element_size() if isinstance(m, torch.Tensor) else 0
         with self._lock:
-            if key not in self._kept and size <= self.limit:
+            if key not in self._kept and size <= self.limit and generation == self._generation:
                 self._kept[key] = m
                 self.bytes += size
                 while self.bytes > self.limit:

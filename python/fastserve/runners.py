@@ -267,41 +267,32 @@ class FusedQKV:
         self.own = own and fusable_projections(self.projections)
         self._fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         # An owned model's parameters replaced (load_state_dict(assign=True))
-        # are no longer views of the fused tensors: refresh() fuses anew.
+        # are no longer views of the fused tensors: refresh() then lets the
+        # three modules run.
         self._stamps: Optional[Stamps] = None
-        self._lock = threading.Lock()
         if self.own:
-            self._fuse()
+            # Outside inference mode, so that the model's parameters do not
+            # become inference tensors (they could no longer be trained).
+            with torch.inference_mode(False), torch.no_grad():
+                weight, bias = self._concatenated()
+                start = 0
+                for lin in self.projections:
+                    rows = lin.weight.shape[0]
+                    lin.weight.data = weight[start : start + rows]
+                    if bias is not None:
+                        lin.bias.data = bias[start : start + rows]
+                    start += rows
+            self._fused = (weight, bias)
             self._stamps = Stamps([(lin, name) for lin in self.projections for name in ("weight", "bias")],
                                   versions=False)
 
-    def _fuse(self) -> None:
-        # Outside inference mode, so that the model's parameters do not
-        # become inference tensors (they could no longer be trained).
-        with torch.inference_mode(False), torch.no_grad():
-            weight, bias = self._concatenated()
-            start = 0
-            for lin in self.projections:
-                rows = lin.weight.shape[0]
-                lin.weight.data = weight[start : start + rows]
-                if bias is not None:
-                    lin.bias.data = bias[start : start + rows]
-                start += rows
-        self._fused = (weight, bias)
-
     def refresh(self) -> None:
-        """Before a batch: an owned model's Q/K/V fused anew where a parameter
-        was replaced (or, no longer fusable, the three modules run)."""
-        if self._stamps is None or not self._stamps.changed():
-            return
-        with self._lock:
-            if not self._stamps.changed():
-                return
-            if not fusable_projections(self.projections):
-                self.own, self._fused, self._stamps = False, None, None
-                return
-            self._fuse()
-            self._stamps.take()
+        """Before a batch: where an owned model's Q/K/V parameter was replaced
+        (no longer a view of the fused tensors), the three modules run from
+        then on. Fusing them again would re-point the parameters' data while
+        the caller's thread may still be writing into the old one."""
+        if self._stamps is not None and self._stamps.changed():
+            self.own, self._fused, self._stamps = False, None, None
 
     def _concatenated(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         q = self.projections[0]
@@ -392,6 +383,10 @@ class _FusedLayer:
                  ln2: torch.nn.LayerNorm, method: str, compute: torch.dtype | None = None) -> None:
         self.parts = list(block.modules())
         self.heads = attn.heads
+        # The model's tensors it copies or reads, stamped before the copies:
+        # a change made while they are taken shows at the next batch.
+        self.stamps = Stamps([(m, name) for m in (*attn.qkv.projections, out, ln1, inter, out2, ln2)
+                              for name in ("weight", "bias")])
         wqkv, bqkv = attn.qkv.tensors()
         self.compute = compute = compute or wqkv.dtype
 
@@ -414,9 +409,6 @@ class _FusedLayer:
         # contiguous copies of strided vectors (none where the products take
         # the model's tensors; "onednn" keeps only its reordered copy, which
         # the Gemm counts).
-        # The model's tensors it copied or reads, as they are now.
-        self.stamps = Stamps([(m, name) for m in (*attn.qkv.projections, out, ln1, inter, out2, ln2)
-                              for name in ("weight", "bias")])
         model = {p.untyped_storage().data_ptr() for p in block.parameters()}
         kept = [self.bqkv, self.bi, self.bo, self.bo2, *self.ln1[:2], *self.ln2[:2]] + \
             [g.weight for g in (self.qkv, self.up, self.o, self.down)]

@@ -119,26 +119,74 @@ def test_a_layer_that_lost_a_bias_runs_its_modules():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_an_owned_qkv_moved_away_from_its_fused_tensor_is_fused_again():
-    # As when a pipeline moves a layer to its stage's device: the parameters
-    # get new data, no longer views of the fused tensors, until refresh().
+def test_an_owned_qkv_whose_parameters_were_replaced_runs_the_three_modules():
+    # Fusing again would re-point the parameters' data while the caller's
+    # thread may still write into the old storage (a use after free, or a
+    # write lost): the parameters are left alone and the modules run.
     from fastserve.runners import FusedQKV
 
     att = tm.model("bert").encoder.layer[0].attention.self
-    qkv = FusedQKV(att.query, att.key, att.value, own=True)
+    lins = (att.query, att.key, att.value)
+    qkv = FusedQKV(*lins, own=True)
     h = torch.randn(5, 32)
-    want = torch.cat([att.query(h), att.key(h), att.value(h)], dim=-1)
-    base = qkv.tensors()[0].untyped_storage().data_ptr()
-    assert {lin.weight.untyped_storage().data_ptr() for lin in (att.query, att.key, att.value)} == {base}
-    for lin in (att.query, att.key, att.value):
-        lin.weight.data = lin.weight.data.clone()
-        lin.bias.data = lin.bias.data.clone()
+    assert qkv.own
+    qkv.refresh()  # nothing changed: still fused
+    assert qkv.own
+    for lin in lins:
+        lin.weight = torch.nn.Parameter(lin.weight.detach().clone() * 2)
+    ptrs = [lin.weight.data_ptr() for lin in lins]
     qkv.refresh()
-    base = qkv.tensors()[0].untyped_storage().data_ptr()
-    assert {lin.weight.untyped_storage().data_ptr() for lin in (att.query, att.key, att.value)} == {base}
-    torch.testing.assert_close(qkv(h), want)
-    qkv.refresh()  # nothing changed: the same tensors
-    assert qkv.tensors()[0].untyped_storage().data_ptr() == base
+    assert not qkv.own and [lin.weight.data_ptr() for lin in lins] == ptrs
+    torch.testing.assert_close(qkv(h), torch.cat([lin(h) for lin in lins], dim=-1))
+
+
+def test_a_change_made_while_a_fused_layer_takes_its_copies_shows_at_the_next_batch(monkeypatch):
+    # The stamps are taken before the copies: a write landing between them
+    # (another thread's) is a change, not something already seen.
+    from fastserve import runners
+
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), execution="packed", warmup=False) as engine:
+        layer = engine.runner.fused[0]
+        assert not layer.stamps.changed()
+        tensors = runners.FusedQKV.tensors
+
+        def tensors_then_a_write(self):
+            out = tensors(self)
+            with torch.no_grad():
+                self.projections[0].weight.add_(1.0)  # the writer, after the stamps, before the copy is used
+            return out
+
+        monkeypatch.setattr(runners.FusedQKV, "tensors", tensors_then_a_write)
+        with torch.no_grad():
+            m.encoder.layer[0].output.dense.weight.mul_(1.0)  # a change: layer 0 is rebuilt at the next batch
+        engine.embed("rebuilds layer 0")
+        assert engine.runner.fused[0] is not layer and engine.runner.fused[0].stamps.changed()
+        monkeypatch.setattr(runners.FusedQKV, "tensors", tensors)
+        got = engine.embed(_texts())
+        want = _want(m, "float32")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_bias_made_from_tensors_that_changed_meanwhile_is_not_kept():
+    # Another replica's refresh() may empty the cache while this one makes a
+    # bias from the old tensors: that bias is returned, never stored.
+    from fastserve.families import _MaskCache
+
+    lin = torch.nn.Linear(2, 2)
+    cache = _MaskCache()
+    cache.watch([(lin, "weight")])
+
+    def make_while_changed():
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        cache.refresh()  # the other replica's, mid-make
+        return torch.zeros(4)
+
+    cache.get(("k", 4), make_while_changed)
+    assert len(cache) == 0
+    cache.get(("k", 4), lambda: torch.ones(4))
+    assert len(cache) == 1
 
 
 def test_a_closed_engine_with_fused_layers_is_freed_by_reference_counting():
