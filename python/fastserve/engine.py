@@ -171,6 +171,8 @@ def _undo_process_changes_on_refusal(init: Callable[..., None]) -> Callable[...,
                 release = getattr(self, "_release_onednn", None)
                 if release is not None:
                     release()
+            if isinstance(getattr(self, "runner", None), PipelineRunner):
+                self.runner.close()  # its hooks off the model (the caller's, with copy_model=False)
             raise
     return wrapped
 
@@ -822,6 +824,17 @@ class Engine(tasks.TaskCalls):
             return
         for r in self._replicas:
             r.thread.join()
+        if isinstance(self.runner, PipelineRunner):
+            self.runner.close()
+        # A worker's exception keeps its frames (the engine, the replica) in a
+        # cycle, which gc.freeze() keeps for good if the worker died while the
+        # engine was built: the frames go, the exception stays for repr().
+        chained: set[int] = set()
+        for e in (self._worker_error, *(r.error for r in self._replicas)):
+            while e is not None and id(e) not in chained:
+                chained.add(id(e))
+                e.__traceback__ = None
+                e = e.__cause__ or e.__context__
         # Anything still registered (a batch's futures if the worker died).
         with self._lock:
             left = list(self._pending)
@@ -1328,7 +1341,9 @@ class Engine(tasks.TaskCalls):
                     counts.update(before)
             replica.warmup_s = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - recorded; the first real batch reports it
-            replica.warmup_error = e
+            # Without its frames: they hold this engine and the replica, a
+            # cycle gc.freeze() would keep past close().
+            replica.warmup_error = e.with_traceback(None)
         finally:
             replica.warm.set()
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .errors import StageError
-from .runners import PackedRunner
+from .runners import FusedQKV, PackedRunner
 
 
 def stage_bounds(layers: int, stages: int) -> list[int]:
@@ -71,11 +72,29 @@ def _place_rest(model: torch.nn.Module, layers: Sequence[torch.nn.Module], devic
                     t.data = t.data.to(device)
 
 
+def _pre_hook(runner: "weakref.ref[PipelineRunner]", layer: int) -> Callable:
+    """The forward pre-hook of a padded layer past the first stage: the batch
+    takes that stage, its inputs go to the stage's device."""
+    stage = runner().stage_of(layer)
+    dev = runner().devices[stage]
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        runner()._enter(stage)
+        return _to(args, dev), _to(kwargs, dev)
+
+    return hook
+
+
 class PipelineRunner:
     """A runner whose layers run as pipeline stages. `run` is called by one
     worker per stage at once; the stage locks order them."""
 
     def __init__(self, runner: Any, devices: Sequence[torch.device], model: torch.nn.Module) -> None:
+        # The hooks reach this runner through a weak reference: the model (or
+        # the inner runner) pointing back at it would make a cycle, which
+        # gc.freeze() would keep past close() (engine.py, process.freeze_gc).
+        me = weakref.ref(self)
+        self._handles: list[Any] = []
         self.inner = runner
         self.name = runner.name
         self.devices = list(devices)
@@ -91,18 +110,21 @@ class PipelineRunner:
             for i, block in enumerate(layers):
                 dev = self.devices[self.stage_of(i)]
                 block.to(dev)
-                # Moved Q/K/V parameters are no longer views of the fused
-                # tensors: fused again there, one copy.
-                runner.attn[i].qkv.refresh()
-            runner.stage_hook = self._packed_hook
+                qkv = runner.attn[i].qkv
+                if qkv.own and qkv.tensors()[0].device != qkv.projections[0].weight.device:
+                    # The moved Q/K/V parameters are no longer views of the
+                    # fused tensors: fused again there, one copy.
+                    runner.attn[i].qkv = FusedQKV(*qkv.projections, own=True)
+            runner.stage_hook = lambda layer, h: me()._packed_hook(layer, h)  # noqa: E731
         elif getattr(runner, "name", None) == "padded":
             layers = list(_layer_list(runner.encoder))
             self.bounds = stage_bounds(len(layers), S)
             for i, layer in enumerate(layers):
                 layer.to(self.devices[self.stage_of(i)])
                 if self.stage_of(i) > 0:
-                    layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
-            layers[-1].register_forward_hook(lambda mod, args, out: _to(out, self.first))
+                    self._handles.append(layer.register_forward_pre_hook(_pre_hook(me, i), with_kwargs=True))
+            first = self.first
+            self._handles.append(layers[-1].register_forward_hook(lambda mod, args, out: _to(out, first)))
         else:
             raise ValueError(f"parallel='pipeline' supports the BERT-family packed runner and the padded runner, "
                              f"not {type(runner).__name__} (use execution='padded')")
@@ -169,15 +191,14 @@ class PipelineRunner:
         self._enter(stage)
         return _to(h, self.devices[stage])
 
-    def _pre_hook(self, layer: int) -> Callable:
-        stage = self.stage_of(layer)
-        dev = self.devices[stage]
-
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-            self._enter(stage)
-            return _to(args, dev), _to(kwargs, dev)
-
-        return hook
+    def close(self) -> None:
+        """Take the stages' hooks off the model and the inner runner (the
+        engine closed, or refused at construction): the model runs as a
+        plain model again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.inner.stage_hook = None
 
     def report(self) -> dict[str, Any]:
         with self._stats_lock:

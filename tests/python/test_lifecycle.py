@@ -280,3 +280,93 @@ def test_a_request_cancelled_after_its_batch_was_assembled_is_not_computed(bert)
     assert len(gate.seen) == 2  # the holder and "kept": "doomed" never reached the model
     assert after["cancelled"] - before["cancelled"] == 1
     assert after["completed"] - before["completed"] == 2
+
+
+# The engine freezes the collector's objects once built (gc.freeze()): a
+# reference cycle alive then is never collected, so a closed engine must be
+# freed by reference counting (or through cycles made after it was built).
+def _closed_engine_is_freed(make, use=lambda e: e.embed(["one", "two"])) -> None:
+    engine = make()
+    assert engine.stats()["process"]["gc"]["frozen"]
+    use(engine)
+    gone = [weakref.ref(engine), weakref.ref(engine.runner), weakref.ref(engine.model)]
+    threads = [r.thread for r in engine._replicas]
+    engine.close()
+    for t in threads:
+        t.join(30)
+    del engine
+    # (The model stays where the caller holds it.)
+    tm.until(lambda: gc.collect() is not None and all(g() is None for g in gone[:2]),
+             "the closed engine and its runner to be freed", 10)
+    return gone[2]
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_a_closed_pipeline_engine_is_freed_and_leaves_the_model_without_hooks(execution):
+    # copy_model=False: the stages' hooks go on the caller's model itself.
+    m = tm.model("bert")
+    _closed_engine_is_freed(lambda: Engine(m, tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline",
+                                           execution=execution, copy_model=False))
+    assert _hooks(m) == 0
+    m(**{k: v for k, v in tm.tokenizer()(["still a model"], return_tensors="pt").items()
+         if k in ("input_ids", "attention_mask")})
+
+
+def test_a_refused_pipeline_leaves_the_callers_model_without_hooks():
+    m = tm.model("bert")
+    with pytest.raises(ValueError, match="preempt=True"):
+        Engine(m, tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline", execution="padded",
+               copy_model=False, preempt=True)
+    assert _hooks(m) == 0
+    m(**{k: v for k, v in tm.tokenizer()(["still a model"], return_tensors="pt").items()
+         if k in ("input_ids", "attention_mask")})
+
+
+@pytest.mark.parametrize("fault", [RuntimeError, SystemExit])
+def test_an_engine_whose_warm_up_raised_is_freed_once_closed(fault):
+    # A fault in the warm-up batch is recorded (RuntimeError), or ends the
+    # worker (SystemExit); either way its frames must not keep the engine.
+    m = tm.model("bert")
+    calls = [0]
+
+    def once(module, args):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise fault("injected into the warm-up batch")
+
+    m.register_forward_pre_hook(once)
+    _closed_engine_is_freed(lambda: Engine(m, tm.tokenizer(), execution="padded", replicas=1),
+                            use=lambda e: e.health())
+    assert calls[0] >= 1
+
+
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_an_engine_served_over_http_is_freed_once_the_app_is_gone(task, tmp_path):
+    # FastAPI keeps endpoints in module-level caches: none may hold the engine.
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from fastserve.server.app import create_app
+
+    if task == "embed":
+        make = lambda: Engine(tm.model("bert"), tm.tokenizer())  # noqa: E731
+        post = ("/v1/embeddings", {"input": ["hello", "world"]})
+    else:
+        tm.model("bert", classify=True, num_labels=1).save_pretrained(tmp_path / "ce")
+        tm.tokenizer().save_pretrained(tmp_path / "ce")
+        make = lambda: Engine(str(tmp_path / "ce"), task="rerank")  # noqa: E731
+        post = ("/rerank", {"query": "q", "texts": ["a", "b"]})
+
+    async def serve(e):
+        app = create_app(e)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.edge), base_url="http://app") as c:
+            r = await c.post(post[0], json=post[1])
+            assert r.status_code == 200, r.text
+            for path in ("/health", "/ready", "/metrics", "/v1/models", f"/v1/models/{e.model_name}"):
+                assert (await c.get(path)).status_code == 200, path
+
+    model = _closed_engine_is_freed(make, use=lambda e: asyncio.run(serve(e)))
+    tm.until(lambda: gc.collect() is not None and model() is None, "its model to be freed", 10)

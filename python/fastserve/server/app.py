@@ -73,19 +73,25 @@ def create_app(
                           "extraction) served by fastserve.")
     app.state.engine = engine
     app.state.metrics = metrics
+    # The endpoints reach the Api through the request's app, never through a
+    # closure or a bound method: FastAPI keeps every endpoint in module-level
+    # caches (lru_cache, 4,096 entries), which would keep the engine and its
+    # model alive after the app is gone.
+    app.state.api = api
+    app.state.task_routes = TaskRoutes(api)
 
     if engine.task == "embed":
         @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
                   summary="Create embeddings (OpenAI-compatible)")
         async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-            return (await api.embeddings(body, request.receive)).response()
+            return (await _api(request).embeddings(body, request.receive)).response()
     elif engine.task == "classify":
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
                   summary="Classify texts")
         async def classify(body: ClassifyRequest, request: Request) -> Response:
-            return (await api.classify(body, request.receive)).response()
+            return (await _api(request).classify(body, request.receive)).response()
     else:
-        add_task_routes(app, TaskRoutes(api))
+        add_task_routes(app, engine.task)
     def get(path: str, **kw):
         """GET, and HEAD beside it (RFC 9110: a HEAD health check, `wget
         --spider` say, got 405), kept out of the OpenAPI document."""
@@ -94,12 +100,12 @@ def create_app(
             return app.get(path, **kw)(fn)
         return add
 
-    get("/v1/models", summary="The served model")(api.models)
-    get("/v1/models/{model_id:path}", summary="The served model by its id (404 for any other)")(api.model)
-    get("/health", summary="Liveness: the process answers")(api.health)
+    get("/v1/models", summary="The served model")(_models)
+    get("/v1/models/{model_id:path}", summary="The served model by its id (404 for any other)")(_model)
+    get("/health", summary="Liveness: the process answers")(_health)
     get("/ready", summary="Readiness: the engine is loaded and its worker alive",
-        responses={503: {"description": "the engine is not serving"}})(api.ready)
-    get("/metrics", summary="Prometheus metrics", response_class=Response)(api.metrics_text)
+        responses={503: {"description": "the engine is not serving"}})(_ready)
+    get("/metrics", summary="Prometheus metrics", response_class=Response)(_metrics)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, exc: ApiError) -> Response:
@@ -138,30 +144,58 @@ def create_app(
     return app
 
 
-def add_task_routes(app: FastAPI, routes: TaskRoutes) -> None:
-    """The routes of a rerank or token-classify engine."""
+def _api(request: Request) -> Api:
+    return request.app.state.api
+
+
+def _routes(request: Request) -> TaskRoutes:
+    return request.app.state.task_routes
+
+
+async def _models(request: Request) -> dict:
+    return await _api(request).models()
+
+
+async def _model(model_id: str, request: Request) -> dict:
+    return await _api(request).model(model_id)
+
+
+async def _health(request: Request) -> dict:
+    return await _api(request).health()
+
+
+async def _ready(request: Request) -> Response:
+    return await _api(request).ready()
+
+
+async def _metrics(request: Request) -> Response:
+    return await _api(request).metrics_text()
+
+
+def add_task_routes(app: FastAPI, task: str) -> None:
+    """The routes of a rerank or token-classify engine (app.state.task_routes)."""
     from .schemas import ExtractRequest, ExtractResponse, RerankRequest, RerankResponse, TeiRank, TeiRerankRequest
 
-    if routes.engine.task == "rerank":
+    if task == "rerank":
         @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="Rank documents against a query (Cohere / Jina / vLLM shape)")
         async def rerank(body: RerankRequest, request: Request) -> Response:
-            return (await routes.rerank(body, request.receive)).response()
+            return (await _routes(request).rerank(body, request.receive)).response()
 
         @app.post("/v2/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="The same, at the path of Cohere's v2 API (cohere.ClientV2)")
         async def rerank_v2(body: RerankRequest, request: Request) -> Response:
-            return (await routes.rerank(body, request.receive, "/v2/rerank")).response()
+            return (await _routes(request).rerank(body, request.receive, "/v2/rerank")).response()
 
         @app.post("/rerank", response_model=list[TeiRank], responses=ERROR_RESPONSES,
                   summary="Rank texts against a query (text-embeddings-inference shape)")
         async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
-            return (await routes.tei_rerank(body, request.receive)).response()
+            return (await _routes(request).tei_rerank(body, request.receive)).response()
     else:
         @app.post("/v1/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES,
                   summary="Extract entities (token classification)")
         async def extract(body: ExtractRequest, request: Request) -> Response:
-            return (await routes.extract(body, request.receive)).response()
+            return (await _routes(request).extract(body, request.receive)).response()
 
 
 class App(FastAPI):
