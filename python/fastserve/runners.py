@@ -404,6 +404,7 @@ class _FusedLayer:
         self.up, self.bi = Gemm(cast(inter.weight), method), cast(inter.bias)
         self.down, self.bo2 = Gemm(cast(out2.weight), method), own(out2.bias)
         self.ln2 = (own(ln2.weight), own(ln2.bias), float(ln2.eps))
+        self._norms = (ln1, ln2)
         # Bytes of what the layer keeps besides the model's own tensors: the
         # copies in the compute dtype, a caller's model's Q/K/V fused, and
         # contiguous copies of strided vectors (none where the products take
@@ -420,6 +421,12 @@ class _FusedLayer:
         """Bytes the layer holds besides the model's weights: the copies in
         the compute dtype and oneDNN's reordered ones."""
         return self._copy_bytes + sum(g.extra_bytes for g in (self.qkv, self.o, self.up, self.down))
+
+    def stale(self) -> bool:
+        """Whether a tensor it copied or reads changed since it was built, or
+        a LayerNorm's eps (a float it keeps)."""
+        return (self.stamps.changed() or self._norms[0].eps != self.ln1[2]
+                or self._norms[1].eps != self.ln2[2])
 
     def untouched(self) -> bool:
         """No forward hook and no forward replaced on the instance, on any part
@@ -445,7 +452,7 @@ class _FusedLayer:
 class _FusedLayers:
     """A PackedRunner's fused layers, shared by its shallow copies (the
     replicas' runners). Before each batch, a layer whose model tensors
-    changed since it was built (its Stamps) is built anew, once for all the
+    (its Stamps) or LayerNorm eps changed since it was built is built anew, once for all the
     copies; one that is no longer the standard layer (a bias removed) is
     None: its modules run, as the model now says."""
 
@@ -465,12 +472,12 @@ class _FusedLayers:
 
     def current(self) -> list[Optional[_FusedLayer]]:
         layers = self.layers
-        if not any(f is not None and f.stamps.changed() for f in layers):
+        if not any(f is not None and f.stale() for f in layers):
             return layers
         with self._lock:
             layers = list(self.layers)
             for i, f in enumerate(layers):
-                if f is not None and f.stamps.changed():
+                if f is not None and f.stale():
                     layers[i] = self._build(i)
             self.layers = layers  # a batch under way keeps the list it started with
         return layers

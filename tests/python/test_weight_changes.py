@@ -208,3 +208,16 @@ def test_a_closed_engine_with_fused_layers_is_freed_by_reference_counting():
     # A batch's own cycles are made after the freeze: the collector frees them.
     tm.until(lambda: gc.collect() is not None and layers() is None and model() is None,
              "the closed engine's layers and model to be freed", 10)
+
+
+def test_a_changed_layer_norm_eps_is_served_from_the_next_batch():
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), execution="packed", warmup=False) as engine:
+        engine.embed(_texts())
+        for layer in m.encoder.layer:
+            layer.output.LayerNorm.eps = 0.5
+        got = engine.embed(_texts())
+        want = _want(m, "float32")
+        with Engine(m, tm.tokenizer(), execution="padded", warmup=False) as padded:
+            np.testing.assert_allclose(padded.embed(_texts()), want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-6)
