@@ -79,7 +79,9 @@ def _pre_hook(runner: "weakref.ref[PipelineRunner]", layer: int) -> Callable:
     dev = runner().devices[stage]
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        runner()._enter(stage)
+        staged = runner()
+        if staged is not None:  # (gone: the engine dropped, its hooks left on the model)
+            staged._enter(stage)
         return _to(args, dev), _to(kwargs, dev)
 
     return hook
@@ -172,9 +174,9 @@ class PipelineRunner:
     def _enter(self, stage: int) -> None:
         """Hand over from the stage the batch holds to `stage`."""
         local = self._local
-        held = local.stage
-        if stage <= held:
-            return
+        held = getattr(local, "stage", None)
+        if held is None or stage <= held:
+            return  # (None: not a batch of this pipeline, e.g. the caller's own forward)
         for k in range(held + 1, stage + 1):
             self._locks[k].acquire()
             self._locks[k - 1].release()

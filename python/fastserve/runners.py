@@ -387,6 +387,7 @@ class _FusedLayer:
         # a change made while they are taken shows at the next batch.
         self.stamps = Stamps([(m, name) for m in (*attn.qkv.projections, out, ln1, inter, out2, ln2)
                               for name in ("weight", "bias")])
+        attn.qkv.refresh()  # a Q/K/V parameter replaced since the runner's refresh: not the old fused one
         wqkv, bqkv = attn.qkv.tensors()
         self.compute = compute = compute or wqkv.dtype
 

@@ -370,3 +370,28 @@ def test_an_engine_served_over_http_is_freed_once_the_app_is_gone(task, tmp_path
 
     model = _closed_engine_is_freed(make, use=lambda e: asyncio.run(serve(e)))
     tm.until(lambda: gc.collect() is not None and model() is None, "its model to be freed", 10)
+
+
+def test_a_pipeline_closed_from_a_callback_or_dropped_leaves_the_callers_model_working():
+    # close() from a worker's done callback cannot join the workers, so the
+    # stages' hooks stay on the caller's model until a close() from outside
+    # (or for good, with the engine dropped): outside a pipeline batch they
+    # do nothing but place the inputs.
+    enc = {k: v for k, v in tm.tokenizer()(["still a model"], return_tensors="pt").items()
+           if k in ("input_ids", "attention_mask")}
+    m = tm.model("bert")
+    engine = Engine(m, tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline", execution="padded",
+                    copy_model=False, warmup=False)
+    closed, go = threading.Event(), threading.Event()
+    gate = m.encoder.layer[0].register_forward_pre_hook(lambda *a: go.wait(30) and None)  # the batch waits
+    f = engine.submit("close me")
+    f.add_done_callback(lambda f: (engine.close(), closed.set()))  # attached before the batch ends
+    go.set()
+    assert closed.wait(30)
+    gate.remove()
+    assert _hooks(m) > 0  # the stages' hooks: the callback's close() could not remove them
+    m(**enc)
+    gone = weakref.ref(engine)
+    del engine, f  # (the future's own callbacks refer to the engine)
+    tm.until(lambda: gc.collect() is not None and gone() is None, "the dropped engine to be freed", 10)
+    m(**enc)

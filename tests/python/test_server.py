@@ -1134,3 +1134,21 @@ def test_default_minilm_server_matches_the_engine(tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5)
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_the_get_routes_keep_their_openapi_operation_ids_schemas_and_descriptions():
+    # The endpoints reach the engine through app.state (so that FastAPI's
+    # module-level caches never hold it) under the Api methods' names,
+    # annotations and docstrings: generated clients keep their method names.
+    from fastserve.server.app import create_app
+
+    with fastserve.Engine(tm.model("bert"), tm.tokenizer(), warmup=False) as engine:
+        doc = create_app(engine).openapi()
+    ids = {path: doc["paths"][path]["get"]["operationId"] for path in
+           ("/v1/models", "/v1/models/{model_id}", "/health", "/ready", "/metrics")}
+    assert ids == {"/v1/models": "models_v1_models_get", "/v1/models/{model_id}": "model_v1_models__model_id__get",
+                   "/health": "health_health_get", "/ready": "ready_ready_get",
+                   "/metrics": "metrics_text_metrics_get"}
+    health = doc["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert health["additionalProperties"] == {"type": "string"}
+    assert "model_not_found" in doc["paths"]["/v1/models/{model_id}"]["get"]["description"]

@@ -221,3 +221,32 @@ def test_a_changed_layer_norm_eps_is_served_from_the_next_batch():
         with Engine(m, tm.tokenizer(), execution="padded", warmup=False) as padded:
             np.testing.assert_allclose(padded.embed(_texts()), want, atol=1e-5)
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_q_weight_replaced_between_the_refresh_and_the_rebuild_is_served(monkeypatch, tmp_path):
+    # A writer's load_state_dict(assign=True) landing after the batch's
+    # FusedQKV.refresh() and before the fused layers' rebuild: the rebuild
+    # must not copy the old fused Q/K/V (forced here by writing at the start
+    # of _FusedLayers.current, once).
+    from fastserve import runners
+
+    folder = st_models.save_encoder("bert", tmp_path / "bert")
+    new_q = torch.randn(32, 32, generator=torch.Generator().manual_seed(7))
+    with Engine(str(folder), execution="packed", warmup=False) as engine:
+        before = engine.embed(_texts())
+        current, pending = runners._FusedLayers.current, [True]
+
+        def write_then_current(self):
+            if pending:
+                pending.clear()
+                engine.model.load_state_dict({"encoder.layer.0.attention.self.query.weight": new_q}, assign=True,
+                                             strict=False)
+            return current(self)
+
+        monkeypatch.setattr(runners._FusedLayers, "current", write_then_current)
+        engine.embed(_texts())
+        got = [engine.embed(_texts()) for _ in range(2)]
+        want = _want(engine.model, "float32")
+    assert np.abs(before - want).max() > 1e-3
+    for g in got:
+        np.testing.assert_allclose(g, want, atol=1e-6)

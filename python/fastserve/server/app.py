@@ -5,7 +5,7 @@ import contextlib
 import functools
 import signal
 import threading
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -100,12 +100,12 @@ def create_app(
             return app.get(path, **kw)(fn)
         return add
 
-    get("/v1/models", summary="The served model")(_models)
-    get("/v1/models/{model_id:path}", summary="The served model by its id (404 for any other)")(_model)
-    get("/health", summary="Liveness: the process answers")(_health)
+    get("/v1/models", summary="The served model")(models)
+    get("/v1/models/{model_id:path}", summary="The served model by its id (404 for any other)")(model)
+    get("/health", summary="Liveness: the process answers")(health)
     get("/ready", summary="Readiness: the engine is loaded and its worker alive",
-        responses={503: {"description": "the engine is not serving"}})(_ready)
-    get("/metrics", summary="Prometheus metrics", response_class=Response)(_metrics)
+        responses={503: {"description": "the engine is not serving"}})(ready)
+    get("/metrics", summary="Prometheus metrics", response_class=Response)(metrics_text)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, exc: ApiError) -> Response:
@@ -152,23 +152,28 @@ def _routes(request: Request) -> TaskRoutes:
     return request.app.state.task_routes
 
 
-async def _models(request: Request) -> dict:
+# The GET endpoints: named, annotated and documented as the Api methods they
+# call, so that the OpenAPI document (operation ids, schemas) is theirs.
+async def models(request: Request) -> dict[str, Any]:
     return await _api(request).models()
 
 
-async def _model(model_id: str, request: Request) -> dict:
+async def model(model_id: str, request: Request) -> dict[str, Any]:
     return await _api(request).model(model_id)
 
 
-async def _health(request: Request) -> dict:
+model.__doc__ = Api.model.__doc__
+
+
+async def health(request: Request) -> dict[str, str]:
     return await _api(request).health()
 
 
-async def _ready(request: Request) -> Response:
+async def ready(request: Request) -> Response:
     return await _api(request).ready()
 
 
-async def _metrics(request: Request) -> Response:
+async def metrics_text(request: Request) -> Response:
     return await _api(request).metrics_text()
 
 
