@@ -291,7 +291,8 @@ class FusedQKV:
         (no longer a view of the fused tensors), the three modules run from
         then on. Fusing them again would re-point the parameters' data while
         the caller's thread may still be writing into the old one."""
-        if self._stamps is not None and self._stamps.changed():
+        stamps = self._stamps  # (another replica's worker may clear it meanwhile)
+        if stamps is not None and stamps.changed():
             self.own, self._fused, self._stamps = False, None, None
 
     def _concatenated(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -453,9 +454,9 @@ class _FusedLayer:
 class _FusedLayers:
     """A PackedRunner's fused layers, shared by its shallow copies (the
     replicas' runners). Before each batch, a layer whose model tensors
-    (its Stamps) or LayerNorm eps changed since it was built is built anew, once for all the
-    copies; one that is no longer the standard layer (a bias removed) is
-    None: its modules run, as the model now says."""
+    (its Stamps) or LayerNorm eps changed since it was built is built anew,
+    once for all the copies; one that is no longer the standard layer (a
+    bias removed) is None: its modules run, as the model now says."""
 
     def __init__(self, blocks: Sequence[torch.nn.Module], attn: Sequence["_PackedAttention"], distil: bool,
                  method: str, compute: torch.dtype) -> None:
