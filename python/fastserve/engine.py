@@ -14,6 +14,7 @@ import numbers
 import os
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -204,13 +205,27 @@ def _remember(cache: dict[str, int], prompt: str, n: int) -> None:
         cache[prompt] = n
 
 
-def _dropped(scheduler: _core.Scheduler, release_onednn: _Once) -> None:
+def _dropped(scheduler: _core.Scheduler, release_onednn: _Once, replicas: list) -> None:
     """An engine collected without close() (weakref.finalize): its workers,
     which hold it only while they run a batch, end once its scheduler is
     closed, and its oneDNN registration is released. (Queued requests would
-    have kept it alive: each future's callback refers to it.)"""
+    have kept it alive: each future's callback refers to it.) A dead
+    worker's exception lets go of its frames, which hold the replica in a
+    cycle that gc.freeze() would keep with the model."""
     scheduler.close()
     release_onednn()
+    _forget_frames(r.error for r in replicas)
+
+
+def _forget_frames(errors) -> None:
+    """Each exception (and those it chains) without its traceback: the
+    frames hold the engine or a replica, and the exception stays for repr()."""
+    seen: set[int] = set()
+    for e in errors:
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            e = e.__cause__ or e.__context__
 
 
 def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None:
@@ -243,6 +258,11 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
         engine = ref()
         if engine is not None:
             engine._worker_died(replica, worker, e)
+        # The engine keeps the exception (health()) and the exception its
+        # frames: those it went through (the warm-up's, holding the engine)
+        # lose their locals, and this one its reference to the engine.
+        traceback.clear_frames(e.__traceback__)
+        del engine
         raise
 
 
@@ -630,7 +650,7 @@ class Engine(tasks.TaskCalls):
             r.thread = threading.Thread(target=_worker_loop, args=(weakref.ref(self), r), name=name, daemon=True)
         self._worker = self._replicas[0].thread
         # On collection only: at exit, _close_open_engines closes what is open.
-        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn).atexit = False
+        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn, self._replicas).atexit = False
         for r in self._replicas:
             r.thread.start()
         _open_engines.add(self)
@@ -826,15 +846,10 @@ class Engine(tasks.TaskCalls):
             r.thread.join()
         if isinstance(self.runner, PipelineRunner):
             self.runner.close()
-        # A worker's exception keeps its frames (the engine, the replica) in a
-        # cycle, which gc.freeze() keeps for good if the worker died while the
-        # engine was built: the frames go, the exception stays for repr().
-        chained: set[int] = set()
-        for e in (self._worker_error, *(r.error for r in self._replicas)):
-            while e is not None and id(e) not in chained:
-                chained.add(id(e))
-                e.__traceback__ = None
-                e = e.__cause__ or e.__context__
+        # A worker's exception keeps its frames (the replica) in a cycle,
+        # which gc.freeze() keeps for good if the worker died while the
+        # engine was built.
+        _forget_frames((self._worker_error, *(r.error for r in self._replicas)))
         # Anything still registered (a batch's futures if the worker died).
         with self._lock:
             left = list(self._pending)

@@ -395,3 +395,25 @@ def test_a_pipeline_closed_from_a_callback_or_dropped_leaves_the_callers_model_w
     del engine, f  # (the future's own callbacks refer to the engine)
     tm.until(lambda: gc.collect() is not None and gone() is None, "the dropped engine to be freed", 10)
     m(**enc)
+
+
+def test_an_engine_whose_worker_died_while_it_was_built_is_freed_when_dropped():
+    # The worker's exception (kept for health()) holds its frames: neither
+    # they nor the engine's finalizer may leave the model alive for good.
+    m = tm.model("bert")
+    calls = [0]
+
+    def once(module, args):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise SystemExit("injected into the warm-up batch")
+
+    m.register_forward_pre_hook(once)
+    engine = Engine(m, tm.tokenizer(), execution="padded", replicas=1)
+    assert not engine.health()["healthy"] and "injected" in engine.health()["error"]
+    threads = [r.thread for r in engine._replicas]
+    gone = [weakref.ref(engine), weakref.ref(engine.runner)]
+    for t in threads:
+        t.join(30)
+    del engine
+    tm.until(lambda: gc.collect() is not None and all(g() is None for g in gone), "the dropped engine to be freed", 10)
