@@ -326,10 +326,9 @@ def test_a_refused_pipeline_leaves_the_callers_model_without_hooks():
          if k in ("input_ids", "attention_mask")})
 
 
-@pytest.mark.parametrize("fault", [RuntimeError, SystemExit])
-def test_an_engine_whose_warm_up_raised_is_freed_once_closed(fault):
-    # A fault in the warm-up batch is recorded (RuntimeError), or ends the
-    # worker (SystemExit); either way its frames must not keep the engine.
+def _failing_first_forward(fault: type) -> tuple:
+    """A tiny BERT whose first forward (the warm-up batch's) raises `fault`,
+    and the count of its forwards."""
     m = tm.model("bert")
     calls = [0]
 
@@ -339,6 +338,14 @@ def test_an_engine_whose_warm_up_raised_is_freed_once_closed(fault):
             raise fault("injected into the warm-up batch")
 
     m.register_forward_pre_hook(once)
+    return m, calls
+
+
+@pytest.mark.parametrize("fault", [RuntimeError, SystemExit])
+def test_an_engine_whose_warm_up_raised_is_freed_once_closed(fault):
+    # A fault in the warm-up batch is recorded (RuntimeError), or ends the
+    # worker (SystemExit); either way its frames must not keep the engine.
+    m, calls = _failing_first_forward(fault)
     _closed_engine_is_freed(lambda: Engine(m, tm.tokenizer(), execution="padded", replicas=1),
                             use=lambda e: e.health())
     assert calls[0] >= 1
@@ -400,15 +407,7 @@ def test_a_pipeline_closed_from_a_callback_or_dropped_leaves_the_callers_model_w
 def test_an_engine_whose_worker_died_while_it_was_built_is_freed_when_dropped():
     # The worker's exception (kept for health()) holds its frames: neither
     # they nor the engine's finalizer may leave the model alive for good.
-    m = tm.model("bert")
-    calls = [0]
-
-    def once(module, args):
-        calls[0] += 1
-        if calls[0] == 1:
-            raise SystemExit("injected into the warm-up batch")
-
-    m.register_forward_pre_hook(once)
+    m, _ = _failing_first_forward(SystemExit)
     engine = Engine(m, tm.tokenizer(), execution="padded", replicas=1)
     assert not engine.health()["healthy"] and "injected" in engine.health()["error"]
     threads = [r.thread for r in engine._replicas]
