@@ -21,18 +21,13 @@ import common
 
 
 def _check_cost_us(runner, calls: int = 2000, rounds: int = 7) -> list[float]:
-    def check():
-        for a in runner.attn:
-            a.qkv.refresh()
-        runner._fused.current()
-
     for _ in range(calls // 2):
-        check()
+        runner.refresh()
     out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(calls):
-            check()
+            runner.refresh()
         out.append((time.perf_counter() - t0) / calls * 1e6)
     return out
 

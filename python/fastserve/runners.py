@@ -264,13 +264,12 @@ class FusedQKV:
 
     def __init__(self, q: torch.nn.Module, k: torch.nn.Module, v: torch.nn.Module, *, own: bool) -> None:
         self.projections = (q, k, v)
-        self.own = own and fusable_projections(self.projections)
         self._fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         # An owned model's parameters replaced (load_state_dict(assign=True))
         # are no longer views of the fused tensors: refresh() then lets the
         # three modules run.
         self._stamps: Optional[Stamps] = None
-        if self.own:
+        if own and fusable_projections(self.projections):
             # Outside inference mode, so that the model's parameters do not
             # become inference tensors (they could no longer be trained).
             with torch.inference_mode(False), torch.no_grad():
@@ -293,7 +292,12 @@ class FusedQKV:
         the caller's thread may still be writing into the old one."""
         stamps = self._stamps  # (another replica's worker may clear it meanwhile)
         if stamps is not None and stamps.changed():
-            self.own, self._fused, self._stamps = False, None, None
+            self._fused = self._stamps = None
+
+    @property
+    def own(self) -> bool:
+        """The fused tensors are the model's own parameters (their views)."""
+        return self._fused is not None
 
     def _concatenated(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         q = self.projections[0]
@@ -310,9 +314,10 @@ class FusedQKV:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """[T, q + k + v outputs]."""
-        if not self.own or _touched(self.projections):
+        fused = self._fused  # (read once: refresh() may clear it meanwhile)
+        if fused is None or _touched(self.projections):
             return torch.cat([lin(h) for lin in self.projections], dim=-1)
-        return F.linear(h, *self.tensors())
+        return F.linear(h, *fused)
 
 
 def fusable_projections(projections) -> bool:
@@ -631,6 +636,16 @@ class PackedRunner:
         (None: every layer runs its modules; an entry None: that layer)."""
         return None if self._fused is None else self._fused.layers
 
+    def refresh(self) -> Optional[list[Optional["_FusedLayer"]]]:
+        """Before a batch: what was made from weights changed since the last
+        one made anew (Stamps; a fused layer's cover its Q/K/V, and its
+        rebuild refreshes them). The fused layers the batch runs."""
+        fused = None if self._fused is None else self._fused.current()
+        for i, attn in enumerate(self.attn):
+            if fused is None or fused[i] is None:
+                attn.qkv.refresh()
+        return fused
+
     def hidden(self, batch, segments: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                           Optional[np.ndarray]]:
         """Last hidden states [T, H] and cu_seqlens [B + 1] (int32) on the
@@ -655,10 +670,7 @@ class PackedRunner:
         runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
-        # Weights changed since the last batch: copies made anew (Stamps).
-        for attn in self.attn:
-            attn.qkv.refresh()
-        fused = None if self._fused is None else self._fused.current()
+        fused = self.refresh()
         for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
             if hook is not None:
                 h = hook(i, h)
