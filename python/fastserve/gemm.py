@@ -39,7 +39,7 @@ measured otherwise. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -145,21 +145,12 @@ class Gemm:
         return self._packed_bytes
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows < GRANULE:
-            padded = x.new_zeros(GRANULE, x.shape[1])
-            padded[:rows] = x
-            return onednn_linear(padded, self.packed)[:rows]
-        return onednn_linear(x, self.packed)
+        return _at_least(GRANULE, x, lambda rows: onednn_linear(rows, self.packed))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            rows = x.shape[0]
-            if rows < MIN_ROWS:  # a row's bits as in any larger product (shapes.MIN_ROWS)
-                padded = x.new_zeros(MIN_ROWS, x.shape[1])
-                padded[:rows] = x
-                return torch.mm(padded, self.weight.t())[:rows]
-            return torch.mm(x, self.weight.t())
+            # A row's bits as in any larger product (shapes.MIN_ROWS).
+            return _at_least(MIN_ROWS, x, lambda rows: torch.mm(rows, self.weight.t()))
         calls = pieces(x.shape[0])
         if len(calls) == 1:
             return self._onednn(x)
@@ -167,3 +158,14 @@ class Gemm:
         for start, n in calls:
             out[start : start + n] = self._onednn(x[start : start + n])
         return out
+
+
+def _at_least(n: int, x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """product(x), x padded with zero rows up to n rows first (the padding's
+    rows dropped from the result)."""
+    rows = x.shape[0]
+    if rows >= n:
+        return product(x)
+    padded = x.new_zeros(n, x.shape[1])
+    padded[:rows] = x
+    return product(padded)[:rows]
