@@ -8,15 +8,17 @@
 # (gemm_micro.py, gemm_ab.py --whole, the fastserve_bench kernel tables, the
 # online run with FASTSERVE_PACKED_ATTENTION=runs, mkl_packed.py,
 # mm_concurrency.py, share.py and others): their commands are in the README.
-# About 11 minutes on the 2-core AMD EPYC. Run it alone on the machine (the
+# About 11 minutes on the 2-core AMD EPYC with AVX512-BF16, 25 on the AVX2
+# one (bf16 emulated there). Run it alone on the machine (the
 # figures are ratios measured side by side, but another process still moves
 # them). A relative OUT_DIR is taken from the current directory.
 # Writes OUT_DIR/machine.txt (lscpu, the commit, torch's configuration) and
 # for each benchmark NAME.log (its output) and its results: NAME.json, or
 # the folder cpu_dtype/ (cpu_dtype.json and .md); online_dtype.json is the
 # JSON that load.py prints after its table. A benchmark that does not apply
-# on this CPU (bf16_isa_ab.py without AVX512-BF16, gemm_ab.py without
-# oneDNN, ...) exits 2 and says why in its log: it is reported as skipped
+# on this CPU (bf16_isa_ab.py without AVX512-BF16, autocast_ab.py without
+# native bf16, gemm_ab.py without oneDNN or, in bfloat16, without oneDNN's
+# bf16 products) exits 2 and says why in its log: it is reported as skipped
 # and the rest still run. Exits 1 if any benchmark failed, else 0.
 # Needs what run_all.sh needs.
 set -uo pipefail

@@ -10,6 +10,9 @@ cosine against a float32 engine's embeddings, and the bytes of the weight
 copies. Figures: benchmarks/README.md, "autocast through the CPU kernels".
 
     python benchmarks/python/autocast_ab.py --rounds 6 --out ab.json
+
+Exits 2 on a CPU without native bfloat16 (AVX512-BF16 or AMX), where both
+arms time emulated products, unless given --emulated.
 """
 from __future__ import annotations
 
@@ -21,8 +24,15 @@ import cpu_dtype
 
 def main(argv: list[str] | None = None) -> int:
     p = common.ab_parser(__doc__)
+    p.add_argument("--emulated", action="store_true",
+                   help="run where this CPU has no native bfloat16 too (it then times emulated products)")
     args = p.parse_args(argv)
     common.quiet()
+    from fastserve.precision import cpu_features
+
+    if not (args.emulated or cpu_features()["native_bf16"]):
+        print("needs a CPU with native bfloat16 (AVX512-BF16 or AMX); --emulated runs it anyway", file=sys.stderr)
+        return 2
     mixes = cpu_dtype.mixes(args.n, 0)
     out: dict = {"rounds": args.rounds, "n": args.n, "machine": common.machine()}
     engines = {"fused": cpu_dtype.static_engine("autocast")}

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import fastserve
     from fastserve import gemm
 
-    if not gemm.onednn_available():
-        print("needs a torch built with oneDNN", file=sys.stderr)
+    why = gemm.onednn_cannot(getattr(torch, args.dtype))
+    if why:
+        print(f"oneDNN cannot run {args.dtype} products here: {why}", file=sys.stderr)
         return 2
     mixes = cpu_dtype.mixes(args.n, 0)
     out: dict = {"rounds": args.rounds, "n": args.n, "dtype": args.dtype, "machine": common.machine(),

@@ -30,10 +30,11 @@ AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
 oneDNN, which dispatches on the CPU's features, took its AVX-512 kernels:
 up to 1.5x per product at the MiniLM shapes, 1.16-1.22x end to end
 (benchmarks/README.md, "oneDNN GEMMs"). With oneDNN capped to AVX2 the two
-were level (0.95-1.14x), and on Intel CPUs MKL has AVX-512 itself; so
-"onednn" is the default for float32 where the CPU has AVX-512, is not an
-Intel CPU and oneDNN is not capped below AVX-512, and "mm" elsewhere until
-measured otherwise. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
+were level (0.95-1.14x), on an AVX2-only AMD EPYC oneDNN was slower
+(0.93-0.99x: "AMD EPYC (AVX2) again"), and on Intel CPUs MKL has AVX-512
+itself; so "onednn" is the default for float32 where the CPU has AVX-512,
+is not an Intel CPU and oneDNN is not capped below AVX-512, and "mm"
+elsewhere. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
 """
 
 from __future__ import annotations
@@ -88,15 +89,26 @@ def method(dtype: torch.dtype) -> str:
         return default_method(dtype, cpu_features())
     if forced not in GEMMS:
         raise ValueError(f"FASTSERVE_CPU_GEMM must be one of {GEMMS}, got {forced!r}")
-    if forced == "onednn" and not onednn_available():
-        raise ValueError("FASTSERVE_CPU_GEMM=onednn needs a torch built with oneDNN (torch.backends.mkldnn)")
-    if forced == "onednn" and dtype != torch.float32:
-        try:  # oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, under its ISA cap
-            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(GRANULE, GRANULE, dtype=dtype), None)
-        except RuntimeError as e:
-            raise ValueError(f"FASTSERVE_CPU_GEMM=onednn cannot run {dtype} products on this CPU (oneDNN's ISA cap "
-                             f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}): {e}") from e
+    if forced == "onednn":
+        why = onednn_cannot(dtype)
+        if why:
+            raise ValueError(f"FASTSERVE_CPU_GEMM=onednn cannot run {dtype} products on this CPU: {why}")
     return forced
+
+
+def onednn_cannot(dtype: torch.dtype) -> Optional[str]:
+    """Why oneDNN cannot run `dtype` products here, or None where it can
+    (onednn_available() and, for bfloat16, AVX-512 BW, VL and DQ or
+    AVX-NE-CONVERT under oneDNN's ISA cap: asked of oneDNN itself)."""
+    if not onednn_available():
+        return "this torch has no oneDNN (torch.backends.mkldnn)"
+    if dtype == torch.float32:
+        return None
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(GRANULE, GRANULE, dtype=dtype), None)
+    except RuntimeError as e:
+        return f"oneDNN's ISA cap ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}: {e}"
+    return None
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

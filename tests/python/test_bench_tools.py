@@ -144,7 +144,20 @@ def test_the_gemm_ab_refuses_a_torch_without_onednn(monkeypatch, capsys):
 
     monkeypatch.setattr(gemm, "onednn_available", lambda: False)
     assert ab.main(["--rounds", "1"]) == 2
-    assert "needs a torch built with oneDNN" in capsys.readouterr().err
+    assert "this torch has no oneDNN" in capsys.readouterr().err
+
+
+def test_the_gemm_ab_says_it_does_not_apply_where_onednn_has_no_bfloat16(monkeypatch, capsys):
+    # A CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: "does not apply"
+    # (exit 2, which cpu_dtypes.sh reports as skipped), not a traceback.
+    ab = pytest.importorskip("gemm_ab")
+    import torch
+    from fastserve import gemm
+
+    real = gemm.onednn_cannot
+    monkeypatch.setattr(gemm, "onednn_cannot", lambda dtype: "no bf16 here" if dtype == torch.bfloat16 else real(dtype))
+    assert ab.main(["--rounds", "1", "--dtype", "bfloat16"]) == 2
+    assert "oneDNN cannot run bfloat16 products here: no bf16 here" in capsys.readouterr().err
 
 
 def test_the_op_profile_times_every_product_and_kernel_and_restores_them(tmp_path):
@@ -179,7 +192,7 @@ def test_the_autocast_ab_compares_the_fused_layers_with_the_modules(tmp_path):
     if not kernels.cpu_vector_paths() or kernels.for_device("cpu").name != "cpu":
         pytest.skip("the CPU layer kernels run only where their AVX2 path does, and not under FASTSERVE_KERNELS=torch")
     out = tmp_path / "ab.json"
-    assert ab.main(["--n", "6", "--rounds", "1", "--out", str(out)]) == 0
+    assert ab.main(["--n", "6", "--rounds", "1", "--emulated", "--out", str(out)]) == 0
     import json
 
     res = json.loads(out.read_text())
@@ -188,6 +201,16 @@ def test_the_autocast_ab_compares_the_fused_layers_with_the_modules(tmp_path):
         assert set(res[mix]) == {"fused", "modules", "bfloat16"}
         for arm in res[mix].values():
             assert len(arm["texts_per_s"]) == 1 and arm["min_cosine_vs_float32"] > 0.999
+
+
+def test_the_autocast_ab_does_not_apply_without_native_bfloat16(monkeypatch, capsys):
+    ab = pytest.importorskip("autocast_ab")
+    from fastserve import precision
+
+    real = precision.cpu_features
+    monkeypatch.setattr(precision, "cpu_features", lambda: dict(real(), native_bf16=False))
+    assert ab.main(["--n", "6", "--rounds", "1"]) == 2
+    assert "needs a CPU with native bfloat16" in capsys.readouterr().err
 
 
 def test_the_weight_checks_time_the_check_and_see_every_layer_rebuilt(tmp_path):

@@ -12,6 +12,9 @@ import tiny_models as tm
 from fastserve import Engine, footprint, gemm
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch has no oneDNN")
+# oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: not on an AVX2-only CPU.
+needs_onednn_bf16 = pytest.mark.skipif(gemm.onednn_cannot(torch.bfloat16) is not None,
+                                       reason=f"{gemm.onednn_cannot(torch.bfloat16)}")
 
 AMD_AVX512 = {"flags": ["avx2", "fma", "avx512f"], "vendor": "AuthenticAMD", "onednn_max_isa": None}
 
@@ -61,7 +64,7 @@ def test_a_row_gets_the_same_bits_whatever_rows_come_with_it():
         torch.set_num_threads(before)
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_bfloat16_products_through_onednn_equal_torch_mm():
     torch.manual_seed(1)
     w, x = torch.randn(64, 128).bfloat16(), torch.randn(700, 128).bfloat16()
@@ -83,7 +86,7 @@ def test_the_reordered_weight_is_counted():
     (AMD_AVX512, torch.float32, "onednn"),
     (AMD_AVX512, torch.bfloat16, "mm"),  # torch.mm is oneDNN already; reordering once measured level
     ({**AMD_AVX512, "vendor": "GenuineIntel"}, torch.float32, "mm"),  # MKL has AVX-512 on Intel
-    ({**AMD_AVX512, "flags": ["avx2", "fma"]}, torch.float32, "mm"),  # AVX2 only: measured level
+    ({**AMD_AVX512, "flags": ["avx2", "fma"]}, torch.float32, "mm"),  # AVX2 only: oneDNN measured slower
     ({**AMD_AVX512, "onednn_max_isa": "AVX2"}, torch.float32, "mm"),  # oneDNN capped below AVX-512
     ({**AMD_AVX512, "onednn_max_isa": "AVX512_CORE"}, torch.float32, "onednn"),
     ({**AMD_AVX512, "vendor": None}, torch.float32, "mm"),  # unknown: keep torch's
@@ -107,7 +110,7 @@ def test_the_override_is_checked(monkeypatch):
         Engine(tm.model("bert"), tm.tokenizer(), execution="packed")
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", "onednn")
     monkeypatch.setattr(gemm, "onednn_available", lambda: False)
-    with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=onednn needs a torch built with oneDNN"):
+    with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=onednn cannot run torch.float32 products on this CPU: this torch has no oneDNN"):
         gemm.method(torch.float32)
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", "mm")
     assert gemm.method(torch.float32) == "mm"
@@ -182,8 +185,8 @@ def test_an_autocast_engine_runs_the_fused_layers_on_bfloat16_copies_of_the_weig
     # the residual stream and LayerNorms in float32: within a hair of what
     # torch.autocast gives the modules, and the budget counts the float32
     # fused layers' activations and pieces (upper bounds of the mixed ones).
-    if method == "onednn" and not gemm.onednn_available():
-        pytest.skip("this torch has no oneDNN")
+    if method == "onednn" and gemm.onednn_cannot(torch.bfloat16):
+        pytest.skip(f"oneDNN cannot run bfloat16 products here: {gemm.onednn_cannot(torch.bfloat16)}")
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
     texts = tm.mixed_texts(40, seed=7)
     with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast",
