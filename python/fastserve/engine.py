@@ -1238,6 +1238,8 @@ class Engine(tasks.TaskCalls):
         else one per device entry, sharing the model (and a runner copy) with
         an earlier replica on the same device, a copy of the model otherwise."""
         threads = replicas_.threads_per_worker(torch_threads, devices)
+        shape = footprint.shape_of(self.model.config)
+        per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None, precision.emulated(self.precision))
         if self.parallel == "pipeline":
             staged = PipelineRunner(self.runner, devices, self.model)
             return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
@@ -1253,7 +1255,7 @@ class Engine(tasks.TaskCalls):
                 net, how = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
                 runner = make_runner(net, dev, how == "copied")
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
-            out.append(replicas_.Replica(k, dev, runner, threads, backends))
+            out.append(replicas_.Replica(k, dev, runner, threads, backends, per_thread))
         return out
 
     def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:
@@ -1377,6 +1379,7 @@ class Engine(tasks.TaskCalls):
         # The rows left, in the batch's order (start keeps it).
         futures = [f for rid, f in taken.items() if f is not None and rid not in expired]
         runner = replica.runner
+        threads = replica.threads_for(self._batch_tokens(batch))
         pausing = self.preempt and runner.pause_hook is None  # an urgent batch runs whole
         state: dict[str, Any] = {"paused": 0.0, "live": None}
         t0 = time.perf_counter()
@@ -1387,7 +1390,7 @@ class Engine(tasks.TaskCalls):
         except BatchAbandoned:  # a pause dropped every row (each failed then)
             rows = []
         except Exception as e:
-            replica.record(batch.size, time.perf_counter() - t0, failed=True)
+            replica.record(batch.size, time.perf_counter() - t0, failed=True, threads=threads)
             self._scheduler.fail(batch)
             for fut in futures:
                 if fut is not None and not fut.done():
@@ -1396,7 +1399,7 @@ class Engine(tasks.TaskCalls):
                     fut.set_exception(err)
             return
         except BaseException as e:  # the worker is dying: its batch must not hang
-            replica.record(batch.size, time.perf_counter() - t0, failed=True)
+            replica.record(batch.size, time.perf_counter() - t0, failed=True, threads=threads)
             self._scheduler.fail(batch)
             others = any(r.alive for r in self._replicas if r is not replica)
             for fut in futures:
@@ -1413,7 +1416,7 @@ class Engine(tasks.TaskCalls):
             if pausing:
                 runner.pause_hook = None
         compute = time.perf_counter() - t0 - state["paused"]
-        replica.record(batch.size, compute)
+        replica.record(batch.size, compute, threads=threads)
         self._scheduler.complete(batch, compute, self._ghost_tokens(batch))
         queued = batch.assembled_at - batch.arrivals
         live = state["live"]
@@ -1435,7 +1438,8 @@ class Engine(tasks.TaskCalls):
             raise RuntimeError("the model (or a module of it) is in training mode (train() was called after the "
                                "engine was built over it): call model.eval() to serve again, or build the Engine "
                                "over a copy")
-        with replica.sdpa_backends(), self._precision_context(), self._onednn():
+        with replica.batch_threads(self._batch_tokens(batch)), replica.sdpa_backends(), self._precision_context(), \
+                self._onednn():
             extra = {}
             if self._head.needs_prompt_lengths and self.task == "embed":
                 extra["prompt_lengths"] = np.array(
@@ -1443,6 +1447,13 @@ class Engine(tasks.TaskCalls):
             if self._typed_pairs:  # the pairs' token types, carried on their futures
                 extra["segments"] = tasks.segments_of(futures, batch.lengths)
             return self._rows(batch, extra, replica.runner)
+
+    def _batch_tokens(self, batch) -> int:
+        """The tokens the runner computes for the batch: its real tokens and
+        ghosts where batches are packed, B x L where they are padded."""
+        if self.runner.name == "packed":
+            return int(batch.total_tokens) + self._ghost_tokens(batch)
+        return int(batch.padded_tokens)
 
     def _ghost_tokens(self, batch) -> int:
         """The tokens of the ghost sequences _rows adds to the batch (none

@@ -146,18 +146,24 @@ def resolve(dtype: str, device: torch.device) -> Precision:
     return Precision(dtype, weights, None, device)
 
 
+_HALF = {torch.bfloat16: ("bfloat16", "native_bf16", "AVX512-BF16 or AMX", EMULATED_BF16_SLOWDOWN),
+         torch.float16: ("float16", "native_fp16", "AVX512-FP16 or AMX-FP16", EMULATED_FP16_SLOWDOWN)}
+
+
+def emulated(p: Precision) -> bool:
+    """Whether a CPU engine's products run in bfloat16 or float16 on a CPU
+    without that dtype in hardware (emulated: several times float32's time)."""
+    return p.device.type == "cpu" and p.compute in _HALF and cpu_features()[_HALF[p.compute][1]] is False
+
+
 def warn_if_slow(p: Precision, stacklevel: int = 4) -> str | None:
     """Warn when a CPU engine computes in bfloat16 or float16 on a CPU
     without that dtype in hardware (it runs, emulated); the warning's text,
     or None."""
-    half = {torch.bfloat16: ("bfloat16", "native_bf16", "AVX512-BF16 or AMX", EMULATED_BF16_SLOWDOWN),
-            torch.float16: ("float16", "native_fp16", "AVX512-FP16 or AMX-FP16", EMULATED_FP16_SLOWDOWN)}
-    if p.device.type != "cpu" or p.compute not in half:
+    if not emulated(p):
         return None
-    name, key, hardware, slowdown = half[p.compute]
+    name, _, hardware, slowdown = _HALF[p.compute]
     feats = cpu_features()
-    if feats[key] is not False:
-        return None
     why = f"has no {hardware}" if not feats["onednn_max_isa"] else \
         f"runs oneDNN capped at ONEDNN_MAX_CPU_ISA={feats['onednn_max_isa']}"
     msg = (f"fastserve: dtype={p.name!r} on a CPU that {why}: {name} is emulated there and runs "

@@ -11,9 +11,11 @@ only cost memory (benchmarks/README.md, "Replicas on one CPU")."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -99,15 +101,47 @@ def threads_per_worker(requested: int | None, devices: Sequence[torch.device]) -
     return max(1, usable_cores() // cpu_workers)
 
 
+# Tokens per torch thread of a batch on a CPU worker for a model of hidden
+# width 384 (all-MiniLM-L6-v2); a wider model's tokens carry more work per
+# layer (hidden^2), so it takes fewer: TOKENS_PER_THREAD * (384 / hidden)^2,
+# 40 for BERT-base. Below about 1.5 times that, a second thread made a batch
+# slower, not faster: waking a thread team at every parallel op cost more
+# than the op's share of work (benchmarks/README.md, "Threads per batch").
+TOKENS_PER_THREAD = 160
+_REFERENCE_HIDDEN = 384
+
+
+def tokens_per_thread(hidden: int | None, emulated: bool) -> int:
+    """The tokens of work a CPU batch needs per torch thread (Replica.
+    threads_for) for a model of `hidden` width; 0 where every batch takes
+    the worker's whole count: products in an emulated half precision (each
+    token's work is several times float32's, and two threads won at every
+    batch size measured) and a model whose width is unknown.
+    FASTSERVE_TOKENS_PER_THREAD overrides it (0: the whole count always)."""
+    forced = os.environ.get("FASTSERVE_TOKENS_PER_THREAD", "")
+    if forced:
+        if not forced.isdigit():
+            raise ValueError(f"FASTSERVE_TOKENS_PER_THREAD must be a non-negative int, got {forced!r}")
+        return int(forced)
+    if emulated or not hidden:
+        return 0
+    return max(1, round(TOKENS_PER_THREAD * (_REFERENCE_HIDDEN / hidden) ** 2))
+
+
 class Replica:
     """One worker: its device, its runner and what it has done."""
 
     def __init__(self, index: int, device: torch.device, runner: Any, threads: int | None,
-                 sdpa_backends: Callable[[], Any]) -> None:
+                 sdpa_backends: Callable[[], Any], tokens_per_thread: int = 0) -> None:
         self.index = index
         self.device = device
         self.runner = runner
         self.threads = threads if device.type == "cpu" else None
+        self.tokens_per_thread = tokens_per_thread
+        # The count set in the worker's thread now (None: not set by us).
+        self._threads_now: int | None = None
+        # Batches run at each thread count (threads_for).
+        self.batches_by_threads: dict[int, int] = {}
         self.sdpa_backends = sdpa_backends
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -131,6 +165,40 @@ class Replica:
             # set_num_threads left (another worker's): initialise it first.
             torch.get_num_threads()
             torch.set_num_threads(self.threads)
+            self._threads_now = self.threads
+
+    def threads_for(self, tokens: int) -> int | None:
+        """The torch threads a batch of `tokens` tokens (padded ones
+        included) runs on: one per tokens_per_thread tokens (rounded to the
+        nearest: a second thread from 1.5 times tokens_per_thread), at least
+        one, at most the worker's count; the worker's count where
+        tokens_per_thread is 0; None where the engine leaves torch's count
+        alone."""
+        if self.threads is None:
+            return None
+        if not self.tokens_per_thread:
+            return self.threads
+        return max(1, min(self.threads, (tokens + self.tokens_per_thread // 2) // self.tokens_per_thread))
+
+    @contextlib.contextmanager
+    def batch_threads(self, tokens: int) -> Iterator[None]:
+        """In the worker's thread, around one batch: torch's thread count
+        for it (threads_for), the count before restored after (an urgent
+        batch runs inside a paused one). set_num_threads is per thread
+        (enter), so other workers keep theirs."""
+        k = self.threads_for(tokens)
+        before = self._threads_now
+        if k is None or k == before:
+            yield
+            return
+        torch.set_num_threads(k)
+        self._threads_now = k
+        try:
+            yield
+        finally:
+            if before is not None:
+                torch.set_num_threads(before)
+            self._threads_now = before
 
     @property
     def alive(self) -> bool:
@@ -139,13 +207,15 @@ class Replica:
         t = self.thread
         return t is not None and (t.ident is None or t.is_alive()) and self.error is None
 
-    def record(self, batch_size: int, seconds: float, failed: bool = False) -> None:
+    def record(self, batch_size: int, seconds: float, failed: bool = False, threads: int | None = None) -> None:
         with self._lock:
             self.batches += 1
             self.requests += batch_size
             self.busy_s += seconds
             if failed:
                 self.failed_batches += 1
+            if threads is not None:
+                self.batches_by_threads[threads] = self.batches_by_threads.get(threads, 0) + 1
 
     def report(self, controller: dict | None = None) -> dict[str, Any]:
         with self._lock:
@@ -155,6 +225,7 @@ class Replica:
                 "alive": self.alive,
                 "error": repr(self.error) if self.error else None,
                 "torch_threads": self.threads,
+                "batches_by_threads": dict(sorted(self.batches_by_threads.items())),
                 "batches": self.batches,
                 "requests": self.requests,
                 "failed_batches": self.failed_batches,

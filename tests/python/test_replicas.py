@@ -172,7 +172,8 @@ def test_two_names_of_the_cpu_are_one_device_and_share_the_weights(bert, devices
         assert r1.runner.model is r0.runner.model
 
 
-def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert):
+def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(bert, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "0")  # every batch on the worker's whole share
     with Engine(bert, tm.tokenizer(), replicas=2) as engine:
         seen_threads: list[int] = []
         gates = [gate(r) for r in engine._replicas]
@@ -192,6 +193,76 @@ def test_a_batch_goes_to_the_free_replica_and_each_worker_sets_its_thread_share(
     assert seen_threads == [share, share]
     assert [r["torch_threads"] for r in s["replicas"]] == [share, share]
     assert [r["batches"] for r in s["replicas"]] == [1, 1]
+
+
+def test_tokens_per_thread_scales_with_the_model_width_and_can_be_set(monkeypatch):
+    monkeypatch.delenv("FASTSERVE_TOKENS_PER_THREAD", raising=False)
+    assert replicas.tokens_per_thread(384, emulated=False) == replicas.TOKENS_PER_THREAD
+    assert replicas.tokens_per_thread(768, emulated=False) == round(replicas.TOKENS_PER_THREAD / 4)
+    assert replicas.tokens_per_thread(32, emulated=False) == replicas.TOKENS_PER_THREAD * 144
+    # Emulated half precision, or a width the config does not give: every
+    # batch on the worker's whole count.
+    assert replicas.tokens_per_thread(384, emulated=True) == 0
+    assert replicas.tokens_per_thread(None, emulated=False) == 0
+    monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "96")
+    assert replicas.tokens_per_thread(384, emulated=True) == 96
+    monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "many")
+    with pytest.raises(ValueError, match="FASTSERVE_TOKENS_PER_THREAD must be a non-negative int, got 'many'"):
+        replicas.tokens_per_thread(384, emulated=False)
+
+
+def test_a_batch_gets_one_thread_per_tokens_per_thread_tokens_up_to_the_workers_count():
+    r = replicas.Replica(0, torch.device("cpu"), None, 4, contextlib.nullcontext, tokens_per_thread=100)
+    # Rounded to the nearest: a second thread from 150 tokens.
+    assert [r.threads_for(t) for t in (1, 100, 149, 150, 249, 250, 399, 10_000)] == [1, 1, 1, 2, 2, 3, 4, 4]
+    whole = replicas.Replica(0, torch.device("cpu"), None, 4, contextlib.nullcontext, tokens_per_thread=0)
+    assert whole.threads_for(1) == whole.threads_for(10_000) == 4
+    unset = replicas.Replica(0, torch.device("cpu"), None, None, contextlib.nullcontext, tokens_per_thread=100)
+    assert unset.threads_for(1) is None  # torch_threads=0: the engine leaves torch's count alone
+
+
+def test_batch_threads_sets_the_count_in_the_workers_thread_and_restores_it_after():
+    # A paused batch's urgent batch runs inside it: the paused one resumes on its own count.
+    r = replicas.Replica(0, torch.device("cpu"), None, 2, contextlib.nullcontext, tokens_per_thread=10)
+    seen: dict[str, int] = {}
+    caller = torch.get_num_threads()
+
+    def worker() -> None:
+        r.enter()
+        with r.batch_threads(100):
+            seen["large"] = torch.get_num_threads()
+            with r.batch_threads(3):
+                seen["urgent inside it"] = torch.get_num_threads()
+            seen["large, resumed"] = torch.get_num_threads()
+        with r.batch_threads(3):
+            seen["small"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"large": 2, "urgent inside it": 1, "large, resumed": 2, "small": 1, "after": 2}
+    assert torch.get_num_threads() == caller  # per thread: the caller's count is its own
+
+
+def test_small_batches_run_on_one_thread_and_large_ones_on_the_workers_count(bert, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "8")  # the tiny model's own share is far larger
+    caller = torch.get_num_threads()
+    with Engine(bert, tm.tokenizer(), torch_threads=2, replicas=1, policy="static", max_batch_tokens=4096) as e:
+        seen: list[int] = []
+        run = e.runner.run
+        monkeypatch.setattr(e.runner, "run", lambda batch, **kw: seen.append(torch.get_num_threads()) or run(batch, **kw))
+        small = e.embed(["hi"])  # [CLS] hi [SEP]: 3 tokens
+        large = e.embed([" ".join(["word"] * 40)])  # 42 tokens
+        s = e.stats()
+    assert seen == [1, 2]
+    assert s["replicas"][0]["batches_by_threads"] == {1: 1, 2: 1}
+    assert s["replicas"][0]["torch_threads"] == 2
+    assert torch.get_num_threads() == caller
+    # The thread count changes no result beyond the BLAS's own order of sums.
+    with Engine(bert, tm.tokenizer(), torch_threads=1, replicas=1) as one:
+        np.testing.assert_allclose(small, one.embed(["hi"]), atol=1e-6)
+        np.testing.assert_allclose(large, one.embed([" ".join(["word"] * 40)]), atol=1e-6)
 
 
 def test_priorities_deadlines_and_cancellation_hold_with_replicas(bert):
