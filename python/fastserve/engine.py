@@ -461,6 +461,9 @@ class Engine(tasks.TaskCalls):
             scores=getattr(cfg, "_attn_implementation", None) == "eager",
             fused=packed and fused_layers(loaded.model, self.device, self.precision.compute))
         shape = footprint.shape_of(cfg)
+        # A CPU batch's threads (replicas.tokens_per_thread; its override checked here).
+        self._tokens_per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None,
+                                                              precision.emulated(self.precision))
         scratch = piece_row = 0
         if shape is not None and packed and self.device.type == "cpu":
             threads = torch_threads or torch.get_num_threads()
@@ -1238,8 +1241,6 @@ class Engine(tasks.TaskCalls):
         else one per device entry, sharing the model (and a runner copy) with
         an earlier replica on the same device, a copy of the model otherwise."""
         threads = replicas_.threads_per_worker(torch_threads, devices)
-        shape = footprint.shape_of(self.model.config)
-        per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None, precision.emulated(self.precision))
         if self.parallel == "pipeline":
             staged = PipelineRunner(self.runner, devices, self.model)
             return [replicas_.Replica(k, devices[0], staged, threads, self._sdpa_backends)
@@ -1255,7 +1256,7 @@ class Engine(tasks.TaskCalls):
                 net, how = process.prepare_model(self.model, dev, self.dtype, callers=True, copy_model=True)
                 runner = make_runner(net, dev, how == "copied")
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
-            out.append(replicas_.Replica(k, dev, runner, threads, backends, per_thread))
+            out.append(replicas_.Replica(k, dev, runner, threads, backends, self._tokens_per_thread))
         return out
 
     def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:

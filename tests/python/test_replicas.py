@@ -211,6 +211,12 @@ def test_tokens_per_thread_scales_with_the_model_width_and_can_be_set(monkeypatc
         replicas.tokens_per_thread(384, emulated=False)
 
 
+def test_a_bad_tokens_per_thread_override_is_refused_when_the_engine_is_built(bert, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "-3")
+    with pytest.raises(ValueError, match="FASTSERVE_TOKENS_PER_THREAD must be a non-negative int, got '-3'"):
+        Engine(bert, tm.tokenizer())
+
+
 def test_a_batch_gets_one_thread_per_tokens_per_thread_tokens_up_to_the_workers_count():
     r = replicas.Replica(0, torch.device("cpu"), None, 4, contextlib.nullcontext, tokens_per_thread=100)
     # Rounded to the nearest: a second thread from 150 tokens.
