@@ -203,6 +203,23 @@ def test_the_autocast_ab_compares_the_fused_layers_with_the_modules(tmp_path):
             assert len(arm["texts_per_s"]) == 1 and arm["min_cosine_vs_float32"] > 0.999
 
 
+def test_the_batch_threads_ab_times_each_batch_on_the_counts_it_names(tmp_path):
+    bt = pytest.importorskip("batch_threads")
+    out = tmp_path / "bt.json"
+    assert bt.main(["--rounds", "1", "--n", "40", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    (minilm,) = res["models"]
+    rows = {r["batch"]: r for r in minilm["rows"]}
+    assert list(rows) == ["1 text", "2 texts", "4 texts", "8 texts", "16 texts", "offline"]
+    # One text is far below tokens_per_thread: one thread, seen in the engine's own count.
+    assert rows["1 text"]["threads_per_batch"] == 1 and rows["1 text"]["texts"] == 1
+    for r in rows.values():
+        assert set(r["ms"]) == {"all threads", "per batch", "1 thread"}
+        assert all(v["median"] >= v["best"] > 0 for v in r["ms"].values())
+
+
 def test_the_autocast_ab_does_not_apply_without_native_bfloat16(monkeypatch, capsys):
     ab = pytest.importorskip("autocast_ab")
     from fastserve import precision
