@@ -1353,7 +1353,8 @@ class Engine(tasks.TaskCalls):
             before = dict(counts) if counts is not None else None
             t0 = time.perf_counter()
             try:
-                self._compute(batch, [None] * batch.size, replica)  # no caller: no prompt, one segment
+                # No caller: no prompt, one segment.
+                self._compute(batch, [None] * batch.size, replica, replica.threads_for(self._batch_tokens(batch)))
             finally:
                 if before is not None:  # stats()["attention_batches"] counts served batches only
                     counts.update(before)
@@ -1387,7 +1388,7 @@ class Engine(tasks.TaskCalls):
         try:
             if pausing:
                 runner.pause_hook, state = self._pausing(batch, replica, futures)
-            rows = self._compute(batch, futures, replica)
+            rows = self._compute(batch, futures, replica, threads)
         except BatchAbandoned:  # a pause dropped every row (each failed then)
             rows = []
         except Exception as e:
@@ -1429,18 +1430,19 @@ class Engine(tasks.TaskCalls):
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
                 fut.set_result(self._result(row))
 
-    def _compute(self, batch, futures: Sequence[Optional[cf.Future]], replica: replicas_.Replica) -> Any:
-        """The replica's rows for the batch, in the contexts every batch runs
-        in, with what the requests' futures carry: a prompt's length (pooled
-        from there) and a pair's token types."""
+    def _compute(self, batch, futures: Sequence[Optional[cf.Future]], replica: replicas_.Replica,
+                 threads: Optional[int]) -> Any:
+        """The replica's rows for the batch, on `threads` torch threads
+        (Replica.threads_for), in the contexts every batch runs in, with what
+        the requests' futures carry: a prompt's length (pooled from there)
+        and a pair's token types."""
         if any(m.training for m in self._model_modules):
             # A model shared with its caller, put back in training mode
             # (dropout on) after the engine was built over it.
             raise RuntimeError("the model (or a module of it) is in training mode (train() was called after the "
                                "engine was built over it): call model.eval() to serve again, or build the Engine "
                                "over a copy")
-        with replica.batch_threads(self._batch_tokens(batch)), replica.sdpa_backends(), self._precision_context(), \
-                self._onednn():
+        with replica.batch_threads(threads), replica.sdpa_backends(), self._precision_context(), self._onednn():
             extra = {}
             if self._head.needs_prompt_lengths and self.task == "embed":
                 extra["prompt_lengths"] = np.array(

@@ -181,12 +181,11 @@ class Replica:
         return max(1, min(self.threads, (tokens + self.tokens_per_thread // 2) // self.tokens_per_thread))
 
     @contextlib.contextmanager
-    def batch_threads(self, tokens: int) -> Iterator[None]:
+    def batch_threads(self, k: int | None) -> Iterator[None]:
         """In the worker's thread, around one batch: torch's thread count
-        for it (threads_for), the count before restored after (an urgent
-        batch runs inside a paused one). set_num_threads is per thread
-        (enter), so other workers keep theirs."""
-        k = self.threads_for(tokens)
+        for it (k, from threads_for; None leaves it), the count before
+        restored after (an urgent batch runs inside a paused one).
+        set_num_threads is per thread (enter), so other workers keep theirs."""
         before = self._threads_now
         if k is None or k == before:
             yield

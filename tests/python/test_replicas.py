@@ -235,12 +235,12 @@ def test_batch_threads_sets_the_count_in_the_workers_thread_and_restores_it_afte
 
     def worker() -> None:
         r.enter()
-        with r.batch_threads(100):
+        with r.batch_threads(r.threads_for(100)):
             seen["large"] = torch.get_num_threads()
-            with r.batch_threads(3):
+            with r.batch_threads(r.threads_for(3)):
                 seen["urgent inside it"] = torch.get_num_threads()
             seen["large, resumed"] = torch.get_num_threads()
-        with r.batch_threads(3):
+        with r.batch_threads(r.threads_for(3)):
             seen["small"] = torch.get_num_threads()
         seen["after"] = torch.get_num_threads()
 
