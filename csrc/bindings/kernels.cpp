@@ -91,10 +91,6 @@ void register_kernels(py::module_& m) {
   k.def("add_layer_norm", &add_layer_norm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("weight"),
         py::arg("beta"), py::arg("eps"), py::arg("threads"), py::arg("portable") = false,
         py::call_guard<py::gil_scoped_release>());
-  k.def("gemm_pack", &gemm_pack, py::arg("weight"), py::arg("packed"), py::call_guard<py::gil_scoped_release>());
-  k.def("gemm", &gemm, py::arg("x"), py::arg("packed"), py::arg("out"), py::arg("threads"),
-        py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
-  k.def("gemm_panel_width", [] { return cpu::kGemmNR; }, "Output columns per panel of gemm_pack's layout.");
   k.def("cpu_vector_paths", &cpu::vector_paths,
         "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");
   k.def(

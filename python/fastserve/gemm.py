@@ -1,7 +1,6 @@
 """The matrix products of the CPU layer kernels (runners._FusedLayer):
-x [M, K] @ W.T for a linear layer's weight W [N, K], through torch.mm,
-through oneDNN with the weight laid out for it once, or through fastserve's
-own float32 product with the weight laid out for it once.
+x [M, K] @ W.T for a linear layer's weight W [N, K], through torch.mm or
+through oneDNN with the weight laid out for it once.
 
 - "mm": torch.mm on the weight it is given (the model's own, or a copy in
   the compute dtype under autocast: runners._FusedLayer): MKL's sgemm in
@@ -25,14 +24,8 @@ own float32 product with the weight laid out for it once.
   whatever else is in its batch (tests/python/test_batch_invariance.py);
   "mm" pads a product of fewer than shapes.MIN_ROWS rows up to it, since
   torch.mm gives 1 to 3 rows other bits.
-- "kernel": float32 only. The weight laid out once in panels of 16 output
-  columns (kernels.gemm_pack, a second copy counted like oneDNN's; the
-  weight itself is not kept) and fastserve's own product
-  (kernels.gemm, csrc/kernels/cpu/gemm_cpu.cpp): a 6 x 16 AVX2 + FMA
-  register tile, one FMA chain per output over k in order, so a row's bits
-  never depend on the other rows and no shape needs padding or caching.
 
-Why three: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
+Why both: MKL dispatches its AVX-512 kernels on Intel CPUs only, so on an
 AMD EPYC with AVX-512 (Zen 4) float32 products ran at MKL's AVX2 speed while
 oneDNN, which dispatches on the CPU's features, took its AVX-512 kernels:
 up to 1.5x per product at the MiniLM shapes, 1.16-1.22x end to end
@@ -40,14 +33,8 @@ up to 1.5x per product at the MiniLM shapes, 1.16-1.22x end to end
 were level (0.95-1.14x), on an AVX2-only AMD EPYC oneDNN was slower
 (0.93-0.99x: "AMD EPYC (AVX2) again"), and on Intel CPUs MKL has AVX-512
 itself; so "onednn" is the default for float32 where the CPU has AVX-512,
-is not an Intel CPU and oneDNN is not capped below AVX-512. On an AVX2-only
-AMD EPYC MKL's sgemm ran MiniLM's products at 56-64 GFLOP/s per thread
-against the core's 96-99 GFLOP/s of FMAs, and "kernel" at 87-98
-(benchmarks/README.md, "Own float32 GEMM"), so "kernel" is the default for
-float32 where the CPU has AVX2 and FMA (the kernels' vector paths), no
-AVX-512 and is not an Intel CPU; "mm" elsewhere (not measured against
-"kernel": Intel CPUs, where MKL is at home, and AVX-512 CPUs).
-FASTSERVE_CPU_GEMM=mm|onednn|kernel overrides the choice.
+is not an Intel CPU and oneDNN is not capped below AVX-512, and "mm"
+elsewhere. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
 """
 
 from __future__ import annotations
@@ -57,10 +44,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import kernels
 from .shapes import MIN_ROWS
 
-GEMMS = ("mm", "onednn", "kernel")
+GEMMS = ("mm", "onednn")
 
 # Rows per oneDNN call while they last; the rows left go in pieces of
 # PIECE / 2, PIECE / 4, ... down to GRANULE rows (their binary digits), and the
@@ -86,12 +72,10 @@ def default_method(dtype: torch.dtype, cpu: dict[str, Any]) -> str:
     the features `cpu` (precision.cpu_features()), without the override."""
     flags = cpu.get("flags") or ()
     cap = (cpu.get("onednn_max_isa") or "").lower()
-    not_intel = cpu.get("vendor") not in (None, "GenuineIntel")
-    if dtype != torch.float32 or not not_intel:
-        return "mm"
-    if "avx512f" in flags:
-        return "onednn" if cap not in _CAPS_BELOW_AVX512 and onednn_available() else "mm"
-    return "kernel" if kernels.cpu_vector_paths() else "mm"
+    if (dtype == torch.float32 and "avx512f" in flags and cpu.get("vendor") not in (None, "GenuineIntel")
+            and cap not in _CAPS_BELOW_AVX512 and onednn_available()):
+        return "onednn"
+    return "mm"
 
 
 def method(dtype: torch.dtype) -> str:
@@ -105,9 +89,10 @@ def method(dtype: torch.dtype) -> str:
         return default_method(dtype, cpu_features())
     if forced not in GEMMS:
         raise ValueError(f"FASTSERVE_CPU_GEMM must be one of {GEMMS}, got {forced!r}")
-    why = {"onednn": onednn_cannot, "kernel": kernel_cannot}.get(forced, lambda _: None)(dtype)
-    if why:
-        raise ValueError(f"FASTSERVE_CPU_GEMM={forced} cannot run {dtype} products on this CPU: {why}")
+    if forced == "onednn":
+        why = onednn_cannot(dtype)
+        if why:
+            raise ValueError(f"FASTSERVE_CPU_GEMM=onednn cannot run {dtype} products on this CPU: {why}")
     return forced
 
 
@@ -123,17 +108,6 @@ def onednn_cannot(dtype: torch.dtype) -> Optional[str]:
         torch.ops.mkldnn._reorder_linear_weight(torch.zeros(GRANULE, GRANULE, dtype=dtype), None)
     except RuntimeError as e:
         return f"oneDNN's ISA cap ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}: {e}"
-    return None
-
-
-def kernel_cannot(dtype: torch.dtype) -> Optional[str]:
-    """Why fastserve's own product ("kernel") cannot run `dtype` products
-    here, or None where it can: float32, on a CPU where the kernels' AVX2 +
-    FMA paths run (kernels.cpu_vector_paths())."""
-    if dtype != torch.float32:
-        return "it runs float32 products only"
-    if not kernels.cpu_vector_paths():
-        return "it needs AVX2 and FMA (the CPU kernels' vector paths: kernels.cpu_vector_paths())"
     return None
 
 
@@ -168,29 +142,24 @@ class Gemm:
             raise ValueError(f"method must be one of {GEMMS}, got {method!r}")
         self.method = method
         self.shape = tuple(weight.shape)  # [N, K]
-        # "mm": the weight; "onednn" and "kernel": its laid-out copy alone, so
-        # that a copy made for this product (autocast's) is not held twice.
+        # "mm": the weight; "onednn": its reordered copy alone, so that a copy
+        # made for this product (autocast's) is not held twice.
         self.weight: Optional[torch.Tensor] = weight if method == "mm" else None
         self.packed: Optional[torch.Tensor] = None
         self._packed_bytes = 0
         if method == "onednn":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self._packed_bytes = weight.numel() * weight.element_size()
-        elif method == "kernel":
-            self.packed = kernels.gemm_pack(weight.contiguous())
-            self._packed_bytes = self.packed.numel() * self.packed.element_size()
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes of the laid-out copy ("onednn", "kernel"; 0 for "mm")."""
+        """Bytes of the reordered copy ("onednn"; 0 for "mm")."""
         return self._packed_bytes
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         return _at_least(GRANULE, x, lambda rows: onednn_linear(rows, self.packed))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "kernel":
-            return kernels.gemm(x.contiguous(), self.packed, self.shape[0])
         if self.packed is None:
             # A row's bits as in any larger product (shapes.MIN_ROWS).
             return _at_least(MIN_ROWS, x, lambda rows: torch.mm(rows, self.weight.t()))

@@ -12,7 +12,6 @@ attention), the parts of an encoder layer around its GEMMs:
     ctx = attention(qkv, cu_seqlens, bias=b)      # [T, 3, nh, hd] -> [T, nh, hd], within each sequence
     bias_gelu_(x, b)                              # x = gelu(x + b), in place
     add_layer_norm_(x, b, residual, w, beta, eps) # x = layer_norm(x + b + residual), in place
-    y = gemm(x, gemm_pack(w), n)                  # x [M, K] @ w.T, w [n, K] laid out once (float32)
 
 x may be float32, float16 or bfloat16 (gather also takes int32/int64);
 lengths, cu_seqlens and index may be int32 or int64. torch owns all memory:
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from fastserve import _core
 
 __all__ = [
-    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_", "gemm_pack", "gemm",
+    "pack", "unpack", "segment_pool", "gather", "attention", "bias_gelu_", "add_layer_norm_",
     "cpu_isa", "cpu_isa_cap", "cpu_vector_paths",
     "cu_seqlens_from_lengths",
     "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
@@ -278,31 +277,6 @@ def add_layer_norm_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
     _k.add_layer_norm(_arg(x, "x"), _arg(bias, "bias"), _arg(residual, "residual"), _arg(weight, "weight"),
                       _arg(beta, "beta"), float(eps), _threads(threads))
     return x
-
-
-def gemm_pack(weight: torch.Tensor) -> torch.Tensor:
-    """A linear layer's float32 weight [N, K] laid out for gemm: [P, K, 16]
-    (P = N / 16 rounded up), each panel's 16 output columns contiguous per
-    k, the columns past N zero. CPU only."""
-    _require_tensor(weight, "weight")
-    n, k = weight.shape if weight.dim() == 2 else (0, 0)
-    width = int(_k.gemm_panel_width())
-    out = _empty(((n + width - 1) // width, k, width), torch.float32, weight.device)
-    _k.gemm_pack(_arg(weight, "weight"), _arg(out, "packed"))
-    return out
-
-
-def gemm(x: torch.Tensor, packed: torch.Tensor, n: int, *, threads: int | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, n], float32 on the CPU, W [n, K] laid out by
-    gemm_pack (packed): fastserve's own product (csrc/kernels/cpu/gemm_cpu.cpp),
-    each output one FMA chain over k in order, so a row's bits do not depend
-    on the other rows. threads defaults to torch's intra-op thread count on
-    the calling thread."""
-    _require_tensor(x, "x")
-    _require_tensor(packed, "packed")
-    out = _empty((x.shape[0] if x.dim() == 2 else 0, int(n)), torch.float32, x.device)
-    _k.gemm(_arg(x, "x"), _arg(packed, "packed"), _arg(out, "out"), _threads(threads))
-    return out
 
 
 # ------------------------------------------------------ torch implementations

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <random>
-#include <tuple>
 #include <vector>
 
 #include "../../csrc/kernels/cuda/kernel_threads.cuh"
@@ -715,105 +714,6 @@ TEST(KernelDispatch, EpiloguesRejectBadArgumentsBeforeWriting) {
   EXPECT_EQ(x[0], 1.f);
   bias_gelu(X, V, 1);
   EXPECT_NEAR(x[0], 1.5 * 0.5 * (1 + std::erf(1.5 / std::sqrt(2.0))), 1e-6);
-}
-
-// x [M, K] @ W^T in double, W [N, K].
-std::vector<double> product(const std::vector<float>& x, const std::vector<float>& w, int64_t M, int64_t N,
-                            int64_t K) {
-  std::vector<double> out(M * N, 0.0);
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j)
-      for (int64_t k = 0; k < K; ++k) out[i * N + j] += double(x[i * K + k]) * double(w[j * K + k]);
-  return out;
-}
-
-TEST(KernelGemm, MatchesDoublePrecisionForEveryPathEdgeAndThreadCount) {
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  // Rows and columns off the 6 x 16 tile, blocks of 96 rows, K from 1 up.
-  for (auto [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 16, 1}, {5, 7, 3}, {6, 16, 32}, {13, 40, 64},
-                         {97, 33, 20}, {200, 48, 384}, {7, 1, 9}}) {
-    std::vector<float> x(M * K), w(N * K);
-    for (auto& v : x) v = nd(rng);
-    for (auto& v : w) v = nd(rng);
-    std::vector<float> packed(cpu::gemm_panels(N) * K * cpu::kGemmNR, -1.f);
-    cpu::gemm_pack(w.data(), N, K, packed.data());
-    for (int64_t j = N; j < cpu::gemm_panels(N) * cpu::kGemmNR; ++j)  // padding columns are zero
-      ASSERT_EQ(packed[((j / cpu::kGemmNR) * K + K - 1) * cpu::kGemmNR + j % cpu::kGemmNR], 0.f);
-    const auto want = product(x, w, M, N, K);
-    std::vector<float> first;
-    for (cpu::Isa isa : kIsas)
-      for (int threads : {1, 3}) {
-        std::vector<float> out(M * N + 1, 7.f);
-        cpu::gemm(x.data(), packed.data(), M, N, K, threads, out.data(), isa);
-        EXPECT_EQ(out[M * N], 7.f) << "wrote past out";
-        for (int64_t i = 0; i < M * N; ++i)
-          ASSERT_NEAR(out[i], want[i], 1e-5 * std::sqrt(double(K)) * 4) << M << "x" << N << "x" << K << " at " << i;
-        // One FMA chain per output in the same order on every path and split.
-        out.pop_back();
-        if (first.empty()) first = out;
-        ASSERT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(float)))
-            << M << "x" << N << "x" << K << " isa " << int(isa) << " threads " << threads;
-      }
-  }
-}
-
-TEST(KernelGemm, ARowGetsTheSameBitsWhateverElseIsInTheProduct) {
-  std::mt19937 rng(12);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  const int64_t M = 301, N = 64, K = 96;
-  std::vector<float> x(M * K), w(N * K);
-  for (auto& v : x) v = nd(rng);
-  for (auto& v : w) v = nd(rng);
-  std::vector<float> packed(cpu::gemm_panels(N) * K * cpu::kGemmNR);
-  cpu::gemm_pack(w.data(), N, K, packed.data());
-  std::vector<float> all(M * N);
-  cpu::gemm(x.data(), packed.data(), M, N, K, 2, all.data());
-  for (int64_t r : {0, 5, 6, 95, 96, 150, 300}) {
-    std::vector<float> one(N);
-    cpu::gemm(x.data() + r * K, packed.data(), 1, N, K, 1, one.data());
-    ASSERT_EQ(0, std::memcmp(one.data(), all.data() + r * N, N * sizeof(float))) << "row " << r;
-  }
-}
-
-TEST(KernelDispatch, GemmRejectsBadArgumentsBeforeWriting) {
-  std::vector<float> x(4 * 8, 1.f), w(20 * 8, 0.5f), packed(2 * 8 * 16), out(4 * 20, -1.f);
-  const auto X = cpu_tensor(x.data(), {4, 8}, DType::kFloat32);
-  const auto W = cpu_tensor(w.data(), {20, 8}, DType::kFloat32);
-  const auto P = cpu_tensor(packed.data(), {2, 8, 16}, DType::kFloat32);
-  const auto O = cpu_tensor(out.data(), {4, 20}, DType::kFloat32);
-  auto p1 = P;
-  p1.shape = {1, 8, 16};
-  EXPECT_THROW(gemm_pack(W, p1), InvalidArgument);  // too few panels for 20 columns
-  auto half = W;
-  half.dtype = DType::kBFloat16;
-  EXPECT_THROW(gemm_pack(half, P), InvalidArgument);  // float32 only
-  gemm_pack(W, P);
-  auto o17 = O;
-  o17.shape = {4, 33};
-  EXPECT_THROW(gemm(X, P, o17, 1), InvalidArgument);  // 33 columns need 3 panels
-  auto x9 = X;
-  x9.shape = {4, 9};
-  EXPECT_THROW(gemm(x9, P, O, 1), InvalidArgument);  // K differs from packed's
-  auto o3 = O;
-  o3.shape = {3, 20};
-  EXPECT_THROW(gemm(X, P, o3, 1), InvalidArgument);  // rows differ from x's
-  auto strided = X;
-  strided.strides = {16, 1};
-  EXPECT_THROW(gemm(strided, P, O, 1), InvalidArgument);  // contiguous only
-  auto gpu = O;
-  gpu.device = DeviceType::kCUDA;
-  EXPECT_THROW(gemm(X, P, gpu, 1), InvalidArgument);  // CPU only
-  EXPECT_THROW(gemm(X, P, O, 0), InvalidArgument);    // threads
-  const auto alias = cpu_tensor(x.data(), {2, 16}, DType::kFloat32);
-  auto p16 = P;
-  p16.shape = {1, 8, 16};
-  const auto x2 = cpu_tensor(x.data() + 16, {2, 8}, DType::kFloat32);
-  EXPECT_THROW(gemm(x2, p16, alias, 1), InvalidArgument);  // out overlaps x
-  EXPECT_EQ(out[0], -1.f);
-  gemm(X, P, O, 1);
-  EXPECT_FLOAT_EQ(out[0], 8 * 0.5f);
-  EXPECT_FLOAT_EQ(out[4 * 20 - 1], 8 * 0.5f);
 }
 
 }  // namespace

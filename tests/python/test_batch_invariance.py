@@ -90,15 +90,13 @@ def test_other_families_one_thread_are_bitwise_the_same_in_any_company(tmp_path,
 TINY = ["ok", ""]
 
 
-@pytest.mark.parametrize("gemm", ["onednn", "mm", "kernel"])
+@pytest.mark.parametrize("gemm", ["onednn", "mm"])
 def test_one_thread_fp32_a_text_of_a_few_tokens_is_bitwise_the_same_in_any_company(gemm, one_torch_thread,
                                                                                    monkeypatch):
     from fastserve import gemm as gemm_
 
     if gemm == "onednn" and not gemm_.onednn_available():
         pytest.skip("this torch has no oneDNN")
-    if gemm == "kernel" and gemm_.kernel_cannot(torch.float32):
-        pytest.skip(gemm_.kernel_cannot(torch.float32))
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", gemm)
     with Engine(policy="static", max_batch_tokens=8192, torch_threads=one_torch_thread) as e:
         assert e.stats()["execution"] == "packed"

@@ -1,7 +1,6 @@
 """The CPU layer kernels' matrix products (python/fastserve/gemm.py): the
-pieces oneDNN's calls take, oneDNN's and fastserve's own products against
-torch.mm and float64, the default method per CPU, the override, and an
-engine on each method."""
+pieces oneDNN's calls take, their results against torch.mm and float64, the
+default method per CPU, the override, and an engine on either method."""
 
 from __future__ import annotations
 
@@ -14,8 +13,6 @@ from fastserve import Engine, footprint, gemm
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch has no oneDNN")
 # oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: not on an AVX2-only CPU.
-needs_kernel = pytest.mark.skipif(gemm.kernel_cannot(torch.float32) is not None,
-                                  reason=f"{gemm.kernel_cannot(torch.float32)}")
 needs_onednn_bf16 = pytest.mark.skipif(gemm.onednn_cannot(torch.bfloat16) is not None,
                                        reason=f"{gemm.onednn_cannot(torch.bfloat16)}")
 
@@ -67,50 +64,6 @@ def test_a_row_gets_the_same_bits_whatever_rows_come_with_it():
         torch.set_num_threads(before)
 
 
-@needs_kernel
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 95, 96, 97, 700, 2047])
-@pytest.mark.parametrize("k, n", [(64, 192), (256, 40), (3, 1), (384, 1536)])
-def test_own_products_equal_torch_mm_and_float64(rows, k, n):
-    torch.manual_seed(rows)
-    w, x = torch.randn(n, k), torch.randn(rows, k)
-    want = (x.double() @ w.double().t())
-    got = gemm.Gemm(w, "kernel")(x)
-    assert got.shape == (rows, n) and got.dtype == torch.float32 and got.is_contiguous()
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(got, gemm.Gemm(w, "mm")(x), atol=1e-4, rtol=1e-5)
-
-
-@needs_kernel
-def test_own_products_give_a_row_the_same_bits_in_any_company_and_on_any_threads():
-    # One FMA chain per output over k in order: no padding of small products
-    # (shapes.MIN_ROWS) and no fixed pieces are needed.
-    torch.manual_seed(0)
-    w, x = torch.randn(100, 64), torch.randn(2100, 64)
-    g = gemm.Gemm(w, "kernel")
-    alone = g(x[:1])
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            for rows in (1, 3, 6, 40, 97, 700, 2100):
-                torch.testing.assert_close(g(x[:rows])[:1], alone, atol=0, rtol=0)
-            torch.testing.assert_close(g(x[7:1200])[:5], g(x[7:12]), atol=0, rtol=0)
-    finally:
-        torch.set_num_threads(before)
-
-
-@needs_kernel
-def test_own_products_take_a_strided_input_and_refuse_what_they_cannot_run():
-    w = torch.randn(32, 48)
-    g = gemm.Gemm(w[:, ::2], "kernel")  # a strided weight is laid out from its values
-    x = torch.randn(48, 10).t()  # [10, 48] with strides (1, 10)
-    torch.testing.assert_close(g(x[:, ::2]), x[:, ::2] @ w[:, ::2].t(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="x must be float32"):
-        g(x[:, ::2].double())
-    with pytest.raises(ValueError, match="packed must have shape"):
-        g(torch.randn(3, 25))
-
-
 @needs_onednn_bf16
 def test_bfloat16_products_through_onednn_equal_torch_mm():
     torch.manual_seed(1)
@@ -125,38 +78,23 @@ def test_the_reordered_weight_is_counted():
     w = torch.randn(48, 32)
     assert gemm.Gemm(w, "onednn").extra_bytes == 48 * 32 * 4
     assert gemm.Gemm(w, "mm").extra_bytes == 0
-    if gemm.kernel_cannot(torch.float32) is None:  # panels of 16 columns, the last padded
-        assert gemm.Gemm(w, "kernel").extra_bytes == 48 * 32 * 4
-        assert gemm.Gemm(torch.randn(40, 32), "kernel").extra_bytes == 48 * 32 * 4
     with pytest.raises(ValueError, match="method must be one of"):
         gemm.Gemm(w, "blas")
-
-
-AMD_AVX2 = {**AMD_AVX512, "flags": ["avx2", "fma"]}
 
 
 @pytest.mark.parametrize("cpu, dtype, want", [
     (AMD_AVX512, torch.float32, "onednn"),
     (AMD_AVX512, torch.bfloat16, "mm"),  # torch.mm is oneDNN already; reordering once measured level
     ({**AMD_AVX512, "vendor": "GenuineIntel"}, torch.float32, "mm"),  # MKL has AVX-512 on Intel
-    (AMD_AVX2, torch.float32, "kernel"),  # AVX2 only: oneDNN measured slower, MKL slower than our own
-    (AMD_AVX2, torch.bfloat16, "mm"),  # our own product is float32 only
-    ({**AMD_AVX2, "vendor": "GenuineIntel"}, torch.float32, "mm"),  # not measured: keep MKL
+    ({**AMD_AVX512, "flags": ["avx2", "fma"]}, torch.float32, "mm"),  # AVX2 only: oneDNN measured slower
     ({**AMD_AVX512, "onednn_max_isa": "AVX2"}, torch.float32, "mm"),  # oneDNN capped below AVX-512
     ({**AMD_AVX512, "onednn_max_isa": "AVX512_CORE"}, torch.float32, "onednn"),
     ({**AMD_AVX512, "vendor": None}, torch.float32, "mm"),  # unknown: keep torch's
-    ({**AMD_AVX512, "flags": None}, torch.float32, "kernel"),  # no AVX-512 seen: as AVX2 where the kernels run
+    ({**AMD_AVX512, "flags": None}, torch.float32, "mm"),
 ])
 def test_the_default_method_per_cpu(cpu, dtype, want, monkeypatch):
     monkeypatch.setattr(gemm, "onednn_available", lambda: True)
-    monkeypatch.setattr(gemm.kernels, "cpu_vector_paths", lambda: True)
     assert gemm.default_method(dtype, cpu) == want
-
-
-def test_without_the_kernels_vector_paths_an_avx2_cpu_keeps_torch_mm(monkeypatch):
-    monkeypatch.setattr(gemm.kernels, "cpu_vector_paths", lambda: False)
-    assert gemm.default_method(torch.float32, AMD_AVX2) == "mm"
-    assert "AVX2 and FMA" in gemm.kernel_cannot(torch.float32)
 
 
 def test_without_onednn_the_default_is_torch_mm(monkeypatch):
@@ -173,15 +111,6 @@ def test_the_override_is_checked(monkeypatch):
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", "onednn")
     monkeypatch.setattr(gemm, "onednn_available", lambda: False)
     with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=onednn cannot run torch.float32 products on this CPU: this torch has no oneDNN"):
-        gemm.method(torch.float32)
-    monkeypatch.setenv("FASTSERVE_CPU_GEMM", "kernel")
-    with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=kernel cannot run torch.bfloat16 products on this CPU: "
-                                         "it runs float32 products only"):
-        gemm.method(torch.bfloat16)
-    with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=kernel cannot run torch.bfloat16"):
-        Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast")
-    monkeypatch.setattr(gemm.kernels, "cpu_vector_paths", lambda: False)
-    with pytest.raises(ValueError, match="FASTSERVE_CPU_GEMM=kernel cannot run torch.float32 .* needs AVX2 and FMA"):
         gemm.method(torch.float32)
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", "mm")
     assert gemm.method(torch.float32) == "mm"
@@ -215,9 +144,8 @@ def _engine(monkeypatch, method, arch="bert"):
 
 
 @needs_onednn
-@needs_kernel
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
-def test_an_engine_gives_the_same_embeddings_on_each_method(arch, monkeypatch):
+def test_an_engine_gives_the_same_embeddings_on_either_method(arch, monkeypatch):
     texts = tm.mixed_texts(40, seed=5)
     out, stats = {}, {}
     for method in gemm.GEMMS:
@@ -225,8 +153,7 @@ def test_an_engine_gives_the_same_embeddings_on_each_method(arch, monkeypatch):
             out[method] = engine.embed(texts)
             stats[method] = engine.stats()
     np.testing.assert_allclose(out["onednn"], out["mm"], atol=2e-6, rtol=0)
-    np.testing.assert_allclose(out["kernel"], out["mm"], atol=2e-6, rtol=0)
-    assert all(stats[m]["gemm"] == m for m in gemm.GEMMS)
+    assert stats["mm"]["gemm"] == "mm" and stats["onednn"]["gemm"] == "onednn"
     m = tm.model(arch)
     layers = m.encoder.layer if arch == "bert" else m.transformer.layer
     linear = sum(mod.weight.numel() * 4 for layer in layers for mod in layer.modules()
@@ -240,13 +167,6 @@ def test_an_engine_gives_the_same_embeddings_on_each_method(arch, monkeypatch):
                          if name.split(".")[-1] in ("query", "key", "value", "q_lin", "k_lin", "v_lin"))
     assert stats["mm"]["memory"]["gemm_weights_bytes"] == qkv
     assert stats["onednn"]["memory"]["gemm_weights_bytes"] == linear + qkv_bias
-    # "kernel": the laid-out weights (each product's columns padded to a
-    # multiple of 16; Q/K/V is one product) and the fused Q/K/V bias.
-    cols = [(3 * m.config.hidden_size, m.config.hidden_size), (m.config.hidden_size, m.config.hidden_size),
-            (m.config.intermediate_size if arch == "bert" else m.config.hidden_dim, m.config.hidden_size),
-            (m.config.hidden_size, m.config.intermediate_size if arch == "bert" else m.config.hidden_dim)]
-    laid_out = len(layers) * sum(-(-n // 16) * 16 * k * 4 for n, k in cols)
-    assert stats["kernel"]["memory"]["gemm_weights_bytes"] == laid_out + qkv_bias
 
 
 def test_layers_through_the_modules_report_no_method(monkeypatch):
@@ -267,8 +187,6 @@ def test_an_autocast_engine_runs_the_fused_layers_on_bfloat16_copies_of_the_weig
     # fused layers' activations and pieces (upper bounds of the mixed ones).
     if method == "onednn" and gemm.onednn_cannot(torch.bfloat16):
         pytest.skip(f"oneDNN cannot run bfloat16 products here: {gemm.onednn_cannot(torch.bfloat16)}")
-    if method == "kernel":
-        pytest.skip("fastserve's own product runs float32 products only (refused: test_the_override_is_checked)")
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
     texts = tm.mixed_texts(40, seed=7)
     with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", dtype="autocast",
@@ -304,7 +222,7 @@ def test_an_autocast_engine_runs_the_fused_layers_on_bfloat16_copies_of_the_weig
 @needs_onednn
 def test_the_memory_budget_counts_a_piece_of_a_product(monkeypatch):
     budgets = {}
-    for method in [m for m in gemm.GEMMS if m != "kernel" or gemm.kernel_cannot(torch.float32) is None]:
+    for method in gemm.GEMMS:
         monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
         with Engine(tm.model("bert"), tm.tokenizer(), execution="packed", max_batch_memory_mb=0.5,
                     warmup=False) as engine:
@@ -315,8 +233,6 @@ def test_the_memory_budget_counts_a_piece_of_a_product(monkeypatch):
     assert row == max(3 * shape.hidden, shape.intermediate) * 4
     mm, one = budgets["mm"], budgets["onednn"]
     assert (mm.piece_row_bytes, one.piece_row_bytes, one.piece_rows) == (0, row, gemm.PIECE)
-    if "kernel" in budgets:  # writes straight into the product: no piece
-        assert budgets["kernel"].piece_row_bytes == 0 and budgets["kernel"].tokens == mm.tokens
     for tokens in (1, 100, gemm.PIECE, 3000):
         assert one.batch_bytes(tokens) == mm.batch_bytes(tokens) + row * min(tokens, gemm.PIECE)
     for budget in (mm, one):  # the most tokens that fit

@@ -15,8 +15,7 @@ import st_models
 import tiny_models as tm
 from fastserve import Engine, gemm
 
-METHODS = [m for m in gemm.GEMMS if (m != "onednn" or gemm.onednn_available())
-           and (m != "kernel" or gemm.kernel_cannot(torch.float32) is None)]
+METHODS = [m for m in gemm.GEMMS if m != "onednn" or gemm.onednn_available()]
 
 
 def _texts():
@@ -51,8 +50,6 @@ def _change(model, how: str, seed: int = 1) -> None:
 def test_a_shared_models_changed_weights_are_served_from_the_next_batch(arch, dtype, method, how, monkeypatch):
     if method == "onednn" and dtype == "autocast" and gemm.onednn_cannot(torch.bfloat16):
         pytest.skip(f"oneDNN cannot run bfloat16 products here: {gemm.onednn_cannot(torch.bfloat16)}")
-    if method == "kernel" and dtype == "autocast":
-        pytest.skip("fastserve's own product runs float32 products only")
     monkeypatch.setenv("FASTSERVE_CPU_GEMM", method)
     m = tm.model(arch)
     with Engine(m, tm.tokenizer(), execution="packed", dtype=dtype, warmup=False) as engine:

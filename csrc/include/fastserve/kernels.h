@@ -88,13 +88,6 @@ void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool port
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
                     const TensorArg& beta, double eps, int threads, bool portable = false);
 
-// Float32 products on the CPU: out [M, N] = x [M, K] @ W^T for a linear
-// layer's weight W [N, K], laid out once by gemm_pack into packed [P, K, 16]
-// (P = N / 16 rounded up; cpu/gemm_cpu.cpp). The bias is left to the caller.
-// threads: at most this many threads. portable: the portable loops (tests).
-void gemm_pack(const TensorArg& weight, const TensorArg& packed);
-void gemm(const TensorArg& x, const TensorArg& packed, const TensorArg& out, int threads, bool portable = false);
-
 namespace cpu {
 void pack(const void* x, int64_t B, int64_t L, const int64_t* cu, size_t row_bytes, void* out);
 void unpack(const void* x, const int64_t* cu, int64_t B, int64_t L, size_t row_bytes, void* out);
@@ -139,19 +132,6 @@ void add_layer_norm(float* x, const float* bias, const float* residual, const fl
                     int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
 void add_layer_norm(uint16_t* x, const uint16_t* bias, const uint16_t* residual, const uint16_t* w,
                     const uint16_t* b, float eps, int64_t rows, int64_t N, int threads, Isa isa = Isa::kAvx512Bf16);
-// gemm's layout: output columns per panel, and rows per block (in tiles of
-// six) that a thread packs and sweeps against every panel.
-constexpr int64_t kGemmNR = 16;
-constexpr int64_t kGemmMcTiles = 16;
-// Panels of a weight with N output columns.
-int64_t gemm_panels(int64_t N);
-// w [N, K] -> out [gemm_panels(N), K, kGemmNR], columns past N zero.
-void gemm_pack(const float* w, int64_t N, int64_t K, float* out);
-// out [M, N] = x [M, K] @ W^T, W packed by gemm_pack. Each output is one FMA
-// chain over k in order: the same bits whatever M, the other rows and
-// threads, on the AVX2 path and the portable one alike.
-void gemm(const float* x, const float* packed, int64_t M, int64_t N, int64_t K, int threads, float* out,
-          Isa isa = Isa::kAvx512Bf16);
 }  // namespace cpu
 
 // ----------------------------------------------------------------- CUDA kernels

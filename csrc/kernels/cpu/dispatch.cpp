@@ -382,51 +382,5 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
                         cptr<float>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
 }
 
-void gemm_pack(const TensorArg& weight, const TensorArg& packed) {
-  check_tensor(weight, "weight", 2);
-  check_tensor(packed, "packed", 3);
-  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&packed, "packed"}}) {
-    if (t->dtype != DType::kFloat32) fail(std::string(name) + " must be float32, got " + dtype_name(*t));
-    if (on_cuda(*t)) fail(std::string("gemm_pack runs on the CPU only; ") + name + " is on " + device_str(*t));
-  }
-  const int64_t N = weight.shape[0], K = weight.shape[1];
-  check_shape(packed, "packed", {cpu::gemm_panels(N), K, cpu::kGemmNR});
-  if (N > 0 && K > 0) cpu::gemm_pack(static_cast<const float*>(weight.data), N, K, static_cast<float*>(packed.data));
-}
-
-void gemm(const TensorArg& x, const TensorArg& packed, const TensorArg& out, int threads, bool portable) {
-  check_tensor(x, "x", 2);
-  check_tensor(packed, "packed", 3);
-  check_tensor(out, "out", 2);
-  for (const auto& [t, name] : {std::pair{&x, "x"}, {&packed, "packed"}, {&out, "out"}}) {
-    if (t->dtype != DType::kFloat32) fail(std::string(name) + " must be float32, got " + dtype_name(*t));
-    if (on_cuda(*t)) fail(std::string("gemm runs on the CPU only; ") + name + " is on " + device_str(*t));
-  }
-  const int64_t M = x.shape[0], K = x.shape[1], N = out.shape[1];
-  if (packed.shape[1] != K || packed.shape[2] != cpu::kGemmNR)
-    fail("packed must have shape [panels, " + std::to_string(K) + ", " + std::to_string(cpu::kGemmNR) +
-         "] for x of shape " + shape_str(x.shape) + ", got " + shape_str(packed.shape));
-  if (packed.shape[0] != cpu::gemm_panels(N))
-    fail("out must have N columns with N / " + std::to_string(cpu::kGemmNR) + " rounded up = packed.shape[0] (" +
-         std::to_string(packed.shape[0]) + "), got shape " + shape_str(out.shape));
-  check_shape(out, "out", {M, N});
-  check_threads(threads);
-  // The kernel reads x and packed while it writes out: they must not share memory.
-  const auto bytes = [](const TensorArg& t) {
-    int64_t n = 1;
-    for (int64_t d : t.shape) n *= d;
-    return n * int64_t(sizeof(float));
-  };
-  const auto* o = static_cast<const char*>(out.data);
-  for (const auto& [t, name] : {std::pair{&x, "x"}, {&packed, "packed"}}) {
-    const auto* p = static_cast<const char*>(t->data);
-    if (bytes(out) > 0 && bytes(*t) > 0 && p < o + bytes(out) && o < p + bytes(*t))
-      fail(std::string("out must not overlap ") + name);
-  }
-  if (M == 0 || N == 0) return;
-  cpu::gemm(static_cast<const float*>(x.data), static_cast<const float*>(packed.data), M, N, K, threads,
-            static_cast<float*>(out.data), cap(portable));
-}
-
 }  // namespace kernels
 }  // namespace fastserve
