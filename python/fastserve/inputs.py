@@ -251,6 +251,7 @@ class Gathered(cf.Future):
         self._left = len(self._parts)
         self._lock = threading.Lock()
         self._value: Any = _UNSET
+        self._cancelling = False
         for p in self._parts:
             p.add_done_callback(self._on_part)
 
@@ -280,6 +281,14 @@ class Gathered(cf.Future):
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
+            # The parts are cancelled once, by the first cancel() that gets
+            # here: each cancelled part calls cancel() again (_on_part), which
+            # must not walk the parts anew (a recursion as deep as the windows
+            # are many, and their square in calls).
+            with self._condition:
+                first, self._cancelling = not self._cancelling, True
+            if not first:
+                return cancelled
             for p in self._parts:
                 p.cancel()
             with self._condition:  # (reentrant) no executor runs it: notify cf.wait / as_completed here, once

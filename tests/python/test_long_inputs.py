@@ -153,6 +153,38 @@ def test_cancelling_a_chunked_text_cancels_its_windows(bert):
             assert fut.cancelled() and all(p.cancelled() for p in fut._parts)
 
 
+def test_cancelling_a_text_of_thousands_of_windows_cancels_each_window_once():
+    # Each cancelled window calls the text's cancel() back: it must not walk
+    # the windows again (a recursion as deep as the windows are many).
+    import concurrent.futures as cf
+    import logging
+
+    from fastserve.inputs import Gathered
+
+    calls = []
+
+    class Part(cf.Future):
+        def cancel(self) -> bool:
+            calls.append(self)
+            return super().cancel()
+
+    parts = [Part() for _ in range(3000)]
+    text = Gathered(parts, lambda results: results)
+    errors = []
+    handler = logging.Handler()
+    handler.emit = errors.append  # concurrent.futures logs a callback's exception
+    logging.getLogger("concurrent.futures").addHandler(handler)
+    try:
+        assert text.cancel()
+    finally:
+        logging.getLogger("concurrent.futures").removeHandler(handler)
+    assert errors == []
+    assert text.cancelled() and all(p.cancelled() for p in parts)
+    assert len(calls) == len(parts)  # once each
+    assert cf.wait([text], timeout=0).done == {text}  # notified as done
+    assert text.cancel()  # again: still cancelled, nothing walked
+
+
 def test_a_window_failure_fails_the_text_and_cancels_the_other_windows(bert):
     with Engine(bert, tm.tokenizer(), truncate="chunk", max_batch_size=1) as engine:
         inner, calls = engine.runner.run, []
