@@ -1146,6 +1146,10 @@ class Engine(tasks.TaskCalls):
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InvalidInputError(f"prompt must be a str, got {type(prompt).__name__}")
+            try:  # the tokenizer would raise its own TypeError on it (a chunked text's lead, a prompt's length)
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise admission.untokenizable("prompt", [prompt], e) from None
             return prompt
         if prompt_name is not None:
             if not isinstance(prompt_name, str):

@@ -81,6 +81,22 @@ def test_lone_surrogates_are_a_defined_result_or_a_typed_error(bert):
         assert engine.embed("after the surrogate").shape == (32,)
 
 
+@pytest.mark.parametrize("truncate", ["right", "chunk"])
+def test_a_prompt_with_a_lone_surrogate_is_a_typed_error(bert, truncate):
+    # A chunking engine tokenizes the prompt alone (the lead of every
+    # window): the tokenizer's TypeError must not be what the caller gets.
+    with Engine(bert, tm.tokenizer(), truncate=truncate) as engine:
+        for call in (lambda: engine.submit("hi", prompt="q\ud800: "),
+                     lambda: engine.embed(["a", "b"], prompt="q\ud800: "),
+                     lambda: engine.submit_tokens([101, 102], prompt="q\ud800: "),
+                     lambda: engine.tokenize(["a"], prompt="q\ud800: ")):
+            with pytest.raises(fastserve.InvalidInputError, match="prompt is not valid Unicode: a lone surrogate "
+                                                                  "'.ud800' at character 1"):
+                call()
+        assert engine.embed("hi", prompt="q: ").shape == (32,)
+        assert engine.stats()["submitted"] == 1
+
+
 def test_an_empty_list_returns_an_empty_matrix(bert):
     with Engine(bert, tm.tokenizer()) as engine:
         assert engine.embed([]).shape == (0, 32)
