@@ -690,6 +690,63 @@ def test_texts_behind_a_long_prompt_are_tokenized_off_the_event_loop(prompted_fo
     assert [t != loop for t in threads] == [True, True, True, False]
 
 
+def test_token_ids_behind_a_long_prompt_are_validated_off_the_event_loop(prompted_folder, monkeypatch):
+    """A chunking engine tokenizes the prompt with the ids: its characters
+    count towards the size too."""
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(prompted_folder), replicas=1, truncate="chunk") as e:
+        validated = _threads_of(e, "validate_token_ids", monkeypatch)
+        app = create_app(e)
+        for prompt in ({"prompt": "q: "}, {"prompt": LONG_PROMPT}):
+            assert _asgi_post(app, "/v1/embeddings", {"input": [[101, 102]], **prompt}).status_code == 200
+    loop = threading.get_ident()
+    assert [t != loop for t in validated] == [False, True]
+
+
+@pytest.mark.parametrize("truncate", ["right", "chunk"])
+def test_a_bad_or_overlong_prompt_is_a_400_naming_the_prompt(tiny_folder, truncate):
+    from fastserve.server import create_app, routes
+
+    with fastserve.Engine(str(tiny_folder), replicas=1, truncate=truncate) as e:
+        app = create_app(e)
+        for body in (b'{"input": "x", "prompt": "q\\ud800"}', b'{"input": [101, 102], "prompt": "q\\ud800"}'):
+            err = _assert_openai_error(_asgi_post(app, "/v1/embeddings", body), 400)
+            assert (err["param"], err["code"]) == ("prompt", "invalid_input")
+            assert err["message"].startswith("prompt is not valid Unicode: a lone surrogate")
+        err = _assert_openai_error(
+            _asgi_post(app, "/v1/embeddings", {"input": "x", "prompt": "p" * (routes.MAX_PROMPT_CHARS + 1)}), 400)
+        assert err["param"] == "prompt" and "the limit is" in err["message"]
+        assert _asgi_post(app, "/v1/embeddings", {"input": "x", "prompt": "p" * 1000}).status_code == 200
+        assert e.stats()["submitted"] == 1
+
+
+def test_a_near_miss_with_a_lone_surrogate_and_a_flood_of_unknown_keys_get_a_400_quickly(tiny_folder, monkeypatch):
+    from fastserve.server import create_app, schemas
+
+    with fastserve.Engine(str(tiny_folder), replicas=1) as e:
+        app = create_app(e)
+        err = _assert_openai_error(_asgi_post(app, "/v1/embeddings", b'{"inpu\\ud800": "x"}'), 400)
+        assert (err["param"], err["code"]) == ("inpu\\ud800", "unknown_field")
+        calls = []
+        real = schemas.difflib.get_close_matches
+        monkeypatch.setattr(schemas.difflib, "get_close_matches", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+        body = {"input": "x", **{f"k{i:05d}": 1 for i in range(5000)}}
+        assert _asgi_post(app, "/v1/embeddings", body).status_code == 200  # other vendors' fields are ignored
+        # difflib on the first keys only, not on each of the 5,000 (the loop
+        # was held for seconds by a body of 140,000)
+        assert 0 < len(calls) <= 2 * schemas.NEAR_MISS_KEYS
+
+
+def test_a_405_on_a_path_with_a_parameter_lists_its_methods(tiny_folder):
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder), replicas=1) as e:
+        r = _asgi(create_app(e), "POST", "/v1/models/some-model", json={})
+        assert _assert_openai_error(r, 405)["code"] == "method_not_allowed"
+        assert r.headers["allow"] == "GET, HEAD"
+
+
 def test_many_short_inputs_many_ids_and_wide_answers_are_handled_off_the_event_loop(tiny_folder, monkeypatch):
     """Where the work runs is sized by inputs, ids and the answer's numbers,
     not by characters alone: 600 one-character texts (19,800 with the

@@ -7,6 +7,7 @@ embeddings route; usage counts every token computed."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -57,6 +58,29 @@ def error_of(r, status):
 
 
 # ------------------------------------------------------------------ rerank
+
+
+def test_documents_that_cannot_go_back_as_json_are_a_400_before_anything_runs(reranker):
+    # return_documents echoes each document as sent: a field with a lone
+    # surrogate (json.dumps writes it as its escape), or nested past what
+    # JSON writing allows, is refused up front, not a 500 once the model ran.
+    engine, srv = reranker
+    before = engine.stats()["submitted"]
+    deep: list = []
+    for _ in range(300):
+        deep = [deep]
+    for doc in ({"text": "x", "meta": "\udc00"}, {"text": "x", "m": deep}):
+        body = httpx.post(srv.url + "/v1/rerank", headers={**AUTH, "Content-Type": "application/json"}, timeout=60,
+                          content=json.dumps({"query": "q", "return_documents": True,
+                                              "documents": [{"text": "fine"}, doc]}).encode())
+        err = error_of(body, 400)
+        assert (err["param"], err["code"]) == ("documents", "invalid_input")
+        assert err["message"].startswith("documents[1] cannot be returned as JSON")
+    assert engine.stats()["submitted"] == before
+    # without return_documents, the same documents rank
+    r = post(srv, "/v1/rerank", {"query": "q", "documents": [{"text": "x", "m": deep}]})
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
+
 
 
 def test_rerank_route_equals_the_engine(reranker):

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Match
 
 from ..engine import Engine
 from .edge import Edge
@@ -124,7 +125,7 @@ def create_app(
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method of the path (Starlette names the first route's alone)
-            headers["Allow"] = ", ".join(sorted({m for r in app.routes if getattr(r, "path", None) == request.url.path
+            headers["Allow"] = ", ".join(sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
                                                  for m in getattr(r, "methods", None) or ()}))
         err = ApiError(exc.status_code, str(exc.detail), code=kind, headers=headers)
         return err.response()

@@ -30,6 +30,9 @@ DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 # answer of more than INLINE_ANSWER_NUMBERS numbers (2,048 one-character
 # texts of a 1,024-wide model wrote 26 MB on the loop: 130-355 ms).
 INLINE_CHARS = 8192
+# The longest prompt a request may give (characters): far past any model's
+# limit in tokens, and a bound on the prompt's tokenization on the event loop.
+MAX_PROMPT_CHARS = 16384
 PER_INPUT_CHARS = 32
 INLINE_ANSWER_NUMBERS = 16384
 
@@ -59,10 +62,17 @@ class Api:
         """The length of the prompt engine.tokenize puts before every text
         (the given one, a prompt_name's or the model's default); a
         prompt_name the model lacks is a 400 naming it."""
+        given = prompt.get("prompt")
+        if given is not None and len(given) > MAX_PROMPT_CHARS:
+            # Tokenized alone on the event loop (its length, a chunked text's
+            # lead) and past what a prompt cache holds: bounded here.
+            raise ApiError(400, f"prompt is {len(given)} characters; the limit is {MAX_PROMPT_CHARS}",
+                           param="prompt", code="invalid_input")
         try:
-            return len(self.engine._prompt(prompt.get("prompt_name"), prompt.get("prompt")))
+            return len(self.engine._prompt(prompt.get("prompt_name"), given))
         except InvalidInputError as e:
-            raise ApiError(400, str(e), param="prompt_name", code="invalid_input") from None
+            raise ApiError(400, str(e), param="prompt" if given is not None else "prompt_name",
+                           code="invalid_input") from None
 
     @staticmethod
     async def _run(req: Optional[InFlight], inline: bool, fn, *args):
@@ -102,7 +112,7 @@ class Api:
                 token_lists = await self._run(req, size <= INLINE_CHARS, tokenize, texts)
                 tokenize_s = time.perf_counter() - t0
             elif type(token_lists) is not TokenLists:  # checked before any is queued
-                size = sum(map(len, token_lists))
+                size = sum(map(len, token_lists)) + lead  # (a chunking engine tokenizes the prompt)
                 token_lists = await self._run(req, size <= INLINE_CHARS,
                                               functools.partial(self.engine.validate_token_ids, **prompt),
                                               token_lists)

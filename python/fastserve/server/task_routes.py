@@ -72,10 +72,15 @@ class TaskRoutes:
                                 f"limit ({limit} tokens per pair) is cut, not split into chunks; got "
                                 f"{body.max_chunks_per_doc}", param="max_chunks_per_doc")
 
+        # The documents go back as sent: one JSON cannot carry (a lone
+        # surrogate, nesting past orjson's limit) is a 400 now, not a 500
+        # once its batch has run.
+        sent = [returnable(d, i) for i, d in enumerate(body.documents)] if body.return_documents else None
+
         def write(scores, usage) -> bytes:
             ranked = ranking(scores, docs, body.top_n, False)
             results = [{"index": r.index, "relevance_score": r.score,
-                        **({"document": as_sent(body.documents[r.index])} if body.return_documents else {})}
+                        **({"document": sent[r.index]} if sent is not None else {})}
                        for r in ranked]
             return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
                           "results": results, "usage": usage})
@@ -147,3 +152,14 @@ def rank_text(doc, fields, i: int) -> str:
 def as_sent(doc) -> dict:
     """A document as the request sent it, for return_documents (a string as {"text": ...})."""
     return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+
+
+def returnable(doc, i: int) -> dict:
+    """as_sent(doc), checked to be writable as JSON; else a 400 naming it."""
+    out = as_sent(doc)
+    try:
+        dumps(out)
+    except (TypeError, ValueError) as e:  # orjson.JSONEncodeError is a TypeError
+        raise ApiError(400, f"documents[{i}] cannot be returned as JSON (return_documents): {e}",
+                       param="documents", code="invalid_input") from None
+    return out
