@@ -200,6 +200,29 @@ class _Once:
 PROMPT_CACHE_ENTRIES = PROMPT_CACHE_CHARS = 1024
 
 
+def _claim(fut: cf.Future) -> bool:
+    """fut.set_running_or_notify_cancel() for a request a worker takes:
+    False where its caller cancelled it, or settled it already (set_result
+    and set_exception are public on a Future; that raised here, in the
+    worker, and lost the batch's other requests)."""
+    try:
+        return fut.set_running_or_notify_cancel()
+    except RuntimeError:  # "Future in unexpected state": finished
+        return False
+
+
+def _settle(fut: cf.Future, result: Any = None, *, error: Optional[BaseException] = None) -> None:
+    """A taken request's result, or its exception, unless its caller settled
+    the future meanwhile: one caller's doing never fails the others'."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except cf.InvalidStateError:
+        pass
+
+
 def _remember(cache: dict[str, int], prompt: str, n: int) -> None:
     if len(cache) < PROMPT_CACHE_ENTRIES and len(prompt) <= PROMPT_CACHE_CHARS:
         cache[prompt] = n
@@ -1229,7 +1252,7 @@ class Engine(tasks.TaskCalls):
         batch), None where the caller no longer wants the result."""
         with self._lock:
             futs = [self._pending.pop(int(rid), None) for rid in rids]
-        return [f if f is not None and f.set_running_or_notify_cancel() else None for f in futs]
+        return [f if f is not None and _claim(f) else None for f in futs]
 
     def _take(self, rid: int) -> cf.Future | None:
         return self._take_all((rid,))[0]
@@ -1237,7 +1260,7 @@ class Engine(tasks.TaskCalls):
     def _fail(self, rid: int, error: BaseException) -> None:
         fut = self._take(rid)
         if fut is not None:
-            fut.set_exception(error)
+            _settle(fut, error=error)
 
     def _make_replicas(self, devices: list, torch_threads: int | None, cudnn_attention: bool,
                        make_runner: Callable[[Any, Any, bool], Any]) -> list[replicas_.Replica]:
@@ -1296,7 +1319,7 @@ class Engine(tasks.TaskCalls):
                 for i in live[~keep]:
                     state["live"][i] = False
                     if futures[i] is not None:
-                        futures[i].set_exception(overloaded(late[int(batch.ids[i])]))
+                        _settle(futures[i], error=overloaded(late[int(batch.ids[i])]))
             t = time.perf_counter()
             runner.pause_hook = None
             try:
@@ -1379,7 +1402,7 @@ class Engine(tasks.TaskCalls):
         taken = dict(zip(ids, self._take_all(ids)))
         expired = {int(rid) for rid in self._scheduler.start(batch, [rid for rid, f in taken.items() if f is None])}
         for rid in expired:
-            taken[rid].set_exception(RequestTimeoutError("the request's deadline passed before it could run"))
+            _settle(taken[rid], error=RequestTimeoutError("the request's deadline passed before it could run"))
         if not batch.size:
             return
         # The rows left, in the batch's order (start keeps it).
@@ -1399,24 +1422,24 @@ class Engine(tasks.TaskCalls):
             replica.record(batch.size, time.perf_counter() - t0, failed=True, threads=threads)
             self._scheduler.fail(batch)
             for fut in futures:
-                if fut is not None and not fut.done():
+                if fut is not None:
                     err = InferenceError(f"the model raised on this request's batch: {e!r}")
                     err.__cause__ = e
-                    fut.set_exception(err)
+                    _settle(fut, error=err)
             return
         except BaseException as e:  # the worker is dying: its batch must not hang
             replica.record(batch.size, time.perf_counter() - t0, failed=True, threads=threads)
             self._scheduler.fail(batch)
             others = any(r.alive for r in self._replicas if r is not replica)
             for fut in futures:
-                if fut is not None and not fut.done():
+                if fut is not None:
                     # With other replicas serving, the engine is not closing:
                     # only this batch is lost (never re-queued: docs/design.md).
                     err = (ReplicaFailedError(f"replica {replica.index} ({replica.device}) died running this "
                                               f"request's batch: {e!r}") if others
                            else EngineClosedError(f"the engine's worker died: {e!r}"))
                     err.__cause__ = e
-                    fut.set_exception(err)
+                    _settle(fut, error=err)
             raise
         finally:
             if pausing:
@@ -1432,7 +1455,7 @@ class Engine(tasks.TaskCalls):
             if fut is not None:
                 # Per-request timing for callers that report it (HTTP headers).
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
-                fut.set_result(self._result(row))
+                _settle(fut, self._result(row))
 
     def _compute(self, batch, futures: Sequence[Optional[cf.Future]], replica: replicas_.Replica,
                  threads: Optional[int]) -> Any:

@@ -213,6 +213,27 @@ def test_future_cancel_removes_a_queued_request(bert):
     assert s["cancelled"] == 1 and s["completed"] == 2 and len(gate.seen) == 2
 
 
+def test_a_caller_settling_its_own_future_fails_no_other_request(bert):
+    # set_result / set_exception are public on a Future: a caller that
+    # settles its own, queued or running, must not take down the worker that
+    # takes it (with one replica, the engine), nor its batch's other requests.
+    with Engine(bert, tm.tokenizer(), replicas=1, max_batch_size=8) as engine:
+        with tm.held(engine, holder=False) as gate:
+            running = engine.submit("runs in the held batch")
+            assert gate.entered.wait(30) and running.running()
+            queued = engine.submit("settled while queued")
+            theirs = engine.submit_many(["another caller", "and another"])
+            _wait_queued(engine, 3)
+            queued.set_exception(RuntimeError("the caller's own"))
+            running.set_result("the caller's own")
+        assert [f.result(timeout=30).shape for f in theirs] == [(32,), (32,)]
+        assert running.result() == "the caller's own"
+        assert engine.health()["healthy"] and engine.health()["worker_alive"]
+        with pytest.raises(RuntimeError, match="the caller's own"):
+            queued.result()
+        assert engine.embed("still serving").shape == (32,)
+
+
 def test_cancelling_an_asyncio_task_removes_its_request(bert):
     with Engine(bert, tm.tokenizer()) as engine:
         gate = tm.Gate(engine)
