@@ -669,6 +669,7 @@ class Engine(tasks.TaskCalls):
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False
+        self._closed_out = False  # close()'s end done (_after_workers)
         self._worker_error: BaseException | None = None
         self._tokenize = _Timer()
         for r in self._replicas:
@@ -866,10 +867,22 @@ class Engine(tasks.TaskCalls):
             # From a worker (a done callback): the workers end by themselves
             # now the scheduler is closed. Joining them here deadlocked two
             # workers whose callbacks both closed the engine (each joined the
-            # other); a close() from outside, or the exit hook, still joins.
+            # other); a thread of its own joins them, then lets go of what the
+            # engine holds outside itself (oneDNN's switch, the pipeline's
+            # hooks). A close() from outside, or the exit hook, joins here.
+            threading.Thread(target=self._after_workers, name="fastserve-close", daemon=True).start()
             return
+        self._after_workers()
+
+    def _after_workers(self) -> None:
+        """close()'s end, once the scheduler is closed: the workers joined,
+        then what the engine holds outside itself let go (once)."""
         for r in self._replicas:
             r.thread.join()
+        with self._lock:
+            if self._closed_out:
+                return
+            self._closed_out = True
         if isinstance(self.runner, PipelineRunner):
             self.runner.close()
         # A worker's exception keeps its frames (the replica) in a cycle,

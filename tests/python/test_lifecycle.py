@@ -21,7 +21,7 @@ import pytest
 
 import fastserve
 import tiny_models as tm
-from fastserve import Engine, EngineClosedError
+from fastserve import Engine, EngineClosedError, process
 
 
 @pytest.fixture(scope="module")
@@ -380,10 +380,10 @@ def test_an_engine_served_over_http_is_freed_once_the_app_is_gone(task, tmp_path
 
 
 def test_a_pipeline_closed_from_a_callback_or_dropped_leaves_the_callers_model_working():
-    # close() from a worker's done callback cannot join the workers, so the
-    # stages' hooks stay on the caller's model until a close() from outside
-    # (or for good, with the engine dropped): outside a pipeline batch they
-    # do nothing but place the inputs.
+    # close() from a worker's done callback cannot join the workers: a thread
+    # of its own does, then takes the stages' hooks off the caller's model.
+    # Dropped without close(), the hooks stay for good: outside a pipeline
+    # batch they do nothing but place the inputs.
     enc = {k: v for k, v in tm.tokenizer()(["still a model"], return_tensors="pt").items()
            if k in ("input_ids", "attention_mask")}
     m = tm.model("bert")
@@ -396,12 +396,39 @@ def test_a_pipeline_closed_from_a_callback_or_dropped_leaves_the_callers_model_w
     go.set()
     assert closed.wait(30)
     gate.remove()
-    assert _hooks(m) > 0  # the stages' hooks: the callback's close() could not remove them
+    tm.until(lambda: _hooks(m) == 0, "the stages' hooks to come off once the workers end")
     m(**enc)
     gone = weakref.ref(engine)
     del engine, f  # (the future's own callbacks refer to the engine)
+    tm.until(lambda: gc.collect() is not None and gone() is None, "the closed engine to be freed", 10)
+    dropped = Engine(m, tm.tokenizer(), devices=["cpu", "cpu"], parallel="pipeline", execution="padded",
+                     copy_model=False, warmup=False)
+    dropped.embed("once")
+    gone = weakref.ref(dropped)
+    del dropped
     tm.until(lambda: gc.collect() is not None and gone() is None, "the dropped engine to be freed", 10)
+    assert _hooks(m) > 0
     m(**enc)
+
+
+def test_close_from_a_done_callback_lets_go_of_what_the_engine_holds_outside_itself():
+    # The workers cannot be joined from one of them: a thread of its own
+    # joins them, then releases the engine's oneDNN registration (a bfloat16
+    # engine keeps oneDNN on for every float32 engine while it lives) and its
+    # place among the engines the exit hook closes.
+    from fastserve import engine as engine_mod
+
+    users = process._onednn_users
+    engine = Engine(tm.model("bert"), tm.tokenizer(), dtype="bfloat16", replicas=1, warmup=False)
+    assert process._onednn_users == users + 1 and engine in engine_mod._open_engines
+    f = engine.submit("close me")
+    f.add_done_callback(lambda f: engine.close())
+    f.result(timeout=60)
+    tm.until(lambda: process._onednn_users == users and engine not in engine_mod._open_engines,
+             "the closing thread to let go")
+    assert not engine._replicas[0].thread.is_alive()
+    engine.close()  # again, from outside: nothing twice
+    assert process._onednn_users == users
 
 
 def test_an_engine_whose_worker_died_while_it_was_built_is_freed_when_dropped():
