@@ -246,10 +246,11 @@ def runner_copy(runner: Any) -> Any:
 
 
 def attention_batches(replicas: Sequence[Replica]) -> dict[str, int] | None:
-    """Batches by the attention that ran, summed over the replicas."""
+    """Batches by the attention that ran, summed over the replicas' runners,
+    each counted once (a pipeline's stages share one runner)."""
     total: dict[str, int] | None = None
-    for r in replicas:
-        ran = getattr(r.runner, "attention_batches", None)
+    for runner in {id(r.runner): r.runner for r in replicas}.values():
+        ran = getattr(runner, "attention_batches", None)
         if ran is None:
             continue
         total = total or {}

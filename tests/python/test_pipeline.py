@@ -73,6 +73,16 @@ def test_the_callers_model_gets_no_hooks(execution):
         assert v.data_ptr() != 0 and bool((v == params[k]).all()), k
 
 
+def test_the_stages_count_each_batch_once_in_the_attention_stats():
+    # The stages' workers share one runner: its count is the engine's.
+    with Engine(tm.model("bert"), tm.tokenizer(), devices=CPU2, parallel="pipeline", execution="packed",
+                warmup=False) as engine:
+        for i in range(4):
+            engine.embed([f"batch {i}"])
+        s = engine.stats()
+    assert s["batches"] == 4 and sum(s["attention_batches"].values()) == 4
+
+
 class StageGates:
     """Records (stage, batch seq) as each batch enters each stage; holds a
     batch at a stage while that (stage, seq) is in `hold`."""
