@@ -78,7 +78,12 @@ def in_vocabulary(token_lists: Sequence[Sequence[int]], vocab_size: int, why: st
     An id past the model's embeddings would fail the whole batch it ran in,
     other callers' requests with it. `why`: what to add to the message."""
     for i, ids in enumerate(token_lists):
-        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        try:
+            outside = bool(ids) and (min(ids) < 0 or max(ids) >= vocab_size)
+        except TypeError:  # an edit put other than ints there: the full check names it
+            _check_token_ids(ids, where(i, len(token_lists)), vocab_size)
+            raise
+        if outside:
             bad = next(t for t in ids if t < 0 or t >= vocab_size)
             raise InvalidInputError(f"token id {bad}{where(i, len(token_lists))} is outside the model's "
                                     f"vocabulary [0, {vocab_size}){why}")

@@ -320,7 +320,8 @@ def _check_options(*, task: str, pooling: str, policy: str, execution: str, targ
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-    for name, value in (("target_latency_ms", target_latency_ms), ("request_timeout_s", request_timeout_s or 1)):
+    for name, value in (("target_latency_ms", target_latency_ms),
+                        ("request_timeout_s", 1 if request_timeout_s is None else request_timeout_s)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{name} must be a number, got {value!r}")
     if not 0 < target_latency_ms < math.inf:
@@ -924,6 +925,11 @@ class Engine(tasks.TaskCalls):
         for name in _SWITCHES:
             _switch(name, bound.arguments[name])
         _check_options(**{k: bound.arguments[k] for k in inspect.signature(_check_options).parameters})
+        # The workers' devices as named (not whether this machine has them:
+        # the replicas' may differ) and the dtype's name.
+        a = bound.arguments
+        replicas_.check_workers(a["device"], a["devices"], a["replicas"], a["parallel"])
+        precision.check_dtype(a["dtype"])
 
     def health(self) -> dict[str, Any]:
         # Serving while any worker is: a replica that died leaves the others

@@ -133,10 +133,15 @@ def _half_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def check_dtype(dtype: Any) -> None:
+    """ValueError unless dtype is one of Engine's DTYPES."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+
+
 def resolve(dtype: str, device: torch.device) -> Precision:
     """The Precision for Engine(dtype=...), without side effects."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    check_dtype(dtype)
     if dtype == "auto":
         weights = torch.float32 if device.type == "cpu" else _half_for(device)
         return Precision(str(weights).removeprefix("torch."), weights, None, device)

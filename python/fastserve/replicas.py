@@ -19,10 +19,43 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .models import resolve_device
+from .models import parse_device, resolve_device
 from .process import usable_cores
 
 PARALLEL = ("data", "pipeline")
+
+
+def check_workers(device: Any, devices: Any, replicas: Any, parallel: Any) -> None:
+    """worker_devices' checks that need none of this machine's devices
+    (Engine.check_options makes them on a driver that may have other
+    devices than the replicas): ValueError naming the first bad option."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if device != "auto":
+        parse_device(device)
+    listed = None
+    if devices is not None:
+        if device != "auto":
+            raise ValueError("give either device= or devices=, not both")
+        if isinstance(devices, str):
+            if devices != "all":
+                raise ValueError(f"devices must be 'all' or a list of devices, got {devices!r}")
+        else:
+            if not isinstance(devices, Sequence) or not devices:
+                raise ValueError(f"devices must be 'all' or a non-empty list of devices, got {devices!r}")
+            for d in devices:
+                if not isinstance(d, (str, torch.device)) or str(d) == "auto":
+                    raise ValueError(f"devices must name each device ('cpu', 'cuda:0', ...), got {d!r}")
+            listed = [parse_device(str(d)) for d in devices]
+            if len({d.type for d in listed}) > 1 and parallel == "data":
+                raise ValueError(f"data-parallel replicas must share one device type, got {[str(d) for d in listed]}")
+    if parallel == "pipeline":
+        if replicas not in (None, 1):
+            raise ValueError("parallel='pipeline' runs one pipeline (replicas must be 1)")
+        if devices is None or (listed is not None and len(listed) < 2):
+            raise ValueError("parallel='pipeline' needs at least two devices (one per stage)")
 
 
 def worker_devices(device: str, devices: Any, replicas: int | None, parallel: str) -> list[torch.device]:
@@ -31,35 +64,17 @@ def worker_devices(device: str, devices: Any, replicas: int | None, parallel: st
 
     devices: None (the one `device`), "all" (every visible GPU) or a list;
     replicas: workers per device (data parallel only; default 1)."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    check_workers(device, devices, replicas, parallel)
     if devices is None:
         listed = [resolve_device(device)]
+    elif isinstance(devices, str):  # "all"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError("devices='all' found no visible GPU (use device='cpu' and replicas=N on a CPU)")
+        listed = [torch.device("cuda", i) for i in range(count)]
     else:
-        if device != "auto":
-            raise ValueError("give either device= or devices=, not both")
-        if isinstance(devices, str):
-            if devices != "all":
-                raise ValueError(f"devices must be 'all' or a list of devices, got {devices!r}")
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ValueError("devices='all' found no visible GPU (use device='cpu' and replicas=N on a CPU)")
-            listed = [torch.device("cuda", i) for i in range(count)]
-        else:
-            if not isinstance(devices, Sequence) or not devices:
-                raise ValueError(f"devices must be 'all' or a non-empty list of devices, got {devices!r}")
-            for d in devices:
-                if not isinstance(d, (str, torch.device)) or str(d) == "auto":
-                    raise ValueError(f"devices must name each device ('cpu', 'cuda:0', ...), got {d!r}")
-            listed = [_indexed(resolve_device(str(d))) for d in devices]
-        kinds = {d.type for d in listed}
-        if len(kinds) > 1 and parallel == "data":
-            raise ValueError(f"data-parallel replicas must share one device type, got {[str(d) for d in listed]}")
+        listed = [_indexed(resolve_device(str(d))) for d in devices]
     if parallel == "pipeline":
-        if replicas not in (None, 1):
-            raise ValueError("parallel='pipeline' runs one pipeline (replicas must be 1)")
         if len(listed) < 2:
             raise ValueError("parallel='pipeline' needs at least two devices (one per stage)")
         return listed

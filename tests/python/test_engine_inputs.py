@@ -53,6 +53,13 @@ def test_token_lists_edited_after_tokenize_are_checked_again():
             gate.release.set()
             assert neighbour.result(timeout=60).shape == (32,)
         assert engine.stats()["failed"] == 0
+        # edited into something other than ints: a typed error too, not min()'s TypeError
+        for edit in ("a text", ["101", 102], [101, None]):
+            lists = engine.tokenize(["hello world", "a second text"])
+            lists[1] = edit
+            with pytest.raises(fastserve.InvalidInputError, match="token ids at index 1 must"):
+                engine.submit_many(lists)
+        assert engine.stats()["submitted"] == 2
 
 
 def test_pairs_and_extract_inputs_with_a_token_the_model_lacks_are_refused(grown_tokenizer):

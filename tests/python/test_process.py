@@ -421,6 +421,20 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
     ({"tune_onednn": 0.0}, "tune_onednn must be True or False"),
     ({"copy_model": "yes"}, "copy_model must be True or False"),
     ({"cudnn_attention": "off"}, "cudnn_attention must be True or False"),
+    ({"request_timeout_s": ""}, "request_timeout_s must be a number"),
+    # the workers' options and the dtype: checked by name without the model too
+    ({"parallel": "bogus"}, "parallel must be one of"),
+    ({"replicas": 0}, "replicas must be a positive int"),
+    ({"devices": "bogus"}, "devices must be 'all' or a list of devices"),
+    ({"devices": []}, "devices must be 'all' or a non-empty list"),
+    ({"devices": ["cpu", "auto"]}, "devices must name each device"),
+    ({"devices": ["cpu", "cuda:0"]}, "data-parallel replicas must share one device type"),
+    ({"device": "cpu", "devices": ["cpu"]}, "give either device= or devices=, not both"),
+    ({"device": "bogus"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({"parallel": "pipeline"}, "parallel='pipeline' needs at least two devices"),
+    ({"parallel": "pipeline", "devices": ["cpu", "cpu"], "replicas": 2}, "replicas must be 1"),
+    ({"dtype": "bogus"}, "dtype must be one of"),
+    ({"dtype": ["float32"]}, "dtype must be one of"),
 ])
 def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -444,6 +458,10 @@ def test_check_options_refuses_a_keyword_the_engine_does_not_take_and_passes_goo
     with pytest.raises(ValueError, match="warmup must be True or False"):
         Engine.check_options(warmup="no")
     Engine.check_options(task="rerank", pair_truncation="only_second", max_batch_tokens=512, warmup=False)
+    # Devices this machine may lack are the replicas' business (a Ray
+    # driver without GPUs deploys GPU replicas): named right, they pass here.
+    Engine.check_options(devices=["cuda:0", "cuda:1"], parallel="pipeline", dtype="float16")
+    Engine.check_options(device="cuda:3", replicas=2)
 
 
 def test_defaults_of_inapplicable_options_and_a_min_batch_above_the_default_max_are_accepted():
