@@ -60,7 +60,7 @@ def error_of(r, status):
 # ------------------------------------------------------------------ rerank
 
 
-def test_documents_that_cannot_go_back_as_json_are_a_400_before_anything_runs(reranker):
+def test_documents_go_back_as_sent_and_those_json_cannot_carry_are_a_400_before_anything_runs(reranker):
     # return_documents echoes each document as sent: a field with a lone
     # surrogate (json.dumps writes it as its escape), or nested past what
     # JSON writing allows, is refused up front, not a 500 once the model ran.
@@ -77,6 +77,10 @@ def test_documents_that_cannot_go_back_as_json_are_a_400_before_anything_runs(re
         assert (err["param"], err["code"]) == ("documents", "invalid_input")
         assert err["message"].startswith("documents[1] cannot be returned as JSON")
     assert engine.stats()["submitted"] == before
+    # a document comes back as sent: a null field too, and no text it lacked
+    r = post(srv, "/v1/rerank", {"query": "q", "return_documents": True, "rank_fields": ["title"],
+                                 "documents": [{"title": "t", "note": None}]})
+    assert r.status_code == 200 and r.json()["results"][0]["document"] == {"title": "t", "note": None}
     # without return_documents, the same documents rank
     r = post(srv, "/v1/rerank", {"query": "q", "documents": [{"text": "x", "m": deep}]})
     assert r.status_code == 200 and len(r.json()["results"]) == 1

@@ -151,7 +151,7 @@ def rank_text(doc, fields, i: int) -> str:
 
 def as_sent(doc) -> dict:
     """A document as the request sent it, for return_documents (a string as {"text": ...})."""
-    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_none=True)
+    return {"text": doc} if isinstance(doc, str) else doc.model_dump(exclude_unset=True)
 
 
 def returnable(doc, i: int) -> dict:
