@@ -178,6 +178,19 @@ def _undo_process_changes_on_refusal(init: Callable[..., None]) -> Callable[...,
     return wrapped
 
 
+def _preempt_choice(preempt: bool | None, parallel: str, pausable: bool, device: torch.device, choice: Any) -> bool:
+    """Engine(preempt=...): on where the runner can pause (pausable) with
+    data-parallel workers, by default on a CPU; True where it cannot is a
+    ValueError."""
+    able = pausable and parallel == "data"
+    if preempt and not able:
+        why = (f"parallel={parallel!r} (pausing needs parallel='data')" if parallel != "data" else
+               f"this engine's {choice.capabilities.layout} runner (family {choice.family or 'none'}) "
+               "cannot pause (the packed BERT-family runner can)")
+        raise ValueError(f"preempt=True pauses a running batch between layers; not possible here: {why}")
+    return able and (preempt if preempt is not None else device.type == "cpu")
+
+
 class _Once:
     """fn(*args) on the first call only, whichever comes first: close(), a
     refused constructor, or the finalizer of an engine dropped unclosed."""
@@ -485,12 +498,19 @@ class Engine(tasks.TaskCalls):
             scores=getattr(cfg, "_attn_implementation", None) == "eager",
             fused=packed and fused_layers(loaded.model, self.device, self.precision.compute))
         shape = footprint.shape_of(cfg)
+        # Whether batches may pause between layers: the chosen runner's, two
+        # layers at least, data parallel (a preempt=True that cannot is
+        # refused here, before anything changes).
+        pausable = getattr(choice.runner, "pausable", False) and shape is not None and shape.layers > 1
+        self.preempt = _preempt_choice(preempt, parallel, pausable, self.device, choice)
         # A CPU batch's threads (replicas.tokens_per_thread; its override checked here).
         self._tokens_per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None,
                                                               precision.emulated(self.precision))
         scratch = piece_row = 0
         if shape is not None and packed and self.device.type == "cpu":
-            threads = torch_threads or torch.get_num_threads()
+            # The threads each worker runs a batch on (not the count left in
+            # the thread that builds the engine).
+            threads = replicas_.threads_per_worker(torch_threads, worker_devices) or torch.get_num_threads()
             scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
                                                         threads=threads)
             if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
@@ -505,7 +525,6 @@ class Engine(tasks.TaskCalls):
         on_cpu = self.device.type == "cpu"
         self._process: dict[str, Any] = {
             "torch_threads": process.set_torch_threads(torch_threads if on_cpu or torch_threads else 0),
-            "malloc": process.keep_freed_memory() if tune_malloc and on_cpu else {"tuned": False},
         }
         if cudnn_attention is None:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
@@ -634,7 +653,6 @@ class Engine(tasks.TaskCalls):
         self._ghost_pad = (pad if pad is not None else 0) \
             if self.device.type == "cpu" and self.runner.name == "packed" else None
         self._ghost_buckets = self._process["onednn"] == "on, token buckets"
-        self.preempt = self._preempt_choice(preempt, parallel)
         batch_cfg = dict(
             max_batch_size=max_batch_size,
             max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
@@ -685,7 +703,10 @@ class Engine(tasks.TaskCalls):
         if self._warmup_cfg is not None:
             for r in self._replicas:
                 r.warm.wait(WARMUP_WAIT_S)
-        # Last: what construction made is long-lived too (process.py).
+        # Last, where nothing can refuse the engine any more (glibc's
+        # thresholds cannot be put back as they were): malloc keeps freed
+        # memory, and what construction made is long-lived too (process.py).
+        self._process["malloc"] = process.keep_freed_memory() if tune_malloc and on_cpu else {"tuned": False}
         self._process["gc"] = process.freeze_gc() if freeze_gc else {"frozen": False}
 
     # ------------------------------------------------------------------ calls
@@ -930,6 +951,7 @@ class Engine(tasks.TaskCalls):
         a = bound.arguments
         replicas_.check_workers(a["device"], a["devices"], a["replicas"], a["parallel"])
         precision.check_dtype(a["dtype"])
+        footprint.check_mib(a["max_batch_memory_mb"])
 
     def health(self) -> dict[str, Any]:
         # Serving while any worker is: a replica that died leaves the others
@@ -1304,16 +1326,6 @@ class Engine(tasks.TaskCalls):
                 backends, _ = process.sdpa_backends_for(dev, cudnn_attention)
             out.append(replicas_.Replica(k, dev, runner, threads, backends, self._tokens_per_thread))
         return out
-
-    def _preempt_choice(self, preempt: bool | None, parallel: str) -> bool:
-        pausable = getattr(self.runner, "pausable", False) and len(self.runner.blocks) > 1
-        able = pausable and parallel == "data"
-        if preempt and not able:
-            why = (f"parallel={parallel!r} (pausing needs parallel='data')" if parallel != "data" else
-                   f"this engine's {self.runner.name} runner (family {self._choice.family or 'none'}) "
-                   "cannot pause (the packed BERT-family runner can)")
-            raise ValueError(f"preempt=True pauses a running batch between layers; not possible here: {why}")
-        return able and (preempt if preempt is not None else self.device.type == "cpu")
 
     def _pausing(self, batch, replica: replicas_.Replica, futures: list) -> tuple[Callable, dict]:
         """The runner's hook between two layers of `batch`: the scheduler may

@@ -191,14 +191,25 @@ def per_token(config: Any, dtype: torch.dtype, execution: str, *, max_length: in
     return activation_bytes_per_token(shape, dtype, execution, max_length=max_length, scores=scores, fused=fused)
 
 
+def check_mib(mib: Any) -> None:
+    """ValueError unless max_batch_memory_mb is None or a positive finite number."""
+    if mib is None:
+        return
+    try:
+        fine = not isinstance(mib, bool) and isinstance(mib, (int, float)) and math.isfinite(mib) and mib > 0
+    except OverflowError:  # an int past float's range
+        fine = False
+    if not fine:
+        raise ValueError(f"max_batch_memory_mb must be a positive number, got {mib!r}")
+
+
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
                   fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0) -> MemoryBudget | None:
     """The budget for Engine(max_batch_memory_mb=mib); ValueError when it can
     not be computed or holds no token at all."""
     if mib is None:
         return None
-    if isinstance(mib, bool) or not (isinstance(mib, (int, float)) and math.isfinite(mib) and mib > 0):
-        raise ValueError(f"max_batch_memory_mb must be a positive number, got {mib!r}")
+    check_mib(mib)
     if bytes_per_token is None:
         raise ValueError(f"max_batch_memory_mb: the sizes of model_type={model_type!r} are not known to the "
                          "activation formula (use max_batch_tokens)")

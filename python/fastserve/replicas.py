@@ -25,6 +25,10 @@ from .process import usable_cores
 PARALLEL = ("data", "pipeline")
 
 
+# The most workers (data-parallel replicas) one engine's scheduler takes.
+MAX_WORKERS = 4096
+
+
 def check_workers(device: Any, devices: Any, replicas: Any, parallel: Any) -> None:
     """worker_devices' checks that need none of this machine's devices
     (Engine.check_options makes them on a driver that may have other
@@ -33,6 +37,8 @@ def check_workers(device: Any, devices: Any, replicas: Any, parallel: Any) -> No
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if replicas is not None and replicas > MAX_WORKERS:
+        raise ValueError(f"replicas must be at most {MAX_WORKERS} (the scheduler's workers), got {replicas}")
     if device != "auto":
         parse_device(device)
     listed = None
@@ -78,6 +84,9 @@ def worker_devices(device: str, devices: Any, replicas: int | None, parallel: st
         if len(listed) < 2:
             raise ValueError("parallel='pipeline' needs at least two devices (one per stage)")
         return listed
+    if len(listed) * (replicas or 1) > MAX_WORKERS:
+        raise ValueError(f"replicas x devices must be at most {MAX_WORKERS} workers, got {replicas or 1} x "
+                         f"{len(listed)}")
     return [d for d in listed for _ in range(replicas or 1)]
 
 

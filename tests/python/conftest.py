@@ -52,3 +52,13 @@ def real_default_replicas(_one_replica_by_default):
     replicas.default_replicas = _one_replica_by_default
     yield
     replicas.default_replicas = pinned
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """torch's thread count in the test's thread put back after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)

@@ -53,6 +53,18 @@ def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
             assert peak >= 0.7 * per * tokens
 
 
+def test_the_budget_counts_the_workers_threads_not_the_builders(restore_torch_threads):
+    # The attention scratch is per worker thread: the count left in the
+    # thread that builds the engine (another engine's torch_threads=1) is
+    # not the workers' (an equal share of the cores each).
+    tokens = []
+    for builder in (1, 4):
+        torch.set_num_threads(builder)
+        with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, max_batch_memory_mb=0.08, warmup=False) as e:
+            tokens.append(e.memory_budget.tokens)
+    assert tokens[0] == tokens[1]
+
+
 def _minilm_shaped():
     """A tiny BERT with MiniLM's proportions: I = 4H."""
     from transformers import AutoModel

@@ -18,13 +18,6 @@ from fastserve import Engine, process
 from fastserve.errors import InferenceError
 
 
-@pytest.fixture
-def restore_torch_threads():
-    before = torch.get_num_threads()
-    yield before
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------ the caller's model
 
 
@@ -363,14 +356,22 @@ def test_a_cpu_engine_reports_no_backend_switch():
         assert engine.stats()["process"]["sdpa_backends_switched_per_batch"] is False
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_length": 10_000}, "max_length"),
+    # refused once the runner is chosen, and by the workers' bound: before the
+    # model is cast in place and malloc's thresholds are set, too
+    ({"preempt": True, "execution": "padded"}, "preempt"),
+    ({"replicas": 5000}, "replicas must be at most 4096"),
+    ({"devices": ["cpu"] * 3, "replicas": 2000}, "replicas x devices must be at most 4096"),
+])
 def test_a_refused_engine_changes_nothing_in_the_process_or_the_callers_model(restore_torch_threads,
-                                                                               monkeypatch):
+                                                                               monkeypatch, kwargs, match):
     torch.set_num_threads(1)
     called = []
     monkeypatch.setattr(process, "_mallopt", lambda: lambda *a: called.append(a) or 1)
     m = tm.model("bert").train()
-    with pytest.raises(ValueError, match="max_length"):
-        Engine(m, tm.tokenizer(), dtype="bfloat16", copy_model=False, max_length=10_000)
+    with pytest.raises(ValueError, match=match):
+        Engine(m, tm.tokenizer(), dtype="bfloat16", copy_model=False, warmup=False, **kwargs)
     assert torch.get_num_threads() == 1 and called == []
     assert m.training and {p.dtype for p in m.parameters()} == {torch.float32}
 
@@ -435,6 +436,11 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
     ({"parallel": "pipeline", "devices": ["cpu", "cpu"], "replicas": 2}, "replicas must be 1"),
     ({"dtype": "bogus"}, "dtype must be one of"),
     ({"dtype": ["float32"]}, "dtype must be one of"),
+    ({"replicas": 5000}, "replicas must be at most 4096"),
+    ({"max_batch_memory_mb": "64"}, "max_batch_memory_mb must be a positive number"),
+    ({"max_batch_memory_mb": float("nan")}, "max_batch_memory_mb must be a positive number"),
+    ({"max_batch_memory_mb": -1}, "max_batch_memory_mb must be a positive number"),
+    ({"max_batch_memory_mb": 10**400}, "max_batch_memory_mb must be a positive number"),
 ])
 def test_bad_or_inapplicable_options_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
