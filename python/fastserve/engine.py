@@ -515,8 +515,12 @@ class Engine(tasks.TaskCalls):
                                                         threads=threads)
             if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
                 piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
+        # Packed CPU batches run padded with ghost rows (shapes.target): the
+        # budget holds the padded batch.
+        runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn) \
+            if packed and self.device.type == "cpu" else None
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
-                                                     cfg.model_type, scratch, piece_row, gemm.PIECE)
+                                                     cfg.model_type, scratch, piece_row, gemm.PIECE, runs_at)
         if self.memory_budget is not None:
             self.max_batch_tokens = min(self.max_batch_tokens, self.memory_budget.tokens)
         # What the engine changes outside itself (python/fastserve/process.py),

@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import shapes
 from .errors import InvalidInputError
 
 # Per packed token: int64 rows made per batch (token types, position ids and
@@ -157,6 +158,10 @@ class MemoryBudget:
     # bytes per token for the batch's first piece_rows tokens.
     piece_row_bytes: int = 0
     piece_rows: int = 0
+    # How a batch of T tokens runs (shapes.target): None, at T; False, at
+    # least shapes.MIN_ROWS (packed CPU float32); True, at its token bucket
+    # (packed CPU bfloat16/float16). The ghost rows count like real ones.
+    buckets: bool | None = None
 
     def batch_bytes(self, tokens: int) -> int:
         """What a batch of `tokens` tokens holds at its peak."""
@@ -164,12 +169,18 @@ class MemoryBudget:
 
     @property
     def tokens(self) -> int:
-        """The most tokens whose batch_bytes fit the budget."""
+        """The most tokens whose batch, as it runs (padded to its target),
+        has batch_bytes within the budget."""
         room = max(0, int(self.mib * 2**20) - self.fixed_bytes)
         few = room // (self.bytes_per_token + self.piece_row_bytes)
-        if few < self.piece_rows:
-            return few
-        return (room - self.piece_row_bytes * self.piece_rows) // self.bytes_per_token
+        rows = few if few < self.piece_rows else (room - self.piece_row_bytes * self.piece_rows) // self.bytes_per_token
+        if self.buckets is None:
+            return rows
+        # batch_bytes grows with the rows: the most T whose target fits.
+        t = rows
+        while t > 0 and shapes.target(t, self.buckets) > rows:
+            t -= 1
+        return t
 
     def describe(self) -> str:
         return (f"max_batch_memory_mb={self.mib:g} holds {self.tokens} tokens per batch "
@@ -204,7 +215,8 @@ def check_mib(mib: Any) -> None:
 
 
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
-                  fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0) -> MemoryBudget | None:
+                  fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0,
+                  buckets: bool | None = None) -> MemoryBudget | None:
     """The budget for Engine(max_batch_memory_mb=mib); ValueError when it can
     not be computed or holds no token at all."""
     if mib is None:
@@ -213,13 +225,17 @@ def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: st
     if bytes_per_token is None:
         raise ValueError(f"max_batch_memory_mb: the sizes of model_type={model_type!r} are not known to the "
                          "activation formula (use max_batch_tokens)")
-    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows)
+    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows,
+                          buckets)
     if budget.tokens < 1:
-        least = math.ceil(budget.batch_bytes(1) / 2**20 * 1e4) / 1e4  # rounded up: it holds one
+        fewest = 1 if buckets is None else shapes.target(1, buckets)  # a batch of one token runs this many
+        least = math.ceil(budget.batch_bytes(fewest) / 2**20 * 1e4) / 1e4  # rounded up: it holds one
         first = (f" ({bytes_per_token + piece_row_bytes} for each of its first {piece_rows})"
                  if piece_row_bytes and piece_rows else "")
+        padded = f", and runs at least {fewest} tokens" if fewest > 1 else ""
         raise ValueError(f"max_batch_memory_mb={mib:g} holds no token: a batch needs {budget.fixed_bytes} bytes "
-                         f"whatever its size and {bytes_per_token} bytes per token{first} (at least {least:g} MiB)")
+                         f"whatever its size and {bytes_per_token} bytes per token{first}{padded} "
+                         f"(at least {least:g} MiB)")
     return budget
 
 

@@ -168,6 +168,12 @@ _onednn_saved = True
 _onednn_here = threading.local()  # .off: float32 batches this thread runs with the switch off
 
 
+def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool) -> bool:
+    """Whether onednn_for turns oneDNN on for the engine, its packed batches
+    then rounded up to token buckets (shapes.py): CPU bfloat16/float16."""
+    return device.type == "cpu" and bool(tune) and compute != torch.float32
+
+
 def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[Callable[[], Any], str]:
     """The context a batch runs in for oneDNN's switch, and what it does:
     "off per batch" (CPU float32), "on, token buckets" (CPU bf16/fp16: the
@@ -176,7 +182,7 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
     global _onednn_users
     if device.type != "cpu" or not tune:
         return contextlib.nullcontext, "left alone"
-    if compute != torch.float32:
+    if onednn_buckets(device, compute, tune):
         with _onednn_lock:
             _onednn_users += 1
             # No float32 batch turns the switch off from now on; one running

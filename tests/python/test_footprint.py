@@ -12,7 +12,7 @@ import pytest
 import torch
 import tiny_models as tm
 
-from fastserve import Engine, InvalidInputError, footprint, gemm
+from fastserve import Engine, InvalidInputError, footprint, gemm, shapes
 
 
 def _profiled(engine):
@@ -175,12 +175,40 @@ def test_a_bad_memory_budget_is_refused_at_construction(bad):
 @pytest.mark.parametrize("mib", [1e-6, 0.03])  # 0.03 MiB: many tokens' activations, less than a batch's fixed part
 def test_a_budget_that_holds_no_token_is_refused_naming_the_least_that_does(mib):
     with pytest.raises(ValueError, match=r"holds no token: a batch needs \d+ bytes whatever its size and \d+ bytes "
-                                         r"per token( \(\d+ for each of its first \d+\))? \(at least [0-9.]+ MiB\)") as info:
+                                         r"per token( \(\d+ for each of its first \d+\))?(, and runs at least 4 "
+                                         r"tokens)? \(at least [0-9.]+ MiB\)") as info:
         Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=mib)
     least = float(str(info.value).rsplit("at least ", 1)[1].split()[0])
     with Engine(tm.model("bert"), tm.tokenizer(), max_batch_memory_mb=least, replicas=1,
                 warmup=False) as engine:  # the figure given works as it is
         assert engine.memory_budget.tokens >= 1
+
+
+@pytest.mark.parametrize("dtype, room", [("bfloat16", 97), ("float32", 3)])
+def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room):
+    # A packed CPU batch runs at shapes.target(T): its token bucket in
+    # bfloat16, at least MIN_ROWS tokens in float32. A budget with room for
+    # 97 tokens holds 96 in bfloat16 (bucket(97) = 112 would not fit); one
+    # with room for 3 holds none in float32.
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False) as probe:
+        per = probe.stats()["memory"]["activations"]["bytes_per_token"]
+    shape = footprint.shape_of(m.config)
+    fixed = footprint.SMALL_BYTES + footprint.attention_scratch_bytes(
+        shape, getattr(torch, dtype), max_length=128, threads=torch.get_num_threads())
+    mib = (fixed + per * room + per // 2) / 2**20
+    if dtype == "float32":
+        with pytest.raises(ValueError, match="holds no token: .*, and runs at least 4 tokens"):
+            Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, max_batch_memory_mb=mib, warmup=False)
+        return
+    with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, max_batch_memory_mb=mib, warmup=False,
+                policy="static", max_batch_tokens=4096) as engine:
+        budget = engine.memory_budget
+        assert budget.tokens == 96 and shapes.bucket(96) == 96
+        rows = _profiled(engine)
+        engine.embed([t for t in tm.mixed_texts(60, seed=9) if len(tm.tokenizer()(t)["input_ids"]) <= 96])
+    assert rows and all(tokens <= 96 for tokens, _, _ in rows)
+    assert all(peak <= mib * 2**20 for _, _, peak in rows)
 
 
 def test_the_fused_qkv_weight_of_the_engines_own_model_is_not_a_second_copy(tmp_path):
