@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import os
 import random
 import signal
@@ -224,7 +225,8 @@ def app(
     Serve's autoscaling between those bounds (aiming at
     target_ongoing_requests per replica).
     num_cpus, num_gpus: resources of each replica. On the CPU, a replica's
-    engine runs int(num_cpus) torch threads unless torch_threads is given.
+    engine's CPU workers (its replicas, on each listed device) share
+    int(num_cpus) torch threads, at least one each, unless torch_threads is given.
     max_ongoing_requests: requests Serve sends a replica at once; the engine
     batches them, so this is far above Serve's default of 5.
     router: "queued_work" (QueuedWorkRouter) or "pow2" (Serve's default:
@@ -240,6 +242,17 @@ def app(
     """
     if router not in ("queued_work", "pow2"):
         raise ValueError(f"router must be 'queued_work' or 'pow2', got {router!r}")
+    for key, value, kind in (("num_replicas", num_replicas, "int"), ("min_replicas", min_replicas, "int"),
+                             ("max_replicas", max_replicas, "int"),
+                             ("max_ongoing_requests", max_ongoing_requests, "int"),
+                             ("num_cpus", num_cpus, "number"), ("num_gpus", num_gpus, "number"),
+                             ("body_timeout_s", body_timeout_s, "number"),
+                             ("target_ongoing_requests", target_ongoing_requests, "number"),
+                             ("routing_stats_period_s", routing_stats_period_s, "number")):
+        number = isinstance(value, (numbers.Integral if kind == "int" else numbers.Real)) and \
+            not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise ValueError(f"{key} must be {'an int' if kind == 'int' else 'a number'}, got {value!r}")
     if (min_replicas is None) != (max_replicas is None):
         raise ValueError("give both min_replicas and max_replicas (autoscaling), or neither")
     if num_replicas is not None and min_replicas is not None:  # was ignored
@@ -254,7 +267,12 @@ def app(
 
     Engine.check_options(**engine_options)
     if num_cpus and engine_options.get("torch_threads") is None and not num_gpus:
-        engine_options["torch_threads"] = max(1, int(num_cpus))
+        # Each of the engine's CPU workers (its replicas, on each listed
+        # device) sets torch_threads: a share of the replica's CPUs each.
+        devices = engine_options.get("devices")
+        listed = len(devices) if isinstance(devices, (list, tuple)) else 1  # (checked above)
+        workers = (engine_options.get("replicas") or 1) * listed
+        engine_options["torch_threads"] = max(1, int(num_cpus) // workers)
     actor_options: dict[str, Any] = {}
     if num_cpus is not None:
         actor_options["num_cpus"] = num_cpus

@@ -478,6 +478,17 @@ def test_app_options():
     assert body_timeout_s == fray.BODY_TIMEOUT_S
     assert model == "m" and server_options == {"api_key": "k"}
     assert engine_options == {"target_latency_ms": 20.0, "torch_threads": 2}
+    # Each of the engine's CPU workers takes torch_threads: num_cpus shared among them.
+    assert fray.app("m", num_cpus=4, replicas=2)._bound_deployment.init_args[1]["torch_threads"] == 2
+    assert fray.app("m", num_cpus=2, replicas=4)._bound_deployment.init_args[1]["torch_threads"] == 1
+    assert fray.app("m", num_cpus=4, devices=["cpu", "cpu"], parallel="pipeline"
+                    )._bound_deployment.init_args[1]["torch_threads"] == 2
+    for key in ("num_replicas", "max_ongoing_requests", "min_replicas", "body_timeout_s", "num_cpus"):
+        bad = {key: "2", **({"max_replicas": 4} if key == "min_replicas" else {})}
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            fray.app("m", **bad)
+    with pytest.raises(ValueError, match="replicas must be at most 4096"):  # Engine.check_options
+        fray.app("m", replicas=5000)
     scaled = fray.app("m", min_replicas=1, max_replicas=4, num_gpus=1)._bound_deployment
     assert scaled._deployment_config.autoscaling_config.max_replicas == 4
     assert scaled.ray_actor_options["num_gpus"] == 1
