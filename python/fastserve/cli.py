@@ -59,7 +59,7 @@ def _open_engine(args: argparse.Namespace, **extra):
 
     try:
         return _make_engine(args, **extra)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError, TypeError) as e:
         print(f"fastserve {args.command}: {e}", file=sys.stderr)
         return None
 
@@ -127,8 +127,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     engine = _open_engine(args)
     if engine is None:
         return 2
+    from .errors import InvalidInputError
+
     with engine:
-        vectors = engine.embed(texts)
+        try:
+            vectors = engine.embed(texts)
+        except InvalidInputError as e:  # a text the engine refuses (not valid Unicode, too long to run)
+            print(f"fastserve embed: {e}", file=sys.stderr)
+            return 2
     if args.format == "json":
         out = [{"text": t, "embedding": [round(float(x), 7) for x in v]} for t, v in zip(texts, vectors)]
         json.dump(out if len(out) != 1 else out[0], sys.stdout)

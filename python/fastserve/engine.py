@@ -27,7 +27,7 @@ from . import _core, admission, footprint, gemm, precision, process, shapes, tas
 from . import replicas as replicas_
 from .admission import Timeout, all_results, result_of, results_of
 from .errors import EngineClosedError, InferenceError, InvalidInputError, OverloadedError, QueueFullError
-from .errors import ReplicaFailedError, RequestTimeoutError, WorkerThreadError
+from .errors import ReplicaFailedError, RequestTimeoutError, UnsupportedModelError, WorkerThreadError
 from .inputs import Fit, Gathered, Template, attach, infos_of, truncation_mode, weighted_mean
 from .pipeline import PipelineRunner
 from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_model_path, load, model_max_length
@@ -178,6 +178,21 @@ def _undo_process_changes_on_refusal(init: Callable[..., None]) -> Callable[...,
     return wrapped
 
 
+def _check_dense_widths(post: Sequence[Any], width: int) -> None:
+    """Each Dense module after pooling takes the width before it (the pooled
+    width: one hidden width per pooling mode, at the first): else
+    UnsupportedModelError now, not an InferenceError on every request (a
+    folder's Pooling changed, or pooling= given, in front of its Dense)."""
+    from .st_spec import DenseLayer
+
+    for i, layer in enumerate(p for p in post if isinstance(p, DenseLayer)):
+        takes = int(layer.weight.shape[1])
+        if width and takes != width:
+            raise UnsupportedModelError("Dense", f"Dense module {i} takes {takes} features but is given {width} "
+                                                 "(the pooled width: the hidden width times the pooling modes)")
+        width = int(layer.weight.shape[0])
+
+
 def _preempt_choice(preempt: bool | None, parallel: str, pausable: bool, device: torch.device, choice: Any) -> bool:
     """Engine(preempt=...): on where the runner can pause (pausable) with
     data-parallel workers, by default on a CPU; True where it cannot is a
@@ -302,6 +317,10 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
         raise
 
 
+# The most any count option (max_queue, max_batch_tokens, ...) may be: the
+# scheduler's int64 fields, with room for sums of them.
+MAX_COUNT = 2**40
+
 # The Engine's on/off options: True, False, or None for its default.
 _SWITCHES = ("normalize", "tune_malloc", "cudnn_attention", "tune_onednn", "copy_model", "preempt", "warmup",
              "freeze_gc")
@@ -353,8 +372,8 @@ def _check_options(*, task: str, pooling: str, policy: str, execution: str, targ
                         ("max_batch_tokens", max_batch_tokens), ("max_length", max_length)):
         if value is None and name in ("max_queue_tokens", "max_batch_tokens", "max_length"):
             continue  # None: the default
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_COUNT:
+            raise ValueError(f"{name} must be an int >= 1 (at most {MAX_COUNT}), got {value!r}")
     if max_batch_tokens is not None and min_batch_tokens > max_batch_tokens:
         raise ValueError(f"min_batch_tokens ({min_batch_tokens}) must not exceed max_batch_tokens ({max_batch_tokens})")
     if isinstance(chunk_overlap, bool) or not isinstance(chunk_overlap, numbers.Integral) or chunk_overlap < 0:
@@ -490,6 +509,9 @@ class Engine(tasks.TaskCalls):
         # (families.py); execution='packed' without support raises here.
         choice = select_runner(loaded.model, task, execution)
         packed = choice.capabilities.layout == "packed"
+        # The Dense modules after pooling fit the pooled width (pooling= may change it).
+        _check_dense_widths(loaded.st.post, len((pooling,) if pooling != "auto" else (loaded.st.pooling or ("mean",)))
+                            * int(getattr(loaded.model.config, "hidden_size", 0) or 0))
         # The batch bound that keeps a batch's activations within the budget
         # (python/fastserve/footprint.py); checked before anything changes.
         cfg = loaded.model.config
@@ -613,7 +635,7 @@ class Engine(tasks.TaskCalls):
             # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
             self.activation: str | None = (
                 classification_activation(net.config, activation) if task == "classify" else
-                tasks.cross_encoder_activation(loaded.path, net.config, activation) if task == "rerank" else
+                tasks.cross_encoder_activation(loaded.path or loaded.source, net.config, activation) if task == "rerank" else
                 "softmax")
         else:
             self.labels = []

@@ -207,7 +207,8 @@ def check_mib(mib: Any) -> None:
     if mib is None:
         return
     try:
-        fine = not isinstance(mib, bool) and isinstance(mib, (int, float)) and math.isfinite(mib) and mib > 0
+        fine = (not isinstance(mib, bool) and isinstance(mib, (int, float)) and mib > 0
+                and math.isfinite(float(mib) * 2**20))  # in bytes too
     except OverflowError:  # an int past float's range
         fine = False
     if not fine:

@@ -75,6 +75,7 @@ class LoadedModel:
     name: str
     path: Path | None
     st: ModelSpec = field(default_factory=lambda: ModelSpec(source=""))
+    source: str = ""  # the local folder or hub id it was loaded from ("": a model object without one)
 
 
 def _local_path(model: str | os.PathLike) -> Path | None:
@@ -91,12 +92,16 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
     auto = {"classify": AutoModelForSequenceClassification, "rerank": AutoModelForSequenceClassification,
             "token-classify": AutoModelForTokenClassification}.get(task, AutoModel)
     if isinstance(model, PreTrainedModel):
-        name = getattr(model, "name_or_path", "") or type(model).__name__
-        path = _local_path(name) if name else None
-        spec = _read_spec(path, task) if path else ModelSpec(source=name)
-        if tokenizer is None and not name:
-            raise ModelLoadError("the model has no name_or_path; pass tokenizer=")
-        return LoadedModel(model, _tokenizer(AutoTokenizer, tokenizer, name, spec), name, path, spec)
+        # Where it came from (a local folder or a hub id): its
+        # sentence-transformers files are read from there, as for a name.
+        source = getattr(model, "name_or_path", "") or ""
+        path = _local_path(source) if source else None
+        spec = _read_spec(path if path else source, task) if source else ModelSpec(source=type(model).__name__)
+        if tokenizer is None and not source:
+            raise ModelLoadError("the model has no name_or_path to load its tokenizer from; pass tokenizer=")
+        _refuse_headless(model, task)
+        name = source or type(model).__name__
+        return LoadedModel(model, _tokenizer(AutoTokenizer, tokenizer, name, spec), name, path, spec, source)
     if isinstance(model, (str, os.PathLike)):
         if not os.fspath(model).strip():  # Path("") is the current folder
             raise ModelLoadError("model must be a path or hub id, got an empty name")
@@ -117,10 +122,30 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
             )
             raise ModelLoadError(f"could not load model from {where!r}: {hint}: {e}") from e
         _refuse_missing_weights(where, task, info.get("missing_keys") or ())
-        return LoadedModel(loaded, _tokenizer(AutoTokenizer, tokenizer, where, spec), str(model), path, spec)
+        return LoadedModel(loaded, _tokenizer(AutoTokenizer, tokenizer, where, spec), str(model), path, spec, where)
     raise TypeError(
         f"model must be a path, a hub id or a transformers PreTrainedModel, got {type(model).__name__}"
     )
+
+
+# The head a task runs, by the end of the model class's name (transformers'
+# naming: BertForSequenceClassification, DistilBertForTokenClassification).
+_HEADS = {"classify": "ForSequenceClassification", "rerank": "ForSequenceClassification",
+          "token-classify": "ForTokenClassification"}
+
+
+def _refuse_headless(model: Any, task: str) -> None:
+    """A model object without the head its task runs (a plain encoder for
+    classify), or with a classification head for embed: ModelLoadError now,
+    not an InferenceError on every request."""
+    cls = type(model).__name__
+    want = _HEADS.get(task)
+    if want is not None and not cls.endswith(want):
+        raise ModelLoadError(f"task={task!r} runs the model's {want[3:]} head; a {cls} has none "
+                             f"(load it with AutoModel{want})")
+    if want is None and cls.endswith(tuple(_HEADS.values())):
+        raise ModelLoadError(f"task='embed' runs an encoder, got a {cls} with a classification head: pass its "
+                             "encoder (model.base_model), or use the task its head is for")
 
 
 def _refuse_missing_weights(where: str, task: str, missing: Any) -> None:

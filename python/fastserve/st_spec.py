@@ -12,13 +12,14 @@ False) and the engine's own defaults apply."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -151,6 +152,23 @@ def _kind(entry: dict) -> str:
     return kind.rsplit(".", 1)[-1]
 
 
+def _typed(read: Callable[[str | os.PathLike], ModelSpec]) -> Callable[[str | os.PathLike], ModelSpec]:
+    """read(model), any error it meets in the files (a value of the wrong
+    JSON type, weights that are not weights: a git-lfs pointer) raised as
+    ModelLoadError naming the model."""
+    @functools.wraps(read)
+    def typed(model: str | os.PathLike) -> ModelSpec:
+        try:
+            return read(model)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{os.fspath(model)}: its sentence-transformers files could not be read: {e!r}") \
+                from e
+    return typed
+
+
+@_typed
 def load_spec(model: str | os.PathLike) -> ModelSpec:
     """The spec of a local folder or hub id (a plain spec where there is no modules.json)."""
     files = _Files(os.fspath(model))
@@ -269,6 +287,7 @@ def _read_config(files: _Files, spec: ModelSpec) -> None:
     spec.similarity_fn_name = cfg.get("similarity_fn_name") or None
 
 
+@_typed
 def load_prompts(model: str | os.PathLike) -> ModelSpec:
     """A CrossEncoder's spec: its prompts and default prompt (its
     config_sentence_transformers.json; none without one). CrossEncoder.predict

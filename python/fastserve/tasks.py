@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import json
+import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Set
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
@@ -27,6 +26,7 @@ from . import admission
 from .admission import TokenLists, all_results, results_of, where
 from .errors import InvalidInputError, ModelLoadError
 from .inputs import InputInfo
+from .st_spec import _Files
 
 PAIR_TRUNCATIONS = ("longest_first", "only_second")
 PAIR_ACTIVATIONS = ("sigmoid", "softmax", "tanh", "none")
@@ -64,10 +64,11 @@ def distinct(docs: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return list(first), where
 
 
-def cross_encoder_activation(path: Optional[Path], config: Any, activation: str = "auto") -> str:
+def cross_encoder_activation(source: Any, config: Any, activation: str = "auto") -> str:
     """What a rerank engine applies to the logits: `activation` unless
     "auto", else what CrossEncoder.predict applies: the activation the
-    sentence-transformers folder saved (config_sentence_transformers.json
+    sentence-transformers folder (source: a local folder or a hub id, or
+    None) saved (config_sentence_transformers.json
     from 5.x on, config.json's "sentence_transformers" in 4.x,
     "sbert_ce_default_activation_function" before), else sigmoid for a
     one-logit head and none for several."""
@@ -76,16 +77,14 @@ def cross_encoder_activation(path: Optional[Path], config: Any, activation: str 
             raise ValueError(f"activation must be 'auto' or one of {PAIR_ACTIVATIONS}, got {activation!r}")
         return activation
     saved = None
-    if path is not None:
-        st_file = Path(path) / "config_sentence_transformers.json"
-        if st_file.is_file():
-            saved = json.loads(st_file.read_text()).get("activation_fn")
+    if source:  # a local folder or a hub id (its cache), as the spec is read
+        saved = (_Files(os.fspath(source)).json("config_sentence_transformers.json") or {}).get("activation_fn")
     if saved is None:
         saved = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn")
     if saved is None:
         saved = getattr(config, "sbert_ce_default_activation_function", None)
     if saved is not None:
-        if saved not in _TORCH_ACTIVATIONS:
+        if not isinstance(saved, str) or saved not in _TORCH_ACTIVATIONS:
             raise ModelLoadError(f"the cross-encoder's activation {saved!r} is not supported "
                                  f"(fastserve applies {', '.join(sorted(_TORCH_ACTIVATIONS))}); "
                                  "pass activation= to choose one")

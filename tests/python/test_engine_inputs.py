@@ -68,7 +68,9 @@ def test_pairs_and_extract_inputs_with_a_token_the_model_lacks_are_refused(grown
         with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
             engine.score([("query", "fine"), ("query", "a <newtok>")])
         assert engine.score([("query", "fine")]).shape == (1,)
-    m = tm.model("bert", classify=True, num_labels=3)
+    from test_extract import token_model
+
+    m = token_model("bert")
     with pytest.warns(UserWarning), \
             Engine(m, grown_tokenizer, task="token-classify", replicas=1, warmup=False) as engine:
         with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
@@ -149,7 +151,9 @@ def test_tokenize_takes_only_a_list_of_texts(embedder, bad):
 
 
 def test_extract_checks_its_arguments_before_anything_runs():
-    m = tm.model("bert", classify=True, num_labels=3)
+    from test_extract import token_model
+
+    m = token_model("bert")
     with Engine(m, tm.tokenizer(), task="token-classify", replicas=1, warmup=False) as engine:
         for bad in (None, 123):
             with pytest.raises(fastserve.InvalidInputError, match=f"a list of texts, got {type(bad).__name__}"):

@@ -97,6 +97,87 @@ def test_badly_formed_st_configs_raise_model_load_error_naming_the_file(tiny_fol
         load_spec(folder)
 
 
+@pytest.mark.parametrize("name, edit", [
+    ("modules.json", lambda v: [{**m, "path": 1} if m["path"] == "1_Pooling" else m for m in v]),
+    ("1_Pooling/config.json", lambda v: {**v, "pooling_mode": 3}),
+    ("config_sentence_transformers.json", lambda v: {**v, "default_prompt_name": ["query"]}),
+    ("sentence_bert_config.json", lambda v: {**v, "model_args": ["x"]}),
+])
+def test_a_value_of_the_wrong_type_in_an_st_config_is_a_model_load_error(tiny_folder, tmp_path, name, edit):
+    # Not the AttributeError / TypeError reading it raised.
+    folder = _copy(tiny_folder, tmp_path)
+    f = folder / name
+    f.write_text(json.dumps(edit(json.loads(f.read_text()) if f.exists() else {})))
+    with pytest.raises(ModelLoadError, match=re.escape(str(folder))):
+        load_spec(folder)
+    with pytest.raises(ModelLoadError):
+        _engine(str(folder))
+
+
+def test_dense_weights_that_are_not_weights_are_a_model_load_error(tmp_path):
+    import st_models as sm
+
+    folder = sm.save("bert", "mean-dense-normalize", tmp_path / "st")
+    weights = next(p for p in (folder / "2_Dense").iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")  # a pointer
+    with pytest.raises(ModelLoadError, match="2_Dense|could not be read"):
+        _engine(str(folder))
+
+
+def test_a_dense_module_that_does_not_take_the_pooled_width_is_refused(tmp_path):
+    # Two pooling modes in front of a Dense made for one: every request
+    # failed with an InferenceError; now the engine is refused.
+    import st_models as sm
+    from fastserve.errors import UnsupportedModelError
+
+    folder = sm.save("bert", "mean-dense-normalize", tmp_path / "st")
+    cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    cfg["pooling_mode"] = ["mean", "cls"]  # 64 wide
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="Dense module 0 takes 32 features but is given 64"):
+        _engine(str(folder))
+    with _engine(str(folder), pooling="cls") as e:  # one mode: 32 wide, as the Dense takes
+        assert e.embed("fits").shape == (24,)
+
+
+@pytest.mark.parametrize("task, head", [("classify", None), ("rerank", None), ("token-classify", None),
+                                        ("token-classify", "sequence"), ("embed", "sequence")])
+def test_a_model_object_without_the_head_its_task_runs_is_refused(task, head):
+    m = tm.model("bert", classify=head == "sequence", num_labels=2) if head else tm.model("bert")
+    with pytest.raises(ModelLoadError, match=f"task={task!r}"):
+        Engine(m, tm.tokenizer(), task=task, warmup=False)
+
+
+def test_a_model_object_from_a_hub_id_keeps_its_sentence_transformers_files(tmp_path, monkeypatch):
+    # A model loaded by hub id and passed as an object: its pooling (and a
+    # cross-encoder's activation) come from the id's files, as for the id.
+    import huggingface_hub
+    import st_models as sm
+    from test_rerank import cross_encoder_folder
+
+    st = sm.save("bert", "cls-normalize", tmp_path / "st")
+    ce, _ = cross_encoder_folder(tmp_path, "bert", activation=__import__("torch").nn.Identity())
+    repos = {"someone/st": st, "someone/ce": ce}
+
+    def from_cache(repo_id, filename, **kw):
+        f = repos[repo_id] / filename
+        if not f.is_file():
+            raise FileNotFoundError(filename)
+        return str(f)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    m = AutoModel.from_pretrained(st)
+    m.name_or_path = "someone/st"
+    with Engine(m, tm.tokenizer(), warmup=False) as e:
+        assert e.pooling == "cls" and e.normalize
+    c = AutoModelForSequenceClassification.from_pretrained(ce)
+    c.name_or_path = "someone/ce"
+    with Engine(c, tm.tokenizer(), task="rerank", warmup=False) as e:
+        assert e.activation == "none"  # the folder's Identity, not the one-logit default (sigmoid)
+
+
 def test_a_pooling_without_its_config_is_refused_naming_the_file(tiny_folder, tmp_path):
     """It was served as mean pooling (sentence-transformers cannot build it)."""
     folder = _copy(tiny_folder, tmp_path)
@@ -128,8 +209,11 @@ def test_a_model_object_takes_a_tokenizer_path(tiny_folder, as_path):
     ["bench", "--model", "/nonexistent/model", "--requests", "1"],
     ["bench", "--model", "{tiny}", "--dtype", "float64", "--requests", "1"],
     ["serve", "/nonexistent/model", "--port", "0"],
+    ["embed", "--model", "{tiny}", "--max-batch-size", "99999999999999999999", "hi"],
+    ["embed", "--model", "{tiny}", "--max-batch-memory-mb", "1e308", "hi"],
+    ["embed", "--model", "{tiny}", "ab\udcffcd"],  # a byte that is not UTF-8 in argv, as Python decodes it
 ], ids=["embed-no-model", "embed-dtype", "embed-device", "embed-memory", "bench-no-model", "bench-dtype",
-        "serve-no-model"])
+        "serve-no-model", "embed-huge-count", "embed-huge-memory", "embed-not-utf8"])
 def test_the_cli_reports_a_refused_engine_in_one_line(tiny_folder, capsys, argv):
     if argv[0] == "serve":
         pytest.importorskip("fastserve.server")

@@ -27,8 +27,9 @@ def rerank_engine(tokenizer):
 
 
 def tagger_engine(tokenizer):
-    return Engine(tm.model("bert", classify=True, num_labels=3), tokenizer, task="token-classify", replicas=1,
-                  warmup=False)
+    from test_extract import token_model
+
+    return Engine(token_model("bert"), tokenizer, task="token-classify", replicas=1, warmup=False)
 
 
 def pair_ids(engine, pairs):
