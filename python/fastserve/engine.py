@@ -509,9 +509,9 @@ class Engine(tasks.TaskCalls):
         # (families.py); execution='packed' without support raises here.
         choice = select_runner(loaded.model, task, execution)
         packed = choice.capabilities.layout == "packed"
-        # The Dense modules after pooling fit the pooled width (pooling= may change it).
-        _check_dense_widths(loaded.st.post, len((pooling,) if pooling != "auto" else (loaded.st.pooling or ("mean",)))
-                            * int(getattr(loaded.model.config, "hidden_size", 0) or 0))
+        # The pooling, and the Dense modules after it fitting its width (pooling= may change it).
+        modes = (pooling,) if pooling != "auto" else (loaded.st.pooling or ("mean",))
+        _check_dense_widths(loaded.st.post, len(modes) * int(getattr(loaded.model.config, "hidden_size", 0) or 0))
         # The batch bound that keeps a batch's activations within the budget
         # (python/fastserve/footprint.py); checked before anything changes.
         cfg = loaded.model.config
@@ -578,7 +578,6 @@ class Engine(tasks.TaskCalls):
         self._precision_context = self.precision.context()
         precision.warn_if_slow(self.precision)
         spec = loaded.st
-        modes = (pooling,) if pooling != "auto" else (spec.pooling or ("mean",))
         self.pooling = "+".join(modes)
         # The stack after pooling: the model's (sentence-transformers), with
         # normalize=False dropping its Normalize and normalize=True ending in one;
@@ -635,7 +634,8 @@ class Engine(tasks.TaskCalls):
             # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
             self.activation: str | None = (
                 classification_activation(net.config, activation) if task == "classify" else
-                tasks.cross_encoder_activation(loaded.path or loaded.source, net.config, activation) if task == "rerank" else
+                tasks.cross_encoder_activation(loaded.path or loaded.source, net.config, activation)
+                if task == "rerank" else
                 "softmax")
         else:
             self.labels = []
