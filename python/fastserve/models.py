@@ -198,6 +198,9 @@ def _tokenizer(auto_tokenizer: Any, tokenizer: Any, where: str, spec: ModelSpec)
         return _load_tokenizer(auto_tokenizer, spec.tokenizer_path or where, spec)
     if isinstance(tokenizer, (str, os.PathLike)):
         return _load_tokenizer(auto_tokenizer, os.fspath(tokenizer))
+    if not callable(tokenizer):  # a tokenizer is called on texts (tokenizer(texts, ...))
+        raise TypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, got "
+                        f"{type(tokenizer).__name__}")
     return tokenizer
 
 

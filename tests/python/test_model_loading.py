@@ -140,6 +140,12 @@ def test_a_dense_module_that_does_not_take_the_pooled_width_is_refused(tmp_path)
         assert e.embed("fits").shape == (24,)
 
 
+@pytest.mark.parametrize("bad", [5, object(), ["tokenizer"]])
+def test_a_tokenizer_that_is_none_of_the_kinds_is_a_type_error_naming_it(bad):
+    with pytest.raises(TypeError, match="tokenizer must be a path, a hub id or a transformers tokenizer"):
+        Engine(tm.model("bert"), bad, warmup=False)
+
+
 @pytest.mark.parametrize("task, head", [("classify", None), ("rerank", None), ("token-classify", None),
                                         ("token-classify", "sequence"), ("embed", "sequence")])
 def test_a_model_object_without_the_head_its_task_runs_is_refused(task, head):
