@@ -337,7 +337,8 @@ def _switch(name: str, value: Any) -> Optional[bool]:
     raise ValueError(f"{name} must be True or False (or None for the default), got {value!r}")
 
 
-def _check_options(*, task: str, pooling: str, policy: str, execution: str, target_latency_ms: Any,
+def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy: str, execution: str,
+                   target_latency_ms: Any,
                    request_timeout_s: Any, activation: str, truncate: Any, pair_truncation: str, max_queue: Any,
                    max_batch_size: Any, min_batch_tokens: Any, max_queue_tokens: Any, max_batch_tokens: Any,
                    max_length: Any, chunk_overlap: Any, torch_threads: Any) -> str:
@@ -383,6 +384,9 @@ def _check_options(*, task: str, pooling: str, policy: str, execution: str, targ
         raise ValueError(f"chunk_overlap is for truncate='chunk' (this engine's truncate is {truncate!r})")
     if pair_truncation != "longest_first" and task != "rerank":
         raise ValueError(f"pair_truncation is for task='rerank' (this engine's task is {task!r})")
+    if (pooling != "auto" or normalize is not None) and task != "embed":
+        raise ValueError(f"{'pooling' if pooling != 'auto' else 'normalize'} is for task='embed' (this engine's "
+                         f"task is {task!r}: its scores come from the model's own head)")
     if activation != "auto" and task in ("embed", "token-classify"):
         raise ValueError(f"activation is for task='classify' or 'rerank' (this engine's task is {task!r}: "
                          + ("embeddings have no activation)" if task == "embed" else "scores are softmax per token)"))
@@ -476,7 +480,7 @@ class Engine(tasks.TaskCalls):
                 normalize, tune_malloc, cudnn_attention, tune_onednn, copy_model, preempt, warmup, freeze_gc)))
         own_side = truncate is True  # cut where the tokenizer cuts (its truncation_side), once it is loaded
         truncate = _check_options(
-            task=task, pooling=pooling, policy=policy, execution=execution,
+            task=task, pooling=pooling, normalize=normalize, policy=policy, execution=execution,
             target_latency_ms=target_latency_ms, request_timeout_s=request_timeout_s, activation=activation,
             truncate=truncate, pair_truncation=pair_truncation, max_queue=max_queue, max_batch_size=max_batch_size,
             min_batch_tokens=min_batch_tokens, max_queue_tokens=max_queue_tokens, max_batch_tokens=max_batch_tokens,

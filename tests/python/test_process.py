@@ -423,6 +423,8 @@ def test_a_number_given_as_a_string_is_refused_by_name(name):
     ({"copy_model": "yes"}, "copy_model must be True or False"),
     ({"cudnn_attention": "off"}, "cudnn_attention must be True or False"),
     ({"request_timeout_s": ""}, "request_timeout_s must be a number"),
+    ({"task": "classify", "pooling": "cls"}, "pooling is for task='embed'"),
+    ({"task": "rerank", "normalize": False}, "normalize is for task='embed'"),
     # the workers' options and the dtype: checked by name without the model too
     ({"parallel": "bogus"}, "parallel must be one of"),
     ({"replicas": 0}, "replicas must be a positive int"),
