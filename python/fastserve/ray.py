@@ -262,6 +262,10 @@ def app(
         raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
     server_options = {k: options.pop(k) for k in SERVER_OPTIONS if k in options}
     engine_options = dict(options)
+    from fastserve.server.app import check_app_options
+
+    # The server's options too: a bad one failed each replica after it loaded the model.
+    check_app_options(**server_options)
     # A misspelt or bad option fails here, not in every replica after it loads the model.
     from fastserve.engine import Engine
 

@@ -489,6 +489,14 @@ def test_app_options():
             fray.app("m", **bad)
     with pytest.raises(ValueError, match="replicas must be at most 4096"):  # Engine.check_options
         fray.app("m", replicas=5000)
+    # and the server's, which failed each replica after it loaded the model
+    for bad, match in (({"max_inputs": -5}, "max_inputs must be a positive int"),
+                       ({"request_timeout": 0}, "request_timeout must be positive seconds"),
+                       ({"client_timeout_s": "5"}, "client_timeout_s must be positive seconds"),
+                       ({"api_key": 123}, "api_key must be a str"),
+                       ({"cors_allow_origins": "*"}, "cors_allow_origins must be a list")):
+        with pytest.raises(ValueError, match=match):
+            fray.app("m", **bad)
     scaled = fray.app("m", min_replicas=1, max_replicas=4, num_gpus=1)._bound_deployment
     assert scaled._deployment_config.autoscaling_config.max_replicas == 4
     assert scaled.ray_actor_options["num_gpus"] == 1

@@ -3,6 +3,8 @@ uvicorn running it with a graceful shutdown (serve)."""
 
 import contextlib
 import functools
+import math
+import numbers
 import signal
 import threading
 from typing import Any, Optional, Sequence, Union
@@ -27,6 +29,25 @@ from .task_routes import TaskRoutes
 DEFAULT_MAX_PAYLOAD_BYTES = 2_000_000  # text-embeddings-inference's default payload limit
 # Answer headers a browser's script may read under CORS (besides the safelisted ones).
 EXPOSED_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "retry-after")
+
+
+def check_app_options(*, max_payload_bytes: Any = DEFAULT_MAX_PAYLOAD_BYTES, max_inputs: Any = DEFAULT_MAX_INPUTS,
+                      request_timeout: Any = None, client_timeout_s: Any = DEFAULT_CLIENT_TIMEOUT_S,
+                      api_key: Any = None, model_name: Any = None, cors_allow_origins: Any = ()) -> None:
+    """create_app's checks of its options, without an engine (fastserve.ray.app
+    makes them before deploying): ValueError naming the first bad one."""
+    for name, value in (("max_payload_bytes", max_payload_bytes), ("max_inputs", max_inputs)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("client_timeout_s", client_timeout_s), ("request_timeout", request_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not 0 < value < math.inf):
+            raise ValueError(f"{name} must be positive seconds or None, got {value!r}")
+    for name, value in (("api_key", api_key), ("model_name", model_name)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a str or None, got {type(value).__name__}")
+    if isinstance(cors_allow_origins, str) or not all(isinstance(o, str) for o in cors_allow_origins):
+        raise ValueError(f"cors_allow_origins must be a list of origins, got {cors_allow_origins!r}")
 
 
 def create_app(
@@ -56,14 +77,11 @@ def create_app(
     cors_allow_origins: origins a browser may call the API from ("*" for
     any): CORS headers on every answer, preflights answered without the key.
     """
-    if max_payload_bytes < 1 or max_inputs < 1:
-        raise ValueError("max_payload_bytes and max_inputs must be positive")
-    if client_timeout_s is not None and not client_timeout_s > 0:
-        raise ValueError("client_timeout_s must be positive seconds or None")
+    check_app_options(max_payload_bytes=max_payload_bytes, max_inputs=max_inputs, request_timeout=request_timeout,
+                      client_timeout_s=client_timeout_s, api_key=api_key, model_name=model_name,
+                      cors_allow_origins=cors_allow_origins)
     if request_timeout is None:
         request_timeout = engine.request_timeout_s
-    if request_timeout is not None and not request_timeout > 0:
-        raise ValueError("request_timeout must be positive seconds or None")
     metrics = Metrics(engine)
     api = Api(engine, metrics, model_name=model_name or engine.model_name, max_inputs=max_inputs,
               request_timeout=request_timeout)
