@@ -177,12 +177,15 @@ def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool) -> bo
 def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[Callable[[], Any], str]:
     """The context a batch runs in for oneDNN's switch, and what it does:
     "off per batch" (CPU float32), "on, token buckets" (CPU bf16/fp16: the
-    engine registers as needing oneDNN; release with onednn_release) or
-    "left alone" (GPU, or tune=False)."""
+    engine registers as needing oneDNN; release with onednn_release),
+    "left alone, kept on" (CPU bf16/fp16 with tune=False: the engine changes
+    nothing itself, but registers too, so that no float32 engine's batch
+    turns oneDNN off under its products) or "left alone" (GPU, or float32
+    with tune=False)."""
     global _onednn_users
-    if device.type != "cpu" or not tune:
+    if device.type != "cpu" or (compute == torch.float32 and not tune):
         return contextlib.nullcontext, "left alone"
-    if onednn_buckets(device, compute, tune):
+    if compute != torch.float32:
         with _onednn_lock:
             _onednn_users += 1
             # No float32 batch turns the switch off from now on; one running
@@ -191,14 +194,15 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
             # unless it is this thread's (an engine built from a hook).
             if not getattr(_onednn_here, "off", 0):
                 _onednn_back.wait_for(lambda: _onednn_off == 0)
-        return contextlib.nullcontext, "on, token buckets"
+        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune) \
+            else "left alone, kept on"
     return _onednn_off_context, "off per batch"
 
 
 def onednn_release(what: str) -> None:
     """An engine that registered as needing oneDNN (onednn_for) is closed."""
     global _onednn_users
-    if what == "on, token buckets":
+    if what in ("on, token buckets", "left alone, kept on"):
         with _onednn_lock:
             _onednn_users -= 1
 

@@ -99,6 +99,25 @@ def test_float32_batches_run_with_onednn_off_and_restore_it():
         assert eng.stats()["process"]["onednn"] == "left alone"
 
 
+def test_a_half_precision_engine_left_alone_still_keeps_onednn_on_under_its_batches():
+    # tune_onednn=False: the engine changes nothing itself, no token buckets,
+    # but a float32 engine's batch must not turn oneDNN off under its
+    # products (the switch is process-wide).
+    users = process._onednn_users
+    m = tm.model("bert")
+    seen = []
+    with Engine(m, tm.tokenizer()) as fp32, \
+            Engine(m, tm.tokenizer(), dtype="bfloat16", tune_onednn=False, replicas=1) as half:
+        assert half.stats()["process"]["onednn"] == "left alone, kept on"
+        assert process._onednn_users == users + 1
+        inner = fp32.runner.run
+        fp32.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner(batch, **kw))[1]
+        fp32.embed(TEXTS)
+        half.embed(TEXTS)
+    assert seen and all(seen)  # the float32 engine left it on while the bf16 engine lived
+    assert process._onednn_users == users
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
 def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype):
     m = tm.model("bert")
