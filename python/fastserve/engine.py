@@ -638,7 +638,7 @@ class Engine(tasks.TaskCalls):
             # (classify); a rerank engine's as CrossEncoder.predict; token-classify: softmax per token.
             self.activation: str | None = (
                 classification_activation(net.config, activation) if task == "classify" else
-                tasks.cross_encoder_activation(loaded.path or loaded.source, net.config, activation)
+                tasks.cross_encoder_activation(loaded.source, net.config, activation)
                 if task == "rerank" else
                 "softmax")
         else:

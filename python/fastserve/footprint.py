@@ -174,13 +174,7 @@ class MemoryBudget:
         room = max(0, int(self.mib * 2**20) - self.fixed_bytes)
         few = room // (self.bytes_per_token + self.piece_row_bytes)
         rows = few if few < self.piece_rows else (room - self.piece_row_bytes * self.piece_rows) // self.bytes_per_token
-        if self.buckets is None:
-            return rows
-        # batch_bytes grows with the rows: the most T whose target fits.
-        t = rows
-        while t > 0 and shapes.target(t, self.buckets) > rows:
-            t -= 1
-        return t
+        return rows if self.buckets is None else shapes.fitting(rows, self.buckets)
 
     def describe(self) -> str:
         return (f"max_batch_memory_mb={self.mib:g} holds {self.tokens} tokens per batch "

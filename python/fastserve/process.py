@@ -194,8 +194,7 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
             # unless it is this thread's (an engine built from a hook).
             if not getattr(_onednn_here, "off", 0):
                 _onednn_back.wait_for(lambda: _onednn_off == 0)
-        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune) \
-            else "left alone, kept on"
+        return contextlib.nullcontext, "on, token buckets" if tune else "left alone, kept on"
     return _onednn_off_context, "off per batch"
 
 

@@ -69,6 +69,17 @@ def target(tokens: int, buckets: bool) -> int:
     return bucket(tokens) if buckets else max(int(tokens), MIN_ROWS)
 
 
+def fitting(room: int, buckets: bool) -> int:
+    """The most tokens T whose target(T, buckets) is at most `room` (0 when
+    none is): room itself where it is a target, else the bucket below it."""
+    if room < (MIN_STEP if buckets else MIN_ROWS):
+        return 0
+    if not buckets:
+        return room
+    step = max(MIN_STEP, (1 << (int(room).bit_length() - 1)) // PER_DOUBLING)
+    return room // step * step
+
+
 def ghosted(batch: Any, max_length: int, pad_id: int, buckets: bool = True) -> Optional[GhostedBatch]:
     """The batch padded with ghost sequences to target(T, buckets), or None
     when its token count T already is that."""

@@ -279,7 +279,7 @@ def _read_processing(kwargs: dict, spec: ModelSpec) -> None:
 
 
 def _read_config(files: _Files, spec: ModelSpec) -> None:
-    cfg = files.json("config_sentence_transformers.json") or {}
+    cfg = st_config(files)
     kind = cfg.get("model_type", "SentenceTransformer")
     if kind != "SentenceTransformer":
         raise UnsupportedModelError(kind, "not a SentenceTransformer (dense embedding) model")
@@ -294,8 +294,15 @@ def load_prompts(model: str | os.PathLike) -> ModelSpec:
     puts the prompt in front of each pair's first text."""
     files = _Files(os.fspath(model))
     spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model))
-    _read_prompts(files.json("config_sentence_transformers.json") or {}, spec)
+    _read_prompts(st_config(files), spec)
     return spec
+
+
+def st_config(model: str | os.PathLike | _Files) -> dict:
+    """config_sentence_transformers.json of a local folder or a hub id (its
+    cache), {} where there is none; ModelLoadError where it is not an object."""
+    files = model if isinstance(model, _Files) else _Files(os.fspath(model))
+    return files.json("config_sentence_transformers.json") or {}
 
 
 def _read_prompts(cfg: dict, spec: ModelSpec) -> None:

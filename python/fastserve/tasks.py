@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import os
 import threading
 from dataclasses import dataclass
 from collections.abc import Set
@@ -26,7 +25,7 @@ from . import admission
 from .admission import TokenLists, all_results, results_of, where
 from .errors import InvalidInputError, ModelLoadError
 from .inputs import InputInfo
-from .st_spec import _Files
+from .st_spec import st_config
 
 PAIR_TRUNCATIONS = ("longest_first", "only_second")
 PAIR_ACTIVATIONS = ("sigmoid", "softmax", "tanh", "none")
@@ -78,7 +77,7 @@ def cross_encoder_activation(source: Any, config: Any, activation: str = "auto")
         return activation
     saved = None
     if source:  # a local folder or a hub id (its cache), as the spec is read
-        saved = (_Files(os.fspath(source)).json("config_sentence_transformers.json") or {}).get("activation_fn")
+        saved = st_config(source).get("activation_fn")
     if saved is None:
         saved = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn")
     if saved is None:

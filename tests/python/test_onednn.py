@@ -17,6 +17,13 @@ TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog", "x", "a s
          "word " * 70]
 
 
+def test_fitting_is_the_most_tokens_whose_target_fits():
+    for buckets in (False, True):
+        for room in range(0, 3000):
+            want = max((t for t in range(1, room + 1) if shapes.target(t, buckets) <= room), default=0)
+            assert shapes.fitting(room, buckets) == want, (buckets, room)
+
+
 def test_buckets_are_few_and_waste_at_most_an_eighth_from_128_tokens():
     sizes = [shapes.bucket(t) for t in range(1, 8193)]
     assert all(b >= t for t, b in zip(range(1, 8193), sizes))
