@@ -305,8 +305,10 @@ def test_missing_or_wrong_api_key_gets_401_and_probes_stay_open(server):
 
 
 def test_payload_over_the_byte_limit_gets_413(server):
-    err = _assert_openai_error(_post(server, {"input": "x" * 150_000}), 413)
+    r = _post(server, {"input": "x" * 150_000})
+    err = _assert_openai_error(r, 413)
     assert err["code"] == "payload_too_large"
+    assert r.headers["connection"] == "close"  # the unread body is not left on the connection
 
     def chunks():  # no Content-Length: the limit holds on a streamed body too
         for _ in range(30):
@@ -315,6 +317,30 @@ def test_payload_over_the_byte_limit_gets_413(server):
 
     r = httpx.post(server.url + "/v1/embeddings", content=chunks(), headers=AUTH, timeout=30)
     _assert_openai_error(r, 413)
+    assert r.headers["connection"] == "close"
+
+
+def test_a_streamed_body_past_the_limit_is_not_read_on(server):
+    # A chunked body that never ends: after the 413 the server closes the
+    # connection rather than reading (and discarding) what keeps coming.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+                  + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        received = bytearray()
+
+        def read() -> None:  # alongside the writes, so the answer is in before the reset
+            with contextlib.suppress(OSError):
+                while data := s.recv(65536):
+                    received.extend(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        chunk = b"%x\r\n" % 20_000 + b" " * 20_000 + b"\r\n"
+        with pytest.raises(OSError):  # reset or broken pipe once the server has closed
+            for _ in range(10_000):  # 200 MB: far past what a server still reading would take to stop
+                s.sendall(chunk)
+        reader.join(10)
+    assert bytes(received).startswith(b"HTTP/1.1 413"), bytes(received[:200])
 
 
 def test_too_many_inputs_get_413(server):

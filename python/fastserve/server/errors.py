@@ -121,5 +121,7 @@ def validation_error(exc: RequestValidationError, path: str) -> ApiError:
 
 
 def too_large(size: int, limit: int, at_least: bool = False) -> ApiError:
+    # The rest of the body is never read: the connection closes after the
+    # answer, or a client could go on streaming into it.
     return ApiError(413, f"request body is {'over ' if at_least else ''}{size} bytes; the limit is {limit}",
-                    code="payload_too_large")
+                    code="payload_too_large", headers={"Connection": "close"})
