@@ -279,22 +279,25 @@ class Gathered(cf.Future):
                 p.cancel()
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled:
-            # The parts are cancelled once, by the first cancel() that gets
-            # here: each cancelled part calls cancel() again (_on_part), which
-            # must not walk the parts anew (a recursion as deep as the windows
-            # are many, and their square in calls).
-            with self._condition:
-                first, self._cancelling = not self._cancelling, True
-            if not first:
-                return cancelled
-            for p in self._parts:
-                p.cancel()
-            with self._condition:  # (reentrant) no executor runs it: notify cf.wait / as_completed here, once
-                if self._state == "CANCELLED":
-                    self.set_running_or_notify_cancel()
-        return cancelled
+        """Cancel the windows that have not started; the text is cancelled
+        if one of them was. With every window running or done there is
+        nothing to stop: like any Future's, cancel() then says False and the
+        result still comes."""
+        with self._condition:
+            walking, self._cancelling = self._cancelling, True
+        if walking or self.done():
+            # A window cancelled while the windows are walked (its callback,
+            # _on_part) must not walk them anew: a recursion as deep as the
+            # windows are many, and their square in calls.
+            return super().cancel()
+        for p in self._parts:
+            p.cancel()  # the first one cancelled cancels the text (_on_part)
+        with self._condition:  # (reentrant) no executor runs it: notify cf.wait / as_completed here, once
+            if self._state == "CANCELLED":
+                self.set_running_or_notify_cancel()
+            elif self._state == "PENDING":  # no window could be stopped
+                self._cancelling = False
+            return self.cancelled()
 
     def result(self, timeout: Optional[float] = None) -> Any:
         super().result(timeout)

@@ -185,6 +185,31 @@ def test_cancelling_a_text_of_thousands_of_windows_cancels_each_window_once():
     assert text.cancel()  # again: still cancelled, nothing walked
 
 
+def test_a_text_whose_windows_all_run_is_not_cancelled():
+    # As a Future's: cancel() is False once nothing can be stopped, and the
+    # result still comes; one window still queued is enough to cancel it.
+    import concurrent.futures as cf
+
+    from fastserve.inputs import Gathered
+
+    parts = [cf.Future() for _ in range(3)]
+    text = Gathered(parts, lambda results: results)
+    for p in parts:
+        assert p.set_running_or_notify_cancel()
+    assert not text.cancel() and not text.cancelled()
+    for i, p in enumerate(parts):
+        p.set_result(i)
+    assert text.result(timeout=0) == [0, 1, 2]
+    assert not text.cancel()
+
+    parts = [cf.Future() for _ in range(3)]
+    text = Gathered(parts, lambda results: results)
+    parts[0].set_running_or_notify_cancel()
+    parts[1].set_result(1)
+    assert text.cancel() and text.cancelled() and parts[2].cancelled() and not parts[0].cancelled()
+    assert cf.wait([text], timeout=0).done == {text}
+
+
 def test_a_window_failure_fails_the_text_and_cancels_the_other_windows(bert):
     with Engine(bert, tm.tokenizer(), truncate="chunk", max_batch_size=1) as engine:
         inner, calls = engine.runner.run, []
