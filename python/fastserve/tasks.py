@@ -95,7 +95,8 @@ def apply_activation(logits: np.ndarray, activation: str) -> np.ndarray:
     """[n, labels] float32 scores from logits (as torch computes them in float32)."""
     x = np.asarray(logits, dtype=np.float32)
     if activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+        with np.errstate(over="ignore"):  # exp(-x) is inf below -88.7: 1 / inf = 0, as torch.sigmoid gives
+            return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
     if activation == "tanh":
         return np.tanh(x)
     if activation == "softmax":

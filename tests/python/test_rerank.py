@@ -92,6 +92,24 @@ def test_the_saved_activation_is_applied_and_raw_scores_are_the_logits(tmp_path)
                                    atol=2e-5)
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "softmax", "none"])
+def test_activations_match_torch_at_extreme_logits_without_warnings(activation):
+    import warnings
+
+    from fastserve.tasks import apply_activation
+
+    if activation == "softmax":  # over each row's labels
+        logits = np.array([[-1e30, 0.0, 1e30], [-120.0, -88.8, 5.0], [88.8, 90.0, -88.8], [0, 0, 0]], np.float32)
+    else:
+        logits = np.array([[-1e30, -120.0, -88.8, -88.7, -1.0, 0.0, 1.0, 88.8, 1e30, -np.inf, np.inf]], np.float32).T
+    torch_fn = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "softmax": lambda t: torch.softmax(t, -1),
+                "none": lambda t: t}[activation]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning among them
+        got = apply_activation(logits, activation)
+    np.testing.assert_allclose(got, torch_fn(torch.from_numpy(logits)).numpy(), rtol=1e-6, atol=0)
+
+
 def test_several_logit_heads_score_every_label_and_cannot_rank(tmp_path):
     folder, ce = cross_encoder_folder(tmp_path, "bert", num_labels=3)
     with Engine(str(folder), task="rerank") as engine:
