@@ -39,6 +39,37 @@ def test_attention_equals_sdpa_per_sequence(hd: int, threads: int) -> None:
                                atol=2e-6, rtol=1e-5)
 
 
+def _isa_paths() -> list[str]:
+    """Every kernel path this CPU can run, up to its best."""
+    order = ("portable", "avx2", "avx512", "avx512_bf16")
+    return list(order[:order.index(kernels.cpu_isa()) + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [8, 32])
+def test_attention_propagates_nan_and_inf_as_sdpa_does(hd: int, dtype) -> None:
+    # A NaN in a key or a query, or an infinite score, is NaN in the rows it
+    # reaches (as SDPA gives it), on every path: not finite output that a
+    # broken model would serve as plausible vectors.
+    torch.manual_seed(hd)
+    lengths, nh = [5, 9, 4], 2
+    cu = _cu(lengths)
+    base = torch.randn(sum(lengths), 3, nh, hd)
+    cases = {"nan key": (6, 1, float("nan")), "nan query": (0, 0, float("nan")), "inf key": (7, 1, float("inf"))}
+    for what, (token, part, value) in cases.items():
+        qkv = base.clone()
+        qkv[token, part, 0, :] = value
+        qkv[:, 0] = qkv[:, 0].abs()  # every query positive: an infinite key's score is +inf
+        qkv = qkv.to(dtype)
+        want = kernels.torch_attention(qkv.float(), cu)
+        assert want.isnan().any(), what
+        for isa in _isa_paths():
+            with kernels.cpu_isa_cap(isa):
+                got = kernels.attention(qkv, cu).float()
+            assert torch.equal(got.isnan(), want.isnan()), (what, isa)
+            torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=2e-2, rtol=2e-2)
+
+
 def test_the_isa_cap_narrows_every_path_and_restores() -> None:
     best = kernels.cpu_isa()
     order = ("portable", "avx2", "avx512", "avx512_bf16")

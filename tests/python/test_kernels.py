@@ -9,6 +9,7 @@ kernels with the CPU kernels, the oracle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -134,6 +135,27 @@ def test_segment_pool_matches_torch_reference(
     got = K.segment_pool(x, cu, mode=mode, normalize=normalize)
     assert got.dtype == torch.float32 and got.shape == (b, h)
     torch.testing.assert_close(got, ref_pool(x, cu, mode, normalize), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_pooling_keeps_a_nan_in_any_row(dtype: torch.dtype, device: str) -> None:
+    # As torch's amax: a NaN in any row of a segment is NaN in its pool (it
+    # used to survive only in the first row), on every path: the register
+    # blocks of 64 columns, the 8-column vectors and the scalar tail.
+    H = 64 + 8 + 3
+    lengths = torch.tensor([3, 3, 3, 1, 4])
+    x = torch.randn(int(lengths.sum()), H).to(dtype)
+    x[0, 0] = x[4, 70] = x[8, 74] = x[9, 5] = float("nan")  # first, middle, last, only row
+    x[10:14, 1] = float("nan")
+    cu = K.cu_seqlens_from_lengths(lengths)
+    want = ref_pool(x, cu, "max", False)
+    assert want.isnan().sum() == 5
+    paths = ["portable", "avx2"] if device == "cpu" and K.cpu_isa() != "portable" else [None]
+    for isa in paths:
+        with K.cpu_isa_cap(isa) if isa else contextlib.nullcontext():
+            got = K.segment_pool(x.to(device), cu.to(device), "max").cpu()
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
 def test_segment_pool_of_an_empty_sequence_is_zero_even_normalized() -> None:

@@ -36,6 +36,15 @@ enum class PoolMode : int32_t { kMean, kCls, kMax };
 DType dtype_from_string(const std::string& name);
 const char* to_string(DType d);
 PoolMode pool_mode_from_string(const std::string& name);  // "mean", "cls", "max"
+
+#if defined(__CUDACC__)
+#define FS_HOST_DEVICE __host__ __device__
+#else
+#define FS_HOST_DEVICE
+#endif
+// Max pooling's step, on every device: a NaN row wins and stays (as torch's
+// amax gives it), where v > acc ? v : acc would drop a NaN after the first row.
+FS_HOST_DEVICE inline float pool_max(float acc, float v) { return (v > acc || v != v) ? v : acc; }
 size_t element_size(DType d);                              // 0 for kOther
 
 struct TensorArg {

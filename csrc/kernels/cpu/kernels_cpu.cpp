@@ -163,7 +163,7 @@ inline void pool_chunk(const S* x, int64_t begin, int64_t end, int64_t H, int64_
       if (mode == PoolMode::kMax) {
         for (int64_t i = 0; i < kChunk; ++i) {
           const float v = load(row[i]);
-          acc[i] = v > acc[i] ? v : acc[i];
+          acc[i] = pool_max(acc[i], v);
         }
       } else {
         for (int64_t i = 0; i < kChunk; ++i) acc[i] += load(row[i]);
@@ -174,7 +174,7 @@ inline void pool_chunk(const S* x, int64_t begin, int64_t end, int64_t H, int64_
       row = x + r * H + c;
       for (int64_t i = 0; i < w; ++i) {
         const float v = load(row[i]);
-        acc[i] = mode == PoolMode::kMax ? (v > acc[i] ? v : acc[i]) : acc[i] + v;
+        acc[i] = mode == PoolMode::kMax ? pool_max(acc[i], v) : acc[i] + v;
       }
     }
   }

@@ -47,11 +47,13 @@ struct BF16 {
   static inline float s(uint16_t x) { return bf16_to_float(x); }
 };
 
-// max(v, acc) as the portable path has it: v > acc ? v : acc (maxps returns
-// its second operand when either is NaN or both are equal).
+// pool_max(acc, v) as the portable path has it: maxps(v, acc) is
+// v > acc ? v : acc (it returns its second operand when either is NaN or
+// both are equal), and a NaN v is blended in, so a NaN row wins and stays.
 template <bool kMax>
 FS_AVX2_INLINE __m256 combine(__m256 acc, __m256 v) {
-  return kMax ? _mm256_max_ps(v, acc) : _mm256_add_ps(acc, v);
+  if (!kMax) return _mm256_add_ps(acc, v);
+  return _mm256_blendv_ps(_mm256_max_ps(v, acc), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
 // Columns per register block: 8 accumulators of 8 floats stay in registers
@@ -131,7 +133,7 @@ FS_AVX2 void pool_segment(const typename Ld::S* x, int64_t begin, int64_t end, i
     float a = Ld::s(*p);
     for (int64_t r = begin + 1; r < end; ++r) {
       const float v = Ld::s(*(p += H));
-      a = kMax ? (v > a ? v : a) : a + v;
+      a = kMax ? pool_max(a, v) : a + v;
     }
     o[c] = a * scale;
   }

@@ -159,7 +159,7 @@ FS_HD float pool_thread(const PoolParams& p, int64_t b, int tx, int bdx) {
         for (int64_t r = begin + 1; r < end; ++r) {
           load_chunk<E, V>(p, r, g, f);
           if (p.mode == PoolMode::kMax) {
-            for (int i = 0; i < V; ++i) acc[i] = f[i] > acc[i] ? f[i] : acc[i];
+            for (int i = 0; i < V; ++i) acc[i] = pool_max(acc[i], f[i]);
           } else {
             for (int i = 0; i < V; ++i) acc[i] += f[i];
           }
