@@ -16,6 +16,7 @@
 
 #include "attention_cpu.h"
 #include "fastserve/kernels.h"
+#include "pool.h"
 #include "simd.h"
 
 namespace fastserve {
@@ -40,73 +41,14 @@ size_t min_bytes_per_thread() {
   return v ? v : 1;
 }
 
-// A pool of hardware_concurrency - 1 workers, started on first use and kept:
-// starting a std::thread per call costs a large share of a typical batch's
-// pack (figures: benchmarks/README.md). The caller runs chunks too and takes
-// any chunk no worker has started, so a worker that the OS does not schedule
-// (a busy machine) delays nothing.
-class Pool {
- public:
-  explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
-  }
-
-  // Runs task(ctx, i) for every i in [0, n), on the caller and the workers.
-  void run(int n, void (*task)(void*, int), void* ctx) {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      task_ = task;
-      ctx_ = ctx;
-      n_ = n;
-      next_ = 0;
-      left_ = n;
-      ++gen_;
-    }
-    wake_.notify_all();
-    std::unique_lock<std::mutex> lk(m_);
-    while (next_ < n_) {
-      const int i = next_++;
-      lk.unlock();
-      task(ctx, i);
-      lk.lock();
-      --left_;
-    }
-    done_.wait(lk, [this] { return left_ == 0; });
-  }
-
- private:
-  void work() {
-    std::unique_lock<std::mutex> lk(m_);
-    uint64_t seen = 0;
-    for (;;) {
-      wake_.wait(lk, [&] { return gen_ != seen; });
-      seen = gen_;
-      while (next_ < n_) {
-        const int i = next_++;
-        lk.unlock();
-        task_(ctx_, i);
-        lk.lock();
-        if (--left_ == 0) done_.notify_one();
-      }
-    }
-  }
-
-  std::mutex m_;
-  std::condition_variable wake_, done_;
-  void (*task_)(void*, int) = nullptr;
-  void* ctx_ = nullptr;
-  int n_ = 0, next_ = 0, left_ = 0;
-  uint64_t gen_ = 0;
-  std::vector<std::thread> threads_;
-};
-
 int hardware_threads() {
   static const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
   return hw;
 }
 
-// The process's pool, or null in a forked child (the workers stayed in the
-// parent). Never destroyed: workers may still wait on it at exit.
+// The process's pool of hardware_concurrency - 1 workers, or null in a
+// forked child (the workers stayed in the parent). Never destroyed: workers
+// may still wait on it at exit.
 Pool* pool() {
   static const pid_t owner = getpid();
   static Pool* const p = new Pool(hardware_threads() - 1);
@@ -120,8 +62,8 @@ std::mutex& pool_user() {
 }
 
 // Run fn(begin, end) over [0, n) in contiguous chunks on up to `threads`
-// threads; more chunks than threads so a slow thread leaves its share to the
-// others.
+// threads (the caller and threads - 1 of the pool's workers); more chunks
+// than threads so a slow thread leaves its share to the others.
 template <class Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
   Pool* p = threads > 1 && n >= 2 ? pool() : nullptr;
@@ -137,7 +79,7 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     int chunks;
   } ctx{&fn, n, chunks};
   p->run(
-      chunks,
+      chunks, threads - 1,
       [](void* c, int i) {
         const Ctx& x = *static_cast<Ctx*>(c);
         (*x.fn)(x.n * i / x.chunks, x.n * (i + 1) / x.chunks);
