@@ -710,7 +710,7 @@ TEST(KernelDispatch, EpiloguesRejectBadArgumentsBeforeWriting) {
   r3.shape = {3, 8};
   EXPECT_THROW(add_layer_norm(X, V, r3, V, V, 1e-5, 1), InvalidArgument);  // residual shape
   EXPECT_THROW(add_layer_norm(X, V, R, S, V, 1e-5, 1), InvalidArgument);   // weight width
-  EXPECT_THROW(add_layer_norm(X, V, R, V, V, 0.0, 1), InvalidArgument);    // eps
+  EXPECT_THROW(add_layer_norm(X, V, R, V, V, -1e-5, 1), InvalidArgument);  // eps < 0
   EXPECT_EQ(x[0], 1.f);
   bias_gelu(X, V, 1);
   EXPECT_NEAR(x[0], 1.5 * 0.5 * (1 + std::erf(1.5 / std::sqrt(2.0))), 1e-6);

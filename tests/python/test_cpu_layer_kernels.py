@@ -155,8 +155,36 @@ def test_epilogues_reject_bad_input_with_value_errors() -> None:
         kernels.add_layer_norm_(x.bfloat16(), v.bfloat16(), x.clone(), v.bfloat16(), v.bfloat16(), 1e-5)
     with pytest.raises(ValueError, match="residual must have shape"):
         kernels.add_layer_norm_(x, v, torch.randn(3, 8), v, v, 1e-5)
-    with pytest.raises(ValueError, match="eps must be finite"):
-        kernels.add_layer_norm_(x, v, x.clone(), v, v, 0.0)
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            kernels.add_layer_norm_(x, v, x.clone(), v, v, eps)
+
+
+def test_a_layer_norm_with_eps_zero_runs_the_fused_layers_as_torch_does() -> None:
+    # torch.nn.LayerNorm takes eps = 0: the kernel too, and a model that has
+    # it serves on the fused path (every packed batch failed).
+    x, b, w, beta = torch.randn(5, 16), torch.randn(16), torch.randn(16), torch.randn(16)
+    res = torch.randn(5, 16)
+    want = F.layer_norm(x + b + res, (16,), w, beta, eps=0.0)
+    torch.testing.assert_close(kernels.add_layer_norm_(x.clone(), b, res, w, beta, 0.0), want, atol=2e-6, rtol=1e-5)
+    _bert_runs_fused(layer_norm_eps=0.0)
+
+
+def _bert_runs_fused(**config) -> None:
+    """A tiny BERT with these config values runs the fused CPU layers and
+    equals the unbatched model."""
+    cfg = tm.config("bert")
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    from transformers import AutoModel
+
+    m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    texts = tm.mixed_texts(10, seed=4)
+    with Engine(m, tm.tokenizer(), execution="packed") as engine:
+        got = engine.embed(texts)
+        assert engine.runner.fused is not None
+    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------ bfloat16

@@ -370,7 +370,8 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
     check_cpu_layer(*t, name, 1, "add_layer_norm", &x.dtype);
     check_shape(*t, name, {N});
   }
-  if (!(std::isfinite(eps) && eps > 0)) fail("eps must be finite and > 0, got " + std::to_string(eps));
+  // eps = 0 is torch.nn.LayerNorm's too (a constant row is then NaN, as in torch).
+  if (!(std::isfinite(eps) && eps >= 0)) fail("eps must be finite and >= 0, got " + std::to_string(eps));
   check_threads(threads);
   if (x.shape[0] == 0 || N == 0) return;
   if (x.dtype == DType::kBFloat16)
