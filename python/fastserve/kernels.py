@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
@@ -98,9 +99,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens [B + 1] int32 (0, l0, l0 + l1, ...) on lengths' device."""
+    """cu_seqlens [B + 1] int32 (0, l0, l0 + l1, ...) on lengths' device.
+    ValueError for a negative length, or a total int32 cannot hold (it
+    would wrap into offsets that still look valid)."""
+    sums = torch.cumsum(lengths.to(torch.int64), 0)
+    if lengths.numel() and (int(lengths.min()) < 0 or int(sums[-1]) > torch.iinfo(torch.int32).max):
+        raise ValueError(f"lengths must be >= 0 and sum to at most {torch.iinfo(torch.int32).max}, got min "
+                         f"{int(lengths.min())}, sum {int(sums[-1])}")
     out = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
-    out[1:] = torch.cumsum(lengths, 0)
+    out[1:] = sums
     return out
 
 
@@ -222,12 +229,18 @@ def cpu_isa_cap(isa: str) -> Iterator[None]:
     most the `isa` path ("avx512_bf16", "avx512", "avx2" or "portable"),
     whatever engine makes it: for A/B measurements in one process
     (benchmarks/python/cpu_dtype.py), not for serving. ValueError for another
-    name."""
-    prev = _k.set_cpu_isa_cap(isa)
-    try:
-        yield
-    finally:
-        _k.set_cpu_isa_cap(prev)
+    name. Blocks in several threads take turns (one thread's block waits
+    for another's to end), so each restores what it found: interleaved,
+    the last to leave restored an earlier cap for good."""
+    with _isa_cap_lock:
+        prev = _k.set_cpu_isa_cap(isa)
+        try:
+            yield
+        finally:
+            _k.set_cpu_isa_cap(prev)
+
+
+_isa_cap_lock = threading.RLock()  # reentrant: a block may nest in its own thread
 
 
 def _threads(threads: int | None) -> int:

@@ -95,6 +95,45 @@ def test_the_isa_cap_narrows_every_path_and_restores() -> None:
     assert kernels.cpu_isa() == best
 
 
+def test_isa_caps_in_two_threads_take_turns_and_restore_the_best() -> None:
+    # A enters, B tries to, A leaves, B leaves: interleaved, B restored the
+    # cap A had set, for the rest of the process.
+    import threading
+
+    best = kernels.cpu_isa()
+    order: list[str] = []
+    a_in, b_tried, b_in, a_out = (threading.Event() for _ in range(4))
+
+    def a() -> None:
+        with kernels.cpu_isa_cap("portable"):
+            order.append("a in")
+            a_in.set()
+            b_tried.wait(10)
+            b_in.wait(0.2)  # B waits for this block to end (it entered at once, before)
+            order.append("a out")
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(10)
+        b_tried.set()
+        with kernels.cpu_isa_cap("avx2"):
+            order.append("b in")
+            b_in.set()
+            a_out.wait(10)
+            order.append("b out")
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert order == ["a in", "a out", "b in", "b out"]
+    assert kernels.cpu_isa() == best
+    with kernels.cpu_isa_cap("avx2"), kernels.cpu_isa_cap("portable"):  # nesting in one thread
+        assert kernels.cpu_isa() == "portable"
+    assert kernels.cpu_isa() == best
+
+
 def test_an_engine_gives_the_same_embeddings_on_every_kernel_path() -> None:
     texts = ["a short one", "a somewhat longer text about packed attention " * 3, "x"]
     with Engine(tm.model("bert"), tm.tokenizer(), execution="packed") as eng:

@@ -158,6 +158,14 @@ def test_max_pooling_keeps_a_nan_in_any_row(dtype: torch.dtype, device: str) -> 
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
+def test_cu_seqlens_refuse_lengths_int32_cannot_hold() -> None:
+    assert K.cu_seqlens_from_lengths(torch.tensor([3, 0, 2])).tolist() == [0, 3, 3, 5]
+    assert K.cu_seqlens_from_lengths(torch.tensor([2**31 - 2, 1])).tolist() == [0, 2**31 - 2, 2**31 - 1]
+    for lengths in ([2**32, 5], [2**31 - 1, 2], [4, -1]):  # wrapped into offsets that looked valid
+        with pytest.raises(ValueError, match="sum to at most 2147483647"):
+            K.cu_seqlens_from_lengths(torch.tensor(lengths))
+
+
 def test_segment_pool_of_an_empty_sequence_is_zero_even_normalized() -> None:
     x = torch.ones((2, 3))
     cu = torch.tensor([0, 2, 2], dtype=torch.int32)
