@@ -253,6 +253,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client_timeout_s=args.client_timeout,
         cors_allow_origins=args.cors_allow_origin or (),
     )
+    from .server.app import check_app_options
+
+    try:  # before a model is loaded (a key with outer whitespace, from a file, never matched)
+        check_app_options(**app_options)
+    except ValueError as e:
+        print(f"fastserve serve: {e}", file=sys.stderr)
+        return 2
     ray_only = [f"--{k.replace('_', '-')}" for k in ("num_cpus", "num_gpus") if getattr(args, k) is not None]
     if args.ray:  # the Ray Serve path: replicas across a Ray cluster
         if args.max_header_bytes is not None:

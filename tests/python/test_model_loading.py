@@ -259,6 +259,8 @@ def test_serve_refuses_bad_server_options_before_loading_anything(capsys, option
     (["serve", "/nonexistent/model", "--num-gpus", "1"], "fastserve serve: --num-gpus: each Ray replica's"),
     (["serve", "/nonexistent/model", "--ray", "--max-header-bytes", "100"],
      "fastserve serve: --max-header-bytes is the local server's"),
+    (["serve", "/nonexistent/model", "--api-key", "key\n"], "fastserve serve: api_key must be None"),
+    (["serve", "/nonexistent/model", "--ray", "--api-key", " key"], "fastserve serve: api_key must be None"),
 ])
 def test_serve_refuses_options_of_the_other_server_instead_of_dropping_them(capsys, argv, message):
     """--replicas/--num-cpus/--num-gpus without --ray were parsed and dropped."""

@@ -320,12 +320,17 @@ def test_payload_over_the_byte_limit_gets_413(server):
     assert r.headers["connection"] == "close"
 
 
-def test_a_streamed_body_past_the_limit_is_not_read_on(server):
-    # A chunked body that never ends: after the 413 the server closes the
+@pytest.mark.parametrize("request_line, key, status", [
+    (b"POST /v1/embeddings", True, b"413"),
+    (b"POST /v1/embeddings", False, b"401"),  # answered before the body is read
+    (b"GET /health", False, b"413"),  # a GET's body is read and bounded as a POST's
+])
+def test_a_streamed_body_the_server_will_not_take_is_not_read_on(server, request_line, key, status):
+    # A chunked body that never ends: after the answer the server closes the
     # connection rather than reading (and discarding) what keeps coming.
+    auth = b"Authorization: Bearer " + API_KEY.encode() + b"\r\n" if key else b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-                  + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        s.sendall(request_line + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n")
         received = bytearray()
 
         def read() -> None:  # alongside the writes, so the answer is in before the reset
@@ -340,7 +345,34 @@ def test_a_streamed_body_past_the_limit_is_not_read_on(server):
             for _ in range(10_000):  # 200 MB: far past what a server still reading would take to stop
                 s.sendall(chunk)
         reader.join(10)
-    assert bytes(received).startswith(b"HTTP/1.1 413"), bytes(received[:200])
+    assert bytes(received).startswith(b"HTTP/1.1 " + status), bytes(received[:200])
+
+
+def test_an_app_under_a_root_path_keeps_its_open_probes_labels_and_fast_path(tiny_folder):
+    # uvicorn --root-path (or a proxy's prefix) puts the root path in
+    # scope["path"]: the edge routes as Starlette does, without it.
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder)) as engine, \
+            InThreadServer(create_app(engine, api_key=API_KEY), root_path="/api") as srv:
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(srv.url + path, timeout=30).status_code == 200, path
+        r = httpx.post(srv.url + "/v1/embeddings", content=b'{"input": "x"}', timeout=30,
+                       headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})  # as curl -d sends
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
+        assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 401
+        counts = _scrape(srv.url)
+    assert counts[_status_key("200")] == 1
+    assert not any(labels and dict(labels).get("route") == "other" for _, labels in counts)
+
+
+def test_an_empty_or_padded_api_key_is_refused(tiny_folder):
+    from fastserve.server import create_app
+
+    with fastserve.Engine(str(tiny_folder)) as engine:
+        for key in ("", " ", "key ", "\tkey", "key\n"):  # "" turned the key off; the others never matched
+            with pytest.raises(ValueError, match="api_key must be None"):
+                create_app(engine, api_key=key)
 
 
 def test_too_many_inputs_get_413(server):

@@ -46,6 +46,10 @@ def check_app_options(*, max_payload_bytes: Any = DEFAULT_MAX_PAYLOAD_BYTES, max
     for name, value in (("api_key", api_key), ("model_name", model_name)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} must be a str or None, got {type(value).__name__}")
+    if api_key is not None and (not api_key or api_key != api_key.strip()):
+        # "" turned the key off without a word (api_key=os.environ.get("KEY", "")
+        # with KEY unset); a key with outer spaces could never match.
+        raise ValueError("api_key must be None (no key) or a non-empty key without leading or trailing whitespace")
     if isinstance(cors_allow_origins, str) or not all(isinstance(o, str) for o in cors_allow_origins):
         raise ValueError(f"cors_allow_origins must be a list of origins, got {cors_allow_origins!r}")
 

@@ -31,7 +31,16 @@ def _route_label(path: str) -> str:
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose body the edge does not read
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: scope["path"] less the root path an ASGI
+    server or proxy mounts it under (uvicorn --root-path, a Ray Serve route
+    prefix), as Starlette takes it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 class Edge:
@@ -55,7 +64,7 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         route = _route_label(path)
         status: list[Optional[int]] = [None]
 
@@ -75,11 +84,10 @@ class Edge:
                 status[0] = CLIENT_CLOSED
             elif error is not None:
                 await error.reply().send(send_recording)
-            elif not await self._fast_embeddings(scope, body, receive, send_recording):
-                method = scope.get("method")
-                if method == "POST" and (path.startswith("/v1/") or path in ("/rerank", "/v2/rerank")):
+            elif not await self._fast_embeddings(scope, path, body, receive, send_recording):
+                if scope.get("method") == "POST" and (path.startswith("/v1/") or path in ("/rerank", "/v2/rerank")):
                     scope = _as_json(scope)
-                await self.app(scope, receive if method in _BODILESS else _replaying(body, receive), send_recording)
+                await self.app(scope, _replaying(body, receive), send_recording)
         except asyncio.CancelledError:
             # Cut off at shutdown (uvicorn's graceful timeout): the typed 503
             # rather than uvicorn's plain-text 500, and the request ends there
@@ -99,7 +107,7 @@ class Edge:
             method = method if method in _METHODS else "other"
             self.metrics.requests_for(route, method, str(status[0] or 500)).inc()
 
-    async def _fast_embeddings(self, scope, body: bytes, receive, send) -> bool:
+    async def _fast_embeddings(self, scope, path: str, body: bytes, receive, send) -> bool:
         """POST /v1/embeddings with a valid body, straight to the route:
         pydantic's (compiled) JSON validation, then the two ASGI messages of
         the answer, without Starlette's middleware, FastAPI's routing and
@@ -108,7 +116,7 @@ class Edge:
         and the OpenAPI document are FastAPI's. `receive` is the server's
         own (the body has been read): the route watches it for the client
         leaving."""
-        if self.api is None or scope["path"] != "/v1/embeddings" or scope.get("method") != "POST":
+        if self.api is None or path != "/v1/embeddings" or scope.get("method") != "POST":
             return False
         try:
             request = EmbeddingRequest.model_validate_json(body)
@@ -134,14 +142,16 @@ class Edge:
         if hmac.compare_digest(given, self.api_key):
             return None
         message = "missing API key (send 'Authorization: Bearer <key>')" if not given else "invalid API key"
-        return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        # Answered before the body is read: the connection closes after it,
+        # or a client without the key could go on streaming into it.
+        return ApiError(401, message, code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
 
     async def _read_body(self, scope, receive):
-        """(body, error): the whole body (b"" for GET, HEAD and OPTIONS, None
-        if the client disconnected while sending it); an ApiError if it is
-        too large (413) or stalls (408)."""
-        if scope.get("method") in _BODILESS:
-            return b"", None
+        """(body, error): the whole body, whatever the method (a GET's too:
+        left unread, a client could stream into the connection for as long
+        as it liked), None if the client disconnected while sending it; an
+        ApiError if it is too large (413) or stalls (408)."""
         limit = self.max_payload_bytes
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
