@@ -1516,7 +1516,14 @@ class Engine(tasks.TaskCalls):
             if fut is not None:
                 # Per-request timing for callers that report it (HTTP headers).
                 fut.timing = {"queue_s": float(q), "inference_s": compute}
-                _settle(fut, self._result(row))
+                try:
+                    result = self._result(row)
+                except Exception as e:  # this request's answer, not the worker: the batch's others are settled
+                    err = InferenceError(f"the model's output for this request could not be read: {e}")
+                    err.__cause__ = e
+                    _settle(fut, error=err)
+                else:
+                    _settle(fut, result)
 
     def _compute(self, batch, futures: Sequence[Optional[cf.Future]], replica: replicas_.Replica,
                  threads: Optional[int]) -> Any:
@@ -1568,6 +1575,9 @@ class Engine(tasks.TaskCalls):
 
     def _result(self, row: np.ndarray):
         if self.task == "classify":
+            if row.shape[-1] != len(self.labels):
+                raise ValueError(f"the model gives {row.shape[-1]} scores per input but its config names "
+                                 f"{len(self.labels)} labels (config.id2label / num_labels)")
             best = int(row.argmax())
             return Classification(
                 label=self.labels[best],

@@ -240,6 +240,28 @@ def _assert_scores_equal(got, want: list[dict[str, float]], labels: list[str]) -
         assert g.score == g.scores[g.label]
 
 
+def test_a_row_whose_answer_cannot_be_made_fails_its_request_and_the_engine_serves_on():
+    # A classifier with 4 logits whose config names 2 labels: each answer
+    # fails with a typed error; the batch's other requests are settled (the
+    # worker died and left them waiting) and both replicas keep serving.
+    import torch
+
+    m = tm.model("bert", classify=True, num_labels=4)
+    m.config.id2label = {0: "a", 1: "b"}
+    with Engine(m, tm.tokenizer(), task="classify", replicas=2) as engine:
+        with tm.held(engine, holder=False):
+            futures = [engine.submit(f"text number {i}") for i in range(4)]
+        for f in futures:
+            with pytest.raises(fastserve.InferenceError, match="gives 4 scores per input but its config names 2"):
+                f.result(timeout=30)
+        with torch.no_grad():
+            m.classifier.weight[2:] = 0  # the extra logits never win: still refused, never a label that is not there
+        with pytest.raises(fastserve.InferenceError, match="gives 4 scores"):
+            engine.classify(["once more"])
+        health = engine.health()
+        assert health["healthy"] and health["replicas_alive"] == 2 and not health["degraded"]
+
+
 @pytest.mark.parametrize("num_labels,problem_type,activation", CLASSIFIERS)
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_classification_scores_follow_the_head_like_transformers_pipeline(arch, num_labels, problem_type, activation):
