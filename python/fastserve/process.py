@@ -166,6 +166,26 @@ _onednn_users = 0  # live engines that compute in bf16/fp16 on the CPU: they nee
 _onednn_off = 0  # float32 batches running with the switch off
 _onednn_saved = True
 _onednn_here = threading.local()  # .off: float32 batches this thread runs with the switch off
+_onednn_forks = 0  # forks this process came through: a batch begun before one is not counted after it
+
+
+def _onednn_after_fork_in_child() -> None:
+    """A forked child runs none of its parent's batches or engines (they
+    refuse work there, and their close() does nothing): it starts with the
+    switch as the parent had it before its float32 batches, no registered
+    users, and a lock no parent thread can be holding."""
+    global _onednn_lock, _onednn_back, _onednn_users, _onednn_off, _onednn_here, _onednn_forks
+    if _onednn_off:
+        torch._C._set_mkldnn_enabled(_onednn_saved)
+    _onednn_lock = threading.Lock()
+    _onednn_back = threading.Condition(_onednn_lock)
+    _onednn_users = _onednn_off = 0
+    _onednn_here = threading.local()
+    _onednn_forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_onednn_after_fork_in_child)
 
 
 def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool) -> bool:
@@ -212,6 +232,7 @@ def _onednn_off_context():
     batches of several engines may overlap: the first turns it off, the last
     restores what it was."""
     global _onednn_off, _onednn_saved
+    forks = _onednn_forks
     with _onednn_lock:
         switch = _onednn_users == 0
         if switch:
@@ -223,7 +244,7 @@ def _onednn_off_context():
     try:
         yield
     finally:
-        if switch:
+        if switch and forks == _onednn_forks:  # (a child forked from inside the batch starts afresh)
             with _onednn_lock:
                 _onednn_here.off -= 1
                 _onednn_off -= 1

@@ -6,6 +6,8 @@ float32 (forced on) for every task, and in bf16 against float32."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,51 @@ def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding()
     assert real == sum(lengths)
     assert computed == sum(shapes.bucket(n) for n in lengths) > real
     assert after["padding_ratio"] > 0
+
+
+def _child_onednn_state(out) -> None:
+    """In a forked child: the switch and registrations as a fresh process has
+    them, and a float32 engine built there turns oneDNN off under its batches
+    and a bf16 one can be built (it waited for the parent's batch for ever)."""
+    # One thread in this thread's parallel regions, left so by the engines
+    # (torch_threads=0): the parent's OpenMP team is not in the child, and
+    # libgomp hangs in this thread's next parallel region (torch's own
+    # copies too, fastserve or not).
+    torch.set_num_threads(1)
+    try:
+        state = [torch._C._get_mkldnn_enabled(), process._onednn_users, process._onednn_off]
+        seen = []
+        m = tm.model("bert")
+        with Engine(m, tm.tokenizer(), replicas=1, warmup=False, torch_threads=0) as fp32:
+            inner = fp32.runner.run
+            fp32.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner(batch, **kw))[1]
+            fp32.embed(TEXTS[:2])
+        Engine(m, tm.tokenizer(), dtype="bfloat16", replicas=1, warmup=False, torch_threads=0).close()
+        out.put((state, seen))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        out.put(repr(e))
+
+
+@pytest.mark.parametrize("during", ["a float32 batch", "a bf16 engine"])
+def test_a_forked_child_starts_with_onednn_as_a_fresh_process(during):
+    # Forked during a parent's float32 batch, a child kept oneDNN off and a
+    # count of batches no thread of it would end (a bf16 engine built there
+    # waited for ever); forked while a bf16 engine lived, its registration
+    # could never be released (float32 batches ran with oneDNN on).
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    ctx = multiprocessing.get_context("fork")
+    before = torch._C._get_mkldnn_enabled()
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, dtype="float32" if during == "a float32 batch"
+                else "bfloat16") as engine:
+        with tm.held(engine) if during == "a float32 batch" else contextlib.nullcontext():
+            out = ctx.Queue()
+            child = ctx.Process(target=_child_onednn_state, args=(out,))
+            child.start()
+            answer = out.get(timeout=120)
+            child.join(60)
+    assert child.exitcode == 0
+    assert answer == ([before, 0, 0], [False]), answer
+    assert torch._C._get_mkldnn_enabled() == before
