@@ -162,8 +162,6 @@ class Replica:
         self.runner = runner
         self.threads = threads if device.type == "cpu" else None
         self.tokens_per_thread = tokens_per_thread
-        # The count set in the worker's thread now (None: not set by us).
-        self._threads_now: int | None = None
         # Batches run at each thread count (threads_for).
         self.batches_by_threads: dict[int, int] = {}
         self.sdpa_backends = sdpa_backends
@@ -189,7 +187,6 @@ class Replica:
             # set_num_threads left (another worker's): initialise it first.
             torch.get_num_threads()
             torch.set_num_threads(self.threads)
-            self._threads_now = self.threads
 
     def threads_for(self, tokens: int) -> int | None:
         """The torch threads a batch of `tokens` tokens (padded ones
@@ -210,18 +207,20 @@ class Replica:
         for it (k, from threads_for; None leaves it), the count before
         restored after (an urgent batch runs inside a paused one).
         set_num_threads is per thread (enter), so other workers keep theirs."""
-        before = self._threads_now
-        if k is None or k == before:
+        if k is None:
+            yield
+            return
+        # Read, not remembered: an Engine built in this thread (from a hook
+        # or a done callback) sets the thread's count too.
+        before = torch.get_num_threads()
+        if k == before:
             yield
             return
         torch.set_num_threads(k)
-        self._threads_now = k
         try:
             yield
         finally:
-            if before is not None:
-                torch.set_num_threads(before)
-            self._threads_now = before
+            torch.set_num_threads(before)
 
     @property
     def alive(self) -> bool:

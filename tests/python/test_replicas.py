@@ -251,6 +251,31 @@ def test_batch_threads_sets_the_count_in_the_workers_thread_and_restores_it_afte
     assert torch.get_num_threads() == caller  # per thread: the caller's count is its own
 
 
+def test_an_engine_built_in_a_workers_thread_leaves_that_workers_batches_on_their_share(restore_torch_threads):
+    # Built from a model hook (in engine A's worker), engine B sets torch's
+    # count in that thread: A's later batches still run on A's one thread
+    # (they ran on B's two, while stats() said one).
+    m = tm.model("bert")
+    seen, built = [], []
+
+    def hook(module, args) -> None:
+        seen.append(torch.get_num_threads())
+        if not built:
+            built.append(Engine(tm.model("bert"), tm.tokenizer(), replicas=1, torch_threads=2, warmup=False))
+
+    m.register_forward_pre_hook(hook)
+    try:
+        with Engine(m, tm.tokenizer(), execution="padded", copy_model=False, replicas=1, torch_threads=1,
+                    warmup=False) as a:
+            for i in range(3):
+                a.embed([f"batch {i}"])
+            assert a.stats()["torch_threads"] == [1]
+    finally:
+        for b in built:
+            b.close()
+    assert seen == [1, 1, 1]
+
+
 def test_small_batches_run_on_one_thread_and_large_ones_on_the_workers_count(bert, monkeypatch):
     monkeypatch.setenv("FASTSERVE_TOKENS_PER_THREAD", "8")  # the tiny model's own share is far larger
     caller = torch.get_num_threads()
