@@ -200,9 +200,14 @@ class SeedController final : public FittedController {
     return 0.5 * std::log(J.minimiser(c_.min_tokens, c_.max_tokens) / budget);
   }
   std::map<std::string, double> extra_state() const override {
+    // Only once the fit has a slope: with b = 0 (no fit yet, or batches of
+    // no measured time) Tmax = 1 / b is infinite and J is NaN, which strict
+    // JSON cannot carry.
     SeedObjective J = objective();
     double B = static_cast<double>(budget_);
-    return {{"objective", J.J(B)}, {"gradient", J.dJ_dB(B)}};
+    const double j = J.J(B), g = J.dJ_dB(B);
+    if (!std::isfinite(j) || !std::isfinite(g)) return {};
+    return {{"objective", j}, {"gradient", g}};
   }
 };
 
@@ -231,14 +236,18 @@ void ControllerConfig::validate() const {
 }
 
 void LatencyModel::add(double x, double y) {
-  if (!std::isfinite(x) || !std::isfinite(y)) return;  // one such point would poison every sum for good
+  // A point that would make any sum infinite (or NaN) is dropped: it would
+  // poison every sum, and the fit, for good.
+  const double sx = f_ * sx_ + x, sy = f_ * sy_ + y, sxx = f_ * sxx_ + x * x, sxy = f_ * sxy_ + x * y,
+               syy = f_ * syy_ + y * y;
+  if (!std::isfinite(sx + sy + sxx + sxy + syy)) return;
   sw_ = f_ * sw_ + 1;
   sww_ = f_ * f_ * sww_ + 1;
-  sx_ = f_ * sx_ + x;
-  sy_ = f_ * sy_ + y;
-  sxx_ = f_ * sxx_ + x * x;
-  sxy_ = f_ * sxy_ + x * y;
-  syy_ = f_ * syy_ + y * y;
+  sx_ = sx;
+  sy_ = sy;
+  sxx_ = sxx;
+  sxy_ = sxy;
+  syy_ = syy;
   xmax_ = std::max(x, xmax_ * f_ + (1 - f_) * x);
   ++n_;
   const double mx = sx_ / sw_, my = sy_ / sw_;

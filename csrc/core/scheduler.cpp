@@ -107,13 +107,25 @@ bool Scheduler::fits_locked(int64_t n) const {
   ++stats_.refused;
   // After `late` seconds the work ahead has run for that long, so (with no
   // new arrivals ahead) the same request would then be predicted on time.
-  const double late = predicted - deadline;
+  const double late = std::min(predicted - deadline, kMaxRetryAfterS);
   char msg[160];
   std::snprintf(msg, sizeof msg,
                 "overloaded: predicted to finish %.1f ms after its deadline (%zu requests queued); "
                 "retry after %.3f s",
                 late * 1e3, requests_.size(), late);
   throw Overloaded(msg, late);
+}
+
+void Scheduler::check_deadline(double deadline) {
+  // +inf is "none"; -inf would pass as none too (isfinite), skip admission
+  // and never expire, while its batch kept every lower class out.
+  if (std::isnan(deadline) || deadline == -kNoDeadline)
+    throw InvalidArgument("deadline must be a time or +inf (none), got " + std::to_string(deadline));
+}
+
+void Scheduler::check_owner(const Batch& batch, const char* call) const {
+  if (batch.owner != this)
+    throw InvalidArgument(std::string("scheduler: ") + call + ": the batch is another scheduler's");
 }
 
 bool Scheduler::predicting_locked() const { return config_.admission && compute_fit_.count() >= 3; }
@@ -367,7 +379,7 @@ uint64_t Scheduler::enqueue_locked(std::vector<int32_t> tokens, int priority, do
 uint64_t Scheduler::submit(std::vector<int32_t> tokens, int priority, double deadline) {
   const auto n = static_cast<int64_t>(tokens.size());
   check_request(n);
-  if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
+  check_deadline(deadline);
   const double now = clock_->now();
   uint64_t id;
   {
@@ -402,7 +414,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
                           " tokens together can never fit the queue (max_queue_requests=" +
                           std::to_string(config_.max_queue_requests) +
                           ", max_queue_tokens=" + std::to_string(config_.max_queue_tokens) + ")");
-  if (std::isnan(deadline)) throw InvalidArgument("deadline is NaN");
+  check_deadline(deadline);
   std::vector<uint64_t> ids;
   if (requests.empty()) return ids;
   ids.reserve(requests.size());
@@ -524,7 +536,7 @@ void Scheduler::shed_locked(double now, Batch& out) {
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
-        out.shed_retry_after_s.push_back(done - r.deadline);
+        out.shed_retry_after_s.push_back(std::min(done - r.deadline, kMaxRetryAfterS));
         continue;
       }
       urgent = std::min(urgent, r.deadline);
@@ -546,6 +558,7 @@ void Scheduler::shed_locked(double now, Batch& out) {
 }
 
 std::vector<uint64_t> Scheduler::start(Batch& batch, const std::vector<uint64_t>& cancelled) {
+  check_owner(batch, "start");
   const double now = clock_->now();
   const int64_t before = batch.size();
   std::vector<uint64_t> out = batch.remove_expired(now, cancelled);
@@ -557,6 +570,7 @@ std::vector<uint64_t> Scheduler::start(Batch& batch, const std::vector<uint64_t>
 }
 
 std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double done) {
+  check_owner(running, "preempt");
   if (config_.preempt_layers <= 0) return std::nullopt;
   if (!(done >= 0 && done <= 1)) throw InvalidArgument("preempt: done must be in [0, 1]");
   std::lock_guard<std::mutex> lock(mu_);
@@ -606,6 +620,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now,
                                        static_cast<int64_t>(B));
   batch->worker = running.worker;
+  batch->owner = this;
   for (uint64_t id : take) move_to_batch_locked(now, id, *batch);
   const double compute = fit_locked(static_cast<double>(batch_cost(*batch)));
   running_[batch->seq()] = Running{running.worker, now + compute, compute, 0, urgent_class, true};
@@ -621,7 +636,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
     if (r.end + tail_s_ <= d || std::find(gone.begin(), gone.end(), id) != gone.end())
       continue;
     batch->shed.push_back(id);
-    batch->shed_retry_after_s.push_back(r.end + tail_s_ - d);
+    batch->shed_retry_after_s.push_back(std::min(r.end + tail_s_ - d, kMaxRetryAfterS));
   }
   running.abandoned.insert(running.abandoned.end(), batch->shed.begin(), batch->shed.end());
   stats_.shed += static_cast<int64_t>(batch->shed.size());
@@ -654,6 +669,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   const int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
   batch->worker = worker;
+  batch->owner = this;
   if (order_.empty()) return batch;
   const double share = share_locked(now, worker, static_cast<double>(budget));
 
@@ -813,12 +829,13 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
                           std::to_string(workers()) + ")");
   if (std::isnan(timeout_s)) throw InvalidArgument("scheduler: next_batch timeout must be a number of seconds, got nan");
   std::unique_lock<std::mutex> lock(mu_);
-  // The wait ends on work, close, or timeout. Past ~300 years a timeout
-  // would overflow steady_clock's ticks; treat it (and inf) as no timeout.
+  // The wait ends on work, close, or timeout. steady_clock's nanosecond
+  // ticks overflow at 2^63 ns (about 292 years, less the clock's own count):
+  // a timeout past 1e9 s (about 31 years) is no timeout, as inf is.
   auto ready = [&] { return closed_ || !requests_.empty(); };
   const auto w = static_cast<size_t>(worker);
   waiting_[w] = 1;
-  if (timeout_s < 1e10) {
+  if (timeout_s < 1e9) {
     const auto until = std::chrono::steady_clock::now() +
                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                            std::chrono::duration<double>(std::max(0.0, timeout_s)));
@@ -853,12 +870,17 @@ std::optional<std::shared_ptr<Batch>> Scheduler::next_batch(double timeout_s, in
 }
 
 void Scheduler::complete(const Batch& batch, double compute_seconds, int64_t extra_tokens) {
-  // One NaN or infinite time would poison the fits for good (and with them
-  // admission, which then refuses nothing).
-  if (!(compute_seconds >= 0) || !std::isfinite(compute_seconds))
-    throw InvalidArgument("scheduler: compute_seconds must be finite and >= 0, got " + std::to_string(compute_seconds));
-  if (extra_tokens < 0)
-    throw InvalidArgument("scheduler: extra_tokens must be >= 0, got " + std::to_string(extra_tokens));
+  // One NaN, infinite or huge time would poison the fits for good (and with
+  // them admission, which then refuses nothing, or everything).
+  if (!(compute_seconds >= 0 && compute_seconds <= kMaxComputeS)) {
+    char msg[120];
+    std::snprintf(msg, sizeof msg, "scheduler: compute_seconds must be in [0, 1e6] (about 11.6 days), got %g",
+                  compute_seconds);
+    throw InvalidArgument(msg);
+  }
+  if (extra_tokens < 0 || extra_tokens > kMaxExtraTokens)
+    throw InvalidArgument("scheduler: extra_tokens must be in [0, 2^48], got " + std::to_string(extra_tokens));
+  check_owner(batch, "complete");
   const double now = clock_->now();
   std::lock_guard<std::mutex> lock(mu_);
   if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);
@@ -909,9 +931,9 @@ void Scheduler::complete(const Batch& batch, double compute_seconds, int64_t ext
       a.at_last = a.submitted;
       it = (!arrived && a.rate < kForgottenRate) ? arrivals_by_priority_.erase(it) : std::next(it);
     }
-  } else {
+  } else if (last_observed_at_ < 0) {  // the first completion: arrivals count from here
     for (auto& entry : arrivals_by_priority_) entry.second.at_last = entry.second.submitted;
-  }
+  }  // (another at the same instant: its arrivals count at the next completion, over its dt)
   last_observed_at_ = now;
   urgent_at_last_ = urgent_s_;
   const double cost_factor =
@@ -930,6 +952,7 @@ void Scheduler::complete(const Batch& batch, double compute_seconds, int64_t ext
 }
 
 void Scheduler::fail(const Batch& batch) {
+  check_owner(batch, "fail");
   std::lock_guard<std::mutex> lock(mu_);
   if (batch.worker >= 0 && batch.worker < workers()) seen_locked(batch.worker);
   running_.erase(batch.seq());

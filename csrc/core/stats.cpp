@@ -12,10 +12,14 @@ LogHistogram::LogHistogram(double lo, double hi, double ratio)
 }
 
 void LogHistogram::add(double x) {
+  if (std::isnan(x)) return;  // it would poison the sum (the callers refuse NaN before here)
   size_t i = 0;
   if (x >= lo_) {
-    const double k = std::floor(std::log(x / lo_) / log_ratio_);
-    i = std::min<size_t>(buckets_.size() - 1, static_cast<size_t>(k) + 1);
+    // Compared as a double before the cast: x / lo_ overflows to inf for
+    // huge x, and casting inf (or anything past size_t) is undefined.
+    const double k = std::floor(std::log(x / lo_) / log_ratio_) + 1;
+    const auto last = buckets_.size() - 1;
+    i = k < static_cast<double>(last) ? static_cast<size_t>(k) : last;
   }
   ++buckets_[i];
   ++count_;

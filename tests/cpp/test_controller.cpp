@@ -429,6 +429,31 @@ TEST(LatencyModel, PointsNotFiniteAreIgnored) {
   EXPECT_NEAR(m.intercept(), 0.002, 1e-7);
 }
 
+TEST(LatencyModel, PointsThatWouldOverflowTheSumsAreIgnored) {
+  // y^2 past the largest double made the sum of squares inf for good: the
+  // fit was then never identified again.
+  LatencyModel m(0.9);
+  m.add(100, 0.003);
+  m.add(200, 1e200);
+  for (int i = 1; i <= 200; ++i) m.add(100.0 * (i % 20 + 1), 0.002 + 1e-5 * 100.0 * (i % 20 + 1));
+  ASSERT_TRUE(m.ready());
+  EXPECT_NEAR(m.slope(), 1e-5, 1e-8);
+  EXPECT_NEAR(m.intercept(), 0.002, 1e-6);
+}
+
+TEST(Controllers, TheSeedPolicyReportsNoObjectiveBeforeItHasASlope) {
+  // With no fitted slope J is inf - inf: NaN in stats(), which strict JSON
+  // cannot carry.
+  ControllerConfig c;
+  c.policy = "seed";
+  auto ctl = make_controller(c);
+  for (const auto& [key, value] : ctl->state()) EXPECT_TRUE(std::isfinite(value)) << key;
+  Observation o;
+  o.tokens = 100, o.budget = ctl->budget(), o.batch_size = 1, o.latency_s = 0, o.queue_depth = 1;
+  for (int i = 0; i < 5; ++i) ctl->observe(o);  // batches of no measured time
+  for (const auto& [key, value] : ctl->state()) EXPECT_TRUE(std::isfinite(value)) << key;
+}
+
 TEST(Controllers, TheLargestBudgetStaysPositiveInEveryPolicy) {
   for (const char* p : {"aimd", "seed", "model"}) {
     ControllerConfig c;

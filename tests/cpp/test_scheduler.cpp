@@ -887,3 +887,122 @@ TEST(SchedulerBalance, TheLastBatchesOfAListEndTogether) {
 
 }  // namespace
 }  // namespace fastserve
+
+namespace fastserve {
+namespace {
+
+// Bad input from a caller is a typed error, never a lost request, a crash
+// or a fit gone wild.
+TEST(SchedulerInput, AManualClockRefusesTimesThatAreNotFinite) {
+  ManualClock c(1.0);
+  EXPECT_THROW(c.set(std::nan("")), InvalidArgument);
+  EXPECT_THROW(c.set(INFINITY), InvalidArgument);
+  EXPECT_THROW(c.advance(INFINITY), InvalidArgument);
+  EXPECT_THROW(ManualClock(-INFINITY), InvalidArgument);
+  EXPECT_EQ(c.now(), 1.0);  // unchanged by the refusals
+  c.advance(0.5);
+  EXPECT_EQ(c.now(), 1.5);
+}
+
+TEST(SchedulerInput, MinusInfinityIsNoDeadline) {
+  Fixture f;
+  EXPECT_THROW(f.s.submit(toks(4), 0, -INFINITY), InvalidArgument);
+  EXPECT_THROW(f.s.submit_many({toks(4)}, 0, -INFINITY, false, false), InvalidArgument);
+  EXPECT_THROW(f.s.submit(toks(4), 0, std::nan("")), InvalidArgument);
+  EXPECT_EQ(f.s.depth(), 0);
+  f.s.submit(toks(4), 0, INFINITY);  // +inf: none
+  EXPECT_EQ(f.s.depth(), 1);
+}
+
+TEST(SchedulerInput, AnotherSchedulersBatchIsRefusedByEveryCall) {
+  SchedulerConfig sc = any_fill();
+  sc.preempt_layers = 4;
+  Fixture a(sc), b(sc);
+  a.s.submit(toks(4));
+  b.s.submit(toks(4));
+  auto mine = b.next();
+  auto theirs = a.next();
+  ASSERT_TRUE(mine && theirs);
+  ASSERT_EQ(mine->seq(), theirs->seq());  // seqs are per scheduler: the same numbers
+  theirs->worker = 3;                     // an index b has no controller for
+  EXPECT_THROW(b.s.start(*theirs, {}), InvalidArgument);
+  EXPECT_THROW(b.s.preempt(*theirs, 0.5), InvalidArgument);
+  EXPECT_THROW(b.s.complete(*theirs, 0.001), InvalidArgument);
+  EXPECT_THROW(b.s.fail(*theirs), InvalidArgument);
+  b.s.start(*mine, {});
+  b.s.complete(*mine, 0.001);
+  EXPECT_EQ(b.s.snapshot().stats.completed, 1);
+}
+
+TEST(SchedulerInput, ComputeTimesAndExtraTokensPastTheirBoundsAreRefused) {
+  Fixture f;
+  f.s.submit(toks(4));
+  auto batch = f.next();
+  EXPECT_THROW(f.s.complete(*batch, 1e200), InvalidArgument);
+  EXPECT_THROW(f.s.complete(*batch, Scheduler::kMaxComputeS * 1.01), InvalidArgument);
+  EXPECT_THROW(f.s.complete(*batch, 0.001, INT64_MAX), InvalidArgument);
+  f.s.complete(*batch, 0.001, 3);
+  EXPECT_EQ(f.s.snapshot().stats.padded_tokens, 4 + 3);
+}
+
+TEST(SchedulerInput, ATimeoutPastTheClocksRangeWaitsAsNoTimeout) {
+  // 9.3e9 s overflowed steady_clock's ticks: next_batch returned at once.
+  Fixture f;
+  auto waiter = std::async(std::launch::async, [&] { return f.s.next_batch(9.3e9); });
+  EXPECT_EQ(waiter.wait_for(std::chrono::milliseconds(50)), std::future_status::timeout);
+  f.s.submit(toks(4));
+  auto got = waiter.get();
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ((*got)->size(), 1);
+}
+
+TEST(SchedulerInput, WithNoLiveWorkerARefusalCarriesAFiniteRetryAfter) {
+  ControllerConfig cc;
+  cc.policy = "static";
+  auto clock = std::make_shared<ManualClock>(0.0);
+  Scheduler s(SchedulerConfig(), cc, clock, 2);
+  for (int i = 0; i < 6; ++i) {
+    s.submit(toks(10 + 5 * i));
+    auto b = *s.next_batch(0, i % 2);
+    s.start(*b, {});
+    clock->advance(0.01);
+    s.complete(*b, 0.001 + 1e-4 * static_cast<double>(b->total_tokens()));
+  }
+  s.retire(0);
+  s.retire(1);
+  try {
+    s.submit(toks(10), 0, clock->now() + 1.0);
+    FAIL() << "expected Overloaded";
+  } catch (const Overloaded& e) {
+    EXPECT_TRUE(std::isfinite(e.retry_after_s()));
+    EXPECT_EQ(e.retry_after_s(), Scheduler::kMaxRetryAfterS);
+  }
+}
+
+TEST(SchedulerInput, ArrivalsBetweenTwoCompletionsAtOneInstantCountInTheRate) {
+  // Two workers completing at the same simulated time: what arrived
+  // between them was dropped from the arrival rate (20,000 of 30,000 tokens/s).
+  auto clock = std::make_shared<ManualClock>(0.0);
+  ControllerConfig cc;
+  cc.policy = "static";
+  Scheduler s(any_fill(), cc, clock, 2);
+  for (int step = 0; step < 400; ++step) {  // every 10 ms: 300 tokens
+    s.submit(toks(100));
+    auto b0 = *s.next_batch(0, 0);
+    s.start(*b0, {});
+    s.submit(toks(100));
+    auto b1 = *s.next_batch(0, 1);
+    s.start(*b1, {});
+    clock->advance(0.01);
+    s.complete(*b0, 0.005);
+    s.submit(toks(100));  // between the two completions, at the same instant
+    auto b2 = *s.next_batch(0, 0);
+    s.start(*b2, {});
+    s.complete(*b1, 0.005);
+    s.complete(*b2, 0.0);
+  }
+  EXPECT_NEAR(s.snapshot().controller.at("admission_arrival_tokens_per_s"), 30000, 300);
+}
+
+}  // namespace
+}  // namespace fastserve

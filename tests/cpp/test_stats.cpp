@@ -58,6 +58,19 @@ TEST(LogHistogram, EmptyAndOutOfRangeValues) {
   EXPECT_LE(one.percentile(0.99), 0.25);
 }
 
+TEST(LogHistogram, HugeValuesLandInTheTopBucketAndNaNIsDropped) {
+  // x / lo overflowed to inf, and the cast of inf to a bucket index was
+  // undefined: 1e305 landed in bucket 1.
+  LogHistogram h(1e-6, 1e3);
+  h.add(1e305);
+  h.add(INFINITY);
+  h.add(std::nan(""));
+  EXPECT_EQ(h.count(), 2);
+  EXPECT_GT(h.percentile(0.5), 1e3);
+  h.add(std::numeric_limits<double>::max());
+  EXPECT_EQ(h.count(), 3);
+}
+
 TEST(LogHistogram, CumulativeCountsBracketTheExactCounts) {
   std::mt19937 rng(3);
   std::lognormal_distribution<double> d(std::log(0.01), 1.0);

@@ -425,6 +425,16 @@ def _held_server(folder: Path, *, holder: bool = True, request_timeout: float | 
         yield engine, gate, srv
 
 
+def test_an_overload_with_a_retry_after_that_is_not_finite_is_still_a_429():
+    from fastserve.server.errors import RETRY_AFTER_S, api_error
+
+    for after, header in ((0.2, "1"), (7.5, "8"), (float("inf"), str(RETRY_AFTER_S)), (float("nan"), str(RETRY_AFTER_S))):
+        exc = fastserve.OverloadedError("overloaded")
+        exc.retry_after_s = after
+        err = api_error(exc)
+        assert err.status == 429 and err.headers["Retry-After"] == header, after
+
+
 def test_full_queue_gets_429_with_retry_after(tiny_folder):
     with _held_server(tiny_folder, holder=False, max_queue=4) as (engine, gate, srv):
         async def scenario():

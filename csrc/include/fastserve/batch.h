@@ -68,6 +68,9 @@ class Batch {
   // The worker (replica) whose controller sized this batch; complete()
   // feeds that controller.
   int worker = 0;
+  // The scheduler that assembled it: another scheduler's batch is refused
+  // (its seq and worker index mean nothing there).
+  const void* owner = nullptr;
 
   // Built once, on first call, thread-safe.
   const PaddedLayout& padded() const;

@@ -5,7 +5,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <memory>
+#include <string>
+
+#include "fastserve/errors.h"
 
 namespace fastserve {
 
@@ -24,19 +28,26 @@ class SteadyClock final : public Clock {
   }
 };
 
-// A clock that only moves when told to. Thread-safe.
+// A clock that only moves when told to. Thread-safe. Its time is always
+// finite (InvalidArgument otherwise): a NaN time ranks equal to every request,
+// and the queue's order would drop them.
 class ManualClock final : public Clock {
  public:
-  explicit ManualClock(double start = 0.0) : t_(start) {}
+  explicit ManualClock(double start = 0.0) : t_(finite(start)) {}
   double now() const override { return t_.load(std::memory_order_acquire); }
-  void set(double t) { t_.store(t, std::memory_order_release); }
+  void set(double t) { t_.store(finite(t), std::memory_order_release); }
   void advance(double dt) {
     double cur = t_.load(std::memory_order_relaxed);
-    while (!t_.compare_exchange_weak(cur, cur + dt, std::memory_order_acq_rel)) {
+    while (!t_.compare_exchange_weak(cur, finite(cur + dt), std::memory_order_acq_rel)) {
     }
   }
 
  private:
+  static double finite(double t) {
+    if (!std::isfinite(t)) throw InvalidArgument("the clock's time must be finite, got " + std::to_string(t));
+    return t;
+  }
+
   std::atomic<double> t_;
 };
 

@@ -143,6 +143,15 @@ struct SchedulerConfig {
 class Scheduler {
  public:
   static constexpr double kNoDeadline = std::numeric_limits<double>::infinity();
+  // The longest retry_after_s a refusal or a shed request carries: with no
+  // live worker (or a fit gone wild) the predicted wait is unbounded, and a
+  // client's Retry-After must be a number.
+  static constexpr double kMaxRetryAfterS = 3600.0;
+  // The longest compute_seconds complete() takes: about 11.6 days, far past
+  // any batch; more is a caller's error, and one such sample would hold the
+  // fits (and admission) for thousands of batches, or overflow their sums.
+  static constexpr double kMaxComputeS = 1e6;
+  static constexpr int64_t kMaxExtraTokens = int64_t(1) << 48;
 
   Scheduler(SchedulerConfig config, ControllerConfig controller,
             std::shared_ptr<Clock> clock = steady_clock(), int workers = 1);
@@ -275,6 +284,8 @@ class Scheduler {
   void check_request(int64_t n) const;  // throws InvalidArgument
   bool fits_locked(int64_t n) const;
   [[noreturn]] void throw_full_locked();
+  static void check_deadline(double deadline);
+  void check_owner(const Batch& batch, const char* call) const;
   [[noreturn]] void throw_overloaded_locked(double predicted, double deadline);
   bool predicting_locked() const;
   bool idle_for_locked(int priority) const;

@@ -54,7 +54,8 @@ def api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, OverloadedError):
         # Retry-After is whole seconds: the predicted backlog's drain, rounded up.
-        retry = max(1, math.ceil(getattr(exc, "retry_after_s", RETRY_AFTER_S)))
+        after = getattr(exc, "retry_after_s", RETRY_AFTER_S)
+        retry = max(1, math.ceil(after)) if math.isfinite(after) else RETRY_AFTER_S  # (the core bounds it)
         return ApiError(429, "the server is overloaded: the request would not be served before its deadline; "
                         "retry later", type="rate_limit_error", code="overloaded",
                         headers={"Retry-After": str(retry)})
