@@ -206,24 +206,7 @@ def test_a_layer_norm_with_eps_zero_runs_the_fused_layers_as_torch_does() -> Non
     res = torch.randn(5, 16)
     want = F.layer_norm(x + b + res, (16,), w, beta, eps=0.0)
     torch.testing.assert_close(kernels.add_layer_norm_(x.clone(), b, res, w, beta, 0.0), want, atol=2e-6, rtol=1e-5)
-    _bert_runs_fused(layer_norm_eps=0.0)
-
-
-def _bert_runs_fused(**config) -> None:
-    """A tiny BERT with these config values runs the fused CPU layers and
-    equals the unbatched model."""
-    cfg = tm.config("bert")
-    for k, v in config.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(0)
-    from transformers import AutoModel
-
-    m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
-    texts = tm.mixed_texts(10, seed=4)
-    with Engine(m, tm.tokenizer(), execution="packed") as engine:
-        got = engine.embed(texts)
-        assert engine.runner.fused is not None
-    np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
+    _bert_runs_exactly("kernel", fused=True, layer_norm_eps=0.0)
 
 
 # ------------------------------------------------------------ bfloat16
@@ -360,9 +343,9 @@ def test_fused_layers_equal_the_models_modules(arch: str, monkeypatch) -> None:
         np.testing.assert_allclose(engine.embed(texts), got, atol=1e-6, rtol=0)
 
 
-def _bert_runs_exactly(attention: str, **config) -> None:
-    """A tiny BERT with these config values runs `attention`, its modules
-    (no fused layers), and equals the unbatched model."""
+def _bert_runs_exactly(attention: str, fused: bool = False, **config) -> None:
+    """A tiny BERT with these config values runs `attention`, the fused CPU
+    layers or (not `fused`) its modules, and equals the unbatched model."""
     from transformers import AutoModel
 
     cfg = tm.config("bert")
@@ -372,8 +355,8 @@ def _bert_runs_exactly(attention: str, **config) -> None:
     m = AutoModel.from_config(cfg, attn_implementation="eager").eval()
     texts = tm.mixed_texts(10, seed=4)
     with Engine(m, tm.tokenizer(), execution="packed") as engine:
-        assert engine.stats()["attention"] == attention and engine.runner.fused is None
         got = engine.embed(texts)
+        assert engine.stats()["attention"] == attention and (engine.runner.fused is not None) == fused
     np.testing.assert_allclose(got, np.stack([tm.reference(m, t) for t in texts]), atol=1e-5, rtol=0)
 
 
