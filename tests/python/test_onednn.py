@@ -163,23 +163,27 @@ def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding()
 
 def _child_onednn_state(out) -> None:
     """In a forked child: the switch and registrations as a fresh process has
-    them, and a float32 engine built there turns oneDNN off under its batches
-    and a bf16 one can be built (it waited for the parent's batch for ever)."""
-    # One thread in this thread's parallel regions, left so by the engines
-    # (torch_threads=0): the parent's OpenMP team is not in the child, and
-    # libgomp hangs in this thread's next parallel region (torch's own
-    # copies too, fastserve or not).
-    torch.set_num_threads(1)
+    them; a float32 batch's context turns oneDNN off and restores it, and a
+    bf16 engine can register (it waited for the parent's batch for ever).
+    No model runs here: a forked child of a threaded parent is no place for
+    OpenMP or the tokenizers' threads."""
+    import threading
+
     try:
+        cpu = torch.device("cpu")
         state = [torch._C._get_mkldnn_enabled(), process._onednn_users, process._onednn_off]
-        seen = []
-        m = tm.model("bert")
-        with Engine(m, tm.tokenizer(), replicas=1, warmup=False, torch_threads=0) as fp32:
-            inner = fp32.runner.run
-            fp32.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner(batch, **kw))[1]
-            fp32.embed(TEXTS[:2])
-        Engine(m, tm.tokenizer(), dtype="bfloat16", replicas=1, warmup=False, torch_threads=0).close()
-        out.put((state, seen))
+        context, what = process.onednn_for(cpu, torch.float32, True)
+        with context():
+            during = torch._C._get_mkldnn_enabled()
+        after = torch._C._get_mkldnn_enabled()
+        registered: list[str] = []
+        t = threading.Thread(target=lambda: registered.append(process.onednn_for(cpu, torch.bfloat16, True)[1]),
+                             daemon=True)
+        t.start()
+        t.join(30)
+        for w in registered:
+            process.onednn_release(w)
+        out.put((state, what, during, after, registered, process._onednn_users))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         out.put(repr(e))
 
@@ -205,5 +209,5 @@ def test_a_forked_child_starts_with_onednn_as_a_fresh_process(during):
             answer = out.get(timeout=120)
             child.join(60)
     assert child.exitcode == 0
-    assert answer == ([before, 0, 0], [False]), answer
+    assert answer == ([before, 0, 0], "off per batch", False, before, ["on, token buckets"], 0), answer
     assert torch._C._get_mkldnn_enabled() == before
