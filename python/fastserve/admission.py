@@ -94,6 +94,25 @@ def where(i: int, n: int) -> str:
     return "" if n == 1 else f" at index {i}"
 
 
+def indexed(error: InvalidInputError, i: int, n: int) -> InvalidInputError:
+    """`error`, about the input at index i of n, with that index attached
+    (error.index; None when it is alone), so that a caller that passed a
+    different list (rerank: the distinct documents) can name its own."""
+    error.index = i if n != 1 else None  # type: ignore[attr-defined]
+    return error
+
+
+def reindexed(error: InvalidInputError, positions: Sequence[int]) -> InvalidInputError:
+    """An error from indexed() about a list made from the caller's: the same
+    error naming the caller's index, positions[error.index]."""
+    i = getattr(error, "index", None)
+    if i is None:
+        return error
+    out = InvalidInputError(str(error).replace(f" at index {i}", f" at index {positions[i]}", 1))
+    out.index = positions[i]  # type: ignore[attr-defined]
+    return out
+
+
 def untokenizable(what: str, texts: Sequence[str], error: Exception) -> InvalidInputError:
     """The error for texts the tokenizer refused: the first one that is not
     valid Unicode (a lone surrogate, which no UTF-8 can carry) named, else
@@ -102,8 +121,9 @@ def untokenizable(what: str, texts: Sequence[str], error: Exception) -> InvalidI
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as e:
-            return InvalidInputError(f"{what}{where(i, len(texts))} is not valid Unicode: a lone surrogate "
-                                     f"{t[e.start]!r} at character {e.start} (no UTF-8 text can hold one)")
+            return indexed(InvalidInputError(f"{what}{where(i, len(texts))} is not valid Unicode: a lone surrogate "
+                                             f"{t[e.start]!r} at character {e.start} (no UTF-8 text can hold "
+                                             "one)"), i, len(texts))
     return InvalidInputError(f"{what} could not be tokenized: {error}")
 
 

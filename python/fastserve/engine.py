@@ -1169,6 +1169,8 @@ class Engine(tasks.TaskCalls):
         priority = admission.check_priority(priority)
         fut: cf.Future = cf.Future()
         fut.pooled_from = pooled_from  # type: ignore[attr-defined]
+        if self._typed_pairs:  # a pair's token types, as submit_many carries them
+            tasks.mark_segments([fut], [ids])
         with self._lock:
             self._refuse_if_closed()
             rid = _queued(self._scheduler.submit, ids, priority, timeout)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import importlib
 import threading
+import warnings
 from dataclasses import dataclass
 from collections.abc import Set
 from typing import Any, Awaitable, Callable, Optional, Sequence
@@ -22,7 +24,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 import numpy as np
 
 from . import admission
-from .admission import TokenLists, all_results, results_of, where
+from .admission import TokenLists, all_results, indexed, reindexed, results_of, where
 from .errors import InvalidInputError, ModelLoadError
 from .inputs import InputInfo
 from .st_spec import st_config
@@ -63,6 +65,15 @@ def distinct(docs: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return list(first), where
 
 
+def first_places(where: np.ndarray) -> list[int]:
+    """For each distinct document (distinct()'s `where`), the index of its
+    first copy among the documents given."""
+    first: dict[int, int] = {}
+    for i, u in enumerate(where.tolist()):
+        first.setdefault(u, i)
+    return [first[u] for u in range(len(first))]
+
+
 def cross_encoder_activation(source: Any, config: Any, activation: str = "auto") -> str:
     """What a rerank engine applies to the logits: `activation` unless
     "auto", else what CrossEncoder.predict applies: the activation the
@@ -83,12 +94,35 @@ def cross_encoder_activation(source: Any, config: Any, activation: str = "auto")
     if saved is None:
         saved = getattr(config, "sbert_ce_default_activation_function", None)
     if saved is not None:
-        if not isinstance(saved, str) or saved not in _TORCH_ACTIVATIONS:
-            raise ModelLoadError(f"the cross-encoder's activation {saved!r} is not supported "
-                                 f"(fastserve applies {', '.join(sorted(_TORCH_ACTIVATIONS))}); "
-                                 "pass activation= to choose one")
-        return _TORCH_ACTIVATIONS[saved]
+        found = _saved_activation(saved)
+        if found is not None:
+            return found
     return "sigmoid" if config.num_labels == 1 else "none"
+
+
+def _saved_activation(saved: Any) -> Optional[str]:
+    """The activation a saved class path names, as CrossEncoder loads it:
+    a torch class by any of its paths ("torch.nn.Sigmoid" or
+    "torch.nn.modules.activation.Sigmoid"); another path is not imported
+    (sentence-transformers imports it only with trust_remote_code): warned
+    about, and the default applies (None)."""
+    if not isinstance(saved, str):
+        raise ModelLoadError(f"the cross-encoder's saved activation must be a class path, got {saved!r}")
+    if not saved.startswith("torch."):
+        warnings.warn(f"fastserve: the cross-encoder's saved activation {saved!r} is not a torch class; it is not "
+                      "imported (sentence-transformers would need trust_remote_code): the default applies "
+                      "(pass activation= to choose one)", RuntimeWarning, stacklevel=2)
+        return None
+    module, _, name = saved.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"the cross-encoder's saved activation {saved!r} cannot be found: {e}") from None
+    ours = _TORCH_ACTIVATIONS.get(f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}")
+    if ours is None:
+        raise ModelLoadError(f"the cross-encoder's activation {saved!r} is not supported (fastserve applies "
+                             f"{', '.join(sorted(_TORCH_ACTIVATIONS))}); pass activation= to choose one")
+    return ours
 
 
 def apply_activation(logits: np.ndarray, activation: str) -> np.ndarray:
@@ -207,22 +241,22 @@ class PairEncoder:
         long = [i for i, info in enumerate(infos) if info.tokens > self.max_length]
         if long and self.mode == "error":
             i = long[0]
-            raise InvalidInputError(f"pair{where(i, n)} is {infos[i].tokens} tokens long; the model's limit is "
-                                    f"{self.max_length} (truncate='right' or 'left' cuts it)")
+            raise indexed(InvalidInputError(f"pair{where(i, n)} is {infos[i].tokens} tokens long; the model's "
+                                            f"limit is {self.max_length} (truncate='right' or 'left' cuts it)"), i, n)
         if long:
             try:
                 cut = self._encode([queries[i] for i in long], [docs[i] for i in long], truncation=self.strategy,
                                    max_length=self.max_length)
-            except Exception as e:  # the tokenizer cannot cut it (only_second with a query past the limit)
-                raise InvalidInputError(f"pair{where(long[0], n)} cannot be cut to {self.max_length} tokens "
-                                        f"with pair_truncation={self.strategy!r}: {e}") from e
+            except Exception as e:  # the tokenizer cannot cut one (only_second with a query past the limit)
+                raise self._uncuttable(queries, docs, long, e) from e
             for j, i in enumerate(long):
                 ids[i] = cut["input_ids"][j]
                 if types is not None:
                     types[i] = cut["token_type_ids"][j]
                 if len(ids[i]) > self.max_length:
-                    raise InvalidInputError(f"pair{where(i, n)} cannot be cut to {self.max_length} tokens with "
-                                            f"pair_truncation={self.strategy!r} (its query alone is too long)")
+                    raise indexed(InvalidInputError(
+                        f"pair{where(i, n)} cannot be cut to {self.max_length} tokens with "
+                        f"pair_truncation={self.strategy!r} (its query alone is too long)"), i, n)
                 infos[i] = InputInfo(infos[i].tokens, len(ids[i]), True, 1)
         out = TokenLists()
         for i, row in enumerate(ids):
@@ -236,6 +270,21 @@ class PairEncoder:
     def _encode(self, queries: list[str], docs: list[str], **kw: Any) -> Any:
         return self.tokenizer(queries, docs, add_special_tokens=True, return_attention_mask=False,
                               return_token_type_ids=self.token_types, **kw)
+
+    def _uncuttable(self, queries: list[str], docs: list[str], long: list[int], error: Exception) -> InvalidInputError:
+        """The error for long pairs the tokenizer could not cut together:
+        the first that it cannot cut alone named (a call over them all
+        fails on any one)."""
+        n = len(queries)
+        first = long[0]
+        for i in long:
+            try:
+                self._encode([queries[i]], [docs[i]], truncation=self.strategy, max_length=self.max_length)
+            except Exception as e:  # noqa: BLE001 - this one
+                first, error = i, e
+                break
+        return indexed(InvalidInputError(f"pair{where(first, n)} cannot be cut to {self.max_length} tokens with "
+                                         f"pair_truncation={self.strategy!r}: {error}"), first, n)
 
 
 def check_pairs(pairs: Any) -> tuple[list[str], list[str]]:
@@ -598,8 +647,11 @@ class TaskCalls:
         earlier first). prompt_name / prompt: as score's."""
         docs = self._rank_args(query, documents, top_n)
         unique, where = distinct(docs)
-        scores = self.score([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
-                            prompt_name=prompt_name, prompt=prompt)
+        try:
+            scores = self.score([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
+                                prompt_name=prompt_name, prompt=prompt)
+        except InvalidInputError as e:  # about a distinct document: named by its first place in `documents`
+            raise reindexed(e, first_places(where)) from e.__cause__
         return ranking(scores[where], docs, top_n, return_documents)
 
     async def arerank(self, query: str, documents: Sequence[str], *, top_n: Optional[int] = None,
@@ -609,8 +661,11 @@ class TaskCalls:
         """rerank, awaited."""
         docs = self._rank_args(query, documents, top_n)
         unique, where = distinct(docs)
-        scores = await self.ascore([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
-                                   prompt_name=prompt_name, prompt=prompt)
+        try:
+            scores = await self.ascore([(query, d) for d in unique], raw=raw, priority=priority, timeout=timeout,
+                                       prompt_name=prompt_name, prompt=prompt)
+        except InvalidInputError as e:
+            raise reindexed(e, first_places(where)) from e.__cause__
         return ranking(scores[where], docs, top_n, return_documents)
 
     # ---------------------------------------------------- token classify
@@ -627,6 +682,9 @@ class TaskCalls:
         """Each text's entities from its tokens' logits."""
         strategy = check_aggregation(aggregation_strategy)
         ignore = check_labels(ignore_labels)
+        if len(inputs) != len(logits):  # zip would drop the texts past the shorter list
+            raise ValueError(f"entities needs one logits array per input: {len(inputs)} inputs, "
+                             f"{len(logits)} logits")
         return [self._merger(inp, row, strategy, ignore) for inp, row in zip(inputs, logits)]
 
     def extract(self, texts: str | Sequence[str], *, aggregation_strategy: str = "simple",

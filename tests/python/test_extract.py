@@ -101,6 +101,15 @@ def test_a_text_gets_the_same_entities_whatever_shares_its_batch(bert_tagger):
     assert [len(e) for e in together] == [len(tok.tokenize(t)) for t in TEXTS]
 
 
+def test_entities_refuse_inputs_and_logits_of_other_lengths(bert_tagger):
+    with Engine(bert_tagger, tm.tokenizer(), task="token-classify") as engine:
+        inputs, lists = engine.prepare_extract(TEXTS[:2])
+        logits = [f.result(timeout=30) for f in engine.submit_many(lists)]
+        assert len(engine.entities(inputs, logits)) == 2
+        with pytest.raises(ValueError, match="2 inputs, 1 logits"):  # the second text was dropped
+            engine.entities(inputs, logits[:1])
+
+
 def test_long_texts_are_cut_like_the_pipeline_cuts_them_or_refused():
     m = token_model("bert")
     long = " ".join(["Schwarzenegger"] * 60)  # 3 word pieces each

@@ -168,6 +168,31 @@ def test_a_query_too_long_for_only_second_and_long_pairs_with_truncate_error_are
         assert engine.stats()["submitted"] == 0
 
 
+def test_errors_name_the_pair_or_document_the_caller_gave(bert_ce):
+    # rerank scores the distinct documents: its errors name the caller's
+    # index; only_second names the pair it cannot cut, not the first long one.
+    folder, _ = bert_ce
+    long_doc = " ".join(["word"] * 200)
+    with Engine(str(folder), task="rerank", truncate="error") as engine:
+        for docs, index in ((["a", "a", "a", long_doc], 3), ([long_doc, "a", long_doc], 0), (["a", "a", "b", "x\ud800"], 3)):
+            with pytest.raises(fastserve.InvalidInputError, match=f"pair at index {index} "):
+                engine.rerank(QUERY, docs)
+            with pytest.raises(fastserve.InvalidInputError, match=f"pair at index {index} "):
+                asyncio.run(engine.arerank(QUERY, docs))
+    with Engine(str(folder), task="rerank", pair_truncation="only_second") as engine:
+        with pytest.raises(fastserve.InvalidInputError, match="pair at index 3 cannot be cut"):
+            engine.score([("q", "d"), ("short", long_doc), ("q2", "d2"), (" ".join(["query"] * 200), "short")])
+
+
+def test_a_pair_queued_alone_keeps_its_token_types(bert_ce):
+    folder, _ = bert_ce
+    with Engine(str(folder), task="rerank") as engine:
+        want = engine.score(pairs(), raw=True)
+        lists = engine.tokenize_pairs(pairs())
+        alone = engine.pair_scores([engine.submit_tokens(ids).result(timeout=30) for ids in lists], raw=True)
+    np.testing.assert_allclose(alone, want, atol=1e-6, rtol=0)
+
+
 def test_bad_arguments_get_typed_errors(bert_ce):
     folder, _ = bert_ce
     with pytest.raises(ValueError, match="pair_truncation"):
@@ -239,8 +264,19 @@ def test_every_saved_activation_format_of_sentence_transformers_is_read(tmp_path
         '{"activation_fn": "torch.nn.modules.activation.Sigmoid"}')
     assert cross_encoder_activation(tmp_path, SimpleNamespace(num_labels=3)) == "sigmoid"
     assert cross_encoder_activation(tmp_path, one, "none") == "none"  # an explicit choice wins
-    with pytest.raises(fastserve.ModelLoadError, match="not supported"):
-        cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="my.Fn"))
+    # A torch class by its short path, as CrossEncoder imports it.
+    for path, ours in (("torch.nn.Sigmoid", "sigmoid"), ("torch.nn.Identity", "none"), ("torch.nn.Tanh", "tanh")):
+        assert cross_encoder_activation(None, SimpleNamespace(num_labels=3, sbert_ce_default_activation_function=path)) \
+            == ours
+    for path in ("torch.nn.ReLU", "torch.sigmoid"):  # torch, but not an activation fastserve applies
+        with pytest.raises(fastserve.ModelLoadError, match="not supported"):
+            cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function=path))
+    with pytest.raises(fastserve.ModelLoadError, match="cannot be found"):
+        cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="torch.nn.Nope"))
+    # Not torch: not imported (sentence-transformers needs trust_remote_code), warned about, the default.
+    with pytest.warns(RuntimeWarning, match="is not a torch class"):
+        assert cross_encoder_activation(None, SimpleNamespace(num_labels=1, sbert_ce_default_activation_function="my.Fn")) \
+            == "sigmoid"
 
 
 def test_a_saved_default_prompt_goes_in_front_of_each_query_as_cross_encoder_puts_it(tmp_path):
