@@ -1146,7 +1146,9 @@ class Engine(tasks.TaskCalls):
         """Each input's future over its windows' (truncate="chunk")."""
         out = []
         for info, (a, b) in zip(infos_of(requests), spans):
-            weights = [len(ids) for ids in flat[a:b]]
+            # n_i: the tokens each window's pooling averaged (a prompt it
+            # leaves out, pooled_from, not among them).
+            weights = [len(ids) - getattr(p, "pooled_from", 0) for ids, p in zip(flat[a:b], parts[a:b])]
             g = Gathered(parts[a:b], functools.partial(weighted_mean, weights=weights, normalize=self.normalize))
             g.info = info
             out.append(g)

@@ -47,9 +47,10 @@ class EmbeddingHead:
 
     def packed(self, h: torch.Tensor, cu: torch.Tensor, kernels: Any = None,
                skip: np.ndarray | None = None) -> torch.Tensor:
-        """[B, dim] float32 from packed hidden states [T, H] and cu_seqlens [B + 1]."""
-        if skip is not None and not np.any(skip):
-            skip = None
+        """[B, dim] float32 from packed hidden states [T, H] and cu_seqlens [B + 1].
+        A head that leaves prompts out (skip) always pools by pool_packed,
+        whether or not a row of this batch has a prompt: the path must not
+        depend on the other rows (a row's bits would, by 3e-8)."""
         if self.kernel_mode is not None and skip is None and kernels is not None:
             return kernels.segment_pool(h, cu, mode=self.kernel_mode, normalize=self.kernel_normalize)
         return self._post(pool_packed(h.float(), cu.long(), self.modes, skip))

@@ -84,6 +84,21 @@ def test_other_families_one_thread_are_bitwise_the_same_in_any_company(tmp_path,
         np.testing.assert_array_equal(v, got["alone"], err_msg=name)
 
 
+def test_a_model_that_pools_without_its_prompt_is_bitwise_the_same_beside_prompted_texts(tmp_path, one_torch_thread):
+    # Pooling(include_prompt=False): a text without a prompt pooled through
+    # the kernel alone, and through torch's pooling beside a prompted one.
+    import st_models as sm
+
+    folder = sm.save("bert", "prompts-excluded", tmp_path / "excluded")
+    with Engine(str(folder), policy="static", max_batch_tokens=8192, torch_threads=one_torch_thread) as e:
+        alone = e.embed([PROBE], prompt="")[0]
+        with tm.held(e) as gate:
+            probe = e.submit_many([PROBE], prompt="")
+            e.submit_many(SHORT[:3])  # the model's default prompt
+            gate.release.set()
+        np.testing.assert_array_equal(probe[0].result(timeout=60), alone)
+
+
 # A text of a few tokens alone is a product of 1 to 3 rows, which one
 # thread's torch.mm computes with other bits than the same rows in a larger
 # product: packed CPU batches run at least shapes.MIN_ROWS tokens.

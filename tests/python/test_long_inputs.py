@@ -138,6 +138,34 @@ def test_without_a_template_the_tokenizer_itself_cuts(bert, monkeypatch):
         Engine(bert, tm.tokenizer(), truncate="chunk")
 
 
+def test_windows_are_weighted_by_the_tokens_their_pooling_averaged(tmp_path):
+    # Pooling(include_prompt=False): each window's prompt is not pooled, so
+    # it is not counted in the window's weight either.
+    import st_models as sm
+
+    folder = sm.save("bert", "prompts-excluded", tmp_path / "excluded")
+    text = " ".join(["the river runs to the sea and back again"] * 9)
+    kw = dict(max_length=32, policy="static", torch_threads=1, replicas=1)
+    with Engine(str(folder), truncate="chunk", **kw) as engine:
+        windows = []
+        inner = engine.runner.run
+
+        def run(batch, *a, **k):
+            ids, cu = list(batch.packed_input_ids), list(batch.cu_seqlens)
+            windows.extend([int(t) for t in ids[cu[i]:cu[i + 1]]] for i in range(len(cu) - 1))
+            return inner(batch, *a, **k)
+
+        engine.runner.run = run
+        got = engine.embed(text)
+        skipped = engine._pooled_from(engine._prompt(None, None))
+    assert len(windows) > 1 and skipped > 0
+    with Engine(str(folder), normalize=False, **kw) as raw:
+        rows = np.stack([raw.submit_tokens(w).result(timeout=60) for w in windows]).astype(np.float64)
+    weights = np.array([len(w) - skipped for w in windows], np.float64)
+    want = (rows * weights[:, None]).sum(0) / weights.sum()
+    np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6, rtol=0)
+
+
 def test_cancelling_a_chunked_text_cancels_its_windows(bert):
     with Engine(bert, tm.tokenizer(), truncate="chunk") as engine:
         with tm.held(engine):
