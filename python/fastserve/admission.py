@@ -79,6 +79,8 @@ def in_vocabulary(token_lists: Sequence[Sequence[int]], vocab_size: int, why: st
     other callers' requests with it. `why`: what to add to the message."""
     for i, ids in enumerate(token_lists):
         try:
+            if not isinstance(ids, (list, tuple)):  # an edit put an array (or else) there
+                raise TypeError
             outside = bool(ids) and (min(ids) < 0 or max(ids) >= vocab_size)
         except TypeError:  # an edit put other than ints there: the full check names it
             _check_token_ids(ids, where(i, len(token_lists)), vocab_size)

@@ -600,13 +600,13 @@ class Engine(tasks.TaskCalls):
                                    device=self.device)
         self._prompt_tokens: dict[str, int] = {}
         self._prompt_leads: dict[str, int] = {}
-        self.max_length = max_length or limit
+        self.max_length = int(max_length or limit)  # (a numpy int: stats() must stay JSON)
         # "right" | "left" | "error" | "chunk" (inputs.py): texts are tokenized
         # whole, then cut, refused or split into windows.
         if own_side and getattr(self.tokenizer, "truncation_side", "right") == "left":
             truncate = "left"  # as sentence-transformers and transformers cut with this tokenizer
         self.truncate = truncate
-        self.chunk_overlap = chunk_overlap
+        self.chunk_overlap = int(chunk_overlap)
         # The engine's own calls of tokenizer(...) after construction go
         # through a copy under a lock, made on the first such call (tasks.py).
         self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, truncate if truncate in ("left", "right")

@@ -100,6 +100,11 @@ class Fit:
         self.overlap = overlap
         # Texts cut by the tokenizer itself, where no template was found.
         self.retokenize = retokenize
+        if template is not None and max_length <= len(template.prefix) + len(template.suffix):
+            # No room for one token of text: every text would be refused (or
+            # cut to more than max_length).
+            raise ValueError(f"max_length={max_length} leaves no room for text: the tokenizer's special tokens "
+                             f"alone take {len(template.prefix) + len(template.suffix)}")
         if mode == "chunk":
             if template is None:
                 raise ValueError("truncate='chunk' needs a tokenizer that puts its special tokens around the "

@@ -7,7 +7,9 @@ request in the same batch; arguments of the wrong type get InvalidInputError."""
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 
 import fastserve
@@ -54,7 +56,7 @@ def test_token_lists_edited_after_tokenize_are_checked_again():
             assert neighbour.result(timeout=60).shape == (32,)
         assert engine.stats()["failed"] == 0
         # edited into something other than ints: a typed error too, not min()'s TypeError
-        for edit in ("a text", ["101", 102], [101, None]):
+        for edit in ("a text", ["101", 102], [101, None], np.array([101, 7592, 102])):
             lists = engine.tokenize(["hello world", "a second text"])
             lists[1] = edit
             with pytest.raises(fastserve.InvalidInputError, match="token ids at index 1 must"):
@@ -76,6 +78,22 @@ def test_pairs_and_extract_inputs_with_a_token_the_model_lacks_are_refused(grown
         with pytest.raises(fastserve.InvalidInputError, match="token id 30522"):
             engine.extract(["a <newtok>"])
         assert len(engine.extract(["fine"])) == 1
+
+
+@pytest.mark.parametrize("truncate", ["right", "left", "error", "chunk"])
+def test_a_max_length_with_no_room_for_text_is_refused_and_a_numpy_int_is_taken(truncate):
+    # BERT's [CLS] and [SEP] take 2: max_length=2 accepted every engine, whose
+    # every text was then refused (or cut to more than max_length).
+    for max_length in (1, 2):
+        with pytest.raises(ValueError, match=f"max_length={max_length} leaves no room for text"):
+            Engine(tm.model("bert"), tm.tokenizer(), max_length=max_length, truncate=truncate)
+    overlap = {"chunk_overlap": np.int64(0)} if truncate == "chunk" else {}
+    with Engine(tm.model("bert"), tm.tokenizer(), max_length=np.int64(3), truncate=truncate, replicas=1,
+                **overlap) as engine:
+        assert engine.embed("a").shape == (32,)
+        if truncate != "error":
+            assert engine.embed("a longer text").shape == (32,)
+        json.dumps(engine.stats())  # a numpy int stored as it came was not JSON
 
 
 def test_one_long_text_on_a_chunking_engine_is_queued_whole_or_refused_at_once():
