@@ -100,7 +100,10 @@ def cpu_features() -> dict[str, Any]:
         "onednn_max_isa": cap,
         "native_bf16": native,
         "native_fp16": native_fp16,
-        "amx": None if flags is None else ("amx_bf16" in flags and native),
+        # AMX in use: the CPU has it and oneDNN is not capped below it (caps
+        # that allow it name it: AVX512_CORE_AMX, AVX10_1_512_AMX_FP16, ...).
+        "amx": None if flags is None else ("amx_bf16" in flags and (cap is None or cap.lower() in ("all", "default")
+                                                                    or "amx" in cap.lower())),
         "kernel_isa": kernels.cpu_isa(),
         "vendor": _cpuinfo()[1],
     }
@@ -151,8 +154,10 @@ def resolve(dtype: str, device: torch.device) -> Precision:
     return Precision(dtype, weights, None, device)
 
 
-_HALF = {torch.bfloat16: ("bfloat16", "native_bf16", "AVX512-BF16 or AMX", EMULATED_BF16_SLOWDOWN),
-         torch.float16: ("float16", "native_fp16", "AVX512-FP16 or AMX-FP16", EMULATED_FP16_SLOWDOWN)}
+_HALF = {torch.bfloat16: ("bfloat16", "native_bf16", "AVX512-BF16 or AMX", EMULATED_BF16_SLOWDOWN,
+                          ("avx512_bf16", "amx_bf16")),
+         torch.float16: ("float16", "native_fp16", "AVX512-FP16 or AMX-FP16", EMULATED_FP16_SLOWDOWN,
+                         ("avx512_fp16", "amx_fp16"))}
 
 
 def emulated(p: Precision) -> bool:
@@ -167,10 +172,12 @@ def warn_if_slow(p: Precision, stacklevel: int = 4) -> str | None:
     or None."""
     if not emulated(p):
         return None
-    name, _, hardware, slowdown = _HALF[p.compute]
+    name, _, hardware, slowdown, hardware_flags = _HALF[p.compute]
     feats = cpu_features()
-    why = f"has no {hardware}" if not feats["onednn_max_isa"] else \
-        f"runs oneDNN capped at ONEDNN_MAX_CPU_ISA={feats['onednn_max_isa']}"
+    # The cap is the reason only where the CPU has the instructions (an AMX
+    # cap on a CPU without them changes nothing).
+    has = bool(set(hardware_flags) & set(feats["flags"] or ()))
+    why = f"runs oneDNN capped at ONEDNN_MAX_CPU_ISA={feats['onednn_max_isa']}" if has else f"has no {hardware}"
     msg = (f"fastserve: dtype={p.name!r} on a CPU that {why}: {name} is emulated there and runs "
            f"{slowdown} slower than float32; use dtype='float32' (the default) on this CPU")
     warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)

@@ -147,6 +147,35 @@ def test_a_onednn_isa_cap_below_bfloat16_counts_as_no_native_bfloat16(monkeypatc
     assert precision.cpu_features()["native_bf16"] is True
 
 
+@pytest.mark.parametrize("cap, amx", [(None, True), ("ALL", True), ("AVX512_CORE_AMX", True),
+                                      ("AVX512_CORE_BF16", False), ("AVX2_VNNI_2", False), ("AVX2", False)])
+def test_amx_is_reported_only_where_onednn_may_use_it(monkeypatch, cap, amx):
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.cpu_features()["amx"] is amx
+
+
+@pytest.mark.parametrize("flags, cap, why", [
+    ({"avx2", "fma"}, "AVX512_CORE_AMX", "has no AVX512-BF16 or AMX"),  # the cap is not why: the CPU lacks them
+    ({"avx2", "fma"}, None, "has no AVX512-BF16 or AMX"),
+    ({"avx512f", "avx512_bf16", "amx_bf16"}, "AVX2", "runs oneDNN capped at ONEDNN_MAX_CPU_ISA=AVX2"),
+])
+def test_the_slow_bfloat16_warning_names_the_real_reason(monkeypatch, flags, cap, why):
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: frozenset(flags))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    p = precision.resolve("bfloat16", torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match=f"a CPU that {why}:"):
+        precision.warn_if_slow(p)
+
+
 # The bound the README states: the smallest cosine between an embedding and
 # its float32 counterpart over the whole shipped corpus, with the real model.
 MIN_COSINE = 0.999
