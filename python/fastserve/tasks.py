@@ -598,7 +598,7 @@ class TaskCalls:
         prompt, "" for none) goes in front of each query, as CrossEncoder.predict
         puts it."""
         self._require_task("rerank")
-        return self._pairs(pairs, self._prompt(prompt_name, prompt))
+        return self._within_budget(self._pairs(pairs, self._prompt(prompt_name, prompt)))
 
     def pair_scores(self, logits: Sequence[np.ndarray], raw: bool = False) -> np.ndarray:
         """Scores from the pairs' logits: [n] for a one-logit head, else
@@ -675,7 +675,8 @@ class TaskCalls:
         queueing): the inputs merging needs, and the token lists to queue."""
         self._require_task("token-classify")
         admission.check_texts(texts, "prepare_extract")
-        return self._token_encoder(texts)
+        inputs, lists = self._token_encoder(texts)
+        return inputs, self._within_budget(lists)
 
     def entities(self, inputs: Sequence[TokenInput], logits: Sequence[np.ndarray], *,
                  aggregation_strategy: str = "simple", ignore_labels: Sequence[str] = ("O",)) -> list[list[Entity]]:

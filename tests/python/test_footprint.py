@@ -166,6 +166,26 @@ def test_a_memory_budget_bounds_every_batch_and_refuses_what_cannot_fit():
         assert engine.health()["healthy"]
 
 
+@pytest.mark.parametrize("task", ["rerank", "token-classify"])
+def test_a_pair_or_text_past_the_budget_is_refused_naming_it(task):
+    # As an embedding's: the memory budget, not the core's max_request_tokens.
+    if task == "rerank":
+        m = tm.model("bert", classify=True, num_labels=1)
+    else:
+        from transformers import AutoModelForTokenClassification
+
+        m = AutoModelForTokenClassification.from_config(tm.config("bert"), attn_implementation="eager").eval()
+    long_text = " ".join(["memory"] * 100)
+    with Engine(m, tm.tokenizer(), task=task, max_batch_memory_mb=0.08, replicas=1) as engine:
+        assert engine.memory_budget.tokens < 100
+        with pytest.raises(InvalidInputError, match=r"at index 1 is \d+ tokens long; max_batch_memory_mb=0.08 holds"):
+            if task == "rerank":
+                engine.score([("q", "short"), ("q", long_text)])
+            else:
+                engine.extract(["short", long_text])
+        assert engine.stats()["submitted"] == 0
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, True, "64"])
 def test_a_bad_memory_budget_is_refused_at_construction(bad):
     with pytest.raises(ValueError, match="max_batch_memory_mb"):
