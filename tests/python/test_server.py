@@ -1141,6 +1141,23 @@ def test_a_request_line_or_headers_past_the_limit_get_431_and_the_connection_clo
         assert httpx.get(srv.url + "/health").status_code == 200  # the server serves on
 
 
+def test_the_protocols_refusals_are_counted_in_the_metrics(engine):
+    # The 408s and 431s never reached the edge: /metrics said nothing of them.
+    from fastserve.server import create_app
+    from fastserve.server.protocol import guarded
+
+    app = create_app(engine)
+    with InThreadServer(app, http=guarded(max_header_bytes=2048, header_timeout_s=0.3,
+                                          metrics=app.state.metrics)) as srv:
+        assert _status_and_error(_raw(srv.port, b"GET /health HTTP/1.1\r\nx-pad: " + b"a" * 5000 + b"\r\n\r\n"))[0] \
+            == 431
+        assert _status_and_error(_raw(srv.port, b"GET /health HTTP/1.1\r\nHo"))[0] == 408
+        counts = _scrape(srv.url)
+    for status in ("408", "431"):
+        assert counts[("fastserve_http_requests_total", (("method", "other"), ("route", "other"),
+                                                         ("status", status)))] == 1
+
+
 def test_a_connection_that_does_not_send_its_headers_in_time_gets_408_and_is_closed(engine):
     """One that sent nothing, or half its headers, stayed open forever: 1,100
     of them took the server's file descriptors and /health got resets."""

@@ -309,7 +309,7 @@ def serve(
         # the access log; without it uvicorn's proxy middleware is skipped.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                                 proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout,
-                                lifespan="off", http=guarded(max_header_bytes, client_timeout_s))
+                                lifespan="off", http=guarded(max_header_bytes, client_timeout_s, app.state.metrics))
         Server(config).run()
     finally:
         if close_engine:

@@ -20,7 +20,7 @@ out (edge.py), since the app reads the body."""
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Any, Optional
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -38,6 +38,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     max_header_bytes = DEFAULT_MAX_HEADER_BYTES
     header_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S
+    # The server's metrics (a Metrics), where its refusals are counted as the
+    # edge counts the answers it gives: route and method "other" (the
+    # request line may not have arrived whole).
+    metrics: Optional[Any] = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -155,6 +159,8 @@ class GuardedProtocol(HttpToolsProtocol):
         answer to an earlier (pipelined) request on it is out."""
         self._refused = True
         self._disarm()
+        if self.metrics is not None:
+            self.metrics.requests_for("other", "other", str(error.status)).inc()
         if self.cycle is not None and not self.cycle.response_complete:
             self._pending = error
             self.flow.pause_reading()
@@ -185,11 +191,14 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 def guarded(max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-            header_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S) -> type[GuardedProtocol]:
+            header_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S, metrics: Optional[Any] = None
+            ) -> type[GuardedProtocol]:
     """The protocol class for uvicorn.Config(http=...), with these bounds
-    (header_timeout_s None: no time bound)."""
+    (header_timeout_s None: no time bound), counting its 408s and 431s in
+    `metrics` (the app's, app.state.metrics)."""
     if max_header_bytes < 1 or (header_timeout_s is not None and not header_timeout_s > 0):
         raise ValueError("max_header_bytes and the client timeout must be positive")
     return type("GuardedProtocol", (GuardedProtocol,),
                 {"max_header_bytes": int(max_header_bytes),
-                 "header_timeout_s": None if header_timeout_s is None else float(header_timeout_s)})
+                 "header_timeout_s": None if header_timeout_s is None else float(header_timeout_s),
+                 "metrics": metrics})
