@@ -122,8 +122,17 @@ def _engine_kwargs(args: argparse.Namespace, **extra) -> dict:
     return kwargs
 
 
+def _stdin_lines() -> list[str]:
+    """stdin's non-blank lines, without their line ends (\n or \r\n). Bytes
+    that are not UTF-8 are kept as lone surrogates whatever the locale (the
+    engine then names the text: one line, exit 2), not a UnicodeDecodeError."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    text = data.decode("utf-8", "surrogateescape")
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = args.texts or _stdin_lines()
     engine = _open_engine(args)
     if engine is None:
         return 2
@@ -164,42 +173,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .corpus import texts as corpus
+    from .errors import InvalidInputError
 
     texts = corpus()
     engine = _open_engine(args)
     if engine is None:
         return 2
-    engine.embed(list(texts[:32]))  # warm up: first calls pay one-off costs
     latencies: list[float] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
+    stop = threading.Event()  # a client's failure, or Ctrl-C: the others stop at their next request
     counter = iter(range(args.requests))
-    bar = tqdm(total=args.requests, desc="fastserve bench", unit="req", file=sys.stderr)
 
     def client(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        while True:
+        while not stop.is_set():
             with lock:
                 if next(counter, None) is None:
                     return
             text = texts[int(rng.integers(len(texts)))]
             t0 = time.perf_counter()
-            engine.embed(text)
+            try:
+                engine.embed(text)
+            except Exception as e:  # noqa: BLE001 - reported once the clients are done
+                with lock:
+                    failures.append(e)
+                stop.set()
+                return
             dt = time.perf_counter() - t0
             with lock:
                 latencies.append(dt)
                 bar.update(1)
 
-    before = engine.stats()
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    bar.close()
-    s = engine.stats()
-    engine.close()
+    with engine:
+        try:
+            engine.embed(list(texts[:32]))  # warm up: first calls pay one-off costs
+        except InvalidInputError as e:  # a corpus text the engine refuses (a memory budget too small for it)
+            print(f"fastserve bench: {e}", file=sys.stderr)
+            return 2
+        bar = tqdm(total=args.requests, desc="fastserve bench", unit="req", file=sys.stderr)
+        before = engine.stats()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.concurrency)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.1)  # (a plain join would not see Ctrl-C)
+        except KeyboardInterrupt:
+            stop.set()
+            bar.close()
+            print("fastserve bench: interrupted", file=sys.stderr)
+            return 130
+        wall = time.perf_counter() - t0
+        bar.close()
+        s = engine.stats()
+    if failures:
+        print(f"fastserve bench: a request failed after {len(latencies)} were served: {failures[0]}", file=sys.stderr)
+        return 2
     lat = np.array(latencies) * 1000
     batches = s["batches"] - before["batches"]
     report = {
@@ -232,6 +264,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
+    if args.model_path and args.model and args.model_path != args.model:  # the positional one was served silently
+        print(f"fastserve serve: two models given, {args.model_path!r} and --model {args.model!r}: give one",
+              file=sys.stderr)
+        return 2
 
     serve_options = dict(
         model=args.model_path or args.model,
@@ -245,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **({} if args.request_timeout is None else {"request_timeout_s": args.request_timeout}),
     )
     app_options = dict(
-        api_key=args.api_key or None,
+        api_key=args.api_key,  # "" refused by check_app_options: an unset $KEY must not turn the key off
         max_payload_bytes=args.max_payload_bytes,
         max_inputs=args.max_inputs_per_request,
         request_timeout=args.request_timeout,
@@ -255,6 +291,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     from .server.app import check_app_options
 
+    if args.api_key == "":  # `--api-key "$KEY"` with KEY unset must not serve without a key
+        print("fastserve serve: the API key (--api-key or $FASTSERVE_API_KEY) is empty: give a key, or leave both "
+              "unset to serve without one", file=sys.stderr)
+        return 2
     try:  # before a model is loaded (a key with outer whitespace, from a file, never matched)
         check_app_options(**app_options)
     except ValueError as e:
@@ -317,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=_at_least_one, default=32, help="client threads, one request in flight each")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     _engine_args(p)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=_write_quietly_to_a_closed_pipe(cmd_bench))
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/embeddings, /metrics)")
     p.add_argument("model_path", nargs="?", metavar="MODEL", help="model path or hub id (same as --model)")
     _engine_args(p)

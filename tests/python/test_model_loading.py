@@ -218,8 +218,12 @@ def test_a_model_object_takes_a_tokenizer_path(tiny_folder, as_path):
     ["embed", "--model", "{tiny}", "--max-batch-size", "99999999999999999999", "hi"],
     ["embed", "--model", "{tiny}", "--max-batch-memory-mb", "1e308", "hi"],
     ["embed", "--model", "{tiny}", "ab\udcffcd"],  # a byte that is not UTF-8 in argv, as Python decodes it
+    ["bench", "--model", "{tiny}", "--max-batch-memory-mb", "0.1", "--requests", "1"],  # a corpus text past it
+    ["serve", "{tiny}", "--api-key", ""],  # `--api-key "$KEY"` with KEY unset: was served without a key
+    ["serve", "{tiny}", "--model", "/another/model"],  # two models: the positional one was served silently
 ], ids=["embed-no-model", "embed-dtype", "embed-device", "embed-memory", "bench-no-model", "bench-dtype",
-        "serve-no-model", "embed-huge-count", "embed-huge-memory", "embed-not-utf8"])
+        "serve-no-model", "embed-huge-count", "embed-huge-memory", "embed-not-utf8", "bench-warmup-refused",
+        "serve-empty-key", "serve-two-models"])
 def test_the_cli_reports_a_refused_engine_in_one_line(tiny_folder, capsys, argv):
     if argv[0] == "serve":
         pytest.importorskip("fastserve.server")
@@ -227,6 +231,51 @@ def test_the_cli_reports_a_refused_engine_in_one_line(tiny_folder, capsys, argv)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fastserve {argv[0]}: "), err
+
+
+def test_an_empty_api_key_in_the_environment_is_refused(tiny_folder, capsys, monkeypatch):
+    pytest.importorskip("fastserve.server")
+    monkeypatch.setenv("FASTSERVE_API_KEY", "")
+    assert cli.main(["serve", str(tiny_folder)]) == 2
+    assert "the API key (--api-key or $FASTSERVE_API_KEY) is empty" in capsys.readouterr().err
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="ascii", errors="strict"))
+
+
+def test_embed_reads_crlf_lines_and_reports_bytes_that_are_not_utf8_in_one_line(tiny_folder, capsys, monkeypatch):
+    # stdin decoded strictly (a usual locale): \r\n ends a line, and a byte
+    # that is not UTF-8 is the engine's one-line refusal, not a traceback.
+    _stdin(monkeypatch, b"hello\r\n\r\n  \r\nworld\r\n")
+    assert cli.main(["embed", "--model", str(tiny_folder), "--format", "json"]) == 0
+    assert [row["text"] for row in json.loads(capsys.readouterr().out)] == ["hello", "world"]
+    _stdin(monkeypatch, b"caf\xe9\n")
+    assert cli.main(["embed", "--model", str(tiny_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastserve embed: ") and "not valid Unicode" in err[0], err
+
+
+def test_bench_reports_a_failed_request_in_one_line(tiny_folder, capsys, monkeypatch):
+    # A client thread died with a traceback and the report still looked whole (exit 0).
+    from fastserve.errors import InferenceError
+
+    inner = Engine.embed
+
+    def embed(self, texts, *a, **k):
+        if isinstance(texts, str) and "e" in texts:  # the clients' single texts; the warm-up is a list
+            raise InferenceError("the model raised")
+        return inner(self, texts, *a, **k)
+
+    monkeypatch.setattr(Engine, "embed", embed)
+    assert cli.main(["bench", "--model", str(tiny_folder), "--requests", "40", "--concurrency", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("fastserve bench: a request failed after ")]
+    assert len(lines) == 1 and lines[0].endswith("the model raised"), err
 
 
 @pytest.mark.parametrize("option", ["--requests", "--concurrency"])

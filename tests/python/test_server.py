@@ -61,7 +61,7 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        env = {**os.environ, "FASTSERVE_API_KEY": ""}
+        env = {k: v for k, v in os.environ.items() if k != "FASTSERVE_API_KEY"}  # no key unless args give one
         self._log = open(log, "wb")
         self._signalled = False
         command = [str(script)] if script is not None else ["-m", "fastserve.cli", "serve"]
