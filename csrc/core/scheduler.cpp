@@ -34,6 +34,10 @@ class Urgency {
  private:
   std::map<int, double> earliest_;
 };
+
+// The retry_after_s a refusal or a shed request carries for being `late`
+// seconds past its deadline, bounded so that a client's Retry-After is a number.
+double retry_after(double late) { return std::min(late, Scheduler::kMaxRetryAfterS); }
 }  // namespace
 
 const char* to_string(Cost cost) { return cost == Cost::Padded ? "padded" : "packed"; }
@@ -107,7 +111,7 @@ bool Scheduler::fits_locked(int64_t n) const {
   ++stats_.refused;
   // After `late` seconds the work ahead has run for that long, so (with no
   // new arrivals ahead) the same request would then be predicted on time.
-  const double late = std::min(predicted - deadline, kMaxRetryAfterS);
+  const double late = retry_after(predicted - deadline);
   char msg[160];
   std::snprintf(msg, sizeof msg,
                 "overloaded: predicted to finish %.1f ms after its deadline (%zu requests queued); "
@@ -536,7 +540,7 @@ void Scheduler::shed_locked(double now, Batch& out) {
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
-        out.shed_retry_after_s.push_back(std::min(done - r.deadline, kMaxRetryAfterS));
+        out.shed_retry_after_s.push_back(retry_after(done - r.deadline));
         continue;
       }
       urgent = std::min(urgent, r.deadline);
@@ -636,7 +640,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
     if (r.end + tail_s_ <= d || std::find(gone.begin(), gone.end(), id) != gone.end())
       continue;
     batch->shed.push_back(id);
-    batch->shed_retry_after_s.push_back(std::min(r.end + tail_s_ - d, kMaxRetryAfterS));
+    batch->shed_retry_after_s.push_back(retry_after(r.end + tail_s_ - d));
   }
   running.abandoned.insert(running.abandoned.end(), batch->shed.begin(), batch->shed.end());
   stats_.shed += static_cast<int64_t>(batch->shed.size());

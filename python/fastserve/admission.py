@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
+
 from .errors import InvalidInputError
 
 CHUNK = 4096  # a list's inputs queued per scheduler call (one lock: the worker sees them together)
@@ -61,7 +63,7 @@ def validate_token_ids(token_lists: Sequence[Any], *, vocab_size: int, max_lengt
         # else gets the full check, which names what is wrong.
         if not (type(ids) is list and ids and _INT.issuperset(map(type, ids))
                 and min(ids) >= 0 and max(ids) < vocab_size):
-            _check_token_ids(ids, where(i, len(token_lists)), vocab_size)
+            ids = _check_token_ids(ids, where(i, len(token_lists)), vocab_size)
         if len(ids) > max_length:
             if not truncate:
                 raise InvalidInputError(f"input{where(i, len(token_lists))} is {len(ids)} tokens long; "
@@ -78,9 +80,10 @@ def in_vocabulary(token_lists: Sequence[Sequence[int]], vocab_size: int, why: st
     An id past the model's embeddings would fail the whole batch it ran in,
     other callers' requests with it. `why`: what to add to the message."""
     for i, ids in enumerate(token_lists):
+        if not isinstance(ids, (list, tuple)):  # an edit put an array (or else) there
+            raise InvalidInputError(f"token ids{where(i, len(token_lists))} must be a list of int in a "
+                                    f"TokenLists, got {type(ids).__name__}")
         try:
-            if not isinstance(ids, (list, tuple)):  # an edit put an array (or else) there
-                raise TypeError
             outside = bool(ids) and (min(ids) < 0 or max(ids) >= vocab_size)
         except TypeError:  # an edit put other than ints there: the full check names it
             _check_token_ids(ids, where(i, len(token_lists)), vocab_size)
@@ -129,16 +132,22 @@ def untokenizable(what: str, texts: Sequence[str], error: Exception) -> InvalidI
     return InvalidInputError(f"{what} could not be tokenized: {error}")
 
 
-def _check_token_ids(ids: Any, at: str, vocab_size: int) -> None:
+def _check_token_ids(ids: Any, at: str, vocab_size: int) -> list[int]:
+    """`ids` as a list of plain int once checked (a 1-D integer numpy array
+    and numpy integers are taken, as tokenizers return them), else
+    InvalidInputError naming what is wrong."""
+    if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+        ids = ids.tolist()
     if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
         raise InvalidInputError(f"token ids{at} must be a sequence of int, got {type(ids).__name__}")
     if not ids:
         raise InvalidInputError(f"token ids{at} must not be empty")
-    if not all(t is not bool and issubclass(t, int) for t in set(map(type, ids))):  # bool: an int, refused
+    if not all(t is not bool and issubclass(t, (int, np.integer)) for t in set(map(type, ids))):  # bool refused
         raise InvalidInputError(f"token ids{at} must all be int")
     bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
     if bad is not None:
         raise InvalidInputError(f"token id {bad}{at} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]
 
 
 def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[list[int]]],
@@ -161,7 +170,8 @@ def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[
     first = inputs[0]
     if isinstance(first, str):
         return tokenize(inputs)
-    if type(first) is not list and (isinstance(first, (bytes, bytearray)) or not isinstance(first, Sequence)):
+    if type(first) is not list and not isinstance(first, np.ndarray) and (
+            isinstance(first, (bytes, bytearray)) or not isinstance(first, Sequence)):
         raise InvalidInputError(
             f"input{where(0, len(inputs))} must be a str or a sequence of int (token ids), got {type(first).__name__}")
     return validate(inputs)

@@ -63,6 +63,25 @@ def test_submit_many_futures_carry_timing_like_submit(engine):
     assert set(f.timing) == {"queue_s", "inference_s"}
 
 
+def test_numpy_token_ids_are_taken_as_ints(engine):
+    """Token ids as tokenizers return them with return_tensors="np" (a 1-D
+    integer array, or numpy integers in a list) are taken as the same ids in
+    plain ints; numpy bools and floats are refused as Python's are."""
+    ids = engine.tokenize(["numpy ids", "a second text"])
+    expected = engine.embed(ids)
+    as_arrays = [np.asarray(t, dtype=np.int64) for t in ids]
+    as_scalars = [[np.int32(t) for t in ids[0]], list(np.asarray(ids[1], dtype=np.uint16))]
+    for inputs in (as_arrays, as_scalars, [list(ids[0]), as_arrays[1]]):
+        np.testing.assert_array_equal(engine.embed(inputs), expected)
+        assert engine.validate_token_ids(inputs) == ids
+    np.testing.assert_array_equal(engine.submit_tokens(as_arrays[1]).result(timeout=30), expected[1])
+    for bad in ([np.bool_(True), 102], [101.0, 102], np.asarray([101.0, 102.0]), np.zeros((1, 2), dtype=np.int64)):
+        with pytest.raises(fastserve.InvalidInputError, match="token ids at index 1 must"):
+            engine.submit_many([ids[0], bad])
+    with pytest.raises(fastserve.InvalidInputError, match=r"token id 30522 at index 1 is outside"):
+        engine.submit_many([ids[0], np.asarray([101, 30522])])
+
+
 @pytest.mark.parametrize(
     "inputs, match",
     [
