@@ -118,36 +118,48 @@ def reindexed(error: InvalidInputError, positions: Sequence[int]) -> InvalidInpu
     return out
 
 
-def untokenizable(what: str, texts: Sequence[str], error: Exception) -> InvalidInputError:
+def not_unicode(what: str, text: str) -> Optional[InvalidInputError]:
+    """The error for a text that is not valid Unicode (a lone surrogate,
+    which no UTF-8 can carry), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return InvalidInputError(f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                                 f"{e.start} (no UTF-8 text can hold one)")
+    return None
+
+
+def untokenizable(what: str, texts: Sequence[Any], error: Exception) -> InvalidInputError:
     """The error for texts the tokenizer refused: the first one that is not
-    valid Unicode (a lone surrogate, which no UTF-8 can carry) named, else
+    valid Unicode named (a pair, a tuple of texts, by which of them), else
     the tokenizer's own message."""
     for i, t in enumerate(texts):
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return indexed(InvalidInputError(f"{what}{where(i, len(texts))} is not valid Unicode: a lone surrogate "
-                                             f"{t[e.start]!r} at character {e.start} (no UTF-8 text can hold "
-                                             "one)"), i, len(texts))
+        parts = [("", t)] if isinstance(t, str) else [(f"'s {nth} text", p) for nth, p in zip(("first", "second"), t)]
+        for part, text in parts:
+            found = not_unicode(f"{what}{where(i, len(texts))}{part}", text)
+            if found is not None:
+                return indexed(found, i, len(texts))
     return InvalidInputError(f"{what} could not be tokenized: {error}")
 
 
 def _check_token_ids(ids: Any, at: str, vocab_size: int) -> list[int]:
-    """`ids` as a list of plain int once checked (a 1-D integer numpy array
-    and numpy integers are taken, as tokenizers return them), else
-    InvalidInputError naming what is wrong."""
+    """`ids` once checked (as given when its items are int; a 1-D integer
+    numpy array or numpy integers, as tokenizers return them, as a list of
+    int), else InvalidInputError naming what is wrong."""
     if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
         ids = ids.tolist()
     if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
         raise InvalidInputError(f"token ids{at} must be a sequence of int, got {type(ids).__name__}")
     if not ids:
         raise InvalidInputError(f"token ids{at} must not be empty")
-    if not all(t is not bool and issubclass(t, (int, np.integer)) for t in set(map(type, ids))):  # bool refused
+    types = set(map(type, ids))
+    if not all(t is not bool and issubclass(t, (int, np.integer)) for t in types):  # bool refused
         raise InvalidInputError(f"token ids{at} must all be int")
     bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
     if bad is not None:
         raise InvalidInputError(f"token id {bad}{at} is outside the vocabulary [0, {vocab_size})")
-    return [int(t) for t in ids]
+    # as given when they are ints (a pair's list keeps its segment), else as ints
+    return ids if all(issubclass(t, int) for t in types) else [int(t) for t in ids]
 
 
 def token_lists(inputs: Sequence[Any], tokenize: Callable[[Sequence[Any]], list[list[int]]],

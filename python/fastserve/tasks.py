@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 import numpy as np
 
 from . import admission
-from .admission import TokenLists, all_results, indexed, reindexed, results_of, where
+from .admission import TokenLists, all_results, indexed, not_unicode, reindexed, results_of, where
 from .errors import InvalidInputError, ModelLoadError
 from .inputs import InputInfo
 from .st_spec import st_config
@@ -234,7 +234,7 @@ class PairEncoder:
         try:
             enc = self._encode(queries, docs, truncation=False)
         except (UnicodeError, TypeError, ValueError) as e:
-            raise admission.untokenizable("pair", [q + d for q, d in zip(queries, docs)], e) from e
+            raise admission.untokenizable("pair", list(zip(queries, docs)), e) from e
         n = len(queries)
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         infos = [InputInfo(k, k, False, 1) for k in map(len, ids)]
@@ -303,6 +303,9 @@ def check_pairs(pairs: Any) -> tuple[list[str], list[str]]:
 def check_documents(query: Any, documents: Any) -> list[str]:
     if not isinstance(query, str):
         raise InvalidInputError(f"query must be a str, got {type(query).__name__}")
+    bad = not_unicode("query", query)
+    if bad is not None:
+        raise bad
     if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
         raise InvalidInputError(f"documents must be a list of str, got {type(documents).__name__}")
     for i, d in enumerate(documents):

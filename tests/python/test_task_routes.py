@@ -259,6 +259,30 @@ def test_bad_rerank_requests_get_errors_naming_the_field(reranker, path, body, s
     assert err["param"] == param
 
 
+def test_rerank_errors_name_the_sent_document_and_the_field_and_metrics_count_every_document(ce_folder):
+    # The route scores the distinct documents (a copy once): an error names
+    # the document by its index in the request, with the field it came in;
+    # a bad query is the query's error; every document sent is an input.
+    def send(srv, path, body):  # json.dumps writes a lone surrogate as its escape
+        return httpx.post(srv.url + path, content=json.dumps(body), headers={**AUTH, "content-type": "application/json"},
+                          timeout=60)
+
+    long_doc = " ".join(["word"] * 200)
+    with fastserve.Engine(str(ce_folder), task="rerank", truncate="error") as engine, served(engine) as srv:
+        for path, field in (("/v1/rerank", "documents"), ("/rerank", "texts")):
+            for docs, message in (([DOCS[0], DOCS[0], "x\ud800"], "pair at index 2's second text is not valid Unicode"),
+                                  ([DOCS[0], DOCS[0], DOCS[1], long_doc], "pair at index 3 is 2")):
+                err = error_of(send(srv, path, {"query": QUERY, field: docs}), 400)
+                assert err["message"].startswith(message) and err["param"] == field, err
+            err = error_of(send(srv, path, {"query": "q\ud800", field: DOCS}), 400)
+            assert err["message"].startswith("query is not valid Unicode") and err["param"] == "query", err
+        assert send(srv, "/v1/rerank", {"query": QUERY, "documents": [DOCS[0], DOCS[0], DOCS[1]]}).status_code == 200
+        metrics = httpx.get(srv.url + "/metrics", headers=AUTH).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in prom_parser.text_string_to_metric_families(metrics) for s in f.samples}
+    assert samples[("fastserve_http_inputs_total", (("route", "/v1/rerank"),))] == 3
+
+
 def test_rerank_needs_the_api_key_and_is_counted_in_metrics(reranker):
     _, srv = reranker
     assert error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS}, headers={}), 401)

@@ -88,7 +88,8 @@ class Api:
 
     async def _serve(self, receive, route: str, texts: Optional[list],
                      token_lists: Optional[list[list[int]]], answer, tokenize=None,
-                     chars: Optional[int] = None, prompt: Optional[dict[str, Any]] = None) -> Reply:
+                     chars: Optional[int] = None, prompt: Optional[dict[str, Any]] = None,
+                     inputs: Optional[int] = None) -> Reply:
         """Tokenize (or validate the token ids), queue, run and answer one
         request. The inputs go in through engine.asubmit_many: as many at a
         time as the queue takes; once some are queued, a full queue means
@@ -97,7 +98,8 @@ class Api:
         `tokenize` turns `texts` into token lists (default engine.tokenize;
         `chars` their size, for where it runs); `answer(results, usage,
         infos)` writes the body. usage counts every token the model runs.
-        `prompt`: embed's prompt_name / prompt arguments."""
+        `prompt`: embed's prompt_name / prompt arguments. `inputs`: how many
+        the client sent, for the metrics (default: one per token list)."""
         req = InFlight(receive, self.request_timeout)
         prompt = prompt or {}
         try:
@@ -120,7 +122,7 @@ class Api:
             results = await req.wait(wait_all(req.futures))
             infos = infos_of(token_lists)
             n_tokens = sum(info.computed_tokens for info in infos)
-            self.metrics.inputs_for(route).inc(len(token_lists))
+            self.metrics.inputs_for(route).inc(len(token_lists) if inputs is None else inputs)
             self.metrics.prompt_tokens_for(route).inc(n_tokens)
             numbers = len(results) * self.engine.dim if self.engine.task == "embed" else 0
             body = await self._run(None, size <= INLINE_CHARS and numbers <= INLINE_ANSWER_NUMBERS, answer, results,

@@ -6,9 +6,10 @@ metrics, usage and errors are the same."""
 
 import uuid
 
+from ..admission import not_unicode, reindexed
 from ..errors import InvalidInputError
 from ..inputs import infos_of
-from ..tasks import check_top_n, distinct, ranking
+from ..tasks import check_top_n, distinct, first_places, ranking
 from .errors import ApiError
 from .replies import Reply, dumps
 from .routes import Api
@@ -33,17 +34,26 @@ class TaskRoutes:
             raise ApiError(400, str(e), param="top_n", code="invalid_top_n") from None
 
     async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write,
-                      cut: bool = True) -> Reply:
+                      param: str, cut: bool = True) -> Reply:
         """Score (query, doc) pairs, then `write(scores, usage)` the body (a
-        document given more than once is scored once, as Engine.rerank).
-        cut=False: a pair past the model's limit is refused (413), not cut."""
+        document given more than once is scored once, as Engine.rerank; an
+        error names the document by its index in `docs`, the request's
+        `param` field). cut=False: a pair past the model's limit is refused
+        (413), not cut."""
+        bad = not_unicode("query", query)
+        if bad is not None:
+            raise ApiError(400, str(bad), param="query", code="invalid_input")
         unique, where = distinct(docs)
 
         def answer(logits, usage, infos) -> bytes:
             return write(self.engine.pair_scores(logits, raw)[where], usage)
 
         def tokenize(pairs):
-            lists = self.engine.tokenize_pairs(pairs)
+            try:
+                lists = self.engine.tokenize_pairs(pairs)
+            except InvalidInputError as e:  # about a distinct document: named by its first place in `docs`
+                raise ApiError(400, str(reindexed(e, first_places(where))), param=param,
+                               code="invalid_input") from None
             long = next((i for i, info in enumerate(infos_of(lists)) if info.truncated), None) if not cut else None
             if long is not None:
                 raise ApiError(413, f"texts[{where.tolist().index(long)}]: the pair is longer than the model's "
@@ -53,7 +63,8 @@ class TaskRoutes:
 
         pairs = [(query, d) for d in unique]
         chars = len(query) * len(unique) + sum(map(len, unique))
-        return await self.api._serve(receive, route, pairs, None, answer, tokenize=tokenize, chars=chars)
+        return await self.api._serve(receive, route, pairs, None, answer, tokenize=tokenize, chars=chars,
+                                     inputs=len(docs))
 
     async def rerank(self, body: RerankRequest, receive, route: str = "/v1/rerank") -> Reply:
         """POST /v1/rerank (and Cohere v2's /v2/rerank): results best first,
@@ -85,7 +96,7 @@ class TaskRoutes:
             return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
                           "results": results, "usage": usage})
 
-        return await self._scores(receive, route, body.query, docs, body.raw_scores, write)
+        return await self._scores(receive, route, body.query, docs, body.raw_scores, write, "documents")
 
     async def tei_rerank(self, body: TeiRerankRequest, receive) -> Reply:
         """POST /rerank, text-embeddings-inference's shape: a list of
@@ -102,7 +113,7 @@ class TaskRoutes:
                           for r in ranked])
 
         return await self._scores(receive, "/rerank", body.query, list(body.texts), body.raw_scores, write,
-                                  cut=body.truncate is not False)
+                                  "texts", cut=body.truncate is not False)
 
     async def extract(self, body: ExtractRequest, receive) -> Reply:
         """POST /v1/extract: each text's entities."""
