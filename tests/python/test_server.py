@@ -179,7 +179,8 @@ def client(server) -> "openai.OpenAI":
 
 def _post(server: Server, body, *, path: str = "/v1/embeddings", headers=AUTH, **kw) -> "httpx.Response":
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=data, headers={"Content-Type": "application/json", **headers},
+    pairs = headers.items() if isinstance(headers, dict) else headers  # (a list: a header sent twice)
+    return httpx.post(server.url + path, content=data, headers=[("Content-Type", "application/json"), *pairs],
                       timeout=60, **kw)
 
 
@@ -293,9 +294,17 @@ def test_invalid_input_gets_400_with_the_reason(server, body, param):
 
 
 def test_missing_or_wrong_api_key_gets_401_and_probes_stay_open(server):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+    for headers, message in (({}, "missing API key"), ({"Authorization": "Bearer wrong"}, "invalid API key"),
+                             ({"Authorization": API_KEY}, "the Authorization header must be 'Bearer <key>'"),
+                             ({"Authorization": "Basic " + API_KEY}, "the Authorization header must be"),
+                             ({"Authorization": "Bearer"}, "the Authorization header must be"),
+                             ([("Authorization", "Bearer " + API_KEY)] * 2, "2 Authorization headers: send one"),
+                             ([("Authorization", "Bearer wrong"), ("Authorization", "Bearer " + API_KEY)],
+                              "2 Authorization headers: send one")):
         err = _assert_openai_error(_post(server, {"input": "x"}, headers=headers), 401)
-        assert err["code"] == "invalid_api_key"
+        assert err["code"] == "invalid_api_key" and err["message"].startswith(message), (headers, err)
+    for scheme in ("bearer ", "Bearer\t", "BEARER  "):  # the scheme in any case, then spaces or a tab
+        assert _post(server, {"input": "x"}, headers={"Authorization": scheme + API_KEY}).status_code == 200
     assert httpx.get(server.url + "/v1/models").status_code == 401
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(server.url + path).status_code == 200

@@ -132,16 +132,18 @@ class Edge:
     def _check_key(self, scope) -> Optional[ApiError]:
         if self.api_key is None:
             return None
-        given = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = token.strip()
-                break
-        if hmac.compare_digest(given, self.api_key):
-            return None
-        message = "missing API key (send 'Authorization: Bearer <key>')" if not given else "invalid API key"
+        sent = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
+        parts = sent[0].split(None, 1) if len(sent) == 1 else []  # (the scheme, then spaces or tabs)
+        if len(parts) == 2 and parts[0].lower() == b"bearer":
+            if hmac.compare_digest(parts[1].strip(), self.api_key):
+                return None
+            message = "invalid API key"
+        elif not sent:
+            message = "missing API key (send 'Authorization: Bearer <key>')"
+        elif len(sent) > 1:
+            message = f"{len(sent)} Authorization headers: send one, 'Authorization: Bearer <key>'"
+        else:
+            message = "the Authorization header must be 'Bearer <key>'"
         # Answered before the body is read: the connection closes after it,
         # or a client without the key could go on streaming into it.
         return ApiError(401, message, code="invalid_api_key",
