@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import math
 import numbers
 import threading
 import time
@@ -207,7 +208,16 @@ def check_timeout(timeout: float | None) -> float | None:
         raise InvalidInputError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
     if not timeout >= 0:
         raise InvalidInputError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return timeout
+    return seconds(timeout)
+
+
+def seconds(value: numbers.Real) -> float:
+    """A real number of seconds as a float (what the scheduler takes): an
+    int past the float range is inf, no limit, as math.inf is."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)  # the scheduler's int

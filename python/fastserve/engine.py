@@ -357,7 +357,7 @@ def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy
                         ("request_timeout_s", 1 if request_timeout_s is None else request_timeout_s)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{name} must be a number, got {value!r}")
-    if not 0 < target_latency_ms < math.inf:
+    if not 0 < admission.seconds(target_latency_ms) < math.inf:
         raise ValueError(f"target_latency_ms must be a positive finite number, got {target_latency_ms!r}")
     if request_timeout_s is not None and not request_timeout_s > 0:
         raise ValueError(f"request_timeout_s must be positive seconds or None, got {request_timeout_s!r}")
@@ -714,7 +714,7 @@ class Engine(tasks.TaskCalls):
         # Its queue is its own: the engine's queue bounds, however small, never
         # keep the warm-up's two texts out.
         self._warmup_cfg = (_core.SchedulerConfig(**batch_cfg), ctl_cfg) if warmup and parallel == "data" else None
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = None if request_timeout_s is None else admission.seconds(request_timeout_s)
         self._pending: dict[int, cf.Future] = {}
         self._lock = threading.Lock()  # guards _pending and the submit/register pair
         self._closing = False

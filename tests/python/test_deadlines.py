@@ -50,6 +50,24 @@ def test_request_timeout_is_every_requests_default_deadline(bert):
         assert s["expired"] == 1
 
 
+def test_timeouts_past_the_float_range_are_no_limit_and_a_latency_target_there_is_refused(bert):
+    # An int too large for a float (it passed the >= 0 check) reached the
+    # scheduler as a pybind TypeError on every call.
+    with pytest.raises(ValueError, match="target_latency_ms must be a positive finite number"):
+        Engine(bert, tm.tokenizer(), target_latency_ms=10**400)
+    engine, clock = make(bert, request_timeout_s=10**400)
+    with engine:
+        assert engine.request_timeout_s == float("inf")
+        with tm.held(engine) as gate:
+            waiting = [engine.submit("no limit"), *engine.submit_many(["nor here"], timeout=10**400),
+                       engine.submit("nor here", timeout=10**400)]
+            clock.advance(1e9)
+            gate.release.set()
+        assert [f.result(timeout=30).shape for f in waiting] == [(engine.dim,)] * 3
+        assert engine.embed(["a", "b"], timeout=10**400).shape == (2, engine.dim)
+        assert engine.stats()["expired"] == 0
+
+
 def test_a_list_call_is_one_job_its_items_get_no_default_deadline(bert):
     """An offline list is served whole however long it takes; its own timeout still applies."""
     engine, clock = make(bert, request_timeout_s=0.5)
