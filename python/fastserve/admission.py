@@ -334,7 +334,10 @@ def results_of(futures: Sequence[cf.Future]) -> list[Any]:
     futures = list(futures)
     try:
         # The first failure whichever input it is, not once those before it are done.
-        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        done = cf.wait(futures, return_when=cf.FIRST_EXCEPTION).done
+        for f in futures:
+            if f in done and not f.cancelled() and f.exception() is not None:
+                f.result()  # raises it
         return [f.result() for f in futures]
     except BaseException:
         _cancel(futures)

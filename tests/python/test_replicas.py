@@ -350,6 +350,50 @@ def test_a_replica_whose_model_raises_fails_only_its_batch(bert):
     assert s["failed_batches"] == 1
 
 
+def test_a_list_call_fails_at_its_first_failure_while_an_earlier_input_still_runs(bert):
+    # The list's first input is held on one replica while the second fails on
+    # the other: the call raises then, not once the first is done, and what
+    # of the list is still queued is cancelled rather than run for nobody.
+    with Engine(bert, tm.tokenizer(), replicas=2, max_batch_size=1) as engine:
+        gates = [gate(r) for r in engine._replicas]
+        outcome: dict = {}
+
+        def call():
+            try:
+                engine.embed(["the first input, held", "the second, which fails", *[f"later {i}" for i in range(20)]])
+            except Exception as e:  # noqa: BLE001 (what the test checks)
+                outcome["error"] = e
+
+        caller, after = threading.Thread(target=call), threading.Event()
+        caller.start()
+        try:
+            first = entered(gates)
+            second = entered(gates, exclude=[first])
+            run, calls = second.inner, []
+
+            def fails_once(batch, **kw):  # then holds its next batch until the call has raised
+                calls.append(1)
+                if len(calls) == 1:
+                    raise RuntimeError("device error")
+                assert after.wait(60)
+                return run(batch, **kw)
+
+            second.inner = fails_once
+            second.release.set()
+            caller.join(30)
+            assert not caller.is_alive() and not first.release.is_set()
+            assert isinstance(outcome.get("error"), fastserve.InferenceError), outcome
+        finally:
+            first.release.set()
+            after.set()
+            caller.join(30)
+        settled = lambda s: s["cancelled"] + s["completed"] + s["failed"]  # noqa: E731
+        tm.until(lambda: settled(engine.stats()) == 22, "the list to settle")
+        s = engine.stats()
+        assert s["failed"] == 1 and s["cancelled"] >= 18 and s["queue_depth"] == 0, s  # (one later input was taken)
+        assert engine.embed("still serving").shape == (32,)
+
+
 def test_a_dead_replica_fails_its_batch_with_a_typed_error_and_the_others_keep_serving(bert):
     engine = Engine(bert, tm.tokenizer(), replicas=2)
     gates = [gate(r) for r in engine._replicas]
