@@ -96,6 +96,10 @@ def overloaded(retry_after_s: float) -> OverloadedError:
 # noexcept frame aborts the process with "terminate called without an active
 # exception").
 _open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+# The workers of engines collected without close(): their scheduler is
+# closed, but one may not have left its loop yet; they are joined at exit
+# too, for the same reason.
+_ending_workers: set[threading.Thread] = set()
 
 
 def _after_fork_in_child() -> None:
@@ -105,6 +109,7 @@ def _after_fork_in_child() -> None:
     for engine in list(_open_engines):
         engine._forked = True
     _open_engines.clear()
+    _ending_workers.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -115,6 +120,9 @@ if hasattr(os, "register_at_fork"):
 def _close_open_engines() -> None:
     for engine in list(_open_engines):
         engine.close()
+    for thread in list(_ending_workers):
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 @dataclass(frozen=True)
@@ -266,6 +274,8 @@ def _dropped(scheduler: _core.Scheduler, release_onednn: _Once, replicas: list) 
     scheduler.close()
     release_onednn()
     _forget_frames(r.error for r in replicas)
+    _ending_workers.difference_update([t for t in list(_ending_workers) if not t.is_alive()])
+    _ending_workers.update(r.thread for r in replicas)
 
 
 def _forget_frames(errors) -> None:

@@ -466,6 +466,37 @@ def test_an_engine_left_open_at_exit_does_not_abort_the_process(tmp_path):
     assert "terminate called" not in proc.stderr
 
 
+def test_an_engine_dropped_without_close_has_its_workers_joined_at_exit(tmp_path):
+    # Dropped, the engine is collected and its scheduler closed, but its
+    # workers may not have left their loop when the interpreter finalises: a
+    # worker then killed inside the C++ scheduler aborted the process (3 runs
+    # in 6). Here the workers are slowed on their way out, so that without
+    # the exit hook's join they are still there when it has run.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tm.save("bert", tmp_path / "m")
+    code = (
+        "import atexit, threading, time\n"
+        "atexit.register(lambda: print('workers at exit:', sorted(t.name for t in threading.enumerate()\n"
+        "                                                        if t.name.startswith('fastserve-worker'))))\n"
+        "import fastserve, fastserve.engine as fe\n"
+        "loop = fe._worker_loop\n"
+        "def slow_to_end(*args):\n"
+        "    loop(*args)\n"
+        "    time.sleep(2)\n"
+        "fe._worker_loop = slow_to_end\n"
+        f"fastserve.Engine({str(folder)!r}, replicas=2).embed('dropped without close')\n"
+        "import gc; gc.collect()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    assert "workers at exit: []" in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("call", ["embed", "aembed"])
 def test_a_list_call_that_fails_cancels_its_inputs_still_queued(bert, call):
     """One input's batch raises: the call fails at once, and its other inputs
