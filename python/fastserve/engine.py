@@ -14,6 +14,7 @@ import numbers
 import os
 import threading
 import time
+import logging
 import traceback
 import warnings
 import weakref
@@ -36,6 +37,8 @@ from .heads import EmbeddingHead
 from .families import select as select_runner
 from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers, layer_gemm
 from .st_spec import prompt_length
+
+log = logging.getLogger("fastserve")
 
 POLICIES = ("model", "aimd", "seed", "static")
 # The largest batch, in tokens, when the caller sets none. On a CPU, batches
@@ -257,6 +260,10 @@ def _settle(fut: cf.Future, result: Any = None, *, error: Optional[BaseException
             fut.set_result(result)
     except cf.InvalidStateError:
         pass
+    except BaseException as e:  # noqa: BLE001 - a done callback's, past the `except Exception` that logs one
+        # Settled by then; raised on, it would kill the worker with the
+        # batch's other requests taken and never settled.
+        log.error("a done callback raised %r; the engine goes on", e, exc_info=e)
 
 
 def _remember(cache: dict[str, int], prompt: str, n: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 import fastserve
 import tiny_models as tm
-from fastserve import Engine, EngineClosedError, process
+from fastserve import Engine, EngineClosedError, _core, process
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,35 @@ def test_blocking_calls_from_a_done_callback_are_refused_and_the_engine_serves_o
         assert seen["submit"].result(timeout=30).shape == (32,)
         assert engine.embed("after", timeout=30).shape == (32,)
         assert not engine.health()["closed"]
+
+
+class CallbackEscape(BaseException):
+    """Not an Exception: concurrent.futures logs a callback's Exception but lets this through."""
+
+
+@pytest.mark.parametrize("escape", [SystemExit, asyncio.CancelledError, CallbackEscape])
+def test_a_done_callback_raising_a_base_exception_fails_no_other_request(bert, escape, caplog):
+    # One caller's callback raises past `except Exception` on the worker: the
+    # batch's other requests are still settled, an expired request's too, and
+    # the worker serves on (it died, leaving them RUNNING for good).
+    def bad_callback(_):
+        raise escape("a caller's callback")
+
+    clock = _core.ManualClock(0.0)
+    with Engine(bert, tm.tokenizer(), replicas=1, clock=clock) as engine, caplog.at_level("ERROR", "fastserve"):
+        with tm.held(engine):
+            batch = engine.submit_many(["a", "b", "c"])
+            batch[0].add_done_callback(bad_callback)
+            late = engine.submit("expires", timeout=0.5)
+            late.add_done_callback(bad_callback)
+            after = engine.submit("queued behind it")
+            clock.advance(1.0)
+        assert [f.result(timeout=30).shape for f in (*batch, after)] == [(32,)] * 4
+        with pytest.raises(fastserve.RequestTimeoutError):
+            late.result(timeout=30)
+        assert engine.health()["healthy"] and engine.health()["replicas_alive"] == 1
+        assert engine.embed("still serving").shape == (32,)
+    assert sum("a done callback raised" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_a_list_from_a_done_callback_that_would_wait_for_room_is_refused(bert):
