@@ -9,12 +9,12 @@ import concurrent.futures as cf
 import copy
 import functools
 import inspect
+import logging
 import math
 import numbers
 import os
 import threading
 import time
-import logging
 import traceback
 import warnings
 import weakref
@@ -564,6 +564,8 @@ class Engine(tasks.TaskCalls):
             if packed and self.device.type == "cpu" else None
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
                                                      cfg.model_type, scratch, piece_row, gemm.PIECE, runs_at)
+        self._activation_formula = None if self._activation_bytes_per_token is None else footprint.formula(
+            self._activation_bytes_per_token, scratch, piece_row, gemm.PIECE, runs_at)
         if self.memory_budget is not None:
             self.max_batch_tokens = min(self.max_batch_tokens, self.memory_budget.tokens)
         # What the engine changes outside itself (python/fastserve/process.py),
@@ -1060,10 +1062,10 @@ class Engine(tasks.TaskCalls):
         # The activation formula's view (python/fastserve/footprint.py): bytes
         # per token the scheduler counts, the largest batch allowed, and the
         # budget it comes from (None: max_batch_tokens alone).
-        per = self._activation_bytes_per_token
+        formula = self._activation_formula
         s["memory"]["activations"] = {
-            "bytes_per_token": per,
-            "max_batch_bytes": per * self.max_batch_tokens if per is not None else None,
+            "bytes_per_token": self._activation_bytes_per_token,
+            "max_batch_bytes": formula.running_bytes(self.max_batch_tokens) if formula is not None else None,
             "max_batch_memory_mb": self.memory_budget.mib if self.memory_budget else None,
         }
         s["health"] = self.health()

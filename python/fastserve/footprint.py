@@ -47,6 +47,7 @@ Q/K/V weight, whose parts the model's parameters become views of.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -167,6 +168,10 @@ class MemoryBudget:
         """What a batch of `tokens` tokens holds at its peak."""
         return self.fixed_bytes + self.bytes_per_token * tokens + self.piece_row_bytes * min(tokens, self.piece_rows)
 
+    def running_bytes(self, tokens: int) -> int:
+        """batch_bytes of a batch of `tokens` tokens as it runs (padded to its target)."""
+        return self.batch_bytes(tokens if self.buckets is None else shapes.target(tokens, self.buckets))
+
     @property
     def tokens(self) -> int:
         """The most tokens whose batch, as it runs (padded to its target),
@@ -209,6 +214,13 @@ def check_mib(mib: Any) -> None:
         raise ValueError(f"max_batch_memory_mb must be a positive number, got {mib!r}")
 
 
+def formula(bytes_per_token: int, fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0,
+            buckets: bool | None = None) -> MemoryBudget:
+    """The activation formula of an engine's batches (its batch_bytes), with
+    no budget (mib inf)."""
+    return MemoryBudget(math.inf, bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows, buckets)
+
+
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
                   fixed_bytes: int = 0, piece_row_bytes: int = 0, piece_rows: int = 0,
                   buckets: bool | None = None) -> MemoryBudget | None:
@@ -220,8 +232,8 @@ def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: st
     if bytes_per_token is None:
         raise ValueError(f"max_batch_memory_mb: the sizes of model_type={model_type!r} are not known to the "
                          "activation formula (use max_batch_tokens)")
-    budget = MemoryBudget(float(mib), bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows,
-                          buckets)
+    budget = dataclasses.replace(formula(bytes_per_token, fixed_bytes, piece_row_bytes, piece_rows, buckets),
+                                 mib=float(mib))
     if budget.tokens < 1:
         fewest = 1 if buckets is None else shapes.target(1, buckets)  # a batch of one token runs this many
         least = math.ceil(budget.batch_bytes(fewest) / 2**20 * 1e4) / 1e4  # rounded up: it holds one

@@ -144,6 +144,10 @@ def test_a_memory_budget_bounds_every_batch_and_refuses_what_cannot_fit():
         s = engine.stats()
         assert s["max_batch_tokens"] == budget.tokens
         assert s["memory"]["activations"]["max_batch_memory_mb"] == mib
+        # the largest batch as the formula counts it, fixed bytes and all (it left them out)
+        largest = s["memory"]["activations"]["max_batch_bytes"]
+        assert largest == budget.running_bytes(budget.tokens) <= mib * 2**20
+        assert largest >= budget.fixed_bytes + budget.bytes_per_token * budget.tokens
 
         rows = _profiled(engine)
         short = [t for t in tm.mixed_texts(80, seed=5) if len(tm.tokenizer()(t)["input_ids"]) <= budget.tokens]
@@ -213,6 +217,8 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
     m = tm.model("bert")
     with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False) as probe:
         per = probe.stats()["memory"]["activations"]["bytes_per_token"]
+        # no budget: the formula's largest batch all the same, with its fixed bytes
+        assert probe.stats()["memory"]["activations"]["max_batch_bytes"] > per * probe.max_batch_tokens
     shape = footprint.shape_of(m.config)
     fixed = footprint.SMALL_BYTES + footprint.attention_scratch_bytes(
         shape, getattr(torch, dtype), max_length=128, threads=torch.get_num_threads())
@@ -225,6 +231,8 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
                 policy="static", max_batch_tokens=4096) as engine:
         budget = engine.memory_budget
         assert budget.tokens == 96 and shapes.bucket(96) == 96
+        assert engine.stats()["memory"]["activations"]["max_batch_bytes"] == budget.batch_bytes(96) <= mib * 2**20
+        assert budget.running_bytes(97) == budget.batch_bytes(112) > mib * 2**20  # its bucket, ghost rows and all
         rows = _profiled(engine)
         engine.embed([t for t in tm.mixed_texts(60, seed=9) if len(tm.tokenizer()(t)["input_ids"]) <= 96])
     assert rows and all(tokens <= 96 for tokens, _, _ in rows)
