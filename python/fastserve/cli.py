@@ -306,6 +306,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("fastserve serve: --max-header-bytes is the local server's (Ray Serve's proxy reads the headers)",
                   file=sys.stderr)
             return 2
+        # uvicorn's: under --ray, Ray Serve logs (its deployment's logging_config). Compared with their
+        # defaults: an explicit `--log-level info` asks for what Serve does anyway.
+        logs = [flag for flag, given in (("--log-level", args.log_level != "info"), ("--access-log", args.access_log))
+                if given]
+        if logs:
+            print(f"fastserve serve: {' and '.join(logs)}: the local server's (uvicorn's); under --ray, Ray Serve "
+                  "logs (set a deployment's logging_config)", file=sys.stderr)
+            return 2
         try:
             from .ray import serve_cli
         except ImportError as e:

@@ -15,7 +15,7 @@ limits are those of `fastserve serve`.
 
 Routing (`QueuedWorkRouter`): power of two choices on each replica's queued
 work. Each replica reports its engine's queued tokens and mean tokens per
-request (`record_routing_stats`, every `routing_stats_period_s`); the router
+HTTP request (`record_routing_stats`, every `routing_stats_period_s`); the router
 adds what it has itself sent each replica and not yet seen answered, so its
 view is live for its own traffic and at most one period old for the rest.
 docs/design.md ("Ray Serve") gives the reasons.
@@ -35,6 +35,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from typing import Any, Mapping, Optional
 
 try:
@@ -50,8 +51,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = ["app", "build", "serve_cli", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]
 
 DEPLOYMENT_NAME = "fastserve"
-# Seconds a replica waits for a request's body (BodyGuard).
+# Seconds a replica waits for the first part of a request's body (BodyGuard).
 BODY_TIMEOUT_S = 10.0
+# Serve's default bound on a stopping replica (its drain, then __del__),
+# which also bounds the engine's drain in __del__.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
 ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
 # Keys of the server's create_app; every other option goes to the Engine.
 SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name", "client_timeout_s",
@@ -62,34 +66,40 @@ class Replica:
     """One Serve replica: an Engine and the HTTP app serving it."""
 
     def __init__(self, model: Any, engine_options: Mapping[str, Any], server_options: Mapping[str, Any],
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+                 body_timeout_s: float = BODY_TIMEOUT_S,
+                 drain_timeout_s: float = GRACEFUL_SHUTDOWN_TIMEOUT_S) -> None:
         from fastserve.engine import Engine
 
         self.engine = Engine(model, **dict(engine_options))
         self._server_options = dict(server_options)
         self._body_timeout_s = body_timeout_s
+        self._drain_timeout_s = drain_timeout_s
+        self._guard: Optional[BodyGuard] = None
 
     def __serve_build_asgi_app__(self):
         # Serve calls this once the constructor has run: the app needs the engine.
-        from fastserve.server import DEFAULT_MAX_PAYLOAD_BYTES, create_app
+        from fastserve.server import create_app
 
         app = create_app(self.engine, **self._server_options)
-        return BodyGuard(app, self._body_timeout_s,
-                         self._server_options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES))
+        self._guard = BodyGuard(app, self._body_timeout_s, metrics=app.state.metrics)
+        return self._guard
 
     def record_routing_stats(self) -> dict[str, Any]:
         """The replica's queued work, read by QueuedWorkRouter (and where it
         runs and what it served, for operators and tests)."""
         s = self.engine.stats()
-        done = s["completed"] + s["failed"]
+        # HTTP requests, the unit the router counts unanswered (an engine
+        # request is one input: a request of 2,048 inputs is 2,048 of them).
+        finished = self._guard.finished if self._guard is not None else 0
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "completed": s["completed"],
             "queued_tokens": float(s["queued_tokens"]),
             "queued_requests": float(s["queue_depth"]),
-            # Mean real tokens per finished request: the router's cost of a
-            # request it sent and has not seen answered (1 before any).
-            "tokens_per_request": s["real_tokens"] / done if done else 1.0,
+            # Mean real tokens the engine ran per HTTP request the replica
+            # finished: the router's cost of a request it sent and has not
+            # seen answered (1 before any).
+            "tokens_per_request": s["real_tokens"] / finished if finished else 1.0,
         }
 
     def check_health(self) -> None:
@@ -101,26 +111,35 @@ class Replica:
 
     def __del__(self) -> None:
         # Serve calls this on shutdown, after its graceful wait for the
-        # requests in flight; drain=True serves anything still queued.
+        # requests in flight; drain=True serves anything still queued, within
+        # the deployment's graceful_shutdown_timeout_s (Serve kills the actor then).
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.close(drain=True, timeout=30.0)
+            engine.close(drain=True, timeout=getattr(self, "_drain_timeout_s", GRACEFUL_SHUTDOWN_TIMEOUT_S))
 
 
 class BodyGuard:
-    """The replica's ASGI app behind a bound on the wait for a request's body.
+    """The replica's ASGI app behind a bound on the wait for a request's body
+    to begin, and the count of the HTTP requests it finished.
 
     When a replica dies holding a request, Serve's proxy may send the request
     again to another replica, but the body went to the dead one: the new
-    replica would wait for it until the client gives up. The guard reads the
-    body first (up to max_bytes; beyond that the app's own 413 applies), and a
-    body that has not arrived within timeout_s is answered with a 503 in
-    OpenAI's shape (code "request_body_lost": safe to retry) instead. The app
-    then reads the body it was given, and the connection's later messages
-    (a client's disconnect) as before."""
+    replica would wait for it until the client gives up. The guard waits for
+    the body's first message, and a body that has not begun within timeout_s
+    is answered with a 503 in OpenAI's shape (code "request_body_lost": safe
+    to retry) instead, counted in `metrics` (the app's) as the app counts its
+    own answers. Once it has begun the body is the app's: a slow client's
+    later parts are bounded by the app's client_timeout_s (408), its size by
+    the app's max_payload_bytes (413). The app reads that first message, then
+    the connection's later messages (the rest of the body, a client's
+    disconnect) as before.
 
-    def __init__(self, app: Any, timeout_s: float, max_bytes: int) -> None:
-        self.app, self.timeout_s, self.max_bytes = app, timeout_s, max_bytes
+    `finished` counts the HTTP requests the guard saw end (answered, failed
+    or cancelled): QueuedWorkRouter's unit of work."""
+
+    def __init__(self, app: Any, timeout_s: float, metrics: Any = None) -> None:
+        self.app, self.timeout_s, self.metrics = app, timeout_s, metrics
+        self.finished = 0
         # Serve's ingress reads these off the app (docs path, exception handlers).
         self.docs_url = getattr(app, "docs_url", None)
 
@@ -130,29 +149,33 @@ class BodyGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        buffered: list[dict] = []
-        size = 0
         try:
-            while True:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
-                buffered.append(message)
-                if message["type"] != "http.request":
-                    break
-                size += len(message.get("body", b""))
-                if not message.get("more_body", False) or size > self.max_bytes:
-                    break
-        except asyncio.TimeoutError:
-            from fastserve.server.errors import ApiError
+            t0 = time.perf_counter()
+            try:
+                first = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                return await self._lost(scope, receive, send, t0)
+            pending = [first]
 
-            lost = ApiError(503, f"the request's body did not arrive within {self.timeout_s:g} s (a replica "
-                                 "that held it was lost); retry the request", type="server_error",
-                            code="request_body_lost", headers={"Retry-After": "0"})
-            return await lost.response()(scope, receive, send)
+            async def replay() -> dict:
+                return pending.pop() if pending else await receive()
 
-        async def replay() -> dict:
-            return buffered.pop(0) if buffered else await receive()
+            await self.app(scope, replay, send)
+        finally:
+            self.finished += 1
 
-        await self.app(scope, replay, send)
+    async def _lost(self, scope: dict, receive: Any, send: Any, t0: float) -> None:
+        from fastserve.server.edge import count_answer
+        from fastserve.server.errors import ApiError
+
+        lost = ApiError(503, f"the request's body did not arrive within {self.timeout_s:g} s (a replica "
+                             "that held it was lost); retry the request", type="server_error",
+                        code="request_body_lost", headers={"Retry-After": "0"})
+        try:
+            await lost.response()(scope, receive, send)
+        finally:
+            if self.metrics is not None:  # as the app's edge counts its answers
+                count_answer(self.metrics, scope, 503, t0)
 
 
 class QueuedWorkRouter(FIFOMixin, RequestRouter):
@@ -162,8 +185,8 @@ class QueuedWorkRouter(FIFOMixin, RequestRouter):
     ranks first, and Serve sends the request there unless it is at
     max_ongoing_requests (then to the other). A replica's estimated work is the
     larger of two lower bounds on it: the queued tokens its engine last
-    reported, and the requests this router sent it that are unanswered times
-    its mean tokens per request. Equal estimates (an idle cluster, replicas
+    reported, and the (HTTP) requests this router sent it that are unanswered
+    times its mean tokens per HTTP request. Equal estimates (an idle cluster, replicas
     without stats yet) leave both in one rank, where Serve takes the one with
     fewer ongoing requests from its live probe.
     """
@@ -215,6 +238,7 @@ def app(
     router: str = "queued_work",
     routing_stats_period_s: float = 1.0,
     body_timeout_s: float = BODY_TIMEOUT_S,
+    graceful_shutdown_timeout_s: float = GRACEFUL_SHUTDOWN_TIMEOUT_S,
     name: str = DEPLOYMENT_NAME,
     **options: Any,
 ):
@@ -231,8 +255,11 @@ def app(
     batches them, so this is far above Serve's default of 5.
     router: "queued_work" (QueuedWorkRouter) or "pow2" (Serve's default:
     power of two choices on ongoing request counts).
-    body_timeout_s: a request whose body has not reached its replica by then
-    gets a 503 to retry (BodyGuard: a body lost with a dead replica).
+    body_timeout_s: a request whose body has not begun to reach its replica by
+    then gets a 503 to retry (BodyGuard: a body lost with a dead replica).
+    graceful_shutdown_timeout_s: Serve's bound on a stopping replica (it waits
+    for the requests in flight, then the replica closes its engine with
+    drain=True within the same bound); Serve's default, 20 s.
     options: the server's create_app options (SERVER_OPTIONS: api_key,
     max_payload_bytes, max_inputs, request_timeout, model_name,
     client_timeout_s, cors_allow_origins); every other one is an Engine
@@ -247,6 +274,7 @@ def app(
                              ("max_ongoing_requests", max_ongoing_requests, "int"),
                              ("num_cpus", num_cpus, "number"), ("num_gpus", num_gpus, "number"),
                              ("body_timeout_s", body_timeout_s, "number"),
+                             ("graceful_shutdown_timeout_s", graceful_shutdown_timeout_s, "number"),
                              ("target_ongoing_requests", target_ongoing_requests, "number"),
                              ("routing_stats_period_s", routing_stats_period_s, "number")):
         number = isinstance(value, (numbers.Integral if kind == "int" else numbers.Real)) and \
@@ -286,6 +314,7 @@ def app(
         "name": name,
         "ray_actor_options": actor_options,
         "max_ongoing_requests": max_ongoing_requests,
+        "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
     }
     if min_replicas is not None:
         deployment_options["autoscaling_config"] = AutoscalingConfig(
@@ -299,7 +328,10 @@ def app(
         )
     if not body_timeout_s > 0:
         raise ValueError("body_timeout_s must be positive seconds")
-    return Deployment.options(**deployment_options).bind(model, engine_options, server_options, body_timeout_s)
+    if graceful_shutdown_timeout_s is None or not graceful_shutdown_timeout_s >= 0:
+        raise ValueError("graceful_shutdown_timeout_s must be seconds >= 0")
+    return Deployment.options(**deployment_options).bind(model, engine_options, server_options, body_timeout_s,
+                                                         graceful_shutdown_timeout_s)
 
 
 def build(args: Mapping[str, Any]):
@@ -340,9 +372,11 @@ def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, A
     under "model") and create_app's app_options, deployed as the Serve
     application DEPLOYMENT_NAME on the Ray cluster ($RAY_ADDRESS, the one
     `ray start` began on this machine, or else a new local one) until
-    SIGINT/SIGTERM; then delete the app (Serve lets its requests finish), stop
-    Serve if this command started it and no other application is left, and
-    disconnect (stopping Ray if this command started it).
+    SIGINT/SIGTERM; then delete the app (Serve lets its requests finish, and
+    each replica drain its engine, within --graceful-timeout: the deployment's
+    graceful_shutdown_timeout_s), stop Serve if this command started it and
+    no other application is left, and disconnect (stopping Ray if this
+    command started it).
 
     Refuses (exit 2, the cluster unchanged) when the cluster already has an
     application of that name (another `fastserve serve --ray`, say), or runs
@@ -358,6 +392,7 @@ def serve_cli(args: Any, engine_kwargs: dict[str, Any], app_options: dict[str, A
             num_replicas=args.replicas,
             num_cpus=args.num_cpus,
             num_gpus=args.num_gpus or None,
+            graceful_shutdown_timeout_s=args.graceful_timeout,
             **app_options,
             **engine_kwargs,
         )

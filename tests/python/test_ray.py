@@ -381,7 +381,8 @@ def test_cli_stops_on_sigint_while_still_deploying(model_dir, serve_port, tmp_pa
     """A replica Ray cannot place (8 CPUs on a two-CPU cluster) keeps the app
     deploying; SIGINT still stops the CLI, which deletes the app."""
     stderr = tmp_path / "stderr"
-    proc = _cli(str(model_dir), serve_port, stderr, "--num-cpus", "8")
+    # --graceful-timeout: the deployment's graceful shutdown (the CLI's default is 30 s).
+    proc = _cli(str(model_dir), serve_port, stderr, "--num-cpus", "8", "--graceful-timeout", "5")
     try:
         deadline = time.monotonic() + 120
         while (app := _apps().get(fray.DEPLOYMENT_NAME)) is None:
@@ -390,7 +391,7 @@ def test_cli_stops_on_sigint_while_still_deploying(model_dir, serve_port, tmp_pa
             time.sleep(0.2)
         assert app.status == "DEPLOYING"
         proc.send_signal(signal.SIGINT)
-        # Serve waits out the replica's graceful shutdown (20 s) before it is gone.
+        # Serve waits out the replica's graceful shutdown (5 s) before it is gone.
         assert proc.wait(timeout=120) == 0, stderr.read_text()
     finally:
         _stop(proc)
@@ -455,6 +456,38 @@ def test_router_counts_what_it_sent_until_answered():
     assert asyncio.run(router.choose_replicas([a, b])) == [[a], [b]]
 
 
+def test_routing_stats_weigh_an_http_request_by_all_its_inputs(model_dir, monkeypatch):
+    """tokens_per_request is per HTTP request, the unit the router counts
+    unanswered: a request of 32 texts weighs their tokens, not one text's
+    (it was real tokens over engine requests, one per input: 32x too small)."""
+    from types import SimpleNamespace
+
+    # Outside a cluster: the replica's node id is not this test's subject.
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {})
+    try:
+        app = replica.__serve_build_asgi_app__()
+        texts = [f"this is sentence number {i} of a batch request" for i in range(32)]
+
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+                return [await c.post("/v1/embeddings", json={"input": texts}) for _ in range(4)]
+
+        replies = asyncio.run(asyncio.wait_for(go(), 120))
+        assert all(r.status_code == 200 for r in replies), replies[0].text
+        tokens = replies[0].json()["usage"]["prompt_tokens"]
+        assert tokens > len(texts)
+        stats = replica.record_routing_stats()
+        assert stats["tokens_per_request"] == tokens
+        router = _router()
+        for i in range(3):  # three such requests sent, unanswered
+            router.on_request_routed(SimpleNamespace(metadata=SimpleNamespace(internal_request_id=f"r{i}")), "a",
+                                     None)
+        assert router.estimated_work(_FakeReplica("a", **stats)) == 3 * tokens
+    finally:
+        replica.__del__()
+
+
 def test_app_options():
     with pytest.raises(ValueError, match="router"):
         fray.app("m", router="round_robin")
@@ -474,8 +507,10 @@ def test_app_options():
     assert d.num_replicas == 3 and d.max_ongoing_requests == 64
     assert d.ray_actor_options["num_cpus"] == 2
     assert d._deployment_config.request_router_config.request_router_class == fray.ROUTER_PATH
-    model, engine_options, server_options, body_timeout_s = d.init_args
+    model, engine_options, server_options, body_timeout_s, drain_timeout_s = d.init_args
     assert body_timeout_s == fray.BODY_TIMEOUT_S
+    # Serve's default graceful shutdown, which also bounds the engine's drain.
+    assert drain_timeout_s == d._deployment_config.graceful_shutdown_timeout_s == fray.GRACEFUL_SHUTDOWN_TIMEOUT_S
     assert model == "m" and server_options == {"api_key": "k"}
     assert engine_options == {"target_latency_ms": 20.0, "torch_threads": 2}
     # Each of the engine's CPU workers takes torch_threads: num_cpus shared among them.
@@ -483,10 +518,14 @@ def test_app_options():
     assert fray.app("m", num_cpus=2, replicas=4)._bound_deployment.init_args[1]["torch_threads"] == 1
     assert fray.app("m", num_cpus=4, devices=["cpu", "cpu"], parallel="pipeline"
                     )._bound_deployment.init_args[1]["torch_threads"] == 2
-    for key in ("num_replicas", "max_ongoing_requests", "min_replicas", "body_timeout_s", "num_cpus"):
+    for key in ("num_replicas", "max_ongoing_requests", "min_replicas", "body_timeout_s", "num_cpus",
+                "graceful_shutdown_timeout_s"):
         bad = {key: "2", **({"max_replicas": 4} if key == "min_replicas" else {})}
         with pytest.raises(ValueError, match=f"{key} must be"):
             fray.app("m", **bad)
+    with pytest.raises(ValueError, match="graceful_shutdown_timeout_s must be seconds >= 0"):
+        fray.app("m", graceful_shutdown_timeout_s=-1)
+    assert fray.app("m", graceful_shutdown_timeout_s=0)._bound_deployment.init_args[4] == 0
     with pytest.raises(ValueError, match="replicas must be at most 4096"):  # Engine.check_options
         fray.app("m", replicas=5000)
     # and the server's, which failed each replica after it loaded the model
@@ -501,6 +540,50 @@ def test_app_options():
     assert scaled._deployment_config.autoscaling_config.max_replicas == 4
     assert scaled.ray_actor_options["num_gpus"] == 1
     assert "torch_threads" not in scaled.init_args[1]  # a GPU replica leaves torch's threads alone
+
+
+def test_cli_ray_takes_graceful_timeout_and_refuses_the_local_servers_log_options(monkeypatch, capsys):
+    """`serve --ray`: --graceful-timeout becomes the deployment's graceful
+    shutdown (Serve's bound on a stopping replica) and the engine's drain
+    bound (they were dropped: Serve's 20 s, a hard-coded 30 s drain);
+    --log-level and --access-log (uvicorn's) are refused, exit 2, as
+    --max-header-bytes is. No cluster is touched: ray.init stops the command."""
+    from fastserve import cli
+
+    class NoCluster(Exception):
+        pass
+
+    def no_cluster(*args, **kwargs):
+        raise NoCluster
+
+    built = []
+    real_app = fray.app
+    monkeypatch.setattr(fray.ray, "init", no_cluster)
+    monkeypatch.setattr(fray, "app", lambda *a, **k: built.append(real_app(*a, **k)) or built[-1])
+    with pytest.raises(NoCluster):
+        cli.main(["serve", "m", "--ray", "--graceful-timeout", "2.5"])
+    d = built[-1]._bound_deployment
+    assert d._deployment_config.graceful_shutdown_timeout_s == 2.5
+    assert d.init_args[4] == 2.5  # the replica's drain bound on its engine's close
+    with pytest.raises(NoCluster):  # the default: the local server's 30 s
+        cli.main(["serve", "m", "--ray"])
+    assert built[-1]._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 30.0
+    for extra in (["--log-level", "debug"], ["--access-log"]):
+        assert cli.main(["serve", "m", "--ray", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fastserve serve: {extra[0]}"), err
+    assert len(built) == 2
+
+
+def test_replica_drains_its_engine_within_the_graceful_timeout(model_dir, monkeypatch):
+    """Replica.__del__ (Serve calls it inside the graceful shutdown) closes
+    the engine with drain=True, bounded by the deployment's graceful timeout."""
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {}, fray.BODY_TIMEOUT_S, 2.5)
+    closes = []
+    real_close = replica.engine.close
+    monkeypatch.setattr(replica.engine, "close", lambda **k: closes.append(k) or real_close(**k))
+    replica.__del__()
+    assert closes == [{"drain": True, "timeout": 2.5}]
 
 
 def test_health_check_fails_when_the_engine_worker_is_dead(model_dir):
@@ -543,8 +626,9 @@ def test_body_guard_answers_a_lost_body_with_a_retryable_503():
     async def app(scope, receive, send):  # never reached: the body never comes
         raise AssertionError("the app ran without its body")
 
-    sent = _asgi(fray.BodyGuard(app, 0.05, 1000), [])
-    assert sent[0]["status"] == 503
+    guard = fray.BodyGuard(app, 0.05)
+    sent = _asgi(guard, [])
+    assert sent[0]["status"] == 503 and guard.finished == 1  # a request the router saw end, too
     assert (b"retry-after", b"0") in sent[0]["headers"]
     error = json.loads(sent[1]["body"])["error"]
     assert error["code"] == "request_body_lost" and error["type"] == "server_error"
@@ -562,15 +646,79 @@ def test_body_guard_hands_the_app_its_body_and_later_messages():
 
     parts = [{"type": "http.request", "body": b"ab", "more_body": True},
              {"type": "http.request", "body": b"cd", "more_body": False}]
-    sent = _asgi(fray.BodyGuard(app, 5.0, 1000), parts, then_wait=False)
+    sent = _asgi(fray.BodyGuard(app, 5.0), parts, then_wait=False)
     assert seen == [*parts, {"type": "http.disconnect"}] and sent[0]["status"] == 200
-    # Past max_bytes the guard stops reading and leaves the rest (and the 413) to the app.
+    # A body of many parts reaches the app whole (its size is the app's to bound: its 413).
     seen.clear()
     big = [{"type": "http.request", "body": b"x" * 600, "more_body": True},
            {"type": "http.request", "body": b"x" * 600, "more_body": True},
            {"type": "http.request", "body": b"", "more_body": False}]
-    _asgi(fray.BodyGuard(app, 5.0, 1000), big, then_wait=False)
+    _asgi(fray.BodyGuard(app, 5.0), big, then_wait=False)
     assert seen == [*big, {"type": "http.disconnect"}]
+
+
+def test_body_guard_leaves_a_slow_body_to_the_app_once_it_has_begun():
+    """body_timeout_s bounds only the wait for the body's first message (a
+    body lost with a dead replica never begins); a live client's later parts
+    are the app's (its client_timeout_s), however late. Here the second part
+    comes only once the app has started: a guard that waited for it itself
+    would wait past its timeout and answer 503."""
+    app_started = asyncio.Event()
+    seen: list[dict] = []
+
+    async def app(scope, receive, send):
+        app_started.set()
+        while (m := await receive())["type"] == "http.request":
+            seen.append(m)
+            if not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    first = {"type": "http.request", "body": b"ab", "more_body": True}
+    second = {"type": "http.request", "body": b"cd", "more_body": False}
+    sent: list[dict] = []
+
+    async def go():
+        messages = [first]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await app_started.wait()  # the slow client's second part
+            return second
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": []}
+        await fray.BodyGuard(app, 0.05)(scope, receive, send)
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+    assert sent[0]["status"] == 200, sent
+    assert seen == [first, second]
+
+
+def test_body_guard_503_is_counted_in_the_app_metrics(model_dir):
+    """The guard's 503 is one of the replica's HTTP answers: /metrics counts
+    it (route, method, status) like the app's own."""
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {}, body_timeout_s=0.05)
+    try:
+        app = replica.__serve_build_asgi_app__()
+        for _ in range(2):  # bodies that never come
+            assert _asgi(app, [])[0]["status"] == 503
+
+        async def scrape():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+                return (await c.get("/metrics")).text
+
+        text = asyncio.run(asyncio.wait_for(scrape(), 60))
+        counted = [line for line in text.splitlines() if line.startswith("fastserve_http_requests_total{")
+                   and 'status="503"' in line]
+        assert counted == ['fastserve_http_requests_total{method="POST",route="/v1/embeddings",status="503"} 2.0'], \
+            counted
+    finally:
+        replica.__del__()
 
 
 def test_config_file_import_path_resolves():

@@ -33,6 +33,16 @@ def _route_label(path: str) -> str:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def count_answer(metrics, scope, status: int, t0: float) -> None:
+    """One answered request in the metrics (the edge's, and what answers
+    before it: Ray's BodyGuard): its latency since t0 and its count by route,
+    method and status."""
+    route = _route_label(route_path(scope))
+    metrics.latency_for(route).observe(time.perf_counter() - t0)
+    method = scope.get("method", "")
+    metrics.requests_for(route, method if method in _METHODS else "other", str(status)).inc()
+
+
 def route_path(scope) -> str:
     """The path the app routes on: scope["path"] less the root path an ASGI
     server or proxy mounts it under (uvicorn --root-path, a Ray Serve route
@@ -65,7 +75,6 @@ class Edge:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        route = _route_label(path)
         status: list[Optional[int]] = [None]
 
         async def send_recording(message) -> None:
@@ -102,10 +111,7 @@ class Edge:
                 await internal_error().reply().send(send_recording)
         finally:
             self.metrics.in_progress.dec()
-            self.metrics.latency_for(route).observe(time.perf_counter() - t0)
-            method = scope.get("method", "")
-            method = method if method in _METHODS else "other"
-            self.metrics.requests_for(route, method, str(status[0] or 500)).inc()
+            count_answer(self.metrics, scope, status[0] or 500, t0)
 
     async def _fast_embeddings(self, scope, path: str, body: bytes, receive, send) -> bool:
         """POST /v1/embeddings with a valid body, straight to the route:
