@@ -368,7 +368,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("deadline") = py::none(), py::arg("whole") = false, py::arg("waiting") = false,
           "Queue several requests under one lock, as many as fit, in order; returns the accepted "
           "prefix's ids. Raises QueueFullError when not even the first fits. whole=True: all or none "
-          "(QueueFullError, or OverloadedError when the last is predicted late; InvalidInputError when "
+          "(QueueFullError, or OverloadedError when the last is predicted late; ValueError when "
           "they exceed the queue's bounds). waiting=True: an empty list instead of a refusal, uncounted "
           "(a caller with part of its list queued, waiting for room).")
       .def("cancel", &Scheduler::cancel, py::arg("id"))  // GIL held, as in submit
