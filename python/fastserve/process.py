@@ -289,8 +289,9 @@ def refuse_forwards_bound_to(model: torch.nn.Module, copied: torch.nn.Module) ->
     module (its weights, dtype, device and training mode) from the copy.
     deepcopy rebinds a bound method or a functools.partial of a module to
     the copy, so those pass; what a plain function reaches (closures,
-    defaults, the globals its code names, nested functions', partials and
-    containers, a few levels deep) is looked into."""
+    defaults, the globals its code names, nested functions', partials,
+    containers and plain objects' attributes, a few levels deep) is looked
+    into."""
     originals = {id(m) for m in model.modules()}
     for name, m in copied.named_modules():
         fn = m.__dict__.get("forward")
@@ -315,7 +316,7 @@ def _reaches(obj: Any, targets: set[int], depth: int, seen: set[int]) -> bool:
     """Whether obj is, or reaches within `depth` steps, an object in targets (by id)."""
     if id(obj) in targets:
         return True
-    if depth == 0 or id(obj) in seen or isinstance(obj, (torch.nn.Module, torch.Tensor, types.ModuleType, type)):
+    if depth == 0 or id(obj) in seen or isinstance(obj, _OPAQUE):
         return False
     seen.add(id(obj))
     if isinstance(obj, types.MethodType):
@@ -336,9 +337,16 @@ def _reaches(obj: Any, targets: set[int], depth: int, seen: set[int]) -> bool:
         nxt = list(obj.values())
     elif isinstance(obj, (list, tuple, set, frozenset)):
         nxt = list(obj)
-    else:
-        nxt = [getattr(obj, "__wrapped__", None)]
+    else:  # a plain object (an adapter holding the original forward, say): its attributes
+        nxt = [getattr(obj, "__wrapped__", None), *getattr(obj, "__dict__", {}).values()]
     return any(_reaches(o, targets, depth - 1, seen) for o in nxt if o is not None)
+
+
+# What _reaches does not look into: the model's own objects (a module or a
+# tensor is a target or not by itself), modules and classes (their globals
+# are reached through a function's names), and values that hold nothing.
+_OPAQUE = (torch.nn.Module, torch.Tensor, types.ModuleType, type, str, bytes, bytearray, int, float, complex,
+           bool)
 
 
 # ------------------------------------------------------------ memory report

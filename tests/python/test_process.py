@@ -168,7 +168,8 @@ def test_a_forward_patched_by_a_closure_over_the_callers_module_is_refused_when_
 ORIGINALS: dict = {}
 
 
-@pytest.mark.parametrize("how", ["partial over a closure", "global container", "nested function"])
+@pytest.mark.parametrize("how", ["partial over a closure", "global container", "nested function",
+                                 "a plain object's attribute"])
 def test_a_forward_reaching_the_callers_module_indirectly_is_refused_when_the_model_is_copied(how):
     import functools
 
@@ -180,12 +181,22 @@ def test_a_forward_reaching_the_callers_module_indirectly_is_refused_when_the_mo
     elif how == "global container":
         ORIGINALS["q"] = q.forward
         q.forward = lambda x: ORIGINALS["q"](x) * 0.5
-    else:
+    elif how == "nested function":
         def outer():
             def inner(x):
                 return orig(x) * 0.5
             return inner(torch.ones(1, 32))
         q.forward = lambda x: (outer, orig(x))[1]
+    else:
+        class Scaled:  # an adapter object holding the original forward
+            def __init__(self, fn):
+                self.fn = fn
+
+            def __call__(self, x):
+                return self.fn(x) * 0.5
+
+        held = Scaled(orig)
+        q.forward = lambda x: held(x)
     try:
         with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.attention\.self\.query' has a forward replaced"):
             Engine(m, tm.tokenizer(), dtype="bfloat16")
