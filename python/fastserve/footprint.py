@@ -218,7 +218,8 @@ def formula(bytes_per_token: int, fixed_bytes: int = 0, piece_row_bytes: int = 0
             buckets: bool | None = None) -> MemoryBudget:
     """The activation formula of an engine's batches (its batch_bytes), with
     no budget (mib inf)."""
-    return MemoryBudget(math.inf, bytes_per_token, fixed_bytes + SMALL_BYTES, piece_row_bytes, piece_rows, buckets)
+    return MemoryBudget(math.inf, int(bytes_per_token), int(fixed_bytes) + SMALL_BYTES, int(piece_row_bytes),
+                        int(piece_rows), buckets)  # (plain ints: stats() is JSON, whatever numbers a caller gave)
 
 
 def memory_budget(mib: float | None, bytes_per_token: int | None, model_type: str,
