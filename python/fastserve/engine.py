@@ -558,6 +558,8 @@ class Engine(tasks.TaskCalls):
                                                         threads=threads)
             if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
                 piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
+        # A max_length sequence's attention mask or relative bias, made afresh.
+        scratch += footprint.per_batch(cfg, self.dtype, max_length=max_length or limit)
         # Packed CPU batches run padded with ghost rows (shapes.target): the
         # budget holds the padded batch.
         runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn) \

@@ -38,9 +38,27 @@ bytes of an element of the model's dtype, and T tokens:
   relative position bias: MPNet, T5) adds [B, heads, L, L] twice (scores and
   probabilities), 2 * heads * L * e per padded token.
 
+- the packed runners of families.py (MPNet, T5 and its kin, ModernBERT)
+  follow their own layers, step by step (_family_elements_per_token): MPNet
+  keeps the layer's input and the attention context through the
+  feed-forward, 3H + aI (a: the activation's tensors, ACTIVATION_TENSORS);
+  T5 adds T5LayerNorm's float32 temporaries and, gated, act(wi_0), wi_1 and
+  their product (2H + inner + max(aF, 3F + H)), with Q/K/V of width
+  heads x d_kv; ModernBERT's loop keeps a layer's Q/K/V, rotated Q and K
+  and context (6H) until the next layer replaces them, so 8H beside its MLP
+  and 13H in attention, plus its rotary tables. Per batch, whatever its
+  tokens (mask_bytes, in the fixed bytes): making one max_length sequence's
+  relative position bias (int64 [L, L] buckets, then [1, heads, L, L]) or
+  local window mask. The masks and biases the runner keeps between batches
+  (families._MaskCache, at most families.MASK_CACHE_BYTES) are counted
+  apart, as the weights. The padded runner on MPNet and T5 holds the bias
+  [B, heads, L, L] through every layer beside the scores and probabilities
+  (3 * heads * L * e per padded token); on ModernBERT 5H beside the MLP.
+
 Measured against torch's own allocation record (benchmarks/python/memory.py,
 --activations; tests/python/test_footprint.py): the packed figure is exact for
-the BERT family, and the padded one is exact or an upper bound. Weights are
+the BERT family and within 0.7-1 of the peak for the others, and the padded
+one is exact or an upper bound. Weights are
 counted apart: a parameter's bytes, plus nothing for the packed runner's fused
 Q/K/V weight, whose parts the model's parameters become views of.
 """
@@ -69,13 +87,38 @@ SMALL_BYTES = 4096
 _RELATIVE_BIAS = {"mpnet", "t5", "mt5", "umt5"}
 
 
+# [T, I] tensors alive at once inside a feed-forward activation, its input
+# included (measured with footprint.measured_peak_bytes on transformers'
+# ACT2FN; tests/python/test_footprint.py checks the table): torch's fused
+# functions make one tensor, the Python compositions (gelu_new: 0.5 * x,
+# x ** 3 and 0.044715 * x ** 3 beside x) more. An activation not named here
+# counts as the most of them.
+ACTIVATION_TENSORS = {
+    "linear": 1, "relu": 2, "gelu": 2, "gelu_pytorch_tanh": 2, "silu": 2, "swish": 2, "mish": 2, "tanh": 2,
+    "sigmoid": 2, "relu6": 2, "leaky_relu": 2, "quick_gelu": 3, "gelu_10": 3, "relu2": 3, "gelu_new": 4,
+    "gelu_python": 4, "gelu_accurate": 4, "laplace": 4, "gelu_fast": 5,
+}
+_UNKNOWN_ACTIVATION = max(ACTIVATION_TENSORS.values())
+
+# The packed runners of families.py whose layers the formula follows step by step.
+_PACKED_FAMILIES = {"mpnet": "mpnet", "t5": "t5", "mt5": "t5", "umt5": "t5", "modernbert": "modernbert"}
+
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
-    intermediate: int
+    intermediate: int  # the up-projection's width (twice the inner width for a gated feed-forward)
     heads: int
     layers: int
     relative_bias: bool
+    # What the packed runners of families.py need besides (their defaults: a BERT-family layer).
+    family: str = "bert"  # "bert" (runners.PackedRunner), "mpnet", "t5" or "modernbert"
+    inner: int = 0  # attention width, heads x head size (T5's num_heads x d_kv; 0: hidden)
+    feed_forward: int = 0  # the activation's width (T5's d_ff, ModernBERT's intermediate_size; 0: intermediate)
+    gated: bool = False
+    activation: int = 2  # ACTIVATION_TENSORS of the feed-forward's activation
+    rope_types: int = 0  # ModernBERT: rotary tables kept per batch (one per layer type)
+    window: int | None = None  # ModernBERT: half the local window where a layer is local, else None
 
 
 def shape_of(config: Any) -> Shape | None:
@@ -91,10 +134,25 @@ def shape_of(config: Any) -> Shape | None:
     values = [getattr(config, n, None) for n in names]
     if not all(isinstance(v, int) and v > 0 for v in values):
         return None
-    hidden, inter, heads, layers = values
-    if getattr(config, "feed_forward_proj", "").startswith("gated") or mt == "modernbert":
+    hidden, inter, heads, layers = (int(v or 0) for v in values)  # (each a positive int, checked above)
+    gated = bool(getattr(config, "is_gated_act", False)) or str(getattr(config, "feed_forward_proj", "")).startswith(
+        "gated") or mt == "modernbert"
+    act = getattr(config, {"t5": "dense_act_fn", "mt5": "dense_act_fn", "umt5": "dense_act_fn",
+                           "modernbert": "hidden_activation"}.get(mt, "hidden_act"), None)
+    extra: dict[str, Any] = dict(family=_PACKED_FAMILIES.get(mt, "bert"), feed_forward=inter, gated=gated,
+                                 activation=ACTIVATION_TENSORS.get(act, _UNKNOWN_ACTIVATION)
+                                 if isinstance(act, str) else _UNKNOWN_ACTIVATION)
+    if mt in ("t5", "mt5", "umt5"):
+        d_kv = getattr(config, "d_kv", None)
+        extra["inner"] = heads * d_kv if isinstance(d_kv, int) and d_kv > 0 else hidden
+    if mt == "modernbert":
+        types = list(getattr(config, "layer_types", None) or ())
+        extra["rope_types"] = max(1, len(set(types)))
+        if "sliding_attention" in types:
+            extra["window"] = int(getattr(config, "local_attention", 0)) // 2
+    if gated:
         inter *= 2  # gated feed-forward: the up-projection is twice as wide
-    return Shape(hidden, inter, heads, layers, mt in _RELATIVE_BIAS)
+    return Shape(hidden, inter, heads, layers, mt in _RELATIVE_BIAS, **extra)
 
 
 def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str, *, max_length: int,
@@ -105,12 +163,87 @@ def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str,
     fused: the packed runner's layers run through the CPU kernels."""
     e = torch.empty((), dtype=dtype).element_size()
     H, I = shape.hidden, shape.intermediate
+    if execution == "packed" and shape.family != "bert":
+        return _family_elements_per_token(shape, e) * e + _INDEX_BYTES
     if execution == "packed":
         return max(2 * H + I if fused else H + 2 * I, 5 * H if fused else 7 * H) * e + _INDEX_BYTES
+    if shape.family == "modernbert":
+        # transformers' ModernBERT forward keeps the embeddings' output, the
+        # layer's input, its attention output, the residual sum and the
+        # normed input beside the MLP (5H), or holds Q/K/V, rotated Q and K and
+        # their temporaries, SDPA's output and its copy in attention (at most
+        # 13H, as the packed runner); rotary cos and sin per layer type.
+        F, a = shape.feed_forward or I // 2, shape.activation
+        mlp = max((1 + a) * F, 4 * F, 3 * F + H)
+        return (max(13 * H, 5 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types) * e + 2 * max_length
     per = (3 * H + 2 * I) * e + 2 * max_length  # + the boolean masks' rows
-    if scores or shape.relative_bias:
+    if shape.relative_bias:  # MPNet, T5: the bias [B, heads, L, L] lives through every layer
+        per += 3 * shape.heads * max_length * e
+    elif scores:
         per += 2 * shape.heads * max_length * e
     return per
+
+
+def _family_elements_per_token(shape: Shape, e: int) -> int:
+    """Elements of the model's dtype per packed token at the peak of a layer
+    of families.py's MPNet, T5 and ModernBERT runners: the largest of the
+    sets of [T, .] tensors alive at once, step by step, as those runners and
+    transformers' modules hold them (module docstring). a: ACTIVATION_TENSORS."""
+    H, F, a = shape.hidden, shape.feed_forward or shape.intermediate, shape.activation
+    inner = shape.inner or H
+    if shape.family == "mpnet":
+        # attention: input, Q/K/V (and its three parts while they are
+        # concatenated, a caller's model), the context, SDPA's output and its
+        # re-laid-out copy; feed-forward: input, context and attention output
+        # stay alive beside the activation's tensors, then its output, the
+        # down-projection, the residual sum and the LayerNorm's result.
+        return max(7 * H, 3 * H + max(a, 2) * F, 6 * H + F)
+    if shape.family == "t5":
+        # T5LayerNorm computes in float32: two float32 [T, H] besides its input.
+        norm = 2 * H * max(1, 4 // e)
+        # feed-forward (after the input, the context and the normed input): the
+        # activation's tensors, or (gated) act(wi_0), wi_1, their product and wo's result.
+        ff = max(a * F, 3 * F + H if shape.gated else F + H)
+        return max(2 * H + 6 * inner,  # Q/K/V: normed input, three products and their concatenation
+                   H + 6 * inner,  # attention: as MPNet's
+                   H + inner + H + norm,  # a T5LayerNorm with the layer's input and context alive
+                   2 * H + inner + ff)
+    if shape.family == "modernbert":
+        # The runner's loop keeps a layer's Q/K/V [T, 3H], rotated Q and K and
+        # context alive until the next layer replaces them (6H), beside the
+        # residual stream and the normed input; Wi's [T, 2F] output lives
+        # through the MLP (its two halves are views), with the activation's
+        # tensors, then act(x) * gate and Wo's result. Attention: those, the
+        # stacked Q/K/V (3H), the previous layer's context, the output, SDPA's
+        # output and its copy: 13H. Rotary cos and sin [T, head size] per layer type.
+        mlp = max((1 + a) * F, 4 * F, 3 * F + H)
+        return max(13 * H, 8 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types
+    raise ValueError(f"no packed formula for family {shape.family!r}")
+
+
+def mask_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int) -> int:
+    """Per batch, whatever its tokens: making and using the attention mask or
+    relative position bias of one sequence of max_length tokens (L), which a
+    batch may need afresh (families._MaskCache keeps them between batches,
+    counted apart, at most families.MASK_CACHE_BYTES). MPNet and T5 build the
+    bias from int64 [L, L] buckets, up to 53 bytes per L^2 at once (measured,
+    tests/python/test_footprint.py), then the bias [1, heads, L, L] (MPNet:
+    a contiguous copy beside it); SDPA may hold a copy of it. ModernBERT's
+    local window: two int64 [L, L] and the boolean mask, then SDPA's float
+    copy of the mask."""
+    e = torch.empty((), dtype=dtype).element_size()
+    L = max_length
+    if shape.relative_bias:
+        return L * L * max(56, 8 + 2 * shape.heads * e)
+    if shape.family == "modernbert" and shape.window is not None and L > shape.window + 1:
+        return L * L * max(17, 1 + e)
+    return 0
+
+
+def per_batch(config: Any, dtype: torch.dtype, *, max_length: int) -> int:
+    """mask_bytes for a transformers config (0 when its sizes are unknown)."""
+    shape = shape_of(config)
+    return 0 if shape is None else mask_bytes(shape, dtype, max_length=max_length)
 
 
 def attention_scratch_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int, threads: int) -> int:

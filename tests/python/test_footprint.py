@@ -31,26 +31,71 @@ def _profiled(engine):
     return rows
 
 
-@pytest.mark.parametrize("arch", tm.ARCHS)
+# The families' own packed runners (families.py), tiny models as the parity tests build them.
+# modernbert-wide: its MLP narrower than 2H (ModernBERT-base's 1.5H), where
+# the layer's other tensors weigh most.
+FAMILY_ARCHS = ("mpnet", "t5", "umt5", "modernbert", "modernbert-wide")
+
+
+def _tiny(arch):
+    import st_models
+
+    if arch in tm.ARCHS:
+        return tm.model(arch)
+    if arch == "modernbert-wide":
+        from transformers import AutoModel
+
+        cfg = st_models.config("modernbert")
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 128, 192, 2
+        torch.manual_seed(0)
+        return AutoModel.from_config(cfg).eval()
+    return st_models.encoder(arch)
+
+
+@pytest.mark.parametrize("arch", tm.ARCHS + FAMILY_ARCHS)
 @pytest.mark.parametrize("execution", ["packed", "padded"])
 def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
-    with Engine(tm.model(arch), tm.tokenizer(), execution=execution, policy="static",
+    with Engine(_tiny(arch), tm.tokenizer(), execution=execution, policy="static",
                 min_batch_tokens=512, max_batch_tokens=512) as engine:
+        masks = getattr(engine.runner, "_masks", None)
+        if masks is not None:
+            # Every run makes its mask or bias afresh (none kept: the cache is
+            # counted apart, as the weights): the worst a batch meets.
+            masks.limit = 0
         rows = _profiled(engine)
-        engine.embed(tm.mixed_texts(60, seed=3))
+        texts = tm.mixed_texts(60, seed=3)
+        if arch in FAMILY_ARCHS:  # and one sequence of max_length tokens alone (its [L, L] bias)
+            texts.append(" ".join(["memory"] * engine.max_length))
+        engine.embed(texts)
         per = engine.stats()["memory"]["activations"]["bytes_per_token"]
         shape = footprint.shape_of(engine.model.config)
+        fixed = footprint.per_batch(engine.model.config, torch.float32, max_length=engine.max_length)
         scratch = footprint.attention_scratch_bytes(shape, torch.float32, max_length=engine.max_length,
                                                     threads=torch.get_num_threads())
         if engine.stats()["gemm"] == "onednn":  # a piece of a product, copied into it (gemm.py)
             scratch += footprint.gemm_piece_row_bytes(shape, torch.float32) * gemm.PIECE
+        # the engine's own formula is this one
+        assert engine.stats()["memory"]["activations"]["max_batch_bytes"] == (
+            per * 512 + footprint.SMALL_BYTES + fixed + (scratch if execution == "packed" else 0))
     assert len(rows) >= 3
     for tokens, _, peak in rows:
-        bound = per * tokens + footprint.SMALL_BYTES + (scratch if execution == "packed" else 0)
+        bound = per * tokens + footprint.SMALL_BYTES + fixed + (scratch if execution == "packed" else 0)
         assert peak <= bound
         if execution == "packed":
             # Not just an upper bound: the formula is the peak's own terms.
             assert peak >= 0.7 * per * tokens
+
+
+def test_the_activation_table_is_what_each_activation_holds():
+    # footprint.ACTIVATION_TENSORS: the [T, I] tensors alive at once inside
+    # each activation, its input included, by torch's allocation record.
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(64, 48)
+    for name, count in footprint.ACTIVATION_TENSORS.items():
+        with torch.inference_mode():
+            _, peak = footprint.measured_peak_bytes(lambda: ACT2FN[name](x))
+        assert (count - 1) * x.nbytes <= peak <= (count - 1) * x.nbytes + 64, name  # (and a scalar or two)
 
 
 def test_the_budget_counts_the_workers_threads_not_the_builders(restore_torch_threads):
