@@ -523,7 +523,7 @@ class Engine(tasks.TaskCalls):
         self.model_name = DEFAULT_MODEL_NAME if model is None else loaded.name
         self.task = task
         self.tokenizer = loaded.tokenizer
-        limit = model_max_length(loaded.model, self.tokenizer, loaded.st)
+        limit = model_max_length(loaded.model, self.tokenizer, loaded.st, max_length)
         if max_length is not None and (max_length < 1 or max_length > limit):
             raise ValueError(f"max_length must be in [1, {limit}] for this model, got {max_length}")
         # The execution path, from what each family's adapter declares

@@ -1,7 +1,7 @@
 """From a batch's last hidden states to one embedding per sequence, as the
 model's sentence-transformers stack computes it: Pooling (every mode, with
 the prompt's tokens left out when include_prompt is false), then each Dense
-and Normalize module in order.
+and Normalize module in order, then the cut to truncate_dim (Truncate).
 
 Both layouts pool through one implementation: packed tokens [T, H] with
 cu_seqlens, and padded [B, L, H] (right padding) gathered to packed first.
@@ -16,29 +16,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .st_spec import DenseLayer
+from .st_spec import DenseLayer, Truncate
 
 KERNEL_POOLINGS = ("mean", "cls", "max")
 
 
 class EmbeddingHead:
     """pooling: sentence-transformers mode names, concatenated in this order.
-    post: DenseLayer objects and "normalize", applied in order."""
+    post: DenseLayer objects, "normalize" and Truncate, applied in order."""
 
     def __init__(self, pooling: Sequence[str], *, include_prompt: bool = True, post: Sequence[Any] = (),
                  device: torch.device | str = "cpu") -> None:
         self.modes = tuple(pooling)
         self.include_prompt = include_prompt
         self.post = [p.to(torch.device(device)) if isinstance(p, DenseLayer) else p for p in post]
-        only_norm = all(p == "normalize" for p in self.post)
+        # The fused kernel pools and normalises; a cut after it (truncate_dim) is a slice of its output.
+        self.kernel_cut = self.post[-1] if self.post and isinstance(self.post[-1], Truncate) else None
+        fused = self.post[:-1] if self.kernel_cut is not None else self.post
+        only_norm = all(p == "normalize" for p in fused)
         self.kernel_mode = self.modes[0] if len(self.modes) == 1 and self.modes[0] in KERNEL_POOLINGS and only_norm \
             else None
-        self.kernel_normalize = bool(self.post)
+        self.kernel_normalize = bool(fused)
 
     def dim(self, hidden: int) -> int:
         """The embedding's width for hidden states of width `hidden`."""
-        dense = [p for p in self.post if isinstance(p, DenseLayer)]
-        return int(dense[-1].weight.shape[0]) if dense else len(self.modes) * hidden
+        width = len(self.modes) * hidden
+        for p in self.post:
+            if isinstance(p, DenseLayer):
+                width = int(p.weight.shape[0])
+            elif isinstance(p, Truncate):
+                width = p.width(width)
+        return width
 
     @property
     def needs_prompt_lengths(self) -> bool:
@@ -52,7 +60,8 @@ class EmbeddingHead:
         whether or not a row of this batch has a prompt: the path must not
         depend on the other rows (a row's bits would, by 3e-8)."""
         if self.kernel_mode is not None and skip is None and kernels is not None:
-            return kernels.segment_pool(h, cu, mode=self.kernel_mode, normalize=self.kernel_normalize)
+            out = kernels.segment_pool(h, cu, mode=self.kernel_mode, normalize=self.kernel_normalize)
+            return out if self.kernel_cut is None else self.kernel_cut(out)
         return self._post(pool_packed(h.float(), cu.long(), self.modes, skip))
 
     def padded(self, hidden: torch.Tensor, mask: torch.Tensor, skip: np.ndarray | None = None) -> torch.Tensor:
@@ -70,7 +79,7 @@ class EmbeddingHead:
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             for op in self.post:
-                x = F.normalize(x, p=2, dim=-1) if op == "normalize" else op(x)
+                x = F.normalize(x, p=2, dim=-1) if op == "normalize" else op(x)  # a DenseLayer or a Truncate
         return x
 
 

@@ -4,6 +4,7 @@ sentence-transformers module stack (st_spec.py) read where there is one."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .st_spec import POOLING_MODES, ModelSpec, load_prompts, load_spec
+from .st_spec import DEFAULT_PROMPTS, POOLING_MODES, ModelSpec, load_prompts, load_spec
 
 POOLINGS = POOLING_MODES
 TASKS = ("embed", "classify", "rerank", "token-classify")
@@ -96,7 +97,8 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         # sentence-transformers files are read from there, as for a name.
         source = getattr(model, "name_or_path", "") or ""
         path = _local_path(source) if source else None
-        spec = _read_spec(path if path else source, task) if source else ModelSpec(source=type(model).__name__)
+        spec = _read_spec(path if path else source, task) if source else ModelSpec(
+            source=type(model).__name__, prompts=dict(DEFAULT_PROMPTS) if task == "embed" else {})
         if tokenizer is None and not source:
             raise ModelLoadError("the model has no name_or_path to load its tokenizer from; pass tokenizer=")
         _refuse_headless(model, task)
@@ -251,25 +253,50 @@ def _lowercase(tok: Any) -> None:
     backend.normalizer = Sequence([Lowercase()] + [n for n in inner if n is not None])
 
 
-def model_max_length(model: torch.nn.Module, tokenizer: Any, st: ModelSpec) -> int:
-    """The longest input the model takes: the sentence-transformers limit where
-    there is one (what SentenceTransformer.encode truncates to), else the
-    smaller of the position table and the tokenizer's limit."""
+# transformers' model_max_length where a tokenizer sets none is 1e30 (VERY_LARGE_INTEGER).
+_NO_LIMIT = 1_000_000
+# The length assumed where nothing sets one (model_max_length).
+ASSUMED_MAX_LENGTH = 512
+
+
+def model_max_length(model: torch.nn.Module, tokenizer: Any, st: ModelSpec, requested: int | None = None) -> int:
+    """The longest input the model takes: the position table's length, and
+    within it where sentence-transformers' encode truncates: the limit its
+    Transformer config sets (st.max_seq_length, with its precedence), else
+    the tokenizer's model_max_length. A max_position_embeddings that is not
+    positive (XLNet's -1) is no table, as sentence-transformers takes it.
+
+    Where nothing sets a limit (relative positions and a tokenizer without
+    model_max_length, where encode cuts nothing): `requested` (the engine's
+    max_length=), else ASSUMED_MAX_LENGTH with a RuntimeWarning saying so."""
     cfg = model.config
     limits = []
     mpe = getattr(cfg, "max_position_embeddings", None)
-    if mpe:
+    if isinstance(mpe, int) and not isinstance(mpe, bool) and mpe > 0:
         # RoBERTa-family position ids start after padding_idx + 1.
         # MPNet's start after its fixed padding_idx 1.
         offset = cfg.pad_token_id + 1 if cfg.model_type in ("roberta", "xlm-roberta", "camembert") else 0
         offset = 2 if cfg.model_type == "mpnet" else offset
         limits.append(mpe - offset)
-    tml = getattr(tokenizer, "model_max_length", None)
-    if tml and tml < 1_000_000:
-        limits.append(int(tml))
     if st.max_seq_length:
-        limits.append(st.max_seq_length)
-    return min(limits) if limits else 512
+        # The config's limit is the tokenizer's model_max_length in
+        # sentence-transformers (set at load, or the call's max_length).
+        if st.max_seq_length < _NO_LIMIT:
+            limits.append(st.max_seq_length)
+    else:
+        tml = getattr(tokenizer, "model_max_length", None)
+        if tml and tml < _NO_LIMIT:
+            limits.append(int(tml))
+    if limits:
+        return min(limits)
+    if requested:
+        return int(requested)
+    warnings.warn(
+        f"fastserve: the model sets no length limit (no position table, no model_max_length in its tokenizer, no "
+        f"max_seq_length in a sentence-transformers config): fastserve assumes {ASSUMED_MAX_LENGTH} tokens and "
+        f"cuts longer texts there, where sentence-transformers cuts nothing; pass max_length= to set the limit "
+        f"(any length the model and memory allow)", RuntimeWarning, stacklevel=4)
+    return ASSUMED_MAX_LENGTH
 
 
 # The probe texts a direct fast-tokenizer call must tokenize exactly as

@@ -1,9 +1,10 @@
 """What a sentence-transformers model is, read from its files: the module
 stack in modules.json (Transformer, Pooling, Dense, Normalize), each
 module's config, and config_sentence_transformers.json (prompts, default
-prompt, similarity function). Local folders and hub ids are read alike: a
-hub id's files come from huggingface_hub's cache (`hf_hub_download`, which
-honours HF_HOME and HF_HUB_OFFLINE), as sentence-transformers reads them.
+prompt, similarity function, truncate_dim). Local folders and hub ids are
+read alike: a hub id's files come from huggingface_hub's cache
+(`hf_hub_download`, which honours HF_HOME and HF_HUB_OFFLINE), as
+sentence-transformers reads them.
 
 A stack the engine cannot reproduce exactly is refused here, at
 construction, with UnsupportedModelError naming the module; a model without
@@ -44,6 +45,11 @@ _TRANSFORMER_CONFIGS = (
     "sentence_xlnet_config.json",
 )
 _EMBEDDING = "sentence_embedding"
+# The prompts sentence-transformers 6 gives every SentenceTransformer
+# (SentenceTransformer._default_prompts, their None filled with ""), under
+# the saved ones: prompt_name="query" (encode_query) and "document" work on
+# any embedding model, as no prompt where the model saved none.
+DEFAULT_PROMPTS = {"query": "", "document": ""}
 
 
 @dataclass
@@ -69,6 +75,22 @@ class DenseLayer:
                           self.use_residual)
 
 
+@dataclass(frozen=True)
+class Truncate:
+    """config_sentence_transformers.json's truncate_dim: every embedding cut
+    to its first `dim` values after the whole module stack, as
+    SentenceTransformer.encode cuts them (util.truncate_embeddings), not
+    normalised again."""
+
+    dim: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : self.dim].contiguous()
+
+    def width(self, width: int) -> int:
+        return min(width, self.dim)
+
+
 @dataclass
 class ModelSpec:
     """A model as sentence-transformers would run it."""
@@ -80,6 +102,12 @@ class ModelSpec:
     where: str | None = None
     subfolder: str = ""
     sentence_transformers: bool = False
+    # The length sentence-transformers' encode truncates to where the
+    # Transformer's config sets one, with its precedence: processing_kwargs'
+    # text max_length, else the tokenizer kwargs' model_max_length, else
+    # max_seq_length (Transformer.__init__ applies it only where the kwargs
+    # set no model_max_length). None: the tokenizer's own limit and the
+    # position table decide (models.model_max_length).
     max_seq_length: int | None = None
     do_lower_case: bool = False
     tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -88,11 +116,13 @@ class ModelSpec:
     tokenizer_path: str | None = None
     pooling: tuple[str, ...] | None = None
     include_prompt: bool = True
-    # After pooling, in order: DenseLayer objects and the string "normalize".
+    # After pooling, in order: DenseLayer objects and the string "normalize";
+    # last, a Truncate where the config sets truncate_dim.
     post: list[Any] = field(default_factory=list)
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     similarity_fn_name: str | None = None
+    truncate_dim: int | None = None
 
     @property
     def normalize(self) -> bool | None:
@@ -172,7 +202,8 @@ def _typed(read: Callable[[str | os.PathLike], ModelSpec]) -> Callable[[str | os
 def load_spec(model: str | os.PathLike) -> ModelSpec:
     """The spec of a local folder or hub id (a plain spec where there is no modules.json)."""
     files = _Files(os.fspath(model))
-    spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model))
+    spec = ModelSpec(source=os.fspath(model), where=str(files.local) if files.local else os.fspath(model),
+                     prompts=dict(DEFAULT_PROMPTS))
     modules = files.json("modules.json", kind=list)
     if modules is None:
         return spec
@@ -210,6 +241,8 @@ def load_spec(model: str | os.PathLike) -> ModelSpec:
             raise UnsupportedModelError(kind or str(m.get("type")), why)
     if not pooled:
         raise UnsupportedModelError("Pooling", "the model has no Pooling module (token embeddings are not served)")
+    if spec.truncate_dim is not None:
+        spec.post.append(Truncate(spec.truncate_dim))  # after the whole stack, as encode cuts
     return spec
 
 
@@ -245,10 +278,19 @@ def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
                              "is not an integer") from e
     spec.do_lower_case = bool(cfg.get("do_lower_case", False))
     spec.tokenizer_path = cfg.get("tokenizer_name_or_path") or None
-    _read_processing(cfg.get("processing_kwargs") or {}, spec)
     tok = dict(cfg.get("processor_kwargs") or cfg.get("tokenizer_args") or {})
     tok.pop("trust_remote_code", None)  # sentence-transformers never lets a config set it
     spec.tokenizer_kwargs = tok
+    if "model_max_length" in tok:
+        # Transformer.__init__ sets max_seq_length as the tokenizer's
+        # model_max_length only where its kwargs set none: theirs wins.
+        tml = tok["model_max_length"]
+        if isinstance(tml, bool) or not isinstance(tml, int) or tml < 1:
+            raise ModelLoadError(f"{spec.source}: {'/'.join(filter(None, (path, name)))}: the tokenizer kwargs' "
+                                 f"model_max_length {tml!r} is not a positive integer")
+        spec.max_seq_length = tml
+    # The tokenizer call's own max_length: it wins over both.
+    _read_processing(cfg.get("processing_kwargs") or {}, spec)
     for key in ("model_kwargs", "model_args", "config_kwargs", "config_args"):
         extra = {k: v for k, v in (cfg.get(key) or {}).items() if k != "trust_remote_code"}
         if extra:
@@ -283,8 +325,15 @@ def _read_config(files: _Files, spec: ModelSpec) -> None:
     kind = cfg.get("model_type", "SentenceTransformer")
     if kind != "SentenceTransformer":
         raise UnsupportedModelError(kind, "not a SentenceTransformer (dense embedding) model")
-    _read_prompts(cfg, spec)
+    _read_prompts(cfg, spec, DEFAULT_PROMPTS)
     spec.similarity_fn_name = cfg.get("similarity_fn_name") or None
+    # sentence-transformers 6 saves it (SentenceTransformer._get_model_config)
+    # and encode cuts every embedding to it.
+    dim = cfg.get("truncate_dim")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise ModelLoadError(f"{spec.source}: config_sentence_transformers.json: truncate_dim {dim!r} is not a "
+                             "positive integer")
+    spec.truncate_dim = dim
 
 
 @_typed
@@ -305,11 +354,14 @@ def st_config(model: str | os.PathLike | _Files) -> dict:
     return files.json("config_sentence_transformers.json") or {}
 
 
-def _read_prompts(cfg: dict, spec: ModelSpec) -> None:
+def _read_prompts(cfg: dict, spec: ModelSpec, defaults: dict[str, str] | None = None) -> None:
+    """The saved prompts over `defaults` (a SentenceTransformer's, in its
+    order: the defaults' keys first), a saved null taken as "" as
+    sentence-transformers 6 takes it (BaseModel._validate_prompts)."""
     prompts = cfg.get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+    if not isinstance(prompts, dict) or not all(v is None or isinstance(v, str) for v in prompts.values()):
         raise ModelLoadError(f"{spec.source}: config_sentence_transformers.json: prompts must map names to strings")
-    spec.prompts = {str(k): v for k, v in prompts.items()}
+    spec.prompts = {**(defaults or {}), **{str(k): v or "" for k, v in prompts.items()}}
     spec.default_prompt_name = cfg.get("default_prompt_name") or None
     if spec.default_prompt_name is not None and spec.default_prompt_name not in spec.prompts:
         raise ModelLoadError(f"{spec.source}: default_prompt_name {spec.default_prompt_name!r} is not one of the "

@@ -403,3 +403,193 @@ def test_an_embedder_without_its_pooler_still_loads(tiny_folder, tmp_path):
               metadata={"format": "pt"})
     with Engine(str(folder), replicas=1, warmup=False) as engine:
         assert engine.embed("x").shape == (32,)
+
+
+# --- what sentence-transformers 6 reads that was ignored ------------------------
+
+
+def _st_folder(tiny_folder: Path, tmp_path: Path, *, normalize: bool = False, config: dict | None = None,
+               transformer: dict | None = None) -> Path:
+    """tiny_folder (Transformer, mean Pooling), with a Normalize module, a
+    config_sentence_transformers.json and a sentence_bert_config.json as given."""
+    folder = _copy(tiny_folder, tmp_path)
+    if normalize:
+        modules = json.loads((folder / "modules.json").read_text())
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "modules.json").write_text(json.dumps(modules))
+    if config is not None:
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(config))
+    if transformer is not None:
+        (folder / "sentence_bert_config.json").write_text(json.dumps(transformer))
+    return folder
+
+
+TEXTS = ["", "x", "Hello, world!", "HELLO World, MIXED Case"] + tm.mixed_texts(6, seed=3)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["mean", "mean-normalize"])
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_truncate_dim_of_the_st_config_cuts_every_embedding_after_the_whole_stack(tiny_folder, tmp_path, normalize,
+                                                                                  execution):
+    """sentence-transformers 6 saves truncate_dim in
+    config_sentence_transformers.json and encode() cuts every embedding to it
+    after the module stack, without normalising again (a Normalize module's
+    unit vectors come out shorter than 1); engine.dim is the cut width. It
+    was ignored: 32-wide vectors."""
+    full = _st_folder(tiny_folder, tmp_path / "full", normalize=normalize)
+    cut = _st_folder(tiny_folder, tmp_path / "cut", normalize=normalize, config={"truncate_dim": 8})
+    with _engine(str(full), execution=execution) as e:
+        want = e.embed(TEXTS)
+        one = e.embed(TEXTS[3])
+    assert want.shape == (len(TEXTS), 32)
+    with _engine(str(cut), execution=execution) as e:
+        assert e.dim == 8
+        got = e.embed(TEXTS)
+        np.testing.assert_allclose(got, want[:, :8], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(e.embed(TEXTS[3]), one[:8], rtol=0, atol=1e-6)
+        assert e.embed([]).shape == (0, 8)
+        assert e.embed(e.tokenize(TEXTS[:3])).shape == (3, 8)
+        if normalize:  # cut after Normalize: not unit length, as encode gives them
+            assert e.normalize is False and np.linalg.norm(got[2:], axis=1).max() < 0.999
+    with _engine(str(cut), execution=execution, normalize=True) as e:
+        # As encode(normalize_embeddings=True): normalised after the cut.
+        np.testing.assert_allclose(e.embed(TEXTS[2:]), want[2:, :8] / np.linalg.norm(want[2:, :8], axis=1,
+                                                                                       keepdims=True), atol=1e-6)
+    with _engine(str(cut), execution=execution, truncate="chunk") as e:
+        assert e.dim == 8
+        np.testing.assert_allclose(e.embed(TEXTS[3]), one[:8], rtol=0, atol=1e-6)  # one window: as unchunked
+        assert e.embed(" ".join(["word"] * 300)).shape == (8,)
+
+
+def test_a_truncate_dim_past_the_width_cuts_nothing_and_a_bad_one_is_refused(tiny_folder, tmp_path):
+    wide = _st_folder(tiny_folder, tmp_path / "wide", config={"truncate_dim": 64})
+    with _engine(str(wide)) as e:
+        assert e.dim == 32 and e.embed("x").shape == (32,)  # as get_embedding_dimension: min(32, 64)
+    none = _st_folder(tiny_folder, tmp_path / "none", config={"truncate_dim": None})
+    with _engine(str(none)) as e:
+        assert e.dim == 32
+    for i, bad in enumerate((0, -4, "8", True, 2.5)):
+        folder = _st_folder(tiny_folder, tmp_path / f"bad{i}", config={"truncate_dim": bad})
+        with pytest.raises(ModelLoadError, match="truncate_dim"):
+            _engine(str(folder))
+
+
+class _Config:
+    def __init__(self, **kw):
+        self.model_type, self.pad_token_id = "xlnet", 5
+        self.__dict__.update(kw)
+
+
+class _Model:
+    def __init__(self, **kw):
+        self.config = _Config(**kw)
+
+
+class _Tokenizer:
+    def __init__(self, model_max_length=int(1e30)):
+        self.model_max_length = model_max_length
+
+
+def test_a_position_table_of_minus_one_is_no_limit():
+    """XLNet's max_position_embeddings is -1 ('no limit' to
+    sentence-transformers): it was taken as the limit, max_length -1, and
+    every max_length refused as 'must be in [1, -1]'."""
+    from fastserve.st_spec import ModelSpec
+
+    st = ModelSpec(source="x", sentence_transformers=True, max_seq_length=64)
+    assert models.model_max_length(_Model(max_position_embeddings=-1), _Tokenizer(), st) == 64
+    assert models.model_max_length(_Model(max_position_embeddings=-1), _Tokenizer(100), ModelSpec(source="x")) == 100
+    assert models.model_max_length(_Model(max_position_embeddings=-1), _Tokenizer(), ModelSpec(source="x"),
+                                   requested=64) == 64
+
+
+@pytest.mark.parametrize("transformer, limit", [
+    ({"max_seq_length": 16}, 16),
+    # sentence-transformers applies max_seq_length only where the tokenizer
+    # kwargs set no model_max_length (Transformer.__init__).
+    ({"max_seq_length": 16, "tokenizer_args": {"model_max_length": 40}}, 40),
+    ({"tokenizer_args": {"model_max_length": 40}}, 40),
+    ({"max_seq_length": 16, "processor_kwargs": {"model_max_length": 24}}, 24),
+    # processing_kwargs' text max_length is the tokenizer call's: it wins over both.
+    ({"max_seq_length": 16, "tokenizer_args": {"model_max_length": 40},
+      "processing_kwargs": {"text": {"max_length": 6}}}, 6),
+    ({"tokenizer_args": {"model_max_length": 40}, "processing_kwargs": {"text": {"max_length": 100}}}, 100),
+    # Past the position table (128): the table's limit.
+    ({"max_seq_length": 16, "tokenizer_args": {"model_max_length": 1000}}, 128),
+    ({}, 128),
+])
+def test_the_length_limit_follows_sentence_transformers_precedence(tiny_folder, tmp_path, transformer, limit):
+    folder = _st_folder(tiny_folder, tmp_path, transformer=transformer)
+    with _engine(str(folder)) as e:
+        assert e.max_length == limit
+        long = " ".join(["word"] * 200)
+        assert len(e.tokenize([long])[0]) == limit
+
+
+def test_a_bad_tokenizer_model_max_length_is_refused_naming_it(tiny_folder, tmp_path):
+    folder = _st_folder(tiny_folder, tmp_path, transformer={"tokenizer_args": {"model_max_length": "long"}})
+    with pytest.raises(ModelLoadError, match="model_max_length"):
+        load_spec(folder)
+
+
+def test_every_embedding_model_has_the_empty_query_and_document_prompts(tiny_folder, tmp_path):
+    """sentence-transformers 6 gives every model {"query": "", "document": ""}
+    under its saved prompts (encode_query passes prompt_name="query"): fastserve
+    refused prompt_name="query", and a folder whose default_prompt_name is
+    "query" without a saved query prompt."""
+    plain = tmp_path / "plain"
+    tm.save("bert", plain)  # no modules.json
+    texts = TEXTS[2:6]
+    for model in (str(tiny_folder), str(plain), tm.model("bert")):
+        with _engine(model, **({"tokenizer": tm.tokenizer()} if not isinstance(model, str) else {})) as e:
+            assert e.prompts == {"query": "", "document": ""} and e.default_prompt_name is None
+            want = e.embed(texts)
+            for name in ("query", "document"):
+                np.testing.assert_array_equal(e.embed(texts, prompt_name=name), want)
+    saved = _st_folder(tiny_folder, tmp_path / "saved", config={
+        "prompts": {"passage": "p: ", "query": "q: ", "none": None}, "default_prompt_name": "query"})
+    with _engine(str(saved)) as e:
+        # In sentence-transformers' order: the defaults' keys first, the saved values in them.
+        assert list(e.prompts.items()) == [("query", "q: "), ("document", ""), ("passage", "p: "), ("none", "")]
+        np.testing.assert_array_equal(e.embed(texts), e.embed(texts, prompt="q: "))
+    default_query = _st_folder(tiny_folder, tmp_path / "default-query",
+                               config={"prompts": {}, "default_prompt_name": "query"})
+    with _engine(str(default_query)) as e:
+        assert e.default_prompt_name == "query" and e.prompts["query"] == ""
+        np.testing.assert_array_equal(e.embed(texts), e.embed(texts, prompt=""))
+    unknown = _st_folder(tiny_folder, tmp_path / "unknown", config={"default_prompt_name": "passage"})
+    with pytest.raises(ModelLoadError, match="default_prompt_name 'passage'"):
+        load_spec(unknown)
+
+
+def _no_limit_t5(tmp_path: Path) -> Path:
+    """A T5 encoder (relative positions: no position table) whose tokenizer
+    sets no model_max_length."""
+    import st_models as sm
+
+    folder = sm.save_encoder("t5", tmp_path / "t5")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("model_max_length", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_model_without_any_length_limit_warns_of_the_assumed_512_and_takes_any_max_length(tmp_path):
+    """No position table, no tokenizer limit, no max_seq_length: a silent
+    512-token cut (sentence-transformers cuts nothing), and max_length above
+    512 was refused."""
+    import warnings
+
+    folder = _no_limit_t5(tmp_path)
+    long = " ".join(["word"] * 700)
+    with pytest.warns(RuntimeWarning, match=r"no length limit.*512 tokens.*max_length="):
+        e = _engine(str(folder))
+    with e:
+        assert e.max_length == 512 and len(e.tokenize([long])[0]) == 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with _engine(str(folder), max_length=1024) as e:
+            assert e.max_length == 1024
+            assert len(e.tokenize([long])[0]) == 702
+            f = e.submit(long)
+            assert f.result(timeout=60).shape == (32,) and f.info.truncated is False

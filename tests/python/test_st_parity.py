@@ -471,3 +471,152 @@ def test_the_path_comes_from_the_adapters_declarations():
     for family in families.FAMILIES:  # every adapter runs embed packed, with every pooling
         assert family.capabilities.layout == "packed" and "embed" in family.capabilities.tasks
         assert family.capabilities.poolings == frozenset(fastserve.st_spec.POOLING_MODES)
+
+
+# --- config values sentence-transformers 6 applies -------------------------------
+
+ST_MAJOR = int(st.__version__.split(".")[0])
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("stack", ["mean-dense-normalize", "cls-normalize", "weightedmean"])
+def test_truncate_dim_of_the_st_config_matches_encode(folders, tmp_path, stack, execution):
+    """config_sentence_transformers.json's truncate_dim (saved by
+    sentence-transformers 6): encode cuts every embedding to it after the
+    stack and does not normalise again. Older releases do not read it from
+    the config: the reference is then SentenceTransformer(truncate_dim=8),
+    what 6.x makes of the file."""
+    import shutil
+
+    folder = Path(shutil.copytree(folders("bert", stack, "new"), tmp_path / "cut"))
+    _edit_json(folder / "config_sentence_transformers.json", truncate_dim=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = st.SentenceTransformer(str(folder), device="cpu", truncate_dim=8)
+        if ST_MAJOR >= 6:
+            assert st_model(folder).truncate_dim == 8
+    want = model.encode(TEXTS, convert_to_numpy=True)
+    assert want.shape == (len(TEXTS), 8)
+    with Engine(str(folder), execution=execution, **ONE_BATCH) as engine:
+        assert engine.dim == 8
+        assert_parity(embed_in_one_batch(engine, TEXTS), want)
+    with Engine(str(folder), execution=execution, normalize=True) as engine:
+        assert_parity(engine.embed(TEXTS[3:]), model.encode(TEXTS[3:], convert_to_numpy=True,
+                                                            normalize_embeddings=True))
+
+
+def test_the_tokenizer_kwargs_model_max_length_wins_over_max_seq_length_as_in_transformer_init(folders, tmp_path):
+    """A legacy Transformer config with both max_seq_length 16 and
+    tokenizer_args' model_max_length 40: sentence-transformers 6 sets
+    max_seq_length as the tokenizer's model_max_length only where the kwargs
+    set none, so it truncates at 40 (fastserve cut at 16: min cosine 0.955)."""
+    import shutil
+
+    folder = Path(shutil.copytree(folders("bert", "mean-dense-normalize", "legacy"), tmp_path / "targs"))
+    _edit_json(folder / "0_Transformer" / "sentence_bert_config.json", max_seq_length=16,
+               tokenizer_args={"model_max_length": 40})
+    model = st_model(folder)
+    if model.max_seq_length != 40:
+        pytest.skip(f"sentence-transformers {st.__version__} lets max_seq_length win (6.x: the tokenizer kwargs)")
+    with Engine(str(folder), **ONE_BATCH) as engine:
+        assert engine.max_length == 40
+        assert_parity(embed_in_one_batch(engine, TEXTS), model.encode(TEXTS, convert_to_numpy=True))
+
+
+def test_prompt_name_query_and_document_work_on_every_model_as_in_encode(folders, tmp_path):
+    """sentence-transformers 6's default prompts {"query": "", "document": ""},
+    under the saved ones; a default_prompt_name "query" without a saved query
+    prompt loads."""
+    import shutil
+
+    if "query" not in getattr(st.SentenceTransformer, "_default_prompts", {}):
+        pytest.skip(f"sentence-transformers {st.__version__} has no default prompts")
+    folder = folders("bert", "cls-normalize", "new")
+    texts = TEXTS[3:8]
+    with Engine(str(folder)) as engine:
+        assert engine.prompts == st_model(folder).prompts
+        for name in ("query", "document"):
+            assert_parity(engine.embed(texts, prompt_name=name), st_encode(folder, texts, prompt_name=name))
+        assert_parity(engine.embed(texts, prompt_name="query"), st_model(folder).encode_query(texts))
+    default = Path(shutil.copytree(folder, tmp_path / "default-query"))
+    _edit_json(default / "config_sentence_transformers.json", prompts={}, default_prompt_name="query")
+    model = st_model(default)
+    with Engine(str(default)) as engine:
+        assert (engine.prompts, engine.default_prompt_name) == (model.prompts, model.default_prompt_name)
+        assert_parity(engine.embed(texts), model.encode(texts))
+    with Engine(str(folders("bert", "prompts", "new"))) as engine:  # saved prompts win
+        assert engine.prompts == st_model(folders("bert", "prompts", "new")).prompts
+
+
+def test_a_t5_without_any_length_limit_runs_whole_texts_as_encode_given_max_length(tmp_path):
+    """No position table, no tokenizer limit, no max_seq_length:
+    sentence-transformers cuts nothing; fastserve warns that it assumes 512
+    and, given max_length=1024, matches encode on a 700-token text."""
+    from sentence_transformers.models import Pooling, Transformer
+
+    hf = sm.save_encoder("t5", tmp_path / "t5-hf")
+    folder = tmp_path / "t5-st"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.SentenceTransformer(modules=[Transformer(str(hf)), Pooling(32, "mean")], device="cpu").save(str(folder))
+    for f in (folder / "tokenizer_config.json", folder / "sentence_bert_config.json"):
+        cfg = json.loads(f.read_text())
+        cfg.pop("model_max_length", None)
+        cfg.pop("max_seq_length", None)
+        f.write_text(json.dumps(cfg))
+    texts = ["short text", " ".join(["word"] * 700)]
+    model = st_model(folder)
+    if (model.max_seq_length or 0) < 10_000:
+        pytest.skip(f"sentence-transformers {st.__version__} sets a limit here: {model.max_seq_length}")
+    want = model.encode(texts, convert_to_numpy=True)
+    with pytest.warns(RuntimeWarning, match="512"):
+        Engine(str(folder)).close()
+    with Engine(str(folder), max_length=1024) as engine:
+        assert_parity(engine.embed(texts), want)
+
+
+def _xlnet_folder(root: Path, mode: str) -> Path:
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import XLNetConfig, XLNetModel
+
+    try:
+        from transformers import XLNetTokenizer
+
+        words = [w for w in tm.tokenizer().vocab if w.isalpha()][:3000]
+        specials = ["<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>", "<eod>", "<eop>"]
+        vocab = ([(s, 0.0) for s in specials] + [("▁" + w, -5.0) for w in words]
+                 + [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz,.!"])
+        tok = XLNetTokenizer(vocab=vocab, unk_id=0)  # transformers 5: a Unigram tokenizer from a vocabulary
+        hf = root / "xlnet-hf"
+        tok.save_pretrained(hf)
+    except Exception as e:  # transformers 4 builds XLNet's tokenizer from a sentencepiece file only
+        pytest.skip(f"no tiny XLNet tokenizer with this transformers: {e!r}")
+    import torch
+
+    torch.manual_seed(0)
+    m = XLNetModel(XLNetConfig(vocab_size=len(vocab), d_model=32, n_layer=2, n_head=4, d_inner=64,
+                               pad_token_id=tok.pad_token_id)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    m.save_pretrained(hf)
+    folder = root / f"xlnet-{mode}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st.SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=64), Pooling(32, pooling_mode=mode)],
+                               device="cpu").save(str(folder))
+    return folder
+
+
+def test_xlnets_position_table_of_minus_one_is_no_limit(tmp_path):
+    """XLNet's max_position_embeddings is -1: sentence-transformers ignores it
+    (max_seq_length 64 here); fastserve took it as the limit and refused to
+    build (max_length -1), even given max_length=64."""
+    folder = _xlnet_folder(tmp_path, "mean")
+    texts = TEXTS[2:8]
+    want = st_encode(folder, texts)
+    with Engine(str(folder)) as engine:
+        assert engine.max_length == 64
+        assert_parity(engine.embed(texts), want)
+    with Engine(str(folder), max_length=32) as engine:
+        assert engine.max_length == 32
