@@ -77,6 +77,12 @@ class PaddedRunner:
         self.device = device
         self.activation = activation
         self.head = head or EmbeddingHead((pooling,), post=["normalize"] if normalize else [], device=device)
+        if task in ("classify", "rerank") and getattr(model.config, "pad_token_id", None) is None:
+            # stacklevel: the Engine(...) call, as PackedRunner's warning
+            warnings.warn("the model's config.pad_token_id is None: each row of a batch runs alone (transformers' "
+                          "decoder classification heads find a row's last token by that id and take no batch "
+                          "without it); set model.config.pad_token_id to the tokenizer's pad id to batch",
+                          RuntimeWarning, stacklevel=5)
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
         """[B, dim] float32: pooled embeddings, or class scores for classify
@@ -89,15 +95,29 @@ class PaddedRunner:
         if segments is not None:
             types = (np.arange(batch.input_ids.shape[1])[None, :] >= segments[:, None]) & (batch.attention_mask != 0)
             extra["token_type_ids"] = torch.from_numpy(types.astype(np.int64)).to(self.device, non_blocking=True)
+        if self.task in ("classify", "rerank"):
+            return activate(self._sequence_logits(ids, mask, batch.lengths, extra), self.activation).cpu().numpy()
         out = self.encoder(input_ids=ids, attention_mask=mask, **extra)
         if self.task == "token-classify":
             logits = out.logits.float().cpu().numpy()
             return [logits[i, :n] for i, n in enumerate(batch.lengths.tolist())]
-        if self.task in ("classify", "rerank"):
-            rows = activate(out.logits, self.activation)
-        else:
-            rows = self.head.padded(out.last_hidden_state, mask, prompt_lengths)
-        return rows.cpu().numpy()
+        return self.head.padded(out.last_hidden_state, mask, prompt_lengths).cpu().numpy()
+
+    def _sequence_logits(self, ids: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray,
+                         extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, labels]: each row's logits as the model gives them for the row
+        alone. transformers' decoder heads (Qwen2, Llama, Mistral, ...) take a
+        row's last token that is not config.pad_token_id (the attention mask
+        aside), and refuse a batch of several rows where it is None: the
+        padding is that id, and without one each row runs alone, unpadded."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        if pad is None and ids.shape[0] > 1:
+            return torch.cat([self.encoder(input_ids=ids[i:i + 1, :n], attention_mask=mask[i:i + 1, :n],
+                                           **{k: v[i:i + 1, :n] for k, v in extra.items()}).logits
+                              for i, n in enumerate(lengths.tolist())])
+        if pad is not None:
+            ids = ids.masked_fill(mask == 0, int(pad))
+        return self.encoder(input_ids=ids, attention_mask=mask, **extra).logits
 
 
 # Architectures whose layers the packed runner drives directly. BERT-like

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -170,6 +171,44 @@ def test_classify_returns_labels_and_probabilities(arch, execution):
         np.testing.assert_allclose(list(r.scores.values()), probs, atol=1e-5)
     # Alone or in a batch, the same answer (up to float rounding: the batch's shape differs).
     _assert_same_classifications([single], results[:1])
+
+
+@pytest.mark.parametrize("task", ["classify", "rerank"])
+@pytest.mark.parametrize("config_pad", [None, 5])
+def test_a_decoder_classifier_scores_each_text_as_alone_whatever_its_batch(task, config_pad):
+    # transformers' decoder heads (Qwen2, Llama, ...) take each row's last
+    # token that is not config.pad_token_id, and refuse a batch of several
+    # rows without one. Padded with the tokenizer's pad id, a batch of
+    # different lengths failed whole (pad None) or scored padding (pad 5).
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = 1 if task == "rerank" else 3
+    cfg = AutoConfig.for_model("qwen2", vocab_size=tm.tokenizer().vocab_size, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=64, num_labels=labels, pad_token_id=config_pad)
+    m = AutoModelForSequenceClassification.from_config(cfg).eval()
+    # close lengths, which the scheduler batches together padded
+    texts = ["one two three four five six seven eight nine ten", "one two three four five six seven eight nine",
+             "alpha beta gamma delta epsilon zeta eta theta iota kappa", "one two three four five six seven"]
+    ids = [tm.tokenizer()(t)["input_ids"] for t in texts]
+    with torch.inference_mode():
+        want = np.concatenate([m(input_ids=torch.tensor([x])).logits.numpy() for x in ids])
+    with contextlib.ExitStack() as stack:
+        if config_pad is None:  # (it then runs each row alone)
+            stack.enter_context(pytest.warns(RuntimeWarning, match="config.pad_token_id is None: each row"))
+        engine = Engine(m, tm.tokenizer(), task=task, activation="none", max_length=64, replicas=1)
+    with engine:
+        assert engine.stats()["execution"] == "padded"
+        with tm.held(engine) as gate:  # one batch
+            futures = engine.submit_many(ids)
+            gate.release.set()
+        got = np.stack([f.result(timeout=60) for f in futures])
+        assert engine.stats()["failed"] == 0 and engine.stats()["batch_size"]["max"] > 1
+    if task == "classify":
+        got = np.array([list(c.scores.values()) for c in got])
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=1e-5)
 
 
 def _assert_same_classifications(got, want, atol=1e-6):
