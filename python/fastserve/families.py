@@ -317,8 +317,9 @@ class MPNetPackedRunner(_BiasedPackedRunner):
         for i, (block, qkv) in enumerate(zip(self.layers, self.qkv)):
             ctx = attend(i, qkv(h).view(T, 3, self.heads, H // self.heads))
             att = block.attention
-            a = att.LayerNorm(att.dropout(att.attn.o(ctx)) + h)
-            h = block.output(block.intermediate(a), a)
+            h = att.LayerNorm(att.dropout(att.attn.o(ctx)) + h)
+            del ctx  # dead: the feed-forward needs only the attention block's output (the layer's input went with h)
+            h = block.output(block.intermediate(h), h)
         return h
 
 
@@ -360,6 +361,7 @@ class T5PackedRunner(_BiasedPackedRunner):
             sa = block.layer[0]
             ctx = attend(i, qkv(sa.layer_norm(h)).view(T, 3, self.heads, self.d_kv))
             h = _clamp_fp16(h + sa.dropout(sa.SelfAttention.o(ctx)))
+            del ctx  # dead: not kept through the feed-forward
             h = _clamp_fp16(block.layer[-1](h))
         return self.stack.dropout(self.stack.final_layer_norm(h))
 
@@ -407,8 +409,12 @@ class ModernBertPackedRunner(_BiasedPackedRunner):
             qkv = layer.attn.Wqkv(layer.attn_norm(h)).view(T, 3, self.heads, hd)
             q = qkv[:, 0] * cos + _rotate_half(qkv[:, 0]) * sin
             k = qkv[:, 1] * cos + _rotate_half(qkv[:, 1]) * sin
-            ctx = attend(i, torch.stack([q, k, qkv[:, 2]], dim=1))
+            qkv = torch.stack([q, k, qkv[:, 2]], dim=1)  # (the unrotated Q/K/V dies here)
+            del q, k
+            ctx = attend(i, qkv)
+            del qkv  # each dead once used: none is kept through the MLP or into the next layer
             h = h + layer.attn.out_drop(layer.attn.Wo(ctx))
+            del ctx
             h = h + layer.mlp(layer.mlp_norm(h))
         return self.base.final_norm(h)
 

@@ -39,14 +39,17 @@ bytes of an element of the model's dtype, and T tokens:
   probabilities), 2 * heads * L * e per padded token.
 
 - the packed runners of families.py (MPNet, T5 and its kin, ModernBERT)
-  follow their own layers, step by step (_family_elements_per_token): MPNet
-  keeps the layer's input and the attention context through the
-  feed-forward, 3H + aI (a: the activation's tensors, ACTIVATION_TENSORS);
-  T5 adds T5LayerNorm's float32 temporaries and, gated, act(wi_0), wi_1 and
-  their product (2H + inner + max(aF, 3F + H)), with Q/K/V of width
-  heads x d_kv; ModernBERT's loop keeps a layer's Q/K/V, rotated Q and K
-  and context (6H) until the next layer replaces them, so 8H beside its MLP
-  and 13H in attention, plus its rotary tables. Per batch, whatever its
+  follow their own layers, step by step (_family_elements_per_token). They
+  release each tensor once it is dead: the layer's input, the attention
+  context and ModernBERT's Q/K/V and rotated Q and K go before the
+  feed-forward (kept through it, they cost MPNet 2H, T5 the context and
+  ModernBERT 6H more: 11H, 19H and 25H per token at H = 256, I = 1024, where
+  the peak is 9H, 18H and 19H). MPNet: the attention block's output beside
+  the activation's tensors, H + aI (a: ACTIVATION_TENSORS), or 7H in
+  attention; T5 adds T5LayerNorm's float32 temporaries and, gated,
+  act(wi_0), wi_1 and their product (2H + max(aF, 3F + H)), with Q/K/V of
+  width heads x d_kv; ModernBERT: 2H beside its MLP, or 9H while the rotated
+  Q and K are stacked with V, plus its rotary tables. Per batch, whatever its
   tokens (mask_bytes, in the fixed bytes): making one max_length sequence's
   relative position bias (int64 [L, L] buckets, then [1, heads, L, L]) or
   local window mask. The masks and biases the runner keeps between batches
@@ -57,8 +60,8 @@ bytes of an element of the model's dtype, and T tokens:
 
 Measured against torch's own allocation record (benchmarks/python/memory.py,
 --activations; tests/python/test_footprint.py): the packed figure is exact for
-the BERT family and within 0.7-1 of the peak for the others, and the padded
-one is exact or an upper bound. Weights are
+the BERT family and within 0.7-1 of the peak for the others (0.997-0.999 of
+it at H = 256), and the padded one is exact or an upper bound. Weights are
 counted apart: a parameter's bytes, plus nothing for the packed runner's fused
 Q/K/V weight, whose parts the model's parameters become views of.
 """
@@ -172,7 +175,7 @@ def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str,
         # layer's input, its attention output, the residual sum and the
         # normed input beside the MLP (5H), or holds Q/K/V, rotated Q and K and
         # their temporaries, SDPA's output and its copy in attention (at most
-        # 13H, as the packed runner); rotary cos and sin per layer type.
+        # 13H); rotary cos and sin per layer type.
         F, a = shape.feed_forward or I // 2, shape.activation
         mlp = max((1 + a) * F, 4 * F, 3 * F + H)
         return (max(13 * H, 5 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types) * e + 2 * max_length
@@ -188,36 +191,38 @@ def _family_elements_per_token(shape: Shape, e: int) -> int:
     """Elements of the model's dtype per packed token at the peak of a layer
     of families.py's MPNet, T5 and ModernBERT runners: the largest of the
     sets of [T, .] tensors alive at once, step by step, as those runners and
-    transformers' modules hold them (module docstring). a: ACTIVATION_TENSORS."""
+    transformers' modules hold them (module docstring). a: ACTIVATION_TENSORS.
+    The runners release each tensor once it is dead: only the residual
+    stream crosses from attention into the feed-forward."""
     H, F, a = shape.hidden, shape.feed_forward or shape.intermediate, shape.activation
     inner = shape.inner or H
     if shape.family == "mpnet":
         # attention: input, Q/K/V (and its three parts while they are
         # concatenated, a caller's model), the context, SDPA's output and its
-        # re-laid-out copy; feed-forward: input, context and attention output
-        # stay alive beside the activation's tensors, then its output, the
+        # re-laid-out copy; feed-forward: the attention block's output beside
+        # the activation's tensors, then the activation's output, the
         # down-projection, the residual sum and the LayerNorm's result.
-        return max(7 * H, 3 * H + max(a, 2) * F, 6 * H + F)
+        return max(7 * H, H + max(a, 2) * F, 4 * H + F)
     if shape.family == "t5":
         # T5LayerNorm computes in float32: two float32 [T, H] besides its input.
         norm = 2 * H * max(1, 4 // e)
-        # feed-forward (after the input, the context and the normed input): the
+        # feed-forward (beside the residual stream and the normed input): the
         # activation's tensors, or (gated) act(wi_0), wi_1, their product and wo's result.
         ff = max(a * F, 3 * F + H if shape.gated else F + H)
         return max(2 * H + 6 * inner,  # Q/K/V: normed input, three products and their concatenation
                    H + 6 * inner,  # attention: as MPNet's
-                   H + inner + H + norm,  # a T5LayerNorm with the layer's input and context alive
-                   2 * H + inner + ff)
+                   2 * H + norm,  # a T5LayerNorm: its input, temporaries and result
+                   2 * H + ff)
     if shape.family == "modernbert":
-        # The runner's loop keeps a layer's Q/K/V [T, 3H], rotated Q and K and
-        # context alive until the next layer replaces them (6H), beside the
-        # residual stream and the normed input; Wi's [T, 2F] output lives
-        # through the MLP (its two halves are views), with the activation's
-        # tensors, then act(x) * gate and Wo's result. Attention: those, the
-        # stacked Q/K/V (3H), the previous layer's context, the output, SDPA's
-        # output and its copy: 13H. Rotary cos and sin [T, head size] per layer type.
+        # Stacking the rotated Q and K with V: the residual stream, Q/K/V
+        # [T, 3H], rotated Q and K and the stacked copy (9H); attention: the
+        # stream, the stacked Q/K/V, the output, SDPA's output and its copy
+        # (7H). MLP: the stream and the normed input (2H) beside Wi's [T, 2F]
+        # output, which lives through it (its two halves are views), with the
+        # activation's tensors, then act(x) * gate and Wo's result. Rotary
+        # cos and sin [T, head size] per layer type.
         mlp = max((1 + a) * F, 4 * F, 3 * F + H)
-        return max(13 * H, 8 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types
+        return max(9 * H, 2 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types
     raise ValueError(f"no packed formula for family {shape.family!r}")
 
 

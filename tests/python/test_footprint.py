@@ -86,6 +86,39 @@ def test_the_formula_bounds_each_batchs_measured_peak(arch, execution):
             assert peak >= 0.7 * per * tokens
 
 
+@pytest.mark.parametrize("arch", ["mpnet", "t5", "modernbert"])
+def test_the_families_runners_release_dead_tensors_before_the_feed_forward(arch):
+    # At a width where the layer's tensors, not the masks or the kernels'
+    # scratch, make the peak (hidden 128, intermediate 512), the formula is
+    # the peak itself: a runner that kept the layer's input, the attention
+    # context or ModernBERT's Q/K/V through the feed-forward (as it once did:
+    # MPNet 11H where 9H, T5 the context more, ModernBERT 25H where 19H)
+    # would go over it.
+    import st_models
+    from transformers import AutoModel, T5EncoderModel
+
+    cfg = st_models.config(arch)
+    if arch == "t5":
+        cfg.d_model, cfg.d_ff, cfg.d_kv, cfg.num_heads, cfg.num_layers = 128, 512, 32, 4, 2
+    else:
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = 128, 512, 4, 2
+        if arch == "modernbert":
+            cfg.layer_types = ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    m = (T5EncoderModel(cfg) if arch == "t5" else AutoModel.from_config(cfg)).eval()
+    texts = tm.mixed_texts(60, seed=3)
+    with Engine(m, tm.tokenizer(), execution="packed", policy="static",
+                min_batch_tokens=512, max_batch_tokens=512) as engine:
+        engine.embed(texts)  # the masks and biases made once and kept (counted apart)
+        rows = _profiled(engine)
+        engine.embed(texts)
+        per = engine.stats()["memory"]["activations"]["bytes_per_token"]
+    rows = [r for r in rows if r[0] >= 256]
+    assert rows
+    for tokens, _, peak in rows:
+        assert 0.97 * per * tokens <= peak <= per * tokens + footprint.SMALL_BYTES
+
+
 def test_the_activation_table_is_what_each_activation_holds():
     # footprint.ACTIVATION_TENSORS: the [T, I] tensors alive at once inside
     # each activation, its input included, by torch's allocation record.
