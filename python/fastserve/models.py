@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .st_spec import DEFAULT_PROMPTS, POOLING_MODES, ModelSpec, load_prompts, load_spec
+from .st_spec import DEFAULT_PROMPTS, POOLING_MODES, ModelSpec, hub_offline, load_prompts, load_spec
 
 POOLINGS = POOLING_MODES
 TASKS = ("embed", "classify", "rerank", "token-classify")
@@ -84,6 +84,32 @@ def _local_path(model: str | os.PathLike) -> Path | None:
     return p.resolve() if p.exists() else None
 
 
+def _first_line(error: BaseException) -> str:
+    """An error's message on one line (transformers' run over several)."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_hub_id(name: str, what: str = "model", probe: str = "config.json") -> bool:
+    """For a name that is no local path: ModelLoadError at once where it is
+    not a hub id either (a mistyped folder: './models/x', '/abs/x',
+    'a/b/c'), or where the hub is unreachable and the cache lacks it;
+    otherwise whether to read it from the cache alone (st_spec.hub_offline)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelLoadError(f"could not load {what} from {name!r}: no such folder (and not a hub id)") from None
+    if not hub_offline():
+        return False
+    if not isinstance(try_to_load_from_cache(name, probe), str):
+        raise ModelLoadError(f"could not load {what} from {name!r}: no such folder, and as a hub id it is not in the "
+                             "hub cache and the hub is unreachable (offline, or HF_HUB_OFFLINE set)")
+    return True
+
+
 def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
     """Load `model` (a path, a hub id, or a PreTrainedModel) and its tokenizer,
     with its sentence-transformers spec where it has one."""
@@ -108,9 +134,12 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
         if not os.fspath(model).strip():  # Path("") is the current folder
             raise ModelLoadError("model must be a path or hub id, got an empty name")
         path = _local_path(model)
+        offline = path is None and _check_hub_id(str(model))
         spec = _read_spec(path if path else str(model), task)
         where = str(path) if path else str(model)
         sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
+        if offline:  # (the cache alone: each lookup of an unreachable hub is retried for seconds)
+            sub["local_files_only"] = True
         try:
             loaded, info = _encoder_class(auto, where, sub, task).from_pretrained(where, output_loading_info=True,
                                                                                   **sub)
@@ -120,9 +149,11 @@ def load(model: Any, tokenizer: Any, task: str) -> LoadedModel:
                 if path and path.is_dir()
                 else "a file, not a model folder"
                 if path
-                else "not a local path; as a hub id it could not be fetched (no network or cache?)"
+                else "no such folder, and as a hub id it is not fully in the hub cache and the hub is unreachable"
+                if offline
+                else "no such folder, and as a hub id it could not be fetched"
             )
-            raise ModelLoadError(f"could not load model from {where!r}: {hint}: {e}") from e
+            raise ModelLoadError(f"could not load model from {where!r}: {hint}: {_first_line(e)}") from e
         _refuse_missing_weights(where, task, info.get("missing_keys") or ())
         return LoadedModel(loaded, _tokenizer(AutoTokenizer, tokenizer, where, spec), str(model), path, spec, where)
     raise TypeError(
@@ -199,6 +230,8 @@ def _tokenizer(auto_tokenizer: Any, tokenizer: Any, where: str, spec: ModelSpec)
     if tokenizer is None:
         return _load_tokenizer(auto_tokenizer, spec.tokenizer_path or where, spec)
     if isinstance(tokenizer, (str, os.PathLike)):
+        if _local_path(tokenizer) is None:
+            _check_hub_id(os.fspath(tokenizer), "a tokenizer", "tokenizer_config.json")
         return _load_tokenizer(auto_tokenizer, os.fspath(tokenizer))
     if not callable(tokenizer):  # a tokenizer is called on texts (tokenizer(texts, ...))
         raise TypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, got "
@@ -215,10 +248,12 @@ def _load_tokenizer(auto_tokenizer: Any, where: str, spec: ModelSpec | None = No
         kwargs["subfolder"] = spec.subfolder
     if spec and spec.max_seq_length and "model_max_length" not in kwargs:
         kwargs["model_max_length"] = spec.max_seq_length
+    if _local_path(where) is None and hub_offline():  # a hub id, from the cache alone (as the model)
+        kwargs["local_files_only"] = True
     try:
         tok = auto_tokenizer.from_pretrained(where, **kwargs)
     except Exception as e:  # a missing file, or a broken one (tokenizer.json errors are not all OSError)
-        raise ModelLoadError(f"could not load a tokenizer from {where!r}: {e}") from e
+        raise ModelLoadError(f"could not load a tokenizer from {where!r}: {_first_line(e)}") from e
     if len(tok) <= len(set(tok.all_special_ids)):
         # No tokenizer files: transformers builds one from config.json alone,
         # holding only the special tokens, so every word would be [UNK].

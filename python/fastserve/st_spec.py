@@ -18,6 +18,10 @@ import importlib
 import inspect
 import json
 import os
+import socket
+import threading
+import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -136,13 +140,55 @@ class ModelSpec:
         return [m for m in self.post if isinstance(m, DenseLayer)]
 
 
+# How long the hub's endpoint may take to accept a connection before it is
+# taken as unreachable, and how long that answer is kept.
+HUB_PROBE_S = 3.0
+_HUB_ANSWER_S = 60.0
+_hub_answers: dict[tuple[str, int], tuple[float, bool]] = {}
+_hub_lock = threading.Lock()
+
+
+def hub_offline() -> bool:
+    """Whether a hub id's files are to be read from the cache alone: with
+    HF_HUB_OFFLINE, or where the hub's endpoint takes no connection within
+    HUB_PROBE_S. Each lookup of an unreachable hub is otherwise retried with
+    back-off (huggingface_hub's), about 15 s each, and loading a model makes
+    several: a name that is neither a folder nor cached took 70-85 s to be
+    refused. Behind a proxy (HTTPS_PROXY, ALL_PROXY) the hub is taken as
+    reachable: only the proxy knows."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return False
+    key = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    with _hub_lock:
+        now = time.monotonic()
+        seen = _hub_answers.get(key)
+        if seen is not None and now - seen[0] < _HUB_ANSWER_S:
+            return not seen[1]
+        try:
+            socket.create_connection(key, timeout=HUB_PROBE_S).close()
+            reachable = True
+        except OSError:
+            reachable = False
+        _hub_answers[key] = (now, reachable)
+        return not reachable
+
+
 class _Files:
-    """A model's files, from a local folder or a hub id's cache."""
+    """A model's files, from a local folder or a hub id's cache (the cache
+    alone where the hub is unreachable: hub_offline)."""
 
     def __init__(self, model: str) -> None:
         p = Path(model).expanduser()
         self.local = p.resolve() if p.is_dir() else None
         self.repo = None if self.local is not None else model
+        self.offline = self.repo is not None and hub_offline()
 
     def find(self, *parts: str) -> Path | None:
         rel = "/".join(x.strip("/") for x in parts if x and x.strip("/"))
@@ -152,7 +198,7 @@ class _Files:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(hf_hub_download(self.repo, rel))
+            return Path(hf_hub_download(self.repo, rel, local_files_only=self.offline))
         except Exception:  # missing from the repo or the cache, or not a valid repo id: no such file
             return None
 

@@ -153,6 +153,79 @@ def test_an_unreachable_hub_id_fails_with_a_message_naming_it():
         Engine("no-such-org/no-such-model")
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub online as far as the settings go (no HF_HUB_OFFLINE), its
+    endpoint taking no connection (names resolve to nothing); yields the
+    probes of st_spec.hub_offline and the hub file requests made (each
+    retried with back-off against an unreachable hub)."""
+    import socket
+    import types
+
+    from huggingface_hub import constants, file_download
+
+    from fastserve import st_spec
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(st_spec, "_hub_answers", {})
+    probes: list = []
+    requests: list = []
+
+    def refused(address, *args, **kwargs):
+        probes.append(address)
+        raise OSError("no route to host")
+
+    def no_name(*args, **kwargs):
+        raise socket.gaierror("no name service")
+
+    monkeypatch.setattr(st_spec, "socket", types.SimpleNamespace(create_connection=refused))
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+    metadata = file_download.get_hf_file_metadata
+    monkeypatch.setattr(file_download, "get_hf_file_metadata",
+                        lambda *a, **k: requests.append(a) or metadata(*a, **k))
+    return probes, requests
+
+
+def test_a_name_that_is_no_folder_is_refused_at_once_where_the_hub_cannot_serve_it(unreachable_hub, tmp_path):
+    # Each lookup of an unreachable hub was retried with back-off: a mistyped
+    # folder or an uncached hub id took 70-85 s to be refused, with 18 lines
+    # of retry warnings. Now one probe of the endpoint, then the cache alone.
+    probes, requests = unreachable_hub
+    for name in ("no-such-org/no-such-model", "models/minilm"):
+        with pytest.raises(fastserve.ModelLoadError, match=f"could not load model from '{name}': no such folder, and "
+                                                           "as a hub id it is not in the hub cache and the hub is "
+                                                           "unreachable"):
+            Engine(name)
+    for name in ("./no/such/model", "/no/such/model", "a/b/c"):  # not hub ids either
+        with pytest.raises(fastserve.ModelLoadError, match=r"no such folder \(and not a hub id\)"):
+            Engine(name)
+    folder = tm.save("bert", tmp_path / "m")
+    with pytest.raises(fastserve.ModelLoadError, match="could not load a tokenizer from 'cpu': no such folder"):
+        Engine(folder, "cpu")  # a device where the tokenizer goes
+    assert len(probes) == 1 and not requests  # one probe, remembered; no request for a file
+
+
+def test_a_hub_id_in_the_cache_loads_from_it_where_the_hub_is_unreachable(unreachable_hub, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    folder = tm.save("bert", tmp_path / "m")
+    snapshot = tmp_path / "hub" / "models--some-org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    probes, requests = unreachable_hub
+    with Engine("some-org/tiny", replicas=1) as engine:
+        np.testing.assert_allclose(engine.embed("from the cache"), Engine(folder, replicas=1).embed("from the cache"),
+                                   atol=1e-6)
+    assert len(probes) == 1 and not requests
+
+
 @pytest.mark.parametrize("arch", tm.ARCHS)
 @pytest.mark.parametrize("execution", ["packed", "padded"])
 def test_classify_returns_labels_and_probabilities(arch, execution):
