@@ -1237,6 +1237,19 @@ def test_a_trailing_slash_gets_the_shaped_404_not_a_redirect_to_the_clients_host
     assert _assert_openai_error(r, 404)["code"] == "not_found" and "location" not in r.headers
 
 
+def test_another_tasks_route_gets_a_404_naming_the_task_that_serves_it(engine):
+    # The README's rerank curl sample against an embedding server got a bare "Not Found".
+    from fastserve.server import create_app
+
+    app = create_app(engine)
+    for path, task in (("/v1/rerank", "rerank"), ("/rerank", "rerank"), ("/v2/rerank", "rerank"),
+                       ("/v1/extract", "token-classify"), ("/v1/classify", "classify")):
+        err = _assert_openai_error(_asgi(app, "POST", path, json={"query": "q", "documents": ["d"]}), 404)
+        assert err["code"] == "not_found" and err["message"] == (
+            f"this server runs task 'embed'; {path} is task '{task}' (fastserve serve --task {task})"), err
+    assert _assert_openai_error(_asgi(app, "POST", "/v1/nothing", json={}), 404)["message"] == "Not Found"
+
+
 @pytest.mark.parametrize("body,field,meant", [({"input": "x", "dimension": 8}, "dimension", "dimensions"),
                                               ({"input": "x", "encodng_format": "base64"}, "encodng_format",
                                                "encoding_format")])

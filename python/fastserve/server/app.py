@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from ..engine import Engine
-from .edge import Edge
+from .edge import Edge, route_path
 from .errors import ApiError, internal_error, invalid_json, validation_error
 from .metrics import Metrics
 from .protocol import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, guarded
@@ -145,6 +145,10 @@ def create_app(
             # JSONDecodeError: not UTF-8, or nested past the recursion limit.
             return invalid_json().response()
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        wanted = TASK_OF_ROUTE.get(route_path(request.scope)) if exc.status_code == 404 else None
+        if wanted is not None:  # another task's route: say which server serves it
+            return ApiError(404, f"this server runs task '{engine.task}'; {route_path(request.scope)} is task "
+                                 f"'{wanted}' (fastserve serve --task {wanted})", code="not_found").response()
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method of the path (Starlette names the first route's alone)
             headers["Allow"] = ", ".join(sorted({m for r in app.routes if r.matches(request.scope)[0] != Match.NONE
@@ -198,6 +202,11 @@ async def ready(request: Request) -> Response:
 
 async def metrics_text(request: Request) -> Response:
     return await _api(request).metrics_text()
+
+
+# Each task's POST routes: a request for another task's gets a 404 saying so.
+TASK_OF_ROUTE = {"/v1/embeddings": "embed", "/v1/classify": "classify", "/v1/rerank": "rerank", "/v2/rerank": "rerank",
+                 "/rerank": "rerank", "/v1/extract": "token-classify"}
 
 
 def add_task_routes(app: FastAPI, task: str) -> None:
