@@ -219,6 +219,11 @@ def test_a_hub_id_in_the_cache_loads_from_it_where_the_hub_is_unreachable(unreac
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import transformers.utils.hub as transformers_hub
+
+    for name in ("TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"):  # (transformers 4's, read at import)
+        if hasattr(transformers_hub, name):
+            monkeypatch.setattr(transformers_hub, name, str(tmp_path / "hub"))
     probes, requests = unreachable_hub
     with Engine("some-org/tiny", replicas=1) as engine:
         np.testing.assert_allclose(engine.embed("from the cache"), Engine(folder, replicas=1).embed("from the cache"),
