@@ -4,8 +4,11 @@ embedded default model (all-MiniLM-L6-v2) or any model path."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shlex
+import socket
 import sys
 import threading
 import time
@@ -131,7 +134,20 @@ def _stdin_lines() -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
+def _model_folder(text: str) -> bool:
+    """Whether `text` names a model folder (a folder holding config.json)."""
+    return os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json"))
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
+    for text in args.texts:  # `fastserve embed ./my-model "hello"` embedded the path (serve takes a positional model)
+        if _model_folder(text):
+            print(f"fastserve embed: {text!r} is a model folder; pass it as --model {shlex.quote(text)}",
+                  file=sys.stderr)
+            return 2
+    if not args.texts and sys.stdin is not None and sys.stdin.isatty():  # it waited silently at the terminal
+        end = "Ctrl-Z, Enter" if sys.platform == "win32" else "Ctrl-D"
+        print(f"fastserve embed: reading texts from stdin, one per line; end with {end}", file=sys.stderr, flush=True)
     texts = args.texts or _stdin_lines()
     engine = _open_engine(args)
     if engine is None:
@@ -254,13 +270,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         for k, v in report.items():
+            if k == "latency_ms":
+                k, v = "latency", ", ".join(f"{q} {ms:.2f} ms" for q, ms in v.items())
             print(f"{k:>26}: {v}")
     return 0
 
 
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host` at `port` (0: a free one, the
+    same for all), as uvicorn would bind them (asyncio's create_server), but
+    before the model loads: a busy or forbidden port is refused at once. Not
+    listening yet, so a TCP probe still fails until the server is up; uvicorn
+    listens on them (_serve). Raises OSError."""
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix" and sys.platform != "cygwin":  # asyncio's reuse_address default
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL names it (an empty one: every address)."""
+    host = host or "0.0.0.0"
+    return f"[{host}]" if ":" in host else host
+
+
+def _serve(engine, sockets: list[socket.socket], host: str, port: int, **options) -> None:
+    """fastserve.server.serve on the sockets _bind bound: until SIGTERM/SIGINT, then the engine closed."""
+    from .server import serve
+
+    serve(engine, host, port, sockets=sockets, **options)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import serve
+        from . import server  # noqa: F401  (the 'serve' extra)
     except ImportError as e:
         print(f"fastserve serve: {e}", file=sys.stderr)
         return 2
@@ -331,29 +392,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_options["replicas"] = args.replicas  # the engine's own replicas (worker threads)
     if args.max_header_bytes is not None:
         app_options["max_header_bytes"] = args.max_header_bytes
-    engine = _open_engine(args, **serve_options)
-    if engine is None:
+    try:  # before the model loads: a busy port was found only after it, by uvicorn (exit 3)
+        sockets = _bind(args.host, args.port)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if isinstance(e, socket.gaierror):
+            why = f"no such host ({why})"
+        elif e.errno == errno.EADDRINUSE:
+            why += ": another server holds it; stop it, or pick another --port (0: any free one)"
+        elif e.errno == errno.EACCES:
+            why += ": pick a --port this user may bind (ports below 1024 need privileges)"
+        print(f"fastserve serve: cannot listen on {_url_host(args.host)}:{args.port}: {why}", file=sys.stderr)
         return 2
-    print(
-        f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
-        f"{engine.precision.name}) on http://{args.host}:{args.port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    serve(
-        engine,
-        args.host,
-        args.port,
-        **app_options,
-        graceful_timeout=args.graceful_timeout,
-        log_level=args.log_level,
-        access_log=args.access_log,
-    )
+    try:
+        engine = _open_engine(args, **serve_options)
+        if engine is None:
+            return 2
+        port = sockets[0].getsockname()[1]  # the one bound: --port 0 picks one
+        print(
+            f"fastserve: serving {engine.model_name} ({engine.task}, dim {engine.dim}, {engine.device}, "
+            f"{engine.precision.name}) on http://{_url_host(args.host)}:{port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _serve(
+            engine,
+            sockets,
+            args.host,
+            port,
+            **app_options,
+            graceful_timeout=args.graceful_timeout,
+            log_level=args.log_level,
+            access_log=args.access_log,
+        )
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def _version() -> str:
+    """The installed package's version (fastserve.__version__ where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastserve")
+    except PackageNotFoundError:
+        return getattr(sys.modules[__package__], "__version__", "unknown")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="embed texts (arguments, or one per line on stdin)")
     p.add_argument("texts", nargs="*")
@@ -380,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=65536, help="queued requests before 429")
     p.add_argument("--max-queue-tokens", type=int, default=None, help="queued tokens before 429")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000,
+                   help="port to listen on (0: any free one, named in the startup line); a busy or forbidden one "
+                        "is refused before the model loads")
     p.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health, /ready and /metrics "
                         "(default: $FASTSERVE_API_KEY)")
@@ -414,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the command's usage and name, not the top-level parser's
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _quiet_transformers()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C at embed's stdin or while a model loads: no traceback, as bench
+        print(f"fastserve {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ try:
     from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        f"fastserve.ray needs the 'ray' extra (missing module {e.name!r}): pip install 'fastserve[ray]'"
+        f"fastserve.ray needs the 'ray' extra (missing module {e.name!r}): pip install \".[ray]\" in fastserve's "
+        "source folder (from an index: pip install \"fastserve[ray]\")"
     ) from e
 
 __all__ = ["app", "build", "serve_cli", "Replica", "QueuedWorkRouter", "DEPLOYMENT_NAME"]

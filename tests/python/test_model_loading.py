@@ -320,16 +320,15 @@ def test_serve_refuses_options_of_the_other_server_instead_of_dropping_them(caps
 
 def test_serve_replicas_without_ray_sets_the_engines_replicas(monkeypatch, tiny_folder):
     pytest.importorskip("fastserve.server")
-    from fastserve import server
 
     seen = {}
 
-    def fake_serve(engine, host, port, **options):
+    def fake_serve(engine, sockets, host, port, **options):
         seen.update(replicas=engine.health()["replicas"], options=options)
         engine.close()
 
-    monkeypatch.setattr(server, "serve", fake_serve)
-    assert cli.main(["serve", str(tiny_folder), "--replicas", "1", "--client-timeout", "5",
+    monkeypatch.setattr(cli, "_serve", fake_serve)
+    assert cli.main(["serve", str(tiny_folder), "--port", "0", "--replicas", "1", "--client-timeout", "5",
                      "--max-header-bytes", "4096", "--cors-allow-origin", "https://a.example"]) == 0
     assert seen["replicas"] == 1
     assert seen["options"]["client_timeout_s"] == 5 and seen["options"]["max_header_bytes"] == 4096
@@ -358,6 +357,228 @@ def test_embed_into_a_pipe_the_reader_closes_ends_quietly(tiny_folder):
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 0, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def _subprocess_env() -> dict:
+    """This interpreter's imports, and no API key from the environment."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTSERVE_API_KEY"}
+    return {**env, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def _cli_command(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "fastserve.cli", *args]
+
+
+def _lines_of(stream):
+    """A queue that receives `stream`'s lines (then None at its end), read by a
+    daemon thread: a test waits on it with a timeout instead of hanging."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in iter(stream.readline, b""):
+            lines.put(line.decode(errors="replace"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _wait_for_line(lines, text: str, seen: list[str], timeout: float = 120.0) -> str:
+    """The first line of `lines` that holds `text` (all those read kept in `seen`)."""
+    import queue
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(end - time.monotonic(), 0.01))
+        except queue.Empty:
+            raise AssertionError(f"no line with {text!r} in {timeout} s:\n{''.join(seen)}") from None
+        if line is None:
+            raise AssertionError(f"the command ended without a line with {text!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return line
+
+
+def test_serve_refuses_a_busy_port_in_one_line_before_loading_the_model(tiny_folder, capsys, monkeypatch):
+    """The model loaded (seconds), the banner printed, then uvicorn failed
+    "address already in use" and the process exited 3 with its log."""
+    import socket
+
+    pytest.importorskip("fastserve.server")
+    opened = []
+    monkeypatch.setattr(cli, "_open_engine", lambda *a, **k: opened.append(a))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", str(tiny_folder), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastserve serve: cannot listen on 127.0.0.1:{port}: "), err
+    assert "another server holds it; stop it, or pick another --port" in err[0], err
+    assert opened == []
+
+
+def test_serve_on_port_0_names_the_port_it_serves_on_and_stops_on_sigterm(tiny_folder):
+    """The banner said :0 while uvicorn listened on another port."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    pytest.importorskip("fastserve.server")
+    proc = subprocess.Popen(_cli_command("serve", str(tiny_folder), "--port", "0", "--replicas", "1",
+                                         "--torch-threads", "1"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_subprocess_env())
+    try:
+        seen: list[str] = []
+        lines = _lines_of(proc.stderr)
+        banner = _wait_for_line(lines, "fastserve: serving ", seen)
+        url = re.search(r"^fastserve: serving .* on (http://127\.0\.0\.1:(\d+))$", banner.strip())
+        assert url and int(url[2]) != 0, banner
+        # uvicorn's line once it listens (which it leaves out for sockets it is given)
+        _wait_for_line(lines, f"Uvicorn running on {url[1]} (Press CTRL+C to quit)", seen)
+        with urllib.request.urlopen(url[1] + "/health", timeout=60) as reply:
+            assert reply.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_embed_at_a_terminal_says_it_reads_stdin(tiny_folder, capsys, monkeypatch):
+    """It waited silently on the terminal for texts nobody knew to type."""
+    import io
+    import sys
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"hello\n"), encoding="utf-8"))
+    assert cli.main(["embed", "--model", str(tiny_folder)]) == 0
+    out, err = capsys.readouterr()
+    end = "Ctrl-Z, Enter" if sys.platform == "win32" else "Ctrl-D"
+    assert err.strip().splitlines() == [f"fastserve embed: reading texts from stdin, one per line; end with {end}"]
+    assert json.loads(out)["text"] == "hello"
+    assert cli.main(["embed", "--model", str(tiny_folder), "given"]) == 0  # texts given: no hint
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["embed", "--model", "{tiny}"], "_stdin_lines"),  # waiting on stdin
+    (["embed", "--model", "{tiny}", "hi"], "_open_engine"),  # loading the model
+    (["bench", "--model", "{tiny}"], "_open_engine"),
+    (["serve", "{tiny}", "--port", "0"], "_open_engine"),
+], ids=["embed-stdin", "embed-load", "bench-load", "serve-load"])
+def test_ctrl_c_ends_every_command_with_130_in_one_line(tiny_folder, capsys, monkeypatch, argv, where):
+    """A KeyboardInterrupt traceback (bench alone exited 130)."""
+    if argv[0] == "serve":
+        pytest.importorskip("fastserve.server")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, where, interrupted)
+    try:
+        code = cli.main([str(tiny_folder) if a == "{tiny}" else a for a in argv])
+    except KeyboardInterrupt:  # (not to pytest, which would take it for the user's and stop the run)
+        pytest.fail("the KeyboardInterrupt escaped main()")
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [f"fastserve {argv[0]}: interrupted"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs a pseudo-terminal")
+def test_ctrl_c_at_the_terminal_prompt_of_embed_exits_130_without_a_traceback(tiny_folder):
+    import os
+    import signal
+    import subprocess
+
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen(_cli_command("embed", "--model", str(tiny_folder)), stdin=terminal,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_subprocess_env())
+        try:
+            seen: list[str] = []
+            lines = _lines_of(proc.stderr)
+            _wait_for_line(lines, "fastserve embed: reading texts from stdin", seen)
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C at the terminal
+            assert proc.wait(120) == 130
+            _wait_for_line(lines, "fastserve embed: interrupted", seen)
+            assert "Traceback" not in "".join(seen), "".join(seen)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+def test_embed_refuses_a_model_folder_given_as_a_text(tiny_folder, tmp_path, capsys):
+    """`fastserve embed ./my-model "hello"` embedded the path as a text."""
+    assert cli.main(["embed", str(tiny_folder), "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fastserve embed: {str(tiny_folder)!r} is a model folder; pass it as --model {tiny_folder}"]
+    plain = tmp_path / "notes"  # a folder without config.json, and a text that names no folder: embedded
+    plain.mkdir()
+    assert cli.main(["embed", "--model", str(tiny_folder), str(plain), "config.json"]) == 0
+    assert [row["text"] for row in json.loads(capsys.readouterr().out)] == [str(plain), "config.json"]
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastserve {version('fastserve')}"
+
+
+def test_bench_prints_latency_percentiles_readably_and_json_unchanged(tiny_folder, capsys):
+    """latency_ms was printed as a Python dict."""
+    argv = ["bench", "--model", str(tiny_folder), "--requests", "20", "--concurrency", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +latency: p50 \d+\.\d\d ms, p95 \d+\.\d\d ms, p99 \d+\.\d\d ms$", out, re.M), out
+    assert "{" not in out, out
+    assert cli.main([*argv, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["latency_ms"]) == {"p50", "p95", "p99"}
+
+
+def test_a_missing_extra_names_the_install_from_the_source_folder():
+    """The hints named an install from an index; the README installs from the source folder."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "sys.modules['ray'] = None\n"
+            "try:\n"
+            "    import fastserve.ray\n"
+            "except ImportError as e:\n"
+            "    print(e, file=sys.stderr)\n"
+            "sys.modules['uvicorn'] = None\n"
+            "from fastserve import cli\n"
+            "sys.exit(cli.main(['serve', 'm']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("fastserve.ray needs") and err[1].startswith("fastserve serve: "), err
+    for line, extra in zip(err, ["ray", "serve"]):
+        assert f"""pip install ".[{extra}]" in fastserve's source folder""" in line, line
+        assert f'pip install "fastserve[{extra}]"' in line, line
 
 
 def test_the_default_model_goes_by_its_name_and_a_plain_model_by_cosine(tiny_folder):

@@ -31,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"fastserve's HTTP server needs the 'serve' extra (missing module {e.name!r}): "
-        "pip install 'fastserve[serve]'"
+        "pip install \".[serve]\" in fastserve's source folder (from an index: pip install \"fastserve[serve]\")"
     ) from e
 
 from .app import DEFAULT_MAX_PAYLOAD_BYTES, create_app, serve

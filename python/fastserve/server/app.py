@@ -3,9 +3,11 @@ uvicorn running it with a graceful shutdown (serve)."""
 
 import contextlib
 import functools
+import logging
 import math
 import numbers
 import signal
+import socket
 import threading
 from typing import Any, Optional, Sequence, Union
 
@@ -284,6 +286,13 @@ class Server(uvicorn.Server):
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if sockets and self.started:  # uvicorn names its address only where it bound it itself
+            host, port = self.config.host, sockets[0].getsockname()[1]
+            logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                    f"[{host}]" if ":" in host else host, port)
+
 
 def serve(
     engine: Engine,
@@ -302,10 +311,13 @@ def serve(
     client_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     cors_allow_origins: Sequence[str] = (),
+    sockets: Optional[Sequence[socket.socket]] = None,
 ) -> None:
     """Serve `engine` over HTTP until SIGTERM/SIGINT. Shutdown is graceful:
     stop accepting, let in-flight requests finish (at most graceful_timeout
     seconds), then close the engine (unless close_engine=False).
+    sockets: already bound to host:port (the CLI binds before it loads the
+    model), else uvicorn binds them.
     client_timeout_s: a request's headers must all arrive within it (else
     408), and its body must not stall longer (408; None: no time bound);
     max_header_bytes: a larger request line and headers get 431
@@ -319,7 +331,7 @@ def serve(
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                                 proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout,
                                 lifespan="off", http=guarded(max_header_bytes, client_timeout_s, app.state.metrics))
-        Server(config).run()
+        Server(config).run(sockets=list(sockets) if sockets else None)
     finally:
         if close_engine:
             engine.close()
