@@ -90,10 +90,11 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _check_hub_id(name: str, what: str = "model", probe: str = "config.json") -> bool:
+def _check_hub_id(name: str, what: str = "model", probe: tuple[str, ...] = ("config.json",)) -> bool:
     """For a name that is no local path: ModelLoadError at once where it is
     not a hub id either (a mistyped folder: './models/x', '/abs/x',
-    'a/b/c'), or where the hub is unreachable and the cache lacks it;
+    'a/b/c'), or where the hub is unreachable and the cache lacks it (none
+    of the `probe` files);
     otherwise whether to read it from the cache alone (st_spec.hub_offline)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -104,7 +105,7 @@ def _check_hub_id(name: str, what: str = "model", probe: str = "config.json") ->
         raise ModelLoadError(f"could not load {what} from {name!r}: no such folder (and not a hub id)") from None
     if not hub_offline():
         return False
-    if not isinstance(try_to_load_from_cache(name, probe), str):
+    if not any(isinstance(try_to_load_from_cache(name, f), str) for f in probe):
         raise ModelLoadError(f"could not load {what} from {name!r}: no such folder, and as a hub id it is not in the "
                              "hub cache and the hub is unreachable (offline, or HF_HUB_OFFLINE set)")
     return True
@@ -231,7 +232,7 @@ def _tokenizer(auto_tokenizer: Any, tokenizer: Any, where: str, spec: ModelSpec)
         return _load_tokenizer(auto_tokenizer, spec.tokenizer_path or where, spec)
     if isinstance(tokenizer, (str, os.PathLike)):
         if _local_path(tokenizer) is None:
-            _check_hub_id(os.fspath(tokenizer), "a tokenizer", "tokenizer_config.json")
+            _check_hub_id(os.fspath(tokenizer), "a tokenizer", ("tokenizer_config.json", "tokenizer.json"))
         return _load_tokenizer(auto_tokenizer, os.fspath(tokenizer))
     if not callable(tokenizer):  # a tokenizer is called on texts (tokenizer(texts, ...))
         raise TypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, got "

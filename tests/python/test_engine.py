@@ -228,6 +228,9 @@ def test_a_hub_id_in_the_cache_loads_from_it_where_the_hub_is_unreachable(unreac
     with Engine("some-org/tiny", replicas=1) as engine:
         np.testing.assert_allclose(engine.embed("from the cache"), Engine(folder, replicas=1).embed("from the cache"),
                                    atol=1e-6)
+    (snapshot / "tokenizer_config.json").unlink()  # a tokenizer in tokenizer.json alone is one too
+    with Engine(folder, "some-org/tiny", replicas=1) as engine:
+        assert engine.embed("a tokenizer from the cache").shape == (32,)
     assert len(probes) == 1 and not requests
 
 
