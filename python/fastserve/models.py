@@ -382,9 +382,7 @@ class TextEncoder:
         return self.backend is not None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.backend is not None:
-            if len(texts) == 1:
-                return [self.backend.encode(texts[0], add_special_tokens=True).ids]
+        if self.backend is not None:  # encode_batch even for one text: it lets go of the GIL, encode holds it
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
         return self._via_transformers(texts, self.calls)
 
