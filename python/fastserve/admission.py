@@ -158,7 +158,10 @@ def _check_token_ids(ids: Any, at: str, vocab_size: int) -> list[int]:
         raise InvalidInputError(f"token ids{at} must all be int")
     bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
     if bad is not None:
-        raise InvalidInputError(f"token id {bad}{at} is outside the vocabulary [0, {vocab_size})")
+        raise InvalidInputError(f"token id {bad}{at} is outside the vocabulary [0, {vocab_size}): token ids must be "
+                                "the model's own, special tokens included, as its tokenizer gives them (a client "
+                                "sending OpenAI's tiktoken ids, LangChain's OpenAIEmbeddings by default, should "
+                                "send the texts)")
     # as given when they are ints (a pair's list keeps its segment), else as ints
     return ids if all(issubclass(t, int) for t in types) else [int(t) for t in ids]
 

@@ -243,6 +243,53 @@ def test_base64_embedding_is_little_endian_float32_of_the_float_one(server):
         np.testing.assert_allclose(decoded, df["embedding"], atol=1e-6)
 
 
+def test_a_null_encoding_format_is_float(server):
+    """Clients that send every field, unset ones as null (dimensions: null
+    and model: null were taken; encoding_format: null was a 400)."""
+    texts = ["null format", "another"]
+    f = _post(server, {"input": texts, "encoding_format": "float"}).json()
+    n = _post(server, {"input": texts, "encoding_format": None, "dimensions": None, "model": None})
+    assert n.status_code == 200, n.text
+    assert [d["embedding"] for d in n.json()["data"]] == [d["embedding"] for d in f["data"]]
+
+
+def test_a_compressed_body_gets_415_naming_its_encoding(server):
+    """A gzip body was read as JSON and refused as 'not valid JSON' (400),
+    which sent the client looking for a JSON fault."""
+    import gzip
+
+    body = json.dumps({"input": "zipped"}).encode()
+    r = _post(server, gzip.compress(body), headers={**AUTH, "Content-Encoding": "gzip"})
+    err = _assert_openai_error(r, 415)
+    assert err["code"] == "unsupported_content_encoding" and "gzip" in err["message"]
+    assert r.headers["connection"] == "close"  # answered before the body was read
+    r = _post(server, body, headers={**AUTH, "Content-Encoding": "identity"})
+    assert r.status_code == 200, r.text
+
+
+def test_idle_keep_alive_outlasts_client_pools(monkeypatch, engine):
+    """serve() keeps an idle connection as long as the client timeout (65 s
+    without one): uvicorn's 5 s equalled httpx's pool expiry, and a request
+    sent on a connection the server was closing failed (1 in 200 after
+    4.95 s idle)."""
+    from fastserve.server import app as app_module
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def config(app, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(app_module.uvicorn, "Config", config)
+    for client_timeout, expected in ((30.0, 30.0), (None, 65.0), (1.0, 5.0)):
+        with pytest.raises(Stop):
+            app_module.serve(engine, "127.0.0.1", 0, client_timeout_s=client_timeout, close_engine=False)
+        assert seen["timeout_keep_alive"] == expected
+
+
 def test_dimensions_truncates_then_renormalises(server, engine):
     full = engine.embed("matryoshka")
     body = _post(server, {"input": "matryoshka", "dimensions": 8, "encoding_format": "float"}).json()

@@ -30,6 +30,7 @@ from .task_routes import TaskRoutes
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2_000_000  # text-embeddings-inference's default payload limit
 # Answer headers a browser's script may read under CORS (besides the safelisted ones).
+KEEP_ALIVE_S = 65.0  # idle keep-alive without a client timeout: past common client pools' expiry (httpx 5 s, aiohttp 15 s)
 EXPOSED_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time", "retry-after")
 
 
@@ -294,6 +295,15 @@ class Server(uvicorn.Server):
                                                     f"[{host}]" if ":" in host else host, port)
 
 
+def keep_alive_s(client_timeout_s: Optional[float]) -> float:
+    """Seconds a kept-alive connection may stay idle after an answer: the
+    client timeout, as long as a new connection may stay silent (protocol.py),
+    and KEEP_ALIVE_S without one. uvicorn's own 5 s equals httpx's pool
+    expiry, and a client reusing a connection just as the server closed it
+    got a connection error (1 request in 200 after 4.95 s idle)."""
+    return KEEP_ALIVE_S if client_timeout_s is None else max(float(client_timeout_s), 5.0)
+
+
 def serve(
     engine: Engine,
     host: str = "127.0.0.1",
@@ -330,6 +340,7 @@ def serve(
         # the access log; without it uvicorn's proxy middleware is skipped.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                                 proxy_headers=access_log, timeout_graceful_shutdown=graceful_timeout,
+                                timeout_keep_alive=keep_alive_s(client_timeout_s),
                                 lifespan="off", http=guarded(max_header_bytes, client_timeout_s, app.state.metrics))
         Server(config).run(sockets=list(sockets) if sockets else None)
     finally:

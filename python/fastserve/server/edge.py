@@ -86,6 +86,8 @@ class Edge:
         self.metrics.in_progress.inc()
         try:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
+            if error is None:
+                error = _encoded(scope)
             body = b""
             if error is None:
                 body, error = await self._read_body(scope, receive)
@@ -180,6 +182,19 @@ class Edge:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks), None
+
+
+def _encoded(scope) -> Optional[ApiError]:
+    """415 for a body sent compressed (Content-Encoding gzip, br, ...): it
+    was read as JSON and refused as 'not valid JSON'. Answered before the
+    body is read, so the connection closes after it."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            coding = value.decode("latin-1").strip()
+            return ApiError(415, f"request bodies are read uncompressed: Content-Encoding '{coding}' is not "
+                                 "supported; send the JSON as it is", code="unsupported_content_encoding",
+                            headers={"Connection": "close"})
+    return None
 
 
 def _replaying(body: bytes, receive):

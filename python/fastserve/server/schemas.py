@@ -53,7 +53,7 @@ class EmbeddingRequest(_Request):
 
     input: EmbeddingInput = Field(description="a text, a list of texts, token ids, or a list of token-id lists")
     model: Optional[str] = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Optional[Literal["float", "base64"]] = "float"  # (null: float, as dimensions: null is none)
     dimensions: Optional[StrictInt] = Field(default=None, description="keep the first N dimensions (Matryoshka)")
     user: Optional[str] = None
     # Extensions (not in OpenAI's API), as SentenceTransformer.encode takes them.
