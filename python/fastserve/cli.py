@@ -1,5 +1,6 @@
-"""The `fastserve` command: embed texts, or run a short load benchmark, on the
-embedded default model (all-MiniLM-L6-v2) or any model path."""
+"""The `fastserve` command: embed texts, run a short load benchmark, or serve
+the model over HTTP (OpenAI-compatible), on the embedded default model
+(all-MiniLM-L6-v2) or any model path or hub id."""
 
 from __future__ import annotations
 
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                         "($RAY_ADDRESS, or a local one)")
     p.add_argument("--replicas", type=_at_least_one, default=None,
                    help="the engine's replicas (worker threads; default: one per device, two on a CPU of two or "
-                        "more cores); with --ray: Serve replicas, one engine each (default 1)")
+                        "more cores unless --torch-threads is given); with --ray: Serve replicas, one engine each "
+                        "(default 1)")
     p.add_argument("--num-cpus", type=float, default=None, help="with --ray: CPUs per replica (default 1)")
     p.add_argument("--num-gpus", type=float, default=None, help="with --ray: GPUs per replica (default 0)")
     p.add_argument("--client-timeout", type=_positive_seconds, default=30.0,
@@ -505,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's usage and name, not the top-level parser's
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    _quiet_transformers()
     try:
+        _quiet_transformers()  # (imports transformers: seconds, inside the Ctrl-C handling)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C at embed's stdin or while a model loads: no traceback, as bench
         print(f"fastserve {args.command}: interrupted", file=sys.stderr)

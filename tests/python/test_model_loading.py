@@ -481,7 +481,8 @@ def test_embed_at_a_terminal_says_it_reads_stdin(tiny_folder, capsys, monkeypatc
     (["embed", "--model", "{tiny}", "hi"], "_open_engine"),  # loading the model
     (["bench", "--model", "{tiny}"], "_open_engine"),
     (["serve", "{tiny}", "--port", "0"], "_open_engine"),
-], ids=["embed-stdin", "embed-load", "bench-load", "serve-load"])
+    (["embed", "--model", "{tiny}", "hi"], "_quiet_transformers"),  # importing transformers (seconds)
+], ids=["embed-stdin", "embed-load", "bench-load", "serve-load", "importing"])
 def test_ctrl_c_ends_every_command_with_130_in_one_line(tiny_folder, capsys, monkeypatch, argv, where):
     """A KeyboardInterrupt traceback (bench alone exited 130)."""
     if argv[0] == "serve":

@@ -1,5 +1,6 @@
-"""HTTP serving of one Engine: an OpenAI-compatible embeddings API, a
-classification route, health and readiness probes and Prometheus metrics.
+"""HTTP serving of one Engine: an OpenAI-compatible embeddings API, the
+classification, rerank (Cohere's, TEI's) and extraction routes, health and
+readiness probes and Prometheus metrics.
 
 FastAPI (on Starlette) builds the app and its OpenAPI document; uvicorn runs
 it. Every route is async down to the engine's futures (fastserve.wait_all: one
@@ -17,6 +18,9 @@ The parts, each with one reason to change:
   lifecycle  one request in flight: its deadline, the watch on the client's
              connection, cancelling what it queued
   routes     what each route does with the engine
+  task_routes  the rerank and extract routes (POST /v1/rerank, /v2/rerank, /rerank, /v1/extract)
+  protocol   uvicorn's httptools protocol with bounds on the request line,
+             headers and the time they take
   app        create_app (the routes wired into FastAPI) and serve (uvicorn)
 Only the names below are the package's API.
 """

@@ -70,7 +70,7 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app serving `engine`. The caller keeps ownership of the engine.
 
-    api_key: when set, /v1/* and the docs need `Authorization: Bearer <key>`
+    api_key: when set, every route (/v1/*, /rerank, the docs) needs `Authorization: Bearer <key>`
     (/health, /ready and /metrics stay open for probes and scrapers).
     max_payload_bytes, max_inputs: larger requests get 413.
     request_timeout: seconds from arrival; a request not served by then gets
