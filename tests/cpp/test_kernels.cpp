@@ -237,6 +237,70 @@ TEST(KernelCpu, PoolMatchesNaiveLoopsIncludingEmptySegments) {
   for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(out[i], want[i], 1e-6f);
 }
 
+// Rows of 0.5 in dtype dt's bits, with a NaN at row r, column c.
+std::vector<uint8_t> halves_with_nan(DType dt, int64_t rows, int64_t H, int64_t r, int64_t c) {
+  const size_t es = element_size(dt);
+  std::vector<uint8_t> out(rows * H * es + 16);
+  const uint32_t half = dt == DType::kFloat32 ? 0x3f000000u : dt == DType::kBFloat16 ? 0x3f00u : 0x3800u;
+  const uint32_t nan = dt == DType::kFloat32 ? 0x7fc00000u : dt == DType::kBFloat16 ? 0x7fc0u : 0x7e00u;
+  for (int64_t i = 0; i < rows * H; ++i) {
+    const uint32_t v = i == r * H + c ? nan : half;
+    std::memcpy(out.data() + i * es, &v, es);  // little-endian: the low es bytes
+  }
+  return out;
+}
+
+template <class E>
+void expect_grid_nan_rows(const std::vector<uint8_t>& x, const std::vector<int64_t>& cu, int64_t H, PoolMode mode) {
+  constexpr int V = 16 / sizeof(typename E::Storage);
+  std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, H, mode, true)};
+  if (H % V == 0) gots.push_back(pool_grid<E, V>(x.data(), cu, H, mode, true));
+  for (const auto& got : gots)
+    for (int64_t h = 0; h < H; ++h) {
+      EXPECT_TRUE(std::isnan(got[h])) << "grid H " << H << " mode " << int(mode) << " h " << h;
+      EXPECT_NEAR(got[H + h], 1.f / std::sqrt(float(H)), 1e-6f) << "grid H " << H << " h " << h;
+    }
+}
+
+// F.normalize of a row with a NaN is all NaN: the norm is NaN, and
+// max(NaN, 1e-12) must stay NaN (`n > 1e-12 ? n : 1e-12` took 1e-12 and
+// scaled the row's other values by 1e12). On every path: portable, AVX2
+// (vector columns and scalar tail) and the CUDA per-thread functions.
+TEST(KernelCpu, NormalizedPoolOfARowWithANaNIsAllNaNOnEveryPath) {
+  EXPECT_TRUE(std::isnan(inv_norm(std::nanf(""))));
+  EXPECT_EQ(inv_norm(0.f), 1e12f);
+  EXPECT_EQ(inv_norm(4.f), 0.5f);
+  const std::vector<int64_t> cu = {0, 2, 4};  // the NaN in segment 0's first row; segment 1 clean
+  for (DType dt : kFloatTypes) {
+    for (int64_t H : {3, 8, 19, 64, 75}) {
+      const auto x = halves_with_nan(dt, 4, H, 0, H / 2);
+      for (PoolMode mode : {PoolMode::kMean, PoolMode::kCls, PoolMode::kMax}) {
+        for (cpu::Isa cap : {cpu::Isa::kPortable, cpu::Isa::kAvx512Bf16}) {
+          const cpu::Isa prev = cpu::set_isa_cap(cap);
+          std::vector<float> out(2 * H, -999.f), raw(2 * H, -999.f);
+          cpu::segment_pool(x.data(), dt, cu.data(), 2, H, mode, true, out.data());
+          cpu::segment_pool(x.data(), dt, cu.data(), 2, H, mode, false, raw.data());
+          cpu::set_isa_cap(prev);
+          for (int64_t h = 0; h < H; ++h) {
+            const auto where = [&] {
+              return "dtype " + std::string(to_string(dt)) + " H " + std::to_string(H) + " mode " +
+                     std::to_string(int(mode)) + " cap " + std::to_string(int(cap)) + " h " + std::to_string(h);
+            };
+            EXPECT_TRUE(std::isnan(out[h])) << where() << " got " << out[h];
+            EXPECT_NEAR(out[H + h], 1.f / std::sqrt(float(H)), 1e-6f) << where();
+            EXPECT_EQ(std::isnan(raw[h]), h == H / 2) << where();  // unnormalized: the NaN column only
+          }
+        }
+        switch (dt) {
+          case DType::kFloat32: expect_grid_nan_rows<F32>(x, cu, H, mode); break;
+          case DType::kFloat16: expect_grid_nan_rows<F16>(x, cu, H, mode); break;
+          default: expect_grid_nan_rows<BF16>(x, cu, H, mode); break;
+        }
+      }
+    }
+  }
+}
+
 TEST(KernelCpu, MultiThreadedPackAndUnpackMatchNaiveLoopsOnLargeInputs) {
   // Large enough that threads_for() picks more than one thread where cores allow.
   std::mt19937 rng(3);

@@ -158,6 +158,31 @@ def test_max_pooling_keeps_a_nan_in_any_row(dtype: torch.dtype, device: str) -> 
         torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_normalized_pooling_of_a_row_with_a_nan_is_all_nan(dtype: torch.dtype, mode: str, device: str) -> None:
+    # As F.normalize: the norm of a row with a NaN is NaN, and so is every
+    # value of the row (max(norm, 1e-12) used to pick 1e-12 for a NaN norm
+    # and scale the row's other values by 1e12: plausible-looking vectors
+    # from a broken model). On every path: the 64-column register blocks,
+    # the 8-column vectors and the scalar tail; every ISA level.
+    H = 64 + 8 + 3
+    lengths = torch.tensor([2, 3, 1])
+    x = torch.rand(int(lengths.sum()), H).add(0.5).to(dtype)
+    x[0, 70] = float("nan")  # the first row of segment 0: its cls too
+    x[5, 2] = float("nan")  # the only row of segment 2
+    cu = K.cu_seqlens_from_lengths(lengths)
+    want = ref_pool(x, cu, mode, True)
+    assert want[[0, 2]].isnan().all() and not want[1].isnan().any()
+    order = ["portable", "avx2", "avx512", "avx512_bf16"]
+    paths = order[: order.index(K.cpu_isa()) + 1] if device == "cpu" else [None]
+    for isa in paths:
+        with K.cpu_isa_cap(isa) if isa else contextlib.nullcontext():
+            got = K.segment_pool(x.to(device), cu.to(device), mode, normalize=True).cpu()
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=2e-5, atol=2e-6, msg=lambda m: f"{isa}: {m}")
+
+
 def test_cu_seqlens_refuse_lengths_int32_cannot_hold() -> None:
     assert K.cu_seqlens_from_lengths(torch.tensor([3, 0, 2])).tolist() == [0, 3, 3, 5]
     assert K.cu_seqlens_from_lengths(torch.tensor([2**31 - 2, 1])).tolist() == [0, 2**31 - 2, 2**31 - 1]
@@ -443,6 +468,30 @@ def test_sizes_that_overflow_are_rejected() -> None:
 def test_unknown_pool_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="mode must be 'mean', 'cls' or 'max', got 'sum'"):
         K.segment_pool(torch.zeros((2, 4)), torch.tensor([0, 2]), mode="sum")  # type: ignore[arg-type]
+
+
+def test_float_parameters_are_checked_as_the_float32_the_kernels_use() -> None:
+    # attention's scale and add_layer_norm_'s eps arrive as doubles and run
+    # as float32: 1e39 is finite as a double but +inf as a float32 (every
+    # output NaN), 1e-50 is > 0 as a double but 0 as a float32.
+    qkv, cu = torch.randn(6, 3, 1, 16), K.cu_seqlens_from_lengths(torch.tensor([6]))
+    for scale, as_float in ((1e39, "inf"), (-1e39, "-inf"), (1e-50, "0"), (-1e-50, "-0")):
+        with pytest.raises(ValueError, match=rf"scale must be finite and > 0 as a float32, got .* \({as_float} as a float32\)"):
+            K.attention(qkv, cu, scale)
+    for scale in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            K.attention(qkv, cu, scale)
+    # The largest and smallest positive float32 scales still run.
+    assert not K.attention(qkv, cu, 1e-45).isnan().any()
+    assert K.attention(qkv, cu, 3.4e38).shape == (6, 1, 16)
+    x, v = torch.randn(2, 16), torch.randn(16)
+    for eps in (1e39, 3.5e38, float("nan"), float("inf"), -1e-5):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            K.add_layer_norm_(x.clone(), v, x.clone(), v, v, eps)
+    # eps = 0 is torch's too, and so is an eps that rounds to 0 as a float32.
+    for eps in (0.0, 1e-50):
+        y = K.add_layer_norm_(x.clone(), v, x.clone(), v, v, eps)
+        torch.testing.assert_close(y, F.layer_norm(2 * x + v, (16,), v, v, 0.0), atol=1e-5, rtol=1e-5)
 
 
 def test_validation_failures_write_nothing() -> None:

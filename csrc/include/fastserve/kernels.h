@@ -72,7 +72,7 @@ void unpack(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& ou
 // embeddings leave the model here, and fp32 output keeps the fp32 accumulator's
 // precision at a cost of B*H*4 bytes. mean / cls (first row) / max; an empty
 // segment pools to zeros. normalize: divide by max(||row||_2, 1e-12), as
-// torch.nn.functional.normalize does.
+// torch.nn.functional.normalize does: a row with a NaN is all NaN.
 void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out,
                   PoolMode mode, bool normalize, uintptr_t stream = 0);
 
@@ -126,8 +126,9 @@ enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 // isa_for(Isa::kAvx512Bf16, 16), the widest this CPU runs now.
 Isa isa_for(Isa cap, int64_t width);
 Isa best_isa();
-// A process-wide cap on every layer kernel call (kAvx512Bf16 at start: none), for
-// A/B measurements in one process; returns the previous cap.
+// A process-wide cap on every layer kernel call (kAvx512Bf16 at start: none),
+// and on segment_pool (its portable path under kPortable), for A/B
+// measurements and tests in one process; returns the previous cap.
 Isa set_isa_cap(Isa cap);
 // The layer kernels, on float32 or on bfloat16 (by its bits: uint16_t),
 // computing in float32 either way.

@@ -2,7 +2,9 @@
 // lives beside the CPU kernels because it is always built). Every check runs
 // before any kernel writes, and every failure is an InvalidArgument naming the
 // argument, so Python sees a ValueError with a useful message.
+#include <cfloat>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "fastserve/device.h"
@@ -66,6 +68,27 @@ std::string dtype_name(const TensorArg& t) {
 
 std::string device_str(const TensorArg& t) {
   return t.device == DeviceType::kCPU ? "cpu" : "cuda:" + std::to_string(t.device_index);
+}
+
+// A double argument that the kernels use as a float32, as they will see it:
+// rounded to nearest, +-inf beyond float32's range (checked here: the plain
+// cast is undefined there in C++). Validation checks this value, not the
+// double: 1e39 is finite as a double and +inf as a float, 1e-50 is > 0 as a
+// double and 0 as a float.
+float as_float32(double v) {
+  if (std::isnan(v)) return std::numeric_limits<float>::quiet_NaN();
+  if (v > double(FLT_MAX)) return std::numeric_limits<float>::infinity();
+  if (v < -double(FLT_MAX)) return -std::numeric_limits<float>::infinity();
+  return float(v);
+}
+
+// The argument for a message: "1e+39 (inf as a float32)", or just "-1"
+// where the float32 reads the same.
+std::string float32_arg_str(double v) {
+  std::ostringstream o, f;
+  o << v;
+  f << as_float32(v);
+  return o.str() == f.str() ? o.str() : o.str() + " (" + f.str() + " as a float32)";
 }
 
 // Shape, size and layout of one tensor: ndim, non-negative dims, element and
@@ -335,14 +358,16 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
   const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, 0);
   check_cu(cu, "cu_seqlens", T, -1);
   check_shape(out, "out", {T, nh, hd});
-  if (!(std::isfinite(scale) && scale > 0)) fail("scale must be finite and > 0, got " + std::to_string(scale));
+  const float scale32 = as_float32(scale);
+  if (!(std::isfinite(scale32) && scale32 > 0))
+    fail("scale must be finite and > 0 as a float32, got " + float32_arg_str(scale));
   check_threads(threads);
   if (T == 0 || nh == 0 || hd == 0) return;
   if (qkv.dtype == DType::kBFloat16)
-    cpu::attention(cptr<uint16_t>(&qkv), cptr<uint16_t>(bias), cu.data(), B, nh, hd, float(scale), threads,
+    cpu::attention(cptr<uint16_t>(&qkv), cptr<uint16_t>(bias), cu.data(), B, nh, hd, scale32, threads,
                    static_cast<uint16_t*>(out.data), cap(portable));
   else
-    cpu::attention(cptr<float>(&qkv), cptr<float>(bias), cu.data(), B, nh, hd, float(scale), threads,
+    cpu::attention(cptr<float>(&qkv), cptr<float>(bias), cu.data(), B, nh, hd, scale32, threads,
                    static_cast<float*>(out.data), cap(portable));
 }
 
@@ -371,16 +396,19 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
     check_shape(*t, name, {N});
   }
   // eps = 0 is torch.nn.LayerNorm's too (a constant row is then NaN, as in torch).
-  if (!(std::isfinite(eps) && eps >= 0)) fail("eps must be finite and >= 0, got " + std::to_string(eps));
+  // eps below float32's smallest rounds to 0, which is allowed.
+  const float eps32 = as_float32(eps);
+  if (!(std::isfinite(eps32) && eps32 >= 0))
+    fail("eps must be finite and >= 0 as a float32, got " + float32_arg_str(eps));
   check_threads(threads);
   if (x.shape[0] == 0 || N == 0) return;
   if (x.dtype == DType::kBFloat16)
     cpu::add_layer_norm(static_cast<uint16_t*>(x.data), cptr<uint16_t>(&bias), cptr<uint16_t>(&residual),
-                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), float(eps), x.shape[0], N, threads,
+                        cptr<uint16_t>(&weight), cptr<uint16_t>(&beta), eps32, x.shape[0], N, threads,
                         cap(portable));
   else
     cpu::add_layer_norm(static_cast<float*>(x.data), cptr<float>(&bias), cptr<float>(&residual), cptr<float>(&weight),
-                        cptr<float>(&beta), float(eps), x.shape[0], N, threads, cap(portable));
+                        cptr<float>(&beta), eps32, x.shape[0], N, threads, cap(portable));
 }
 
 }  // namespace kernels

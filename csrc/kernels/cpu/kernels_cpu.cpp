@@ -142,7 +142,10 @@ void pool_rows(const void* x, const int64_t* cu, int64_t b0, int64_t b1, int64_t
       float sq = 0.f;
       for (int64_t h = 0; h < H; ++h) sq += o[h] * o[h];
       const float n = std::sqrt(sq);
-      const float scale = 1.f / (n > 1e-12f ? n : 1e-12f);
+      // max(n, 1e-12) as F.normalize takes it, keeping a NaN norm NaN: a
+      // broken model's row stays NaN (`n > eps ? n : eps` picked eps for NaN
+      // and scaled the row's other values by 1e12).
+      const float scale = 1.f / (n < 1e-12f ? 1e-12f : n);
       for (int64_t h = 0; h < H; ++h) o[h] *= scale;
     }
   }
@@ -240,7 +243,10 @@ void segment_pool(const void* x, DType dtype, const int64_t* cu, int64_t B, int6
   const size_t bytes = size_t(cu[B]) * H * element_size(dtype) + size_t(B) * H * sizeof(float);
   parallel_for(B, threads_for(bytes), [&](int64_t b0, int64_t b1) {
 #if defined(FASTSERVE_CPU_AVX2)
-    if (use_avx2()) return simd::pool_rows_avx2(x, dtype, cu, b0, b1, H, mode, normalize, out);
+    // The portable path under a process-wide cap of kPortable (set_isa_cap),
+    // so tests and benchmarks reach it in one process.
+    if (use_avx2() && Isa(g_isa_cap.load(std::memory_order_relaxed)) >= Isa::kAvx2)
+      return simd::pool_rows_avx2(x, dtype, cu, b0, b1, H, mode, normalize, out);
 #endif
     switch (dtype) {
       case DType::kFloat32: pool_rows(x, cu, b0, b1, H, mode, normalize, out, LoadF32{}); break;

@@ -152,7 +152,7 @@ FS_AVX2 void normalize_row(float* o, int64_t H) {
   float sq = _mm_cvtss_f32(q);
   for (; h < H; ++h) sq += o[h] * o[h];
   const float n = std::sqrt(sq);
-  const float scale = 1.f / (n > 1e-12f ? n : 1e-12f);
+  const float scale = 1.f / (n < 1e-12f ? 1e-12f : n);  // a NaN norm stays NaN
   const __m256 vs = _mm256_set1_ps(scale);
   for (h = 0; h + 8 <= H; h += 8) _mm256_storeu_ps(o + h, _mm256_mul_ps(_mm256_loadu_ps(o + h), vs));
   for (; h < H; ++h) o[h] *= scale;

@@ -181,7 +181,7 @@ FS_HD float pool_thread(const PoolParams& p, int64_t b, int tx, int bdx) {
 
 FS_HD float inv_norm(float sq) {
   const float n = sqrtf(sq);
-  return 1.f / (n > 1e-12f ? n : 1e-12f);
+  return 1.f / (n < 1e-12f ? 1e-12f : n);  // a NaN norm stays NaN, as in F.normalize
 }
 
 // Phase 2 (normalize only): scale this thread's columns by the block's 1/||row||.
