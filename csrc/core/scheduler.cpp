@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <functional>
 #include <limits>
+#include <sstream>
 
 #include "fastserve/errors.h"
 
@@ -321,6 +322,29 @@ double Scheduler::completion_locked(double now, int priority, double ahead, doub
   return now + (residual + compute_locked(ahead + own, fill, room)) * stretch_locked(priority);
 }
 
+void Scheduler::check_servable_locked(const std::vector<std::vector<int32_t>>& requests, double now,
+                                      double deadline) const {
+  // The list's own work, run alone on every live worker: past the deadline,
+  // no wait makes it fit (the queue ahead only adds to it), so it is the
+  // caller's to split or give more time, not a retry later. Refused at once
+  // rather than queued in part (the rest then waited, was predicted late or
+  // shed, and the call failed as Overloaded after its prefix had run).
+  double own = 0;
+  int64_t tokens = 0;
+  for (const auto& r : requests) {
+    own += own_cost(static_cast<int64_t>(r.size()));
+    tokens += static_cast<int64_t>(r.size());
+  }
+  const double alone = compute_locked(own, own, INFINITY);
+  if (now + alone <= deadline) return;
+  std::ostringstream msg;
+  msg.precision(3);
+  msg << requests.size() << " requests of " << tokens << " tokens together need about " << alone
+      << " s of compute alone at the measured rate, past their deadline " << (deadline - now)
+      << " s away: submit fewer at once, or give them more time";
+  throw InvalidArgument(msg.str());
+}
+
 double Scheduler::predict_completion(int64_t tokens, int priority) const {
   std::lock_guard<std::mutex> lock(mu_);
   if (!predicting_locked()) return INFINITY;
@@ -429,6 +453,7 @@ std::vector<uint64_t> Scheduler::submit_many(std::vector<std::vector<int32_t>> r
     // Each request of the list is ahead of the next: the prediction grows.
     // (On an idle worker the first one starts at once: never refused.)
     const bool predict = std::isfinite(deadline) && predicting_locked();
+    if (predict && requests.size() > 1) check_servable_locked(requests, now, deadline);
     const bool idle = idle_for_locked(priority);
     double ahead = predict ? ahead_locked(priority) : 0, late_at = 0, last = 0;
     // How many of them fit, in order (the queue's room, each one's predicted

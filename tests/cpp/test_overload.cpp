@@ -426,37 +426,78 @@ TEST(Admission, PredictsFromWorkAheadAndRefusesWhatWouldMissItsDeadline) {
 TEST(Admission, SubmitManyAdmitsThePrefixThatMakesItsDeadline) {
   Measured m;
   const double now = m.clock->now();
-  // Each 500 tokens: 2 + 10 ms alone; 1000 per batch of 22 ms. With a 50 ms
-  // deadline, about 2000 tokens (4 requests) fit.
-  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  // 1000 tokens per batch of 22 ms; 1000 queued ahead. With a 50 ms deadline
+  // about 2000 tokens fit: the 1000 ahead and two of the list's 500 (alone,
+  // its 2000 tokens take 44 ms: it could make it, behind the others it cannot).
+  m.s.submit(toks(1000));
+  std::vector<std::vector<int32_t>> reqs(4, toks(500));
   const auto ids = m.s.submit_many(reqs, 0, now + 0.05);
-  EXPECT_GE(ids.size(), 3u);
-  EXPECT_LE(ids.size(), 5u);
+  EXPECT_GE(ids.size(), 1u);
+  EXPECT_LE(ids.size(), 3u);
   EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.05), Overloaded);
+}
+
+TEST(Admission, SubmitManyRefusesAListItsOwnWorkMakesLate) {
+  // Ten requests of 500 tokens take 110 ms alone (5 batches of 22 ms): with a
+  // 50 ms deadline no wait makes them fit, so not Overloaded (retry later)
+  // after a prefix was queued, but the caller's to split: InvalidArgument,
+  // naming the work, nothing queued or counted as refused.
+  Measured m;
+  const double now = m.clock->now();
+  const std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  const auto before = m.s.snapshot().stats;
+  for (bool whole : {false, true}) {
+    for (bool waiting : {false, true}) {
+      try {
+        m.s.submit_many(reqs, 0, now + 0.05, whole, waiting);
+        ADD_FAILURE() << "admitted";
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("10 requests of 5000 tokens"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("alone"), std::string::npos) << e.what();
+      }
+    }
+  }
+  EXPECT_EQ(m.s.depth(), 0);
+  EXPECT_EQ(m.s.snapshot().stats.refused, before.refused);
+  // One request (it cannot be split), in time alone, or without a deadline: queued.
+  EXPECT_EQ(m.s.submit_many({toks(5000)}, 0, now + 0.05).size(), 1u);  // (idle: it starts at once)
+  EXPECT_EQ(m.s.submit_many(reqs, 0, now + 1.0).size(), 10u);
+  EXPECT_EQ(m.s.submit_many(reqs).size(), 10u);
+}
+
+TEST(Admission, SubmitManyCountsEveryWorkerForAListAlone) {
+  // Two workers run the list's full batches two at a time: 4 x 1000 tokens
+  // take 2 x 22 ms, within 50 ms (one worker: 88 ms, refused).
+  Measured two(1000, 2);
+  Measured one(1000, 1);
+  const std::vector<std::vector<int32_t>> reqs(4, toks(1000));
+  EXPECT_NO_THROW(two.s.submit_many(reqs, 0, two.clock->now() + 0.05, false, true));
+  EXPECT_THROW(one.s.submit_many(reqs, 0, one.clock->now() + 0.05, false, true), InvalidArgument);
 }
 
 TEST(Admission, SubmitManyWholeQueuesAllOrNoneWithTheReasonItRefused) {
   Measured m;
   const double now = m.clock->now();
-  m.s.submit(toks(10));  // a worker is busy-to-be: no request starts at once
+  m.s.submit(toks(1000));  // a worker is busy-to-be: no request starts at once
+  m.s.submit(toks(1000));
   const auto before = m.s.snapshot().stats;
-  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  std::vector<std::vector<int32_t>> reqs(6, toks(500));  // 66 ms alone: in time but for the 2000 ahead
   double retry = 0;
   try {
-    m.s.submit_many(reqs, 0, now + 0.05, /*whole=*/true);  // the prefix would fit
+    m.s.submit_many(reqs, 0, now + 0.07, /*whole=*/true);  // the prefix would fit
     ADD_FAILURE() << "admitted";
   } catch (const Overloaded& e) {
     retry = e.retry_after_s();
   }
   // Reported as the whole of it would end, its last request's completion: 5000 tokens in 5 batches
-  // of 22 ms after the one ahead (the first one late would say about 0.01 s).
-  EXPECT_GT(retry, 0.05);
-  EXPECT_EQ(m.s.depth(), 1);
+  // of 22 ms, 0.04 s late (the first one late, in the fourth batch, would say about 0.02 s).
+  EXPECT_GT(retry, 0.03);
+  EXPECT_EQ(m.s.depth(), 2);
   const auto after = m.s.snapshot().stats;
   EXPECT_EQ(after.refused, before.refused + 1);
   EXPECT_EQ(after.submitted, before.submitted);
-  EXPECT_EQ(m.s.submit_many(reqs, 0, now + 10.0, true).size(), 10u);  // in time: all of them
-  EXPECT_EQ(m.s.depth(), 11);
+  EXPECT_EQ(m.s.submit_many(reqs, 0, now + 10.0, true).size(), 6u);  // in time: all of them
+  EXPECT_EQ(m.s.depth(), 8);
 }
 
 TEST(Admission, SubmitManyWholeIsQueueFullWhenTheQueueCannotHoldThemAll) {
@@ -510,11 +551,11 @@ TEST(Admission, SubmitManyWaitingReturnsNothingAndCountsNoRefusal) {
 TEST(Admission, SubmitManyWaitingIsNotRefusedForLatenessEither) {
   Measured m;
   const double now = m.clock->now();
-  m.s.submit(toks(10));  // a worker is busy-to-be: no request starts at once
-  std::vector<std::vector<int32_t>> reqs(10, toks(500));
+  m.s.submit(toks(1000));  // a worker is busy-to-be: no request starts at once
+  std::vector<std::vector<int32_t>> reqs(2, toks(100));  // 6 ms alone: late only behind the 1000
   const auto before = m.s.snapshot().stats;
-  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.005), Overloaded);
-  EXPECT_TRUE(m.s.submit_many(reqs, 0, now + 0.005, false, /*waiting=*/true).empty());
+  EXPECT_THROW(m.s.submit_many(reqs, 0, now + 0.01), Overloaded);
+  EXPECT_TRUE(m.s.submit_many(reqs, 0, now + 0.01, false, /*waiting=*/true).empty());
   const auto after = m.s.snapshot().stats;
   EXPECT_EQ(after.refused, before.refused + 1);  // the first call only
   EXPECT_EQ(m.s.depth(), 1);

@@ -126,6 +126,32 @@ def test_a_request_predicted_to_miss_its_deadline_is_refused_with_a_retry_hint(b
         assert s["admitted"] == s["submitted"]
 
 
+def test_a_list_its_own_work_makes_late_is_refused_at_once_as_the_callers_to_split(bert):
+    """A list whose own work, run alone, ends past its deadline: no wait makes
+    it fit, so it is InvalidInputError at once, nothing queued (over HTTP a
+    400, not a 429 the client retries in vain). It was queued in part, its
+    prefix computed, and the call failed as OverloadedError: a 2,048-text
+    request on an idle server got 429 after 10.8 s, and again on each retry.
+    The clock stands still: the deadline is 1 us away while each measured
+    batch took real time."""
+    pytest.importorskip("fastapi")
+    from fastserve.server.errors import api_error
+
+    engine, clock = make(bert)
+    with engine:
+        measured(engine)
+        before = engine.stats()
+        texts = ["too much work for its deadline"] * 64
+        with pytest.raises(fastserve.InvalidInputError, match="64 requests of .* alone") as info:
+            engine.embed(texts, timeout=1e-6)
+        assert not isinstance(info.value, fastserve.QueueFullError)
+        assert api_error(info.value).status == 400
+        s = engine.stats()
+        assert (s["submitted"], s["refused"], s["queue_depth"]) == (before["submitted"], before["refused"], 0)
+        assert engine.embed(texts, timeout=1e9).shape == (64, engine.dim)  # in time: served
+        assert engine.submit(texts[0], timeout=1e-6).result(timeout=30).shape == (engine.dim,)  # one: runs (idle)
+
+
 def test_a_queued_request_predicted_to_finish_late_is_shed_not_computed(bert):
     engine, clock = make(bert)
     with engine:

@@ -178,6 +178,9 @@ class Scheduler {
   // bounds (they could never fit). With `waiting` (the caller has part of
   // its list queued already and waits for room), an empty prefix is
   // returned instead of QueueFull/Overloaded, and not counted as a refusal.
+  // More than one request with a deadline, predicted to end past it even run
+  // alone (their own work on every worker, nothing ahead): InvalidArgument,
+  // nothing queued (no wait can make them fit).
   std::vector<uint64_t> submit_many(std::vector<std::vector<int32_t>> requests, int priority = 0,
                                     double deadline = kNoDeadline, bool whole = false, bool waiting = false);
 
@@ -302,6 +305,8 @@ class Scheduler {
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
   double urgent_locked(int priority) const;     // earliest deadline queued at priority or higher
   double stretch_locked(int priority) const;  // a class's time under pauses for higher ones
+  // submit_many's refusal of a list whose own work misses its deadline.
+  void check_servable_locked(const std::vector<std::vector<int32_t>>& requests, double now, double deadline) const;
   double completion_locked(double now, int priority, double ahead, double own) const;
   // This worker's share of the queue's cost when the workers split it to
   // end together (balance_workers), or `budget` when that share is larger.
