@@ -103,16 +103,62 @@ _open_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 # closed, but one may not have left its loop yet; they are joined at exit
 # too, for the same reason.
 _ending_workers: set[threading.Thread] = set()
+# Every engine made in this process, closed or not: a forked child marks
+# each and gives each fresh locks (_after_fork_in_child).
+_all_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+# .active is True on a worker thread of any engine (_worker_loop), where
+# done callbacks and model hooks run.
+_worker_here = threading.local()
+
+_FORKED = ("this engine was made before the process forked: its worker threads are in the parent only; "
+          "make an Engine in this process")
+
+
+def _on_worker_thread() -> bool:
+    """Whether the calling thread is a worker of some fastserve engine (a
+    future's done callback or a model hook runs there): a call that waits
+    for any engine's results would wait for this thread, or for another
+    engine's worker that may itself be waiting for this one."""
+    return getattr(_worker_here, "active", False)
+
+
+def _worker_thread_error(what: str, how: str) -> WorkerThreadError:
+    name = threading.current_thread().name
+    return WorkerThreadError(
+        f"{what} was {how} on the fastserve worker thread {name!r} (a future's done callback or a model hook "
+        "runs there) and would wait for a worker: this engine's (itself), or another engine's, whose callbacks "
+        "may be waiting for this one; use submit() there, or hand the work to another thread (an async form: "
+        "asyncio.run_coroutine_threadsafe onto an event loop running in another thread)")
+
+
+def _awaited_off_workers(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """A task call's coroutine (tasks.py) with Engine._may_await's check,
+    made as it starts to run."""
+    @functools.wraps(method)
+    async def checked(self: "Engine", *args: Any, **kwargs: Any) -> Any:
+        self._may_await(what)
+        return await method(self, *args, **kwargs)
+    return checked
 
 
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads: the engines it
     inherited refuse new work (instead of queueing it for no worker) and are
-    left alone at exit (their scheduler's locks may have been held at the fork)."""
-    for engine in list(_open_engines):
+    left alone at exit (their scheduler's locks may have been held at the
+    fork). Their own locks may have been held too, by a thread that does not
+    exist here: each gets fresh ones, so a refusal never waits on one."""
+    for engine in list(_all_engines):
         engine._forked = True
+        engine._lock = threading.Lock()
+        timer = getattr(engine, "_tokenize", None)
+        if timer is not None:
+            timer._lock = threading.Lock()
+        private = getattr(engine, "_private_tokenizer", None)
+        if isinstance(private, tasks.PrivateTokenizer):
+            private._lock = threading.Lock()
     _open_engines.clear()
     _ending_workers.clear()
+    _worker_here.active = False  # forked from a worker's thread: no engine's worker here
 
 
 if hasattr(os, "register_at_fork"):
@@ -271,14 +317,24 @@ def _remember(cache: dict[str, int], prompt: str, n: int) -> None:
         cache[prompt] = n
 
 
-def _dropped(scheduler: _core.Scheduler, release_onednn: _Once, replicas: list) -> None:
+def _dropped(scheduler: _core.Scheduler, release_onednn: _Once, replicas: list, pending: dict[int, cf.Future],
+             pid: int) -> None:
     """An engine collected without close() (weakref.finalize): its workers,
     which hold it only while they run a batch, end once its scheduler is
-    closed, and its oneDNN registration is released. (Queued requests would
-    have kept it alive: each future's callback refers to it.) A dead
-    worker's exception lets go of its frames, which hold the replica in a
-    cycle that gc.freeze() would keep with the model."""
-    scheduler.close()
+    closed, and its oneDNN registration is released. Queued requests keep
+    it alive: this finalizer holds `pending` (the engine's map of queued
+    futures), each future's done callback refers to the engine, so the
+    engine is collected only once none is queued (what is left is failed
+    here all the same). A dead worker's exception lets go of its frames,
+    which hold the replica in a cycle that gc.freeze() would keep with the
+    model. In a forked child (pid not the engine's) nothing is touched:
+    the scheduler's locks may have been held at the fork."""
+    if os.getpid() != pid:
+        return
+    for rid in scheduler.close():
+        fut = pending.pop(rid, None)
+        if fut is not None and _claim(fut):
+            _settle(fut, error=EngineClosedError("the engine was dropped before this request ran"))
     release_onednn()
     _forget_frames(r.error for r in replicas)
     _ending_workers.difference_update([t for t in list(_ending_workers) if not t.is_alive()])
@@ -301,6 +357,7 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
     scheduler closes. It holds the engine only while it runs one (a strong
     reference the whole time would keep an engine dropped without close()
     alive with its threads and model to the end of the process)."""
+    _worker_here.active = True  # blocking calls here are refused (Engine._may_block, _may_await)
     engine = ref()
     if engine is None:
         return
@@ -452,6 +509,13 @@ class Engine(tasks.TaskCalls):
     """
 
     _forked = False  # True in a forked child (_after_fork_in_child)
+
+    # The task calls' coroutines refuse to run on a worker thread, as
+    # aembed does (Engine._may_await).
+    asubmit_pairs = _awaited_off_workers(tasks.TaskCalls.asubmit_pairs, "asubmit_pairs")
+    ascore = _awaited_off_workers(tasks.TaskCalls.ascore, "ascore")
+    arerank = _awaited_off_workers(tasks.TaskCalls.arerank, "arerank")
+    aextract = _awaited_off_workers(tasks.TaskCalls.aextract, "aextract")
 
     @_undo_process_changes_on_refusal
     def __init__(
@@ -742,12 +806,17 @@ class Engine(tasks.TaskCalls):
         self._closed_out = False  # close()'s end done (_after_workers)
         self._worker_error: BaseException | None = None
         self._tokenize = _Timer()
+        _all_engines.add(self)  # its locks made afresh in a forked child
         for r in self._replicas:
             name = "fastserve-worker" if len(self._replicas) == 1 else f"fastserve-worker-{r.index}"
             r.thread = threading.Thread(target=_worker_loop, args=(weakref.ref(self), r), name=name, daemon=True)
         self._worker = self._replicas[0].thread
         # On collection only: at exit, _close_open_engines closes what is open.
-        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn, self._replicas).atexit = False
+        # The finalizer holds the pending futures (whose callbacks refer to
+        # the engine): an engine dropped with requests queued lives until
+        # they are served, and every one resolves (_dropped).
+        weakref.finalize(self, _dropped, self._scheduler, self._release_onednn, self._replicas, self._pending,
+                         os.getpid()).atexit = False
         for r in self._replicas:
             r.thread.start()
         _open_engines.add(self)
@@ -791,6 +860,7 @@ class Engine(tasks.TaskCalls):
     async def aembed(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None,
                      prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """embed, awaited: no thread waits, and cancelling the task cancels the requests."""
+        self._may_await("aembed")
         self._require_task("embed")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout,
@@ -800,6 +870,7 @@ class Engine(tasks.TaskCalls):
 
     async def aclassify(self, texts: str | Sequence[str], *, priority: int = 0, timeout: float | None = None):
         """classify, awaited (as aembed)."""
+        self._may_await("aclassify")
         self._require_task("classify")
         if isinstance(texts, str):
             return await asyncio.wrap_future(self.submit(texts, priority=priority, timeout=timeout))
@@ -813,6 +884,7 @@ class Engine(tasks.TaskCalls):
         OverloadedError (a QueueFullError) when it is predicted to miss its
         deadline (timeout, else the engine's request_timeout_s).
         prompt_name / prompt: as embed's."""
+        self._refuse_if_forked()  # before the tokenizer's lock, which a thread of the parent may have held
         timeout = admission.check_timeout(timeout)
         p = self._prompt(prompt_name, prompt)
         return self._submit_one(self._tokens(self._prompted([text], p), self._lead(p)), priority, timeout, p)
@@ -824,6 +896,7 @@ class Engine(tasks.TaskCalls):
         prompt_name / prompt: as submit_many's for token-id lists (the ids as
         tokenize() gives them with the same arguments: the prompt, the
         model's default one without them, already in front)."""
+        self._refuse_if_forked()
         timeout = admission.check_timeout(timeout)
         p = self._prompt(prompt_name, prompt)
         return self._submit_one(self._validated([token_ids], self._lead(p)), priority, timeout, p)
@@ -859,6 +932,7 @@ class Engine(tasks.TaskCalls):
         truncate="chunk", a long input's windows are queued as requests of
         their own (each starting with the prompt) and its future is theirs
         combined."""
+        self._refuse_if_forked()
         p = self._prompt(prompt_name, prompt)
         requests, queued, spans = self._planned(inputs, p)
         futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout),
@@ -880,6 +954,7 @@ class Engine(tasks.TaskCalls):
         it when the client leaves or its deadline passes); what it raises
         fails the call. `await fastserve.wait_all(futures)` gives the results.
         prompt_name / prompt: as submit_many's."""
+        self._may_await("asubmit_many")
         p = self._prompt(prompt_name, prompt)
         requests, queued, spans = self._planned(inputs, p)
         futures = await admission.asubmit_all(self._submitter(p), queued, priority,
@@ -936,13 +1011,15 @@ class Engine(tasks.TaskCalls):
             cf.wait(outstanding, timeout=timeout)
         for rid in self._scheduler.close():
             self._fail(rid, EngineClosedError("the engine was closed before this request ran"))
-        if any(threading.current_thread() is r.thread for r in self._replicas):
-            # From a worker (a done callback): the workers end by themselves
-            # now the scheduler is closed. Joining them here deadlocked two
-            # workers whose callbacks both closed the engine (each joined the
-            # other); a thread of its own joins them, then lets go of what the
-            # engine holds outside itself (oneDNN's switch, the pipeline's
-            # hooks). A close() from outside, or the exit hook, joins here.
+        if _on_worker_thread():
+            # From a worker (a done callback), this engine's or another's:
+            # the workers end by themselves now the scheduler is closed.
+            # Joining them here deadlocked two workers whose callbacks both
+            # closed the engine (each joined the other), and two engines
+            # whose callbacks closed each other the same way; a thread of
+            # its own joins them, then lets go of what the engine holds
+            # outside itself (oneDNN's switch, the pipeline's hooks). A
+            # close() from outside, or the exit hook, joins here.
             threading.Thread(target=self._after_workers, name="fastserve-close", daemon=True).start()
             return
         self._after_workers()
@@ -978,7 +1055,13 @@ class Engine(tasks.TaskCalls):
 
     async def aclose(self, drain: bool = False, timeout: float | None = None) -> None:
         """close() for the event loop: the drain and the workers' exit are
-        awaited in a thread, never blocking the loop."""
+        awaited in a thread, never blocking the loop. (Run on a worker's
+        thread, that thread would join the worker: WorkerThreadError; call
+        close() there.)"""
+        if self._forked:  # as close() there: nothing to stop, and no error
+            self.close()
+            return
+        self._may_await("aclose")
         await asyncio.to_thread(self.close, drain, timeout)
 
     async def __aenter__(self) -> "Engine":
@@ -1010,9 +1093,9 @@ class Engine(tasks.TaskCalls):
         live = sum(r.alive for r in self._replicas)
         alive = live > 0
         return {
-            "healthy": alive and not self._closing and self._worker_error is None,
+            "healthy": alive and not self._closing and not self._forked and self._worker_error is None,
             "worker_alive": alive,
-            "closed": self._closing,
+            "closed": self._closing or self._forked,  # a forked child's copy refuses work as a closed engine
             "error": repr(self._worker_error) if self._worker_error else None,
             "replicas": len(self._replicas),
             "replicas_alive": live,
@@ -1020,6 +1103,10 @@ class Engine(tasks.TaskCalls):
         }
 
     def stats(self) -> dict[str, Any]:
+        # In a forked child the scheduler's lock may have been held at the
+        # fork (as close() there, stats() leaves the scheduler alone): its
+        # counts are the parent's anyway.
+        self._refuse_if_forked()
         s = self._scheduler.stats()
         s["tokenize_s"] = self._tokenize.summary()
         s["model"] = self.model_name
@@ -1148,6 +1235,7 @@ class Engine(tasks.TaskCalls):
         end) in it): with truncate="chunk" a long input's windows are queued,
         otherwise the lists themselves (spans None). On a closed engine
         EngineClosedError, an empty list's too."""
+        self._refuse_if_forked()
         with self._lock:
             self._refuse_if_closed()
         requests = self._requests(inputs, prompt)
@@ -1188,6 +1276,7 @@ class Engine(tasks.TaskCalls):
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
                        pooled_from: int = 0) -> cf.Future:
+        self._refuse_if_forked()
         timeout = self.request_timeout_s if timeout is None else timeout
         priority = admission.check_priority(priority)
         fut: cf.Future = cf.Future()
@@ -1219,12 +1308,16 @@ class Engine(tasks.TaskCalls):
         fut.info = lists.infos[0]
         return fut
 
+    def _refuse_if_forked(self) -> None:
+        """EngineClosedError in a forked child, checked before any lock (one
+        may have been held at the fork by a thread the child does not have)."""
+        if self._forked:
+            raise EngineClosedError(_FORKED)
+
     def _refuse_if_closed(self) -> None:
         """Under self._lock: no new request once the engine is closing; the
         error names the worker's fault when that is why."""
-        if self._forked:
-            raise EngineClosedError("this engine was made before the process forked: its worker threads are "
-                                    "in the parent only; make an Engine in this process")
+        self._refuse_if_forked()
         if self._closing:
             if self._worker_error is not None:
                 raise EngineClosedError(f"the engine's worker died: {self._worker_error!r}")
@@ -1239,6 +1332,7 @@ class Engine(tasks.TaskCalls):
         have no deadline (the engine's request_timeout_s is for single
         requests, _submit_tokens). `waiting`: none fitting is an empty list,
         not a refusal (admission's wait for room)."""
+        self._refuse_if_forked()
         priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
@@ -1326,22 +1420,32 @@ class Engine(tasks.TaskCalls):
 
     def _on_done(self, rid: int, fut: cf.Future) -> None:
         if fut.cancelled():
-            self._scheduler.cancel(rid)
+            if not self._forked:  # (a forked child leaves the scheduler alone: its lock may be held)
+                self._scheduler.cancel(rid)
             with self._lock:
                 mine = self._pending.pop(rid, None) is not None
             if mine:  # left the queue (not taken by a worker, which notifies those it takes):
                 fut.set_running_or_notify_cancel()  # cf.wait / as_completed count it done
 
     def _may_block(self, what: str) -> None:
-        """WorkerThreadError where a blocking call would run on one of this
-        engine's workers (a done callback, a model hook): it would wait for
-        the thread it runs on."""
-        me = threading.current_thread()
-        if any(r.thread is me for r in self._replicas):
-            raise WorkerThreadError(
-                f"{what} was called on the engine's worker thread {me.name!r} (from a future's done callback "
-                "or a model hook) and would wait for itself; use submit() or the async forms there, or hand "
-                "the work to another thread")
+        """Before a call that waits for the engine: EngineClosedError in a
+        forked child; WorkerThreadError on a worker thread of any engine (a
+        done callback, a model hook): on this engine's it would wait for
+        itself, and on another's a cycle of such waits (each engine's
+        callbacks calling the other) would hold both for good."""
+        self._refuse_if_forked()
+        if _on_worker_thread():
+            raise _worker_thread_error(what, "called")
+
+    def _may_await(self, what: str) -> None:
+        """_may_block for a coroutine (aembed, ascore, aclose, ...), checked
+        when it runs, not when it is made: run to completion on a worker
+        (asyncio.run in a done callback) it waits for the workers as a
+        blocking call does; handed to an event loop in another thread
+        (asyncio.run_coroutine_threadsafe) it runs there as any."""
+        self._refuse_if_forked()
+        if _on_worker_thread():
+            raise _worker_thread_error(what, "run")
 
     def _take_all(self, rids) -> list[cf.Future | None]:
         """The futures of requests leaving the queue (one lock for the whole
