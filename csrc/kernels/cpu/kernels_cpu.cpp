@@ -95,33 +95,41 @@ constexpr int64_t kChunk = 64;
 template <class Load, class S>
 inline void pool_chunk(const S* x, int64_t begin, int64_t end, int64_t H, int64_t c, int64_t w, PoolMode mode,
                        float* o, Load load) {
-  float acc[kChunk];
-  const S* row = x + begin * H + c;
-  for (int64_t i = 0; i < kChunk; ++i) acc[i] = i < w ? load(row[i]) : 0.f;
-  if (mode == PoolMode::kCls) {
-  } else if (w == kChunk) {  // full chunk: fixed trip count, vectorised
-    for (int64_t r = begin + 1; r < end; ++r) {
-      row = x + r * H + c;
-      if (mode == PoolMode::kMax) {
-        for (int64_t i = 0; i < kChunk; ++i) {
-          const float v = load(row[i]);
-          acc[i] = pool_max(acc[i], v);
+  // Mean sums blocks of rows (mean_block_rows) into the total; max and cls
+  // take the segment as one block.
+  const int64_t step = mode == PoolMode::kMean ? mean_block_rows(end - begin) : end - begin;
+  float total[kChunk];
+  for (int64_t b0 = begin; b0 < end; b0 += step) {
+    const int64_t b1 = std::min(end, b0 + step);
+    float acc[kChunk];
+    const S* row = x + b0 * H + c;
+    for (int64_t i = 0; i < kChunk; ++i) acc[i] = i < w ? load(row[i]) : 0.f;
+    if (mode == PoolMode::kCls) {
+    } else if (w == kChunk) {  // full chunk: fixed trip count, vectorised
+      for (int64_t r = b0 + 1; r < b1; ++r) {
+        row = x + r * H + c;
+        if (mode == PoolMode::kMax) {
+          for (int64_t i = 0; i < kChunk; ++i) {
+            const float v = load(row[i]);
+            acc[i] = pool_max(acc[i], v);
+          }
+        } else {
+          for (int64_t i = 0; i < kChunk; ++i) acc[i] += load(row[i]);
         }
-      } else {
-        for (int64_t i = 0; i < kChunk; ++i) acc[i] += load(row[i]);
+      }
+    } else {  // the tail of H
+      for (int64_t r = b0 + 1; r < b1; ++r) {
+        row = x + r * H + c;
+        for (int64_t i = 0; i < w; ++i) {
+          const float v = load(row[i]);
+          acc[i] = mode == PoolMode::kMax ? pool_max(acc[i], v) : acc[i] + v;
+        }
       }
     }
-  } else {  // the tail of H
-    for (int64_t r = begin + 1; r < end; ++r) {
-      row = x + r * H + c;
-      for (int64_t i = 0; i < w; ++i) {
-        const float v = load(row[i]);
-        acc[i] = mode == PoolMode::kMax ? pool_max(acc[i], v) : acc[i] + v;
-      }
-    }
+    for (int64_t i = 0; i < kChunk; ++i) total[i] = b0 == begin ? acc[i] : total[i] + acc[i];
   }
   const float scale = mode == PoolMode::kMean ? 1.f / float(end - begin) : 1.f;
-  for (int64_t i = 0; i < w; ++i) o[c + i] = acc[i] * scale;
+  for (int64_t i = 0; i < w; ++i) o[c + i] = total[i] * scale;
 }
 
 template <class Load>

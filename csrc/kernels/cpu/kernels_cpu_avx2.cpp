@@ -57,12 +57,20 @@ FS_AVX2_INLINE __m256 combine(__m256 acc, __m256 v) {
 }
 
 // Columns per register block: 8 accumulators of 8 floats stay in registers
-// across all of a segment's rows (16 ymm registers: 8 accumulators + loads).
+// across all of a block's rows (16 ymm registers: 8 accumulators + loads).
 constexpr int kRegs = 8;
+
+// A block of rows' 8 columns `a` into o: the first block of a segment stores
+// its sum, later ones add theirs to o (mean_block_rows); the last scales.
+FS_AVX2_INLINE void put(__m256 a, float* o, bool first, bool last, __m256 vs) {
+  if (!first) a = _mm256_add_ps(_mm256_loadu_ps(o), a);
+  _mm256_storeu_ps(o, last ? _mm256_mul_ps(a, vs) : a);
+}
 
 // Full blocks of 64 columns, rows [begin, end): accumulators in registers.
 template <class Ld, bool kMax>
-FS_AVX2_INLINE void pool_block(const typename Ld::S* p, int64_t rows, int64_t H, __m256 vs, float* o) {
+FS_AVX2_INLINE void pool_block(const typename Ld::S* p, int64_t rows, int64_t H, __m256 vs, float* o, bool first,
+                               bool last) {
   __m256 a[kRegs];
 #pragma GCC unroll 8
   for (int k = 0; k < kRegs; ++k) a[k] = Ld::v(p + 8 * k);
@@ -72,7 +80,7 @@ FS_AVX2_INLINE void pool_block(const typename Ld::S* p, int64_t rows, int64_t H,
     for (int k = 0; k < kRegs; ++k) a[k] = combine<kMax>(a[k], Ld::v(p + 8 * k));
   }
 #pragma GCC unroll 8
-  for (int k = 0; k < kRegs; ++k) _mm256_storeu_ps(o + 8 * k, _mm256_mul_ps(a[k], vs));
+  for (int k = 0; k < kRegs; ++k) put(a[k], o + 8 * k, first, last, vs);
 }
 
 // bf16 blocks without a widening shuffle: one 32-byte load holds 16 bf16;
@@ -81,7 +89,8 @@ FS_AVX2_INLINE void pool_block(const typename Ld::S* p, int64_t rows, int64_t H,
 // the end. Two plain ALU ops per 16 columns instead of vpmovzxwd, which
 // issues one per cycle and so limits the loop (figures: benchmarks/README.md).
 template <bool kMax>
-FS_AVX2_INLINE void pool_block_bf16(const uint16_t* p, int64_t rows, int64_t H, __m256 vs, float* o) {
+FS_AVX2_INLINE void pool_block_bf16(const uint16_t* p, int64_t rows, int64_t H, __m256 vs, float* o, bool first,
+                                    bool last) {
   const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
   __m256 a[kRegs];
 #pragma GCC unroll 4
@@ -104,30 +113,31 @@ FS_AVX2_INLINE void pool_block_bf16(const uint16_t* p, int64_t rows, int64_t H, 
     // even = columns 0 2 4 .. 14, odd = 1 3 .. 15 (each 128-bit lane in order).
     const __m256 lo = _mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]);  // 0-3 | 8-11
     const __m256 hi = _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]);  // 4-7 | 12-15
-    _mm256_storeu_ps(o + 16 * k, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), vs));
-    _mm256_storeu_ps(o + 16 * k + 8, _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), vs));
+    put(_mm256_permute2f128_ps(lo, hi, 0x20), o + 16 * k, first, last, vs);
+    put(_mm256_permute2f128_ps(lo, hi, 0x31), o + 16 * k + 8, first, last, vs);
   }
 }
 
-// One segment's rows [begin, end) of x [T, H] pooled into o [H] (before
-// normalisation). cls passes end = begin + 1.
+// One block of a segment's rows [begin, end) of x [T, H] pooled into o [H]
+// (put: first stores, later blocks add, last scales).
 template <class Ld, bool kMax>
-FS_AVX2 void pool_segment(const typename Ld::S* x, int64_t begin, int64_t end, int64_t H, float scale, float* o) {
+FS_AVX2 void pool_rows_block(const typename Ld::S* x, int64_t begin, int64_t end, int64_t H, __m256 vs, float* o,
+                             bool first, bool last) {
   using S = typename Ld::S;
-  const __m256 vs = _mm256_set1_ps(scale);
   int64_t c = 0;
   for (; c + 8 * kRegs <= H; c += 8 * kRegs) {
     if constexpr (std::is_same_v<Ld, BF16>)
-      pool_block_bf16<kMax>(x + begin * H + c, end - begin, H, vs, o + c);
+      pool_block_bf16<kMax>(x + begin * H + c, end - begin, H, vs, o + c, first, last);
     else
-      pool_block<Ld, kMax>(x + begin * H + c, end - begin, H, vs, o + c);
+      pool_block<Ld, kMax>(x + begin * H + c, end - begin, H, vs, o + c, first, last);
   }
   for (; c + 8 <= H; c += 8) {
     const S* p = x + begin * H + c;
     __m256 a = Ld::v(p);
     for (int64_t r = begin + 1; r < end; ++r) a = combine<kMax>(a, Ld::v(p += H));
-    _mm256_storeu_ps(o + c, _mm256_mul_ps(a, vs));
+    put(a, o + c, first, last, vs);
   }
+  const float scale = _mm256_cvtss_f32(vs);
   for (; c < H; ++c) {
     const S* p = x + begin * H + c;
     float a = Ld::s(*p);
@@ -135,7 +145,21 @@ FS_AVX2 void pool_segment(const typename Ld::S* x, int64_t begin, int64_t end, i
       const float v = Ld::s(*(p += H));
       a = kMax ? pool_max(a, v) : a + v;
     }
-    o[c] = a * scale;
+    if (!first) a += o[c];
+    o[c] = last ? a * scale : a;
+  }
+}
+
+// One segment's rows [begin, end) of x [T, H] pooled into o [H] (before
+// normalisation). cls passes end = begin + 1; mean sums blocks of
+// mean_block_rows rows into o.
+template <class Ld, bool kMax>
+FS_AVX2 void pool_segment(const typename Ld::S* x, int64_t begin, int64_t end, int64_t H, float scale, float* o) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  const int64_t step = kMax ? end - begin : mean_block_rows(end - begin);
+  for (int64_t b0 = begin; b0 < end; b0 += step) {
+    const int64_t b1 = std::min(end, b0 + step);
+    pool_rows_block<Ld, kMax>(x, b0, b1, H, vs, o, b0 == begin, b1 == end);
   }
 }
 
