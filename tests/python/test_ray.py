@@ -11,6 +11,7 @@ hang.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -439,6 +440,23 @@ def test_router_ranks_by_queued_tokens_not_request_counts():
     assert asyncio.run(router.choose_replicas([a])) == [[a]]
 
 
+def test_router_leaves_out_a_replica_whose_engine_is_down():
+    """A replica whose engine died answers 503 at once with an empty queue:
+    by its work the least loaded. It drew 60% of the requests (2 replicas)
+    for the 25 s Serve took to replace it; now it gets none while a healthy
+    replica is there, and still gets them when none is."""
+    router = _router()
+    dead = _FakeReplica("dead", healthy=False, queued_tokens=0.0, tokens_per_request=10.0)
+    busy = _FakeReplica("busy", healthy=True, queued_tokens=5000.0, tokens_per_request=10.0)
+    fresh = _FakeReplica("fresh")  # no report yet: counted healthy
+    for _ in range(10):
+        assert asyncio.run(router.choose_replicas([dead, busy])) == [[busy]]
+        ranks = asyncio.run(router.choose_replicas([dead, busy, fresh]))
+        assert ranks == [[fresh], [busy]]
+    other = _FakeReplica("other", healthy=False)
+    assert sorted(r.replica_id for r in asyncio.run(router.choose_replicas([dead, other]))[0]) == ["dead", "other"]
+
+
 def test_router_counts_what_it_sent_until_answered():
     from types import SimpleNamespace
 
@@ -473,12 +491,20 @@ def test_routing_stats_weigh_an_http_request_by_all_its_inputs(model_dir, monkey
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
                 return [await c.post("/v1/embeddings", json={"input": texts}) for _ in range(4)]
 
+        async def probes():  # no work: probes, scrapes, refusals (they diluted the weight 5.5x)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+                codes = [(await c.get(path)).status_code for path in ("/ready", "/metrics", "/health") * 12]
+                codes.append((await c.post("/v1/embeddings", json={"input": []})).status_code)
+                codes.append((await c.post("/v1/embeddings", content=b"{")).status_code)
+                return codes
+
         replies = asyncio.run(asyncio.wait_for(go(), 120))
         assert all(r.status_code == 200 for r in replies), replies[0].text
+        assert sorted(set(asyncio.run(asyncio.wait_for(probes(), 60)))) == [200, 400]
         tokens = replies[0].json()["usage"]["prompt_tokens"]
         assert tokens > len(texts)
         stats = replica.record_routing_stats()
-        assert stats["tokens_per_request"] == tokens
+        assert stats["tokens_per_request"] == tokens and stats["healthy"] is True
         router = _router()
         for i in range(3):  # three such requests sent, unanswered
             router.on_request_routed(SimpleNamespace(metadata=SimpleNamespace(internal_request_id=f"r{i}")), "a",
@@ -628,7 +654,7 @@ def test_body_guard_answers_a_lost_body_with_a_retryable_503():
 
     guard = fray.BodyGuard(app, 0.05)
     sent = _asgi(guard, [])
-    assert sent[0]["status"] == 503 and guard.finished == 1  # a request the router saw end, too
+    assert sent[0]["status"] == 503 and guard.served == 0  # no work: not the router's unit
     assert (b"retry-after", b"0") in sent[0]["headers"]
     error = json.loads(sent[1]["body"])["error"]
     assert error["code"] == "request_body_lost" and error["type"] == "server_error"
@@ -717,6 +743,54 @@ def test_body_guard_503_is_counted_in_the_app_metrics(model_dir):
                    and 'status="503"' in line]
         assert counted == ['fastserve_http_requests_total{method="POST",route="/v1/embeddings",status="503"} 2.0'], \
             counted
+    finally:
+        replica.__del__()
+
+
+def test_a_request_cancelled_under_serve_is_the_clients_499_not_a_503(model_dir):
+    """Under Serve a client that leaves reaches the replica as the
+    cancellation of its request's task (no http.disconnect): it was answered
+    a 503 'shut down' nobody read and counted as a server error. Now it is
+    recorded as the client's 499, nothing is sent, the task ends cancelled,
+    and what it queued leaves the engine."""
+    replica = fray.Replica(str(model_dir), {"torch_threads": 1}, {})
+    try:
+        app = replica.__serve_build_asgi_app__()
+        sent: list[dict] = []
+        body = json.dumps({"input": [f"text {i} " * 40 for i in range(400)]}).encode()
+
+        async def go():
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict:
+                if messages:
+                    return messages.pop()
+                await asyncio.Event().wait()  # Serve sends no disconnect
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "headers": [],
+                     "query_string": b"", "root_path": ""}
+            task = asyncio.ensure_future(app(scope, receive, send))
+            while replica.engine.stats()["submitted"] == 0:  # queued in the engine: then the client leaves
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+                return (await c.get("/metrics")).text
+
+        text = asyncio.run(asyncio.wait_for(go(), 60))
+        assert sent == []
+        counted = [line for line in text.splitlines() if line.startswith("fastserve_http_requests_total{")
+                   and "/v1/embeddings" in line]
+        assert counted == ['fastserve_http_requests_total{method="POST",route="/v1/embeddings",status="499"} 1.0'], \
+            counted
+        replica.engine.close(drain=True, timeout=60)
+        stats = replica.engine.stats()
+        assert stats["cancelled"] > 0 and stats["completed"] + stats["cancelled"] == stats["submitted"], stats
+        assert app.served == 0  # a request cancelled is no unit of work the router weighs
     finally:
         replica.__del__()
 

@@ -21,6 +21,10 @@ ROUTES = frozenset({"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v2/rerank"
                     "/v1/models", "/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                     "/redoc"})
 MODEL_ROUTE = "/v1/models/{id}"
+# A scope key set by a host under which the request's task is cancelled only
+# when its client is gone (Ray Serve: fastserve.ray.BodyGuard): a cancelled
+# request is then the client's 499, not the server's shutdown.
+CANCEL_IS_CLIENT = "fastserve.cancel_is_client"
 
 
 def _route_label(path: str) -> str:
@@ -58,7 +62,9 @@ class Edge:
     payload limit (the body is read here, at most max_payload_bytes of it,
     before any parsing). Anything a route lets escape becomes a generic 500:
     no stack trace reaches a client; a request cancelled (at shutdown) before
-    its answer started gets 503."""
+    its answer started gets 503, or, under a host that cancels a request
+    when its client leaves (CANCEL_IS_CLIENT), is recorded as the client's
+    499."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: Optional[str], max_payload_bytes: int,
                  api: Optional["Api"] = None, client_timeout_s: Optional[float] = None) -> None:
@@ -103,7 +109,11 @@ class Edge:
             # Cut off at shutdown (uvicorn's graceful timeout): the typed 503
             # rather than uvicorn's plain-text 500, and the request ends there
             # (re-raised, uvicorn logged a traceback for each). An answer
-            # already started is cut: that one uvicorn reports.
+            # already started is cut: that one uvicorn reports. Under Ray
+            # Serve the client left: nobody reads an answer (499, as the
+            # route records a client gone), and the task stays cancelled.
+            if scope.get(CANCEL_IS_CLIENT) and status[0] is None:
+                status[0] = CLIENT_CLOSED
             if status[0] is not None:
                 raise
             await unavailable("the server shut down before this request was served").reply().send(send_recording)

@@ -18,7 +18,7 @@ from .schemas import UnknownField
 
 log = logging.getLogger("fastserve.server")
 
-RETRY_AFTER_S = 1  # the Retry-After of a 429
+RETRY_AFTER_S = 1  # the Retry-After of a 429 (queue full) and of a 503
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request": recorded in metrics, never sent
 
 
@@ -81,8 +81,11 @@ def internal_error() -> ApiError:
 
 
 def unavailable(message: str) -> ApiError:
-    """503: the engine is not serving, or the server cut the request off at shutdown."""
-    return ApiError(503, message, type="service_unavailable", code="engine_unavailable")
+    """503: the engine is not serving, or the server cut the request off at
+    shutdown. Retry-After 1: another replica, or this server restarted, may
+    serve it (clients without it retried at once or not at all)."""
+    return ApiError(503, message, type="service_unavailable", code="engine_unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def invalid_json() -> ApiError:
