@@ -614,12 +614,15 @@ class Engine(tasks.TaskCalls):
         self._tokens_per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None,
                                                               precision.emulated(self.precision))
         scratch = piece_row = 0
-        if shape is not None and packed and self.device.type == "cpu":
+        if shape is not None and self.device.type == "cpu":
             # The threads each worker runs a batch on (not the count left in
             # the thread that builds the engine).
             threads = replicas_.threads_per_worker(torch_threads, worker_devices) or torch.get_num_threads()
-            scratch = footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
-                                                        threads=threads)
+            # A bfloat16 product's own buffer, per thread (autocast's too).
+            scratch = footprint.mm_scratch_bytes(loaded.model, self.precision.compute, threads)
+        if shape is not None and packed and self.device.type == "cpu":
+            scratch += footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
+                                                         threads=threads)
             if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
                 piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
         # A max_length sequence's attention mask or relative bias, made afresh.

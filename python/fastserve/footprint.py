@@ -58,6 +58,10 @@ bytes of an element of the model's dtype, and T tokens:
   [B, heads, L, L] through every layer beside the scores and probabilities
   (3 * heads * L * e per padded token); on ModernBERT 5H beside the MLP.
 
+Per batch too, on the CPU in bfloat16 (and float16 where oneDNN runs it):
+the buffer oneDNN's matmul takes per thread and call beside its output
+(mm_scratch_bytes).
+
 Measured against torch's own allocation record (benchmarks/python/memory.py,
 --activations; tests/python/test_footprint.py): the packed figure is exact for
 the BERT family and within 0.7-1 of the peak for the others (0.997-0.999 of
@@ -233,13 +237,16 @@ def mask_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int) -> int:
     counted apart, at most families.MASK_CACHE_BYTES). MPNet and T5 build the
     bias from int64 [L, L] buckets, up to 53 bytes per L^2 at once (measured,
     tests/python/test_footprint.py), then the bias [1, heads, L, L] (MPNet:
-    a contiguous copy beside it); SDPA may hold a copy of it. ModernBERT's
+    a contiguous copy beside it) while the buckets and the int64 relative
+    positions they came from are still alive (16 bytes per L^2: counting
+    the buckets alone, a bfloat16 MPNet's 1,024-token batch peaked 8 MiB
+    past the formula); SDPA may hold a copy of it. ModernBERT's
     local window: two int64 [L, L] and the boolean mask, then SDPA's float
     copy of the mask."""
     e = torch.empty((), dtype=dtype).element_size()
     L = max_length
     if shape.relative_bias:
-        return L * L * max(56, 8 + 2 * shape.heads * e)
+        return L * L * max(56, 16 + 2 * shape.heads * e)
     if shape.family == "modernbert" and shape.window is not None and L > shape.window + 1:
         return L * L * max(17, 1 + e)
     return 0
@@ -261,6 +268,36 @@ def attention_scratch_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int
     kv = min(512, max_length)
     head_dim = shape.hidden // shape.heads
     return threads * (q * kv + 2 * q + q * head_dim) * 4
+
+
+# Per thread, per call: the buffer oneDNN's bfloat16 / float16 matmul takes
+# from torch's allocator inside torch.mm (and F.linear) beside its output,
+# whatever the rows past a few hundred, by the product's inner size K: at
+# most 197,632 bytes, but 1,721,472 where K is a power of two from 4,096 on
+# (oneDNN copies such an input). Measured with torch 2.13's oneDNN on an AMD
+# EPYC with AVX512-BF16 (Zen 4), K from 64 to 16,384, N from 256 to 8,192,
+# 1 and 2 threads (twice as much with two); 0 where oneDNN cannot run the
+# dtype (bfloat16 capped to AVX2, float16 without AVX512-FP16). Unmeasured
+# on AMX CPUs.
+MM_SCRATCH_PER_THREAD = 197_632
+MM_SCRATCH_POW2_PER_THREAD = 1_721_472
+
+
+def mm_scratch_bytes(model: torch.nn.Module, dtype: torch.dtype, threads: int) -> int:
+    """Per batch: the scratch one reduced-precision CPU product allocates
+    beside its output on `threads` threads, at the model's largest (linear
+    layers' in_features); counted in the budget's fixed bytes (a bfloat16
+    MiniLM batch of 256 tokens peaked 236 KB past the formula without it,
+    1.155x a 1.3 MiB budget)."""
+    from . import gemm
+
+    if dtype not in (torch.bfloat16, torch.float16) or gemm.onednn_cannot(dtype):
+        return 0
+    ks = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    if not ks:
+        return 0
+    pow2 = any(k >= 4096 and k & (k - 1) == 0 for k in ks)
+    return max(1, threads) * (MM_SCRATCH_POW2_PER_THREAD if pow2 else MM_SCRATCH_PER_THREAD)
 
 
 def gemm_piece_row_bytes(shape: Shape, dtype: torch.dtype) -> int:

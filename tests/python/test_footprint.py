@@ -299,7 +299,8 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
         assert probe.stats()["memory"]["activations"]["max_batch_bytes"] > per * probe.max_batch_tokens
     shape = footprint.shape_of(m.config)
     fixed = footprint.SMALL_BYTES + footprint.attention_scratch_bytes(
-        shape, getattr(torch, dtype), max_length=128, threads=torch.get_num_threads())
+        shape, getattr(torch, dtype), max_length=128, threads=torch.get_num_threads()) + \
+        footprint.mm_scratch_bytes(m, getattr(torch, dtype), torch.get_num_threads())
     mib = (fixed + per * room + per // 2) / 2**20
     if dtype == "float32":
         with pytest.raises(ValueError, match="holds no token: .*, and runs at least 4 tokens"):
@@ -315,6 +316,61 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
         engine.embed([t for t in tm.mixed_texts(60, seed=9) if len(tm.tokenizer()(t)["input_ids"]) <= 96])
     assert rows and all(tokens <= 96 for tokens, _, _ in rows)
     assert all(peak <= mib * 2**20 for _, _, peak in rows)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
+def test_a_tight_budget_holds_minilm_sized_reduced_precision_batches(dtype):
+    # oneDNN's bfloat16 matmul takes a buffer per thread and call beside its
+    # output (footprint.mm_scratch_bytes): uncounted, a MiniLM-sized batch of
+    # 256 tokens peaked 1.155x a budget made for it (AVX512-BF16 CPU). The
+    # budget counts it where oneDNN runs the dtype (0 where it cannot).
+    from transformers import AutoModel
+
+    cfg = tm.config("bert")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = 384, 1536, 12, 1
+    cfg.max_position_embeddings = 512
+    torch.manual_seed(0)
+    m = AutoModel.from_config(cfg).eval()
+    with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False, max_length=256) as probe:
+        formula = probe._activation_formula
+    mib = formula.batch_bytes(256) / 2**20  # room for 256 tokens, no more
+    with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False, max_length=256, policy="static",
+                max_batch_memory_mb=mib, max_batch_tokens=4096) as engine:
+        assert engine.memory_budget.tokens >= 200
+        rows = _profiled(engine)
+        engine.embed([" ".join(["memory"] * 254)])  # one sequence of 256 tokens
+        engine.embed(tm.mixed_texts(60, seed=5))
+    assert rows
+    for tokens, _, peak in rows:
+        assert peak <= mib * 2**20, (tokens, peak, mib * 2**20)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_relative_bias_of_a_long_sequence_is_within_the_formula(dtype):
+    # MPNet makes a max_length sequence's bias [1, heads, L, L] and its
+    # contiguous copy while its int64 buckets and the relative positions
+    # they came from are alive: 16 + 2 * heads * e bytes per L^2. Counted
+    # with the buckets alone (8 + ...), a 1,024-token bfloat16 batch peaked
+    # 1.045x its budget. Twelve heads, so the bias outweighs the 56-byte floor.
+    import st_models
+    from transformers import AutoModel
+
+    cfg = st_models.config("mpnet")
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = 96, 192, 12, 1
+    cfg.max_position_embeddings = 514
+    torch.manual_seed(0)
+    m = AutoModel.from_config(cfg).eval()
+    with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False, max_length=512, policy="static",
+                min_batch_tokens=512, max_batch_tokens=512) as engine:
+        assert engine.runner.name == "packed"
+        engine.runner._masks.limit = 0  # the bias made afresh, as a batch may need it
+        formula = engine._activation_formula
+        rows = _profiled(engine)
+        engine.embed([" ".join(["memory"] * 600)])  # truncated to 512 tokens
+    assert rows and rows[0][0] == 512
+    for tokens, _, peak in rows:
+        assert peak <= formula.running_bytes(tokens), (peak, formula.running_bytes(tokens))
+        assert peak >= 0.8 * formula.running_bytes(tokens)  # the bias is most of it, and counted close
 
 
 def test_the_fused_qkv_weight_of_the_engines_own_model_is_not_a_second_copy(tmp_path):
