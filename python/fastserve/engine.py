@@ -618,13 +618,14 @@ class Engine(tasks.TaskCalls):
             # The threads each worker runs a batch on (not the count left in
             # the thread that builds the engine).
             threads = replicas_.threads_per_worker(torch_threads, worker_devices) or torch.get_num_threads()
-            # A bfloat16 product's own buffer, per thread (autocast's too).
-            scratch = footprint.mm_scratch_bytes(loaded.model, self.precision.compute, threads)
+            if packed and layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
+                # A piece of a product, copied into it (weights reordered once: no per-call buffer).
+                piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
+            else:  # a bfloat16 product's own buffer through torch.mm, per thread (autocast's too)
+                scratch = footprint.mm_scratch_bytes(loaded.model, self.precision.compute, threads)
         if shape is not None and packed and self.device.type == "cpu":
             scratch += footprint.attention_scratch_bytes(shape, self.dtype, max_length=max_length or limit,
                                                          threads=threads)
-            if layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
-                piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
         # A max_length sequence's attention mask or relative bias, made afresh.
         scratch += footprint.per_batch(cfg, self.dtype, max_length=max_length or limit)
         # Packed CPU batches run padded with ghost rows (shapes.target): the

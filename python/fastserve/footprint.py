@@ -272,32 +272,34 @@ def attention_scratch_bytes(shape: Shape, dtype: torch.dtype, *, max_length: int
 
 # Per thread, per call: the buffer oneDNN's bfloat16 / float16 matmul takes
 # from torch's allocator inside torch.mm (and F.linear) beside its output,
-# whatever the rows past a few hundred, by the product's inner size K: at
-# most 197,632 bytes, but 1,721,472 where K is a power of two from 4,096 on
-# (oneDNN copies such an input). Measured with torch 2.13's oneDNN on an AMD
-# EPYC with AVX512-BF16 (Zen 4), K from 64 to 16,384, N from 256 to 8,192,
-# 1 and 2 threads (twice as much with two); 0 where oneDNN cannot run the
-# dtype (bfloat16 capped to AVX2, float16 without AVX512-FP16). Unmeasured
-# on AMX CPUs.
-MM_SCRATCH_PER_THREAD = 197_632
-MM_SCRATCH_POW2_PER_THREAD = 1_721_472
+# whatever the rows past a few hundred, by the product's inner size K:
+# 66,560 + 128 bytes per K rounded up to 32 (at most 512), 197,632 above
+# K = 1,024, and 1,721,472 where K is a power of two from 4,096 on (oneDNN
+# copies such an input). Measured with torch 2.13's oneDNN on an AMD EPYC
+# with AVX512-BF16 (Zen 4): K from 16 to 16,384, N from 256 to 8,192, 1 and
+# 2 threads (twice as much with two); none where oneDNN cannot run the dtype
+# (bfloat16 capped to AVX2, float16 without AVX512-FP16), nor through the
+# weights reordered once (gemm "onednn"). Unmeasured on AMX CPUs.
+def mm_scratch_per_thread(k: int) -> int:
+    if k >= 4096 and k & (k - 1) == 0:
+        return 1_721_472
+    if k > 1024:
+        return 197_632
+    return 66_560 + 128 * min(512, -(-k // 32) * 32)
 
 
 def mm_scratch_bytes(model: torch.nn.Module, dtype: torch.dtype, threads: int) -> int:
-    """Per batch: the scratch one reduced-precision CPU product allocates
-    beside its output on `threads` threads, at the model's largest (linear
-    layers' in_features); counted in the budget's fixed bytes (a bfloat16
-    MiniLM batch of 256 tokens peaked 236 KB past the formula without it,
-    1.155x a 1.3 MiB budget)."""
+    """Per batch: the scratch one reduced-precision CPU product through
+    torch.mm allocates beside its output on `threads` threads, at the
+    model's largest (its linear layers' in_features); counted in the
+    budget's fixed bytes (a bfloat16 MiniLM batch of 256 tokens peaked 236 KB
+    past the formula without it, 1.155x a 1.3 MiB budget)."""
     from . import gemm
 
     if dtype not in (torch.bfloat16, torch.float16) or gemm.onednn_cannot(dtype):
         return 0
     ks = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    if not ks:
-        return 0
-    pow2 = any(k >= 4096 and k & (k - 1) == 0 for k in ks)
-    return max(1, threads) * (MM_SCRATCH_POW2_PER_THREAD if pow2 else MM_SCRATCH_PER_THREAD)
+    return max(1, threads) * max((mm_scratch_per_thread(k) for k in ks), default=0)
 
 
 def gemm_piece_row_bytes(shape: Shape, dtype: torch.dtype) -> int:

@@ -316,6 +316,15 @@ def _read_transformer(files: _Files, entry: dict, spec: ModelSpec) -> None:
                                                        "last_hidden_state)")
     if cfg.get("module_output_name", "token_embeddings") != "token_embeddings":
         raise UnsupportedModelError("Transformer", f"module_output_name={cfg['module_output_name']!r}")
+    for key in ("query_length", "document_length", "query_expansion"):
+        # encode_query / encode_document apply them (task="query" or
+        # "document"), which the engine has no notion of: refused rather than
+        # ignored (embed(prompt_name="query") had 0.89 cosine to encode_query
+        # with query_length 6).
+        if cfg.get(key) is not None:
+            raise UnsupportedModelError("Transformer", f"{key}={cfg[key]!r} (per-task lengths and query expansion, "
+                                                       "which encode_query / encode_document apply, are not "
+                                                       "supported)")
     msl = cfg.get("max_seq_length")
     try:
         spec.max_seq_length = int(msl) if msl else None

@@ -649,6 +649,26 @@ def _st_folder(tiny_folder: Path, tmp_path: Path, *, normalize: bool = False, co
 TEXTS = ["", "x", "Hello, world!", "HELLO World, MIXED Case"] + tm.mixed_texts(6, seed=3)
 
 
+@pytest.mark.parametrize("key, value", [("query_length", 6), ("document_length", 10),
+                                        ("query_expansion", {"strategy": "fixed", "length": 32})])
+def test_per_task_lengths_the_engine_cannot_apply_are_refused_not_ignored(tiny_folder, tmp_path, key, value):
+    """sentence-transformers 6 cuts encode_query's texts to query_length
+    (encode_document's to document_length; query_expansion pads queries):
+    the engine has no task to apply them by. It read the folder without a
+    word, and embed(prompt_name="query") had a min cosine of 0.89 to
+    encode_query with query_length 6."""
+    from fastserve.errors import UnsupportedModelError
+
+    base = json.loads((tiny_folder / "sentence_bert_config.json").read_text()) \
+        if (tiny_folder / "sentence_bert_config.json").exists() else {}
+    folder = _st_folder(tiny_folder, tmp_path, transformer={**base, key: value})
+    with pytest.raises(UnsupportedModelError, match=f"Transformer: {key}="):
+        _engine(str(folder))
+    plain = _st_folder(tiny_folder, tmp_path / "plain", transformer={**base, key: None})  # null: ST's default
+    with _engine(str(plain)) as e:
+        assert e.embed("fine").shape == (e.dim,)
+
+
 @pytest.mark.parametrize("normalize", [False, True], ids=["mean", "mean-normalize"])
 @pytest.mark.parametrize("execution", ["packed", "padded"])
 def test_truncate_dim_of_the_st_config_cuts_every_embedding_after_the_whole_stack(tiny_folder, tmp_path, normalize,
