@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -83,12 +84,21 @@ class PaddedRunner:
                           "decoder classification heads find a row's last token by that id and take no batch "
                           "without it); set model.config.pad_token_id to the tokenizer's pad id to batch",
                           RuntimeWarning, stacklevel=5)
+        # Whether a row's real tokens see the padding after them (MobileBERT's
+        # trigram embeddings take each token's neighbours, a padding token's
+        # too): such batches run one length at a time, without padding.
+        self.pads_leak = _pads_leak(self.encoder, device)
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
         """[B, dim] float32: pooled embeddings, or class scores for classify
         and rerank; for token-classify a list of [length, labels] logits.
         prompt_lengths: each row's prompt tokens, for a head that leaves them out.
         segments: [B] where each request's token type 1 starts (pairs)."""
+        if self.pads_leak and len(set(batch.lengths.tolist())) > 1:
+            return self._by_length(batch, prompt_lengths, segments)
+        return self._run(batch, prompt_lengths, segments)
+
+    def _run(self, batch, prompt_lengths: Optional[np.ndarray], segments: Optional[np.ndarray]):
         ids = torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True)
         mask = torch.from_numpy(batch.attention_mask).to(self.device, non_blocking=True)
         extra = {}
@@ -102,6 +112,22 @@ class PaddedRunner:
             logits = out.logits.float().cpu().numpy()
             return [logits[i, :n] for i, n in enumerate(batch.lengths.tolist())]
         return self.head.padded(out.last_hidden_state, mask, prompt_lengths).cpu().numpy()
+
+    def _by_length(self, batch, prompt_lengths: Optional[np.ndarray], segments: Optional[np.ndarray]):
+        """run() over each length's rows as a batch of its own (no padding),
+        the results in the batch's order."""
+        lengths = np.asarray(batch.lengths)
+        out: list = [None] * len(lengths)
+        for n in np.unique(lengths):
+            rows = np.flatnonzero(lengths == n)
+            part = types.SimpleNamespace(input_ids=np.ascontiguousarray(batch.input_ids[rows, :n]),
+                                         attention_mask=np.ascontiguousarray(batch.attention_mask[rows, :n]),
+                                         lengths=lengths[rows])
+            got = self._run(part, None if prompt_lengths is None else np.asarray(prompt_lengths)[rows],
+                            None if segments is None else np.asarray(segments)[rows])
+            for i, r in zip(rows.tolist(), got):
+                out[i] = r
+        return out if self.task == "token-classify" else np.stack(out)
 
     def _sequence_logits(self, ids: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray,
                          extra: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,6 +144,37 @@ class PaddedRunner:
         if pad is not None:
             ids = ids.masked_fill(mask == 0, int(pad))
         return self.encoder(input_ids=ids, attention_mask=mask, **extra).logits
+
+
+@torch.inference_mode()
+def _pads_leak(encoder: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the model lets the padding of a padded batch into its real
+    tokens: a row of three tokens beside one of six, its padding filled with
+    two different ids; where the attention mask keeps padding out, the real
+    tokens' outputs are the same bits (same shapes, the padding's weights
+    exactly 0). MobileBERT's trigram embeddings took a padding token's: a
+    text's embedding moved 1.7e-3 with its batch company."""
+    cfg = encoder.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    if vocab < 8:
+        return False
+    pad = getattr(cfg, "pad_token_id", None)
+    pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else 0
+    other = pad + 1 if pad + 1 < vocab else pad - 1
+    real = [i for i in range(1, vocab) if i not in (pad, other)][:6]
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], device=device)
+    base = getattr(encoder, "base_model", None) or encoder  # the hidden states, under any head
+    outs = []
+    for fill in (pad, other):
+        ids = torch.tensor([real, real[:3] + [fill] * 3], device=device)
+        try:
+            h = getattr(base(input_ids=ids, attention_mask=mask), "last_hidden_state", None)
+        except Exception:  # noqa: BLE001 - a model that cannot take the probe runs as it did
+            return False
+        if not isinstance(h, torch.Tensor) or h.dim() != 3:
+            return False
+        outs.append(h[1, :3])
+    return not torch.equal(outs[0], outs[1])
 
 
 # Architectures whose layers the packed runner drives directly. BERT-like

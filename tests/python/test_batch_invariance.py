@@ -72,6 +72,37 @@ def test_with_every_thread_fp32_the_embedding_is_the_same_within_1e_6(execution)
         assert np.abs(v - got["alone"]).max() <= 1e-6, name
 
 
+def test_a_model_whose_tokens_see_the_padding_runs_one_length_at_a_time(one_torch_thread):
+    # MobileBERT's trigram embeddings take each token's neighbours, a padding
+    # token's too: padded beside longer texts, a text's embedding moved by
+    # 1.7e-3 (sentence-transformers' own encode moves the same). The padded
+    # runner finds it out (padding filled two ways changes the real tokens)
+    # and runs each length's rows as a batch of their own: what the text
+    # gives alone, bitwise. Models that mask their padding are not split.
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model("mobilebert", vocab_size=tm.tokenizer().vocab_size, hidden_size=32,
+                               embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                               num_feedforward_networks=1, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(cfg).eval()
+    with Engine(model, tm.tokenizer(), policy="static", max_batch_tokens=8192,
+                torch_threads=one_torch_thread) as e:
+        assert e.stats()["execution"] == "padded" and e.runner.pads_leak
+        got = probe_in_company(e)
+        texts = SHORT[:5] + LONG[:2]
+        together = e.embed(texts)
+        apart = np.stack([e.embed([t])[0] for t in texts])
+    for name, v in got.items():
+        np.testing.assert_array_equal(v, got["alone"], err_msg=name)
+    # every row in its place; rows of one length share a product (padded: within 1e-6)
+    assert np.abs(together - apart).max() <= 1e-6
+    for arch in tm.ARCHS:
+        with Engine(tm.model(arch), tm.tokenizer(), execution="padded", warmup=False) as masked:
+            assert not masked.runner.pads_leak, arch
+
+
 @pytest.mark.parametrize("arch", ["mpnet", "t5", "modernbert"])
 def test_other_families_one_thread_are_bitwise_the_same_in_any_company(tmp_path, arch, one_torch_thread):
     import st_models as sm
