@@ -87,15 +87,20 @@ class PaddedRunner:
         # Whether a row's real tokens see the padding after them (MobileBERT's
         # trigram embeddings take each token's neighbours, a padding token's
         # too): such batches run one length at a time, without padding.
-        self.pads_leak = _pads_leak(self.encoder, device)
+        # Probed at the first batch with padding (on the worker, as any
+        # batch: a model's hooks see no call at construction).
+        self.pads_leak: Optional[bool] = None
 
     def run(self, batch, prompt_lengths: Optional[np.ndarray] = None, segments: Optional[np.ndarray] = None):
         """[B, dim] float32: pooled embeddings, or class scores for classify
         and rerank; for token-classify a list of [length, labels] logits.
         prompt_lengths: each row's prompt tokens, for a head that leaves them out.
         segments: [B] where each request's token type 1 starts (pairs)."""
-        if self.pads_leak and len(set(batch.lengths.tolist())) > 1:
-            return self._by_length(batch, prompt_lengths, segments)
+        if len(set(batch.lengths.tolist())) > 1:
+            if self.pads_leak is None:
+                self.pads_leak = _pads_leak(self.encoder, self.device)
+            if self.pads_leak:
+                return self._by_length(batch, prompt_lengths, segments)
         return self._run(batch, prompt_lengths, segments)
 
     def _run(self, batch, prompt_lengths: Optional[np.ndarray], segments: Optional[np.ndarray]):

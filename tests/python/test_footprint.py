@@ -318,19 +318,24 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
     assert all(peak <= mib * 2**20 for _, _, peak in rows)
 
 
+def _one_layer(cfg, *, hidden: int, intermediate: int, heads: int, positions: int):
+    """A one-layer random model of cfg's architecture at these sizes."""
+    from transformers import AutoModel
+
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = \
+        hidden, intermediate, heads, 1
+    cfg.max_position_embeddings = positions
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg).eval()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
 def test_a_tight_budget_holds_minilm_sized_reduced_precision_batches(dtype):
     # oneDNN's bfloat16 matmul takes a buffer per thread and call beside its
     # output (footprint.mm_scratch_bytes): uncounted, a MiniLM-sized batch of
     # 256 tokens peaked 1.155x a budget made for it (AVX512-BF16 CPU). The
     # budget counts it where oneDNN runs the dtype (0 where it cannot).
-    from transformers import AutoModel
-
-    cfg = tm.config("bert")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = 384, 1536, 12, 1
-    cfg.max_position_embeddings = 512
-    torch.manual_seed(0)
-    m = AutoModel.from_config(cfg).eval()
+    m = _one_layer(tm.config("bert"), hidden=384, intermediate=1536, heads=12, positions=512)
     with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False, max_length=256) as probe:
         formula = probe._activation_formula
     mib = formula.batch_bytes(256) / 2**20  # room for 256 tokens, no more
@@ -353,13 +358,8 @@ def test_the_relative_bias_of_a_long_sequence_is_within_the_formula(dtype):
     # with the buckets alone (8 + ...), a 1,024-token bfloat16 batch peaked
     # 1.045x its budget. Twelve heads, so the bias outweighs the 56-byte floor.
     import st_models
-    from transformers import AutoModel
 
-    cfg = st_models.config("mpnet")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_hidden_layers = 96, 192, 12, 1
-    cfg.max_position_embeddings = 514
-    torch.manual_seed(0)
-    m = AutoModel.from_config(cfg).eval()
+    m = _one_layer(st_models.config("mpnet"), hidden=96, intermediate=192, heads=12, positions=514)
     with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False, max_length=512, policy="static",
                 min_batch_tokens=512, max_batch_tokens=512) as engine:
         assert engine.runner.name == "packed"

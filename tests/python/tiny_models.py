@@ -183,3 +183,15 @@ async def until_async(condition, what: str, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         await asyncio.sleep(0.01)
+
+
+def outcomes(calls) -> dict:
+    """Each (name, call)'s result, or the exception it raised, by name (the
+    calls a done callback makes, for the test's assertions after it)."""
+    seen: dict = {}
+    for name, call in calls:
+        try:
+            seen[name] = call()
+        except Exception as e:  # noqa: BLE001 - recorded for the assertions
+            seen[name] = e
+    return seen
