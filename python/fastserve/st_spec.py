@@ -1,5 +1,5 @@
 """What a sentence-transformers model is, read from its files: the module
-stack in modules.json (Transformer, Pooling, Dense, Normalize), each
+stack in modules.json (Transformer, Pooling, Dense, Normalize, Dropout), each
 module's config, and config_sentence_transformers.json (prompts, default
 prompt, similarity function, truncate_dim). Local folders and hub ids are
 read alike: a hub id's files come from huggingface_hub's cache
@@ -278,6 +278,11 @@ def load_spec(model: str | os.PathLike) -> ModelSpec:
         elif kind == "Normalize" and pooled:
             _check_names(kind, cfg)
             spec.post.append("normalize")
+        elif kind == "Dropout" and pooled:
+            # On the pooled embedding, and encode runs in eval mode: nothing
+            # to do (it was refused as an unknown module). Before Pooling
+            # sentence-transformers itself fails (no sentence embedding yet).
+            _check_names(kind, cfg)
         elif kind == "Normalize":
             # Unit-length token embeddings, then pooled: not what the stack after Pooling does.
             raise UnsupportedModelError(kind, "Normalize before Pooling is not supported")

@@ -293,6 +293,36 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def test_a_dropout_after_pooling_is_served_as_encode_runs_it(folders, tmp_path):
+    """A Dropout module on the pooled embedding does nothing in encode (eval
+    mode): it was refused as an unknown module. Before Pooling it is refused
+    (sentence-transformers' own Dropout needs the sentence embedding)."""
+    folder = folders("bert", "mean-dense-normalize", "new")
+
+    def after_pooling(out: Path, modules: list) -> None:
+        (out / "2_Dropout").mkdir()
+        (out / "2_Dropout" / "config.json").write_text(json.dumps({"dropout": 0.3}))
+        modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dropout",
+                           "type": "sentence_transformers.models.Dropout"})
+        for i, m in enumerate(modules):
+            m["idx"] = i
+
+    good = _rewrite(folder, tmp_path / "good", after_pooling)
+    texts = TEXTS[:8]
+    want = st_encode(good, texts)
+    with Engine(str(good)) as e:
+        got = e.embed(texts)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+    def before_pooling(out: Path, modules: list) -> None:
+        after_pooling(out, modules)
+        modules[1], modules[2] = modules[2], modules[1]
+
+    bad = _rewrite(folder, tmp_path / "bad", before_pooling)
+    with pytest.raises(fastserve.UnsupportedModelError, match="Dropout"):
+        Engine(str(bad))
+
+
 def test_the_transformers_tokenizer_settings_apply_as_encode_applies_them(folders, tmp_path):
     """Each was ignored: processing_kwargs' text max_length (sentence-transformers
     6), the deprecated tokenizer_name_or_path, and the tokenizer's own
