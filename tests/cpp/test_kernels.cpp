@@ -234,7 +234,7 @@ TEST(KernelThreads, MeanOfALongSegmentIsNearTheExactMean) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(1.f, 1.f);
   const int64_t L = 16384, H = 64 + 8 + 3;
-  std::vector<float> x(L * H);
+  std::vector<float> x((3 + L) * H);  // 3 rows of the short segment, then L
   for (float& v : x) v = normal(rng);
   const std::vector<int64_t> cu = {0, 3, 3 + L};  // a short segment before it: offsets, not 0
   std::vector<double> exact(H, 0.0);
