@@ -1280,7 +1280,6 @@ class Engine(tasks.TaskCalls):
 
     def _submit_tokens(self, ids: Sequence[int], priority: int, timeout: float | None,
                        pooled_from: int = 0) -> cf.Future:
-        self._refuse_if_forked()
         timeout = self.request_timeout_s if timeout is None else timeout
         priority = admission.check_priority(priority)
         fut: cf.Future = cf.Future()
@@ -1336,7 +1335,6 @@ class Engine(tasks.TaskCalls):
         have no deadline (the engine's request_timeout_s is for single
         requests, _submit_tokens). `waiting`: none fitting is an empty list,
         not a refusal (admission's wait for room)."""
-        self._refuse_if_forked()
         priority = admission.check_priority(priority)
         with self._lock:
             self._refuse_if_closed()
@@ -1431,7 +1429,7 @@ class Engine(tasks.TaskCalls):
             if mine:  # left the queue (not taken by a worker, which notifies those it takes):
                 fut.set_running_or_notify_cancel()  # cf.wait / as_completed count it done
 
-    def _may_block(self, what: str) -> None:
+    def _may_block(self, what: str, how: str = "called") -> None:
         """Before a call that waits for the engine: EngineClosedError in a
         forked child; WorkerThreadError on a worker thread of any engine (a
         done callback, a model hook): on this engine's it would wait for
@@ -1439,7 +1437,7 @@ class Engine(tasks.TaskCalls):
         callbacks calling the other) would hold both for good."""
         self._refuse_if_forked()
         if _on_worker_thread():
-            raise _worker_thread_error(what, "called")
+            raise _worker_thread_error(what, how)
 
     def _may_await(self, what: str) -> None:
         """_may_block for a coroutine (aembed, ascore, aclose, ...), checked
@@ -1447,9 +1445,7 @@ class Engine(tasks.TaskCalls):
         (asyncio.run in a done callback) it waits for the workers as a
         blocking call does; handed to an event loop in another thread
         (asyncio.run_coroutine_threadsafe) it runs there as any."""
-        self._refuse_if_forked()
-        if _on_worker_thread():
-            raise _worker_thread_error(what, "run")
+        self._may_block(what, "run")
 
     def _take_all(self, rids) -> list[cf.Future | None]:
         """The futures of requests leaving the queue (one lock for the whole

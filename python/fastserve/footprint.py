@@ -79,7 +79,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import shapes
+from . import gemm, shapes
 from .errors import InvalidInputError
 
 # Per packed token: int64 rows made per batch (token types, position ids and
@@ -294,8 +294,6 @@ def mm_scratch_bytes(model: torch.nn.Module, dtype: torch.dtype, threads: int) -
     model's largest (its linear layers' in_features); counted in the
     budget's fixed bytes (a bfloat16 MiniLM batch of 256 tokens peaked 236 KB
     past the formula without it, 1.155x a 1.3 MiB budget)."""
-    from . import gemm
-
     if dtype not in (torch.bfloat16, torch.float16) or gemm.onednn_cannot(dtype):
         return 0
     ks = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}

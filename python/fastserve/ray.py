@@ -168,7 +168,7 @@ class BodyGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from fastserve.server.edge import CANCEL_IS_CLIENT
+        from fastserve.server.edge import CANCEL_IS_CLIENT, StatusRecorder
 
         t0 = time.perf_counter()
         try:
@@ -180,18 +180,11 @@ class BodyGuard:
         async def replay() -> dict:
             return pending.pop() if pending else await receive()
 
-        status = 0
-
-        async def send_recording(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        answer = StatusRecorder(send)
         try:
-            await self.app({**scope, CANCEL_IS_CLIENT: True}, replay, send_recording)
+            await self.app({**scope, CANCEL_IS_CLIENT: True}, replay, answer)
         finally:
-            if scope.get("method") == "POST" and 200 <= status < 300:
+            if scope.get("method") == "POST" and 200 <= (answer.status or 0) < 300:
                 self.served += 1
 
     async def _lost(self, scope: dict, receive: Any, send: Any, t0: float) -> None:

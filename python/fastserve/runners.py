@@ -96,7 +96,8 @@ class PaddedRunner:
         and rerank; for token-classify a list of [length, labels] logits.
         prompt_lengths: each row's prompt tokens, for a head that leaves them out.
         segments: [B] where each request's token type 1 starts (pairs)."""
-        if len(set(batch.lengths.tolist())) > 1:
+        lengths = batch.lengths
+        if self.pads_leak is not False and lengths.min() != lengths.max():  # padding, and not known masked
             if self.pads_leak is None:
                 self.pads_leak = _pads_leak(self.encoder, self.device)
             if self.pads_leak:
@@ -166,7 +167,7 @@ def _pads_leak(encoder: torch.nn.Module, device: torch.device) -> bool:
     pad = getattr(cfg, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else 0
     other = pad + 1 if pad + 1 < vocab else pad - 1
-    real = [i for i in range(1, vocab) if i not in (pad, other)][:6]
+    real = [i for i in range(1, 9) if i not in (pad, other)][:6]
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], device=device)
     base = getattr(encoder, "base_model", None) or encoder  # the hidden states, under any head
     outs = []

@@ -57,6 +57,22 @@ def route_path(scope) -> str:
     return path
 
 
+class StatusRecorder:
+    """An ASGI send that records the status of the answer it sends (None
+    until the answer starts)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send) -> None:
+        self.send = send
+        self.status: Optional[int] = None
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class Edge:
     """The outer layer of every HTTP request: metrics, the API key, and the
     payload limit (the body is read here, at most max_payload_bytes of it,
@@ -81,13 +97,7 @@ class Edge:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        status: list[Optional[int]] = [None]
-
-        async def send_recording(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
+        send_recording = StatusRecorder(send)
         t0 = time.perf_counter()
         self.metrics.in_progress.inc()
         try:
@@ -98,7 +108,7 @@ class Edge:
             if error is None:
                 body, error = await self._read_body(scope, receive)
             if body is None:  # the client left while sending its body
-                status[0] = CLIENT_CLOSED
+                send_recording.status = CLIENT_CLOSED
             elif error is not None:
                 await error.reply().send(send_recording)
             elif not await self._fast_embeddings(scope, path, body, receive, send_recording):
@@ -112,18 +122,18 @@ class Edge:
             # already started is cut: that one uvicorn reports. Under Ray
             # Serve the client left: nobody reads an answer (499, as the
             # route records a client gone), and the task stays cancelled.
-            if scope.get(CANCEL_IS_CLIENT) and status[0] is None:
-                status[0] = CLIENT_CLOSED
-            if status[0] is not None:
+            if scope.get(CANCEL_IS_CLIENT) and send_recording.status is None:
+                send_recording.status = CLIENT_CLOSED
+            if send_recording.status is not None:
                 raise
             await unavailable("the server shut down before this request was served").reply().send(send_recording)
         except Exception as exc:
             log.error("unhandled error on %s %s", scope.get("method"), path, exc_info=exc)
-            if status[0] is None:
+            if send_recording.status is None:
                 await internal_error().reply().send(send_recording)
         finally:
             self.metrics.in_progress.dec()
-            count_answer(self.metrics, scope, status[0] or 500, t0)
+            count_answer(self.metrics, scope, send_recording.status or 500, t0)
 
     async def _fast_embeddings(self, scope, path: str, body: bytes, receive, send) -> bool:
         """POST /v1/embeddings with a valid body, straight to the route:
