@@ -350,6 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name,
         client_timeout_s=args.client_timeout,
         cors_allow_origins=args.cors_allow_origin or (),
+        max_priority=args.max_priority,
     )
     from .server.app import check_app_options
 
@@ -501,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds a request's headers may take to arrive, and its body may stall (408 after)")
     p.add_argument("--max-header-bytes", type=_at_least_one, default=None,
                    help="a larger request line and headers get 431 (default 65536)")
+    p.add_argument("--max-priority", type=int, default=0,
+                   help="the highest priority a request may ask for with its 'X-Fastserve-Priority: N' header "
+                        "(higher runs first; without it 0). Default 0: a client may lower its requests' priority "
+                        "(a bulk job sending -100 stays behind interactive requests), not raise it")
     p.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let a browser page from ORIGIN call the API (repeat for several; '*' for any)")
     p.set_defaults(func=cmd_serve)

@@ -67,7 +67,7 @@ HEALTH_CHECK_PERIOD_S = 2.0
 ROUTER_PATH = "fastserve.ray:QueuedWorkRouter"
 # Keys of the server's create_app; every other option goes to the Engine.
 SERVER_OPTIONS = ("api_key", "max_payload_bytes", "max_inputs", "request_timeout", "model_name", "client_timeout_s",
-                  "cors_allow_origins")
+                  "cors_allow_origins", "max_priority")
 
 
 class Replica:
@@ -300,7 +300,7 @@ def app(
     row): 2 s, where Serve's default 10 s left a dead engine 25 s in place.
     options: the server's create_app options (SERVER_OPTIONS: api_key,
     max_payload_bytes, max_inputs, request_timeout, model_name,
-    client_timeout_s, cors_allow_origins); every other one is an Engine
+    client_timeout_s, cors_allow_origins, max_priority); every other one is an Engine
     keyword (task, device, target_latency_ms, max_batch_tokens, ...),
     checked here (Engine.check_options: TypeError for one Engine does not
     take, ValueError for a bad value) rather than in every replica.

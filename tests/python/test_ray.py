@@ -294,18 +294,22 @@ def _stop_serve() -> None:
 def test_cli_serves_with_ray_and_stops_on_sigint(cluster, model_dir, reference, tmp_path):
     """`fastserve serve --ray --replicas 2` on the same cluster, without Serve
     running (the test app is gone): it serves, and on SIGINT deletes its app,
-    stops the Serve instance it started, and exits 0."""
+    stops the Serve instance it started, and exits 0. Its --max-priority
+    reaches the replicas' apps: a request may ask for priority 1, not 2."""
     _stop_serve()
     port = _free_port()
     stderr = tmp_path / "stderr"
-    proc = _cli(str(model_dir), port, stderr, "--replicas", "2")
+    proc = _cli(str(model_dir), port, stderr, "--replicas", "2", "--max-priority", "1")
     try:
         base = f"http://{LOOPBACK}:{port}"
         _wait_ready(proc, base, stderr)
         texts = tiny_models.mixed_texts(8, seed=6)
-        r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60)
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60,
+                       headers={"X-Fastserve-Priority": "1", "X-Fastserve-Timeout": "30"})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(_vectors(r), reference.embed(texts), atol=1e-5)
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": texts}, timeout=60, headers={"X-Fastserve-Priority": "2"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "priority_not_allowed", r.text
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, stderr.read_text()
     finally:

@@ -146,7 +146,8 @@ def servers(tiny_folder, tiny_classifier_folder, tmp_path_factory):
     tiny = str(tiny_folder)
     specs = {
         # API key, small limits: the functional and error tests.
-        "main": [tiny, "--api-key", API_KEY, "--max-payload-bytes", "100000", "--max-inputs-per-request", "64"],
+        "main": [tiny, "--api-key", API_KEY, "--max-payload-bytes", "100000", "--max-inputs-per-request", "64",
+                 "--max-priority", "3"],
         "classify": [str(tiny_classifier_folder), "--task", "classify"],
     }
     started = {name: Server(args, logs / f"{name}.log") for name, args in specs.items()}
@@ -525,6 +526,106 @@ def test_full_queue_gets_429_with_retry_after(tiny_folder):
     assert len(gate.seen) == 12
 
 
+@pytest.mark.parametrize("header, later_first", [(None, False), ("-100", True)], ids=["fifo", "bulk-lowered"])
+def test_a_bulk_request_lowered_by_its_priority_header_lets_a_later_request_run_first(tiny_folder, header,
+                                                                                     later_first):
+    """A list sent with X-Fastserve-Priority: -100 (a bulk job) waits behind a
+    default-priority request that came after it; without the header the
+    queue is first come, first served. The worker is held until both are
+    queued, so the order does not depend on the machine's speed."""
+    with _held_server(tiny_folder) as (engine, gate, srv):
+        async def scenario():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                bulk = asyncio.create_task(c.post("/v1/embeddings", json={"input": ["bulk"] * 3},
+                                                  headers={"X-Fastserve-Priority": header} if header else {}))
+                await tm.until_async(lambda: engine.stats()["queue_depth"] == 3, "the bulk inputs queued")
+                one = asyncio.create_task(c.post("/v1/embeddings", json={"input": "interactive"}))
+                await tm.until_async(lambda: engine.stats()["queue_depth"] == 4, "the later request queued")
+                gate.release.set()
+                return await bulk, await one
+
+        bulk, one = asyncio.run(scenario())
+    assert bulk.status_code == one.status_code == 200
+    ran = gate.seen[1:]  # after the holder: request ids, the later request's the largest
+    interactive = max(ran)
+    assert ran == ([interactive] + sorted(ran)[:-1] if later_first else sorted(ran))
+
+
+@pytest.mark.parametrize("header, value, code", [
+    *(("X-Fastserve-Priority", v, "invalid_priority") for v in ("high", "1.5", "", "1e3", "99999999999999", ["1", "1"])),
+    ("X-Fastserve-Priority", "4", "priority_not_allowed"), ("X-Fastserve-Priority", "-2147483649", "priority_not_allowed"),
+    *(("X-Fastserve-Timeout", v, "invalid_timeout") for v in ("soon", "0", "-1", "inf", "nan", "", ["1", "2"]))])
+def test_a_bad_or_disallowed_urgency_header_gets_400_before_anything_runs(server, header, value, code):
+    """The main server runs with --max-priority 3: a client may ask for a
+    priority up to 3; anything that is not one integer, or for the timeout
+    one positive finite number of seconds, is refused by name."""
+    before = _scrape(server.url)
+    values = value if isinstance(value, list) else [value]
+    r = _post(server, {"input": "x"}, headers=[*AUTH.items(), *((header, v) for v in values)])
+    err = _assert_openai_error(r, 400)
+    assert (err["code"], err["param"]) == (code, header)
+    submitted = ("fastserve_engine_requests_total", (("outcome", "submitted"),))
+    assert _scrape(server.url)[submitted] == before[submitted]  # nothing was queued
+
+
+def test_urgency_headers_within_the_servers_bounds_are_served(server, engine):
+    for headers in ({"X-Fastserve-Priority": "3"}, {"X-Fastserve-Priority": "-100", "X-Fastserve-Timeout": "5"},
+                    {"X-Fastserve-Priority": "+2"}, {"X-Fastserve-Priority": "-2147483648"},
+                    {"X-Fastserve-Timeout": "1e9"}):
+        r = _post(server, {"input": "x"}, headers={**AUTH, **headers})
+        assert r.status_code == 200, (headers, r.text[:300])
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], engine.embed("x"), atol=1e-5)
+
+
+@pytest.mark.parametrize("server_timeout, header", [(None, "0.3"), (0.3, "1000")], ids=["shorter", "cut-to-servers"])
+def test_a_timeout_header_sets_the_requests_deadline_up_to_the_servers(tiny_folder, server_timeout, header):
+    """X-Fastserve-Timeout gives a request a deadline of its own (a server
+    504 once it passes); one longer than the server's request
+    timeout is cut to it. The worker is held throughout, so the request
+    cannot be served before its deadline, whatever the machine."""
+    with _held_server(tiny_folder, request_timeout=server_timeout) as (engine, gate, srv):
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/embeddings", json={"input": "x"}, headers={"X-Fastserve-Timeout": header},
+                       timeout=60)
+        waited = time.monotonic() - t0
+    err = _assert_openai_error(r, 504)
+    assert err["type"] == "timeout_error"
+    assert waited < 10  # its 0.3 s deadline, not the server's 30 s (or the held worker's 60 s)
+
+
+def test_every_route_passes_the_priority_header_to_the_engine(engine, tiny_classifier_folder, monkeypatch):
+    """The embeddings fast path and the FastAPI route (a body the fast path
+    leaves to the app) both queue with the header's priority, and so does
+    /v1/classify (the task routes: test_task_routes)."""
+    from fastserve.server import create_app
+
+    priorities = _priorities_of(engine, monkeypatch)
+    app = create_app(engine, max_priority=5)
+    assert _asgi_post(app, "/v1/embeddings", {"input": "x"}, {"X-Fastserve-Priority": "5"}).status_code == 200
+    assert _asgi_post(app, "/v1/embeddings", b'{"input": "x", "encoding_format": "float"}',
+                      {"X-Fastserve-Priority": "-7"}).status_code == 200
+    assert _asgi_post(app, "/v1/embeddings", {"input": "x"}).status_code == 200
+    assert priorities == [5, -7, 0]
+    with fastserve.Engine(str(tiny_classifier_folder), task="classify", replicas=1) as classifier:
+        priorities = _priorities_of(classifier, monkeypatch)
+        reply = _asgi_post(create_app(classifier), "/v1/classify", {"input": ["a", "b"]},
+                           {"X-Fastserve-Priority": "-2"})
+        assert reply.status_code == 200 and priorities == [-2]
+
+
+def _priorities_of(engine, monkeypatch) -> list[int]:
+    """The priority of each engine.asubmit_many call, in call order."""
+    priorities: list[int] = []
+    inner = engine.asubmit_many
+
+    async def recorded(*args, **kwargs):
+        priorities.append(kwargs.get("priority", 0))
+        return await inner(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "asubmit_many", recorded)
+    return priorities
+
+
 def test_request_past_its_deadline_gets_504(tiny_folder):
     # The worker is held all along, so none of the request's inputs can run
     # before its deadline, whatever the machine.
@@ -689,12 +790,13 @@ def test_classify_route_matches_the_in_process_engine(servers, tiny_classifier_f
 # ----------------------------------------------- in-process app (create_app)
 
 
-def _asgi_post(app, path: str, body) -> "httpx.Response":
+def _asgi_post(app, path: str, body, headers=None) -> "httpx.Response":
     """POST `body` (JSON, or bytes as they are) to the app, in this thread."""
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
-            return await c.post(path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+            return await c.post(path, headers=headers,
+                                **({"content": body} if isinstance(body, bytes) else {"json": body}))
 
     return asyncio.run(go())
 
@@ -1326,7 +1428,10 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     pytest.importorskip("schemathesis")
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
            "--checks", "not_a_server_error", "--max-examples", "25", "--workers", "1", "--seed", "1",
-           "-H", f"Authorization: Bearer {API_KEY}", "--no-color"]
+           "-H", f"Authorization: Bearer {API_KEY}", "--no-color",
+           # A request's own deadline, tiny (5e-324 s), passes before it is
+           # served: the 504 that promises, not a server error.
+           "-H", "X-Fastserve-Timeout: 60"]
     # cwd: schemathesis and hypothesis keep their example databases there.
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -228,12 +228,17 @@ def test_a_document_sent_twice_is_scored_once_over_http(reranker):
 
 def test_the_openapi_document_says_what_the_routes_answer(reranker):
     """No FastAPI 422 (an invalid body is a 400 in the API's error shape),
-    lists of inputs are non-empty, and a 405 names every method of the path."""
+    lists of inputs are non-empty, a 405 names every method of the path, and
+    every POST route declares the headers that set its priority and deadline."""
     _, srv = reranker
     doc = httpx.get(srv.url + "/openapi.json", headers=AUTH).json()
     for path, ops in doc["paths"].items():
-        for op in ops.values():
+        for method, op in ops.items():
             assert "422" not in op["responses"], path
+            headers = {p["name"]: p["schema"] for p in op.get("parameters", ()) if p["in"] == "header"}
+            assert set(headers) == ({"X-Fastserve-Priority", "X-Fastserve-Timeout"} if method == "post" else set()), path
+            if headers:
+                assert headers["X-Fastserve-Priority"]["maximum"] == 0  # the app's max_priority
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert doc["components"]["schemas"]["RerankRequest"]["properties"]["documents"]["minItems"] == 1
     assert error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": []}), 400)["message"] == \
@@ -338,6 +343,31 @@ def test_extract_route_equals_the_engine_and_refuses_bad_requests():
         assert error_of(post(srv, "/v1/extract", {"input": []}), 400)["param"] == "input"
         assert "string or a list of strings" in error_of(post(srv, "/v1/extract", {"input": [1]}), 400)["message"]
         assert error_of(post(srv, "/v1/extract", {"input": TEXTS}, headers={}), 401)
+
+
+def test_the_task_routes_queue_with_the_priority_header(ce_folder, monkeypatch):
+    """/v1/rerank, /v2/rerank, /rerank and /v1/extract pass the
+    X-Fastserve-Priority header's value to the engine, as /v1/embeddings does
+    (test_server); a value above the app's max_priority is a 400 there too."""
+    from test_server import _priorities_of
+
+    with fastserve.Engine(str(ce_folder), task="rerank") as engine, served(engine, max_priority=2) as srv:
+        priorities = _priorities_of(engine, monkeypatch)
+        for i, path in enumerate(("/v1/rerank", "/v2/rerank")):
+            r = post(srv, path, {"query": QUERY, "documents": DOCS}, {**AUTH, "X-Fastserve-Priority": str(-i)})
+            assert r.status_code == 200, r.text
+        r = post(srv, "/rerank", {"query": QUERY, "texts": DOCS}, {**AUTH, "X-Fastserve-Priority": "2"})
+        assert r.status_code == 200, r.text
+        err = error_of(post(srv, "/v1/rerank", {"query": QUERY, "documents": DOCS},
+                            {**AUTH, "X-Fastserve-Priority": "3"}), 400)
+        assert err["code"] == "priority_not_allowed"
+        assert priorities == [0, -1, 2]
+    with fastserve.Engine(token_model("bert"), tm.tokenizer(), task="token-classify") as engine, \
+            served(engine) as srv:
+        priorities = _priorities_of(engine, monkeypatch)
+        r = post(srv, "/v1/extract", {"input": TEXTS}, {**AUTH, "X-Fastserve-Priority": "-3"})
+        assert r.status_code == 200, r.text
+        assert priorities == [-3]
 
 
 # ------------------------------------------------------ chunked embeddings

@@ -20,7 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from ..engine import Engine
-from .edge import Edge, route_path
+from ..admission import PRIORITY_RANGE
+from .edge import URGENCY, Edge, Urgency, route_path
 from .errors import ApiError, internal_error, invalid_json, validation_error
 from .metrics import Metrics
 from .protocol import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES, guarded
@@ -36,7 +37,8 @@ EXPOSED_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inf
 
 def check_app_options(*, max_payload_bytes: Any = DEFAULT_MAX_PAYLOAD_BYTES, max_inputs: Any = DEFAULT_MAX_INPUTS,
                       request_timeout: Any = None, client_timeout_s: Any = DEFAULT_CLIENT_TIMEOUT_S,
-                      api_key: Any = None, model_name: Any = None, cors_allow_origins: Any = ()) -> None:
+                      api_key: Any = None, model_name: Any = None, cors_allow_origins: Any = (),
+                      max_priority: Any = 0) -> None:
     """create_app's checks of its options, without an engine (fastserve.ray.app
     makes them before deploying): ValueError naming the first bad one."""
     for name, value in (("max_payload_bytes", max_payload_bytes), ("max_inputs", max_inputs)):
@@ -55,6 +57,9 @@ def check_app_options(*, max_payload_bytes: Any = DEFAULT_MAX_PAYLOAD_BYTES, max
         raise ValueError("api_key must be None (no key) or a non-empty key without leading or trailing whitespace")
     if isinstance(cors_allow_origins, str) or not all(isinstance(o, str) for o in cors_allow_origins):
         raise ValueError(f"cors_allow_origins must be a list of origins, got {cors_allow_origins!r}")
+    lo, hi = PRIORITY_RANGE
+    if isinstance(max_priority, bool) or not isinstance(max_priority, numbers.Integral) or not lo <= max_priority <= hi:
+        raise ValueError(f"max_priority must be an int within [{lo}, {hi}], got {max_priority!r}")
 
 
 def create_app(
@@ -67,6 +72,7 @@ def create_app(
     model_name: Optional[str] = None,
     client_timeout_s: Optional[float] = DEFAULT_CLIENT_TIMEOUT_S,
     cors_allow_origins: Sequence[str] = (),
+    max_priority: int = 0,
 ) -> FastAPI:
     """The ASGI app serving `engine`. The caller keeps ownership of the engine.
 
@@ -83,10 +89,15 @@ def create_app(
     headers' time with it).
     cors_allow_origins: origins a browser may call the API from ("*" for
     any): CORS headers on every answer, preflights answered without the key.
+    max_priority: the highest priority a request may ask for with its
+    `X-Fastserve-Priority: N` header (the engine's `priority`: higher runs
+    first; without the header, 0). The default 0 lets a client lower its
+    requests' priority (a bulk job sending -100 stays behind interactive
+    requests), not raise it; a value above it is a 400.
     """
     check_app_options(max_payload_bytes=max_payload_bytes, max_inputs=max_inputs, request_timeout=request_timeout,
                       client_timeout_s=client_timeout_s, api_key=api_key, model_name=model_name,
-                      cors_allow_origins=cors_allow_origins)
+                      cors_allow_origins=cors_allow_origins, max_priority=max_priority)
     if request_timeout is None:
         request_timeout = engine.request_timeout_s
     metrics = Metrics(engine)
@@ -97,6 +108,7 @@ def create_app(
     app = App(title="fastserve", version=_version(), redirect_slashes=False,
               description="OpenAI-compatible embeddings (and classification, reranking, entity "
                           "extraction) served by fastserve.")
+    app.max_priority = max_priority
     app.state.engine = engine
     app.state.metrics = metrics
     # The endpoints reach the Api through the request's app, never through a
@@ -110,12 +122,12 @@ def create_app(
         @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
                   summary="Create embeddings (OpenAI-compatible)")
         async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-            return (await _api(request).embeddings(body, request.receive)).response()
+            return (await _api(request).embeddings(body, request.receive, _urgency(request))).response()
     elif engine.task == "classify":
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
                   summary="Classify texts")
         async def classify(body: ClassifyRequest, request: Request) -> Response:
-            return (await _api(request).classify(body, request.receive)).response()
+            return (await _api(request).classify(body, request.receive, _urgency(request))).response()
     else:
         add_task_routes(app, engine.task)
     def get(path: str, **kw):
@@ -166,7 +178,7 @@ def create_app(
 
     app.edge = Edge(functools.partial(FastAPI.__call__, app), metrics=metrics, api_key=api_key,
                     max_payload_bytes=max_payload_bytes, api=api if engine.task == "embed" else None,
-                    client_timeout_s=client_timeout_s)
+                    client_timeout_s=client_timeout_s, max_priority=max_priority)
     if cors_allow_origins:  # outermost: the edge's own answers (401, 413, the fast path) carry the headers too
         app.edge = CORSMiddleware(app.edge, allow_origins=list(cors_allow_origins),
                                   allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"],
@@ -180,6 +192,11 @@ def _api(request: Request) -> Api:
 
 def _routes(request: Request) -> TaskRoutes:
     return request.app.state.task_routes
+
+
+def _urgency(request: Request) -> Urgency:
+    """What the request's headers ask for, as the edge checked them."""
+    return request.scope.get(URGENCY, Urgency())
 
 
 # The GET endpoints: named, annotated and documented as the Api methods they
@@ -220,22 +237,36 @@ def add_task_routes(app: FastAPI, task: str) -> None:
         @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="Rank documents against a query (Cohere / Jina / vLLM shape)")
         async def rerank(body: RerankRequest, request: Request) -> Response:
-            return (await _routes(request).rerank(body, request.receive)).response()
+            return (await _routes(request).rerank(body, request.receive, urgency=_urgency(request))).response()
 
         @app.post("/v2/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="The same, at the path of Cohere's v2 API (cohere.ClientV2)")
         async def rerank_v2(body: RerankRequest, request: Request) -> Response:
-            return (await _routes(request).rerank(body, request.receive, "/v2/rerank")).response()
+            return (await _routes(request).rerank(body, request.receive, "/v2/rerank", _urgency(request))).response()
 
         @app.post("/rerank", response_model=list[TeiRank], responses=ERROR_RESPONSES,
                   summary="Rank texts against a query (text-embeddings-inference shape)")
         async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
-            return (await _routes(request).tei_rerank(body, request.receive)).response()
+            return (await _routes(request).tei_rerank(body, request.receive, _urgency(request))).response()
     else:
         @app.post("/v1/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES,
                   summary="Extract entities (token classification)")
         async def extract(body: ExtractRequest, request: Request) -> Response:
-            return (await _routes(request).extract(body, request.receive)).response()
+            return (await _routes(request).extract(body, request.receive, _urgency(request))).response()
+
+
+def urgency_headers(max_priority: int) -> list[dict]:
+    """The request headers every inference route reads (checked by the edge,
+    so not FastAPI parameters), as the OpenAPI document declares them."""
+    return [
+        {"name": "X-Fastserve-Priority", "in": "header", "required": False,
+         "description": "the priority of the request's inputs: higher runs first (default 0), at most the "
+                        "server's --max-priority",
+         "schema": {"type": "integer", "default": 0, "minimum": PRIORITY_RANGE[0], "maximum": max_priority}},
+        {"name": "X-Fastserve-Timeout", "in": "header", "required": False,
+         "description": "seconds: a deadline shorter than the server's request timeout (a longer one is cut to it)",
+         "schema": {"type": "number", "exclusiveMinimum": 0}},
+    ]
 
 
 class App(FastAPI):
@@ -245,6 +276,7 @@ class App(FastAPI):
     wraps the edge)."""
 
     edge: Union[Edge, CORSMiddleware]
+    max_priority = 0  # create_app's: the highest X-Fastserve-Priority the document declares
 
     async def __call__(self, scope, receive, send) -> None:
         await self.edge(scope, receive, send)
@@ -256,8 +288,10 @@ class App(FastAPI):
         if self.openapi_schema is None:
             schema = super().openapi()
             for path in schema.get("paths", {}).values():
-                for op in path.values():
+                for method, op in path.items():
                     op.get("responses", {}).pop("422", None)
+                    if method == "post":  # the headers the edge reads (Urgency)
+                        op.setdefault("parameters", []).extend(urgency_headers(self.max_priority))
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
         return self.openapi_schema
@@ -322,6 +356,7 @@ def serve(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     cors_allow_origins: Sequence[str] = (),
     sockets: Optional[Sequence[socket.socket]] = None,
+    max_priority: int = 0,
 ) -> None:
     """Serve `engine` over HTTP until SIGTERM/SIGINT. Shutdown is graceful:
     stop accepting, let in-flight requests finish (at most graceful_timeout
@@ -335,7 +370,7 @@ def serve(
     try:
         app = create_app(engine, api_key=api_key, max_payload_bytes=max_payload_bytes, max_inputs=max_inputs,
                          request_timeout=request_timeout, model_name=model_name, client_timeout_s=client_timeout_s,
-                         cors_allow_origins=cors_allow_origins)
+                         cors_allow_origins=cors_allow_origins, max_priority=max_priority)
         # Proxy headers (X-Forwarded-For) only matter for the client addresses of
         # the access log; without it uvicorn's proxy middleware is skipped.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,

@@ -4,9 +4,11 @@ path that answers a valid POST /v1/embeddings without Starlette or FastAPI."""
 
 import asyncio
 import hmac
+import math
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
+from ..admission import PRIORITY_RANGE
 from .errors import CLIENT_CLOSED, ApiError, internal_error, log, too_large, unavailable
 from .metrics import Metrics
 from .schemas import EmbeddingRequest
@@ -25,6 +27,12 @@ MODEL_ROUTE = "/v1/models/{id}"
 # when its client is gone (Ray Serve: fastserve.ray.BodyGuard): a cancelled
 # request is then the client's 499, not the server's shutdown.
 CANCEL_IS_CLIENT = "fastserve.cancel_is_client"
+# The request headers that set its inputs' priority (the engine's `priority`:
+# higher first) and its deadline (seconds), and the scope key the edge
+# stores their checked values under (an Urgency).
+PRIORITY_HEADER = b"x-fastserve-priority"
+TIMEOUT_HEADER = b"x-fastserve-timeout"
+URGENCY = "fastserve.urgency"
 
 
 def _route_label(path: str) -> str:
@@ -83,7 +91,8 @@ class Edge:
     499."""
 
     def __init__(self, app, *, metrics: Metrics, api_key: Optional[str], max_payload_bytes: int,
-                 api: Optional["Api"] = None, client_timeout_s: Optional[float] = None) -> None:
+                 api: Optional["Api"] = None, client_timeout_s: Optional[float] = None,
+                 max_priority: int = 0) -> None:
         self.app = app
         self.api = api
         self.metrics = metrics
@@ -91,6 +100,7 @@ class Edge:
         self.max_payload_bytes = max_payload_bytes
         # Seconds a request's body may go without a byte arriving (None: no limit).
         self.client_timeout_s = client_timeout_s
+        self.max_priority = max_priority  # the highest X-Fastserve-Priority a client may ask for
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -104,6 +114,9 @@ class Edge:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
             if error is None:
                 error = _encoded(scope)
+            if error is None:
+                urgency, error = _urgency(scope, self.max_priority)
+                scope = {**scope, URGENCY: urgency}
             body = b""
             if error is None:
                 body, error = await self._read_body(scope, receive)
@@ -151,7 +164,7 @@ class Edge:
         except ValueError:  # pydantic's ValidationError, or a body that is not JSON
             return False
         try:
-            reply = await self.api.embeddings(request, receive)
+            reply = await self.api.embeddings(request, receive, scope[URGENCY])
         except ApiError as exc:  # what the app's exception handler would answer
             reply = exc.reply()
         await reply.send(send)
@@ -215,6 +228,65 @@ def _encoded(scope) -> Optional[ApiError]:
                                  "supported; send the JSON as it is", code="unsupported_content_encoding",
                             headers={"Connection": "close"})
     return None
+
+
+class Urgency(NamedTuple):
+    """What a request's headers ask of the engine: its inputs' priority
+    (X-Fastserve-Priority: higher runs first) and a deadline of its own
+    (X-Fastserve-Timeout, seconds: None, the server's request timeout; a
+    longer one than the server's is cut to it)."""
+
+    priority: int = 0
+    timeout: Optional[float] = None
+
+
+def _one_header(scope, name: bytes) -> tuple[Optional[str], Optional[str]]:
+    """(value, None) for a header sent once (None when not sent), or (None,
+    what is wrong) for one sent several times."""
+    sent = [value for key, value in scope.get("headers", ()) if key == name]
+    if len(sent) > 1:
+        return None, f"{len(sent)} {name.decode().title()} headers: send one"
+    return (sent[0].decode("latin-1").strip() if sent else None), None
+
+
+def _urgency(scope, highest: int) -> tuple[Urgency, Optional[ApiError]]:
+    """(urgency, error): the X-Fastserve-Priority and X-Fastserve-Timeout
+    headers, or a 400 naming the one that is not a single integer within
+    [PRIORITY_RANGE's low end, `highest`] (the server's --max-priority: by
+    default a client may lower its requests' priority, not raise it), or not
+    a single positive finite number of seconds. Answered before the body is
+    read, so the connection closes after it."""
+    def refused(param: str, code: str, message: str) -> tuple[Urgency, ApiError]:
+        return Urgency(), ApiError(400, message, param=param, code=code, headers={"Connection": "close"})
+
+    text, wrong = _one_header(scope, PRIORITY_HEADER)
+    priority = 0
+    if wrong or text is not None:
+        digits = text is not None and len(text) <= 12 and text.lstrip("+-").isdigit()
+        try:
+            priority = int(text) if digits else None
+        except ValueError:
+            priority = None
+        if priority is None:
+            return refused("X-Fastserve-Priority", "invalid_priority",
+                           wrong or f"X-Fastserve-Priority {text[:40]!r}: send one integer (higher runs first; "
+                                    "default 0)")
+        lo = PRIORITY_RANGE[0]
+        if not lo <= priority <= highest:
+            return refused("X-Fastserve-Priority", "priority_not_allowed",
+                           f"X-Fastserve-Priority {priority} is outside [{lo}, {highest}]: this server lets a client "
+                           f"ask for at most {highest} (--max-priority)")
+    text, wrong = _one_header(scope, TIMEOUT_HEADER)
+    timeout = None
+    if wrong or text is not None:
+        try:
+            timeout = float(text) if text is not None and len(text) <= 32 else None
+        except ValueError:
+            timeout = None
+        if timeout is None or not 0 < timeout < math.inf:
+            return refused("X-Fastserve-Timeout", "invalid_timeout",
+                           wrong or f"X-Fastserve-Timeout {text[:40]!r}: send one positive number of seconds")
+    return Urgency(priority, timeout), None
 
 
 def _replaying(body: bytes, receive):

@@ -15,6 +15,7 @@ from ..admission import TokenLists, wait_all
 from ..engine import Engine
 from ..errors import InvalidInputError
 from ..inputs import infos_of
+from .edge import Urgency
 from .errors import CLIENT_CLOSED, ApiError, ClientGone, api_error
 from .lifecycle import InFlight
 from .metrics import Metrics
@@ -89,7 +90,7 @@ class Api:
     async def _serve(self, receive, route: str, texts: Optional[list],
                      token_lists: Optional[list[list[int]]], answer, tokenize=None,
                      chars: Optional[int] = None, prompt: Optional[dict[str, Any]] = None,
-                     inputs: Optional[int] = None) -> Reply:
+                     inputs: Optional[int] = None, urgency: Urgency = Urgency()) -> Reply:
         """Tokenize (or validate the token ids), queue, run and answer one
         request. The inputs go in through engine.asubmit_many: as many at a
         time as the queue takes; once some are queued, a full queue means
@@ -99,8 +100,13 @@ class Api:
         `chars` their size, for where it runs); `answer(results, usage,
         infos)` writes the body. usage counts every token the model runs.
         `prompt`: embed's prompt_name / prompt arguments. `inputs`: how many
-        the client sent, for the metrics (default: one per token list)."""
-        req = InFlight(receive, self.request_timeout)
+        the client sent, for the metrics (default: one per token list).
+        `urgency`: the priority and deadline the request's headers ask for
+        (checked by the edge); a deadline past the server's is cut to it."""
+        timeout = self.request_timeout
+        if urgency.timeout is not None:
+            timeout = urgency.timeout if timeout is None else min(timeout, urgency.timeout)
+        req = InFlight(receive, timeout)
         prompt = prompt or {}
         try:
             tokenize_s, size = 0.0, 0
@@ -118,7 +124,8 @@ class Api:
                 token_lists = await self._run(req, size <= INLINE_CHARS,
                                               functools.partial(self.engine.validate_token_ids, **prompt),
                                               token_lists)
-            req.futures = await self.engine.asubmit_many(token_lists, timeout=req.remaining, wait=req.wait, **prompt)
+            req.futures = await self.engine.asubmit_many(token_lists, priority=urgency.priority, timeout=req.remaining,
+                                                         wait=req.wait, **prompt)
             results = await req.wait(wait_all(req.futures))
             infos = infos_of(token_lists)
             n_tokens = sum(info.computed_tokens for info in infos)
@@ -137,9 +144,10 @@ class Api:
 
     # ---------------------------------------------------------------- routes
 
-    async def embeddings(self, body: EmbeddingRequest, receive) -> Reply:
+    async def embeddings(self, body: EmbeddingRequest, receive, urgency: Urgency = Urgency()) -> Reply:
         """POST /v1/embeddings. `receive` is the request's ASGI receive, its
-        body already read (the watch on the client's connection)."""
+        body already read (the watch on the client's connection); `urgency`
+        what its headers ask for (as every route's)."""
         raw = body.input
         if isinstance(raw, str):
             texts, token_lists = [raw], None
@@ -176,9 +184,10 @@ class Api:
             return dumps_list_in({"object": "list"}, "data", data, {"model": self.model_name, "usage": usage})
 
         prompt = {k: v for k, v in (("prompt_name", body.prompt_name), ("prompt", body.prompt)) if v is not None}
-        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer, prompt=prompt)
+        return await self._serve(receive, "/v1/embeddings", texts, token_lists, answer, prompt=prompt,
+                                 urgency=urgency)
 
-    async def classify(self, body: ClassifyRequest, receive) -> Reply:
+    async def classify(self, body: ClassifyRequest, receive, urgency: Urgency = Urgency()) -> Reply:
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         self._check_count(len(texts))
 
@@ -187,7 +196,7 @@ class Api:
                     for i, c in enumerate(results)]
             return dumps({"object": "list", "data": data, "model": self.model_name, "usage": usage})
 
-        return await self._serve(receive, "/v1/classify", texts, None, answer)
+        return await self._serve(receive, "/v1/classify", texts, None, answer, urgency=urgency)
 
     def _card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastserve",

@@ -10,6 +10,7 @@ from ..admission import not_unicode, reindexed
 from ..errors import InvalidInputError
 from ..inputs import infos_of
 from ..tasks import check_top_n, distinct, first_places, ranking
+from .edge import Urgency
 from .errors import ApiError
 from .replies import Reply, dumps
 from .routes import Api
@@ -34,7 +35,7 @@ class TaskRoutes:
             raise ApiError(400, str(e), param="top_n", code="invalid_top_n") from None
 
     async def _scores(self, receive, route: str, query: str, docs: list[str], raw: bool, write,
-                      param: str, cut: bool = True) -> Reply:
+                      param: str, cut: bool = True, urgency: Urgency = Urgency()) -> Reply:
         """Score (query, doc) pairs, then `write(scores, usage)` the body (a
         document given more than once is scored once, as Engine.rerank; an
         error names the document by its index in `docs`, the request's
@@ -64,9 +65,9 @@ class TaskRoutes:
         pairs = [(query, d) for d in unique]
         chars = len(query) * len(unique) + sum(map(len, unique))
         return await self.api._serve(receive, route, pairs, None, answer, tokenize=tokenize, chars=chars,
-                                     inputs=len(docs))
+                                     inputs=len(docs), urgency=urgency)
 
-    async def rerank(self, body: RerankRequest, receive, route: str = "/v1/rerank") -> Reply:
+    async def rerank(self, body: RerankRequest, receive, route: str = "/v1/rerank", urgency: Urgency = Urgency()) -> Reply:
         """POST /v1/rerank (and Cohere v2's /v2/rerank): results best first,
         each with its document's index and relevance_score (and the
         document, return_documents)."""
@@ -96,9 +97,10 @@ class TaskRoutes:
             return dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": self.api.model_name,
                           "results": results, "usage": usage})
 
-        return await self._scores(receive, route, body.query, docs, body.raw_scores, write, "documents")
+        return await self._scores(receive, route, body.query, docs, body.raw_scores, write, "documents",
+                                  urgency=urgency)
 
-    async def tei_rerank(self, body: TeiRerankRequest, receive) -> Reply:
+    async def tei_rerank(self, body: TeiRerankRequest, receive, urgency: Urgency = Urgency()) -> Reply:
         """POST /rerank, text-embeddings-inference's shape: a list of
         {index, score, (text)}, best first."""
         self._check_rerank(len(body.texts), "texts")
@@ -113,9 +115,9 @@ class TaskRoutes:
                           for r in ranked])
 
         return await self._scores(receive, "/rerank", body.query, list(body.texts), body.raw_scores, write,
-                                  "texts", cut=body.truncate is not False)
+                                  "texts", cut=body.truncate is not False, urgency=urgency)
 
-    async def extract(self, body: ExtractRequest, receive) -> Reply:
+    async def extract(self, body: ExtractRequest, receive, urgency: Urgency = Urgency()) -> Reply:
         """POST /v1/extract: each text's entities."""
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         self.api._check_count(len(texts))
@@ -136,7 +138,8 @@ class TaskRoutes:
                     for i, ents in enumerate(found)]
             return dumps({"object": "list", "data": data, "model": self.api.model_name, "usage": usage})
 
-        return await self.api._serve(receive, "/v1/extract", texts, None, answer, tokenize=tokenize)
+        return await self.api._serve(receive, "/v1/extract", texts, None, answer, tokenize=tokenize,
+                                     urgency=urgency)
 
 
 def rank_text(doc, fields, i: int) -> str:
