@@ -25,9 +25,11 @@ class Urgency {
     auto [it, fresh] = earliest_.try_emplace(priority, deadline);
     if (!fresh) it->second = std::min(it->second, deadline);
   }
-  double above(int priority) const {  // of members with a higher priority
+  // The earliest deadline of members with a higher priority (inf when
+  // none), no later than `cap` when there is one.
+  double above(int priority, double cap = INFINITY) const {
     double d = INFINITY;
-    for (auto it = earliest_.upper_bound(priority); it != earliest_.end(); ++it) d = std::min(d, it->second);
+    for (auto it = earliest_.upper_bound(priority); it != earliest_.end(); ++it) d = std::min({d, it->second, cap});
     return d;
   }
   double all() const { return above(std::numeric_limits<int>::min()); }
@@ -73,6 +75,7 @@ Scheduler::Scheduler(SchedulerConfig config, ControllerConfig controller,
   config_.validate();
   if (workers < 1 || workers > 4096) throw InvalidArgument("scheduler: workers must be in [1, 4096]");
   for (int k = 0; k < workers; ++k) controllers_.push_back(make_controller(controller));
+  lower_fill_s_ = 2 * controller.target_latency_s;  // the request latency target (the Engine's target_latency_ms)
   seen_at_.assign(static_cast<size_t>(workers), -INFINITY);
   waiting_.assign(static_cast<size_t>(workers), 0);
   retired_.assign(static_cast<size_t>(workers), 0);
@@ -734,7 +737,8 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // the best marginal fill falls below min_fill. Without that floor a padded
   // batch fills its budget with ever shorter requests, and padding grows.
   // A candidate of lower priority than a member joins only if the batch,
-  // predicted with the compute tail, still ends by that member's deadline.
+  // predicted with the compute tail, still ends by that member's deadline
+  // and within the latency target (lower_fill_s_).
   const bool guard = predicting_locked();
   auto ends_by = [&](int64_t c, double deadline) {
     return !guard || now + fit_locked(static_cast<double>(c)) + tail_s_ <= deadline;
@@ -760,13 +764,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     const int64_t cost = cost_of(count, max_len, sum);
     if (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
-      can_lo = within(c, cost) && ends_by(c, members.above(cands[lo - 1].priority));
+      can_lo = within(c, cost) && ends_by(c, members.above(cands[lo - 1].priority, now + lower_fill_s_));
       fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
     }
     if (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
-      can_hi = within(c, cost) && ends_by(c, members.above(cands[hi + 1].priority));
+      can_hi = within(c, cost) && ends_by(c, members.above(cands[hi + 1].priority, now + lower_fill_s_));
       fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
     }
@@ -797,7 +801,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 // each taken when it still fits (first fit), the head always. Deadlines
 // (while admission predicts): a request of lower priority than a member
 // joins only if the batch, predicted with the compute tail J, still ends by
-// that member's deadline; and, with extend_past_budget, a request that does
+// that member's deadline and within the latency target; and, with extend_past_budget, a request that does
 // not fit the budget joins all the same when it would miss its deadline in
 // a later batch (predicted to start when this one ends and to run a full
 // budget) while this batch, with it, still ends a tail J before every
@@ -826,7 +830,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
         continue;
       }
       if (sum + cost <= B) {
-        if (guard && end > members.above(c.priority)) continue;
+        if (guard && end > members.above(c.priority, now + lower_fill_s_)) continue;
       } else {
         // Past the budget: only to save a request a later batch would make late.
         const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;

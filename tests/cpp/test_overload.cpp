@@ -336,15 +336,18 @@ TEST(Deadlines, RemovingRowsAfterALayoutWasBuiltIsALogicError) {
 struct Measured {
   std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
   Scheduler s;
-  explicit Measured(int64_t budget = 1000, int workers = 1, bool extend = false, int64_t layers = 0)
-      : s([extend, layers] {
+  explicit Measured(int64_t budget = 1000, int workers = 1, bool extend = false, int64_t layers = 0,
+                    Cost cost = Cost::Packed, double target_s = kTarget)
+      : s([extend, layers, cost] {
       SchedulerConfig sc = engine_scheduler();
       sc.extend_past_budget = extend;
       sc.preempt_layers = layers;
+      sc.cost = cost;
       return sc;
-    }(), [budget] {
+    }(), [budget, target_s] {
       ControllerConfig c = engine_controller("static");
       c.initial_tokens = budget;
+      c.target_latency_s = target_s / 2;
       return c;
     }(), clock, workers) {
     for (int n : {100, 400, 800, 200, 600, 1000}) {
@@ -679,6 +682,31 @@ TEST(Formation, LowerPriorityJoinsABatchOnlyAsFarAsAHigherMembersDeadlineAllows)
   m.s.complete(*b, 0.002 + 20e-6 * double(b->total_tokens()));
   auto next = *m.s.next_batch(0);
   EXPECT_EQ(next->total_tokens(), 1000);
+}
+
+// A lower class's backlog grows the budget (the controller carries the
+// queue), but a batch holding a higher class is not filled with lower work
+// past the request latency target (2 D), whatever the higher
+// member's deadline: a query (30 s deadline) queued behind a bulk job's
+// backlog rode in a full batch of bulk texts (0.5 s p95 over HTTP on the
+// 2-core machine).
+TEST(Formation, LowerPriorityFillsAHigherClassesBatchOnlyUpToTheLatencyTarget) {
+  for (Cost cost : {Cost::Packed, Cost::Padded}) {
+    // A budget of 2000 tokens (42 ms) against a request target of 25 ms.
+    Measured m(2000, 1, false, 0, cost, 0.025);
+    const double now = m.clock->now();
+    for (int i = 0; i < 40; ++i) m.s.submit(toks(100), -100);  // the bulk job, no deadline
+    const uint64_t high = m.s.submit(toks(100), 0, now + 30.0);
+    auto b = *m.s.next_batch(0);
+    EXPECT_NE(std::find(b->ids().begin(), b->ids().end(), high), b->ids().end()) << to_string(cost);
+    // (25 - 2) ms / 20 us = 1150 tokens at most: the query and ten bulk requests.
+    EXPECT_EQ(b->total_tokens(), 1100) << to_string(cost);
+    m.s.start(*b);
+    m.clock->advance(0.002 + 20e-6 * double(b->total_tokens()));
+    m.s.complete(*b, 0.002 + 20e-6 * double(b->total_tokens()));
+    // The bulk job alone fills the budget as before.
+    EXPECT_EQ((*m.s.next_batch(0))->total_tokens(), 2000) << to_string(cost);
+  }
 }
 
 TEST(Formation, WithExtendPastBudgetARequestALaterBatchWouldMakeLateJoinsPastIt) {
