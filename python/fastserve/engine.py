@@ -887,6 +887,10 @@ class Engine(tasks.TaskCalls):
         "inference_s"}. Raises QueueFullError at once when the queue is full,
         OverloadedError (a QueueFullError) when it is predicted to miss its
         deadline (timeout, else the engine's request_timeout_s).
+        priority: higher runs first (every call's `priority` is this one).
+        Waiting raises a request one level per 0.5 s, so a lower class cannot
+        starve: work meant to stay behind others' (a bulk job) needs a priority
+        far below theirs, -100 (50 s of waiting), not -1.
         prompt_name / prompt: as embed's."""
         self._refuse_if_forked()  # before the tokenizer's lock, which a thread of the parent may have held
         timeout = admission.check_timeout(timeout)
