@@ -754,25 +754,44 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   };
   Urgency members;
   members.add(cands[h].priority, cands[h].deadline);
+  // A neighbour the class rule turns away (a higher member's deadline or
+  // the latency target) is passed over, not an end: a request of the
+  // head's class may lie beyond it in length order. Passed-over rows stay
+  // out of the batch and of its cost.
+  std::vector<char> passed(cands.size(), 0);
+  auto joins = [&](size_t i, int64_t c) {
+    return ends_by(c, members.above(cands[i].priority, now + lower_fill_s_));
+  };
   size_t lo = h, hi = h;
-  int64_t count = 1, sum = cands[h].len;
+  int64_t count = 1, sum = cands[h].len, max_len = cands[h].len;
   while (count < config_.max_batch_size) {
-    const int64_t max_len = cands[hi].len;
     bool can_lo = false, can_hi = false;
     double fill_lo = 0, fill_hi = 0;
     int64_t pad_lo = 0, pad_hi = 0;
     const int64_t cost = cost_of(count, max_len, sum);
-    if (lo > 0) {
+    while (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
-      can_lo = within(c, cost) && ends_by(c, members.above(cands[lo - 1].priority, now + lower_fill_s_));
+      if (!within(c, cost)) break;
+      if (!joins(lo - 1, c)) {
+        passed[--lo] = 1;
+        continue;
+      }
+      can_lo = true;
       fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
+      break;
     }
-    if (hi + 1 < cands.size()) {
+    while (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
-      can_hi = within(c, cost) && ends_by(c, members.above(cands[hi + 1].priority, now + lower_fill_s_));
+      if (!within(c, cost)) break;
+      if (!joins(hi + 1, c)) {
+        passed[++hi] = 1;
+        continue;
+      }
+      can_hi = true;
       fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
+      break;
     }
     can_lo = can_lo && fill_lo >= config_.min_fill;
     can_hi = can_hi && fill_hi >= config_.min_fill;
@@ -784,6 +803,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
       members.add(cands[lo].priority, cands[lo].deadline);
     } else {
       sum += cands[++hi].len;
+      max_len = cands[hi].len;
       members.add(cands[hi].priority, cands[hi].deadline);
     }
     ++count;
@@ -791,7 +811,8 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 
   // Rows stay in length order, so rows of similar length sit together; no
   // consumer needs queue order.
-  for (size_t i = lo; i <= hi; ++i) move_to_batch_locked(now, cands[i].id, *batch);
+  for (size_t i = lo; i <= hi; ++i)
+    if (!passed[i]) move_to_batch_locked(now, cands[i].id, *batch);
   if (cut) ++stats_.balanced;
   return batch;
 }

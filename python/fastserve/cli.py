@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-header-bytes", type=_at_least_one, default=None,
                    help="a larger request line and headers get 431 (default 65536)")
     p.add_argument("--max-priority", type=int, default=0,
-                   help="the highest priority a request may ask for with its 'X-Fastserve-Priority: N' header "
-                        "(higher runs first; without it 0). Default 0: a client may lower its requests' priority "
+                   help="the highest priority (at least 0) a request may ask for with its 'X-Fastserve-Priority: N' "
+                        "header (higher runs first; without it 0). Default 0: a client may lower its requests' priority "
                         "(a bulk job sending -100 stays behind interactive requests), not raise it")
     p.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let a browser page from ORIGIN call the API (repeat for several; '*' for any)")

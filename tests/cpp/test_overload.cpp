@@ -709,6 +709,26 @@ TEST(Formation, LowerPriorityFillsAHigherClassesBatchOnlyUpToTheLatencyTarget) {
   }
 }
 
+// Padded cost grows the batch around the head in length order: a lower-class
+// neighbour the class rule turns away is passed over, and requests of the
+// head's class beyond it (same length, later ids) still join. It used to end
+// that side, and 15 bulk requests ran while 4 of the head's class waited.
+TEST(Formation, APaddedBatchPassesOverALowerClassNeighbourToTheHeadsClassBeyondIt) {
+  Measured m(2000, 1, false, 0, Cost::Padded, 0.025);
+  const double now = m.clock->now();
+  const uint64_t head = m.s.submit(toks(70), 0, now + 30.0);
+  for (int i = 0; i < 25; ++i) m.s.submit(toks(70), -100);
+  std::vector<uint64_t> same;
+  for (int i = 0; i < 4; ++i) same.push_back(m.s.submit(toks(70), 0, now + 30.0));
+  auto b = *m.s.next_batch(0);
+  const auto& ids = b->ids();
+  EXPECT_NE(std::find(ids.begin(), ids.end(), head), ids.end());
+  for (uint64_t id : same) EXPECT_NE(std::find(ids.begin(), ids.end(), id), ids.end()) << id;
+  // The bulk requests joined while the batch ended within the 25 ms target:
+  // (25 - 2) ms / 20 us = 1150 tokens, 16 rows of 70.
+  EXPECT_EQ(b->size(), 16 + 4);
+}
+
 TEST(Formation, WithExtendPastBudgetARequestALaterBatchWouldMakeLateJoinsPastIt) {
   Measured m(200, 1, true);  // budget 200 tokens: 6 ms a batch
   const double now = m.clock->now();

@@ -554,7 +554,7 @@ def test_a_bulk_request_lowered_by_its_priority_header_lets_a_later_request_run_
 @pytest.mark.parametrize("header, value, code", [
     *(("X-Fastserve-Priority", v, "invalid_priority") for v in ("high", "1.5", "", "1e3", "99999999999999", ["1", "1"])),
     ("X-Fastserve-Priority", "4", "priority_not_allowed"), ("X-Fastserve-Priority", "-2147483649", "priority_not_allowed"),
-    *(("X-Fastserve-Timeout", v, "invalid_timeout") for v in ("soon", "0", "-1", "inf", "nan", "", ["1", "2"]))])
+    *(("X-Fastserve-Timeout", v, "invalid_timeout") for v in ("soon", "0", "-1", "inf", "nan", "", "1_0", ["1", "2"]))])
 def test_a_bad_or_disallowed_urgency_header_gets_400_before_anything_runs(server, header, value, code):
     """The main server runs with --max-priority 3: a client may ask for a
     priority up to 3; anything that is not one integer, or for the timeout
@@ -566,6 +566,27 @@ def test_a_bad_or_disallowed_urgency_header_gets_400_before_anything_runs(server
     assert (err["code"], err["param"]) == (code, header)
     submitted = ("fastserve_engine_requests_total", (("outcome", "submitted"),))
     assert _scrape(server.url)[submitted] == before[submitted]  # nothing was queued
+
+
+def test_the_urgency_headers_are_read_only_where_work_is_queued(server):
+    """A proxy that sets the headers on all traffic, or sets them wrong, does
+    not fail the probes, the scrape or the model list: only POSTs to the
+    inference routes read them."""
+    bad = {"X-Fastserve-Priority": "99", "X-Fastserve-Timeout": "never"}
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(server.url + path, headers=bad, timeout=30).status_code == 200, path
+    assert httpx.get(server.url + "/v1/models", headers={**AUTH, **bad}, timeout=30).status_code == 200
+
+
+def test_max_priority_below_zero_is_refused():
+    """A request without the header runs at 0: a bound below it would refuse a
+    header asking for what no header gets."""
+    from fastserve.server.app import check_app_options
+
+    check_app_options(max_priority=0)
+    for bad in (-1, True, 1.5, 2**31, "1"):
+        with pytest.raises(ValueError, match="max_priority"):
+            check_app_options(max_priority=bad)
 
 
 def test_urgency_headers_within_the_servers_bounds_are_served(server, engine):

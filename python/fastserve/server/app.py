@@ -57,9 +57,11 @@ def check_app_options(*, max_payload_bytes: Any = DEFAULT_MAX_PAYLOAD_BYTES, max
         raise ValueError("api_key must be None (no key) or a non-empty key without leading or trailing whitespace")
     if isinstance(cors_allow_origins, str) or not all(isinstance(o, str) for o in cors_allow_origins):
         raise ValueError(f"cors_allow_origins must be a list of origins, got {cors_allow_origins!r}")
-    lo, hi = PRIORITY_RANGE
-    if isinstance(max_priority, bool) or not isinstance(max_priority, numbers.Integral) or not lo <= max_priority <= hi:
-        raise ValueError(f"max_priority must be an int within [{lo}, {hi}], got {max_priority!r}")
+    # At least 0: a request without the header runs at 0, so a bound below it
+    # would refuse a header asking for what no header gets.
+    hi = PRIORITY_RANGE[1]
+    if isinstance(max_priority, bool) or not isinstance(max_priority, numbers.Integral) or not 0 <= max_priority <= hi:
+        raise ValueError(f"max_priority must be an int within [0, {hi}], got {max_priority!r}")
 
 
 def create_app(

@@ -114,7 +114,9 @@ class Edge:
             error = self._check_key(scope) if path not in OPEN_PATHS else None
             if error is None:
                 error = _encoded(scope)
-            if error is None:
+            if error is None and scope.get("method") == "POST" and path not in OPEN_PATHS:
+                # (only work is queued: a probe or scrape behind a proxy that
+                # sets the headers on all traffic must still get its answer)
                 urgency, error = _urgency(scope, self.max_priority)
                 scope = {**scope, URGENCY: urgency}
             body = b""
@@ -164,7 +166,7 @@ class Edge:
         except ValueError:  # pydantic's ValidationError, or a body that is not JSON
             return False
         try:
-            reply = await self.api.embeddings(request, receive, scope[URGENCY])
+            reply = await self.api.embeddings(request, receive, scope.get(URGENCY, Urgency()))
         except ApiError as exc:  # what the app's exception handler would answer
             reply = exc.reply()
         await reply.send(send)
@@ -280,7 +282,7 @@ def _urgency(scope, highest: int) -> tuple[Urgency, Optional[ApiError]]:
     timeout = None
     if wrong or text is not None:
         try:
-            timeout = float(text) if text is not None and len(text) <= 32 else None
+            timeout = float(text) if text is not None and len(text) <= 32 and "_" not in text else None
         except ValueError:
             timeout = None
         if timeout is None or not 0 < timeout < math.inf:
