@@ -21,20 +21,29 @@ constexpr double kWindowBudgets = 2.0;
 // (lower priority is displaced, never the reverse).
 class Urgency {
  public:
+  // cap: the latest end a lower class may give a batch holding a higher one
+  // (now + the request latency target), whatever the higher deadlines.
+  explicit Urgency(double cap) : cap_(cap) {}
   void add(int priority, double deadline) {
     auto [it, fresh] = earliest_.try_emplace(priority, deadline);
     if (!fresh) it->second = std::min(it->second, deadline);
   }
-  // The earliest deadline of members with a higher priority (inf when
-  // none), no later than `cap` when there is one.
-  double above(int priority, double cap = INFINITY) const {
-    double d = INFINITY;
-    for (auto it = earliest_.upper_bound(priority); it != earliest_.end(); ++it) d = std::min({d, it->second, cap});
-    return d;
+  // How late a batch may end with a request of `priority` in it: the
+  // earliest deadline of members with a higher priority, no later than the
+  // cap (inf when there is none).
+  double above(int priority) const {
+    auto it = earliest_.upper_bound(priority);
+    return it == earliest_.end() ? INFINITY : std::min(earliest(it), cap_);
   }
-  double all() const { return above(std::numeric_limits<int>::min()); }
+  double all() const { return earliest(earliest_.begin()); }  // every member's earliest deadline
 
  private:
+  double earliest(std::map<int, double>::const_iterator it) const {
+    double d = INFINITY;
+    for (; it != earliest_.end(); ++it) d = std::min(d, it->second);
+    return d;
+  }
+  double cap_;
   std::map<int, double> earliest_;
 };
 
@@ -752,16 +761,14 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     cut = true;
     return false;
   };
-  Urgency members;
+  Urgency members(now + lower_fill_s_);
   members.add(cands[h].priority, cands[h].deadline);
   // A neighbour the class rule turns away (a higher member's deadline or
   // the latency target) is passed over, not an end: a request of the
   // head's class may lie beyond it in length order. Passed-over rows stay
   // out of the batch and of its cost.
   std::vector<char> passed(cands.size(), 0);
-  auto joins = [&](size_t i, int64_t c) {
-    return ends_by(c, members.above(cands[i].priority, now + lower_fill_s_));
-  };
+  auto joins = [&](size_t i, int64_t c) { return ends_by(c, members.above(cands[i].priority)); };
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len, max_len = cands[h].len;
   while (count < config_.max_batch_size) {
@@ -834,7 +841,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
                                                            std::shared_ptr<Batch> batch) {
   const bool guard = predicting_locked();
   const double B = static_cast<double>(budget), limit = extend_limit_locked(B);
-  Urgency members;
+  Urgency members(now + lower_fill_s_);
   double sum = 0;
   int64_t count = 0;
   bool cut = false;  // the share left out a request the budget would have taken
@@ -851,7 +858,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
         continue;
       }
       if (sum + cost <= B) {
-        if (guard && end > members.above(c.priority, now + lower_fill_s_)) continue;
+        if (guard && end > members.above(c.priority)) continue;
       } else {
         // Past the budget: only to save a request a later batch would make late.
         const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;

@@ -124,12 +124,12 @@ def create_app(
         @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
                   summary="Create embeddings (OpenAI-compatible)")
         async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-            return (await _api(request).embeddings(body, request.receive, _urgency(request))).response()
+            return (await _api(request).embeddings(body, request.receive, _urgency_of(request))).response()
     elif engine.task == "classify":
         @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES,
                   summary="Classify texts")
         async def classify(body: ClassifyRequest, request: Request) -> Response:
-            return (await _api(request).classify(body, request.receive, _urgency(request))).response()
+            return (await _api(request).classify(body, request.receive, _urgency_of(request))).response()
     else:
         add_task_routes(app, engine.task)
     def get(path: str, **kw):
@@ -196,7 +196,7 @@ def _routes(request: Request) -> TaskRoutes:
     return request.app.state.task_routes
 
 
-def _urgency(request: Request) -> Urgency:
+def _urgency_of(request: Request) -> Urgency:
     """What the request's headers ask for, as the edge checked them."""
     return request.scope.get(URGENCY, Urgency())
 
@@ -239,22 +239,22 @@ def add_task_routes(app: FastAPI, task: str) -> None:
         @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="Rank documents against a query (Cohere / Jina / vLLM shape)")
         async def rerank(body: RerankRequest, request: Request) -> Response:
-            return (await _routes(request).rerank(body, request.receive, urgency=_urgency(request))).response()
+            return (await _routes(request).rerank(body, request.receive, urgency=_urgency_of(request))).response()
 
         @app.post("/v2/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
                   summary="The same, at the path of Cohere's v2 API (cohere.ClientV2)")
         async def rerank_v2(body: RerankRequest, request: Request) -> Response:
-            return (await _routes(request).rerank(body, request.receive, "/v2/rerank", _urgency(request))).response()
+            return (await _routes(request).rerank(body, request.receive, "/v2/rerank", _urgency_of(request))).response()
 
         @app.post("/rerank", response_model=list[TeiRank], responses=ERROR_RESPONSES,
                   summary="Rank texts against a query (text-embeddings-inference shape)")
         async def tei_rerank(body: TeiRerankRequest, request: Request) -> Response:
-            return (await _routes(request).tei_rerank(body, request.receive, _urgency(request))).response()
+            return (await _routes(request).tei_rerank(body, request.receive, _urgency_of(request))).response()
     else:
         @app.post("/v1/extract", response_model=ExtractResponse, responses=ERROR_RESPONSES,
                   summary="Extract entities (token classification)")
         async def extract(body: ExtractRequest, request: Request) -> Response:
-            return (await _routes(request).extract(body, request.receive, _urgency(request))).response()
+            return (await _routes(request).extract(body, request.receive, _urgency_of(request))).response()
 
 
 def urgency_headers(max_priority: int) -> list[dict]:

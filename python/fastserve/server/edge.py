@@ -5,6 +5,7 @@ path that answers a valid POST /v1/embeddings without Starlette or FastAPI."""
 import asyncio
 import hmac
 import math
+import re
 import time
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
@@ -242,13 +243,22 @@ class Urgency(NamedTuple):
     timeout: Optional[float] = None
 
 
-def _one_header(scope, name: bytes) -> tuple[Optional[str], Optional[str]]:
-    """(value, None) for a header sent once (None when not sent), or (None,
-    what is wrong) for one sent several times."""
-    sent = [value for key, value in scope.get("headers", ()) if key == name]
-    if len(sent) > 1:
-        return None, f"{len(sent)} {name.decode().title()} headers: send one"
-    return (sent[0].decode("latin-1").strip() if sent else None), None
+# What the two headers may hold: an integer (at most 12 characters), a plain
+# decimal number of seconds (at most 32; no sign but +, no inf, nan or "_").
+_PRIORITY_TEXT = re.compile(r"[+-]?[0-9]{1,11}|[0-9]{12}")
+_SECONDS_TEXT = re.compile(r"\+?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _header_text(values: list, name: str, pattern: "re.Pattern[str]", longest: int,
+                 ask: str) -> tuple[Optional[str], Optional[str]]:
+    """(text, None) for a header sent once whose value matches `pattern`, or
+    (None, what is wrong)."""
+    if len(values) > 1:
+        return None, f"{len(values)} {name} headers: send one"
+    text = values[0].decode("latin-1").strip()
+    if len(text) > longest or not pattern.fullmatch(text):
+        return None, f"{name} {text[:40]!r}: {ask}"
+    return text, None
 
 
 def _urgency(scope, highest: int) -> tuple[Urgency, Optional[ApiError]]:
@@ -257,37 +267,35 @@ def _urgency(scope, highest: int) -> tuple[Urgency, Optional[ApiError]]:
     [PRIORITY_RANGE's low end, `highest`] (the server's --max-priority: by
     default a client may lower its requests' priority, not raise it), or not
     a single positive finite number of seconds. Answered before the body is
-    read, so the connection closes after it."""
+    read, so the connection closes after it. One pass over the headers."""
+    sent: dict[bytes, list] = {}
+    for key, value in scope.get("headers", ()):
+        if key == PRIORITY_HEADER or key == TIMEOUT_HEADER:
+            sent.setdefault(key, []).append(value)
+    if not sent:
+        return Urgency(), None
+
     def refused(param: str, code: str, message: str) -> tuple[Urgency, ApiError]:
         return Urgency(), ApiError(400, message, param=param, code=code, headers={"Connection": "close"})
 
-    text, wrong = _one_header(scope, PRIORITY_HEADER)
-    priority = 0
-    if wrong or text is not None:
-        digits = text is not None and len(text) <= 12 and text.lstrip("+-").isdigit()
-        try:
-            priority = int(text) if digits else None
-        except ValueError:
-            priority = None
-        if priority is None:
-            return refused("X-Fastserve-Priority", "invalid_priority",
-                           wrong or f"X-Fastserve-Priority {text[:40]!r}: send one integer (higher runs first; "
-                                    "default 0)")
-        lo = PRIORITY_RANGE[0]
+    priority, timeout = 0, None
+    if PRIORITY_HEADER in sent:
+        name = "X-Fastserve-Priority"
+        text, wrong = _header_text(sent[PRIORITY_HEADER], name, _PRIORITY_TEXT, 12,
+                                   "send one integer (higher runs first; default 0)")
+        if wrong:
+            return refused(name, "invalid_priority", wrong)
+        priority, lo = int(text), PRIORITY_RANGE[0]
         if not lo <= priority <= highest:
-            return refused("X-Fastserve-Priority", "priority_not_allowed",
-                           f"X-Fastserve-Priority {priority} is outside [{lo}, {highest}]: this server lets a client "
-                           f"ask for at most {highest} (--max-priority)")
-    text, wrong = _one_header(scope, TIMEOUT_HEADER)
-    timeout = None
-    if wrong or text is not None:
-        try:
-            timeout = float(text) if text is not None and len(text) <= 32 and "_" not in text else None
-        except ValueError:
-            timeout = None
+            return refused(name, "priority_not_allowed", f"{name} {priority} is outside [{lo}, {highest}]: this "
+                                                         f"server lets a client ask for at most {highest} (--max-priority)")
+    if TIMEOUT_HEADER in sent:
+        name = "X-Fastserve-Timeout"
+        ask = "send one positive number of seconds"
+        text, wrong = _header_text(sent[TIMEOUT_HEADER], name, _SECONDS_TEXT, 32, ask)
+        timeout = None if wrong else float(text)
         if timeout is None or not 0 < timeout < math.inf:
-            return refused("X-Fastserve-Timeout", "invalid_timeout",
-                           wrong or f"X-Fastserve-Timeout {text[:40]!r}: send one positive number of seconds")
+            return refused(name, "invalid_timeout", wrong or f"{name} {text!r}: {ask}")
     return Urgency(priority, timeout), None
 
 
