@@ -709,6 +709,59 @@ TEST(Formation, LowerPriorityFillsAHigherClassesBatchOnlyUpToTheLatencyTarget) {
   }
 }
 
+// Admission and shedding predict the cap above: a lower-class request that
+// would take its batch with the higher class past the latency target runs in
+// the batch after it. They predicted it in the shared batch, so a request
+// due in one batch's time was admitted (26 ms predicted, 27 ms deadline),
+// then ran second and ended at 28 ms.
+TEST(Admission, ALowerClassKeptOutOfAHigherClassesBatchByTheTargetIsPredictedInTheNext) {
+  for (Cost cost : {Cost::Packed, Cost::Padded}) {
+    Measured m(2000, 1, false, 0, cost, 0.025);
+    const double now = m.clock->now();
+    for (int i = 0; i < 9; ++i) m.s.submit(toks(100), 0, now + 30.0);  // 900 tokens: 20 ms
+    // Together 1200 tokens, 26 ms, past the 25 ms target: 20 ms, then 8 ms.
+    EXPECT_NEAR(m.s.predict_completion(300, -1) - now, 0.028, 1e-6) << to_string(cost);
+    EXPECT_THROW(m.s.submit(toks(300), -1, now + 0.027), Overloaded) << to_string(cost);
+    // Within the target the shared batch is predicted, as before: 16 ms.
+    EXPECT_NEAR(m.s.predict_completion(100, -1) - now, 0.022, 1e-6) << to_string(cost);
+    // Its own class ahead of it is not held back by the cap.
+    EXPECT_NEAR(m.s.predict_completion(300, 0) - now, 0.026, 1e-6) << to_string(cost);
+    const uint64_t low = m.s.submit(toks(300), -1, now + 0.029);
+    auto b = *m.s.next_batch(0);
+    EXPECT_TRUE(b->shed.empty()) << to_string(cost);
+    EXPECT_EQ(b->total_tokens(), 900) << to_string(cost);
+    m.s.start(*b);
+    m.clock->advance(0.020);
+    m.s.complete(*b, 0.020);
+    auto next = *m.s.next_batch(0);
+    EXPECT_EQ(next->ids(), std::vector<uint64_t>{low}) << to_string(cost);
+    EXPECT_LE(m.clock->now() + 0.008, now + 0.029 + 1e-9);
+  }
+}
+
+TEST(Admission, ALowerClassRequestTheTargetKeepsOutOfItsBatchIsShedBeforeItRuns) {
+  Measured m(2000, 1, false, 0, Cost::Packed, 0.025);
+  const double now = m.clock->now();
+  // Admitted at once (an idle worker), then 900 tokens of a higher class
+  // arrive: it runs second and would end at 28 ms, past its 27 ms deadline.
+  const uint64_t low = m.s.submit(toks(300), -1, now + 0.027);
+  for (int i = 0; i < 9; ++i) m.s.submit(toks(100), 0, now + 30.0);
+  auto b = *m.s.next_batch(0);
+  EXPECT_EQ(b->shed, std::vector<uint64_t>{low});
+  EXPECT_EQ(b->total_tokens(), 900);
+  // With a 29 ms deadline it is kept, and runs next.
+  Measured n(2000, 1, false, 0, Cost::Packed, 0.025);
+  const uint64_t kept = n.s.submit(toks(300), -1, now + 0.029);
+  for (int i = 0; i < 9; ++i) n.s.submit(toks(100), 0, now + 30.0);
+  auto c = *n.s.next_batch(0);
+  EXPECT_TRUE(c->shed.empty());
+  EXPECT_EQ(c->total_tokens(), 900);
+  n.s.start(*c);
+  n.clock->advance(0.020);
+  n.s.complete(*c, 0.020);
+  EXPECT_EQ((*n.s.next_batch(0))->ids(), std::vector<uint64_t>{kept});
+}
+
 // Padded cost grows the batch around the head in length order: a lower-class
 // neighbour the class rule turns away is passed over, and requests of the
 // head's class beyond it (same length, later ids) still join. It used to end
