@@ -29,11 +29,16 @@ class Urgency {
     if (!fresh) it->second = std::min(it->second, deadline);
   }
   // How late a batch may end with a request of `priority` in it: the
-  // earliest deadline of members with a higher priority, no later than the
-  // cap (inf when there is none).
-  double above(int priority) const {
+  // earliest deadline of members with a higher priority (inf when there is
+  // none), no later than the cap unless the request is `pressed`: a later
+  // batch would make it late. Admission predicts a request in the batch of
+  // the work queued ahead of it at its priority or higher, so the cap keeps
+  // out only what can wait (a bulk job), never a request admitted on that
+  // prediction (it was then one batch late).
+  double above(int priority, bool pressed = false) const {
     auto it = earliest_.upper_bound(priority);
-    return it == earliest_.end() ? INFINITY : std::min(earliest(it), cap_);
+    if (it == earliest_.end()) return INFINITY;
+    return pressed ? earliest(it) : std::min(earliest(it), cap_);
   }
   double all() const { return earliest(earliest_.begin()); }  // every member's earliest deadline
 
@@ -158,7 +163,7 @@ bool Scheduler::idle_for_locked(int priority) const {
 
 double Scheduler::fit_locked(double cost) const { return std::max(0.0, compute_fit_.predict(cost)); }
 
-double Scheduler::batches_locked(double work, double fill, double room) const {
+double Scheduler::compute_locked(double work, double fill, double room) const {
   // work: cost tokens up to and including the request; fill: what its own
   // batch is expected to hold (what is queued at its priority or higher, and
   // such arrivals while it waits: lower priority cannot displace it).
@@ -181,35 +186,6 @@ double Scheduler::batches_locked(double work, double fill, double room) const {
       t = fit_locked(work) + tail_s_;
   }
   return t + tail_s_;
-}
-
-double Scheduler::cap_cost_locked() const {
-  // The largest batch cost that ends within the latency target, the tail J
-  // included (the class rule's cap in assemble_*_locked).
-  const double a = compute_fit_.intercept(), b = compute_fit_.slope();
-  if (!(b > 0)) return std::max(0.0, a) + tail_s_ <= lower_fill_s_ ? INFINITY : 0.0;
-  return std::max(0.0, (lower_fill_s_ - tail_s_ - a) / b);
-}
-
-double Scheduler::compute_locked(double work, double fill, double room, double higher, double own) const {
-  // higher: the part of `work` queued in classes above the request's; own:
-  // the request's own cost. A lower class joins a batch holding a higher one
-  // only while it ends within the latency target: when the batch at the
-  // class boundary (the last of the higher work), filled as far as the
-  // request, would end past it, the boundary batch takes lower work ahead
-  // of the request only up to the target, and the request runs in the
-  // batches after it. Counted in turn, on one worker: with several, the
-  // later batch may start on another, so this errs late (a refusal with a
-  // Retry-After rather than a request admitted, computed on, then late).
-  const double B = static_cast<double>(std::max<int64_t>(controllers_[first_live_locked()]->budget(), 1));
-  if (higher <= 0 || work <= higher) return batches_locked(work, fill, room);
-  const double boundary = higher - (std::ceil(higher / B) - 1) * B;  // higher work in that batch, (0, B]
-  if (fit_locked(std::min(B, boundary + work - higher)) + tail_s_ <= lower_fill_s_)
-    return batches_locked(work, fill, room);
-  const double lower_ahead = std::max(0.0, work - own - higher);
-  const double first = higher + std::clamp(std::min(cap_cost_locked(), B) - boundary, 0.0, lower_ahead);
-  const double t = batches_locked(first, first, room) - tail_s_;
-  return t + batches_locked(work - first, std::max(work, fill) - first, room - t);
 }
 
 double Scheduler::share_locked(double now, int worker, double budget) const {
@@ -356,13 +332,11 @@ double Scheduler::completion_locked(double now, int priority, double ahead, doub
   // Its batch forms when the running one ends (or pauses for it): it then
   // holds what is queued at its priority or higher and what of that arrives
   // meanwhile, up to the budget (batch formation fills it with lower
-  // priority only as far as its deadline allows). A batch of the classes
-  // above takes it only within the latency target (compute_locked).
+  // priority only as far as its deadline allows).
   const double residual = residual_locked(now, priority);
   const double fill = ahead + own + cost_factor_ * arrivals_locked(priority) * residual;
   const double room = urgent_locked(priority) - now - residual;
-  const double higher = priority == std::numeric_limits<int>::max() ? 0 : ahead_locked(priority + 1);
-  return now + (residual + compute_locked(ahead + own, fill, room, higher, own)) * stretch_locked(priority);
+  return now + (residual + compute_locked(ahead + own, fill, room)) * stretch_locked(priority);
 }
 
 void Scheduler::check_servable_locked(const std::vector<std::vector<int32_t>>& requests, double now,
@@ -378,7 +352,7 @@ void Scheduler::check_servable_locked(const std::vector<std::vector<int32_t>>& r
     own += own_cost(static_cast<int64_t>(r.size()));
     tokens += static_cast<int64_t>(r.size());
   }
-  const double alone = batches_locked(own, own, INFINITY);
+  const double alone = compute_locked(own, own, INFINITY);
   if (now + alone <= deadline) return;
   std::ostringstream msg;
   msg.precision(3);
@@ -581,9 +555,7 @@ void Scheduler::shed_locked(double now, Batch& out) {
   // leaves ahead of the next; a request predicted to finish after its
   // deadline is dropped and adds nothing.
   // Its batch holds what is queued at its priority or higher (lower
-  // priority joins it only as far as its deadline allows; it joins a batch
-  // of higher classes only within the latency target, so the kept work of
-  // those classes ahead is counted apart); `urgent` is the
+  // priority joins it only as far as its deadline allows); `urgent` is the
   // earliest deadline of the kept requests ahead, which a batch past the
   // budget must still meet.
   // What depends on the class alone, once per class: the queued cost at its
@@ -599,18 +571,14 @@ void Scheduler::shed_locked(double now, Batch& out) {
                              residual_locked(now, it->first), stretch_locked(it->first)};
   }
   double ahead = 0, urgent = kNoDeadline;
-  std::map<int, double> kept;  // the kept work ahead, by class
   std::vector<uint64_t> drop;
   for (const Key& k : order_) {
     const Request& r = requests_.at(k.id);
     const double own = own_cost(static_cast<int64_t>(r.tokens.size()));
     if (std::isfinite(r.deadline)) {
       const Class& c = by_class.at(r.priority);
-      double higher = 0;
-      for (auto it = kept.upper_bound(r.priority); it != kept.end(); ++it) higher += it->second;
       const double done =
-          now + (c.residual + compute_locked(ahead + own, c.fill, urgent - now - c.residual, higher, own)) *
-                    c.stretch;
+          now + (c.residual + compute_locked(ahead + own, c.fill, urgent - now - c.residual)) * c.stretch;
       if (done > r.deadline) {
         drop.push_back(r.id);
         out.shed.push_back(r.id);
@@ -620,7 +588,6 @@ void Scheduler::shed_locked(double now, Batch& out) {
       urgent = std::min(urgent, r.deadline);
     }
     ahead += own;
-    kept[r.priority] += own;
   }
   // Never shed the whole queue: the least late request runs, so the
   // prediction that condemned them all is measured again (see
@@ -806,7 +773,13 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // head's class may lie beyond it in length order. Passed-over rows stay
   // out of the batch and of its cost.
   std::vector<char> passed(cands.size(), 0);
-  auto joins = [&](size_t i, int64_t c) { return ends_by(c, members.above(cands[i].priority)); };
+  // Pressed: a later batch (starting when this one ends, a full budget)
+  // would end past its deadline.
+  auto joins = [&](size_t i, int64_t c, int64_t cost) {
+    const bool pressed = now + fit_locked(static_cast<double>(cost)) + fit_locked(static_cast<double>(budget)) +
+                             tail_s_ > cands[i].deadline;
+    return ends_by(c, members.above(cands[i].priority, pressed));
+  };
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len, max_len = cands[h].len;
   while (count < config_.max_batch_size) {
@@ -817,7 +790,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     while (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
       if (!within(c, cost)) break;
-      if (!joins(lo - 1, c)) {
+      if (!joins(lo - 1, c, cost)) {
         passed[--lo] = 1;
         continue;
       }
@@ -829,7 +802,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     while (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
       if (!within(c, cost)) break;
-      if (!joins(hi + 1, c)) {
+      if (!joins(hi + 1, c, cost)) {
         passed[++hi] = 1;
         continue;
       }
@@ -867,7 +840,9 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
 // each taken when it still fits (first fit), the head always. Deadlines
 // (while admission predicts): a request of lower priority than a member
 // joins only if the batch, predicted with the compute tail J, still ends by
-// that member's deadline and within the latency target; and, with extend_past_budget, a request that does
+// that member's deadline and within the latency target (past the target
+// when a later batch would make it late: see Urgency::above); and, with
+// extend_past_budget, a request that does
 // not fit the budget joins all the same when it would miss its deadline in
 // a later batch (predicted to start when this one ends and to run a full
 // budget) while this batch, with it, still ends a tail J before every
@@ -895,11 +870,12 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
         cut = true;
         continue;
       }
+      // A later batch: predicted to start when this one ends and to run a full budget.
+      const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;
       if (sum + cost <= B) {
-        if (guard && end > members.above(c.priority)) continue;
+        if (guard && end > members.above(c.priority, !later_in_time)) continue;
       } else {
         // Past the budget: only to save a request a later batch would make late.
-        const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;
         if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) ||
             end + tail_s_ > std::min(members.all(), c.deadline) || later_in_time)
           continue;

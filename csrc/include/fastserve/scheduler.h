@@ -294,13 +294,7 @@ class Scheduler {
   bool predicting_locked() const;
   bool idle_for_locked(int priority) const;
   double fit_locked(double cost) const;  // fitted compute of a batch of `cost`, >= 0
-  // Compute up to a request, + J: `work` in full batches (as many at a time
-  // as live workers), its own batch filled to `fill`.
-  double batches_locked(double work, double fill, double room = kNoDeadline) const;
-  // The same, for a request of cost `own` with `higher` of the work in
-  // classes above its own: past the latency target it runs after their batch.
-  double compute_locked(double work, double fill, double room, double higher, double own) const;
-  double cap_cost_locked() const;  // largest batch cost ending within the latency target
+  double compute_locked(double work, double fill, double room = kNoDeadline) const;  // compute up to a request, + J
   // Until a worker is free for the next batch; with `priority`, for a request
   // of that class (a batch of lower classes alone is paused for it).
   double residual_locked(double now, std::optional<int> priority = std::nullopt) const;
