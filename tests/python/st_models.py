@@ -49,15 +49,20 @@ def config(arch: str):
                                     local_attention=16, max_position_embeddings=128, pad_token_id=0,
                                     cls_token_id=101, sep_token_id=102, bos_token_id=101, eos_token_id=102,
                                     global_rope_theta=160000.0, local_rope_theta=10000.0)
+    if arch == "funnel":  # pools the sequence in blocks, padding included: not in ARCHS
+        return AutoConfig.for_model("funnel", vocab_size=vocab, block_sizes=[1, 1], block_repeats=[1, 1],
+                                    n_head=4, d_head=8, d_model=32, d_inner=64, num_decoder_layers=1,
+                                    max_position_embeddings=128, pad_token_id=0)
     raise ValueError(arch)
 
 
 def encoder(arch: str, seed: int = 0):
-    from transformers import AutoModel, T5EncoderModel, UMT5EncoderModel
+    from transformers import AutoModel, FunnelModel, T5EncoderModel, UMT5EncoderModel
 
     torch.manual_seed(seed)
     cfg = config(arch)
-    encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel}
+    # (AutoModel.from_config fails on a Funnel config: it names no architectures.)
+    encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "funnel": FunnelModel}
     m = encoders[arch](cfg) if arch in encoders else AutoModel.from_config(cfg)
     # Random init leaves some parameters (layer norms) at exactly 1 / 0: perturb
     # everything so no term of the computation can be skipped unnoticed.

@@ -19,7 +19,7 @@ import pytest
 import fastserve
 import st_models as sm
 import tiny_models as tm
-from fastserve import Engine
+from fastserve import Engine, InferenceError
 
 st = pytest.importorskip("sentence_transformers")
 if int(st.__version__.split(".")[0]) < 5:
@@ -112,6 +112,34 @@ def test_every_architecture_matches_sentence_transformers(folders, arch, fmt, ex
                                    "max-meansqrt"])
 def test_every_module_stack_matches_sentence_transformers(folders, stack, fmt, execution):
     check(folders("bert", stack, fmt), execution)
+
+
+def test_funnel_whose_output_moves_with_padding_gives_each_text_as_encode_gives_it_alone(folders):
+    """Funnel pools the sequence in blocks, padding positions included, so
+    encode's own padded batches move a text with its batch's longest one.
+    The engine finds the padding leak on its first padded batch and runs each
+    length as a batch of its own: every text as encode gives it alone,
+    whatever its company. transformers' Funnel raises on a text of two
+    tokens (the empty one, [CLS] [SEP]), encode's whole call with it: the
+    engine fails that request alone, with a typed error."""
+    folder = folders("funnel", "mean-dense-normalize", "new")
+    model = st_model(folder)
+    texts = TEXTS[1:]
+    with pytest.raises(RuntimeError):
+        model.encode([""])
+    alone = np.stack([model.encode([t], convert_to_numpy=True)[0] for t in texts])
+    batched = model.encode(texts, convert_to_numpy=True)
+    assert np.abs(batched - alone).max() > 1e-3  # the premise: encode's batches move the texts
+    with Engine(str(folder), **ONE_BATCH) as engine:
+        assert engine.stats()["execution"] == "padded"
+        assert_parity(embed_in_one_batch(engine, texts), alone)
+        assert engine.runner.pads_leak is True
+        with tm.held(engine) as gate:
+            futures = engine.submit_many(["", *texts[:3]])
+            gate.release.set()
+        with pytest.raises(InferenceError, match="broadcast shape"):
+            futures[0].result(timeout=60)
+        assert_parity(np.stack([f.result(timeout=60) for f in futures[1:]]), alone[:3])
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
