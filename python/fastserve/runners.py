@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -66,12 +67,18 @@ class PaddedRunner:
         device: torch.device,
         activation: str = "softmax",
         head: EmbeddingHead | None = None,
+        token_types: bool = False,
         **_: Any,
     ) -> None:
         self.model = model
         # Encoder-decoder models (T5) are served by their encoder alone.
         is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
         self.encoder = model.get_encoder() if is_enc_dec and task == "embed" else model
+        # token_types: the tokenizer makes them, so sentence-transformers
+        # passes them (zeros for one text) to a forward that takes them. BERT
+        # counts them left out as zeros; XLM and FlauBERT add the embedding
+        # of the ids given, nothing when left out (0.55 apart on a tiny XLM).
+        self.token_types = token_types and "token_type_ids" in inspect.signature(self.encoder.forward).parameters
         self.task = task
         self.pooling = pooling
         self.normalize = normalize
@@ -111,6 +118,8 @@ class PaddedRunner:
         if segments is not None:
             types = (np.arange(batch.input_ids.shape[1])[None, :] >= segments[:, None]) & (batch.attention_mask != 0)
             extra["token_type_ids"] = torch.from_numpy(types.astype(np.int64)).to(self.device, non_blocking=True)
+        elif self.token_types:
+            extra["token_type_ids"] = torch.zeros_like(ids)
         if self.task in ("classify", "rerank"):
             return activate(self._sequence_logits(ids, mask, batch.lengths, extra), self.activation).cpu().numpy()
         out = self.encoder(input_ids=ids, attention_mask=mask, **extra)

@@ -53,6 +53,9 @@ def config(arch: str):
         return AutoConfig.for_model("funnel", vocab_size=vocab, block_sizes=[1, 1], block_repeats=[1, 1],
                                     n_head=4, d_head=8, d_model=32, d_inner=64, num_decoder_layers=1,
                                     max_position_embeddings=128, pad_token_id=0)
+    if arch in ("xlm", "flaubert"):  # token types go through the word embeddings: not in ARCHS
+        return AutoConfig.for_model(arch, vocab_size=vocab, emb_dim=32, n_layers=2, n_heads=4, pad_index=0,
+                                    max_position_embeddings=130, n_langs=1, use_lang_emb=False)
     raise ValueError(arch)
 
 
@@ -62,7 +65,10 @@ def encoder(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = config(arch)
     # (AutoModel.from_config fails on a Funnel config: it names no architectures.)
-    encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "funnel": FunnelModel}
+    from transformers import FlaubertModel, XLMModel
+
+    encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "funnel": FunnelModel, "xlm": XLMModel,
+                "flaubert": FlaubertModel}
     m = encoders[arch](cfg) if arch in encoders else AutoModel.from_config(cfg)
     # Random init leaves some parameters (layer norms) at exactly 1 / 0: perturb
     # everything so no term of the computation can be skipped unnoticed.
@@ -86,7 +92,8 @@ def save(arch: str, stack: str, folder: Path) -> Path:
 
     hf = save_encoder(arch, folder.parent / f"{folder.name}-hf")
     t = Transformer(str(hf), max_seq_length=MAX_SEQ_LENGTH)
-    dim = t.auto_model.config.hidden_size if arch != "distilbert" else t.auto_model.config.dim
+    cfg = t.auto_model.config
+    dim = cfg.dim if arch == "distilbert" else cfg.emb_dim if arch in ("xlm", "flaubert") else cfg.hidden_size
     prompts: dict = {}
     default = None
     torch.manual_seed(1)

@@ -114,6 +114,17 @@ def test_every_module_stack_matches_sentence_transformers(folders, stack, fmt, e
     check(folders("bert", stack, fmt), execution)
 
 
+@pytest.mark.parametrize("arch", ["xlm", "flaubert"])
+def test_token_types_reach_the_model_as_encode_passes_them(folders, arch):
+    """encode passes the token types the tokenizer makes (zeros for one
+    text) to a model whose forward takes them. Left out, BERT counts them as
+    zeros, but XLM and FlauBERT add the embedding of the ids given (nothing
+    when left out): a tiny XLM's embedding was 0.55 away from encode's."""
+    folder = folders(arch, "mean-dense-normalize", "new")
+    assert "token_type_ids" in st_model(folder).tokenize(["x"])
+    check(folder, "padded")
+
+
 def test_funnel_whose_output_moves_with_padding_gives_each_text_as_encode_gives_it_alone(folders):
     """Funnel pools the sequence in blocks, padding positions included, so
     encode's own padded batches move a text with its batch's longest one.
