@@ -30,11 +30,12 @@ class Urgency {
   }
   // How late a batch may end with a request of `priority` in it: the
   // earliest deadline of members with a higher priority (inf when there is
-  // none), no later than the cap unless the request is `pressed`: a later
-  // batch would make it late. Admission predicts a request in the batch of
-  // the work queued ahead of it at its priority or higher, so the cap keeps
-  // out only what can wait (a bulk job), never a request admitted on that
-  // prediction (it was then one batch late).
+  // none), no later than the cap unless the request is `pressed`: the
+  // batches after this one, as the rule with the cap forms it, would make
+  // it late. Admission predicts a request in the batch of the work queued
+  // ahead of it at its priority or higher, so the cap keeps out only what
+  // can wait (a bulk job), never a request admitted on that prediction (it
+  // was then one batch late).
   double above(int priority, bool pressed = false) const {
     auto it = earliest_.upper_bound(priority);
     if (it == earliest_.end()) return INFINITY;
@@ -689,6 +690,13 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
   return batch;
 }
 
+double Scheduler::left_out_end_locked(double now, double kept, double left, double budget) const {
+  // After the batch (`kept`), the batches that take `left`: full budgets,
+  // then the rest.
+  const double full = std::floor(left / budget), rest = left - full * budget;
+  return now + fit_locked(kept) + full * fit_locked(budget) + (rest > 0 ? fit_locked(rest) : 0.0) + tail_s_;
+}
+
 int64_t Scheduler::cost_of(int64_t count, int64_t max_len, int64_t sum_len) const {
   return config_.cost == Cost::Padded ? count * max_len : sum_len;
 }
@@ -773,27 +781,35 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // head's class may lie beyond it in length order. Passed-over rows stay
   // out of the batch and of its cost.
   std::vector<char> passed(cands.size(), 0);
-  // Pressed: a later batch (starting when this one ends, a full budget)
-  // would end past its deadline.
-  auto joins = [&](size_t i, int64_t c, int64_t cost) {
-    const bool pressed = now + fit_locked(static_cast<double>(cost)) + fit_locked(static_cast<double>(budget)) +
-                             tail_s_ > cands[i].deadline;
-    return ends_by(c, members.above(cands[i].priority, pressed));
+  // 1: joins; 2: joins pressed (the class rule's cap turns it away, but
+  // the batches after this one, as the rule alone forms it, would make it
+  // late: left_out_end_locked); 0: turned away.
+  double left = 0;           // the rows the class rule turned away (or pressed), their tokens
+  int64_t pressed_cost = 0;  // what pressed rows added to the batch's cost
+  auto joins = [&](size_t i, int64_t c, int64_t cost) -> int {
+    if (ends_by(c, members.above(cands[i].priority))) return 1;
+    const bool pressed =
+        guard && left_out_end_locked(now, static_cast<double>(cost - pressed_cost), left + cands[i].len,
+                                     static_cast<double>(budget)) > cands[i].deadline;
+    return pressed && ends_by(c, members.above(cands[i].priority, true)) ? 2 : 0;
   };
   size_t lo = h, hi = h;
   int64_t count = 1, sum = cands[h].len, max_len = cands[h].len;
   while (count < config_.max_batch_size) {
     bool can_lo = false, can_hi = false;
     double fill_lo = 0, fill_hi = 0;
-    int64_t pad_lo = 0, pad_hi = 0;
+    int64_t pad_lo = 0, pad_hi = 0, c_lo = 0, c_hi = 0;
+    int join_lo = 0, join_hi = 0;
     const int64_t cost = cost_of(count, max_len, sum);
     while (lo > 0) {
       const int64_t l = cands[lo - 1].len, c = cost_of(count + 1, max_len, sum + l);
       if (!within(c, cost)) break;
-      if (!joins(lo - 1, c, cost)) {
+      if (!(join_lo = joins(lo - 1, c, cost))) {
         passed[--lo] = 1;
+        left += static_cast<double>(l);
         continue;
       }
+      c_lo = c;
       can_lo = true;
       fill_lo = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_lo = max_len - l;
@@ -802,10 +818,12 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     while (hi + 1 < cands.size()) {
       const int64_t l = cands[hi + 1].len, c = cost_of(count + 1, l, sum + l);
       if (!within(c, cost)) break;
-      if (!joins(hi + 1, c, cost)) {
+      if (!(join_hi = joins(hi + 1, c, cost))) {
         passed[++hi] = 1;
+        left += static_cast<double>(l);
         continue;
       }
+      c_hi = c;
       can_hi = true;
       fill_hi = static_cast<double>(l) / static_cast<double>(c - cost);
       pad_hi = count * (l - max_len);
@@ -816,6 +834,10 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     if (!can_lo && !can_hi) break;
     const bool take_lo =
         can_lo && (!can_hi || fill_lo > fill_hi || (fill_lo == fill_hi && pad_lo <= pad_hi));
+    if ((take_lo ? join_lo : join_hi) == 2) {  // for the rows after it, as if left out
+      pressed_cost += (take_lo ? c_lo : c_hi) - cost;
+      left += static_cast<double>(cands[take_lo ? lo - 1 : hi + 1].len);
+    }
     if (take_lo) {
       sum += cands[--lo].len;
       members.add(cands[lo].priority, cands[lo].deadline);
@@ -855,7 +877,9 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
   const bool guard = predicting_locked();
   const double B = static_cast<double>(budget), limit = extend_limit_locked(B);
   Urgency members(now + lower_fill_s_);
-  double sum = 0;
+  // kept: the batch as the class rule alone forms it; left: what the rule
+  // turned away (or took pressed), the batches after it.
+  double sum = 0, kept = 0, left = 0;
   int64_t count = 0;
   bool cut = false;  // the share left out a request the budget would have taken
   const int64_t apart = config_.long_apart_tokens;
@@ -864,24 +888,32 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
     if (count >= config_.max_batch_size) break;
     if (apart > 0 && (c.len > apart) != head_long) continue;  // long and short apart
     const double cost = seq_cost(c.len);
+    bool pressed = false;
     if (count > 0) {
       const double end = now + fit_locked(sum + cost) + tail_s_;
       if (sum + cost <= B && sum + 0.5 * cost > share) {  // past this worker's share (balance_workers)
         cut = true;
         continue;
       }
-      // A later batch: predicted to start when this one ends and to run a full budget.
-      const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;
       if (sum + cost <= B) {
-        if (guard && end > members.above(c.priority, !later_in_time)) continue;
+        if (guard && end > members.above(c.priority)) {
+          // Pressed: the batches after this one, as the class rule alone
+          // forms it, would make it late (left_out_end_locked).
+          pressed = left_out_end_locked(now, kept, left + cost, B) > c.deadline;
+          left += cost;
+          if (!pressed || end > members.above(c.priority, true)) continue;
+        }
       } else {
-        // Past the budget: only to save a request a later batch would make late.
+        // Past the budget: only to save a request a later batch would make
+        // late (predicted to start when this one ends and to run a full budget).
+        const bool later_in_time = now + fit_locked(sum) + fit_locked(B) + tail_s_ <= c.deadline;
         if (!guard || !config_.extend_past_budget || sum + cost > limit || !std::isfinite(c.deadline) ||
             end + tail_s_ > std::min(members.all(), c.deadline) || later_in_time)
           continue;
       }
     }
     sum += cost;
+    if (!pressed) kept += cost;
     ++count;
     members.add(c.priority, c.deadline);
     move_to_batch_locked(now, c.id, *batch);

@@ -735,6 +735,23 @@ TEST(Formation, ALowerClassRequestALaterBatchWouldMakeLateJoinsPastTheTarget) {
   }
 }
 
+// "Pressed" is judged against the batches after this one as the cap alone
+// forms them, not a full budget after the batch grown so far: judged so,
+// each pressed join made the next request look pressed too, and a bulk
+// list due in 50 ms (whose every request the capped batches meet, the last
+// at 44 ms) filled a query's batch to the whole budget (42 ms, not 10).
+TEST(Formation, ABulkListTheBatchesAfterTheCapStillServeInTimeStaysOutOfAQuerysBatch) {
+  for (Cost cost : {Cost::Packed, Cost::Padded}) {
+    Measured m(2000, 1, false, 0, cost, 0.010);  // the cap: (10 - 2) ms / 20 us = 400 tokens
+    const double now = m.clock->now();
+    m.s.submit_many(std::vector<std::vector<int32_t>>(100, toks(20)), -100, now + 0.050, true, false);
+    const uint64_t query = m.s.submit(toks(20), 0, now + 30.0);
+    auto b = *m.s.next_batch(0);
+    EXPECT_NE(std::find(b->ids().begin(), b->ids().end(), query), b->ids().end()) << to_string(cost);
+    EXPECT_EQ(b->total_tokens(), 400) << to_string(cost);
+  }
+}
+
 TEST(Formation, ALowerClassRequestQueuedBeforeTheHigherWorkStillMakesItsDeadline) {
   Measured m(2000, 1, false, 0, Cost::Packed, 0.025);
   const double now = m.clock->now();

@@ -327,6 +327,10 @@ class Scheduler {
   std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, double share,
                                                   const std::vector<Cand>& cands, std::shared_ptr<Batch> batch);
   void move_to_batch_locked(double now, uint64_t id, Batch& batch);
+  // When a request the class rule turns away would end: after the batch of
+  // cost `kept`, in the batches taking `left` (what was turned away ahead of
+  // it, and itself).
+  double left_out_end_locked(double now, double kept, double left, double budget) const;
   int64_t cost_of(int64_t count, int64_t max_len, int64_t sum_len) const;  // tokens computed
   double seq_cost(int64_t len) const;        // one sequence against the budget (attention counted)
   double own_cost(int64_t len) const;        // a queued request's predicted cost
