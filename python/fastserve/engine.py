@@ -734,9 +734,12 @@ class Engine(tasks.TaskCalls):
             self.labels = []
             self.activation = None
 
-        # Pairs carry token types when the tokenizer makes them and the model has more than one.
-        types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()) and \
-            getattr(net.config, "type_vocab_size", 0) > 1
+        # Pairs carry token types when the tokenizer makes them and the model has more than one, or,
+        # without a type table (XLM, FlauBERT: the types' word embeddings), its forward takes them.
+        makes_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
+        type_table = getattr(net.config, "type_vocab_size", None)
+        types = makes_types and (type_table > 1 if isinstance(type_table, int) else
+                                 "token_type_ids" in inspect.signature(net.forward).parameters)
         self._pairs = tasks.PairEncoder(self._private_tokenizer, self.max_length, truncate, pair_truncation,
                                         types) if task == "rerank" else None
         # Where each pair's second segment starts rides on its future to the
@@ -753,8 +756,7 @@ class Engine(tasks.TaskCalls):
         # classify's activation runs in the worker, rerank and token-classify
         # scores in the caller's thread (tasks.py).
         # The padded runner passes a text's token types where the tokenizer makes them, as encode does.
-        typed = {"token_types": "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())} \
-            if choice.runner is PaddedRunner else {}
+        typed = {"token_types": makes_types} if choice.runner is PaddedRunner else {}
 
         def make_runner(m: torch.nn.Module, dev: torch.device, own: bool, head: EmbeddingHead) -> Any:
             return choice.runner(m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,

@@ -34,7 +34,8 @@ bytes of an element of the model's dtype, and T tokens:
 - padded runner (the model's own forward on [B, L]): T = B * L padded tokens
   and the layer input and attention context stay alive, T * (3H + 2I) * e,
   plus the attention masks transformers builds, 2L bytes per padded token
-  (two boolean [B, 1, L, L]); attention that materialises its scores (eager, or a
+  (two boolean [B, 1, L, L]), and the int64 token types the runner passes
+  where the tokenizer makes them (8 bytes); attention that materialises its scores (eager, or a
   relative position bias: MPNet, T5) adds [B, heads, L, L] twice (scores and
   probabilities), 2 * heads * L * e per padded token.
 
@@ -183,7 +184,7 @@ def activation_bytes_per_token(shape: Shape, dtype: torch.dtype, execution: str,
         F, a = shape.feed_forward or I // 2, shape.activation
         mlp = max((1 + a) * F, 4 * F, 3 * F + H)
         return (max(13 * H, 5 * H + mlp) + 2 * (H // shape.heads) * shape.rope_types) * e + 2 * max_length
-    per = (3 * H + 2 * I) * e + 2 * max_length  # + the boolean masks' rows
+    per = (3 * H + 2 * I) * e + 2 * max_length + 8  # + the boolean masks' rows, the token types' int64
     if shape.relative_bias:  # MPNet, T5: the bias [B, heads, L, L] lives through every layer
         per += 3 * shape.heads * max_length * e
     elif scores:
