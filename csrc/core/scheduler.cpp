@@ -742,7 +742,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
     const Request& r = requests_.at(it->id);
     const auto len = static_cast<int32_t>(r.tokens.size());
     if (!cands.empty() && (seen += len) > window_tokens) break;
-    cands.push_back({len, it->id, r.priority, r.deadline});
+    cands.push_back({len, it->id, r.priority, r.deadline, cands.size()});
   }
   if (config_.cost == Cost::Packed) return assemble_in_order_locked(now, budget, share, cands, std::move(batch));
   const uint64_t head_id = cands.front().id;
@@ -784,12 +784,25 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
   // 1: joins; 2: joins pressed (the class rule's cap turns it away, but
   // the batches after this one, as the rule alone forms it, would make it
   // late: left_out_end_locked); 0: turned away.
-  double left = 0;           // the rows the class rule turned away (or pressed), their tokens
+  // The rows the class rule turned away (or took pressed), their tokens by
+  // queue position (a Fenwick tree): the batches after this one take those
+  // ahead of a row in queue order, not in the length order rows are met in
+  // here (counted so, the oldest rows of a bulk list, met last, looked
+  // pressed behind the newer ones and filled a query's batch).
+  std::vector<double> left_at(cands.size() + 1, 0.0);
+  auto leave = [&](size_t i) {
+    for (size_t k = cands[i].order + 1; k < left_at.size(); k += k & (~k + 1)) left_at[k] += cands[i].len;
+  };
+  auto left_ahead = [&](size_t i) {
+    double t = 0;
+    for (size_t k = cands[i].order; k > 0; k -= k & (~k + 1)) t += left_at[k];
+    return t;
+  };
   int64_t pressed_cost = 0;  // what pressed rows added to the batch's cost
   auto joins = [&](size_t i, int64_t c, int64_t cost) -> int {
     if (ends_by(c, members.above(cands[i].priority))) return 1;
     const bool pressed =
-        guard && left_out_end_locked(now, static_cast<double>(cost - pressed_cost), left + cands[i].len,
+        guard && left_out_end_locked(now, static_cast<double>(cost - pressed_cost), left_ahead(i) + cands[i].len,
                                      static_cast<double>(budget)) > cands[i].deadline;
     return pressed && ends_by(c, members.above(cands[i].priority, true)) ? 2 : 0;
   };
@@ -806,7 +819,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
       if (!within(c, cost)) break;
       if (!(join_lo = joins(lo - 1, c, cost))) {
         passed[--lo] = 1;
-        left += static_cast<double>(l);
+        leave(lo);
         continue;
       }
       c_lo = c;
@@ -820,7 +833,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
       if (!within(c, cost)) break;
       if (!(join_hi = joins(hi + 1, c, cost))) {
         passed[++hi] = 1;
-        left += static_cast<double>(l);
+        leave(hi);
         continue;
       }
       c_hi = c;
@@ -836,7 +849,7 @@ std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
         can_lo && (!can_hi || fill_lo > fill_hi || (fill_lo == fill_hi && pad_lo <= pad_hi));
     if ((take_lo ? join_lo : join_hi) == 2) {  // for the rows after it, as if left out
       pressed_cost += (take_lo ? c_lo : c_hi) - cost;
-      left += static_cast<double>(cands[take_lo ? lo - 1 : hi + 1].len);
+      leave(take_lo ? lo - 1 : hi + 1);
     }
     if (take_lo) {
       sum += cands[--lo].len;

@@ -752,6 +752,31 @@ TEST(Formation, ABulkListTheBatchesAfterTheCapStillServeInTimeStaysOutOfAQuerysB
   }
 }
 
+// Padded formation meets rows in length order, not queue order: what the
+// batches after this one take ahead of a row is counted in queue order.
+// Counted as met, a lower class's newer rows (passed first, nearer the
+// query in length-and-id order) made an older list's rows look pressed,
+// and they filled the query's batch though the next batch served them in
+// time.
+TEST(Formation, PaddedCountsWhatTheBatchesAfterTakeAheadOfARowInQueueOrder) {
+  Measured m(2000, 1, false, 0, Cost::Padded, 0.010);  // the cap: 400 tokens
+  const double now = m.clock->now();
+  const auto older = m.s.submit_many(std::vector<std::vector<int32_t>>(20, toks(20)), -100, now + 0.025, true, false);
+  m.s.submit_many(std::vector<std::vector<int32_t>>(60, toks(20)), -200, Scheduler::kNoDeadline, true, false);
+  m.s.submit(toks(20), 0, now + 30.0);
+  auto b = *m.s.next_batch(0);
+  EXPECT_TRUE(b->shed.empty());
+  EXPECT_EQ(b->total_tokens(), 400);
+  m.s.start(*b);
+  m.clock->advance(0.010);
+  m.s.complete(*b, 0.010);
+  // The older list runs next, whole, ending at 20 ms: within its 25 ms.
+  auto next = *m.s.next_batch(0);
+  EXPECT_TRUE(next->shed.empty());
+  for (uint64_t id : older) EXPECT_NE(std::find(next->ids().begin(), next->ids().end(), id), next->ids().end());
+  EXPECT_EQ(next->total_tokens(), 400);
+}
+
 TEST(Formation, ALowerClassRequestQueuedBeforeTheHigherWorkStillMakesItsDeadline) {
   Measured m(2000, 1, false, 0, Cost::Packed, 0.025);
   const double now = m.clock->now();

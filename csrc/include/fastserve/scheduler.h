@@ -323,6 +323,7 @@ class Scheduler {
     uint64_t id;
     int priority = 0;
     double deadline = kNoDeadline;
+    size_t order = 0;  // its place in the window, in queue order
   };
   std::shared_ptr<Batch> assemble_in_order_locked(double now, int64_t budget, double share,
                                                   const std::vector<Cand>& cands, std::shared_ptr<Batch> batch);
