@@ -19,6 +19,27 @@ ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "t5", "umt5", 
 STACKS = ("cls-normalize", "mean-dense-normalize", "weightedmean", "lasttoken", "prompts",
           "prompts-excluded", "max-meansqrt")
 MAX_SEQ_LENGTH = 48  # below every tiny position table: texts past it are truncated
+# Encoders with no packed family, served padded by their own forward: the
+# transformers model class and its config's sizes beside the shared ones.
+# ConvBERT, MobileBERT and FNet let padding into real tokens (each padded
+# batch then runs one length at a time); DeBERTa-v2 has relative attention
+# and no token types, Longformer a local window, RoFormer rotary positions.
+PADDED = {
+    "albert": ("AlbertModel", dict(embedding_size=16)),
+    "electra": ("ElectraModel", dict(embedding_size=16)),
+    "deberta-v2": ("DebertaV2Model", dict(relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                          max_relative_positions=-1, position_biased_input=False,
+                                          position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
+                                          type_vocab_size=0)),
+    "squeezebert": ("SqueezeBertModel", dict(embedding_size=32)),
+    "convbert": ("ConvBertModel", dict(embedding_size=32, head_ratio=2, conv_kernel_size=9)),
+    "mobilebert": ("MobileBertModel", dict(embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+                                           num_feedforward_networks=2, intermediate_size=32)),
+    "roformer": ("RoFormerModel", dict(embedding_size=32, rotary_value=False)),
+    "longformer": ("LongformerModel", dict(attention_window=[4, 4])),
+    "fnet": ("FNetModel", dict(use_tpu_fourier_optimizations=False)),
+    "rembert": ("RemBertModel", dict(input_embedding_size=16, output_embedding_size=24)),
+}
 
 
 def config(arch: str):
@@ -28,6 +49,12 @@ def config(arch: str):
     if arch in tm.ARCHS:
         return tm.config(arch)
     vocab = tm.tokenizer().vocab_size
+    if arch in PADDED:
+        sizes = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=130, pad_token_id=0)
+        if arch == "fnet":  # no attention heads
+            del sizes["num_attention_heads"]
+        return AutoConfig.for_model(arch, **{**sizes, **PADDED[arch][1]})
     if arch == "xlm-roberta":
         return AutoConfig.for_model("xlm-roberta", vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
@@ -69,6 +96,10 @@ def encoder(arch: str, seed: int = 0):
 
     encoders = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "funnel": FunnelModel, "xlm": XLMModel,
                 "flaubert": FlaubertModel}
+    if arch in PADDED:
+        import transformers
+
+        encoders[arch] = getattr(transformers, PADDED[arch][0])
     m = encoders[arch](cfg) if arch in encoders else AutoModel.from_config(cfg)
     # Random init leaves some parameters (layer norms) at exactly 1 / 0: perturb
     # everything so no term of the computation can be skipped unnoticed.
