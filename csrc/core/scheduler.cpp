@@ -890,9 +890,10 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
   const bool guard = predicting_locked();
   const double B = static_cast<double>(budget), limit = extend_limit_locked(B);
   Urgency members(now + lower_fill_s_);
-  // kept: the batch as the class rule alone forms it; left: what the rule
-  // turned away (or took pressed), the batches after it.
-  double sum = 0, kept = 0, left = 0;
+  // pressed_sum: what pressed requests added (sum less it: the batch as the
+  // class rule alone forms it); left: what the rule turned away (or took
+  // pressed), the batches after it.
+  double sum = 0, pressed_sum = 0, left = 0;
   int64_t count = 0;
   bool cut = false;  // the share left out a request the budget would have taken
   const int64_t apart = config_.long_apart_tokens;
@@ -912,7 +913,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
         if (guard && end > members.above(c.priority)) {
           // Pressed: the batches after this one, as the class rule alone
           // forms it, would make it late (left_out_end_locked).
-          pressed = left_out_end_locked(now, kept, left + cost, B) > c.deadline;
+          pressed = left_out_end_locked(now, sum - pressed_sum, left + cost, B) > c.deadline;
           left += cost;
           if (!pressed || end > members.above(c.priority, true)) continue;
         }
@@ -926,7 +927,7 @@ std::shared_ptr<Batch> Scheduler::assemble_in_order_locked(double now, int64_t b
       }
     }
     sum += cost;
-    if (!pressed) kept += cost;
+    if (pressed) pressed_sum += cost;
     ++count;
     members.add(c.priority, c.deadline);
     move_to_batch_locked(now, c.id, *batch);

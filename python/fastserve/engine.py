@@ -35,7 +35,7 @@ from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_mo
 from .models import TextEncoder
 from .heads import EmbeddingHead
 from .families import select as select_runner
-from .runners import ACTIVATIONS, BatchAbandoned, PaddedRunner, classification_activation, fused_layers, layer_gemm
+from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers, layer_gemm
 from .st_spec import prompt_length
 
 log = logging.getLogger("fastserve")
@@ -755,13 +755,12 @@ class Engine(tasks.TaskCalls):
 
         # classify's activation runs in the worker, rerank and token-classify
         # scores in the caller's thread (tasks.py).
-        # The padded runner passes a text's token types where the tokenizer makes them, as encode does.
-        typed = {"token_types": makes_types} if choice.runner is PaddedRunner else {}
-
+        # token_types: the padded runner passes a text's token types where the tokenizer makes them, as
+        # encode does (the packed families count them left out as zeros, as BERT does).
         def make_runner(m: torch.nn.Module, dev: torch.device, own: bool, head: EmbeddingHead) -> Any:
             return choice.runner(m, task=task, pooling=modes[0], normalize=self.normalize, device=dev,
                                  activation=self.activation if task == "classify" else "none", head=head,
-                                 compute=compute, own_weights=own, **typed)
+                                 compute=compute, own_weights=own, token_types=makes_types)
 
         # Q/K/V views of one tensor on a model the engine owns only (FusedQKV).
         self.runner = make_runner(net, self.device, self._process["model"] in ("loaded", "copied"), self._head)

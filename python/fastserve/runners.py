@@ -671,7 +671,7 @@ class PackedRunner:
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
                  activation: str = "softmax", head: EmbeddingHead | None = None,
-                 compute: torch.dtype | None = None, own_weights: bool = False) -> None:
+                 compute: torch.dtype | None = None, own_weights: bool = False, **_: Any) -> None:
         # compute: the dtype batches compute in, where it is not the model's:
         # autocast's (Engine(dtype="autocast") runs every batch under it).
         # own_weights: the model is the engine's own (FusedQKV may make its
