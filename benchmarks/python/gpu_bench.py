@@ -2,12 +2,17 @@
 
 1. Kernels: pack / unpack / segment_pool / gather against a device-to-device
    copy of the same bytes (bench_kernels.py on CUDA).
-2. Offline: embed N corpus texts as fast as possible. Plain transformers
+2. Latency: one request at a time of exactly --tokens tokens, end to end
+   in-process: fastserve with CUDA graphs, without, as before (padded-copy
+   attention, no graphs), and plain transformers called directly.
+3. Offline: embed N corpus texts as fast as possible. Plain transformers
    (padded batches of 64, in arrival order and sorted by length),
    sentence-transformers `encode(batch_size=64)`, and fastserve
-   `engine.embed(list)`: the default engine, and static token budgets with
-   packed execution (each attention method) and padded execution.
-3. Online, closed loop: C client threads each send one text at a time (C = 1
+   `engine.embed(list)`: the default engine (with and without CUDA graphs,
+   and as before), and static token budgets with packed execution (each
+   attention method) and padded execution. Then a set with about 50%
+   padding in transformers' batches (lengths uniform in 8-248 tokens).
+4. Online, closed loop: C client threads each send one text at a time (C = 1
    is the low-load latency); plain transformers one request at a time behind a
    lock against the default fastserve engine. Latency from submit to result.
 
@@ -17,7 +22,7 @@ all-MiniLM-L6-v2 ships: the speed of BERT-base without a download. `minilm`
 is the real all-MiniLM-L6-v2. Every backend runs the same dtype (default
 float16) and truncates at the same length.
 
-    python benchmarks/python/gpu_bench.py [--models bert-base minilm] [--dtype float16] [--n 4096]
+    python benchmarks/python/gpu_bench.py [--models bert-base minilm] [--dtype float16] [--n 4096] [--tokens 128]
                                           [--seconds 3] [--concurrency 1 16 64] [--out benchmarks/results]
 
 Writes gpu.md and gpu.json to --out.
@@ -109,6 +114,118 @@ def bert_base_folder(root: Path) -> Path:
     return folder
 
 
+def make_engine(path: Path, dtype: torch.dtype, max_len: int, attention: str | None = None, graphs: bool = True,
+                **kw: Any) -> Any:
+    """A fastserve Engine over `path`, with packed attention forced where
+    `attention` is given and CUDA graphs on or off (both are read when the
+    runner is made)."""
+    import fastserve
+
+    env = {"FASTSERVE_PACKED_ATTENTION": attention, "FASTSERVE_CUDA_GRAPHS": None if graphs else "0"}
+    old = {k: os.environ.pop(k, None) for k in env}
+    try:
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        return fastserve.Engine(str(path), device=DEVICE, dtype=str(dtype).removeprefix("torch."),
+                                max_length=max_len, **kw)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def text_of(tokenizer: Any, tokens: int, seed: int = 0) -> str:
+    """A corpus-worded text that tokenizes to exactly `tokens` tokens (special ones included)."""
+    words = " ".join(common.sample_texts(64, seed=seed)).split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the fewest words reaching `tokens`
+        mid = (lo + hi) // 2
+        if len(tokenizer(" ".join(words[:mid]))["input_ids"]) >= tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = tokenizer(" ".join(words[:lo]))["input_ids"]
+    text = tokenizer.decode(ids[1 : tokens - 1])
+    if len(tokenizer(text)["input_ids"]) != tokens:
+        raise RuntimeError(f"no text of exactly {tokens} tokens found")
+    return text
+
+
+def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
+            log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One request at a time of exactly `tokens` tokens, end to end in-process
+    (submit to result, tokenization included): fastserve with CUDA graphs,
+    without, and as before (padded-copy attention, no graphs), and plain
+    transformers, interleaved in rounds."""
+    max_len = common.max_seq_length(path)
+    hf = common.HFModel(path, max_len, DEVICE, dtype)
+    text = text_of(hf.tokenizer, tokens)
+    engines = {"fastserve default (CUDA graphs)": make_engine(path, dtype, max_len),
+               "fastserve, no CUDA graphs": make_engine(path, dtype, max_len, graphs=False),
+               "fastserve, padded-copy attention, no graphs (before)": make_engine(path, dtype, max_len, "pad",
+                                                                                   graphs=False)}
+    calls: dict[str, Callable[[], Any]] = {name: (lambda e=e: e.embed(text)) for name, e in engines.items()}
+    calls["transformers (direct call)"] = lambda: hf.encode([text])
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up: capture, allocator, autotuning
+        for _ in range(20):
+            fn()
+    rounds = 5
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(requests // rounds):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, t in times.items():
+        a = np.array(t) * 1e3
+        row = {"method": name, "tokens": tokens, "requests": len(a), "p50_ms": float(np.percentile(a, 50)),
+               "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+        e = engines.get(name)
+        if e is not None:
+            row["cuda_graphs"] = e.stats()["cuda_graphs"]
+        rows.append(row)
+        log(f"  {name}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms")
+    for e in engines.values():
+        e.close()
+    del hf
+    return rows
+
+
+def padded_half(path: Path, dtype: torch.dtype, n: int, repeats: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """Offline on a set whose padded batches (64, arrival order) are about
+    half padding: token lengths drawn uniformly from [8, 248]. Plain
+    transformers padded in arrival order against the default engine."""
+    max_len = common.max_seq_length(path)
+    hf = common.HFModel(path, max_len, DEVICE, dtype)
+    rng = np.random.default_rng(3)
+    pool = {L: text_of(hf.tokenizer, int(L), seed=int(L)) for L in range(8, 249, 8)}
+    lengths = rng.choice(sorted(pool), size=n)
+    texts = [pool[int(L)] for L in lengths]
+    padded = sum(int(lengths[i : i + BATCH].max()) * len(lengths[i : i + BATCH]) for i in range(0, n, BATCH))
+    padding = 1 - int(lengths.sum()) / padded
+    eng = make_engine(path, dtype, max_len)
+    methods = {"transformers padded, arrival order": lambda: [hf.encode(texts[i : i + BATCH])
+                                                              for i in range(0, n, BATCH)],
+               "fastserve default": lambda: eng.embed(texts)}
+    best: dict[str, float] = {}
+    for fn in methods.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            best[name] = min(best.get(name, float("inf")), _sync_call(fn))
+    base = best["transformers padded, arrival order"]
+    rows = [{"method": k, "texts_per_s": n / v, "vs_transformers": base / v} for k, v in best.items()]
+    for r in rows:
+        log(f"  {r['method']}: {r['texts_per_s']:.0f} texts/s ({r['vs_transformers']:.2f}x)")
+    log(f"  padding in transformers' batches: {padding:.1%}")
+    eng.close()
+    del hf
+    return {"padding": padding, "rows": rows}
+
+
 def _sync_call(fn: Callable[[], Any]) -> float:
     _sync()
     t0 = time.perf_counter()
@@ -118,8 +235,6 @@ def _sync_call(fn: Callable[[], Any]) -> float:
 
 
 def offline(path: Path, dtype: torch.dtype, n: int, repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    import fastserve
-
     max_len = common.max_seq_length(path)
     texts = common.sample_texts(n, seed=1)
     hf = common.HFModel(path, max_len, DEVICE, dtype)
@@ -138,21 +253,15 @@ def offline(path: Path, dtype: torch.dtype, n: int, repeats: int, log: Callable[
     methods["sentence-transformers encode"] = lambda: st.encode(texts, batch_size=BATCH)
     engines: dict[str, Any] = {}
 
-    def engine(name: str, attention: str | None, **kw: Any) -> None:
-        old = os.environ.pop("FASTSERVE_PACKED_ATTENTION", None)
-        if attention:
-            os.environ["FASTSERVE_PACKED_ATTENTION"] = attention
-        try:
-            engines[name] = fastserve.Engine(str(path), device=DEVICE, dtype=str(dtype).removeprefix("torch."),
-                                             max_length=max_len, **kw)
-        finally:
-            os.environ.pop("FASTSERVE_PACKED_ATTENTION", None)
-            if old is not None:
-                os.environ["FASTSERVE_PACKED_ATTENTION"] = old
+    def engine(name: str, attention: str | None, graphs: bool = True, **kw: Any) -> None:
+        engines[name] = make_engine(path, dtype, max_len, attention, graphs, **kw)
         methods[name] = lambda e=engines[name]: e.embed(texts)
 
     static = dict(policy="static", max_batch_tokens=16384, max_batch_size=256)
     engine("fastserve default (adaptive, packed)", None)
+    engine("fastserve default, no CUDA graphs", None, graphs=False)
+    engine("fastserve default, padded-copy attention, no graphs (before)", "pad", graphs=False)
+    engine("fastserve static 16k, packed", None, **static)
     engine("fastserve static 16k, packed, padded-copy attention", "pad", **static)
     engine("fastserve static 16k, packed, per-length attention", "runs", **static)
     engine("fastserve static 16k, padded", None, execution="padded", **static)
@@ -203,13 +312,11 @@ def closed_loop(submit: Callable[[str], cf.Future], texts: Sequence[str], client
 
 def online(path: Path, dtype: torch.dtype, concurrency: Sequence[int], seconds: float,
            log: Callable[[str], None]) -> list[dict[str, Any]]:
-    import fastserve
-
     max_len = common.max_seq_length(path)
     texts = common.sample_texts(4096, seed=2)
     hf = common.HFModel(path, max_len, DEVICE, dtype)
     serial = common.SerialBackend("transformers", hf.encode)
-    eng = fastserve.Engine(str(path), device=DEVICE, dtype=str(dtype).removeprefix("torch."), max_length=max_len)
+    eng = make_engine(path, dtype, max_len)
     backends = {"transformers (one at a time)": serial.submit, "fastserve default": eng.submit}
     for submit in backends.values():  # warm-up: every text length's shapes seen once
         for t in texts[:300]:
@@ -268,6 +375,22 @@ def markdown(result: dict[str, Any]) -> str:
                     "| method | texts/s | vs transformers arrival order |", "|---|---:|---:|"]
             out += [f"| {r['method']} | {r['texts_per_s']:.0f} | {r['vs_transformers']:.2f}x |" for r in parts["offline"]]
             out.append("")
+        if "latency" in parts:
+            rows = parts["latency"]
+            out += [f"One request at a time of {rows[0]['tokens']} tokens, end to end in-process "
+                    f"({rows[0]['requests']} requests each, interleaved):", "",
+                    "| method | p50 ms | p99 ms | mean ms |", "|---|---:|---:|---:|"]
+            out += [f"| {r['method']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} |" for r in rows]
+            graphs = next((r["cuda_graphs"] for r in rows if r.get("cuda_graphs")), None)
+            if graphs:
+                out += ["", f"CUDA graphs: `{json.dumps(graphs)}`"]
+            out.append("")
+        if "padded_half" in parts:
+            ph = parts["padded_half"]
+            out += [f"Offline, {result['n']} texts of 8-248 tokens, {ph['padding']:.1%} padding in transformers' "
+                    "batches of 64:", "", "| method | texts/s | vs transformers |", "|---|---:|---:|"]
+            out += [f"| {r['method']} | {r['texts_per_s']:.0f} | {r['vs_transformers']:.2f}x |" for r in ph["rows"]]
+            out.append("")
         if "online" in parts:
             out += [f"Online, closed loop ({result['seconds']} s per point):", "",
                     "| clients | backend | req/s | p50 ms | p99 ms | mean batch | model ms per batch |",
@@ -296,7 +419,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0, help="per closed-loop point")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "offline", "online"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["kernels", "latency", "offline", "padded_half", "online"])
+    ap.add_argument("--tokens", type=int, default=128, help="tokens of the one-request latency run")
+    ap.add_argument("--requests", type=int, default=500, help="requests per method in the latency run")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -330,7 +456,9 @@ def main() -> int:
         for model in args.models:
             path = bert_base_folder(Path(tmp)) if model == "bert-base" else common.model_path()
             parts: dict[str, Any] = result["models"].setdefault(model, {})
-            for part, fn in (("offline", lambda: offline(path, dtype, args.n, args.repeats, log)),
+            for part, fn in (("latency", lambda: latency(path, dtype, args.tokens, args.requests, log)),
+                             ("offline", lambda: offline(path, dtype, args.n, args.repeats, log)),
+                             ("padded_half", lambda: padded_half(path, dtype, args.n, args.repeats, log)),
                              ("online", lambda: online(path, dtype, args.concurrency, args.seconds, log))):
                 if part in args.skip:
                     continue

@@ -1146,6 +1146,9 @@ class Engine(tasks.TaskCalls):
         s["model_attention"] = None if self.runner.name == "packed" else \
             (getattr(self.model.config, "_attn_implementation", None) or "eager")
         s["attention_batches"] = replicas_.attention_batches(self._replicas)
+        # Each worker's CUDA graphs (python/fastserve/graphs.py; None: none are used).
+        graphs = [getattr(r.runner, "graphs", None) for r in self._replicas]
+        s["cuda_graphs"] = [g.stats() for g in graphs] if any(graphs) else None
         # Each worker's warm-up batch, seconds (None: none ran, or it failed).
         s["warmup_s"] = [r.warmup_s for r in self._replicas]
         s["activation"] = self.activation
@@ -1694,9 +1697,13 @@ class Engine(tasks.TaskCalls):
     def _ghost_tokens(self, batch) -> int:
         """The tokens of the ghost sequences _rows adds to the batch (none
         where batches are not padded)."""
+        tokens = int(batch.total_tokens)
+        graphs = getattr(self.runner, "graphs", None)
+        if graphs is not None:  # a CUDA graph's ghosts (graphs.py)
+            shape = graphs.shape(tokens, int(batch.size))
+            return 0 if shape is None else shape[0] - tokens
         if self._ghost_pad is None:
             return 0
-        tokens = int(batch.total_tokens)
         return shapes.target(tokens, self._ghost_buckets) - tokens
 
     def _rows(self, batch, extra: dict, runner: Any) -> Any:

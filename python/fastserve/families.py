@@ -195,8 +195,8 @@ class _BiasedPackedRunner(abc.ABC):
         self.kernels = kernels.for_device(device)
         dtype = next(model.parameters()).dtype
         method = _attention_method(device, dtype)
-        # flash-attn's varlen kernel takes no additive bias: the padded copy instead.
-        self.attention = "pad" if method == "flash" else method
+        # Flash varlen kernels take no additive bias: the padded copy instead.
+        self.attention = "pad" if method in ("flash", "varlen") else method
         self.attention_batches = {"runs": 0, "pad": 0, "flash": 0}
         self._masks = _MaskCache()
         # own_weights: the model is the engine's own, not the caller's (FusedQKV).

@@ -17,6 +17,7 @@ from torch.nn.modules import module as nn_module
 
 from . import gemm, kernels
 from .gemm import Gemm
+from .graphs import CudaGraphs
 from .heads import EmbeddingHead
 
 log = logging.getLogger("fastserve")
@@ -708,8 +709,11 @@ class PackedRunner:
         # keeps the attention a float32 model gets ("pad"; flash-attn takes
         # half precision alone, and a pipeline refuses it).
         dtype = (compute if device.type == "cpu" else None) or getattr(model, "dtype", torch.float32)
-        self.attention = _attention_method(device, dtype, kernel=_kernels_vectorized(model, device))
-        self._flash = _flash_varlen() if self.attention == "flash" else None
+        heads = cfg.n_heads if self.distil else cfg.num_attention_heads
+        self.attention = _attention_method(device, dtype, kernel=_kernels_vectorized(model, device),
+                                           head_dim=int(getattr(cfg, "dim", 0) or cfg.hidden_size) // heads)
+        self._flash = _flash_varlen() if self.attention == "flash" else \
+            _torch_flash_varlen() if self.attention == "varlen" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
         self._fused: Optional[_FusedLayers] = None
@@ -720,6 +724,14 @@ class PackedRunner:
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
+        # CUDA graphs (graphs.py) where attention runs over cu_seqlens in one
+        # kernel; FASTSERVE_CUDA_GRAPHS=0 turns them off (benchmarks).
+        self.graphs: Optional[CudaGraphs] = None
+        if self.attention in ("flash", "varlen") and os.environ.get("FASTSERVE_CUDA_GRAPHS", "1") != "0":
+            self.graphs = CudaGraphs(self._graph_forward, model, device,
+                                     pad_id=int(cfg.pad_token_id or 0),
+                                     max_length=int(cfg.max_position_embeddings) - self.position_offset,
+                                     position_offset=self.position_offset, max_tokens=GRAPH_MAX_TOKENS)
         # What packed execution never calls: the model, its encoder (and
         # DistilBERT's embeddings), and each layer itself, its attention
         # block and self-attention.
@@ -752,11 +764,7 @@ class PackedRunner:
         type 1 starts."""
         dev = self.device
         ids = torch.from_numpy(batch.packed_input_ids).to(dev, non_blocking=True)
-        if self.position_offset:
-            pos = torch.from_numpy(id_positions(batch, self.position_offset - 1)).to(dev, non_blocking=True)
-            pos = pos + self.position_offset
-        else:
-            pos = torch.from_numpy(batch.position_ids).to(dev, non_blocking=True)
+        pos = torch.from_numpy(self._positions(batch)).to(dev, non_blocking=True)
         cu = torch.from_numpy(batch.cu_seqlens).to(dev, non_blocking=True)
         types = None
         if segments is not None and not self.distil:  # DistilBERT has no token types
@@ -769,7 +777,7 @@ class PackedRunner:
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
         fused = self.refresh()
-        for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
+        for i in range(len(self.blocks)):
             if hook is not None:
                 h = hook(i, h)
             if fused is not None and fused[i] is not None and fused[i].untouched():
@@ -778,23 +786,11 @@ class PackedRunner:
                 a = fused[i].attention_output(ctx, h)
                 del ctx, h
                 h = fused[i].feed_forward(a)
+                del a  # else it lives through the next layer's attention
             else:
                 # (An untouched fused layer has no hook on any module at all.)
                 self.uncalled.check(i)
-                ctx = attn(h, runs, varlen)
-                if self.distil:
-                    a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
-                else:
-                    a = block.attention.output(ctx, h)
-                # The layer's input and the attention context are dead here;
-                # dropping them before the feed-forward takes (2H) x 4 bytes per
-                # token off the batch's peak in fp32 (python/fastserve/footprint.py).
-                del ctx, h
-                if self.distil:
-                    h = block.output_layer_norm(block.ffn(a) + a)
-                else:
-                    h = block.output(block.intermediate(a), a)
-            del a  # else it lives through the next layer's attention
+                h = self._layer(i, h, runs, varlen)
             if self.pause_hook is not None and i + 1 < len(self.blocks):
                 keep = self.pause_hook(i + 1, len(self.blocks))
                 if keep is not None:
@@ -812,6 +808,37 @@ class PackedRunner:
             h = hook(len(self.blocks), h)
         return h, cu, rows
 
+    def _positions(self, batch) -> np.ndarray:
+        """The batch's position ids [T], as the model's embeddings take them."""
+        if self.position_offset:
+            return id_positions(batch, self.position_offset - 1) + self.position_offset
+        return np.asarray(batch.position_ids)
+
+    def _layer(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
+        """Layer i through its own modules."""
+        block = self.blocks[i]
+        ctx = self.attn[i](h, runs, varlen)
+        if self.distil:
+            a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
+        else:
+            a = block.attention.output(ctx, h)
+        # The layer's input and the attention context are dead here;
+        # dropping them before the feed-forward takes (2H) x 4 bytes per
+        # token off the batch's peak in fp32 (python/fastserve/footprint.py).
+        del ctx, h
+        if self.distil:
+            return block.output_layer_norm(block.ffn(a) + a)
+        return block.output(block.intermediate(a), a)
+
+    def _graph_forward(self, ids: torch.Tensor, pos: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """The encoder as a CUDA graph captures it (graphs.py): embeddings,
+        then every layer through its modules, attention over cu_seqlens."""
+        h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil)
+        _, varlen = self._attention_plan(np.zeros(0, np.int64), np.zeros(0, np.int64), cu, max_seqlen)
+        for i in range(len(self.blocks)):
+            h = self._layer(i, h, [], varlen)
+        return h
+
     def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
         """The runs of equal lengths, and the attention over all of them at
@@ -820,7 +847,7 @@ class PackedRunner:
         # Only the per-run and padded-copy methods need the runs.
         runs = _equal_length_runs(lengths) if method in ("runs", "pad") else []
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        if method == "flash":
+        if method in ("flash", "varlen"):
             varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
         elif method == "kernel":
             varlen = lambda qkv: kernels.attention(qkv, cu)  # noqa: E731
@@ -834,9 +861,36 @@ class PackedRunner:
         """As PaddedRunner.run, on packed tokens: for token-classify each
         token's row goes back to its request (no pooling). Rows dropped at a
         pause (Engine(preempt=...)) are left out."""
+        graphs = self.graphs
+        if graphs is not None and segments is None and self.stage_hook is None and self.pause_hook is None:
+            with graphs.lock:
+                self.uncalled.check()
+                out = None
+                if graphs.usable():
+                    self._refresh_graphs(graphs)
+                    out = graphs.run(np.asarray(batch.packed_input_ids), self._positions(batch),
+                                     np.asarray(batch.cu_seqlens))
+                else:
+                    graphs.eager += 1
+                if out is not None:
+                    self.attention_batches[self.attention] += 1
+                    # Read before the lock goes: the next replay overwrites them.
+                    return self._rows(*out, prompt_lengths)
         h, cu, kept = self.hidden(batch, segments)
         if kept is not None and prompt_lengths is not None:
             prompt_lengths = prompt_lengths[kept]
+        return self._rows(h, cu, prompt_lengths)
+
+    def _refresh_graphs(self, graphs: CudaGraphs) -> None:
+        """Refresh Q/K/V's fusion (PackedRunner.refresh); where a layer's
+        changed, the graphs (which ran the old one) are dropped."""
+        before = [a.qkv.own for a in self.attn]
+        self.refresh()
+        if [a.qkv.own for a in self.attn] != before:
+            graphs.drop()
+
+    def _rows(self, h: torch.Tensor, cu: torch.Tensor, prompt_lengths: Optional[np.ndarray]):
+        """The batch's output rows on the host from its last hidden states."""
         if self.task == "token-classify":
             m = self.model
             logits = m.classifier(m.dropout(h)).float().cpu().numpy()
@@ -859,10 +913,13 @@ class PackedRunner:
         return m.classifier(cls[:, None, :])  # RoBERTa head reads features[:, 0]
 
 
-ATTENTION_METHODS = ("runs", "pad", "flash", "kernel")
+ATTENTION_METHODS = ("runs", "pad", "flash", "varlen", "kernel")
+# The most tokens a batch replays a CUDA graph for (the engine lowers it to
+# its max_batch_tokens); larger batches run eagerly.
+GRAPH_MAX_TOKENS = 8192
 
 
-def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False) -> str:
+def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = False, head_dim: int = 64) -> str:
     """How packed attention runs. CPU: "kernel" for a float32 or bfloat16
     model where the caller can run fastserve's CPU attention kernel
     vectorised (kernel=True: runners._kernels_vectorized; in bfloat16 it
@@ -870,13 +927,17 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
     with it where bfloat16 is emulated: benchmarks/README.md, "CPU dtypes"),
     one C++ call per layer over every
     sequence (kernels.attention); else "runs", exact attention per sequence with no mask, one
-    SDPA call per run of equal lengths. CUDA: flash-attn's varlen kernel
-    when installed and the model is float16 or bfloat16 (flash-attn has no
-    float32 kernels), else "pad": attention alone on a padded copy with a key
-    mask, one SDPA call per layer, since a per-run loop launches kernels per
-    distinct length per layer (benchmarks/README.md, "GPU").
+    SDPA call per run of equal lengths. CUDA, for a float16 or bfloat16
+    model (flash kernels have no float32 ones): flash-attn's varlen kernel
+    when that package is installed, else "varlen", the flash kernel torch
+    ships, over cu_seqlens too (head widths a multiple of 8, up to 256);
+    else "pad": attention alone on a padded copy with a key mask, one SDPA
+    call per layer, since a per-run loop launches kernels per distinct
+    length per layer (benchmarks/README.md, "GPU").
     FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
-    flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None
+    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    flash_ok = half and _flash_varlen() is not None
+    varlen_ok = half and head_dim % 8 == 0 and head_dim <= 256 and _torch_flash_varlen() is not None
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
     kernel_ok = kernel and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if forced:
@@ -885,6 +946,9 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
         if forced == "flash" and not flash_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=flash needs the flash-attn package, a CUDA device "
                              "and a float16 or bfloat16 model")
+        if forced == "varlen" and not varlen_ok:
+            raise ValueError("FASTSERVE_PACKED_ATTENTION=varlen needs a torch with flash attention on a CUDA "
+                             "device, a float16 or bfloat16 model and head widths a multiple of 8, up to 256")
         if forced == "kernel" and not kernel_ok:
             raise ValueError("FASTSERVE_PACKED_ATTENTION=kernel needs a float32 or bfloat16 model on the CPU, the "
                              "BERT-family packed runner, fastserve's CPU kernels (not FASTSERVE_KERNELS=torch) "
@@ -892,7 +956,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
         return forced
     if device.type != "cuda":
         return "kernel" if kernel_ok else "runs"
-    return "flash" if flash_ok else "pad"
+    return "flash" if flash_ok else "varlen" if varlen_ok else "pad"
 
 
 class _PaddedAttention:
@@ -925,3 +989,25 @@ def _flash_varlen():
     except ImportError:
         return None
     return flash_attn_varlen_func
+
+
+def _torch_flash_varlen():
+    """The flash-attention kernel torch ships, over cu_seqlens: called as
+    flash-attn's flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k),
+    q/k/v [T, heads, head_dim] in float16 or bfloat16. None where this torch
+    has none (a CPU build, a GPU older than sm_80). torch's public
+    torch.nn.attention.varlen.varlen_attn calls the same kernel, but picks
+    cuDNN's instead on Hopper in some versions, which builds a plan per new
+    shape (benchmarks/README.md, "GPU": 70 ms per online batch), so the op is
+    called here directly. Its schema has kept these ten leading arguments
+    since torch 2.2."""
+    if not torch.backends.cuda.is_flash_attention_available():
+        return None
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None:
+        return None
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k):
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False)[0]
+
+    return attend

@@ -61,11 +61,11 @@ def test_stats_count_batches_by_the_attention_that_actually_ran(monkeypatch):
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "pad")
     with Engine(tm.model("bert"), tm.tokenizer(), execution="packed") as engine:
         engine.embed(["one length only"])  # one length: one dense call, no padded copy
-        assert engine.stats()["attention_batches"] == {"runs": 1, "pad": 0, "flash": 0, "kernel": 0}
+        assert engine.stats()["attention_batches"] == {"runs": 1, "pad": 0, "flash": 0, "varlen": 0, "kernel": 0}
         engine.embed(["a short one", "and a rather longer sentence than that"])
         s = engine.stats()
     assert s["attention"] == "pad" and s["batches"] == 2
-    assert s["attention_batches"] == {"runs": 1, "pad": 1, "flash": 0, "kernel": 0}
+    assert s["attention_batches"] == {"runs": 1, "pad": 1, "flash": 0, "varlen": 0, "kernel": 0}
 
 
 def test_flash_attention_is_chosen_only_where_it_runs(monkeypatch):
@@ -463,7 +463,7 @@ def test_stats_report_core_counters_tokenization_and_model():
     assert s["tokenize_s"]["count"] == 10 and s["tokenize_s"]["total"] > 0
     assert s["device"] == "cpu" and s["dtype"] == "float32" and s["execution"] == "packed"
     assert s["kernels"] == "cpu" and s["attention"] == "kernel" and s["activation"] is None
-    assert s["attention_batches"] == {"runs": 0, "pad": 0, "flash": 0, "kernel": s["batches"]}
+    assert s["attention_batches"] == {"runs": 0, "pad": 0, "flash": 0, "varlen": 0, "kernel": s["batches"]}
     assert s["controller"]["policy"] == "model"
     assert s["latency_s"]["p50"] > 0 and s["health"]["healthy"]
 

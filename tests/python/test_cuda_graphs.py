@@ -1,0 +1,182 @@
+"""CUDA graphs and torch's variable-length flash attention in the packed
+runner (python/fastserve/graphs.py). The buffer layout and the shape ladder
+are checked everywhere; the rest is marked gpu (skipped without a CUDA
+device: conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from fastserve import Engine, runners, shapes
+from fastserve.graphs import CudaGraphs, _Graph, ghost_pieces, sequence_slots
+
+gpu = pytest.mark.gpu
+
+
+def test_a_batch_is_rounded_up_to_a_token_bucket_and_a_power_of_two_of_sequences():
+    g = CudaGraphs(lambda *a: None, tm.model("bert"), torch.device("cpu"), pad_id=0, max_length=128,
+                   position_offset=0, max_tokens=2048)
+    assert g.shape(128, 1) == (128, 1)  # a bucket already: no ghost
+    assert g.shape(100, 3) == (112, 4)  # 12 ghost tokens in one sequence: 4 slots
+    assert g.shape(1030, 5) == (1152, 8)  # 122 ghosts
+    assert g.shape(600, 2) == (640, 4)
+    assert g.shape(2048, 300) == (2048, 512)
+    assert g.shape(2049, 1) is None and g.shape(0, 0) is None  # eager
+    assert [sequence_slots(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+    assert ghost_pieces(300, 128) == [128, 128, 44] and ghost_pieces(0, 128) == []
+    for tokens in range(1, 2049, 7):
+        T, S = g.shape(tokens, 1)
+        assert T == shapes.bucket(tokens) and T - tokens < max(16, T // 8)
+
+
+def test_the_graphs_input_holds_the_batch_then_its_ghosts_then_empty_sequences():
+    g = _Graph(tokens=16, slots=8, device=torch.device("cpu"))
+    ids = np.array([101, 7, 102, 101, 9, 9, 102], np.int64)
+    positions = np.array([2, 3, 4, 2, 3, 4, 5], np.int64)
+    cu = np.array([0, 3, 7], np.int64)
+    g.fill(ids, positions, cu, pad_id=1, max_length=5, position_offset=2)
+    buf = g.dev.numpy()
+    np.testing.assert_array_equal(buf[:16], [101, 7, 102, 101, 9, 9, 102] + [1] * 9)
+    # 9 ghost tokens in pieces of at most 5, positions from the offset.
+    np.testing.assert_array_equal(buf[16:32], list(positions) + [2, 3, 4, 5, 6, 2, 3, 4, 5])
+    # Two real sequences, two ghosts, then empty slots ending at T.
+    np.testing.assert_array_equal(buf[32:], [0, 3, 7, 12, 16, 16, 16, 16, 16])
+
+
+def test_varlen_attention_is_chosen_where_torch_has_the_flash_kernel(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(runners, "_flash_varlen", lambda: None)  # no flash-attn package
+    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda: object())
+    assert runners._attention_method(cuda, torch.float16) == "varlen"
+    assert runners._attention_method(cuda, torch.bfloat16) == "varlen"
+    assert runners._attention_method(cuda, torch.float32) == "pad"  # no float32 flash kernel
+    assert runners._attention_method(cuda, torch.float16, head_dim=36) == "pad"  # not a multiple of 8
+    assert runners._attention_method(cpu, torch.float16) == "runs"
+    monkeypatch.setattr(runners, "_flash_varlen", lambda: object())
+    assert runners._attention_method(cuda, torch.float16) == "flash"  # the package, where installed
+    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda: None)
+    monkeypatch.setattr(runners, "_flash_varlen", lambda: None)
+    assert runners._attention_method(cuda, torch.float16) == "pad"
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "varlen")
+    with pytest.raises(ValueError, match="varlen needs a torch with flash attention"):
+        runners._attention_method(cuda, torch.float16)
+
+
+def _embed(monkeypatch, texts, *, graphs: bool, attention: str | None = None, model=None, **kw):
+    monkeypatch.setenv("FASTSERVE_CUDA_GRAPHS", "1" if graphs else "0")
+    if attention:
+        monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", attention)
+    else:
+        monkeypatch.delenv("FASTSERVE_PACKED_ATTENTION", raising=False)
+    with Engine(model or tm.model("bert"), tm.tokenizer(), device="cuda", execution="packed", **kw) as engine:
+        got = engine.embed(texts)
+        return got, engine.stats()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_varlen_attention_equals_the_padded_copy(monkeypatch, dtype):
+    texts = tm.mixed_texts(60, seed=11)
+    got, s = _embed(monkeypatch, texts, graphs=False, attention="varlen", dtype=dtype)
+    want, _ = _embed(monkeypatch, texts, graphs=False, attention="pad", dtype=dtype)
+    assert s["attention"] == "varlen" and s["attention_batches"]["varlen"] == s["batches"]
+    assert s["cuda_graphs"] is None
+    assert tm.min_cosine(got, want) >= 0.9999
+    np.testing.assert_allclose(got, want, atol=5e-3 if dtype == "bfloat16" else 1e-3, rtol=0)
+
+
+@gpu
+@pytest.mark.parametrize("arch", tm.ARCHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_graph_replays_equal_eager_batches_and_the_fp32_reference(monkeypatch, arch, dtype):
+    texts = tm.mixed_texts(80, seed=12)
+    got, s = _embed(monkeypatch, texts, graphs=True, model=tm.model(arch), dtype=dtype)
+    eager, _ = _embed(monkeypatch, texts, graphs=False, model=tm.model(arch), dtype=dtype)
+    want = np.stack([tm.reference(tm.model(arch), t) for t in texts])
+    g = s["cuda_graphs"][0]
+    assert s["attention"] == "varlen" and g["replays"] >= s["batches"] and g["captured"] >= 1
+    assert g["capture_s"] > 0 and g["eager"] == 0
+    np.testing.assert_allclose(got, eager, atol=5e-3 if dtype == "bfloat16" else 1e-3, rtol=0)
+    assert tm.min_cosine(got, want) >= (0.99 if dtype == "bfloat16" else 0.999)
+
+
+@gpu
+def test_a_text_alone_and_in_a_mixed_graph_batch_get_the_same_embedding(monkeypatch):
+    monkeypatch.delenv("FASTSERVE_CUDA_GRAPHS", raising=False)
+    texts = tm.mixed_texts(40, seed=13)
+    with Engine(tm.model("bert"), tm.tokenizer(), device="cuda", dtype="float16") as engine:
+        together = engine.embed(texts)
+        alone = np.stack([engine.embed(t) for t in texts])
+        g = engine.stats()["cuda_graphs"][0]
+    assert g["eager"] == 0 and g["captured"] >= 2  # the list's shapes and a single text's
+    np.testing.assert_allclose(together, alone, atol=1e-3, rtol=0)
+
+
+@gpu
+def test_weights_changed_in_place_or_replaced_reach_the_next_replay(monkeypatch):
+    monkeypatch.delenv("FASTSERVE_CUDA_GRAPHS", raising=False)
+    text = "a weight changed under a captured graph"
+    model = tm.model("bert").half().cuda()
+    with Engine(model, tm.tokenizer(), device="cuda", dtype="float16") as engine:
+        before = engine.embed(text)
+        dense = model.encoder.layer[0].output.dense
+        with torch.no_grad():
+            dense.weight.mul_(-1.0)  # in place: the graph reads the same memory
+        flipped = engine.embed(text)
+        g = engine.stats()["cuda_graphs"][0]
+        assert g["dropped"] == 0
+        dense.weight = torch.nn.Parameter(dense.weight.detach().clone() * -1.0)  # replaced: graphs dropped
+        restored = engine.embed(text)
+        g = engine.stats()["cuda_graphs"][0]
+    cpu = tm.model("bert")
+    with torch.no_grad():
+        cpu.encoder.layer[0].output.dense.weight.mul_(-1.0)
+    assert tm.min_cosine(flipped[None], tm.reference(cpu, text)[None]) >= 0.999
+    assert tm.min_cosine(before[None], flipped[None]) < 0.999
+    assert g["dropped"] >= 1 and g["captured"] >= 2
+    np.testing.assert_allclose(restored, before, atol=1e-3, rtol=0)
+
+
+@gpu
+def test_a_forward_hook_runs_because_its_batches_run_eagerly(monkeypatch):
+    monkeypatch.delenv("FASTSERVE_CUDA_GRAPHS", raising=False)
+    model = tm.model("bert").half().cuda()
+    calls: list[int] = []
+    with Engine(model, tm.tokenizer(), device="cuda", dtype="float16") as engine:
+        engine.embed("captured first")
+        handle = model.encoder.layer[1].intermediate.dense.register_forward_hook(lambda *a: calls.append(1))
+        engine.embed("the hook must see this one")
+        handle.remove()
+        engine.embed("and replayed again after")
+        g = engine.stats()["cuda_graphs"][0]
+    assert calls == [1] and g["eager"] == 1 and g["replays"] >= 2
+
+
+@gpu
+def test_batches_above_the_largest_graph_run_eagerly(monkeypatch):
+    monkeypatch.delenv("FASTSERVE_CUDA_GRAPHS", raising=False)
+    texts = tm.mixed_texts(30, seed=14)
+    with Engine(tm.model("bert"), tm.tokenizer(), device="cuda", dtype="float16") as engine:
+        engine.runner.graphs.max_tokens = 16
+        got = engine.embed(texts)
+        g = engine.stats()["cuda_graphs"][0]
+    want, _ = _embed(monkeypatch, texts, graphs=False, dtype="float16")
+    assert g["eager"] >= 1
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+@gpu
+def test_classification_replays_match_eager(monkeypatch):
+    texts = tm.mixed_texts(30, seed=15)
+    out = {}
+    for graphs in (True, False):
+        monkeypatch.setenv("FASTSERVE_CUDA_GRAPHS", "1" if graphs else "0")
+        with Engine(tm.model("bert", classify=True), tm.tokenizer(), task="classify", device="cuda",
+                    dtype="float16") as engine:
+            out[graphs] = np.array([list(c.scores.values()) for c in engine.classify(texts)])
+            if graphs:
+                assert engine.stats()["cuda_graphs"][0]["replays"] >= 1
+    np.testing.assert_allclose(out[True], out[False], atol=2e-3, rtol=0)
