@@ -195,6 +195,8 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  m.def("bucket_floor", &bucket_floor, py::arg("tokens"),
+        "The largest bucket of shapes.py's token ladder at or below tokens (tokens itself below 16).");
   m.def("cuda_compiled", &cuda_compiled, "True when the extension was built with CUDA.");
   m.def("cuda_device_count", &cuda_device_count, py::call_guard<py::gil_scoped_release>(),
         "Visible CUDA devices (0 without a driver or GPU, or without CUDA compiled in).");
@@ -239,6 +241,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("attention_tokens", &SchedulerConfig::attention_tokens)
       .def_readwrite("long_apart_tokens", &SchedulerConfig::long_apart_tokens)
       .def_readwrite("extend_past_budget", &SchedulerConfig::extend_past_budget)
+      .def_readwrite("token_buckets", &SchedulerConfig::token_buckets)
       .def_readwrite("balance_workers", &SchedulerConfig::balance_workers)
       .def_readwrite("preempt_layers", &SchedulerConfig::preempt_layers)
       .def_property(

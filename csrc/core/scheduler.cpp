@@ -719,8 +719,18 @@ int64_t Scheduler::batch_cost(const Batch& b) const {
   return static_cast<int64_t>(std::llround(c));
 }
 
+int64_t bucket_floor(int64_t tokens) {
+  constexpr int64_t kMinStep = 16, kPerDoubling = 8;
+  if (tokens < kMinStep) return tokens;
+  int64_t top = 1;
+  while (top * 2 <= tokens) top *= 2;
+  const int64_t step = std::max(kMinStep, top / kPerDoubling);
+  return tokens / step * step;
+}
+
 std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
-  const int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
+  int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
+  if (config_.token_buckets) budget = bucket_floor(budget);
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
   batch->worker = worker;
   batch->owner = this;

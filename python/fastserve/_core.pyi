@@ -23,6 +23,9 @@ class EngineClosedError(FastServeError, RuntimeError):
 
 # ------------------------------------------------------------ build/device
 
+def bucket_floor(tokens: int) -> int:
+    """The largest bucket of shapes.py's token ladder at or below tokens (tokens itself below 16)."""
+
 def cuda_compiled() -> bool:
     """True when the extension was built with CUDA."""
 
@@ -99,6 +102,8 @@ class SchedulerConfig:
     """Packed cost: requests longer than this are batched apart from shorter ones (0: off)."""
     extend_past_budget: bool
     """Packed cost: a short queue runs whole past the budget when a later batch would make a request late (off)."""
+    token_buckets: bool
+    """Batches run padded to a ladder of token counts: each is formed within its budget rounded down to one (off)."""
     balance_workers: bool
     """Several workers: each takes only its share of a queue shorter than their budgets together, so they end it together (on)."""
     preempt_layers: int
@@ -122,6 +127,7 @@ class SchedulerConfig:
         attention_tokens: int = 0,
         long_apart_tokens: int = 0,
         extend_past_budget: bool = False,
+        token_buckets: bool = False,
         balance_workers: bool = True,
         preempt_layers: int = 0,
     ) -> None:

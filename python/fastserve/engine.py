@@ -787,6 +787,10 @@ class Engine(tasks.TaskCalls):
             # attention ~4 h len, so len / (6 h) on top of each token.
             attention_tokens=6 * int(getattr(net.config, "hidden_size", 0) or 0) if packed else 0,
             preempt_layers=len(self.runner.blocks) if self.preempt else 0,
+            # Batches padded up to token buckets (CUDA graphs, or ghosts on the
+            # CPU: shapes.py) are formed to fill the bucket within the budget.
+            token_buckets=getattr(self.runner, "graphs", None) is not None
+            or (self._ghost_pad is not None and self._ghost_buckets),
         )
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,

@@ -512,6 +512,46 @@ TEST(SchedulerBatches, PackedCostFitsMoreRequestsThanPaddedForSkewedLengths) {
   EXPECT_EQ(packed.next()->size(), 21);
 }
 
+TEST(SchedulerBuckets, BucketFloorIsTheLadderOfShapesPy) {
+  // Steps of 16 below 128, then eight buckets per doubling.
+  EXPECT_EQ(bucket_floor(5), 5);  // below the first bucket: unchanged
+  EXPECT_EQ(bucket_floor(16), 16);
+  EXPECT_EQ(bucket_floor(127), 112);
+  EXPECT_EQ(bucket_floor(128), 128);
+  EXPECT_EQ(bucket_floor(1040), 1024);
+  EXPECT_EQ(bucket_floor(1151), 1024);
+  EXPECT_EQ(bucket_floor(1152), 1152);
+  EXPECT_EQ(bucket_floor(8191), 7680);
+  for (int64_t t = 16; t < 70000; ++t) {
+    const int64_t f = bucket_floor(t);
+    ASSERT_LE(f, t);
+    ASSERT_GT(f, t - std::max<int64_t>(16, t / 8) - 1) << t;  // within one step
+    ASSERT_EQ(bucket_floor(f), f) << t;  // a bucket
+  }
+}
+
+TEST(SchedulerBuckets, ABatchFillsTheBucketAtOrBelowItsBudgetRatherThanSpillingPastIt) {
+  // Budget 1,040 tokens; requests of 104. Without buckets ten join (1,040
+  // tokens, run at the bucket 1,152); with them nine (936, run at 1,024).
+  for (bool buckets : {false, true}) {
+    SchedulerConfig c = any_fill();
+    c.cost = Cost::Packed;
+    c.token_buckets = buckets;
+    Fixture f(c, fixed_budget(1040));
+    for (int i = 0; i < 30; ++i) f.s.submit(toks(104));
+    auto b = f.next();
+    EXPECT_EQ(b->total_tokens(), buckets ? 936 : 1040);
+    EXPECT_LE(b->total_tokens(), buckets ? 1024 : 1040);
+  }
+  // A request longer than the floored budget still runs (alone).
+  SchedulerConfig c = any_fill();
+  c.cost = Cost::Packed;
+  c.token_buckets = true;
+  Fixture f(c, fixed_budget(1040));
+  f.s.submit(toks(1030));
+  EXPECT_EQ(f.next()->total_tokens(), 1030);
+}
+
 TEST(SchedulerArrivals, AClassThatStoppedArrivingIsForgottenSoDistinctPrioritiesDoNotAccumulate) {
   // Every batch walks the per-class arrival rates: with a new priority per
   // request the map grew without bound (20,000 requests: 83 s of CPU).

@@ -32,6 +32,16 @@ def test_a_batch_is_rounded_up_to_a_token_bucket_and_a_power_of_two_of_sequences
         assert T == shapes.bucket(tokens) and T - tokens < max(16, T // 8)
 
 
+def test_the_schedulers_bucket_floor_is_the_ladder_graphs_round_up_to():
+    from fastserve import _core
+
+    for tokens in range(16, 20000):
+        floor = _core.bucket_floor(tokens)
+        assert floor == shapes.fitting(tokens, True) and shapes.bucket(floor) == floor
+    assert _core.bucket_floor(9) == 9  # below the first bucket: the budget as it is
+    assert _core.SchedulerConfig(token_buckets=True).token_buckets
+
+
 def test_the_graphs_input_holds_the_batch_then_its_ghosts_then_empty_sequences():
     g = _Graph(tokens=16, slots=8, device=torch.device("cpu"))
     ids = np.array([101, 7, 102, 101, 9, 9, 102], np.int64)

@@ -75,6 +75,11 @@ enum class Cost {
   Packed,  // sum of lengths (what a padding-free model computes)
 };
 
+// The largest bucket of python/fastserve/shapes.py's ladder at or below
+// `tokens` (steps of 16 below 128, then eight per doubling); `tokens` itself
+// below the first bucket.
+int64_t bucket_floor(int64_t tokens);
+
 struct SchedulerConfig {
   int64_t max_queue_requests = 65536;
   int64_t max_queue_tokens = 1 << 24;
@@ -115,6 +120,12 @@ struct SchedulerConfig {
   // 94-98%), but puts the p99 of accepted requests during a 3x burst 0.7 ms
   // past the target (docs/design.md, "Deadlines").
   bool extend_past_budget = false;
+  // Batches run padded up to a ladder of token counts (CUDA graphs; bf16
+  // CPU batches through oneDNN: python/fastserve/shapes.py, bucket()): a
+  // batch is formed within its budget rounded down to a bucket
+  // (bucket_floor), so that a full batch fills one rather than spilling
+  // just past it into the next, which computes up to 1/8 more.
+  bool token_buckets = false;
   // Pausing a running batch (docs/design.md, "Pausing a batch"): the number
   // of points at which a worker offers its running batch to be paused, the
   // model's layers (0: never paused, the default). While admission predicts,
