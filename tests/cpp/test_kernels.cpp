@@ -254,10 +254,8 @@ std::vector<float> pool_grid(const void* x, const std::vector<int64_t>& cu64, in
           for (int i = 0; i < V; ++i) lanes[(ty * c.bdx + tx) * V + i] = g0 + tx < groups ? f[i] : 0.f;
         }
       for (int tx = 0; tx < c.bdx && g0 + tx < groups; ++tx) {
-        const float* ls[kPoolThreads / 32];
-        for (int l = 0; l < c.bdy; ++l) ls[l] = &lanes[(l * c.bdx + tx) * V];
         float f[V];
-        pool_combine_lanes<V>(mode, ls, c.bdy, f);
+        pool_combine_lanes<V>(mode, &lanes[tx * V], int64_t(c.bdx) * V, c.bdy, f);
         sq[tx] += pool_store<V>(p, b, s, g0 + tx, g.len, f);
       }
     }

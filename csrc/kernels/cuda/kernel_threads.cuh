@@ -287,14 +287,14 @@ FS_HD void pool_lane(const PoolParams<I>& p, int64_t r0, int64_t r1, int64_t g, 
   }
 }
 
-// Step 2 (threads of lane 0, per column group): the lanes' values (lanes[l] is
-// lane l's f for this thread's group) combined in lane order.
+// Step 2 (threads of lane 0, per column group): the lanes' values (lane l's
+// f for this thread's group at lanes + l * stride) combined in lane order.
 template <int V>
-FS_HD void pool_combine_lanes(PoolMode m, const float* const* lanes, int bdy, float (&f)[V]) {
-  for (int i = 0; i < V; ++i) f[i] = lanes[0][i];
+FS_HD void pool_combine_lanes(PoolMode m, const float* lanes, int64_t stride, int bdy, float (&f)[V]) {
+  for (int i = 0; i < V; ++i) f[i] = lanes[i];
   if (m == PoolMode::kCls) return;
   for (int l = 1; l < bdy; ++l)
-    for (int i = 0; i < V; ++i) f[i] = pool_step(m, f[i], lanes[l][i]);
+    for (int i = 0; i < V; ++i) f[i] = pool_step(m, f[i], lanes[l * stride + i]);
 }
 
 // A segment's reduced value made its output: mean divides by the length, an

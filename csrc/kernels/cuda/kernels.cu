@@ -105,8 +105,10 @@ __device__ float block_sum_lane0(float v, int bdx) {
 }
 
 // Blocks (segment, piece), block (bdx, bdy) = pool_shape: see kernel_threads.cuh.
+// Two blocks per multiprocessor at least (<= 64 registers a thread): one
+// would leave a quarter of the threads a multiprocessor holds.
 template <class E, int V, class I>
-__global__ void __launch_bounds__(kPoolThreads) pool_kernel(PoolParams<I> p, bool normalize) {
+__global__ void __launch_bounds__(kPoolThreads, 2) pool_kernel(PoolParams<I> p, bool normalize) {
   __shared__ float lanes[kPoolThreads * V];
   const int64_t b = blockIdx.x / p.S, s = blockIdx.x - b * p.S;
   const int tx = threadIdx.x, ty = threadIdx.y, bdx = blockDim.x, bdy = blockDim.y;
@@ -122,9 +124,7 @@ __global__ void __launch_bounds__(kPoolThreads) pool_kernel(PoolParams<I> p, boo
     for (int i = 0; i < V; ++i) lanes[(ty * bdx + tx) * V + i] = grp < groups ? f[i] : 0.f;
     __syncthreads();
     if (ty == 0 && grp < groups) {
-      const float* ls[kPoolThreads / 32];
-      for (int l = 0; l < bdy; ++l) ls[l] = &lanes[(l * bdx + tx) * V];
-      pool_combine_lanes<V>(p.mode, ls, bdy, f);
+      pool_combine_lanes<V>(p.mode, &lanes[tx * V], int64_t(bdx) * V, bdy, f);
       sq += pool_store<V>(p, b, s, grp, g.len, f);
     }
     __syncthreads();
