@@ -184,7 +184,17 @@ struct F32 {
 };
 struct F16 {
   using Storage = uint16_t;
-  static FS_HD float load(uint16_t v) { return fp16_to_float(v); }
+  static FS_HD float load(uint16_t v) {
+#if defined(__CUDA_ARCH__)
+    // One conversion instruction (exact, as fp16_to_float): the branch-free
+    // bit arithmetic held enough registers to spill the 8-row loads.
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+#else
+    return fp16_to_float(v);
+#endif
+  }
 };
 struct BF16 {
   using Storage = uint16_t;
@@ -197,6 +207,7 @@ struct alignas(sizeof(typename E::Storage) * V) Chunk {
 };
 
 constexpr int kPoolThreads = 512;
+constexpr int kPoolUnroll = 8;
 constexpr int64_t kPoolMinPieceRows = 64;  // a piece's partial row (H floats) costs <= 1/16 of its rows' bytes (fp16)
 constexpr int64_t kPoolMaxSplits = 1024;
 
@@ -256,12 +267,14 @@ FS_HD float pool_step(PoolMode m, float acc, float v) { return m == PoolMode::kM
 template <class E, int V, class I>
 FS_HD void pool_lane(const PoolParams<I>& p, int64_t r0, int64_t r1, int64_t g, int ty, int bdy, float (&f)[V]) {
   for (int i = 0; i < V; ++i) f[i] = pool_identity(p.mode);
-  if (p.mode == PoolMode::kCls) {
-    if (ty != 0 || r0 >= r1) return;
-    r1 = r0 + 1;
-  }
   const Chunk<E, V>* x = static_cast<const Chunk<E, V>*>(p.x) + g;
   const int64_t stride = p.H / V, by = bdy;
+  if (p.mode == PoolMode::kCls) {
+    if (ty != 0 || r0 >= r1) return;
+    const Chunk<E, V> c = x[r0 * stride];
+    for (int i = 0; i < V; ++i) f[i] = E::load(c.v[i]);
+    return;
+  }
   const int64_t n = r1 - r0 > ty ? (r1 - r0 - ty + by - 1) / by : 0;  // this lane's rows
   // Mean: the lane's rows summed in blocks of mean_block_rows, each block's
   // sum added to the total, as the CPU kernel does (about 2 sqrt(n)
@@ -272,11 +285,12 @@ FS_HD void pool_lane(const PoolParams<I>& p, int64_t r0, int64_t r1, int64_t g, 
     float part[V];
     for (int i = 0; i < V; ++i) part[i] = pool_identity(p.mode);
     int64_t r = b0;
-    // Four rows' loads issued before their sums (memory-level parallelism).
-    for (; r + 3 * by < b1; r += 4 * by) {
-      Chunk<E, V> c[4];
-      for (int u = 0; u < 4; ++u) c[u] = x[(r + u * by) * stride];
-      for (int u = 0; u < 4; ++u)
+    // kPoolUnroll rows' loads issued before their sums (memory-level
+    // parallelism: a lane's rows are what bounds a long segment's block).
+    for (; r + (kPoolUnroll - 1) * by < b1; r += kPoolUnroll * by) {
+      Chunk<E, V> c[kPoolUnroll];
+      for (int u = 0; u < kPoolUnroll; ++u) c[u] = x[(r + u * by) * stride];
+      for (int u = 0; u < kPoolUnroll; ++u)
         for (int i = 0; i < V; ++i) part[i] = pool_step(p.mode, part[i], E::load(c[u].v[i]));
     }
     for (; r < b1; r += by) {
