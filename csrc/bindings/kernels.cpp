@@ -1,8 +1,7 @@
 // Bindings of the packing kernels: fastserve._core._kernels (private; the
 // public API is python/fastserve/kernels.py, which takes torch tensors,
 // allocates outputs and passes raw pointers here). Every kernel releases the
-// GIL: validation may read offsets from the device and the CPU kernels touch
-// megabytes.
+// GIL: the CPU kernels touch megabytes (the CUDA ones only launch).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -68,13 +67,20 @@ void register_kernels(py::module_& m) {
   k.def(
       "segment_pool",
       [](const TensorArg& x, const TensorArg& cu, const TensorArg& out, const std::string& mode, bool normalize,
-         uintptr_t stream) {
+         uintptr_t stream, std::optional<TensorArg> scratch) {
         const PoolMode m = pool_mode_from_string(mode);
         py::gil_scoped_release r;
-        segment_pool(x, cu, out, m, normalize, stream);
+        segment_pool(x, cu, out, m, normalize, stream, scratch ? &*scratch : nullptr);
       },
       py::arg("x"), py::arg("cu_seqlens"), py::arg("out"), py::arg("mode"), py::arg("normalize"),
-      py::arg("stream") = 0);
+      py::arg("stream") = 0, py::arg("scratch") = py::none());
+  k.def(
+      "segment_pool_scratch",
+      [](const TensorArg& x, const TensorArg& cu, const std::string& mode) {
+        return segment_pool_scratch(x, cu, pool_mode_from_string(mode));
+      },
+      py::arg("x"), py::arg("cu_seqlens"), py::arg("mode"),
+      "float32 elements of scratch segment_pool needs (0: none; CUDA tensors only).");
   k.def("gather", &gather, py::arg("x"), py::arg("index"), py::arg("out"), py::arg("stream") = 0,
         py::call_guard<py::gil_scoped_release>());
   k.def(

@@ -25,8 +25,14 @@ behind the caller's back.
 
 CPU tensors run the C++ kernels with the GIL released. CUDA tensors run the
 CUDA kernels on torch's current stream when the extension was built with
-CUDA; offsets and indices are validated on the host, which costs one small
-device-to-host copy and a stream synchronisation per call.
+CUDA, reading offsets and indices on the device: a call neither copies to
+the host nor waits for the stream, so the values of CUDA offsets and
+indices are not validated (everything else is). The kernels are
+memory-safe on any values: a malformed cu_seqlens gives wrong rows, never
+an access outside the tensors, and gather writes zeros for an index
+outside [0, N). Two calls still wait for the stream on CUDA when the
+caller leaves out a size the output needs: pack without total (T is read
+from the offsets) and unpack without max_len (the longest sequence is).
 
 torch_pack, torch_unpack, torch_segment_pool and torch_gather compute the
 same results with torch operations, on any device. They stand in where the
@@ -116,9 +122,15 @@ def pack(x: torch.Tensor, lengths: torch.Tensor, *, total: int | None = None) ->
 
     lengths is [B] (lengths) or [B + 1] (cu_seqlens). total, when the caller
     knows T, avoids reading it from lengths (a device synchronisation on CUDA).
+    On CUDA, lengths [B] become cu_seqlens on the device (a cumsum, no sync).
     """
     _require_tensor(x, "x")
     _require_tensor(lengths, "lengths")
+    if (x.device.type == "cuda" and x.dim() == 3 and lengths.dim() == 1 and lengths.shape[0] == x.shape[0]
+            and lengths.device == x.device and lengths.dtype in _INTS):
+        cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int64, device=x.device)
+        torch.cumsum(lengths, 0, dtype=torch.int64, out=cu[1:])
+        lengths = cu
     if total is None:
         if x.dim() >= 1 and lengths.dim() == 1 and lengths.shape[0] == x.shape[0] + 1:
             total = int(lengths[-1]) if lengths.numel() else 0
@@ -160,7 +172,8 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None =
 
     max_len defaults to the longest sequence (read from cu_seqlens, after
     checking it, so that a malformed one raises ValueError rather than sizing
-    the output).
+    the output): on CUDA that read waits for the stream, so callers that
+    know the padded length pass it.
     """
     _require_tensor(packed, "packed")
     _require_tensor(cu_seqlens, "cu_seqlens")
@@ -189,12 +202,23 @@ def segment_pool(
     b = max(cu_seqlens.shape[0] - 1, 0) if cu_seqlens.dim() == 1 else 0
     h = x.shape[1] if x.dim() == 2 else 0
     out = _empty((b, h), torch.float32, x.device)
-    _k.segment_pool(_arg(x, "x"), _arg(cu_seqlens, "cu_seqlens"), _arg(out, "out"), mode, bool(normalize), _stream(x))
+    ax, acu = _arg(x, "x"), _arg(cu_seqlens, "cu_seqlens")
+    scratch = None  # kept referenced until the kernel is enqueued
+    if x.device.type == "cuda":
+        # Partial results where the CUDA kernel splits segments over blocks
+        # (torch's caching allocator: no device allocation or sync per call).
+        n = _k.segment_pool_scratch(ax, acu, mode)
+        if n:
+            scratch = _empty((n,), torch.float32, x.device)
+    _k.segment_pool(ax, acu, _arg(out, "out"), mode, bool(normalize), _stream(x),
+                    None if scratch is None else _arg(scratch, "scratch"))
     return out
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of x [N, ...] by index [M]: out[i] = x[index[i]], with 0 <= index < N."""
+    """Rows of x [N, ...] by index [M]: out[i] = x[index[i]], with 0 <= index < N
+    (ValueError otherwise on the CPU; on CUDA, where indices are not read on
+    the host, such a row is zeros)."""
     _require_tensor(x, "x")
     _require_tensor(index, "index")
     m = index.shape[0] if index.dim() == 1 else 0

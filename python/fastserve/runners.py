@@ -896,7 +896,7 @@ class PackedRunner:
             logits = m.classifier(m.dropout(h)).float().cpu().numpy()
             return np.split(logits, cu.cpu().numpy()[1:-1])
         if self.task in ("classify", "rerank"):
-            cls = h[cu[:-1].long()]
+            cls = self.kernels.gather(h.contiguous(), cu[:-1])  # first rows; on CUDA no index copy or sync
             rows = activate(self._classify(cls), self.activation)
         else:
             rows = self.head.packed(h, cu, self.kernels, prompt_lengths)

@@ -54,27 +54,33 @@ std::vector<uint8_t> random_bytes(std::mt19937& rng, DType dt, int64_t n) {
   return out;
 }
 
-template <class U, class Fn>
-void run_copy_grid(CopyParams p, size_t row_bytes, Fn fn) {
+// Every (block, thread) of the launch kernels.cu makes for this op.
+enum class Op { kPack, kUnpack, kGather };
+template <class U, class I>
+void run_copy_grid(Op op, CopyParams<I> p, size_t row_bytes) {
   p.row_units = int64_t(row_bytes / sizeof(U));
-  const CopyShape c = copy_shape(p.rows, p.row_units);
-  ASSERT_EQ(c.bdx * c.bdy, 256);
-  ASSERT_GE(c.blocks * c.bdy, p.rows);
-  for (int64_t blk = 0; blk < c.blocks; ++blk)
-    for (int ty = 0; ty < c.bdy; ++ty)
-      for (int tx = 0; tx < c.bdx; ++tx) fn(p, blk, tx, ty, c.bdx, c.bdy);
+  p.run_rows = copy_run_rows(p.row_units, op == Op::kGather ? p.dst_rows : p.L);
+  const int64_t blocks = copy_blocks(p, op != Op::kGather);
+  if (op == Op::kGather) ASSERT_GE(blocks * p.run_rows, p.dst_rows);
+  else ASSERT_GE(blocks * p.run_rows, p.B * p.L);
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int tid = 0; tid < kCopyThreads; ++tid) {
+      if (op == Op::kPack) pack_thread<U>(p, blk, tid);
+      if (op == Op::kUnpack) unpack_thread<U>(p, blk, tid);
+      if (op == Op::kGather) gather_thread<U>(p, blk, tid);
+    }
 }
 
-// Runs one copy op's per-thread function with each copy unit the row allows.
-enum class Op { kPack, kUnpack, kGather };
-template <class U>
-void run_op(Op op, const CopyParams& p, size_t row_bytes) {
-  if (row_bytes % sizeof(U)) return;
-  switch (op) {
-    case Op::kPack: run_copy_grid<U>(p, row_bytes, pack_thread<U>); break;
-    case Op::kUnpack: run_copy_grid<U>(p, row_bytes, unpack_thread<U>); break;
-    case Op::kGather: run_copy_grid<U>(p, row_bytes, gather_thread<U>); break;
-  }
+// Runs one copy op's per-thread function with the copy unit `unit` (if the
+// row allows it), offsets as I.
+template <class I>
+void run_op(Op op, int unit, const void* x, void* out, const std::vector<int64_t>& offsets, int64_t B, int64_t L,
+            int64_t src_rows, int64_t dst_rows, size_t row_bytes) {
+  const std::vector<I> cu(offsets.begin(), offsets.end());
+  const CopyParams<I> p{x, out, cu.data(), B, L, src_rows, dst_rows, 0, 0};
+  if (unit == 16) run_copy_grid<Vec16>(op, p, row_bytes);
+  if (unit == 4) run_copy_grid<uint32_t>(op, p, row_bytes);
+  if (unit == 2) run_copy_grid<uint16_t>(op, p, row_bytes);
 }
 
 const DType kFloatTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
@@ -102,13 +108,14 @@ TEST(KernelConversions, Fp16AndBf16BitPatternsConvertExactly) {
   }
 }
 
-TEST(KernelThreads, CopyGridsMatchCpuKernelsForEveryUnitAndShape) {
+TEST(KernelThreads, CopyGridsMatchCpuKernelsForEveryUnitShapeAndOffsetType) {
   std::mt19937 rng(7);
-  const int64_t Hs[] = {1, 3, 8, 13, 64, 384, 1000};
+  const int64_t Hs[] = {1, 3, 8, 13, 64, 384, 1000, 8200};
   for (DType dt : kFloatTypes) {
     for (int64_t H : Hs) {
       for (int trial = 0; trial < 4; ++trial) {
-        const int64_t B = 1 + rng() % 9, L = 1 + rng() % 40;
+        // Long sequences (L up to 700) take several runs of run_rows rows.
+        const int64_t B = 1 + rng() % 9, L = 1 + rng() % (H >= 1000 ? 40 : 700);
         const auto cu = random_cu(rng, B, L, trial % 2 == 0);
         const int64_t T = cu[B];
         const size_t es = element_size(dt), row_bytes = H * es;
@@ -117,44 +124,86 @@ TEST(KernelThreads, CopyGridsMatchCpuKernelsForEveryUnitAndShape) {
         std::vector<int64_t> index(T + 3);
         for (auto& i : index) i = rng() % (T ? T : 1);
 
-        // pack
-        std::vector<uint8_t> want(T * row_bytes + 1, 0xAB), got;
-        cpu::pack(padded.data(), B, L, cu.data(), row_bytes, want.data());
-        for (int unit : {16, 4, 2}) {
-          got.assign(want.size(), 0xCD);
-          const CopyParams p{padded.data(), got.data(), cu.data(), B, L, T, 0};
-          if (unit == 16) run_op<Vec16>(Op::kPack, p, row_bytes);
-          if (unit == 4) run_op<uint32_t>(Op::kPack, p, row_bytes);
-          if (unit == 2) run_op<uint16_t>(Op::kPack, p, row_bytes);
-          if (row_bytes % unit) continue;
-          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), T * row_bytes)) << "pack unit " << unit << " H " << H;
-        }
-        // unpack (destination pre-filled with garbage: padding must be zeroed)
-        want.assign(B * L * row_bytes, 0xAB);
-        cpu::unpack(packed.data(), cu.data(), B, L, row_bytes, want.data());
         for (int unit : {16, 4, 2}) {
           if (row_bytes % unit) continue;
-          got.assign(want.size(), 0xCD);
-          const CopyParams p{packed.data(), got.data(), cu.data(), B, L, B * L, 0};
-          if (unit == 16) run_op<Vec16>(Op::kUnpack, p, row_bytes);
-          if (unit == 4) run_op<uint32_t>(Op::kUnpack, p, row_bytes);
-          if (unit == 2) run_op<uint16_t>(Op::kUnpack, p, row_bytes);
-          ASSERT_EQ(want, got) << "unpack unit " << unit << " H " << H;
+          for (bool i32 : {false, true}) {
+            auto run = [&](Op op, const void* x, void* out, const std::vector<int64_t>& off, int64_t src_rows,
+                           int64_t dst_rows) {
+              if (i32) run_op<int32_t>(op, unit, x, out, off, B, L, src_rows, dst_rows, row_bytes);
+              else run_op<int64_t>(op, unit, x, out, off, B, L, src_rows, dst_rows, row_bytes);
+            };
+            // pack
+            std::vector<uint8_t> want(T * row_bytes + 1, 0xAB), got(want.size(), 0xCD);
+            cpu::pack(padded.data(), B, L, cu.data(), row_bytes, want.data());
+            run(Op::kPack, padded.data(), got.data(), cu, B * L, T);
+            ASSERT_EQ(0, std::memcmp(want.data(), got.data(), T * row_bytes)) << "pack unit " << unit << " H " << H;
+            ASSERT_EQ(got.back(), 0xCD);
+            // unpack (destination pre-filled with garbage: padding must be zeroed)
+            want.assign(B * L * row_bytes, 0xAB);
+            cpu::unpack(packed.data(), cu.data(), B, L, row_bytes, want.data());
+            got.assign(want.size(), 0xCD);
+            run(Op::kUnpack, packed.data(), got.data(), cu, T, B * L);
+            ASSERT_EQ(want, got) << "unpack unit " << unit << " H " << H;
+            // gather
+            if (T == 0) continue;
+            const int64_t M = int64_t(index.size());
+            want.assign(M * row_bytes, 0xAB);
+            cpu::gather(packed.data(), index.data(), M, row_bytes, want.data());
+            got.assign(want.size(), 0xCD);
+            run(Op::kGather, packed.data(), got.data(), index, T, M);
+            ASSERT_EQ(want, got) << "gather unit " << unit << " H " << H;
+          }
         }
-        // gather
-        if (T == 0) continue;
-        const int64_t M = int64_t(index.size());
-        want.assign(M * row_bytes, 0xAB);
-        cpu::gather(packed.data(), index.data(), M, row_bytes, want.data());
-        for (int unit : {16, 4, 2}) {
-          if (row_bytes % unit) continue;
-          got.assign(want.size(), 0xCD);
-          const CopyParams p{packed.data(), got.data(), index.data(), 0, 0, M, 0};
-          if (unit == 16) run_op<Vec16>(Op::kGather, p, row_bytes);
-          if (unit == 4) run_op<uint32_t>(Op::kGather, p, row_bytes);
-          if (unit == 2) run_op<uint16_t>(Op::kGather, p, row_bytes);
-          ASSERT_EQ(want, got) << "gather unit " << unit << " H " << H;
-        }
+      }
+    }
+  }
+}
+
+// Malformed offsets on the CUDA path (never validated there) must not make a
+// kernel touch memory outside the tensors: each buffer sits between guard
+// bytes that must survive, and every read comes from inside the source.
+TEST(KernelThreads, CopyGridsStayInBoundsOnMalformedOffsets) {
+  const int64_t B = 4, L = 6, H = 8, T = 10;
+  const size_t row_bytes = H * 4;
+  const std::vector<std::vector<int64_t>> bad_cus = {
+      {0, 3, 2, 7, 10},            // decreasing
+      {-5, 3, 6, 9, 10},           // negative
+      {0, 2, 4, 6, 1000},          // past T
+      {0, 9, 9, 9, 10},            // longer than L
+      {int64_t(1) << 40, 0, -(int64_t(1) << 40), 3, 10},  // int32 wraps these
+  };
+  const uint8_t guard = 0x5A;
+  auto buffer = [&](size_t bytes) { return std::vector<uint8_t>(bytes + 2 * 64, guard); };
+  auto intact = [&](const std::vector<uint8_t>& buf, size_t bytes) {
+    for (size_t i = 0; i < 64; ++i)
+      if (buf[i] != guard || buf[64 + bytes + i] != guard) return false;
+    return true;
+  };
+  for (const auto& cu : bad_cus) {
+    for (bool i32 : {false, true}) {
+      // Sources filled with 0x11: a destination byte is 0x11, 0 (unpack's
+      // padding, gather's out-of-range rows) or untouched (0x5A).
+      auto padded = buffer(B * L * row_bytes), packed = buffer(T * row_bytes);
+      std::fill(padded.begin() + 64, padded.end() - 64, 0x11);
+      std::fill(packed.begin() + 64, packed.end() - 64, 0x11);
+      auto out_p = buffer(T * row_bytes), out_u = buffer(B * L * row_bytes);
+      auto run = [&](Op op, const uint8_t* x, uint8_t* out, const std::vector<int64_t>& off, int64_t src, int64_t dst) {
+        if (i32) run_op<int32_t>(op, 16, x, out, off, B, L, src, dst, row_bytes);
+        else run_op<int64_t>(op, 16, x, out, off, B, L, src, dst, row_bytes);
+      };
+      run(Op::kPack, padded.data() + 64, out_p.data() + 64, cu, B * L, T);
+      run(Op::kUnpack, packed.data() + 64, out_u.data() + 64, cu, T, B * L);
+      EXPECT_TRUE(intact(out_p, T * row_bytes) && intact(out_u, B * L * row_bytes)) << "cu[0] " << cu[0];
+      for (size_t i = 64; i < out_u.size() - 64; ++i) ASSERT_TRUE(out_u[i] == 0x11 || out_u[i] == 0) << i;
+      const std::vector<int64_t> index = {0, -1, T - 1, T, int64_t(1) << 40, -(int64_t(1) << 35), 3};
+      const int64_t M = int64_t(index.size());
+      auto out_g = buffer(M * row_bytes);
+      run(Op::kGather, packed.data() + 64, out_g.data() + 64, index, T, M);
+      EXPECT_TRUE(intact(out_g, M * row_bytes));
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t j = i32 ? int64_t(int32_t(index[r])) : index[r];
+        const uint8_t want = j >= 0 && j < T ? 0x11 : 0;
+        for (size_t k = 0; k < row_bytes; ++k) ASSERT_EQ(out_g[64 + r * row_bytes + k], want) << "row " << r;
       }
     }
   }
@@ -166,26 +215,61 @@ TEST(KernelThreads, CopyUnitIsTheLargestThatDividesRowAndPointers) {
   EXPECT_EQ(copy_unit(770, buf, buf + 16), 2);
   EXPECT_EQ(copy_unit(768, buf + 4, buf), 4);
   EXPECT_EQ(copy_unit(26, buf, buf), 2);
-  const CopyShape s = copy_shape(1000, 48);
-  EXPECT_EQ(s.bdx, 64);
-  EXPECT_EQ(s.bdy, 4);
-  EXPECT_EQ(s.blocks, 250);
+  // A run is about kCopyRunUnits units, at most max_rows rows, at least one.
+  EXPECT_EQ(copy_run_rows(96, 256), 22);   // fp16 H = 768 in 16-byte units
+  EXPECT_EQ(copy_run_rows(96, 5), 5);
+  EXPECT_EQ(copy_run_rows(5000, 256), 1);
+  CopyParams<int32_t> p{nullptr, nullptr, nullptr, 256, 256, 0, 0, 96, 22};
+  EXPECT_EQ(copy_blocks(p, true), 256 * 12);
+  p.dst_rows = 45;
+  EXPECT_EQ(copy_blocks(p, false), 3);
 }
 
-// Pool per-thread functions over the full grid: phase 1 per thread, the
-// block's squared-norm reduction as the wrapper does it, phase 2.
-template <class E, int V>
-std::vector<float> pool_grid(const void* x, const std::vector<int64_t>& cu, int64_t H, PoolMode mode, bool normalize) {
-  const int64_t B = int64_t(cu.size()) - 1;
-  std::vector<float> out(B * H, -777.f);
-  const PoolParams p{x, cu.data(), out.data(), B, H, mode};
-  const int bdx = pool_threads(H / V);
+// Pool per-thread functions over the full grid, step by step as
+// pool_kernel runs them between its __syncthreads (lanes in shared memory,
+// lane 0 combining, the block's squared norm, the scale), then, for S > 1,
+// pool_combine_kernel's. splits: as pool_splits gives it on the device.
+template <class E, int V, class I = int64_t>
+std::vector<float> pool_grid(const void* x, const std::vector<int64_t>& cu64, int64_t T, int64_t H, PoolMode mode,
+                             bool normalize, int64_t S = 1) {
+  const std::vector<I> cu(cu64.begin(), cu64.end());
+  const int64_t B = int64_t(cu.size()) - 1, groups = H / V;
+  std::vector<float> out(B * H, -777.f), partial(S > 1 ? B * S * H : 0, -555.f);
+  const PoolParams<I> p{x, cu.data(), out.data(), partial.data(), B, T, H, S, mode};
+  const PoolShape c = pool_shape(groups);
+  EXPECT_LE(c.bdx * c.bdy, kPoolThreads);
+  EXPECT_GT(c.bdx * (c.bdy + 1), kPoolThreads);
+  std::vector<float> lanes(size_t(kPoolThreads) * V);
+  for (int64_t blk = 0; blk < B * S; ++blk) {
+    const int64_t b = blk / S, s = blk % S;
+    const Segment g = segment_at(p.cu, b, T, T);
+    int64_t r0, r1;
+    piece_rows(g, s, S, r0, r1);
+    std::vector<float> sq(c.bdx, 0.f);
+    for (int64_t g0 = 0; g0 < groups; g0 += c.bdx) {
+      for (int ty = 0; ty < c.bdy; ++ty)
+        for (int tx = 0; tx < c.bdx; ++tx) {
+          float f[V];
+          if (g0 + tx < groups) pool_lane<E, V>(p, r0, r1, g0 + tx, ty, c.bdy, f);
+          for (int i = 0; i < V; ++i) lanes[(ty * c.bdx + tx) * V + i] = g0 + tx < groups ? f[i] : 0.f;
+        }
+      for (int tx = 0; tx < c.bdx && g0 + tx < groups; ++tx) {
+        float f[V];
+        pool_combine_lanes<V>(mode, &lanes[tx * V], int64_t(c.bdx) * V, c.bdy, f);
+        sq[tx] += pool_store<V>(p, b, s, g0 + tx, g.len, f);
+      }
+    }
+    if (!normalize || S != 1) continue;
+    float t = 0.f;
+    for (float v : sq) t += v;
+    for (int tid = 0; tid < c.bdx * c.bdy; ++tid) scale_thread(p, b, tid, c.bdx * c.bdy, inv_norm(t));
+  }
+  if (S == 1) return out;
   for (int64_t b = 0; b < B; ++b) {
-    float sq = 0.f;
-    for (int tx = 0; tx < bdx; ++tx) sq += pool_thread<E, V>(p, b, tx, bdx);
-    if (!normalize) continue;
-    const float scale = inv_norm(sq);
-    for (int tx = 0; tx < bdx; ++tx) scale_thread<V>(p, b, tx, bdx, scale);
+    float t = 0.f;
+    for (int64_t h = 0; h < H; ++h) t += pool_combine_thread(p, b, h);
+    if (normalize)
+      for (int tid = 0; tid < 256; ++tid) scale_thread(p, b, tid, 256, inv_norm(t));
   }
   return out;
 }
@@ -203,8 +287,15 @@ void check_pool(std::mt19937& rng, DType dt) {
         for (bool norm : {false, true}) {
           std::vector<float> want(B * H, -999.f);
           cpu::segment_pool(x.data(), dt, cu.data(), B, H, mode, norm, want.data());
-          std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, H, mode, norm)};
-          if (H % V == 0) gots.push_back(pool_grid<E, V>(x.data(), cu, H, mode, norm));
+          // One piece per segment and several (S = 3, as pool_splits gives
+          // for a few long sequences), int64 and int32 offsets.
+          const int64_t S = mode == PoolMode::kCls ? 1 : 3;
+          std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, cu[B], H, mode, norm),
+                                               pool_grid<E, 1, int32_t>(x.data(), cu, cu[B], H, mode, norm, S)};
+          if (H % V == 0) {
+            gots.push_back(pool_grid<E, V>(x.data(), cu, cu[B], H, mode, norm, S));
+            gots.push_back(pool_grid<E, V, int32_t>(x.data(), cu, cu[B], H, mode, norm));
+          }
           for (const auto& got : gots)
             for (int64_t i = 0; i < B * H; ++i)
               ASSERT_NEAR(got[i], want[i], 1e-5f * (1.f + std::fabs(want[i])))
@@ -213,6 +304,43 @@ void check_pool(std::mt19937& rng, DType dt) {
       }
     }
   }
+}
+
+// Pieces per segment: none where the batch fills the device, else enough
+// blocks for it, in pieces of >= kPoolMinPieceRows rows on average.
+TEST(KernelThreads, PoolSplitsSpreadFewLongSequencesOverBlocks) {
+  EXPECT_EQ(pool_splits(256, 256 * 87, PoolMode::kMean, 132), 1);  // the benchmark's batch
+  EXPECT_EQ(pool_splits(264, 264 * 4096, PoolMode::kMax, 132), 1);
+  EXPECT_EQ(pool_splits(1, 8192, PoolMode::kMean, 132), 128);
+  EXPECT_EQ(pool_splits(1, 100000, PoolMode::kMax, 132), 264);
+  EXPECT_EQ(pool_splits(16, 16 * 512, PoolMode::kMean, 132), 8);
+  EXPECT_EQ(pool_splits(4, 100, PoolMode::kMean, 132), 1);  // short: not worth a second kernel
+  EXPECT_EQ(pool_splits(1, 1 << 20, PoolMode::kCls, 132), 1);
+  EXPECT_EQ(pool_splits(1, int64_t(1) << 40, PoolMode::kMean, 100000), kPoolMaxSplits);
+  EXPECT_EQ(pool_shape(96).bdx, 96);
+  EXPECT_EQ(pool_shape(96).bdy, 5);
+  EXPECT_EQ(pool_shape(1).bdx, 32);
+  EXPECT_EQ(pool_shape(2000).bdx, 256);
+}
+
+// Malformed cu_seqlens (never validated on CUDA) read no row outside x: x
+// sits in a buffer whose rows outside [0, T) are NaN, and every output is
+// finite.
+TEST(KernelThreads, PoolGridStaysInBoundsOnMalformedOffsets) {
+  const int64_t T = 10, H = 8, pad = 4;
+  std::vector<float> buf((T + 2 * pad) * H, std::nanf(""));
+  for (int64_t i = pad * H; i < (pad + T) * H; ++i) buf[i] = float(i % 7);
+  const float* x = buf.data() + pad * H;
+  const std::vector<std::vector<int64_t>> bad_cus = {
+      {0, 3, 2, 7, 10}, {-5, 3, 6, 9, 10}, {0, 2, 4, 6, 1000}, {int64_t(1) << 40, 0, -(int64_t(1) << 40), 3, 10}};
+  for (const auto& cu : bad_cus)
+    for (PoolMode mode : {PoolMode::kMean, PoolMode::kCls, PoolMode::kMax})
+      for (int64_t S : {int64_t(1), int64_t(3)}) {
+        if (mode == PoolMode::kCls && S > 1) continue;
+        for (const auto& got : {pool_grid<F32, 1>(x, cu, T, H, mode, true, S),
+                                pool_grid<F32, 4, int32_t>(x, cu, T, H, mode, false, S)})
+          for (float v : got) ASSERT_TRUE(std::isfinite(v)) << "cu[0] " << cu[0] << " mode " << int(mode);
+      }
 }
 
 TEST(KernelThreads, PoolGridsMatchCpuKernelForEveryDtypeModeAndWidth) {
@@ -242,11 +370,16 @@ TEST(KernelThreads, MeanOfALongSegmentIsNearTheExactMean) {
     for (int64_t h = 0; h < H; ++h) exact[h] += x[r * H + h];
   std::vector<float> cpu_out(2 * H);
   cpu::segment_pool(x.data(), DType::kFloat32, cu.data(), 2, H, PoolMode::kMean, false, cpu_out.data());
-  const auto grid = pool_grid<F32, 1>(x.data(), cu, H, PoolMode::kMean, false);
+  // The CUDA grid with one piece per segment (lanes of 16384 / 5 rows) and
+  // split over 128 pieces of 128 rows, as pool_splits splits it on 132 SMs.
+  EXPECT_EQ(pool_splits(2, 3 + L, PoolMode::kMean, 132), 128);
+  const auto grid = pool_grid<F32, 1>(x.data(), cu, 3 + L, H, PoolMode::kMean, false);
+  const auto split = pool_grid<F32, 1>(x.data(), cu, 3 + L, H, PoolMode::kMean, false, 128);
   for (int64_t h = 0; h < H; ++h) {
     const double want = exact[h] / double(L);
     EXPECT_NEAR(cpu_out[H + h], want, 1.5e-6) << "cpu, column " << h;
     EXPECT_NEAR(grid[H + h], want, 1.5e-6) << "cuda grid, column " << h;
+    EXPECT_NEAR(split[H + h], want, 1.5e-6) << "cuda grid split, column " << h;
   }
 }
 
@@ -281,8 +414,9 @@ std::vector<uint8_t> halves_with_nan(DType dt, int64_t rows, int64_t H, int64_t 
 template <class E>
 void expect_grid_nan_rows(const std::vector<uint8_t>& x, const std::vector<int64_t>& cu, int64_t H, PoolMode mode) {
   constexpr int V = 16 / sizeof(typename E::Storage);
-  std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, H, mode, true)};
-  if (H % V == 0) gots.push_back(pool_grid<E, V>(x.data(), cu, H, mode, true));
+  std::vector<std::vector<float>> gots{pool_grid<E, 1>(x.data(), cu, cu.back(), H, mode, true)};
+  if (H % V == 0) gots.push_back(pool_grid<E, V>(x.data(), cu, cu.back(), H, mode, true));
+  if (mode != PoolMode::kCls) gots.push_back(pool_grid<E, 1>(x.data(), cu, cu.back(), H, mode, true, 2));
   for (const auto& got : gots)
     for (int64_t h = 0; h < H; ++h) {
       EXPECT_TRUE(std::isnan(got[h])) << "grid H " << H << " mode " << int(mode) << " h " << h;

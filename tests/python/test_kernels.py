@@ -563,14 +563,117 @@ def test_cuda_segment_pool_matches_cpu_kernel(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_gather_matches_cpu_kernel_and_checks_bounds(dtype: torch.dtype) -> None:
+def test_cuda_gather_matches_cpu_kernel_and_zeroes_rows_out_of_range(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(7)
-    for n, h in [(1, 1), (10, 13), (300, 384), (50, 7)]:
+    for n, h in [(1, 1), (10, 13), (300, 384), (50, 7), (3000, 768)]:
         x = randn(gen, (n, h), dtype)
         idx = torch.randint(0, n, (2 * n + 1,), generator=gen)
         assert torch.equal(K.gather(x.cuda(), idx.cuda()).cpu(), K.gather(x, idx))
-    with pytest.raises(ValueError, match="out of range"):
-        K.gather(torch.zeros((3, 4), device="cuda"), torch.tensor([3], device="cuda"))
+    # CUDA indices are not read on the host: one outside [0, N) gives zeros, never a read outside x.
+    x = torch.arange(12.0).view(3, 4)
+    got = K.gather(x.cuda(), torch.tensor([3, 1, -1, 2**40, 0], device="cuda")).cpu()
+    assert torch.equal(got, torch.stack([torch.zeros(4), x[1], torch.zeros(4), torch.zeros(4), x[0]]))
+
+
+def test_segment_pool_needs_no_scratch_on_the_cpu() -> None:
+    x, cu = torch.zeros((8192, 16)), torch.tensor([0, 8192])
+    assert _k.segment_pool_scratch(K._arg(x, "x"), K._arg(cu, "cu"), "mean") == 0
+    with pytest.raises(ValueError, match="mode must be"):
+        _k.segment_pool_scratch(K._arg(x, "x"), K._arg(cu, "cu"), "sum")
+
+
+def _cuda_calls(x: torch.Tensor, packed: torch.Tensor, cu: torch.Tensor, L: int, index: torch.Tensor) -> list:
+    """Every CUDA kernel once, with every size given (no call needs a host read)."""
+    T = packed.shape[0]
+    return [
+        K.pack(x, cu, total=T),
+        K.unpack(packed, cu, L),
+        K.segment_pool(packed, cu, "mean", True),
+        K.segment_pool(packed, cu, "max", False),
+        K.segment_pool(packed, cu, "cls", True),
+        K.gather(packed, index),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offsets", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_kernels_take_int32_and_int64_device_offsets(dtype: torch.dtype, offsets: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(9)
+    B, L, H = 37, 300, 264  # sequences over several copy runs; H / 8 groups not a power of two
+    lengths = random_lengths(gen, B, L, allow_empty=True)
+    cu = K.cu_seqlens_from_lengths(lengths).to(offsets)
+    x = randn(gen, (B, L, H), dtype)
+    packed = K.pack(x, lengths)
+    index = torch.randint(0, packed.shape[0], (1000,), generator=gen).to(offsets)
+    got = _cuda_calls(x.cuda(), packed.cuda(), cu.cuda(), L, index.cuda())
+    want = _cuda_calls(x, packed, cu, L, index)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
+    # lengths [B] on CUDA: cu_seqlens made on the device.
+    assert torch.equal(K.pack(x.cuda(), lengths.to(offsets).cuda()).cpu(), packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("mode", ["mean", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[8192], [5000, 0, 7, 3000], [0, 0, 0]], ids=["one-long", "mixed", "all-empty"])
+def test_cuda_segment_pool_splits_long_sequences_over_blocks(
+    dtype: torch.dtype, mode: str, normalize: bool, lengths: list[int]
+) -> None:
+    gen = torch.Generator().manual_seed(10)
+    cu = K.cu_seqlens_from_lengths(torch.tensor(lengths))
+    x = randn(gen, (sum(lengths), 768), dtype) + (1.0 if mode == "mean" else 0.0)  # a mean away from 0
+    xc, cc = x.cuda(), cu.cuda()
+    if sum(lengths):  # a few long sequences do not fill the device alone: the kernel splits them
+        assert _k.segment_pool_scratch(K._arg(xc, "x"), K._arg(cc, "cu"), mode) > 0
+    want = K.segment_pool(x, cu, mode, normalize)
+    torch.testing.assert_close(K.segment_pool(xc, cc, mode, normalize).cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_neither_read_offsets_on_the_host_nor_wait_for_the_stream() -> None:
+    gen = torch.Generator().manual_seed(11)
+    B, L, H = 16, 64, 128
+    lengths = random_lengths(gen, B, L, allow_empty=True)
+    cu = K.cu_seqlens_from_lengths(lengths).cuda()
+    x = randn(gen, (B, L, H), torch.float16).cuda()
+    packed = K.pack(x, cu)
+    index = torch.randint(0, packed.shape[0], (50,), generator=gen).cuda()
+    long = randn(gen, (8192, H), torch.float16).cuda()
+    long_cu = torch.tensor([0, 8192], dtype=torch.int32, device="cuda")
+    calls = lambda: [*_cuda_calls(x, packed, cu, L, index), K.segment_pool(long, long_cu)]  # noqa: E731
+    calls()  # loads the kernels (a first launch may synchronise)
+    torch.cuda.synchronize()
+    # No torch-level sync (a .cpu(), an int() of a device tensor) in the wrappers ...
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        # ... and none in the extension (set_sync_debug_mode does not see a
+        # cudaStreamSynchronize there): behind a ~0.5 s sleep on the stream,
+        # the calls return while it still runs.
+        torch.cuda._sleep(1_000_000_000)
+        slept = torch.cuda.Event()
+        slept.record()
+        calls()
+        assert not slept.query(), "a CUDA kernel call waited for the stream"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_stay_in_bounds_on_malformed_offsets() -> None:
+    x = torch.ones((4, 6, 8), device="cuda")
+    packed = torch.ones((10, 8), device="cuda")
+    for bad in ([0, 3, 2, 7, 10], [-5, 3, 6, 9, 10], [0, 2, 4, 6, 1000], [0, 9, 9, 9, 10], [2**40, 0, -(2**40), 3, 10]):
+        cu = torch.tensor(bad, device="cuda")
+        outs = [K.pack(x, cu, total=10), K.unpack(packed, cu, 6), K.segment_pool(packed, cu, "mean", True),
+                K.segment_pool(packed, cu, "max"), K.segment_pool(packed, cu, "cls")]
+        torch.cuda.synchronize()  # an out-of-bounds access would raise here (illegal address)
+        for o in outs[1:]:
+            assert torch.isfinite(o).all()
+    assert torch.equal(K.unpack(packed, torch.tensor([0, 4, 10], device="cuda"), 6).sum(), torch.tensor(80.0, device="cuda"))
 
 
 @pytest.mark.gpu

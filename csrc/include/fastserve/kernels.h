@@ -7,10 +7,13 @@
 // and throws InvalidArgument (Python ValueError) with a message naming the
 // argument; nothing is written before validation passes.
 //
-// Offsets (lengths, cu_seqlens) and indices may be int32 or int64. They are
-// read on the host for validation (for CUDA tensors: one small device-to-host
-// copy and a stream synchronisation), and the kernels use the validated copy,
-// so what is checked is exactly what is used.
+// Offsets (lengths, cu_seqlens) and indices may be int32 or int64. For CPU
+// tensors they are read and validated on the host, and the kernels use the
+// validated copy, so what is checked is exactly what is used. For CUDA
+// tensors the kernels read them on the device: nothing is copied to the host
+// and nothing waits for the stream, so their values are not validated (a
+// value check would need that wait); the CUDA kernels are memory-safe on any
+// values instead (see the CUDA section below).
 #pragma once
 
 #include <cstddef>
@@ -71,7 +74,9 @@ struct TensorArg {
 // ignored for CPU tensors.
 
 // Padded x [B, L, H] -> packed out [T, H]. seqlens is lengths [B] or
-// cu_seqlens [B + 1] (told apart by its size); T = sum of lengths.
+// cu_seqlens [B + 1] (told apart by its size); T = sum of lengths. CUDA
+// tensors take cu_seqlens only (lengths would need a prefix sum on the host),
+// and T is out's row count.
 void pack(const TensorArg& x, const TensorArg& seqlens, const TensorArg& out, uintptr_t stream = 0);
 
 // Packed x [T, H] + cu_seqlens [B + 1] -> padded out [B, L, H]; rows past a
@@ -83,10 +88,17 @@ void unpack(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& ou
 // precision at a cost of B*H*4 bytes. mean / cls (first row) / max; an empty
 // segment pools to zeros. normalize: divide by max(||row||_2, 1e-12), as
 // torch.nn.functional.normalize does: a row with a NaN is all NaN.
+// scratch: for CUDA tensors, float32 on x's device with at least
+// segment_pool_scratch(x, cu_seqlens, mode) elements (may be null when that
+// is 0); unused on the CPU.
 void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out,
-                  PoolMode mode, bool normalize, uintptr_t stream = 0);
+                  PoolMode mode, bool normalize, uintptr_t stream = 0, const TensorArg* scratch = nullptr);
+// Floats of scratch segment_pool needs for these arguments (0 on the CPU and
+// where the CUDA kernel does not split segments).
+int64_t segment_pool_scratch(const TensorArg& x, const TensorArg& cu_seqlens, PoolMode mode);
 
-// out[i] = x[index[i]] for x [N, ...], index [M], out [M, ...]; 0 <= index < N.
+// out[i] = x[index[i]] for x [N, ...], index [M], out [M, ...]; 0 <= index < N
+// (CUDA: a row whose index is outside [0, N) is written as zeros).
 void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, uintptr_t stream = 0);
 
 // Exact self-attention of every sequence of a packed batch, CPU and float32
@@ -156,19 +168,25 @@ void add_layer_norm(uint16_t* x, const uint16_t* bias, const uint16_t* residual,
 
 // ----------------------------------------------------------------- CUDA kernels
 // Defined in csrc/kernels/cuda/kernels.cu (only when CUDA is compiled in).
-// Offsets arrive as validated host vectors and are staged on the device in
-// stream-ordered scratch memory; one kernel launch per op on `stream`.
+// Offsets and indices are the caller's device tensors (int32 or int64, by
+// offsets_dtype), read by the kernels; one launch per op on `stream` (two for
+// a segment_pool with splits > 1), no allocation, copy or synchronisation.
+// Memory-safe on any offset values: a segment is clamped to [0, T] and to
+// length <= L, an index outside [0, N) gives a row of zeros; rows of pack's
+// out that no clamped segment covers are left as they were.
 namespace cuda {
-// Copy `bytes` of device memory to the host on `stream` and wait for it.
-void copy_to_host(void* dst, const void* src, size_t bytes, int device, uintptr_t stream);
-void pack(const void* x, int64_t B, int64_t L, const std::vector<int64_t>& cu, size_t row_bytes, void* out,
+void pack(const void* x, int64_t B, int64_t L, const void* cu, DType cu_dtype, int64_t T, size_t row_bytes, void* out,
           int device, uintptr_t stream);
-void unpack(const void* x, const std::vector<int64_t>& cu, int64_t L, size_t row_bytes, void* out, int device,
-            uintptr_t stream);
-void segment_pool(const void* x, DType dtype, const std::vector<int64_t>& cu, int64_t H, PoolMode mode,
-                  bool normalize, float* out, int device, uintptr_t stream);
-void gather(const void* x, const std::vector<int64_t>& index, size_t row_bytes, void* out, int device,
-            uintptr_t stream);
+void unpack(const void* x, int64_t T, const void* cu, DType cu_dtype, int64_t B, int64_t L, size_t row_bytes,
+            void* out, int device, uintptr_t stream);
+// Pieces each segment is split into (threads::pool_splits on this device).
+int64_t pool_splits(int64_t B, int64_t T, PoolMode mode, int device);
+// scratch: [B * splits, H] floats when splits > 1.
+void segment_pool(const void* x, DType dtype, int64_t T, const void* cu, DType cu_dtype, int64_t B, int64_t H,
+                  PoolMode mode, bool normalize, float* out, float* scratch, int64_t splits, int device,
+                  uintptr_t stream);
+void gather(const void* x, int64_t N, const void* index, DType index_dtype, int64_t M, size_t row_bytes, void* out,
+            int device, uintptr_t stream);
 }  // namespace cuda
 
 // ----------------------------------------------------------------- conversions

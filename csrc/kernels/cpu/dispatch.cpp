@@ -151,29 +151,22 @@ void check_devices(std::initializer_list<std::pair<const TensorArg*, const char*
   }
 }
 
-// An int32 / int64 vector read into host int64 (a device copy for CUDA).
-std::vector<int64_t> read_ints(const TensorArg& t, const char* name, int64_t n, uintptr_t stream) {
+void check_ints(const TensorArg& t, const char* name) {
   if (t.dtype != DType::kInt32 && t.dtype != DType::kInt64)
     fail(std::string(name) + " must be int32 or int64, got " + dtype_name(t));
+}
+
+// An int32 / int64 CPU vector read into host int64 (CUDA offsets are never
+// read on the host: the kernels read them on the device).
+std::vector<int64_t> read_ints(const TensorArg& t, const char* name, int64_t n) {
+  check_ints(t, name);
   std::vector<int64_t> out(static_cast<size_t>(n));
   if (n == 0) return out;
   if (t.dtype == DType::kInt64) {
-    if (t.device == DeviceType::kCUDA) {
-#ifdef FASTSERVE_WITH_CUDA
-      cuda::copy_to_host(out.data(), t.data, n * sizeof(int64_t), t.device_index, stream);
-#endif
-    } else {
-      std::memcpy(out.data(), t.data, n * sizeof(int64_t));
-    }
+    std::memcpy(out.data(), t.data, n * sizeof(int64_t));
   } else {
     std::vector<int32_t> tmp(static_cast<size_t>(n));
-    if (t.device == DeviceType::kCUDA) {
-#ifdef FASTSERVE_WITH_CUDA
-      cuda::copy_to_host(tmp.data(), t.data, n * sizeof(int32_t), t.device_index, stream);
-#endif
-    } else {
-      std::memcpy(tmp.data(), t.data, n * sizeof(int32_t));
-    }
+    std::memcpy(tmp.data(), t.data, n * sizeof(int32_t));
     for (int64_t i = 0; i < n; ++i) out[i] = tmp[i];
   }
   return out;
@@ -213,9 +206,26 @@ void pack(const TensorArg& x, const TensorArg& seqlens, const TensorArg& out, ui
   check_same_dtype(x, "x", out, "out");
   check_devices({{&x, "x"}, {&seqlens, "lengths"}, {&out, "out"}});
   const int64_t B = x.shape[0], L = x.shape[1], H = x.shape[2];
+  const size_t row_bytes = size_t(H) * element_size(x.dtype);
+  if (on_cuda(x)) {
+    check_ints(seqlens, "cu_seqlens");
+    if (seqlens.shape[0] != B + 1)
+      fail("on CUDA, pack takes cu_seqlens [B + 1 = " + std::to_string(B + 1) + "], got " +
+           std::to_string(seqlens.shape[0]) + " entries (lengths [B] would need a host prefix sum; "
+           "fastserve.kernels.pack converts them on the device)");
+    if (out.shape[1] != H) fail("out must have shape [T, " + std::to_string(H) + "], got " + shape_str(out.shape));
+    if (out.shape[0] > B * L)
+      fail("out has " + std::to_string(out.shape[0]) + " rows, more than the " + std::to_string(B * L) +
+           " tokens x [B, L, H] can hold");
+    if (out.shape[0] == 0 || H == 0) return;
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::pack(x.data, B, L, seqlens.data, seqlens.dtype, out.shape[0], row_bytes, out.data, x.device_index, stream);
+#endif
+    return;
+  }
   std::vector<int64_t> cu;
   if (seqlens.shape[0] == B) {
-    const auto len = read_ints(seqlens, "lengths", B, stream);
+    const auto len = read_ints(seqlens, "lengths", B);
     cu.assign(size_t(B) + 1, 0);
     for (int64_t b = 0; b < B; ++b) {
       if (len[b] < 0 || len[b] > L)
@@ -224,22 +234,15 @@ void pack(const TensorArg& x, const TensorArg& seqlens, const TensorArg& out, ui
       cu[b + 1] = cu[b] + len[b];
     }
   } else if (seqlens.shape[0] == B + 1) {
-    cu = read_ints(seqlens, "cu_seqlens", B + 1, stream);
+    cu = read_ints(seqlens, "cu_seqlens", B + 1);
     check_cu(cu, "cu_seqlens", -1, L);
   } else {
     fail("lengths must have B = " + std::to_string(B) + " entries (lengths) or B + 1 (cu_seqlens), got " +
          std::to_string(seqlens.shape[0]));
   }
   check_shape(out, "out", {cu.back(), H});
-  const size_t row_bytes = size_t(H) * element_size(x.dtype);
   if (cu.back() == 0 || H == 0) return;
-  if (on_cuda(x)) {
-#ifdef FASTSERVE_WITH_CUDA
-    cuda::pack(x.data, B, L, cu, row_bytes, out.data, x.device_index, stream);
-#endif
-  } else {
-    cpu::pack(x.data, B, L, cu.data(), row_bytes, out.data);
-  }
+  cpu::pack(x.data, B, L, cu.data(), row_bytes, out.data);
 }
 
 void unpack(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out, uintptr_t stream) {
@@ -252,43 +255,89 @@ void unpack(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& ou
   const int64_t T = x.shape[0], H = x.shape[1];
   if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
   const int64_t B = cu_seqlens.shape[0] - 1, L = out.shape[1];
-  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, stream);
+  const size_t row_bytes = size_t(H) * element_size(x.dtype);
+  if (on_cuda(x)) {
+    check_ints(cu_seqlens, "cu_seqlens");
+    check_shape(out, "out", {B, L, H});
+    if (B * L == 0 || H == 0) return;
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::unpack(x.data, T, cu_seqlens.data, cu_seqlens.dtype, B, L, row_bytes, out.data, x.device_index, stream);
+#endif
+    return;
+  }
+  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1);
   check_cu(cu, "cu_seqlens", T, L);
   check_shape(out, "out", {B, L, H});
-  const size_t row_bytes = size_t(H) * element_size(x.dtype);
   if (B * L == 0 || H == 0) return;
-  if (on_cuda(x)) {
-#ifdef FASTSERVE_WITH_CUDA
-    cuda::unpack(x.data, cu, L, row_bytes, out.data, x.device_index, stream);
-#endif
-  } else {
-    cpu::unpack(x.data, cu.data(), B, L, row_bytes, out.data);
-  }
+  cpu::unpack(x.data, cu.data(), B, L, row_bytes, out.data);
 }
 
-void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out, PoolMode mode,
-                  bool normalize, uintptr_t stream) {
+namespace {
+
+// The checks segment_pool makes before reading any offset; returns B.
+int64_t check_pool_args(const TensorArg& x, const TensorArg& cu_seqlens) {
   check_tensor(x, "x", 2);
   check_float(x, "x");
   check_tensor(cu_seqlens, "cu_seqlens", 1);
+  if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
+  return cu_seqlens.shape[0] - 1;
+}
+
+int64_t pool_splits(const TensorArg& x, int64_t B, PoolMode mode) {
+  if (!on_cuda(x) || B == 0 || x.shape[1] == 0) return 1;
+#ifdef FASTSERVE_WITH_CUDA
+  return cuda::pool_splits(B, x.shape[0], mode, x.device_index);
+#else
+  (void)mode;
+  return 1;
+#endif
+}
+
+}  // namespace
+
+int64_t segment_pool_scratch(const TensorArg& x, const TensorArg& cu_seqlens, PoolMode mode) {
+  const int64_t B = check_pool_args(x, cu_seqlens);
+  check_devices({{&x, "x"}, {&cu_seqlens, "cu_seqlens"}});
+  const int64_t S = pool_splits(x, B, mode);
+  return S > 1 ? B * S * x.shape[1] : 0;
+}
+
+void segment_pool(const TensorArg& x, const TensorArg& cu_seqlens, const TensorArg& out, PoolMode mode,
+                  bool normalize, uintptr_t stream, const TensorArg* scratch) {
+  const int64_t B = check_pool_args(x, cu_seqlens);
   check_tensor(out, "out", 2);
   if (out.dtype != DType::kFloat32) fail("out must be float32, got " + dtype_name(out));
   check_devices({{&x, "x"}, {&cu_seqlens, "cu_seqlens"}, {&out, "out"}});
   const int64_t T = x.shape[0], H = x.shape[1];
-  if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
-  const int64_t B = cu_seqlens.shape[0] - 1;
-  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, stream);
+  if (on_cuda(x)) {
+    check_ints(cu_seqlens, "cu_seqlens");
+    check_shape(out, "out", {B, H});
+    if (B == 0 || H == 0) return;
+    const int64_t S = pool_splits(x, B, mode);
+    float* scratch_data = nullptr;
+    if (S > 1) {
+      if (scratch == nullptr) fail("scratch must hold " + std::to_string(B * S * H) + " float32 values, got none");
+      const int64_t n = check_tensor(*scratch, "scratch", scratch->shape.size());
+      if (scratch->dtype != DType::kFloat32) fail("scratch must be float32, got " + dtype_name(*scratch));
+      check_devices({{&x, "x"}, {scratch, "scratch"}});
+      if (n < B * S * H)
+        fail("scratch must hold " + std::to_string(B * S * H) + " float32 values, got " + std::to_string(n));
+      scratch_data = static_cast<float*>(scratch->data);
+    }
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::segment_pool(x.data, x.dtype, T, cu_seqlens.data, cu_seqlens.dtype, B, H, mode, normalize,
+                       static_cast<float*>(out.data), scratch_data, S, x.device_index, stream);
+#else
+    (void)stream;
+    (void)scratch_data;
+#endif
+    return;
+  }
+  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1);
   check_cu(cu, "cu_seqlens", T, -1);
   check_shape(out, "out", {B, H});
   if (B == 0 || H == 0) return;
-  if (on_cuda(x)) {
-#ifdef FASTSERVE_WITH_CUDA
-    cuda::segment_pool(x.data, x.dtype, cu, H, mode, normalize, static_cast<float*>(out.data), x.device_index,
-                       stream);
-#endif
-  } else {
-    cpu::segment_pool(x.data, x.dtype, cu.data(), B, H, mode, normalize, static_cast<float*>(out.data));
-  }
+  cpu::segment_pool(x.data, x.dtype, cu.data(), B, H, mode, normalize, static_cast<float*>(out.data));
 }
 
 void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, uintptr_t stream) {
@@ -304,21 +353,23 @@ void gather(const TensorArg& x, const TensorArg& index, const TensorArg& out, ui
   std::vector<int64_t> want = x.shape;
   want[0] = M;
   check_shape(out, "out", want);
-  const auto idx = read_ints(index, "index", M, stream);
+  size_t row_bytes = element_size(x.dtype);
+  for (size_t d = 1; d < x.shape.size(); ++d) row_bytes *= size_t(x.shape[d]);
+  if (on_cuda(x)) {
+    check_ints(index, "index");
+    if (M == 0 || row_bytes == 0) return;
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::gather(x.data, N, index.data, index.dtype, M, row_bytes, out.data, x.device_index, stream);
+#endif
+    return;
+  }
+  const auto idx = read_ints(index, "index", M);
   for (int64_t i = 0; i < M; ++i)
     if (idx[i] < 0 || idx[i] >= N)
       fail("index[" + std::to_string(i) + "] = " + std::to_string(idx[i]) + " is out of range for " +
            std::to_string(N) + " rows");
-  size_t row_bytes = element_size(x.dtype);
-  for (size_t d = 1; d < x.shape.size(); ++d) row_bytes *= size_t(x.shape[d]);
   if (M == 0 || row_bytes == 0) return;
-  if (on_cuda(x)) {
-#ifdef FASTSERVE_WITH_CUDA
-    cuda::gather(x.data, idx, row_bytes, out.data, x.device_index, stream);
-#endif
-  } else {
-    cpu::gather(x.data, idx.data(), M, row_bytes, out.data);
-  }
+  cpu::gather(x.data, idx.data(), M, row_bytes, out.data);
 }
 
 // A CPU tensor for the fused layer kernels below: float32 or bfloat16, and
@@ -355,7 +406,7 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
   }
   if (cu_seqlens.shape[0] < 1) fail("cu_seqlens must have B + 1 >= 1 entries, got 0");
   const int64_t B = cu_seqlens.shape[0] - 1;
-  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1, 0);
+  const auto cu = read_ints(cu_seqlens, "cu_seqlens", B + 1);
   check_cu(cu, "cu_seqlens", T, -1);
   check_shape(out, "out", {T, nh, hd});
   const float scale32 = as_float32(scale);

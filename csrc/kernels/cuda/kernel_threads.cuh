@@ -22,21 +22,6 @@ struct alignas(16) Vec16 {
   uint32_t w[4];
 };
 
-// Launch shape of a row-copy kernel: blockDim (bdx, bdy), one row per y.
-// bdx covers a row's units (up to 256 threads, a power of two >= 32), the
-// rest of the 256 threads take further rows so short rows still fill a block.
-struct CopyShape {
-  int bdx;
-  int bdy;
-  int64_t blocks;
-};
-FS_HD CopyShape copy_shape(int64_t rows, int64_t row_units) {
-  int bdx = 32;
-  while (bdx < 256 && bdx < row_units) bdx *= 2;
-  const int bdy = 256 / bdx;
-  return CopyShape{bdx, bdy, (rows + bdy - 1) / bdy};
-}
-
 // Largest copy unit (16, 4 or 2 bytes) dividing the row size and the base
 // addresses; element sizes are 2 or 4, so 2 always works.
 inline int copy_unit(size_t row_bytes, const void* a, const void* b) {
@@ -46,69 +31,151 @@ inline int copy_unit(size_t row_bytes, const void* a, const void* b) {
   return 2;
 }
 
+// ------------------------------------------------------------ offsets
+// Offsets (cu_seqlens, index) are read in the kernels from the caller's device
+// tensor, int32 or int64 (I), never staged or validated on the host: the
+// kernels are memory-safe on any values instead. Segment b is clamped to
+// begin in [0, T], end in [begin, T], length <= L, so a malformed cu_seqlens
+// gives wrong rows, never an access outside the tensors.
+struct Segment {
+  int64_t begin;
+  int64_t len;
+};
+template <class I>
+FS_HD Segment segment_at(const I* cu, int64_t b, int64_t T, int64_t L) {
+  int64_t s = int64_t(cu[b]), e = int64_t(cu[b + 1]);
+  s = s < 0 ? 0 : (s > T ? T : s);
+  e = e < s ? s : (e > T ? T : e);
+  return Segment{s, e - s < L ? e - s : L};
+}
+
+// ------------------------------------------------------------ row copies
+// Each block copies one run of up to run_rows rows that are contiguous on both
+// sides (pack, unpack: consecutive rows of one sequence; gather: consecutive
+// destination rows), as one flat range of units: kCopyThreads threads, each
+// loading kCopyUnroll units before storing them (loads in flight, not one
+// load-store round trip after another). run_rows makes a run about
+// kCopyRunUnits units (32 KiB of 16-byte units), so a block's work is the
+// same whatever the row width, and B * L / run_rows blocks fill the device.
+constexpr int kCopyThreads = 256;
+constexpr int kCopyUnroll = 4;
+constexpr int64_t kCopyRunUnits = 2048;
+
+FS_HD int64_t copy_run_rows(int64_t row_units, int64_t max_rows) {
+  int64_t r = (kCopyRunUnits + row_units - 1) / row_units;
+  if (r > max_rows) r = max_rows;
+  return r < 1 ? 1 : r;
+}
+
+template <class I>
 struct CopyParams {
   const void* x;       // source rows
   void* out;           // destination rows
-  const int64_t* cu;   // cu_seqlens [B + 1] (pack, unpack) or index [M] (gather)
+  const I* cu;         // cu_seqlens [B + 1] (pack, unpack) or index [M] (gather)
   int64_t B;           // sequences (pack, unpack)
   int64_t L;           // padded length (pack, unpack)
-  int64_t rows;        // destination rows: T (pack), B*L (unpack), M (gather)
+  int64_t src_rows;    // rows of x: B*L (pack), T (unpack), N (gather)
+  int64_t dst_rows;    // rows of out: T (pack), B*L (unpack), M (gather)
   int64_t row_units;   // units of U per row
+  int64_t run_rows;    // rows per block (copy_run_rows)
 };
 
-template <class U>
-FS_HD void copy_row(const U* src, U* dst, int64_t units, int tx, int bdx) {
-  for (int64_t k = tx; k < units; k += bdx) dst[k] = src[k];
+// Blocks of a copy launch: B * ceil(L / run_rows) runs (pack, unpack; runs
+// past a sequence's length return at once) or ceil(M / run_rows) (gather).
+template <class I>
+FS_HD int64_t copy_blocks(const CopyParams<I>& p, bool per_sequence) {
+  if (p.run_rows <= 0) return 0;
+  if (!per_sequence) return (p.dst_rows + p.run_rows - 1) / p.run_rows;
+  return p.B * ((p.L + p.run_rows - 1) / p.run_rows);
 }
 
-// pack: destination row r of [T, H] comes from padded row (b, r - cu[b]),
-// where cu[b] <= r < cu[b + 1] (binary search; empty segments never match).
+// Units [0, n_copy) of dst from src, [n_copy, n_total) zeros.
 template <class U>
-FS_HD void pack_thread(const CopyParams& p, int64_t block, int tx, int ty, int bdx, int bdy) {
-  const int64_t r = block * bdy + ty;
-  if (r >= p.rows) return;
-  int64_t lo = 0, hi = p.B;  // invariant: cu[lo] <= r < cu[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (p.cu[mid] <= r) lo = mid; else hi = mid;
-  }
-  const int64_t t = r - p.cu[lo];
-  const U* src = static_cast<const U*>(p.x) + (lo * p.L + t) * p.row_units;
-  copy_row(src, static_cast<U*>(p.out) + r * p.row_units, p.row_units, tx, bdx);
-}
-
-// unpack: destination row (b, t) of [B, L, H] is packed row cu[b] + t, or
-// zeros past the sequence's length.
-template <class U>
-FS_HD void unpack_thread(const CopyParams& p, int64_t block, int tx, int ty, int bdx, int bdy) {
-  const int64_t r = block * bdy + ty;
-  if (r >= p.rows) return;
-  const int64_t b = r / p.L, t = r - b * p.L;
-  U* dst = static_cast<U*>(p.out) + r * p.row_units;
-  if (t < p.cu[b + 1] - p.cu[b]) {
-    copy_row(static_cast<const U*>(p.x) + (p.cu[b] + t) * p.row_units, dst, p.row_units, tx, bdx);
-  } else {
-    U zero;
-    unsigned char* z = reinterpret_cast<unsigned char*>(&zero);
-    for (unsigned i = 0; i < sizeof(U); ++i) z[i] = 0;
-    for (int64_t k = tx; k < p.row_units; k += bdx) dst[k] = zero;
+FS_HD void copy_units(const U* src, U* dst, int64_t n_copy, int64_t n_total, int tid) {
+  for (int64_t k0 = tid; k0 < n_total; k0 += int64_t(kCopyThreads) * kCopyUnroll) {
+    U v[kCopyUnroll];
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int64_t k = k0 + int64_t(i) * kCopyThreads;
+      v[i] = k < n_copy ? src[k] : U{};
+    }
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int64_t k = k0 + int64_t(i) * kCopyThreads;
+      if (k < n_total) dst[k] = v[i];
+    }
   }
 }
 
-// gather: destination row i is source row index[i] (p.cu holds the index).
-template <class U>
-FS_HD void gather_thread(const CopyParams& p, int64_t block, int tx, int ty, int bdx, int bdy) {
-  const int64_t r = block * bdy + ty;
-  if (r >= p.rows) return;
-  copy_row(static_cast<const U*>(p.x) + p.cu[r] * p.row_units,
-           static_cast<U*>(p.out) + r * p.row_units, p.row_units, tx, bdx);
+// pack: run `block` is rows [t0, t0 + run_rows) of sequence b of the padded x,
+// copied to packed rows cu[b] + t0, ... (contiguous on both sides).
+template <class U, class I>
+FS_HD void pack_thread(const CopyParams<I>& p, int64_t block, int tid) {
+  const int64_t runs = (p.L + p.run_rows - 1) / p.run_rows;
+  const int64_t b = block / runs, t0 = (block - b * runs) * p.run_rows;
+  const Segment s = segment_at(p.cu, b, p.dst_rows, p.L);
+  if (t0 >= s.len) return;
+  const int64_t rows = s.len - t0 < p.run_rows ? s.len - t0 : p.run_rows;
+  const int64_t n = rows * p.row_units;
+  copy_units(static_cast<const U*>(p.x) + (b * p.L + t0) * p.row_units,
+             static_cast<U*>(p.out) + (s.begin + t0) * p.row_units, n, n, tid);
+}
+
+// unpack: run `block` is padded rows [t0, t0 + run_rows) of sequence b: packed
+// rows cu[b] + t0, ... up to the sequence's length, zeros after (the padding
+// is written too, as a copy of the padded tensor would).
+template <class U, class I>
+FS_HD void unpack_thread(const CopyParams<I>& p, int64_t block, int tid) {
+  const int64_t runs = (p.L + p.run_rows - 1) / p.run_rows;
+  const int64_t b = block / runs, t0 = (block - b * runs) * p.run_rows;
+  const int64_t rows = p.L - t0 < p.run_rows ? p.L - t0 : p.run_rows;
+  const Segment s = segment_at(p.cu, b, p.src_rows, p.L);
+  int64_t valid = s.len - t0;
+  valid = valid < 0 ? 0 : (valid > rows ? rows : valid);
+  const U* src = static_cast<const U*>(p.x) + (valid ? (s.begin + t0) * p.row_units : 0);
+  copy_units(src, static_cast<U*>(p.out) + (b * p.L + t0) * p.row_units, valid * p.row_units,
+             rows * p.row_units, tid);
+}
+
+// gather: run `block` is destination rows [r0, r0 + run_rows); destination
+// row r is source row index[r], or zeros where index[r] is outside [0, N).
+template <class U, class I>
+FS_HD void gather_thread(const CopyParams<I>& p, int64_t block, int tid) {
+  const int64_t r0 = block * p.run_rows;
+  const int64_t rows = p.dst_rows - r0 < p.run_rows ? p.dst_rows - r0 : p.run_rows;
+  const int64_t n = rows * p.row_units;
+  const U* x = static_cast<const U*>(p.x);
+  U* dst = static_cast<U*>(p.out) + r0 * p.row_units;
+  for (int64_t k0 = tid; k0 < n; k0 += int64_t(kCopyThreads) * kCopyUnroll) {
+    U v[kCopyUnroll];
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int64_t k = k0 + int64_t(i) * kCopyThreads;
+      v[i] = U{};
+      if (k < n) {
+        // run_rows > 1 only where row_units < kCopyRunUnits, so k < 2 *
+        // kCopyRunUnits and the division is a 32-bit one.
+        const int64_t q = rows == 1 ? 0 : int64_t(uint32_t(k) / uint32_t(p.row_units));
+        const int64_t j = int64_t(p.cu[r0 + q]);
+        if (j >= 0 && j < p.src_rows) v[i] = x[j * p.row_units + (k - q * p.row_units)];
+      }
+    }
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int64_t k = k0 + int64_t(i) * kCopyThreads;
+      if (k < n) dst[k] = v[i];
+    }
+  }
 }
 
 // ---------------------------------------------------------------- pooling
-// One block per segment; thread tx owns column groups g = tx, tx + bdx, ...
-// of V contiguous columns (V elements = one 16-byte load when H and the base
-// pointer allow it, else V = 1) and walks the segment's rows in order, so a
-// column's float32 sum is accumulated in the same order as the CPU kernel's.
+// Blocks over (segment b, piece s): segment b's rows are split into S pieces
+// of about n / S rows (S = pool_splits: 1 where the batch alone fills the
+// device, more where a few long sequences would leave most of it idle). A
+// block is kPoolThreads threads as (tx, ty): tx over column groups of V
+// contiguous columns (V elements = one 16-byte load where H and the base
+// pointer allow it, else V = 1), ty over row lanes: lane ty reduces rows
+// ty, ty + bdy, ... of the piece, then lanes are combined in lane order
+// through shared memory (deterministic). S = 1: the block finishes the row
+// (mean's division, normalize). S > 1: pieces go to a float32 scratch
+// [B * S, H] and a second kernel combines them in piece order, one block
+// per segment. cls reads one row: always S = 1, lane 0.
 
 // Element storage: float, or the uint16 bit pattern of fp16 / bf16.
 struct F32 {
@@ -117,7 +184,17 @@ struct F32 {
 };
 struct F16 {
   using Storage = uint16_t;
-  static FS_HD float load(uint16_t v) { return fp16_to_float(v); }
+  static FS_HD float load(uint16_t v) {
+#if defined(__CUDA_ARCH__)
+    // One conversion instruction (exact, as fp16_to_float): the branch-free
+    // bit arithmetic held enough registers to spill the 8-row loads.
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+#else
+    return fp16_to_float(v);
+#endif
+  }
 };
 struct BF16 {
   using Storage = uint16_t;
@@ -129,62 +206,147 @@ struct alignas(sizeof(typename E::Storage) * V) Chunk {
   typename E::Storage v[V];
 };
 
+constexpr int kPoolThreads = 512;
+constexpr int kPoolUnroll = 8;
+constexpr int64_t kPoolMinPieceRows = 64;  // a piece's partial row (H floats) costs <= 1/16 of its rows' bytes (fp16)
+constexpr int64_t kPoolMaxSplits = 1024;
+
+// Block shape (bdx, bdy) of the pooling kernels: bdx a multiple of 32 covering
+// the column groups (at most 256; more groups take several passes), bdy row
+// lanes filling kPoolThreads.
+struct PoolShape {
+  int bdx;
+  int bdy;
+};
+FS_HD PoolShape pool_shape(int64_t groups) {
+  int bdx = 32;
+  while (bdx < 256 && bdx < groups) bdx += 32;
+  return PoolShape{bdx, kPoolThreads / bdx};
+}
+
+// Pieces per segment: 1 where B blocks fill `sms` multiprocessors twice over,
+// else enough for 2 * sms blocks, but pieces of >= kPoolMinPieceRows rows on
+// average (T / B is what the host knows without reading cu_seqlens).
+FS_HD int64_t pool_splits(int64_t B, int64_t T, PoolMode mode, int64_t sms) {
+  if (mode == PoolMode::kCls || B <= 0) return 1;
+  const int64_t want = 2 * sms;
+  if (B >= want) return 1;
+  int64_t s = (want + B - 1) / B;
+  const int64_t by_rows = T / (B * kPoolMinPieceRows);
+  if (s > by_rows) s = by_rows;
+  if (s > kPoolMaxSplits) s = kPoolMaxSplits;
+  return s < 1 ? 1 : s;
+}
+
+template <class I>
 struct PoolParams {
   const void* x;      // [T, H]
-  const int64_t* cu;  // [B + 1]
+  const I* cu;        // [B + 1]
   float* out;         // [B, H]
+  float* partial;     // [B * S, H] when S > 1
   int64_t B;
+  int64_t T;
   int64_t H;
+  int64_t S;
   PoolMode mode;
 };
 
-template <class E, int V>
-FS_HD void load_chunk(const PoolParams& p, int64_t row, int64_t g, float (&f)[V]) {
-  const Chunk<E, V> c = static_cast<const Chunk<E, V>*>(p.x)[row * (p.H / V) + g];
-  for (int i = 0; i < V; ++i) f[i] = E::load(c.v[i]);
+// Rows [r0, r1) of piece s of a segment (all of it for S = 1).
+FS_HD void piece_rows(const Segment& g, int64_t s, int64_t S, int64_t& r0, int64_t& r1) {
+  r0 = g.begin + g.len * s / S;
+  r1 = g.begin + g.len * (s + 1) / S;
 }
 
-// Phase 1: pool this thread's columns of segment b into out; returns the
-// thread's share of the squared L2 norm (the wrapper reduces it over the block).
-template <class E, int V>
-FS_HD float pool_thread(const PoolParams& p, int64_t b, int tx, int bdx) {
-  const int64_t begin = p.cu[b], end = p.cu[b + 1], groups = p.H / V;
-  float sq = 0.f;
-  for (int64_t g = tx; g < groups; g += bdx) {
-    float acc[V], f[V];
-    for (int i = 0; i < V; ++i) acc[i] = 0.f;
-    if (end > begin && p.mode != PoolMode::kMean) {
-      load_chunk<E, V>(p, begin, g, acc);
-      if (p.mode == PoolMode::kMax) {
-        for (int64_t r = begin + 1; r < end; ++r) {
-          load_chunk<E, V>(p, r, g, f);
-          for (int i = 0; i < V; ++i) acc[i] = pool_max(acc[i], f[i]);
-        }
-      }
-    } else if (end > begin) {
-      // Blocks of mean_block_rows rows, each block's sum added to the total
-      // (as the CPU kernels: about 2 sqrt(n) roundings deep, not n).
-      const int64_t step = mean_block_rows(end - begin);
-      float part[V];
-      for (int64_t b0 = begin; b0 < end; b0 += step) {
-        const int64_t b1 = b0 + step < end ? b0 + step : end;
-        load_chunk<E, V>(p, b0, g, part);
-        for (int64_t r = b0 + 1; r < b1; ++r) {
-          load_chunk<E, V>(p, r, g, f);
-          for (int i = 0; i < V; ++i) part[i] += f[i];
-        }
-        for (int i = 0; i < V; ++i) acc[i] = b0 == begin ? part[i] : acc[i] + part[i];
-      }
-      const float inv = 1.f / float(end - begin);
-      for (int i = 0; i < V; ++i) acc[i] *= inv;
+// The identity of a mode's reduction: 0 for sums, -inf for max (a piece or a
+// lane with no rows; an empty segment's output is 0 whatever the mode).
+FS_HD float pool_identity(PoolMode m) { return m == PoolMode::kMax ? -INFINITY : 0.f; }
+FS_HD float pool_step(PoolMode m, float acc, float v) { return m == PoolMode::kMax ? pool_max(acc, v) : acc + v; }
+
+// Step 1 (every thread, per column group g): lane ty's reduction of its rows
+// of [r0, r1) into f. cls: lane 0 reads row r0.
+template <class E, int V, class I>
+FS_HD void pool_lane(const PoolParams<I>& p, int64_t r0, int64_t r1, int64_t g, int ty, int bdy, float (&f)[V]) {
+  for (int i = 0; i < V; ++i) f[i] = pool_identity(p.mode);
+  const Chunk<E, V>* x = static_cast<const Chunk<E, V>*>(p.x) + g;
+  const int64_t stride = p.H / V, by = bdy;
+  if (p.mode == PoolMode::kCls) {
+    if (ty != 0 || r0 >= r1) return;
+    const Chunk<E, V> c = x[r0 * stride];
+    for (int i = 0; i < V; ++i) f[i] = E::load(c.v[i]);
+    return;
+  }
+  const int64_t n = r1 - r0 > ty ? (r1 - r0 - ty + by - 1) / by : 0;  // this lane's rows
+  // Mean: the lane's rows summed in blocks of mean_block_rows, each block's
+  // sum added to the total, as the CPU kernel does (about 2 sqrt(n)
+  // roundings deep, not n). Max: one block.
+  const int64_t step = (p.mode == PoolMode::kMean ? mean_block_rows(n) : n) * by;
+  for (int64_t b0 = r0 + ty; b0 < r1; b0 += step) {
+    const int64_t b1 = b0 + step < r1 ? b0 + step : r1;
+    float part[V];
+    for (int i = 0; i < V; ++i) part[i] = pool_identity(p.mode);
+    int64_t r = b0;
+    // kPoolUnroll rows' loads issued before their sums (memory-level
+    // parallelism: a lane's rows are what bounds a long segment's block).
+    for (; r + (kPoolUnroll - 1) * by < b1; r += kPoolUnroll * by) {
+      Chunk<E, V> c[kPoolUnroll];
+      for (int u = 0; u < kPoolUnroll; ++u) c[u] = x[(r + u * by) * stride];
+      for (int u = 0; u < kPoolUnroll; ++u)
+        for (int i = 0; i < V; ++i) part[i] = pool_step(p.mode, part[i], E::load(c[u].v[i]));
     }
+    for (; r < b1; r += by) {
+      const Chunk<E, V> c = x[r * stride];
+      for (int i = 0; i < V; ++i) part[i] = pool_step(p.mode, part[i], E::load(c.v[i]));
+    }
+    for (int i = 0; i < V; ++i) f[i] = pool_step(p.mode, f[i], part[i]);
+  }
+}
+
+// Step 2 (threads of lane 0, per column group): the lanes' values (lane l's
+// f for this thread's group at lanes + l * stride) combined in lane order.
+template <int V>
+FS_HD void pool_combine_lanes(PoolMode m, const float* lanes, int64_t stride, int bdy, float (&f)[V]) {
+  for (int i = 0; i < V; ++i) f[i] = lanes[i];
+  if (m == PoolMode::kCls) return;
+  for (int l = 1; l < bdy; ++l)
+    for (int i = 0; i < V; ++i) f[i] = pool_step(m, f[i], lanes[l * stride + i]);
+}
+
+// A segment's reduced value made its output: mean divides by the length, an
+// empty segment gives 0.
+FS_HD float pool_finish(PoolMode m, float v, int64_t len) {
+  if (len <= 0) return 0.f;
+  return m == PoolMode::kMean ? v * (1.f / float(len)) : v;
+}
+
+// Step 3 (lane 0, per column group): S = 1 writes the output row's columns
+// and returns their share of the squared norm; S > 1 writes piece s's partial.
+template <int V, class I>
+FS_HD float pool_store(const PoolParams<I>& p, int64_t b, int64_t s, int64_t g, int64_t len, const float (&f)[V]) {
+  float sq = 0.f;
+  if (p.S == 1) {
     float* o = p.out + b * p.H + g * V;
     for (int i = 0; i < V; ++i) {
-      o[i] = acc[i];
-      sq += acc[i] * acc[i];
+      o[i] = pool_finish(p.mode, f[i], len);
+      sq += o[i] * o[i];
     }
+  } else {
+    float* o = p.partial + (b * p.S + s) * p.H + g * V;
+    for (int i = 0; i < V; ++i) o[i] = f[i];
   }
   return sq;
+}
+
+// Second kernel (S > 1), per column h of segment b: the pieces combined in
+// piece order, finished; returns the column's share of the squared norm.
+template <class I>
+FS_HD float pool_combine_thread(const PoolParams<I>& p, int64_t b, int64_t h) {
+  const Segment g = segment_at(p.cu, b, p.T, p.T);
+  const float* q = p.partial + b * p.S * p.H + h;
+  float acc = q[0];
+  for (int64_t s = 1; s < p.S; ++s) acc = pool_step(p.mode, acc, q[s * p.H]);
+  const float v = pool_finish(p.mode, acc, g.len);
+  p.out[b * p.H + h] = v;
+  return v * v;
 }
 
 FS_HD float inv_norm(float sq) {
@@ -192,21 +354,11 @@ FS_HD float inv_norm(float sq) {
   return 1.f / (n < 1e-12f ? 1e-12f : n);  // a NaN norm stays NaN, as in F.normalize
 }
 
-// Phase 2 (normalize only): scale this thread's columns by the block's 1/||row||.
-template <int V>
-FS_HD void scale_thread(const PoolParams& p, int64_t b, int tx, int bdx, float scale) {
-  const int64_t groups = p.H / V;
-  for (int64_t g = tx; g < groups; g += bdx) {
-    float* o = p.out + b * p.H + g * V;
-    for (int i = 0; i < V; ++i) o[i] *= scale;
-  }
-}
-
-// Threads per pooling block: enough warps to cover the column groups, <= 256.
-FS_HD int pool_threads(int64_t groups) {
-  int n = 32;
-  while (n < 256 && n < groups) n *= 2;
-  return n;
+// Normalize (every thread of segment b's block): scale the row by 1/||row||.
+template <class I>
+FS_HD void scale_thread(const PoolParams<I>& p, int64_t b, int tid, int nthreads, float scale) {
+  float* o = p.out + b * p.H;
+  for (int64_t h = tid; h < p.H; h += nthreads) o[h] *= scale;
 }
 
 }  // namespace threads
