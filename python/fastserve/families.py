@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from . import kernels
 from .heads import EmbeddingHead
 from .runners import (FusedQKV, PackedRunner, PaddedRunner, Stamps, Uncalled, _attention_method, _equal_length_runs,
-                      id_positions, packed_supported)
+                      _PaddedAttention, id_positions, packed_supported)
 from .st_spec import POOLING_MODES
 
 log = logging.getLogger("fastserve")
@@ -221,7 +221,7 @@ class _BiasedPackedRunner(abc.ABC):
         runs = _equal_length_runs(lengths)
         pad = None
         if self.attention == "pad" and len(runs) > 1:
-            pad = _Padded(lengths, np.asarray(batch.position_ids), dev)
+            pad = _PaddedAttention(lengths, cu, self.kernels)
         self.attention_batches["pad" if pad is not None else "runs"] += 1
         self.uncalled.check_all()
         # Weights changed since the last batch: copies made anew (Stamps).
@@ -234,7 +234,7 @@ class _BiasedPackedRunner(abc.ABC):
     def _mask(self, layer: int, length: int) -> Any:
         return self._masks.get((self.mask_kind(layer), length), lambda: self.mask(layer, length))
 
-    def _attend(self, layer: int, qkv: torch.Tensor, runs: list, pad: Optional["_Padded"]) -> torch.Tensor:
+    def _attend(self, layer: int, qkv: torch.Tensor, runs: list, pad: Optional[_PaddedAttention]) -> torch.Tensor:
         """Attention of qkv [T, 3, nh, hd] within each sequence: [T, nh * hd]."""
         T, _, nh, hd = qkv.shape
         if pad is not None:
@@ -260,31 +260,6 @@ class _BiasedPackedRunner(abc.ABC):
     @abc.abstractmethod
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, attend: Callable) -> torch.Tensor:
         """The family's embeddings and layers over packed tokens: [T, H]."""
-
-
-class _Padded:
-    """Attention for one packed batch through a padded copy [B, L] with a key
-    mask added to the family's bias (as runners._PaddedAttention, plus bias)."""
-
-    def __init__(self, lengths: np.ndarray, positions: np.ndarray, device: torch.device) -> None:
-        self.B, self.L = len(lengths), int(lengths.max())
-        rows = np.repeat(np.arange(self.B, dtype=np.int64) * self.L, lengths) + positions
-        self.index = torch.from_numpy(rows).to(device)
-        self.keep = torch.from_numpy(np.arange(self.L)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
-
-    def __call__(self, qkv: torch.Tensor, mask: Any, scale: Optional[float]) -> torch.Tensor:
-        _, three, nh, hd = qkv.shape
-        padded = qkv.new_zeros(self.B * self.L, three, nh, hd)
-        padded.index_copy_(0, self.index, qkv)
-        q, k, v = padded.view(self.B, self.L, three, nh, hd).permute(2, 0, 3, 1, 4)
-        if mask is None:
-            full: Any = self.keep
-        elif mask.dtype == torch.bool:
-            full = self.keep & mask
-        else:
-            full = mask.to(q.dtype).masked_fill(~self.keep, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
-        return out.transpose(1, 2).reshape(self.B * self.L, nh, hd).index_select(0, self.index)
 
 
 class MPNetPackedRunner(_BiasedPackedRunner):

@@ -772,8 +772,8 @@ class PackedRunner:
             types = torch.from_numpy(packed.astype(np.int64)).to(dev, non_blocking=True)
         self.uncalled.check()
         h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil, types)
-        lengths, positions = np.asarray(batch.lengths), np.asarray(batch.position_ids)
-        runs, varlen = self._attention_plan(lengths, positions, cu, int(batch.max_seqlen), count=True)
+        lengths = np.asarray(batch.lengths)
+        runs, varlen = self._attention_plan(lengths, cu, int(batch.max_seqlen), count=True)
         rows: Optional[np.ndarray] = None
         hook = self.stage_hook
         fused = self.refresh()
@@ -790,7 +790,10 @@ class PackedRunner:
             else:
                 # (An untouched fused layer has no hook on any module at all.)
                 self.uncalled.check(i)
-                h = self._layer(i, h, runs, varlen)
+                a = self._attention(i, h, runs, varlen)
+                del h
+                h = self._feed_forward(i, a)
+                del a
             if self.pause_hook is not None and i + 1 < len(self.blocks):
                 keep = self.pause_hook(i + 1, len(self.blocks))
                 if keep is not None:
@@ -800,10 +803,10 @@ class PackedRunner:
                         raise BatchAbandoned
                     tokens = np.repeat(keep, lengths)
                     h = h[torch.from_numpy(tokens).to(dev)]
-                    lengths, positions = lengths[keep], positions[tokens]
+                    lengths = lengths[keep]
                     rows = (np.arange(len(keep)) if rows is None else rows)[keep]
                     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)).to(dev)
-                    runs, varlen = self._attention_plan(lengths, positions, cu, int(lengths.max()))
+                    runs, varlen = self._attention_plan(lengths, cu, int(lengths.max()))
         if hook is not None:
             h = hook(len(self.blocks), h)
         return h, cu, rows
@@ -814,18 +817,20 @@ class PackedRunner:
             return id_positions(batch, self.position_offset - 1) + self.position_offset
         return np.asarray(batch.position_ids)
 
-    def _layer(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
-        """Layer i through its own modules."""
+    def _attention(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
+        """Layer i's attention and its output LayerNorm, through its modules.
+        The caller drops h after it: the layer's input and the attention
+        context dead before the feed-forward take (2H) x 4 bytes per token
+        off the batch's peak in fp32 (python/fastserve/footprint.py)."""
         block = self.blocks[i]
         ctx = self.attn[i](h, runs, varlen)
         if self.distil:
-            a = block.sa_layer_norm(block.attention.out_lin(ctx) + h)
-        else:
-            a = block.attention.output(ctx, h)
-        # The layer's input and the attention context are dead here;
-        # dropping them before the feed-forward takes (2H) x 4 bytes per
-        # token off the batch's peak in fp32 (python/fastserve/footprint.py).
-        del ctx, h
+            return block.sa_layer_norm(block.attention.out_lin(ctx) + h)
+        return block.attention.output(ctx, h)
+
+    def _feed_forward(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        """Layer i's feed-forward and its output LayerNorm, through its modules."""
+        block = self.blocks[i]
         if self.distil:
             return block.output_layer_norm(block.ffn(a) + a)
         return block.output(block.intermediate(a), a)
@@ -834,12 +839,15 @@ class PackedRunner:
         """The encoder as a CUDA graph captures it (graphs.py): embeddings,
         then every layer through its modules, attention over cu_seqlens."""
         h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil)
-        _, varlen = self._attention_plan(np.zeros(0, np.int64), np.zeros(0, np.int64), cu, max_seqlen)
+        _, varlen = self._attention_plan(np.zeros(0, np.int64), cu, max_seqlen)
         for i in range(len(self.blocks)):
-            h = self._layer(i, h, [], varlen)
+            a = self._attention(i, h, [], varlen)
+            del h
+            h = self._feed_forward(i, a)
+            del a
         return h
 
-    def _attention_plan(self, lengths: np.ndarray, positions: np.ndarray, cu: torch.Tensor, maxlen: int,
+    def _attention_plan(self, lengths: np.ndarray, cu: torch.Tensor, maxlen: int,
                         count: bool = False) -> tuple[list, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
         """The runs of equal lengths, and the attention over all of them at
         once where one is used (varlen), for sequences of these lengths."""
@@ -852,7 +860,7 @@ class PackedRunner:
         elif method == "kernel":
             varlen = lambda qkv: kernels.attention(qkv, cu)  # noqa: E731
         elif method == "pad" and len(runs) > 1:
-            varlen = _PaddedAttention(lengths, positions, self.device)
+            varlen = _PaddedAttention(lengths, cu, self.kernels)
         if count:
             self.attention_batches[method if varlen is not None else "runs"] += 1
         return runs, varlen
@@ -961,26 +969,46 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
 
 class _PaddedAttention:
     """Exact attention per sequence for one packed batch through a padded
-    copy: qkv rows are scattered into [B * L] slots (zeros elsewhere), SDPA
-    runs once with a key-padding mask, and the real rows are gathered back.
-    The index and mask are built once per batch and serve every layer."""
+    copy [B, L] with a key mask (plus a family's bias or mask: families.py):
+    qkv rows are unpacked into [B, L] (zeros past each length), SDPA runs
+    once, and the real rows are packed back, through the packing kernels
+    with cu_seqlens on the device (no host work per layer). With torch's
+    stand-in kernels (a build without them for the device), an index
+    made once per batch does the same, as those would read cu_seqlens on the
+    host at every call."""
 
-    def __init__(self, lengths: np.ndarray, positions: np.ndarray, device: torch.device) -> None:
+    def __init__(self, lengths: np.ndarray, cu: torch.Tensor, kern: kernels.Kernels) -> None:
         self.B, self.L = len(lengths), int(lengths.max())
-        rows = np.repeat(np.arange(self.B, dtype=np.int64) * self.L, lengths) + positions
-        self.index = torch.from_numpy(rows).to(device)
+        self.cu, self.kernels = cu, kern
+        self.index: Optional[torch.Tensor] = None
+        if kern.name == "torch":
+            rows = np.repeat(np.arange(self.B, dtype=np.int64) * self.L, lengths) + \
+                (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+            self.index = torch.from_numpy(rows).to(cu.device)
         keep = np.arange(self.L)[None, :] < lengths[:, None]  # [B, L]: real tokens
-        self.mask = torch.from_numpy(keep).to(device)[:, None, None, :]
+        self.keep = torch.from_numpy(keep).to(cu.device)[:, None, None, :]
 
-    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
-        _, three, nh, hd = qkv.shape
-        if self.index.device != qkv.device:  # a pipeline stage on another device
-            self.index, self.mask = self.index.to(qkv.device), self.mask.to(qkv.device)
-        padded = qkv.new_zeros(self.B * self.L, three, nh, hd)
-        padded.index_copy_(0, self.index, qkv)
+    def __call__(self, qkv: torch.Tensor, mask: Any = None, scale: Optional[float] = None) -> torch.Tensor:
+        T, three, nh, hd = qkv.shape
+        if self.keep.device != qkv.device:  # a pipeline stage on another device
+            self.cu, self.keep = self.cu.to(qkv.device), self.keep.to(qkv.device)
+            self.index = None if self.index is None else self.index.to(qkv.device)
+            self.kernels = kernels.for_device(qkv.device)
+        if self.index is None:
+            padded = self.kernels.unpack(qkv.reshape(T, three * nh * hd), self.cu, self.L)
+        else:
+            padded = qkv.new_zeros(self.B * self.L, three, nh, hd).index_copy_(0, self.index, qkv)
         q, k, v = padded.view(self.B, self.L, three, nh, hd).permute(2, 0, 3, 1, 4)  # each [B, nh, L, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-        return out.transpose(1, 2).reshape(self.B * self.L, nh, hd).index_select(0, self.index)
+        if mask is None:
+            full: Any = self.keep
+        elif mask.dtype == torch.bool:
+            full = self.keep & mask
+        else:
+            full = mask.to(q.dtype).masked_fill(~self.keep, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale).transpose(1, 2)
+        if self.index is None:
+            return self.kernels.pack(out.reshape(self.B, self.L, nh * hd), self.cu, total=T).view(T, nh, hd)
+        return out.reshape(self.B * self.L, nh, hd).index_select(0, self.index)
 
 
 def _flash_varlen():
