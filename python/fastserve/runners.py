@@ -613,6 +613,14 @@ def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
     return parts if linear and norms and _exact_gelu(act) else None
 
 
+def _tail_containers(block: torch.nn.Module, distil: bool) -> tuple:
+    """The modules of a standard layer (_standard_layer) around its tails'
+    parts, whose forwards the CUDA epilogues also stand for."""
+    around = (block.ffn, block.ffn.activation) if distil else \
+        (block.attention.output, block.intermediate, block.intermediate.intermediate_act_fn, block.output)
+    return tuple(m for m in around if isinstance(m, torch.nn.Module))
+
+
 def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether fastserve's CPU layer kernels run vectorised for this model:
     the extension's CPU kernels are in use, their AVX2 path runs on this
@@ -724,6 +732,17 @@ class PackedRunner:
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
+        # CUDA: the layers' projection tails (bias + GELU, bias + residual +
+        # LayerNorm) through fastserve's epilogue kernels, where every layer
+        # is the standard one and the kernels are built for CUDA;
+        # FASTSERVE_CUDA_EPILOGUES=0 turns them off (benchmarks). Each with
+        # the modules its parts stand for (a hook on one: that layer's modules run).
+        self._tails: Optional[list[tuple[tuple, tuple]]] = None
+        parts = [_standard_layer(b, self.distil) for b in self.blocks]
+        # (Not under autocast: the kernels take one dtype, the weights'.)
+        if (self.kernels.name == "cuda" and os.environ.get("FASTSERVE_CUDA_EPILOGUES", "1") != "0"
+                and compute in (None, getattr(model, "dtype", None)) and all(p is not None for p in parts)):
+            self._tails = [(p, p + _tail_containers(b, self.distil)) for p, b in zip(parts, self.blocks)]
         # CUDA graphs (graphs.py) where attention runs over cu_seqlens in one
         # kernel; FASTSERVE_CUDA_GRAPHS=0 turns them off (benchmarks).
         self.graphs: Optional[CudaGraphs] = None
@@ -817,20 +836,41 @@ class PackedRunner:
             return id_positions(batch, self.position_offset - 1) + self.position_offset
         return np.asarray(batch.position_ids)
 
+    def _tail(self, i: int) -> Optional[tuple]:
+        """Layer i's parts (_standard_layer) where its projections' tails run
+        through the CUDA epilogue kernels now: none of the modules they
+        stand for has a hook or a replaced forward."""
+        if self._tails is None:
+            return None
+        parts, modules = self._tails[i]
+        return None if _touched(modules) else parts
+
     def _attention(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
-        """Layer i's attention and its output LayerNorm, through its modules.
-        The caller drops h after it: the layer's input and the attention
-        context dead before the feed-forward take (2H) x 4 bytes per token
-        off the batch's peak in fp32 (python/fastserve/footprint.py)."""
+        """Layer i's attention and its output LayerNorm, through its modules
+        (or the projection, then bias + residual + LayerNorm in one CUDA
+        kernel). The caller drops h after it: the layer's input and the
+        attention context dead before the feed-forward take (2H) x 4 bytes
+        per token off the batch's peak in fp32 (python/fastserve/footprint.py)."""
         block = self.blocks[i]
         ctx = self.attn[i](h, runs, varlen)
+        tail = self._tail(i)
+        if tail is not None:
+            out, ln = tail[0], tail[1]
+            return kernels.add_layer_norm_(F.linear(ctx, out.weight), out.bias, h, ln.weight, ln.bias, ln.eps)
         if self.distil:
             return block.sa_layer_norm(block.attention.out_lin(ctx) + h)
         return block.attention.output(ctx, h)
 
     def _feed_forward(self, i: int, a: torch.Tensor) -> torch.Tensor:
-        """Layer i's feed-forward and its output LayerNorm, through its modules."""
+        """Layer i's feed-forward and its output LayerNorm, through its
+        modules (or the projections with bias + GELU, then bias + residual +
+        LayerNorm, in CUDA kernels)."""
         block = self.blocks[i]
+        tail = self._tail(i)
+        if tail is not None:
+            _, _, inter, out, ln = tail
+            x = kernels.bias_gelu_(F.linear(a, inter.weight), inter.bias)
+            return kernels.add_layer_norm_(F.linear(x, out.weight), out.bias, a, ln.weight, ln.bias, ln.eps)
         if self.distil:
             return block.output_layer_norm(block.ffn(a) + a)
         return block.output(block.intermediate(a), a)

@@ -190,3 +190,53 @@ def test_classification_replays_match_eager(monkeypatch):
             if graphs:
                 assert engine.stats()["cuda_graphs"][0]["replays"] >= 1
     np.testing.assert_allclose(out[True], out[False], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_the_cuda_epilogues_take_each_layers_tensors_as_its_modules_do(monkeypatch, arch):
+    # The wiring of PackedRunner's CUDA tails (which weight, bias, residual
+    # and LayerNorm go to which kernel), checked on the CPU with torch
+    # standing in for the two kernels; a hook on one of a layer's modules
+    # sends that layer back through its modules.
+    from fastserve import kernels as K
+
+    def bias_gelu_(x, bias):
+        return x.copy_(torch.nn.functional.gelu(x + bias))
+
+    def add_layer_norm_(x, bias, residual, weight, beta, eps):
+        return x.copy_(torch.nn.functional.layer_norm(x + bias + residual, x.shape[-1:], weight, beta, eps))
+
+    monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "runs")  # the modules' path, not the CPU layer kernels
+    texts = tm.mixed_texts(20, seed=16)
+    with Engine(tm.model(arch), tm.tokenizer(), execution="packed") as engine:
+        runner = engine.runner
+        want = engine.embed(texts)
+        assert runner._tails is None  # CUDA only
+        calls = {"gelu": 0, "norm": 0}
+
+        def counted(fn, key):
+            def call(*a):
+                calls[key] += 1
+                return fn(*a)
+            return call
+
+        monkeypatch.setattr(K, "bias_gelu_", counted(bias_gelu_, "gelu"))
+        monkeypatch.setattr(K, "add_layer_norm_", counted(add_layer_norm_, "norm"))
+        runner._tails = [(p, p + runners._tail_containers(b, runner.distil))
+                         for p, b in zip((runners._standard_layer(b, runner.distil) for b in runner.blocks),
+                                         runner.blocks)]
+        got = engine.embed(texts)
+        layers = len(runner.blocks)
+        batches = engine.stats()["batches"]
+        assert calls["gelu"] > 0 and calls["norm"] == 2 * calls["gelu"] and calls["gelu"] % layers == 0
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+        # A hook on layer 0's feed-forward projection: layer 0 runs its modules.
+        seen: list[int] = []
+        first = runner.blocks[0]
+        inter = first.ffn.lin1 if runner.distil else first.intermediate.dense
+        handle = inter.register_forward_hook(lambda *a: seen.append(1))
+        before = dict(calls)
+        np.testing.assert_allclose(engine.embed(texts[0]), want[0], atol=2e-6, rtol=0)
+        handle.remove()
+        assert seen == [1] and calls["gelu"] - before["gelu"] == layers - 1
+        assert engine.stats()["batches"] == batches + 1
