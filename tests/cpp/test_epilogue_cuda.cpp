@@ -84,7 +84,7 @@ TEST(EpilogueConversions, Bf16RoundingIsTheCpuKernels) {
   for (float f : values) {
     uint16_t want;
     cpu::put(&want, f);
-    ASSERT_EQ(float_to_bf16(f), want) << std::hex << *reinterpret_cast<uint32_t*>(&f);
+    ASSERT_EQ(float_to_bf16(f), want) << std::hex << float_bits(f);
   }
 }
 
