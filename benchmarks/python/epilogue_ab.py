@@ -6,13 +6,16 @@ torch eager, A/B in one process on one CUDA device, at BERT-base's shapes
   (b) output:       F.layer_norm(F.linear(a, W2, b2) + r)  vs  F.linear(a, W2) + add_layer_norm_
 
 Each arm's time per call is the median over --reps loops of --calls calls,
-each loop between two CUDA events on the current stream (launch overhead
-included, as a serving batch pays it), after a warm-up; the arms alternate
-within each rep so drift falls on both. Also the epilogue alone (in place on
-the GEMM's output) in GB/s against torch's device-to-device copy_ of the
-same bytes (read + written: 2 T I for bias_gelu_, 3 T H for add_layer_norm_,
-times the element size; the [N] vectors left out), and the largest
-difference between the two arms' outputs.
+each loop between two CUDA events on the current stream, after a warm-up;
+the arms alternate within each rep so drift falls on both. Two ways: eager
+(the calls launched from Python one by one: the host's launch overhead
+included, as an eager serving batch pays it, which dominates at small T)
+and graphed (the --calls calls captured once in a CUDA graph and replayed:
+the device's time alone, as a captured layer pays it). Also the epilogue
+alone (graphed, in place on the GEMM's output) in GB/s against torch's
+device-to-device copy_ of the same bytes (read + written: 2 T I for
+bias_gelu_, 3 T H for add_layer_norm_, times the element size; the [N]
+vectors left out), and the largest difference between the two arms' outputs.
 
     python benchmarks/python/epilogue_ab.py [--tokens 128 4096 16384] [--dtype float16] [--out ab.json]
 
@@ -37,21 +40,40 @@ from fastserve import kernels as K
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def time_arms(arms: dict[str, Callable[[], object]], reps: int, calls: int) -> dict[str, float]:
+def graphed(fn: Callable[[], object], calls: int) -> Callable[[], object]:
+    """`calls` calls of fn captured in one CUDA graph (after a warm-up on a
+    side stream, as torch advises); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def time_arms(arms: dict[str, Callable[[], object]], reps: int, calls: int, graph: bool) -> dict[str, float]:
     """Median seconds per call of each arm: `reps` loops of `calls` calls
-    each, timed with CUDA events, arms alternating in order rep by rep."""
-    for fn in arms.values():  # warm-up: cuBLAS heuristics, allocator, first launches
+    each (graph: one replay of them captured), timed with CUDA events, arms
+    alternating in order rep by rep."""
+    runs = {k: graphed(fn, calls) for k, fn in arms.items()} if graph else arms
+    loops = 1 if graph else calls
+    for fn in runs.values():  # warm-up: cuBLAS heuristics, allocator, first launches
         for _ in range(3):
             fn()
     torch.cuda.synchronize()
-    names = list(arms)
+    names = list(runs)
     per_call: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(calls):
-                arms[name]()
+            for _ in range(loops):
+                runs[name]()
             end.record()
             end.synchronize()
             per_call[name].append(start.elapsed_time(end) / 1e3 / calls)
@@ -72,7 +94,7 @@ def bench_tokens(T: int, H: int, inter: int, dtype: torch.dtype, reps: int, call
     rows = []
 
     # (a) the intermediate projection's tail.
-    def eager_a() -> torch.Tensor:
+    def torch_a() -> torch.Tensor:
         return F.gelu(F.linear(x, W1, b1))
 
     def fused_a() -> torch.Tensor:
@@ -81,13 +103,11 @@ def bench_tokens(T: int, H: int, inter: int, dtype: torch.dtype, reps: int, call
     h = F.linear(x, W1)
     src = torch.empty(T * inter, dtype=dtype, device="cuda")  # half the bytes moved: copy_ reads and writes it
     dst = torch.empty_like(src)
-    t = time_arms({"eager": eager_a, "fused": fused_a, "epilogue": lambda: K.bias_gelu_(h, b1),
-                   "copy": lambda: dst.copy_(src)}, reps, calls)
-    diff = (eager_a().float() - fused_a().float()).abs().max().item()
-    rows.append({"T": T, "op": "bias+gelu", "bytes": 2 * T * inter * es, "max_abs_diff": diff, **t})
+    rows.append(measure(T, "bias+gelu", 2 * T * inter * es, torch_a, fused_a, lambda: K.bias_gelu_(h, b1),
+                        lambda: dst.copy_(src), reps, calls))
 
     # (b) the output projection's tail.
-    def eager_b() -> torch.Tensor:
+    def torch_b() -> torch.Tensor:
         return F.layer_norm(F.linear(a, W2, b2) + r, (H,), w, beta, eps)
 
     def fused_b() -> torch.Tensor:
@@ -96,22 +116,35 @@ def bench_tokens(T: int, H: int, inter: int, dtype: torch.dtype, reps: int, call
     y = F.linear(a, W2)
     src = torch.empty(3 * T * H // 2, dtype=dtype, device="cuda")
     dst = torch.empty_like(src)
-    t = time_arms({"eager": eager_b, "fused": fused_b, "epilogue": lambda: K.add_layer_norm_(y, b2, r, w, beta, eps),
-                   "copy": lambda: dst.copy_(src)}, reps, calls)
-    diff = (eager_b().float() - fused_b().float()).abs().max().item()
-    rows.append({"T": T, "op": "bias+residual+layernorm", "bytes": 3 * T * H * es, "max_abs_diff": diff, **t})
+    rows.append(measure(T, "bias+residual+layernorm", 3 * T * H * es, torch_b, fused_b,
+                        lambda: K.add_layer_norm_(y, b2, r, w, beta, eps), lambda: dst.copy_(src), reps, calls))
     return rows
 
 
+def measure(T: int, op: str, nbytes: int, torch_arm: Callable[[], torch.Tensor], fused_arm: Callable[[], torch.Tensor],
+            epilogue: Callable[[], object], copy: Callable[[], object], reps: int, calls: int) -> dict:
+    arms = {"torch": torch_arm, "fastserve": fused_arm}
+    eager = time_arms(arms, reps, calls, graph=False)
+    graph = time_arms({**arms, "epilogue": epilogue, "copy": copy}, reps, calls, graph=True)
+    diff = (torch_arm().float() - fused_arm().float()).abs().max().item()
+    return {"T": T, "op": op, "bytes": nbytes, "max_abs_diff": diff, "eager": eager, "graph": graph}
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'T':>6}  {'epilogue':<24} {'eager ms':>9} {'fused ms':>9} {'speedup':>8} {'epi ms':>8} "
-            f"{'epi GB/s':>9} {'copy GB/s':>9} {'epi/copy':>8} {'max|diff|':>10}")
+    """Times in microseconds per call: torch's arm, fastserve's (GEMM without
+    bias + epilogue) and the speedup, eager and graphed; then the epilogue
+    alone (graphed) and its bandwidth against a copy of as many bytes."""
+    head = (f"{'T':>6} {'epilogue':<23} {'eager: torch':>12} {'fastserve':>9} {'speedup':>7} "
+            f"{'graph: torch':>12} {'fastserve':>9} {'speedup':>7} {'epi us':>7} {'epi GB/s':>8} "
+            f"{'copy GB/s':>9} {'epi/copy':>8} {'max|diff|':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        epi_gbs, copy_gbs = r["bytes"] / r["epilogue"] / 1e9, r["bytes"] / r["copy"] / 1e9
-        lines.append(f"{r['T']:>6}  {r['op']:<24} {r['eager'] * 1e3:>9.4f} {r['fused'] * 1e3:>9.4f} "
-                     f"{r['eager'] / r['fused']:>7.2f}x {r['epilogue'] * 1e3:>8.4f} {epi_gbs:>9.0f} "
-                     f"{copy_gbs:>9.0f} {epi_gbs / copy_gbs:>8.2f} {r['max_abs_diff']:>10.2e}")
+        e, g = r["eager"], r["graph"]
+        epi_gbs, copy_gbs = r["bytes"] / g["epilogue"] / 1e9, r["bytes"] / g["copy"] / 1e9
+        lines.append(f"{r['T']:>6} {r['op']:<23} {e['torch'] * 1e6:>12.1f} {e['fastserve'] * 1e6:>9.1f} "
+                     f"{e['torch'] / e['fastserve']:>6.2f}x {g['torch'] * 1e6:>12.1f} {g['fastserve'] * 1e6:>9.1f} "
+                     f"{g['torch'] / g['fastserve']:>6.2f}x {g['epilogue'] * 1e6:>7.1f} {epi_gbs:>8.0f} "
+                     f"{copy_gbs:>9.0f} {epi_gbs / copy_gbs:>8.2f} {r['max_abs_diff']:>9.2e}")
     return "\n".join(lines)
 
 

@@ -164,9 +164,10 @@ struct BiasGeluShape {
   int64_t gx, gy;  // grid
 };
 
-// A row's groups in one block of up to 256 threads when they fit (several
-// rows a block where a row is short), else 128-thread blocks across it
-// (768 and 384 groups, BERT's 3072 and 1536 columns in 16-bit, divide evenly).
+// Blocks of up to 256 threads: a row's groups across one block when they fit
+// (several rows a block where a row is short), else 128 threads across and
+// two rows a block (768 and 384 groups, BERT's 3072 and 1536 columns in
+// 16-bit, divide evenly).
 // max_gy: the grid's y extent at most (CUDA's limit; tests pass less).
 FS_HD BiasGeluShape bias_gelu_shape(int64_t rows, int64_t groups, int64_t max_gy = 65535) {
   const int bdx = groups <= 256 ? int((groups + 31) / 32 * 32) : 128;
