@@ -71,8 +71,9 @@ def test_each_device_gets_the_extensions_epilogues_or_torchs(monkeypatch) -> Non
 
 
 def _cuda_arg(shape: list[int], dtype: str = "float16", strides: list[int] | None = None, device: str = "cuda"):
-    """A CUDA tensor as the extension sees it, at an address never read:
-    the CUDA path checks shapes, dtypes and devices only, before any launch."""
+    """A CUDA (or CPU) tensor as the extension sees it, at an address never
+    read: the calls below fail their checks of shapes, dtypes and devices,
+    which come before anything is read or launched."""
     if strides is None:
         strides = [shape[1], 1] if len(shape) == 2 else [1]
     return _k.TensorArg(0x10000, shape, strides, dtype, device, 0)
@@ -87,6 +88,11 @@ BAD_CUDA_CALLS = [
     (lambda: _k.bias_gelu(_cuda_arg([4, 8], strides=[16, 1]), _cuda_arg([8]), 1), "x must be contiguous"),
     (lambda: _k.bias_gelu(_cuda_arg([4, 8]), _cuda_arg([8], device="cpu"), 1),
      "all tensors must be on one device: x is on cuda:0, bias is on cpu"),
+    (lambda: _k.bias_gelu(_cuda_arg([4, 8], device="cpu"), _cuda_arg([8]), 1),
+     "all tensors must be on one device: x is on cpu, bias is on cuda:0"),
+    (lambda: _k.add_layer_norm(_cuda_arg([4, 8], device="cpu"), _cuda_arg([8], device="cpu"), _cuda_arg([4, 8]),
+                               _cuda_arg([8], device="cpu"), _cuda_arg([8], device="cpu"), 1e-5, 1),
+     "all tensors must be on one device: x is on cpu, residual is on cuda:0"),
     (lambda: _k.add_layer_norm(_cuda_arg([4, 8]), _cuda_arg([8]), _cuda_arg([3, 8]), _cuda_arg([8]),
                                _cuda_arg([8]), 1e-5, 1), r"residual must have shape \[4, 8\], got \[3, 8\]"),
     (lambda: _k.add_layer_norm(_cuda_arg([4, 8]), _cuda_arg([8]), _cuda_arg([4, 8]), _cuda_arg([8], "bfloat16"),

@@ -442,6 +442,7 @@ void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool port
 #endif
     return;
   }
+  check_devices({{&x, "x"}, {&bias, "bias"}});  // x on the CPU: so must the others be
   check_cpu_layer(x, "x", 2, "bias_gelu");
   check_cpu_layer(bias, "bias", 1, "bias_gelu", &x.dtype);
   check_shape(bias, "bias", {x.shape[1]});
@@ -476,6 +477,7 @@ void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& 
 #endif
     return;
   }
+  check_devices({{&x, "x"}, {&bias, "bias"}, {&residual, "residual"}, {&weight, "weight"}, {&beta, "beta"}});
   check_cpu_layer(x, "x", 2, "add_layer_norm");
   check_cpu_layer(residual, "residual", 2, "add_layer_norm", &x.dtype);
   check_shape(residual, "residual", x.shape);
