@@ -93,9 +93,9 @@ void register_kernels(py::module_& m) {
       py::arg("qkv"), py::arg("cu_seqlens"), py::arg("out"), py::arg("bias"), py::arg("scale"), py::arg("threads"),
       py::arg("portable") = false);
   k.def("bias_gelu", &bias_gelu, py::arg("x"), py::arg("bias"), py::arg("threads"), py::arg("portable") = false,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
   k.def("add_layer_norm", &add_layer_norm, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("weight"),
-        py::arg("beta"), py::arg("eps"), py::arg("threads"), py::arg("portable") = false,
+        py::arg("beta"), py::arg("eps"), py::arg("threads"), py::arg("portable") = false, py::arg("stream") = 0,
         py::call_guard<py::gil_scoped_release>());
   k.def("cpu_vector_paths", &cpu::vector_paths,
         "Whether the CPU kernels' AVX2 + FMA paths run on this CPU (else their portable loops).");

@@ -13,6 +13,10 @@ attention), the parts of an encoder layer around its GEMMs:
     bias_gelu_(x, b)                              # x = gelu(x + b), in place
     add_layer_norm_(x, b, residual, w, beta, eps) # x = layer_norm(x + b + residual), in place
 
+The two epilogues also run on CUDA tensors, in float32, float16 or bfloat16
+(computed in float32), one kernel launch on torch's current stream that
+never waits on the GPU, so they may be captured in a CUDA graph.
+
 x may be float32, float16 or bfloat16 (gather also takes int32/int64);
 lengths, cu_seqlens and index may be int32 or int64. torch owns all memory:
 outputs are allocated here and passed to the C++ kernels (fastserve._core)
@@ -34,10 +38,10 @@ outside [0, N). Two calls still wait for the stream on CUDA when the
 caller leaves out a size the output needs: pack without total (T is read
 from the offsets) and unpack without max_len (the longest sequence is).
 
-torch_pack, torch_unpack, torch_segment_pool and torch_gather compute the
-same results with torch operations, on any device. They stand in where the
-extension has no kernels for a device (a CPU-only build on a CUDA machine)
-and serve as the tests' oracle. for_device(device) picks the implementation
+torch_pack, torch_unpack, torch_segment_pool, torch_gather, torch_bias_gelu_
+and torch_add_layer_norm_ compute the same results with torch operations, on
+any device. They stand in where the extension has no kernels for a device (a
+CPU-only build on a CUDA machine) and serve as the tests' oracle. for_device(device) picks the implementation
 the engine uses: the extension's where it was built for the device, else
 torch; FASTSERVE_KERNELS=torch forces torch everywhere (tests, benchmarks).
 """
@@ -45,6 +49,7 @@ torch; FASTSERVE_KERNELS=torch forces torch everywhere (tests, benchmarks).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Callable, Iterator, Literal, NamedTuple
@@ -60,6 +65,7 @@ __all__ = [
     "cpu_isa", "cpu_isa_cap", "cpu_vector_paths",
     "cu_seqlens_from_lengths",
     "torch_pack", "torch_unpack", "torch_segment_pool", "torch_gather", "torch_attention",
+    "torch_bias_gelu_", "torch_add_layer_norm_",
     "Kernels", "for_device", "fallback_reason",
 ]
 
@@ -297,22 +303,27 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None =
 
 
 def bias_gelu_(x: torch.Tensor, bias: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
-    """x [rows, N] = gelu(x + bias [N]) in place (exact GELU, erf), CPU,
-    float32 or bfloat16 (bias in x's dtype; computed in float32): the tail of
-    an intermediate projection run as torch.mm. Returns x."""
-    _k.bias_gelu(_arg(x, "x"), _arg(bias, "bias"), _threads(threads))
+    """x [rows, N] = gelu(x + bias [N]) in place (exact GELU, erf), on the
+    CPU in float32 or bfloat16, or on CUDA (a CUDA build) in float32, float16
+    or bfloat16 (bias in x's dtype; computed in float32): the tail of an
+    intermediate projection run without its bias. Returns x. On CUDA: one
+    launch on torch's current stream, no synchronisation (threads unused)."""
+    _k.bias_gelu(_arg(x, "x"), _arg(bias, "bias"), _threads(threads), stream=_stream(x))
     return x
 
 
 def add_layer_norm_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                     beta: torch.Tensor, eps: float, *, threads: int | None = None) -> torch.Tensor:
     """x [rows, N] = layer_norm(x + bias + residual) * weight + beta in place,
-    over the last dimension, CPU, float32 or bfloat16 (every tensor in x's
-    dtype; computed in float32, the sum rounded to bfloat16 before the
-    normalisation, as torch's bfloat16 add then LayerNorm): the tail of an
-    attention or feed-forward output projection run as torch.mm. Returns x."""
+    over the last dimension, on the CPU in float32 or bfloat16, or on CUDA (a
+    CUDA build) in float32, float16 or bfloat16 (every tensor in x's dtype;
+    computed in float32, the sum rounded to x's dtype before the
+    normalisation, as torch's add then LayerNorm): the tail of an attention
+    or feed-forward output projection run without its bias. Returns x. On
+    CUDA: one launch on torch's current stream, no synchronisation (threads
+    unused)."""
     _k.add_layer_norm(_arg(x, "x"), _arg(bias, "bias"), _arg(residual, "residual"), _arg(weight, "weight"),
-                      _arg(beta, "beta"), float(eps), _threads(threads))
+                      _arg(beta, "beta"), float(eps), _threads(threads), stream=_stream(x))
     return x
 
 
@@ -482,11 +493,51 @@ def torch_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | 
     return out
 
 
+def _check_epilogue(x: torch.Tensor, named: list[tuple[torch.Tensor, str, int]]) -> None:
+    """The epilogues' checks on CUDA (the extension's messages), with no
+    device read: x [rows, N] float; the others x's dtype, on x's device,
+    [N] (1-D) or x's shape (2-D)."""
+    _check_float(x, "x", 2)
+    for t, name, dim in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({_name(x)}), got {_name(t)}")
+        want = list(x.shape) if dim == 2 else [x.shape[1]]
+        if list(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"all tensors must be on one device: x is on {x.device}, {name} is on {t.device}")
+
+
+def torch_bias_gelu_(x: torch.Tensor, bias: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+    """bias_gelu_() with torch operations, on any device and float dtype
+    (computed in float32 through a temporary; threads is unused)."""
+    _check_epilogue(x, [(bias, "bias", 1)])
+    x.copy_(F.gelu(x.float() + bias.float()))
+    return x
+
+
+def torch_add_layer_norm_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          beta: torch.Tensor, eps: float, *, threads: int | None = None) -> torch.Tensor:
+    """add_layer_norm_() with torch operations, on any device and float dtype
+    (the sum rounded to x's dtype, then F.layer_norm in float32; threads is
+    unused)."""
+    _check_epilogue(x, [(bias, "bias", 1), (residual, "residual", 2), (weight, "weight", 1), (beta, "beta", 1)])
+    if not (math.isfinite(eps) and 0 <= eps <= torch.finfo(torch.float32).max):
+        raise ValueError(f"eps must be finite and >= 0 as a float32, got {eps}")
+    s = (x.float() + bias.float() + residual.float()).to(x.dtype)
+    x.copy_(F.layer_norm(s.float(), (x.shape[1],), weight.float(), beta.float(), float(eps)))
+    return x
+
+
 # -------------------------------------------------------------- per device
 
 
 class Kernels(NamedTuple):
-    """One implementation of the four kernels; name is "cpu" or "cuda" (the
+    """One implementation of the kernels; name is "cpu" or "cuda" (the
     extension's) or "torch"."""
 
     name: str
@@ -494,9 +545,12 @@ class Kernels(NamedTuple):
     unpack: Callable[..., torch.Tensor]
     segment_pool: Callable[..., torch.Tensor]
     gather: Callable[..., torch.Tensor]
+    bias_gelu_: Callable[..., torch.Tensor]
+    add_layer_norm_: Callable[..., torch.Tensor]
 
 
-_TORCH = Kernels("torch", torch_pack, torch_unpack, torch_segment_pool, torch_gather)
+_TORCH = Kernels("torch", torch_pack, torch_unpack, torch_segment_pool, torch_gather, torch_bias_gelu_,
+                 torch_add_layer_norm_)
 
 
 def _compiled_for(device_type: str) -> bool:
@@ -517,7 +571,7 @@ def for_device(device: torch.device | str) -> Kernels:
     device = torch.device(device)
     if _forced_torch() or not _compiled_for(device.type):
         return _TORCH
-    return Kernels(device.type, pack, unpack, segment_pool, gather)
+    return Kernels(device.type, pack, unpack, segment_pool, gather, bias_gelu_, add_layer_norm_)
 
 
 def fallback_reason(device: torch.device | str) -> str | None:

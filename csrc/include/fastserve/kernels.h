@@ -112,12 +112,23 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
                double scale, int threads, bool portable = false);
 
 // The elementwise tails of an encoder layer, in place on a GEMM's output x
-// [rows, N] (float32, CPU) that ran without its bias [N]:
+// [rows, N] that ran without its bias [N]:
 // bias_gelu: x = gelu(x + bias), GELU exact (erf);
 // add_layer_norm: x = LayerNorm(x + bias + residual) * weight + beta, over N.
-void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable = false);
+// CPU tensors: float32 or bfloat16, on up to `threads` threads. CUDA tensors
+// (a CUDA build): float32, float16 or bfloat16, one launch on `stream`
+// (threads and portable unused); validation reads only shapes, dtypes and
+// devices, so a call never waits on the GPU and may be captured in a graph.
+void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable = false, uintptr_t stream = 0);
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
-                    const TensorArg& beta, double eps, int threads, bool portable = false);
+                    const TensorArg& beta, double eps, int threads, bool portable = false, uintptr_t stream = 0);
+// Their CUDA kernels (csrc/kernels/cuda/epilogue.cu, only when CUDA is
+// compiled in), on validated contiguous device memory of `dtype`.
+namespace cuda {
+void bias_gelu(void* x, const void* bias, DType dtype, int64_t rows, int64_t N, int device, uintptr_t stream);
+void add_layer_norm(void* x, const void* bias, const void* residual, const void* w, const void* b, float eps,
+                    DType dtype, int64_t rows, int64_t N, int device, uintptr_t stream);
+}  // namespace cuda
 
 namespace cpu {
 void pack(const void* x, int64_t B, int64_t L, const int64_t* cu, size_t row_bytes, void* out);

@@ -422,7 +422,27 @@ void attention(const TensorArg& qkv, const TensorArg& cu_seqlens, const TensorAr
                    static_cast<float*>(out.data), cap(portable));
 }
 
-void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable) {
+// An epilogue's tensor on CUDA: float32, float16 or bfloat16 (x), or x's
+// dtype (the others), contiguous, of `ndim` dimensions.
+void check_cuda_layer(const TensorArg& t, const char* name, size_t ndim, const TensorArg& x) {
+  check_tensor(t, name, ndim);
+  if (&t == &x) check_float(t, name);
+  else check_same_dtype(x, "x", t, name);
+}
+
+void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool portable, uintptr_t stream) {
+  if (on_cuda(x)) {
+    check_cuda_layer(x, "x", 2, x);
+    check_cuda_layer(bias, "bias", 1, x);
+    check_shape(bias, "bias", {x.shape[1]});
+    check_devices({{&x, "x"}, {&bias, "bias"}});
+    if (x.shape[0] == 0 || x.shape[1] == 0) return;
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::bias_gelu(x.data, bias.data, x.dtype, x.shape[0], x.shape[1], x.device_index, stream);
+#endif
+    return;
+  }
+  check_devices({{&x, "x"}, {&bias, "bias"}});  // x on the CPU: so must the others be
   check_cpu_layer(x, "x", 2, "bias_gelu");
   check_cpu_layer(bias, "bias", 1, "bias_gelu", &x.dtype);
   check_shape(bias, "bias", {x.shape[1]});
@@ -437,7 +457,27 @@ void bias_gelu(const TensorArg& x, const TensorArg& bias, int threads, bool port
 }
 
 void add_layer_norm(const TensorArg& x, const TensorArg& bias, const TensorArg& residual, const TensorArg& weight,
-                    const TensorArg& beta, double eps, int threads, bool portable) {
+                    const TensorArg& beta, double eps, int threads, bool portable, uintptr_t stream) {
+  if (on_cuda(x)) {
+    check_cuda_layer(x, "x", 2, x);
+    check_cuda_layer(residual, "residual", 2, x);
+    check_shape(residual, "residual", x.shape);
+    for (const auto& [t, name] : {std::pair{&bias, "bias"}, {&weight, "weight"}, {&beta, "beta"}}) {
+      check_cuda_layer(*t, name, 1, x);
+      check_shape(*t, name, {x.shape[1]});
+    }
+    const float eps32 = as_float32(eps);  // as on the CPU, below
+    if (!(std::isfinite(eps32) && eps32 >= 0))
+      fail("eps must be finite and >= 0 as a float32, got " + float32_arg_str(eps));
+    check_devices({{&x, "x"}, {&bias, "bias"}, {&residual, "residual"}, {&weight, "weight"}, {&beta, "beta"}});
+    if (x.shape[0] == 0 || x.shape[1] == 0) return;
+#ifdef FASTSERVE_WITH_CUDA
+    cuda::add_layer_norm(x.data, bias.data, residual.data, weight.data, beta.data, eps32, x.dtype, x.shape[0],
+                         x.shape[1], x.device_index, stream);
+#endif
+    return;
+  }
+  check_devices({{&x, "x"}, {&bias, "bias"}, {&residual, "residual"}, {&weight, "weight"}, {&beta, "beta"}});
   check_cpu_layer(x, "x", 2, "add_layer_norm");
   check_cpu_layer(residual, "residual", 2, "add_layer_norm", &x.dtype);
   check_shape(residual, "residual", x.shape);
