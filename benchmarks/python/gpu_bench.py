@@ -115,13 +115,14 @@ def bert_base_folder(root: Path) -> Path:
 
 
 def make_engine(path: Path, dtype: torch.dtype, max_len: int, attention: str | None = None, graphs: bool = True,
-                **kw: Any) -> Any:
+                epilogues: bool = True, **kw: Any) -> Any:
     """A fastserve Engine over `path`, with packed attention forced where
-    `attention` is given and CUDA graphs on or off (both are read when the
-    runner is made)."""
+    `attention` is given, and CUDA graphs and the CUDA epilogue kernels on
+    or off (all read when the runner is made)."""
     import fastserve
 
-    env = {"FASTSERVE_PACKED_ATTENTION": attention, "FASTSERVE_CUDA_GRAPHS": None if graphs else "0"}
+    env = {"FASTSERVE_PACKED_ATTENTION": attention, "FASTSERVE_CUDA_GRAPHS": None if graphs else "0",
+           "FASTSERVE_CUDA_EPILOGUES": None if epilogues else "0"}
     old = {k: os.environ.pop(k, None) for k in env}
     try:
         os.environ.update({k: v for k, v in env.items() if v is not None})
@@ -163,7 +164,7 @@ def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
     engines = {"fastserve default (CUDA graphs)": make_engine(path, dtype, max_len),
                "fastserve, no CUDA graphs": make_engine(path, dtype, max_len, graphs=False),
                "fastserve, padded-copy attention, no graphs (before)": make_engine(path, dtype, max_len, "pad",
-                                                                                   graphs=False)}
+                                                                                   graphs=False, epilogues=False)}
     calls: dict[str, Callable[[], Any]] = {name: (lambda e=e: e.embed(text)) for name, e in engines.items()}
     calls["transformers (direct call)"] = lambda: hf.encode([text])
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -260,7 +261,8 @@ def offline(path: Path, dtype: torch.dtype, n: int, repeats: int, log: Callable[
     static = dict(policy="static", max_batch_tokens=16384, max_batch_size=256)
     engine("fastserve default (adaptive, packed)", None)
     engine("fastserve default, no CUDA graphs", None, graphs=False)
-    engine("fastserve default, padded-copy attention, no graphs (before)", "pad", graphs=False)
+    engine("fastserve default, no epilogue kernels", None, epilogues=False)
+    engine("fastserve default, padded-copy attention, no graphs (before)", "pad", graphs=False, epilogues=False)
     engine("fastserve static 16k, packed", None, **static)
     engine("fastserve static 16k, packed, padded-copy attention", "pad", **static)
     engine("fastserve static 16k, packed, per-length attention", "runs", **static)

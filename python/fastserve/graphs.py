@@ -165,21 +165,22 @@ class CudaGraphs:
             return None
         g = self._graphs.get(key)
         if g is None:
-            g = self._capture(*key)
+            g = _Graph(*key, self.device)
         else:
             self._graphs.move_to_end(key)
         g.fill(ids, positions, cu, self.pad_id, self.max_length, self.position_offset)
+        if g.graph is None:  # warmed up and captured on this batch
+            self._capture(g)
         g.graph.replay()
         self.replays += 1
         return g.hidden[: len(ids)], g.cu[: len(cu)]
 
-    def _capture(self, tokens: int, slots: int) -> _Graph:
+    def _capture(self, g: _Graph) -> None:
+        """Capture g's forward, its input buffer holding a batch (which the
+        warm-up run computes on)."""
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
-        g = _Graph(tokens, slots, self.device)
-        # A valid batch to warm up on and capture over: ghosts only.
-        g.fill(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), self.pad_id,
-               self.max_length, self.position_offset)
+        tokens = g.tokens
         max_seqlen = min(tokens, self.max_length)
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,14 +202,13 @@ class CudaGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             g.hidden, g.cu = step()
         g.graph = graph
-        self._graphs[(tokens, slots)] = g
+        self._graphs[(tokens, g.slots)] = g
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
             self.dropped += 1
         self.captured += 1
         self.capture_s += time.perf_counter() - t0
         self.capture_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
-        return g
 
     def stats(self) -> dict[str, Any]:
         return {
