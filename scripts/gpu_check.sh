@@ -42,13 +42,15 @@ arch=${CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH}
 CMAKE_ARGS="$arch" stage build "${BUILD_S:-300}" $PY -m pip install -q --no-build-isolation --no-deps . || exit 1
 $PY -c "from fastserve import _core as c; print('cuda compiled:', c.cuda_compiled(), 'devices:', c.cuda_device_count())"
 
-pytest_gpu=($PY -m pytest -m gpu -q -p no:cacheprovider -W ignore::UserWarning -rfE)
-stage tests_first "${TESTS_FIRST_S:-180}" "${pytest_gpu[@]}" tests/python/test_cuda_graphs.py \
-  tests/python/test_kernels.py tests/python/test_epilogues.py
+pytest_gpu="$PY -X faulthandler -m pytest -m gpu -q -p no:cacheprovider -W ignore::UserWarning -rfE"
+# One process per file: a crash in one leaves the others' results.
+stage tests_first "${TESTS_FIRST_S:-180}" bash -c "rc=0; for f in tests/python/test_cuda_graphs.py \
+  tests/python/test_epilogues.py tests/python/test_kernels.py; do echo \"# \$f\"; $pytest_gpu \$f || rc=1; done; exit \$rc"
 stage micro "${MICRO_S:-90}" bash -c "$PY benchmarks/python/bench_kernels.py --device cuda --cuda-only && \
   $PY benchmarks/python/epilogue_ab.py"
 # shellcheck disable=SC2086
 stage bench "${BENCH_S:-300}" $PY benchmarks/python/gpu_bench.py --out "$OUT" --skip kernels ${GPU_BENCH_ARGS:-}
-stage tests_rest "${TESTS_REST_S:-300}" "${pytest_gpu[@]}" tests/python/test_gpu.py
+# shellcheck disable=SC2086
+stage tests_rest "${TESTS_REST_S:-300}" $pytest_gpu tests/python/test_gpu.py
 echo "all done: $(( $(date +%s) - start )) s"
 exit $status

@@ -186,12 +186,53 @@ def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
         e = engines.get(name)
         if e is not None:
             row["cuda_graphs"] = e.stats()["cuda_graphs"]
+            row.update(breakdown(e, text))
         rows.append(row)
-        log(f"  {name}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms")
+        log(f"  {name}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms; in the runner "
+            f"{row.get('runner_ms', float('nan')):.3f} ms, of it the graph on the GPU "
+            f"{row.get('replay_gpu_ms') or float('nan'):.3f} ms")
     for e in engines.values():
         e.close()
     del hf
     return rows
+
+
+def breakdown(engine: Any, text: str, calls: int = 200) -> dict[str, Any]:
+    """Where one request's time goes: the worker's runner.run per batch
+    (batch to rows on the host: inputs copied, the model, pooling, the copy
+    back) and, where a CUDA graph ran it, the graph's replay alone on the
+    GPU (CUDA events, back to back)."""
+    runner = engine.runner
+    run, spent = runner.run, []
+
+    def timed(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return run(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    runner.run = timed
+    try:
+        for _ in range(calls):
+            engine.embed(text)
+    finally:
+        runner.run = run
+    out: dict[str, Any] = {"runner_ms": float(np.median(spent) * 1e3), "replay_gpu_ms": None}
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None and graphs._graphs and DEVICE != "cpu":
+        g = next(reversed(graphs._graphs.values()))  # the last used: this text's shape
+        with graphs.lock:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.graph.replay()
+            start.record()
+            for _ in range(calls):
+                g.graph.replay()
+            end.record()
+            end.synchronize()
+        out["replay_gpu_ms"] = start.elapsed_time(end) / calls
+        out["graph_shape"] = [g.tokens, g.slots]
+    return out
 
 
 def padded_half(path: Path, dtype: torch.dtype, n: int, repeats: int,
@@ -381,8 +422,11 @@ def markdown(result: dict[str, Any]) -> str:
             rows = parts["latency"]
             out += [f"One request at a time of {rows[0]['tokens']} tokens, end to end in-process "
                     f"({rows[0]['requests']} requests each, interleaved):", "",
-                    "| method | p50 ms | p99 ms | mean ms |", "|---|---:|---:|---:|"]
-            out += [f"| {r['method']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} |" for r in rows]
+                    "| method | p50 ms | p99 ms | mean ms | in the runner, ms | graph on the GPU, ms |",
+                    "|---|---:|---:|---:|---:|---:|"]
+            out += [f"| {r['method']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
+                    + (f"{r['runner_ms']:.3f}" if "runner_ms" in r else "-") + " | "
+                    + (f"{r['replay_gpu_ms']:.3f}" if r.get("replay_gpu_ms") else "-") + " |" for r in rows]
             graphs = next((r["cuda_graphs"] for r in rows if r.get("cuda_graphs")), None)
             if graphs:
                 out += ["", f"CUDA graphs: `{json.dumps(graphs)}`"]

@@ -615,9 +615,8 @@ def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
 
 def _tail_containers(block: torch.nn.Module, distil: bool) -> tuple:
     """The modules of a standard layer (_standard_layer) around its tails'
-    parts, whose forwards the CUDA epilogues also stand for."""
-    around = (block.ffn, block.ffn.activation) if distil else \
-        (block.attention.output, block.intermediate, block.intermediate.intermediate_act_fn, block.output)
+    parts, whose forwards the CUDA epilogue also stands for."""
+    around = (block.ffn,) if distil else (block.attention.output, block.output)
     return tuple(m for m in around if isinstance(m, torch.nn.Module))
 
 
@@ -732,8 +731,8 @@ class PackedRunner:
         # Batches by the attention that actually ran: with one length in the
         # batch, "pad" runs as "runs" (one dense call needs no mask).
         self.attention_batches = dict.fromkeys(ATTENTION_METHODS, 0)
-        # CUDA: the layers' projection tails (bias + GELU, bias + residual +
-        # LayerNorm) through fastserve's epilogue kernels, where every layer
+        # CUDA: the layers' output projection tails (bias + residual +
+        # LayerNorm) through fastserve's epilogue kernel, where every layer
         # is the standard one and the kernels are built for CUDA;
         # FASTSERVE_CUDA_EPILOGUES=0 turns them off (benchmarks). Each with
         # the modules its parts stand for (a hook on one: that layer's modules run).
@@ -837,9 +836,9 @@ class PackedRunner:
         return np.asarray(batch.position_ids)
 
     def _tail(self, i: int) -> Optional[tuple]:
-        """Layer i's parts (_standard_layer) where its projections' tails run
-        through the CUDA epilogue kernels now: none of the modules they
-        stand for has a hook or a replaced forward."""
+        """Layer i's parts (_standard_layer) where its output projections'
+        tails run through the CUDA epilogue kernel now: none of the modules
+        it stands for has a hook or a replaced forward."""
         if self._tails is None:
             return None
         parts, modules = self._tails[i]
@@ -863,13 +862,16 @@ class PackedRunner:
 
     def _feed_forward(self, i: int, a: torch.Tensor) -> torch.Tensor:
         """Layer i's feed-forward and its output LayerNorm, through its
-        modules (or the projections with bias + GELU, then bias + residual +
-        LayerNorm, in CUDA kernels)."""
+        modules (or the output projection, then bias + residual + LayerNorm
+        in one CUDA kernel). The intermediate projection keeps its own bias
+        and GELU: cuBLAS adds the bias inside the product, and fastserve's
+        bias + GELU kernel measured no faster than that and torch's GELU
+        (0.94-0.99x on an H200, benchmarks/README.md, "GPU")."""
         block = self.blocks[i]
         tail = self._tail(i)
         if tail is not None:
             _, _, inter, out, ln = tail
-            x = kernels.bias_gelu_(F.linear(a, inter.weight), inter.bias)
+            x = block.ffn.activation(inter(a)) if self.distil else block.intermediate(a)
             return kernels.add_layer_norm_(F.linear(x, out.weight), out.bias, a, ln.weight, ln.bias, ln.eps)
         if self.distil:
             return block.output_layer_norm(block.ffn(a) + a)
