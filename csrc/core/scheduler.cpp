@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <functional>
 #include <limits>
-#include <sstream>
 
 #include "fastserve/errors.h"
 
@@ -355,12 +354,13 @@ void Scheduler::check_servable_locked(const std::vector<std::vector<int32_t>>& r
   }
   const double alone = compute_locked(own, own, INFINITY);
   if (now + alone <= deadline) return;
-  std::ostringstream msg;
-  msg.precision(3);
-  msg << requests.size() << " requests of " << tokens << " tokens together need about " << alone
-      << " s of compute alone at the measured rate, past their deadline " << (deadline - now)
-      << " s away: submit fewer at once, or give them more time";
-  throw InvalidArgument(msg.str());
+  // (snprintf, not iostreams: kernels/cpu/dispatch.cpp, shape_str, says why.)
+  char msg[256];
+  std::snprintf(msg, sizeof msg,
+                "%zu requests of %lld tokens together need about %.3g s of compute alone at the measured rate, "
+                "past their deadline %.3g s away: submit fewer at once, or give them more time",
+                requests.size(), static_cast<long long>(tokens), alone, deadline - now);
+  throw InvalidArgument(msg);
 }
 
 double Scheduler::predict_completion(int64_t tokens, int priority) const {

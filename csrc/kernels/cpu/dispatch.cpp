@@ -4,8 +4,8 @@
 // argument, so Python sees a ValueError with a useful message.
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <limits>
-#include <sstream>
 
 #include "fastserve/device.h"
 #include "fastserve/errors.h"
@@ -54,12 +54,22 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) { throw InvalidArgument(msg); }
 
+// Messages are formatted without iostreams: where a build links its own copy
+// of libstdc++ (the lent H200 machine's toolchain did), its streams' locale is
+// never set up and the first `<<` of a number crashed the process (a
+// segfault in ostream::_M_insert<long>, seen under cuda-gdb), so a bad
+// argument took the engine down instead of raising.
 std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << '[';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << ']';
-  return o.str();
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+// A double as iostreams print one by default (%g: six significant digits).
+std::string g_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
 }
 
 std::string dtype_name(const TensorArg& t) {
@@ -85,10 +95,8 @@ float as_float32(double v) {
 // The argument for a message: "1e+39 (inf as a float32)", or just "-1"
 // where the float32 reads the same.
 std::string float32_arg_str(double v) {
-  std::ostringstream o, f;
-  o << v;
-  f << as_float32(v);
-  return o.str() == f.str() ? o.str() : o.str() + " (" + f.str() + " as a float32)";
+  const std::string o = g_str(v), f = g_str(as_float32(v));
+  return o == f ? o : o + " (" + f + " as a float32)";
 }
 
 // Shape, size and layout of one tensor: ndim, non-negative dims, element and
