@@ -13,6 +13,7 @@
 
 #include "epilogue_threads.cuh"
 #include "fastserve/kernels.h"
+#include "guard.cuh"
 
 namespace fastserve {
 namespace kernels {
@@ -20,33 +21,6 @@ namespace cuda {
 namespace {
 
 using namespace epilogue;
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
-  }
-}
-
-// Makes `device` current for the scope of one call, restoring the caller's
-// (torch's current stream belongs to the tensors' device, which need not be
-// the current one).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
 
 template <class E, int V>
 __global__ void __launch_bounds__(256) bias_gelu_kernel(BiasGeluParams p) {

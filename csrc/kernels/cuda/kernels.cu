@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fastserve/kernels.h"
+#include "guard.cuh"
 #include "kernel_threads.cuh"
 
 namespace fastserve {
@@ -18,31 +19,6 @@ namespace cuda {
 namespace {
 
 using namespace threads;
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
-  }
-}
-
-// Makes `device` current for the scope of one call, restoring the caller's.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
 
 enum class CopyOp { kPack, kUnpack, kGather };
 
