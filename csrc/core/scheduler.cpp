@@ -174,7 +174,7 @@ double Scheduler::compute_locked(double work, double fill, double room) const {
   // the tail J once more) when that is sooner and leaves the earliest
   // deadline ahead (room: seconds from the batch's start) a margin of J:
   // batch formation then takes it past the budget (assemble_in_order_locked).
-  const double B = static_cast<double>(std::max<int64_t>(controllers_[first_live_locked()]->budget(), 1));
+  const double B = static_cast<double>(std::max<int64_t>(batch_budget_locked(first_live_locked()), 1));
   const double n = static_cast<double>(std::max(live_, 1));
   double t;
   if (work <= B) {
@@ -198,7 +198,7 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   const double a = std::max(0.0, compute_fit_.intercept()), b = compute_fit_.slope();
   double budgets = 0;
   for (size_t k = 0; k < controllers_.size(); ++k)
-    if (!retired_[k]) budgets += static_cast<double>(controllers_[k]->budget());
+    if (!retired_[k]) budgets += static_cast<double>(batch_budget_locked(k));
   // A queue past twice the budgets together goes in full budgets whatever
   // the split; below that its exact cost is summed (a short walk).
   if (!(b > 0) || queued_tokens_ <= 0 || cost_factor_ * static_cast<double>(queued_tokens_) > 2 * budgets)
@@ -221,7 +221,7 @@ double Scheduler::share_locked(double now, int worker, double budget) const {
   for (int w = 0; w < workers(); ++w) {
     const auto k = static_cast<size_t>(w);
     if (w == worker || overdue[k] || retired_[k]) continue;
-    const double cap = static_cast<double>(controllers_[k]->budget());
+    const double cap = static_cast<double>(batch_budget_locked(k));
     if (until[k] >= 0)
       others.push_back({until[k], cap});
     else if (waiting_[k] || now - seen_at_[k] <= kAbsentS)
@@ -644,7 +644,7 @@ std::optional<std::shared_ptr<Batch>> Scheduler::preempt(Batch& running, double 
     rest = std::max(rest, (now - r.last_at - (r.paused - r.last_paused)) / (done - r.last_done) * (1 - done));
   r.last_at = now, r.last_done = done, r.last_paused = r.paused;
   r.end = now + rest;
-  const double B = static_cast<double>(controllers_[static_cast<size_t>(running.worker)]->budget());
+  const double B = static_cast<double>(batch_budget_locked(static_cast<size_t>(running.worker)));
   // The urgent batch: the head's class in queue order, while it fits the
   // budget and every member ends by its deadline, a tail J included.
   std::vector<uint64_t> take;
@@ -728,9 +728,13 @@ int64_t bucket_floor(int64_t tokens) {
   return tokens / step * step;
 }
 
+int64_t Scheduler::batch_budget_locked(size_t worker) const {
+  const int64_t b = controllers_[worker]->budget();
+  return config_.token_buckets ? bucket_floor(b) : b;
+}
+
 std::shared_ptr<Batch> Scheduler::assemble_locked(double now, int worker) {
-  int64_t budget = controllers_[static_cast<size_t>(worker)]->budget();
-  if (config_.token_buckets) budget = bucket_floor(budget);
+  const int64_t budget = batch_budget_locked(static_cast<size_t>(worker));
   auto batch = std::make_shared<Batch>(next_batch_seq_++, config_.pad_token_id, now, budget);
   batch->worker = worker;
   batch->owner = this;

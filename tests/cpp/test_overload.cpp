@@ -337,12 +337,13 @@ struct Measured {
   std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>(0.0);
   Scheduler s;
   explicit Measured(int64_t budget = 1000, int workers = 1, bool extend = false, int64_t layers = 0,
-                    Cost cost = Cost::Packed, double target_s = kTarget)
-      : s([extend, layers, cost] {
+                    Cost cost = Cost::Packed, double target_s = kTarget, bool buckets = false)
+      : s([extend, layers, cost, buckets] {
       SchedulerConfig sc = engine_scheduler();
       sc.extend_past_budget = extend;
       sc.preempt_layers = layers;
       sc.cost = cost;
+      sc.token_buckets = buckets;
       return sc;
     }(), [budget, target_s] {
       ControllerConfig c = engine_controller("static");
@@ -424,6 +425,27 @@ TEST(Admission, PredictsFromWorkAheadAndRefusesWhatWouldMissItsDeadline) {
   const auto st = m.s.snapshot().stats;
   EXPECT_EQ(st.refused, 2);
   EXPECT_EQ(st.rejected, 0);
+}
+
+TEST(Admission, WithTokenBucketsPredictsTheBatchesFormationMakes) {
+  // Budget 1,040 tokens; 970 queued ahead, then 60 more. Without buckets
+  // the 60 join the first batch (1,030 tokens); with them the budget is
+  // 1,024 (a bucket): the first batch stops at 970 and the 60 run in the
+  // second, as admission now predicts.
+  for (bool buckets : {false, true}) {
+    Measured m(1040, 1, false, 0, Cost::Packed, kTarget, buckets);
+    const double now = m.clock->now();
+    for (int i = 0; i < 10; ++i) m.s.submit(toks(97));
+    const double predicted = m.s.predict_completion(60) - now;
+    if (buckets) {
+      EXPECT_GE(predicted, 2 * (0.002 + 20e-6 * 1024) * 0.99);
+    } else {
+      EXPECT_LE(predicted, (0.002 + 20e-6 * 1040) * 1.25);
+    }
+    m.s.submit(toks(60));
+    auto b = *m.s.next_batch(0);
+    EXPECT_EQ(b->total_tokens(), buckets ? 970 : 1030);
+  }
 }
 
 TEST(Admission, SubmitManyAdmitsThePrefixThatMakesItsDeadline) {

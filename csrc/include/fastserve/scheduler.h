@@ -312,6 +312,9 @@ class Scheduler {
   int busy_workers_locked() const;
   bool free_worker_locked() const { return busy_workers_locked() < live_; }
   size_t first_live_locked() const;  // the first worker not retired (0 when none is live)
+  // Worker k's batch budget: its controller's, rounded down to a token
+  // bucket with token_buckets (what formation fills, and what predictions assume).
+  int64_t batch_budget_locked(size_t worker) const;
   double extend_limit_locked(double budget) const;  // largest batch past the budget
   double ahead_locked(int priority) const;      // queued cost at priority or higher
   double arrivals_locked(int priority) const;   // arrival rate (real tokens/s) at priority or higher
