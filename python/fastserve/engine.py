@@ -777,6 +777,10 @@ class Engine(tasks.TaskCalls):
         self._ghost_pad = (pad if pad is not None else 0) \
             if self.device.type == "cpu" and self.runner.name == "packed" else None
         self._ghost_buckets = self._process["onednn"] == "on, token buckets"
+        # Batches that replay CUDA graphs (graphs.py): not where they always
+        # run eagerly (pausing, pipeline stages, rerank pairs with types).
+        self._graphs = getattr(self.runner, "graphs", None) \
+            if not self.preempt and parallel == "data" and task != "rerank" else None
         batch_cfg = dict(
             max_batch_size=max_batch_size,
             max_request_tokens=min(self.max_length, self.memory_budget.tokens if self.memory_budget else 1 << 30),
@@ -789,8 +793,7 @@ class Engine(tasks.TaskCalls):
             preempt_layers=len(self.runner.blocks) if self.preempt else 0,
             # Batches padded up to token buckets (CUDA graphs, or ghosts on the
             # CPU: shapes.py) are formed to fill the bucket within the budget.
-            token_buckets=getattr(self.runner, "graphs", None) is not None
-            or (self._ghost_pad is not None and self._ghost_buckets),
+            token_buckets=self._graphs is not None or (self._ghost_pad is not None and self._ghost_buckets),
         )
         sched_cfg = _core.SchedulerConfig(
             max_queue_requests=max_queue,
@@ -1150,9 +1153,10 @@ class Engine(tasks.TaskCalls):
         s["model_attention"] = None if self.runner.name == "packed" else \
             (getattr(self.model.config, "_attn_implementation", None) or "eager")
         s["attention_batches"] = replicas_.attention_batches(self._replicas)
-        # Each worker's CUDA graphs (python/fastserve/graphs.py; None: none are used).
-        graphs = [getattr(r.runner, "graphs", None) for r in self._replicas]
-        s["cuda_graphs"] = [g.stats() for g in graphs] if any(graphs) else None
+        # The CUDA graphs (python/fastserve/graphs.py), each set once (replicas
+        # on one device share their runner's); None: none are used.
+        graphs = list({id(g): g for r in self._replicas if (g := getattr(r.runner, "graphs", None))}.values())
+        s["cuda_graphs"] = [g.stats() for g in graphs] or None
         # Each worker's warm-up batch, seconds (None: none ran, or it failed).
         s["warmup_s"] = [r.warmup_s for r in self._replicas]
         s["activation"] = self.activation
@@ -1617,6 +1621,10 @@ class Engine(tasks.TaskCalls):
         threads = replica.threads_for(self._batch_tokens(batch))
         pausing = self.preempt and runner.pause_hook is None  # an urgent batch runs whole
         state: dict[str, Any] = {"paused": 0.0, "live": None}
+        # A CUDA graph captured on this batch is set-up, not the batch's cost:
+        # its seconds are left out of what the scheduler's fits learn from.
+        graphs = getattr(runner, "graphs", None)
+        captured = graphs.capture_s if graphs is not None else 0.0
         t0 = time.perf_counter()
         try:
             if pausing:
@@ -1651,6 +1659,8 @@ class Engine(tasks.TaskCalls):
             if pausing:
                 runner.pause_hook = None
         compute = time.perf_counter() - t0 - state["paused"]
+        if graphs is not None:
+            compute = max(compute - (graphs.capture_s - captured), 1e-6)
         replica.record(batch.size, compute, threads=threads)
         self._scheduler.complete(batch, compute, self._ghost_tokens(batch))
         queued = batch.assembled_at - batch.arrivals
@@ -1702,9 +1712,8 @@ class Engine(tasks.TaskCalls):
         """The tokens of the ghost sequences _rows adds to the batch (none
         where batches are not padded)."""
         tokens = int(batch.total_tokens)
-        graphs = getattr(self.runner, "graphs", None)
-        if graphs is not None:  # a CUDA graph's ghosts (graphs.py)
-            shape = graphs.shape(tokens, int(batch.size))
+        if self._graphs is not None:  # a CUDA graph's ghosts (graphs.py)
+            shape = self._graphs.shape(tokens, int(batch.size))
             return 0 if shape is None else shape[0] - tokens
         if self._ghost_pad is None:
             return 0

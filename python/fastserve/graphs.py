@@ -36,6 +36,7 @@ or autocast is on, batches run eagerly, so that what the caller attached runs.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -45,8 +46,13 @@ import torch
 
 from . import shapes
 
+log = logging.getLogger("fastserve")
+
 # The most graphs kept; the least recently used is dropped past it.
-MAX_GRAPHS = 64
+MAX_GRAPHS = 128
+# One capture at a time in the process (torch's rule), whichever engine or
+# replica captures.
+_CAPTURING = threading.Lock()
 
 
 def sequence_slots(sequences: int) -> int:
@@ -122,8 +128,12 @@ class CudaGraphs:
                                for name in (*m._parameters, *m._buffers)], versions=False)
         self._graphs: collections.OrderedDict[tuple[int, int], _Graph] = collections.OrderedDict()
         self._pool: Any = None
+        self._stream: Optional[torch.cuda.Stream] = None  # this object's capture stream, on its device
+        self._failed: set[tuple[int, int]] = set()  # shapes whose capture raised: eager from then on
         self.lock = threading.Lock()
         self.captured = 0
+        self.failed = 0
+        self.last_capture_s = 0.0  # the capture time of the last run() (0: none)
         self.capture_s = 0.0
         self.capture_bytes = 0
         self.replays = 0
@@ -159,8 +169,9 @@ class CudaGraphs:
         tokens' hidden states [T, H] and the batch's cu_seqlens [B + 1]
         (int32), views of the graph's outputs, valid until the next replay
         (hold `lock` until they are read). None: the batch is not for a graph."""
+        self.last_capture_s = 0.0
         key = self.shape(len(ids), len(cu) - 1)
-        if key is None:
+        if key is None or key in self._failed:
             self.eager += 1
             return None
         g = self._graphs.get(key)
@@ -169,16 +180,38 @@ class CudaGraphs:
         else:
             self._graphs.move_to_end(key)
         g.fill(ids, positions, cu, self.pad_id, self.max_length, self.position_offset)
-        if g.graph is None:  # warmed up and captured on this batch
-            self._capture(g)
-        g.graph.replay()
+        if g.graph is None and not self._capture(g):  # warmed up and captured on this batch
+            self.eager += 1
+            return None
+        with torch.cuda.device(self.device):
+            g.graph.replay()
         self.replays += 1
         return g.hidden[: len(ids)], g.cu[: len(cu)]
 
-    def _capture(self, g: _Graph) -> None:
+    def _capture(self, g: _Graph) -> bool:
         """Capture g's forward, its input buffer holding a batch (which the
-        warm-up run computes on)."""
+        warm-up run computes on). False where it raised: the shape runs
+        eagerly from then on (counted in `failed`, logged once per shape)."""
         t0 = time.perf_counter()
+        try:
+            # The device and the stream set for the capture, put back however
+            # it ends (torch's graph context leaves its capture stream current
+            # where ending the capture raises).
+            with torch.cuda.device(self.device), torch.cuda.stream(torch.cuda.current_stream(self.device)):
+                with _CAPTURING:
+                    self._capture_on_device(g)
+        except Exception as e:  # noqa: BLE001 - the batch then runs eagerly
+            self._failed.add((g.tokens, g.slots))
+            self.failed += 1
+            log.warning("CUDA graph capture failed for batches of %d tokens in %d sequence slots (%r); they run "
+                        "without a graph", g.tokens, g.slots, e)
+            return False
+        finally:
+            self.last_capture_s = time.perf_counter() - t0
+            self.capture_s += self.last_capture_s
+        return True
+
+    def _capture_on_device(self, g: _Graph) -> None:
         before = torch.cuda.memory_reserved(self.device)
         tokens = g.tokens
         max_seqlen = min(tokens, self.max_length)
@@ -190,7 +223,9 @@ class CudaGraphs:
         # One eager run on a side stream first (cuBLAS and the allocator set
         # up outside the capture), as torch's graph notes advise.
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        side = self._stream
         side.wait_stream(current)
         with torch.cuda.stream(side):
             step()
@@ -198,8 +233,10 @@ class CudaGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        # On this object's own stream, on its device (torch's default capture
+        # stream is one per process, made on whichever device was current);
         # thread_local: another worker's CUDA calls meanwhile are not refused.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
             g.hidden, g.cu = step()
         g.graph = graph
         self._graphs[(tokens, g.slots)] = g
@@ -207,7 +244,6 @@ class CudaGraphs:
             self._graphs.popitem(last=False)
             self.dropped += 1
         self.captured += 1
-        self.capture_s += time.perf_counter() - t0
         self.capture_bytes += max(0, torch.cuda.memory_reserved(self.device) - before)
 
     def stats(self) -> dict[str, Any]:
@@ -216,6 +252,7 @@ class CudaGraphs:
             "captured": self.captured,
             "capture_s": round(self.capture_s, 4),
             "capture_bytes": self.capture_bytes,
+            "failed": self.failed,
             "replays": self.replays,
             "eager": self.eager,
             "dropped": self.dropped,

@@ -720,7 +720,7 @@ class PackedRunner:
         self.attention = _attention_method(device, dtype, kernel=_kernels_vectorized(model, device),
                                            head_dim=int(getattr(cfg, "dim", 0) or cfg.hidden_size) // heads)
         self._flash = _flash_varlen() if self.attention == "flash" else \
-            _torch_flash_varlen() if self.attention == "varlen" else None
+            _torch_flash_varlen(device) if self.attention == "varlen" else None
         # Whole layers through fastserve's CPU kernels where attention runs in
         # the kernel and every layer is the standard one (None: the modules).
         self._fused: Optional[_FusedLayers] = None
@@ -898,7 +898,15 @@ class PackedRunner:
         runs = _equal_length_runs(lengths) if method in ("runs", "pad") else []
         varlen: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if method in ("flash", "varlen"):
-            varlen = lambda qkv: self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen)  # noqa: E731
+            on = {cu.device: cu}  # cu_seqlens per device: a pipeline's stages take it where their layers are
+
+            def attend(qkv: torch.Tensor) -> torch.Tensor:
+                c = on.get(qkv.device)
+                if c is None:
+                    c = on[qkv.device] = cu.to(qkv.device)
+                return self._flash(qkv[:, 0], qkv[:, 1], qkv[:, 2], c, c, maxlen, maxlen)
+
+            varlen = attend
         elif method == "kernel":
             varlen = lambda qkv: kernels.attention(qkv, cu)  # noqa: E731
         elif method == "pad" and len(runs) > 1:
@@ -987,7 +995,7 @@ def _attention_method(device: torch.device, dtype: torch.dtype, kernel: bool = F
     FASTSERVE_PACKED_ATTENTION overrides the choice (benchmarks, tests)."""
     half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     flash_ok = half and _flash_varlen() is not None
-    varlen_ok = half and head_dim % 8 == 0 and head_dim <= 256 and _torch_flash_varlen() is not None
+    varlen_ok = half and head_dim % 8 == 0 and head_dim <= 256 and _torch_flash_varlen(device) is not None
     forced = os.environ.get("FASTSERVE_PACKED_ATTENTION", "")
     kernel_ok = kernel and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if forced:
@@ -1061,17 +1069,24 @@ def _flash_varlen():
     return flash_attn_varlen_func
 
 
-def _torch_flash_varlen():
+def _torch_flash_varlen(device: Optional[torch.device] = None):
     """The flash-attention kernel torch ships, over cu_seqlens: called as
     flash-attn's flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k),
     q/k/v [T, heads, head_dim] in float16 or bfloat16. None where this torch
-    has none (a CPU build, a GPU older than sm_80). torch's public
+    has none (a CPU build) or `device` cannot run it (a GPU older than sm_80:
+    the kernel refuses V100s and T4s; a build with it says nothing of the
+    card). torch's public
     torch.nn.attention.varlen.varlen_attn calls the same kernel, but picks
     cuDNN's instead on Hopper in some versions, which builds a plan per new
     shape (benchmarks/README.md, "GPU": 70 ms per online batch), so the op is
     called here directly. Its schema has kept these ten leading arguments
     since torch 2.2."""
     if not torch.backends.cuda.is_flash_attention_available():
+        return None
+    try:
+        if device is not None and torch.cuda.get_device_capability(device)[0] < 8:
+            return None
+    except (RuntimeError, AssertionError, ValueError):  # no such device
         return None
     op = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if op is None:

@@ -59,7 +59,7 @@ def test_the_graphs_input_holds_the_batch_then_its_ghosts_then_empty_sequences()
 def test_varlen_attention_is_chosen_where_torch_has_the_flash_kernel(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(runners, "_flash_varlen", lambda: None)  # no flash-attn package
-    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda: object())
+    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda device=None: object())
     assert runners._attention_method(cuda, torch.float16) == "varlen"
     assert runners._attention_method(cuda, torch.bfloat16) == "varlen"
     assert runners._attention_method(cuda, torch.float32) == "pad"  # no float32 flash kernel
@@ -67,12 +67,24 @@ def test_varlen_attention_is_chosen_where_torch_has_the_flash_kernel(monkeypatch
     assert runners._attention_method(cpu, torch.float16) == "runs"
     monkeypatch.setattr(runners, "_flash_varlen", lambda: object())
     assert runners._attention_method(cuda, torch.float16) == "flash"  # the package, where installed
-    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda: None)
+    monkeypatch.setattr(runners, "_torch_flash_varlen", lambda device=None: None)
     monkeypatch.setattr(runners, "_flash_varlen", lambda: None)
     assert runners._attention_method(cuda, torch.float16) == "pad"
     monkeypatch.setenv("FASTSERVE_PACKED_ATTENTION", "varlen")
     with pytest.raises(ValueError, match="varlen needs a torch with flash attention"):
         runners._attention_method(cuda, torch.float16)
+
+
+def test_torchs_flash_kernel_is_not_offered_on_gpus_older_than_ampere(monkeypatch):
+    # A CUDA build of torch has the kernel whatever the card; it refuses
+    # V100s and T4s (sm_70, sm_75) on every call.
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    for capability, offered in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert (runners._torch_flash_varlen(cuda) is not None) == offered, capability
+        monkeypatch.setattr(runners, "_flash_varlen", lambda: None)
+        assert runners._attention_method(cuda, torch.float16) == ("varlen" if offered else "pad")
 
 
 def _embed(monkeypatch, texts, *, graphs: bool, attention: str | None = None, model=None, **kw):
@@ -245,3 +257,65 @@ def test_the_cuda_epilogues_take_each_layers_tensors_as_its_modules_do(monkeypat
             handle.remove()
         assert sorted(seen) == ["inter", "out"] and calls["norm"] - before["norm"] == 2 * (layers - 1)
         assert engine.stats()["batches"] == batches + 1
+
+
+def _fake_cuda(monkeypatch) -> dict:
+    """Just enough of torch.cuda for CudaGraphs' control flow on the CPU: a
+    'capture' runs the forward once, a 'replay' counts."""
+    import contextlib
+
+    seen = {"captures": 0, "replays": 0}
+
+    class Graph:
+        def replay(self):
+            seen["replays"] += 1
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode=None):
+        seen["captures"] += 1
+        yield
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return seen
+
+
+def test_a_shape_whose_capture_raises_runs_eagerly_from_then_on(monkeypatch, caplog):
+    seen = _fake_cuda(monkeypatch)
+    calls = {"n": 0}
+
+    def forward(ids, pos, cu, max_seqlen):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the capture's run (the first is the warm-up)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return torch.zeros(len(ids), 4)
+
+    g = CudaGraphs(forward, tm.model("bert"), torch.device("cpu"), pad_id=0, max_length=128,
+                   position_offset=0, max_tokens=2048)
+    ids, pos, cu = np.arange(10), np.arange(10), np.array([0, 10])
+    with caplog.at_level("WARNING", logger="fastserve"):
+        assert g.run(ids, pos, cu) is None  # the runner then runs the batch eagerly
+    assert "CUDA graph capture failed for batches of 16 tokens" in caplog.text
+    assert g.run(ids, pos, cu) is None and calls["n"] == 2 and seen["captures"] == 1  # not tried again
+    s = g.stats()
+    assert s["failed"] == 1 and s["eager"] == 2 and s["graphs"] == 0 and s["captured"] == 0 and s["capture_s"] > 0
+    # Another shape still captures, then replays with no further capture.
+    ids, pos, cu = np.arange(20), np.arange(20), np.array([0, 20])
+    hidden, cu_out = g.run(ids, pos, cu)
+    assert hidden.shape == (20, 4) and cu_out.tolist() == [0, 20] and g.last_capture_s > 0
+    g.run(ids, pos, cu)
+    assert seen == {"captures": 2, "replays": 2} and g.last_capture_s == 0
+    assert g.stats()["captured"] == 1 and g.stats()["replays"] == 2
