@@ -838,10 +838,15 @@ class PackedRunner:
     def _tail(self, i: int) -> Optional[tuple]:
         """Layer i's parts (_standard_layer) where its output projections'
         tails run through the CUDA epilogue kernel now: none of the modules
-        it stands for has a hook or a replaced forward."""
+        it stands for has a hook or a replaced forward, and their biases and
+        LayerNorms' affine tensors are still there (one set to None since:
+        the modules run, as the model now says)."""
         if self._tails is None:
             return None
         parts, modules = self._tails[i]
+        out, ln1, _, out2, ln2 = parts
+        if any(t is None for t in (out.bias, out2.bias, ln1.weight, ln1.bias, ln2.weight, ln2.bias)):
+            return None
         return None if _touched(modules) else parts
 
     def _attention(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
