@@ -23,6 +23,7 @@
 #include <vector>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
 #define FS_HD __host__ __device__ __forceinline__
 #else
 #define FS_HD inline
@@ -213,6 +214,28 @@ FS_HD float bits_to_float(uint32_t u) {
 #endif
 }
 FS_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+FS_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// float -> bfloat16 bits, rounded to nearest even, a NaN kept quiet (as
+// torch converts, and as the CPU kernels store it).
+FS_HD uint16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+#endif
+}
 FS_HD float fp16_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;

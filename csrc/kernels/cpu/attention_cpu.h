@@ -18,16 +18,7 @@ inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) { return bf16_to_float(x); }
 inline void put(float* p, float v) { *p = v; }
 // Rounded to nearest even, NaN kept quiet: as torch converts.
-inline void put(bf16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *p = bf16((u >> 16) | 0x40u);
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *p = bf16(u >> 16);
-}
+inline void put(bf16* p, float v) { *p = float_to_bf16(v); }
 
 // Heads [h, h + g) of one sequence of packed self-attention. Rows [start,
 // start + L) of qkv [T, 3, nh, hd] hold the sequence's queries, keys and

@@ -37,28 +37,7 @@ namespace kernels {
 namespace epilogue {
 
 // ------------------------------------------------------------ conversions
-FS_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-// float -> bfloat16 bits, rounded to nearest even, a NaN kept quiet (as
-// torch converts, and as the CPU kernels' put()).
-FS_HD uint16_t float_to_bf16(float f) {
-#if defined(__CUDA_ARCH__)
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-  uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-#endif
-}
+// (float_bits and float_to_bf16: fastserve/kernels.h, shared with the CPU kernels.)
 
 // float -> float16 bits, rounded to nearest even: subnormals kept, beyond
 // 65504 (from 65520 up, the tie rounding to the odd 65504's even neighbour)
