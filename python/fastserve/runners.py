@@ -616,8 +616,7 @@ def _standard_layer(block: torch.nn.Module, distil: bool) -> Optional[tuple]:
 def _tail_containers(block: torch.nn.Module, distil: bool) -> tuple:
     """The modules of a standard layer (_standard_layer) around its tails'
     parts, whose forwards the CUDA epilogue also stands for."""
-    around = (block.ffn,) if distil else (block.attention.output, block.output)
-    return tuple(m for m in around if isinstance(m, torch.nn.Module))
+    return (block.ffn,) if distil else (block.attention.output, block.output)
 
 
 def _kernels_vectorized(model: torch.nn.Module, device: torch.device) -> bool:
