@@ -82,6 +82,23 @@ def sample_texts(n: int, seed: int) -> list[str]:
 # ------------------------------------------------------------------ machine
 
 
+def text_of(tokenizer: Any, tokens: int, seed: int = 0) -> str:
+    """A corpus-worded text that tokenizes to exactly `tokens` tokens (special ones included)."""
+    words = " ".join(sample_texts(64, seed=seed)).split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the fewest words reaching `tokens`
+        mid = (lo + hi) // 2
+        if len(tokenizer(" ".join(words[:mid]))["input_ids"]) >= tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = tokenizer(" ".join(words[:lo]))["input_ids"]
+    text = tokenizer.decode(ids[1 : tokens - 1])
+    if len(tokenizer(text)["input_ids"]) != tokens:
+        raise RuntimeError(f"no text of exactly {tokens} tokens found")
+    return text
+
+
 def run_python_json(code: str, *args: str) -> Any:
     """Run `code` in a fresh Python process (its own heap, threads and
     allocator settings) and return the JSON of its last stdout line."""

@@ -135,23 +135,6 @@ def make_engine(path: Path, dtype: torch.dtype, max_len: int, attention: str | N
                 os.environ[k] = v
 
 
-def text_of(tokenizer: Any, tokens: int, seed: int = 0) -> str:
-    """A corpus-worded text that tokenizes to exactly `tokens` tokens (special ones included)."""
-    words = " ".join(common.sample_texts(64, seed=seed)).split()
-    lo, hi = 1, len(words)
-    while lo < hi:  # the fewest words reaching `tokens`
-        mid = (lo + hi) // 2
-        if len(tokenizer(" ".join(words[:mid]))["input_ids"]) >= tokens:
-            hi = mid
-        else:
-            lo = mid + 1
-    ids = tokenizer(" ".join(words[:lo]))["input_ids"]
-    text = tokenizer.decode(ids[1 : tokens - 1])
-    if len(tokenizer(text)["input_ids"]) != tokens:
-        raise RuntimeError(f"no text of exactly {tokens} tokens found")
-    return text
-
-
 def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
             log: Callable[[str], None]) -> list[dict[str, Any]]:
     """One request at a time of exactly `tokens` tokens, end to end in-process
@@ -160,7 +143,7 @@ def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
     transformers, interleaved in rounds."""
     max_len = common.max_seq_length(path)
     hf = common.HFModel(path, max_len, DEVICE, dtype)
-    text = text_of(hf.tokenizer, tokens)
+    text = common.text_of(hf.tokenizer, tokens)
     engines = {"fastserve default (CUDA graphs)": make_engine(path, dtype, max_len),
                "fastserve, no CUDA graphs": make_engine(path, dtype, max_len, graphs=False),
                "fastserve, padded-copy attention, no graphs (before)": make_engine(path, dtype, max_len, "pad",
@@ -243,7 +226,7 @@ def padded_half(path: Path, dtype: torch.dtype, n: int, repeats: int,
     max_len = common.max_seq_length(path)
     hf = common.HFModel(path, max_len, DEVICE, dtype)
     rng = np.random.default_rng(3)
-    pool = {L: text_of(hf.tokenizer, int(L), seed=int(L)) for L in range(8, 249, 8)}
+    pool = {L: common.text_of(hf.tokenizer, int(L), seed=int(L)) for L in range(8, 249, 8)}
     lengths = rng.choice(sorted(pool), size=n)
     texts = [pool[int(L)] for L in lengths]
     padded = sum(int(lengths[i : i + BATCH].max()) * len(lengths[i : i + BATCH]) for i in range(0, n, BATCH))

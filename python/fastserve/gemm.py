@@ -17,8 +17,10 @@ through oneDNN with the weight laid out for it once.
   MiB over 300 batches of random sizes at MiniLM's shapes, where with the
   pieces it levels off a few MiB above MKL's own buffers
   (benchmarks/README.md, "oneDNN GEMMs"). So the rows go
-  in pieces of six fixed sizes (pieces()), the last padded with zeros, and a
-  piece's result is copied into the product unless it is the whole of it.
+  in pieces of six fixed sizes (pieces()), the last, when it has fewer than
+  GRANULE rows, padded with zeros up to 4, 8 or 16 rows (padded_rows()):
+  eight shapes per weight shape. A piece's result is copied into the
+  product unless it is the whole of it.
   Every row goes through oneDNN, and oneDNN gives a row the same bits in
   every one of those shapes, so a text's embedding stays bitwise the same
   whatever else is in its batch (tests/python/test_batch_invariance.py);
@@ -50,10 +52,19 @@ GEMMS = ("mm", "onednn")
 
 # Rows per oneDNN call while they last; the rows left go in pieces of
 # PIECE / 2, PIECE / 4, ... down to GRANULE rows (their binary digits), and the
-# last rows (fewer than GRANULE) are padded with zeros up to GRANULE: six
-# shapes per weight shape in oneDNN's cache, whatever the batches.
+# last rows (fewer than GRANULE) are padded with zeros up to the power of two at
+# or above them, at least TAIL_MIN_ROWS: 4, 8 or 16 rows. Eight shapes per
+# weight shape in oneDNN's cache, whatever the batches. A tail padded to
+# GRANULE alone computed 16 rows for a request of one token: at MiniLM's
+# widest product 16 rows took 3.4x the time of 4 (benchmarks/README.md,
+# "Short batches through oneDNN").
 PIECE = 512
 GRANULE = 16
+# One row alone takes oneDNN's GEMV path, whose bits differ (tests/python/
+# test_gemm.py); from 2 rows up a row's bits agree with any larger product's
+# (checked at MiniLM's and BERT-base's weight shapes, natively and capped to
+# AVX2). MIN_ROWS, the floor the "mm" path keeps too, leaves a margin.
+TAIL_MIN_ROWS = MIN_ROWS
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512.
 _CAPS_BELOW_AVX512 = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2")
@@ -120,7 +131,7 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def pieces(rows: int) -> list[tuple[int, int]]:
     """How `rows` rows go through oneDNN: (start, rows) per call, each call's
     rows one of PIECE, PIECE / 2, ..., GRANULE, except the last call's, which
-    may be fewer than GRANULE (padded up to GRANULE)."""
+    may be fewer than GRANULE (padded up to padded_rows() of it)."""
     out: list[tuple[int, int]] = []
     start, size = 0, PIECE
     while rows - start >= GRANULE:
@@ -131,6 +142,15 @@ def pieces(rows: int) -> list[tuple[int, int]]:
     if start < rows:
         out.append((start, rows - start))
     return out
+
+
+def padded_rows(rows: int) -> int:
+    """The rows oneDNN computes for a piece of `rows` (pieces()): a piece of
+    GRANULE or more as it is; fewer, the power of two at or above it, at
+    least TAIL_MIN_ROWS."""
+    if rows >= GRANULE:
+        return rows
+    return max(TAIL_MIN_ROWS, 1 << (rows - 1).bit_length())
 
 
 class Gemm:
@@ -157,7 +177,7 @@ class Gemm:
         return self._packed_bytes
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
-        return _at_least(GRANULE, x, lambda rows: onednn_linear(rows, self.packed))
+        return _at_least(padded_rows(x.shape[0]), x, lambda rows: onednn_linear(rows, self.packed))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

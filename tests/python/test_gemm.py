@@ -19,7 +19,7 @@ needs_onednn_bf16 = pytest.mark.skipif(gemm.onednn_cannot(torch.bfloat16) is not
 AMD_AVX512 = {"flags": ["avx2", "fma", "avx512f"], "vendor": "AuthenticAMD", "onednn_max_isa": None}
 
 
-def test_pieces_cover_the_rows_in_order_in_six_sizes():
+def test_pieces_cover_the_rows_in_order_in_eight_sizes():
     sizes: set[int] = set()
     for rows in range(1, 3000):
         calls = gemm.pieces(rows)
@@ -29,8 +29,14 @@ def test_pieces_cover_the_rows_in_order_in_six_sizes():
         assert all(n in (512, 256, 128, 64, 32, 16) for _, n in whole)
         assert last in (512, 256, 128, 64, 32, 16) or last < gemm.GRANULE
         sizes.update(n for _, n in whole)
-        sizes.add(max(last, gemm.GRANULE))  # the last is padded up to GRANULE
-    assert sizes == {512, 256, 128, 64, 32, 16}  # oneDNN's cache holds six shapes per weight shape
+        assert gemm.padded_rows(last) >= last
+        sizes.add(gemm.padded_rows(last))  # a short last piece is padded up to 4, 8 or 16 rows
+    assert sizes == {512, 256, 128, 64, 32, 16, 8, 4}  # oneDNN's cache holds eight shapes per weight shape
+
+
+def test_a_short_last_piece_is_padded_to_the_power_of_two_above_it():
+    assert [gemm.padded_rows(n) for n in range(1, 17)] == [4] * 4 + [8] * 4 + [16] * 8
+    assert gemm.padded_rows(16) == 16 and gemm.padded_rows(512) == 512
 
 
 @needs_onednn
@@ -56,7 +62,7 @@ def test_a_row_gets_the_same_bits_whatever_rows_come_with_it():
     torch.set_num_threads(1)
     try:
         alone = g(x[:3])
-        for rows in (3, 16, 40, 100, 512, 700, 2100):
+        for rows in (3, 5, 9, 16, 21, 40, 100, 512, 700, 2100):  # tails of 4, 8 and 16 rows among them
             torch.testing.assert_close(g(x[:rows])[:3], alone, atol=0, rtol=0)
         shifted = g(x[7:1200])
         torch.testing.assert_close(shifted[:3], g(x[7:10]), atol=0, rtol=0)
