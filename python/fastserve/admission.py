@@ -246,19 +246,22 @@ def timeout_callable(timeout: Timeout) -> Callable[[], float | None]:
 
 
 def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
-           timeout: Callable[[], float | None]) -> Iterator[cf.Future | None]:
+           timeout: Callable[[], float | None], step: int | None = None) -> Iterator[cf.Future | None]:
     """Queue `requests` in order, appending each one's future to `futures`,
-    up to CHUNK per scheduler call. When the queue is full and nothing was
-    accepted yet: QueueFullError (the call is refused whole). Once something
+    up to `step` (None: CHUNK) per scheduler call, each slice of `requests`
+    asked for once it is to be queued (a lazy sequence tokenizes it then).
+    When the queue is full and nothing was accepted yet: QueueFullError
+    (the call is refused whole). Once something
     was, the caller waits its turn: for the yielded future (its own oldest
     outstanding input; its failure fails the call) or, when None is yielded
     (its inputs so far are done and others' fill the queue), for PAUSE_S;
     then iterates on."""
     oldest = pos = 0
+    step = CHUNK if step is None else step
     while pos < len(requests):
         # Once part of the list is queued, a full queue is a wait, not a
         # refusal: the scheduler then neither raises nor counts one.
-        new = submit(requests[pos : pos + CHUNK], priority, check_timeout(timeout()), waiting=bool(futures))
+        new = submit(requests[pos : pos + step], priority, check_timeout(timeout()), waiting=bool(futures))
         if not new:
             if oldest == len(futures):
                 yield None
@@ -277,13 +280,14 @@ def _cancel(futures: list[cf.Future]) -> None:
 
 def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
                timeout: Callable[[], float | None],
-               before_wait: Callable[[], None] | None = None) -> list[cf.Future]:
-    """Queue every request, blocking while the call waits its turn (calling
-    `before_wait` first, which may raise instead); a call that fails part way
-    cancels what it had queued."""
+               before_wait: Callable[[], None] | None = None, step: int | None = None) -> list[cf.Future]:
+    """Queue every request, up to `step` (None: CHUNK) per scheduler call,
+    blocking while the call waits its turn (calling `before_wait` first,
+    which may raise instead); a call that fails part way (a lazy sequence of
+    requests raising on a slice, too) cancels what it had queued."""
     futures: list[cf.Future] = []
     try:
-        for turn in _admit(submit, requests, futures, priority, timeout):
+        for turn in _admit(submit, requests, futures, priority, timeout, step):
             if before_wait is not None:
                 before_wait()
             if turn is None:

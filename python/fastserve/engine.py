@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections.abc
 import concurrent.futures as cf
 import copy
 import functools
@@ -49,6 +50,12 @@ EXECUTIONS = ("auto", "packed", "padded")
 # How long the constructor waits for each worker's warm-up batch (a slow one
 # goes on in its worker, which serves once it is done).
 WARMUP_WAIT_S = 120.0
+# submit_many (embed, classify of a list) tokenizes a list of more texts than
+# this in pieces of this many, each queued once it is tokenized: the model
+# starts on the first piece while the rest tokenize (the tokenizer lets go of
+# the GIL), where the whole list used to be tokenized first with the device
+# idle (Engine._pieces; benchmarks/README.md, "Tokenizing while the model runs").
+TOKENIZE_PIECE_TEXTS = 512
 
 
 def _queued(submit: Callable[..., Any], *args: Any) -> Any:
@@ -466,6 +473,31 @@ def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy
                          + ("embeddings have no activation)" if task == "embed" else "scores are softmax per token)"))
     process.check_torch_threads(torch_threads)
     return truncate
+
+
+
+class _TokenizedPieces(collections.abc.Sequence):
+    """A list of texts as the token lists submit_many queues, tokenized in
+    order as they are asked for (admission._admit takes them a piece at a
+    time): the lists so far, with their InputInfos, in `.lists`."""
+
+    def __init__(self, texts: list[str], tokenize: Callable[[list[str]], Sequence[Sequence[int]]]) -> None:
+        self._texts = texts
+        self._tokenize = tokenize
+        self.lists = admission.TokenLists()
+        self.lists.infos = []
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        stop = index.stop if isinstance(index, slice) else index + 1
+        done = len(self.lists)
+        if stop is None or stop > done:
+            more = self._tokenize(self._texts[done:stop])
+            self.lists.extend(more)
+            self.lists.infos.extend(infos_of(more))
+        return self.lists[index]
 
 
 class Engine(tasks.TaskCalls):
@@ -954,9 +986,15 @@ class Engine(tasks.TaskCalls):
         combined."""
         self._refuse_if_forked()
         p = self._prompt(prompt_name, prompt)
+        waiting = functools.partial(self._may_block, "submit_many waiting for room")
+        pieces = self._pieces(inputs, p)
+        if pieces is not None:
+            futures = admission.submit_all(self._submitter(p), pieces, priority, admission.timeout_callable(timeout),
+                                           waiting, step=TOKENIZE_PIECE_TEXTS)
+            return self._answered(pieces.lists, pieces.lists, None, futures)
         requests, queued, spans = self._planned(inputs, p)
         futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout),
-                                       functools.partial(self._may_block, "submit_many waiting for room"))
+                                       waiting)
         return self._answered(requests, queued, spans, futures)
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
@@ -1267,6 +1305,31 @@ class Engine(tasks.TaskCalls):
             return requests, requests, None
         flat, spans = self._fit.split(requests, self._lead(prompt))
         return requests, flat, spans
+
+    def _pieces(self, inputs: Sequence[Any], prompt: str) -> Optional["_TokenizedPieces"]:
+        """A list of more than TOKENIZE_PIECE_TEXTS texts as token lists
+        tokenized piece by piece as submit_all queues them, where nothing
+        but the text itself can refuse one: every input is checked first (a
+        str, valid Unicode: the InvalidInputError names the first bad
+        input's index, before anything is queued), and no check needs the
+        tokens (truncate "right" or "left", every token id in the model's
+        vocabulary, any input fitting the memory budget). Else None: the
+        list is tokenized whole first (_planned)."""
+        if (type(inputs) is not list or len(inputs) <= TOKENIZE_PIECE_TEXTS or not isinstance(inputs[0], str)
+                or self.truncate not in ("right", "left") or self._vocab_gap is not None
+                or (self.memory_budget is not None and self.memory_budget.tokens < self.max_length)):
+            return None
+        self._refuse_if_forked()
+        with self._lock:
+            self._refuse_if_closed()
+        n = len(inputs)
+        for i, t in enumerate(inputs):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"text{admission.where(i, n)} must be a str, got {type(t).__name__}")
+            found = admission.not_unicode(f"text{admission.where(i, n)}", t)
+            if found is not None:
+                raise found
+        return _TokenizedPieces(inputs, functools.partial(self._requests, prompt=prompt))
 
     def _answered(self, requests, queued, spans, futures: list[cf.Future]) -> list[cf.Future]:
         """One future per input: its own, with `.info`, or its windows' combined."""

@@ -1,0 +1,137 @@
+"""A long list of texts is tokenized in pieces, each queued once tokenized
+(engine.TOKENIZE_PIECE_TEXTS): the model runs the first piece while the rest
+tokenize, with the same results, the same InputInfos and the same refusals as
+a list tokenized whole; where a refusal needs the tokens, the list is
+tokenized whole first. The pieces are made small here; no outcome depends on
+the machine's speed (the overlap is shown by ordering, not timing)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastserve
+import tiny_models as tm
+from fastserve import Engine
+from fastserve import engine as engine_mod
+
+PIECE = 4
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", PIECE)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, max_length=16) as e:
+        yield e
+
+
+def encodes(engine, monkeypatch) -> list[int]:
+    """The number of texts of each tokenizer call the engine makes from now on."""
+    sizes: list[int] = []
+    real = engine._encode
+
+    def counted(texts):
+        sizes.append(len(texts))
+        return real(texts)
+
+    monkeypatch.setattr(engine, "_encode", counted)
+    return sizes
+
+
+def test_a_long_list_is_tokenized_in_pieces_with_the_results_and_infos_of_a_whole_one(engine, small_pieces,
+                                                                                      monkeypatch):
+    texts = tm.mixed_texts(11, seed=3) + ["a text long enough to be cut at sixteen tokens, " * 3]
+    whole = engine.embed(texts[:PIECE])  # a list of PIECE texts or fewer: one call
+    sizes = encodes(engine, monkeypatch)
+    futures = engine.submit_many(texts)
+    assert sizes == [4, 4, 4]
+    got = np.stack([f.result(timeout=60) for f in futures])
+    np.testing.assert_array_equal(got[:PIECE], whole)
+    monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
+    np.testing.assert_array_equal(engine.embed(texts), got)  # tokenized whole: the same rows
+    info = futures[-1].info
+    assert info.truncated and info.computed_tokens == 16 and info.tokens > 16
+    assert [f.info for f in futures[:-1]] == [f.info for f in engine.submit_many(texts[:-1])]
+
+
+def test_the_model_starts_on_the_first_piece_before_the_last_is_tokenized(engine, small_pieces, monkeypatch):
+    first_done = threading.Event()
+    real = engine._encode
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        if len(calls) == 3:  # the last piece waits for a row of the first
+            assert first_done.wait(60), "the first piece never ran while the rest tokenized"
+        return real(texts)
+
+    monkeypatch.setattr(engine, "_encode", encode)
+    texts = [f"text number {i}" for i in range(10)]
+    orig_submit = engine._submit_prefix
+
+    def submit(lists, *args, **kwargs):
+        futures = orig_submit(lists, *args, **kwargs)
+        if len(calls) == 1:
+            futures[0].add_done_callback(lambda f: first_done.set())
+        return futures
+
+    monkeypatch.setattr(engine, "_submit_prefix", submit)
+    out = engine.embed(texts)
+    assert out.shape == (10, 32) and calls == [4, 4, 2] and first_done.is_set()
+
+
+@pytest.mark.parametrize("bad, message", [(None, r"text at index 9 must be a str, got NoneType"),
+                                          ("\ud800", r"text at index 9 is not valid Unicode")])
+def test_a_bad_text_late_in_a_long_list_is_refused_before_anything_is_queued(engine, small_pieces, monkeypatch,
+                                                                              bad, message):
+    before = engine.stats()["submitted"]
+    sizes = encodes(engine, monkeypatch)
+    texts = [f"text {i}" for i in range(12)]
+    texts[9] = bad
+    with pytest.raises(fastserve.InvalidInputError, match=message):
+        engine.submit_many(texts)
+    assert engine.stats()["submitted"] == before and sizes == []
+
+
+def test_where_a_refusal_needs_the_tokens_a_long_list_is_tokenized_whole_first(small_pieces, monkeypatch):
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, max_length=16,
+                truncate="error") as engine:
+        sizes = encodes(engine, monkeypatch)
+        texts = [f"text {i}" for i in range(12)]
+        texts[10] = "far too long for sixteen tokens, " * 4
+        with pytest.raises(fastserve.InvalidInputError, match=r"text at index 10 is \d+ tokens long"):
+            engine.submit_many(texts)
+        assert sizes == [12] and engine.stats()["submitted"] == 0
+
+
+def test_a_tokenizer_failure_in_a_later_piece_cancels_what_the_call_queued(engine, small_pieces, monkeypatch):
+    real = engine._encode
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise ValueError("the tokenizer broke")
+        return real(texts)
+
+    with tm.held(engine):  # the first piece stays queued
+        monkeypatch.setattr(engine, "_encode", encode)
+        before = engine.stats()["cancelled"]
+        with pytest.raises(fastserve.InvalidInputError, match="could not be tokenized: the tokenizer broke"):
+            engine.submit_many([f"text {i}" for i in range(10)])
+        assert engine.stats()["cancelled"] == before + PIECE and engine.stats()["queue_depth"] == 0
+    monkeypatch.setattr(engine, "_encode", real)
+    assert engine.embed([f"text {i}" for i in range(10)]).shape == (10, 32)  # the engine serves on
+
+
+def test_a_long_list_on_a_closed_engine_is_refused_as_closed(small_pieces):
+    engine = Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False)
+    engine.close()
+    with pytest.raises(fastserve.EngineClosedError):
+        engine.submit_many([f"text {i}" for i in range(10)])
