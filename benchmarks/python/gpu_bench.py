@@ -175,6 +175,9 @@ def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
         log(f"  {name}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms; in the runner "
             f"{row.get('runner_ms', float('nan')):.3f} ms, of it the graph on the GPU "
             f"{row.get('replay_gpu_ms') or float('nan'):.3f} ms")
+        if "submit_ms" in row:
+            log(f"    submit {row['submit_ms']:.3f}, queue {row['queue_ms']:.3f}, compute {row['compute_ms']:.3f} "
+                f"(runner {row['runner_ms']:.3f}), hand-offs and the rest {row['handoff_ms']:.3f} ms")
     for e in engines.values():
         e.close()
     del hf
@@ -182,12 +185,16 @@ def latency(path: Path, dtype: torch.dtype, tokens: int, requests: int,
 
 
 def breakdown(engine: Any, text: str, calls: int = 200) -> dict[str, Any]:
-    """Where one request's time goes: the worker's runner.run per batch
-    (batch to rows on the host: inputs copied, the model, pooling, the copy
-    back) and, where a CUDA graph ran it, the graph's replay alone on the
-    GPU (CUDA events, back to back)."""
+    """Where one request's time goes (medians): the caller's submit
+    (tokenizing, queueing), the wait in the queue until the worker assembled
+    its batch, the worker's compute (the runner in the batch's contexts), of
+    it the runner.run per batch (batch to rows on the host: inputs copied,
+    the model, pooling, the copy back), the rest (the hand-offs between the
+    threads, the result's copy), and, where a CUDA graph ran it, the graph's
+    replay alone on the GPU (CUDA events, back to back)."""
     runner = engine.runner
     run, spent = runner.run, []
+    parts: list[tuple[float, float, float, float]] = []
 
     def timed(*a: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
@@ -199,10 +206,18 @@ def breakdown(engine: Any, text: str, calls: int = 200) -> dict[str, Any]:
     runner.run = timed
     try:
         for _ in range(calls):
-            engine.embed(text)
+            t0 = time.perf_counter()
+            fut = engine.submit(text)
+            t1 = time.perf_counter()
+            fut.result()
+            t2 = time.perf_counter()
+            parts.append((t1 - t0, fut.timing["queue_s"], fut.timing["inference_s"], t2 - t0))
     finally:
         runner.run = run
-    out: dict[str, Any] = {"runner_ms": float(np.median(spent) * 1e3), "replay_gpu_ms": None}
+    submit, queued, compute, total = (float(np.median(c) * 1e3) for c in zip(*parts))
+    out: dict[str, Any] = {"runner_ms": float(np.median(spent) * 1e3), "replay_gpu_ms": None,
+                           "submit_ms": submit, "queue_ms": queued, "compute_ms": compute, "total_ms": total,
+                           "handoff_ms": total - submit - queued - compute}
     graphs = getattr(runner, "graphs", None)
     if graphs is not None and graphs._graphs and DEVICE != "cpu":
         g = next(reversed(graphs._graphs.values()))  # the last used: this text's shape
@@ -428,6 +443,13 @@ def markdown(result: dict[str, Any]) -> str:
             out += [f"| {r['method']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
                     + (f"{r['runner_ms']:.3f}" if "runner_ms" in r else "-") + " | "
                     + (f"{r['replay_gpu_ms']:.3f}" if r.get("replay_gpu_ms") else "-") + " |" for r in rows]
+            split = [r for r in rows if "submit_ms" in r]
+            if split:
+                out += ["", "Where a fastserve request's time goes (medians, ms; `breakdown`):", "",
+                        "| method | submit (tokenize, queue) | in the queue | compute | of it the runner "
+                        "| hand-offs, the rest | total |", "|---|---:|---:|---:|---:|---:|---:|"]
+                out += [f"| {r['method']} | {r['submit_ms']:.3f} | {r['queue_ms']:.3f} | {r['compute_ms']:.3f} | "
+                        f"{r['runner_ms']:.3f} | {r['handoff_ms']:.3f} | {r['total_ms']:.3f} |" for r in split]
             graphs = next((r["cuda_graphs"] for r in rows if r.get("cuda_graphs")), None)
             if graphs:
                 out += ["", f"CUDA graphs: `{json.dumps(graphs)}`"]
