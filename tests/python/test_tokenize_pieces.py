@@ -7,6 +7,7 @@ the machine's speed (the overlap is shown by ordering, not timing)."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 
 import numpy as np
@@ -135,3 +136,34 @@ def test_a_long_list_on_a_closed_engine_is_refused_as_closed(small_pieces):
     engine.close()
     with pytest.raises(fastserve.EngineClosedError):
         engine.submit_many([f"text {i}" for i in range(10)])
+
+
+def test_a_long_list_through_a_small_queue_waits_for_room_piece_by_piece(small_pieces):
+    texts = tm.mixed_texts(22, seed=5)
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, max_queue=6) as engine:
+        whole = np.stack([engine.embed(t) for t in texts])
+        np.testing.assert_array_equal(engine.embed(texts), whole)
+        with tm.held(engine):
+            queued = [engine.submit(t) for t in texts[:6]]
+            with pytest.raises(fastserve.QueueFullError):  # a full queue refuses a list that queued nothing
+                engine.submit_many(texts)
+            assert engine.stats()["queue_depth"] == 6
+        np.testing.assert_array_equal(np.stack([f.result(timeout=60) for f in queued]), whole[:6])
+        assert engine.embed(texts).shape == (22, 32)
+
+
+def test_callers_sending_long_lists_at_once_each_get_their_own_rows(engine, small_pieces):
+    lists = [tm.mixed_texts(13, seed=s) for s in range(4)]
+    want = [np.stack([engine.embed(t) for t in texts]) for texts in lists]
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(engine.embed, lists))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
+
+
+def test_a_prompt_goes_in_front_of_every_piece(engine, small_pieces, monkeypatch):
+    texts = tm.mixed_texts(10, seed=7)
+    got = engine.embed(texts, prompt="query: ")
+    monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
+    np.testing.assert_array_equal(got, engine.embed(texts, prompt="query: "))
+    assert not np.allclose(got, engine.embed(texts))
