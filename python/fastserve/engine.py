@@ -475,7 +475,6 @@ def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy
     return truncate
 
 
-
 class _TokenizedPieces(collections.abc.Sequence):
     """A list of texts as the token lists submit_many queues, tokenized in
     order as they are asked for (admission._admit takes them a piece at a

@@ -56,14 +56,15 @@ GEMMS = ("mm", "onednn")
 # or above them, at least TAIL_MIN_ROWS: 4, 8 or 16 rows. Eight shapes per
 # weight shape in oneDNN's cache, whatever the batches. A tail padded to
 # GRANULE alone computed 16 rows for a request of one token: at MiniLM's
-# widest product 16 rows took 3.4x the time of 4 (benchmarks/README.md,
+# products 16 rows took 1.9-2.5x the time of 4 (benchmarks/README.md,
 # "Short batches through oneDNN").
 PIECE = 512
 GRANULE = 16
-# One row alone takes oneDNN's GEMV path, whose bits differ (tests/python/
-# test_gemm.py); from 2 rows up a row's bits agree with any larger product's
-# (checked at MiniLM's and BERT-base's weight shapes, natively and capped to
-# AVX2). MIN_ROWS, the floor the "mm" path keeps too, leaves a margin.
+# One row alone takes oneDNN's GEMV path, whose bits differ; from 2 rows up a
+# row's bits agreed with the same row's in 1,024 (MiniLM's and BERT-base's
+# weight shapes, natively and capped to AVX2; docs/design.md, "The layers'
+# matrix products"). MIN_ROWS, the floor the "mm" path keeps too, leaves a
+# margin; tests/python/test_gemm.py checks tails of 4, 8 and 16 rows.
 TAIL_MIN_ROWS = MIN_ROWS
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX-512.
