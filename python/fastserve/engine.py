@@ -961,7 +961,10 @@ class Engine(tasks.TaskCalls):
 
         inputs: texts, or token-id lists (checked as validate_token_ids does);
         the first input says which. Every input is checked before any is
-        queued: InvalidInputError names the first bad one's index.
+        queued: InvalidInputError names the first bad one's index. A list of
+        more than TOKENIZE_PIECE_TEXTS texts is tokenized in pieces, each
+        queued once tokenized (the model starts on the first while the rest
+        tokenize), where no refusal needs the tokens (_pieces).
         timeout: seconds each input may wait in the queue (RequestTimeoutError
         after; one predicted to miss it is refused or shed early with
         OverloadedError), or a callable giving the seconds left (None: no
