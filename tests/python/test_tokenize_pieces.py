@@ -167,3 +167,14 @@ def test_a_prompt_goes_in_front_of_every_piece(engine, small_pieces, monkeypatch
     monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
     np.testing.assert_array_equal(got, engine.embed(texts, prompt="query: "))
     assert not np.allclose(got, engine.embed(texts))
+
+
+def test_classify_of_a_long_list_is_tokenized_in_pieces_with_the_same_answers(small_pieces, monkeypatch):
+    with Engine(tm.model("bert", classify=True), tm.tokenizer(), task="classify", replicas=1,
+                warmup=False) as engine:
+        texts = tm.mixed_texts(9, seed=11)
+        sizes = encodes(engine, monkeypatch)
+        got = engine.classify(texts)
+        assert sizes == [4, 4, 1]
+        monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
+        assert got == engine.classify(texts) and sizes[-1] == 9
