@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import math
 import numbers
 import threading
@@ -245,11 +246,23 @@ def timeout_callable(timeout: Timeout) -> Callable[[], float | None]:
     return lambda: seconds
 
 
+class Prepare:
+    """What _admit yields before it slices requests that a LazyRequests has
+    not made yet: `run()` makes them (tokenizes them), in the caller's
+    thread (submit_all) or a worker thread (asubmit_all: the event loop
+    goes on meanwhile)."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.run = run
+
+
 def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
-           timeout: Callable[[], float | None], step: int | None = None) -> Iterator[cf.Future | None]:
+           timeout: Callable[[], float | None], step: int | None = None) -> Iterator[cf.Future | Prepare | None]:
     """Queue `requests` in order, appending each one's future to `futures`,
-    up to `step` (None: CHUNK) per scheduler call, each slice of `requests`
-    asked for once it is to be queued (a lazy sequence tokenizes it then).
+    up to `step` (None: CHUNK) per scheduler call. Where `requests` makes
+    its items as they are asked for (a `prepare(stop)` and a `ready(stop)`
+    method: engine._TokenizedPieces), a Prepare for the next slice is
+    yielded first, to be run by the caller.
     When the queue is full and nothing was accepted yet: QueueFullError
     (the call is refused whole). Once something
     was, the caller waits its turn: for the yielded future (its own oldest
@@ -258,7 +271,10 @@ def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.F
     then iterates on."""
     oldest = pos = 0
     step = CHUNK if step is None else step
+    lazy = callable(getattr(requests, "prepare", None))
     while pos < len(requests):
+        if lazy and not requests.ready(pos + step):  # type: ignore[attr-defined]
+            yield Prepare(functools.partial(requests.prepare, pos + step))  # type: ignore[attr-defined]
         # Once part of the list is queued, a full queue is a wait, not a
         # refusal: the scheduler then neither raises nor counts one.
         new = submit(requests[pos : pos + step], priority, check_timeout(timeout()), waiting=bool(futures))
@@ -288,6 +304,9 @@ def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
     futures: list[cf.Future] = []
     try:
         for turn in _admit(submit, requests, futures, priority, timeout, step):
+            if isinstance(turn, Prepare):
+                turn.run()
+                continue
             if before_wait is not None:
                 before_wait()
             if turn is None:
@@ -302,14 +321,21 @@ def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
 
 async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
                       timeout: Callable[[], float | None],
-                      wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None) -> list[cf.Future]:
+                      wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None,
+                      step: int | None = None) -> list[cf.Future]:
     """submit_all awaiting its turn instead of blocking (through `wait` when
-    given); a call that fails part way, or is cancelled, cancels what it had
-    queued. A call the queue takes at once never suspends."""
+    given), and awaiting requests made as they are asked for (each Prepare
+    runs in a worker thread: a list's tokenizing never blocks the loop); a
+    call that fails part way, or is cancelled, cancels what it had queued. A
+    call the queue takes at once, of requests made beforehand, never
+    suspends."""
     futures: list[cf.Future] = []
     aw: Optional[asyncio.Future] = None
     try:
-        for turn in _admit(submit, requests, futures, priority, timeout):
+        for turn in _admit(submit, requests, futures, priority, timeout, step):
+            if isinstance(turn, Prepare):
+                await asyncio.to_thread(turn.run)
+                continue
             # A future this call owns: a `wait` hook that gives up without
             # awaiting it leaves nothing unawaited or unretrieved behind.
             aw = asyncio.ensure_future(asyncio.sleep(PAUSE_S)) if turn is None else asyncio.wrap_future(turn)

@@ -477,8 +477,10 @@ def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy
 
 class _TokenizedPieces(collections.abc.Sequence):
     """A list of texts as the token lists submit_many queues, tokenized in
-    order as they are asked for (admission._admit takes them a piece at a
-    time): the lists so far, with their InputInfos, in `.lists`."""
+    order as they are asked for: admission._admit has each piece made
+    (prepare) before it slices it, in the caller's thread or, for
+    asubmit_many, in a worker thread. The lists so far, with their
+    InputInfos, in `.lists`."""
 
     def __init__(self, texts: list[str], tokenize: Callable[[list[str]], Sequence[Sequence[int]]]) -> None:
         self._texts = texts
@@ -489,13 +491,20 @@ class _TokenizedPieces(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self._texts)
 
-    def __getitem__(self, index):  # type: ignore[override]
-        stop = index.stop if isinstance(index, slice) else index + 1
+    def ready(self, stop: int) -> bool:
+        return len(self.lists) >= min(stop, len(self._texts))
+
+    def prepare(self, stop: int) -> None:
+        """The texts up to `stop` tokenized (those not yet)."""
         done = len(self.lists)
-        if stop is None or stop > done:
+        if stop > done:
             more = self._tokenize(self._texts[done:stop])
             self.lists.extend(more)
             self.lists.infos.extend(infos_of(more))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        stop = index.stop if isinstance(index, slice) else index + 1
+        self.prepare(len(self._texts) if stop is None else stop)
         return self.lists[index]
 
 
@@ -1005,9 +1014,13 @@ class Engine(tasks.TaskCalls):
                            prompt_name: str | None = None, prompt: str | None = None) -> list[cf.Future]:
         """submit_many for the event loop: waiting for room in the queue is
         awaited, never blocking the loop; a call the queue takes at once does
-        not suspend at all. Texts are tokenized in the calling thread (for a
-        very large list, tokenize() it in a worker thread and pass the token
-        lists). Cancelling the call cancels what it had queued.
+        not suspend at all. A list of more than TOKENIZE_PIECE_TEXTS texts is
+        tokenized in pieces in a worker thread (asyncio.to_thread), each
+        piece queued once tokenized, so the loop goes on meanwhile, where no
+        refusal needs the tokens (_pieces); other texts are tokenized in the
+        calling thread (for a very large list of them, tokenize() it in a
+        worker thread and pass the token lists). Cancelling the call cancels
+        what it had queued.
 
         wait: when given, each wait for room goes through it (`await
         wait(awaitable)`), so a caller can end it early (the HTTP server ends
@@ -1016,6 +1029,11 @@ class Engine(tasks.TaskCalls):
         prompt_name / prompt: as submit_many's."""
         self._may_await("asubmit_many")
         p = self._prompt(prompt_name, prompt)
+        pieces = self._pieces(inputs, p)
+        if pieces is not None:
+            futures = await admission.asubmit_all(self._submitter(p), pieces, priority,
+                                                  admission.timeout_callable(timeout), wait, step=TOKENIZE_PIECE_TEXTS)
+            return self._answered(pieces.lists, pieces.lists, None, futures)
         requests, queued, spans = self._planned(inputs, p)
         futures = await admission.asubmit_all(self._submitter(p), queued, priority,
                                               admission.timeout_callable(timeout), wait)

@@ -7,8 +7,10 @@ the machine's speed (the overlap is shown by ordering, not timing)."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +180,66 @@ def test_classify_of_a_long_list_is_tokenized_in_pieces_with_the_same_answers(sm
         assert sizes == [4, 4, 1]
         monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
         assert got == engine.classify(texts) and sizes[-1] == 9
+
+
+def test_an_awaited_long_list_is_tokenized_off_the_event_loop_which_goes_on_meanwhile(engine, small_pieces,
+                                                                                      monkeypatch):
+    texts = tm.mixed_texts(10, seed=13)
+    want = engine.embed(texts)
+    real = engine._encode
+    threads, calls = [], []
+    loop_ran = threading.Event()
+
+    def encode(batch):
+        threads.append(threading.get_ident())
+        calls.append(len(batch))
+        if len(calls) == 2:  # the loop must run a coroutine while this piece tokenizes
+            assert loop_ran.wait(60), "the event loop was blocked while a piece tokenized"
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_encode", encode)
+
+    async def main():
+        async def beside():
+            while len(calls) < 2:
+                await asyncio.sleep(0.001)
+            loop_ran.set()
+
+        other = asyncio.ensure_future(beside())
+        got = await engine.aembed(texts)
+        await other
+        return got, threading.get_ident()
+
+    got, loop_thread = asyncio.run(main())
+    np.testing.assert_array_equal(got, want)
+    assert calls == [4, 4, 2] and loop_thread not in threads
+
+
+def test_cancelling_an_awaited_long_list_while_it_tokenizes_cancels_what_it_queued(engine, small_pieces,
+                                                                                  monkeypatch):
+    real = engine._encode
+    second = threading.Event()
+    go_on = threading.Event()
+
+    def encode(batch):
+        if second.is_set():
+            assert go_on.wait(60)
+        second.set()
+        return real(batch)
+
+    async def main():
+        with tm.held(engine):  # the first piece stays queued
+            monkeypatch.setattr(engine, "_encode", encode)
+            before = engine.stats()["cancelled"]
+            call = asyncio.ensure_future(engine.asubmit_many([f"text {i}" for i in range(10)]))
+            end = time.monotonic() + 60
+            while not (second.is_set() and engine.stats()["queue_depth"] == PIECE):
+                assert time.monotonic() < end, "the first piece was never queued"
+                await asyncio.sleep(0.001)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            go_on.set()
+            assert engine.stats()["cancelled"] == before + PIECE and engine.stats()["queue_depth"] == 0
+
+    asyncio.run(main())
