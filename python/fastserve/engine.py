@@ -56,6 +56,9 @@ WARMUP_WAIT_S = 120.0
 # the GIL), where the whole list used to be tokenized first with the device
 # idle (Engine._pieces; benchmarks/README.md, "Tokenizing while the model runs").
 TOKENIZE_PIECE_TEXTS = 512
+# Futures a list waiting for room in the queue makes ahead of each try
+# (Engine._submit_prefix).
+WAITING_FUTURES = 64
 
 
 def _queued(submit: Callable[..., Any], *args: Any) -> Any:
@@ -1439,17 +1442,32 @@ class Engine(tasks.TaskCalls):
         requests, _submit_tokens). `waiting`: none fitting is an empty list,
         not a refusal (admission's wait for room)."""
         priority = admission.check_priority(priority)
+        # The futures are made before the lock: made under it, a list's 4,096
+        # held it for 20 ms, with the workers unable to take a batch and every
+        # other caller's submit waiting (benchmarks/README.md, "Tokenizing
+        # while the model runs"). All of them on a first try; a few while the
+        # call waits for room (it tries again every admission.PAUSE_S), the
+        # rest under the lock where more fit.
+        ahead = self._futures(token_lists[: len(token_lists) if not waiting else WAITING_FUTURES], pooled_from)
         with self._lock:
             self._refuse_if_closed()
             rids = _queued(self._scheduler.submit_many, token_lists, priority, timeout, None, whole, waiting)
-            futures = [cf.Future() for _ in rids]
-            for fut in futures:
-                fut.pooled_from = pooled_from  # type: ignore[attr-defined]
-            if self._typed_pairs:
-                tasks.mark_segments(futures, token_lists)
+            if len(rids) > len(ahead):
+                ahead += self._futures(token_lists[len(ahead) : len(rids)], pooled_from)
+            futures = ahead[: len(rids)]
             self._pending.update(zip(rids, futures))
         for rid, fut in zip(rids, futures):
             fut.add_done_callback(functools.partial(self._on_done, rid))
+        return futures
+
+    def _futures(self, token_lists: Sequence[Sequence[int]], pooled_from: int) -> list[cf.Future]:
+        """A future per token list, carrying what the worker reads from it
+        (where pooling starts; a pair's segment)."""
+        futures = [cf.Future() for _ in token_lists]
+        for fut in futures:
+            fut.pooled_from = pooled_from  # type: ignore[attr-defined]
+        if self._typed_pairs:
+            tasks.mark_segments(futures, token_lists)
         return futures
 
     def _requests(self, inputs: Sequence[Any], prompt: str = "") -> list[Sequence[int]]:

@@ -401,3 +401,27 @@ def test_cancelling_an_aembed_task_cancels_its_queued_requests(bert):
         asyncio.run(scenario())
         assert engine.stats()["queue_depth"] == 0
     assert len(gate.seen) == 1
+
+
+def test_a_list_waiting_for_room_takes_more_than_the_futures_it_made_ahead_when_room_opens(bert):
+    # While a list waits for room it makes engine.WAITING_FUTURES futures
+    # ahead of each try; when more room opens at once, the rest are made
+    # under the lock, each input still with its own future and row.
+    from fastserve import engine as engine_mod
+
+    n = engine_mod.WAITING_FUTURES * 3
+    texts = tm.mixed_texts(n + 20, seed=17)
+    with Engine(bert, tm.tokenizer(), max_queue=n, replicas=1, warmup=False) as engine:
+        want = np.stack([engine.embed(t) for t in texts])
+        with tm.held(engine) as gate:
+            blockers = engine.submit_many(texts[: n - 10])  # room for 10
+            result = {}
+            caller = threading.Thread(target=lambda: result.update(rows=engine.embed(texts)))
+            caller.start()
+            # The list's first 10 queued, the rest waiting for room.
+            tm.until(lambda: engine.stats()["queue_depth"] == n, "the list waiting for room")
+            gate.release.set()  # the blockers run: room for more than WAITING_FUTURES at once
+            caller.join(60)
+        assert not caller.is_alive()
+        np.testing.assert_array_equal(result["rows"], want)
+        np.testing.assert_array_equal(np.stack([f.result() for f in blockers]), want[: n - 10])
