@@ -480,14 +480,16 @@ def _check_options(*, task: str, pooling: str, normalize: Optional[bool], policy
 
 class _TokenizedPieces(collections.abc.Sequence):
     """A list of texts as the token lists submit_many queues, tokenized in
-    order as they are asked for: admission._admit has each piece made
-    (prepare) before it slices it, in the caller's thread or, for
-    asubmit_many, in a worker thread. The lists so far, with their
-    InputInfos, in `.lists`."""
+    order as they are asked for, at least `piece` texts at a time:
+    admission._admit has each piece made (prepare) before it slices it, in
+    the caller's thread or, for asubmit_many, in a worker thread. The lists
+    so far, with their InputInfos, in `.lists`."""
 
-    def __init__(self, texts: list[str], tokenize: Callable[[list[str]], Sequence[Sequence[int]]]) -> None:
+    def __init__(self, texts: list[str], tokenize: Callable[[list[str]], Sequence[Sequence[int]]],
+                 piece: int) -> None:
         self._texts = texts
         self._tokenize = tokenize
+        self._piece = piece
         self.lists = admission.TokenLists()
         self.lists.infos = []
 
@@ -498,16 +500,19 @@ class _TokenizedPieces(collections.abc.Sequence):
         return len(self.lists) >= min(stop, len(self._texts))
 
     def prepare(self, stop: int) -> None:
-        """The texts up to `stop` tokenized (those not yet)."""
+        """The texts up to `stop` tokenized (those not yet), a whole piece
+        at least: after a queue that took part of a piece, the next call
+        still tokenizes `piece` texts, not the few it took."""
         done = len(self.lists)
         if stop > done:
-            more = self._tokenize(self._texts[done:stop])
+            more = self._tokenize(self._texts[done : max(stop, done + self._piece)])
             self.lists.extend(more)
             self.lists.infos.extend(infos_of(more))
 
     def __getitem__(self, index):  # type: ignore[override]
-        stop = index.stop if isinstance(index, slice) else index + 1
-        self.prepare(len(self._texts) if stop is None else stop)
+        forward = isinstance(index, slice) and index.step is None and (index.start or 0) >= 0 \
+            and index.stop is not None and index.stop >= 0
+        self.prepare(index.stop if forward else len(self._texts))  # anything else: all of them first
         return self.lists[index]
 
 
@@ -744,6 +749,10 @@ class Engine(tasks.TaskCalls):
         self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, truncate if truncate in ("left", "right")
                                                          else None)
         self._encode = TextEncoder(self.tokenizer, self.max_length, False, self._private_tokenizer)
+        try:  # (Engine._pieces)
+            self._empty_has_tokens = len(self._encode([""])[0]) > 0
+        except Exception:  # noqa: BLE001 - a tokenizer refusing "": long lists are tokenized whole
+            self._empty_has_tokens = False
         # A tokenizer with tokens the model has no embeddings for (added
         # without resizing the model): a text holding one is refused. None:
         # every id the tokenizer makes has one, so texts' ids go unchecked.
@@ -842,6 +851,7 @@ class Engine(tasks.TaskCalls):
             max_queue_requests=max_queue,
             max_queue_tokens=max_queue * self.max_length if max_queue_tokens is None else max_queue_tokens,
             **batch_cfg)
+        self._max_queue_tokens = sched_cfg.max_queue_tokens  # (Engine._pieces)
         ctl_cfg = _core.ControllerConfig(
             policy=policy,
             target_latency_s=target_latency_ms / 2000.0,
@@ -1001,7 +1011,7 @@ class Engine(tasks.TaskCalls):
         self._refuse_if_forked()
         p = self._prompt(prompt_name, prompt)
         waiting = functools.partial(self._may_block, "submit_many waiting for room")
-        pieces = self._pieces(inputs, p)
+        pieces = self._pieces(inputs, p, timeout)
         if pieces is not None:
             futures = admission.submit_all(self._submitter(p), pieces, priority, admission.timeout_callable(timeout),
                                            waiting, step=TOKENIZE_PIECE_TEXTS)
@@ -1032,7 +1042,7 @@ class Engine(tasks.TaskCalls):
         prompt_name / prompt: as submit_many's."""
         self._may_await("asubmit_many")
         p = self._prompt(prompt_name, prompt)
-        pieces = self._pieces(inputs, p)
+        pieces = self._pieces(inputs, p, timeout)
         if pieces is not None:
             futures = await admission.asubmit_all(self._submitter(p), pieces, priority,
                                                   admission.timeout_callable(timeout), wait, step=TOKENIZE_PIECE_TEXTS)
@@ -1329,18 +1339,22 @@ class Engine(tasks.TaskCalls):
         flat, spans = self._fit.split(requests, self._lead(prompt))
         return requests, flat, spans
 
-    def _pieces(self, inputs: Sequence[Any], prompt: str) -> Optional["_TokenizedPieces"]:
+    def _pieces(self, inputs: Sequence[Any], prompt: str, timeout: Timeout) -> Optional["_TokenizedPieces"]:
         """A list of more than TOKENIZE_PIECE_TEXTS texts as token lists
         tokenized piece by piece as submit_all queues them, where nothing
         but the text itself can refuse one: every input is checked first (a
         str, valid Unicode: the InvalidInputError names the first bad
         input's index, before anything is queued), and no check needs the
-        tokens (truncate "right" or "left", every token id in the model's
-        vocabulary, any input fitting the memory budget). Else None: the
-        list is tokenized whole first (_planned)."""
+        tokens or the whole list: truncate "right" or "left"; every token id
+        in the model's vocabulary; any input fitting the memory budget and
+        the queue's max_queue_tokens; no text without tokens (the tokenizer
+        adds special tokens); and no timeout, since the scheduler refuses a
+        list whose own work misses its deadline only seeing all of it. Else
+        None: the list is tokenized whole first (_planned)."""
         if (type(inputs) is not list or len(inputs) <= TOKENIZE_PIECE_TEXTS or not isinstance(inputs[0], str)
-                or self.truncate not in ("right", "left") or self._vocab_gap is not None
-                or (self.memory_budget is not None and self.memory_budget.tokens < self.max_length)):
+                or timeout is not None or self.truncate not in ("right", "left") or self._vocab_gap is not None
+                or (self.memory_budget is not None and self.memory_budget.tokens < self.max_length)
+                or self._max_queue_tokens < self.max_length or not self._empty_text_has_tokens()):
             return None
         self._refuse_if_forked()
         with self._lock:
@@ -1352,7 +1366,15 @@ class Engine(tasks.TaskCalls):
             found = admission.not_unicode(f"text{admission.where(i, n)}", t)
             if found is not None:
                 raise found
-        return _TokenizedPieces(inputs, functools.partial(self._requests, prompt=prompt))
+        # A copy: the caller's list may change once the call (aembed) yields.
+        return _TokenizedPieces(list(inputs), functools.partial(self._requests, prompt=prompt),
+                                TOKENIZE_PIECE_TEXTS)
+
+    def _empty_text_has_tokens(self) -> bool:
+        """Whether "" tokenizes to at least one token (special tokens), so
+        that no text queues an empty request, which the scheduler refuses
+        (asked of the tokenizer once, at construction)."""
+        return self._empty_has_tokens
 
     def _answered(self, requests, queued, spans, futures: list[cf.Future]) -> list[cf.Future]:
         """One future per input: its own, with `.info`, or its windows' combined."""

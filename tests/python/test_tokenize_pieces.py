@@ -140,11 +140,15 @@ def test_a_long_list_on_a_closed_engine_is_refused_as_closed(small_pieces):
         engine.submit_many([f"text {i}" for i in range(10)])
 
 
-def test_a_long_list_through_a_small_queue_waits_for_room_piece_by_piece(small_pieces):
+def test_a_long_list_through_a_small_queue_waits_for_room_piece_by_piece(small_pieces, monkeypatch):
     texts = tm.mixed_texts(22, seed=5)
     with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, max_queue=6) as engine:
         whole = np.stack([engine.embed(t) for t in texts])
+        sizes = encodes(engine, monkeypatch)
         np.testing.assert_array_equal(engine.embed(texts), whole)
+        # Whole pieces, even where the queue took part of one at a time.
+        assert sizes == [4, 4, 4, 4, 4, 2]
+        monkeypatch.undo()
         with tm.held(engine):
             queued = [engine.submit(t) for t in texts[:6]]
             with pytest.raises(fastserve.QueueFullError):  # a full queue refuses a list that queued nothing
@@ -154,18 +158,22 @@ def test_a_long_list_through_a_small_queue_waits_for_room_piece_by_piece(small_p
         assert engine.embed(texts).shape == (22, 32)
 
 
-def test_callers_sending_long_lists_at_once_each_get_their_own_rows(engine, small_pieces):
+def test_callers_sending_long_lists_at_once_each_get_their_own_rows(engine, small_pieces, monkeypatch):
     lists = [tm.mixed_texts(13, seed=s) for s in range(4)]
     want = [np.stack([engine.embed(t) for t in texts]) for texts in lists]
+    sizes = encodes(engine, monkeypatch)
     with cf.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(engine.embed, lists))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
+    assert sorted(sizes) == [1] * 4 + [4] * 12
 
 
 def test_a_prompt_goes_in_front_of_every_piece(engine, small_pieces, monkeypatch):
     texts = tm.mixed_texts(10, seed=7)
+    sizes = encodes(engine, monkeypatch)
     got = engine.embed(texts, prompt="query: ")
+    assert sizes == [4, 4, 2]
     monkeypatch.setattr(engine_mod, "TOKENIZE_PIECE_TEXTS", 10**6)
     np.testing.assert_array_equal(got, engine.embed(texts, prompt="query: "))
     assert not np.allclose(got, engine.embed(texts))
@@ -201,7 +209,9 @@ def test_an_awaited_long_list_is_tokenized_off_the_event_loop_which_goes_on_mean
 
     async def main():
         async def beside():
-            while len(calls) < 2:
+            end = time.monotonic() + 60
+            while len(calls) < 2:  # (tokenized whole, on the loop: never two calls)
+                assert time.monotonic() < end, "the list was not tokenized in pieces"
                 await asyncio.sleep(0.001)
             loop_ran.set()
 
@@ -243,3 +253,56 @@ def test_cancelling_an_awaited_long_list_while_it_tokenizes_cancels_what_it_queu
             assert engine.stats()["cancelled"] == before + PIECE and engine.stats()["queue_depth"] == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("timeout", [30.0, lambda: 30.0])
+def test_a_long_list_with_a_timeout_is_tokenized_whole_so_its_deadline_is_judged_whole(engine, small_pieces,
+                                                                                      monkeypatch, timeout):
+    # The scheduler refuses a list whose own work misses its deadline only
+    # when it sees the whole list at once.
+    sizes = encodes(engine, monkeypatch)
+    texts = tm.mixed_texts(10, seed=19)
+    assert engine.embed(texts, timeout=timeout).shape == (10, 32)
+    assert sizes == [10]
+
+
+def test_where_the_queue_could_refuse_a_text_a_long_list_is_tokenized_whole(small_pieces, monkeypatch):
+    # max_queue_tokens below max_length: a long text is refused by the
+    # scheduler, naming its index, before anything of the list is queued.
+    with Engine(tm.model("bert"), tm.tokenizer(), replicas=1, warmup=False, max_length=16,
+                max_queue_tokens=9) as engine:
+        sizes = encodes(engine, monkeypatch)
+        texts = ["short"] * 12
+        texts[9] = "a text of more than nine tokens, cut at sixteen"
+        with pytest.raises(fastserve.InvalidInputError, match="request 9"):
+            engine.submit_many(texts)
+        assert sizes == [12] and engine.stats()["submitted"] == 0
+
+
+def test_a_tokenizer_giving_an_empty_text_no_tokens_has_long_lists_tokenized_whole(engine, small_pieces,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(engine, "_empty_has_tokens", False)  # as a tokenizer adding no special tokens
+    sizes = encodes(engine, monkeypatch)
+    engine.embed(tm.mixed_texts(10, seed=23))
+    assert sizes == [10]
+
+
+def test_an_awaited_long_list_is_the_list_as_it_was_when_called(engine, small_pieces):
+    texts = tm.mixed_texts(10, seed=29)
+    want = engine.embed(texts)
+
+    async def main():
+        buf = list(texts)
+        call = asyncio.ensure_future(engine.aembed(buf))
+        await asyncio.sleep(0)
+        buf.clear()  # the caller's list changed once the call yielded
+        return await call
+
+    np.testing.assert_array_equal(asyncio.run(main()), want)
+
+
+def test_the_pieces_index_like_the_list_they_stand_for():
+    pieces = engine_mod._TokenizedPieces([f"t{i}" for i in range(10)], lambda texts: [[len(t)] for t in texts], 4)
+    assert pieces[0:2] == [[2], [2]] and len(pieces.lists) == 4  # a whole piece at least
+    assert pieces[-1] == [2] and pieces[3:-5] == [[2], [2]] and len(pieces.lists) == 10
+    assert pieces.ready(10) and list(pieces) == [[2]] * 10
