@@ -749,10 +749,6 @@ class Engine(tasks.TaskCalls):
         self._private_tokenizer = tasks.PrivateTokenizer(self.tokenizer, truncate if truncate in ("left", "right")
                                                          else None)
         self._encode = TextEncoder(self.tokenizer, self.max_length, False, self._private_tokenizer)
-        try:  # (Engine._pieces)
-            self._empty_has_tokens = len(self._encode([""])[0]) > 0
-        except Exception:  # noqa: BLE001 - a tokenizer refusing "": long lists are tokenized whole
-            self._empty_has_tokens = False
         # A tokenizer with tokens the model has no embeddings for (added
         # without resizing the model): a text holding one is refused. None:
         # every id the tokenizer makes has one, so texts' ids go unchecked.
@@ -1363,7 +1359,8 @@ class Engine(tasks.TaskCalls):
         for i, t in enumerate(inputs):
             if not isinstance(t, str):
                 raise InvalidInputError(f"text{admission.where(i, n)} must be a str, got {type(t).__name__}")
-            found = admission.not_unicode(f"text{admission.where(i, n)}", t)
+            # (isascii is a flag CPython keeps: only other texts are encoded to look for a lone surrogate)
+            found = None if t.isascii() else admission.not_unicode(f"text{admission.where(i, n)}", t)
             if found is not None:
                 raise found
         # A copy: the caller's list may change once the call (aembed) yields.
@@ -1371,10 +1368,12 @@ class Engine(tasks.TaskCalls):
                                 TOKENIZE_PIECE_TEXTS)
 
     def _empty_text_has_tokens(self) -> bool:
-        """Whether "" tokenizes to at least one token (special tokens), so
-        that no text queues an empty request, which the scheduler refuses
-        (asked of the tokenizer once, at construction)."""
-        return self._empty_has_tokens
+        """Whether every text, "" too, gets at least one token: the special
+        tokens the tokenizer's template puts around it (found at
+        construction, inputs.Template), so that no text queues an empty
+        request, which the scheduler refuses. Without a template: not known."""
+        template = self._fit.template
+        return template is not None and bool(template.prefix or template.suffix)
 
     def _answered(self, requests, queued, spans, futures: list[cf.Future]) -> list[cf.Future]:
         """One future per input: its own, with `.info`, or its windows' combined."""

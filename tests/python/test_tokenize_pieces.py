@@ -281,7 +281,7 @@ def test_where_the_queue_could_refuse_a_text_a_long_list_is_tokenized_whole(smal
 
 def test_a_tokenizer_giving_an_empty_text_no_tokens_has_long_lists_tokenized_whole(engine, small_pieces,
                                                                                     monkeypatch):
-    monkeypatch.setattr(engine, "_empty_has_tokens", False)  # as a tokenizer adding no special tokens
+    monkeypatch.setattr(engine, "_empty_text_has_tokens", lambda: False)  # as a tokenizer adding no special tokens
     sizes = encodes(engine, monkeypatch)
     engine.embed(tm.mixed_texts(10, seed=23))
     assert sizes == [10]
