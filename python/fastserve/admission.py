@@ -257,12 +257,12 @@ class Prepare:
 
 
 def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.Future], priority: int,
-           timeout: Callable[[], float | None], step: int | None = None) -> Iterator[cf.Future | Prepare | None]:
+           timeout: Callable[[], float | None]) -> Iterator[cf.Future | Prepare | None]:
     """Queue `requests` in order, appending each one's future to `futures`,
-    up to `step` (None: CHUNK) per scheduler call. Where `requests` makes
-    its items as they are asked for (a `prepare(stop)` and a `ready(stop)`
-    method: engine._TokenizedPieces), a Prepare for the next slice is
-    yielded first, to be run by the caller.
+    up to CHUNK per scheduler call. Where `requests` makes its items as they
+    are asked for (`prepare(stop)`, `ready(stop)` and its `piece` size:
+    engine._TokenizedPieces), up to a piece per call, and a Prepare for the
+    next piece is yielded first, to be run by the caller.
     When the queue is full and nothing was accepted yet: QueueFullError
     (the call is refused whole). Once something
     was, the caller waits its turn: for the yielded future (its own oldest
@@ -270,8 +270,8 @@ def _admit(submit: Submit, requests: Sequence[Sequence[int]], futures: list[cf.F
     (its inputs so far are done and others' fill the queue), for PAUSE_S;
     then iterates on."""
     oldest = pos = 0
-    step = CHUNK if step is None else step
     lazy = callable(getattr(requests, "prepare", None))
+    step = requests.piece if lazy else CHUNK  # type: ignore[attr-defined]
     while pos < len(requests):
         if lazy and not requests.ready(pos + step):  # type: ignore[attr-defined]
             yield Prepare(functools.partial(requests.prepare, pos + step))  # type: ignore[attr-defined]
@@ -296,14 +296,14 @@ def _cancel(futures: list[cf.Future]) -> None:
 
 def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
                timeout: Callable[[], float | None],
-               before_wait: Callable[[], None] | None = None, step: int | None = None) -> list[cf.Future]:
-    """Queue every request, up to `step` (None: CHUNK) per scheduler call,
-    blocking while the call waits its turn (calling `before_wait` first,
-    which may raise instead); a call that fails part way (a lazy sequence of
-    requests raising on a slice, too) cancels what it had queued."""
+               before_wait: Callable[[], None] | None = None) -> list[cf.Future]:
+    """Queue every request (_admit), blocking while the call waits its turn
+    (calling `before_wait` first, which may raise instead); a call that fails
+    part way (lazy requests failing to make a piece, too) cancels what it had
+    queued."""
     futures: list[cf.Future] = []
     try:
-        for turn in _admit(submit, requests, futures, priority, timeout, step):
+        for turn in _admit(submit, requests, futures, priority, timeout):
             if isinstance(turn, Prepare):
                 turn.run()
                 continue
@@ -321,8 +321,7 @@ def submit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
 
 async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priority: int,
                       timeout: Callable[[], float | None],
-                      wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None,
-                      step: int | None = None) -> list[cf.Future]:
+                      wait: Callable[[Awaitable[Any]], Awaitable[Any]] | None) -> list[cf.Future]:
     """submit_all awaiting its turn instead of blocking (through `wait` when
     given), and awaiting requests made as they are asked for (each Prepare
     runs in a worker thread: a list's tokenizing never blocks the loop); a
@@ -332,7 +331,7 @@ async def asubmit_all(submit: Submit, requests: Sequence[Sequence[int]], priorit
     futures: list[cf.Future] = []
     aw: Optional[asyncio.Future] = None
     try:
-        for turn in _admit(submit, requests, futures, priority, timeout, step):
+        for turn in _admit(submit, requests, futures, priority, timeout):
             if isinstance(turn, Prepare):
                 await asyncio.to_thread(turn.run)
                 continue

@@ -489,12 +489,17 @@ class _TokenizedPieces(collections.abc.Sequence):
                  piece: int) -> None:
         self._texts = texts
         self._tokenize = tokenize
-        self._piece = piece
+        self.piece = piece  # texts per scheduler call too (admission._admit)
         self.lists = admission.TokenLists()
         self.lists.infos = []
 
     def __len__(self) -> int:
         return len(self._texts)
+
+    @property
+    def infos(self) -> list:
+        """The InputInfos so far (all of them once the call has queued every piece: inputs.infos_of)."""
+        return self.lists.infos
 
     def ready(self, stop: int) -> bool:
         return len(self.lists) >= min(stop, len(self._texts))
@@ -505,7 +510,7 @@ class _TokenizedPieces(collections.abc.Sequence):
         still tokenizes `piece` texts, not the few it took."""
         done = len(self.lists)
         if stop > done:
-            more = self._tokenize(self._texts[done : max(stop, done + self._piece)])
+            more = self._tokenize(self._texts[done : max(stop, done + self.piece)])
             self.lists.extend(more)
             self.lists.infos.extend(infos_of(more))
 
@@ -1006,15 +1011,9 @@ class Engine(tasks.TaskCalls):
         combined."""
         self._refuse_if_forked()
         p = self._prompt(prompt_name, prompt)
-        waiting = functools.partial(self._may_block, "submit_many waiting for room")
-        pieces = self._pieces(inputs, p, timeout)
-        if pieces is not None:
-            futures = admission.submit_all(self._submitter(p), pieces, priority, admission.timeout_callable(timeout),
-                                           waiting, step=TOKENIZE_PIECE_TEXTS)
-            return self._answered(pieces.lists, pieces.lists, None, futures)
-        requests, queued, spans = self._planned(inputs, p)
+        requests, queued, spans = self._planned(inputs, p, timeout)
         futures = admission.submit_all(self._submitter(p), queued, priority, admission.timeout_callable(timeout),
-                                       waiting)
+                                       functools.partial(self._may_block, "submit_many waiting for room"))
         return self._answered(requests, queued, spans, futures)
 
     async def asubmit_many(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, priority: int = 0,
@@ -1038,12 +1037,7 @@ class Engine(tasks.TaskCalls):
         prompt_name / prompt: as submit_many's."""
         self._may_await("asubmit_many")
         p = self._prompt(prompt_name, prompt)
-        pieces = self._pieces(inputs, p, timeout)
-        if pieces is not None:
-            futures = await admission.asubmit_all(self._submitter(p), pieces, priority,
-                                                  admission.timeout_callable(timeout), wait, step=TOKENIZE_PIECE_TEXTS)
-            return self._answered(pieces.lists, pieces.lists, None, futures)
-        requests, queued, spans = self._planned(inputs, p)
+        requests, queued, spans = self._planned(inputs, p, timeout)
         futures = await admission.asubmit_all(self._submitter(p), queued, priority,
                                               admission.timeout_callable(timeout), wait)
         return self._answered(requests, queued, spans, futures)
@@ -1321,14 +1315,19 @@ class Engine(tasks.TaskCalls):
             raise ValueError(f"{e}: the windows are cut to {window} tokens, the most one batch holds within "
                              f"max_batch_memory_mb (max_length {self.max_length})") from e
 
-    def _planned(self, inputs: Sequence[Any], prompt: str) -> tuple[list, list, Optional[list]]:
+    def _planned(self, inputs: Sequence[Any], prompt: str, timeout: Timeout) -> tuple[Sequence, Sequence,
+                                                                                       Optional[list]]:
         """(the inputs as token lists, what gets queued, each input's [start,
         end) in it): with truncate="chunk" a long input's windows are queued,
-        otherwise the lists themselves (spans None). On a closed engine
-        EngineClosedError, an empty list's too."""
+        otherwise the lists themselves (spans None), tokenized as they are
+        queued where _pieces allows. On a closed engine EngineClosedError,
+        an empty list's too."""
         self._refuse_if_forked()
         with self._lock:
             self._refuse_if_closed()
+        pieces = self._pieces(inputs, prompt, timeout)
+        if pieces is not None:
+            return pieces, pieces, None
         requests = self._requests(inputs, prompt)
         if self.truncate != "chunk":
             return requests, requests, None
@@ -1352,9 +1351,6 @@ class Engine(tasks.TaskCalls):
                 or (self.memory_budget is not None and self.memory_budget.tokens < self.max_length)
                 or self._max_queue_tokens < self.max_length or not self._empty_text_has_tokens()):
             return None
-        self._refuse_if_forked()
-        with self._lock:
-            self._refuse_if_closed()
         n = len(inputs)
         for i, t in enumerate(inputs):
             if not isinstance(t, str):
