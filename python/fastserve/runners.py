@@ -807,9 +807,10 @@ class PackedRunner:
             else:
                 # (An untouched fused layer has no hook on any module at all.)
                 self.uncalled.check(i)
-                a = self._attention(i, h, runs, varlen)
+                tail = self._tail(i)
+                a = self._attention(i, h, runs, varlen, tail)
                 del h
-                h = self._feed_forward(i, a)
+                h = self._feed_forward(i, a, tail)
                 del a
             if self.pause_hook is not None and i + 1 < len(self.blocks):
                 keep = self.pause_hook(i + 1, len(self.blocks))
@@ -848,15 +849,15 @@ class PackedRunner:
             return None
         return None if _touched(modules) else parts
 
-    def _attention(self, i: int, h: torch.Tensor, runs, varlen) -> torch.Tensor:
+    def _attention(self, i: int, h: torch.Tensor, runs, varlen, tail: Optional[tuple]) -> torch.Tensor:
         """Layer i's attention and its output LayerNorm, through its modules
-        (or the projection, then bias + residual + LayerNorm in one CUDA
-        kernel). The caller drops h after it: the layer's input and the
+        (or, with its tail parts (_tail, asked once per layer and batch), the
+        projection, then bias + residual + LayerNorm in one CUDA kernel).
+        The caller drops h after it: the layer's input and the
         attention context dead before the feed-forward take (2H) x 4 bytes
         per token off the batch's peak in fp32 (python/fastserve/footprint.py)."""
         block = self.blocks[i]
         ctx = self.attn[i](h, runs, varlen)
-        tail = self._tail(i)
         if tail is not None:
             out, ln = tail[0], tail[1]
             return kernels.add_layer_norm_(F.linear(ctx, out.weight), out.bias, h, ln.weight, ln.bias, ln.eps)
@@ -864,15 +865,14 @@ class PackedRunner:
             return block.sa_layer_norm(block.attention.out_lin(ctx) + h)
         return block.attention.output(ctx, h)
 
-    def _feed_forward(self, i: int, a: torch.Tensor) -> torch.Tensor:
+    def _feed_forward(self, i: int, a: torch.Tensor, tail: Optional[tuple]) -> torch.Tensor:
         """Layer i's feed-forward and its output LayerNorm, through its
-        modules (or the output projection, then bias + residual + LayerNorm
-        in one CUDA kernel). The intermediate projection keeps its own bias
+        modules (or, with its tail parts, the output projection, then bias +
+        residual + LayerNorm in one CUDA kernel). The intermediate projection keeps its own bias
         and GELU: cuBLAS adds the bias inside the product, and fastserve's
         bias + GELU kernel measured no faster than that and torch's GELU
         (0.94-0.99x on an H200, benchmarks/README.md, "GPU")."""
         block = self.blocks[i]
-        tail = self._tail(i)
         if tail is not None:
             _, _, inter, out, ln = tail
             x = block.ffn.activation(inter(a)) if self.distil else block.intermediate(a)
@@ -887,9 +887,10 @@ class PackedRunner:
         h = _packed_embeddings(self.base.embeddings, ids, pos, self.distil)
         _, varlen = self._attention_plan(np.zeros(0, np.int64), cu, max_seqlen)
         for i in range(len(self.blocks)):
-            a = self._attention(i, h, [], varlen)
+            tail = self._tail(i)
+            a = self._attention(i, h, [], varlen, tail)
             del h
-            h = self._feed_forward(i, a)
+            h = self._feed_forward(i, a, tail)
             del a
         return h
 
