@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import shapes
+from .shapes import ghost_pieces
 
 log = logging.getLogger("fastserve")
 
@@ -58,11 +59,6 @@ _CAPTURING = threading.Lock()
 def sequence_slots(sequences: int) -> int:
     """The sequence count a graph is captured for: the power of two >= sequences."""
     return 1 << max(0, int(sequences) - 1).bit_length()
-
-
-def ghost_pieces(extra: int, max_length: int) -> list[int]:
-    """Lengths of the ghost sequences that fill `extra` tokens, each at most max_length."""
-    return [max_length] * (extra // max_length) + ([extra % max_length] if extra % max_length else [])
 
 
 class _Graph:

@@ -41,6 +41,12 @@ def bucket(tokens: int) -> int:
     return -(-tokens // step) * step
 
 
+def ghost_pieces(extra: int, max_length: int) -> list[int]:
+    """Lengths of the ghost sequences that fill `extra` tokens, each at most
+    max_length (here and in the CUDA graphs' batches, graphs.py)."""
+    return [max_length] * (extra // max_length) + ([extra % max_length] if extra % max_length else [])
+
+
 class GhostedBatch:
     """A packed batch with ghost sequences appended so that its token count is
     `bucket(T)`: the attributes the packed runners read (packed_input_ids,
@@ -48,7 +54,7 @@ class GhostedBatch:
     is how many rows to drop from the end of the runner's output."""
 
     def __init__(self, batch: Any, extra: int, max_length: int, pad_id: int) -> None:
-        pieces = [max_length] * (extra // max_length) + ([extra % max_length] if extra % max_length else [])
+        pieces = ghost_pieces(extra, max_length)
         self.ghosts = len(pieces)
         self.ids = batch.ids
         ids = np.asarray(batch.packed_input_ids)
