@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 import numbers
+import operator
 import os
 import threading
 import time
@@ -400,6 +401,10 @@ def _worker_loop(ref: "weakref.ref[Engine]", replica: replicas_.Replica) -> None
         del engine
         raise
 
+
+# Whether a module is in training mode (checked for every module of the
+# model per batch: map over attrgetter is the loop without Python frames).
+_TRAINING = operator.attrgetter("training")
 
 # The most any count option (max_queue, max_batch_tokens, ...) may be: the
 # scheduler's int64 fields, with room for sums of them.
@@ -1804,7 +1809,7 @@ class Engine(tasks.TaskCalls):
         (Replica.threads_for), in the contexts every batch runs in, with what
         the requests' futures carry: a prompt's length (pooled from there)
         and a pair's token types."""
-        if any(m.training for m in self._model_modules):
+        if any(map(_TRAINING, self._model_modules)):
             # A model shared with its caller, put back in training mode
             # (dropout on) after the engine was built over it.
             raise RuntimeError("the model (or a module of it) is in training mode (train() was called after the "

@@ -86,6 +86,41 @@ def test_submit_accepts_sequences_and_integer_arrays(make_tokens):
     assert batch.input_ids.tolist() == [expected]
 
 
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        pytest.param([5, 6, 2**31 - 1], id="plain"),
+        pytest.param([5, True, 7], id="a-bool"),
+        pytest.param([5, np.int64(6), 7], id="a-numpy-int"),
+        pytest.param((5, np.uint8(200)), id="a-numpy-uint8-tuple"),
+        pytest.param([5, 6.0], id="a-float"),
+        pytest.param([5, -1], id="negative"),
+        pytest.param([5, 2**31], id="2^31"),
+        pytest.param([5, 2**70], id="2^70"),
+        pytest.param([5, "6"], id="a-str"),
+        pytest.param([], id="empty"),
+    ],
+)
+def test_a_list_of_ids_is_read_as_its_array_would_be(tokens):
+    """A list or tuple of plain ints is read without numpy (tokens_from);
+    any other item sends it down the array path: either way the outcome is
+    the array's, the same ids or the same error."""
+    def outcome(value):
+        sched, _ = make_scheduler()
+        try:
+            sched.submit(value)
+        except (TypeError, ValueError) as e:
+            return type(e), str(e)
+        (batch,) = drain(sched)
+        return batch.packed_input_ids.tolist()
+
+    try:
+        as_array = np.asarray(tokens)
+    except (TypeError, ValueError, OverflowError):
+        as_array = np.asarray(tokens, dtype=object)
+    assert outcome(tokens) == outcome(as_array)
+
+
 def test_submit_returns_distinct_nonzero_ids():
     sched, _ = make_scheduler()
     ids = [sched.submit([i + 1]) for i in range(100)]
