@@ -9,11 +9,20 @@ leaves as the bound), one replica.
    again and again, one caller submits a one-text list every 2 ms: its
    submit_many's latency (p50, p99, max): how long the bulk job's submits
    hold the engine's lock and the GIL.
+3. One request at a time (the 1.0 ms single-request target's host part):
+   `embed(text)` of a text of --tokens tokens end to end, p50 and p99 over
+   --singles calls; of it, the text's tokenization alone (`tokenize`) and
+   the round trip of its token ids (`submit_tokens(ids).result()`: the
+   submit, the hand-offs to the worker and back, the worker's Python
+   around the runner).
+4. Tokenizing the N texts alone (`tokenize(texts)`, best of --rounds):
+   texts per second, what an offline call on a fast GPU is bound by.
 
 Run it at two commits to compare them (the machine's noise: several runs,
 alternating). Figures: benchmarks/README.md, "The engine's host work".
 
-    python benchmarks/python/host_overhead.py [--n 4096] [--rounds 8] [--probes 400] [--out FILE]
+    python benchmarks/python/host_overhead.py [--n 4096] [--rounds 8] [--probes 400] [--singles 2000]
+        [--tokens 128] [--out FILE]
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--probes", type=int, default=400)
+    p.add_argument("--singles", type=int, default=2000)
+    p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     common.quiet()
@@ -46,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = engine._replicas[0].runner
     dim = engine.dim
     runner.run = lambda batch, **kw: np.zeros((int(batch.size), dim), np.float32)  # the model taken out
-    lists = engine.tokenize(common.sample_texts(args.n, seed=1))
+    texts = common.sample_texts(args.n, seed=1)
+    lists = engine.tokenize(texts)
     one = engine.tokenize(["a short text"])
     for _ in range(2):
         engine.embed(lists)
@@ -75,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         worker.join()
     for f in futures:
         f.result()
+    single = one_at_a_time(engine, common.text_of(tok, args.tokens), args.singles)
+    tokenizing = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        engine.tokenize(texts)
+        tokenizing.append(time.perf_counter() - t0)
     engine.close()
     out: dict[str, Any] = {
         "n": args.n, "rounds": args.rounds, "probes": args.probes,
@@ -82,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "offline_us_per_request": {"best": min(calls) / args.n * 1e6, "median": statistics.median(calls) / args.n * 1e6},
         "beside_bulk_ms": {"p50": float(np.percentile(probes, 50) * 1e3), "p99": float(np.percentile(probes, 99) * 1e3),
                            "max": max(probes) * 1e3},
+        "one_request_us": single,
+        "tokenize_texts_per_s": args.n / min(tokenizing),
     }
     result = common.save_result("host_overhead.py", argv, out, None, "")
     common.write_json(args.out, result)
@@ -91,7 +111,38 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['offline_us_per_request']['median']:.1f} (median)")
     b = out["beside_bulk_ms"]
     print(f"a one-text call beside a bulk job: p50 {b['p50']:.2f} ms, p99 {b['p99']:.2f} ms, max {b['max']:.2f} ms")
+    s = out["one_request_us"]
+    print(f"one request of {args.tokens} tokens at a time, us (p50 / p99): embed(text) {s['embed_p50']:.1f} / "
+          f"{s['embed_p99']:.1f}; tokenize alone {s['tokenize_p50']:.1f}; submit_tokens round trip "
+          f"{s['round_trip_p50']:.1f} / {s['round_trip_p99']:.1f}")
+    print(f"tokenizing {args.n} texts alone: {out['tokenize_texts_per_s']:.0f} texts/s (best of {args.rounds})")
     return 0
+
+
+def one_at_a_time(engine: Any, text: str, calls: int) -> dict[str, float]:
+    """Section 3: embed(text), tokenize([text]) and submit_tokens(ids).result(),
+    interleaved in rounds, us."""
+    import numpy as np
+
+    ids = engine.tokenize([text])[0]
+    fns = {"embed": lambda: engine.embed(text), "tokenize": lambda: engine.tokenize([text]),
+           "round_trip": lambda: engine.submit_tokens(ids).result()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(50):
+            fn()
+    rounds = 5
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(calls // rounds):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, t in times.items():
+        a = np.array(t) * 1e6
+        out[f"{name}_p50"], out[f"{name}_p99"] = float(np.percentile(a, 50)), float(np.percentile(a, 99))
+    return out
 
 
 if __name__ == "__main__":
