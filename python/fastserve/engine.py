@@ -672,11 +672,14 @@ class Engine(tasks.TaskCalls):
         self._tokens_per_thread = replicas_.tokens_per_thread(shape.hidden if shape else None,
                                                               precision.emulated(self.precision))
         scratch = piece_row = 0
+        # How the CPU layers' products run (gemm.py), where the layers are fused.
+        products = layer_gemm(loaded.model, self.device, self.precision.compute) \
+            if packed and self.device.type == "cpu" else None
         if shape is not None and self.device.type == "cpu":
             # The threads each worker runs a batch on (not the count left in
             # the thread that builds the engine).
             threads = replicas_.threads_per_worker(torch_threads, worker_devices) or torch.get_num_threads()
-            if packed and layer_gemm(loaded.model, self.device, self.precision.compute) == "onednn":
+            if products == "onednn":
                 # A piece of a product, copied into it (weights reordered once: no per-call buffer).
                 piece_row = footprint.gemm_piece_row_bytes(shape, self.dtype)
             else:  # a bfloat16 product's own buffer through torch.mm, per thread (autocast's too)
@@ -688,7 +691,7 @@ class Engine(tasks.TaskCalls):
         scratch += footprint.per_batch(cfg, self.dtype, max_length=max_length or limit)
         # Packed CPU batches run padded with ghost rows (shapes.target): the
         # budget holds the padded batch.
-        runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn) \
+        runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn, products) \
             if packed and self.device.type == "cpu" else None
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
                                                      cfg.model_type, scratch, piece_row, gemm.PIECE, runs_at)
@@ -706,7 +709,8 @@ class Engine(tasks.TaskCalls):
         if cudnn_attention is None:
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
-        self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn)
+        self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn,
+                                                                   products)
         self._release_onednn = _Once(process.onednn_release, self._process["onednn"])
         self._process["sdpa_backends_switched_per_batch"] = switches
         # A pipeline's model is prepared on the CPU and placed stage by stage

@@ -36,7 +36,17 @@ were level (0.95-1.14x), on an AVX2-only AMD EPYC oneDNN was slower
 (0.93-0.99x: "AMD EPYC (AVX2) again"), and on Intel CPUs MKL has AVX-512
 itself; so "onednn" is the default for float32 where the CPU has AVX-512,
 is not an Intel CPU and oneDNN is not capped below AVX-512, and "mm"
-elsewhere. FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
+elsewhere.
+
+bfloat16 products go through "onednn" wherever oneDNN runs them (on
+AVX512-BF16, AMX, or AVX-512 without either): torch.mm is oneDNN there too,
+but it reorders the weight on every call, which a short batch pays in full.
+One request of 3 tokens to MiniLM took 4.4 ms against 6.3 through torch.mm,
+of 128 tokens 17.7 against 19.1; 400 texts offline 1.02-1.03x; the same bits
+(benchmarks/README.md, "bfloat16 products through oneDNN"). Where oneDNN
+cannot (capped below AVX-512, or no oneDNN), torch.mm emulates.
+
+FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.
 """
 
 from __future__ import annotations
@@ -82,6 +92,8 @@ def onednn_available() -> bool:
 def default_method(dtype: torch.dtype, cpu: dict[str, Any]) -> str:
     """The products' method for layers computing in `dtype` on a CPU with
     the features `cpu` (precision.cpu_features()), without the override."""
+    if dtype == torch.bfloat16:
+        return "onednn" if onednn_cannot(dtype) is None else "mm"
     flags = cpu.get("flags") or ()
     cap = (cpu.get("onednn_max_isa") or "").lower()
     if (dtype == torch.float32 and "avx512f" in flags and cpu.get("vendor") not in (None, "GenuineIntel")

@@ -64,7 +64,7 @@ import sys
 import threading
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -188,20 +188,26 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_onednn_after_fork_in_child)
 
 
-def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool) -> bool:
-    """Whether onednn_for turns oneDNN on for the engine, its packed batches
-    then rounded up to token buckets (shapes.py): CPU bfloat16/float16."""
-    return device.type == "cpu" and bool(tune) and compute != torch.float32
+def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool, gemm: Optional[str] = None) -> bool:
+    """Whether onednn_for turns oneDNN on for the engine with its packed
+    batches rounded up to token buckets (shapes.py): CPU bfloat16/float16
+    whose layers' products (runners.layer_gemm: `gemm`) do not run through
+    gemm.py's oneDNN pieces, which bound oneDNN's shape cache themselves
+    (a bfloat16 MiniLM over 300 batches of random sizes: +12 MiB without
+    buckets, +114 MiB through torch.mm with them, +776 MiB without;
+    benchmarks/README.md, "bfloat16 products through oneDNN")."""
+    return device.type == "cpu" and bool(tune) and compute != torch.float32 and gemm != "onednn"
 
 
-def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[Callable[[], Any], str]:
+def onednn_for(device: torch.device, compute: torch.dtype, tune: bool,
+               gemm: Optional[str] = None) -> tuple[Callable[[], Any], str]:
     """The context a batch runs in for oneDNN's switch, and what it does:
     "off per batch" (CPU float32), "on, token buckets" (CPU bf16/fp16: the
-    engine registers as needing oneDNN; release with onednn_release),
-    "left alone, kept on" (CPU bf16/fp16 with tune=False: the engine changes
-    nothing itself, but registers too, so that no float32 engine's batch
-    turns oneDNN off under its products) or "left alone" (GPU, or float32
-    with tune=False)."""
+    engine registers as needing oneDNN; release with onednn_release), "on"
+    (the same, the batches not rounded: onednn_buckets), "left alone, kept
+    on" (CPU bf16/fp16 with tune=False: the engine changes nothing itself,
+    but registers too, so that no float32 engine's batch turns oneDNN off
+    under its products) or "left alone" (GPU, or float32 with tune=False)."""
     global _onednn_users
     if device.type != "cpu" or (compute == torch.float32 and not tune):
         return contextlib.nullcontext, "left alone"
@@ -214,14 +220,16 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool) -> tuple[
             # unless it is this thread's (an engine built from a hook).
             if not getattr(_onednn_here, "off", 0):
                 _onednn_back.wait_for(lambda: _onednn_off == 0)
-        return contextlib.nullcontext, "on, token buckets" if tune else "left alone, kept on"
+        if not tune:
+            return contextlib.nullcontext, "left alone, kept on"
+        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune, gemm) else "on"
     return _onednn_off_context, "off per batch"
 
 
 def onednn_release(what: str) -> None:
     """An engine that registered as needing oneDNN (onednn_for) is closed."""
     global _onednn_users
-    if what in ("on, token buckets", "left alone, kept on"):
+    if what in ("on, token buckets", "on", "left alone, kept on"):
         with _onednn_lock:
             _onednn_users -= 1
 

@@ -11,7 +11,10 @@ of 16 tokens below 128 and of an eighth of the power of two at or below T
 from there (eight sizes per doubling), so a batch of 128 tokens or more
 computes at most 1/8 more, and 40 sizes cover 1 to 2,048 tokens. The extra tokens are a ghost sequence (or several, each within
 the model's maximum length) appended to the batch; its rows are dropped
-before the results go back, and no request ever sees it.
+before the results go back, and no request ever sees it. An engine whose
+layers' products go through gemm.py's oneDNN pieces (bfloat16's default
+where oneDNN runs it) does not round: the pieces bound the shapes
+themselves (process.onednn_buckets).
 
 In float32 the engine avoids oneDNN instead (process.onednn_for), which is as
 fast there, so fp32 batches are not rounded to buckets. They are padded only

@@ -13,6 +13,7 @@ import torch
 import tiny_models as tm
 
 from fastserve import Engine, InvalidInputError, footprint, gemm, shapes
+from fastserve.runners import layer_gemm
 
 
 def _profiled(engine):
@@ -286,21 +287,32 @@ def test_a_budget_that_holds_no_token_is_refused_naming_the_least_that_does(mib)
         assert engine.memory_budget.tokens >= 1
 
 
-@pytest.mark.parametrize("dtype, room", [("bfloat16", 97), ("float32", 3)])
-def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room):
+@pytest.mark.parametrize("dtype, room, products", [("bfloat16", 97, "mm"), ("bfloat16", 97, "onednn"),
+                                                   ("float32", 3, None)])
+def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room, products, monkeypatch):
     # A packed CPU batch runs at shapes.target(T): its token bucket in
-    # bfloat16, at least MIN_ROWS tokens in float32. A budget with room for
-    # 97 tokens holds 96 in bfloat16 (bucket(97) = 112 would not fit); one
-    # with room for 3 holds none in float32.
+    # bfloat16 with the products through torch.mm, at least MIN_ROWS tokens
+    # otherwise (float32, or bfloat16 through oneDNN's pieces, which bound
+    # oneDNN's cache themselves: process.onednn_buckets). A budget with room
+    # for 97 tokens holds 96 with buckets (bucket(97) = 112 would not fit),
+    # 97 without; one with room for 3 holds none in float32.
+    if products == "onednn" and gemm.onednn_cannot(torch.bfloat16):
+        pytest.skip(f"oneDNN cannot run bfloat16 products here: {gemm.onednn_cannot(torch.bfloat16)}")
+    if products is not None:
+        monkeypatch.setenv("FASTSERVE_CPU_GEMM", products)
     m = tm.model("bert")
     with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, warmup=False) as probe:
         per = probe.stats()["memory"]["activations"]["bytes_per_token"]
         # no budget: the formula's largest batch all the same, with its fixed bytes
         assert probe.stats()["memory"]["activations"]["max_batch_bytes"] > per * probe.max_batch_tokens
-    shape = footprint.shape_of(m.config)
+    shape, dt = footprint.shape_of(m.config), getattr(torch, dtype)
+    # The products' own bytes as the engine counts them: a piece of rows per
+    # token through oneDNN, torch.mm's scratch in the fixed bytes otherwise.
+    onednn = layer_gemm(m, torch.device("cpu"), dt) == "onednn"
     fixed = footprint.SMALL_BYTES + footprint.attention_scratch_bytes(
-        shape, getattr(torch, dtype), max_length=128, threads=torch.get_num_threads()) + \
-        footprint.mm_scratch_bytes(m, getattr(torch, dtype), torch.get_num_threads())
+        shape, dt, max_length=128, threads=torch.get_num_threads()) + \
+        (0 if onednn else footprint.mm_scratch_bytes(m, dt, torch.get_num_threads()))
+    per += footprint.gemm_piece_row_bytes(shape, dt) if onednn else 0
     mib = (fixed + per * room + per // 2) / 2**20
     if dtype == "float32":
         with pytest.raises(ValueError, match="holds no token: .*, and runs at least 4 tokens"):
@@ -309,12 +321,15 @@ def test_the_budget_holds_a_batch_as_it_runs_padded_with_ghost_rows(dtype, room)
     with Engine(m, tm.tokenizer(), dtype=dtype, replicas=1, max_batch_memory_mb=mib, warmup=False,
                 policy="static", max_batch_tokens=4096) as engine:
         budget = engine.memory_budget
-        assert budget.tokens == 96 and shapes.bucket(96) == 96
-        assert engine.stats()["memory"]["activations"]["max_batch_bytes"] == budget.batch_bytes(96) <= mib * 2**20
-        assert budget.running_bytes(97) == budget.batch_bytes(112) > mib * 2**20  # its bucket, ghost rows and all
+        assert engine.stats()["gemm"] == products and budget.buckets == (products == "mm")
+        bound = 96 if budget.buckets else room
+        assert budget.tokens == bound and shapes.target(bound, budget.buckets) == bound
+        assert engine.stats()["memory"]["activations"]["max_batch_bytes"] == budget.batch_bytes(bound) <= mib * 2**20
+        # one token more runs past it: its bucket, ghost rows and all, or itself
+        assert budget.running_bytes(bound + 1) == budget.batch_bytes(112 if budget.buckets else room + 1) > mib * 2**20
         rows = _profiled(engine)
-        engine.embed([t for t in tm.mixed_texts(60, seed=9) if len(tm.tokenizer()(t)["input_ids"]) <= 96])
-    assert rows and all(tokens <= 96 for tokens, _, _ in rows)
+        engine.embed([t for t in tm.mixed_texts(60, seed=9) if len(tm.tokenizer()(t)["input_ids"]) <= bound])
+    assert rows and all(tokens <= bound for tokens, _, _ in rows)
     assert all(peak <= mib * 2**20 for _, _, peak in rows)
 
 

@@ -90,7 +90,8 @@ def test_the_reordered_weight_is_counted():
 
 @pytest.mark.parametrize("cpu, dtype, want", [
     (AMD_AVX512, torch.float32, "onednn"),
-    (AMD_AVX512, torch.bfloat16, "mm"),  # torch.mm is oneDNN already; reordering once measured level
+    (AMD_AVX512, torch.bfloat16, "onednn"),  # torch.mm reorders the weight per call: a short batch pays it
+    ({**AMD_AVX512, "vendor": "GenuineIntel"}, torch.bfloat16, "onednn"),
     ({**AMD_AVX512, "vendor": "GenuineIntel"}, torch.float32, "mm"),  # MKL has AVX-512 on Intel
     ({**AMD_AVX512, "flags": ["avx2", "fma"]}, torch.float32, "mm"),  # AVX2 only: oneDNN measured slower
     ({**AMD_AVX512, "onednn_max_isa": "AVX2"}, torch.float32, "mm"),  # oneDNN capped below AVX-512
@@ -100,7 +101,15 @@ def test_the_reordered_weight_is_counted():
 ])
 def test_the_default_method_per_cpu(cpu, dtype, want, monkeypatch):
     monkeypatch.setattr(gemm, "onednn_available", lambda: True)
+    monkeypatch.setattr(gemm, "onednn_cannot", lambda dtype: None)
     assert gemm.default_method(dtype, cpu) == want
+
+
+def test_bfloat16_products_stay_on_torch_mm_where_onednn_cannot_run_them(monkeypatch):
+    # oneDNN capped below AVX-512, or absent: torch.mm emulates them.
+    monkeypatch.setattr(gemm, "onednn_cannot", lambda dtype: "capped to AVX2")
+    assert gemm.default_method(torch.bfloat16, AMD_AVX512) == "mm"
+    assert gemm.default_method(torch.bfloat16, {**AMD_AVX512, "vendor": "GenuineIntel"}) == "mm"
 
 
 def test_without_onednn_the_default_is_torch_mm(monkeypatch):

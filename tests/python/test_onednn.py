@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from fastserve import Engine, process, shapes
+from fastserve import Engine, gemm, process, shapes
 
 TEXTS = ["a short one", "the quick brown fox jumps over the lazy dog", "x", "a somewhat longer sentence " * 4,
          "word " * 70]
@@ -127,8 +127,18 @@ def test_a_half_precision_engine_left_alone_still_keeps_onednn_on_under_its_batc
     assert process._onednn_users == users
 
 
+def _products(monkeypatch, products: str) -> None:
+    """The CPU layers' products forced to `products` (gemm.py); "onednn"
+    skipped where oneDNN cannot run bfloat16 ones."""
+    if products == "onednn" and gemm.onednn_cannot(torch.bfloat16):
+        pytest.skip(f"oneDNN cannot run bfloat16 products here: {gemm.onednn_cannot(torch.bfloat16)}")
+    monkeypatch.setenv("FASTSERVE_CPU_GEMM", products)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
-def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype):
+def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype, monkeypatch):
+    # Products through torch.mm: oneDNN's shape cache is bounded by the buckets.
+    _products(monkeypatch, "mm")
     m = tm.model("bert")
     seen = []
     with Engine(m, tm.tokenizer()) as fp32, Engine(m, tm.tokenizer(), dtype=dtype) as half:
@@ -147,7 +157,30 @@ def test_half_precision_keeps_onednn_for_every_engine_and_pads_to_buckets(dtype)
     assert process._onednn_users == 0  # released at close
 
 
-def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding():
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast"])
+def test_half_precision_products_in_onednn_pieces_keep_onednn_on_without_buckets(dtype, monkeypatch):
+    # gemm.py's pieces bound oneDNN's shape cache themselves: the batches run
+    # at their own token counts (at least MIN_ROWS), and nothing is padded.
+    _products(monkeypatch, "onednn")
+    m = tm.model("bert")
+    seen = []
+    with Engine(m, tm.tokenizer()) as fp32, Engine(m, tm.tokenizer(), dtype=dtype, replicas=1) as half:
+        assert half.stats()["process"]["onednn"] == "on" and half.stats()["gemm"] == "onednn"
+        inner32 = fp32.runner.run
+        fp32.runner.run = lambda batch, **kw: (seen.append(torch._C._get_mkldnn_enabled()), inner32(batch, **kw))[1]
+        want = fp32.embed(TEXTS)
+        lengths = [len(ids) for ids in half.tokenize(TEXTS)]
+        got = np.stack([half.embed(text) for text in TEXTS])  # one batch each
+        stats = half.stats()
+    assert seen and all(seen)
+    assert stats["real_tokens"] == sum(lengths) and sorted(lengths)[1] >= shapes.MIN_ROWS > min(lengths)
+    assert stats["padded_tokens"] == sum(max(n, shapes.MIN_ROWS) for n in lengths)  # no bucket, the floor only
+    assert (got * want).sum(1).min() > 0.99
+    assert process._onednn_users == 0
+
+
+def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding(monkeypatch):
+    _products(monkeypatch, "mm")
     with Engine(tm.model("bert"), tm.tokenizer(), dtype="bfloat16", replicas=1) as half:
         lengths = [len(ids) for ids in half.tokenize(TEXTS[:3])]
         before = half.stats()
