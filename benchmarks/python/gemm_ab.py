@@ -12,8 +12,15 @@ With --whole, a third engine whose products each go through oneDNN in one
 call (a new oneDNN shape per row count: what the pieces avoid; its cache
 grows the process's memory), to price the pieces.
 
+With --single T..., first one request at a time of exactly T tokens
+(`embed(text)`, end to end in-process, tokenization included) through two
+default engines (adaptive batches) that differ only in the method, 50
+requests per arm and round, arms alternating: p50 ms per arm. In bfloat16
+"mm" pays oneDNN's reorder of each weight on every call, which a short
+batch cannot amortise.
+
     python benchmarks/python/gemm_ab.py --rounds 6 --out ab.json
-    python benchmarks/python/gemm_ab.py --dtype bfloat16 --rounds 6
+    python benchmarks/python/gemm_ab.py --dtype bfloat16 --rounds 6 --single 3 20 60 128
     python benchmarks/python/gemm_ab.py --whole --rounds 6
 """
 from __future__ import annotations
@@ -32,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p = common.ab_parser(__doc__)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--whole", action="store_true", help="add an engine with one oneDNN call per product")
+    p.add_argument("--single", type=int, nargs="*", default=[], metavar="T",
+                   help="first, one request at a time of T tokens per method")
     args = p.parse_args(argv)
     common.quiet()
     import torch
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"rounds": args.rounds, "n": args.n, "dtype": args.dtype, "machine": common.machine(),
                  "default": gemm.default_method(getattr(torch, args.dtype),
                                                 fastserve.precision.cpu_features())}
+    if args.single:
+        out["single"] = single(args.dtype, args.single, args.rounds)
     engines = {}
     for m in METHODS:
         with common.env("FASTSERVE_CPU_GEMM", m):  # read when an engine is built
@@ -100,6 +111,42 @@ def main(argv: list[str] | None = None) -> int:
             whole.close()
     common.write_json(args.out, out)
     return 0
+
+
+def single(dtype: str, token_counts: list[int], rounds: int, requests: int = 50) -> dict[str, dict[str, float]]:
+    """--single: p50 ms of embed(text) per method and token count."""
+    import statistics
+    import time
+
+    import fastserve
+
+    path = str(common.model_path())
+    engines = {}
+    for m in METHODS:
+        with common.env("FASTSERVE_CPU_GEMM", m):
+            engines[m] = fastserve.Engine(path, dtype=dtype)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for t in token_counts:
+            text = common.text_of(engines["mm"].tokenizer, t)
+            times: dict[str, list[float]] = {m: [] for m in METHODS}
+            for e in engines.values():
+                for _ in range(10):
+                    e.embed(text)
+            for r in range(rounds):
+                for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
+                    for _ in range(requests):
+                        t0 = time.perf_counter()
+                        engines[m].embed(text)
+                        times[m].append(time.perf_counter() - t0)
+            out[str(t)] = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+            a, b = out[str(t)]["onednn"], out[str(t)]["mm"]
+            print(f"{dtype}, one request of {t} tokens: p50 onednn {a:.2f} ms, mm {b:.2f} ms, onednn / mm "
+                  f"{a / b:.3f}", flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    return out
 
 
 if __name__ == "__main__":
