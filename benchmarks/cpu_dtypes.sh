@@ -2,9 +2,10 @@
 # The CPU-precision benchmarks of benchmarks/README.md ("CPU dtypes" and the
 # sections after it) for this machine, one command, into one folder:
 #     bash benchmarks/cpu_dtypes.sh OUT_DIR
-# Runs cpu_dtype.py, gemm_ab.py in float32 and bfloat16, bf16_isa_ab.py,
-# autocast_ab.py, op_profile.py in float32 and bfloat16, and load.py's online
-# goodput per dtype. It does not run the rest of those sections' figures
+# Runs cpu_dtype.py, gemm_ab.py in float32 and bfloat16 (with one request at
+# a time in bfloat16), bf16_buckets.py, bf16_isa_ab.py, autocast_ab.py,
+# op_profile.py in float32 and bfloat16, and load.py's online goodput per
+# dtype. It does not run the rest of those sections' figures
 # (gemm_micro.py, gemm_ab.py --whole, the fastserve_bench kernel tables, the
 # online run with FASTSERVE_PACKED_ATTENTION=runs, mkl_packed.py,
 # mm_concurrency.py, share.py and others): their commands are in the README.
@@ -18,7 +19,7 @@
 # JSON that load.py prints after its table. A benchmark that does not apply
 # on this CPU (bf16_isa_ab.py without AVX512-BF16, autocast_ab.py without
 # native bf16, gemm_ab.py without oneDNN or, in bfloat16, without oneDNN's
-# bf16 products) exits 2 and says why in its log: it is reported as skipped
+# bf16 products, bf16_buckets.py without them too) exits 2 and says why in its log: it is reported as skipped
 # and the rest still run. Exits 1 if any benchmark failed, else 0.
 # Needs what run_all.sh needs.
 set -uo pipefail
@@ -62,7 +63,8 @@ run() {  # run NAME COMMAND...: COMMAND's output into $out/NAME.log; 0 if it ran
 py=benchmarks/python
 run cpu_dtype python $py/cpu_dtype.py --n 400 --repeats 3 --threads --emulated --out "$out/cpu_dtype"
 run gemm_ab python $py/gemm_ab.py --rounds 6 --out "$out/gemm_ab.json"
-run gemm_ab_bf16 python $py/gemm_ab.py --dtype bfloat16 --rounds 6 --out "$out/gemm_ab_bf16.json"
+run gemm_ab_bf16 python $py/gemm_ab.py --dtype bfloat16 --rounds 6 --single 3 20 60 128 --out "$out/gemm_ab_bf16.json"
+run bf16_buckets python $py/bf16_buckets.py --out "$out/bf16_buckets.json"
 run bf16_isa_ab python $py/bf16_isa_ab.py --rounds 6 --out "$out/bf16_isa_ab.json"
 run autocast_ab python $py/autocast_ab.py --rounds 6 --out "$out/autocast_ab.json"
 run op_profile python $py/op_profile.py --out "$out/op_profile.json"

@@ -41,9 +41,10 @@ elsewhere.
 bfloat16 products go through "onednn" wherever oneDNN runs them (on
 AVX512-BF16, AMX, or AVX-512 without either): torch.mm is oneDNN there too,
 but it reorders the weight on every call, which a short batch pays in full.
-One request of 3 tokens to MiniLM took 4.4 ms against 6.3 through torch.mm,
-of 128 tokens 17.7 against 19.1; 400 texts offline 1.02-1.03x; the same bits
-(benchmarks/README.md, "bfloat16 products through oneDNN"). Where oneDNN
+One request of 3 / 20 / 128 tokens to MiniLM took 2.7 / 6.2 / 18.0 ms against
+5.6 / 7.6 / 19.7 through torch.mm (with the token buckets torch.mm needs and the
+pieces do not: process.onednn_buckets); 400 texts offline 1.01-1.02x; the
+same bits (benchmarks/README.md, "bfloat16 products through oneDNN"). Where oneDNN
 cannot (capped below AVX-512, or no oneDNN), torch.mm emulates.
 
 FASTSERVE_CPU_GEMM=mm|onednn overrides the choice.

@@ -193,8 +193,8 @@ def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool, gemm:
     batches rounded up to token buckets (shapes.py): CPU bfloat16/float16
     whose layers' products (runners.layer_gemm: `gemm`) do not run through
     gemm.py's oneDNN pieces, which bound oneDNN's shape cache themselves
-    (a bfloat16 MiniLM over 300 batches of random sizes: +12 MiB without
-    buckets, +114 MiB through torch.mm with them, +776 MiB without;
+    (a bfloat16 MiniLM over 300 batches of random sizes: +14 MiB without
+    buckets, +114 MiB through torch.mm with them, +804 MiB without;
     benchmarks/README.md, "bfloat16 products through oneDNN")."""
     return device.type == "cpu" and bool(tune) and compute != torch.float32 and gemm != "onednn"
 
