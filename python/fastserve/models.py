@@ -354,9 +354,9 @@ _PROBES = (
 def _encode_batch(backend: Any) -> Callable[..., Any]:
     """The Rust tokenizer's batch call: encode_batch_fast where this
     `tokenizers` has it (0.21 on), the same ids without the character
-    offsets, which nothing here reads (1.25-1.33x the texts per second on
-    the corpus: benchmarks/README.md, "The engine's host work"), else
-    encode_batch. A batch call even for one text: it lets go of the GIL,
+    offsets, which nothing here reads (1.23x the texts per second through
+    Engine.tokenize, 0.78x a 128-token text's time: benchmarks/README.md,
+    "One request's host work, and the tokenizer"), else encode_batch. A batch call even for one text: it lets go of the GIL,
     encode holds it."""
     return getattr(backend, "encode_batch_fast", None) or backend.encode_batch
 
