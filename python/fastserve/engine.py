@@ -37,7 +37,7 @@ from .models import DEFAULT_MODEL_NAME, POOLINGS, TASKS, LoadedModel, default_mo
 from .models import TextEncoder
 from .heads import EmbeddingHead
 from .families import select as select_runner
-from .runners import ACTIVATIONS, BatchAbandoned, classification_activation, fused_layers, layer_gemm
+from .runners import ACTIVATIONS, BatchAbandoned, PackedRunner, classification_activation, fused_layers, layer_gemm
 from .st_spec import prompt_length
 
 log = logging.getLogger("fastserve")
@@ -691,7 +691,11 @@ class Engine(tasks.TaskCalls):
         scratch += footprint.per_batch(cfg, self.dtype, max_length=max_length or limit)
         # Packed CPU batches run padded with ghost rows (shapes.target): the
         # budget holds the padded batch.
-        runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn, products) \
+        # Whether every product over a batch's tokens runs through gemm.py's
+        # pieces, which bound oneDNN's cache of shapes without token buckets:
+        # not token-classify's head (a torch product over every token).
+        pieces = products == "onednn" and task != "token-classify"
+        runs_at = process.onednn_buckets(self.device, self.precision.compute, tune_onednn, pieces) \
             if packed and self.device.type == "cpu" else None
         self.memory_budget = footprint.memory_budget(max_batch_memory_mb, self._activation_bytes_per_token,
                                                      cfg.model_type, scratch, piece_row, gemm.PIECE, runs_at)
@@ -710,7 +714,7 @@ class Engine(tasks.TaskCalls):
             cudnn_attention = os.environ.get("FASTSERVE_CUDNN_ATTENTION") == "1"
         self._sdpa_backends, switches = process.sdpa_backends_for(self.device, cudnn_attention)
         self._onednn, self._process["onednn"] = process.onednn_for(self.device, self.precision.compute, tune_onednn,
-                                                                   products)
+                                                                   pieces)
         self._release_onednn = _Once(process.onednn_release, self._process["onednn"])
         self._process["sdpa_backends_switched_per_batch"] = switches
         # A pipeline's model is prepared on the CPU and placed stage by stage
@@ -834,11 +838,20 @@ class Engine(tasks.TaskCalls):
                 m, dev, own, EmbeddingHead(head.modes, include_prompt=head.include_prompt, post=head.post, device=dev)))
         self.runner = self._replicas[0].runner
         pad = self.tokenizer.pad_token_id
-        # Packed CPU batches get ghost sequences (shapes.py): in bf16/fp16 up to
-        # a few token counts, in float32 up to shapes.MIN_ROWS tokens.
+        # Packed CPU batches get ghost sequences (shapes.py): up to a few token
+        # counts in bf16/fp16 whose products run through torch.mm
+        # (process.onednn_buckets), else up to shapes.MIN_ROWS tokens.
         self._ghost_pad = (pad if pad is not None else 0) \
             if self.device.type == "cpu" and self.runner.name == "packed" else None
         self._ghost_buckets = self._process["onednn"] == "on, token buckets"
+        if self._process["onednn"] == "on":
+            for r in self._replicas:
+                if isinstance(r.runner, PackedRunner):
+                    r.runner.unbounded_warning = (
+                        f"a layer of this {self.precision.compute} engine now runs through its modules (a hook or a "
+                        "change made after the engine was built): their products give oneDNN a new shape per "
+                        "batch size, which it caches (up to 1,024), growing the process by hundreds of MiB; "
+                        "build the Engine after such changes, so that it plans for them")
         # Batches that replay CUDA graphs (graphs.py): not where they always
         # run eagerly (pausing, pipeline stages, rerank pairs with types).
         self._graphs = getattr(self.runner, "graphs", None) \

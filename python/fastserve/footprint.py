@@ -336,8 +336,10 @@ class MemoryBudget:
     piece_row_bytes: int = 0
     piece_rows: int = 0
     # How a batch of T tokens runs (shapes.target): None, at T; False, at
-    # least shapes.MIN_ROWS (packed CPU float32); True, at its token bucket
-    # (packed CPU bfloat16/float16). The ghost rows count like real ones.
+    # least shapes.MIN_ROWS (packed CPU float32, or bfloat16 whose products
+    # run through gemm.py's pieces); True, at its token bucket (packed CPU
+    # bfloat16/float16 otherwise: process.onednn_buckets). The ghost rows
+    # count like real ones.
     buckets: bool | None = None
 
     def batch_bytes(self, tokens: int) -> int:

@@ -43,7 +43,7 @@ AVX512-BF16, AMX, or AVX-512 without either): torch.mm is oneDNN there too,
 but it reorders the weight on every call, which a short batch pays in full.
 One request of 3 / 20 / 128 tokens to MiniLM took 2.7 / 6.2 / 18.0 ms against
 5.6 / 7.6 / 19.7 through torch.mm (with the token buckets torch.mm needs and the
-pieces do not: process.onednn_buckets); 400 texts offline 1.01-1.02x; the
+pieces do not: process.onednn_buckets); 400 texts offline 0.99-1.03x; the
 same bits (benchmarks/README.md, "bfloat16 products through oneDNN"). Where oneDNN
 cannot (capped below AVX-512, or no oneDNN), torch.mm emulates.
 
@@ -92,7 +92,9 @@ def onednn_available() -> bool:
 
 def default_method(dtype: torch.dtype, cpu: dict[str, Any]) -> str:
     """The products' method for layers computing in `dtype` on a CPU with
-    the features `cpu` (precision.cpu_features()), without the override."""
+    the features `cpu` (precision.cpu_features()), without the override.
+    bfloat16 asks this process's oneDNN whether it runs bfloat16 products
+    (onednn_cannot), whatever `cpu` says: its ISA cap and build decide."""
     if dtype == torch.bfloat16:
         return "onednn" if onednn_cannot(dtype) is None else "mm"
     flags = cpu.get("flags") or ()

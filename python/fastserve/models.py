@@ -386,14 +386,15 @@ class TextEncoder:
         self.truncate = truncate
         self.calls = calls if calls is not None else PrivateTokenizer(tokenizer)
         self.backend = self._direct_backend()
+        self._encode = None if self.backend is None else _encode_batch(self.backend)
 
     @property
     def direct(self) -> bool:
         return self.backend is not None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        if self.backend is not None:
-            return [e.ids for e in _encode_batch(self.backend)(texts, add_special_tokens=True)]
+        if self._encode is not None:
+            return [e.ids for e in self._encode(texts, add_special_tokens=True)]
         return self._via_transformers(texts, self.calls)
 
     def _via_transformers(self, texts: list[str], tokenizer: Any) -> list[list[int]]:

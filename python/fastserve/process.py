@@ -26,7 +26,9 @@ reported in `Engine.stats()["process"]`, and possible to turn off.
   torch's own kernels instead: as fast or faster there, and no cache), unless
   an engine in the process computes in bf16/fp16 on the CPU: those need
   oneDNN, and the switch is process-wide, so it is then left on. bf16/fp16
-  batches are rounded up to a few token counts instead (shapes.py).
+  batches are rounded up to a few token counts instead (shapes.py), unless
+  every product over their tokens runs through gemm.py's pieces of fixed
+  sizes (bfloat16's default where oneDNN runs it: onednn_buckets).
   `Engine(tune_onednn=False)` leaves the switch alone and pads nothing.
 - The garbage collector's long-lived objects (`gc.freeze`): once built, the
   engine collects and then freezes what the process holds (torch's,
@@ -64,7 +66,7 @@ import sys
 import threading
 import types
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -188,19 +190,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_onednn_after_fork_in_child)
 
 
-def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool, gemm: Optional[str] = None) -> bool:
+def onednn_buckets(device: torch.device, compute: torch.dtype, tune: bool, pieces: bool = False) -> bool:
     """Whether onednn_for turns oneDNN on for the engine with its packed
-    batches rounded up to token buckets (shapes.py): CPU bfloat16/float16
-    whose layers' products (runners.layer_gemm: `gemm`) do not run through
-    gemm.py's oneDNN pieces, which bound oneDNN's shape cache themselves
-    (a bfloat16 MiniLM over 300 batches of random sizes: +14 MiB without
-    buckets, +114 MiB through torch.mm with them, +804 MiB without;
-    benchmarks/README.md, "bfloat16 products through oneDNN")."""
-    return device.type == "cpu" and bool(tune) and compute != torch.float32 and gemm != "onednn"
+    batches rounded up to token buckets (shapes.py): CPU bfloat16/float16,
+    unless `pieces`: every product over a batch's tokens runs through
+    gemm.py's oneDNN pieces (the fused layers' products through "onednn",
+    and no head over every token: Engine.__init__), which bound oneDNN's
+    shape cache themselves (a bfloat16 MiniLM over 300 batches of random
+    sizes: +12-18 MiB without buckets, +111-115 MiB through torch.mm with
+    them, +755-804 MiB without; benchmarks/README.md, "bfloat16 products through
+    oneDNN")."""
+    return device.type == "cpu" and bool(tune) and compute != torch.float32 and not pieces
 
 
 def onednn_for(device: torch.device, compute: torch.dtype, tune: bool,
-               gemm: Optional[str] = None) -> tuple[Callable[[], Any], str]:
+               pieces: bool = False) -> tuple[Callable[[], Any], str]:
     """The context a batch runs in for oneDNN's switch, and what it does:
     "off per batch" (CPU float32), "on, token buckets" (CPU bf16/fp16: the
     engine registers as needing oneDNN; release with onednn_release), "on"
@@ -222,7 +226,7 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool,
                 _onednn_back.wait_for(lambda: _onednn_off == 0)
         if not tune:
             return contextlib.nullcontext, "left alone, kept on"
-        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune, gemm) else "on"
+        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune, pieces) else "on"
     return _onednn_off_context, "off per batch"
 
 

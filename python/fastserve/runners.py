@@ -675,6 +675,12 @@ class PackedRunner:
     # from the layers left (python/fastserve/engine.py, Engine._pausing).
     pause_hook: Optional[Callable[[int, int], Optional[np.ndarray]]] = None
     pausable = True
+    # Set by an engine whose batches are not rounded to token buckets because
+    # every product of a batch's token count runs through gemm.py's pieces
+    # (process.onednn_buckets): warned once (then None) if a layer runs its
+    # modules instead (a hook or a change after construction), whose products
+    # give oneDNN a new shape per token count.
+    unbounded_warning: Optional[str] = None
 
     def __init__(self, model: torch.nn.Module, *, task: str, pooling: str, normalize: bool, device: torch.device,
                  activation: str = "softmax", head: EmbeddingHead | None = None,
@@ -807,6 +813,9 @@ class PackedRunner:
             else:
                 # (An untouched fused layer has no hook on any module at all.)
                 self.uncalled.check(i)
+                if self.unbounded_warning is not None:
+                    warnings.warn(self.unbounded_warning, RuntimeWarning, stacklevel=2)
+                    self.unbounded_warning = None
                 tail = self._tail(i)
                 a = self._attention(i, h, runs, varlen, tail)
                 del h

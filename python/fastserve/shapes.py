@@ -74,7 +74,8 @@ class GhostedBatch:
 
 def target(tokens: int, buckets: bool) -> int:
     """The token count a packed CPU batch of `tokens` runs at: its bucket
-    (buckets: bf16/fp16), else at least MIN_ROWS (float32)."""
+    (buckets: bf16/fp16 whose products run through torch.mm), else at least
+    MIN_ROWS (float32, and bf16 through gemm.py's pieces)."""
     return bucket(tokens) if buckets else max(int(tokens), MIN_ROWS)
 
 

@@ -7,6 +7,7 @@ float32 (forced on) for every task, and in bf16 against float32."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,40 @@ def test_half_precision_products_in_onednn_pieces_keep_onednn_on_without_buckets
     assert stats["padded_tokens"] == sum(max(n, shapes.MIN_ROWS) for n in lengths)  # no bucket, the floor only
     assert (got * want).sum(1).min() > 0.99
     assert process._onednn_users == 0
+
+
+def test_token_classify_keeps_the_buckets_with_its_products_in_onednn_pieces(monkeypatch):
+    # Its head is a torch product over every token: a new oneDNN shape per
+    # token count without the buckets.
+    from test_extract import token_model
+
+    _products(monkeypatch, "onednn")
+    with Engine(token_model("bert"), tm.tokenizer(), task="token-classify", dtype="bfloat16", replicas=1,
+                warmup=False) as engine:
+        assert engine.stats()["process"]["onednn"] == "on, token buckets" and engine.stats()["gemm"] == "onednn"
+        lengths = [len(ids) for ids in engine.tokenize(TEXTS[:3])]
+        for text in TEXTS[:3]:  # one batch each
+            engine.extract([text])
+        assert engine.stats()["padded_tokens"] == sum(shapes.bucket(n) for n in lengths)
+
+
+def test_a_layer_that_runs_its_modules_without_buckets_warns_once(monkeypatch):
+    # A hook added after the engine was built: that layer's products give
+    # oneDNN a shape per token count, which the engine did not plan for.
+    _products(monkeypatch, "onednn")
+    m = tm.model("bert")
+    with Engine(m, tm.tokenizer(), dtype="bfloat16", replicas=1, warmup=False) as engine:
+        assert engine.stats()["process"]["onednn"] == "on"
+        engine.embed(TEXTS)  # the fused layers: no warning
+        handle = engine.model.encoder.layer[0].attention.register_forward_hook(lambda mod, inp, out: None)
+        try:
+            with pytest.warns(RuntimeWarning, match="now runs through its modules"):
+                engine.embed(TEXTS)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                engine.embed(TEXTS)  # once
+        finally:
+            handle.remove()
 
 
 def test_the_ghost_tokens_a_batch_is_rounded_up_with_count_as_computed_padding(monkeypatch):
