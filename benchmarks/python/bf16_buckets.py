@@ -16,9 +16,11 @@ engine whose products run through them no longer rounds
    (common.alternate), `embed` of --n texts per mix (cpu_dtype.py's), with
    the largest difference between their embeddings.
 
-Arms without buckets set the engine's private `_ghost_buckets` (the A/B
-needs the same engine both ways). Exits 2 where oneDNN cannot run bfloat16
-products. Figures: benchmarks/README.md, "bfloat16 products through oneDNN".
+An arm's buckets are the engine's own, decided as it is built: for the arms
+that differ from the default, process.onednn_buckets is replaced while the
+engine is built (so its scheduler forms batches within a bucket, its budget
+knows them, and its stats say "on, token buckets" or "on"). Exits 2 where
+oneDNN cannot run bfloat16 products. Figures: benchmarks/README.md, "bfloat16 products through oneDNN".
 
     python benchmarks/python/bf16_buckets.py [--batches 300] [--rounds 6] [--n 400] [--out FILE]
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,14 +38,29 @@ import common
 ARMS = (("mm", True), ("mm", False), ("onednn", True), ("onednn", False))
 
 
+def engine(products: str, buckets: bool, **kw: Any) -> Any:
+    """A default bfloat16 engine with its products through `products` and
+    its batches rounded to token buckets or not, as built."""
+    from unittest import mock
+
+    import fastserve
+    from fastserve import process
+
+    with common.env("FASTSERVE_CPU_GEMM", products), \
+            mock.patch.object(process, "onednn_buckets", lambda *a, **k: buckets):
+        e = fastserve.Engine(str(common.model_path()), dtype="bfloat16", **kw)
+    want = "on, token buckets" if buckets else "on"
+    if e.stats()["gemm"] != products or e.stats()["process"]["onednn"] != want:
+        raise RuntimeError(f"the engine runs {e.stats()['gemm']!r}, oneDNN {e.stats()['process']['onednn']!r}; "
+                           f"wanted {products!r}, {want!r}")
+    return e
+
+
 def cache_arm(products: str, buckets: bool, batches: int) -> dict[str, Any]:
     """Part 1 in this process (a fresh one per arm: oneDNN's cache is the process's)."""
     import numpy as np
 
-    import fastserve
-
-    e = fastserve.Engine(str(common.model_path()), dtype="bfloat16", replicas=1)
-    e._ghost_buckets = buckets
+    e = engine(products, buckets, replicas=1)
     texts = common.sample_texts(2000, seed=3)
     rng = np.random.default_rng(0)
     e.embed(texts[:50])
@@ -75,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import cpu_dtype
-    import fastserve
     from fastserve import gemm
 
     why = gemm.onednn_cannot(torch.bfloat16)
@@ -84,17 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out: dict[str, Any] = {"batches": args.batches, "rounds": args.rounds, "n": args.n, "cache": []}
     for products, buckets in ARMS:
-        env = dict(os.environ, FASTSERVE_CPU_GEMM=products)
         run = subprocess.run([sys.executable, __file__, "--arm", f"{products}:{int(buckets)}",
-                              "--batches", str(args.batches)], env=env, capture_output=True, text=True, check=True)
+                              "--batches", str(args.batches)], capture_output=True, text=True)
+        if run.returncode != 0:
+            print(run.stderr, file=sys.stderr)
+            return 1
         arm = json.loads(run.stdout.strip().splitlines()[-1])
         out["cache"].append(arm)
         print(f"products {products}, buckets {'on' if buckets else 'off'}: resident memory +"
               f"{' / '.join(map(str, arm['rss_growth_mib']))} MiB every 50 batches, {arm['seconds']:.1f} s", flush=True)
-    with common.env("FASTSERVE_CPU_GEMM", "onednn"):
-        engines = {"buckets": fastserve.Engine(str(common.model_path()), dtype="bfloat16"),
-                   "none": fastserve.Engine(str(common.model_path()), dtype="bfloat16")}
-    engines["buckets"]._ghost_buckets, engines["none"]._ghost_buckets = True, False
+    engines = {"buckets": engine("onednn", True), "none": engine("onednn", False)}
     try:
         for name, texts in cpu_dtype.mixes(args.n, 0).items():
             vecs = {k: e.embed(texts) for k, e in engines.items()}

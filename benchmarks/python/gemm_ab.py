@@ -127,6 +127,9 @@ def single(dtype: str, token_counts: list[int], rounds: int, requests: int = 50)
             engines[m] = fastserve.Engine(path, dtype=dtype)
     out: dict[str, dict[str, float]] = {}
     try:
+        for m, e in engines.items():
+            if e.stats()["gemm"] != m:
+                raise RuntimeError(f"the {m} engine's layers run {e.stats()['gemm']!r}: not through the CPU kernels")
         for t in token_counts:
             text = common.text_of(engines["mm"].tokenizer, t)
             times: dict[str, list[float]] = {m: [] for m in METHODS}
