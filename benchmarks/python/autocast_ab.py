@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             for k, e in engines.items():
                 out[name][k]["min_cosine_vs_float32"] = float(common.cosines(e.embed(texts), want).min())
             a, b, c = (out[name][k] for k in ("fused", "modules", "bfloat16"))
-            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{name}: texts/s autocast fused median {a['median']:.1f} (best {a['best']:.1f}), autocast "
                   f"modules {b['median']:.1f} ({b['best']:.1f}), bfloat16 {c['median']:.1f} ({c['best']:.1f}); "
-                  f"fused / modules by the median {a['median'] / b['median']:.3f}, per round {ratios}; "
+                  f"{common.versus(a, b, 'fused / modules')}; "
                   f"min cosine vs float32 fused {a['min_cosine_vs_float32']:.6f}, modules "
                   f"{b['min_cosine_vs_float32']:.6f}, bfloat16 {c['min_cosine_vs_float32']:.6f}", flush=True)
         print(f"bfloat16 copies of the weights: {out['copies_bytes'] / 2**20:.1f} MiB", flush=True)

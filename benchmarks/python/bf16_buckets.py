@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             res["max_abs_diff"] = float(np.abs(vecs["buckets"] - vecs["none"]).max())
             out[name] = res
             a, b = res["none"], res["buckets"]
-            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{name}: texts/s without buckets median {a['median']:.1f}, with {b['median']:.1f}; "
-                  f"without / with {a['median'] / b['median']:.3f}, per round {ratios}; "
-                  f"max |diff| {res['max_abs_diff']:.2e}", flush=True)
+                  f"{common.versus(a, b, 'without / with')}; max |diff| {res['max_abs_diff']:.2e}", flush=True)
     finally:
         for e in engines.values():
             e.close()

@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             out[name] = common.alternate({isa: arm(isa) for isa in ("avx512_bf16", "avx512")}, len(texts),
                                          args.rounds)
             a, b = out[name]["avx512_bf16"], out[name]["avx512"]
-            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{name}: texts/s on the AVX512-BF16 path median {a['median']:.1f} (best {a['best']:.1f}), "
-                  f"on the AVX-512 path {b['median']:.1f} ({b['best']:.1f}); AVX512-BF16 / AVX-512 by the median "
-                  f"{a['median'] / b['median']:.3f}, per round {ratios}", flush=True)
+                  f"on the AVX-512 path {b['median']:.1f} ({b['best']:.1f}); "
+                  f"{common.versus(a, b, 'AVX512-BF16 / AVX-512')}", flush=True)
     # Accuracy: each arm against float32 (the same texts, one process).
     with cpu_dtype.static_engine("float32") as exact, cpu_dtype.static_engine("bfloat16") as engine:
         for name, texts in mixes.items():

@@ -460,6 +460,13 @@ def alternate(arms: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[s
     return {k: {"texts_per_s": v, "median": statistics.median(v), "best": max(v)} for k, v in rates.items()}
 
 
+def versus(a: dict[str, Any], b: dict[str, Any], names: str) -> str:
+    """Two arms of alternate() side by side: "<names> by the median R, per
+    round r1 r2 ..." (a's texts/s over b's; names says which, "a / b")."""
+    rounds = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
+    return f"{names} by the median {a['median'] / b['median']:.3f}, per round {rounds}"
+
+
 def fmt_ms(seconds: float | None, digits: int = 1) -> str:
     if seconds is None or (isinstance(seconds, float) and np.isnan(seconds)):
         return "-"

@@ -91,15 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             out[name] = common.alternate(arms, len(texts), args.rounds)
             out[name]["max_abs_diff"] = diff
             a, b = out[name]["onednn"], out[name]["mm"]
-            ratios = " ".join(f"{x / y:.3f}" for x, y in zip(a["texts_per_s"], b["texts_per_s"]))
             print(f"{args.dtype} {name}: texts/s onednn median {a['median']:.1f} (best {a['best']:.1f}), "
-                  f"mm {b['median']:.1f} ({b['best']:.1f}); onednn / mm by the median "
-                  f"{a['median'] / b['median']:.3f}, per round {ratios}; max |diff| {diff:.2e}", flush=True)
+                  f"mm {b['median']:.1f} ({b['best']:.1f}); {common.versus(a, b, 'onednn / mm')}; "
+                  f"max |diff| {diff:.2e}", flush=True)
             if args.whole:
                 w = out[name]["onednn-whole"]
                 print(f"{args.dtype} {name}: one oneDNN call per product median {w['median']:.1f}; "
-                      f"whole / pieces by the median {w['median'] / a['median']:.3f}, per round "
-                      + " ".join(f"{x / y:.3f}" for x, y in zip(w["texts_per_s"], a["texts_per_s"])), flush=True)
+                      f"{common.versus(w, a, 'whole / pieces')}", flush=True)
         out["rss_mib_after"] = common.rss_mib()
         print(f"resident memory after the warm-up {out['rss_mib_warm']:.0f} MiB, after every round "
               f"{out['rss_mib_after']:.0f} MiB; reordered weights "
