@@ -843,7 +843,7 @@ class Engine(tasks.TaskCalls):
         # (process.onednn_buckets), else up to shapes.MIN_ROWS tokens.
         self._ghost_pad = (pad if pad is not None else 0) \
             if self.device.type == "cpu" and self.runner.name == "packed" else None
-        self._ghost_buckets = self._process["onednn"] == "on, token buckets"
+        self._ghost_buckets = bool(runs_at)
         if self._process["onednn"] == "on":
             for r in self._replicas:
                 if isinstance(r.runner, PackedRunner):

@@ -226,7 +226,7 @@ def onednn_for(device: torch.device, compute: torch.dtype, tune: bool,
                 _onednn_back.wait_for(lambda: _onednn_off == 0)
         if not tune:
             return contextlib.nullcontext, "left alone, kept on"
-        return contextlib.nullcontext, "on, token buckets" if onednn_buckets(device, compute, tune, pieces) else "on"
+        return contextlib.nullcontext, "on" if pieces else "on, token buckets"  # (onednn_buckets, here)
     return _onednn_off_context, "off per batch"
 
 
